@@ -1,0 +1,1 @@
+from megallama.model.llama import LlamaForCausalLM, build_model  # noqa: F401

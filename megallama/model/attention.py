@@ -1,0 +1,54 @@
+"""Grouped-query attention with RoPE, tensor-parallel over heads.
+
+q/k/v are separate ColumnParallelLinears (HF names ``q_proj``/``k_proj``/``v_proj``), ``o_proj`` a
+RowParallelLinear. The core runs through ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
+kernels inside torch), with K/V heads shared across query groups without materialising copies (``enable_gqa``).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megallama.mpu import parallel_state as ps
+from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megallama.ops import apply_rope
+
+_HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
+
+
+def core_attention(q, k, v, causal: bool = True):
+    """q: [b, s, nq, d], k/v: [b, s, nkv, d] -> [b, s, nq, d]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:
+        if _HAS_GQA:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            return out.transpose(1, 2)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_number: int, sequence_parallel: bool = False, device=None, dtype=None):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_world_size()
+        h, d = config.hidden_size, config.head_dim
+        self.head_dim = d
+        self.num_heads = divide(config.num_attention_heads, tp, "number of attention heads")
+        self.num_kv_heads = divide(config.num_query_groups, tp, "number of query groups (kv heads)")
+        out_std = config.init_method_std / (2.0 * config.num_layers) ** 0.5
+        kw = dict(bias=False, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(h, config.num_attention_heads * d, init_std=config.init_method_std, **kw)
+        self.k_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
+        self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, init_std=out_std, **kw)
+
+    def forward(self, x, cos, sin):
+        q = self.q_proj(x)
+        b, s = q.shape[:2]
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = core_attention(q, k, v)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

@@ -1,0 +1,186 @@
+"""The Llama decoder built from tensor-parallel layers, with HF ``LlamaForCausalLM`` parameter names.
+
+``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.{gate,up,down}_proj``,
+``model.layers.{i}.{input,post_attention}_layernorm``, ``model.norm``, ``lm_head`` (absent when tied).
+Layers live in a ModuleDict keyed by their *global* index so a pipeline stage keeps HF names. Build on the meta
+device and call ``init_weights`` after ``to_empty`` so that inspecting llama3_405b costs no memory.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from megallama.config import ModelConfig
+from megallama.model.attention import LlamaAttention
+from megallama.model.mlp import LlamaMLP
+from megallama.model.norm import RMSNorm
+from megallama.mpu import parallel_state as ps
+from megallama.mpu import mappings
+from megallama.mpu.cross_entropy import vocab_parallel_cross_entropy
+from megallama.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megallama.mpu.random import init_parameter
+from megallama.ops.rope import rope_cos_sin, rope_frequencies
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_number: int, sequence_parallel=False, device=None, dtype=None,
+                 mlp: Optional[nn.Module] = None):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel, device, dtype)
+        self.self_attn = LlamaAttention(config, layer_number, sequence_parallel, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel, device, dtype)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, sequence_parallel, device, dtype)
+        self.recompute_norm = False
+
+    def _norm(self, norm, x):
+        if self.recompute_norm and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin)
+        return x + self.mlp(self._norm(self.post_attention_layernorm, x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding (first stage), decoder layers ``layer_ids``, final norm (last stage)."""
+
+    def __init__(self, config: ModelConfig, layer_ids: Sequence[int], pre_process: bool, post_process: bool,
+                 sequence_parallel=False, device=None, dtype=None, layer_factory=None):
+        super().__init__()
+        self.config, self.pre_process, self.post_process = config, pre_process, post_process
+        self.sequence_parallel = sequence_parallel
+        if pre_process:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.init_method_std,
+                                                       sequence_parallel, device=device, dtype=dtype)
+        make = layer_factory or (lambda i: LlamaDecoderLayer(config, i, sequence_parallel, device, dtype))
+        self.layers = nn.ModuleDict({str(i): make(i) for i in layer_ids})
+        if post_process:
+            self.norm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel, device, dtype)
+        self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                                          device=device), persistent=False)
+        self.recompute_granularity: Optional[str] = None
+        self.recompute_method = "uniform"
+        self.recompute_num_layers = 1
+
+    def _run_layers(self, h, cos, sin):
+        layers = list(self.layers.values())
+        if self.recompute_granularity != "full" or not torch.is_grad_enabled():
+            for layer in layers:
+                h = layer(h, cos, sin)
+            return h
+        from torch.utils.checkpoint import checkpoint
+
+        def run(start, end):
+            def f(x):
+                for layer in layers[start:end]:
+                    x = layer(x, cos, sin)
+                return x
+            return f
+
+        n, k = len(layers), max(1, self.recompute_num_layers)
+        if self.recompute_method == "uniform":  # checkpoint chunks of k layers, all of them
+            for s in range(0, n, k):
+                h = checkpoint(run(s, min(n, s + k)), h, use_reentrant=False)
+        else:  # "block": checkpoint the first k layers individually, run the rest normally
+            for i in range(n):
+                h = checkpoint(run(i, i + 1), h, use_reentrant=False) if i < k else layers[i](h, cos, sin)
+        return h
+
+    def forward(self, input_ids=None, hidden_states=None, position_ids=None):
+        h = self.embed_tokens(input_ids) if self.pre_process else hidden_states
+        seq = input_ids.shape[1] if input_ids is not None else h.shape[1] * (
+            ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=h.device)
+        cos, sin = rope_cos_sin(self.inv_freq.to(h.device), position_ids)
+        h = self._run_layers(h, cos, sin)
+        if self.post_process:
+            h = self.norm(h)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    """Full model or one pipeline stage. ``forward`` returns per-token losses [b, s] when labels are given,
+    else this rank's vocab shard of the logits (gathered over tp when ``gather_logits``)."""
+
+    def __init__(self, config: ModelConfig, layer_ids: Optional[Sequence[int]] = None, pre_process: bool = True,
+                 post_process: bool = True, sequence_parallel: bool = False, device=None, dtype=None,
+                 layer_factory=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
+        self.model = LlamaModel(config, ids, pre_process, post_process, self.sequence_parallel, device, dtype,
+                                layer_factory)
+        self.share_embeddings = config.tie_word_embeddings
+        if post_process and not config.tie_word_embeddings:
+            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
+                                                sequence_parallel=self.sequence_parallel,
+                                                init_std=config.init_method_std, device=device, dtype=dtype)
+        elif post_process and not pre_process:
+            # Tied weights on a last stage that holds no embedding: a copy kept in sync over the embedding group.
+            self.output_weight = nn.Parameter(torch.empty(
+                config.vocab_size // ps.get_tensor_model_parallel_world_size(), config.hidden_size, device=device,
+                dtype=dtype))
+            self.output_weight.tensor_model_parallel = ps.get_tensor_model_parallel_world_size() > 1
+            self.output_weight.partition_dim = 0
+            self.output_weight.init_std = config.init_method_std
+            self.output_weight.shared_embedding = True
+
+    # ---------- weights ----------
+    def output_layer_weight(self) -> torch.Tensor:
+        if hasattr(self, "lm_head"):
+            return self.lm_head.weight
+        if self.pre_process:
+            return self.model.embed_tokens.weight
+        return self.output_weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 1234) -> "LlamaForCausalLM":
+        """Deterministic, layout-independent init. A tied output copy takes the embedding's name so both match."""
+        for name, p in self.named_parameters():
+            key = "model.embed_tokens.weight" if name == "output_weight" else name
+            init_parameter(p, key, seed, getattr(p, "init_std", self.config.init_method_std))
+        self.model.inv_freq = rope_frequencies(self.config.head_dim, self.config.rope_theta,
+                                               self.config.rope_scaling, device=self.model.inv_freq.device)
+        return self
+
+    # ---------- forward ----------
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        x = h
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, True)
+        else:
+            x = mappings.copy_to_tensor_model_parallel_region(x)
+        return torch.nn.functional.linear(x, self.output_layer_weight())
+
+    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, gather_logits=False):
+        h = self.model(input_ids=input_ids, hidden_states=hidden_states, position_ids=position_ids)
+        if not self.post_process:
+            return h
+        logits = self.compute_logits(h)
+        if labels is None:
+            if gather_logits:
+                logits = mappings.gather_from_tensor_model_parallel_region(logits)
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels)
+
+
+def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 1234, layer_ids=None,
+                pre_process=True, post_process=True, sequence_parallel=False, init=True) -> LlamaForCausalLM:
+    """Construct on the meta device, then materialise on ``device`` and initialise (unless device is meta)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, layer_ids, pre_process, post_process, sequence_parallel, dtype=dtype)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    if init:
+        model.init_weights(seed)
+    return model

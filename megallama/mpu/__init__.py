@@ -1,0 +1,2 @@
+"""Model-parallel utilities: the process grid, TP layers and mappings, vocab-parallel cross-entropy."""
+from megallama.mpu import parallel_state  # noqa: F401

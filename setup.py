@@ -1,0 +1,39 @@
+"""Builds the optional ``megallama._C`` extension from csrc/.
+
+pip builds in an isolated environment without torch, so nothing here may need torch to succeed: when torch is
+importable (``pip install -e . --no-build-isolation``) the extension is compiled ahead of time (CUDA sources too
+when nvcc and a CUDA torch exist; ``MEGALLAMA_BUILD_CUDA=0/1`` overrides), otherwise the package installs pure
+Python and ``megallama.ops`` JIT-compiles the same sources on first use (see ``megallama/ops/_extension.py``).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("MEGALLAMA_BUILD_EXT", "1") == "0":
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+    except Exception:
+        return [], {}
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    if not cpp:
+        return [], {}
+    want_cuda = os.environ.get("MEGALLAMA_BUILD_CUDA")
+    has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    use_cuda = has_cuda if want_cuda is None else (want_cuda == "1" and has_cuda)
+    cxx = ["-O3", "-fopenmp"]
+    if use_cuda:
+        cu = sorted(glob.glob("csrc/*.cu"))
+        ext = CUDAExtension("megallama._C", cpp + cu, define_macros=[("MEGALLAMA_WITH_CUDA", None)],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
+    else:
+        ext = CppExtension("megallama._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
