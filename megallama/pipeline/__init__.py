@@ -1,0 +1,1 @@
+"""Pipeline parallelism: pure schedules, one runner, stage partitioning."""
