@@ -1,0 +1,202 @@
+"""Command-line arguments: Megatron-LM names, plus the seed README's short aliases.
+
+``parse_args(argv)`` returns an ``argparse.Namespace`` with the model shape resolved from ``--model`` and any
+overrides (``args.model_config``), and the derived batch sizes checked. Every user mistake raises ConfigError.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from megallama.config import get_model_config, list_models
+from megallama.errors import ConfigError
+
+
+def _add_model(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model-variant", dest="model", default="tiny_llama3_50m",
+                   help=f"named variant: {', '.join(list_models())}")
+    for flag, typ in (("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
+                      ("--num-attention-heads", int), ("--num-query-groups", int),
+                      ("--max-position-embeddings", int), ("--vocab-size", int), ("--rope-theta", float),
+                      ("--norm-epsilon", float), ("--init-method-std", float)):
+        g.add_argument(flag, type=typ, default=None)
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron compatibility; GQA "
+                   "is on whenever --num-query-groups < --num-attention-heads")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--seq-length", "--sequence-length", dest="seq_length", type=int, default=None)
+    g.add_argument("--no-fused-kernels", action="store_true", help="use the PyTorch reference ops")
+
+
+def _add_training(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--batch-size", dest="batch_size_alias", type=int, default=None,
+                   help="seed alias: the global batch size (micro-batch = min(batch, 4) unless given)")
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None, help="seed alias: train this many passes over the data")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=None, help="default lr/10")
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="default 10%% of train iters, at most 2000")
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--mixed-precision", choices=["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"],
+                   default=None, help="seed alias of --bf16/--fp16")
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--activation-checkpointing", action="store_true", help="seed alias of --recompute-granularity full")
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="stop after this many consecutive iterations skipped for NaN/inf")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--strategy", choices=["standard", "moe", "lora", "hybrid"], default="standard")
+    g.add_argument("--lora-rank", type=int, default=None)
+
+
+def _add_parallel(p):
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", "--tensor-parallel", dest="tensor_model_parallel_size", type=int,
+                   default=1)
+    g.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", dest="pipeline_model_parallel_size",
+                   type=int, default=1)
+    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved", "chimera"], default="1f1b")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--bucket-size", type=int, default=40_000_000)
+    g.add_argument("--gpus", type=int, default=None, help="seed alias: expected world size (checked against torchrun)")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.01)
+    g.add_argument("--moe-layer-freq", type=int, default=1)
+    g.add_argument("--gradient-compression", nargs="?", const="powersgd", default="none",
+                   choices=["none", "powersgd", "onebit", "topk"])
+
+
+def _add_data(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", "--data", dest="data_path", default=None,
+                   help="a .jsonl file (tokenized once, cached) or a .bin/.idx prefix; default: the bundled corpus")
+    g.add_argument("--mock-data", action="store_true", help="random tokens (for speed tests)")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--data-cache-dir", default=None, help="where tokenized jsonl is cached (default ./data_cache)")
+    g.add_argument("--num-workers", type=int, default=0)
+
+
+def _add_logging(p):
+    g = p.add_argument_group("logging, eval, checkpoints")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=5)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--no-progress-bar", action="store_true")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, step and data")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (for tests)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("megallama", description="Megatron-style Llama pretraining",
+                                allow_abbrev=False)
+    for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging):
+        add(p)
+    return p
+
+
+def _derive(args, world_size: int):
+    if args.mixed_precision in ("bfloat16", "bf16"):
+        args.bf16 = True
+    if args.mixed_precision in ("float16", "fp16"):
+        args.fp16 = True
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+    if args.activation_checkpointing and args.recompute_granularity is None:
+        args.recompute_granularity = "full"
+    if args.use_distributed_optimizer and args.zero_stage is None:
+        args.zero_stage = 1
+    args.zero_stage = args.zero_stage or 0
+    overrides = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+                     num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+                     max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
+                     rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
+    if args.untie_embeddings_and_output_weights:
+        overrides["tie_word_embeddings"] = False
+    if args.num_experts:
+        overrides["num_experts"] = args.num_experts
+        overrides["moe_router_topk"] = args.moe_router_topk
+    args.model_config = get_model_config(args.model, **overrides)
+    ctx = args.model_config.max_position_embeddings
+    if args.seq_length is None:
+        args.seq_length = min(ctx, 2048)
+    if args.seq_length <= 0:
+        raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
+    if args.seq_length > ctx:
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds {args.model}'s context of {ctx} tokens; use "
+                          f"--seq-length <= {ctx} or raise --max-position-embeddings")
+    # Batch sizes: global = micro * dp * num_microbatches.
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if args.gpus is not None and args.gpus * args.nodes != world_size and world_size > 1:
+        raise ConfigError(f"--gpus {args.gpus} x --nodes {args.nodes} does not match the launched world size "
+                          f"{world_size}; launch with torchrun --nproc_per_node {args.gpus}")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; launch a multiple "
+                          f"of {tp * pp * cp} processes or change the parallel sizes")
+    dp = world_size // (tp * pp * cp)
+    args.data_parallel_size = dp
+    if args.global_batch_size is None and args.batch_size_alias is not None:
+        args.global_batch_size = args.batch_size_alias
+    if args.micro_batch_size is None:
+        args.micro_batch_size = max(1, min(4, (args.global_batch_size or 4 * dp) // dp))
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    for name in ("micro_batch_size", "global_batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch "
+                          f"{args.micro_batch_size} x data-parallel size {dp}; make it a multiple of "
+                          f"{args.micro_batch_size * dp}")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.save_interval is not None and args.save_interval <= 0:
+        raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
+    return args
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size = world_size
+    return _derive(args, world_size)

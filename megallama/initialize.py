@@ -1,0 +1,75 @@
+"""Process-group setup from torchrun's environment, device choice, seeds, and the parallel grid."""
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+
+
+def initialize_distributed(backend: str | None = None, device: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK); pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        kw = dict(backend=backend, timeout=timedelta(minutes=30))
+        if backend == "nccl":
+            kw["device_id"] = dev
+        dist.init_process_group(**kw)
+    return dev
+
+
+def initialize_megatron(args) -> torch.device:
+    """Distributed init + grid + seeds; validates the layout before any group is made."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    ps.validate_grid(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.context_parallel_size, args.expert_model_parallel_size)
+    dev = initialize_distributed(args.distributed_backend, args.device)
+    if dist.is_initialized():
+        vpp = None
+        if args.num_layers_per_virtual_pipeline_stage:
+            per_stage = args.model_config.num_layers // args.pipeline_model_parallel_size
+            vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
+        ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                     virtual_pipeline_model_parallel_size=vpp,
+                                     context_parallel_size=args.context_parallel_size,
+                                     expert_model_parallel_size=args.expert_model_parallel_size)
+    set_seed(args.seed)
+    return dev
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank: data order and init are layout-independent by construction."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    try:
+        from megallama.mpu.random import model_parallel_seed
+        model_parallel_seed(seed)
+    except Exception:  # pragma: no cover - tracker is optional for the loop
+        pass
+
+
+def is_rank_0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank_0(*a, **kw) -> None:
+    if is_rank_0():
+        print(*a, **kw, flush=True)

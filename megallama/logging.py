@@ -1,0 +1,111 @@
+"""Training logs: one Megatron-style line per interval, a progress bar, TensorBoard and (optional) W&B scalars.
+
+Throughput figures follow the project's convention: FLOPs/token = 6 * (matmul params incl. the output layer)
++ 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                "A10": 125.0, "4090": 165.0}
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in _PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+def flops_per_token(cfg, seq_length: int) -> float:
+    h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size
+    kv = cfg.num_query_groups * cfg.head_dim
+    matmul = L * (2 * h * h + 2 * h * kv + 3 * h * f) + cfg.vocab_size * h
+    return 6.0 * matmul + 12.0 * L * h * seq_length
+
+
+class ProgressBar:
+    """A dependency-free bar on stderr; redraws in place on a terminal, prints every 10 % otherwise."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, width: int = 30):
+        self.total, self.enabled, self.width = total, enabled, width
+        self.tty = sys.stderr.isatty()
+        self.t0, self.start, self.last_decile = time.time(), start, -1
+
+    def update(self, n: int, postfix: str = "") -> None:
+        if not self.enabled or self.total <= 0:
+            return
+        frac = n / self.total
+        done = n - self.start
+        eta = (time.time() - self.t0) / done * (self.total - n) if done > 0 else 0.0
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        line = f"[{bar}] {n}/{self.total} {frac * 100:5.1f}% eta {int(eta) // 60}m{int(eta) % 60:02d}s {postfix}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if n >= self.total else ""))
+            sys.stderr.flush()
+        elif int(frac * 10) != self.last_decile or n >= self.total:
+            self.last_decile = int(frac * 10)
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+class TrainingLogger:
+    def __init__(self, args, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.wandb = None
+        if not enabled:
+            return
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=10)
+        if args.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed (pip install megallama[wandb]); "
+                      "logging to TensorBoard only", file=sys.stderr)
+            else:
+                os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
+                                        dir=args.wandb_save_dir or args.tensorboard_dir or ".",
+                                        config={k: v for k, v in vars(args).items()
+                                                if isinstance(v, (int, float, str, bool, type(None)))})
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_log_line(iteration: int, train_iters: int, values: dict) -> str:
+    parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
+    for key, fmt in (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
+                     ("learning rate", "{:.6E}"), ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
+                     ("loss scale", "{:.1f}"), ("grad norm", "{:.6E}"), ("tokens per second", "{:.1f}"),
+                     ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"), ("skipped iterations", "{:3d}")):
+        v = values.get(key)
+        if v is not None:
+            parts.append(f"{key}: {fmt.format(v)}")
+    return " | ".join(parts) + " |"

@@ -1,0 +1,161 @@
+"""The training loop: schedule -> grad sync -> optimizer step -> LR -> logging -> eval -> checkpoint.
+
+``pretrain(args)`` is what ``pretrain_llama.py`` and the CLI call. The loop knows no parallel details beyond
+asking ``parallel_state`` and the pipeline/optimizer packages; every layout runs through the same code.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megallama.checkpointing import check_writable, load_checkpoint, save_checkpoint
+from megallama.errors import ConfigError
+from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
+from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, flops_per_token, format_log_line
+from megallama.lr_scheduler import OptimizerParamScheduler
+from megallama.mpu import parallel_state as ps
+from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
+
+
+def _autocast(args, device):
+    if args.bf16 or args.fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16)
+    return nullcontext()
+
+
+def make_forward_step(args, device):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        mask = batch["loss_mask"].to(device, non_blocking=True).float()
+        with _autocast(args, device):
+            output = model(input_ids, labels=labels)
+
+        def loss_func(per_token):
+            loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+            return loss, {"lm loss": loss.detach()}
+        return output, loss_func
+    return forward_step
+
+
+def _global_mean_loss(losses: List[dict], device) -> float:
+    """Average of the microbatch losses, on every rank (last pipeline stage holds them, dp ranks average)."""
+    val = torch.zeros(2, device=device, dtype=torch.float64)
+    if losses:
+        val[0] = torch.stack([d["lm loss"].double() for d in losses]).sum()
+        val[1] = len(losses)
+    if dist.is_initialized():
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(val, group=ps.get_pipeline_model_parallel_group())
+        if ps.get_data_parallel_world_size(True) > 1:
+            dist.all_reduce(val, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(val[0] / val[1].clamp_min(1))
+
+
+def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step) -> float:
+    from megallama.data.gpt_dataset import build_data_iterator
+    it = build_data_iterator(valid_ds, args.micro_batch_size, 0, ps.get_data_parallel_rank(),
+                             ps.get_data_parallel_world_size())
+    for m in model_chunks:
+        m.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            losses += forward_backward(forward_step, it, model_chunks, args.num_microbatches, args.seq_length,
+                                       args.micro_batch_size, forward_only=True)
+    for m in model_chunks:
+        m.train()
+    return _global_mean_loss(losses, device)
+
+
+def pretrain(args) -> dict:
+    """Train; returns a summary (losses per iteration, final iteration) for tests and the API."""
+    device = initialize_megatron(args)
+    if args.save:
+        check_writable(args.save)
+    tokenizer, train_ds, valid_ds = build_data(args)
+    model_chunks, optimizer = setup_model_and_optimizer(args, device)
+    if args.dry_run:
+        return {"dry_run": True, "losses": {}}
+    start_iter, consumed = 0, 0
+    if args.load:
+        start_iter, consumed = load_checkpoint(args.load, model_chunks, optimizer, args, finetune=args.finetune)
+        if start_iter:
+            print_rank_0(f"resumed from {args.load} at iteration {start_iter} ({consumed} samples consumed)")
+    from megallama.data.gpt_dataset import build_data_iterator
+    data_iter = build_data_iterator(train_ds, args.micro_batch_size, consumed, ps.get_data_parallel_rank(),
+                                    ps.get_data_parallel_world_size())
+    warmup = args.lr_warmup_iters if args.lr_warmup_iters is not None else min(2000, args.train_iters // 10)
+    scheduler = OptimizerParamScheduler(optimizer, args.lr, args.min_lr, warmup, args.lr_decay_iters or args.train_iters,
+                                        args.lr_decay_style)
+    forward_backward = get_forward_backward(args)
+    forward_step = make_forward_step(args, device)
+    logger = TrainingLogger(args, enabled=is_rank_0())
+    bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    history, skipped_in_row, total_skipped = {}, 0, 0
+    end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_last = time.time()
+    for iteration in range(start_iter, end_iter):
+        lr = scheduler.step(iteration)
+        optimizer.zero_grad()
+        for m in model_chunks:
+            if hasattr(m, "zero_grad_buffer"):
+                m.zero_grad_buffer()
+        losses = forward_backward(forward_step, data_iter, model_chunks, args.num_microbatches, args.seq_length,
+                                  args.micro_batch_size, forward_only=False,
+                                  grad_scale_func=optimizer.scale_loss if args.fp16 else None)
+        finalize_model_grads(model_chunks, args)
+        ok, grad_norm, _ = optimizer.step()
+        consumed += args.global_batch_size
+        loss = _global_mean_loss(losses, device)
+        step = iteration + 1
+        if not ok or not math.isfinite(loss):
+            skipped_in_row += 1
+            total_skipped += 1
+            print_rank_0(f"iteration {step}: skipped (non-finite loss or gradient: loss {loss}, grad norm {grad_norm})")
+            if skipped_in_row >= args.max_skipped_iters:
+                raise ConfigError(f"{skipped_in_row} iterations in a row had non-finite loss or gradients (last at "
+                                  f"{step}); lower --lr, use --bf16, or raise --max-skipped-iters")
+        else:
+            skipped_in_row = 0
+        history[step] = loss
+        if step % args.log_interval == 0 or step == end_iter:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = (time.time() - t_last) / args.log_interval if step % args.log_interval == 0 else time.time() - t_last
+            t_last = time.time()
+            tps = tokens_per_iter / dt
+            vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
+                    "global batch size": args.global_batch_size, "lm loss": loss,
+                    "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
+                    "grad norm": float(grad_norm) if grad_norm is not None else None, "tokens per second": tps,
+                    "MFU": tps * flops_tok / (peak * world) if peak else None,
+                    "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                    "skipped iterations": total_skipped}
+            print_rank_0(format_log_line(step, args.train_iters, vals))
+            logger.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
+                                  "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
+                                  "train/loss_scale": vals["loss scale"]})
+        bar.update(step, f"loss {loss:.4f}")
+        if args.eval_interval and valid_ds is not None and step % args.eval_interval == 0:
+            vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
+            print_rank_0(f"validation at iteration {step} | lm loss: {vloss:.6E} | lm loss PPL: "
+                         f"{math.exp(min(vloss, 50)):.6E} |")
+            logger.scalars(step, {"valid/loss": vloss})
+        if args.save and args.save_interval and (step % args.save_interval == 0 or step == end_iter):
+            path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
+            print_rank_0(f"saved checkpoint to {path}")
+    logger.close()
+    return {"losses": history, "iteration": end_iter, "consumed_samples": consumed,
+            "num_params": sum(p.numel() for m in model_chunks for p in m.parameters())}

@@ -1,0 +1,147 @@
+"""Building what the loop runs: tokenizer and datasets, model chunks for this rank, DDP/ZeRO wrappers and the
+optimizer, the forward/backward schedule, and the post-backward gradient finalisation."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.initialize import print_rank_0
+from megallama.mpu import parallel_state as ps
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def build_data(args):
+    """Tokenizer -> vocabulary -> datasets. The embedding follows the tokenizer unless --vocab-size is given."""
+    from megallama.data import get_bundled_corpus_path
+    from megallama.data.tokenizer import build_tokenizer
+    tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
+    tokenizer = build_tokenizer(tok_type, args.tokenizer_model)
+    cfg = args.model_config
+    if args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:
+        tp = args.tensor_model_parallel_size
+        vocab = int(math.ceil(tokenizer.vocab_size / tp) * tp)
+        args.model_config = cfg = cfg.replace(vocab_size=vocab)
+    elif tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "
+                          f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")
+    print_rank_0(f"model: {args.model} architecture with vocabulary {cfg.vocab_size} ({tokenizer.name} tokenizer): "
+                 f"{_human(cfg.num_params())} parameters ({_human(cfg.num_params(include_embedding=False))} "
+                 f"without embeddings), {cfg.num_layers} layers, hidden {cfg.hidden_size}")
+    if args.train_iters is None and args.epochs is None:
+        args.train_iters = 100
+    if args.mock_data:
+        from megallama.data.mock_dataset import MockGPTDataset
+        n = (args.train_iters or 1) * args.global_batch_size
+        train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
+        return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    from megallama.data.gpt_dataset import build_pretraining_datasets
+    data = args.data_path or get_bundled_corpus_path()
+    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
+    if args.train_iters is None:  # --epochs: size one epoch first
+        one, _ = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache)
+        args.train_iters = max(1, math.ceil(args.epochs * len(one) / args.global_batch_size))
+    n_train = args.train_iters * args.global_batch_size
+    n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
+        if args.eval_interval else None
+    train, valid = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache,
+                                              num_train_samples=n_train, num_valid_samples=n_valid)
+    return tokenizer, train, valid
+
+
+def _params_dtype(args):
+    return torch.float32  # master weights in fp32; bf16/fp16 compute through autocast
+
+
+def build_model_chunks(args, device):
+    cfg = args.model_config
+    if args.pipeline_model_parallel_size > 1:
+        from megallama.pipeline import build_model_chunks as build_pp
+        chunks = build_pp(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
+                          sequence_parallel=args.sequence_parallel, schedule=args.pipeline_schedule,
+                          num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                          first_stage_num_layers=args.decoder_first_pipeline_num_layers)
+    else:
+        from megallama.model import build_model
+        chunks = [build_model(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
+                              sequence_parallel=args.sequence_parallel)]
+    for m in chunks:
+        if args.recompute_granularity:
+            configure_recompute(m, args)
+    return chunks
+
+
+def configure_recompute(model, args) -> None:
+    """full: checkpoint whole layers (uniform chunks or the first N, Megatron's methods); selective: recompute
+    the norms and the SwiGLU activation, keep the matmul outputs (flash attention stores no score matrix)."""
+    inner = model.model
+    if args.recompute_granularity == "full":
+        inner.recompute_granularity = "full"
+        inner.recompute_method = args.recompute_method
+        inner.recompute_num_layers = args.recompute_num_layers
+    else:
+        for layer in inner.layers.values():
+            layer.recompute_norm = True
+            if hasattr(layer.mlp, "recompute_activation"):
+                layer.mlp.recompute_activation = True
+
+
+def setup_model_and_optimizer(args, device):
+    from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
+    chunks = build_model_chunks(args, device)
+    n_local = sum(p.numel() for m in chunks for p in m.parameters())
+    print_rank_0(f"rank 0 holds {_human(n_local)} parameters ({ps.get_grid_summary()}, zero stage {args.zero_stage})")
+    if args.dry_run:
+        print_rank_0(dry_run_report(args))
+        return chunks, None
+    wrapped = [DistributedDataParallel(m, zero_stage=args.zero_stage, bucket_size=args.bucket_size,
+                                       overlap_grad_reduce=args.overlap_grad_reduce,
+                                       overlap_param_gather=args.overlap_param_gather) for m in chunks]
+    cfg = OptimizerConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+                          adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+                          bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args),
+                          loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale)
+    return wrapped, get_megatron_optimizer(cfg, wrapped)
+
+
+def dry_run_report(args) -> str:
+    lines = ["resolved configuration:"]
+    for k in sorted(vars(args)):
+        if k != "model_config":
+            lines.append(f"  {k:40s} {getattr(args, k)}")
+    lines.append(f"  model_config {args.model_config.to_dict()}")
+    try:
+        from megallama.memory import estimate_requirements
+        est = estimate_requirements(args.model, batch_size=args.micro_batch_size, sequence_length=args.seq_length,
+                                    num_gpus=args.world_size, tp=args.tensor_model_parallel_size,
+                                    pp=args.pipeline_model_parallel_size, zero_stage=args.zero_stage,
+                                    recompute=args.recompute_granularity or "none",
+                                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
+        lines.append(f"estimated memory per GPU: {est['memory_per_gpu_gb']:.2f} GB")
+    except ImportError:
+        pass
+    return "\n".join(lines)
+
+
+def get_forward_backward(args):
+    if args.pipeline_model_parallel_size > 1:
+        from megallama.pipeline import get_forward_backward_func
+        return get_forward_backward_func(args.pipeline_model_parallel_size, args.pipeline_schedule)
+    from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
+    return forward_backward_no_pipelining
+
+
+def finalize_model_grads(model_chunks, args) -> None:
+    """After the last backward: finish the data-parallel reduction of every chunk (DDP/ZeRO own that)."""
+    for m in model_chunks:
+        if hasattr(m, "finish_grad_sync"):
+            m.finish_grad_sync()

@@ -1,0 +1,80 @@
+"""The loop end to end on CPU: learning, exact resume, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megallama.arguments import parse_args
+from megallama.training import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--lr", "3e-3", "--no-progress-bar", "--device", "cpu"]
+
+
+def _corpus(tmp_path, n=200):
+    path = tmp_path / "docs.jsonl"
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(40))}) + "\n")
+    return str(path)
+
+
+def _run(argv):
+    return pretrain(parse_args(argv, world_size=1))
+
+
+def test_loss_falls_and_resume_is_bit_exact(tmp_path):
+    data = _corpus(tmp_path)
+    common = TINY + ["--data-path", data, "--data-cache-dir", str(tmp_path / "cache"), "--train-iters", "12",
+                     "--lr-warmup-iters", "2"]
+    full = _run(common)["losses"]
+    assert full[12] < full[1]
+    ck = str(tmp_path / "ck")
+    _run(common + ["--save", ck, "--save-interval", "6", "--exit-interval", "6"])
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "6"
+    resumed = _run(common + ["--load", ck])["losses"]
+    assert sorted(resumed) == list(range(7, 13))
+    for step in range(7, 13):
+        assert resumed[step] == full[step], (step, resumed[step], full[step])  # bit for bit
+
+
+def _cli(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, os.path.join(REPO, "pretrain_llama.py")] + args, capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["missing_data", "bad_json", "unknown_model", "seq_too_long", "zero_batch",
+                                  "bad_layout"])
+def test_bad_input_one_line_exit_2(tmp_path, case):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    extra = {"missing_data": ["--data-path", str(tmp_path / "nope.jsonl")],
+             "bad_json": ["--data-path", str(bad)],
+             "unknown_model": ["--model", "llama9_7b"],
+             "seq_too_long": ["--seq-length", "999999"],
+             "zero_batch": ["--micro-batch-size", "0"],
+             "bad_layout": ["--tensor-model-parallel-size", "3"]}[case]
+    r = _cli(TINY + ["--train-iters", "1"] + extra, tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    if case == "bad_json":
+        assert "line 2" in lines[0]
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+    data = _corpus(tmp_path, 50)
+    ck = str(tmp_path / "ck")
+    base = TINY + ["--data-path", data, "--data-cache-dir", str(tmp_path / "cache"), "--train-iters", "2"]
+    _run(base + ["--save", ck, "--save-interval", "2"])
+    before = sorted(os.listdir(ck))
+    r = _cli([a if a != "64" else "96" for a in base] + ["--load", ck, "--save", ck, "--save-interval", "1"],
+             tmp_path)
+    assert r.returncode == 2 and "different model" in r.stderr, r.stderr[-1500:]
+    assert sorted(os.listdir(ck)) == before
