@@ -35,10 +35,10 @@ def make_forward_step(args, device):
         labels = batch["labels"].to(device, non_blocking=True)
         mask = batch["loss_mask"].to(device, non_blocking=True).float()
         with _autocast(args, device):
-            output = model(input_ids, labels=labels)
+            output = model(input_ids, labels=labels, loss_mask=mask)  # masked loss sum, fused head + CE
 
-        def loss_func(per_token):
-            loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        def loss_func(loss_sum):
+            loss = loss_sum / mask.sum().clamp_min(1.0)
             return loss, {"lm loss": loss.detach()}
         return output, loss_func
     return forward_step

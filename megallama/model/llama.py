@@ -20,6 +20,7 @@ from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings
 from megallama.mpu.cross_entropy import vocab_parallel_cross_entropy
 from megallama.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megallama.mpu.linear_cross_entropy import linear_cross_entropy
 from megallama.mpu.random import init_parameter
 from megallama.ops.rope import rope_cos_sin, rope_frequencies
 
@@ -153,18 +154,24 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     # ---------- forward ----------
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        x = h
+    def _head_input(self, h: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, True)
-        else:
-            x = mappings.copy_to_tensor_model_parallel_region(x)
-        return torch.nn.functional.linear(x, self.output_layer_weight())
+            return mappings.gather_from_sequence_parallel_region(h, True)
+        return mappings.copy_to_tensor_model_parallel_region(h)
 
-    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, gather_logits=False):
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self._head_input(h), self.output_layer_weight())
+
+    def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, gather_logits=False,
+                loss_mask=None):
+        """Per-token losses [b, s] with ``labels``; with ``loss_mask`` too, the masked loss *sum* (a scalar)
+        through the fused head + cross-entropy, which never holds the full logits."""
         h = self.model(input_ids=input_ids, hidden_states=hidden_states, position_ids=position_ids)
         if not self.post_process:
             return h
+        if labels is not None and loss_mask is not None:
+            total, _ = linear_cross_entropy(self._head_input(h), self.output_layer_weight(), labels, loss_mask)
+            return total
         logits = self.compute_logits(h)
         if labels is None:
             if gather_logits:

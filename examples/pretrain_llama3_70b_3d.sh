@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Llama 3 70B with 3D parallelism: tp=8 within a node, pp across nodes, ZeRO-1 over dp. Launch on every node:
+#   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<host of rank 0> bash examples/pretrain_llama3_70b_3d.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+torchrun --nnodes "${NNODES:-4}" --node_rank "${NODE_RANK:-0}" --nproc_per_node 8 \
+  --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  pretrain_llama.py --model llama3_70b --bf16 --tensor-model-parallel-size 8 --sequence-parallel \
+  --pipeline-model-parallel-size "${PP:-4}" --pipeline-schedule interleaved --num-layers-per-virtual-pipeline-stage 5 \
+  --zero-stage 1 --overlap-grad-reduce --recompute-granularity selective \
+  --seq-length 8192 --micro-batch-size 1 --global-batch-size 256 --train-iters "${ITERS:-1000}" \
+  --tokenizer-type llama3 --tokenizer-model "${TOKENIZER:-tokenizer.model}" "$@"
