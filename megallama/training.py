@@ -101,7 +101,7 @@ def pretrain(args) -> dict:
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    history, skipped_in_row, total_skipped = {}, 0, 0
+    history, times, skipped_in_row, total_skipped = {}, {}, 0, 0
     end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -135,6 +135,7 @@ def pretrain(args) -> dict:
                 torch.cuda.synchronize(device)
             dt = (time.time() - t_last) / args.log_interval if step % args.log_interval == 0 else time.time() - t_last
             t_last = time.time()
+            times[step] = dt
             tps = tokens_per_iter / dt
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
                     "global batch size": args.global_batch_size, "lm loss": loss,
@@ -157,5 +158,7 @@ def pretrain(args) -> dict:
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
             print_rank_0(f"saved checkpoint to {path}")
     logger.close()
-    return {"losses": history, "iteration": end_iter, "consumed_samples": consumed,
+    return {"losses": history, "iteration_time": times, "iteration": end_iter, "consumed_samples": consumed,
+            "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "num_params": sum(p.numel() for m in model_chunks for p in m.parameters())}

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Throughput and memory of real training steps, with HF baselines measured in the same command.
+
+    python tools/benchmark.py --model llama3_2_1b --batch-sizes 8 --seq-length 2048 --bf16 --compare-hf
+
+Each configuration runs in its own process (clean memory stats, no cross-talk from compile caches); megallama runs
+``pretrain`` on mock data, HF runs ``LlamaForCausalLM`` (+ torch.compile, + Liger with ``--liger``). Reports tok/s,
+tok/s/GPU, MFU against the card's dense peak and against a bf16 8192^3 matmul measured at start, peak memory, and
+ratios to the HF+compile baseline. ``--megallama-args`` passes extra flags (e.g. "--compile --zero-stage 1").
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def measured_matmul_tflops(n=8192, iters=20) -> float:
+    import torch
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def _run(cmd, env=None):
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    for line in reversed(r.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (r.stderr or r.stdout)[-3000:]
+    return {"error": tail}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny_llama3_150m")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--gpus", type=int, default=1, help="megallama runs under torchrun with this many processes")
+    p.add_argument("--bf16", action="store_true", default=True)
+    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--liger", action="store_true", help="also HF + Liger kernels (needs liger-kernel)")
+    p.add_argument("--megallama-args", default="", help="extra flags for pretrain, quoted")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--save-results", default=None)
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of tok/s here (needs matplotlib)")
+    a = p.parse_args(argv)
+    import torch
+    from megallama.config import get_model_config
+    from megallama.logging import device_peak_flops, flops_per_token
+    if not torch.cuda.is_available():
+        print("error: tools/benchmark.py measures GPU training; no CUDA device is visible", file=sys.stderr)
+        return 2
+    cfg = get_model_config(a.model)
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else device_peak_flops(torch.device("cuda"))
+    mm = measured_matmul_tflops() * 1e12
+    fpt = flops_per_token(cfg, a.seq_length)
+    card = torch.cuda.get_device_name()
+    print(f"# {card}: bf16 8192^3 matmul {mm / 1e12:.0f} TFLOP/s; dense peak {peak / 1e12 if peak else float('nan'):.0f}"
+          f" TFLOP/s; {a.model}: {cfg.num_params() / 1e6:.1f}M params, {fpt / 1e9:.2f} GFLOP/token at seq {a.seq_length}")
+    rows = []
+    for mbs in a.batch_sizes:
+        common = ["--model", a.model, "--seq-length", str(a.seq_length), "--micro-batch-size", str(mbs),
+                  "--global-batch-size", str(mbs * a.gpus), "--train-iters", str(a.steps + 5), "--bf16"]
+        if a.gpus > 1:
+            cmd = ["torchrun", "--nproc_per_node", str(a.gpus), "benchmarks/megallama_step.py"]
+        else:
+            cmd = [sys.executable, "benchmarks/megallama_step.py"]
+        res = [dict(_run(cmd + common + shlex.split(a.megallama_args)), impl="megallama")]
+        if a.compare_hf:
+            hf = [sys.executable, "benchmarks/hf_step.py", "--config-json", json.dumps(cfg.to_dict()),
+                  "--micro-batch-size", str(mbs), "--seq-length", str(a.seq_length), "--steps", str(a.steps)]
+            res.append(dict(_run(hf + ["--mode", "compile"]), impl="hf+compile"))
+            if a.liger:
+                res.append(dict(_run(hf + ["--mode", "liger"]), impl="hf+liger"))
+        base = next((r for r in res if r["impl"] == "hf+compile" and "error" not in r), None)
+        for r in res:
+            r["micro_batch_size"] = mbs
+            if "error" in r:
+                rows.append(r)
+                continue
+            tps = r["tokens_per_s"] / (a.gpus if r["impl"] == "megallama" else 1)
+            r["tokens_per_s_per_gpu"] = tps
+            r["mfu_vs_peak"] = tps * fpt / peak if peak else None
+            r["mfu_vs_matmul"] = tps * fpt / mm
+            if base:
+                r["speedup_vs_hf_compile"] = tps / base["tokens_per_s"]
+                r["memory_vs_hf_compile"] = r["peak_mem_gib"] / base["peak_mem_gib"]
+            rows.append(r)
+    print(f"| impl | mbs | tok/s/GPU | MFU (989) | MFU (matmul) | peak GiB | x HF+compile | mem / HF+compile |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | {r['micro_batch_size']} | failed: {r['error'].strip().splitlines()[-1][:120]} |")
+            continue
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
+        print(f"| {r['impl']} | {r['micro_batch_size']} | {r['tokens_per_s_per_gpu']:.0f} | {f('mfu_vs_peak', '{:.1%}')} "
+              f"| {r['mfu_vs_matmul']:.1%} | {r['peak_mem_gib']:.1f} | {f('speedup_vs_hf_compile', '{:.3f}')} "
+              f"| {f('memory_vs_hf_compile', '{:.3f}')} |")
+    if a.save_results:
+        with open(a.save_results, "w") as fh:
+            json.dump({"card": card, "matmul_tflops": mm / 1e12, "model": a.model, "rows": rows}, fh, indent=1)
+    if a.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            ok = [r for r in rows if "error" not in r]
+            plt.bar([f"{r['impl']}\nmbs {r['micro_batch_size']}" for r in ok], [r["tokens_per_s_per_gpu"] for r in ok])
+            plt.ylabel("tokens/s/GPU")
+            plt.title(f"{a.model} on {card}")
+            plt.tight_layout()
+            plt.savefig(a.plot)
+        except ImportError:
+            print("note: matplotlib not installed; no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
