@@ -27,6 +27,7 @@ def _add_model(p):
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--seq-length", "--sequence-length", dest="seq_length", type=int, default=None)
     g.add_argument("--no-fused-kernels", action="store_true", help="use the PyTorch reference ops")
+    g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional compilation)")
 
 
 def _add_training(p):

@@ -77,6 +77,9 @@ def build_model_chunks(args, device):
     for m in chunks:
         if args.recompute_granularity:
             configure_recompute(m, args)
+        if args.compile:  # regional: one compiled graph per layer keeps compile time flat in depth
+            for layer in m.model.layers.values():
+                layer.compile()
     return chunks
 
 
