@@ -1,0 +1,190 @@
+"""jsonl -> Megatron .bin/.idx (one sequence per document), the work behind tools/preprocess_data.py and the jsonl
+cache of ``build_pretraining_datasets``.
+
+Lines are parsed and tokenized in chunks, in order (``imap``), by ``workers`` processes, so the output is the same
+for any worker count. Everything is written under temporary names and renamed only after the last line was read
+without error: a malformed line leaves no half-written file and never replaces an existing one. No torch here, so
+worker processes start fast.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+
+from megallama.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path, optimal_dtype
+from megallama.errors import ConfigError
+
+_CHUNK_LINES = 64
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a few plain lines otherwise)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+        self.label, self.total, self.enabled = label, max(total, 1), enabled
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.t0 = self.last = time.time()
+        self.last_pct = -1
+
+    def update(self, done: int, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        now, pct = time.time(), min(100, int(100 * done / self.total))
+        if self.tty and now - self.last < 0.1 and pct < 100:
+            return
+        if not self.tty and pct // 25 == self.last_pct // 25:
+            return
+        self.last, self.last_pct = now, pct
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        rate = done / max(now - self.t0, 1e-9) / 1e6
+        line = f"{self.label}: {pct:3d}% [{bar}] {done / 1e6:.1f}/{self.total / 1e6:.1f} MB {rate:.1f} MB/s {extra}"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self, summary: str) -> None:
+        if self.enabled:
+            self.stream.write(("\r" if self.tty else "") + f"{self.label}: {summary}\n")
+            self.stream.flush()
+
+
+def _open_text(path: str):
+    """(binary line stream, raw file, uncompressed size for the progress bar)."""
+    raw = open(path, "rb")
+    size = os.path.getsize(path)
+    if not path.endswith(".gz"):
+        return raw, raw, size
+    raw.seek(max(size - 4, 0))
+    isize = int.from_bytes(raw.read(4), "little")  # gzip trailer: uncompressed size mod 2**32
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb"), raw, isize if isize >= size else size * 3
+
+
+def _read_chunks(stream, chunk_lines: int):
+    """Yield (first line number, [raw lines]) chunks."""
+    chunk, start = [], 1
+    for lineno, line in enumerate(stream, 1):
+        if not chunk:
+            start = lineno
+        chunk.append(line)
+        if len(chunk) == chunk_lines:
+            yield start, chunk
+            chunk = []
+    if chunk:
+        yield start, chunk
+
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer, json_keys, append_eod):
+    _worker_state.update(tokenizer=tokenizer, json_keys=json_keys, append_eod=append_eod)
+
+
+def _encode_chunk(job):
+    """-> ("ok", {key: [np arrays]}, n_bytes) or ("error", line number, message)."""
+    start, lines = job
+    tok, keys, eod = _worker_state["tokenizer"], _worker_state["json_keys"], _worker_state["append_eod"]
+    texts = {k: [] for k in keys}
+    n_bytes = 0
+    for i, raw in enumerate(lines):
+        lineno = start + i
+        n_bytes += len(raw)
+        if not raw.strip():
+            continue
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return "error", lineno, f"not valid JSON ({e.msg if hasattr(e, 'msg') else e})"
+        if not isinstance(doc, dict):
+            return "error", lineno, f"expected a JSON object like {{\"text\": ...}}, got {type(doc).__name__}"
+        for k in keys:
+            if k not in doc:
+                return "error", lineno, f"no {k!r} key (keys: {', '.join(map(str, doc)) or 'none'}); pass --json-keys"
+            if not isinstance(doc[k], str):
+                return "error", lineno, f"{k!r} is {type(doc[k]).__name__}, expected a string"
+            texts[k].append(doc[k])
+    out = {}
+    for k in keys:
+        ids = tok.encode_batch(texts[k])
+        out[k] = [np.asarray(d + [tok.eod] if eod else d, dtype=np.int64) for d in ids if d]
+    return "ok", out, n_bytes
+
+
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    """Megatron's naming: <output-prefix>_<json key>_document.{bin,idx}."""
+    return f"{output_prefix}_{key}_document"
+
+
+def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1, json_keys=("text",),
+                     append_eod: bool = True, progress: bool = True, chunk_lines: int = _CHUNK_LINES,
+                     dtype=None) -> dict:
+    """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key.
+    Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
+    no documents at all, leaving existing outputs untouched. Empty texts are skipped."""
+    if not os.path.isfile(input):
+        raise ConfigError(f"data file not found: {input}; pass an existing .jsonl file (one {{\"text\": ...}} per line)")
+    if not json_keys:
+        raise ConfigError("--json-keys is empty; name at least one key, e.g. --json-keys text")
+    dtype = dtype or optimal_dtype(tokenizer.vocab_size)
+    prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"output folder does not exist: {out_dir}; create it or pass another --output-prefix")
+    tag = f".tmp-{os.getpid()}-{time.time_ns() % 10**9}"
+    builders = {k: IndexedDatasetBuilder(get_bin_path(p) + tag, dtype) for k, p in prefixes.items()}
+    stream, raw, size = _open_text(input)
+    done = 0
+    bar = ProgressBar(f"tokenizing {os.path.basename(input)}", size, enabled=progress)
+    pool = None
+    counts = {k: [0, 0] for k in json_keys}  # documents, tokens
+    try:
+        chunks = _read_chunks(stream, chunk_lines)
+        if workers > 1:
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, tuple(json_keys), append_eod))
+            results = pool.imap(_encode_chunk, chunks, chunksize=4)
+        else:
+            _init_worker(tokenizer, tuple(json_keys), append_eod)
+            results = map(_encode_chunk, chunks)
+        for res in results:
+            if res[0] == "error":
+                raise ConfigError(f"{input} line {res[1]}: {res[2]}")
+            for k, docs in res[1].items():
+                for d in docs:
+                    builders[k].add_document(d)
+                    counts[k][0] += 1
+                    counts[k][1] += d.size
+            done += res[2]
+            bar.update(done, f"{counts[json_keys[0]][0]} docs")
+        for k, (n_docs, _) in counts.items():
+            if n_docs == 0:
+                raise ConfigError(f"{input} holds no non-empty {k!r} texts; give it at least one document")
+        for k, p in prefixes.items():
+            builders[k].finalize(get_idx_path(p) + tag)
+        for k, p in prefixes.items():  # .bin before .idx: a reader that sees the new .idx sees its .bin
+            os.replace(get_bin_path(p) + tag, get_bin_path(p))
+            os.replace(get_idx_path(p) + tag, get_idx_path(p))
+    except BaseException:
+        for k, p in prefixes.items():
+            builders[k].data_file.close()
+            for f in (get_bin_path(p) + tag, get_idx_path(p) + tag):
+                if os.path.exists(f):
+                    os.remove(f)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        stream.close()
+        raw.close()
+    k0 = json_keys[0]
+    bar.close(f"{counts[k0][0]} documents, {counts[k0][1]} tokens -> {prefixes[k0]}.bin/.idx "
+              f"in {time.time() - bar.t0:.1f}s")
+    return prefixes

@@ -1,0 +1,256 @@
+"""Tokenizers, all from local files (no network ever): the bundled sentencepiece BPE, any Llama 1/2 style
+sentencepiece ``.model``, Llama 3's tiktoken ranks file with its 256 special tokens, and HF ``tokenizer.json``.
+
+Every tokenizer has the same small surface: ``vocab_size``, ``encode(text) -> list[int]`` (no bos/eos added: the
+data pipeline decides), ``decode(ids)``, ``bos_id``, ``eos_id`` (== ``eod``, what separates packed documents),
+``pad_id``, ``name`` and ``fingerprint`` (a content hash, so that caches of tokenized data know when to rebuild).
+Tokenizers pickle by (type, path), so multiprocessing workers rebuild them instead of shipping C objects.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+
+from megallama.errors import ConfigError
+
+TOKENIZER_TYPES = ("bundled", "sentencepiece", "llama2", "llama3", "tiktoken", "hf")
+
+# Meta's Llama 3 pre-tokenizer pattern and special tokens (meta-llama/llama3, llama/tokenizer.py).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_RESERVED_SPECIAL_TOKENS = 256
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_NUM_RESERVED_SPECIAL_TOKENS - 5)]
+_TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken's Rust core can overflow its stack beyond these (Meta splits too)
+_MAX_NO_WHITESPACE_CHARS = 25_000
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _require_file(path: str | None, tokenizer_type: str, what: str) -> str:
+    if path is None:
+        raise ConfigError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model PATH ({what})")
+    if not os.path.isfile(path):
+        raise ConfigError(f"tokenizer model file not found: {path}; pass --tokenizer-model with an existing {what} "
+                          f"(no network: it is never downloaded)")
+    return path
+
+
+class _Tokenizer:
+    """Shared plumbing: pickling by (type, path), and the eod alias Megatron's data code uses."""
+    tokenizer_type: str
+    path: str
+
+    def __reduce__(self):
+        return build_tokenizer, getattr(self, "_build_args", (self.tokenizer_type, self.path))
+
+    @property
+    def eod(self) -> int:
+        return self.eos_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, path={self.path!r})"
+
+
+class SentencePieceTokenizer(_Tokenizer):
+    """Llama 1/2 style sentencepiece model. Without a pad piece (Llama 2 has none) pad falls back to eos."""
+
+    def __init__(self, path: str, tokenizer_type: str = "sentencepiece", name: str | None = None):
+        import sentencepiece as spm
+        self.tokenizer_type, self.path = tokenizer_type, path
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"{path} is not a sentencepiece model ({str(e).splitlines()[0]}); pass a .model file "
+                              f"trained by sentencepiece, or pick the matching --tokenizer-type") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.name = name or f"sentencepiece:{os.path.basename(path)}"
+        self.fingerprint = f"sentencepiece:{_file_sha256(path)}"
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """Read a tiktoken ranks file (``base64(token) rank`` per line), as Meta ships Llama 3's tokenizer.model."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ConfigError(f"{path} line {lineno} is not 'base64-token rank': not a tiktoken ranks file; "
+                                  f"pass Llama 3's tokenizer.model or pick the matching --tokenizer-type") from None
+    if not ranks:
+        raise ConfigError(f"{path} holds no tokens; pass Llama 3's tokenizer.model (a tiktoken ranks file)")
+    return ranks
+
+
+def _split_long_runs(s: str, max_len: int):
+    """Cut runs of more than max_len consecutive whitespace or non-whitespace chars (Meta's Llama 3 guard)."""
+    start, run, is_space = 0, 0, s[:1].isspace()
+    for i, ch in enumerate(s):
+        if ch.isspace() != is_space:
+            is_space, run = not is_space, 1
+        else:
+            run += 1
+            if run > max_len:
+                yield s[start:i]
+                start, run = i, 1
+    yield s[start:]
+
+
+class Llama3Tokenizer(_Tokenizer):
+    """Llama 3: tiktoken BPE over a local ranks file; the 256 special tokens follow the base vocabulary (128000+
+    for Meta's file). Special-token text inside documents is encoded as plain text, never as control tokens."""
+
+    def __init__(self, path: str, tokenizer_type: str = "llama3"):
+        import tiktoken
+        self.tokenizer_type, self.path = tokenizer_type, path
+        ranks = load_tiktoken_ranks(path)
+        n = len(ranks)
+        self.special_tokens = {tok: n + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.vocab_size = n + len(self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.pad_id = self.eos_id  # Llama 3 has no pad token
+        self.name = f"llama3:{os.path.basename(path)}"
+        self.fingerprint = f"llama3:{_file_sha256(path)}"
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for i in range(0, len(text), _TIKTOKEN_MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(text[i:i + _TIKTOKEN_MAX_ENCODE_CHARS], _MAX_NO_WHITESPACE_CHARS):
+                out += self.model.encode(piece, allowed_special=set(), disallowed_special=())
+        return out
+
+    def decode(self, ids) -> str:
+        return self.model.decode([int(i) for i in ids])
+
+
+_HF_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>")
+_HF_EOS = ("<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|endoftext|>")
+_HF_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+class HFTokenizer(_Tokenizer):
+    """A ``tokenizer.json`` (or a folder holding one) through the ``tokenizers`` package; bos/eos/pad come from a
+    ``tokenizer_config.json`` next to it when present, else from the usual special-token spellings."""
+
+    def __init__(self, path: str, tokenizer_type: str = "hf"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("--tokenizer-type hf needs the 'tokenizers' package, which is not installed; "
+                              "pip install tokenizers (or use a sentencepiece/llama3 tokenizer file)") from None
+        self.tokenizer_type, self.path = tokenizer_type, path
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ConfigError(f"tokenizer model file not found: {file}; pass --tokenizer-model with a tokenizer.json "
+                              f"or a folder holding one")
+        try:
+            self.tok = Tokenizer.from_file(file)
+        except Exception as e:
+            raise ConfigError(f"{file} is not a HF tokenizer.json ({str(e).splitlines()[0]}); pass a tokenizer.json "
+                              f"saved by the tokenizers package") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        named = self._config_tokens(os.path.dirname(file))
+        self.bos_id = self._find(named.get("bos_token"), _HF_BOS)
+        self.eos_id = self._find(named.get("eos_token"), _HF_EOS)
+        if self.eos_id is None:
+            raise ConfigError(f"{file} has no end-of-text token (looked for {', '.join(_HF_EOS)}); add one or give "
+                              f"a tokenizer_config.json with eos_token next to it")
+        pad = self._find(named.get("pad_token"), _HF_PAD)
+        self.pad_id = self.eos_id if pad is None else pad
+        self.name = f"hf:{os.path.basename(os.path.abspath(path))}"
+        self.fingerprint = f"hf:{_file_sha256(file)}"
+
+    @staticmethod
+    def _config_tokens(folder: str) -> dict:
+        cfg = os.path.join(folder, "tokenizer_config.json")
+        if not os.path.isfile(cfg):
+            return {}
+        with open(cfg, encoding="utf-8") as f:
+            data = json.load(f)
+        out = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            v = data.get(key)
+            out[key] = v.get("content") if isinstance(v, dict) else v
+        return out
+
+    def _find(self, preferred, candidates):
+        for tok in ((preferred,) if preferred else ()) + candidates:
+            i = self.tok.token_to_id(tok)
+            if i is not None:
+                return i
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None = None):
+    """The tokenizer for ``--tokenizer-type`` / ``--tokenizer-model``. "bundled" needs no file (ours ships in the
+    package); "sentencepiece"/"llama2" take a .model, "llama3"/"tiktoken" a tiktoken ranks file, "hf" a
+    tokenizer.json or its folder. Bad input raises ConfigError naming the value and the fix."""
+    tok = _build(tokenizer_type, tokenizer_model)
+    tok._build_args = (tokenizer_type, tokenizer_model)
+    return tok
+
+
+def _build(tokenizer_type: str, tokenizer_model: str | None):
+    t = (tokenizer_type or "bundled").lower()
+    if t == "bundled":
+        from megallama.data import get_bundled_tokenizer_path
+        path = tokenizer_model or get_bundled_tokenizer_path()
+        _require_file(path, t, "sentencepiece .model file")
+        tok = SentencePieceTokenizer(path, "bundled")
+        tok.name = f"bundled-bpe-{tok.vocab_size}" if tokenizer_model is None else tok.name
+        return tok
+    if t in ("sentencepiece", "llama2"):
+        return SentencePieceTokenizer(_require_file(tokenizer_model, t, "sentencepiece .model file"), t)
+    if t in ("llama3", "tiktoken"):
+        return Llama3Tokenizer(_require_file(tokenizer_model, t, "tiktoken ranks file such as Llama 3's "
+                                                                 "tokenizer.model"), t)
+    if t == "hf":
+        if tokenizer_model is None:
+            raise ConfigError("--tokenizer-type hf needs --tokenizer-model PATH (a tokenizer.json or its folder)")
+        if not os.path.exists(tokenizer_model):
+            raise ConfigError(f"tokenizer model file not found: {tokenizer_model}; pass --tokenizer-model with a "
+                              f"tokenizer.json or a folder holding one (no network: it is never downloaded)")
+        return HFTokenizer(tokenizer_model, t)
+    raise ConfigError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
