@@ -1,0 +1,199 @@
+"""The on-disk life of a checkpoint directory: atomic writes, the size/CRC manifest, the ``latest`` tracker,
+finding the newest *good* checkpoint, and pruning (``--keep-last``).
+
+A checkpoint is ``<save>/iter_0000020/`` holding ``common.pt``, one ``rank_XXXXX.pt`` per rank and ``manifest.json``
+(size and CRC-32 of every other file). It is written as ``iter_0000020.tmp`` and renamed only once complete, and
+``latest_checkpointed_iteration.txt`` is replaced last, so a crash (or a full disk) at any point leaves the previous
+checkpoint intact and pointed to. A directory whose manifest is missing or does not match its files is *bad*.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+
+from megallama.errors import ConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+COMMON = "common.pt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_dir(save: str, iteration: int) -> str:
+    return os.path.join(save, f"iter_{iteration:07d}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary name, fsync, rename: a reader never sees half a file under the final name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def file_crc32(path: str, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return crc
+            crc = zlib.crc32(b, crc)
+
+
+def describe_file(path: str) -> dict:
+    return {"size": os.path.getsize(path), "crc32": file_crc32(path)}
+
+
+def write_manifest(ckpt: str, entries: Dict[str, dict]) -> None:
+    atomic_write_text(os.path.join(ckpt, MANIFEST), json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
+def read_manifest(ckpt: str) -> Optional[Dict[str, dict]]:
+    try:
+        with open(os.path.join(ckpt, MANIFEST)) as f:
+            return json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_files(ckpt: str, manifest: Dict[str, dict], names: Optional[List[str]] = None, crc: bool = True) -> \
+        Optional[str]:
+    """None when the named files (default all) match the manifest, else why not (for the warning/error)."""
+    for name in (sorted(manifest) if names is None else names):
+        want = manifest.get(name)
+        path = os.path.join(ckpt, name)
+        if want is None:
+            return f"{name} is not in its manifest"
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            return f"{name} has {size} bytes, the manifest says {want['size']} (truncated or partial)"
+        if crc and file_crc32(path) != want["crc32"]:
+            return f"{name} fails its CRC-32 check (corrupt)"
+    return None
+
+
+def quick_check(ckpt: str) -> Optional[str]:
+    """Cheap test of a whole checkpoint: manifest present, every file there with its size, common.pt's CRC."""
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        return f"{MANIFEST} is missing or unreadable (incomplete save)"
+    if COMMON not in manifest:
+        return f"{COMMON} is not in its manifest"
+    return check_files(ckpt, manifest, crc=False) or check_files(ckpt, manifest, [COMMON], crc=True)
+
+
+def list_iterations(save: str) -> List[int]:
+    try:
+        names = os.listdir(save)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_RE.match, names) if m and os.path.isdir(os.path.join(save, m.group(0))))
+
+
+def read_tracker(load: str) -> Optional[int]:
+    path = os.path.join(load, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        return None  # a corrupt tracker is ignored: the directory listing decides
+    return int(text)
+
+
+def write_tracker(save: str, iteration: int) -> None:
+    atomic_write_text(os.path.join(save, TRACKER), str(iteration))
+
+
+def publish(tmp: str, final: str) -> None:
+    """Rename a finished temporary checkpoint into place; an existing one of the same iteration is replaced only
+    after the new one is complete."""
+    if os.path.exists(final):
+        old = final + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def prune(save: str, keep_last: int, protect: int) -> List[int]:
+    """Delete all but the newest ``keep_last`` good checkpoints (never ``protect``, the one just written)."""
+    removed = []
+    iters = list_iterations(save)
+    keep = set(iters[-keep_last:]) | {protect}
+    for it in iters:
+        if it not in keep:
+            shutil.rmtree(checkpoint_dir(save, it), ignore_errors=True)
+            removed.append(it)
+    for name in os.listdir(save):  # leftovers of saves killed mid-write
+        if name.startswith("iter_") and (name.endswith(".tmp") or name.endswith(".old")):
+            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
+    return removed
+
+
+def resolve_load_dir(load: str) -> List[str]:
+    """Candidate checkpoint directories for ``--load``, best first.
+
+    ``load`` may name one checkpoint (a directory with common.pt/manifest.json): then only that one. Otherwise it is
+    a run directory: its ``iter_*`` directories newest first, starting from the tracker's iteration when it names one
+    (later ones were never published as latest)."""
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load directory {load} does not exist; check the path")
+    if os.path.exists(os.path.join(load, COMMON)) or os.path.exists(os.path.join(load, MANIFEST)):
+        return [load]
+    iters = list_iterations(load)
+    tracked = read_tracker(load)
+    if tracked is not None and tracked in iters:
+        iters = [i for i in iters if i <= tracked]
+    return [checkpoint_dir(load, i) for i in reversed(iters)]
+
+
+def iteration_of(ckpt: str) -> Optional[int]:
+    m = _ITER_RE.match(os.path.basename(os.path.normpath(ckpt)))
+    return int(m.group(1)) if m else None

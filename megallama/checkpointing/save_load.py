@@ -1,0 +1,315 @@
+"""save_checkpoint / load_checkpoint: what the training loop calls.
+
+Save: every rank writes ``rank_XXXXX.pt`` (the tensors it owns, by name, plus its RNG states) into
+``iter_N.tmp``; rank 0 merges the ranks' piece lists into the index in ``common.pt`` (with args, iteration,
+consumed samples, layout, optimizer scalars), writes the manifest, renames the directory and updates the tracker.
+Any rank's write failure (a full disk, a read-only directory) is agreed on by all ranks, the temporary directory is
+removed and a ConfigError names the cause: earlier checkpoints are never touched.
+
+Load: the newest checkpoint whose manifest matches its files wins (a bad one is skipped with a warning naming it;
+a bad one named directly is an error); each rank reads its slices of every tensor whatever the saved layout was.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megallama.checkpointing import files as F
+from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_states, saved_keys,
+                                                     skip_on_save, state_name)
+from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes, piece_of
+from megallama.checkpointing.state import (canonical_name, get_rng_state, is_tp_replicated, named_model_tensors,
+                                           set_rng_state, tp_coords)
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+
+FORMAT_VERSION = 2
+SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+              "tie_word_embeddings", "num_experts")
+BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "norm_eps")
+
+
+# ---------------------------------------------------------------- collectives that work without a process group
+def _on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _on() else 1
+
+
+def _all_gather(obj) -> list:
+    if not _on():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _bcast(obj):
+    if not _on():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_error(err: Optional[str]) -> Optional[str]:
+    return next((e for e in _all_gather(err) if e), None)
+
+
+def _warn(msg: str) -> None:
+    if _rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _say(msg: str) -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def current_layout() -> dict:
+    return {"world_size": _world(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1}
+
+
+def args_to_dict(args) -> dict:
+    """The run's arguments as plain values (``weights_only`` loads them)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k == "model_config":
+            out[k] = v.to_dict()
+        elif isinstance(v, (int, float, str, bool, type(None))):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
+            out[k] = list(v)
+    return out
+
+
+def check_writable(save: str) -> None:
+    """Fail before training (not at the first save) when --save cannot be written."""
+    try:
+        os.makedirs(save, exist_ok=True)
+        probe = os.path.join(save, f".write_probe{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save directory {save} is not writable ({e.strerror}); pick a writable path") from None
+
+
+# ---------------------------------------------------------------- save
+def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, consumed_samples: int,
+                    keep_last: Optional[int] = None, extra: Optional[dict] = None) -> str:
+    final = F.checkpoint_dir(save, iteration)
+    tmp = final + ".tmp"
+    err = None
+    if _rank() == 0:
+        try:
+            os.makedirs(save, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        except OSError as e:
+            err = f"{e.strerror or e}"
+    _raise_save_error(_first_error(err), final, tmp)
+
+    fname = f"rank_{_rank():05d}.pt"
+    tp, tp_rank = tp_coords()
+    writes_model = ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    tensors, index, params = {}, {}, {}
+
+    def add(name, t, param):
+        piece = piece_of(t, param, tp, tp_rank)
+        tensors[name] = t.detach().to("cpu", copy=True)
+        index[name] = {"shape": piece.shape, "dtype": dtype_name(t), "pieces": [piece.to_dict(fname)]}
+
+    for name, t, p in named_model_tensors(model_chunks):
+        if skip_on_save(name):
+            continue
+        params[name] = p
+        if writes_model and (not is_tp_replicated(t) or tp_rank == 0):
+            add(name, t, p)
+    per_param, scalars = optimizer_states(optimizer, model_chunks)
+    # A ZeRO optimizer hands each dp rank the states it should write; a plain one is replicated over dp.
+    writes_optim = writes_model or hasattr(optimizer, "sharded_state_dict")
+    for name, st in per_param.items():
+        p = params.get(name)
+        if skip_on_save(name) or not writes_optim or (is_tp_replicated(p) and tp_rank != 0):
+            continue
+        for key, v in st.items():
+            add(state_name(key, name), v, p)
+
+    err, desc = None, None
+    try:
+        F.atomic_torch_save({"tensors": tensors, "rng": get_rng_state()}, os.path.join(tmp, fname))
+        desc = F.describe_file(os.path.join(tmp, fname))
+    except OSError as e:
+        err = f"{e.strerror or e}"
+    del tensors
+    parts = _all_gather((index, {fname: desc}, err))
+    _raise_save_error(next((p[2] for p in parts if p[2]), None), final, tmp)
+
+    err = None
+    if _rank() == 0:
+        try:
+            common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
+                      "args": args_to_dict(args) if args is not None else {}, "layout": current_layout(),
+                      "zero_stage": getattr(args, "zero_stage", 0) if args is not None else 0,
+                      "index": merge_indexes(p[0] for p in parts), "optimizer_scalars": scalars,
+                      "extra": extra or {}}
+            F.atomic_torch_save(common, os.path.join(tmp, F.COMMON))
+            manifest = {k: v for p in parts for k, v in p[1].items()}
+            manifest[F.COMMON] = F.describe_file(os.path.join(tmp, F.COMMON))
+            F.write_manifest(tmp, manifest)
+            F.publish(tmp, final)
+            F.write_tracker(save, iteration)
+        except OSError as e:
+            err = f"{e.strerror or e}"
+    _raise_save_error(_bcast(err), final, tmp)
+    if _rank() == 0 and keep_last:
+        F.prune(save, keep_last, protect=iteration)
+    if _on():
+        dist.barrier()
+    return final
+
+
+def _raise_save_error(err: Optional[str], final: str, tmp: str) -> None:
+    if not err:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _on():
+        dist.barrier()
+    raise ConfigError(f"could not write checkpoint {final} ({err}); earlier checkpoints are kept — free space or "
+                      "point --save at a writable disk")
+
+
+# ---------------------------------------------------------------- load
+def load_common(ckpt: str) -> dict:
+    path = os.path.join(ckpt, F.COMMON)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {path} is missing; load another checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - corrupt file
+        raise ConfigError(f"checkpoint file {path} cannot be read ({type(e).__name__}); it is corrupt — load an "
+                          "earlier iteration") from None
+
+
+def check_compatible(common: dict, args, ckpt: str) -> None:
+    saved = common.get("args", {}).get("model_config", {})
+    now = args.model_config.to_dict()
+    for k in SHAPE_KEYS:
+        if k in saved and saved.get(k) != now.get(k):
+            hint = " (a vocabulary padded for another tensor-parallel size? pass --vocab-size)" \
+                if k == "vocab_size" else ""
+            raise ConfigError(f"checkpoint {ckpt} is for a different model ({common['args'].get('model')}: {k}="
+                              f"{saved.get(k)}, this run has {now.get(k)}){hint}; load a checkpoint of the same "
+                              "model")
+    for k in BEHAVIOUR_KEYS:
+        if k in saved and saved.get(k) != now.get(k):
+            _warn(f"checkpoint {ckpt} was trained with {k}={saved.get(k)}, this run uses {now.get(k)}")
+
+
+def _model_plan(model_chunks, reader: ShardReader, ckpt: str):
+    tp, tp_rank = tp_coords()
+    plan = []
+    for name, t, p in named_model_tensors(model_chunks):
+        cname = canonical_name(name)
+        if cname not in reader:
+            raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a "
+                              "checkpoint of this model")
+        piece = piece_of(t, p, tp, tp_rank)
+        plan.append((cname, t, piece))
+    return plan
+
+
+def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]) -> list:
+    need = set()
+    for cname, t, piece in plan:
+        names = [cname] + [state_name(k, cname) for k in optim_keys]
+        for n in names:
+            if n in reader:
+                need.update(reader.files_for(n, piece.dim, piece.offset, piece.length))
+    if rng_file:
+        need.add(rng_file)
+    return sorted(need)
+
+
+def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False) -> Tuple[int, int]:
+    """Load the newest good checkpoint under ``load`` (or the one ``load`` names) into this rank's chunks and
+    optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``."""
+    candidates = _bcast(F.resolve_load_dir(load) if _rank() == 0 else None)
+    named = candidates == [load]
+    bad = []
+    for ckpt in candidates:
+        reason = _bcast(F.quick_check(ckpt) if _rank() == 0 else None)
+        if reason is None:
+            common = load_common(ckpt)
+            check_compatible(common, args, ckpt)
+            reader = ShardReader(ckpt, common["index"])
+            plan = _model_plan(model_chunks, reader, ckpt)
+            same_layout = common.get("layout") == current_layout()
+            keys = [] if finetune else saved_keys(common["index"])
+            manifest = F.read_manifest(ckpt) or {}
+            rng_file = f"rank_{_rank():05d}.pt" if same_layout and not finetune else None
+            rng_file = rng_file if rng_file in manifest else None
+            reason = _first_error(F.check_files(ckpt, manifest, _needed_files(reader, plan, keys, rng_file)))
+        if reason is not None:
+            if named:
+                raise ConfigError(f"checkpoint {ckpt} is unusable: {reason}; load an earlier iteration")
+            _warn(f"skipping checkpoint {ckpt}: {reason}")
+            bad.append(ckpt)
+            continue
+        return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune)
+    if bad:
+        raise ConfigError(f"no usable checkpoint in {load} ({len(bad)} bad: {', '.join(map(os.path.basename, bad))})"
+                          "; remove --load to start afresh or restore a good checkpoint")
+    _say(f"no checkpoint in {load}; starting from scratch")
+    return 0, 0
+
+
+def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune) -> Tuple[int, int]:
+    with torch.no_grad():
+        for cname, t, piece in plan:
+            reader.read_into(cname, t.data if isinstance(t, torch.nn.Parameter) else t, piece.dim, piece.offset)
+    iteration = int(common["iteration"])
+    if finetune or not keys:
+        if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+            optimizer.reload_model_params()  # fp32 master copies must follow the loaded weights
+        if not finetune and iteration > 0:
+            _warn(f"checkpoint {ckpt} holds no optimizer state; the optimizer starts afresh")
+        _say(f"loaded weights from {ckpt}" + (" (finetune: iteration, data and optimizer start afresh)"
+                                               if finetune else ""))
+        reader.close()
+        return (0, 0) if finetune else (iteration, int(common.get("consumed_samples", 0)))
+    tp, tp_rank = tp_coords()
+
+    def read(key, cname, out, param):
+        n = state_name(key, cname)
+        if n not in reader:
+            return False
+        piece = piece_of(out, param, tp, tp_rank)
+        reader.read_into(n, out, piece.dim, piece.offset)
+        return True
+
+    load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)
+    if rng_file:
+        set_rng_state(reader.load_object(rng_file)["rng"])
+    else:
+        _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): weights and optimizer "
+             "resharded; RNG states start from the seed")
+    reader.close()
+    return iteration, int(common.get("consumed_samples", 0))

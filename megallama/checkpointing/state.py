@@ -1,0 +1,87 @@
+"""What a rank contributes to a checkpoint, by name: model tensors, RNG states.
+
+Names are the HF parameter names the model already uses (layers keep their *global* index on every pipeline
+stage), so a name means the same full tensor under any layout. The tied output-layer copy a last pipeline stage
+holds (``output_weight``) is never saved: it is the embedding (``model.embed_tokens.weight``) and loads from it.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from megallama.mpu import parallel_state as ps
+
+TIED_COPY = "output_weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def unwrap(module):
+    """The LlamaForCausalLM inside DDP/ZeRO wrappers (``.module`` chains)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
+def canonical_name(name: str) -> str:
+    return EMBEDDING if name == TIED_COPY else name
+
+
+def named_model_tensors(model_chunks) -> Iterator[Tuple[str, torch.Tensor, Optional[torch.nn.Parameter]]]:
+    """(local name, tensor, parameter or None) of every persistent tensor of this rank's chunks."""
+    for chunk in model_chunks:
+        m = unwrap(chunk)
+        params = dict(m.named_parameters())
+        for name, t in m.state_dict(keep_vars=True).items():
+            p = params.get(name)
+            yield name, (p if p is not None else t), p
+
+
+def tp_coords() -> Tuple[int, int]:
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def is_tp_replicated(param) -> bool:
+    return not (getattr(param, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1)
+
+
+# ---------------------------------------------------------------- RNG
+def get_rng_state() -> Dict[str, object]:
+    """Every generator that can change the next step, as tensors/ints so ``weights_only`` loads them."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    st = {"torch_cpu": torch.get_rng_state(),
+          "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+          "python": torch.tensor(py[1], dtype=torch.int64), "python_version": int(py[0])}
+    if py[2] is not None:
+        st["python_gauss"] = float(py[2])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["torch_cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megallama.mpu.random import get_rng_tracker
+        tracker = {}
+        for name, s in get_rng_tracker().states.items():
+            cpu, cuda = s if isinstance(s, tuple) else (s, None)
+            tracker[name] = {"cpu": cpu} if cuda is None else {"cpu": cpu, "cuda": cuda}
+        st["tracker"] = tracker
+    except ImportError:  # pragma: no cover
+        pass
+    return st
+
+
+def set_rng_state(st: Dict[str, object]) -> None:
+    torch.set_rng_state(st["torch_cpu"])
+    if "numpy" in st:
+        np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(st.get("numpy_pos", 624)), 0, 0.0))
+    if "python" in st:
+        random.setstate((int(st.get("python_version", 3)), tuple(int(x) for x in st["python"].tolist()),
+                        st.get("python_gauss")))
+    if "torch_cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["torch_cuda"])
+    if "tracker" in st:
+        from megallama.mpu.random import get_rng_tracker
+        tr = get_rng_tracker()
+        for name, s in st["tracker"].items():
+            tr.states[name] = (s["cpu"], s.get("cuda"))

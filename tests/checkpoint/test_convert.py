@@ -1,0 +1,175 @@
+"""HF <-> megallama conversion: bit-exact round trips both ways, HF logits equal ours on the converted model."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megallama.checkpointing import load_checkpoint, save_checkpoint
+from megallama.checkpointing.full import open_checkpoint
+from megallama.config import ModelConfig, RopeScaling
+from megallama.model import build_model
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import convert_checkpoint as conv  # noqa: E402
+
+# HF configs as a user would write them (transformers' own kwargs), covering our variants.
+HF_CASES = {
+    "gqa_untied": dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "mha_llama2": dict(vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                       rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama31_rope": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "llama32_tied": dict(vocab_size=512, hidden_size=48, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=32)),
+}
+
+
+def _hf_model(kw, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1: perturb them so a swapped norm would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _our_model_from(ckpt_dir):
+    _, common, _ = open_checkpoint(ckpt_dir)
+    cfg = ModelConfig.from_dict(common["args"]["model_config"])
+    model = build_model(cfg, seed=99).eval()
+    it, consumed = load_checkpoint(ckpt_dir, [model], None, SimpleNamespace(model_config=cfg))
+    assert (it, consumed) == (0, 0)
+    return model, cfg
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_to_megallama_to_hf(tmp_path, case):
+    hf = _hf_model(HF_CASES[case])
+    src = tmp_path / "hf"
+    hf.save_pretrained(src, safe_serialization=True)
+    conv.hf_to_megallama(str(src), str(tmp_path / "meg"))
+    ours, cfg = _our_model_from(str(tmp_path / "meg"))
+    assert cfg.tie_word_embeddings == HF_CASES[case]["tie_word_embeddings"]
+    assert (cfg.rope_scaling is not None) == ("rope_scaling" in HF_CASES[case])
+    seq = 160 if cfg.rope_scaling else 40  # past original_max_position_embeddings: scaling matters
+    ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, err
+    # ... and back: every tensor bit-identical, config equivalent, HF logits identical.
+    conv.megallama_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"))
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    if cfg.tie_word_embeddings:
+        a.pop("lm_head.weight", None)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", attn_implementation="eager").eval()
+    c1, c2 = hf.config, hf2.config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(c1, key) == getattr(c2, key), key
+    assert c1.rope_parameters == c2.rope_parameters
+    with torch.no_grad():
+        assert torch.equal(hf2(ids).logits, ref)
+
+
+def test_megallama_to_hf_to_megallama_bit_exact(tmp_path):
+    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=256, max_position_embeddings=4096,
+                      rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=64))
+    model = build_model(cfg, seed=5)
+    args = SimpleNamespace(model="custom", model_config=cfg)
+    save_checkpoint(str(tmp_path / "run"), 7, [model], None, args, consumed_samples=28)
+    conv.megallama_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+    conv.hf_to_megallama(str(tmp_path / "hf"), str(tmp_path / "back"))
+    _, c1, r1 = open_checkpoint(str(tmp_path / "run"))
+    _, c2, r2 = open_checkpoint(str(tmp_path / "back"))
+    names = sorted(n for n in c1["index"] if "/" not in n)
+    assert names == sorted(c2["index"]) and len(names) == 2 + 9 * 2 + 1
+    for n in names:
+        x, y = r1.read(n), r2.read(n)
+        assert x.dtype == y.dtype == torch.float32 and torch.equal(x, y), n
+    assert ModelConfig.from_dict(c2["args"]["model_config"]).to_dict() == dict(cfg.to_dict(), name="hf")
+    # HF reads the exported model and computes our logits.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = hf(ids).logits, model(ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_sharded_bf16_hf_checkpoint(tmp_path):
+    """A multi-file HF checkpoint (index json) in bf16 converts, keeps bf16, and re-exports bit-exact."""
+    hf = _hf_model(HF_CASES["gqa_untied"]).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="40KB")
+    files = [f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors")]
+    assert len(files) > 1
+    conv.hf_to_megallama(str(tmp_path / "hf"), str(tmp_path / "meg"), max_file_bytes=30_000)
+    _, common, reader = open_checkpoint(str(tmp_path / "meg"))
+    assert len({p["file"] for e in common["index"].values() for p in e["pieces"]}) > 1
+    assert all(e["dtype"] == "bfloat16" for e in common["index"].values())
+    conv.megallama_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"), max_shard_bytes=50_000)
+    idx = json.load(open(tmp_path / "hf2" / "model.safetensors.index.json"))
+    orig = {}
+    for f in files:
+        orig.update(load_file(tmp_path / "hf" / f))
+    back = {}
+    for f in set(idx["weight_map"].values()):
+        back.update(load_file(tmp_path / "hf2" / f))
+    assert sorted(orig) == sorted(back)
+    for k in orig:
+        assert back[k].dtype == torch.bfloat16 and torch.equal(orig[k], back[k]), k
+
+
+def test_cli_round_trip_and_errors(tmp_path, capsys):
+    hf = _hf_model(HF_CASES["gqa_untied"])
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    # As a script once (the sys.path bootstrap), then in-process for speed.
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "hf-to-megallama",
+                        "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "meg")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--num-layers 2 --hidden-size 64" in r.stdout
+    assert conv.main(["megallama-to-hf", "--load", str(tmp_path / "meg"), "--output", str(tmp_path / "hf2"),
+                      "--dtype", "bf16"]) == 0
+    assert load_file(tmp_path / "hf2" / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    # Bad inputs: one line, exit 2, nothing written.
+    cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(dict(cfg, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                            "rope_theta": 1e4})))
+    (bad / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    cases = [(["hf-to-megallama", "--hf-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")], "config.json"),
+             (["hf-to-megallama", "--hf-dir", str(bad), "--output", str(tmp_path / "o2")], "yarn"),
+             (["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "meg")], "not empty"),
+             (["megallama-to-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "o3")], "no checkpoint")]
+    capsys.readouterr()
+    for argv, needle in cases:
+        code = conv.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
+    assert not any(os.path.exists(tmp_path / o) for o in ("o1", "o2", "o3"))

@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Convert between HF Llama checkpoints (config.json + safetensors) and megallama checkpoints, both ways, exactly.
+
+    python tools/convert_checkpoint.py hf-to-megallama --hf-dir Llama-3.2-1B --output ckpt/llama32_1b
+    python tools/convert_checkpoint.py megallama-to-hf --load runs/my_run --output hf_out [--dtype bf16]
+
+Names are HF's on both sides, so conversion is a change of container: tensors keep their bytes (and dtype unless
+``--dtype`` asks otherwise), so HF -> megallama -> HF and megallama -> HF -> megallama are bit-exact. A megallama
+checkpoint of any tp/pp/dp/ZeRO layout converts (its shards are assembled by name); a converted HF model loads
+into any layout with ``--load`` (iteration 0, fresh optimizer) or ``--finetune``. Tensors stream one at a time, so
+memory stays near one output file (``--max-shard-size``) even for 405B.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Dict, Iterator, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megallama.config import ModelConfig, RopeScaling  # noqa: E402
+from megallama.errors import ConfigError  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|"
+                       r"input_layernorm|post_attention_layernorm)\.weight$")
+_TOP = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+
+
+# ---------------------------------------------------------------- configs
+def hf_config_to_model_config(hf: dict, name: Optional[str] = None) -> ModelConfig:
+    """Our ModelConfig from an HF LlamaConfig dict (transformers 4.x ``rope_theta``/``rope_scaling`` or 5.x
+    ``rope_parameters``); anything our model cannot represent exactly is refused."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model_type '{hf.get('model_type')}' is not Llama; only LlamaForCausalLM converts")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"config.json has {key}={hf.get(key)}; megallama's Llama supports only {key}={ok}")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, hidden // heads):
+        raise ConfigError(f"config.json has head_dim={hf['head_dim']} != hidden_size/heads = {hidden // heads}; "
+                          "not supported")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    rs = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise ConfigError(f"rope scaling type '{kind}' is not supported (only Llama 3.1's 'llama3')")
+        rs = RopeScaling(factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+                         high_freq_factor=float(scaling["high_freq_factor"]),
+                         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    vocab = hf["vocab_size"]
+    eps = float(hf.get("rms_norm_eps", 1e-5))
+    family = ("llama3" if vocab >= 128000 or theta == 500000.0 else "code_llama" if theta >= 1e6 else
+              "llama1" if eps == 1e-6 else "llama2")  # informational only: shapes and rope decide the model
+    return ModelConfig(name=name or hf.get("_name_or_path") or "hf_llama", num_layers=hf["num_hidden_layers"],
+                       hidden_size=hidden, ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+                       num_query_groups=hf.get("num_key_value_heads") or heads, vocab_size=vocab,
+                       max_position_embeddings=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
+                       rope_scaling=rs, norm_eps=eps,
+                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                       init_method_std=float(hf.get("initializer_range", 0.02)), family=family).validate()
+
+
+def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype, extra: Optional[dict] = None) -> dict:
+    """An HF config.json both transformers 4.x (rope_theta/rope_scaling) and 5.x (rope_parameters) read."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    scaling = None
+    if cfg.rope_scaling is not None:
+        r = cfg.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                   "high_freq_factor": r.high_freq_factor,
+                   "original_max_position_embeddings": r.original_max_position_embeddings}
+        rope = dict(scaling, rope_theta=cfg.rope_theta)
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_attention_heads,
+         "num_key_value_heads": cfg.num_query_groups, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
+         "initializer_range": cfg.init_method_std, "tie_word_embeddings": cfg.tie_word_embeddings,
+         "rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": rope,
+         "torch_dtype": str(dtype).replace("torch.", ""), "use_cache": True}
+    d.update(extra or {})
+    return d
+
+
+def check_names(names, cfg: ModelConfig, source: str) -> None:
+    """Every tensor the model needs is there, nothing unknown is (a tied lm_head copy is tolerated)."""
+    need = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if not cfg.tie_word_embeddings
+                                                                else set())
+    for i in range(cfg.num_layers):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+            need.add(f"model.layers.{i}.{part}.weight")
+    names = set(names)
+    missing = sorted(need - names)
+    if missing:
+        raise ConfigError(f"{source} lacks {len(missing)} tensors the config needs (first: {missing[0]}); the "
+                          "checkpoint does not match its config")
+    unknown = sorted(n for n in names - need if not (n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq")))
+    if unknown:
+        raise ConfigError(f"{source} has tensors megallama's Llama does not (first: {unknown[0]}); not convertible")
+
+
+def _natural(name: str):
+    m = _LAYER_RE.match(name)
+    return (1, int(m.group(1)), name) if m else ((0 if name == "model.embed_tokens.weight" else 2), 0, name)
+
+
+# ---------------------------------------------------------------- HF -> megallama
+def _hf_weight_files(hf_dir: str) -> Dict[str, str]:
+    """{tensor name: safetensors file} from model.safetensors or the sharded index."""
+    idx = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        try:
+            with open(idx) as f:
+                return dict(json.load(f)["weight_map"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{idx} is malformed ({e}); re-download the checkpoint") from None
+    single = os.path.join(hf_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ConfigError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json; convert "
+                          ".bin checkpoints to safetensors first")
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing; an HF checkpoint directory needs its config.json") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+
+
+def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None, max_file_bytes: int = 2 << 30) -> str:
+    from safetensors import safe_open
+    from megallama.checkpointing.full import write_full_checkpoint
+    hf = _read_json(os.path.join(hf_dir, "config.json"))
+    cfg = hf_config_to_model_config(hf, model_name or os.path.basename(os.path.normpath(hf_dir)))
+    where = _hf_weight_files(hf_dir)
+    check_names(where, cfg, hf_dir)
+    keep = [n for n in sorted(where, key=_natural)
+            if not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+
+    def tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        handles = {}
+        try:
+            for name in keep:
+                file = where[name]
+                if file not in handles:
+                    path = os.path.join(hf_dir, file)
+                    if not os.path.isfile(path):
+                        raise ConfigError(f"{path} (listed in the index) is missing; the download is incomplete")
+                    handles[file] = safe_open(path, "pt")
+                t = handles[file].get_tensor(name)
+                yield name, (t.to(dtype) if dtype is not None else t)
+        finally:
+            handles.clear()
+
+    args = {"model": cfg.name, "model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir)}
+    return write_full_checkpoint(output, tensors(), args, iteration=0, max_file_bytes=max_file_bytes)
+
+
+# ---------------------------------------------------------------- megallama -> HF
+def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
+                    max_shard_bytes: int = 5 << 30) -> str:
+    from safetensors.torch import save_file
+    from megallama.checkpointing.full import model_tensor_names, open_checkpoint
+    ckpt, common, reader = open_checkpoint(load)
+    cfg_dict = common.get("args", {}).get("model_config")
+    if not cfg_dict:
+        raise ConfigError(f"{ckpt} records no model config; it was not written by megallama")
+    cfg = ModelConfig.from_dict(cfg_dict)
+    names = sorted(model_tensor_names(common), key=_natural)
+    check_names(names, cfg, ckpt)
+    out_dtype = dtype or next((getattr(torch, common["index"][n]["dtype"]) for n in names
+                               if common["index"][n].get("dtype")), torch.float32)
+    tmp = output.rstrip("/") + ".tmp"
+    try:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        shards, cur, size = [], {}, 0
+        for name in names:
+            t = reader.read(name)
+            cur[name] = t.to(dtype) if dtype is not None else t
+            size += t.numel() * cur[name].element_size()
+            if size >= max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+        if cur or not shards:
+            shards.append(cur)
+        n = len(shards)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            for k, v in shard.items():
+                weight_map[k] = fname
+                total += v.numel() * v.element_size()
+        if n > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model_config_to_hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
+        if os.path.exists(output):
+            if os.listdir(output):
+                raise ConfigError(f"--output {output} exists and is not empty; pick a new directory")
+            os.rmdir(output)
+        os.replace(tmp, output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"could not write {output} ({e.strerror or e}); free space or pick another directory") \
+            from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    return output
+
+
+# ---------------------------------------------------------------- CLI
+def _size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip().upper())
+    if not m:
+        raise ConfigError(f"--max-shard-size '{text}' is not a size like 5GB or 500MB")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("convert_checkpoint", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-megallama", help="HF directory (config.json + safetensors) -> megallama checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--output", required=True, help="megallama checkpoint directory (use it as --load/--finetune)")
+    a.add_argument("--model-name", default=None, help="name recorded in the checkpoint (default: the directory)")
+    a.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast (default: keep HF's dtype)")
+    a.add_argument("--max-file-size", default="2GB")
+    b = sub.add_parser("megallama-to-hf", help="megallama checkpoint (any layout) -> HF directory")
+    b.add_argument("--load", required=True, help="a run directory (newest good checkpoint) or one iter_* directory")
+    b.add_argument("--output", required=True)
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast (default: keep the saved dtype)")
+    b.add_argument("--max-shard-size", default="5GB")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dtype = _DTYPES[args.dtype] if args.dtype else None
+        if args.direction == "hf-to-megallama":
+            if os.path.isdir(args.output) and os.listdir(args.output):
+                raise ConfigError(f"--output {args.output} exists and is not empty; pick a new directory")
+            out = hf_to_megallama(args.hf_dir, args.output, args.model_name, dtype, _size(args.max_file_size))
+            cfg = ModelConfig.from_dict(torch.load(os.path.join(out, "common.pt"), weights_only=True)["args"]
+                                        ["model_config"])
+            print(f"wrote {out}\ntrain from it with: --load {args.output} (or --finetune) " + flags_for(cfg))
+        else:
+            out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size))
+            print(f"wrote {out}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def flags_for(cfg: ModelConfig) -> str:
+    """pretrain_llama.py flags that build exactly this model (so the checkpoint's shapes match)."""
+    f = (f"--num-layers {cfg.num_layers} --hidden-size {cfg.hidden_size} --ffn-hidden-size {cfg.ffn_hidden_size} "
+         f"--num-attention-heads {cfg.num_attention_heads} --num-query-groups {cfg.num_query_groups} "
+         f"--vocab-size {cfg.vocab_size} --max-position-embeddings {cfg.max_position_embeddings} "
+         f"--rope-theta {cfg.rope_theta} --norm-epsilon {cfg.norm_eps}")
+    if not cfg.tie_word_embeddings:
+        f += " --untie-embeddings-and-output-weights"
+    return f
+
+
+if __name__ == "__main__":
+    sys.exit(main())
