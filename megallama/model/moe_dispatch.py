@@ -1,0 +1,107 @@
+"""Token dispatch for mixture-of-experts: sort by expert, all-to-all over the expert-parallel group, grouped GEMM.
+
+The hot path has no Python loop over experts. Tokens (one row per (token, choice) assignment) are sorted by expert
+id, so each expert's rows are contiguous; with expert parallelism the sorted rows are exchanged with one
+``all_to_all_single`` (rank j owns experts [j*E_l, (j+1)*E_l)) and regrouped by local expert. The three expert
+projections then run as grouped matmuls over those contiguous groups: ``torch._grouped_mm`` where it exists for the
+device/dtype, else one ``bmm`` over groups padded to the largest group.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- all-to-all with autograd
+def _all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows ``in_splits[j]`` go to rank j; ``out_splits[j]`` rows arrive from rank j. Backward is the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x, group, out_splits, in_splits):
+    return _AllToAll.apply(x, group, list(out_splits), list(in_splits))
+
+
+# ---------------------------------------------------------------- grouped matmul
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(d * x.element_size() % 16 for d in w.shape[1:]):  # every row stride must be 16-byte aligned
+        return False
+    if x.device.type == "cpu":
+        return x.dtype == torch.float32 or x.dtype == torch.bfloat16
+    if x.device.type == "cuda":  # CUTLASS grouped GEMM: bf16 on Hopper and newer
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """``_grouped_mm``'s backward rejects expanded (stride-0) gradients, e.g. from ``out.sum()``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: Optional[bool] = None
+                   ) -> torch.Tensor:
+    """Rows ``x[offs[e-1]:offs[e]] @ w[e].T`` for each group e; x: [N, in] sorted by group, w: [G, out, in],
+    counts: [G] rows per group (a CPU or device int tensor summing to N). Returns [N, out]."""
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_supported(x, w)
+    if use_grouped_mm:
+        offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w.transpose(-2, -1), offs=offs))
+    return _padded_bmm(x, w, counts)
+
+
+def _padded_bmm(x, w, counts):
+    """One bmm over groups padded to the largest group (scatter rows in, gather rows out)."""
+    G, n = w.shape[0], x.shape[0]
+    counts = counts.to(x.device, torch.long)
+    if n == 0:
+        return x.new_zeros(0, w.shape[1])
+    cap = int(counts.max())
+    group = torch.repeat_interleave(torch.arange(G, device=x.device), counts, output_size=n)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=x.device) - starts[group]
+    buf = x.new_zeros(G, cap, x.shape[1])
+    buf = buf.index_put((group, pos), x)
+    out = torch.bmm(buf, w.transpose(1, 2))
+    return out[group, pos]
+
+
+# ---------------------------------------------------------------- permutation
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, capacity: Optional[int] = None):
+    """expert_ids: [N] (flattened token-major (token, choice) assignments). Returns (order, counts): ``order`` the
+    kept assignment indices sorted by expert (stable, so token order within an expert: first come, first kept),
+    ``counts`` [num_experts] kept rows per expert. With ``capacity`` each expert keeps at most that many rows."""
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    if capacity is not None:
+        sorted_e = expert_ids[order]
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
+        order = order[pos < capacity]
+        counts = counts.clamp(max=capacity)
+    return order, counts

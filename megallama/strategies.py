@@ -1,0 +1,154 @@
+"""Training strategies: standard, moe, lora, hybrid (MoE + LoRA), applied to built model chunks.
+
+``TrainingStrategy(name, parameters)`` is the seed API's object; ``strategy_from_args`` builds one from the
+command line. ``apply_strategy`` runs after the dense chunks are built (and, for fine-tuning, after pretrained
+weights are loaded) and before DDP/optimizer wrapping: it turns the chosen decoder layers' MLPs into MoE layers
+(fresh, layout-independent init, or upcycled copies of the dense MLP), adds LoRA adapters and freezes what the
+strategy does not train. Working on built chunks means it composes with any pipeline split.
+
+Trainable parameters per strategy: standard/moe everything; lora the adapters only; hybrid the adapters plus the
+MoE routers and experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch.nn as nn
+
+from megallama.errors import ConfigError
+from megallama.model.lora import LORA_TARGETS, LoRAConfig, apply_lora
+from megallama.model.moe import MoEConfig, MoELayer, moe_layer_ids
+
+STRATEGIES = ("standard", "moe", "lora", "hybrid")
+_KNOWN = {"num_experts", "experts_per_token", "moe_router_topk", "moe_layers", "moe_layer_freq", "moe_aux_loss_coeff",
+          "moe_z_loss_coeff", "moe_capacity_factor", "moe_ffn_hidden_size", "upcycle", "lora_rank", "lora_alpha",
+          "lora_dropout", "target_modules"}
+
+
+@dataclass
+class TrainingStrategy:
+    """``TrainingStrategy(name="moe", parameters={"num_experts": 8, "experts_per_token": 2, "moe_layers": [4, 8]})``
+    or ``TrainingStrategy(name="lora", parameters={"lora_rank": 16, "lora_alpha": 32, "target_modules": [...]})``."""
+
+    name: str = "standard"
+    parameters: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy '{self.name}'; choose one of {', '.join(STRATEGIES)}")
+        unknown = sorted(set(self.parameters) - _KNOWN)
+        if unknown:
+            raise ConfigError(f"unknown strategy parameter '{unknown[0]}'; known: {', '.join(sorted(_KNOWN))}")
+
+    @property
+    def uses_moe(self) -> bool:
+        return self.name in ("moe", "hybrid") or bool(self.parameters.get("num_experts"))
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.name in ("lora", "hybrid")
+
+    def moe_config(self, num_layers: int) -> Optional[MoEConfig]:
+        if not self.uses_moe:
+            return None
+        p = self.parameters
+        layers = p.get("moe_layers")
+        cfg = MoEConfig(num_experts=int(p.get("num_experts") or 8),
+                        topk=int(p.get("experts_per_token", p.get("moe_router_topk", 2))),
+                        ffn_hidden_size=p.get("moe_ffn_hidden_size"),
+                        aux_loss_coeff=float(p.get("moe_aux_loss_coeff", 1e-2)),
+                        z_loss_coeff=float(p.get("moe_z_loss_coeff", 0.0)),
+                        capacity_factor=p.get("moe_capacity_factor"),
+                        layers=moe_layer_ids(num_layers, layers, int(p.get("moe_layer_freq", 1))))
+        return cfg.validate(num_layers)
+
+    def lora_config(self) -> Optional[LoRAConfig]:
+        if not self.uses_lora:
+            return None
+        p = self.parameters
+        rank = int(p.get("lora_rank", 8))
+        targets = p.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if targets == ["all"]:
+            targets = list(LORA_TARGETS)
+        return LoRAConfig(rank=rank, alpha=float(p.get("lora_alpha", 2 * rank)),
+                          dropout=float(p.get("lora_dropout", 0.0)), target_modules=list(targets)).validate()
+
+
+def _parse_layers(v) -> Optional[List[int]]:
+    if v is None or isinstance(v, (list, tuple)):
+        return v
+    try:
+        return [int(x) for x in str(v).replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--moe-layers '{v}' is not a list of layer indices; write e.g. --moe-layers 0,2,4") from None
+
+
+def strategy_from_args(args) -> TrainingStrategy:
+    """The strategy of a parsed command line (Megatron's ``--num-experts`` alone also makes a MoE model)."""
+    g = lambda k, d=None: getattr(args, k, d) if getattr(args, k, None) is not None else d  # noqa: E731
+    p = {}
+    name = g("strategy", "standard")
+    if name in ("moe", "hybrid") or g("num_experts"):
+        p.update(num_experts=g("num_experts", 8), experts_per_token=g("moe_router_topk", 2),
+                 moe_aux_loss_coeff=g("moe_aux_loss_coeff", 1e-2), moe_z_loss_coeff=g("moe_z_loss_coeff", 0.0),
+                 moe_capacity_factor=g("moe_capacity_factor"), moe_ffn_hidden_size=g("moe_ffn_hidden_size"),
+                 moe_layers=_parse_layers(g("moe_layers")), moe_layer_freq=g("moe_layer_freq", 1),
+                 upcycle=bool(g("moe_upcycle", False)))
+    if name in ("lora", "hybrid"):
+        p.update(lora_rank=g("lora_rank", 8), lora_dropout=g("lora_dropout", 0.0),
+                 target_modules=g("lora_target_modules"))
+        if g("lora_alpha") is not None:
+            p["lora_alpha"] = g("lora_alpha")
+    return TrainingStrategy(name, {k: v for k, v in p.items() if v is not None})
+
+
+def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int, upcycle: bool = False) -> List[int]:
+    """Replace the MLP of this chunk's sparse layers by ``MoELayer``; returns the converted global layer ids."""
+    inner = model.model
+    mcfg = model.config
+    done = []
+    for key, layer in inner.layers.items():
+        i = int(key)
+        if cfg.layers is not None and i not in cfg.layers:
+            continue
+        dense = layer.mlp
+        w = dense.gate_proj.weight if hasattr(dense, "gate_proj") else next(dense.parameters())
+        moe = MoELayer(mcfg, cfg, i, model.sequence_parallel, device=w.device, dtype=w.dtype)
+        moe.init_weights(f"model.layers.{i}.mlp", seed)
+        if upcycle:
+            moe.upcycle_from(dense)
+        moe.train(dense.training)
+        layer.mlp = moe
+        done.append(i)
+    return done
+
+
+def apply_strategy(model_chunks: Sequence[nn.Module], strategy: TrainingStrategy, seed: int = 1234,
+                   upcycle: Optional[bool] = None) -> Sequence[nn.Module]:
+    """Apply ``strategy`` in place to every chunk (each a ``LlamaForCausalLM`` or a pipeline stage of one)."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if not chunks:
+        return model_chunks
+    moe_cfg = strategy.moe_config(chunks[0].config.num_layers)
+    lora_cfg = strategy.lora_config()
+    up = bool(strategy.parameters.get("upcycle", False)) if upcycle is None else upcycle
+    for m in chunks:
+        if moe_cfg is not None:
+            m.config.num_experts, m.config.moe_router_topk = moe_cfg.num_experts, moe_cfg.topk
+            m.config.moe_layers = list(moe_cfg.layers)
+            convert_to_moe(m, moe_cfg, seed, upcycle=up)
+        if lora_cfg is not None:
+            apply_lora(m, lora_cfg, seed, freeze_base=True)
+            if moe_cfg is not None:  # hybrid: routers and experts train fully
+                for layer in m.model.layers.values():
+                    if isinstance(layer.mlp, MoELayer):
+                        layer.mlp.requires_grad_(True)
+    return model_chunks
+
+
+def trainable_parameter_count(model_chunks) -> int:
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    return sum(p.numel() for m in chunks for p in m.parameters() if p.requires_grad)

@@ -1,0 +1,194 @@
+"""MoE: routing, aux/z losses on hand-made routings, grouped expert compute, capacity dropping, and expert
+parallelism (with dp, tp and sequence parallelism) equal to one process in loss, weights and gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import rel_err, run_distributed
+from megallama.errors import ConfigError
+from megallama.model import build_model
+from megallama.model.moe import (MoEConfig, MoELayer, get_moe_stats, load_balancing_loss, moe_layer_ids,
+                                 set_aux_loss_scale, topk_routing, z_loss)
+from megallama.model.moe_dispatch import grouped_matmul, sort_by_expert
+from megallama.mpu import parallel_state as ps
+from megallama.strategies import TrainingStrategy, apply_strategy
+from strat_helpers import TINY, batch, full_params_and_grads
+
+MOE = {"num_experts": 4, "experts_per_token": 2, "moe_aux_loss_coeff": 0.05, "moe_z_loss_coeff": 1e-2}
+
+
+def _moe_model(sequence_parallel=False, params=MOE, seed=7):
+    m = build_model(TINY, seed=seed, sequence_parallel=sequence_parallel)
+    apply_strategy([m], TrainingStrategy("moe", dict(params)), seed=seed)
+    return m
+
+
+# ------------------------------------------------------------------ losses on hand-made routings
+def test_aux_loss_equals_formula_on_hand_made_routing():
+    # 4 tokens, 2 experts, top-1. Tokens 0-2 choose expert 0, token 3 expert 1.
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    counts = torch.tensor([3.0, 1.0])
+    # f = (3/4, 1/4); P = (2.6/4, 1.4/4); loss = coeff * E * sum f*P
+    expect = 0.1 * 2 * (0.75 * 0.65 + 0.25 * 0.35)
+    assert math.isclose(float(load_balancing_loss(probs.sum(0), counts, 4, 1, 0.1)), expect, rel_tol=1e-6)
+    uniform = torch.full((8, 4), 0.25)
+    assert math.isclose(float(load_balancing_loss(uniform.sum(0), torch.full((4,), 4.0), 8, 2, 0.01)), 0.01,
+                        rel_tol=1e-6)
+    logits = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]])
+    expect_z = 0.5 * ((math.log(4.0)) ** 2 + (1.0 + math.log(2.0)) ** 2) / 2
+    assert math.isclose(float(z_loss(logits, 0.5)), expect_z, rel_tol=1e-6)
+
+
+def test_layer_aux_gradient_is_the_formula():
+    """The loss the layer attaches is exactly coeff*E*sum f*P + z: its router gradient equals autograd of the formula."""
+    torch.manual_seed(0)
+    set_aux_loss_scale(1.0)
+    get_moe_stats().reset()
+    cfg = MoEConfig(num_experts=4, topk=2, aux_loss_coeff=0.3, z_loss_coeff=0.05)
+    layer = MoELayer(TINY, cfg, 0)
+    layer.init_weights("l", 1)
+    x = torch.randn(2, 5, TINY.hidden_size)
+    y = layer(x)
+    (gw,) = torch.autograd.grad(y, layer.router.weight, torch.zeros_like(y))  # only the attached aux losses
+    logits = F.linear(x.reshape(-1, TINY.hidden_size), layer.router.weight)
+    probs, _, top_i = topk_routing(logits, 2)
+    counts = torch.bincount(top_i.reshape(-1), minlength=4).float()
+    ref = load_balancing_loss(probs.sum(0), counts, 10, 2, 0.3) + z_loss(logits, 0.05)
+    (gref,) = torch.autograd.grad(ref, layer.router.weight)
+    assert rel_err(gw, gref) < 1e-6
+    rep = get_moe_stats().report()
+    assert rep["tokens_per_expert"][0] == counts.long().tolist()
+    assert math.isclose(rep["aux_loss"], float(load_balancing_loss(probs.sum(0), counts, 10, 2, 0.3).detach()), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------ grouped compute and dispatch
+@pytest.mark.parametrize("grouped", [True, False])
+def test_grouped_matmul_matches_per_group_loop(grouped):
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1])
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    w = torch.randn(4, 12, 8, requires_grad=True)
+    grouped = grouped and hasattr(torch, "_grouped_mm")
+    y = grouped_matmul(x, w, counts, use_grouped_mm=grouped)
+    ref = torch.cat([xs @ w[e].T for e, xs in enumerate(x.split(counts.tolist()))])
+    assert rel_err(y, ref) < 1e-6
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        assert rel_err(a, b) < 1e-6
+    grouped_matmul(x, w, counts, use_grouped_mm=grouped).sum().backward()  # an expanded grad is accepted
+
+
+def test_sort_by_expert_and_capacity_keep_first_tokens():
+    e = torch.tensor([2, 0, 2, 2, 1, 2])
+    order, counts = sort_by_expert(e, 3)
+    assert order.tolist() == [1, 4, 0, 2, 3, 5] and counts.tolist() == [1, 1, 4]
+    order, counts = sort_by_expert(e, 3, capacity=2)
+    assert order.tolist() == [1, 4, 0, 2] and counts.tolist() == [1, 1, 2]
+
+
+def _naive_moe(layer, x, capacity=None):
+    """Token-by-token reference: route, run each chosen expert's SwiGLU, weight by the probability."""
+    h = x.shape[-1]
+    xs = x.reshape(-1, h)
+    logits = F.linear(xs, layer.router.weight)
+    _, top_p, top_i = topk_routing(logits, layer.topk)
+    seen = [0] * layer.num_experts
+    out = torch.zeros_like(xs)
+    ex = layer.experts
+    for t in range(xs.shape[0]):
+        for j in range(layer.topk):
+            e = int(top_i[t, j])
+            seen[e] += 1
+            if capacity is not None and seen[e] > capacity:
+                continue
+            a = F.silu(ex.gate_proj[e] @ xs[t]) * (ex.up_proj[e] @ xs[t])
+            out[t] += top_p[t, j] * (ex.down_proj[e] @ a)
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_moe_layer_equals_token_by_token_reference(capacity_factor):
+    torch.manual_seed(1)
+    cfg = MoEConfig(num_experts=4, topk=2, capacity_factor=capacity_factor)
+    layer = MoELayer(TINY, cfg, 0)
+    layer.init_weights("l", 3)
+    x = torch.randn(2, 6, TINY.hidden_size)
+    with torch.no_grad():
+        y = layer(x)
+        cap = layer.capacity(12)
+        ref = _naive_moe(layer, x, cap)
+    assert rel_err(y, ref) < 1e-5
+    if capacity_factor is not None:
+        assert cap == 3  # ceil(0.5 * 12 * 2 / 4): some assignments are dropped
+        assert rel_err(y, _naive_moe(layer, x, None)) > 1e-3
+
+
+def test_config_errors_and_layer_selection():
+    assert moe_layer_ids(6, None, 2) == [0, 2, 4]
+    assert moe_layer_ids(6, [4, 1], 1) == [1, 4]
+    m = _moe_model(params=dict(MOE, moe_layers=[1]))
+    assert type(m.model.layers["0"].mlp).__name__ == "LlamaMLP" and isinstance(m.model.layers["1"].mlp, MoELayer)
+    with pytest.raises(ConfigError, match="moe-layers 7"):
+        TrainingStrategy("moe", {"num_experts": 4, "moe_layers": [7]}).moe_config(2)
+    with pytest.raises(ConfigError, match="moe-router-topk 5"):
+        TrainingStrategy("moe", {"num_experts": 4, "experts_per_token": 5}).moe_config(2)
+    with pytest.raises(ConfigError, match="unknown strategy parameter"):
+        TrainingStrategy("moe", {"num_expert": 4})
+
+
+def test_upcycled_moe_equals_dense_model():
+    """Every expert a copy of the dense MLP and normalised top-k weights: the MoE model computes the dense one."""
+    dense = build_model(TINY, seed=5)
+    moe = build_model(TINY, seed=5)
+    apply_strategy([moe], TrainingStrategy("moe", {"num_experts": 4, "experts_per_token": 2, "upcycle": True}), seed=5)
+    ids, labels = batch(2)
+    with torch.no_grad():
+        assert rel_err(moe(ids, labels=labels), dense(ids, labels=labels)) < 1e-5
+
+
+# ------------------------------------------------------------------ expert parallelism == one process
+LAYOUTS = [  # (tp, ep, sequence_parallel) on 4 ranks: dp = 4 / tp
+    (1, 2, False),  # dp 4, ep 2, expert-data-parallel 2
+    (1, 4, False),  # every rank one expert
+    (2, 2, False),  # tp 2 x ep 2
+    (2, 2, True),   # ... with sequence parallelism
+]
+GLOBAL_BATCH = 4
+
+
+def _ep_worker(rank, world, layouts):
+    from megallama.mpu.sequence_parallel import allreduce_sequence_parallel_gradients
+    ids, labels = batch(GLOBAL_BATCH)
+    out = []
+    for tp, ep, sp in layouts:
+        ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+        m = _moe_model(sequence_parallel=sp)
+        dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        n = GLOBAL_BATCH // dp
+        loss = m(ids[r * n:(r + 1) * n], labels=labels[r * n:(r + 1) * n]).mean()
+        loss.backward()
+        if sp:
+            allreduce_sequence_parallel_gradients(m)
+        losses = [torch.zeros(()) for _ in range(world)]
+        torch.distributed.all_gather(losses, loss.detach())
+        state = full_params_and_grads(m)
+        out.append((float(sum(losses) / world), state if rank == 0 else None))
+    return out
+
+
+def test_expert_parallel_equals_single_process():
+    ids, labels = batch(GLOBAL_BATCH)
+    ref = _moe_model()
+    loss = ref(ids, labels=labels).mean()
+    loss.backward()
+    ref_state = full_params_and_grads(ref)
+    results = run_distributed(_ep_worker, 4, LAYOUTS)
+    for (tp, ep, sp), (dist_loss, state) in zip(LAYOUTS, results[0]):
+        assert abs(dist_loss - float(loss)) / float(loss) < 1e-5, (tp, ep, sp, dist_loss, float(loss))
+        assert set(state) == set(ref_state)
+        for k, v in ref_state.items():
+            err = rel_err(torch.from_numpy(state[k]), torch.from_numpy(v))
+            assert err < 1e-5, (tp, ep, sp, k, err)
+    assert any("experts.gate_proj.grad" in k for k in ref_state) and any("router.weight.grad" in k for k in ref_state)
