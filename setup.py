@@ -28,10 +28,12 @@ def _extensions():
     cxx = ["-O3", "-fopenmp"]
     if use_cuda:
         cu = sorted(glob.glob("csrc/*.cu"))
+        # Arch list from TORCH_CUDA_ARCH_LIST (e.g. "9.0a" for H100 only), else torch's default for the visible GPU.
         ext = CUDAExtension("megallama._C", cpp + cu, define_macros=[("MEGALLAMA_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+                            extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("megallama._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("megallama._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

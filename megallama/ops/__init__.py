@@ -1,5 +1,7 @@
 """Front doors to the fused kernels. Each op has a PyTorch reference with the same signature; the fused
-``megallama._C`` path is used when the extension is built, else the reference (one warning)."""
+``torch.ops.megallama`` path (csrc/, loaded on first use by ``_extension``) is used when available, else the
+reference (one warning). ``set_fused_kernels(False)`` (``--no-fused-kernels``) forces the references."""
+from megallama.ops._extension import fused_kernels_enabled, kernel_source, set_fused_kernels  # noqa: F401
 from megallama.ops.rms_norm import rms_norm  # noqa: F401
 from megallama.ops.rope import apply_rope, rope_frequencies  # noqa: F401
-from megallama.ops.swiglu import swiglu  # noqa: F401
+from megallama.ops.swiglu import swiglu, swiglu_packed  # noqa: F401

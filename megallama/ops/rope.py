@@ -1,8 +1,16 @@
-"""Rotary position embedding (HF "rotate_half" layout) incl. Llama 3.1 frequency scaling."""
+"""Rotary position embedding (HF "rotate_half" layout) incl. Llama 3.1 frequency scaling.
+
+``apply_rope`` runs the fused kernel (csrc/rope.{cpp,cu}) when available: fp32 math from the fp32 cos/sin tables,
+so any frequency scheme is just another table; layouts (batch, seq, heads, dim) and (batch, heads, seq, dim) and
+non-contiguous inputs are read in place; the backward is the inverse rotation.
+"""
 import math
-from typing import Optional
 
 import torch
+
+from megallama.ops import _extension
+
+_LAYOUTS = ("bshd", "bhsd")
 
 
 def rope_frequencies(head_dim: int, theta: float, rope_scaling=None, device=None) -> torch.Tensor:
@@ -40,5 +48,37 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return out.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return apply_rope_reference(x, cos, sin)
+def _fusable(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    d = x.shape[-1]
+    if x.dim() != 4 or d % 2 or cos.shape != sin.shape or cos.shape[-1] != d // 2 or cos.dim() not in (2, 3):
+        return False
+    if cos.requires_grad or sin.requires_grad or not x.is_floating_point():
+        return False  # the kernel differentiates x only
+    if x.device.type == "cuda" and d > 256:
+        return False
+    return _extension.use_fused(x, cos, sin)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "bshd",
+               inplace: bool = False) -> torch.Tensor:
+    """Rotate x ([batch, seq, heads, head_dim], or [batch, heads, seq, head_dim] with ``layout="bhsd"``) by the
+    angles whose cos/sin are given as [seq, head_dim/2] or [batch, seq, head_dim/2]. ``inplace`` overwrites x
+    (inference only: x must not require grad) and returns it."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"apply_rope: layout {layout!r} is not one of {_LAYOUTS}")
+    if inplace and torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("apply_rope: inplace=True needs a tensor that does not require grad; use inplace=False")
+    xs = x.transpose(1, 2) if layout == "bhsd" else x  # the kernel and reference see [b, s, h, d]
+    if _fusable(xs, cos, sin):
+        table = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = cos.to(table), sin.to(table)
+        if inplace:
+            torch.ops.megallama.rope_(xs, cos, sin, False)
+            return x
+        out = torch.ops.megallama.rope_fwd(xs, cos, sin, False)
+    else:
+        out = apply_rope_reference(xs, cos, sin)
+        if inplace:
+            xs.copy_(out)
+            return x
+    return out.transpose(1, 2) if layout == "bhsd" else out

@@ -1,0 +1,116 @@
+"""Finds the compiled kernels (``torch.ops.megallama.*``): the installed ``megallama._C``, else a JIT build of
+``csrc/`` (cached under TORCH_EXTENSIONS_DIR, built once), else none, with one warning, and the ops use their
+PyTorch references. Nothing here runs at import time: the first op call loads the library.
+
+Switches: ``MEGALLAMA_FUSED_KERNELS=0`` or ``set_fused_kernels(False)`` (the ``--no-fused-kernels`` flag) forces the
+references; ``MEGALLAMA_JIT=0`` skips the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT library without its
+CUDA kernels; ``MEGALLAMA_JIT_VERBOSE=1`` shows the compiler.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import warnings
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+# A JIT-built library's path, inherited by spawned workers so that they load it without asking ninja again.
+_LIB_ENV = "MEGALLAMA_C_LIBRARY"
+
+_lock = threading.Lock()
+_state = {"enabled": os.environ.get("MEGALLAMA_FUSED_KERNELS", "1") != "0", "loaded": None, "cuda": False,
+          "source": None}
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Use the fused kernels (default) or force the PyTorch references (``--no-fused-kernels``)."""
+    _state["enabled"] = bool(enabled)
+
+
+def fused_kernels_enabled() -> bool:
+    return _state["enabled"]
+
+
+def kernel_source() -> str | None:
+    """Where the kernels came from ('megallama._C', the JIT library's path), or None when they are absent."""
+    return _state["source"] if load() else None
+
+
+def _jit_build() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
+
+    sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+    if not sources:
+        raise RuntimeError(f"no C++ sources in {_CSRC}")
+    want_cuda = os.environ.get("MEGALLAMA_BUILD_CUDA")
+    with_cuda = torch.cuda.is_available() and CUDA_HOME is not None and want_cuda != "0"
+    cflags = ["-O3", "-fopenmp"]
+    kwargs = {}
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join(_CSRC, "*.cu")))
+        cflags.append("-DMEGALLAMA_WITH_CUDA")
+        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMEGALLAMA_WITH_CUDA"]
+    name = "megallama_C_cuda" if with_cuda else "megallama_C_cpu"  # separate caches for the two builds
+    cpp_load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False,
+             verbose=os.environ.get("MEGALLAMA_JIT_VERBOSE") == "1", **kwargs)
+    return next((p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), name)
+
+
+def _load() -> tuple[bool, str]:
+    try:
+        import megallama._C  # noqa: F401  (registers torch.ops.megallama)
+
+        return True, "megallama._C"
+    except ImportError as e:
+        reason = f"megallama._C not built ({e})"
+    lib = os.environ.get(_LIB_ENV)
+    if lib and os.path.exists(lib):
+        try:
+            torch.ops.load_library(lib)
+            return True, lib
+        except Exception as e:  # noqa: BLE001 - a stale path falls through to a fresh build
+            reason = f"{lib}: {e}"
+    if os.environ.get("MEGALLAMA_JIT", "1") == "0":
+        return False, reason + "; MEGALLAMA_JIT=0"
+    try:
+        path = _jit_build()
+        os.environ[_LIB_ENV] = path
+        return True, path
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the references
+        return False, f"{reason}; JIT build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+
+
+def load() -> bool:
+    """True when torch.ops.megallama holds the kernels, loading them on the first call (thread-safe)."""
+    if _state["loaded"] is not None:
+        return _state["loaded"]
+    with _lock:
+        if _state["loaded"] is None:
+            ok, source = _load()
+            if ok:
+                from megallama.ops import _registry
+
+                _registry.register()
+                _state["cuda"] = bool(torch.ops.megallama.cuda_built())
+                _state["source"] = source
+            else:
+                warnings.warn(f"megallama: fused kernels unavailable, using the PyTorch reference ops: {source}",
+                              RuntimeWarning, stacklevel=3)
+            _state["loaded"] = ok
+    return _state["loaded"]
+
+
+def use_fused(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors should take the fused path: enabled, loaded, and a kernel for the device."""
+    if not _state["enabled"]:
+        return False
+    dev = tensors[0].device.type
+    if dev not in ("cpu", "cuda", "meta") or any(t.device.type != dev for t in tensors):
+        return False
+    if not load():
+        return False
+    if dev == "cuda":
+        return _state["cuda"] and all(t.dtype != torch.float64 for t in tensors)
+    return True
