@@ -161,6 +161,12 @@ class IndexedDataset:
             raise ConfigError(f"{bin_path} does not match {idx_path} (truncated or from another run); regenerate both "
                               f"with tools/preprocess_data.py")
 
+    def __getstate__(self):  # reopen the maps in DataLoader workers instead of pickling the data
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         return len(self.sequence_lengths)
 

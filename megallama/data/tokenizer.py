@@ -232,8 +232,15 @@ def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None
     return tok
 
 
+# Megatron-LM's --tokenizer-type spellings, so its command lines work unchanged
+_MEGATRON_NAMES = {"llama2tokenizer": "llama2", "llama3tokenizer": "llama3", "tiktokenizer": "tiktoken",
+                   "sentencepiecetokenizer": "sentencepiece", "gptsentencepiecetokenizer": "sentencepiece",
+                   "huggingfacetokenizer": "hf"}
+
+
 def _build(tokenizer_type: str, tokenizer_model: str | None):
     t = (tokenizer_type or "bundled").lower()
+    t = _MEGATRON_NAMES.get(t, t)
     if t == "bundled":
         from megallama.data import get_bundled_tokenizer_path
         path = tokenizer_model or get_bundled_tokenizer_path()
