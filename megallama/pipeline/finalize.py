@@ -1,0 +1,87 @@
+"""Gradient sums the pipeline layout owes after backward: tied embeddings and Chimera's replicas.
+
+Tied word embeddings: stage 0 holds the embedding table, the last stage an ``output_weight`` copy initialised
+identically; both copies must step with the sum of both grads (all-reduce over the embedding group).
+Chimera: stage s also holds a replica of stage p-1-s's layers (the upward pipeline); the two copies of every
+part exchange grads and add them, so both step identically. Both sums are linear, so they commute with the
+data-parallel reduction; call after it (grads are read from ``main_grad`` when a wrapper keeps one, else
+``.grad``). Additions are ordered so every copy ends bit-identical.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megallama.mpu import parallel_state as ps
+from megallama.pipeline.model_chunks import unwrap_model
+from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank
+
+_REPLICA_TAG = 1 << 30
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    g = getattr(p, "main_grad", None)
+    if g is not None:
+        return g
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _params(module) -> List[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def sync_chimera_replica_gradients(model_chunks) -> None:
+    """Add the mirror stage's grads to both chunks of a Chimera stage (a no-op for other schedules)."""
+    chunks = [unwrap_model(m) for m in model_chunks]
+    if len(chunks) != 2 or getattr(chunks[0], "pipeline_schedule", None) != "chimera":
+        return
+    p, s = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    mine = [[_grad(q) for q in _params(c)] for c in chunks]
+    if p - 1 - s == s:  # odd p: the middle stage holds both copies of its part
+        for a, b in zip(*mine):
+            total = a + b
+            a.copy_(total)
+            b.copy_(total)
+        return
+    flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in mine]
+    recv = [torch.empty_like(f) for f in flat]
+    peer = stage_rank(p - 1 - s)
+    # My chunk 0 (part s) pairs with the peer's chunk 1, my chunk 1 with its chunk 0. Each side sends chunk 0
+    # then 1 and receives in that same order, so NCCL's per-peer ordering matches them too.
+    ops = [P2POp(True, flat[0], peer, _REPLICA_TAG + 2 * s), P2POp(True, flat[1], peer, _REPLICA_TAG + 2 * s + 1),
+           P2POp(False, recv[1], peer, _REPLICA_TAG + 2 * (p - 1 - s)),
+           P2POp(False, recv[0], peer, _REPLICA_TAG + 2 * (p - 1 - s) + 1)]
+    for w in batch_send_recv(ops, ps.get_pipeline_model_parallel_group()):
+        w.wait()
+    for c in range(2):
+        off = 0
+        for g in mine[c]:
+            n = g.numel()
+            g.add_(recv[c][off:off + n].view_as(g))
+            off += n
+
+
+def allreduce_embedding_gradients(model_chunks) -> None:
+    """Sum the tied embedding / output-layer grads over their copies (first and last stage), after summing
+    Chimera's replicas (which hold both ends on the same ranks). Untied models and pp = 1 need nothing here."""
+    sync_chimera_replica_gradients(model_chunks)
+    chunks = [unwrap_model(m) for m in model_chunks]
+    if not chunks or not chunks[0].config.tie_word_embeddings:
+        return
+    copies = [c.model.embed_tokens.weight for c in chunks if c.pre_process]
+    copies += [c.output_weight for c in chunks if hasattr(c, "output_weight")]
+    if not copies:
+        return
+    grads = [_grad(w) for w in copies]
+    if len(grads) == 2:  # both ends on this rank (Chimera): the replica sync already brought the others in
+        total = grads[0] + grads[1]
+        for g in grads:
+            g.copy_(total)
+        return
+    group = ps.get_embedding_group()
+    if group is not None and len(ps.get_embedding_ranks()) > 1:
+        dist.all_reduce(grads[0], group=group)

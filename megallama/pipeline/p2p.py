@@ -1,0 +1,104 @@
+"""Point-to-point transfers between pipeline stages: one batch of isend/irecv per plan step.
+
+``batch_isend_irecv`` groups the ops (one NCCL group on GPU, so paired sends and receives cannot block each
+other). Gloo runs the same call as separate isend/irecv in list order; if a backend refuses the batched call we
+fall back to exactly that, once, with a warning. Receive buffers are allocated from the shape every stage knows
+in advance: [micro_batch_size, seq_length (/ tp under sequence parallelism), hidden].
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+
+_BATCH_OK: Dict[str, bool] = {}
+_WARMED = set()
+
+
+@dataclass
+class P2POp:
+    is_send: bool
+    tensor: torch.Tensor
+    peer: int  # global rank
+    tag: int = 0
+
+
+def tensor_shape(seq_length: Optional[int], micro_batch_size: Optional[int], hidden_size: int,
+                 sequence_parallel: bool = False) -> Tuple[int, int, int]:
+    """Shape of the hidden state passed between stages ([b, s, h]; s sharded over tp under SP)."""
+    if seq_length is None or micro_batch_size is None:
+        raise ConfigError("pipeline parallelism needs seq_length and micro_batch_size to size the stage-to-stage "
+                          "buffers; pass them to the forward_backward function")
+    tp = ps.get_tensor_model_parallel_world_size()
+    if sequence_parallel and tp > 1:
+        if seq_length % tp:
+            raise ConfigError(f"sequence length {seq_length} is not divisible by the tensor-parallel size {tp}; "
+                              "sequence parallelism needs --seq-length divisible by --tensor-model-parallel-size")
+        seq_length //= tp
+    return (micro_batch_size, seq_length, hidden_size)
+
+
+def _backend(group) -> str:
+    return dist.get_backend(group) if group is not None else dist.get_backend()
+
+
+def warm_up_group(group) -> None:
+    """NCCL creates a pair's communicator on first use; a batched p2p as the group's first call must involve
+    every rank of the group, so run one collective on it first (once per group)."""
+    if group is None or id(group) in _WARMED:
+        return
+    if _backend(group) == "nccl":
+        t = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(t, group=group)
+    _WARMED.add(id(group))
+
+
+def batch_send_recv(ops: Sequence[P2POp], group=None, use_batch: Optional[bool] = None) -> List:
+    """Post ``ops`` (in this order) and return one work per op (waiting on any of a coalesced batch's works
+    waits for the whole batch)."""
+    if not ops:
+        return []
+    backend = _backend(group)
+    if use_batch is None:
+        use_batch = _BATCH_OK.get(backend, True)
+    if use_batch:
+        p2p = [dist.P2POp(dist.isend if o.is_send else dist.irecv, o.tensor, o.peer, group, o.tag) for o in ops]
+        try:
+            works = dist.batch_isend_irecv(p2p)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            if backend == "nccl":
+                raise
+            _BATCH_OK[backend] = False
+            warnings.warn(f"batch_isend_irecv failed on {backend} ({e}); using ordered isend/irecv")
+        else:
+            works = list(works or [])
+            if len(works) == len(ops):
+                return works
+            return [_AllOf(works)] * len(ops)
+    return [(dist.isend if o.is_send else dist.irecv)(o.tensor, o.peer, group, o.tag) for o in ops]
+
+
+class _AllOf:
+    """A coalesced batch answers with fewer works than ops: each op's handle waits for all of them."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+def stage_rank(stage: int) -> int:
+    """Global rank of ``stage`` in my pipeline group (same dp/cp/tp coordinates)."""
+    return ps.get_pipeline_model_parallel_ranks()[stage]

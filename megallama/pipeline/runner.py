@@ -1,0 +1,318 @@
+"""One runner for every schedule: walks this stage's program (``plan.py``), doing the computes and the p2p.
+
+Same contract as ``forward_backward_no_pipelining`` (Megatron's ``forward_backward_func``): the user's
+``forward_step_func(data_iterator, model) -> (output, loss_func)`` knows nothing about pipelining; on stages
+after the first the runner hands the received hidden state to the chunk with ``set_input_tensor`` before
+calling it. Each microbatch's loss is divided by the number of microbatches. Returns the loss dicts in
+microbatch order on the last stage (Chimera's upward losses are sent there), [] elsewhere. ``runner.stats``
+keeps the last call's op intervals and the peak number of microbatch-chunks whose activations were held.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+from megallama.pipeline.model_chunks import unwrap_model
+from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
+from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank, tensor_shape, warm_up_group
+from megallama.pipeline.plan import consumed_message, produced_message, stage_program
+from megallama.pipeline.schedules import B, F, W, normalize_schedule_name
+
+_LOSS_TAG = (1 << 30) + (1 << 20)
+
+
+def _no_sync(model):
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+class _MicrobatchData:
+    """Hands microbatch ``m`` to whichever chunk forwards it, pulling each iterator exactly once per microbatch
+    in order (as the no-pipelining loop does), whatever order the schedule forwards them in. A list of iterators
+    means one per chunk (Megatron's interleaved convention)."""
+
+    def __init__(self, data_iterator, actions, num_chunks: int, num_microbatches: int):
+        per_chunk = isinstance(data_iterator, (list, tuple))
+        if per_chunk and len(data_iterator) != num_chunks:
+            raise ConfigError(f"got {len(data_iterator)} data iterators for {num_chunks} model chunks")
+        self.src_of = list(range(num_chunks)) if per_chunk else [0] * num_chunks
+        self.iters = list(data_iterator) if per_chunk else [data_iterator]
+        self.refs: List[Dict[int, int]] = [dict() for _ in self.iters]
+        for a in actions:
+            if a.kind == F:
+                r = self.refs[self.src_of[a.chunk]]
+                r[a.microbatch] = r.get(a.microbatch, 0) + 1
+        self.cache: List[Dict[int, object]] = [dict() for _ in self.iters]
+        self.pulled = [0] * len(self.iters)
+        self.m = num_microbatches
+
+    def _pull(self, i: int, upto: int) -> None:
+        while self.pulled[i] <= upto:
+            batch = next(self.iters[i])
+            if self.refs[i].get(self.pulled[i]):
+                self.cache[i][self.pulled[i]] = batch
+            self.pulled[i] += 1
+
+    def get(self, m: int, chunk: int):
+        i = self.src_of[chunk]
+        if self.iters[i] is None:
+            return None
+        self._pull(i, m)
+        batch = self.cache[i][m]
+        self.refs[i][m] -= 1
+        if not self.refs[i][m]:
+            del self.cache[i][m]
+        return iter([batch])
+
+    def drain(self) -> None:
+        for i, it in enumerate(self.iters):
+            if it is not None:
+                self._pull(i, self.m - 1)
+
+
+class PipelineRunner:
+    """``get_forward_backward_func(p, name)`` returns one of these; call it like the no-pipelining function."""
+
+    def __init__(self, schedule: str):
+        self.schedule = normalize_schedule_name(schedule)
+        self.stats: dict = {}
+
+    def __call__(self, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
+                 seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
+                 forward_only: bool = False, grad_scale_func: Optional[Callable] = None) -> List[dict]:
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        p = ps.get_pipeline_model_parallel_world_size()
+        if p == 1:
+            return forward_backward_no_pipelining(forward_step_func, data_iterator, chunks, num_microbatches,
+                                                  seq_length, micro_batch_size, forward_only, grad_scale_func)
+        v = len(chunks) if self.schedule == "interleaved" else 1
+        want = 2 if self.schedule == "chimera" else v
+        if len(chunks) != want:
+            raise ConfigError(f"schedule '{self.schedule}' runs {want} model chunk(s) per stage, got {len(chunks)}; "
+                              "build them with megallama.pipeline.build_model_chunks for the same schedule")
+        run = _StageRun(self.schedule, chunks, num_microbatches, v, forward_only, grad_scale_func,
+                        seq_length, micro_batch_size)
+        losses = run.execute(forward_step_func, data_iterator)
+        self.stats = run.stats()
+        return losses
+
+
+def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: str = "1f1b"):
+    """The forward/backward function for a layout: no pipelining for pp = 1, else a runner for ``schedule``
+    (gpipe, 1f1b, interleaved, chimera, zb-h1)."""
+    name = normalize_schedule_name(schedule)
+    if pipeline_model_parallel_size <= 1:
+        return forward_backward_no_pipelining
+    return PipelineRunner(name)
+
+
+class _StageRun:
+    def __init__(self, name, chunks, num_microbatches, v, forward_only, grad_scale_func, seq_length,
+                 micro_batch_size):
+        self.stage = ps.get_pipeline_model_parallel_rank()
+        p = ps.get_pipeline_model_parallel_world_size()
+        self.sched, self.program = stage_program(name, p, num_microbatches, v, self.stage, forward_only)
+        self.chunks, self.inner = chunks, [unwrap_model(c) for c in chunks]
+        self.parts = [self.sched.part_of(self.stage, c) for c in range(len(chunks))]
+        for c, m in enumerate(self.inner):
+            k = getattr(m, "pipeline_part", self.parts[c])
+            if k != self.parts[c]:
+                raise ConfigError(f"model chunk {c} holds part {k} but schedule '{name}' runs part {self.parts[c]} "
+                                  "there; build the chunks for the same schedule")
+        self.M, self.K = num_microbatches, self.sched.num_parts
+        self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
+        ref = next(q for q in self.inner[0].parameters() if q.is_floating_point())
+        self.dtype, self.device = ref.dtype, ref.device
+        cfg = self.inner[0].config
+        self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
+        self.group = ps.get_pipeline_model_parallel_group()
+        self.inputs: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.outputs: Dict[tuple, torch.Tensor] = {}
+        self.out_grads: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.outbox: Dict[tuple, torch.Tensor] = {}
+        self.mailbox: Dict[tuple, torch.Tensor] = {}
+        self.recvs: Dict[tuple, tuple] = {}
+        self.sends: List[tuple] = []
+        self.losses: Dict[int, dict] = {}
+        self.held = self.peak = 0
+        self.intervals: List[tuple] = []
+        acts = self.sched.actions[self.stage]
+        self.last_grad_op = {a.chunk: a for a in acts if a.kind == (W if self._split(a.chunk) else B)}
+
+    # ---------- messages ----------
+    @staticmethod
+    def _key(msg):
+        return (msg.kind, msg.microbatch, msg.part)
+
+    def _deliver(self, msg, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to(self.dtype).contiguous()
+        (self.mailbox if msg.dst == self.stage else self.outbox)[self._key(msg)] = t
+
+    def _take(self, msg) -> torch.Tensor:
+        if msg.src == self.stage:
+            return self.mailbox.pop(self._key(msg))
+        work, buf = self.recvs.pop(self._key(msg))
+        work.wait()
+        return buf
+
+    def _post(self, ops) -> None:
+        if not ops:
+            return
+        self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
+        p2p = []
+        for is_send, msg in ops:
+            if is_send:
+                t = self.outbox.pop(self._key(msg))
+                p2p.append(P2POp(True, t, stage_rank(msg.dst), msg.tag(self.M)))
+            else:
+                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                p2p.append(P2POp(False, buf, stage_rank(msg.src), msg.tag(self.M)))
+        works = batch_send_recv(p2p, self.group)
+        for (is_send, msg), op, w in zip(ops, p2p, works):
+            if is_send:
+                self.sends.append((w, op.tensor))
+            else:
+                self.recvs[self._key(msg)] = (w, op.tensor)
+
+    # ---------- computes ----------
+    def _forward(self, a, received, fwd_step, data) -> None:
+        c, m = a.chunk, a.microbatch
+        k, inner = self.parts[c], self.inner[c]
+        x = None
+        if received is not None:
+            x = received.detach().requires_grad_(not self.forward_only and torch.is_grad_enabled())
+        if not inner.pre_process:
+            inner.set_input_tensor(x)
+        out, loss_func = fwd_step(data.get(m, c), self.chunks[c])
+        if not inner.pre_process:
+            inner.set_input_tensor(None)
+        if k == self.K - 1:
+            loss, reduced = loss_func(out)
+            self.losses[m] = reduced
+            if self.forward_only:
+                return
+            out = loss / self.M
+            if self.grad_scale_func is not None:
+                out = self.grad_scale_func(out)
+        else:
+            if tuple(out.shape) != self.shape:
+                raise ConfigError(f"stage {self.stage} produced a hidden state of shape {tuple(out.shape)} but the "
+                                  f"pipeline buffers are {self.shape} (micro_batch_size, seq_length, hidden); pass "
+                                  "the seq_length and micro_batch_size the data has")
+            self._deliver(produced_message(self.sched, self.stage, a), out)
+            if self.forward_only:
+                return
+        self.inputs[(m, c)], self.outputs[(m, c)] = x, out
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+
+    def _split(self, chunk: int) -> bool:
+        """ZB's B/W split runs the chunk's backward graph twice (input grads, then weight grads), which the
+        loss layer's in-place backward forbids: the part holding the head does its whole backward in B."""
+        return self.sched.split_backward and self.parts[chunk] != self.K - 1
+
+    def _grad_ctx(self, a):
+        return contextlib.nullcontext() if self.last_grad_op.get(a.chunk) == a else _no_sync(self.chunks[a.chunk])
+
+    def _backward(self, a, received) -> None:
+        c, m = a.chunk, a.microbatch
+        x, out = self.inputs[(m, c)], self.outputs[(m, c)]
+        grad = received.to(out.dtype) if received is not None else None
+        if self._split(c):  # input grads only; the weight grads wait for W
+            if x is not None:
+                torch.autograd.backward(out, grad, inputs=[x], retain_graph=True)
+            self.out_grads[(m, c)] = grad
+        else:
+            with self._grad_ctx(a):
+                torch.autograd.backward(out, grad)
+            self._release(m, c)
+        if self.parts[c] > 0:
+            self._deliver(produced_message(self.sched, self.stage, a), x.grad)
+
+    def _weight_grad(self, a) -> None:
+        c, m = a.chunk, a.microbatch
+        if not self._split(c):
+            return
+        out, grad = self.outputs[(m, c)], self.out_grads.pop((m, c))
+        params = [q for q in self.inner[c].parameters() if q.requires_grad]
+        with self._grad_ctx(a):
+            torch.autograd.backward(out, grad, inputs=params)
+        self._release(m, c)
+
+    def _release(self, m, c) -> None:
+        self.inputs.pop((m, c), None)
+        self.outputs.pop((m, c), None)
+        self.held -= 1
+
+    # ---------- the loop ----------
+    def execute(self, forward_step_func, data_iterator) -> List[dict]:
+        warm_up_group(self.group)
+        data = _MicrobatchData(data_iterator, self.sched.actions[self.stage], len(self.chunks), self.M)
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        prev_vpp = ps.get_virtual_pipeline_model_parallel_rank()
+        self.t_start = time.perf_counter()
+        try:
+            for step in self.program:
+                self._post(step.ops)
+                a = step.compute
+                if a is None:
+                    continue
+                if vpp:
+                    ps.set_virtual_pipeline_model_parallel_rank(a.chunk)
+                need = consumed_message(self.sched, self.stage, a) if a.kind != W else None
+                received = self._take(need) if need is not None else None  # waiting is not compute time
+                t0 = time.perf_counter()
+                if a.kind == F:
+                    self._forward(a, received, forward_step_func, data)
+                elif a.kind == B:
+                    self._backward(a, received)
+                else:
+                    self._weight_grad(a)
+                self.intervals.append((a.kind, a.microbatch, a.chunk, t0, time.perf_counter()))
+            data.drain()
+            for w, _ in self.sends:
+                w.wait()
+        finally:
+            if vpp:
+                ps.set_virtual_pipeline_model_parallel_rank(prev_vpp)
+        self.t_end = time.perf_counter()
+        return self._gather_losses()
+
+    def _gather_losses(self) -> List[dict]:
+        """Losses come out where a microbatch's last part ran; Chimera's upward ones are sent to the last stage."""
+        p = self.sched.num_stages
+        owner = {m: self.sched.location(m, self.K - 1)[0] for m in range(self.M)}
+        senders = sorted({s for s in owner.values() if s != p - 1})
+        if not senders:
+            return [self.losses[m] for m in range(self.M)] if self.stage == p - 1 else []
+        keys = sorted(self.losses[min(self.losses)]) if self.losses else None
+        if self.stage in senders:
+            flat = torch.cat([torch.as_tensor(self.losses[m][key], device=self.device).double().reshape(-1)
+                              for m in sorted(self.losses) for key in keys])
+            batch_send_recv([P2POp(True, flat, stage_rank(p - 1), _LOSS_TAG + self.stage)], self.group)[0].wait()
+            return []
+        if self.stage != p - 1:
+            return []
+        ref = self.losses[min(self.losses)]
+        sizes = [torch.as_tensor(ref[key]).numel() for key in keys]
+        for s in senders:
+            ms = [m for m in range(self.M) if owner[m] == s]
+            buf = torch.empty(len(ms) * sum(sizes), dtype=torch.float64, device=self.device)
+            batch_send_recv([P2POp(False, buf, stage_rank(s), _LOSS_TAG + s)], self.group)[0].wait()
+            off = 0
+            for m in ms:
+                d = {}
+                for key, n in zip(keys, sizes):
+                    r = torch.as_tensor(ref[key])
+                    d[key] = buf[off:off + n].view(r.shape).to(r.dtype)
+                    off += n
+                self.losses[m] = d
+        return [self.losses[m] for m in range(self.M)]
+
+    def stats(self) -> dict:
+        return {"schedule": self.sched.name, "stage": self.stage, "peak_in_flight": self.peak,
+                "intervals": list(self.intervals), "start": self.t_start, "end": self.t_end}
