@@ -12,7 +12,7 @@ from megallama.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megallama.data.samplers import MegatronPretrainingSampler
 from megallama.errors import ConfigError
 
-from conftest import TEXTS, write_jsonl
+from data_testlib import TEXTS, write_jsonl
 
 
 @pytest.fixture()

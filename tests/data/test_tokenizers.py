@@ -10,7 +10,7 @@ from megallama.data import get_bundled_corpus_path, get_bundled_tokenizer_path
 from megallama.data.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, build_tokenizer
 from megallama.errors import ConfigError
 
-from conftest import TEXTS
+from data_testlib import TEXTS
 
 
 def _corpus_texts(n=40):

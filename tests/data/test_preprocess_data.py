@@ -10,7 +10,7 @@ import numpy as np
 from megallama.data.indexed_dataset import IndexedDataset
 from megallama.data.preprocess import preprocess_jsonl
 
-from conftest import TEXTS, write_jsonl
+from data_testlib import TEXTS, write_jsonl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from tools.preprocess_data import main  # noqa: E402
