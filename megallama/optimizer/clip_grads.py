@@ -1,0 +1,48 @@
+"""The global gradient norm over dp shards and model-parallel ranks, and clipping by it.
+
+Each gradient element must be counted exactly once in the world: a tp-sharded parameter counts on every tp rank
+(each holds a different slice), a parameter replicated over tp only on tp rank 0, every pipeline stage contributes
+its own layers, and the tied ``output_weight`` copy on the last stage (``shared_embedding``) is skipped because the
+first stage's embedding already counts it. Sharded (ZeRO >= 1) gradients are summed over dp; replicated
+(stage 0) ones count on dp rank 0 only, so one all-reduce over dp and one over tp x pp give the total.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from megallama.mpu import parallel_state as ps
+
+
+def counts_in_norm(param) -> bool:
+    if getattr(param, "shared_embedding", False):
+        return False
+    return bool(getattr(param, "tensor_model_parallel", False)) or ps.get_tensor_model_parallel_rank() == 0
+
+
+def sum_of_squares(grads: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """fp32 sum of squares of ``grads`` as a 1-element tensor on ``device``."""
+    if not grads:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    return torch.stack(norms).square().sum().reshape(1)
+
+
+def global_norm(local_sq: torch.Tensor, dp_group) -> float:
+    """sqrt of the sum of ``local_sq`` over dp and over the model-parallel (tp x pp) group."""
+    total = local_sq.clone()
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    mp = ps.get_model_parallel_group()
+    if mp is not None and dist.get_world_size(mp) > 1:
+        dist.all_reduce(total, group=mp)
+    return float(total.sqrt().item())
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s coefficient: max_norm / (norm + 1e-6), applied only when below 1."""
+    if not max_norm or max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))

@@ -1,0 +1,283 @@
+"""The (ZeRO-sharded) mixed-precision AdamW over ``DistributedDataParallel`` chunks.
+
+Each rank optimizes its *pieces* (``DDP.optimizer_pieces``): whole parameters at stage 0, the parts of parameters
+in its dp shard at stages 1-3. Master weights are fp32: for fp32 models they *are* the model storage (the param
+buffer at stages 1-2, the param shard at stage 3, the params at stage 0), for bf16/fp16 models they are a separate
+fp32 flat buffer copied back after each step. The update is ``torch.optim.AdamW`` (fused on CUDA, foreach
+otherwise) over the piece tensors, in two groups: weight decay for >= 2-D parameters, none for norms and biases.
+
+Step: unscale (fp16) -> global norm over shards and model-parallel ranks -> skip if not finite (the dynamic loss
+scale backs off) -> clip -> AdamW -> copy masters to the model -> all-gather params (stages 1-2).
+
+Memory per rank with Ψ parameters and N dp ranks, p bytes/param, g = 4 (fp32 grads), K bytes of optimizer state
+per param: fp32 model p = 4, K = 8 (Adam m and v; the master is the model copy itself); bf16/fp16 model p = 2,
+K = 12 (fp32 master + m + v). Stage 0 (p+g+K)Ψ, 1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N, plus bucket padding
+(< dp*64 elements a bucket) and transient buffers: stage 2/3 staging (up to 3 buckets), stage 3 two gathered units.
+
+Checkpoints: ``state_dict()`` is this rank's shard *in parameter space* (name, element range, master, exp_avg,
+exp_avg_sq), so ``load_state_dict`` accepts the state dicts of all dp ranks of a run with any dp size and stage
+(pass them as a list) and picks the ranges it owns; ``gather_full_state_dict()`` assembles the whole state on every
+dp rank (collective), which loads into any layout as well.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.optimizer import clip_grads
+from megallama.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megallama.optimizer.optimizer_config import OptimizerConfig
+
+FORMAT = "megallama.zero.v1"
+_STATES = ("exp_avg", "exp_avg_sq")
+
+
+class DistributedOptimizer:
+    def __init__(self, config: OptimizerConfig, model_chunks: Sequence):
+        self.config = config.validate()
+        self.chunks = list(model_chunks)
+        if not self.chunks:
+            raise ConfigError("get_megatron_optimizer got no model chunks; wrap the model in DistributedDataParallel")
+        for m in self.chunks:
+            if not hasattr(m, "optimizer_pieces"):
+                raise ConfigError(f"model chunk {type(m).__name__} is not a megallama DistributedDataParallel; wrap "
+                                  "it first (DistributedDataParallel(model, zero_stage=...))")
+        self.dp_group = self.chunks[0].dp_group
+        self.dp_rank, self.dp_size = self.chunks[0].dp_rank, self.chunks[0].dp_size
+        self.device = self.chunks[0].device
+        self.pieces = []
+        self._masters_buffers = []
+        for ci, ddp in enumerate(self.chunks):
+            pieces = ddp.optimizer_pieces()
+            separate = ddp.param_dtype != torch.float32
+            if separate:
+                buf = torch.empty(sum(pc.numel for pc in pieces), dtype=torch.float32, device=self.device)
+                self._masters_buffers.append(buf)
+            off = 0
+            for pc in pieces:
+                pc.chunk, pc.key = ci, f"{ci}/{pc.name}"
+                pc.replicated = ddp.zero_stage == 0  # full grads on every dp rank: count on dp rank 0 only
+                if separate:
+                    pc.master = buf[off:off + pc.numel]
+                    pc.master.copy_(pc.model_view.float())
+                    off += pc.numel
+                else:
+                    pc.master = pc.model_view
+                pc.in_norm = clip_grads.counts_in_norm(pc.param)
+            self.pieces += pieces
+        self._separate_masters = bool(self._masters_buffers)
+        decay = [pc.master for pc in self.pieces if len(pc.shape) >= 2]
+        no_decay = [pc.master for pc in self.pieces if len(pc.shape) < 2]
+        fused = config.use_fused
+        if fused is None:
+            fused = self.device.type == "cuda"
+        kw = dict(fused=True) if fused else dict(foreach=True)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **kw)
+        self._fused = fused
+        self.grad_scaler = None
+        if config.fp16:
+            self.grad_scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else DynamicGradScaler(
+                config.initial_loss_scale, config.min_loss_scale, growth_interval=config.loss_scale_window,
+                hysteresis=config.hysteresis)
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ the Megatron optimizer interface
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def get_loss_scale(self) -> torch.Tensor:
+        return self.grad_scaler.scale if self.grad_scaler is not None else torch.tensor(1.0)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.grad_scaler.scale.to(loss.device) if self.grad_scaler is not None else loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for pc in self.pieces:
+            pc.master.grad = None
+        for m in self.chunks:
+            m.zero_grad_buffer()
+
+    def _prepare_grads(self) -> List[torch.Tensor]:
+        grads = []
+        for pc in self.pieces:
+            g = pc.grad_view if pc.grad_view.dtype == torch.float32 else pc.grad_view.float()
+            pc.master.grad = g
+            grads.append(g)
+        return grads
+
+    @torch.no_grad()
+    def step(self):
+        """Returns (update_successful, grad_norm, num_zeros_in_grad); call after every chunk's finish_grad_sync."""
+        grads = self._prepare_grads()
+        if self.grad_scaler is not None and grads:
+            torch._foreach_mul_(grads, float(self.grad_scaler.inv_scale))
+        counted = [pc.master.grad for pc in self.pieces if pc.in_norm and not (pc.replicated and self.dp_rank)]
+        norm = clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
+        found_inf = not math.isfinite(norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(found_inf)
+        num_zeros = self._count_zeros(counted) if self.config.log_num_zeros_in_grad else None
+        if found_inf:
+            for pc in self.pieces:
+                pc.master.grad = None
+            return False, norm, num_zeros
+        coef = clip_grads.clip_coefficient(norm, self.config.clip_grad)
+        if coef < 1.0 and grads:
+            torch._foreach_mul_(grads, coef)
+        self.optimizer.step()
+        self.num_steps += 1
+        for pc in self.pieces:
+            pc.master.grad = None
+        self._copy_masters_to_model()
+        return True, norm, num_zeros
+
+    def _count_zeros(self, grads) -> int:
+        n = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for g in grads:
+            n += (g == 0).sum()
+        if self.dp_group is not None:
+            dist.all_reduce(n, group=self.dp_group)
+        return int(n.item())
+
+    def _copy_masters_to_model(self) -> None:
+        if self._separate_masters:
+            for pc in self.pieces:
+                pc.model_view.copy_(pc.master)
+        for m in self.chunks:
+            m.start_param_sync()
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh fp32 masters from the model (after loading model weights without optimizer state)."""
+        for m in self.chunks:
+            m.finish_param_sync()
+        if self._separate_masters:
+            for pc in self.pieces:
+                pc.master.copy_(pc.model_view.float())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """This rank's shard, keyed by ``"{chunk}/{param name}"`` with the element range it covers (CPU copies)."""
+        pieces = {}
+        for pc in self.pieces:
+            st = self.optimizer.state.get(pc.master, {})
+            entry = {"start": pc.param_start, "end": pc.param_end, "numel": int(torch.Size(pc.shape).numel()),
+                     "shape": list(pc.shape), "master": pc.master.detach().to("cpu", copy=True)}
+            for k in _STATES:
+                if k in st:
+                    entry[k] = st[k].detach().to("cpu", copy=True)
+            pieces[pc.key] = entry
+        return {"format": FORMAT, "zero_stage": [m.zero_stage for m in self.chunks], "dp_size": self.dp_size,
+                "dp_rank": self.dp_rank, "step": self.num_steps,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+                "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+                "pieces": pieces}
+
+    def gather_full_state_dict(self) -> dict:
+        """The whole optimizer state in parameter space on every dp rank (collective over dp)."""
+        own = self.state_dict()
+        if self.dp_group is None or all(m.zero_stage == 0 for m in self.chunks):
+            return own
+        parts = [None] * self.dp_size
+        dist.all_gather_object(parts, own, group=self.dp_group)
+        index = _index_pieces(parts)
+        full = {}
+        for key, entries in index.items():
+            numel, shape = entries[0]["numel"], entries[0]["shape"]
+            full[key] = _assemble(key, entries, 0, numel, with_states=own["step"] > 0)
+            full[key].update(start=0, end=numel, numel=numel, shape=shape)
+        return dict(own, dp_rank=0, dp_size=1, pieces=full)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Union[dict, Sequence[dict]]) -> None:
+        """Load this rank's ranges from one state dict (the same layout, or a full one) or from the list of state
+        dicts of all dp ranks of the saved run (any dp size / ZeRO stage)."""
+        states = [state] if isinstance(state, dict) else list(state)
+        if not states or any(s.get("format") != FORMAT for s in states):
+            raise ConfigError("optimizer state is not a megallama ZeRO state dict (format "
+                              f"{[s.get('format') for s in states][:2]}); load a checkpoint written by this version")
+        index = _index_pieces(states)
+        step = int(states[0]["step"])
+        for pc in self.pieces:
+            entries = index.get(pc.key)
+            if not entries:
+                raise ConfigError(f"optimizer state has no entry for {pc.key}; the checkpoint is for a different "
+                                  "model or pipeline layout")
+            got = _assemble(pc.key, entries, pc.param_start, pc.param_end, with_states=step > 0)
+            pc.master.copy_(got["master"].to(pc.master.device))
+            if step > 0:
+                st = self.optimizer.state[pc.master]
+                st["step"] = (torch.tensor(float(step), dtype=torch.float32, device=self.device) if self._fused
+                              else torch.tensor(float(step), dtype=torch.float32))
+                for k in _STATES:
+                    st[k] = got[k].to(device=pc.master.device, dtype=pc.master.dtype).clone()
+            else:
+                self.optimizer.state.pop(pc.master, None)
+        self.num_steps = step
+        for g, saved in zip(self.optimizer.param_groups, states[0]["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps")})
+        if self.grad_scaler is not None and states[0].get("grad_scaler"):
+            self.grad_scaler.load_state_dict(states[0]["grad_scaler"])
+        self._copy_masters_to_model()
+        for m in self.chunks:
+            m.finish_param_sync()
+
+    # ------------------------------------------------------------------ accounting
+    def memory_footprint(self) -> Dict[str, int]:
+        """Bytes of optimizer-owned tensors on this rank: separate fp32 masters and Adam moments."""
+        seen, out = set(), {"master": 0, "exp_avg": 0, "exp_avg_sq": 0}
+
+        def add(kind, t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                out[kind] += s.nbytes()
+        for buf in self._masters_buffers:
+            add("master", buf)
+        for st in self.optimizer.state.values():
+            for k in _STATES:
+                if k in st:
+                    add(k, st[k])
+        return out
+
+
+def _index_pieces(states: Sequence[dict]) -> Dict[str, List[dict]]:
+    index: Dict[str, List[dict]] = {}
+    for s in states:
+        for key, entry in s["pieces"].items():
+            index.setdefault(key, []).append(entry)
+    return index
+
+
+def _assemble(key: str, entries: List[dict], start: int, end: int, with_states: bool) -> dict:
+    """Elements [start, end) of one parameter's master and moments, stitched from overlapping saved pieces."""
+    names = ("master",) + (_STATES if with_states else ())
+    out = {k: torch.zeros(end - start, dtype=torch.float32) for k in names}
+    covered = torch.zeros(end - start, dtype=torch.bool)
+    for e in entries:
+        a, z = max(start, e["start"]), min(end, e["end"])
+        if a >= z:
+            continue
+        for k in names:
+            if k not in e:
+                raise ConfigError(f"optimizer state for {key} lacks '{k}'; the checkpoint is incomplete")
+            out[k][a - start:z - start] = e[k][a - e["start"]:z - e["start"]].float()
+        covered[a - start:z - start] = True
+    if not bool(covered.all()):
+        missing = int((~covered).sum())
+        raise ConfigError(f"optimizer state for {key} misses {missing} of elements [{start}, {end}); pass the state "
+                          "dicts of all data-parallel ranks of the saved run")
+    return out
+
+
+def get_megatron_optimizer(config: OptimizerConfig, model_chunks: Sequence) -> DistributedOptimizer:
+    """One optimizer over all model chunks of this rank (virtual pipeline stages included)."""
+    return DistributedOptimizer(config, model_chunks)

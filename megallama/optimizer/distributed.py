@@ -1,0 +1,366 @@
+"""``DistributedDataParallel``: our own DDP wrapper with ZeRO stages 0-3 (no torch DDP, FSDP or DeepSpeed).
+
+Every stage keeps gradients in one contiguous buffer laid out by ``BufferLayout`` and accumulates them from
+``post_accumulate_grad`` hooks (``param.grad`` is folded in and freed at once, as Megatron does):
+
+* stage 0: full fp32 grad buffer (``param.main_grad``), all-reduced per bucket; the optimizer is not sharded.
+* stage 1: full grad buffer, reduce-scattered per bucket; each rank updates its shard and all-gathers the params.
+* stage 2: only this rank's gradient shard is kept: each microbatch's gradients are copied into a bucket-sized
+  staging buffer as backward produces them and reduce-scattered into the shard when the bucket is complete
+  (DeepSpeed's scheme, since full gradients are never kept).
+* stage 3: stage 2 plus parameters sharded per unit (``zero3.Zero3Params``).
+
+Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others); with ``overlap_grad_reduce`` the
+bucket collectives start asynchronously from the hooks as soon as a bucket's gradients are complete, so they overlap
+the rest of backward; ``finish_grad_sync`` launches what is left and waits. Averaging over dp is a pre-scaling by
+1/dp in the grad dtype (fp32 by default).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Piece, all_gather_into_tensor, bucketize,
+                                                       reduce_scatter_tensor)
+
+MAX_PENDING_REDUCTIONS = 2  # stage 2/3: staging buffers in flight before the oldest is waited for
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _is_shared_across_stages(module: nn.Module, p: nn.Parameter) -> bool:
+    """The tied embedding/output pair that lives on two pipeline stages; its grads are summed over the embedding
+    group, which needs the same in-bucket layout on both stages: it gets a bucket of its own."""
+    if getattr(p, "shared_embedding", False) or getattr(p, "shared", False):
+        return True
+    if getattr(module, "share_embeddings", False) and getattr(module, "pre_process", True) \
+            and not getattr(module, "post_process", True):
+        emb = getattr(getattr(module, "model", None), "embed_tokens", None)
+        return emb is not None and p is emb.weight
+    return False
+
+
+def params_used_outside_their_module(module: nn.Module) -> set:
+    """Parameters read by code outside their owning module's forward (Llama's ``compute_logits`` uses the output
+    layer weight directly): per-module hooks cannot see those uses."""
+    out = set()
+    if hasattr(module, "output_layer_weight"):
+        try:
+            out.add(module.output_layer_weight())
+        except (AttributeError, RuntimeError):
+            pass
+    return out
+
+
+class DistributedDataParallel(nn.Module):
+    def __init__(self, module: nn.Module, *, zero_stage: int = 0, data_parallel_group=None,
+                 bucket_size: Optional[int] = 40_000_000, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, grad_reduce_in_fp32: bool = True):
+        super().__init__()
+        if zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero stage {zero_stage} is not one of 0, 1, 2, 3; fix --zero-stage")
+        if bucket_size is not None and bucket_size <= 0:
+            raise ConfigError(f"bucket size {bucket_size} must be a positive number of elements; fix --bucket-size")
+        self.module = module
+        self.zero_stage = zero_stage
+        self.overlap_grad_reduce, self.overlap_param_gather = overlap_grad_reduce, overlap_param_gather
+        group = data_parallel_group
+        if group is None:
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.dp_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+        self.dp_group = group if self.dp_size > 1 else None
+        self.dp_rank = dist.get_rank(group) if self.dp_size > 1 else 0
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters; nothing for DDP/ZeRO to do")
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ConfigError(f"trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; build the model "
+                              "with one --params-dtype")
+        self.param_dtype = params[0].dtype
+        self.grad_dtype = torch.float32 if grad_reduce_in_fp32 else self.param_dtype
+        self.device = params[0].device
+        self.param_names = {p: n for n, p in module.named_parameters()}
+        self.shapes = {p: p.shape for p in params}
+
+        self.zero3 = None
+        if zero_stage == 3:
+            from megallama.optimizer.zero3 import build_units
+            units, root = build_units(module, params)
+            bucket_params = ([root.params] if root is not None else []) + [u.params for u in reversed(units)]
+        else:
+            bucket_params = bucketize(list(reversed(params)), bucket_size,
+                                      lambda p: self.dp_size > 1 and _is_shared_across_stages(module, p))
+        # Stage 0 never shards, so its buckets need no dp padding.
+        self.layout = BufferLayout(bucket_params, self.dp_size if zero_stage >= 1 else 1)
+        # Stage 2/3 keep only the gradient shard; with dp = 1 the shard is the whole buffer and the plain path runs.
+        self.shard_grads = zero_stage >= 2 and self.dp_size > 1
+
+        self.param_buffer = None
+        if zero_stage in (1, 2):  # params become views of one buffer so that one all_gather per bucket updates them
+            self.param_buffer = torch.zeros(self.layout.numel, dtype=self.param_dtype, device=self.device)
+            with torch.no_grad():
+                for p, (s, e, _) in self.layout.index.items():
+                    self.param_buffer[s:e].copy_(p.data.view(-1))
+                    p.data = self.param_buffer[s:e].view(self.shapes[p])
+        if zero_stage == 3:
+            from megallama.optimizer.zero3 import Zero3Params
+            self.zero3 = Zero3Params(self, units, root)
+
+        n = self.layout.shard_numel if self.shard_grads else self.layout.numel
+        self.grad_buffer = torch.zeros(n, dtype=self.grad_dtype, device=self.device)
+        if not self.shard_grads:
+            for p, (s, e, _) in self.layout.index.items():
+                p.main_grad = self.grad_buffer[s:e].view(self.shapes[p])
+
+        self.is_last_microbatch = True
+        self._pieces = None
+        self._handles: List = []  # stage 0/1 async collectives
+        self._pending: List = []  # stage 2/3: (handle, bucket, staging)
+        self._staging = {}  # stage 2/3: bucket index -> staging buffer being filled in this backward
+        self._callback_queued = False
+        self._grads_dirty = False
+        self._param_gather_handles = {}  # stage 1/2 with overlap_param_gather: bucket index -> handle
+        self._hook_handles = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in params]
+        if overlap_param_gather and zero_stage in (1, 2) and self.dp_size > 1:
+            self._register_param_gather_waits(module)
+
+    def _register_param_gather_waits(self, module: nn.Module) -> None:
+        """Each module waits for the buckets of its own params just before its forward. Params read outside their
+        module's forward (the output layer weight in ``compute_logits``) are waited for after ``module.model``."""
+        outside = params_used_outside_their_module(module)
+        for m in module.modules():
+            own = [p for p in m.parameters(recurse=False) if p in self.layout.index and p not in outside]
+            if own:
+                idx = sorted({self.layout.index[p][2] for p in own})
+                m.register_forward_pre_hook(lambda _m, _a, idx=idx: self._wait_param_gather(idx))
+        idx = sorted({self.layout.index[p][2] for p in outside if p in self.layout.index})
+        if idx:
+            anchor = getattr(module, "model", None)
+            if isinstance(anchor, nn.Module):
+                anchor.register_forward_hook(lambda _m, _a, _o, idx=idx: self._wait_param_gather(idx))
+            else:
+                module.register_forward_pre_hook(lambda _m, _a, idx=idx: self._wait_param_gather(idx))
+
+    # ------------------------------------------------------------------ forward / state
+    def forward(self, *args, **kwargs):
+        if self.zero3 is not None:
+            return self.zero3.forward(args, kwargs)
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped module's state dict (no ``module.`` prefix); stage 3 gathers full parameters (collective)."""
+        self.finish_param_sync()
+        if self.zero3 is not None:
+            return self.zero3.full_state_dict()
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        self.finish_param_sync()
+        if self.zero3 is not None:
+            return self.zero3.load_full_state_dict(state_dict, strict)
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    def num_parameters(self) -> int:
+        """Trainable + frozen parameter count of the full (unsharded) module."""
+        return sum(self.shapes[p].numel() if p in self.shapes else p.numel() for p in self.module.parameters())
+
+    # ------------------------------------------------------------------ gradient hooks
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Microbatches before the last: stages 0-1 only accumulate locally (stages 2-3 still reduce-scatter)."""
+        old, self.is_last_microbatch = self.is_last_microbatch, False
+        try:
+            yield
+        finally:
+            self.is_last_microbatch = old
+
+    def _grad_hook(self, p: nn.Parameter) -> None:
+        if p.grad is None:
+            return
+        self._grads_dirty = True
+        if not self.shard_grads:
+            p.main_grad.add_(p.grad)
+            p.grad = None
+            if self.overlap_grad_reduce and self.is_last_microbatch and self.dp_size > 1:
+                b = self.layout.bucket_of(p)
+                b.num_ready += 1
+                if b.num_ready == len(b.params) and not b.launched:
+                    self._launch_allreduce(b, async_op=True)
+            return
+        self._queue_end_of_backward()
+        b = self.layout.bucket_of(p)
+        st = self._staging.get(b.index)
+        if st is None:
+            st = self._staging[b.index] = torch.zeros(b.numel, dtype=self.grad_dtype, device=self.device)
+        s, e, _ = self.layout.index[p]
+        st[s - b.offset:e - b.offset].copy_(p.grad.reshape(-1))
+        p.grad = None
+        b.num_ready += 1
+        if b.num_ready == len(b.params):
+            self._launch_reduce_scatter(b)
+
+    def _queue_end_of_backward(self) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """Stage 2/3: reduce buckets some of whose params got no gradient, drain, free the gathered units."""
+        self._callback_queued = False
+        for idx in sorted(self._staging):
+            self._launch_reduce_scatter(self.layout.buckets[idx])
+        self._drain_pending()
+        for b in self.layout.buckets:
+            b.num_ready = 0
+        if self.zero3 is not None:
+            self.zero3.release_all()
+
+    def _launch_reduce_scatter(self, b) -> None:
+        st = self._staging.pop(b.index)
+        st.mul_(1.0 / self.dp_size)
+        lo = self.dp_rank * b.shard_size
+        h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, group=self.dp_group,
+                                  async_op=self.overlap_grad_reduce)
+        if self.overlap_grad_reduce:
+            self._pending.append((h, b, st))
+            while len(self._pending) > MAX_PENDING_REDUCTIONS:
+                self._finish_one_pending()
+        else:
+            self._accumulate_shard(b, st)
+        b.num_ready = 0
+        if self.zero3 is not None:
+            self.zero3.on_bucket_reduced(b)
+
+    def _accumulate_shard(self, b, st) -> None:
+        lo = self.dp_rank * b.shard_size
+        self.grad_buffer[b.shard_offset:b.shard_offset + b.shard_size].add_(st[lo:lo + b.shard_size])
+
+    def _finish_one_pending(self) -> None:
+        h, b, st = self._pending.pop(0)
+        h.wait()
+        self._accumulate_shard(b, st)
+
+    def _drain_pending(self) -> None:
+        while self._pending:
+            self._finish_one_pending()
+
+    def _launch_allreduce(self, b, async_op: bool) -> None:
+        data = self.grad_buffer[b.offset:b.offset + b.numel]
+        data.mul_(1.0 / self.dp_size)
+        if self.zero_stage == 0:
+            h = dist.all_reduce(data, group=self.dp_group, async_op=async_op)
+        else:
+            lo = self.dp_rank * b.shard_size
+            h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, group=self.dp_group, async_op=async_op)
+        b.launched = True
+        if async_op:
+            self._handles.append(h)
+
+    def finish_grad_sync(self) -> None:
+        """After the last microbatch's backward: launch the reductions not yet started and wait for all of them.
+        Afterwards stage 0 holds averaged full grads, stages 1-3 this rank's averaged shard."""
+        if self.dp_size == 1:
+            return
+        if self.shard_grads:
+            self._drain_pending()
+            return
+        for b in self.layout.buckets:
+            if not b.launched:
+                self._launch_allreduce(b, async_op=self.overlap_grad_reduce)
+        for h in self._handles:
+            h.wait()
+        self._handles = []
+        for b in self.layout.buckets:
+            b.launched, b.num_ready = False, 0
+
+    def zero_grad_buffer(self) -> None:
+        """Zero the gradient buffer before the first microbatch of an iteration (a no-op when already zero)."""
+        if self._grads_dirty:
+            self.grad_buffer.zero_()
+            self._grads_dirty = False
+        self._staging.clear()
+        for b in self.layout.buckets:
+            b.launched, b.num_ready = False, 0
+
+    # ------------------------------------------------------------------ views for the optimizer
+    def optimizer_pieces(self) -> List[Piece]:
+        """This rank's pieces (whole parameters at stage 0) with ``model_view`` (flat, in the live parameter
+        storage the optimizer updates) and ``grad_view`` (flat, the dp-averaged gradient after finish_grad_sync)."""
+        if self._pieces is not None:
+            return self._pieces
+        sharded = self.zero_stage >= 1
+        pieces = self._pieces = self.layout.pieces(self.dp_rank, sharded)
+        for pc in pieces:
+            p, n = pc.param, pc.numel
+            if self.zero_stage == 0:
+                pc.model_view = p.data.view(-1)
+            elif self.zero_stage in (1, 2):
+                pc.model_view = self.param_buffer[pc.buf_start:pc.buf_start + n]
+            else:
+                pc.model_view = self.zero3.shard[pc.shard_start:pc.shard_start + n]
+            g0 = pc.shard_start if self.shard_grads else pc.buf_start
+            pc.grad_view = self.grad_buffer[g0:g0 + n]
+            pc.name = self.param_names[p]
+            pc.shape = self.shapes[p]
+        return pieces
+
+    def start_param_sync(self) -> None:
+        """Stages 1-2, after the optimizer updated this rank's shard: all-gather the params of every bucket (async
+        with ``overlap_param_gather``: the forward pre-hooks wait for the buckets they need)."""
+        if self.zero_stage not in (1, 2) or self.dp_size == 1:
+            return
+        self.finish_param_sync()
+        for b in reversed(self.layout.buckets):  # forward order: first needed, first sent
+            lo, hi = b.own_range(self.dp_rank)
+            h = all_gather_into_tensor(self.param_buffer[b.offset:b.offset + b.numel], self.param_buffer[lo:hi],
+                                       group=self.dp_group, async_op=self.overlap_param_gather)
+            if self.overlap_param_gather:
+                self._param_gather_handles[b.index] = h
+
+    def _wait_param_gather(self, idx) -> None:
+        for i in idx:
+            h = self._param_gather_handles.pop(i, None)
+            if h is not None:
+                h.wait()
+
+    def finish_param_sync(self) -> None:
+        self._wait_param_gather(list(self._param_gather_handles))
+
+    def all_reduce_param_grads(self, params: Iterable[nn.Parameter], group) -> None:
+        """Sum the (already dp-reduced) gradients of ``params`` over ``group``, whatever the stage: the tied
+        embedding over the embedding group, sequence-parallel norm weights over tp. Call after finish_grad_sync.
+        Every rank of ``group`` must hold these params at the same in-bucket position (true for tp peers, and for
+        the tied pair, which gets a bucket of its own)."""
+        if group is None or dist.get_world_size(group) == 1:
+            return
+        wanted = set(params)
+        views = [pc.grad_view for pc in self.optimizer_pieces() if pc.param in wanted]
+        if views:
+            flat = torch.cat(views)
+            dist.all_reduce(flat, group=group)
+            off = 0
+            for v in views:
+                v.copy_(flat[off:off + v.numel()])
+                off += v.numel()
+
+    # ------------------------------------------------------------------ accounting
+    def memory_footprint(self) -> dict:
+        """Bytes held persistently by this rank for the model: parameter storage and gradient buffer."""
+        if self.zero3 is not None:
+            params = self.zero3.shard.untyped_storage().nbytes()
+        elif self.param_buffer is not None:
+            params = self.param_buffer.untyped_storage().nbytes()
+        else:
+            params = sum(p.untyped_storage().nbytes() for p in self.layout.index)
+        return {"params": params, "grads": self.grad_buffer.untyped_storage().nbytes(),
+                "padding_elements": self.layout.numel - self.layout.numel_unpadded}

@@ -1,0 +1,51 @@
+"""What the optimizer needs to know, in Megatron's names (``OptimizerConfig``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megallama.errors import ConfigError
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0  # used by the LR scheduler, kept here so one object describes the optimizer
+    weight_decay: float = 0.01  # applied to >= 2-D parameters only (not norms or biases)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clipping; 0 disables
+    bf16: bool = False
+    fp16: bool = False
+    params_dtype: torch.dtype = torch.float32  # dtype of the model parameters (master copies are always fp32)
+    loss_scale: Optional[float] = None  # fp16: a constant scale; None = dynamic scaling
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000  # steps without overflow before the dynamic scale doubles
+    hysteresis: int = 2  # overflows tolerated before the scale halves
+    use_fused: Optional[bool] = None  # fused AdamW kernel; None = on CUDA when available, foreach otherwise
+    log_num_zeros_in_grad: bool = False
+
+    def validate(self) -> "OptimizerConfig":
+        if self.bf16 and self.fp16:
+            raise ConfigError("both bf16 and fp16 are set; pick one of --bf16 / --fp16")
+        if not self.lr >= 0:
+            raise ConfigError(f"learning rate {self.lr} must be >= 0; pass a non-negative --lr")
+        if self.clip_grad is not None and self.clip_grad < 0:
+            raise ConfigError(f"clip_grad {self.clip_grad} must be >= 0 (0 disables clipping); fix --clip-grad")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name} {v} must be in [0, 1); fix --{name.replace('_', '-')}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"adam_eps {self.adam_eps} must be > 0; fix --adam-eps")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay {self.weight_decay} must be >= 0; fix --weight-decay")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"loss_scale {self.loss_scale} must be > 0 (or None for dynamic); fix --loss-scale")
+        if self.initial_loss_scale <= 0:
+            raise ConfigError(f"initial_loss_scale {self.initial_loss_scale} must be > 0; fix --initial-loss-scale")
+        return self
