@@ -121,7 +121,14 @@ def _add_logging(p):
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints in --save")
+    g.add_argument("--exit-signal-handler", dest="exit_signal_handler", action="store_true", default=None,
+                   help="on SIGTERM, save a checkpoint at the end of the iteration and exit (default with --save)")
+    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false")
+    g.add_argument("--use-checkpoint-args", action="store_true", help="take the model shape (incl. rope scaling "
+                   "and tied embeddings) from the --load checkpoint, e.g. one made by tools/convert_checkpoint.py")
+    g.add_argument("--loss-log", default=None, help="append 'iteration loss' lines with the exact (repr) loss, "
+                   "to compare runs bit for bit")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, step and data")
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (for tests)")
 
@@ -156,6 +163,12 @@ def _derive(args, world_size: int):
         overrides["num_experts"] = args.num_experts
         overrides["moe_router_topk"] = args.moe_router_topk
     args.model_config = get_model_config(args.model, **overrides)
+    if args.use_checkpoint_args:
+        if not args.load:
+            raise ConfigError("--use-checkpoint-args needs --load pointing at a checkpoint")
+        from megallama.checkpointing import model_config_from_checkpoint
+        args.model_config = model_config_from_checkpoint(args.load)
+        args.vocab_size = args.model_config.vocab_size  # the checkpoint's vocabulary, not the tokenizer's
     ctx = args.model_config.max_position_embeddings
     if args.seq_length is None:
         args.seq_length = min(ctx, 2048)
@@ -192,6 +205,8 @@ def _derive(args, world_size: int):
         args.min_lr = args.lr / 10
     if args.save_interval is not None and args.save_interval <= 0:
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
+    if args.keep_last is not None and args.keep_last <= 0:
+        raise ConfigError(f"--keep-last must be positive, got {args.keep_last}")
     return args
 
 

@@ -105,6 +105,10 @@ def pretrain(args) -> dict:
     end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    exit_signal, saved = None, None
+    if args.save and getattr(args, "exit_signal_handler", None) is not False:  # on by default with --save
+        from megallama.checkpointing.signals import ExitSignalHandler
+        exit_signal = ExitSignalHandler()
     t_last = time.time()
     for iteration in range(start_iter, end_iter):
         lr = scheduler.step(iteration)
@@ -130,6 +134,9 @@ def pretrain(args) -> dict:
         else:
             skipped_in_row = 0
         history[step] = loss
+        if getattr(args, "loss_log", None) and is_rank_0():  # exact values, for comparing runs bit for bit
+            with open(args.loss_log, "a") as f:
+                f.write(f"{step} {loss!r}\n")
         if step % args.log_interval == 0 or step == end_iter:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -157,6 +164,15 @@ def pretrain(args) -> dict:
         if args.save and args.save_interval and (step % args.save_interval == 0 or step == end_iter):
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
             print_rank_0(f"saved checkpoint to {path}")
+            saved = step
+        if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
+            if saved != step:
+                path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
+            print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
+            end_iter = step
+            break
+    if exit_signal is not None:
+        exit_signal.release()
     logger.close()
     return {"losses": history, "iteration_time": times, "iteration": end_iter, "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,

@@ -8,5 +8,6 @@ from megallama.checkpointing.files import (TRACKER, checkpoint_dir, list_iterati
                                            resolve_load_dir)
 from megallama.checkpointing.save_load import (args_to_dict, check_compatible, check_writable,  # noqa: F401
                                                load_checkpoint, load_common, save_checkpoint)
+from megallama.checkpointing.full import model_config_from_checkpoint, open_checkpoint  # noqa: F401
 from megallama.checkpointing.sharded import ShardReader  # noqa: F401
 from megallama.checkpointing.state import get_rng_state, set_rng_state  # noqa: F401

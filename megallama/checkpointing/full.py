@@ -85,3 +85,14 @@ def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardRea
 
 def model_tensor_names(common: dict) -> list:
     return [n for n in common["index"] if "/" not in n]
+
+
+def model_config_from_checkpoint(load: str):
+    """The ModelConfig a checkpoint was saved with (``--use-checkpoint-args``)."""
+    from megallama.config import ModelConfig
+    ckpt, common, _ = open_checkpoint(load, verify=False)
+    cfg = common.get("args", {}).get("model_config")
+    if not cfg:
+        raise ConfigError(f"checkpoint {ckpt} records no model config; pass the model flags instead of "
+                          "--use-checkpoint-args")
+    return ModelConfig.from_dict(cfg).validate()

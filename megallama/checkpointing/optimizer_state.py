@@ -1,98 +1,31 @@
 """Optimizer state by parameter name, so it reshards like the weights.
 
-Per-parameter states (Adam's ``exp_avg``/``exp_avg_sq``, an fp32 master copy) are saved as tensors shaped like the
-parameter's local TP shard under ``optimizer/<key>/<param name>``; they then load into any tp/pp/dp/ZeRO layout
-through the same index as the weights. Step counts and loss-scaler values are plain numbers in ``common.pt``.
+Per-parameter states (Adam's ``exp_avg``/``exp_avg_sq``, and the fp32 ``master`` when the model is bf16/fp16) are
+saved as ``optimizer/<key>/<param name>``: pieces of the tp-local parameter's shape, or for ZeRO the element range
+of it that a dp rank owns (``Piece.flat``). They load into any tp/pp/dp/ZeRO layout through the same index as the
+weights. Step count and loss-scaler state are plain values in ``common.pt``.
 
-Two kinds of optimizer are understood:
-- a plain ``torch.optim.Optimizer`` over the model's parameters (``optimizer.state[param]``);
-- one that exposes ``sharded_state_dict(model_chunks) -> {"params": {name: {key: tensor}}, "scalars": {...}}`` and
-  ``load_sharded_state_dict(model_chunks, state)`` with the same shape — the ZeRO optimizer gathers its dp shards
-  into full local-TP tensors there (and scatters them back on load), so a checkpoint does not depend on dp or stage.
+Two optimizers are understood:
+- megallama's ``DistributedOptimizer`` (``state_dict()`` = this rank's pieces in parameter space, keyed
+  ``"{chunk}/{param name}"`` with element ranges; ``load_state_dict`` takes pieces covering this rank's ranges): each
+  dp rank writes only its own shard (stage 0: dp rank 0), so saving needs no gather;
+- a plain ``torch.optim.Optimizer`` over the model's parameters (tests, tools).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from megallama.checkpointing.state import TIED_COPY, canonical_name, unwrap
+from megallama.checkpointing.sharded import Piece, piece_of
+from megallama.checkpointing.state import TIED_COPY, canonical_name, is_tp_replicated, unwrap
 
 PREFIX = "optimizer"
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def state_name(key: str, param_name: str) -> str:
     return f"{PREFIX}/{key}/{param_name}"
-
-
-def _param_names(model_chunks) -> Dict[torch.nn.Parameter, str]:
-    names = {}
-    for chunk in model_chunks:
-        for name, p in unwrap(chunk).named_parameters():
-            names[p] = name
-    return names
-
-
-def optimizer_states(optimizer, model_chunks) -> Tuple[Dict[str, Dict[str, torch.Tensor]], dict]:
-    """({local param name: {state key: tensor like the local param}}, scalars). Scalar tensors such as Adam's
-    per-parameter ``step`` go to scalars (one value; they are equal for every parameter)."""
-    if optimizer is None:
-        return {}, {}
-    if hasattr(optimizer, "sharded_state_dict"):
-        st = optimizer.sharded_state_dict(model_chunks)
-        return st.get("params", {}), dict(st.get("scalars", {}))
-    names = _param_names(model_chunks)
-    per_param, scalars = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            name = names[p]
-            for key, v in st.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
-                    per_param.setdefault(name, {})[key] = v
-                elif torch.is_tensor(v) and v.numel() == 1:
-                    scalars[key] = float(v.item())
-                elif isinstance(v, (int, float)):
-                    scalars[key] = v
-    return per_param, scalars
-
-
-def load_optimizer_states(optimizer, model_chunks, read: Callable[[str, str, torch.Tensor, torch.nn.Parameter], bool],
-                          scalars: dict, keys) -> None:
-    """Fill the optimizer from a checkpoint. ``read(key, canonical param name, out, param)`` copies the state
-    ``key`` of that parameter into ``out`` (the local shard) and returns False when the checkpoint lacks it."""
-    if optimizer is None:
-        return
-    if hasattr(optimizer, "load_sharded_state_dict"):
-        params = {}
-        for chunk in model_chunks:
-            for name, p in unwrap(chunk).named_parameters():
-                st = {}
-                for key in keys:
-                    out = torch.empty(p.shape, dtype=torch.float32)
-                    if read(key, canonical_name(name), out, p):
-                        st[key] = out
-                params[name] = st
-        optimizer.load_sharded_state_dict(model_chunks, {"params": params, "scalars": scalars})
-        return
-    names = _param_names(model_chunks)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[p]
-            st = {}
-            for key in keys:
-                out = torch.empty_like(p, device="cpu")
-                if read(key, canonical_name(name), out, p):
-                    st[key] = out.to(p.device)
-            if not st:
-                continue
-            if "step" in scalars:
-                on_device = group.get("fused") or group.get("capturable")
-                st["step"] = torch.tensor(float(scalars["step"]), dtype=torch.float32,
-                                          device=p.device if on_device else "cpu")
-            optimizer.state[p] = st
 
 
 def saved_keys(index: Dict[str, dict]) -> list:
@@ -101,3 +34,100 @@ def saved_keys(index: Dict[str, dict]) -> list:
 
 def skip_on_save(name: str) -> bool:
     return name == TIED_COPY
+
+
+def _is_zero(optimizer) -> bool:
+    return optimizer is not None and hasattr(optimizer, "gather_full_state_dict")
+
+
+def _params(model_chunks) -> List[Dict[str, torch.nn.Parameter]]:
+    return [dict(unwrap(c).named_parameters()) for c in model_chunks]
+
+
+def optimizer_entries(optimizer, model_chunks, tp: int, tp_rank: int, dp_rank: int) -> \
+        Tuple[List[Tuple[str, torch.Tensor, Piece]], dict]:
+    """([(saved name, tensor, piece)] this rank writes, scalars)."""
+    if optimizer is None:
+        return [], {}
+    params = _params(model_chunks)
+    out = []
+    if _is_zero(optimizer):
+        sd = optimizer.state_dict()
+        stages = sd["zero_stage"]
+        for key, e in sd["pieces"].items():
+            ci, name = key.split("/", 1)
+            ci = int(ci)
+            p = params[ci][name]
+            if skip_on_save(name) or (stages[ci] == 0 and dp_rank != 0) or (is_tp_replicated(p) and tp_rank != 0):
+                continue
+            base = piece_of(p, p, tp, tp_rank, shape=e["shape"])
+            whole = e["start"] == 0 and e["end"] == e["numel"]
+            keys = _MOMENTS + (("master",) if p.dtype != torch.float32 else ())
+            for k in keys:
+                if k not in e:
+                    continue
+                if whole:
+                    out.append((state_name(k, name), e[k].view(e["shape"]), base))
+                else:
+                    out.append((state_name(k, name), e[k], Piece(base.shape, base.dim, base.offset, base.length,
+                                                                   [e["start"], e["end"]], list(e["shape"]))))
+        return out, {"step": int(sd["step"]), "grad_scaler": sd.get("grad_scaler")}
+    # plain torch optimizer: replicated over dp
+    names = {p: n for chunk in params for n, p in chunk.items()}
+    scalars = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[p]
+            for key, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
+                    if dp_rank == 0 and not skip_on_save(name) and not (is_tp_replicated(p) and tp_rank != 0):
+                        out.append((state_name(key, name), v, piece_of(v, p, tp, tp_rank)))
+                elif torch.is_tensor(v) and v.numel() == 1:
+                    scalars[key] = float(v.item())
+    return out, scalars
+
+
+ReadFn = Callable[[str, torch.Tensor, torch.nn.Parameter], bool]
+
+
+def load_optimizer_states(optimizer, model_chunks, read: ReadFn, scalars: dict, keys) -> None:
+    """Fill the optimizer from a checkpoint. ``read(saved name, out, param)`` copies that tensor's slice for this
+    rank (``out`` is tp-local shaped) and returns False when the checkpoint lacks it."""
+    if optimizer is None:
+        return
+    params = _params(model_chunks)
+    if _is_zero(optimizer):
+        own = optimizer.state_dict()
+        step = int(scalars.get("step", 0))
+        pieces = {}
+        for key, e in own["pieces"].items():
+            ci, name = key.split("/", 1)
+            p, cname = params[int(ci)][name], canonical_name(name)
+            entry = {k: e[k] for k in ("start", "end", "numel", "shape")}
+            local = torch.empty(e["shape"], dtype=torch.float32)
+            for k in ("master",) + (_MOMENTS if step > 0 else ()):
+                if not read(state_name(k, cname), local, p):
+                    if k != "master" or not read(cname, local, p):  # fp32 models: the weights are the master
+                        raise KeyError(state_name(k, cname))
+                entry[k] = local.reshape(-1)[e["start"]:e["end"]].clone()
+            pieces[key] = entry
+        state = dict(own, step=step, pieces=pieces)
+        if scalars.get("grad_scaler") is not None:
+            state["grad_scaler"] = scalars["grad_scaler"]
+        optimizer.load_state_dict(state)
+        return
+    names = {p: n for chunk in params for n, p in chunk.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = {}
+            for key in keys:
+                out = torch.empty_like(p, device="cpu")
+                if read(state_name(key, canonical_name(names[p])), out, p):
+                    st[key] = out.to(p.device)
+            if not st:
+                continue
+            if "step" in scalars:
+                on_device = group.get("fused") or group.get("capturable")
+                st["step"] = torch.tensor(float(scalars["step"]), dtype=torch.float32,
+                                          device=p.device if on_device else "cpu")
+            optimizer.state[p] = st

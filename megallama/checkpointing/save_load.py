@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpointing import files as F
-from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_states, saved_keys,
+from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
                                                      skip_on_save, state_name)
 from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes, piece_of
-from megallama.checkpointing.state import (canonical_name, get_rng_state, is_tp_replicated, named_model_tensors,
-                                           set_rng_state, tp_coords)
+from megallama.checkpointing.state import (canonical_name, get_rng_state, is_tp_replicated, is_zero3,
+                                           named_model_tensors, set_rng_state, tp_coords)
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 
@@ -127,29 +127,19 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
 
     fname = f"rank_{_rank():05d}.pt"
     tp, tp_rank = tp_coords()
-    writes_model = ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    tensors, index, params = {}, {}, {}
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    tensors, index = {}, {}
 
-    def add(name, t, param):
-        piece = piece_of(t, param, tp, tp_rank)
+    def add(name, t, piece):
         tensors[name] = t.detach().to("cpu", copy=True)
         index[name] = {"shape": piece.shape, "dtype": dtype_name(t), "pieces": [piece.to_dict(fname)]}
 
-    for name, t, p in named_model_tensors(model_chunks):
-        if skip_on_save(name):
-            continue
-        params[name] = p
-        if writes_model and (not is_tp_replicated(t) or tp_rank == 0):
-            add(name, t, p)
-    per_param, scalars = optimizer_states(optimizer, model_chunks)
-    # A ZeRO optimizer hands each dp rank the states it should write; a plain one is replicated over dp.
-    writes_optim = writes_model or hasattr(optimizer, "sharded_state_dict")
-    for name, st in per_param.items():
-        p = params.get(name)
-        if skip_on_save(name) or not writes_optim or (is_tp_replicated(p) and tp_rank != 0):
-            continue
-        for key, v in st.items():
-            add(state_name(key, name), v, p)
+    for _, name, t, p in named_model_tensors(model_chunks):
+        if dp_rank == 0 and not skip_on_save(name) and (not is_tp_replicated(t if p is None else p) or tp_rank == 0):
+            add(name, t, piece_of(t, p, tp, tp_rank))
+    entries, scalars = optimizer_entries(optimizer, model_chunks, tp, tp_rank, dp_rank)
+    for name, t, piece in entries:
+        add(name, t, piece)
 
     err, desc = None, None
     try:
@@ -226,21 +216,19 @@ def check_compatible(common: dict, args, ckpt: str) -> None:
 def _model_plan(model_chunks, reader: ShardReader, ckpt: str):
     tp, tp_rank = tp_coords()
     plan = []
-    for name, t, p in named_model_tensors(model_chunks):
+    for ci, name, t, p in named_model_tensors(model_chunks):
         cname = canonical_name(name)
         if cname not in reader:
             raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a "
                               "checkpoint of this model")
-        piece = piece_of(t, p, tp, tp_rank)
-        plan.append((cname, t, piece))
+        plan.append((ci, name, cname, t, piece_of(t, p, tp, tp_rank)))
     return plan
 
 
 def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]) -> list:
     need = set()
-    for cname, t, piece in plan:
-        names = [cname] + [state_name(k, cname) for k in optim_keys]
-        for n in names:
+    for _, _, cname, t, piece in plan:
+        for n in [cname] + [state_name(k, cname) for k in optim_keys]:
             if n in reader:
                 need.update(reader.files_for(n, piece.dim, piece.offset, piece.length))
     if rng_file:
@@ -282,9 +270,14 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
 
 
 def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune) -> Tuple[int, int]:
+    zero3_sd = {}
     with torch.no_grad():
-        for cname, t, piece in plan:
+        for ci, name, cname, t, piece in plan:
             reader.read_into(cname, t.data if isinstance(t, torch.nn.Parameter) else t, piece.dim, piece.offset)
+            if is_zero3(model_chunks[ci]):
+                zero3_sd.setdefault(ci, {})[name] = t
+    for ci, sd in zero3_sd.items():  # the wrapper keeps its dp shard of the full tensors
+        model_chunks[ci].load_state_dict(sd)
     iteration = int(common["iteration"])
     if finetune or not keys:
         if optimizer is not None and hasattr(optimizer, "reload_model_params"):
@@ -297,12 +290,11 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
         return (0, 0) if finetune else (iteration, int(common.get("consumed_samples", 0)))
     tp, tp_rank = tp_coords()
 
-    def read(key, cname, out, param):
-        n = state_name(key, cname)
-        if n not in reader:
+    def read(saved_name, out, param):
+        if saved_name not in reader:
             return False
         piece = piece_of(out, param, tp, tp_rank)
-        reader.read_into(n, out, piece.dim, piece.offset)
+        reader.read_into(saved_name, out, piece.dim, piece.offset)
         return True
 
     load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)

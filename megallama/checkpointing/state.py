@@ -29,14 +29,25 @@ def canonical_name(name: str) -> str:
     return EMBEDDING if name == TIED_COPY else name
 
 
-def named_model_tensors(model_chunks) -> Iterator[Tuple[str, torch.Tensor, Optional[torch.nn.Parameter]]]:
-    """(local name, tensor, parameter or None) of every persistent tensor of this rank's chunks."""
-    for chunk in model_chunks:
+def is_zero3(chunk) -> bool:
+    return getattr(chunk, "zero_stage", 0) == 3
+
+
+def named_model_tensors(model_chunks) -> Iterator[Tuple[int, str, torch.Tensor, Optional[torch.nn.Parameter]]]:
+    """(chunk index, local name, tensor, parameter or None) of every persistent tensor of this rank's chunks.
+
+    Under ZeRO-3 the tensors are full tp-local copies gathered by the wrapper (a collective over dp: every rank
+    must iterate); otherwise the live parameters themselves."""
+    for ci, chunk in enumerate(model_chunks):
         m = unwrap(chunk)
         params = dict(m.named_parameters())
+        if is_zero3(chunk):
+            for name, t in chunk.state_dict().items():
+                yield ci, name, t, params.get(name)
+            continue
         for name, t in m.state_dict(keep_vars=True).items():
             p = params.get(name)
-            yield name, (p if p is not None else t), p
+            yield ci, name, (p if p is not None else t), p
 
 
 def tp_coords() -> Tuple[int, int]:

@@ -1,0 +1,38 @@
+"""Save-and-exit on SIGTERM (cluster preemption, ``scancel``, torchrun shutting a job down).
+
+The handler only records the signal; the loop asks ``should_exit()`` at the end of every iteration, which agrees
+across ranks (one tiny all-reduce), so every rank saves the same iteration together and exits cleanly instead of
+dying mid-step. Megatron's ``--exit-signal-handler`` does the same.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class ExitSignalHandler:
+    def __init__(self, sig: int = signal.SIGTERM):
+        self.sig, self.received, self.installed = sig, False, False
+        try:
+            self._previous = signal.signal(sig, self._handle)
+            self.installed = True
+        except ValueError:  # not the main thread (an embedding application): leave signals to it
+            self._previous = None
+
+    def _handle(self, signum, frame):  # noqa: ARG002 - signal API
+        self.received = True
+
+    def should_exit(self, device: torch.device) -> bool:
+        """True on every rank when any rank got the signal (collective when distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32,
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def release(self) -> None:
+        if self.installed:
+            signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
