@@ -1,15 +1,17 @@
 """Grouped-query attention with RoPE, tensor-parallel over heads.
 
-q/k/v are separate ColumnParallelLinears (HF names ``q_proj``/``k_proj``/``v_proj``), ``o_proj`` a
-RowParallelLinear. The core runs through ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
-kernels inside torch), with K/V heads shared across query groups without materialising copies (``enable_gqa``).
+q/k/v are separate ColumnParallelLinears (HF names ``q_proj``/``k_proj``/``v_proj``) run together through
+``column_parallel_linears``: one all-gather of the normed [b, s/tp, h] input under sequence parallelism (one grad
+all-reduce under plain TP) for all three; ``o_proj`` is a RowParallelLinear (reduce-scatter back to shards under
+SP). The core runs through ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient kernels inside
+torch), with K/V heads shared across query groups without materialising copies (``enable_gqa``).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megallama.mpu import parallel_state as ps
-from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linears, divide
 from megallama.ops import apply_rope
 
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
@@ -44,11 +46,12 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, init_std=out_std, **kw)
 
     def forward(self, x, cos, sin):
-        q = self.q_proj(x)
+        """x: [b, s, h] (replicated) or [b, s/tp, h] under SP; returns the same layout."""
+        q, k, v = column_parallel_linears(x, (self.q_proj, self.k_proj, self.v_proj))
         b, s = q.shape[:2]
         q = q.view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = core_attention(q, k, v)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

@@ -19,7 +19,7 @@ from megallama.model.norm import RMSNorm
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings
 from megallama.mpu.cross_entropy import vocab_parallel_cross_entropy
-from megallama.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megallama.mpu.layers import ColumnParallelLinear, VocabParallelEmbedding, column_parallel_linear_forward
 from megallama.mpu.linear_cross_entropy import linear_cross_entropy
 from megallama.mpu.random import init_parameter
 from megallama.ops.rope import rope_cos_sin, rope_frequencies
@@ -160,7 +160,10 @@ class LlamaForCausalLM(nn.Module):
         return mappings.copy_to_tensor_model_parallel_region(h)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(self._head_input(h), self.output_layer_weight())
+        """This rank's vocab shard of the logits over the *full* sequence: under SP the final-norm output
+        [b, s/tp, h] is all-gathered here (and re-gathered in backward rather than kept)."""
+        (logits,) = column_parallel_linear_forward(h, (self.output_layer_weight(),), None, self.sequence_parallel)
+        return logits
 
     def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, gather_logits=False,
                 loss_mask=None):
@@ -187,7 +190,12 @@ def build_model(config: ModelConfig, device="cpu", dtype=torch.float32, seed: in
         model = LlamaForCausalLM(config, layer_ids, pre_process, post_process, sequence_parallel, dtype=dtype)
     if str(device) == "meta":
         return model
+    # to_empty replaces meta Parameters by new ones and drops their attributes (tensor_model_parallel,
+    # partition_dim, init_std, sequence_parallel ...), which init, grad sync and checkpoints rely on: carry them over.
+    attrs = {name: dict(p.__dict__) for name, p in model.named_parameters()}
     model = model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.__dict__.update(attrs[name])
     if init:
         model.init_weights(seed)
     return model

@@ -1,7 +1,9 @@
-"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel."""
+"""SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate/up column-parallel, down row-parallel.
+
+gate/up share one input all-gather (SP) / one grad all-reduce (TP) through ``column_parallel_linears``."""
 import torch.nn as nn
 
-from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear
+from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linears
 from megallama.ops import swiglu
 
 
@@ -17,7 +19,7 @@ class LlamaMLP(nn.Module):
         self.recompute_activation = False
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = column_parallel_linears(x, (self.gate_proj, self.up_proj))
         if self.recompute_activation and gate.requires_grad:
             from torch.utils.checkpoint import checkpoint
             act = checkpoint(swiglu, gate, up, use_reentrant=False)

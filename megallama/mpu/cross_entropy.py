@@ -14,7 +14,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index):
         tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
-        logits = logits.float()
+        input_dtype = logits.dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 math (fp64 stays fp64)
         logits_max = logits.max(dim=-1)[0]
         if tp > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
@@ -36,6 +37,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = (sum_exp.log() - predicted).masked_fill(~valid, 0.0)
         exp.div_(sum_exp.unsqueeze(-1))  # softmax, kept for backward
         ctx.save_for_backward(exp, in_shard, local_t, valid)
+        ctx.input_dtype = input_dtype
         return loss
 
     @staticmethod
@@ -46,7 +48,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         idx = torch.arange(flat.shape[0], device=grad.device)
         flat[idx, local_t.view(-1)] -= in_shard.view(-1).float()
         grad.mul_((grad_loss * valid).unsqueeze(-1))
-        return grad, None, None
+        return grad.to(ctx.input_dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100):

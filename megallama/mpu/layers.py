@@ -28,8 +28,91 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
+def _autocast_dtype(x: torch.Tensor):
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+class _ColumnParallelLinears(torch.autograd.Function):
+    """Enter the TP region once for several column-parallel weights that read the same input (q/k/v, gate/up).
+
+    Forward: all-gather the [b, s/tp, h] input (sequence parallel) or take the replicated input as is, then one
+    GEMM per weight. Only the input as given (the sequence shard under SP) is saved; backward re-gathers it, as
+    Megatron does, so SP keeps its activation-memory saving. Backward sums the input grads of all weights and
+    overlaps their reduce-scatter (SP) / all-reduce (TP) with the weight-gradient GEMMs.
+    Autocast is applied by hand (inputs cast to the autocast dtype) so backward runs in the same precision.
+    """
+
+    @staticmethod
+    def forward(ctx, x, sequence_parallel, n, *params):
+        weights, biases = params[:n], params[n:]
+        dt = _autocast_dtype(x)
+        if dt is not None:
+            x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
+            biases = tuple(b if b is None else b.to(dt) for b in biases)
+        ctx.sequence_parallel, ctx.n = sequence_parallel, n
+        ctx.has_bias = tuple(b is not None for b in biases)
+        ctx.save_for_backward(x, *weights)
+        total = mappings.all_gather_along_dim(x, mappings.SEQ_DIM) if sequence_parallel else x
+        with torch.autocast(x.device.type, enabled=False):
+            return tuple(F.linear(total, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        sp, n = ctx.sequence_parallel, ctx.n
+        need_w = ctx.needs_input_grad[3:3 + n]
+        gather = mappings.all_gather_along_dim(x, mappings.SEQ_DIM, async_op=True) if sp and any(need_w) else None
+        grad_input, work = None, None
+        if ctx.needs_input_grad[0]:
+            for g, w in zip(grads, weights):
+                if g is not None:
+                    gi = g.matmul(w)
+                    grad_input = gi if grad_input is None else grad_input.add_(gi)
+            if grad_input is None:  # no output was used (same on every tp rank): nothing to reduce
+                grad_input = torch.zeros_like(x)
+            elif sp:
+                grad_input, work = mappings.reduce_scatter_along_dim(grad_input, mappings.SEQ_DIM, async_op=True)
+            else:
+                grad_input, work = mappings.all_reduce(grad_input, async_op=True)
+        total = gather.wait() if gather is not None else x
+        wgrads, bgrads = [], []
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            if g is None or not need_w[i]:
+                wgrads.append(None)
+            else:
+                wgrads.append(g.reshape(-1, g.shape[-1]).t().matmul(total.reshape(-1, total.shape[-1])))
+            has_b = ctx.has_bias[i] and g is not None and ctx.needs_input_grad[3 + n + i]
+            bgrads.append(g.reshape(-1, g.shape[-1]).sum(0) if has_b else None)
+        if work is not None:
+            work.wait()
+        return (grad_input, None, None, *wgrads, *bgrads)
+
+
+def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequence_parallel: bool = False):
+    """``tuple(linear(enter_tp_region(x), w_i, b_i))`` with one input collective and one grad reduction in all.
+
+    ``x`` is the replicated input, or this rank's [b, s/tp, h] sequence shard when ``sequence_parallel``."""
+    weights = tuple(weights)
+    biases = tuple(biases) if biases is not None else (None,) * len(weights)
+    sp = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+    return _ColumnParallelLinears.apply(x, sp, len(weights), *weights, *biases)
+
+
+def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
+    """Outputs of several ``ColumnParallelLinear``s reading the same input (q/k/v, gate/up), sharing one
+    all-gather (SP) and one backward reduction instead of one per layer."""
+    sp = layers[0].sequence_parallel
+    if any(layer.sequence_parallel != sp or layer.gather_output for layer in layers):
+        raise ValueError("column_parallel_linears needs layers with the same sequence_parallel and no gather_output")
+    return column_parallel_linear_forward(x, (layer.weight for layer in layers), (layer.bias for layer in layers), sp)
+
+
 class ColumnParallelLinear(nn.Module):
-    """Y = X A with A split by columns (output features) over tp ranks."""
+    """Y = X A with A split by columns (output features) over tp ranks.
+
+    Under sequence parallelism the input is this rank's [b, s/tp, h] shard and is all-gathered here; several
+    layers reading the same input should go through ``column_parallel_linears`` to share that collective."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
                  sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None):
@@ -49,12 +132,9 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``weight`` overrides the own weight (a tied output layer passes the embedding table)."""
         w = self.weight if weight is None else weight
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, True)
-        else:
-            x = mappings.copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, w, self.bias)
+        (y,) = column_parallel_linear_forward(x, (w,), (self.bias,), self.sequence_parallel)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y)
         return y
@@ -90,7 +170,7 @@ class RowParallelLinear(nn.Module):
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:
-            y = mappings.reduce_from_tensor_model_parallel_region(y)
+            y = mappings.reduce_from_tensor_model_parallel_region(y, inplace=True)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -125,4 +205,4 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local, self.weight).masked_fill(mask.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(out)
-        return mappings.reduce_from_tensor_model_parallel_region(out)
+        return mappings.reduce_from_tensor_model_parallel_region(out, inplace=True)

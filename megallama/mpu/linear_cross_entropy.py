@@ -31,14 +31,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, vloc = hidden.shape[0], weight.shape[0]
         start = ps.get_tensor_model_parallel_rank() * vloc
         h, w = hidden.to(dtype), weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax math in fp32 (fp64 stays fp64)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        losses = torch.empty(n, dtype=acc, device=hidden.device)
         rows = chunk_rows or max(1, min(n, _CHUNK_BYTES // (4 * vloc)))
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            logits = (h[s:e] @ w.t()).float()
+            logits = (h[s:e] @ w.t()).to(acc)
             t = target[s:e]
             valid = t != ignore_index
             local = t - start
@@ -58,11 +59,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             losses[s:e] = (sumexp.log() - tgt).masked_fill(~valid, 0.0)
             if need_grad:
                 probs.div_(sumexp.unsqueeze(-1))
-                probs.scatter_add_(1, local.unsqueeze(1), -mine.float().unsqueeze(1))
+                probs.scatter_add_(1, local.unsqueeze(1), -mine.to(probs.dtype).unsqueeze(1))
                 probs.mul_((weights[s:e] * valid).unsqueeze(-1))
                 g = probs.to(dtype)
                 grad_h[s:e] = g @ w
-                grad_w += (g.t() @ h[s:e]).float()
+                grad_w += (g.t() @ h[s:e]).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return (losses * weights).sum(), losses.detach()

@@ -54,9 +54,27 @@ def model_parallel_is_initialized() -> bool:
     return _GRID is not None
 
 
+def validate_model_shapes(tensor_model_parallel_size: int, model_config) -> None:
+    """tp must divide the attention heads, the kv heads (query groups), the FFN size and the vocabulary.
+
+    ``model_config`` is any object with those attributes (``megallama.config.ModelConfig``); missing ones are
+    skipped."""
+    tp = tensor_model_parallel_size
+    checks = (("num_attention_heads", "attention heads", "--num-attention-heads"),
+              ("num_query_groups", "kv heads (query groups)", "--num-query-groups"),
+              ("ffn_hidden_size", "FFN hidden size", "--ffn-hidden-size"),
+              ("vocab_size", "vocabulary size", "--vocab-size"))
+    for attr, what, flag in checks:
+        v = getattr(model_config, attr, None)
+        if v and v % tp:
+            raise ConfigError(f"tensor-parallel size {tp} does not divide the {what} {v}; choose "
+                              f"--tensor-model-parallel-size dividing {v} (or change {flag})")
+
+
 def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                  context_parallel_size: int = 1, expert_model_parallel_size: int = 1) -> int:
-    """Check the layout against the world size; return the data-parallel size."""
+                  context_parallel_size: int = 1, expert_model_parallel_size: int = 1, model_config=None) -> int:
+    """Check the layout against the world size (and the model's shapes, when given); return the data-parallel
+    size. Pure arithmetic: call it before any process group exists."""
     tp, pp, cp, ep = (tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
                       expert_model_parallel_size)
     for name, v in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
@@ -68,6 +86,8 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
             f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {mp}; launch a multiple of "
             f"{mp} processes or change the parallel sizes")
     dp = world_size // mp
+    if model_config is not None:
+        validate_model_shapes(tp, model_config)
     if dp % ep:
         raise ConfigError(f"expert parallel size {ep} must divide the data-parallel size {dp} "
                           f"(world {world_size} / tp*pp*cp {mp})")
@@ -77,14 +97,17 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
                               context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                              backend: Optional[str] = None) -> None:
-    """Build every group of the grid. ``torch.distributed`` must already be initialised (any backend)."""
+                              backend: Optional[str] = None, model_config=None) -> None:
+    """Build every group of the grid. ``torch.distributed`` must already be initialised (any backend).
+
+    The layout (and ``model_config``'s heads / kv heads / FFN / vocab against tp, when given) is validated first:
+    a bad one raises one ``ConfigError`` before any group is made."""
     global _GRID, _VPP_RANK
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized; call megallama.initialize.initialize_distributed first")
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = validate_grid(world, tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
-                       expert_model_parallel_size)
+                       expert_model_parallel_size, model_config=model_config)
     g = _Grid(tp=tensor_model_parallel_size, pp=pipeline_model_parallel_size, dp=dp, cp=context_parallel_size,
               ep=expert_model_parallel_size, vpp=virtual_pipeline_model_parallel_size, rank=rank, world=world)
     destroy_model_parallel()

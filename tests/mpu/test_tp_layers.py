@@ -1,0 +1,220 @@
+"""ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding at tp=2 equal nn.Linear / nn.Embedding
+(forward, input grads, weight and bias grads), with and without sequence parallelism; the fused q/k/v-style
+``column_parallel_linears`` equals separate layers and issues one collective per direction; a TP model's forward
+and backward issue exactly the collectives the design promises (one all-gather per block under SP)."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from dist_utils import rel_err, run_distributed
+from megallama.model import build_model
+from megallama.mpu import allreduce_sequence_parallel_gradients
+from megallama.mpu import mappings
+from megallama.mpu import parallel_state as ps
+from megallama.mpu.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                  column_parallel_linear_forward, column_parallel_linears)
+from tp_helpers import MHA
+
+B, S, H, F, V = 2, 4, 8, 12, 16
+TOL = 1e-12  # float64 throughout: the sharded math must agree to rounding
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _close(a, b):
+    return rel_err(a, b) < TOL
+
+
+def _column(sp, gather_output, errors):
+    r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    ref = nn.Linear(H, F, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_rand(F, H, seed=1)), ref.bias.copy_(_rand(F, seed=2))
+    layer = ColumnParallelLinear(H, F, bias=True, gather_output=gather_output, sequence_parallel=sp,
+                                 dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight.chunk(n, 0)[r]), layer.bias.copy_(ref.bias.chunk(n, 0)[r])
+    X, G = _rand(B, S, H, seed=3), _rand(B, S, F, seed=4)
+    Xr = X.clone().requires_grad_()
+    (ref(Xr) * G).sum().backward()
+    x = (X.chunk(n, 1)[r] if sp else X).clone().requires_grad_()
+    y = layer(x)
+    want = ref(X) if gather_output else ref(X).chunk(n, -1)[r]
+    (y * (G if gather_output else G.chunk(n, -1)[r])).sum().backward()
+    tag = f"column sp={sp} gather={gather_output}"
+    if not _close(y, want):
+        errors.append(f"{tag}: output")
+    if not _close(x.grad, Xr.grad.chunk(n, 1)[r] if sp else Xr.grad):
+        errors.append(f"{tag}: input grad")
+    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 0)[r]) or not _close(
+            layer.bias.grad, ref.bias.grad.chunk(n, 0)[r]):
+        errors.append(f"{tag}: weight/bias grad")
+
+
+def _row(sp, input_is_parallel, errors):
+    r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    ref = nn.Linear(F, H, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_rand(H, F, seed=5)), ref.bias.copy_(_rand(H, seed=6))
+    layer = RowParallelLinear(F, H, bias=True, input_is_parallel=input_is_parallel, sequence_parallel=sp,
+                              dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight.chunk(n, 1)[r]), layer.bias.copy_(ref.bias)
+    X, G = _rand(B, S, F, seed=7), _rand(B, S, H, seed=8)
+    Xr = X.clone().requires_grad_()
+    (ref(Xr) * G).sum().backward()
+    x = (X.chunk(n, -1)[r] if input_is_parallel else X).clone().requires_grad_()
+    y = layer(x)
+    want = ref(X).chunk(n, 1)[r] if sp else ref(X)
+    (y * (G.chunk(n, 1)[r] if sp else G)).sum().backward()
+    allreduce_sequence_parallel_gradients(layer)  # the bias saw only this rank's tokens under SP
+    tag = f"row sp={sp} input_is_parallel={input_is_parallel}"
+    if not _close(y, want):
+        errors.append(f"{tag}: output")
+    if not _close(x.grad, Xr.grad.chunk(n, -1)[r] if input_is_parallel else Xr.grad):
+        errors.append(f"{tag}: input grad")
+    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 1)[r]) or not _close(layer.bias.grad, ref.bias.grad):
+        errors.append(f"{tag}: weight/bias grad")
+
+
+def _embedding(sp, errors):
+    r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    ref = nn.Embedding(V, H, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_rand(V, H, seed=9))
+    layer = VocabParallelEmbedding(V, H, sequence_parallel=sp, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight.chunk(n, 0)[r])
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(10))
+    G = _rand(B, S, H, seed=11)
+    (ref(ids) * G).sum().backward()
+    y = layer(ids)
+    (y * (G.chunk(n, 1)[r] if sp else G)).sum().backward()
+    want = ref(ids).chunk(n, 1)[r] if sp else ref(ids)
+    if not _close(y, want):
+        errors.append(f"embedding sp={sp}: output")
+    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 0)[r]):
+        errors.append(f"embedding sp={sp}: weight grad")
+
+
+class _Count:
+    """Wraps the collectives the mappings use; counts calls per kind."""
+
+    def __init__(self):
+        self.n = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+        self.saved = (mappings._ALL_GATHER, mappings._REDUCE_SCATTER, dist.all_reduce)
+
+        def wrap(kind, fn):
+            def f(*a, **k):
+                self.n[kind] += 1
+                return fn(*a, **k)
+            return f
+        mappings._ALL_GATHER = wrap("all_gather", self.saved[0])
+        mappings._REDUCE_SCATTER = wrap("reduce_scatter", self.saved[1])
+        dist.all_reduce = wrap("all_reduce", self.saved[2])
+
+    def take(self):
+        out, self.n = self.n, {k: 0 for k in self.n}
+        return out
+
+    def restore(self):
+        mappings._ALL_GATHER, mappings._REDUCE_SCATTER, dist.all_reduce = self.saved
+
+
+def _fused_group(sp, errors):
+    """Three layers through column_parallel_linears == three separate calls; one collective each way."""
+    r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    layers = [ColumnParallelLinear(H, F, sequence_parallel=sp, dtype=torch.float64) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        with torch.no_grad():
+            layer.weight.copy_(_rand(F, H, seed=20 + i).chunk(n, 0)[r])
+    X = _rand(B, S, H, seed=30)
+    Gs = [_rand(B, S, F, seed=31 + i).chunk(n, -1)[r] for i in range(3)]
+    x1 = (X.chunk(n, 1)[r] if sp else X).clone().requires_grad_()
+    sum((layer(x1) * g).sum() for layer, g in zip(layers, Gs)).backward()
+    g_sep = [layer.weight.grad.clone() for layer in layers]
+    for layer in layers:
+        layer.weight.grad = None
+    x2 = x1.detach().clone().requires_grad_()
+    count = _Count()
+    try:
+        outs = column_parallel_linears(x2, layers)
+        fwd = count.take()
+        sum((o * g).sum() for o, g in zip(outs, Gs)).backward()
+        bwd = count.take()
+    finally:
+        count.restore()
+    if not _close(x2.grad, x1.grad) or not all(_close(layer.weight.grad, g) for layer, g in zip(layers, g_sep)):
+        errors.append(f"fused column group sp={sp}: grads differ from separate layers")
+    want_fwd = {"all_gather": 1 if sp else 0, "reduce_scatter": 0, "all_reduce": 0}
+    want_bwd = {"all_gather": 1 if sp else 0, "reduce_scatter": 1 if sp else 0, "all_reduce": 0 if sp else 1}
+    if fwd != want_fwd or bwd != want_bwd:
+        errors.append(f"fused column group sp={sp}: collectives fwd {fwd} bwd {bwd}")
+
+
+def _model_collectives(sp, errors):
+    """Per block under SP: one all-gather before q/k/v and one before gate/up, a reduce-scatter after o_proj and
+    after down_proj; the head gathers once; no all-reduce of activations at all."""
+    cfg = MHA
+    model = build_model(cfg, seed=3, sequence_parallel=sp)
+    ids = torch.randint(0, cfg.vocab_size, (B, 8), generator=torch.Generator().manual_seed(0))
+    count = _Count()
+    try:
+        logits = model(ids)
+        fwd = count.take()
+        logits.float().pow(2).sum().backward()
+        bwd = count.take()
+        allreduce_sequence_parallel_gradients(model)
+        sync = count.take()
+    finally:
+        count.restore()
+    k = 2 * cfg.num_layers + 1  # column groups (2 per layer + head) == row layers (2 per layer) + embedding
+    if sp:
+        want = ({"all_gather": k, "reduce_scatter": k, "all_reduce": 0},
+                {"all_gather": 2 * k, "reduce_scatter": k, "all_reduce": 0},
+                {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 1})
+    else:
+        want = ({"all_gather": 0, "reduce_scatter": 0, "all_reduce": k},
+                {"all_gather": 0, "reduce_scatter": 0, "all_reduce": k},
+                {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0})
+    if (fwd, bwd, sync) != want:
+        errors.append(f"model sp={sp}: collectives fwd {fwd} bwd {bwd} sp-grad-sync {sync}, want {want}")
+    if sp and logits.shape[1] != 8:
+        errors.append("model sp: logits must cover the full sequence")
+
+
+def _job(rank, world):
+    ps.initialize_model_parallel(2)
+    errors = []
+    for sp in (False, True):
+        for flag in (False, True):
+            _column(sp, flag, errors)
+            _row(sp, flag, errors)
+        _embedding(sp, errors)
+        _fused_group(sp, errors)
+        _model_collectives(sp, errors)
+    return errors
+
+
+def test_tp2_layers_match_dense_and_collective_counts():
+    out = run_distributed(_job, 2)
+    errors = [f"rank {r}: {e}" for r in sorted(out) for e in out[r]]
+    assert not errors, "\n".join(errors)
+
+
+def test_column_parallel_linear_under_autocast_keeps_fp32_grads():
+    """The fused column function casts by hand under autocast: bf16 output, fp32 param grads near the fp32 ones."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 8, requires_grad=True)
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,) = column_parallel_linear_forward(x, (w,))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    w2, x2 = w.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    (x2 @ w2.t()).sum().backward()
+    assert rel_err(w.grad, w2.grad) < 2e-2 and rel_err(x.grad, x2.grad) < 2e-2
+
