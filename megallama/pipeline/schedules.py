@@ -107,7 +107,8 @@ def one_f_one_b(num_stages: int, num_microbatches: int, stage: int) -> List[Acti
 
 def interleaved_1f1b(num_stages: int, num_microbatches: int, stage: int, num_chunks: int) -> List[Action]:
     """Megatron's interleaved order: microbatches in groups of p run chunk 0, then chunk 1, ...; backwards
-    walk the chunks in reverse. Warm-up (p - stage - 1) * 2 + (v - 1) * p forwards."""
+    walk the chunks in reverse. Warm-up (p - stage - 1) * 2 + (v - 1) * p forwards. The bubble reaches
+    (p-1)/(v*m+p-1) when m is a multiple of p; otherwise the short last group leaves it near 1F1B's."""
     p, m, v = num_stages, num_microbatches, num_chunks
     table = []
     for lo in range(0, m, p):
@@ -257,8 +258,18 @@ def build_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks
         acts = [gen[name](p, m, s) for s in range(p)]
     chunks = 2 if name == "chimera" else v
     parts = p * v
-    return PipelineSchedule(name, p, m, chunks, parts, tuple(tuple(a) for a in acts), _paths(name, p, m, v),
-                            split_backward=name == "zb-h1")
+    sched = PipelineSchedule(name, p, m, chunks, parts, tuple(tuple(a) for a in acts), _paths(name, p, m, v),
+                             split_backward=name == "zb-h1")
+    if name == "interleaved" and m % p:
+        # Megatron's warm-up count assumes full groups of p microbatches; a short last group can close a
+        # dependency cycle (e.g. p=4, v=3, m=5). Keep the layouts where it does not.
+        from megallama.pipeline.simulate import ScheduleDeadlock, simulate
+        try:
+            simulate(sched)
+        except ScheduleDeadlock:
+            raise ConfigError(f"the interleaved schedule with {p} stages and {v} chunks per stage cannot run {m} "
+                              f"microbatches; use a multiple of {p} (--global-batch-size / (micro batch x dp))")
+    return sched
 
 
 def validate_schedule(sched: PipelineSchedule) -> None:

@@ -1,0 +1,77 @@
+"""Layer partitioning over stages and virtual chunks, and the layout errors users see."""
+import pytest
+
+from megallama.config import get_model_config
+from megallama.errors import ConfigError
+from megallama.pipeline.model_chunks import model_parts
+from megallama.pipeline.partition import (StageCosts, costs_from_config, num_microbatches, partition_layers,
+                                          validate_pipeline_config)
+
+
+def sizes(parts):
+    return [len(x) for x in parts]
+
+
+def test_even_split_and_contiguous_ids():
+    parts = partition_layers(8, 4)
+    assert parts == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert sizes(partition_layers(32, 4, 2)) == [4] * 8
+
+
+def test_uneven_counts_give_fewer_layers_to_early_stages():
+    assert sizes(partition_layers(7, 4)) == [1, 2, 2, 2]
+    assert sizes(partition_layers(10, 4)) == [2, 2, 3, 3]
+    assert sum(sizes(partition_layers(126, 16))) == 126
+
+
+def test_head_cost_moves_layers_off_the_last_stage():
+    # Llama 3 8B: the 128K-vocabulary head costs ~2.4 layers of compute
+    cfg = get_model_config("llama3_8b")
+    c = costs_from_config(cfg)
+    assert 2.3 < c.head < 2.5 and c.embedding < 1e-3
+    parts = partition_layers(32, 4, costs=c)
+    assert sizes(parts) == [8, 9, 9, 6]
+    cost = [len(x) + (c.head if k == 3 else 0) + (c.embedding if k == 0 else 0) for k, x in enumerate(parts)]
+    assert max(cost) == 9  # the best possible bottleneck: ceil((32 + 2.41) / 4)
+    # a heavy embedding (a pretend cost) does the same at the front
+    assert sizes(partition_layers(12, 3, costs=StageCosts(1.0, 2.0, 0.0))) == [2, 5, 5]
+    # Llama 2 7B's 32K head is cheap: even split
+    assert sizes(partition_layers(32, 4, costs=costs_from_config(get_model_config("llama2_7b")))) == [8] * 4
+
+
+def test_first_and_last_stage_overrides():
+    assert sizes(partition_layers(32, 4, first_stage_num_layers=5)) == [5, 9, 9, 9]
+    assert sizes(partition_layers(32, 4, first_stage_num_layers=5, last_stage_num_layers=3)) == [5, 12, 12, 3]
+    with pytest.raises(ConfigError, match="virtual pipeline"):
+        partition_layers(32, 4, 2, first_stage_num_layers=5)
+    with pytest.raises(ConfigError, match="leave"):
+        partition_layers(8, 4, first_stage_num_layers=6)
+
+
+def test_layout_errors():
+    with pytest.raises(ConfigError, match="cannot split 4 layers over 8 pipeline stages"):
+        partition_layers(4, 8)
+    with pytest.raises(ConfigError, match="x 2 virtual chunks"):
+        partition_layers(6, 4, 2)
+    with pytest.raises(ConfigError, match="not divisible by micro batch size 2 x data-parallel size 3"):
+        num_microbatches(10, 2, 3)
+    assert num_microbatches(12, 2, 3) == 2
+    with pytest.raises(ConfigError, match="at least as many microbatches"):
+        validate_pipeline_config(16, 4, "interleaved", global_batch_size=4, micro_batch_size=2,
+                                 num_layers_per_virtual_stage=2)
+    with pytest.raises(ConfigError, match="needs --num-layers-per-virtual-pipeline-stage"):
+        validate_pipeline_config(16, 4, "interleaved")
+    with pytest.raises(ConfigError, match="do not split"):
+        validate_pipeline_config(16, 4, "interleaved", num_layers_per_virtual_stage=3)
+    with pytest.raises(ConfigError, match="unknown pipeline schedule"):
+        validate_pipeline_config(16, 4, "round-robin")
+    out = validate_pipeline_config(16, 4, "interleaved", global_batch_size=16, micro_batch_size=1,
+                                   data_parallel_size=2, num_layers_per_virtual_stage=2)
+    assert out["num_microbatches"] == 8 and out["num_chunks"] == 2 and sizes(out["parts"]) == [2] * 8
+
+
+def test_model_parts_per_schedule():
+    cfg = get_model_config("tiny_llama3_50m").replace(num_layers=8)
+    assert sizes(model_parts(cfg, 2, "interleaved", num_layers_per_virtual_stage=2)) == [2, 2, 2, 2]
+    assert len(model_parts(cfg, 4, "chimera")) == 4  # Chimera: p parts, each held twice
+    assert sum(sizes(model_parts(cfg, 4, "1f1b"))) == 8
