@@ -51,6 +51,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
             x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
             biases = tuple(b if b is None else b.to(dt) for b in biases)
         ctx.sequence_parallel, ctx.n = sequence_parallel, n
+        ctx.set_materialize_grads(False)  # an unused output's grad stays None: its GEMMs are skipped
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.save_for_backward(x, *weights)
         total = mappings.all_gather_along_dim(x, mappings.SEQ_DIM) if sequence_parallel else x
@@ -101,11 +102,18 @@ def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequen
 
 def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
     """Outputs of several ``ColumnParallelLinear``s reading the same input (q/k/v, gate/up), sharing one
-    all-gather (SP) and one backward reduction instead of one per layer."""
+    all-gather (SP) and one backward reduction instead of one per layer.
+
+    A layer carrying an unmerged adapter (``adapter_forward(x)`` / ``base_weight``, as LoRA's layers do) runs its
+    base weight in the shared GEMM and adds ``adapter_forward(x)`` on the same input layout."""
     sp = layers[0].sequence_parallel
     if any(layer.sequence_parallel != sp or layer.gather_output for layer in layers):
         raise ValueError("column_parallel_linears needs layers with the same sequence_parallel and no gather_output")
-    return column_parallel_linear_forward(x, (layer.weight for layer in layers), (layer.bias for layer in layers), sp)
+    adapters = [None if getattr(layer, "merged", True) else getattr(layer, "adapter_forward", None)
+                for layer in layers]
+    weights = [layer.weight if a is None else layer.base_weight for layer, a in zip(layers, adapters)]
+    outs = column_parallel_linear_forward(x, weights, (layer.bias for layer in layers), sp)
+    return tuple(y if a is None else y + a(x).to(y.dtype) for y, a in zip(outs, adapters))
 
 
 class ColumnParallelLinear(nn.Module):

@@ -218,3 +218,35 @@ def test_column_parallel_linear_under_autocast_keeps_fp32_grads():
     (x2 @ w2.t()).sum().backward()
     assert rel_err(w.grad, w2.grad) < 2e-2 and rel_err(x.grad, x2.grad) < 2e-2
 
+
+
+class _Adapted(ColumnParallelLinear):
+    """The adapter protocol column_parallel_linears honours (LoRA's layers implement it)."""
+
+    merged = False
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.extra = nn.Parameter(torch.randn(F, H, dtype=torch.float64) * 0.1)
+
+    @property
+    def base_weight(self):
+        return self._parameters["weight"]
+
+    def adapter_forward(self, x):
+        return x @ self.extra.t()
+
+
+def test_fused_column_linears_run_adapters_on_the_same_input():
+    torch.manual_seed(0)
+    plain = ColumnParallelLinear(H, F, dtype=torch.float64)
+    adapted = _Adapted(H, F, dtype=torch.float64)
+    for layer in (plain, adapted):
+        with torch.no_grad():
+            layer.weight.normal_()
+    x = torch.randn(B, S, H, dtype=torch.float64, requires_grad=True)
+    y_plain, y_adapted = column_parallel_linears(x, (plain, adapted))
+    assert torch.allclose(y_plain, x @ plain.weight.t())
+    assert torch.allclose(y_adapted, x @ (adapted.weight + adapted.extra).t())
+    y_adapted.sum().backward()
+    assert adapted.extra.grad is not None and adapted.weight.grad is not None and plain.weight.grad is None
