@@ -1,0 +1,265 @@
+"""Activation bytes of OUR Llama layer, derived from what autograd saves in ``megallama/model`` and its ops.
+
+Not Korthikanti et al.'s GPT-3 count: every term below is a tensor that ``saved_tensors_hooks`` sees (or that a
+checkpoint / the autocast cache keeps alive), and ``tests/test_memory.py`` re-measures them on CPU. Per rank:
+S = b*s/cp tokens in a tensor-parallel region, Sn = S/tp under sequence parallelism (else S), h hidden, F ffn,
+a heads, g kv heads, V vocab, t = tp, e = compute bytes (2 bf16/fp16, 4 fp32), r = bytes of the parameters and the
+residual stream (4 under autocast: fp32 params; the embedding output and the residual adds stay fp32).
+
+One decoder layer keeps (no recompute):
+  RMSNorm x2   fused kernel: its input r*Sn*h + rstd 4*Sn; reference: 4*Sn*h (input in fp32) + 4*Sn + r*Sn*h
+  q/k/v input  e*Sn*h once per group (autocast copy, or the norm output itself; the shard under SP); same gate/up
+  attention    q, k after RoPE, v, out: e*S*(h/t)*(2 + 2g/a); logsumexp 4*b*(a/t)*s (flash / cuDNN / CPU flash)
+  SwiGLU       fused: gate, up + the product (down_proj's input) 3*e*S*F/t; reference adds silu(gate): 4*e*S*F/t
+  weight casts autocast only: each matmul saves its bf16 weight copy, e*(layer matmul params)/t per microbatch
+RoPE saves only its cos/sin tables (shared by all layers). Selective recompute checkpoints the norms (keeping
+their input r*Sn*h) and SwiGLU (gate, up); full recompute keeps each checkpointed chunk's input r*Sn*h and rebuilds
+one chunk in backward. Autocast caches the casts it makes itself (o_proj/down_proj weights) until the forward's
+autocast region exits, so a fully recomputed layer still holds those during the forward.
+
+For llama3_8b, autocast bf16, fused kernels, tp 1 that is S*h*(2*4 + 2*2 + 4 + 4g/a + 6F/h) = S*h*38 bytes per layer
+(plus the 2-byte weight copies) against the sbh(12 + 4g/a + 6F/h) of a bf16-parameter layer: the fp32 residual
+stream and the autocast copies cost the difference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict
+
+from megallama.errors import ConfigError
+
+# Must equal megallama.mpu.linear_cross_entropy._CHUNK_BYTES (a test checks it): fp32 logits per head chunk.
+FUSED_HEAD_CHUNK_BYTES = 512 * 2**20
+MODES = ("autocast", "params")
+RECOMPUTE = ("none", "selective", "full")
+HEADS = ("fused", "unfused")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """e/r bytes as above; ``cast``: autocast copies weights and activations; ``fused``: the csrc kernels run.
+    Mode 'autocast' is our training loop (fp32 params); 'params' stores parameters in the compute dtype."""
+    e: int
+    r: int
+    cast: bool
+    fused: bool = True
+
+    @staticmethod
+    def of(precision: str, mode: str = "autocast", fused: bool = True) -> "Numerics":
+        if precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"precision '{precision}' is not one of bf16, fp16, fp32; pick one of those")
+        if mode not in MODES:
+            raise ConfigError(f"mixed-precision mode '{mode}' is not one of {', '.join(MODES)}; pick one of those")
+        e = 4 if precision == "fp32" else 2
+        if mode == "autocast":
+            return Numerics(e=e, r=4, cast=e < 4, fused=fused)
+        return Numerics(e=e, r=e, cast=False, fused=fused)
+
+
+@dataclass(frozen=True)
+class Shape:
+    b: int
+    s: int  # local sequence (seq / cp)
+    h: int
+    F: int
+    a: int
+    g: int
+    V: int
+    t: int = 1
+    sp: bool = False
+
+    @classmethod
+    def of(cls, cfg, micro_batch: int, seq: int, tp: int = 1, sp: bool = False, cp: int = 1,
+           ffn_hidden_size: int = None) -> "Shape":
+        return cls(micro_batch, seq // cp, cfg.hidden_size, ffn_hidden_size or cfg.ffn_hidden_size,
+                   cfg.num_attention_heads, cfg.num_query_groups, cfg.vocab_size, tp, bool(sp and tp > 1))
+
+    @property
+    def S(self) -> int:
+        return self.b * self.s
+
+    @property
+    def Sn(self) -> int:
+        return self.S // self.t if self.sp else self.S
+
+    @property
+    def d(self) -> int:
+        return self.h // self.a
+
+    @property
+    def qkv_params(self) -> int:  # local to this tp rank
+        return (self.h * self.h + 2 * self.h * self.g * self.d) // self.t
+
+    @property
+    def ffn_weight(self) -> int:  # one of gate/up/down, local
+        return self.h * self.F // self.t
+
+    @property
+    def layer_matmul_params(self) -> int:
+        return self.qkv_params + self.h * self.h // self.t + 3 * self.ffn_weight
+
+    @property
+    def row_matmul_params(self) -> int:  # o_proj + down_proj: cast by autocast itself, hence cached
+        return self.h * self.h // self.t + self.ffn_weight
+
+
+def norm_saved(x: Shape, n: Numerics) -> int:
+    if n.fused:
+        return n.r * x.Sn * x.h + 4 * x.Sn
+    return 4 * x.Sn * x.h + 4 * x.Sn + n.r * x.Sn * x.h
+
+
+def swiglu_saved(x: Shape, n: Numerics, selective: bool = False) -> int:
+    """gate, up (+ silu(gate) in the reference) and the product that down_proj keeps."""
+    return (3 if n.fused or selective else 4) * n.e * x.S * (x.F // x.t)
+
+
+def layer_saved(x: Shape, n: Numerics, recompute: str = "none") -> Dict[str, int]:
+    """Bytes one decoder layer keeps for backward, by component (weight casts listed apart)."""
+    sel = recompute == "selective"
+    attn = 2 * n.e * x.S * (x.h // x.t) + 2 * n.e * x.S * (x.g // x.t) * x.d + 4 * x.b * (x.a // x.t) * x.s
+    return {"norms": 2 * (n.r * x.Sn * x.h if sel else norm_saved(x, n)),
+            "linear_inputs": 2 * (n.e if n.cast else n.r) * x.Sn * x.h,
+            "attention": attn, "mlp": swiglu_saved(x, n, sel),
+            "weight_casts": n.e * x.layer_matmul_params if n.cast else 0}
+
+
+def layer_bytes(x: Shape, n: Numerics, recompute: str = "none") -> int:
+    return sum(layer_saved(x, n, recompute).values())
+
+
+def embedding_saved(x: Shape) -> int:
+    """Token ids (int64) kept by the embedding; with tp > 1 the masked local ids plus the bool mask."""
+    return 8 * x.S + (x.S if x.t > 1 else 0)
+
+
+def rope_tables(x: Shape) -> int:
+    return 2 * 4 * x.s * (x.d // 2)
+
+
+def head_saved(x: Shape, n: Numerics, head: str = "fused") -> Dict[str, int]:
+    """Final norm + output layer + cross-entropy, kept until backward."""
+    vloc = x.V // x.t
+    out = {"final_norm": norm_saved(x, n)}
+    if head == "fused":  # gradients computed in forward: d(hidden) in compute dtype, d(weight) in fp32
+        out["head"] = n.e * x.S * x.h + 4 * vloc * x.h
+    else:  # lm_head input, its weight cast, fp32 softmax + target bookkeeping
+        out["head"] = (n.e if n.cast else n.r) * x.Sn * x.h + (n.e * vloc * x.h if n.cast else 0) \
+            + 4 * x.S * vloc + 10 * x.S
+    return out
+
+
+def fused_head_rows(x: Shape) -> int:
+    return max(1, min(x.S, FUSED_HEAD_CHUNK_BYTES // (4 * (x.V // x.t))))
+
+
+def head_forward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
+    """Peak bytes the head holds during its forward on top of what it saves: the final norm output, its
+    all-gather (SP), the cast input and weight, and (fused) one or two chunks' logits in flight, or (unfused) the
+    logits and their fp32 copy."""
+    vloc, up = x.V // x.t, (4 if n.e < 4 else 0)
+    base = n.r * x.Sn * x.h + (n.r * x.S * x.h if x.sp else 0)
+    if head == "unfused":
+        return base + n.e * x.S * vloc + up * x.S * vloc
+    if n.r != n.e:
+        base += n.e * x.S * x.h + n.e * vloc * x.h
+    base += 8 * x.S  # per-token losses and weights
+    rows = fused_head_rows(x)
+    R = rows * vloc
+    kept = 4 + (n.e if n.e < 4 else 0)  # a chunk's fp32 probabilities and their compute-dtype copy
+    fresh = n.e + up  # a chunk's matmul output and its fp32 upcast
+    chunk_a = (kept * R if x.S > rows else 0) + fresh * R  # the previous chunk is still referenced
+    chunk_b = kept * R + (n.e + up) * vloc * x.h  # a chunk's weight-gradient product and its fp32 upcast
+    return base + max(chunk_a, chunk_b)
+
+
+def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
+    vloc = x.V // x.t
+    if head == "fused":  # grad_h * scale (compute dtype) -> residual dtype; grad_w * scale (fp32) -> param dtype
+        return n.e * x.S * x.h + (n.r * x.S * x.h if n.r != n.e else 0) + 4 * vloc * x.h + \
+            (n.r * vloc * x.h if n.r != 4 else 0)
+    return n.e * x.S * vloc if n.e < 4 else 0  # the fp32 softmax grad cast back to the logits dtype
+
+
+def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none") -> int:
+    """Bytes above the layer's saved set while its MLP runs backward (the largest part of a Llama layer):
+    the residual grad, then the max of down_proj's (input grad + weight grad + fp32 upcast), SwiGLU's (two grads
+    while the product is freed) and gate/up's (input grads + both weight grads, then both fp32 upcasts)."""
+    c, W, eF = (4 if n.cast else 0), x.ffn_weight, n.e * x.S * (x.F // x.t)
+    G = n.r * x.Sn * x.h
+    gy = (n.e * x.S * x.h if x.sp else n.e * x.Sn * x.h if n.r != n.e else 0)
+    mlp_saved = swiglu_saved(x, n, recompute == "selective") + (n.e * W if n.cast else 0)
+    if recompute == "selective" and not n.fused:
+        mlp_saved -= eF  # silu(gate) and the product are rebuilt in backward: one more eF at SwiGLU
+    cand = [
+        gy + eF + n.e * W,  # down_proj: input grad, then the weight-grad GEMM
+        n.e * W + c * W - (n.e * W if n.cast else 0),  # its weight grad upcast (input grad replaces the input)
+        2 * eF - (n.e * W if n.cast else 0) + (eF if recompute == "selective" and not n.fused else 0),  # SwiGLU
+        # gate/up backward: two input grads in, input-grad GEMMs and both weight grads out (+ SP re-gather)
+        -mlp_saved - (n.e * W if n.cast else 0) + 2 * eF + 2 * n.e * x.S * x.h + 2 * n.e * W
+        + (n.e * (x.S + x.Sn) * x.h if x.sp else 0),
+        # ... whose outputs autograd casts to the fp32 inputs' dtype: grad input and both weight grads
+        -mlp_saved - (n.e * W if n.cast else 0) + (n.r * x.Sn * x.h + 2 * c * W + n.e * W if n.cast else 0),
+    ]
+    return G + max(cand)
+
+
+def recompute_chunks(num_layers: int, method: str, k: int):
+    """(number of checkpointed chunks, layers per chunk, layers stored whole) for Megatron's methods."""
+    k = max(1, k)
+    if method == "block":
+        n = min(k, num_layers)
+        return n, 1, num_layers - n
+    return math.ceil(num_layers / k), min(k, num_layers), 0
+
+
+def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str = "none", in_flight: int = 1,
+                          pre_process: bool = True, post_process: bool = True, head: str = "fused",
+                          recompute_method: str = "uniform", recompute_num_layers: int = 1,
+                          others_hold_ends: bool = True) -> Dict[str, int]:
+    """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
+    others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
+    schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
+    chunk with the embedding / head.
+
+    Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
+    'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute '{recompute}' is not one of {', '.join(RECOMPUTE)}; pick one of those")
+    if head not in HEADS:
+        raise ConfigError(f"head '{head}' is not one of {', '.join(HEADS)}; pick one of those")
+    parts = layer_saved(x, n, "selective" if recompute == "selective" else "none")
+    casts_layer = parts["weight_casts"]
+    whole = sum(parts.values())
+    if recompute == "full":
+        n_chunks, per_chunk, stored = recompute_chunks(num_layers, recompute_method, recompute_num_layers)
+        layers = n_chunks * n.r * x.Sn * x.h + stored * (whole - casts_layer)
+        casts, recomputed = stored * casts_layer, per_chunk * whole
+        cached = (num_layers - stored) * n.e * x.row_matmul_params if n.cast else 0
+    else:
+        layers, casts, recomputed, cached, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, \
+            0, 0, 0
+    misc = rope_tables(x) + (embedding_saved(x) if pre_process else 0)
+    if not post_process:  # the stage's output is kept for its backward (p2p)
+        misc += n.r * x.Sn * x.h
+    hs = head_saved(x, n, head) if post_process else {"final_norm": 0, "head": 0}
+    held = layers + casts + misc + hs["final_norm"] + hs["head"]  # one microbatch after its forward
+    ws = layer_backward_workspace(x, n, recompute)
+    phases = {"layer backward": (held - hs["final_norm"] - hs["head"] + recomputed + ws, 0,
+                                 per_chunk * casts_layer)}
+    if post_process:
+        fwd = head_forward_transient(x, n, head)
+        phases["head forward"] = (held + cached + fwd, hs["head"] + fwd, cached)
+        bwd = head_backward_transient(x, n, head)
+        phases["head backward"] = (held + bwd, hs["head"] + bwd, 0)
+    else:
+        phases["forward end"] = (held + cached, 0, cached)
+    phase = max(phases, key=lambda k: phases[k][0])
+    current, logits, extra_casts = phases[phase]
+    other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \
+        (embedding_saved(x) if pre_process else 0)
+    total = (in_flight - 1) * other + current
+    casts = in_flight * casts + extra_casts
+    return {"total": total, "logits": logits, "weight_casts": casts, "activations": total - logits - casts,
+            "phase": phase, "held_per_microbatch": held, "layer_bytes": whole}

@@ -1,0 +1,185 @@
+"""Choose tp / pp / dp, the ZeRO stage, recompute and the micro-batch for a model, a GPU count and GPU memory.
+
+Every candidate layout is priced by ``memory.estimate_requirements``; among those that fit, the one with the best
+modelled throughput wins (deterministically: ties go to less parallelism). The throughput model is deliberately
+simple and stated: pipeline bubble (p-1)/(m+p-1) and stage balance (the slowest stage, the output layer counted
+by its matmul size, sets the pace), recompute costs 1/3 of a step (full) or 3% (selective),
+tensor parallelism loses 4% per doubling and may not leave a node, ZeRO-3 loses 10% to its extra all-gathers,
+micro-batches under 4096 tokens lose GPU efficiency. ``choose_layout`` returns None when nothing fits, and
+``explain`` says why (model states alone: 16 bytes per parameter under our fp32-param training).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Union
+
+from megallama.config import ModelConfig, get_model_config
+from megallama.errors import ConfigError
+from megallama.memory import GiB, estimate_requirements, precision_bytes, stage_layers
+
+RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
+ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def stage_balance(cfg: ModelConfig, pp: int) -> float:
+    """Mean over slowest stage work, in decoder-layer units; the output layer weighs V*h / (layer matmul params)."""
+    if pp == 1:
+        return 1.0
+    layer = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.num_query_groups * cfg.head_dim + \
+        3 * cfg.hidden_size * cfg.ffn_hidden_size
+    head = cfg.vocab_size * cfg.hidden_size / layer
+    layers = stage_layers(cfg.num_layers, pp)
+    return (cfg.num_layers + head) / pp / max(layers[:-1] + [layers[-1] + head])
+
+
+def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro_batch: int, seq: int,
+                     num_microbatches: int, balance: float = 1.0) -> float:
+    """Relative tokens/s per GPU of a layout (1.0 = ideal); only comparisons between layouts mean anything."""
+    bubble = (pp - 1) / (num_microbatches + pp - 1) if pp > 1 else 0.0
+    tp_eff = 1.0 - 0.04 * math.log2(tp)
+    tokens = micro_batch * seq
+    mb_eff = min(1.0, 0.85 + 0.05 * math.log2(max(tokens, 256) / 512)) if tokens < 4096 else 1.0
+    return (1 - bubble) * balance * tp_eff * ZERO_EFF[zero if dp > 1 else 0] * mb_eff / (1 + RECOMPUTE_COST[recompute])
+
+
+def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches, zero_stages, recomputes):
+    for tp in (1, 2, 4, 8):
+        if tp > gpus_per_node or world % tp or any(n % tp for n in (cfg.num_attention_heads, cfg.num_query_groups,
+                                                                    cfg.vocab_size, cfg.ffn_hidden_size)):
+            continue
+        for pp in _divisors(world // tp):
+            if pp > cfg.num_layers:
+                break
+            dp = world // (tp * pp)
+            for zero in zero_stages:
+                if zero > 0 and dp == 1:
+                    continue
+                for rec in recomputes:
+                    for mb in micro_batches:
+                        yield tp, pp, dp, zero, rec, mb
+
+
+def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: float = 80.0,
+                  sequence_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
+                  global_batch_size: Optional[int] = None, precision: str = "bf16", strategy: str = "standard",
+                  gpus_per_node: int = 8, zero_stages=(0, 1, 2, 3), safety_margin: float = 0.05,
+                  explain: bool = True, **estimate_kw) -> Optional[dict]:
+    """The best layout that fits, as a dict (tp, pp, dp, zero_stage, recompute, micro_batch_size,
+    num_microbatches, sequence_parallel, score, estimate, explanation), or None if none does.
+
+    ``micro_batch_size`` fixes the micro-batch (else 1..32 are tried); ``global_batch_size`` fixes the number of
+    microbatches (else 4 per pipeline stage, as the seed advises). A layout fits when its estimate leaves
+    ``safety_margin`` of the GPU free. With ``explain`` the reasoning is in plan['explanation'] (printed when
+    nothing fits)."""
+    cfg = model if isinstance(model, ModelConfig) else get_model_config(model)
+    if num_gpus < 1:
+        raise ConfigError(f"number of GPUs must be positive, got {num_gpus}")
+    seq = sequence_length or min(cfg.max_position_embeddings, 2048)
+    mbs = [micro_batch_size] if micro_batch_size else [1, 2, 4, 8, 16, 32]
+    nodes = max(1, num_gpus // gpus_per_node) if num_gpus % gpus_per_node == 0 else 1
+    per_node = num_gpus // nodes
+    rows = []
+    for tp, pp, dp, zero, rec, mb in _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages,
+                                                ("none", "selective", "full")):
+        if global_batch_size is not None:
+            if global_batch_size % (mb * dp):
+                continue
+            m = global_batch_size // (mb * dp)
+        else:
+            m = 1 if pp == 1 else 4 * pp
+        try:
+            est = estimate_requirements(model_config=cfg, model_variant=cfg.name, batch_size=mb, sequence_length=seq,
+                                        num_gpus=per_node, num_nodes=nodes, tp=tp, pp=pp, zero_stage=zero,
+                                        recompute=rec, precision=precision, strategy=strategy,
+                                        gpu_memory_gb=gpu_memory_gb, num_microbatches=m,
+                                        sequence_parallel=tp > 1, recommend=False, **estimate_kw)
+        except ConfigError:
+            continue
+        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp))
+        rows.append({"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "recompute": rec, "micro_batch_size": mb,
+                     "num_microbatches": m, "sequence_parallel": tp > 1, "score": score, "estimate": est})
+    cap = gpu_memory_gb * (1 - safety_margin)
+    for r in rows:
+        r["fits"] = r["estimate"]["memory_per_gpu_gb"] <= cap
+    fitting = [r for r in rows if r["fits"]]
+    # best score; ties: less tp, less pp, lower ZeRO, less recompute, larger micro-batch
+    order = {"none": 0, "selective": 1, "full": 2}
+    key = lambda r: (-round(r["score"], 6), r["tp"], r["pp"], r["zero_stage"], order[r["recompute"]],  # noqa: E731
+                     -r["micro_batch_size"])
+    fitting.sort(key=key)
+    plan = fitting[0] if fitting else None
+    if explain:
+        text = explanation(cfg, num_gpus, gpu_memory_gb, seq, precision, plan, rows, strategy)
+        if plan is None and rows:
+            text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
+                                      gpus_per_node, safety_margin, estimate_kw)
+        if plan is not None:
+            plan["explanation"] = text
+        else:
+            print(text)
+    return plan
+
+
+def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
+                plan: Optional[dict], rows: List[dict], strategy: str = "standard") -> str:
+    p, g, k = precision_bytes(precision, "autocast")
+    floor = (p + g + k) * cfg.num_params() / num_gpus / GiB
+    lines = [f"auto-configuration for {cfg.name} ({cfg.num_params() / 1e9:.2f}B params) on {num_gpus} GPUs of "
+             f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}:",
+             f"  model states need {p + g + k} bytes/param ({p} weights + {g} grads + {k} Adam): at best "
+             f"{floor:.1f} GiB per GPU when fully sharded over all {num_gpus} GPUs"]
+    if plan is None:
+        if not rows:
+            lines.append("  no layout is valid for this model and GPU count (tp must divide heads, kv heads and "
+                         "vocabulary; pp <= layers)")
+            return "\n".join(lines)
+        best = min(rows, key=lambda r: r["estimate"]["memory_per_gpu_gb"])
+        e = best["estimate"]
+        lines.append(f"  NO layout fits: the smallest is tp {best['tp']} pp {best['pp']} dp {best['dp']} "
+                     f"ZeRO-{best['zero_stage']} recompute {best['recompute']} micro-batch "
+                     f"{best['micro_batch_size']} at {e['memory_per_gpu_gb']:.1f} GiB per GPU (model states "
+                     f"{e['model_states_gb']:.1f} GiB)")
+        return "\n".join(lines)
+    e = plan["estimate"]
+    lines.append(f"  chosen: tp {plan['tp']}{' + sequence parallel' if plan['sequence_parallel'] else ''}, pp "
+                 f"{plan['pp']}, dp {plan['dp']}, ZeRO-{plan['zero_stage']}, recompute {plan['recompute']}, "
+                 f"micro-batch {plan['micro_batch_size']} x {plan['num_microbatches']} microbatches")
+    lines.append(f"  memory: {e['memory_per_gpu_gb']:.1f} GiB per GPU (model states {e['model_states_gb']:.1f}, "
+                 f"activations+logits {e['breakdown_gb']['activations'] + e['breakdown_gb']['logits']:.1f}), "
+                 f"{e['headroom_gb']:.1f} GiB to spare")
+    why = []
+    if plan["tp"] > 1:
+        why.append(f"tp {plan['tp']} (within a node) splits weights and activations")
+    if plan["pp"] > 1:
+        why.append(f"pp {plan['pp']} splits the layers (bubble {(plan['pp'] - 1) / (plan['num_microbatches'] + plan['pp'] - 1):.0%})")
+    if plan["zero_stage"]:
+        why.append(f"ZeRO-{plan['zero_stage']} shards {'optimizer states' if plan['zero_stage'] == 1 else 'optimizer states and grads' if plan['zero_stage'] == 2 else 'all model states'} over dp {plan['dp']}")
+    if plan["recompute"] != "none":
+        why.append(f"{plan['recompute']} recompute trades compute for activation memory")
+    if why:
+        lines.append("  because: " + "; ".join(why))
+    better = sorted((r for r in rows if not r["fits"] and r["score"] > plan["score"]),
+                    key=lambda r: r["estimate"]["memory_per_gpu_gb"])[:3]
+    for r in better:
+        lines.append(f"  faster but too big: tp {r['tp']} pp {r['pp']} dp {r['dp']} ZeRO-{r['zero_stage']} recompute "
+                     f"{r['recompute']} micro-batch {r['micro_batch_size']}: "
+                     f"{r['estimate']['memory_per_gpu_gb']:.1f} GiB")
+    return "\n".join(lines)
+
+
+def _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy, gpus_per_node, margin,
+               estimate_kw) -> str:
+    """The smallest multiple of the GPU count (up to 16x) on which some layout fits."""
+    for mult in (2, 4, 8, 16):
+        plan = choose_layout(cfg, num_gpus * mult, gpu_memory_gb, seq, micro_batch_size, precision=precision,
+                             strategy=strategy, gpus_per_node=gpus_per_node, safety_margin=margin, explain=False,
+                             **estimate_kw)
+        if plan is not None:
+            return (f"  {num_gpus * mult} GPUs would fit: tp {plan['tp']} pp {plan['pp']} dp {plan['dp']} "
+                    f"ZeRO-{plan['zero_stage']} recompute {plan['recompute']} micro-batch {plan['micro_batch_size']} "
+                    f"at {plan['estimate']['memory_per_gpu_gb']:.1f} GiB per GPU")
+    return f"  nothing fits on up to {16 * num_gpus} GPUs: shorten the sequence or use LoRA"

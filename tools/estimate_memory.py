@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Estimate per-GPU training memory for a model and layout (no GPU needed); --auto-configure picks the layout.
+
+  python tools/estimate_memory.py --model llama2_7b --batch-size 16 --gpus 4
+  python tools/estimate_memory.py --model llama3_70b --gpus 8 --nodes 8 --tensor-parallel 8 --zero-stage 1 --json
+  python tools/estimate_memory.py --model llama3_405b --gpus 8 --nodes 16 --auto-configure --seq-length 8192
+
+Flags use the Megatron names with the seed's aliases; ``--batch-size`` is the micro-batch per GPU. Exit status 2
+with a one-line message on a bad flag value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megallama.errors import ConfigError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("estimate_memory", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--model", "--model-variant", dest="model", default="llama3_8b")
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=None,
+                   help="micro-batch per GPU (default 1; searched by --auto-configure unless given)")
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--num-microbatches", type=int, default=None)
+    p.add_argument("--seq-length", "--sequence-length", dest="seq_length", type=int, default=None)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", "--tensor-parallel", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--context-parallel-size", "--cp", dest="cp", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1)
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--activation-checkpointing", action="store_true", help="alias of --recompute-granularity full")
+    p.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    p.add_argument("--recompute-num-layers", type=int, default=1)
+    p.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "interleaved", "chimera"], default="1f1b")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument("--mixed-precision", "--precision", dest="precision", default="bf16",
+                   choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--params-dtype-compute", action="store_true",
+                   help="model parameters stored in bf16/fp16 (Megatron style) instead of fp32 + autocast")
+    p.add_argument("--no-fused-kernels", action="store_true")
+    p.add_argument("--unfused-head", action="store_true", help="logits + cross-entropy instead of the fused head")
+    p.add_argument("--strategy", choices=["standard", "lora", "moe", "hybrid"], default="standard")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--moe-router-topk", type=int, default=None)
+    p.add_argument("--gpu-memory", "--gpu-memory-gb", dest="gpu_memory", type=float, default=80.0,
+                   help="GiB per GPU (default 80)")
+    p.add_argument("--overlap-grad-reduce", action="store_true")
+    p.add_argument("--bucket-size", type=int, default=40_000_000)
+    p.add_argument("--auto-configure", action="store_true", help="choose tp/pp/dp/ZeRO/recompute/micro-batch")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    return p
+
+
+def _precision(args) -> str:
+    if args.bf16:
+        return "bf16"
+    if args.fp16:
+        return "fp16"
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(args.precision, args.precision)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    from megallama.memory import estimate_requirements
+    args = build_parser().parse_args(argv)
+    zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage
+    recompute = "full" if args.activation_checkpointing else args.recompute_granularity
+    kw = dict(mixed_precision_mode="params" if args.params_dtype_compute else "autocast",
+              fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused")
+    if args.auto_configure:
+        from megallama.autoconfig import choose_layout
+        plan = choose_layout(args.model, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
+                             args.batch_size, args.global_batch_size, _precision(args), args.strategy,
+                             gpus_per_node=args.gpus, **kw)
+        if plan is None:
+            return {"plan": None}
+        return {"plan": {k: v for k, v in plan.items() if k not in ("estimate",)}, "estimate": plan["estimate"]}
+    v = 1
+    if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
+        from megallama.config import get_model_config
+        layers = get_model_config(args.model).num_layers
+        v = max(1, layers // (args.pp * args.num_layers_per_virtual_pipeline_stage))
+    est = estimate_requirements(args.model, batch_size=args.batch_size or 1, sequence_length=args.seq_length,
+                                num_gpus=args.gpus, num_nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp,
+                                ep=args.ep, zero_stage=zero, recompute=recompute, precision=_precision(args),
+                                strategy=args.strategy, lora_rank=args.lora_rank, num_experts=args.num_experts,
+                                moe_topk=args.moe_router_topk, gpu_memory_gb=args.gpu_memory,
+                                global_batch_size=args.global_batch_size, num_microbatches=args.num_microbatches,
+                                sequence_parallel=args.sequence_parallel, pipeline_schedule=args.pipeline_schedule,
+                                virtual_pipeline_stages=v, recompute_method=args.recompute_method,
+                                recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
+                                overlap_grad_reduce=args.overlap_grad_reduce, **kw)
+    return {"estimate": est, "json": args.json}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megallama.memory_advice import format_table
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        out = run(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    as_json = "--json" in argv
+    if "plan" in out:
+        if as_json:
+            print(json.dumps(out, indent=2, default=str))
+        elif out["plan"] is not None:
+            print(out["plan"]["explanation"])
+            print()
+            print(format_table(out["estimate"]))
+        return 0 if out["plan"] is not None else 1
+    if as_json:
+        print(json.dumps(out["estimate"], indent=2, default=str))
+    else:
+        print(format_table(out["estimate"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
