@@ -54,16 +54,24 @@ def _stage3_frees_units(group):
     for u in ddp.zero3.units:
         u.module.register_forward_pre_hook(lambda m, a, u=u: record(m, a, u))
     x, y = batch(0)
+    with torch.no_grad():  # evaluation: every unit (root included) is freed after use
+        eval_loss = float(ddp(x, labels=y).mean())
+    gathered_after_eval = [u.name for u in ddp.zero3.all_units if u.full is not None]
+    refs.clear()
     loss = ddp(x[:2], labels=y[:2]).mean()
     alive = [name for name, r in refs if not r.expired()]
     loss.backward()
     gathered_after = [u.name for u in ddp.zero3.all_units if u.full is not None]
     return {"units": [n for n, _ in refs], "alive_after_forward": alive, "gathered_after_backward": gathered_after,
-            "root": [ddp.param_names[p] for p in ddp.zero3.root.params]}
+            "root": [ddp.param_names[p] for p in ddp.zero3.root.params], "eval_loss": eval_loss,
+            "gathered_after_eval": gathered_after_eval}
 
 
 def _save(ddp, opt, path, rank):
     torch.save({"model": ddp.state_dict(), "optimizer": opt.state_dict()}, os.path.join(path, f"rank_{rank}.pt"))
+    full = opt.gather_full_state_dict()  # collective; the whole state in parameter space
+    if rank == 0:
+        torch.save(full, os.path.join(path, "full_optimizer.pt"))
 
 
 def _load_all(path):
@@ -72,11 +80,12 @@ def _load_all(path):
     return states[0]["model"], [s["optimizer"] for s in states]
 
 
-def _resume(stage, group, ckpt, rank_of_group):
+def _resume(stage, group, ckpt, from_full=False):
     ddp, opt = make(stage, group=group)
     model_sd, opt_sds = _load_all(ckpt)
     ddp.load_state_dict(model_sd)
-    opt.load_state_dict(opt_sds)
+    opt.load_state_dict(torch.load(os.path.join(ckpt, "full_optimizer.pt"), weights_only=True) if from_full
+                        else opt_sds)
     losses, _ = train(ddp, opt, SPLIT, STEPS - SPLIT)
     return losses, _numpy(ddp.state_dict())
 
@@ -94,13 +103,20 @@ def _job(rank, world, ckpt_in, ckpt_out, save_stage):
         if not overlap:
             out["memory"][stage] = _memory(ddp, opt)
         out["runs"][(stage, overlap)] = (losses + more, norms + more_norms, _numpy(ddp.state_dict()))
+    if world == 2:  # stage 3 under full activation recompute: unit forwards re-run inside backward
+        ddp, opt = make(3, group=group, overlap_grad_reduce=True, overlap_param_gather=True)
+        ddp.module.model.recompute_granularity = "full"
+        losses, norms = train(ddp, opt, 0, STEPS)
+        out["runs"]["recompute"] = (losses, norms, _numpy(ddp.state_dict()))
     out["stage3_free"] = _stage3_frees_units(group)
     dist.barrier()
     if ckpt_in:  # resume a run of the other dp size at step SPLIT, with another stage
-        out["resume_full_world"] = _resume(3, group, ckpt_in, rank)
+        out["resume_full_world"] = _resume(3, group, ckpt_in)
+    else:  # the gathered full state loads into another stage as well
+        out["resume_from_full"] = _resume(1, group, ckpt_out, from_full=True)
     if world == 4:  # 4 -> 2: two independent dp=2 replicas resume this run's stage-3 checkpoint with stage 2
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        out["resume_pairs"] = _resume(2, pairs[rank // 2], ckpt_out, rank)
+        out["resume_pairs"] = _resume(2, pairs[rank // 2], ckpt_out)
     return out
 
 
@@ -171,9 +187,16 @@ def test_memory_per_rank_matches_zero_formulas(dp2, dp4, stage):
             _check_memory(res[r]["memory"][stage], stage, n)
 
 
-def test_stage3_frees_gathered_units_during_forward(dp2, dp4):
+def test_stage3_with_activation_recompute(dp2, reference):
+    for r in range(2):
+        _check_run(dp2[0][r]["runs"]["recompute"], reference, f"dp2 rank {r} stage 3 with full recompute")
+
+
+def test_stage3_frees_gathered_units_during_forward(dp2, dp4, reference):
     for res in (dp2[0][0], dp4[0]):
         info = res["stage3_free"]
+        assert abs(info["eval_loss"] - reference["losses"][0]) <= 1e-5 * reference["losses"][0]
+        assert info["gathered_after_eval"] == []
         assert info["units"] == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm"]
         assert info["root"] == ["lm_head.weight"]  # read by compute_logits: gathered after the last layer
         assert info["alive_after_forward"] == []
@@ -196,3 +219,8 @@ def test_resume_dp2_stage2_as_dp4_stage3(dp4, reference):
 def test_resume_dp4_stage3_as_dp2_stage2(dp4, reference):
     for r in range(4):
         _check_resume(dp4[r]["resume_pairs"], reference, f"4->2 ranks, stage 3->2, rank {r}")
+
+
+def test_resume_from_gathered_full_state(dp2, reference):
+    for r in range(2):
+        _check_resume(dp2[0][r]["resume_from_full"], reference, f"dp2 stage 2 full state -> stage 1, rank {r}")
