@@ -15,6 +15,8 @@ TORCH_LIBRARY(megallama, m) {
   // RoPE on x [b, s, h, d] (any strides with contiguous d); cos/sin [b or 1, s, d/2].
   m.def("rope_fwd(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, bool inverse) -> ()");
+  // q and k of one layer (same b, s, d; any head counts) in one launch.
+  m.def("rope_qk_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
   // SwiGLU: silu(gate) * up, from two tensors or from one packed [..., 2f] projection output.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
@@ -36,8 +38,8 @@ int rms_norm_bwd(DType, DType, const void*, int64_t, const void*, int64_t, const
                  int64_t, void*, int64_t, int64_t, void*) {
   return -1;
 }
-int rope(DType, const void*, int64_t, int64_t, int64_t, void*, int64_t, int64_t, int64_t, const float*, const float*,
-         int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, void*) {
+int rope(DType, const RopeView&, const RopeView&, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+         int64_t, bool, void*) {
   return -1;
 }
 int swiglu_fwd(DType, const void*, int64_t, const void*, int64_t, void*, int64_t, int64_t, int64_t, void*) {

@@ -8,17 +8,23 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <type_traits>
 
 #include "launchers.h"
+
+#ifdef MEGALLAMA_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace megallama {
 
@@ -30,6 +36,29 @@ template <typename T>
 struct Tag {
   using type = T;
 };
+
+// exp for fp32 in plain arithmetic, so that loops using it vectorise (std::exp does not without -ffast-math):
+// Cephes' expf. Range reduction x = n ln2 + r (ln2 in two parts), a degree-7 polynomial for e^r (about 1 ulp), and
+// 2^n written into the exponent bits; inputs clamped to [-87, 88] so the result stays a normal float.
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f));  // round half away (SSE2 truncation)
+  const float nf = static_cast<float>(n);
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_fast(double x) { return std::exp(x); }
 
 // Calls f(Tag<T>{}) for a floating storage type: fp32, fp64, bf16, fp16.
 template <typename F>
@@ -85,9 +114,13 @@ inline cuda::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
-// The current stream of t's device, as a cudaStream_t, without including CUDA headers here.
+// The current stream of t's (CUDA) device as a cudaStream_t; never called in a CPU-only build.
 inline void* current_stream(const at::Tensor& t) {
-  return c10::impl::getDeviceGuardImpl(t.device().type())->getStream(t.device()).native_handle();
+#ifdef MEGALLAMA_WITH_CUDA
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+#else
+  TORCH_CHECK(false, "megallama._C was built without CUDA");
+#endif
 }
 
 inline void check_cuda(int err, const char* op) {

@@ -23,11 +23,16 @@ int rms_norm_bwd(DType xt, DType wt, const void* dy, int64_t dy_rs, const void* 
                  const float* rstd, void* dx, float* dw_part, int64_t parts, void* dw, int64_t rows, int64_t H,
                  void* stream);
 
-// RoPE on x viewed as [B, S, NH, D] (element strides for b, s, h; d contiguous), out likewise (may equal x).
+// RoPE on up to two tensors viewed as [B, S, nh, D] (element strides for b, s, h; d contiguous), e.g. q and k of
+// one layer in one launch; out may equal x (in place). nh = 0 leaves a view unused.
+struct RopeView {
+  const void* x;
+  void* out;
+  int64_t xb, xs, xh, ob, os, oh, nh;
+};
 // cos/sin are fp32 [*, S, D/2] with batch stride cb (0: shared) and seq stride cs. inverse: rotate by -angle.
-int rope(DType t, const void* x, int64_t xb, int64_t xs, int64_t xh, void* out, int64_t ob, int64_t os, int64_t oh,
-         const float* cos, const float* sin, int64_t cb, int64_t cs, int64_t B, int64_t S, int64_t NH, int64_t D,
-         bool inverse, void* stream);
+int rope(DType t, const RopeView& a, const RopeView& b, const float* cos, const float* sin, int64_t cb, int64_t cs,
+         int64_t B, int64_t S, int64_t D, bool inverse, void* stream);
 
 // SwiGLU on [rows, cols] views (row strides in elements; columns contiguous).
 int swiglu_fwd(DType t, const void* g, int64_t g_rs, const void* u, int64_t u_rs, void* y, int64_t y_rs,

@@ -12,7 +12,9 @@ namespace megallama {
 namespace cuda {
 namespace {
 
-constexpr int bounds(int vpt) { return vpt >= 16 ? 1024 : 256; }
+// Most threads per row for each VPT: also the kernel's __launch_bounds__, which caps its registers (64 at 1024,
+// 128 at 512, 255 at 256); pick() never launches more. VPT = 16 is the big-row fallback and may spill.
+constexpr int bounds(int vpt) { return vpt == 1 || vpt >= 16 ? 1024 : vpt == 2 ? 512 : 256; }
 
 template <typename T, typename W, int VEC, int VPT>
 __global__ void __launch_bounds__(bounds(VPT))
@@ -174,8 +176,10 @@ Cfg pick(int64_t H, int vec, int target) {
   auto up32 = [](int64_t n) { return int((n + 31) / 32 * 32); };
   if (vec == 1) return {1, 16, up32((H + 15) / 16)};
   const int64_t nvec = H / vec;
-  for (int vpt : {1, 2, 4, 8})
-    if ((nvec + vpt - 1) / vpt <= target) return {vec, vpt, up32((nvec + vpt - 1) / vpt)};
+  for (int vpt : {1, 2, 4, 8}) {
+    const int64_t threads = up32((nvec + vpt - 1) / vpt);
+    if (threads <= target && threads <= bounds(vpt)) return {vec, vpt, int(threads)};
+  }
   return {vec, 16, up32((nvec + 15) / 16)};
 }
 
@@ -229,7 +233,7 @@ int64_t bwd_grid(const void* kernel, int threads, int64_t rows) {
 
 int rms_norm_fwd(DType xt, DType wt, const void* x, int64_t x_rs, const void* w, void* y, float* rstd, int64_t rows,
                  int64_t H, float eps, void* stream) {
-  static const int target = env_int("MEGALLAMA_RMS_FWD_THREADS", 256);
+  const int target = env_int("MEGALLAMA_RMS_FWD_THREADS", 256);
   return dispatch_xw(xt, wt, [&](auto tx, auto tw) {
     using T = decltype(tx);
     using W = decltype(tw);
@@ -247,7 +251,7 @@ namespace {
 // The backward's launch plan, shared by rms_norm_bwd_parts (the caller's allocation) and rms_norm_bwd.
 template <typename T, typename W>
 std::pair<decltype(&rms_bwd_kernel<T, W, 1, 16>), Cfg> bwd_plan(bool v, int64_t H) {
-  static const int target = env_int("MEGALLAMA_RMS_BWD_THREADS", 512);
+  const int target = env_int("MEGALLAMA_RMS_BWD_THREADS", 512);
   const Cfg cfg = pick(H, v ? kVec<T> : 1, target);
   return {v ? bwd_kernel<T, W, kVec<T>>(cfg.vpt) : bwd_kernel<T, W, 1>(cfg.vpt), cfg};
 }

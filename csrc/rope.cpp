@@ -61,35 +61,68 @@ Tables check_tables(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   return {c, s, cb, D / 2};
 }
 
-void run(const at::Tensor& x, const at::Tensor& out, const Tables& tb, bool inverse, const char* op) {
-  const int64_t B = x.size(0), S = x.size(1), NH = x.size(2), D = x.size(3);
-  if (x.numel() == 0) return;
+cuda::RopeView view(const at::Tensor& x, const at::Tensor& out) {
+  return {x.data_ptr(), out.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+          out.stride(0), out.stride(1), out.stride(2), x.size(2)};
+}
+
+// Rotates x into out, and x2 into out2 when given (one CUDA launch for both: q and k of a layer).
+void run(const at::Tensor& x, const at::Tensor& out, const Tables& tb, bool inverse, const char* op,
+         const at::Tensor* x2 = nullptr, const at::Tensor* out2 = nullptr) {
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(3);
   if (x.is_cuda()) {
     check_cuda_built(op);
     c10::DeviceGuard guard(x.device());
-    check_cuda(cuda::rope(cuda_dtype(x.scalar_type()), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
-                          out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), tb.cos.data_ptr<float>(),
-                          tb.sin.data_ptr<float>(), tb.cb, tb.cs, B, S, NH, D, inverse, current_stream(x)),
+    cuda::RopeView a = view(x, out), b = x2 ? view(*x2, *out2) : cuda::RopeView{};
+    if (x.numel() == 0) a.nh = 0;
+    if (x2 == nullptr || x2->numel() == 0) b.nh = 0;
+    if (a.nh + b.nh == 0 || B * S == 0) return;
+    check_cuda(cuda::rope(cuda_dtype(x.scalar_type()), a, b, tb.cos.data_ptr<float>(), tb.sin.data_ptr<float>(),
+                          tb.cb, tb.cs, B, S, D, inverse, current_stream(x)),
                op);
     return;
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_type_t<T>;
-    rope_cpu<T>(x.data_ptr<T>(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr<T>(), out.stride(0),
-                out.stride(1), out.stride(2), tb.cos.data_ptr<A>(), tb.sin.data_ptr<A>(), tb.cb, tb.cs, B, S, NH, D,
-                inverse);
+    for (int i = 0; i < (x2 ? 2 : 1); ++i) {
+      const at::Tensor& xi = i ? *x2 : x;
+      const at::Tensor& oi = i ? *out2 : out;
+      if (xi.numel() == 0) continue;
+      rope_cpu<T>(xi.data_ptr<T>(), xi.stride(0), xi.stride(1), xi.stride(2), oi.data_ptr<T>(), oi.stride(0),
+                  oi.stride(1), oi.stride(2), tb.cos.data_ptr<A>(), tb.sin.data_ptr<A>(), tb.cb, tb.cs, B, S,
+                  xi.size(2), D, inverse);
+    }
   });
+}
+
+at::Tensor out_like(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);  // keeps x's layout when it is dense, e.g. a (b, h, s, d) transpose
+  return out.stride(3) == 1 ? out : at::empty(x.sizes(), x.options());
 }
 
 at::Tensor rope_fwd(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
   const char* op = "megallama::rope_fwd";
   Tables tb = check_tables(x_in, cos, sin, op);
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x);  // keeps x's layout when it is dense, e.g. a (b, h, s, d) transpose
-  if (out.stride(3) != 1) out = at::empty(x.sizes(), x.options());
+  at::Tensor out = out_like(x);
   run(x, out, tb, inverse, op);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_qk_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos,
+                                               const at::Tensor& sin, bool inverse) {
+  const char* op = "megallama::rope_qk_fwd";
+  Tables tb = check_tables(q_in, cos, sin, op);
+  check_tables(k_in, cos, sin, op);
+  TORCH_CHECK(q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) && q_in.size(3) == k_in.size(3) &&
+                  q_in.scalar_type() == k_in.scalar_type(),
+              op, ": q ", q_in.sizes(), " and k ", k_in.sizes(), " must share batch, seq, head_dim and dtype");
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  at::Tensor qo = out_like(q), ko = out_like(k);
+  run(q, qo, tb, inverse, op, &k, &ko);
+  return {qo, ko};
 }
 
 void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
@@ -107,11 +140,13 @@ void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bo
 TORCH_LIBRARY_IMPL(megallama, CPU, m) {
   m.impl("rope_fwd", &megallama::rope_fwd);
   m.impl("rope_", &megallama::rope_);
+  m.impl("rope_qk_fwd", &megallama::rope_qk_fwd);
 }
 
 #ifdef MEGALLAMA_WITH_CUDA
 TORCH_LIBRARY_IMPL(megallama, CUDA, m) {
   m.impl("rope_fwd", &megallama::rope_fwd);
   m.impl("rope_", &megallama::rope_);
+  m.impl("rope_qk_fwd", &megallama::rope_qk_fwd);
 }
 #endif

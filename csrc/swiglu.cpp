@@ -33,7 +33,7 @@ void fwd_cpu(const T* g, int64_t g_rs, const T* u, int64_t u_rs, T* y, int64_t y
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       const A gv = static_cast<A>(gr[c]);
-      yr[c] = static_cast<T>(gv / (A(1) + std::exp(-gv)) * static_cast<A>(ur[c]));
+      yr[c] = static_cast<T>(gv / (A(1) + exp_fast(-gv)) * static_cast<A>(ur[c]));
     }
   });
 }
@@ -51,7 +51,7 @@ void bwd_cpu(const T* dy, int64_t dy_rs, const T* g, int64_t g_rs, const T* u, i
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       const A gv = static_cast<A>(gr[c]), d = static_cast<A>(dyr[c]);
-      const A sg = A(1) / (A(1) + std::exp(-gv));
+      const A sg = A(1) / (A(1) + exp_fast(-gv));
       dur[c] = static_cast<T>(d * gv * sg);
       dgr[c] = static_cast<T>(d * static_cast<A>(ur[c]) * sg * (A(1) + gv * (A(1) - sg)));
     }

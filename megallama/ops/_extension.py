@@ -46,7 +46,7 @@ def _jit_build() -> str:
         raise RuntimeError(f"no C++ sources in {_CSRC}")
     want_cuda = os.environ.get("MEGALLAMA_BUILD_CUDA")
     with_cuda = torch.cuda.is_available() and CUDA_HOME is not None and want_cuda != "0"
-    cflags = ["-O3", "-fopenmp"]
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no-trapping-math: lets gcc if-convert clamps and vectorise
     kwargs = {}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "*.cu")))

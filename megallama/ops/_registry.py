@@ -29,6 +29,10 @@ def _register_fakes(lib: str) -> None:
     def _(x, cos, sin, inverse):
         return torch.empty_like(x)
 
+    @fake(f"{lib}::rope_qk_fwd")
+    def _(q, k, cos, sin, inverse):
+        return torch.empty_like(q), torch.empty_like(k)
+
     @fake(f"{lib}::rope_")
     def _(x, cos, sin, inverse):
         return None
@@ -76,6 +80,18 @@ def _register_autograd(lib: str) -> None:
         return ops.rope_fwd(dy, cos, sin, not ctx.inverse), None, None, None
 
     torch.library.register_autograd(f"{lib}::rope_fwd", rope_backward, setup_context=rope_setup)
+
+    def rope_qk_setup(ctx, inputs, output):
+        _, _, cos, sin, inverse = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.inverse = inverse
+
+    def rope_qk_backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = ops.rope_qk_fwd(dq, dk, cos, sin, not ctx.inverse)
+        return dq, dk, None, None, None
+
+    torch.library.register_autograd(f"{lib}::rope_qk_fwd", rope_qk_backward, setup_context=rope_qk_setup)
 
     def swiglu_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

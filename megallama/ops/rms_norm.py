@@ -1,7 +1,7 @@
 """RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 (as HF Llama and Megatron do).
 
-``rms_norm`` runs the fused kernel (csrc/rms_norm.{cpp,cu}: one pass forward saving only the inverse rms, one pass
-backward) when it is available, else the reference; both give the reference's dtypes and rounding.
+``rms_norm`` runs the fused kernel (csrc/rms_norm.cpp, rms_norm_cuda.cu: one pass forward saving only the inverse
+rms, one pass backward) when it is available, else the reference; both give the reference's dtypes and rounding.
 """
 import torch
 

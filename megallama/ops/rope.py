@@ -1,7 +1,7 @@
 """Rotary position embedding (HF "rotate_half" layout) incl. Llama 3.1 frequency scaling.
 
-``apply_rope`` runs the fused kernel (csrc/rope.{cpp,cu}) when available: fp32 math from the fp32 cos/sin tables,
-so any frequency scheme is just another table; layouts (batch, seq, heads, dim) and (batch, heads, seq, dim) and
+``apply_rope`` runs the fused kernel (csrc/rope.cpp, rope_cuda.cu) when available: fp32 math from the fp32 cos/sin
+tables, so any frequency scheme is just another table; layouts (batch, seq, heads, dim) and (batch, heads, seq, dim) and
 non-contiguous inputs are read in place; the backward is the inverse rotation.
 """
 import math
@@ -82,3 +82,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
             xs.copy_(out)
             return x
     return out.transpose(1, 2) if layout == "bhsd" else out
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "bshd"):
+    """``(apply_rope(q, ...), apply_rope(k, ...))`` in one kernel launch (forward and backward): q and k of one
+    attention layer share batch, seq, head_dim and the tables; their head counts may differ (GQA)."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"apply_rope_qk: layout {layout!r} is not one of {_LAYOUTS}")
+    qs, ks = (q.transpose(1, 2), k.transpose(1, 2)) if layout == "bhsd" else (q, k)
+    if (q.dtype == k.dtype and qs.shape[:2] == ks.shape[:2] and qs.shape[-1] == ks.shape[-1]
+            and _fusable(qs, cos, sin) and _fusable(ks, cos, sin)):
+        table = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qo, ko = torch.ops.megallama.rope_qk_fwd(qs, ks, cos.to(table), sin.to(table), False)
+        return (qo.transpose(1, 2), ko.transpose(1, 2)) if layout == "bhsd" else (qo, ko)
+    return apply_rope(q, cos, sin, layout), apply_rope(k, cos, sin, layout)

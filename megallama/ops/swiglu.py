@@ -1,7 +1,7 @@
 """SwiGLU activation: silu(gate) * up, from two tensors or from one packed ``[..., 2f]`` projection output.
 
-The fused kernel (csrc/swiglu.{cpp,cu}) reads the operands in place through row strides, computes in fp32 with one
-rounding, and recomputes silu in the backward instead of saving it.
+The fused kernel (csrc/swiglu.cpp, swiglu_cuda.cu) reads the operands in place through row strides, computes in fp32
+with one rounding, and recomputes silu in the backward instead of saving it.
 """
 import torch
 import torch.nn.functional as F

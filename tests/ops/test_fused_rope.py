@@ -122,3 +122,23 @@ def test_torch_compile_and_meta():
 def test_bad_layout_raises():
     with pytest.raises(ValueError, match="layout"):
         apply_rope(torch.randn(1, 2, 1, 4), *_tables(1, 2, 4), layout="sbhd")
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_qk_in_one_call(layout):
+    """q and k (GQA: fewer k heads) in one kernel call equal two reference calls, forward and backward."""
+    from megallama.ops import apply_rope_qk
+
+    b, s, d = 2, 6, 64
+    q = torch.randn((b, s, 4, d) if layout == "bshd" else (b, 4, s, d)).to(torch.bfloat16)
+    k = torch.randn((b, s, 2, d) if layout == "bshd" else (b, 2, s, d)).to(torch.bfloat16)
+    dq, dk = torch.randn(q.shape).to(q.dtype), torch.randn(k.shape).to(k.dtype)
+    cos, sin = _tables(b, s, d, per_batch=True)
+    qo, ko = (t.detach().requires_grad_() for t in (q, k))
+    yq, yk = apply_rope_qk(qo, ko, cos, sin, layout=layout)
+    torch.autograd.backward((yq, yk), (dq, dk))
+    qr, kr = (t.detach().requires_grad_() for t in (q, k))
+    rq, rk = _reference(qr, cos, sin, layout), _reference(kr, cos, sin, layout)
+    torch.autograd.backward((rq, rk), (dq, dk))
+    for a, r, n in ((yq, rq, "q"), (yk, rk, "k"), (qo.grad, qr.grad, "dq"), (ko.grad, kr.grad, "dk")):
+        assert_close(a, r, 1e-2, n)
