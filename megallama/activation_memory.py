@@ -217,11 +217,12 @@ def recompute_chunks(num_layers: int, method: str, k: int):
 def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str = "none", in_flight: int = 1,
                           pre_process: bool = True, post_process: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
-                          others_hold_ends: bool = True) -> Dict[str, int]:
+                          others_hold_ends: bool = True, extra: Dict[str, int] = None) -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
-    chunk with the embedding / head.
+    chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
+    ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'.
 
     Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
     'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
@@ -246,20 +247,23 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     hs = head_saved(x, n, head) if post_process else {"final_norm": 0, "head": 0}
     held = layers + casts + misc + hs["final_norm"] + hs["head"]  # one microbatch after its forward
     ws = layer_backward_workspace(x, n, recompute)
-    phases = {"layer backward": (held - hs["final_norm"] - hs["head"] + recomputed + ws, 0,
-                                 per_chunk * casts_layer)}
+    ex = dict(extra or {})
+    lb, hf, hb, fe = (ex.get(k, 0) for k in ("layer backward", "head forward", "head backward", "forward end"))
+    phases = {"layer backward": (held - hs["final_norm"] - hs["head"] + recomputed + ws + lb, 0,
+                                 per_chunk * casts_layer, lb)}
     if post_process:
         fwd = head_forward_transient(x, n, head)
-        phases["head forward"] = (held + cached + fwd, hs["head"] + fwd, cached)
+        phases["head forward"] = (held + cached + fwd + hf, hs["head"] + fwd, cached, hf)
         bwd = head_backward_transient(x, n, head)
-        phases["head backward"] = (held + bwd, hs["head"] + bwd, 0)
+        phases["head backward"] = (held + bwd + hb, hs["head"] + bwd, 0, hb)
     else:
-        phases["forward end"] = (held + cached, 0, cached)
+        phases["forward end"] = (held + cached + fe, 0, cached, fe)
     phase = max(phases, key=lambda k: phases[k][0])
-    current, logits, extra_casts = phases[phase]
+    current, logits, extra_casts, buffers = phases[phase]
     other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \
         (embedding_saved(x) if pre_process else 0)
     total = (in_flight - 1) * other + current
     casts = in_flight * casts + extra_casts
-    return {"total": total, "logits": logits, "weight_casts": casts, "activations": total - logits - casts,
-            "phase": phase, "held_per_microbatch": held, "layer_bytes": whole}
+    return {"total": total, "logits": logits, "weight_casts": casts, "buffers": buffers,
+            "activations": total - logits - casts - buffers, "phase": phase, "held_per_microbatch": held,
+            "layer_bytes": whole}

@@ -155,9 +155,11 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
     if plan["tp"] > 1:
         why.append(f"tp {plan['tp']} (within a node) splits weights and activations")
     if plan["pp"] > 1:
-        why.append(f"pp {plan['pp']} splits the layers (bubble {(plan['pp'] - 1) / (plan['num_microbatches'] + plan['pp'] - 1):.0%})")
+        bubble = (plan["pp"] - 1) / (plan["num_microbatches"] + plan["pp"] - 1)
+        why.append(f"pp {plan['pp']} splits the layers (bubble {bubble:.0%})")
     if plan["zero_stage"]:
-        why.append(f"ZeRO-{plan['zero_stage']} shards {'optimizer states' if plan['zero_stage'] == 1 else 'optimizer states and grads' if plan['zero_stage'] == 2 else 'all model states'} over dp {plan['dp']}")
+        what = {1: "optimizer states", 2: "optimizer states and grads", 3: "all model states"}[plan["zero_stage"]]
+        why.append(f"ZeRO-{plan['zero_stage']} shards {what} over dp {plan['dp']}")
     if plan["recompute"] != "none":
         why.append(f"{plan['recompute']} recompute trades compute for activation memory")
     if why:

@@ -121,31 +121,44 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     inflight = _in_flight(schedule, pp, stage, m, v)
     per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else n_layers
     if strategy in ("moe", "hybrid") and cfg.num_experts:  # routed tokens: top-k copies through the experts
-        ffn = int(cfg.ffn_hidden_size * cfg.moe_router_topk * 1.0)
-        xs = am.Shape.of(cfg, x.b, x.s * cp, tp, x.sp, cp, ffn_hidden_size=ffn)
+        xs = am.Shape.of(cfg, x.b, x.s * cp, tp, x.sp, cp, ffn_hidden_size=cfg.ffn_hidden_size * cfg.moe_router_topk)
     else:
         xs = x
+    # ZeRO buffers by phase. Stage 2: one fp32 staging bucket in backward (up to three with overlap). Stage 3:
+    # each unit (a layer; the embedding / untied head) is a bucket, gathered (p bytes) just before its use and
+    # freed after, the next one prefetched; the root (a tied or shared output weight) stays gathered all step.
+    trainable_local = (n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)) if strategy == "lora" \
+        else local_params
+    extra = {}
+    if zero >= 2 and n > 1:
+        k = 3 if overlap else 1
+        unit = lp["attn"] + lp["mlp"] + lp["norms"]
+        if zero == 2:
+            staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
+            extra = {"head backward": staging, "layer backward": staging}
+        else:
+            tied_root = cfg.tie_word_embeddings or (post and pp > 1)
+            root = vloc * h if tied_root else 0
+            head_unit = 0 if (tied_root or not post) else vloc * h
+            extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
+                     "head backward": p * (root + head_unit) + 4 * head_unit,
+                     "layer backward": p * (root + 2 * unit) + 4 * k * unit}
     act = am.stage_activation_peak(xs, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
-                                   others_hold_ends=schedule != "interleaved")
+                                   others_hold_ends=schedule != "interleaved", extra=extra)
     if strategy == "lora":  # the low-rank intermediates, one per target module and layer
         act["activations"] += n_layers * len(lora_targets) * num.e * x.S * lora_rank * inflight
         act["total"] += n_layers * len(lora_targets) * num.e * x.S * lora_rank * inflight
-    # buffers
-    buffers = WORKSPACE_BYTES
-    trainable_local = (n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)) if strategy == "lora" \
-        else local_params
-    if zero >= 2 and n > 1:
-        buffers += 4 * min(bucket, trainable_local) * (3 if overlap else 1)
-    if zero == 3 and n > 1:
-        unit = lp["attn"] + lp["mlp"] + lp["norms"]
-        root = vloc * h if (cfg.tie_word_embeddings or (post and pp > 1)) else 0
-        buffers += p * (2 * unit + root)
+    buffers = WORKSPACE_BYTES + act["buffers"]
+    step = WORKSPACE_BYTES
     if optimizer == "foreach":  # torch's foreach AdamW: one fp32 temporary as large as the params it updates
-        buffers += 4 * trainable_local / (n if zero >= 1 else 1)
-    return {"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
-            "activations": act["activations"], "logits": act["logits"], "weight_casts": act["weight_casts"],
-            "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "params": local_params,
-            "layers": n_layers}
+        step += 4 * trainable_local / (n if zero >= 1 else 1)
+    out = {"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
+           "activations": act["activations"], "logits": act["logits"], "weight_casts": act["weight_casts"],
+           "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "params": local_params,
+           "layers": n_layers, "fwd_bwd": act["total"] + WORKSPACE_BYTES, "step": step}
+    if step > out["fwd_bwd"]:  # the optimizer step, after the activations are freed, is the peak
+        out.update(activations=0, logits=0, weight_casts=0, buffers=step, phase="optimizer step")
+    return out
 
 
 def _resolve_config(model_variant, model_config, num_experts, moe_topk):
@@ -238,6 +251,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
         "breakdown_bytes": breakdown, "breakdown_gb": {key: val / GiB for key, val in breakdown.items()},
         "gpu_memory_gb": gpu_memory_gb, "fits": total <= gpu_memory_gb * GiB,
         "headroom_gb": gpu_memory_gb - total / GiB, "peak_phase": st["phase"], "worst_stage": worst,
+        "phases_gb": {"forward/backward": (st["weights"] + st["grads"] + st["optimizer"] + st["fwd_bwd"]) / GiB,
+                      "optimizer step": (st["weights"] + st["grads"] + st["optimizer"] + st["step"]) / GiB},
         "layout": {"world_size": world, "num_gpus": num_gpus, "num_nodes": num_nodes, "tp": tp, "pp": pp, "dp": dp,
                    "cp": cp, "ep": ep, "zero_stage": zero_stage, "micro_batch_size": batch_size,
                    "num_microbatches": num_microbatches, "global_batch_size": global_batch_size,

@@ -92,8 +92,9 @@ def recommendations(res: dict, args: dict, cfg) -> List[str]:
         from megallama.autoconfig import choose_layout
         world = lay["world_size"]
         for mult in (1, 2, 4, 8, 16):
-            plan = choose_layout(args["model_variant"] if args.get("model_config") is None else args["model_config"],
-                                 world * mult, gpu_memory_gb=res["gpu_memory_gb"], sequence_length=lay["sequence_length"],
+            model = args["model_variant"] if args.get("model_config") is None else args["model_config"]
+            plan = choose_layout(model, world * mult, gpu_memory_gb=res["gpu_memory_gb"],
+                                 sequence_length=lay["sequence_length"],
                                  micro_batch_size=lay["micro_batch_size"], precision=lay["precision"],
                                  strategy=lay["strategy"], gpus_per_node=min(8, world * mult), explain=False)
             if plan is not None:

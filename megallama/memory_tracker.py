@@ -1,9 +1,10 @@
-"""Measuring activation memory on CPU: bytes autograd saves, and the peak of live tensor bytes.
+"""Measuring memory without a GPU: the bytes autograd saves, and the peak of live tensor bytes.
 
 ``saved_bytes`` counts the distinct storages that ``saved_tensors_hooks`` sees during a forward, parameters
 excluded (a checkpoint's inputs are saved through the same hook; tensors saved inside a checkpointed region are
 not, as they are dropped). ``LiveBytes`` is a dispatch mode that tracks every storage an op creates until it dies,
 with CUDA's 512-byte allocation rounding, so its peak is what ``torch.cuda.max_memory_allocated`` would add.
+``tests/test_memory.py`` and ``benchmarks/measure_memory.py`` (on CPU) hold the estimator to these.
 """
 from __future__ import annotations
 
