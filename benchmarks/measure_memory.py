@@ -103,10 +103,12 @@ def _batches(args, device):
         yield {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(shape)}
 
 
-def estimate_for(args, device, world: int) -> dict:
+def estimate_for(args, device, world: int, fused=None) -> dict:
+    """The estimator's numbers for parsed ``args``; ``fused`` (kernels in use) is probed on ``device`` if None."""
     from megallama.memory import WORKSPACE_BYTES, estimate_requirements
     from megallama.ops import _extension
-    fused = not args.no_fused_kernels and _extension.use_fused(torch.empty(1, device=device))
+    if fused is None:
+        fused = not args.no_fused_kernels and _extension.use_fused(torch.empty(1, device=device))
     v = 1
     if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
         v = args.model_config.num_layers // (args.pipeline_model_parallel_size *

@@ -314,3 +314,26 @@ def test_whole_training_step_two_ranks():
     for rank, values in errs.items():
         for cfg, err in zip(configs, values):
             assert abs(err) < 0.04, (rank, cfg[-4:], err)
+
+
+# ---------------------------------------------------------------- stored GPU measurements
+
+MEASURED = os.path.join(ROOT, "tests", "data", "memory_measured.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(MEASURED), reason="no stored GPU measurements yet")
+def test_estimates_against_stored_gpu_measurements():
+    """benchmarks/measure_memory.py output from the GPU machine (tests/data/memory_measured.jsonl): today's
+    formulas must still predict every stored peak within 5%."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import measure_memory
+    from megallama.arguments import parse_args
+    records = [json.loads(line) for line in open(MEASURED) if line.strip()]
+    records = [r for r in records if "measured" in r]
+    assert len(records) >= 6
+    for r in records:
+        args = parse_args(r["argv"] + ["--bf16", "--mock-data"], world_size=r["world_size"])
+        est = measure_memory.estimate_for(args, torch.device("cuda"), r["world_size"],
+                                          fused=r["estimate"]["fused_kernels"])
+        err = est["peak_allocated"] / r["measured"]["peak_allocated"] - 1
+        assert abs(err) < 0.05, (r["argv"], r["device"], err)
