@@ -25,16 +25,20 @@ def build_data(args):
     from megallama.data import get_bundled_corpus_path
     from megallama.data.tokenizer import build_tokenizer
     tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
-    tokenizer = build_tokenizer(tok_type, args.tokenizer_model)
+    # Mock data needs no tokenizer: the vocabulary is the model's (or --vocab-size).
+    tokenizer = None if args.mock_data else build_tokenizer(tok_type, args.tokenizer_model)
     cfg = args.model_config
-    if args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:
+    if tokenizer is None:
+        pass
+    elif args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:
         tp = args.tensor_model_parallel_size
         vocab = int(math.ceil(tokenizer.vocab_size / tp) * tp)
         args.model_config = cfg = cfg.replace(vocab_size=vocab)
     elif tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "
                           f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")
-    print_rank_0(f"model: {args.model} architecture with vocabulary {cfg.vocab_size} ({tokenizer.name} tokenizer): "
+    print_rank_0(f"model: {args.model} architecture with vocabulary {cfg.vocab_size} "
+                 f"({tokenizer.name + ' tokenizer' if tokenizer else 'mock data'}): "
                  f"{_human(cfg.num_params())} parameters ({_human(cfg.num_params(include_embedding=False))} "
                  f"without embeddings), {cfg.num_layers} layers, hidden {cfg.hidden_size}")
     if args.train_iters is None and args.epochs is None:
@@ -44,6 +48,13 @@ def build_data(args):
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    if getattr(args, "chat_template", False):  # *_instruct models and finetune_llama.py: chat SFT data
+        from megallama.data.sft_dataset import build_sft_datasets
+        train, valid = build_sft_datasets(args.data_path, tokenizer, args.seq_length, args.seed, args.split,
+                                          packing=getattr(args, "sft_packing", False))
+        if args.train_iters is None:
+            args.train_iters = max(1, math.ceil(args.epochs * len(train) / args.global_batch_size))
+        return tokenizer, train, valid
     from megallama.data.gpt_dataset import build_pretraining_datasets
     data = args.data_path or get_bundled_corpus_path()
     cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
@@ -63,6 +74,8 @@ def _params_dtype(args):
 
 
 def build_model_chunks(args, device):
+    from megallama.ops import set_fused_kernels
+    set_fused_kernels(not args.no_fused_kernels)
     cfg = args.model_config
     if args.pipeline_model_parallel_size > 1:
         from megallama.pipeline import build_model_chunks as build_pp
@@ -74,6 +87,7 @@ def build_model_chunks(args, device):
         from megallama.model import build_model
         chunks = [build_model(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
                               sequence_parallel=args.sequence_parallel)]
+    apply_training_strategy(chunks, args)
     for m in chunks:
         if args.recompute_granularity:
             configure_recompute(m, args)
@@ -81,6 +95,34 @@ def build_model_chunks(args, device):
             for layer in m.model.layers.values():
                 layer.compile()
     return chunks
+
+
+def apply_training_strategy(chunks, args) -> None:
+    """Fine-tuning weights first (--pretrained-checkpoint, any layout), then the strategy (MoE layers, LoRA
+    adapters, frozen base): adapters and upcycled experts start from the pretrained weights."""
+    from megallama.strategies import apply_strategy, strategy_from_args, trainable_parameter_count
+    strategy = strategy_from_args(args)
+    active = strategy.name != "standard" or strategy.uses_moe
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    saved_moe = False
+    if pretrained:
+        import argparse
+        from megallama.checkpointing import load_checkpoint
+        from megallama.checkpointing.full import open_checkpoint
+        saved = open_checkpoint(pretrained, verify=False)[1].get("args", {}).get("model_config", {})
+        saved_moe = bool(saved.get("num_experts"))
+        if active and saved_moe:  # a MoE checkpoint: build the experts first, then load them
+            apply_strategy(chunks, strategy, seed=args.seed)
+        as_saved = argparse.Namespace(**vars(args))
+        as_saved.model_config = args.model_config.replace(num_experts=saved.get("num_experts", 0) or 0)
+        load_checkpoint(pretrained, chunks, None, as_saved, finetune=True)
+    if active and not (pretrained and saved_moe):
+        apply_strategy(chunks, strategy, seed=args.seed,
+                       upcycle=bool(getattr(args, "moe_upcycle", False) or pretrained))
+    if active:
+        n, total = trainable_parameter_count(chunks), sum(p.numel() for m in chunks for p in m.parameters())
+        print_rank_0(f"strategy {strategy.name}: rank 0 trains {_human(n)} of {_human(total)} parameters "
+                     f"({strategy.parameters})")
 
 
 def configure_recompute(model, args) -> None:
@@ -144,7 +186,24 @@ def get_forward_backward(args):
 
 
 def finalize_model_grads(model_chunks, args) -> None:
-    """After the last backward: finish the data-parallel reduction of every chunk (DDP/ZeRO own that)."""
+    """After the last backward (Megatron's order): finish each chunk's data-parallel reduction, then the sums the
+    layout owes, on the dp-reduced grads whatever the ZeRO stage: sequence-parallel norm weights over tp, Chimera's
+    replica pairs, and the tied embedding/output copies over the embedding group. All are linear, so they commute
+    with the dp average."""
+    from megallama.mpu.sequence_parallel import sequence_parallel_params
     for m in model_chunks:
-        if hasattr(m, "finish_grad_sync"):
-            m.finish_grad_sync()
+        m.finish_grad_sync()
+    if ps.get_tensor_model_parallel_world_size() > 1 and args.sequence_parallel:
+        for m in model_chunks:
+            m.all_reduce_param_grads(sequence_parallel_params(m.module), ps.get_tensor_model_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    from megallama.pipeline.finalize import sync_chimera_replica_gradients
+    sync_chimera_replica_gradients(model_chunks)
+    if args.model_config.tie_word_embeddings:
+        for m in model_chunks:
+            inner = m.module
+            tied = [inner.model.embed_tokens.weight] if inner.pre_process else []
+            tied += [inner.output_weight] if hasattr(inner, "output_weight") else []
+            if tied:
+                m.all_reduce_param_grads(tied, ps.get_embedding_group())

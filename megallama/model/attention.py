@@ -12,14 +12,22 @@ import torch.nn.functional as F
 
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linears, divide
-from megallama.ops import apply_rope
+from megallama.ops import apply_rope_qk
 
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
 
 
-def core_attention(q, k, v, causal: bool = True):
-    """q: [b, s, nq, d], k/v: [b, s, nkv, d] -> [b, s, nq, d]."""
+def core_attention(q, k, v, causal: bool = True, document_ids=None):
+    """q: [b, s, nq, d], k/v: [b, s, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
+    token attends only to earlier tokens of its own document."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if document_ids is not None:
+        same = document_ids[:, :, None] == document_ids[:, None, :]
+        mask = (same & torch.ones_like(same[0]).tril())[:, None]
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     if k.shape[1] != q.shape[1]:
         if _HAS_GQA:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -45,13 +53,17 @@ class LlamaAttention(nn.Module):
         self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, init_std=out_std, **kw)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, document_ids=None):
         """x: [b, s, h] (replicated) or [b, s/tp, h] under SP; returns the same layout."""
         q, k, v = column_parallel_linears(x, (self.q_proj, self.k_proj, self.v_proj))
         b, s = q.shape[:2]
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = core_attention(q, k, v)
+        q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both
+        if ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
+            from megallama.model.context_parallel import context_parallel_attention
+            out = context_parallel_attention(q, k, v, document_ids=document_ids)
+        else:
+            out = core_attention(q, k, v, document_ids=document_ids)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
