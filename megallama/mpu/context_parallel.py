@@ -1,0 +1,179 @@
+"""Context parallelism, the communication half: zig-zag sequence sharding, the K/V ring, the Ulysses all-to-all.
+
+The sequence of every sample is cut into ``2*cp`` equal chunks and cp rank ``r`` holds chunks ``r`` and
+``2*cp-1-r`` (zig-zag): under a causal mask every rank then has the same amount of attention work (an early chunk
+sees little, its late partner sees much). All tensors of a batch are sliced the same way, so (input, label) pairs
+stay aligned and RoPE takes the chunks' *global* positions (``position_ids``).
+
+Loss: the DDP averages gradients over dp x cp, so a cp rank's loss is its masked loss *sum* times cp over the
+token count of the whole sequence (all cp ranks): :func:`cp_mean_loss`.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
+
+
+# ---------------------------------------------------------------- zig-zag sharding (pure)
+def check_sequence_length(seq_len: int, cp_size: int) -> None:
+    if seq_len % (2 * cp_size):
+        raise ConfigError(f"sequence length {seq_len} is not divisible by 2 x context-parallel size = {2 * cp_size} "
+                          f"(zig-zag chunks); pick --seq-length divisible by {2 * cp_size}")
+
+
+def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global positions held by ``cp_rank``: chunk ``r`` then chunk ``2*cp-1-r`` (each ``seq_len / (2*cp)`` long)."""
+    check_sequence_length(seq_len, cp_size)
+    c = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
+    return torch.cat((first, second))
+
+
+def zigzag_to_natural(seq_len: int, cp_size: int, device=None) -> torch.Tensor:
+    """``perm`` with ``rank_major[:, perm] == natural``, where ``rank_major`` concatenates the ranks' local
+    sequences in rank order (what an all-gather / all-to-all over cp gives)."""
+    order = torch.cat([zigzag_indices(seq_len, cp_size, r, device) for r in range(cp_size)])
+    return torch.argsort(order)
+
+
+def get_position_ids_on_this_cp_rank(seq_len: int, device=None) -> torch.Tensor:
+    """RoPE positions [seq_len / cp] of this rank's tokens of a ``seq_len``-token sequence."""
+    return zigzag_indices(seq_len, ps.get_context_parallel_world_size(), ps.get_context_parallel_rank(), device)
+
+
+def get_batch_on_this_cp_rank(batch: Dict[str, object]) -> Dict[str, object]:
+    """This cp rank's zig-zag share of a batch: every tensor shaped [b, seq, ...] (input_ids, labels, loss_mask,
+    position_ids, document_ids ...) is sliced along dim 1; other entries pass through. ``position_ids`` [b, s/cp]
+    are added when the batch has none. The identity when cp = 1."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    ids = batch["input_ids"]
+    b, seq = ids.shape[0], ids.shape[1]
+    idx = zigzag_indices(seq, cp, ps.get_context_parallel_rank(), device=ids.device)
+    out = {}
+    for key, val in batch.items():
+        if torch.is_tensor(val) and val.dim() >= 2 and val.shape[1] == seq:
+            out[key] = val.index_select(1, idx.to(val.device))
+        else:
+            out[key] = val
+    if "position_ids" not in out:
+        out["position_ids"] = idx.unsqueeze(0).expand(b, -1).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------- loss normalisation
+def cp_mean_loss(loss_sum: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Masked-mean loss of the whole sequence as this cp rank's share, for gradients averaged over dp x cp:
+    ``loss_sum * cp / (mask tokens over the cp group)``. Summed over cp ranks / cp it is the true mean; the
+    value is that mean's cp-rank share times cp (average it over dp x cp to log it). cp = 1: loss_sum / tokens."""
+    count = loss_mask.detach().sum().to(torch.float32).reshape(1)
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        dist.all_reduce(count, group=ps.get_context_parallel_group())
+    return loss_sum * cp / count.clamp_min(1.0).to(loss_sum.dtype)[0]
+
+
+# ---------------------------------------------------------------- the ring (p2p)
+class _Exchange:
+    def __init__(self, works, recv: torch.Tensor):
+        self.works, self.recv = works, recv
+
+    def wait(self) -> torch.Tensor:
+        for w in self.works:
+            w.wait()
+        return self.recv
+
+
+class RingExchange:
+    """Send to the next cp rank, receive from the previous one, asynchronously (batched isend/irecv: no NCCL
+    deadlock, works on gloo). ``tag`` keeps two streams in flight apart (K/V and dK/dV in backward)."""
+
+    def __init__(self, group=None):
+        self.group = group if group is not None else ps.get_context_parallel_group()
+        ranks = dist.get_process_group_ranks(self.group)
+        me = ranks.index(dist.get_rank())
+        self.next, self.prev = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
+
+    def start(self, send: torch.Tensor, tag: int = 0) -> _Exchange:
+        send = send.contiguous()
+        recv = torch.empty_like(send)
+        ops = [dist.P2POp(dist.isend, send, self.next, self.group, tag),
+               dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)]
+        return _Exchange(dist.batch_isend_irecv(ops), recv)
+
+
+def all_gather_cp(x: torch.Tensor) -> torch.Tensor:
+    """[cp, *x.shape]: every cp rank's ``x`` (no autograd; for index tensors such as document ids)."""
+    cp = ps.get_context_parallel_world_size()
+    if cp == 1:
+        return x.unsqueeze(0)
+    out = torch.empty((cp,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=ps.get_context_parallel_group())
+    return out
+
+
+# ---------------------------------------------------------------- Ulysses all-to-all
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Chunk ``i`` of dim 0 goes to rank ``i``; returns the received chunks stacked by source rank."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_heads(x: torch.Tensor, cp: int, group) -> torch.Tensor:
+    b, s, h, d = x.shape
+    y = _all_to_all(x.reshape(b, s, cp, h // cp, d).permute(2, 0, 1, 3, 4), group)  # [src, b, s, h/cp, d]
+    return y.permute(1, 0, 2, 3, 4).reshape(b, cp * s, h // cp, d)
+
+
+def _heads_to_seq(x: torch.Tensor, cp: int, group) -> torch.Tensor:
+    b, S, h, d = x.shape
+    y = _all_to_all(x.reshape(b, cp, S // cp, h, d).permute(1, 0, 2, 3, 4), group)  # [src heads, b, s, h, d]
+    return y.permute(1, 2, 0, 3, 4).reshape(b, S // cp, cp * h, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp, group):
+        ctx.cp, ctx.group = cp, group
+        return _seq_to_heads(x, cp, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g, ctx.cp, ctx.group), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp, group):
+        ctx.cp, ctx.group = cp, group
+        return _heads_to_seq(x, cp, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g, ctx.cp, ctx.group), None, None
+
+
+def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[b, s/cp, h, d] (this rank's tokens, all heads) -> [b, s, h/cp, d] (all ranks' tokens in rank order,
+    this rank's block of heads). Differentiable; the backward is :func:`heads_to_seq`."""
+    cp = ps.get_context_parallel_world_size()
+    if x.shape[2] % cp:
+        raise ConfigError(f"all-to-all context parallelism needs the {x.shape[2]} heads per rank to be divisible "
+                          f"by the context-parallel size {cp}; use the ring (p2p) variant")
+    return _SeqToHeads.apply(x, cp, group if group is not None else ps.get_context_parallel_group())
+
+
+def heads_to_seq(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Inverse of :func:`seq_to_heads`: [b, s, h/cp, d] -> [b, s/cp, h, d]."""
+    cp = ps.get_context_parallel_world_size()
+    return _HeadsToSeq.apply(x, cp, group if group is not None else ps.get_context_parallel_group())
+
