@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 aten = torch.ops.aten
 BACKENDS = ("auto", "math", "sdpa_cpu", "flash", "efficient")
+_NO_RNG = torch.zeros((), dtype=torch.int64)  # philox seed/offset: read by the CUDA kernels only with dropout
 
 
 def select_backend(q: torch.Tensor, allowed: Optional[torch.Tensor], backend: str = "auto") -> str:
@@ -150,19 +151,16 @@ def _kernel_backward(backend, dout, q, k, v, out, lse, causal, allowed, scale):
         bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, ke, ve, out, lse, 0.0, causal and allowed is None, attn_mask=bias, scale=scale)
-    elif backend == "flash":
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
-        seed = torch.empty(0, dtype=torch.int64, device=q.device)
+    elif backend == "flash":  # dense (not varlen): no cumulative lengths (None = undefined, as forward gives)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, ke, ve, out, lse, empty, empty, sq, sk, 0.0, causal, seed, seed, scale=scale)
+            dout, q, ke, ve, out, lse, None, None, sq, sk, 0.0, causal, _NO_RNG, _NO_RNG, scale=scale)
     else:
         bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype,
                                                       16)
         pad = -(-sq // 32) * 32 - sq
         lse = F.pad(lse, (0, pad)).contiguous() if pad else lse
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, ke, ve, bias, out, lse, seed, seed, 0.0, [True, True, True, False],
+            dout, q, ke, ve, bias, out, lse, _NO_RNG, _NO_RNG, 0.0, [True, True, True, False],
             causal and allowed is None, scale=scale)
     dk, dv = _fold(dk.float(), dv.float(), hkv)
     return dq.float(), dk, dv
