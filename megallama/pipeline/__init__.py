@@ -5,6 +5,7 @@
 data-parallel grad sync) ``allreduce_embedding_gradients(chunks)`` sums tied-embedding and Chimera replica grads.
 """
 from megallama.pipeline.finalize import allreduce_embedding_gradients, sync_chimera_replica_gradients  # noqa: F401
+from megallama.pipeline.microbatch_scheduler import MicrobatchScheduler  # noqa: F401
 from megallama.pipeline.model_chunks import build_model_chunks, model_parts, unwrap_model  # noqa: F401
 from megallama.pipeline.partition import (StageCosts, costs_from_config, num_microbatches,  # noqa: F401
                                           partition_layers, validate_pipeline_config)
