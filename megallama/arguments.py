@@ -207,6 +207,9 @@ def _derive(args, world_size: int):
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.keep_last is not None and args.keep_last <= 0:
         raise ConfigError(f"--keep-last must be positive, got {args.keep_last}")
+    for name in ("train_iters", "epochs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 

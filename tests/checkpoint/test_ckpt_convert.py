@@ -1,5 +1,6 @@
 """HF <-> megallama conversion: bit-exact round trips both ways, HF logits equal ours on the converted model."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,3 +174,32 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
     assert not any(os.path.exists(tmp_path / o) for o in ("o1", "o2", "o3"))
+
+
+@pytest.mark.parametrize("mode", ["--load", "--finetune"])
+def test_train_from_converted_hf_checkpoint(tmp_path, mode):
+    """pretrain --load/--finetune of a converted HF model (tied, Llama 3.2 rope scaling) with
+    --use-checkpoint-args: the first step's loss is HF's loss on the same batch, and training proceeds."""
+    from megallama.arguments import parse_args
+    from megallama.data.mock_dataset import MockGPTDataset
+    from megallama.training import pretrain
+    hf = _hf_model(HF_CASES["llama32_tied"])
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    conv.hf_to_megallama(str(tmp_path / "hf"), str(tmp_path / "meg"))
+    argv = ["--load", str(tmp_path / "meg"), "--use-checkpoint-args", "--mock-data", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
+            "--device", "cpu", "--no-progress-bar", "--no-fused-kernels"]
+    if mode == "--finetune":
+        argv.append("--finetune")
+    args = parse_args(argv, world_size=1)
+    assert args.model_config.tie_word_embeddings and args.model_config.rope_scaling.factor == 32.0
+    out = pretrain(args)
+    ds = MockGPTDataset(512, 32, 8, args.seed)
+    batch = [ds[i] for i in range(4)]
+    ids = torch.stack([b["input_ids"] for b in batch])
+    labels = torch.stack([b["labels"] for b in batch])
+    with torch.no_grad():
+        logits = hf(ids).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), labels.reshape(-1)).item()
+    assert abs(out["losses"][1] - ref) <= 1e-5 * ref, (out["losses"][1], ref)
+    assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
