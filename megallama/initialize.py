@@ -39,7 +39,7 @@ def initialize_megatron(args) -> torch.device:
     """Distributed init + grid + seeds; validates the layout before any group is made."""
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     ps.validate_grid(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                     args.context_parallel_size, args.expert_model_parallel_size)
+                     args.context_parallel_size, args.expert_model_parallel_size, model_config=args.model_config)
     dev = initialize_distributed(args.distributed_backend, args.device)
     if dist.is_initialized():
         vpp = None
@@ -49,7 +49,8 @@ def initialize_megatron(args) -> torch.device:
         ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                      virtual_pipeline_model_parallel_size=vpp,
                                      context_parallel_size=args.context_parallel_size,
-                                     expert_model_parallel_size=args.expert_model_parallel_size)
+                                     expert_model_parallel_size=args.expert_model_parallel_size,
+                                     model_config=args.model_config)
     set_seed(args.seed)
     return dev
 
