@@ -53,6 +53,9 @@ def _add_training(p):
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--mixed-precision", choices=["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"],
                    default=None, help="seed alias of --bf16/--fp16")
+    g.add_argument("--params-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="model parameter storage; auto = the --bf16/--fp16 compute dtype (fp32 master weights and "
+                        "Adam states live in the optimizer either way)")
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)

@@ -70,7 +70,11 @@ def build_data(args):
 
 
 def _params_dtype(args):
-    return torch.float32  # master weights in fp32; bf16/fp16 compute through autocast
+    """Megatron's policy: params in the compute dtype, fp32 master weights and states in the optimizer."""
+    choice = args.params_dtype
+    if choice == "auto":
+        choice = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 def build_model_chunks(args, device):

@@ -34,7 +34,8 @@ def measured_matmul_tflops(n=8192, iters=20) -> float:
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def _run(cmd, env=None):
+def _run(cmd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     for line in reversed(r.stdout.strip().splitlines()):
         if line.startswith("{"):
@@ -53,7 +54,8 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", default=True)
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("--liger", action="store_true", help="also HF + Liger kernels (needs liger-kernel)")
-    p.add_argument("--megallama-args", default="", help="extra flags for pretrain, quoted")
+    p.add_argument("--megallama-args", action="append", default=None,
+                   help="extra flags for pretrain, quoted; repeat to benchmark several variants in one run")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--save-results", default=None)
     p.add_argument("--plot", default=None, help="write a PNG bar chart of tok/s here (needs matplotlib)")
@@ -79,7 +81,8 @@ def main(argv=None):
             cmd = ["torchrun", "--nproc_per_node", str(a.gpus), "benchmarks/megallama_step.py"]
         else:
             cmd = [sys.executable, "benchmarks/megallama_step.py"]
-        res = [dict(_run(cmd + common + shlex.split(a.megallama_args)), impl="megallama")]
+        res = [dict(_run(cmd + common + shlex.split(v)), impl="megallama" + (f" [{v}]" if v else ""))
+               for v in (a.megallama_args or [""])]
         if a.compare_hf:
             hf = [sys.executable, "benchmarks/hf_step.py", "--config-json", json.dumps(cfg.to_dict()),
                   "--micro-batch-size", str(mbs), "--seq-length", str(a.seq_length), "--steps", str(a.steps)]
@@ -92,7 +95,7 @@ def main(argv=None):
             if "error" in r:
                 rows.append(r)
                 continue
-            tps = r["tokens_per_s"] / (a.gpus if r["impl"] == "megallama" else 1)
+            tps = r["tokens_per_s"] / (a.gpus if r["impl"].startswith("megallama") else 1)
             r["tokens_per_s_per_gpu"] = tps
             r["mfu_vs_peak"] = tps * fpt / peak if peak else None
             r["mfu_vs_matmul"] = tps * fpt / mm
