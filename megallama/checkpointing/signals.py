@@ -18,6 +18,9 @@ class ExitSignalHandler:
         try:
             self._previous = signal.signal(sig, self._handle)
             self.installed = True
+            stale = getattr(self._previous, "__self__", None)
+            if isinstance(stale, ExitSignalHandler):  # a run that died by an exception never released its handler
+                self._previous = stale._previous
         except ValueError:  # not the main thread (an embedding application): leave signals to it
             self._previous = None
 
