@@ -135,21 +135,26 @@ class DistributedDataParallel(nn.Module):
             self._register_param_gather_waits(module)
 
     def _register_param_gather_waits(self, module: nn.Module) -> None:
-        """Each module waits for the buckets of its own params just before its forward. Params read outside their
-        module's forward (the output layer weight in ``compute_logits``) are waited for after ``module.model``."""
-        outside = params_used_outside_their_module(module)
-        for m in module.modules():
-            own = [p for p in m.parameters(recurse=False) if p in self.layout.index and p not in outside]
-            if own:
-                idx = sorted({self.layout.index[p][2] for p in own})
-                m.register_forward_pre_hook(lambda _m, _a, idx=idx: self._wait_param_gather(idx))
-        idx = sorted({self.layout.index[p][2] for p in outside if p in self.layout.index})
-        if idx:
-            anchor = getattr(module, "model", None)
-            if isinstance(anchor, nn.Module):
-                anchor.register_forward_hook(lambda _m, _a, _o, idx=idx: self._wait_param_gather(idx))
-            else:
-                module.register_forward_pre_hook(lambda _m, _a, idx=idx: self._wait_param_gather(idx))
+        """Each unit (decoder layer, embedding, norm: as in stage 3) waits for the buckets of its params just
+        before its forward. Not leaf modules: the model may read a leaf's weight without calling it (fused QKV).
+        The root (output layer weight) waits after ``module.model`` (and before a tied embedding runs)."""
+        from megallama.optimizer.zero3 import build_units
+        units, root = build_units(module, list(self.layout.index))
+
+        def buckets(params):
+            return sorted({self.layout.index[p][2] for p in params})
+        for u in units:
+            u.module.register_forward_pre_hook(lambda _m, _a, idx=buckets(u.params): self._wait_param_gather(idx))
+        if root is None:
+            return
+        idx = buckets(root.params)
+        anchor = getattr(module, "model", None)
+        if isinstance(anchor, nn.Module):
+            anchor.register_forward_hook(lambda _m, _a, _o: self._wait_param_gather(idx))
+            for m in root.modules:
+                m.register_forward_pre_hook(lambda _m, _a: self._wait_param_gather(idx))
+        else:
+            module.register_forward_pre_hook(lambda _m, _a: self._wait_param_gather(idx))
 
     # ------------------------------------------------------------------ forward / state
     def forward(self, *args, **kwargs):
