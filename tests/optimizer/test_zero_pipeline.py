@@ -1,6 +1,7 @@
 """ZeRO under the real pipeline runner (pp = 2 x dp = 2, tied embeddings): 1F1B keeps several microbatches in
 flight, so stage 3 must re-gather units for each pending backward; the interleaved schedule gives every rank two
-model chunks under one optimizer. Checked against single-process torch AdamW on the same global batch."""
+model chunks under one optimizer; ZB-H1 runs each backward twice (input grads, then weight grads only). Checked
+against single-process torch AdamW on the same global batch."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, SEQ, batch, reference_run
 
 STEPS, M = 4, 4
 TIED4 = CFG.replace(num_layers=4, tie_word_embeddings=True)
-CASES = [("1f1b", 0), ("1f1b", 2), ("1f1b", 3), ("interleaved", 1), ("interleaved", 3)]
+CASES = [("1f1b", 0), ("1f1b", 2), ("1f1b", 3), ("interleaved", 1), ("interleaved", 3), ("zb-h1", 2), ("zb-h1", 3)]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
