@@ -103,6 +103,10 @@ def _job(rank, world, ckpt_in, ckpt_out, save_stage):
         if not overlap:
             out["memory"][stage] = _memory(ddp, opt)
         out["runs"][(stage, overlap)] = (losses + more, norms + more_norms, _numpy(ddp.state_dict()))
+    for stage in range(4):  # bf16 model, fp32 masters: p = 2, g = 4, K = 12
+        ddp, opt = make(stage, group=group, dtype=torch.bfloat16, bucket_size=5000)
+        train(ddp, opt, 0, 1)
+        out["memory"][("bf16", stage)] = _memory(ddp, opt)
     if world == 2:  # stage 3 under full activation recompute: unit forwards re-run inside backward
         ddp, opt = make(3, group=group, overlap_grad_reduce=True, overlap_param_gather=True)
         ddp.module.model.recompute_granularity = "full"
@@ -132,9 +136,9 @@ def _check_run(res, reference, what):
         assert err <= 1e-5, f"{what}: {k} relative error {err:.2e}"
 
 
-def _check_memory(mem, stage, n):
-    """fp32 params (p = 4), fp32 grads (g = 4), Adam m and v (K = 8; the master is the fp32 param itself)."""
-    p, g, k = 4, 4, 8
+def _check_memory(mem, stage, n, p=4, g=4, k=8):
+    """Default: fp32 params (p = 4), fp32 grads (g = 4), Adam m and v (K = 8; the master is the fp32 param itself).
+    bf16 model: p = 2, g = 4, K = 12 (fp32 master + m + v)."""
     psi, pad = mem["num_params"], mem["padding"]
     expected = {0: (p * psi, g * psi, k * psi), 1: (p * psi, g * psi, k * psi / n),
                 2: (p * psi, g * psi / n, k * psi / n), 3: (p * psi / n, g * psi / n, k * psi / n)}[stage]
@@ -185,6 +189,7 @@ def test_memory_per_rank_matches_zero_formulas(dp2, dp4, stage):
     for n, res in ((2, dp2[0]), (4, dp4)):
         for r in range(n):
             _check_memory(res[r]["memory"][stage], stage, n)
+            _check_memory(res[r]["memory"][("bf16", stage)], stage, n, p=2, g=4, k=12)
 
 
 def test_stage3_with_activation_recompute(dp2, reference):
