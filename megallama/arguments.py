@@ -66,8 +66,20 @@ def _add_training(p):
                    help="stop after this many consecutive iterations skipped for NaN/inf")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--strategy", choices=["standard", "moe", "lora", "hybrid"], default="standard")
-    g.add_argument("--lora-rank", type=int, default=None)
+    g.add_argument("--strategy", choices=["standard", "moe", "lora", "hybrid"], default="standard",
+                   help="moe: sparse MLPs (--num-experts ...); lora: adapters on a frozen base; hybrid: both")
+    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 8)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (update = alpha/r B A x; "
+                   "default 2r)")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-target-modules", default=None, help="comma list of q_proj,k_proj,v_proj,o_proj,"
+                   "gate_proj,up_proj,down_proj or 'all' (default q_proj,k_proj,v_proj,o_proj)")
+    g.add_argument("--pretrained-checkpoint", default=None, help="fine-tuning: load these weights (a megallama "
+                   "checkpoint of any layout) before the strategy adds adapters/experts; --load resumes this run")
+    g.add_argument("--save-adapter", default=None, help="LoRA: write the adapters (full tensors, PEFT names) "
+                   "here at the end of training")
+    g.add_argument("--sft-packing", action="store_true", help="chat data: pack several conversations per sample "
+                   "(document-masked attention, positions restart) instead of one padded conversation")
 
 
 def _add_parallel(p):
@@ -94,6 +106,15 @@ def _add_parallel(p):
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.01)
     g.add_argument("--moe-layer-freq", type=int, default=1)
+    g.add_argument("--moe-layers", default=None, help="comma list of 0-based sparse layer indices (overrides "
+                   "--moe-layer-freq)")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-capacity-factor", type=float, default=None, help="drop tokens beyond this multiple "
+                   "of an expert's even share (default: no dropping)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="per-expert FFN size (default "
+                   "--ffn-hidden-size)")
+    g.add_argument("--moe-upcycle", action="store_true", help="start every expert as a copy of the dense MLP "
+                   "(default with --pretrained-checkpoint)")
     g.add_argument("--gradient-compression", nargs="?", const="powersgd", default="none",
                    choices=["none", "powersgd", "onebit", "topk"])
 
@@ -162,10 +183,15 @@ def _derive(args, world_size: int):
                      rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
     if args.untie_embeddings_and_output_weights:
         overrides["tie_word_embeddings"] = False
+    _derive_strategy(args)
     if args.num_experts:
         overrides["num_experts"] = args.num_experts
         overrides["moe_router_topk"] = args.moe_router_topk
     args.model_config = get_model_config(args.model, **overrides)
+    if args.num_experts:  # validate the MoE layer choice against the model; record it in the config
+        from megallama.strategies import strategy_from_args
+        moe = strategy_from_args(args).moe_config(args.model_config.num_layers)
+        args.model_config.moe_layers = list(moe.layers)
     if args.use_checkpoint_args:
         if not args.load:
             raise ConfigError("--use-checkpoint-args needs --load pointing at a checkpoint")
@@ -214,6 +240,26 @@ def _derive(args, world_size: int):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
+
+
+def _derive_strategy(args) -> None:
+    """Strategy flags: defaults (--strategy moe means 8 experts) and one-line errors for contradictions."""
+    moe = args.strategy in ("moe", "hybrid")
+    if moe and not args.num_experts:
+        args.num_experts = 8
+    if args.lora_rank is not None and args.strategy not in ("lora", "hybrid"):
+        raise ConfigError(f"--lora-rank {args.lora_rank} needs --strategy lora or hybrid (got {args.strategy})")
+    if args.expert_model_parallel_size > 1 and not args.num_experts:
+        raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; add "
+                          "--strategy moe or --num-experts N")
+    if args.num_experts and args.num_experts % args.expert_model_parallel_size:
+        raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                          f"{args.expert_model_parallel_size}; pick an expert-parallel size dividing it")
+    from megallama.strategies import strategy_from_args
+    strategy = strategy_from_args(args)  # validates every strategy parameter (ConfigError on bad values)
+    if strategy.uses_lora:
+        strategy.lora_config()
+    args.chat_template = getattr(args, "chat_template", False) or args.model.endswith("_instruct")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

@@ -152,3 +152,72 @@ def apply_strategy(model_chunks: Sequence[nn.Module], strategy: TrainingStrategy
 def trainable_parameter_count(model_chunks) -> int:
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     return sum(p.numel() for m in chunks for p in m.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- adapter-only checkpoints (PEFT layout)
+PEFT_PREFIX = "base_model.model."
+
+
+def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConfig] = None) -> Optional[str]:
+    """Write the LoRA adapters as full tensors in PEFT's layout (``adapter_config.json`` +
+    ``adapter_model.safetensors``, names ``base_model.model.<param>``): a few MB instead of the whole model.
+    Collective over tp and pp (every rank calls it); global rank 0 writes. Returns the weights file on rank 0."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from megallama.model.lora import gather_lora_state_dict
+    if lora_cfg is None:
+        lora_cfg = strategy_from_args(args).lora_config()
+    if lora_cfg is None:
+        raise ConfigError("--save-adapter needs --strategy lora or hybrid (the model has no adapters)")
+    tensors = gather_lora_state_dict(model_chunks)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    os.makedirs(path, exist_ok=True)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+           "lora_dropout": lora_cfg.dropout, "target_modules": list(lora_cfg.target_modules), "bias": "none",
+           "base_model_name_or_path": getattr(args, "model", None) if args is not None else None}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    named = {PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}
+    try:
+        from safetensors.torch import save_file
+        out = os.path.join(path, "adapter_model.safetensors")
+        save_file(named, out)
+    except ImportError:
+        out = os.path.join(path, "adapter_model.bin")
+        torch.save(named, out)
+    return out
+
+
+def load_adapter(path: str, model_chunks, strict: bool = True) -> int:
+    """Load adapters written by ``save_adapter`` (or PEFT) into LoRA-adapted chunks of any tp/pp layout."""
+    import os
+
+    import torch
+
+    from megallama.model.lora import load_lora_state_dict
+    st, binf = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        raw = load_file(st)
+    elif os.path.isfile(binf):
+        raw = torch.load(binf, map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{path} holds no adapter_model.safetensors or adapter_model.bin; pass the folder "
+                          "--save-adapter wrote")
+    full = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    n = 0
+    for m in chunks:
+        m = getattr(m, "module", m)
+        have = {k: v for k, v in full.items() if k in dict(m.named_parameters())}
+        n += load_lora_state_dict(m, have, strict=False)
+    from megallama.mpu import parallel_state as ps
+    if strict and ps.get_pipeline_model_parallel_world_size() == 1 and n != len(full):
+        raise ConfigError(f"{path} holds {len(full)} adapter tensors but this model took {n}; use the same "
+                          "--lora-target-modules and model")
+    return n

@@ -18,6 +18,7 @@ from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, flops_per_token, format_log_line
 from megallama.lr_scheduler import OptimizerParamScheduler
+from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
 from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
 
@@ -34,11 +35,16 @@ def make_forward_step(args, device):
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         mask = batch["loss_mask"].to(device, non_blocking=True).float()
+        extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "document_ids") if k in batch}
         with _autocast(args, device):
-            output = model(input_ids, labels=labels, loss_mask=mask)  # masked loss sum, fused head + CE
+            output = model(input_ids, labels=labels, loss_mask=mask, **extra)  # masked loss sum, fused head + CE
 
         def loss_func(loss_sum):
-            loss = loss_sum / mask.sum().clamp_min(1.0)
+            if "num_loss_tokens" in batch:  # SFT: normalise by the global batch's token count (see sft_dataset)
+                scale = args.num_microbatches * ps.get_data_parallel_world_size(with_context_parallel=True)
+                loss = loss_sum * scale / batch["num_loss_tokens"].to(loss_sum).clamp_min(1.0)
+            else:
+                loss = loss_sum / mask.sum().clamp_min(1.0)
             return loss, {"lm loss": loss.detach()}
         return output, loss_func
     return forward_step
@@ -62,6 +68,8 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     from megallama.data.gpt_dataset import build_data_iterator
     it = build_data_iterator(valid_ds, args.micro_batch_size, 0, ps.get_data_parallel_rank(),
                              ps.get_data_parallel_world_size())
+    if hasattr(valid_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
+        it = valid_ds.wrap_iterator(it, args.num_microbatches)
     for m in model_chunks:
         m.eval()
     losses = []
@@ -91,6 +99,8 @@ def pretrain(args) -> dict:
     from megallama.data.gpt_dataset import build_data_iterator
     data_iter = build_data_iterator(train_ds, args.micro_batch_size, consumed, ps.get_data_parallel_rank(),
                                     ps.get_data_parallel_world_size())
+    if hasattr(train_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
+        data_iter = train_ds.wrap_iterator(data_iter, args.num_microbatches)
     warmup = args.lr_warmup_iters if args.lr_warmup_iters is not None else min(2000, args.train_iters // 10)
     scheduler = OptimizerParamScheduler(optimizer, args.lr, args.min_lr, warmup, args.lr_decay_iters or args.train_iters,
                                         args.lr_decay_style)
@@ -116,6 +126,8 @@ def pretrain(args) -> dict:
         for m in model_chunks:
             if hasattr(m, "zero_grad_buffer"):
                 m.zero_grad_buffer()
+        # MoE aux losses get the gradient scale the schedule gives the LM loss (1/microbatches, x fp16 scale)
+        set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / args.num_microbatches)
         losses = forward_backward(forward_step, data_iter, model_chunks, args.num_microbatches, args.seq_length,
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
@@ -151,7 +163,11 @@ def pretrain(args) -> dict:
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
                     "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     "skipped iterations": total_skipped}
-            print_rank_0(format_log_line(step, args.train_iters, vals))
+            moe = get_moe_stats().report()  # tokens/expert histogram and aux losses since the last log
+            print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else ""))
+            if moe:
+                logger.scalars(step, {"moe/aux_loss": moe["aux_loss"], "moe/z_loss": moe["z_loss"],
+                                      "moe/max_load": moe["max_load"]})
             logger.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
                                   "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
                                   "train/loss_scale": vals["loss scale"]})
@@ -173,6 +189,10 @@ def pretrain(args) -> dict:
             break
     if exit_signal is not None:
         exit_signal.release()
+    if getattr(args, "save_adapter", None):
+        from megallama.strategies import save_adapter
+        save_adapter(args.save_adapter, model_chunks, args)
+        print_rank_0(f"saved LoRA adapters to {args.save_adapter}")
     logger.close()
     return {"losses": history, "iteration_time": times, "iteration": end_iter, "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,

@@ -7,6 +7,7 @@ device and call ``init_weights`` after ``to_empty`` so that inspecting llama3_40
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -42,8 +43,9 @@ class LlamaDecoderLayer(nn.Module):
             return checkpoint(norm, x, use_reentrant=False)
         return norm(x)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin)
+    def forward(self, x, cos, sin, document_ids=None):
+        kw = {} if document_ids is None else {"document_ids": document_ids}  # packed sequences (SFT)
+        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, **kw)
         return x + self.mlp(self._norm(self.post_attention_layernorm, x))
 
 
@@ -68,8 +70,10 @@ class LlamaModel(nn.Module):
         self.recompute_method = "uniform"
         self.recompute_num_layers = 1
 
-    def _run_layers(self, h, cos, sin):
+    def _run_layers(self, h, cos, sin, document_ids=None):
         layers = list(self.layers.values())
+        if document_ids is not None:  # packed sequences: attention stays within each document
+            layers = [functools.partial(layer, document_ids=document_ids) for layer in layers]
         if self.recompute_granularity != "full" or not torch.is_grad_enabled():
             for layer in layers:
                 h = layer(h, cos, sin)
@@ -92,14 +96,14 @@ class LlamaModel(nn.Module):
                 h = checkpoint(run(i, i + 1), h, use_reentrant=False) if i < k else layers[i](h, cos, sin)
         return h
 
-    def forward(self, input_ids=None, hidden_states=None, position_ids=None):
+    def forward(self, input_ids=None, hidden_states=None, position_ids=None, document_ids=None):
         h = self.embed_tokens(input_ids) if self.pre_process else hidden_states
         seq = input_ids.shape[1] if input_ids is not None else h.shape[1] * (
             ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
         if position_ids is None:
             position_ids = torch.arange(seq, device=h.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(h.device), position_ids)
-        h = self._run_layers(h, cos, sin)
+        h = self._run_layers(h, cos, sin, document_ids)
         if self.post_process:
             h = self.norm(h)
         return h
@@ -166,10 +170,11 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
     def forward(self, input_ids=None, labels=None, hidden_states=None, position_ids=None, gather_logits=False,
-                loss_mask=None):
+                loss_mask=None, document_ids=None):
         """Per-token losses [b, s] with ``labels``; with ``loss_mask`` too, the masked loss *sum* (a scalar)
         through the fused head + cross-entropy, which never holds the full logits."""
-        h = self.model(input_ids=input_ids, hidden_states=hidden_states, position_ids=position_ids)
+        h = self.model(input_ids=input_ids, hidden_states=hidden_states, position_ids=position_ids,
+                       document_ids=document_ids)
         if not self.post_process:
             return h
         if labels is not None and loss_mask is not None:

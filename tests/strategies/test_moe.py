@@ -192,3 +192,38 @@ def test_expert_parallel_equals_single_process():
             err = rel_err(torch.from_numpy(state[k]), torch.from_numpy(v))
             assert err < 1e-5, (tp, ep, sp, k, err)
     assert any("experts.gate_proj.grad" in k for k in ref_state) and any("router.weight.grad" in k for k in ref_state)
+
+
+# ------------------------------------------------------------------ the training loop with --strategy moe
+def test_tiny_moe_trains_on_bundled_corpus_and_logs_histogram(tmp_path, capsys):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    argv = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "4",
+            "--global-batch-size", "8", "--train-iters", "30", "--lr", "1e-2", "--lr-warmup-iters", "2",
+            "--no-progress-bar", "--device", "cpu", "--no-fused-kernels", "--log-interval", "10",
+            "--data-cache-dir", str(tmp_path / "cache"), "--strategy", "moe", "--num-experts", "4",
+            "--moe-router-topk", "2", "--moe-z-loss-coeff", "1e-3", "--moe-layers", "1"]
+    out = pretrain(parse_args(argv, world_size=1))
+    losses = [out["losses"][i] for i in sorted(out["losses"])]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    log = capsys.readouterr().out
+    lines = [l for l in log.splitlines() if l.startswith("iteration") and "tokens/expert" in l]
+    assert len(lines) == 3 and "L1:[" in lines[-1] and "L0:[" not in lines[-1] and "moe aux loss" in lines[-1]
+    hist = [int(x) for x in lines[-1].split("L1:[")[1].split("]")[0].split(",")]
+    assert sum(hist) == 10 * 8 * 64 * 2  # 10 iterations x 8 samples x 64 tokens x top-2
+
+
+def test_strategy_flags_one_line_errors():
+    from megallama.arguments import parse_args
+    base = ["--model", "tiny_llama3_50m", "--num-layers", "2"]
+    with pytest.raises(ConfigError, match="--lora-rank 8 needs --strategy lora"):
+        parse_args(base + ["--lora-rank", "8"], world_size=1)
+    with pytest.raises(ConfigError, match="needs a MoE model"):
+        parse_args(base + ["--expert-model-parallel-size", "2"], world_size=2)
+    with pytest.raises(ConfigError, match="--moe-layers 5 is out of range"):
+        parse_args(base + ["--strategy", "moe", "--moe-layers", "0,5"], world_size=1)
+    with pytest.raises(ConfigError, match="--lora-target-modules lm_head"):
+        parse_args(base + ["--strategy", "lora", "--lora-target-modules", "q_proj,lm_head"], world_size=1)
+    a = parse_args(base + ["--strategy", "hybrid", "--num-experts", "4", "--lora-rank", "4"], world_size=1)
+    assert a.model_config.num_experts == 4 and a.model_config.moe_layers == [0, 1]

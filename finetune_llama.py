@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Instruction fine-tuning (SFT): ``torchrun --nproc_per_node N finetune_llama.py --model llama3_8b_instruct
+--pretrained-checkpoint CKPT --data-path chat.jsonl --strategy lora --lora-rank 16 ...``.
+
+Same flags and training loop as ``pretrain_llama.py``; what differs is the data and the start:
+
+* data: a jsonl of ``{"messages": [{"role", "content"}, ...]}`` in the Llama 3 chat template, loss only on the
+  assistant answers, normalised by the answer tokens of the whole global batch (default: the bundled sample);
+  one padded conversation per sample, or ``--sft-packing``;
+* start: ``--pretrained-checkpoint`` is a megallama checkpoint of any layout, or an HF model folder
+  (config.json + safetensors; converted once next to ``--save``); ``--load X --finetune`` means the same;
+* strategy: ``standard`` fine-tunes everything, ``lora`` adapters on a frozen base (``--save-adapter`` writes
+  them in PEFT's layout), ``moe``/``hybrid`` upcycle the dense MLPs into experts.
+"""
+import os
+import sys
+import time
+
+from megallama.errors import ConfigError
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "latest_checkpointed_iteration.txt"))
+
+
+def convert_hf_once(hf_dir: str, cache_root: str) -> str:
+    """Convert an HF folder to a megallama checkpoint once (rank 0 writes, others wait for the finished dir)."""
+    out = os.path.join(cache_root, "pretrained_from_hf", os.path.basename(os.path.normpath(hf_dir)))
+    done = os.path.join(out, "CONVERTED")
+    if os.path.isfile(done):
+        return out
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+        from convert_checkpoint import hf_to_megallama
+        os.makedirs(out, exist_ok=True)
+        hf_to_megallama(hf_dir, out)
+        open(done, "w").close()
+    else:
+        while not os.path.isfile(done):
+            time.sleep(1.0)
+    return out
+
+
+def prepare_finetune_args(args):
+    """Chat data on, and the pretrained weights resolved (HF folders converted)."""
+    args.chat_template = True
+    if args.finetune and args.load and not args.pretrained_checkpoint:
+        args.pretrained_checkpoint, args.load = args.load, None
+    if args.pretrained_checkpoint:
+        if not os.path.exists(args.pretrained_checkpoint):
+            raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "
+                              "checkpoint directory or an HF model folder")
+        if _is_hf_dir(args.pretrained_checkpoint):
+            args.pretrained_checkpoint = convert_hf_once(args.pretrained_checkpoint, args.save or os.getcwd())
+    return args
+
+
+def main(argv=None) -> int:
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    try:
+        args = prepare_finetune_args(parse_args(argv))
+        pretrain(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Instruction fine-tuning data: Llama 3 chat template, loss masks on assistant answers, padding or packing.
+
+A jsonl line is ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``. Each conversation is
+rendered as Meta's Llama 3 format::
+
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n{content}<|eot_id|>...
+
+and only the assistant contents and their closing ``<|eot_id|>`` are trained on. Tokenizers that have Llama 3's
+special tokens (the tiktoken ranks file, HF tokenizer.json of Llama 3) use them; others (the bundled BPE, Llama 2)
+get ``bos``/``eos`` for begin-of-text/end-of-turn and the header markers as plain text, so a checkpoint pretrained
+with that tokenizer fine-tunes without resizing its vocabulary.
+
+Samples are ``seq_length + 1`` tokens: one conversation padded (``packing=False``), or several whole conversations
+packed first-fit in a shuffled order, with ``position_ids`` restarting at each conversation and ``document_ids``
+telling the attention where documents end. The loss is normalised by the number of answer tokens in the whole
+global batch (all micro-batches, all data-parallel ranks): ``wrap_iterator`` attaches that count to each batch.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import warnings
+from collections import deque
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+
+
+def get_bundled_chat_path() -> str:
+    """A small bundled chat jsonl (synthetic arithmetic / word tasks; tools/make_chat_sample.py)."""
+    return os.path.join(_ASSETS, "chat_sample.jsonl.gz")
+
+
+class ChatTemplate:
+    """Llama 3 chat format on any tokenizer with ``encode``/``bos_id``/``eos_id``."""
+
+    SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        ids = {s: self._special_id(tokenizer, s) for s in self.SPECIALS}
+        self.native = all(v is not None for v in ids.values())
+        if self.native:
+            self.bos, self.start_header, self.end_header, self.eot = (ids[s] for s in self.SPECIALS)
+        else:  # text markers; one-token begin/end so generation can stop on eos
+            self.bos, self.eot = tokenizer.bos_id, tokenizer.eos_id
+            self.start_header, self.end_header = None, None
+        self.pad_id = getattr(tokenizer, "pad_id", tokenizer.eos_id)
+
+    @staticmethod
+    def _special_id(tok, s: str) -> Optional[int]:
+        specials = getattr(tok, "special_tokens", None)
+        if isinstance(specials, dict) and s in specials:
+            return specials[s]
+        inner = getattr(tok, "tok", None)  # HF tokenizers.Tokenizer
+        if inner is not None and hasattr(inner, "token_to_id"):
+            return inner.token_to_id(s)
+        return None
+
+    def header(self, role: str) -> List[int]:
+        if self.native:
+            return [self.start_header] + self.tokenizer.encode(role) + [self.end_header] + \
+                self.tokenizer.encode("\n\n")
+        return self.tokenizer.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+
+    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                      ) -> Tuple[List[int], List[int]]:
+        """(tokens, mask): mask is 1 on the tokens an assistant message contributes (content + end of turn)."""
+        tokens, mask = [self.bos], [0]
+        for m in messages:
+            h = self.header(m["role"])
+            body = self.tokenizer.encode(m["content"].strip()) + [self.eot]
+            tokens += h + body
+            train = 1 if m["role"] == "assistant" else 0
+            mask += [0] * len(h) + [train] * len(body)
+        if add_generation_prompt:
+            h = self.header("assistant")
+            tokens += h
+            mask += [0] * len(h)
+        return tokens, mask
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_chat_jsonl(path: str) -> List[List[dict]]:
+    """Conversations of a jsonl file; a malformed line raises ConfigError naming the file and line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"chat data {path} does not exist; pass --data-path with a .jsonl of "
+                          '{"messages": [{"role": ..., "content": ...}]} lines')
+    out = []
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
+            msgs = obj.get("messages") if isinstance(obj, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ConfigError(f'{where} has no "messages" list; each line must be {{"messages": [{{"role": '
+                                  f'..., "content": ...}}, ...]}}')
+            for m in msgs:
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise ConfigError(f"{where}: every message needs a role in {', '.join(ROLES)} and a string "
+                                      f"content, got {str(m)[:80]}")
+            out.append(msgs)
+    if not out:
+        raise ConfigError(f"{path} holds no conversations; give at least one line")
+    return out
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Fixed samples built from tokenized conversations ((tokens, mask) pairs)."""
+
+    def __init__(self, conversations: List[Tuple[np.ndarray, np.ndarray]], seq_length: int, pad_id: int,
+                 packing: bool = False, seed: int = 1234, name: str = "train"):
+        self.seq_length, self.pad_id, self.packing, self.name = seq_length, pad_id, packing, name
+        n = seq_length + 1
+        convs, truncated, dropped = [], 0, 0
+        for toks, mask in conversations:
+            if len(toks) > n:
+                toks, mask, truncated = toks[:n], mask[:n], truncated + 1
+            if mask[1:].sum() == 0:  # nothing left to learn (no answer, or answer truncated away)
+                dropped += 1
+                continue
+            convs.append((toks, mask))
+        if truncated or dropped:
+            warnings.warn(f"{name}: {truncated} conversations truncated to {n} tokens, {dropped} without answer "
+                          f"tokens dropped; raise --seq-length to keep more")
+        if not convs:
+            raise ConfigError(f"no {name} conversation has an assistant answer within --seq-length {seq_length}")
+        order = np.random.RandomState(seed).permutation(len(convs))
+        self.convs = convs
+        self.samples: List[List[int]] = []
+        if packing:
+            cur, used = [], 0
+            for i in order:
+                ln = len(convs[i][0])
+                if cur and used + ln > n:
+                    self.samples.append(cur)
+                    cur, used = [], 0
+                cur.append(int(i))
+                used += ln
+            if cur:
+                self.samples.append(cur)
+        else:
+            self.samples = [[int(i)] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return int(sum(m[1:].sum() for _, m in self.convs))
+
+    def __getitem__(self, idx: int) -> dict:
+        n = self.seq_length + 1
+        toks = np.full(n, self.pad_id, dtype=np.int64)
+        mask = np.zeros(n, dtype=np.float32)
+        pos = np.zeros(n, dtype=np.int64)
+        doc = np.zeros(n, dtype=np.int64)
+        if not 0 <= idx < len(self.samples):
+            raise IndexError(f"sample {idx} out of range ({len(self.samples)} samples)")
+        at = 0
+        for j, i in enumerate(self.samples[idx]):
+            t, m = self.convs[i]
+            toks[at:at + len(t)], mask[at:at + len(t)] = t, m
+            pos[at:at + len(t)] = np.arange(len(t))
+            doc[at:at + len(t)] = j
+            at += len(t)
+        pos[at:] = np.arange(n - at)
+        doc[at:] = doc[at - 1] + 1 if at else 0
+        out = {"input_ids": torch.from_numpy(toks[:-1].copy()), "labels": torch.from_numpy(toks[1:].copy()),
+               "loss_mask": torch.from_numpy(mask[1:].copy())}
+        if self.packing:
+            out["position_ids"] = torch.from_numpy(pos[:-1].copy())
+            out["document_ids"] = torch.from_numpy(doc[:-1].copy())
+        return out
+
+    def wrap_iterator(self, iterator, num_microbatches: int):
+        """The training loop's hook: attach the global answer-token count of each iteration's batches."""
+        return GlobalTokenCountIterator(iterator, num_microbatches)
+
+
+class GlobalTokenCountIterator:
+    """Reads one iteration's ``num_microbatches`` batches ahead, all-reduces their ``loss_mask`` sum over the data
+    (and context) parallel group, and attaches it to each batch as ``num_loss_tokens``. With it the loss
+    ``sum(loss * mask) * num_microbatches * dp / num_loss_tokens`` averages (over micro-batches, then dp ranks) to
+    the exact per-token mean of the global batch, however unevenly answers fall into micro-batches."""
+
+    def __init__(self, iterator, num_microbatches: int):
+        self.iterator, self.m, self.buffer = iterator, num_microbatches, deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.buffer:
+            from megallama.mpu import parallel_state as ps
+            batches = [next(self.iterator) for _ in range(self.m)]
+            n = torch.stack([b["loss_mask"].sum() for b in batches]).sum().double().reshape(1)
+            if dist.is_initialized() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+                dev = ps.default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+                n = n.to(dev)
+                dist.all_reduce(n, group=ps.get_data_parallel_group(with_context_parallel=True))
+                n = n.cpu()
+            for b in batches:
+                b["num_loss_tokens"] = n[0].clone()
+            self.buffer.extend(batches)
+        return self.buffer.popleft()
+
+
+def tokenize_conversations(conversations: List[List[dict]], template: ChatTemplate):
+    out = []
+    for msgs in conversations:
+        t, m = template.encode_dialog(msgs)
+        out.append((np.asarray(t, dtype=np.int64), np.asarray(m, dtype=np.int64)))
+    return out
+
+
+def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: int = 1234, split="98,2,0",
+                       packing: bool = False):
+    """(train, valid) SFT datasets from a chat jsonl (default: the bundled sample). valid is None when its split is
+    empty. Conversations are split by contiguous ranges (as pretraining documents) before shuffling."""
+    from megallama.data.gpt_dataset import split_document_ranges
+    path = path or get_bundled_chat_path()
+    template = ChatTemplate(tokenizer)
+    convs = tokenize_conversations(read_chat_jsonl(path), template)
+    ranges = split_document_ranges(len(convs), split)
+    if ranges[0][1] <= ranges[0][0]:
+        raise ConfigError(f"--split {split} leaves no training conversations out of {len(convs)}; give the first "
+                          f"weight more")
+    train = SFTDataset(convs[ranges[0][0]:ranges[0][1]], seq_length, template.pad_id, packing, seed, "train")
+    valid = None
+    if ranges[1][1] > ranges[1][0]:
+        try:
+            valid = SFTDataset(convs[ranges[1][0]:ranges[1][1]], seq_length, template.pad_id, packing, seed + 1,
+                               "valid")
+        except ConfigError as e:
+            warnings.warn(f"no validation set: {e}")
+    return train, valid
