@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from dist_utils import rel_err, run_distributed
-from zero_harness import CFG, batch, make, reference_run, train
+from zero_harness import batch, make, reference_run, train
 
 STEPS, SPLIT = 10, 5
 # (stage, overlap): every stage synchronous, stages 1-3 also with overlapped reduce/gather
