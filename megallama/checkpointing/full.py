@@ -15,7 +15,7 @@ import torch
 
 from megallama.checkpointing import files as F
 from megallama.checkpointing.save_load import FORMAT_VERSION, load_common
-from megallama.checkpointing.sharded import Piece, ShardReader, dtype_name
+from megallama.checkpointing.sharded import ShardReader, dtype_name, whole
 from megallama.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Te
             manifest[fname] = F.describe_file(os.path.join(tmp, fname))
             for name, t in batch.items():
                 index[name] = {"shape": list(t.shape), "dtype": dtype_name(t),
-                               "pieces": [Piece(list(t.shape)).to_dict(fname)]}
+                               "pieces": [whole(t.shape).to_dict(fname)]}
             batch, size = {}, 0
 
         for name, t in named_tensors:

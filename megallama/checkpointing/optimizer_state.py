@@ -17,8 +17,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from megallama.checkpointing.sharded import Piece, piece_of
-from megallama.checkpointing.state import TIED_COPY, canonical_name, is_tp_replicated, unwrap
+from megallama.checkpointing.state import TIED_COPY, canonical_name, local_piece, unwrap, writes
 
 PREFIX = "optimizer"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -44,8 +43,7 @@ def _params(model_chunks) -> List[Dict[str, torch.nn.Parameter]]:
     return [dict(unwrap(c).named_parameters()) for c in model_chunks]
 
 
-def optimizer_entries(optimizer, model_chunks, tp: int, tp_rank: int, dp_rank: int) -> \
-        Tuple[List[Tuple[str, torch.Tensor, Piece]], dict]:
+def optimizer_entries(optimizer, model_chunks) -> Tuple[list, dict]:
     """([(saved name, tensor, piece)] this rank writes, scalars)."""
     if optimizer is None:
         return [], {}
@@ -58,19 +56,14 @@ def optimizer_entries(optimizer, model_chunks, tp: int, tp_rank: int, dp_rank: i
             ci, name = key.split("/", 1)
             ci = int(ci)
             p = params[ci][name]
-            if skip_on_save(name) or (stages[ci] == 0 and dp_rank != 0) or (is_tp_replicated(p) and tp_rank != 0):
+            if skip_on_save(name) or not writes(p, replicated_over_dp=stages[ci] == 0):
                 continue
-            base = piece_of(p, p, tp, tp_rank, shape=e["shape"])
-            whole = e["start"] == 0 and e["end"] == e["numel"]
-            keys = _MOMENTS + (("master",) if p.dtype != torch.float32 else ())
-            for k in keys:
-                if k not in e:
-                    continue
-                if whole:
-                    out.append((state_name(k, name), e[k].view(e["shape"]), base))
-                else:
-                    out.append((state_name(k, name), e[k], Piece(base.shape, base.dim, base.offset, base.length,
-                                                                   [e["start"], e["end"]], list(e["shape"]))))
+            box = local_piece(None, p, shape=e["shape"])
+            entire = e["start"] == 0 and e["end"] == e["numel"]
+            for k in _MOMENTS + (("master",) if p.dtype != torch.float32 else ()):
+                if k in e:
+                    out.append((state_name(k, name), e[k].view(e["shape"]) if entire else e[k],
+                                box if entire else box.with_flat(e["start"], e["end"])))
         return out, {"step": int(sd["step"]), "grad_scaler": sd.get("grad_scaler")}
     # plain torch optimizer: replicated over dp
     names = {p: n for chunk in params for n, p in chunk.items()}
@@ -80,8 +73,8 @@ def optimizer_entries(optimizer, model_chunks, tp: int, tp_rank: int, dp_rank: i
             name = names[p]
             for key, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
-                    if dp_rank == 0 and not skip_on_save(name) and not (is_tp_replicated(p) and tp_rank != 0):
-                        out.append((state_name(key, name), v, piece_of(v, p, tp, tp_rank)))
+                    if not skip_on_save(name) and writes(p):
+                        out.append((state_name(key, name), v, local_piece(v, p)))
                 elif torch.is_tensor(v) and v.numel() == 1:
                     scalars[key] = float(v.item())
     return out, scalars

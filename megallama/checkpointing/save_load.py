@@ -22,9 +22,9 @@ import torch.distributed as dist
 from megallama.checkpointing import files as F
 from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
                                                      skip_on_save, state_name)
-from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes, piece_of
-from megallama.checkpointing.state import (canonical_name, get_rng_state, is_tp_replicated, is_zero3,
-                                           named_model_tensors, set_rng_state, tp_coords)
+from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes
+from megallama.checkpointing.state import (canonical_name, get_rng_state, is_zero3, local_piece, named_model_tensors,
+                                           set_rng_state, writes)
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 
@@ -126,8 +126,6 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
     _raise_save_error(_first_error(err), final, tmp)
 
     fname = f"rank_{_rank():05d}.pt"
-    tp, tp_rank = tp_coords()
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     tensors, index = {}, {}
 
     def add(name, t, piece):
@@ -135,9 +133,9 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
         index[name] = {"shape": piece.shape, "dtype": dtype_name(t), "pieces": [piece.to_dict(fname)]}
 
     for _, name, t, p in named_model_tensors(model_chunks):
-        if dp_rank == 0 and not skip_on_save(name) and (not is_tp_replicated(t if p is None else p) or tp_rank == 0):
-            add(name, t, piece_of(t, p, tp, tp_rank))
-    entries, scalars = optimizer_entries(optimizer, model_chunks, tp, tp_rank, dp_rank)
+        if not skip_on_save(name) and writes(t if p is None else p):
+            add(name, t, local_piece(t, p))
+    entries, scalars = optimizer_entries(optimizer, model_chunks)
     for name, t, piece in entries:
         add(name, t, piece)
 
@@ -214,14 +212,13 @@ def check_compatible(common: dict, args, ckpt: str) -> None:
 
 
 def _model_plan(model_chunks, reader: ShardReader, ckpt: str):
-    tp, tp_rank = tp_coords()
     plan = []
     for ci, name, t, p in named_model_tensors(model_chunks):
         cname = canonical_name(name)
         if cname not in reader:
             raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a "
                               "checkpoint of this model")
-        plan.append((ci, name, cname, t, piece_of(t, p, tp, tp_rank)))
+        plan.append((ci, name, cname, t, local_piece(t, p)))
     return plan
 
 
@@ -230,7 +227,7 @@ def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]
     for _, _, cname, t, piece in plan:
         for n in [cname] + [state_name(k, cname) for k in optim_keys]:
             if n in reader:
-                need.update(reader.files_for(n, piece.dim, piece.offset, piece.length))
+                need.update(reader.files_for(n, piece))
     if rng_file:
         need.add(rng_file)
     return sorted(need)
@@ -273,7 +270,7 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
     zero3_sd = {}
     with torch.no_grad():
         for ci, name, cname, t, piece in plan:
-            reader.read_into(cname, t.data if isinstance(t, torch.nn.Parameter) else t, piece.dim, piece.offset)
+            reader.read_into(cname, t.data if isinstance(t, torch.nn.Parameter) else t, piece)
             if is_zero3(model_chunks[ci]):
                 zero3_sd.setdefault(ci, {})[name] = t
     for ci, sd in zero3_sd.items():  # the wrapper keeps its dp shard of the full tensors
@@ -288,13 +285,10 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
                                                if finetune else ""))
         reader.close()
         return (0, 0) if finetune else (iteration, int(common.get("consumed_samples", 0)))
-    tp, tp_rank = tp_coords()
-
     def read(saved_name, out, param):
         if saved_name not in reader:
             return False
-        piece = piece_of(out, param, tp, tp_rank)
-        reader.read_into(saved_name, out, piece.dim, piece.offset)
+        reader.read_into(saved_name, out, local_piece(out, param))
         return True
 
     load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)

@@ -12,6 +12,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from megallama.checkpointing.sharded import Piece, piece_of
 from megallama.mpu import parallel_state as ps
 
 TIED_COPY = "output_weight"
@@ -56,6 +57,29 @@ def tp_coords() -> Tuple[int, int]:
 
 def is_tp_replicated(param) -> bool:
     return not (getattr(param, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1)
+
+
+def is_expert(param) -> bool:
+    return bool(getattr(param, "expert_parallel", False)) and ps.get_expert_model_parallel_world_size() > 1
+
+
+def local_piece(local: Optional[torch.Tensor], param, shape=None) -> Piece:
+    """The box of the full tensor that this rank's tensor (or a state of ``param`` with ``shape``) holds."""
+    tp, tp_rank = tp_coords()
+    return piece_of(local, param, tp, tp_rank, ps.get_expert_model_parallel_world_size(),
+                    ps.get_expert_model_parallel_rank(), shape=shape)
+
+
+def writes(param, replicated_over_dp: bool = True) -> bool:
+    """Whether this rank writes ``param`` (or a state of it): one copy of every box — tp rank 0 for tensors
+    replicated over tp, and, for tensors replicated over data parallelism, the first dp (expert-dp) replica."""
+    if is_tp_replicated(param) and ps.get_tensor_model_parallel_rank() != 0:
+        return False
+    if not replicated_over_dp:
+        return True
+    if is_expert(param):
+        return ps.get_expert_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    return ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
 
 # ---------------------------------------------------------------- RNG
