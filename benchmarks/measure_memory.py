@@ -12,8 +12,9 @@ and optimizer-step peaks, and the model states left between steps); on CPU a dis
   torchrun --nproc_per_node 2 benchmarks/measure_memory.py --preset two-gpu       # ZeRO-0/1 with dp 2, tp 2 + SP
   python benchmarks/measure_memory.py --config "--model tiny_llama3_150m --micro-batch-size 4 --seq-length 2048 --bf16"
 
-Fields: measured.peak_allocated, estimate.peak_allocated (bytes; the estimate without the context/NCCL/
-fragmentation overhead, which max_memory_allocated does not see), rel_err = estimate / measured - 1.
+Fields: measured.peak_allocated (the max over ranks; per rank in peak_allocated_per_rank), estimate.peak_allocated
+(bytes, the busiest rank's; without the context/NCCL/fragmentation overhead, which max_memory_allocated does not
+see), rel_err = estimate / measured - 1.
 """
 from __future__ import annotations
 
@@ -113,18 +114,23 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
     if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
         v = args.model_config.num_layers // (args.pipeline_model_parallel_size *
                                              args.num_layers_per_virtual_pipeline_stage)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    params_dtype = getattr(args, "params_dtype", "fp32")
+    mode = "autocast" if params_dtype == "fp32" or (params_dtype == "auto" and precision == "fp32") else "params"
     est = estimate_requirements(
         args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
         sequence_length=args.seq_length, num_gpus=world, tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size, zero_stage=args.zero_stage,
         recompute=args.recompute_granularity or "none",
-        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", strategy=args.strategy,
-        lora_rank=args.lora_rank or 16, num_experts=args.num_experts, sequence_parallel=args.sequence_parallel,
+        precision=precision, mixed_precision_mode=mode, strategy=args.strategy,
+        lora_rank=args.lora_rank or 8, num_experts=args.num_experts,
+        lora_targets=tuple(args.lora_target_modules.split(",")) if getattr(args, "lora_target_modules", None)
+        else ("q_proj", "k_proj", "v_proj", "o_proj"), sequence_parallel=args.sequence_parallel,
         pipeline_schedule=args.pipeline_schedule, virtual_pipeline_stages=v,
         num_microbatches=args.num_microbatches, fused_kernels=fused, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
         overlap_grad_reduce=args.overlap_grad_reduce, optimizer="fused" if device.type == "cuda" else "foreach",
-        recommend=False)
+        device=device.type, recommend=False)
     b = est["breakdown_bytes"]
     alloc = sum(v for k, v in b.items() if k != "overhead") - (WORKSPACE_BYTES if device.type == "cpu" else 0)
     return {"peak_allocated": alloc, "model_states": b["weights"] + b["grads"] + b["optimizer"],
@@ -146,6 +152,11 @@ def measure(argv, steps: int = 3, device: str = None) -> dict:
         extra.append("--bf16")
     args = parse_args(list(argv) + extra, world_size=world)
     _extension.set_fused_kernels(not args.no_fused_kernels)
+    try:  # routing statistics are process-global; a previous configuration's expert count must not leak in
+        from megallama.model.moe import get_moe_stats
+        get_moe_stats().reset()
+    except ImportError:
+        pass
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     dev = initialize_megatron(args)
@@ -185,6 +196,12 @@ def measure(argv, steps: int = 3, device: str = None) -> dict:
             pass
     finally:
         meter.close()
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the estimate is the busiest rank's: compare to the max
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, measured["peak_allocated"])
+        measured["peak_allocated_per_rank"] = peaks
+        measured["peak_allocated_this_rank"] = measured["peak_allocated"]
+        measured["peak_allocated"] = max(peaks)
     est = estimate_for(args, dev, world)
     out = {"argv": list(argv), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "torch": torch.__version__, "world_size": world, "rank": dist.get_rank() if dist.is_initialized() else 0,

@@ -17,9 +17,10 @@ their input r*Sn*h) and SwiGLU (gate, up); full recompute keeps each checkpointe
 one chunk in backward. Autocast caches the casts it makes itself (o_proj/down_proj weights) until the forward's
 autocast region exits, so a fully recomputed layer still holds those during the forward.
 
-For llama3_8b, autocast bf16, fused kernels, tp 1 that is S*h*(2*4 + 2*2 + 4 + 4g/a + 6F/h) = S*h*38 bytes per layer
-(plus the 2-byte weight copies) against the sbh(12 + 4g/a + 6F/h) of a bf16-parameter layer: the fp32 residual
-stream and the autocast copies cost the difference.
+With the loop's default bf16 parameters (mode 'params', r = e = 2) and the fused kernels, tp 1, this is
+S*h*(2*2 + 2*2 + 4 + 4g/a + 6F/h) = sbh(12 + 4g/a + 6F/h) bytes per layer, the figure of a flash-attention Llama
+layer. With fp32 parameters under autocast (--params-dtype fp32) the residual stream and norms are fp32 and every
+matmul keeps a bf16 weight copy: sbh(20 + 4g/a + 6F/h) plus 2 bytes per layer weight, per microbatch in flight.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from typing import Dict
 
 from megallama.errors import ConfigError
 
-# Must equal megallama.mpu.linear_cross_entropy._CHUNK_BYTES (a test checks it): fp32 logits per head chunk.
+# Must equal megallama.mpu.linear_cross_entropy._CHUNK_BYTES / _ROW_ALIGN (a test checks): logits bytes per head
+# chunk in the compute dtype, rows a multiple of 256 when the tokens take more than one chunk.
 FUSED_HEAD_CHUNK_BYTES = 512 * 2**20
+FUSED_HEAD_ROW_ALIGN = 256
 MODES = ("autocast", "params")
 RECOMPUTE = ("none", "selective", "full")
 HEADS = ("fused", "unfused")
@@ -39,14 +42,14 @@ HEADS = ("fused", "unfused")
 @dataclass(frozen=True)
 class Numerics:
     """e/r bytes as above; ``cast``: autocast copies weights and activations; ``fused``: the csrc kernels run.
-    Mode 'autocast' is our training loop (fp32 params); 'params' stores parameters in the compute dtype."""
+    Mode 'params' stores parameters in the compute dtype (the loop's default); 'autocast' keeps fp32 params."""
     e: int
     r: int
     cast: bool
     fused: bool = True
 
     @staticmethod
-    def of(precision: str, mode: str = "autocast", fused: bool = True) -> "Numerics":
+    def of(precision: str, mode: str = "params", fused: bool = True) -> "Numerics":
         if precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"precision '{precision}' is not one of bf16, fp16, fp32; pick one of those")
         if mode not in MODES:
@@ -129,6 +132,31 @@ def layer_bytes(x: Shape, n: Numerics, recompute: str = "none") -> int:
     return sum(layer_saved(x, n, recompute).values())
 
 
+@dataclass(frozen=True)
+class MoEShape:
+    """This rank's experts (E/ep), the router's top-k and the per-expert FFN size (model/moe.py)."""
+    num_experts: int
+    local_experts: int
+    topk: int
+    ffn: int
+
+
+def moe_layer_saved(x: Shape, n: Numerics, moe: MoEShape, recompute: str = "none") -> Dict[str, int]:
+    """A decoder layer whose MLP is ``MoELayer``: the router keeps its fp32 input, logits and probabilities, the
+    top-k indices / weights and the sort order; the experts keep the permuted tokens (cast), gate, up and the
+    SwiGLU product of S*k rows, their stacked weight copies; the combine keeps the expert outputs and weights.
+    Balanced routing is assumed (each rank's experts see S*k rows; capacity drops ignored)."""
+    out = layer_saved(x, n, recompute)
+    Sk, Fl, E = x.S * moe.topk, moe.ffn // x.t, moe.num_experts
+    out["linear_inputs"] //= 2  # only q/k/v go through column_parallel_linears
+    out["mlp"] = (4 * x.Sn * x.h + 8 * x.S * E + 8 * x.S + (8 + 4 + 8 + 8) * Sk  # router, routing, order, tok
+                  + (3 if n.fused else 4) * n.e * Sk * Fl  # gate, up, (silu), product
+                  + (n.e if n.cast else n.r) * Sk * x.h + 2 * n.e * Sk * x.h + n.e * Sk)  # x_perm, outputs, w
+    casts = n.e * x.layer_matmul_params - 3 * n.e * x.ffn_weight if n.cast else 0
+    out["weight_casts"] = casts + (3 * n.e * moe.local_experts * x.h * Fl if n.cast else 0)
+    return out
+
+
 def embedding_saved(x: Shape) -> int:
     """Token ids (int64) kept by the embedding; with tp > 1 the masked local ids plus the bool mask."""
     return 8 * x.S + (x.S if x.t > 1 else 0)
@@ -150,28 +178,33 @@ def head_saved(x: Shape, n: Numerics, head: str = "fused") -> Dict[str, int]:
     return out
 
 
-def fused_head_rows(x: Shape) -> int:
-    return max(1, min(x.S, FUSED_HEAD_CHUNK_BYTES // (4 * (x.V // x.t))))
+def fused_head_rows(x: Shape, n: Numerics) -> int:
+    rows = max(1, min(x.S, FUSED_HEAD_CHUNK_BYTES // (n.e * (x.V // x.t))))
+    return rows - rows % FUSED_HEAD_ROW_ALIGN if FUSED_HEAD_ROW_ALIGN <= rows < x.S else rows
 
 
-def head_forward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
-    """Peak bytes the head holds during its forward on top of what it saves: the final norm output, its
-    all-gather (SP), the cast input and weight, and (fused) one or two chunks' logits in flight, or (unfused) the
-    logits and their fp32 copy."""
-    vloc, up = x.V // x.t, (4 if n.e < 4 else 0)
+def head_forward_transient(x: Shape, n: Numerics, head: str = "fused", device: str = "cuda") -> int:
+    """Peak bytes the head holds during its forward on top of what it saves: the final norm output (and its
+    all-gather under SP), the compute-dtype input and weight copies, the token bookkeeping, and per chunk of R
+    logits: on CUDA (torch.compile'd softmax kernels, fp32 grad_w accumulated by addmm in place) the chunk's
+    logits, its gradient and the previous chunk's gradient; elsewhere the eager fp32 temporaries of the softmax
+    and its gradient and a [V, h] product per chunk. Unfused: the logits and their fp32 copy."""
+    vloc = x.V // x.t
     base = n.r * x.Sn * x.h + (n.r * x.S * x.h if x.sp else 0)
     if head == "unfused":
-        return base + n.e * x.S * vloc + up * x.S * vloc
+        return base + n.e * x.S * vloc + (4 * x.S * vloc if n.e < 4 else 0)
     if n.r != n.e:
         base += n.e * x.S * x.h + n.e * vloc * x.h
-    base += 8 * x.S  # per-token losses and weights
-    rows = fused_head_rows(x)
-    R = rows * vloc
-    kept = 4 + (n.e if n.e < 4 else 0)  # a chunk's fp32 probabilities and their compute-dtype copy
-    fresh = n.e + up  # a chunk's matmul output and its fp32 upcast
-    chunk_a = (kept * R if x.S > rows else 0) + fresh * R  # the previous chunk is still referenced
-    chunk_b = kept * R + (n.e + up) * vloc * x.h  # a chunk's weight-gradient product and its fp32 upcast
-    return base + max(chunk_a, chunk_b)
+    base += 4 * x.S + 2 * x.S + 16 * x.S + 4 * x.S  # losses, valid/mine masks, local ids (+ temp), coefficients
+    rows = fused_head_rows(x, n)
+    R, e, prev = rows * vloc, n.e, (n.e if x.S > rows else 0)  # the previous chunk's gradient, still referenced
+    if device == "cuda":
+        return base + (prev + 2 * e) * R
+    up = 4 if e < 4 else 0  # logits.to(fp32) is a copy unless the logits are fp32 already
+    stats = (prev + e + up + 8) * R  # x - max, exp(...)
+    grad = (prev + e + up + 4 + 1 + 8) * R  # exp, the one-hot mask, p - 1 and the where
+    wgrad = e * R + (e + 4 if e < 4 else 4) * vloc * x.h  # g^T h and its fp32 upcast
+    return base + max(stats, grad, wgrad)
 
 
 def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
@@ -182,11 +215,14 @@ def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
     return n.e * x.S * vloc if n.e < 4 else 0  # the fp32 softmax grad cast back to the logits dtype
 
 
-def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none") -> int:
+def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe: "MoEShape" = None) -> int:
     """Bytes above the layer's saved set while its MLP runs backward (the largest part of a Llama layer):
     the residual grad, then the max of down_proj's (input grad + weight grad + fp32 upcast), SwiGLU's (two grads
-    while the product is freed) and gate/up's (input grads + both weight grads, then both fp32 upcasts)."""
+    while the product is freed) and gate/up's (input grads + both weight grads, then both fp32 upcasts).
+    For an MoE layer the same with S*k rows and the stacked expert weights."""
     c, W, eF = (4 if n.cast else 0), x.ffn_weight, n.e * x.S * (x.F // x.t)
+    if moe is not None:
+        W, eF = moe.local_experts * x.h * (moe.ffn // x.t), n.e * x.S * moe.topk * (moe.ffn // x.t)
     G = n.r * x.Sn * x.h
     gy = (n.e * x.S * x.h if x.sp else n.e * x.Sn * x.h if n.r != n.e else 0)
     mlp_saved = swiglu_saved(x, n, recompute == "selective") + (n.e * W if n.cast else 0)
@@ -217,12 +253,14 @@ def recompute_chunks(num_layers: int, method: str, k: int):
 def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str = "none", in_flight: int = 1,
                           pre_process: bool = True, post_process: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
-                          others_hold_ends: bool = True, extra: Dict[str, int] = None) -> Dict[str, int]:
+                          others_hold_ends: bool = True, extra: Dict[str, int] = None, moe: MoEShape = None,
+                          moe_layers: int = 0, device: str = "cuda") -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
     chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
-    ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'.
+    ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
+    MoE layers shaped by ``moe``.
 
     Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
     'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
@@ -230,7 +268,11 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         raise ConfigError(f"recompute '{recompute}' is not one of {', '.join(RECOMPUTE)}; pick one of those")
     if head not in HEADS:
         raise ConfigError(f"head '{head}' is not one of {', '.join(HEADS)}; pick one of those")
-    parts = layer_saved(x, n, "selective" if recompute == "selective" else "none")
+    rec = "selective" if recompute == "selective" else "none"
+    parts = layer_saved(x, n, rec)
+    if moe is not None and moe_layers:  # the per-layer average over dense and MoE layers
+        mp = moe_layer_saved(x, n, moe, rec)
+        parts = {k: (parts[k] * (num_layers - moe_layers) + mp[k] * moe_layers) // num_layers for k in parts}
     casts_layer = parts["weight_casts"]
     whole = sum(parts.values())
     if recompute == "full":
@@ -246,13 +288,13 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         misc += n.r * x.Sn * x.h
     hs = head_saved(x, n, head) if post_process else {"final_norm": 0, "head": 0}
     held = layers + casts + misc + hs["final_norm"] + hs["head"]  # one microbatch after its forward
-    ws = layer_backward_workspace(x, n, recompute)
+    ws = layer_backward_workspace(x, n, recompute, moe if moe_layers else None)
     ex = dict(extra or {})
     lb, hf, hb, fe = (ex.get(k, 0) for k in ("layer backward", "head forward", "head backward", "forward end"))
     phases = {"layer backward": (held - hs["final_norm"] - hs["head"] + recomputed + ws + lb, 0,
                                  per_chunk * casts_layer, lb)}
     if post_process:
-        fwd = head_forward_transient(x, n, head)
+        fwd = head_forward_transient(x, n, head, device)
         phases["head forward"] = (held + cached + fwd + hf, hs["head"] + fwd, cached, hf)
         bwd = head_backward_transient(x, n, head)
         phases["head backward"] = (held + bwd + hb, hs["head"] + bwd, 0, hb)

@@ -6,7 +6,7 @@ simple and stated: pipeline bubble (p-1)/(m+p-1) and stage balance (the slowest 
 by its matmul size, sets the pace), recompute costs 1/3 of a step (full) or 3% (selective),
 tensor parallelism loses 4% per doubling and may not leave a node, ZeRO-3 loses 10% to its extra all-gathers,
 micro-batches under 4096 tokens lose GPU efficiency. ``choose_layout`` returns None when nothing fits, and
-``explain`` says why (model states alone: 16 bytes per parameter under our fp32-param training).
+``explain`` says why (model states alone: 18 bytes per parameter with bf16 params, fp32 grads, masters and Adam).
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     fitting.sort(key=key)
     plan = fitting[0] if fitting else None
     if explain:
-        text = explanation(cfg, num_gpus, gpu_memory_gb, seq, precision, plan, rows, strategy)
+        text = explanation(cfg, num_gpus, gpu_memory_gb, seq, precision, plan, rows, strategy,
+                           estimate_kw.get("mixed_precision_mode", "params"))
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
                                       gpus_per_node, safety_margin, estimate_kw)
@@ -125,12 +126,12 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
 
 
 def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
-                plan: Optional[dict], rows: List[dict], strategy: str = "standard") -> str:
-    p, g, k = precision_bytes(precision, "autocast")
+                plan: Optional[dict], rows: List[dict], strategy: str = "standard", mode: str = "params") -> str:
+    p, g, k = precision_bytes(precision, mode)
     floor = (p + g + k) * cfg.num_params() / num_gpus / GiB
     lines = [f"auto-configuration for {cfg.name} ({cfg.num_params() / 1e9:.2f}B params) on {num_gpus} GPUs of "
              f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}:",
-             f"  model states need {p + g + k} bytes/param ({p} weights + {g} grads + {k} Adam): at best "
+             f"  model states need {p + g + k} bytes/param ({p} weights + {g} grads + {k} optimizer): at best "
              f"{floor:.1f} GiB per GPU when fully sharded over all {num_gpus} GPUs"]
     if plan is None:
         if not rows:

@@ -5,8 +5,10 @@ without a GPU or a process group. Units: bytes internally, GiB (2**30) in every 
 
 Model states per rank follow ZeRO with p bytes/param, g bytes/grad, K bytes of optimizer state and N = dp*cp:
 stage 0 (p+g+K)Ψ, 1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N. Ours (megallama/optimizer): fp32 grads always
-(g = 4); under autocast the model is fp32 (p = 4, K = 8: Adam m, v; the master is the model), with bf16/fp16
-parameters (mode 'params') p = 2, K = 12 (fp32 master + m + v). Activations: ``activation_memory``. Buffers:
+(g = 4); with fp32 params and autocast (--params-dtype fp32) p = 4, K = 8 (Adam m, v; the master is the model);
+with bf16/fp16
+parameters (mode 'params', the loop's default --params-dtype auto) p = 2, K = 12 (fp32 master + m + v).
+Activations: ``activation_memory``. Buffers:
 ZeRO-2/3 staging buckets, ZeRO-3 gathered units, the optimizer step's temporaries, cuBLAS workspaces. Overhead
 outside ``torch.cuda.max_memory_allocated``: the CUDA context, NCCL, and allocator fragmentation (stated constants).
 """
@@ -83,7 +85,7 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> int:
 
 
 def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, schedule, m, v, strategy,
-           lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer):
+           lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda"):
     """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category."""
     pre, post = stage == 0, stage == pp - 1
     lp = _layer_params(cfg, tp)
@@ -107,10 +109,13 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
         dense += h + (0 if (cfg.tie_word_embeddings and pp == 1) else vloc * h)
     p, g, k = pkg
     n = dp * cp
-    if strategy == "lora":
-        trainable = n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)
-        st = model_states_bytes(trainable, zero, n, p, g, k)
-        st["weights"] += p * (dense + expert_params) / (n if zero >= 3 else 1)
+    if strategy in ("lora", "hybrid"):  # frozen base (+ trainable experts and routers for hybrid)
+        adapters = n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)
+        st = model_states_bytes(adapters, zero, n, p, g, k)
+        st["weights"] += p * (dense + (0 if strategy == "hybrid" else expert_params)) / (n if zero >= 3 else 1)
+        if strategy == "hybrid" and expert_params:
+            ex = model_states_bytes(expert_params, zero, max(1, n // ep), p, g, k)
+            st = {key: st[key] + ex[key] for key in st}
     else:
         st = model_states_bytes(dense, zero, n, p, g, k)
         if expert_params:  # experts shard over the expert-data-parallel group (dp*cp/ep)
@@ -120,15 +125,15 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     # activations
     inflight = _in_flight(schedule, pp, stage, m, v)
     per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else n_layers
-    if strategy in ("moe", "hybrid") and cfg.num_experts:  # routed tokens: top-k copies through the experts
-        xs = am.Shape.of(cfg, x.b, x.s * cp, tp, x.sp, cp, ffn_hidden_size=cfg.ffn_hidden_size * cfg.moe_router_topk)
-    else:
-        xs = x
+    moe, n_moe = None, 0
+    if strategy in ("moe", "hybrid") and cfg.num_experts:
+        moe = am.MoEShape(cfg.num_experts, max(1, cfg.num_experts // ep), cfg.moe_router_topk, cfg.ffn_hidden_size)
+        n_moe = round(per_chunk_layers * (len(cfg.moe_layers) / L if cfg.moe_layers else 1.0))
     # ZeRO buffers by phase. Stage 2: one fp32 staging bucket in backward (up to three with overlap). Stage 3:
     # each unit (a layer; the embedding / untied head) is a bucket, gathered (p bytes) just before its use and
     # freed after, the next one prefetched; the root (a tied or shared output weight) stays gathered all step.
-    trainable_local = (n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)) if strategy == "lora" \
-        else local_params
+    trainable_local = local_params if strategy in ("standard", "moe") else \
+        n_layers * _lora_params(cfg, lora_rank, lora_targets, tp) + (expert_params if strategy == "hybrid" else 0)
     extra = {}
     if zero >= 2 and n > 1:
         k = 3 if overlap else 1
@@ -143,11 +148,18 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
             extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
                      "head backward": p * (root + head_unit) + 4 * head_unit,
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
-    act = am.stage_activation_peak(xs, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
-                                   others_hold_ends=schedule != "interleaved", extra=extra)
-    if strategy == "lora":  # the low-rank intermediates, one per target module and layer
-        act["activations"] += n_layers * len(lora_targets) * num.e * x.S * lora_rank * inflight
-        act["total"] += n_layers * len(lora_targets) * num.e * x.S * lora_rank * inflight
+    act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
+                                   others_hold_ends=schedule != "interleaved", extra=extra, moe=moe,
+                                   moe_layers=n_moe, device=device)
+    if strategy in ("lora", "hybrid") and recompute != "full":
+        # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
+        # product; MoE layers' experts train under hybrid), on the first stage the first layer's input norm
+        dense_layers = n_layers - n_moe * (n_layers // max(1, per_chunk_layers))
+        delta = n_layers * len(lora_targets) * num.e * x.S * lora_rank - \
+            (0 if "down_proj" in lora_targets else dense_layers * num.e * x.S * (cfg.ffn_hidden_size // tp))
+        delta = delta * inflight - (am.norm_saved(x, num) if pre and recompute == "none" else 0)
+        act["activations"] += delta
+        act["total"] += delta
     buffers = WORKSPACE_BYTES + act["buffers"]
     step = WORKSPACE_BYTES
     if optimizer == "foreach":  # torch's foreach AdamW: one fp32 temporary as large as the params it updates
@@ -171,23 +183,25 @@ def _resolve_config(model_variant, model_config, num_experts, moe_topk):
 def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1, sequence_length: Optional[int] = None,
                           num_gpus: int = 1, num_nodes: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
                           zero_stage: int = 0, recompute: str = "none", precision: str = "bf16",
-                          strategy: str = "standard", lora_rank: int = 16, num_experts: Optional[int] = None,
+                          strategy: str = "standard", lora_rank: int = 8, num_experts: Optional[int] = None,
                           gpu_memory_gb: float = 80.0, global_batch_size: Optional[int] = None,
                           num_microbatches: Optional[int] = None, sequence_parallel: bool = False,
                           pipeline_schedule: str = "1f1b", virtual_pipeline_stages: int = 1,
-                          mixed_precision_mode: str = "autocast", fused_kernels: bool = True, head: str = "fused",
+                          mixed_precision_mode: str = "params", fused_kernels: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
                           first_stage_layers: Optional[int] = None, bucket_size: int = 40_000_000,
                           overlap_grad_reduce: bool = False, optimizer: str = "fused",
                           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_topk: Optional[int] = None,
                           p_bytes: Optional[float] = None, g_bytes: Optional[float] = None,
                           k_bytes: Optional[float] = None, model_config: Optional[ModelConfig] = None,
-                          recommend: bool = True, **aliases) -> dict:
+                          device: str = "cuda", recommend: bool = True, **aliases) -> dict:
     """Per-GPU memory of training ``model_variant`` with this layout; see the module docstring.
 
     ``batch_size`` is the micro-batch per GPU; ``num_gpus`` is per node (world = num_gpus * num_nodes, as the
-    CLI's --gpus/--nodes). Seed aliases: tensor_parallel_size, pipeline_parallel_size, micro_batch_size,
-    activation_checkpointing=True (-> recompute 'full'), use_flash_attention (always on)."""
+    CLI's --gpus/--nodes). ``mixed_precision_mode`` 'params' (default, as --params-dtype auto: parameters in the
+    compute dtype, fp32 masters) or 'autocast' (--params-dtype fp32). Seed aliases: tensor_parallel_size,
+    pipeline_parallel_size, micro_batch_size, activation_checkpointing=True (-> recompute 'full'),
+    use_flash_attention (always on). ``device`` 'cpu' models the eager CPU code paths (for tests on CPU)."""
     for name, target in (("tensor_parallel_size", "tp"), ("pipeline_parallel_size", "pp"),
                          ("micro_batch_size", "batch_size"), ("context_parallel_size", "cp"),
                          ("expert_parallel_size", "ep")):
@@ -233,7 +247,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     for s in sorted({0, pp - 1}):
         st = _stage(cfg, x, num, layers, s, cfg.num_layers, pp, tp, dp, cp, ep, zero_stage, recompute,
                     pipeline_schedule, num_microbatches, v, strategy, lora_rank, list(lora_targets), pkg, head,
-                    recompute_method, recompute_num_layers, bucket_size, overlap_grad_reduce, optimizer)
+                    recompute_method, recompute_num_layers, bucket_size, overlap_grad_reduce, optimizer, device)
         keys = ("weights", "grads", "optimizer", "activations", "logits", "weight_casts", "buffers")
         st["allocated"] = sum(st[key] for key in keys)
         stages[s] = st
@@ -275,7 +289,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                     recompute_num_layers=recompute_num_layers, first_stage_layers=first_stage_layers,
                     bucket_size=bucket_size, overlap_grad_reduce=overlap_grad_reduce, optimizer=optimizer,
                     lora_targets=lora_targets, moe_topk=moe_topk, p_bytes=p_bytes, g_bytes=g_bytes, k_bytes=k_bytes,
-                    model_config=model_config)
+                    model_config=model_config, device=device)
         result["recommendations"] = recommendations(result, args, cfg)
     else:
         result["recommendations"] = []

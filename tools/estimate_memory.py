@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--params-dtype-compute", action="store_true",
-                   help="model parameters stored in bf16/fp16 (Megatron style) instead of fp32 + autocast")
+    p.add_argument("--params-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: parameters in the compute dtype with fp32 masters (the loop's default); fp32: fp32 "
+                        "parameters with autocast")
     p.add_argument("--no-fused-kernels", action="store_true")
     p.add_argument("--unfused-head", action="store_true", help="logits + cross-entropy instead of the fused head")
     p.add_argument("--strategy", choices=["standard", "lora", "moe", "hybrid"], default="standard")
@@ -78,7 +79,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage
     recompute = "full" if args.activation_checkpointing else args.recompute_granularity
-    kw = dict(mixed_precision_mode="params" if args.params_dtype_compute else "autocast",
+    kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
               fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused")
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
