@@ -77,8 +77,9 @@ class _MicrobatchData:
 class PipelineRunner:
     """``get_forward_backward_func(p, name)`` returns one of these; call it like the no-pipelining function."""
 
-    def __init__(self, schedule: str):
+    def __init__(self, schedule: str, time_ops: bool = False):
         self.schedule = normalize_schedule_name(schedule)
+        self.time_ops = time_ops  # synchronise the device around each op so stats hold device time (profiling)
         self.stats: dict = {}
 
     def __call__(self, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
@@ -95,24 +96,27 @@ class PipelineRunner:
             raise ConfigError(f"schedule '{self.schedule}' runs {want} model chunk(s) per stage, got {len(chunks)}; "
                               "build them with megallama.pipeline.build_model_chunks for the same schedule")
         run = _StageRun(self.schedule, chunks, num_microbatches, v, forward_only, grad_scale_func,
-                        seq_length, micro_batch_size)
+                        seq_length, micro_batch_size, self.time_ops)
         losses = run.execute(forward_step_func, data_iterator)
         self.stats = run.stats()
         return losses
 
 
-def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: str = "1f1b"):
+def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: str = "1f1b", *,
+                              time_ops: bool = False):
     """The forward/backward function for a layout: no pipelining for pp = 1, else a runner for ``schedule``
-    (gpipe, 1f1b, interleaved, chimera, zb-h1)."""
+    (gpipe, 1f1b, interleaved, chimera, zb-h1). ``time_ops`` makes ``runner.stats`` hold device time per op on
+    CUDA: it synchronises the whole device after each receive and each op, which also waits for receives posted
+    ahead, so it overstates the bubble; use it to profile, not to train. CPU ops are timed by the clock."""
     name = normalize_schedule_name(schedule)
     if pipeline_model_parallel_size <= 1:
         return forward_backward_no_pipelining
-    return PipelineRunner(name)
+    return PipelineRunner(name, time_ops)
 
 
 class _StageRun:
     def __init__(self, name, chunks, num_microbatches, v, forward_only, grad_scale_func, seq_length,
-                 micro_batch_size):
+                 micro_batch_size, time_ops=False):
         self.stage = ps.get_pipeline_model_parallel_rank()
         p = ps.get_pipeline_model_parallel_world_size()
         self.sched, self.program = stage_program(name, p, num_microbatches, v, self.stage, forward_only)
@@ -127,6 +131,7 @@ class _StageRun:
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
         ref = next(q for q in self.inner[0].parameters() if q.is_floating_point())
         self.dtype, self.device = ref.dtype, ref.device
+        self.sync = (lambda: torch.cuda.synchronize(self.device)) if time_ops and ref.is_cuda else (lambda: None)
         cfg = self.inner[0].config
         self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
         self.group = ps.get_pipeline_model_parallel_group()
@@ -265,6 +270,7 @@ class _StageRun:
                     ps.set_virtual_pipeline_model_parallel_rank(a.chunk)
                 need = consumed_message(self.sched, self.stage, a) if a.kind != W else None
                 received = self._take(need) if need is not None else None  # waiting is not compute time
+                self.sync()
                 t0 = time.perf_counter()
                 if a.kind == F:
                     self._forward(a, received, forward_step_func, data)
@@ -272,6 +278,7 @@ class _StageRun:
                     self._backward(a, received)
                 else:
                     self._weight_grad(a)
+                self.sync()
                 self.intervals.append((a.kind, a.microbatch, a.chunk, t0, time.perf_counter()))
             data.drain()
             for w, _ in self.sends:
