@@ -95,6 +95,8 @@ def _add_parallel(p):
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
+    g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
+                   help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp % cp == 0)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
@@ -208,6 +210,9 @@ def _derive(args, world_size: int):
                           f"--seq-length <= {ctx} or raise --max-position-embeddings")
     # Batch sizes: global = micro * dp * num_microbatches.
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if args.context_parallel_size > 1:
+        from megallama.mpu.context_parallel import check_sequence_length
+        check_sequence_length(args.seq_length, args.context_parallel_size)
     if args.gpus is not None and args.gpus * args.nodes != world_size and world_size > 1:
         raise ConfigError(f"--gpus {args.gpus} x --nodes {args.nodes} does not match the launched world size "
                           f"{world_size}; launch with torchrun --nproc_per_node {args.gpus}")

@@ -20,6 +20,7 @@ from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, fl
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
 
 
@@ -31,7 +32,7 @@ def _autocast(args, device):
 
 def make_forward_step(args, device):
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = get_batch_on_this_cp_rank(next(data_iterator))  # zig-zag sequence share (identity at cp = 1)
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         mask = batch["loss_mask"].to(device, non_blocking=True).float()
@@ -44,7 +45,7 @@ def make_forward_step(args, device):
                 scale = args.num_microbatches * ps.get_data_parallel_world_size(with_context_parallel=True)
                 loss = loss_sum * scale / batch["num_loss_tokens"].to(loss_sum).clamp_min(1.0)
             else:
-                loss = loss_sum / mask.sum().clamp_min(1.0)
+                loss = cp_mean_loss(loss_sum, mask)  # the whole sequence's mean, as this cp rank's share
             return loss, {"lm loss": loss.detach()}
         return output, loss_func
     return forward_step
@@ -75,7 +76,8 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     losses = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            losses += forward_backward(forward_step, it, model_chunks, args.num_microbatches, args.seq_length,
+            losses += forward_backward(forward_step, it, model_chunks, args.num_microbatches,
+                                       args.seq_length // args.context_parallel_size,
                                        args.micro_batch_size, forward_only=True)
     for m in model_chunks:
         m.train()
@@ -107,6 +109,7 @@ def pretrain(args) -> dict:
     forward_backward = get_forward_backward(args)
     forward_step = make_forward_step(args, device)
     logger = TrainingLogger(args, enabled=is_rank_0())
+    local_seq = args.seq_length // args.context_parallel_size
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
@@ -128,7 +131,7 @@ def pretrain(args) -> dict:
                 m.zero_grad_buffer()
         # MoE aux losses get the gradient scale the schedule gives the LM loss (1/microbatches, x fp16 scale)
         set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / args.num_microbatches)
-        losses = forward_backward(forward_step, data_iter, model_chunks, args.num_microbatches, args.seq_length,
+        losses = forward_backward(forward_step, data_iter, model_chunks, args.num_microbatches, local_seq,
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
         finalize_model_grads(model_chunks, args)

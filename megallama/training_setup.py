@@ -78,8 +78,10 @@ def _params_dtype(args):
 
 
 def build_model_chunks(args, device):
+    from megallama.model.context_parallel import set_context_parallel_comm_type
     from megallama.ops import set_fused_kernels
     set_fused_kernels(not args.no_fused_kernels)
+    set_context_parallel_comm_type(args.cp_comm_type)
     cfg = args.model_config
     if args.pipeline_model_parallel_size > 1:
         from megallama.pipeline import build_model_chunks as build_pp

@@ -35,7 +35,9 @@ def _reference():
     (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
          "--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]),
     (4, ["--tensor-model-parallel-size", "2", "--zero-stage", "3"]),
-], ids=["tp2_sp", "pp2_1f1b_tied", "dp2_zero2", "tp2_pp2_interleaved", "tp2_dp2_zero3"])
+    (2, ["--context-parallel-size", "2"]),
+    (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--cp-comm-type", "a2a"]),
+], ids=["tp2_sp", "pp2_1f1b_tied", "dp2_zero2", "tp2_pp2_interleaved", "tp2_dp2_zero3", "cp2_ring", "cp2_pp2_ulysses"])
 def test_pretrain_layout_matches_single_process(world, extra):
     ref = _reference()
     out = run_distributed(_train, world, extra)
