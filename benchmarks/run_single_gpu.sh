@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 13's measurement on one GPU: build the extension, then megallama variants vs HF+compile and HF+Liger for
-# tiny_llama3_150m (mbs 16) and the Llama-3.2-1B shape (mbs 8) at sequence 2048, all in one command.
+# Issue 13's measurement on one GPU, in one command: build the extension (while the fused-head CUDA test runs on
+# the GPU), then megallama vs HF+compile and HF+Liger for tiny_llama3_150m (mbs 16) and the Llama-3.2-1B shape
+# (mbs 8) at sequence 2048. megallama's last step runs under --profile-step; its top-10 kernel table lands in
+# $OUT/workers_*.log. Env: STEPS (timed steps, default 15), VARIANTS (megallama flag sets, ';'-separated).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$PWD/.torch_ext
@@ -8,12 +10,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index --target /tmp/whl .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "wheel install failed"
   export PYTHONPATH=/tmp/whl${PYTHONPATH:+:$PYTHONPATH}
 fi
-TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || echo "build failed"
-python3 -c "import megallama.ops as o; print('kernels:', o.kernel_source())" 2>&1 | tee -a "$OUT/bench.log"
 STEPS=${STEPS:-15}
-python3 tools/benchmark.py --model tiny_llama3_150m --batch-sizes 16 --seq-length 2048 --steps $STEPS --compare-hf --liger \
-  --megallama-args="--compile" --megallama-args="--compile --params-dtype fp32" \
-  --save-results "$OUT/bench_150m.json" 2>&1 | tee -a "$OUT/bench.log"
-python3 tools/benchmark.py --model llama3_2_1b --batch-sizes 8 --seq-length 2048 --steps $STEPS --compare-hf --liger \
-  --megallama-args="--compile" --megallama-args="--compile --params-dtype fp32" \
-  --save-results "$OUT/bench_1b.json" 2>&1 | tee -a "$OUT/bench.log"
+TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 &
+BUILD=$!
+python3 -m pytest -q -s -p no:cacheprovider tests/model/test_fused_head_gpu.py 2>&1 | tail -4 | tee -a "$OUT/bench.log"
+wait $BUILD || echo "build failed" | tee -a "$OUT/bench.log"
+python3 -c "import megallama.ops as o; print('kernels:', o.kernel_source())" 2>&1 | tee -a "$OUT/bench.log"
+IFS=';' read -ra VARS <<< "${VARIANTS:---compile --profile-step $((STEPS + 5))}"
+MARGS=(); for v in "${VARS[@]}"; do MARGS+=("--megallama-args=$v"); done
+for spec in "tiny_llama3_150m 16 150m" "llama3_2_1b 8 1b"; do
+  set -- $spec
+  python3 tools/benchmark.py --model "$1" --batch-sizes "$2" --seq-length 2048 --steps "$STEPS" --compare-hf --liger \
+    "${MARGS[@]}" --save-results "$OUT/bench_$3.json" --worker-log "$OUT/workers_$3.log" 2>&1 | tee -a "$OUT/bench.log"
+  grep -A13 "^profile of iteration" "$OUT/workers_$3.log" | tee -a "$OUT/bench.log"
+done

@@ -20,6 +20,7 @@ from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, fl
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
+from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
 
@@ -122,8 +123,10 @@ def pretrain(args) -> dict:
     if args.save and getattr(args, "exit_signal_handler", None) is not False:  # on by default with --save
         from megallama.checkpointing.signals import ExitSignalHandler
         exit_signal = ExitSignalHandler()
+    profiler = StepProfiler(getattr(args, "profile_step", None), device, enabled=is_rank_0(), printer=print_rank_0)
     t_last = time.time()
     for iteration in range(start_iter, end_iter):
+        profiler.begin(iteration + 1)
         lr = scheduler.step(iteration)
         optimizer.zero_grad()
         for m in model_chunks:
@@ -138,6 +141,7 @@ def pretrain(args) -> dict:
         ok, grad_norm, _ = optimizer.step()
         consumed += args.global_batch_size
         loss = _global_mean_loss(losses, device)
+        profiler.end(iteration + 1)
         step = iteration + 1
         if not ok or not math.isfinite(loss):
             skipped_in_row += 1

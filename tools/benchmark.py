@@ -34,9 +34,12 @@ def measured_matmul_tflops(n=8192, iters=20) -> float:
     return 2 * n ** 3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def _run(cmd):
+def _run(cmd, log=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if log:  # the workers' own output (e.g. the --profile-step table), appended for later reading
+        with open(log, "a") as fh:
+            fh.write(f"$ {shlex.join(cmd)}\n{r.stdout}\n{r.stderr}\n")
     for line in reversed(r.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -58,6 +61,7 @@ def main(argv=None):
                    help="extra flags for pretrain, quoted; repeat to benchmark several variants in one run")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--save-results", default=None)
+    p.add_argument("--worker-log", default=None, help="append every worker's stdout/stderr to this file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of tok/s here (needs matplotlib)")
     a = p.parse_args(argv)
     import torch
@@ -81,14 +85,14 @@ def main(argv=None):
             cmd = ["torchrun", "--nproc_per_node", str(a.gpus), "benchmarks/megallama_step.py"]
         else:
             cmd = [sys.executable, "benchmarks/megallama_step.py"]
-        res = [dict(_run(cmd + common + shlex.split(v)), impl="megallama" + (f" [{v}]" if v else ""))
+        res = [dict(_run(cmd + common + shlex.split(v), a.worker_log), impl="megallama" + (f" [{v}]" if v else ""))
                for v in (a.megallama_args or [""])]
         if a.compare_hf:
             hf = [sys.executable, "benchmarks/hf_step.py", "--config-json", json.dumps(cfg.to_dict()),
                   "--micro-batch-size", str(mbs), "--seq-length", str(a.seq_length), "--steps", str(a.steps)]
-            res.append(dict(_run(hf + ["--mode", "compile"]), impl="hf+compile"))
+            res.append(dict(_run(hf + ["--mode", "compile"], a.worker_log), impl="hf+compile"))
             if a.liger:
-                res.append(dict(_run(hf + ["--mode", "liger"]), impl="hf+liger"))
+                res.append(dict(_run(hf + ["--mode", "liger"], a.worker_log), impl="hf+liger"))
         base = next((r for r in res if r["impl"] == "hf+compile" and "error" not in r), None)
         for r in res:
             r["micro_batch_size"] = mbs

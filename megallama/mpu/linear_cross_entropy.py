@@ -5,7 +5,16 @@ weighted sum of per-token losses chunk by chunk; each chunk's logits live only l
 the gradients w.r.t. the hidden states and the weight (Liger's trick: gradients in forward, so the head costs three
 matmuls, not four). Works on a vocab-parallel weight shard: max, sum-exp and the target logit are all-reduced over
 tp per chunk (tokens x 3 floats), and the partial d(hidden) is summed by the caller's copy-to-TP mapping.
+
+Speed: the elementwise softmax math is two functions, ``_chunk_stats`` (max / sum-exp / target logit, one read of
+the chunk's logits) and ``_chunk_grad`` (softmax minus one-hot, scaled, one read and one write in the compute
+dtype). On CUDA they run torch.compile'd, so each is one fused kernel over bf16 logits instead of ~8 fp32 passes;
+elsewhere (CPU, the tests) they run eagerly with the same math. The tp all-reduces sit between the two. grad_w is
+accumulated by one GEMM per chunk straight into its fp32 buffer (no per-chunk [V, H] temporary) where the backend
+can write fp32 from bf16 inputs.
 """
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -13,7 +22,8 @@ import torch.distributed as dist
 
 from megallama.mpu import parallel_state as ps
 
-_CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk
+_CHUNK_BYTES = 512 * 2**20  # logits per chunk in the compute dtype (the gradient chunk takes as much again)
+_ROW_ALIGN = 256  # chunks of a multiple of this many rows: equal chunk shapes, so one compiled kernel serves all
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -21,6 +31,90 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return t.dtype
+
+
+def _chunk_stats(logits: torch.Tensor, local: torch.Tensor, acc: torch.dtype):
+    """Per row: max, sum of exp(x - max) and the target logit (0 where the target is not in this shard, where
+    ``local`` is -1). Math in ``acc`` (fp32, or fp64 for fp64 inputs)."""
+    x = logits.to(acc)
+    mx = x.amax(dim=-1)
+    sumexp = torch.exp(x - mx.unsqueeze(-1)).sum(dim=-1)
+    tgt = x.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return mx, sumexp, torch.where(local >= 0, tgt, torch.zeros_like(tgt))
+
+
+def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, local: torch.Tensor, coef: torch.Tensor,
+                acc: torch.dtype):
+    """d(sum coef * CE)/d(logits) = coef * (softmax - onehot(target)), in the logits' dtype."""
+    x = logits.to(acc)
+    p = torch.exp(x - lse.unsqueeze(-1))
+    cols = torch.arange(x.shape[-1], device=x.device)
+    p = torch.where(cols.unsqueeze(0) == local.unsqueeze(-1), p - 1.0, p)
+    return (p * coef.unsqueeze(-1)).to(logits.dtype)
+
+
+_compiled = {}
+
+
+def _kernels(device: torch.device):
+    """(stats, grad) functions: torch.compile'd on CUDA (fused, one pass each), eager elsewhere.
+    ``MEGALLAMA_COMPILE_CE=0`` forces the eager ones; a failed compile falls back to them with one warning."""
+    if device.type != "cuda" or os.environ.get("MEGALLAMA_COMPILE_CE", "1") == "0" or _compiled.get("failed"):
+        return _chunk_stats, _chunk_grad
+    if "fns" not in _compiled:
+        _compiled["fns"] = (torch.compile(_chunk_stats), torch.compile(_chunk_grad))
+    return _compiled["fns"]
+
+
+def _run(fn_idx: int, device: torch.device, *args):
+    fn = _kernels(device)[fn_idx]
+    if fn in (_chunk_stats, _chunk_grad):
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - e.g. no triton: keep training on the eager math
+        _compiled["failed"] = True
+        warnings.warn(f"fused cross-entropy: torch.compile failed ({type(e).__name__}: {e}); using eager math")
+        return (_chunk_stats, _chunk_grad)[fn_idx](*args)
+
+
+_addmm_fp32_ok = {}
+
+
+def _addmm_fp32_out_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(c32, a16.t(), b16, out_dtype=fp32, out=c32)`` accumulates correctly here (CUDA in
+    recent torch; its checks changed across versions, so this is probed once on a small case, not assumed)."""
+    key = str(device)
+    if key not in _addmm_fp32_ok:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(96, 80, device=device, generator=g).to(torch.bfloat16)
+                b = torch.randn(96, 40, device=device, generator=g).to(torch.bfloat16)
+                c = torch.randn(80, 40, device=device, generator=g)
+                ref = c + a.float().t() @ b.float()
+                torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
+                ok = bool(torch.allclose(c, ref, rtol=1e-3, atol=1e-3))
+            except Exception:  # noqa: BLE001 - older torch: no out_dtype overload or stricter dtype checks
+                ok = False
+        _addmm_fp32_ok[key] = ok
+    return _addmm_fp32_ok[key]
+
+
+def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (acc dtype) += g^T h, without a [V, H] temporary where possible."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)
+    elif grad_w.dtype == torch.float32 and _addmm_fp32_out_works(g.device):
+        torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w += (g.t() @ h).to(grad_w.dtype)
+
+
+def _chunk_rows(n: int, vloc: int, itemsize: int) -> int:
+    rows = max(1, min(n, _CHUNK_BYTES // (itemsize * vloc)))
+    return rows - rows % _ROW_ALIGN if rows >= _ROW_ALIGN and rows < n else rows
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -36,34 +130,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
         losses = torch.empty(n, dtype=acc, device=hidden.device)
-        rows = chunk_rows or max(1, min(n, _CHUNK_BYTES // (4 * vloc)))
+        valid_all = target != ignore_index
+        local_all = target - start
+        mine_all = (local_all >= 0) & (local_all < vloc) & valid_all
+        local_all = torch.where(mine_all, local_all, torch.full_like(local_all, -1))  # -1: not in this shard
+        coef_all = (weights * valid_all).to(acc)
+        rows = chunk_rows or _chunk_rows(n, vloc, torch.empty((), dtype=dtype).element_size())
         for s in range(0, n, rows):
             e = min(n, s + rows)
-            logits = (h[s:e] @ w.t()).to(acc)
-            t = target[s:e]
-            valid = t != ignore_index
-            local = t - start
-            mine = (local >= 0) & (local < vloc) & valid
-            local = local.masked_fill(~mine, 0)
-            mx = logits.max(dim=-1).values
+            logits = h[s:e] @ w.t()
+            local = local_all[s:e]
+            mx, sumexp, tgt = _run(0, logits.device, logits, local, acc)
             if tp > 1:
-                dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
-            logits.sub_(mx.unsqueeze(-1))
-            tgt = logits.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
-            probs = logits.exp_()
-            sumexp = probs.sum(dim=-1)
-            if tp > 1:
-                stats = torch.stack([sumexp, tgt])
+                gmx = mx.clone()
+                dist.all_reduce(gmx, op=dist.ReduceOp.MAX, group=group)
+                stats = torch.stack([sumexp * torch.exp(mx - gmx), tgt])
                 dist.all_reduce(stats, group=group)
-                sumexp, tgt = stats[0], stats[1]
-            losses[s:e] = (sumexp.log() - tgt).masked_fill(~valid, 0.0)
+                mx, sumexp, tgt = gmx, stats[0], stats[1]
+            lse = mx + torch.log(sumexp)
+            losses[s:e] = torch.where(valid_all[s:e], lse - tgt, torch.zeros_like(lse))
             if need_grad:
-                probs.div_(sumexp.unsqueeze(-1))
-                probs.scatter_add_(1, local.unsqueeze(1), -mine.to(probs.dtype).unsqueeze(1))
-                probs.mul_((weights[s:e] * valid).unsqueeze(-1))
-                g = probs.to(dtype)
-                grad_h[s:e] = g @ w
-                grad_w += (g.t() @ h[s:e]).to(acc)
+                g = _run(1, logits.device, logits, lse, local, coef_all[s:e], acc)
+                del logits
+                torch.mm(g, w, out=grad_h[s:e])
+                _accumulate_grad_w(grad_w, g, h[s:e])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return (losses * weights).sum(), losses.detach()

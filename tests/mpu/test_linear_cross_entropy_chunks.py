@@ -1,0 +1,42 @@
+"""Fused head internals on CPU: chunk sizing, bf16 compute with fp32 accumulation, and the two-phase math."""
+import torch
+import torch.nn.functional as F
+
+from megallama.mpu import linear_cross_entropy as lce
+
+
+def test_chunk_rows_are_aligned_and_bounded():
+    assert lce._chunk_rows(32768, 128256, 2) == 2048  # 512 MiB of bf16 logits, rounded down to 256 rows
+    assert lce._chunk_rows(16384, 128256, 4) == 1024
+    assert lce._chunk_rows(100, 300, 2) == 100  # all rows fit: one chunk, no rounding
+    assert lce._chunk_rows(10**9, 2**30, 4) == 1
+
+
+def test_bf16_autocast_path_matches_fp32_reference():
+    torch.manual_seed(0)
+    h = torch.randn(70, 32)
+    w = torch.randn(120, 32) * 0.2
+    t = torch.randint(0, 120, (70,))
+    t[5] = -100
+    wts = torch.rand(70)
+    a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, per_tok = lce.linear_cross_entropy(a, b, t, wts, chunk_rows=16)
+    total.backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = (h2.bfloat16() @ w2.bfloat16().t()).float()  # the same bf16 matmul, fp32 softmax
+    ref_tok = F.cross_entropy(logits, t, reduction="none")
+    (ref_tok * wts).sum().backward()
+    rel = lambda x, r: ((x - r).norm() / r.norm()).item()  # noqa: E731
+    assert rel(per_tok, ref_tok) < 1e-5 and rel(total, (ref_tok * wts).sum()) < 1e-5
+    assert rel(a.grad, h2.grad) < 1e-2 and rel(b.grad, w2.grad) < 1e-2  # g is rounded to bf16 once
+
+
+def test_grad_w_accumulates_into_fp32_from_bf16():
+    torch.manual_seed(1)
+    g, h = torch.randn(8, 5).bfloat16(), torch.randn(8, 3).bfloat16()
+    acc = torch.randn(5, 3)
+    ref = acc + g.float().t() @ h.float()
+    lce._accumulate_grad_w(acc, g, h)
+    assert torch.allclose(acc, ref, rtol=1e-2, atol=1e-2)
