@@ -30,8 +30,27 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
-def _params(module) -> List[torch.Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]
+def _tied_params(model) -> List[torch.Tensor]:
+    inner = unwrap_model(model)
+    tied = [inner.model.embed_tokens.weight] if inner.pre_process else []
+    return tied + ([inner.output_weight] if hasattr(inner, "output_weight") else [])
+
+
+def _flat_grads(model, only=None) -> List[torch.Tensor]:
+    """Flat views of this rank's grads, laid out alike on every copy of the same part: a DDP/ZeRO wrapper's
+    optimizer pieces (dp-reduced; this rank's shard at ZeRO 2-3), else each parameter's main_grad / grad."""
+    if hasattr(model, "optimizer_pieces"):
+        keep = None if only is None else {id(q) for q in only}
+        return [pc.grad_view for pc in model.optimizer_pieces() if keep is None or id(pc.param) in keep]
+    params = only if only is not None else [q for q in unwrap_model(model).parameters() if q.requires_grad]
+    return [_grad(q).view(-1) for q in params]
+
+
+def _sum_in_place(a: List[torch.Tensor], b: List[torch.Tensor]) -> None:
+    for x, y in zip(a, b):
+        total = x + y  # the same addition on every copy: bit-identical results
+        x.copy_(total)
+        y.copy_(total)
 
 
 def sync_chimera_replica_gradients(model_chunks) -> None:
@@ -40,14 +59,11 @@ def sync_chimera_replica_gradients(model_chunks) -> None:
     if len(chunks) != 2 or getattr(chunks[0], "pipeline_schedule", None) != "chimera":
         return
     p, s = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    mine = [[_grad(q) for q in _params(c)] for c in chunks]
+    mine = [_flat_grads(m) for m in model_chunks]
     if p - 1 - s == s:  # odd p: the middle stage holds both copies of its part
-        for a, b in zip(*mine):
-            total = a + b
-            a.copy_(total)
-            b.copy_(total)
+        _sum_in_place(*mine)
         return
-    flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in mine]
+    flat = [torch.cat(gs) for gs in mine]
     recv = [torch.empty_like(f) for f in flat]
     peer = stage_rank(p - 1 - s)
     # My chunk 0 (part s) pairs with the peer's chunk 1, my chunk 1 with its chunk 0. Each side sends chunk 0
@@ -67,21 +83,22 @@ def sync_chimera_replica_gradients(model_chunks) -> None:
 
 def allreduce_embedding_gradients(model_chunks) -> None:
     """Sum the tied embedding / output-layer grads over their copies (first and last stage), after summing
-    Chimera's replicas (which hold both ends on the same ranks). Untied models and pp = 1 need nothing here."""
+    Chimera's replicas (which hold both ends on the same ranks). Untied models and pp = 1 need nothing here.
+    Works on bare chunks and on DDP/ZeRO wrappers (through their optimizer pieces), after their dp reduction."""
     sync_chimera_replica_gradients(model_chunks)
-    chunks = [unwrap_model(m) for m in model_chunks]
-    if not chunks or not chunks[0].config.tie_word_embeddings:
+    if not model_chunks or not unwrap_model(model_chunks[0]).config.tie_word_embeddings:
         return
-    copies = [c.model.embed_tokens.weight for c in chunks if c.pre_process]
-    copies += [c.output_weight for c in chunks if hasattr(c, "output_weight")]
-    if not copies:
-        return
-    grads = [_grad(w) for w in copies]
-    if len(grads) == 2:  # both ends on this rank (Chimera): the replica sync already brought the others in
-        total = grads[0] + grads[1]
-        for g in grads:
-            g.copy_(total)
+    per_chunk = [g for g in (_flat_grads(m, _tied_params(m)) for m in model_chunks if _tied_params(m)) if g]
+    if len(per_chunk) == 2:  # both ends on this rank (Chimera): the replica sync already brought the others in
+        _sum_in_place(*per_chunk)
         return
     group = ps.get_embedding_group()
-    if group is not None and len(ps.get_embedding_ranks()) > 1:
-        dist.all_reduce(grads[0], group=group)
+    if not per_chunk or group is None or len(ps.get_embedding_ranks()) == 1:
+        return
+    views = per_chunk[0]
+    flat = torch.cat(views)
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for v in views:
+        v.copy_(flat[off:off + v.numel()])
+        off += v.numel()

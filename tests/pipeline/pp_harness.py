@@ -83,6 +83,14 @@ def collect(chunks, losses, runner):
             "peak": getattr(runner, "stats", {}).get("peak_in_flight")}
 
 
+def collect_pieces(ddps, losses, runner):
+    """Grads as a DDP/ZeRO wrapper holds them: this rank's (dp-reduced, maybe sharded) piece of each param."""
+    out = collect([], losses, runner)
+    out["pieces"] = [(pc.name, tuple(pc.shape), pc.param_start, pc.param_end, pc.grad_view.detach().cpu().numpy())
+                     for d in ddps for pc in d.optimizer_pieces()]
+    return out
+
+
 def shard_of(full, local, tp_rank, tp_size):
     if full.shape == local.shape:
         return full
@@ -108,4 +116,9 @@ def check_against_reference(results, ref_losses, ref_grads, num_microbatches, pp
             ref = shard_of(ref_grads[key], g, r["tp"], r["tp_size"])
             err = rel_err(g, ref)
             assert err <= tol, f"pp rank {r['pp']} tp {r['tp']}: {name} grad rel err {err:.2e}"
+        for name, shape, lo, hi, g in r.get("pieces", []):
+            key = "model.embed_tokens.weight" if name == "output_weight" else name
+            ref = shard_of(ref_grads[key], torch.empty(shape), r["tp"], r["tp_size"]).reshape(-1)[lo:hi]
+            err = rel_err(torch.from_numpy(g), ref)
+            assert err <= tol, f"pp rank {r['pp']} dp {r['dp']}: {name}[{lo}:{hi}] grad rel err {err:.2e}"
     assert n_loss_ranks >= 1

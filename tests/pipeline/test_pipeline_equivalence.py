@@ -13,8 +13,8 @@ import torch
 from dist_utils import run_distributed
 from megallama.mpu import parallel_state as ps
 from megallama.pipeline import allreduce_embedding_gradients, build_model_chunks, get_forward_backward_func
-from pp_harness import (MBS, SEED, SEQ, STEPS, check_against_reference, collect, finish_grads, make_batches,
-                        reference, tiny_config)
+from pp_harness import (MBS, SEED, SEQ, STEPS, check_against_reference, collect, collect_pieces, finish_grads,
+                        make_batches, reference, tiny_config)
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,14 @@ class Case:
     layers_per_virtual_stage: Optional[int] = None
     step: str = "per_token"
     forward_only: bool = False
+    zero_stage: Optional[int] = None  # wrap the chunks in the project's DDP/ZeRO (grads checked in its shards)
 
     @property
     def id(self):
         return (f"{self.schedule}-pp{self.pp}" + (f"-tp{self.tp}" if self.tp > 1 else "") + ("-sp" if self.sp else "")
                 + ("-tied" if self.tied else "") + (f"-{self.step}" if self.step != "per_token" else "")
-                + ("-eval" if self.forward_only else ""))
+                + ("-eval" if self.forward_only else "") + (f"-zero{self.zero_stage}" if self.zero_stage is not None
+                                                             else ""))
 
 
 def _run_cases(rank, world, cases):
@@ -51,6 +53,15 @@ def _run_cases(rank, world, cases):
         M = case.microbatches
         data = iter(make_batches(M * dp, cfg.vocab_size)[dpr * M:(dpr + 1) * M])
         fb = get_forward_backward_func(case.pp, case.schedule)
+        if case.zero_stage is not None:  # the loop's path: DDP/ZeRO wrappers, then the pipeline's sums
+            from megallama.optimizer import DistributedDataParallel
+            ddps = [DistributedDataParallel(c, zero_stage=case.zero_stage, bucket_size=3000) for c in chunks]
+            losses = fb(STEPS[case.step], data, ddps, M, SEQ, MBS)
+            for d in ddps:
+                d.finish_grad_sync()
+            allreduce_embedding_gradients(ddps)
+            out[case.id] = collect_pieces(ddps, losses, fb)
+            continue
         with torch.set_grad_enabled(not case.forward_only):
             losses = fb(STEPS[case.step], data, chunks, M, SEQ, MBS, forward_only=case.forward_only)
         assert next(data, None) is None  # every microbatch consumed exactly once
@@ -72,7 +83,9 @@ FOUR = [Case("1f1b", 4, layers=8, microbatches=6, tied=True), Case("gpipe", 4, l
         Case("1f1b", 2, tp=2), Case("1f1b", 2, tp=2, sp=True, tied=True),
         Case("interleaved", 2, tp=2, sp=True, layers_per_virtual_stage=1),
         Case("chimera", 2, tp=2, sp=True, tied=True, step="fused"),
-        Case("1f1b", 2, tied=True), Case("chimera", 2), Case("zb-h1", 2, tied=True)]  # the last three: pp2 x dp2
+        Case("1f1b", 2, tied=True), Case("chimera", 2), Case("zb-h1", 2, tied=True),  # from here: pp2 x dp2
+        Case("chimera", 2, tied=True, zero_stage=0), Case("chimera", 2, tied=True, zero_stage=2),
+        Case("chimera", 2, tied=True, zero_stage=3)]
 
 
 @pytest.fixture(scope="module")
