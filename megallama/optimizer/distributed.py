@@ -12,8 +12,12 @@ Every stage keeps gradients in one contiguous buffer laid out by ``BufferLayout`
 
 Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others); with ``overlap_grad_reduce`` the
 bucket collectives start asynchronously from the hooks as soon as a bucket's gradients are complete, so they overlap
-the rest of backward; ``finish_grad_sync`` launches what is left and waits. Averaging over dp is a pre-scaling by
-1/dp in the grad dtype (fp32 by default).
+the rest of backward; ``finish_grad_sync`` launches what is left and waits. Averaging over dp happens inside the
+collective on NCCL (``ReduceOp.AVG``), as a pre-scaling by 1/dp on gloo; in the grad dtype (fp32 by default).
+
+Sums over other groups (sequence-parallel norm weights over tp, the tied embedding over the embedding group) go
+through ``all_reduce_param_grads(params, group)`` *after* ``finish_grad_sync``: it works at every stage, whereas
+reading ``param.main_grad`` does not (stages 2-3 keep no full gradient, so with dp > 1 there is no main_grad).
 """
 from __future__ import annotations
 
@@ -30,10 +34,6 @@ from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Piece, all_
                                                        reduce_scatter_tensor)
 
 MAX_PENDING_REDUCTIONS = 2  # stage 2/3: staging buffers in flight before the oldest is waited for
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 def _is_shared_across_stages(module: nn.Module, p: nn.Parameter) -> bool:
@@ -78,6 +78,9 @@ class DistributedDataParallel(nn.Module):
         self.dp_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
         self.dp_group = group if self.dp_size > 1 else None
         self.dp_rank = dist.get_rank(group) if self.dp_size > 1 else 0
+        # NCCL averages inside the collective; gloo has no AVG, so the buffer is pre-scaled by 1/dp.
+        self._avg_in_collective = self.dp_size > 1 and dist.get_backend(self.dp_group) == "nccl"
+        self._reduce_op = dist.ReduceOp.AVG if self._avg_in_collective else dist.ReduceOp.SUM
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -129,6 +132,7 @@ class DistributedDataParallel(nn.Module):
         self._staging = {}  # stage 2/3: bucket index -> staging buffer being filled in this backward
         self._callback_queued = False
         self._grads_dirty = False
+        self.comm_hook = None  # stages 0/1: replaces the bucket collective (gradient compression)
         self._param_gather_handles = {}  # stage 1/2 with overlap_param_gather: bucket index -> handle
         self._hook_handles = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in params]
         if overlap_param_gather and zero_stage in (1, 2) and self.dp_size > 1:
@@ -205,10 +209,13 @@ class DistributedDataParallel(nn.Module):
         self._queue_end_of_backward()
         b = self.layout.bucket_of(p)
         st = self._staging.get(b.index)
-        if st is None:
-            st = self._staging[b.index] = torch.zeros(b.numel, dtype=self.grad_dtype, device=self.device)
+        if st is None:  # not zero-filled: every param's range is written below (or zeroed at a partial flush)
+            st = self._staging[b.index] = torch.empty(b.numel, dtype=self.grad_dtype, device=self.device)
+            st[b.numel_unpadded:].zero_()
+            b.extra["filled"] = set()
         s, e, _ = self.layout.index[p]
         st[s - b.offset:e - b.offset].copy_(p.grad.reshape(-1))
+        b.extra["filled"].add(p)
         p.grad = None
         b.num_ready += 1
         if b.num_ready == len(b.params):
@@ -232,9 +239,16 @@ class DistributedDataParallel(nn.Module):
 
     def _launch_reduce_scatter(self, b) -> None:
         st = self._staging.pop(b.index)
-        st.mul_(1.0 / self.dp_size)
+        filled = b.extra.pop("filled", ())
+        if len(filled) < len(b.params):  # partial bucket (unused params in this backward): their grads are zero
+            for p in b.params:
+                if p not in filled:
+                    s, e, _ = self.layout.index[p]
+                    st[s - b.offset:e - b.offset].zero_()
+        if not self._avg_in_collective:
+            st.mul_(1.0 / self.dp_size)
         lo = self.dp_rank * b.shard_size
-        h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, group=self.dp_group,
+        h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, op=self._reduce_op, group=self.dp_group,
                                   async_op=self.overlap_grad_reduce)
         if self.overlap_grad_reduce:
             self._pending.append((h, b, st))
@@ -259,14 +273,28 @@ class DistributedDataParallel(nn.Module):
         while self._pending:
             self._finish_one_pending()
 
+    def register_comm_hook(self, hook) -> None:
+        """Stages 0/1: ``hook(bucket, data)`` replaces a bucket's collective (gradient compression, see
+        megallama/optimizer/compression.py). ``data`` is the bucket's local gradient; the hook leaves the dp average
+        in all of it (synchronously) and returns True, or returns False to let the usual collective run."""
+        if self.zero_stage >= 2:
+            raise ConfigError(f"a comm hook (gradient compression) needs the whole gradient, which ZeRO stage "
+                              f"{self.zero_stage} never holds; use --zero-stage 0 or 1")
+        self.comm_hook = hook
+
     def _launch_allreduce(self, b, async_op: bool) -> None:
         data = self.grad_buffer[b.offset:b.offset + b.numel]
-        data.mul_(1.0 / self.dp_size)
+        if self.comm_hook is not None and self.comm_hook(b, data):
+            b.launched = True
+            return
+        if not self._avg_in_collective:
+            data.mul_(1.0 / self.dp_size)
         if self.zero_stage == 0:
-            h = dist.all_reduce(data, group=self.dp_group, async_op=async_op)
+            h = dist.all_reduce(data, op=self._reduce_op, group=self.dp_group, async_op=async_op)
         else:
             lo = self.dp_rank * b.shard_size
-            h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, group=self.dp_group, async_op=async_op)
+            h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, op=self._reduce_op, group=self.dp_group,
+                                      async_op=async_op)
         b.launched = True
         if async_op:
             self._handles.append(h)
@@ -296,6 +324,7 @@ class DistributedDataParallel(nn.Module):
         self._staging.clear()
         for b in self.layout.buckets:
             b.launched, b.num_ready = False, 0
+            b.extra.pop("filled", None)
 
     # ------------------------------------------------------------------ views for the optimizer
     def optimizer_pieces(self) -> List[Piece]:

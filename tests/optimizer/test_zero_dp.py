@@ -103,6 +103,11 @@ def _job(rank, world, ckpt_in, ckpt_out, save_stage):
         if not overlap:
             out["memory"][stage] = _memory(ddp, opt)
         out["runs"][(stage, overlap)] = (losses + more, norms + more_norms, _numpy(ddp.state_dict()))
+    for stage, overlap in ((2, True), (3, False)):
+        ddp, opt = make(stage, group=group, unused_param=True, bucket_size=5000, overlap_grad_reduce=overlap)
+        losses, norms = train(ddp, opt, 0, 3)
+        sd = _numpy(ddp.state_dict())
+        out["unused"] = out.get("unused", []) + [(losses, norms, sd.pop("unused"), sd)]
     for stage in range(4):  # bf16 model, fp32 masters: p = 2, g = 4, K = 12
         ddp, opt = make(stage, group=group, dtype=torch.bfloat16, bucket_size=5000)
         train(ddp, opt, 0, 1)
@@ -229,3 +234,11 @@ def test_resume_dp4_stage3_as_dp2_stage2(dp4, reference):
 def test_resume_from_gathered_full_state(dp2, reference):
     for r in range(2):
         _check_resume(dp2[0][r]["resume_from_full"], reference, f"dp2 stage 2 full state -> stage 1, rank {r}")
+
+
+def test_unused_parameter_gets_zero_gradient(dp2, reference):
+    for r in range(2):
+        for losses, norms, unused, params in dp2[0][r]["unused"]:
+            assert (unused == 1.0).all()  # no grad, no decay for 1-D: unchanged, as torch AdamW skips it
+            for a, b in zip(losses + norms, reference["losses"][:3] + reference["norms"][:3]):
+                assert abs(a - b) <= 1e-5 * b

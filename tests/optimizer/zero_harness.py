@@ -47,8 +47,10 @@ def reference_run(steps: int, cfg: ModelConfig = CFG):
     return {"losses": losses, "norms": norms, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def make(zero_stage: int, group=None, cfg: ModelConfig = CFG, dtype=torch.float32, **ddp_kw):
+def make(zero_stage: int, group=None, cfg: ModelConfig = CFG, dtype=torch.float32, unused_param=False, **ddp_kw):
     model = build_model(cfg, seed=SEED, dtype=dtype)
+    if unused_param:  # a trainable parameter no forward touches: its buckets are reduced with zeros for it
+        model.unused = torch.nn.Parameter(torch.ones(40, dtype=dtype))
     ddp = DistributedDataParallel(model, zero_stage=zero_stage, data_parallel_group=group, **ddp_kw)
     opt = get_megatron_optimizer(OptimizerConfig(**OPT, params_dtype=dtype, bf16=dtype == torch.bfloat16), [ddp])
     return ddp, opt
