@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Estimate per-GPU training memory for a model and layout (no GPU needed); --auto-configure picks the layout.
+"""``estimate-memory``: per-GPU training memory for a model and layout (no GPU needed); --auto-configure picks it.
 
-  python tools/estimate_memory.py --model llama2_7b --batch-size 16 --gpus 4
+  python -m megallama.cli estimate-memory --model llama2_7b --batch-size 16 --gpus 4
   python tools/estimate_memory.py --model llama3_70b --gpus 8 --nodes 8 --tensor-parallel 8 --zero-stage 1 --json
   python tools/estimate_memory.py --model llama3_405b --gpus 8 --nodes 16 --auto-configure --seq-length 8192
 
@@ -12,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megallama.errors import ConfigError  # noqa: E402
+from megallama.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("estimate_memory", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser("estimate-memory", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", "--model-variant", dest="model", default="llama3_8b")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=None,
                    help="micro-batch per GPU (default 1; searched by --auto-configure unless given)")
@@ -130,6 +126,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(out["estimate"]))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The seed README's Python API, as thin faces over the real implementation.
+
+Every face turns its objects into the Megatron-style flags of ``megallama/arguments.py`` and runs
+``megallama.training.pretrain`` (the one training loop); layouts come from ``autoconfig.choose_layout``, memory from
+``memory.estimate_requirements``, strategies are ``strategies.TrainingStrategy``, the pipeline scheduler is
+``pipeline.MicrobatchScheduler``. Multi-GPU training runs one process per GPU: start your script with
+``torchrun --nproc_per_node N`` (the orchestrator checks the world size against its layout).
+
+    orchestrator = quick_start("tiny_llama3_150m", strategy="standard", num_gpus=1)
+    orchestrator.launch_training(train_dataloader, val_dataloader)
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+from megallama.config import ModelConfig, get_model_config
+from megallama.errors import ConfigError
+from megallama.memory import estimate_requirements  # noqa: F401  (re-exported face)
+from megallama.pipeline.microbatch_scheduler import MicrobatchScheduler  # noqa: F401  (re-exported face)
+from megallama.strategies import TrainingStrategy
+
+_SHAPE_FLAGS = {"num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_hidden_size": "--ffn-hidden-size",
+                "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+                "max_position_embeddings": "--max-position-embeddings", "vocab_size": "--vocab-size"}
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@dataclass
+class TrainingConfig:
+    """The seed's training settings. ``batch_size`` is the global batch (sequences per optimizer step)."""
+    model_name: str = "custom"
+    batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    learning_rate: float = 3e-4
+    epochs: Optional[float] = None
+    train_iters: Optional[int] = None
+    sequence_length: Optional[int] = None
+    mixed_precision: Optional[str] = None  # bf16 / fp16 / fp32; default bf16 on GPU, fp32 on CPU
+    weight_decay: float = 0.1
+    gradient_clipping: float = 1.0
+    warmup_iters: Optional[int] = None
+    seed: int = 1234
+    save_dir: Optional[str] = None
+    save_interval: Optional[int] = None
+    log_interval: int = 1
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+
+    def to_argv(self) -> List[str]:
+        prec = self.mixed_precision or ("bf16" if _cuda() else "fp32")
+        if prec not in ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"mixed_precision '{prec}' is not bf16, fp16 or fp32; pick one of those")
+        argv = ["--lr", str(self.learning_rate), "--weight-decay", str(self.weight_decay), "--clip-grad",
+                str(self.gradient_clipping), "--seed", str(self.seed), "--log-interval", str(self.log_interval),
+                "--eval-iters", str(self.eval_iters), "--mixed-precision", prec]
+        for flag, val in (("--global-batch-size", self.batch_size), ("--micro-batch-size", self.micro_batch_size),
+                          ("--train-iters", self.train_iters), ("--epochs", self.epochs),
+                          ("--seq-length", self.sequence_length), ("--lr-warmup-iters", self.warmup_iters),
+                          ("--save", self.save_dir), ("--save-interval", self.save_interval),
+                          ("--eval-interval", self.eval_interval)):
+            if val is not None:
+                argv += [flag, str(val)]
+        return argv
+
+
+@dataclass
+class DistributedConfig:
+    """A parallel layout: tp x pp x dp (x cp) GPUs, ZeRO stage, schedule, micro-batch."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    pipeline_schedule: str = "1f1b"
+    microbatch_size: Optional[int] = None
+    num_microbatches: Optional[int] = None
+    recompute: str = "none"
+    gradient_compression: str = "none"
+    num_nodes: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return (self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size *
+                self.context_parallel_size)
+
+    def to_argv(self) -> List[str]:
+        argv = ["--tensor-model-parallel-size", str(self.tensor_parallel_size), "--pipeline-model-parallel-size",
+                str(self.pipeline_parallel_size), "--context-parallel-size", str(self.context_parallel_size),
+                "--expert-model-parallel-size", str(self.expert_parallel_size), "--zero-stage",
+                str(self.zero_stage), "--pipeline-schedule", self.pipeline_schedule,
+                "--gradient-compression", self.gradient_compression]
+        if self.sequence_parallel and self.tensor_parallel_size > 1:
+            argv.append("--sequence-parallel")
+        if self.recompute != "none":
+            argv += ["--recompute-granularity", self.recompute]
+        if self.microbatch_size:
+            argv += ["--micro-batch-size", str(self.microbatch_size)]
+        return argv
+
+
+class ConfigurationFactory:
+    """The seed's layout constructors."""
+
+    @staticmethod
+    def create_data_parallel_config(num_gpus: int = 1, zero_stage: int = 0, **kw) -> DistributedConfig:
+        return DistributedConfig(data_parallel_size=num_gpus, zero_stage=zero_stage, **kw)
+
+    @staticmethod
+    def create_tensor_parallel_config(num_gpus: Optional[int] = None, tensor_parallel_size: Optional[int] = None,
+                                      sequence_parallel: bool = True, **kw) -> DistributedConfig:
+        tp = tensor_parallel_size or num_gpus or 1
+        dp = max(1, (num_gpus or tp) // tp)
+        return DistributedConfig(tensor_parallel_size=tp, data_parallel_size=dp, sequence_parallel=sequence_parallel,
+                                 **kw)
+
+    @staticmethod
+    def create_pipeline_parallel_config(pipeline_stages: int = 2, microbatch_size: int = 1, schedule: str = "1f1b",
+                                        num_microbatches: Optional[int] = None, data_parallel_size: int = 1,
+                                        **kw) -> DistributedConfig:
+        return DistributedConfig(pipeline_parallel_size=pipeline_stages, microbatch_size=microbatch_size,
+                                 pipeline_schedule=schedule, num_microbatches=num_microbatches,
+                                 data_parallel_size=data_parallel_size, **kw)
+
+    @staticmethod
+    def create_hybrid_parallel_config(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                                      data_parallel_size: int = 1, use_zero: bool = False, zero_stage: int = 1,
+                                      sequence_parallel: Optional[bool] = None, **kw) -> DistributedConfig:
+        return DistributedConfig(tensor_parallel_size=tensor_parallel_size,
+                                 pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+                                 zero_stage=zero_stage if use_zero else 0,
+                                 sequence_parallel=tensor_parallel_size > 1 if sequence_parallel is None
+                                 else sequence_parallel, **kw)
+
+
+def _strategy_argv(strategy: TrainingStrategy) -> List[str]:
+    p = strategy.parameters
+    argv = ["--strategy", strategy.name]
+    flags = {"lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+             "num_experts": "--num-experts", "experts_per_token": "--moe-router-topk",
+             "moe_router_topk": "--moe-router-topk", "moe_aux_loss_coeff": "--moe-aux-loss-coeff",
+             "moe_z_loss_coeff": "--moe-z-loss-coeff", "moe_capacity_factor": "--moe-capacity-factor",
+             "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "moe_layer_freq": "--moe-layer-freq"}
+    for key, flag in flags.items():
+        if p.get(key) is not None:
+            argv += [flag, str(p[key])]
+    if p.get("target_modules"):
+        argv += ["--lora-target-modules", ",".join(p["target_modules"])]
+    if p.get("moe_layers"):  # the seed counts layers from 1 in its examples ([4, 8, ...]); ours are 0-based
+        argv += ["--moe-layers", ",".join(str(i) for i in p["moe_layers"])]
+    if p.get("upcycle"):
+        argv.append("--moe-upcycle")
+    if strategy.uses_moe and not p.get("num_experts"):
+        argv += ["--num-experts", "8"]
+    return argv
+
+
+def _as_strategy(strategy) -> TrainingStrategy:
+    return strategy if isinstance(strategy, TrainingStrategy) else TrainingStrategy(name=strategy or "standard")
+
+
+class LlamaTrainingOrchestrator:
+    """Model + strategy + layout + training settings; ``print_configuration`` and ``launch_training``.
+
+    ``model_overrides`` changes shape fields of the named variant (e.g. a 2-layer model for CPU runs);
+    ``extra_args`` are any further ``pretrain_llama.py`` flags."""
+
+    def __init__(self, model_variant: str = "tiny_llama3_150m", training_strategy="standard", num_gpus: int = 1,
+                 auto_configure: bool = True, num_nodes: int = 1, training_config: Optional[TrainingConfig] = None,
+                 distributed_config: Optional[DistributedConfig] = None, gpu_memory_gb: Optional[float] = None,
+                 sequence_length: Optional[int] = None, model_overrides: Optional[dict] = None,
+                 extra_args: Optional[List[str]] = None):
+        self.model_variant = model_variant
+        self.model_overrides = dict(model_overrides or {})
+        bad = sorted(set(self.model_overrides) - set(_SHAPE_FLAGS))
+        if bad:
+            raise ConfigError(f"model_overrides key '{bad[0]}' unknown; use {', '.join(sorted(_SHAPE_FLAGS))}")
+        self.model_config: ModelConfig = get_model_config(model_variant, **self.model_overrides)
+        self.strategy = _as_strategy(training_strategy)
+        self.num_gpus, self.num_nodes = num_gpus, num_nodes
+        self.training_config = training_config or TrainingConfig(model_name=model_variant,
+                                                                 sequence_length=sequence_length)
+        if sequence_length and training_config is not None:
+            self.training_config = replace(self.training_config, sequence_length=sequence_length)
+        self.gpu_memory_gb = gpu_memory_gb or _gpu_memory_gb()
+        self.extra_args = list(extra_args or [])
+        self.plan = None
+        if distributed_config is not None:
+            self.distributed_config = distributed_config
+        elif auto_configure:
+            self.distributed_config = self._auto_configure()
+        else:
+            self.distributed_config = DistributedConfig(data_parallel_size=num_gpus * num_nodes)
+
+    @property
+    def sequence_length(self) -> int:
+        return self.training_config.sequence_length or min(self.model_config.max_position_embeddings, 2048)
+
+    def _auto_configure(self) -> DistributedConfig:
+        from megallama.autoconfig import choose_layout
+        world = self.num_gpus * self.num_nodes
+        strat = "hybrid" if self.strategy.name == "hybrid" else self.strategy.name
+        precision = (self.training_config.mixed_precision or "bf16").replace("bfloat16", "bf16")
+        self.plan = choose_layout(self.model_config, world, self.gpu_memory_gb, self.sequence_length,
+                                  self.training_config.micro_batch_size, self.training_config.batch_size,
+                                  precision if precision in ("bf16", "fp16", "fp32") else "bf16",
+                                  strat if strat in ("standard", "lora", "hybrid") else "standard",
+                                  gpus_per_node=self.num_gpus, explain=True)
+        if self.plan is None:
+            return DistributedConfig(data_parallel_size=world, num_nodes=self.num_nodes)
+        p = self.plan
+        return DistributedConfig(tensor_parallel_size=p["tp"], pipeline_parallel_size=p["pp"],
+                                 data_parallel_size=p["dp"], zero_stage=p["zero_stage"],
+                                 sequence_parallel=p["sequence_parallel"], recompute=p["recompute"],
+                                 microbatch_size=p["micro_batch_size"], num_nodes=self.num_nodes)
+
+    # ---------------------------------------------------------------- resolved flags
+    def argv(self) -> List[str]:
+        argv = ["--model", self.model_variant]
+        for key, val in self.model_overrides.items():
+            argv += [_SHAPE_FLAGS[key], str(val)]
+        argv += self.training_config.to_argv() + self.distributed_config.to_argv() + _strategy_argv(self.strategy)
+        if self.training_config.sequence_length is None:
+            argv += ["--seq-length", str(self.sequence_length)]
+        if self.distributed_config.num_microbatches and self.training_config.batch_size is None:
+            dc = self.distributed_config
+            argv += ["--global-batch-size",
+                     str((dc.microbatch_size or 1) * dc.data_parallel_size * dc.num_microbatches)]
+        return argv + self.extra_args
+
+    def build_args(self, world_size: Optional[int] = None, extra: Optional[List[str]] = None):
+        from megallama.arguments import parse_args
+        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        return parse_args(self.argv() + list(extra or []), world_size=world)
+
+    def estimate_memory(self) -> dict:
+        dc = self.distributed_config
+        return estimate_requirements(model_config=self.model_config, model_variant=self.model_variant,
+                                     batch_size=dc.microbatch_size or self.training_config.micro_batch_size or 1,
+                                     sequence_length=self.sequence_length, num_gpus=dc.world_size,
+                                     tp=dc.tensor_parallel_size,
+                                     pp=dc.pipeline_parallel_size, cp=dc.context_parallel_size,
+                                     zero_stage=dc.zero_stage, recompute=dc.recompute,
+                                     sequence_parallel=dc.sequence_parallel,
+                                     strategy=self.strategy.name if self.strategy.name != "moe" or
+                                     self.model_config.num_experts else "standard",
+                                     gpu_memory_gb=self.gpu_memory_gb)
+
+    def print_configuration(self) -> str:
+        from megallama.memory_advice import format_table
+        dc, cfg = self.distributed_config, self.model_config
+        lines = [f"model: {self.model_variant} ({cfg.num_params() / 1e9:.3f}B params, {cfg.num_layers} layers, hidden "
+                 f"{cfg.hidden_size}, vocab {cfg.vocab_size})",
+                 f"strategy: {self.strategy.name} {self.strategy.parameters or ''}".rstrip(),
+                 f"layout: {dc.world_size} GPUs = tp {dc.tensor_parallel_size} x pp {dc.pipeline_parallel_size} x dp "
+                 f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}, ZeRO-{dc.zero_stage}, "
+                 f"recompute {dc.recompute}, schedule {dc.pipeline_schedule}",
+                 "flags: " + " ".join(self.argv())]
+        if self.plan is not None and "explanation" in self.plan:
+            lines += ["", self.plan["explanation"]]
+        try:
+            lines += ["", format_table(self.estimate_memory())]
+        except ConfigError as e:
+            lines += ["", f"memory estimate unavailable: {e}"]
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    # ---------------------------------------------------------------- training
+    def launch_training(self, train_dataloader=None, val_dataloader=None, train_iters: Optional[int] = None,
+                        **flags) -> dict:
+        """Train with ``pretrain``; data: your dataloaders (see ``api_data``), else the flags' data (``--data-path``,
+        ``--mock-data``), else the bundled corpus. Returns pretrain's summary (losses per iteration, ...)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.distributed_config.world_size:
+            raise ConfigError(f"this layout needs {self.distributed_config.world_size} processes but {world} are "
+                              f"running; start the script with torchrun --nproc_per_node "
+                              f"{self.distributed_config.world_size // max(1, self.num_nodes)}")
+        extra = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
+                 for k, v in flags.items() if v is not False and v is not None]
+        if train_iters:
+            extra += ["--train-iters", str(train_iters)]
+        args = self.build_args(world, extra)
+        if train_dataloader is None:
+            return _pretrain(args)
+        from megallama.api_data import UserDataset
+        train = UserDataset(train_dataloader, args.seq_length, args.model_config.vocab_size, "train")
+        valid = None if val_dataloader is None else \
+            UserDataset(val_dataloader, args.seq_length, args.model_config.vocab_size, "validation")
+        if args.train_iters is None or (self.training_config.epochs and not train_iters):
+            epochs = self.training_config.epochs or 1.0
+            args.train_iters = max(1, math.ceil(epochs * len(train) / args.global_batch_size))
+        if valid is not None and not args.eval_interval:
+            args.eval_interval = max(1, args.train_iters)
+        return _pretrain(args, (train, valid))
+
+
+def _pretrain(args, datasets=None) -> dict:
+    from megallama import training
+    if datasets is None:
+        return training.pretrain(args)
+    if "datasets" in inspect.signature(training.pretrain).parameters:
+        return training.pretrain(args, datasets=datasets)
+    # Until pretrain takes ``datasets=``: its data builder is swapped for this call only (same loop, your data).
+    original = training.build_data
+    training.build_data = lambda _args: (None, datasets[0], datasets[1])
+    try:
+        return training.pretrain(args)
+    finally:
+        training.build_data = original
+
+
+def _gpu_memory_gb() -> float:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:  # noqa: BLE001
+        pass
+    return 80.0
+
+
+# ---------------------------------------------------------------- the seed's constructors
+def quick_start(model_variant: str = "tiny_llama3_150m", strategy="standard", num_gpus: int = 1,
+                **kw) -> LlamaTrainingOrchestrator:
+    """An auto-configured orchestrator, its configuration printed."""
+    orch = LlamaTrainingOrchestrator(model_variant, strategy, num_gpus=num_gpus, auto_configure=True, **kw)
+    orch.print_configuration()
+    return orch
+
+
+def create_tiny_llama3_orchestrator(size: str = "50m", num_gpus: int = 1, strategy="standard",
+                                    **kw) -> LlamaTrainingOrchestrator:
+    if str(size).lower() not in ("50m", "150m"):
+        raise ConfigError(f"tiny Llama 3 size '{size}' unknown; use '50m' or '150m'")
+    return LlamaTrainingOrchestrator(f"tiny_llama3_{str(size).lower()}", strategy, num_gpus=num_gpus, **kw)
+
+
+def create_llama3_8b_orchestrator(num_gpus: int = 4, strategy="standard", instruct: bool = False,
+                                  **kw) -> LlamaTrainingOrchestrator:
+    return LlamaTrainingOrchestrator("llama3_8b_instruct" if instruct else "llama3_8b", strategy, num_gpus=num_gpus,
+                                     **kw)
+
+
+def create_llama3_70b_orchestrator(num_gpus: int = 8, strategy="standard", instruct: bool = False,
+                                   **kw) -> LlamaTrainingOrchestrator:
+    return LlamaTrainingOrchestrator("llama3_70b_instruct" if instruct else "llama3_70b", strategy,
+                                     num_gpus=num_gpus, **kw)
+
+
+def create_llama3_405b_orchestrator(num_gpus: int = 64, strategy="standard", **kw) -> LlamaTrainingOrchestrator:
+    """The seed says 64 GPUs give tp 8 x pp 8 x ZeRO-3; with dp = 1 that shards nothing and 405B needs
+    > 100 GiB/GPU of model states: auto-configuration explains that and names a GPU count that fits."""
+    return LlamaTrainingOrchestrator("llama3_405b", strategy, num_gpus=min(num_gpus, 8),
+                                     num_nodes=max(1, num_gpus // 8), **kw)
+
+
+# ---------------------------------------------------------------- the seed's manual-trainer faces
+@dataclass
+class ParallelLlamaModel:
+    """What ``create_llama_7b_parallel`` returns: a model spec the trainer builds on each rank (``build()`` gives
+    the ``LlamaForCausalLM`` itself, on the meta device unless told otherwise)."""
+    model_variant: str = "llama2_7b"
+    tensor_parallel_size: int = 1
+    use_flash_attention: bool = True
+    use_checkpointing: bool = False
+    model_overrides: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return get_model_config(self.model_variant, **self.model_overrides)
+
+    def build(self, device="meta", dtype=None):
+        import torch
+        from megallama.model import build_model
+        return build_model(self.config, device=device, dtype=dtype or torch.float32)
+
+
+def create_llama_7b_parallel(tensor_parallel_size: int = 1, use_flash_attention: bool = True,
+                             use_checkpointing: bool = False, model_variant: str = "llama2_7b",
+                             **model_overrides) -> ParallelLlamaModel:
+    """Attention always runs through SDPA's flash / cuDNN / memory-efficient kernels; ``use_flash_attention``
+    is accepted for the seed's sake. ``use_checkpointing`` selects full recompute."""
+    if not use_flash_attention:
+        import warnings
+        warnings.warn("use_flash_attention=False is ignored: attention always uses SDPA's fused kernels")
+    return ParallelLlamaModel(model_variant, tensor_parallel_size, use_flash_attention, use_checkpointing,
+                              dict(model_overrides))
+
+
+TRAINER_TYPES = ("standard", "adaptive", "data_parallel", "tensor_parallel", "pipeline", "hybrid", "zero")
+
+
+class DistributedTrainer:
+    """``.fit(train_dataloader=None, val_dataloader=None)`` runs the training loop with the given model spec,
+    training config and layout (every trainer_type runs the same loop; the layout decides the parallelism)."""
+
+    def __init__(self, model, config: TrainingConfig, distributed_config: Optional[DistributedConfig] = None,
+                 trainer_type: str = "standard"):
+        if trainer_type not in TRAINER_TYPES:
+            raise ConfigError(f"trainer_type '{trainer_type}' unknown; choose one of {', '.join(TRAINER_TYPES)}")
+        if isinstance(model, str):
+            model = ParallelLlamaModel(model)
+        elif isinstance(model, ModelConfig):
+            model = ParallelLlamaModel(model.name if model.name != "custom" else "tiny_llama3_50m")
+        if not isinstance(model, ParallelLlamaModel):
+            raise ConfigError("create_distributed_trainer takes a model from create_llama_7b_parallel, a variant name "
+                              "or a ModelConfig")
+        dc = distributed_config or DistributedConfig(tensor_parallel_size=model.tensor_parallel_size,
+                                                     sequence_parallel=model.tensor_parallel_size > 1)
+        if model.use_checkpointing and dc.recompute == "none":
+            dc = replace(dc, recompute="full")
+        self.model, self.trainer_type = model, trainer_type
+        self.orchestrator = LlamaTrainingOrchestrator(model.model_variant, "standard", num_gpus=dc.world_size,
+                                                      auto_configure=False, training_config=config,
+                                                      distributed_config=dc, model_overrides=model.model_overrides)
+
+    def fit(self, train_dataloader=None, val_dataloader=None, **flags) -> dict:
+        return self.orchestrator.launch_training(train_dataloader, val_dataloader, **flags)
+
+
+def create_distributed_trainer(model, config: TrainingConfig, distributed_config: Optional[DistributedConfig] = None,
+                               trainer_type: str = "standard") -> DistributedTrainer:
+    return DistributedTrainer(model, config, distributed_config, trainer_type)
+
+
+__all__ = ["quick_start", "create_tiny_llama3_orchestrator", "create_llama3_8b_orchestrator",
+           "create_llama3_70b_orchestrator", "create_llama3_405b_orchestrator", "LlamaTrainingOrchestrator",
+           "TrainingStrategy", "TrainingConfig", "DistributedConfig", "ConfigurationFactory", "estimate_requirements",
+           "MicrobatchScheduler", "create_distributed_trainer", "create_llama_7b_parallel", "ParallelLlamaModel",
+           "DistributedTrainer"]

@@ -1,0 +1,88 @@
+"""User data for the Python API: whatever ``launch_training(train_dataloader, val_dataloader)`` is given, as the
+map-style datasets the training loop samples from (``{"input_ids", "labels", "loss_mask"}`` per sample).
+
+Accepted: a ``torch.utils.data.DataLoader`` (its map-style ``.dataset``, else its batches), any dataset with
+``__len__``/``__getitem__``, or an iterable; items are token-id tensors/lists of ``seq`` or ``seq + 1`` tokens,
+``[batch, ...]`` tensors, or dicts with ``input_ids`` (and optionally ``labels``, ``loss_mask``/``attention_mask``).
+``seq + 1`` tokens are shifted into inputs and labels; ``seq`` tokens without labels predict the next token, the
+last position masked.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from megallama.errors import ConfigError
+
+
+def _samples_of(item) -> List[Any]:
+    """Split a batched item ([b, s] tensor, dict of [b, s] tensors) into per-sample items."""
+    if isinstance(item, dict):
+        ids = torch.as_tensor(item["input_ids"])
+        if ids.dim() == 2:
+            return [{k: torch.as_tensor(v)[i] for k, v in item.items() if torch.is_tensor(v) or isinstance(v, list)}
+                    for i in range(ids.shape[0])]
+        return [item]
+    if isinstance(item, (tuple, list)) and item and torch.is_tensor(item[0]) and item[0].dim() == 2:
+        return [tuple(t[i] for t in item) for i in range(item[0].shape[0])]
+    t = item if not isinstance(item, (list, tuple)) or not item or not isinstance(item[0], (list, tuple)) else \
+        torch.as_tensor(item)
+    if torch.is_tensor(t) and t.dim() == 2:
+        return [t[i] for i in range(t.shape[0])]
+    return [item]
+
+
+class UserDataset(torch.utils.data.Dataset):
+    """Samples normalised to the loop's layout for ``seq_length`` and ``vocab_size``."""
+
+    def __init__(self, source, seq_length: int, vocab_size: int, name: str = "train"):
+        self.seq_length, self.vocab_size, self.name = seq_length, vocab_size, name
+        if isinstance(source, torch.utils.data.DataLoader):
+            ds = source.dataset
+            if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and \
+                    not isinstance(ds, torch.utils.data.IterableDataset):
+                source = ds
+        if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not torch.is_tensor(source):
+            self.items = source
+        elif torch.is_tensor(source):
+            self.items = _samples_of(source)
+        else:
+            self.items = [s for item in source for s in _samples_of(item)]
+        if len(self.items) == 0:
+            raise ConfigError(f"the {name} data holds no samples; give at least one sequence of "
+                              f"{seq_length + 1} tokens")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        item = self.items[i % len(self.items)]
+        labels = mask = None
+        if isinstance(item, dict):
+            ids = torch.as_tensor(item["input_ids"])
+            labels = item.get("labels")
+            mask = item.get("loss_mask", item.get("attention_mask"))
+        elif isinstance(item, tuple):
+            ids, labels = (torch.as_tensor(item[0]), torch.as_tensor(item[1]) if len(item) > 1 else None)
+        else:
+            ids = torch.as_tensor(item)
+        ids = ids.long().reshape(-1)
+        s = self.seq_length
+        if labels is None:
+            if ids.numel() >= s + 1:
+                ids, labels, mask = ids[:s], ids[1:s + 1], None if mask is None else torch.as_tensor(mask)[1:s + 1]
+            else:
+                labels = torch.cat([ids[1:], ids.new_zeros(1)])
+                mask = torch.ones(ids.numel()) if mask is None else torch.as_tensor(mask).float().clone()
+                mask[-1] = 0.0
+        labels = torch.as_tensor(labels).long().reshape(-1)
+        mask = torch.ones(ids.numel()) if mask is None else torch.as_tensor(mask).float().reshape(-1)
+        if ids.numel() != s or labels.numel() != s or mask.numel() != s:
+            raise ConfigError(f"{self.name} sample {i} has {ids.numel()} tokens but the sequence length is {s}; give "
+                              f"{s} (with labels) or {s + 1} tokens per sample, or set sequence_length")
+        top = int(max(ids.max(), labels.masked_fill(labels < 0, 0).max()))
+        if top >= self.vocab_size:
+            raise ConfigError(f"{self.name} sample {i} holds token id {top} but the model's vocabulary has "
+                              f"{self.vocab_size} tokens; tokenize with the model's tokenizer")
+        return {"input_ids": ids, "labels": labels, "loss_mask": mask}

@@ -1,0 +1,155 @@
+"""``python -m megallama.cli train | estimate-memory | benchmark | validate-env`` (console script ``megallama``).
+
+``train`` takes ``pretrain_llama.py``'s flags and the seed's aliases (--model --gpus --nodes --strategy --lora-rank
+--zero-stage --activation-checkpointing --gradient-compression --mixed-precision --tensor-parallel
+--pipeline-parallel --batch-size --epochs --data --dry-run). With --gpus x --nodes > 1 outside torchrun it re-launches
+itself through ``torch.distributed.run`` (one process per GPU; multi-node rendezvous from MASTER_ADDR, MASTER_PORT
+and NODE_RANK). ``--dry-run`` prints the resolved configuration and the memory estimate and exits 0 without
+building the model. A user mistake prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import List, Optional, Sequence
+
+from megallama.errors import ConfigError
+
+USAGE = """usage: python -m megallama.cli {train,estimate-memory,benchmark,validate-env} [flags]
+
+  train            train (pretrain_llama.py flags + the seed's aliases; --dry-run to only resolve and estimate)
+  estimate-memory  per-GPU memory of a model and layout (--json, --auto-configure)
+  benchmark        tok/s, MFU, peak memory for --batch-sizes (real training steps)
+  validate-env     torch / CUDA / NCCL / kernels / disk checks
+"""
+
+
+def _value(argv: Sequence[str], flag: str, default=None):
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def _launcher(argv: List[str], gpus: int, nodes: int) -> List[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)]
+    if nodes > 1:
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "29500")
+        rank = os.environ.get("NODE_RANK", os.environ.get("SLURM_NODEID"))
+        if not addr or rank is None:
+            raise ConfigError(f"--nodes {nodes} needs MASTER_ADDR and NODE_RANK (or SLURM_NODEID) in the environment "
+                              "on every node; export them or launch with torchrun yourself")
+        cmd += ["--nnodes", str(nodes), "--node_rank", str(rank), "--master_addr", addr, "--master_port", port]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "megallama.cli", "train", *argv]
+
+
+def dry_run(argv: List[str]) -> int:
+    """Resolve the flags for the requested world size and print them with the memory estimate; build nothing."""
+    from megallama.arguments import parse_args
+    from megallama.memory import estimate_requirements
+    from megallama.memory_advice import format_table
+    gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
+    args = parse_args(argv, world_size=gpus * nodes)
+    lines = ["resolved configuration:"]
+    lines += [f"  {k:40s} {getattr(args, k)}" for k in sorted(vars(args)) if k != "model_config"]
+    lines.append(f"  model_config {args.model_config.to_dict()}")
+    print("\n".join(lines))
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    est = estimate_requirements(args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
+                                sequence_length=args.seq_length, num_gpus=gpus, num_nodes=nodes,
+                                tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+                                zero_stage=args.zero_stage, recompute=args.recompute_granularity or "none",
+                                precision=precision, strategy=args.strategy, lora_rank=args.lora_rank or 8,
+                                num_experts=args.num_experts, sequence_parallel=args.sequence_parallel,
+                                pipeline_schedule=args.pipeline_schedule, num_microbatches=args.num_microbatches,
+                                mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
+                                fused_kernels=not args.no_fused_kernels)
+    print()
+    print(format_table(est))
+    return 0
+
+
+def train(argv: List[str]) -> int:
+    if "--dry-run" in argv:
+        return dry_run(argv)
+    gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
+    if gpus * nodes > 1 and "WORLD_SIZE" not in os.environ:
+        return subprocess.call(_launcher(argv, gpus, nodes))
+    from megallama.arguments import parse_args
+    from megallama.environment import validate_environment
+    from megallama.training import pretrain
+    args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        env = validate_environment(args.save)
+        for e in env["errors"]:
+            print(f"environment error: {e}", file=sys.stderr)
+        for w in env["warnings"]:
+            print(f"environment warning: {w}", file=sys.stderr)
+    pretrain(args)
+    return 0
+
+
+def benchmark(argv: List[str]) -> int:
+    import torch
+    if torch.cuda.is_available():  # the GPU tool takes the seed's flags as they are
+        tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py")
+        return subprocess.call([sys.executable, tool, *argv])
+    import argparse
+    import json
+    from megallama.benchmarking import PerformanceBenchmark
+    p = argparse.ArgumentParser("benchmark", allow_abbrev=False)
+    p.add_argument("--model", default="tiny_llama3_150m")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--save-results", default=None)
+    p.add_argument("--megallama-args", default="", help="extra training flags, e.g. '--num-layers 2'")
+    a, _ = p.parse_known_args(argv)
+    bench = PerformanceBenchmark(a.model, a.batch_sizes, a.seq_length, a.gpus, a.steps,
+                                 extra_args=a.megallama_args.split(), device="cpu")
+    rows = bench.run_comprehensive_benchmark()
+    bench.print_summary()
+    if a.save_results:
+        with open(a.save_results, "w") as fh:
+            json.dump({"card": "cpu", "model": a.model, "rows": rows}, fh, indent=1)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def validate_env(argv: List[str]) -> int:
+    from megallama.environment import format_environment, validate_environment
+    report = validate_environment(_value(argv, "--path"))
+    print(format_environment(report))
+    return 1 if report["errors"] else 0
+
+
+COMMANDS = {"train": train, "estimate-memory": None, "benchmark": benchmark, "validate-env": validate_env}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command '{cmd}'; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if cmd == "estimate-memory":
+        from megallama.memory_cli import main as estimate_main
+        return estimate_main(rest)
+    try:
+        return COMMANDS[cmd](rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

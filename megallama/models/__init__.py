@@ -1,0 +1,1 @@
+"""The seed's ``training_infra.models`` face; the model itself lives in ``megallama.model``."""

@@ -1,0 +1,164 @@
+"""Every face of the seed README's Python API, on CPU with tiny shapes (each face runs the real loop)."""
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import megallama
+from megallama.errors import ConfigError
+
+from dist_utils import run_distributed
+
+TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
+            vocab_size=512)
+SEQ = 16
+
+
+def _loader(n=16, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randint(0, 512, (n, SEQ + 1), generator=g)), batch_size=batch)
+
+
+def _cfg(**kw):
+    base = dict(batch_size=4, micro_batch_size=2, sequence_length=SEQ, learning_rate=3e-3, train_iters=2)
+    base.update(kw)
+    return megallama.TrainingConfig(**base)
+
+
+def _finite(out, n):
+    assert sorted(out["losses"]) == list(range(1, n + 1)) and all(math.isfinite(v) for v in out["losses"].values())
+
+
+def test_quick_start_trains_on_user_dataloaders(capsys):
+    orch = megallama.quick_start("tiny_llama3_50m", strategy="standard", num_gpus=1, model_overrides=TINY,
+                                 training_config=_cfg())
+    text = capsys.readouterr().out
+    assert "layout: 1 GPUs = tp 1 x pp 1 x dp 1" in text and "category" in text
+    out = orch.launch_training(_loader(), _loader(8, seed=1))
+    _finite(out, 2)
+    assert "validation at iteration 2" in capsys.readouterr().out
+
+
+def test_tiny_orchestrator_mock_data_and_bad_size():
+    orch = megallama.create_tiny_llama3_orchestrator(size="150m", num_gpus=1, strategy="standard",
+                                                     model_overrides=TINY, training_config=_cfg(),
+                                                     extra_args=["--mock-data"])
+    assert orch.model_config.hidden_size == 64 and orch.model_variant == "tiny_llama3_150m"
+    _finite(orch.launch_training(), 2)
+    with pytest.raises(ConfigError, match="size '7b'"):
+        megallama.create_tiny_llama3_orchestrator(size="7b")
+
+
+def test_big_orchestrators_configure_and_explain(capsys):
+    o8 = megallama.create_llama3_8b_orchestrator(num_gpus=4, strategy="standard")
+    assert o8.distributed_config.world_size == 4 and o8.plan is not None
+    text = o8.print_configuration()
+    assert "llama3_8b" in text and "fits" in text
+    lora = megallama.TrainingStrategy(name="lora", parameters={"lora_rank": 64, "lora_alpha": 128,
+                                                               "target_modules": ["q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj"]})
+    o70 = megallama.create_llama3_70b_orchestrator(num_gpus=8, strategy=lora, instruct=True)
+    assert o70.model_variant == "llama3_70b_instruct"
+    argv = o70.argv()
+    assert argv[argv.index("--strategy") + 1] == "lora" and argv[argv.index("--lora-rank") + 1] == "64"
+    o405 = megallama.create_llama3_405b_orchestrator(num_gpus=64)
+    assert o405.plan is None and "NO layout fits" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="needs 64 processes"):
+        o405.launch_training()
+
+
+def test_custom_configuration_with_factory_override():
+    moe = megallama.TrainingStrategy(name="moe", parameters={"num_experts": 16, "experts_per_token": 2,
+                                                             "moe_layers": [4, 8, 12, 16, 20, 24, 28]})
+    orch = megallama.LlamaTrainingOrchestrator(model_variant="llama2_13b", training_strategy=moe, num_gpus=8,
+                                               auto_configure=True)
+    orch.distributed_config = megallama.ConfigurationFactory.create_hybrid_parallel_config(
+        tensor_parallel_size=4, pipeline_parallel_size=2, data_parallel_size=1, use_zero=True, zero_stage=3)
+    text = orch.print_configuration()
+    assert "tp 4 x pp 2 x dp 1 (+sp), ZeRO-3" in text
+    argv = orch.argv()
+    assert argv[argv.index("--num-experts") + 1] == "16" and argv[argv.index("--moe-layers") + 1].startswith("4,8")
+    f = megallama.ConfigurationFactory
+    assert f.create_data_parallel_config(num_gpus=4).data_parallel_size == 4
+    assert f.create_tensor_parallel_config(num_gpus=4).tensor_parallel_size == 4
+    assert f.create_tensor_parallel_config(2).world_size == 2
+    pp = f.create_pipeline_parallel_config(pipeline_stages=4, microbatch_size=2, schedule="1f1b")
+    assert (pp.pipeline_parallel_size, pp.microbatch_size, pp.pipeline_schedule) == (4, 2, "1f1b")
+
+
+def test_lora_strategy_trains():
+    lora = megallama.TrainingStrategy(name="lora", parameters={"lora_rank": 4, "lora_alpha": 8,
+                                                               "target_modules": ["q_proj", "v_proj"]})
+    orch = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", lora, num_gpus=1, auto_configure=False,
+                                               training_config=_cfg(), model_overrides=TINY)
+    _finite(orch.launch_training(_loader()), 2)
+
+
+def test_estimate_validate_and_scheduler_faces():
+    reqs = megallama.estimate_requirements(model_variant="llama2_7b", batch_size=16, sequence_length=2048, num_gpus=4)
+    assert reqs["memory_per_gpu_gb"] > 0 and isinstance(reqs["recommendations"], list)
+    env = megallama.validate_environment()
+    assert isinstance(env["errors"], list) and isinstance(env["warnings"], list) and "torch" in env["info"]
+    from megallama.distributed.microbatch_scheduler import MicrobatchScheduler
+    sched = MicrobatchScheduler(num_microbatches=8, microbatch_size=2, num_pipeline_stages=4, current_stage=1,
+                                schedule_type="1f1b")
+    order = sched.get_execution_schedule()
+    assert len(order) == 16
+    results = sched.execute_schedule(lambda mb: mb * 2, lambda out: None, lambda: None, list(range(8)))
+    assert results is not None
+    sched.print_metrics()
+
+
+def test_performance_benchmark_on_cpu():
+    bench = megallama.PerformanceBenchmark("tiny_llama3_50m", batch_sizes=[1, 2], sequence_length=SEQ, steps=2,
+                                           model_overrides=TINY)
+    rows = bench.run_comprehensive_benchmark()
+    assert [r["micro_batch_size"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows), rows
+    assert "tok/s/GPU" in bench.print_summary()
+
+
+def test_manual_trainer_and_models_face():
+    from megallama.models.llama import create_llama_7b_parallel
+    full = create_llama_7b_parallel(tensor_parallel_size=2, use_flash_attention=True, use_checkpointing=True)
+    assert sum(p.numel() for p in full.build("meta").parameters()) == 6_738_415_616
+    model = create_llama_7b_parallel(tensor_parallel_size=1, use_checkpointing=True, **TINY)
+    cfg = megallama.TrainingConfig(model_name="custom_llama_7b", batch_size=4, micro_batch_size=2,
+                                   sequence_length=SEQ, learning_rate=1e-3, epochs=1)
+    dc = megallama.ConfigurationFactory.create_tensor_parallel_config(1)
+    trainer = megallama.create_distributed_trainer(model=model, config=cfg, distributed_config=dc,
+                                                   trainer_type="adaptive")
+    assert trainer.orchestrator.distributed_config.recompute == "full"
+    _finite(trainer.fit(_loader(n=8)), 2)  # one epoch of 8 samples at 4 per step
+    with pytest.raises(ConfigError, match="trainer_type 'magic'"):
+        megallama.create_distributed_trainer(model, cfg, dc, trainer_type="magic")
+
+
+def _tp2_worker(rank, world):
+    model = megallama.create_llama_7b_parallel(tensor_parallel_size=2, **TINY)
+    cfg = megallama.TrainingConfig(batch_size=4, micro_batch_size=2, sequence_length=SEQ, train_iters=2)
+    trainer = megallama.create_distributed_trainer(model, cfg, megallama.ConfigurationFactory
+                                                   .create_tensor_parallel_config(2), "standard")
+    return trainer.fit(_loader())["losses"]
+
+
+def test_tensor_parallel_trainer_on_two_ranks_matches_one_process():
+    single = megallama.create_distributed_trainer(
+        megallama.create_llama_7b_parallel(**TINY),
+        megallama.TrainingConfig(batch_size=4, micro_batch_size=2, sequence_length=SEQ, train_iters=2),
+        megallama.ConfigurationFactory.create_data_parallel_config(1)).fit(_loader())["losses"]
+    res = run_distributed(_tp2_worker, 2)
+    for rank in (0, 1):
+        for it in (1, 2):
+            assert abs(res[rank][it] - single[it]) / single[it] < 1e-5, (rank, it, res[rank], single)
+
+
+def test_user_data_errors():
+    orch = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", num_gpus=1, auto_configure=False,
+                                               training_config=_cfg(), model_overrides=TINY)
+    with pytest.raises(ConfigError, match="token id 9999"):
+        orch.launch_training(DataLoader(TensorDataset(torch.full((4, SEQ + 1), 9999)), batch_size=2))
+    with pytest.raises(ConfigError, match="has 5 tokens"):
+        orch.launch_training([torch.arange(5)])
+    with pytest.raises(ConfigError, match="model_overrides key 'depth'"):
+        megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", model_overrides={"depth": 2})

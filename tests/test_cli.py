@@ -1,0 +1,60 @@
+"""``python -m megallama.cli``: every command and the seed's flags, as a user runs them (subprocesses, CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--vocab-size", "512", "--seq-length", "16"]
+
+
+def cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "megallama.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def test_dry_run_with_the_seed_flags_prints_configuration_and_estimate():
+    r = cli("train", "--model", "tiny_llama3_50m", "--gpus", "1", "--data", "/path/to/test_data.jsonl",
+            "--batch-size", "64", "--epochs", "1", "--strategy", "lora", "--lora-rank", "8", "--zero-stage", "1",
+            "--activation-checkpointing", "--gradient-compression", "--mixed-precision", "bfloat16",
+            "--tensor-parallel", "1", "--pipeline-parallel", "1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "resolved configuration:" in r.stdout and "recompute_granularity                    full" in r.stdout
+    assert "GPU memory" in r.stdout and "lora" in r.stdout
+
+
+def test_dry_run_of_405b_on_64_gpus_does_not_build_anything():
+    r = cli("train", "--model", "llama3_405b", "--gpus", "8", "--nodes", "8", "--zero-stage", "3",
+            "--tensor-parallel", "8", "--pipeline-parallel", "8", "--activation-checkpointing", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "ZeRO-3 shards over data-parallel ranks, and dp = 1 here" in r.stdout
+
+
+def test_train_runs_on_cpu_and_relaunches_through_torchrun():
+    one = cli("train", "--model", "tiny_llama3_50m", *TINY, "--mock-data", "--train-iters", "2", "--batch-size", "4",
+              "--device", "cpu", "--no-progress-bar")
+    assert one.returncode == 0, one.stderr
+    two = cli("train", "--model", "tiny_llama3_50m", *TINY, "--mock-data", "--train-iters", "2", "--batch-size", "4",
+              "--device", "cpu", "--no-progress-bar", "--gpus", "2", timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    loss = lambda out: [ln.split("lm loss:")[1].split("|")[0].strip() for ln in out.splitlines()  # noqa: E731
+                        if ln.lstrip().startswith("iteration") and "lm loss:" in ln]
+    assert len(loss(one.stdout)) == 2 and loss(two.stdout) and "world=2" in two.stdout
+
+
+def test_estimate_memory_validate_env_benchmark_and_errors(tmp_path):
+    r = cli("estimate-memory", "--model", "llama2_7b", "--batch-size", "16", "--gpus", "4", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["layout"]["dp"] == 4
+    r = cli("validate-env")
+    assert r.returncode == 0 and "environment ready for training" in r.stdout and "torch:" in r.stdout
+    out = tmp_path / "bench.json"
+    r = cli("benchmark", "--model", "tiny_llama3_50m", "--gpus", "1", "--batch-sizes", "1", "--seq-length", "16",
+            "--steps", "2", "--save-results", str(out), "--megallama-args", " ".join(TINY[:-2]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())["rows"][0]["tokens_per_s"] > 0
+    r = cli("train", "--model", "llama3_8b", "--tensor-parallel", "3", "--gpus", "4", "--dry-run")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert cli().returncode == 2 and cli("frobnicate").returncode == 2
