@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 from megallama.config import ModelConfig, get_model_config
@@ -364,73 +364,8 @@ def create_llama3_405b_orchestrator(num_gpus: int = 64, strategy="standard", **k
                                      num_nodes=max(1, num_gpus // 8), **kw)
 
 
-# ---------------------------------------------------------------- the seed's manual-trainer faces
-@dataclass
-class ParallelLlamaModel:
-    """What ``create_llama_7b_parallel`` returns: a model spec the trainer builds on each rank (``build()`` gives
-    the ``LlamaForCausalLM`` itself, on the meta device unless told otherwise)."""
-    model_variant: str = "llama2_7b"
-    tensor_parallel_size: int = 1
-    use_flash_attention: bool = True
-    use_checkpointing: bool = False
-    model_overrides: dict = field(default_factory=dict)
-
-    @property
-    def config(self) -> ModelConfig:
-        return get_model_config(self.model_variant, **self.model_overrides)
-
-    def build(self, device="meta", dtype=None):
-        import torch
-        from megallama.model import build_model
-        return build_model(self.config, device=device, dtype=dtype or torch.float32)
-
-
-def create_llama_7b_parallel(tensor_parallel_size: int = 1, use_flash_attention: bool = True,
-                             use_checkpointing: bool = False, model_variant: str = "llama2_7b",
-                             **model_overrides) -> ParallelLlamaModel:
-    """Attention always runs through SDPA's flash / cuDNN / memory-efficient kernels; ``use_flash_attention``
-    is accepted for the seed's sake. ``use_checkpointing`` selects full recompute."""
-    if not use_flash_attention:
-        import warnings
-        warnings.warn("use_flash_attention=False is ignored: attention always uses SDPA's fused kernels")
-    return ParallelLlamaModel(model_variant, tensor_parallel_size, use_flash_attention, use_checkpointing,
-                              dict(model_overrides))
-
-
-TRAINER_TYPES = ("standard", "adaptive", "data_parallel", "tensor_parallel", "pipeline", "hybrid", "zero")
-
-
-class DistributedTrainer:
-    """``.fit(train_dataloader=None, val_dataloader=None)`` runs the training loop with the given model spec,
-    training config and layout (every trainer_type runs the same loop; the layout decides the parallelism)."""
-
-    def __init__(self, model, config: TrainingConfig, distributed_config: Optional[DistributedConfig] = None,
-                 trainer_type: str = "standard"):
-        if trainer_type not in TRAINER_TYPES:
-            raise ConfigError(f"trainer_type '{trainer_type}' unknown; choose one of {', '.join(TRAINER_TYPES)}")
-        if isinstance(model, str):
-            model = ParallelLlamaModel(model)
-        elif isinstance(model, ModelConfig):
-            model = ParallelLlamaModel(model.name if model.name != "custom" else "tiny_llama3_50m")
-        if not isinstance(model, ParallelLlamaModel):
-            raise ConfigError("create_distributed_trainer takes a model from create_llama_7b_parallel, a variant name "
-                              "or a ModelConfig")
-        dc = distributed_config or DistributedConfig(tensor_parallel_size=model.tensor_parallel_size,
-                                                     sequence_parallel=model.tensor_parallel_size > 1)
-        if model.use_checkpointing and dc.recompute == "none":
-            dc = replace(dc, recompute="full")
-        self.model, self.trainer_type = model, trainer_type
-        self.orchestrator = LlamaTrainingOrchestrator(model.model_variant, "standard", num_gpus=dc.world_size,
-                                                      auto_configure=False, training_config=config,
-                                                      distributed_config=dc, model_overrides=model.model_overrides)
-
-    def fit(self, train_dataloader=None, val_dataloader=None, **flags) -> dict:
-        return self.orchestrator.launch_training(train_dataloader, val_dataloader, **flags)
-
-
-def create_distributed_trainer(model, config: TrainingConfig, distributed_config: Optional[DistributedConfig] = None,
-                               trainer_type: str = "standard") -> DistributedTrainer:
-    return DistributedTrainer(model, config, distributed_config, trainer_type)
+from megallama.api_trainer import (DistributedTrainer, ParallelLlamaModel, create_distributed_trainer,  # noqa: E402,F401
+                                   create_llama_7b_parallel)
 
 
 __all__ = ["quick_start", "create_tiny_llama3_orchestrator", "create_llama3_8b_orchestrator",
