@@ -21,6 +21,7 @@ dp rank (collective), which loads into any layout as well.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Sequence, Union
 
@@ -52,7 +53,7 @@ class DistributedOptimizer:
         self.pieces = []
         self._masters_buffers = []
         for ci, ddp in enumerate(self.chunks):
-            pieces = ddp.optimizer_pieces()
+            pieces = [copy.copy(pc) for pc in ddp.optimizer_pieces()]  # ours to annotate
             separate = ddp.param_dtype != torch.float32
             if separate:
                 buf = torch.empty(sum(pc.numel for pc in pieces), dtype=torch.float32, device=self.device)
