@@ -90,15 +90,16 @@ def _add_parallel(p):
                    default=1)
     g.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", dest="pipeline_model_parallel_size",
                    type=int, default=1)
-    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved", "chimera"], default="1f1b")
+    g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved", "chimera", "zb-h1"],
+                   default="1f1b")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
                    help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp % cp == 0)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
@@ -210,11 +211,11 @@ def _derive(args, world_size: int):
     if args.seq_length > ctx:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds {args.model}'s context of {ctx} tokens; use "
                           f"--seq-length <= {ctx} or raise --max-position-embeddings")
-    # Batch sizes: global = micro * dp * num_microbatches.
-    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if args.context_parallel_size > 1:
         from megallama.mpu.context_parallel import check_sequence_length
         check_sequence_length(args.seq_length, args.context_parallel_size)
+    # Batch sizes: global = micro * dp * num_microbatches.
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if args.gpus is not None and args.gpus * args.nodes != world_size and world_size > 1:
         raise ConfigError(f"--gpus {args.gpus} x --nodes {args.nodes} does not match the launched world size "
                           f"{world_size}; launch with torchrun --nproc_per_node {args.gpus}")

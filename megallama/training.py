@@ -108,9 +108,9 @@ def pretrain(args) -> dict:
     scheduler = OptimizerParamScheduler(optimizer, args.lr, args.min_lr, warmup, args.lr_decay_iters or args.train_iters,
                                         args.lr_decay_style)
     forward_backward = get_forward_backward(args)
+    local_seq = args.seq_length // args.context_parallel_size
     forward_step = make_forward_step(args, device)
     logger = TrainingLogger(args, enabled=is_rank_0())
-    local_seq = args.seq_length // args.context_parallel_size
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)

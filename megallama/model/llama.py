@@ -102,6 +102,9 @@ class LlamaModel(nn.Module):
             ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
         if position_ids is None:
             position_ids = torch.arange(seq, device=h.device)
+            if ps.get_context_parallel_world_size() > 1:  # this rank's zig-zag chunks of the whole sequence
+                from megallama.mpu.context_parallel import get_position_ids_on_this_cp_rank
+                position_ids = get_position_ids_on_this_cp_rank(seq * ps.get_context_parallel_world_size(), h.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(h.device), position_ids)
         h = self._run_layers(h, cos, sin, document_ids)
         if self.post_process:
@@ -125,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, ids, pre_process, post_process, self.sequence_parallel, device, dtype,
                                 layer_factory)
         self.share_embeddings = config.tie_word_embeddings
+        self.input_tensor = None  # set by the pipeline schedule on stages after the first
         if post_process and not config.tie_word_embeddings:
             self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
                                                 sequence_parallel=self.sequence_parallel,
@@ -158,6 +162,13 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     # ---------- forward ----------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Stages after the first read their input from the previous stage: the pipeline schedule sets it here
+        before calling the forward step (Megatron's mechanism), so the step itself needs no pipeline logic."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.input_tensor = input_tensor
+
     def _head_input(self, h: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             return mappings.gather_from_sequence_parallel_region(h, True)
@@ -173,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
                 loss_mask=None, document_ids=None):
         """Per-token losses [b, s] with ``labels``; with ``loss_mask`` too, the masked loss *sum* (a scalar)
         through the fused head + cross-entropy, which never holds the full logits."""
+        if hidden_states is None and not self.pre_process:
+            hidden_states = self.input_tensor
         h = self.model(input_ids=input_ids, hidden_states=hidden_states, position_ids=position_ids,
                        document_ids=document_ids)
         if not self.post_process:
