@@ -79,8 +79,8 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> int:
         return m
     if schedule == "interleaved":
         return min(m * v, 2 * (pp - stage - 1) + (v - 1) * pp + 1)
-    if schedule == "chimera":  # two pipelines in opposite directions, each holding about half of 1F1B's
-        return min(m, pp // 2 + 1)
+    if schedule == "chimera":  # two pipelines in opposite directions: about pp microbatches of one stage's layers
+        return min(m, pp)
     return min(pp - stage, m)
 
 
@@ -124,7 +124,8 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     local_params = dense + expert_params
     # activations
     inflight = _in_flight(schedule, pp, stage, m, v)
-    per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else n_layers
+    per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else \
+        layers[stage] if chunks == 2 else n_layers
     moe, n_moe = None, 0
     if strategy in ("moe", "hybrid") and cfg.num_experts:
         moe = am.MoEShape(cfg.num_experts, max(1, cfg.num_experts // ep), cfg.moe_router_topk, cfg.ffn_hidden_size)
@@ -149,7 +150,7 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
                      "head backward": p * (root + head_unit) + 4 * head_unit,
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
     act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
-                                   others_hold_ends=schedule != "interleaved", extra=extra, moe=moe,
+                                   others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
                                    moe_layers=n_moe, device=device)
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU

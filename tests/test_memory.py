@@ -319,10 +319,13 @@ def test_whole_training_step_matches_estimate_on_cpu():
 
 
 def test_whole_training_step_two_ranks():
+    """ZeRO-1/3 over dp 2, tp 2 + SP, and pp 2 under every schedule: the busiest rank within 4%."""
+    pp = TINY[:2] + ["--num-layers", "4"] + TINY[4:] + ["--pipeline-model-parallel-size", "2",
+                                                        "--global-batch-size", "8"]
     configs = [TINY + ["--zero-stage", "1"], TINY + ["--zero-stage", "3"],
-               TINY + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-               TINY[:2] + ["--num-layers", "4"] + TINY[4:] + ["--pipeline-model-parallel-size", "2",
-                                                              "--global-batch-size", "8"]]
+               TINY + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], pp,
+               pp + ["--pipeline-schedule", "gpipe"], pp + ["--pipeline-schedule", "chimera"],
+               pp + ["--pipeline-schedule", "interleaved", "--num-layers-per-virtual-pipeline-stage", "1"]]
     errs = run_distributed(_measure_worker, 2, configs)
     for rank, values in errs.items():
         for cfg, err in zip(configs, values):
