@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
 from megallama.optimizer import clip_grads
 from megallama.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megallama.optimizer.optimizer_config import OptimizerConfig
@@ -61,7 +62,8 @@ class DistributedOptimizer:
             off = 0
             for pc in pieces:
                 pc.chunk, pc.key = ci, f"{ci}/{pc.name}"
-                pc.replicated = ddp.zero_stage == 0  # full grads on every dp rank: count on dp rank 0 only
+                # stage 0: the full grad sits on every rank of the piece's group: count it on group rank 0 only
+                pc.replicated = ddp.zero_stage == 0 and pc.comm.rank != 0
                 if separate:
                     pc.master = buf[off:off + pc.numel]
                     pc.master.copy_(pc.model_view.float())
@@ -120,7 +122,7 @@ class DistributedOptimizer:
         grads = self._prepare_grads()
         if self.grad_scaler is not None and grads:
             torch._foreach_mul_(grads, float(self.grad_scaler.inv_scale))
-        counted = [pc.master.grad for pc in self.pieces if pc.in_norm and not (pc.replicated and self.dp_rank)]
+        counted = [pc.master.grad for pc in self.pieces if pc.in_norm and not pc.replicated]
         norm = clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
         found_inf = not math.isfinite(norm)
         if self.grad_scaler is not None:
@@ -175,6 +177,8 @@ class DistributedOptimizer:
             for k in _STATES:
                 if k in st:
                     entry[k] = st[k].detach().to("cpu", copy=True)
+            if pc.comm is not None and pc.comm.expert:  # local expert names repeat on every ep rank
+                entry["ep_rank"] = ps.get_expert_model_parallel_rank()
             pieces[pc.key] = entry
         return {"format": FORMAT, "zero_stage": [m.zero_stage for m in self.chunks], "dp_size": self.dp_size,
                 "dp_rank": self.dp_rank, "step": self.num_steps,
@@ -193,8 +197,15 @@ class DistributedOptimizer:
         full = {}
         for key, entries in index.items():
             numel, shape = entries[0]["numel"], entries[0]["shape"]
-            full[key] = _assemble(key, entries, 0, numel, with_states=own["step"] > 0)
-            full[key].update(start=0, end=numel, numel=numel, shape=shape)
+            by_ep = {}
+            for e in entries:
+                by_ep.setdefault(e.get("ep_rank"), []).append(e)
+            for ep, group in by_ep.items():
+                k = key if ep is None else f"{key}@ep{ep}"
+                full[k] = _assemble(key, group, 0, numel, with_states=own["step"] > 0)
+                full[k].update(start=0, end=numel, numel=numel, shape=shape)
+                if ep is not None:
+                    full[k]["ep_rank"] = ep
         return dict(own, dp_rank=0, dp_size=1, pieces=full)
 
     @torch.no_grad()
@@ -207,8 +218,11 @@ class DistributedOptimizer:
                               f"{[s.get('format') for s in states][:2]}); load a checkpoint written by this version")
         index = _index_pieces(states)
         step = int(states[0]["step"])
+        my_ep = ps.get_expert_model_parallel_rank()
         for pc in self.pieces:
-            entries = index.get(pc.key)
+            entries = index.get(pc.key, []) + index.get(f"{pc.key}@ep{my_ep}", [])
+            if pc.comm is not None and pc.comm.expert:
+                entries = [e for e in entries if e.get("ep_rank") == my_ep]
             if not entries:
                 raise ConfigError(f"optimizer state has no entry for {pc.key}; the checkpoint is for a different "
                                   "model or pipeline layout")

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Piece, all_gather_into_tensor, bucketize,
+from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
                                                        reduce_scatter_tensor)
 
 MAX_PENDING_REDUCTIONS = 2  # stage 2/3: staging buffers in flight before the oldest is waited for
@@ -60,6 +60,15 @@ def params_used_outside_their_module(module: nn.Module) -> set:
     return out
 
 
+def _prepare_average(data: torch.Tensor, comm: Comm):
+    """The reduce op for ``comm``; pre-scales ``data`` when the collective cannot average (gloo, expert groups)."""
+    if comm.avg_in_collective:
+        return dist.ReduceOp.AVG
+    if comm.average_over > 1:
+        data.mul_(1.0 / comm.average_over)
+    return dist.ReduceOp.SUM
+
+
 class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, zero_stage: int = 0, data_parallel_group=None,
                  bucket_size: Optional[int] = 40_000_000, overlap_grad_reduce: bool = False,
@@ -75,12 +84,8 @@ class DistributedDataParallel(nn.Module):
         group = data_parallel_group
         if group is None:
             group = ps.get_data_parallel_group(with_context_parallel=True)
-        self.dp_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-        self.dp_group = group if self.dp_size > 1 else None
-        self.dp_rank = dist.get_rank(group) if self.dp_size > 1 else 0
-        # NCCL averages inside the collective; gloo has no AVG, so the buffer is pre-scaled by 1/dp.
-        self._avg_in_collective = self.dp_size > 1 and dist.get_backend(self.dp_group) == "nccl"
-        self._reduce_op = dist.ReduceOp.AVG if self._avg_in_collective else dist.ReduceOp.SUM
+        self.comm = Comm.of(group)
+        self.dp_size, self.dp_group, self.dp_rank = self.comm.size, self.comm.group, self.comm.rank
 
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -95,16 +100,33 @@ class DistributedDataParallel(nn.Module):
         self.param_names = {p: n for n, p in module.named_parameters()}
         self.shapes = {p: p.shape for p in params}
 
+        # MoE expert params (``allreduce = False``) under expert parallelism: reduced over the expert-dp group.
+        expert = [p for p in params if getattr(p, "allreduce", True) is False]
+        self.expert_comm = None
+        if expert and ps.get_expert_model_parallel_world_size() > 1 and data_parallel_group is None:
+            if zero_stage == 3:
+                raise ConfigError("ZeRO stage 3 does not support expert-parallel MoE layers yet (a layer's dense and "
+                                  "expert params are sharded over different groups); use --zero-stage 2")
+            if ps.get_context_parallel_world_size() > 1:
+                raise ConfigError("expert parallelism with context parallelism is not supported by DDP/ZeRO; use "
+                                  "--context-parallel-size 1 with --expert-model-parallel-size > 1")
+            self.expert_comm = Comm.of(ps.get_expert_data_parallel_group(), self.dp_size, expert=True)
+        else:
+            expert = []
+        dense = [p for p in params if p not in set(expert)]
+
         self.zero3 = None
         if zero_stage == 3:
             from megallama.optimizer.zero3 import build_units
             units, root = build_units(module, params)
             bucket_params = ([root.params] if root is not None else []) + [u.params for u in reversed(units)]
+            buckets = [(bp, self.comm) for bp in bucket_params]
         else:
-            bucket_params = bucketize(list(reversed(params)), bucket_size,
-                                      lambda p: self.dp_size > 1 and _is_shared_across_stages(module, p))
+            shared = lambda p: self.dp_size > 1 and _is_shared_across_stages(module, p)  # noqa: E731
+            buckets = [(bp, self.comm) for bp in bucketize(list(reversed(dense)), bucket_size, shared)]
+            buckets += [(bp, self.expert_comm) for bp in bucketize(list(reversed(expert)), bucket_size)]
         # Stage 0 never shards, so its buckets need no dp padding.
-        self.layout = BufferLayout(bucket_params, self.dp_size if zero_stage >= 1 else 1)
+        self.layout = BufferLayout(buckets, sharded=zero_stage >= 1)
         # Stage 2/3 keep only the gradient shard; with dp = 1 the shard is the whole buffer and the plain path runs.
         self.shard_grads = zero_stage >= 2 and self.dp_size > 1
 
@@ -245,12 +267,13 @@ class DistributedDataParallel(nn.Module):
                 if p not in filled:
                     s, e, _ = self.layout.index[p]
                     st[s - b.offset:e - b.offset].zero_()
-        if not self._avg_in_collective:
-            st.mul_(1.0 / self.dp_size)
-        lo = self.dp_rank * b.shard_size
-        h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, op=self._reduce_op, group=self.dp_group,
-                                  async_op=self.overlap_grad_reduce)
-        if self.overlap_grad_reduce:
+        op = _prepare_average(st, b.comm)
+        lo = b.comm.rank * b.shard_size
+        h = None
+        if b.comm.group is not None:
+            h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, op=op, group=b.comm.group,
+                                      async_op=self.overlap_grad_reduce)
+        if h is not None and self.overlap_grad_reduce:
             self._pending.append((h, b, st))
             while len(self._pending) > MAX_PENDING_REDUCTIONS:
                 self._finish_one_pending()
@@ -261,7 +284,7 @@ class DistributedDataParallel(nn.Module):
             self.zero3.on_bucket_reduced(b)
 
     def _accumulate_shard(self, b, st) -> None:
-        lo = self.dp_rank * b.shard_size
+        lo = b.comm.rank * b.shard_size
         self.grad_buffer[b.shard_offset:b.shard_offset + b.shard_size].add_(st[lo:lo + b.shard_size])
 
     def _finish_one_pending(self) -> None:
@@ -284,19 +307,21 @@ class DistributedDataParallel(nn.Module):
 
     def _launch_allreduce(self, b, async_op: bool) -> None:
         data = self.grad_buffer[b.offset:b.offset + b.numel]
-        if self.comm_hook is not None and self.comm_hook(b, data):
+        if self.comm_hook is not None and not b.comm.expert and self.comm_hook(b, data):
             b.launched = True
             return
-        if not self._avg_in_collective:
-            data.mul_(1.0 / self.dp_size)
-        if self.zero_stage == 0:
-            h = dist.all_reduce(data, op=self._reduce_op, group=self.dp_group, async_op=async_op)
+        op = _prepare_average(data, b.comm)
+        h = None
+        if b.comm.group is None:
+            pass
+        elif self.zero_stage == 0:
+            h = dist.all_reduce(data, op=op, group=b.comm.group, async_op=async_op)
         else:
-            lo = self.dp_rank * b.shard_size
-            h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, op=self._reduce_op, group=self.dp_group,
+            lo = b.comm.rank * b.shard_size
+            h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, op=op, group=b.comm.group,
                                       async_op=async_op)
         b.launched = True
-        if async_op:
+        if async_op and h is not None:
             self._handles.append(h)
 
     def finish_grad_sync(self) -> None:
@@ -332,8 +357,7 @@ class DistributedDataParallel(nn.Module):
         storage the optimizer updates) and ``grad_view`` (flat, the dp-averaged gradient after finish_grad_sync)."""
         if self._pieces is not None:
             return self._pieces
-        sharded = self.zero_stage >= 1
-        pieces = self._pieces = self.layout.pieces(self.dp_rank, sharded)
+        pieces = self._pieces = self.layout.pieces()
         for pc in pieces:
             p, n = pc.param, pc.numel
             if self.zero_stage == 0:
@@ -355,9 +379,11 @@ class DistributedDataParallel(nn.Module):
             return
         self.finish_param_sync()
         for b in reversed(self.layout.buckets):  # forward order: first needed, first sent
-            lo, hi = b.own_range(self.dp_rank)
+            if b.comm.group is None:
+                continue
+            lo, hi = b.own_range()
             h = all_gather_into_tensor(self.param_buffer[b.offset:b.offset + b.numel], self.param_buffer[lo:hi],
-                                       group=self.dp_group, async_op=self.overlap_param_gather)
+                                       group=b.comm.group, async_op=self.overlap_param_gather)
             if self.overlap_param_gather:
                 self._param_gather_handles[b.index] = h
 

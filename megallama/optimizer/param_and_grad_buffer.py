@@ -5,8 +5,9 @@ order backward produces gradients. Each bucket is padded to a multiple of ``dp *
 shard of every bucket then has the same size and starts aligned, and one ``reduce_scatter``/``all_gather`` moves a
 bucket. Rank ``r`` owns ``[offset + r*s, offset + (r+1)*s)`` of each bucket (``s`` = bucket numel / dp), as in
 Megatron's distributed optimizer; a rank's *shard* is the concatenation of its pieces of all buckets, so a global
-buffer index ``g`` in bucket ``b`` maps to shard index ``g - b.offset - r*s + b.offset // dp``. A shard boundary
-may cut through a parameter: the optimizer works on (parameter, element range) pieces.
+buffer index ``g`` in bucket ``b`` maps to shard index ``g - b.offset - r*s + b.shard_offset``. A shard boundary
+may cut through a parameter: the optimizer works on (parameter, element range) pieces. Each bucket carries the
+``Comm`` it is reduced over (MoE expert params: the expert-data-parallel group, in buckets of their own).
 """
 from __future__ import annotations
 
@@ -28,13 +29,39 @@ def _round_up(n: int, m: int) -> int:
 
 
 @dataclass
+class Comm:
+    """The group a bucket is reduced over. Dense params: the data-parallel group. MoE expert params (ep > 1): the
+    expert-data-parallel group, still averaged over the full dp size (the all-to-all already summed over ep)."""
+    group: object  # None when size == 1
+    size: int
+    rank: int
+    average_over: int  # gradients are divided by this (the full dp size)
+    nccl: bool = False
+    expert: bool = False
+
+    @property
+    def avg_in_collective(self) -> bool:
+        """NCCL averages inside the collective when the divisor is the group size; otherwise pre-scale."""
+        return self.nccl and self.average_over == self.size
+
+    @staticmethod
+    def of(group, average_over: int = None, expert: bool = False) -> "Comm":
+        size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+        if size == 1:
+            return Comm(None, 1, 0, average_over or 1, False, expert)
+        return Comm(group, size, dist.get_rank(group), average_over or size, dist.get_backend(group) == "nccl",
+                    expert)
+
+
+@dataclass
 class Bucket:
     index: int
     params: List[torch.nn.Parameter]
     offset: int  # first element in the flat buffer
-    numel: int  # padded to a multiple of dp * ALIGN (dp > 1)
+    numel: int  # padded to a multiple of comm.size * ALIGN when sharded
     numel_unpadded: int
-    dp: int
+    comm: Comm
+    shard_offset: int  # where this bucket's piece starts in a rank's shard
     # run-time bookkeeping (owned by DistributedDataParallel)
     num_ready: int = 0
     launched: bool = False
@@ -42,17 +69,12 @@ class Bucket:
 
     @property
     def shard_size(self) -> int:
-        return self.numel // self.dp
+        return self.numel // self.comm.size
 
-    @property
-    def shard_offset(self) -> int:
-        """Where this bucket's piece starts in a rank's shard."""
-        return self.offset // self.dp
-
-    def own_range(self, rank: int) -> Tuple[int, int]:
-        """Global buffer range owned by dp rank ``rank``."""
+    def own_range(self) -> Tuple[int, int]:
+        """Global buffer range owned by this rank."""
         s = self.shard_size
-        return self.offset + rank * s, self.offset + (rank + 1) * s
+        return self.offset + self.comm.rank * s, self.offset + (self.comm.rank + 1) * s
 
 
 @dataclass
@@ -63,6 +85,7 @@ class Piece:
     param_end: int
     buf_start: int  # global flat-buffer index of param_start
     shard_start: int  # index of param_start in this rank's shard (== buf_start when not sharded)
+    comm: Comm = None
 
     @property
     def numel(self) -> int:
@@ -70,14 +93,14 @@ class Piece:
 
 
 class BufferLayout:
-    """Where every parameter lives in the flat buffer, and which pieces each dp rank owns."""
+    """Where every parameter lives in the flat buffer, and which pieces this rank owns."""
 
-    def __init__(self, bucket_params: Sequence[Sequence[torch.nn.Parameter]], dp: int):
-        self.dp = dp
+    def __init__(self, bucket_params: Sequence[Tuple[Sequence[torch.nn.Parameter], Comm]], sharded: bool):
+        self.sharded = sharded
         self.buckets: List[Bucket] = []
         self.index: Dict[torch.nn.Parameter, Tuple[int, int, int]] = {}  # param -> (start, end, bucket index)
-        offset = 0
-        for params in bucket_params:
+        offset = shard_offset = 0
+        for params, comm in bucket_params:
             params = list(params)
             if not params:
                 continue
@@ -88,27 +111,29 @@ class BufferLayout:
                 self.index[p] = (offset, offset + p.numel(), len(self.buckets))
                 offset += p.numel()
             unpadded = offset - start
-            numel = _round_up(unpadded, dp * ALIGN) if dp > 1 else unpadded
-            self.buckets.append(Bucket(len(self.buckets), params, start, numel, unpadded, dp))
+            numel = _round_up(unpadded, comm.size * ALIGN) if sharded and comm.size > 1 else unpadded
+            b = Bucket(len(self.buckets), params, start, numel, unpadded, comm, shard_offset if sharded else start)
+            self.buckets.append(b)
             offset = start + numel
+            shard_offset += b.shard_size if sharded else numel
         self.numel = offset
         self.numel_unpadded = sum(b.numel_unpadded for b in self.buckets)
-        self.shard_numel = offset // dp
+        self.shard_numel = shard_offset
 
     def bucket_of(self, p: torch.nn.Parameter) -> Bucket:
         return self.buckets[self.index[p][2]]
 
-    def pieces(self, rank: int, sharded: bool) -> List[Piece]:
-        """This rank's pieces in buffer order; every parameter whole when ``sharded`` is False."""
+    def pieces(self) -> List[Piece]:
+        """This rank's pieces in buffer order; every parameter whole when the layout is not sharded."""
         out = []
         for b in self.buckets:
-            lo, hi = b.own_range(rank) if sharded else (b.offset, b.offset + b.numel)
+            lo, hi = b.own_range() if self.sharded else (b.offset, b.offset + b.numel)
             for p in b.params:
                 s, e, _ = self.index[p]
                 a, z = max(s, lo), min(e, hi)
                 if a < z:
-                    shard = a - lo + b.shard_offset if sharded else a
-                    out.append(Piece(p, a - s, z - s, a, shard))
+                    shard = a - lo + b.shard_offset if self.sharded else a
+                    out.append(Piece(p, a - s, z - s, a, shard, b.comm))
         return out
 
 

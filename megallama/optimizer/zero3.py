@@ -119,7 +119,7 @@ class Zero3Params:
         self._empty = torch.empty(0, dtype=dtype, device=device)
         self._by_ptr = {}
         with torch.no_grad():
-            for pc in self.layout.pieces(self.rank, sharded=True):
+            for pc in self.layout.pieces():
                 flat = pc.param.data.view(-1)[pc.param_start:pc.param_end]
                 self.shard[pc.shard_start:pc.shard_start + pc.numel].copy_(flat)
         if self.dp == 1:  # nothing to shard: params are permanent views of the (full) shard buffer
@@ -268,7 +268,7 @@ class Zero3Params:
             raise ConfigError(f"model state dict does not match: missing {missing[:3]}, unexpected {unexpected[:3]}; "
                               "load a checkpoint of the same model and parallel layout (tp/pp)")
         with torch.no_grad():
-            for pc in self.layout.pieces(self.rank, sharded=True):
+            for pc in self.layout.pieces():
                 name = names[pc.param]
                 if name not in state_dict:
                     continue
