@@ -270,7 +270,8 @@ def main(argv=None) -> int:
             out = hf_to_megallama(args.hf_dir, args.output, args.model_name, dtype, _size(args.max_file_size))
             cfg = ModelConfig.from_dict(torch.load(os.path.join(out, "common.pt"), weights_only=True)["args"]
                                         ["model_config"])
-            print(f"wrote {out}\ntrain from it with: --load {args.output} (or --finetune) " + flags_for(cfg))
+            print(f"wrote {out}\ntrain from it with: --load {args.output} --use-checkpoint-args [--finetune]\n"
+                  f"(or name the shape yourself: {flags_for(cfg)})")
         else:
             out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size))
             print(f"wrote {out}")
