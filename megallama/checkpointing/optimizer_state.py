@@ -96,7 +96,7 @@ def load_optimizer_states(optimizer, model_chunks, read: ReadFn, scalars: dict, 
         for key, e in own["pieces"].items():
             ci, name = key.split("/", 1)
             p, cname = params[int(ci)][name], canonical_name(name)
-            entry = {k: e[k] for k in ("start", "end", "numel", "shape")}
+            entry = {k: v for k, v in e.items() if k in ("start", "end", "numel", "shape", "ep_rank")}
             local = torch.empty(e["shape"], dtype=torch.float32)
             for k in ("master",) + (_MOMENTS if step > 0 else ()):
                 if not read(state_name(k, cname), local, p):
