@@ -31,33 +31,9 @@ import torch.nn as nn
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
-                                                       reduce_scatter_tensor)
+                                                       needs_own_bucket, reduce_scatter_tensor)
 
 MAX_PENDING_REDUCTIONS = 2  # stage 2/3: staging buffers in flight before the oldest is waited for
-
-
-def _is_shared_across_stages(module: nn.Module, p: nn.Parameter) -> bool:
-    """The tied embedding/output pair that lives on two pipeline stages; its grads are summed over the embedding
-    group, which needs the same in-bucket layout on both stages: it gets a bucket of its own."""
-    if getattr(p, "shared_embedding", False) or getattr(p, "shared", False):
-        return True
-    if getattr(module, "share_embeddings", False) and getattr(module, "pre_process", True) \
-            and not getattr(module, "post_process", True):
-        emb = getattr(getattr(module, "model", None), "embed_tokens", None)
-        return emb is not None and p is emb.weight
-    return False
-
-
-def params_used_outside_their_module(module: nn.Module) -> set:
-    """Parameters read by code outside their owning module's forward (Llama's ``compute_logits`` uses the output
-    layer weight directly): per-module hooks cannot see those uses."""
-    out = set()
-    if hasattr(module, "output_layer_weight"):
-        try:
-            out.add(module.output_layer_weight())
-        except (AttributeError, RuntimeError):
-            pass
-    return out
 
 
 def _prepare_average(data: torch.Tensor, comm: Comm):
@@ -122,7 +98,7 @@ class DistributedDataParallel(nn.Module):
             bucket_params = ([root.params] if root is not None else []) + [u.params for u in reversed(units)]
             buckets = [(bp, self.comm) for bp in bucket_params]
         else:
-            shared = lambda p: self.dp_size > 1 and _is_shared_across_stages(module, p)  # noqa: E731
+            shared = lambda p: self.dp_size > 1 and needs_own_bucket(module, p)  # noqa: E731
             buckets = [(bp, self.comm) for bp in bucketize(list(reversed(dense)), bucket_size, shared)]
             buckets += [(bp, self.expert_comm) for bp in bucketize(list(reversed(expert)), bucket_size)]
         # Stage 0 never shards, so its buckets need no dp padding.

@@ -155,3 +155,15 @@ def bucketize(params: Sequence[torch.nn.Parameter], bucket_size: int,
     if cur:
         buckets.append(cur)
     return buckets
+
+
+def needs_own_bucket(module: torch.nn.Module, p: torch.nn.Parameter) -> bool:
+    """The tied embedding/output pair that lives on two pipeline stages; its grads are summed over the embedding
+    group, which needs the same in-bucket layout on both stages: it gets a bucket of its own."""
+    if getattr(p, "shared_embedding", False) or getattr(p, "shared", False):
+        return True
+    if getattr(module, "share_embeddings", False) and getattr(module, "pre_process", True) \
+            and not getattr(module, "post_process", True):
+        emb = getattr(getattr(module, "model", None), "embed_tokens", None)
+        return emb is not None and p is emb.weight
+    return False

@@ -43,6 +43,18 @@ class Unit:
         return f"Unit({self.name}, {sum(p.numel() for p in self.params)} params)"
 
 
+def params_used_outside_their_module(module: nn.Module) -> set:
+    """Parameters read by code outside their owning module's forward (Llama's ``compute_logits`` uses the output
+    layer weight directly): per-module hooks cannot see those uses."""
+    out = set()
+    if hasattr(module, "output_layer_weight"):
+        try:
+            out.add(module.output_layer_weight())
+        except (AttributeError, RuntimeError):
+            pass
+    return out
+
+
 def build_units(module: nn.Module, params: List[nn.Parameter]) -> Tuple[List[Unit], Optional[Unit]]:
     """Units in forward order plus the root unit (None when empty). Llama: embedding, layers, norm, head (the
     head's weight is read by ``compute_logits``, so it is root); any other module: the children of every
@@ -62,7 +74,6 @@ def build_units(module: nn.Module, params: List[nn.Parameter]) -> Tuple[List[Uni
         for name, m in module.named_modules():
             if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
                 named += [(f"{name}.{k}" if name else k, c) for k, c in m.named_children()]
-    from megallama.optimizer.distributed import params_used_outside_their_module
     shared = params_used_outside_their_module(module)
     units, taken, root_params, root_modules = [], set(), [], []
     for name, m in named:
