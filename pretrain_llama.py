@@ -3,6 +3,7 @@
 
 Megatron-LM flag names (see ``megallama/arguments.py``); any user mistake prints one line and exits 2.
 """
+import os
 import sys
 
 from megallama.errors import ConfigError
@@ -15,7 +16,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         pretrain(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
