@@ -121,7 +121,12 @@ def _add_parallel(p):
     g.add_argument("--moe-upcycle", action="store_true", help="start every expert as a copy of the dense MLP "
                    "(default with --pretrained-checkpoint)")
     g.add_argument("--gradient-compression", nargs="?", const="powersgd", default="none",
-                   choices=["none", "powersgd", "onebit", "topk"])
+                   choices=["none", "powersgd", "onebit", "topk"], help="compress the data-parallel gradient "
+                   "all-reduce (error feedback; ZeRO 0/1): PowerSGD low rank, 1-bit Adam, or top-k")
+    g.add_argument("--gradient-compression-rank", type=int, default=4, help="PowerSGD rank")
+    g.add_argument("--topk-ratio", type=float, default=0.01, help="top-k: fraction of gradient entries sent")
+    g.add_argument("--compression-warmup-steps", type=int, default=None, help="exact (uncompressed) steps "
+                   "first; 1-bit Adam estimates its variance in them (default: 10%% of --train-iters)")
 
 
 def _add_data(p):

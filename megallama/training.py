@@ -20,6 +20,7 @@ from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, fl
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
+from megallama.optimizer.compression import compression_report, format_compression_report
 from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
@@ -171,7 +172,12 @@ def pretrain(args) -> dict:
                     "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     "skipped iterations": total_skipped}
             moe = get_moe_stats().report()  # tokens/expert histogram and aux losses since the last log
-            print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else ""))
+            comm = compression_report(model_chunks)  # gradient compression: bytes sent since the last log
+            print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
+                         + (" " + format_compression_report(comm) if comm else ""))
+            if comm:
+                logger.scalars(step, {"comm/grad_bytes_per_step": comm["bytes_per_step"],
+                                      "comm/compression_ratio": comm["compression_ratio"]})
             if moe:
                 logger.scalars(step, {"moe/aux_loss": moe["aux_loss"], "moe/z_loss": moe["z_loss"],
                                       "moe/max_load": moe["max_load"]})

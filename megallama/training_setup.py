@@ -154,6 +154,8 @@ def configure_recompute(model, args) -> None:
 
 def setup_model_and_optimizer(args, device):
     from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
+    from megallama.optimizer.compression import attach_gradient_compression, config_from_args
+    compression = config_from_args(args)  # bad compression flags fail before anything is built
     chunks = build_model_chunks(args, device)
     n_local = sum(p.numel() for m in chunks for p in m.parameters())
     print_rank_0(f"rank 0 holds {_human(n_local)} parameters ({ps.get_grid_summary()}, zero stage {args.zero_stage})")
@@ -167,7 +169,9 @@ def setup_model_and_optimizer(args, device):
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
                           bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args),
                           loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale)
-    return wrapped, get_megatron_optimizer(cfg, wrapped)
+    optimizer = get_megatron_optimizer(cfg, wrapped)
+    attach_gradient_compression(wrapped, optimizer, compression)
+    return wrapped, optimizer
 
 
 def dry_run_report(args) -> str:

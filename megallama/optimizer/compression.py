@@ -1,0 +1,300 @@
+"""Gradient compression as the data-parallel communication path (``--gradient-compression``).
+
+A compressor is a DDP comm hook (``DistributedDataParallel.register_comm_hook``): called once per bucket per step
+with the bucket's local gradient, it leaves the (approximate) dp average there, the same on every rank. ZeRO-1 works
+unchanged: the whole bucket is averaged and each rank's optimizer reads its shard. Every compressor keeps error
+feedback (what a step's message leaves out is added to the next step's input, so the sum of what was sent tracks
+the sum of the gradients), which is what lets it converge like uncompressed training, and runs exact (DDP's own
+collective) for ``warmup_steps`` optimizer steps first.
+
+* ``powersgd`` (Vogels et al. 2019): each >= 2-D gradient M (+ error) becomes P Q^T of rank r: P = M Q, all-reduce,
+  orthonormalise, Q = M^T P, all-reduce; Q is the next step's start (warm start). Matrices of one shape are
+  batched; tensors that low rank would not shrink (1-D norms) ride in the P all-reduce as they are.
+* ``topk``: the k = ratio * n largest entries of gradient + error (csrc top-k kernel), all-gathered as
+  (fp32 value, int32 index) pairs and summed.
+* ``onebit``: 1-bit Adam with 0/1 Adam's variance refresh, see compression_onebit.py.
+
+Bytes are counted as one rank sends them in bandwidth-optimal collectives (all-reduce 2(N-1)/N of the buffer,
+all-gather (N-1) x its part, all-to-all and reduce-scatter (N-1)/N); the ratio is to what DDP sends for the same
+bucket (all-reduce at stage 0, reduce-scatter at stage 1, so at ZeRO-1 a compressed all-reduce saves half as much).
+Not supported: ZeRO-2/3 (buckets are reduce-scattered as backward produces them and only a shard is kept: there is
+no whole gradient to compress, nor room for a whole error buffer) and --fp16 (a changing loss scale corrupts the
+error memories). Compressor state (errors, Q) is not checkpointed: a resumed run starts it from zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.ops import compression as kernels
+from megallama.optimizer.param_and_grad_buffer import all_gather_into_tensor
+
+METHODS = ("none", "powersgd", "onebit", "topk")
+
+
+@dataclass
+class CompressionConfig:
+    method: str = "none"
+    rank: int = 4  # PowerSGD rank r
+    topk_ratio: float = 0.01  # fraction of each bucket's entries top-k sends
+    warmup_steps: int = 0  # exact optimizer steps first (1-bit Adam: the variance warm-up, >= 1)
+    chunk_size: int = kernels.DEFAULT_CHUNK_SIZE  # 1-bit: elements per fp32 scale
+    variance_refresh: bool = True  # 1-bit: exact steps at warmup + 2^j refresh the frozen variance (0/1 Adam)
+    seed: int = 0  # PowerSGD: the initial Q (the same on every rank)
+
+    def validate(self) -> "CompressionConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"--gradient-compression {self.method} is not one of {', '.join(METHODS)}")
+        if self.rank < 1:
+            raise ConfigError(f"--gradient-compression-rank {self.rank} must be >= 1 (the PowerSGD rank)")
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise ConfigError(f"--topk-ratio {self.topk_ratio} must be in (0, 1] (the fraction of entries sent)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--compression-warmup-steps {self.warmup_steps} must be >= 0")
+        if self.method == "onebit" and self.warmup_steps < 1:
+            raise ConfigError("--gradient-compression onebit needs --compression-warmup-steps >= 1: 1-bit Adam "
+                              "freezes the variance estimated in the exact warm-up")
+        if self.chunk_size <= 0 or self.chunk_size % 8:
+            raise ConfigError(f"1-bit chunk size {self.chunk_size} must be a positive multiple of 8")
+        return self
+
+
+def config_from_args(args) -> CompressionConfig:
+    """The compression flags, checked against the rest of the run (ZeRO stage, fp16) before anything is built.
+    The warm-up defaults to 10% of --train-iters (at least 1)."""
+    method = getattr(args, "gradient_compression", None) or "none"
+    warmup = getattr(args, "compression_warmup_steps", None)
+    if warmup is None:
+        warmup = max(1, (getattr(args, "train_iters", None) or 1000) // 10)
+    cfg = CompressionConfig(method=method, rank=getattr(args, "gradient_compression_rank", 4),
+                            topk_ratio=getattr(args, "topk_ratio", 0.01), warmup_steps=warmup,
+                            seed=getattr(args, "seed", 0) or 0).validate()
+    if method != "none":
+        stage = getattr(args, "zero_stage", 0) or 0
+        if stage >= 2:
+            raise ConfigError(f"--gradient-compression {method} does not work with --zero-stage {stage} (its "
+                              "gradients are reduce-scattered bucket by bucket, never held whole); use --zero-stage "
+                              "0 or 1")
+        if getattr(args, "fp16", False):
+            raise ConfigError(f"--gradient-compression {method} does not work with --fp16 (a changing loss scale "
+                              "corrupts the error-feedback memory); use --bf16")
+    return cfg
+
+
+def collective_bytes(kind: str, nbytes: float, world: int) -> float:
+    """Bytes one rank sends in a bandwidth-optimal (ring) collective; ``nbytes``: its buffer (all_gather: its part)."""
+    if world <= 1:
+        return 0.0
+    return {"all_reduce": 2.0 * (world - 1) / world * nbytes, "all_gather": float(world - 1) * nbytes,
+            "all_to_all": (world - 1) / world * nbytes, "reduce_scatter": (world - 1) / world * nbytes}[kind]
+
+
+class CommStats:
+    """Bytes this rank sent for gradients, and what plain DDP would have sent, since the last report."""
+
+    def __init__(self):
+        self.sent = self.baseline = 0.0
+        self.steps = 0
+
+    def report(self, reset: bool = True) -> Optional[dict]:
+        if not self.steps:
+            return None
+        out = {"bytes_per_step": self.sent / self.steps, "baseline_bytes_per_step": self.baseline / self.steps,
+               "compression_ratio": self.baseline / self.sent if self.sent else float("inf"), "steps": self.steps}
+        if reset:
+            self.sent = self.baseline = 0.0
+            self.steps = 0
+        return out
+
+
+class GradientCompressor:
+    """Base comm hook: the exact/compressed switch, state per bucket, skipped-step reset, counted collectives."""
+
+    reset_after_exact = False  # drop the state after an exact step (1-bit re-reads the optimizer's moments)
+
+    def __init__(self, ddp, config: CompressionConfig, optimizer=None):
+        self.ddp, self.config, self.optimizer = ddp, config, optimizer
+        self.group, self.world = ddp.dp_group, ddp.dp_size
+        self.stats = CommStats()
+        self.state: Dict[int, dict] = {}  # bucket index -> compressor state
+        self._calls: Dict[int, int] = {}
+        self._last_step: Dict[int, int] = {}
+
+    def __call__(self, bucket, data: torch.Tensor) -> bool:
+        """Average ``data`` (this rank's bucket gradient) over dp in place; False: an exact step, DDP does it."""
+        kind = "all_reduce" if self.ddp.zero_stage == 0 else "reduce_scatter"
+        baseline = collective_bytes(kind, bucket.numel * data.element_size(), self.world)
+        self.stats.baseline += baseline
+        self.stats.steps += bucket.index == 0
+        # The step count decides exact vs compressed; the optimizer's counts successful steps only.
+        step = self.optimizer.num_steps if self.optimizer is not None else self._calls.get(bucket.index, 0)
+        self._calls[bucket.index] = self._calls.get(bucket.index, 0) + 1
+        if self.exact_step(step):
+            self.stats.sent += baseline
+            if self.reset_after_exact:
+                self.state.pop(bucket.index, None)
+            return False
+        if self._last_step.get(bucket.index) == step:  # the last step was skipped (non-finite): start afresh
+            self.state.pop(bucket.index, None)
+        self._last_step[bucket.index] = step
+        with torch.no_grad():
+            if bucket.index not in self.state:
+                self.state[bucket.index] = self.init_state(bucket, data)
+            self.compress(bucket, data, self.state[bucket.index])
+        return True
+
+    def exact_step(self, step: int) -> bool:
+        return step < self.config.warmup_steps
+
+    def init_state(self, bucket, data: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def compress(self, bucket, data: torch.Tensor, st: dict) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ counted collectives
+    def all_reduce_mean(self, t: torch.Tensor) -> None:
+        self.stats.sent += collective_bytes("all_reduce", t.numel() * t.element_size(), self.world)
+        dist.all_reduce(t, group=self.group)
+        t.div_(self.world)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[world, *t.shape]: every rank's t."""
+        self.stats.sent += collective_bytes("all_gather", t.numel() * t.element_size(), self.world)
+        out = t.new_empty((self.world,) + tuple(t.shape))
+        all_gather_into_tensor(out.view(-1), t.contiguous().view(-1), group=self.group)
+        return out
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Row j of t [world, m] goes to rank j; row i of the result came from rank i."""
+        self.stats.sent += collective_bytes("all_to_all", t.numel() * t.element_size(), self.world)
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
+        return out
+
+    def param_views(self, bucket):
+        """(offset in the bucket, shape) of each parameter of the bucket, in buffer order."""
+        return sorted((self.ddp.layout.index[p][0] - bucket.offset, tuple(self.ddp.shapes[p]))
+                      for p in bucket.params)
+
+
+class PowerSGDCompressor(GradientCompressor):
+    def init_state(self, bucket, data):
+        groups: Dict[tuple, List[int]] = {}
+        dense = []
+        for off, shape in self.param_views(bucket):
+            n = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 1
+            cols = n // max(rows, 1)
+            r = min(self.config.rank, rows, cols)
+            if len(shape) >= 2 and r * (rows + cols) < rows * cols:
+                groups.setdefault((rows, cols, r), []).append(off)
+            elif n:
+                dense.append((off, n))
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + bucket.index)
+        out = []
+        for (rows, cols, r), offs in sorted(groups.items()):
+            out.append({"offs": offs, "rows": rows, "cols": cols,
+                        "q": torch.randn(len(offs), cols, r, generator=gen).to(data.device),
+                        "error": torch.zeros(len(offs), rows, cols, device=data.device)})
+        return {"groups": out, "dense": dense}
+
+    @staticmethod
+    def _views(data, g):
+        return [data[o:o + g["rows"] * g["cols"]].view(g["rows"], g["cols"]) for o in g["offs"]]
+
+    def compress(self, bucket, data, st):
+        groups = st["groups"]
+        mats = [torch.stack(self._views(data, g)).float().add_(g["error"]) for g in groups]  # M = G + error
+        ps_ = [torch.bmm(m, g["q"]) for m, g in zip(mats, groups)]  # P = M Q
+        flat = torch.cat([p.reshape(-1) for p in ps_] + [data[o:o + n].float() for o, n in st["dense"]])
+        if flat.numel():
+            self.all_reduce_mean(flat)
+        off = 0
+        for i, p in enumerate(ps_):  # orthonormal columns; the same on every rank (same input, same kernel)
+            ps_[i] = torch.linalg.qr(flat[off:off + p.numel()].view_as(p)).Q
+            off += p.numel()
+        for o, n in st["dense"]:
+            data[o:o + n].copy_(flat[off:off + n])
+            off += n
+        if not mats:
+            return
+        qs = torch.cat([torch.bmm(m.transpose(1, 2), p).reshape(-1) for m, p in zip(mats, ps_)])  # Q = M^T P
+        self.all_reduce_mean(qs)
+        off = 0
+        for m, p, g in zip(mats, ps_, groups):
+            q = qs[off:off + g["q"].numel()].view_as(g["q"])
+            off += q.numel()
+            approx = torch.bmm(p, q.transpose(1, 2))
+            torch.sub(m, approx, out=g["error"])
+            g["q"] = q.clone()  # warm start
+            for v, a in zip(self._views(data, g), approx):
+                v.copy_(a)
+
+
+class TopKCompressor(GradientCompressor):
+    def init_state(self, bucket, data):
+        k = max(1, math.ceil(self.config.topk_ratio * bucket.numel_unpadded))
+        return {"k": min(k, bucket.numel), "error": torch.zeros(bucket.numel, device=data.device)}
+
+    def compress(self, bucket, data, st):
+        values, indices = kernels.topk_pack(data, st["error"], st["k"])
+        got = self.all_gather(torch.cat([values.view(torch.int32), indices])).view(self.world, 2, -1)
+        data.copy_(kernels.topk_unpack(got[:, 0].contiguous().view(torch.float32), got[:, 1].contiguous(),
+                                       bucket.numel, 1.0 / self.world))
+
+
+def _compressor_class(method: str):
+    if method == "onebit":
+        from megallama.optimizer.compression_onebit import OneBitCompressor
+        return OneBitCompressor
+    return {"powersgd": PowerSGDCompressor, "topk": TopKCompressor}[method]
+
+
+def attach_gradient_compression(model_chunks, optimizer, config: CompressionConfig) -> List[GradientCompressor]:
+    """Register the compressor as the comm hook of every DDP chunk (1-bit also swaps the optimizer's AdamW for
+    ``OneBitAdamW``). Nothing to do for ``none`` or without data parallelism. Returns the compressors."""
+    config.validate()
+    if config.method == "none":
+        return []
+    for ddp in model_chunks:
+        if ddp.zero_stage >= 2:
+            raise ConfigError(f"--gradient-compression {config.method} does not work with --zero-stage "
+                              f"{ddp.zero_stage}; use --zero-stage 0 or 1")
+    if all(ddp.dp_size == 1 for ddp in model_chunks):
+        return []
+    if config.method == "onebit":
+        from megallama.optimizer.compression_onebit import install_onebit_adam
+        install_onebit_adam(optimizer, config.warmup_steps, config.variance_refresh)
+    cls = _compressor_class(config.method)
+    comps = []
+    for ddp in model_chunks:
+        comp = cls(ddp, config, optimizer)
+        ddp.register_comm_hook(comp)
+        comps.append(comp)
+    return comps
+
+
+def compression_report(model_chunks, reset: bool = True) -> Optional[dict]:
+    """This rank's gradient bytes per step since the last report, and the ratio to plain DDP (None: no hooks)."""
+    reps = [m.comm_hook.stats.report(reset) for m in model_chunks
+            if isinstance(getattr(m, "comm_hook", None), GradientCompressor)]
+    reps = [r for r in reps if r]
+    if not reps:
+        return None
+    sent = sum(r["bytes_per_step"] for r in reps)
+    base = sum(r["baseline_bytes_per_step"] for r in reps)
+    return {"bytes_per_step": sent, "baseline_bytes_per_step": base,
+            "compression_ratio": base / sent if sent else float("inf")}
+
+
+def format_compression_report(rep: Optional[dict]) -> str:
+    """The log-line fragment: 'grad comm MB/step: X | compression ratio: Yx |' (empty without compression)."""
+    if not rep:
+        return ""
+    return f"grad comm MB/step: {rep['bytes_per_step'] / 1e6:.4f} | compression ratio: {rep['compression_ratio']:.1f}x |"
