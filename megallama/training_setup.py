@@ -122,12 +122,6 @@ def apply_training_strategy(chunks, args) -> None:
         as_saved = argparse.Namespace(**vars(args))
         as_saved.model_config = args.model_config.replace(num_experts=saved.get("num_experts", 0) or 0)
         load_checkpoint(pretrained, chunks, None, as_saved, finetune=True)
-    if ps.get_expert_model_parallel_world_size() > 1 and ps.get_data_parallel_world_size() > 1:
-        from megallama.optimizer.distributed import DistributedDataParallel
-        if not getattr(DistributedDataParallel, "supports_expert_parallel", False):
-            raise ConfigError(f"--expert-model-parallel-size {ps.get_expert_model_parallel_world_size()} needs "
-                              "expert-aware gradient reduction (expert grads over the expert-data-parallel group), "
-                              "which the DDP/ZeRO wrapper does not do yet; use --expert-model-parallel-size 1")
     if active and not (pretrained and saved_moe):
         apply_strategy(chunks, strategy, seed=args.seed,
                        upcycle=bool(getattr(args, "moe_upcycle", False) or pretrained))

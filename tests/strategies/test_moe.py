@@ -226,4 +226,7 @@ def test_strategy_flags_one_line_errors():
     with pytest.raises(ConfigError, match="--lora-target-modules lm_head"):
         parse_args(base + ["--strategy", "lora", "--lora-target-modules", "q_proj,lm_head"], world_size=1)
     a = parse_args(base + ["--strategy", "hybrid", "--num-experts", "4", "--lora-rank", "4"], world_size=1)
-    assert a.model_config.num_experts == 4 and a.model_config.moe_layers == [0, 1]
+    assert a.model_config.num_experts == 4 and a.model_config.moe_layers == [0, 1] and not a.chat_template
+    inst = parse_args(["--model", "llama3_8b_instruct", "--seq-length", "64"], world_size=1)  # chat template on
+    assert inst.chat_template and inst.model_config.num_params() == parse_args(
+        ["--model", "llama3_8b", "--seq-length", "64"], world_size=1).model_config.num_params()
