@@ -18,7 +18,9 @@ An adapted layer keeps its base parameter under the same name (``q_proj.weight``
 that reads ``layer.weight`` directly instead of calling the layer (the fused q/k/v and gate/up path in
 ``mpu.layers.column_parallel_linears``) gets the effective weight ``W + (alpha/r) B A`` as a differentiable
 tensor: exact, but it computes the full weight gradient and cannot apply ``lora_dropout``. A fused path that
-wants the cheap adapter path calls ``layer.adapter_forward(x)`` and uses ``layer.base_weight``.
+wants the cheap adapter path calls ``layer.adapter_forward(x)`` and uses ``layer.base_weight`` when
+``layer.lora_active``. (With bf16 weights the effective weight also rounds away adapter updates smaller than
+half a bf16 ulp of W, which the separate adapter path keeps.)
 """
 from __future__ import annotations
 
@@ -83,6 +85,11 @@ class _LoRAMixin:
     @property
     def base_weight(self) -> nn.Parameter:
         return self._parameters["weight"]
+
+    @property
+    def lora_active(self) -> bool:
+        """True while the adapter is separate: a fused path then uses ``base_weight`` + ``adapter_forward(x)``."""
+        return not self.merged
 
     @property
     def weight(self) -> torch.Tensor:
