@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void onebit_unpack_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales,
                                      float* __restrict__ out, int64_t rows, int64_t n, int64_t chunk, float alpha) {
   const int64_t nbytes = (n + 7) / 8, nchunks = (n + chunk - 1) / chunk;
+  const bool narrow = n < (int64_t(1) << 32) && chunk < (int64_t(1) << 32);  // 32-bit division is much cheaper
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = i >> 3, c = i / chunk;
+    const int64_t j = i >> 3, c = narrow ? int64_t(uint32_t(i) / uint32_t(chunk)) : i / chunk;
     const int b = int(i & 7);
     float acc = 0.f;
     for (int64_t r = 0; r < rows; ++r) {

@@ -297,4 +297,5 @@ def format_compression_report(rep: Optional[dict]) -> str:
     """The log-line fragment: 'grad comm MB/step: X | compression ratio: Yx |' (empty without compression)."""
     if not rep:
         return ""
-    return f"grad comm MB/step: {rep['bytes_per_step'] / 1e6:.4f} | compression ratio: {rep['compression_ratio']:.1f}x |"
+    mb, ratio = rep["bytes_per_step"] / 1e6, rep["compression_ratio"]
+    return f"grad comm MB/step: {mb:.4f} | compression ratio: {ratio:.1f}x |"

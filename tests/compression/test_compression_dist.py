@@ -17,9 +17,8 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from compression_harness import CFG, GLOBAL_BATCH, batch, make, train
+from compression_harness import GLOBAL_BATCH, batch, make, train
 from dist_utils import run_distributed
 from megallama.errors import ConfigError
 from megallama.optimizer.compression import CompressionConfig, collective_bytes, config_from_args
