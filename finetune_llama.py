@@ -58,14 +58,9 @@ def prepare_finetune_args(args):
 
 def main(argv=None) -> int:
     from megallama.arguments import parse_args
+    from megallama.initialize import run_script
     from megallama.training import pretrain
-    try:
-        args = prepare_finetune_args(parse_args(argv))
-        pretrain(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: pretrain(prepare_finetune_args(parse_args(argv))))
 
 
 if __name__ == "__main__":

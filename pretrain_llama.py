@@ -3,23 +3,14 @@
 
 Megatron-LM flag names (see ``megallama/arguments.py``); any user mistake prints one line and exits 2.
 """
-import os
 import sys
-
-from megallama.errors import ConfigError
 
 
 def main(argv=None) -> int:
     from megallama.arguments import parse_args
+    from megallama.initialize import run_script
     from megallama.training import pretrain
-    try:
-        args = parse_args(argv)
-        pretrain(args)
-    except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(lambda: pretrain(parse_args(argv)))
 
 
 if __name__ == "__main__":

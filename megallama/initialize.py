@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from datetime import timedelta
 
 import numpy as np
@@ -65,6 +66,28 @@ def set_seed(seed: int) -> None:
         model_parallel_seed(seed)
     except Exception:  # pragma: no cover - tracker is optional for the loop
         pass
+
+
+def shutdown_distributed() -> None:
+    """Tear the groups down before the interpreter does: gloo's worker threads still holding work at
+    finalisation abort the process (``terminate called without an active exception``) after a good run."""
+    if dist.is_initialized():
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_script(body) -> int:
+    """The scripts' ``main``: run ``body()``, print a user mistake as one line from rank 0 (exit 2), and always
+    leave the process group cleanly."""
+    try:
+        body()
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
 
 
 def is_rank_0() -> bool:
