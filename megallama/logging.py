@@ -1,4 +1,5 @@
-"""Training logs: one Megatron-style line per interval, a progress bar, TensorBoard and (optional) W&B scalars.
+"""Training logs: one Megatron-style line per interval, TensorBoard and (optional) W&B scalars (the progress bar is
+megallama/progress.py).
 
 Throughput figures follow the project's convention: FLOPs/token = 6 * (matmul params incl. the output layer)
 + 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s).
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Optional
 
 import torch
@@ -31,31 +31,6 @@ def flops_per_token(cfg, seq_length: int) -> float:
     kv = cfg.num_query_groups * cfg.head_dim
     matmul = L * (2 * h * h + 2 * h * kv + 3 * h * f) + cfg.vocab_size * h
     return 6.0 * matmul + 12.0 * L * h * seq_length
-
-
-class ProgressBar:
-    """A dependency-free bar on stderr; redraws in place on a terminal, prints every 10 % otherwise."""
-
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, width: int = 30):
-        self.total, self.enabled, self.width = total, enabled, width
-        self.tty = sys.stderr.isatty()
-        self.t0, self.start, self.last_decile = time.time(), start, -1
-
-    def update(self, n: int, postfix: str = "") -> None:
-        if not self.enabled or self.total <= 0:
-            return
-        frac = n / self.total
-        done = n - self.start
-        eta = (time.time() - self.t0) / done * (self.total - n) if done > 0 else 0.0
-        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
-        line = f"[{bar}] {n}/{self.total} {frac * 100:5.1f}% eta {int(eta) // 60}m{int(eta) % 60:02d}s {postfix}"
-        if self.tty:
-            sys.stderr.write("\r\033[K" + line + ("\n" if n >= self.total else ""))
-            sys.stderr.flush()
-        elif int(frac * 10) != self.last_decile or n >= self.total:
-            self.last_decile = int(frac * 10)
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
 
 
 class TrainingLogger:

@@ -16,11 +16,12 @@ import torch.distributed as dist
 from megallama.checkpointing import check_writable, load_checkpoint, save_checkpoint
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
-from megallama.logging import ProgressBar, TrainingLogger, device_peak_flops, flops_per_token, format_log_line
+from megallama.logging import TrainingLogger, device_peak_flops, flops_per_token, format_log_line
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer.compression import compression_report, format_compression_report
+from megallama.progress import ProgressBar
 from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)

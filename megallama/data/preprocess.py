@@ -12,46 +12,15 @@ import gzip
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 
 import numpy as np
 
 from megallama.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path, optimal_dtype
 from megallama.errors import ConfigError
+from megallama.progress import ProgressBar
 
 _CHUNK_LINES = 64
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a few plain lines otherwise)."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
-        self.label, self.total, self.enabled = label, max(total, 1), enabled
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.t0 = self.last = time.time()
-        self.last_pct = -1
-
-    def update(self, done: int, extra: str = "") -> None:
-        if not self.enabled:
-            return
-        now, pct = time.time(), min(100, int(100 * done / self.total))
-        if self.tty and now - self.last < 0.1 and pct < 100:
-            return
-        if not self.tty and pct // 25 == self.last_pct // 25:
-            return
-        self.last, self.last_pct = now, pct
-        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        rate = done / max(now - self.t0, 1e-9) / 1e6
-        line = f"{self.label}: {pct:3d}% [{bar}] {done / 1e6:.1f}/{self.total / 1e6:.1f} MB {rate:.1f} MB/s {extra}"
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        self.stream.flush()
-
-    def close(self, summary: str) -> None:
-        if self.enabled:
-            self.stream.write(("\r" if self.tty else "") + f"{self.label}: {summary}\n")
-            self.stream.flush()
 
 
 def _open_text(path: str):
@@ -141,7 +110,8 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
     builders = {k: IndexedDatasetBuilder(get_bin_path(p) + tag, dtype) for k, p in prefixes.items()}
     stream, raw, size = _open_text(input)
     done = 0
-    bar = ProgressBar(f"tokenizing {os.path.basename(input)}", size, enabled=progress)
+    bar = ProgressBar(size, enabled=progress, label=f"tokenizing {os.path.basename(input)}", unit="MB", scale=1e6,
+                      every=25)
     pool = None
     counts = {k: [0, 0] for k in json_keys}  # documents, tokens
     try:
