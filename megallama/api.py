@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import List, Optional
 
+from megallama.autoconfig import detect_gpu_memory_gb
 from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
 from megallama.memory import estimate_requirements  # noqa: F401  (re-exported face)
@@ -191,7 +192,7 @@ class LlamaTrainingOrchestrator:
                                                                  sequence_length=sequence_length)
         if sequence_length and training_config is not None:
             self.training_config = replace(self.training_config, sequence_length=sequence_length)
-        self.gpu_memory_gb = gpu_memory_gb or _gpu_memory_gb()
+        self.gpu_memory_gb = gpu_memory_gb or detect_gpu_memory_gb()
         self.extra_args = list(extra_args or [])
         self.plan = None
         if distributed_config is not None:
@@ -317,16 +318,6 @@ def _pretrain(args, datasets=None) -> dict:
         return training.pretrain(args)
     finally:
         training.build_data = original
-
-
-def _gpu_memory_gb() -> float:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory / 2**30
-    except Exception:  # noqa: BLE001
-        pass
-    return 80.0
 
 
 # ---------------------------------------------------------------- the seed's constructors

@@ -67,6 +67,11 @@ def _add_training(p):
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive iterations skipped for NaN/inf")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--auto-configure", action="store_true", help="choose tp/pp/dp, ZeRO stage, recompute and "
+                   "micro-batch for the model, world size and GPU memory (megallama/autoconfig.py); explained on "
+                   "rank 0. With --dry-run and --gpus/--nodes it plans from one process and exits")
+    g.add_argument("--gpu-memory-gb", type=float, default=None, help="GiB per GPU for --auto-configure (default: "
+                   "the visible GPU's, else 80)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--strategy", choices=["standard", "moe", "lora", "hybrid"], default="standard",
                    help="moe: sparse MLPs (--num-experts ...); lora: adapters on a frozen base; hybrid: both")
@@ -186,7 +191,6 @@ def _derive(args, world_size: int):
         args.recompute_granularity = "full"
     if args.use_distributed_optimizer and args.zero_stage is None:
         args.zero_stage = 1
-    args.zero_stage = args.zero_stage or 0
     overrides = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                      num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
                      max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
@@ -216,6 +220,10 @@ def _derive(args, world_size: int):
     if args.seq_length > ctx:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds {args.model}'s context of {ctx} tokens; use "
                           f"--seq-length <= {ctx} or raise --max-position-embeddings")
+    if args.auto_configure:  # fills in the layout flags below as if typed (the user's fixed ZeRO stage kept)
+        from megallama.autoconfig_args import apply_auto_configure
+        world_size = args.world_size = apply_auto_configure(args, world_size)
+    args.zero_stage = args.zero_stage or 0
     if args.context_parallel_size > 1:
         from megallama.mpu.context_parallel import check_sequence_length
         check_sequence_length(args.seq_length, args.context_parallel_size)

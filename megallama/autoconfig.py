@@ -67,12 +67,13 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
                   sequence_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
                   global_batch_size: Optional[int] = None, precision: str = "bf16", strategy: str = "standard",
                   gpus_per_node: int = 8, zero_stages=(0, 1, 2, 3), safety_margin: float = 0.05,
-                  explain: bool = True, **estimate_kw) -> Optional[dict]:
+                  explain: bool = True, recomputes=("none", "selective", "full"), **estimate_kw) -> Optional[dict]:
     """The best layout that fits, as a dict (tp, pp, dp, zero_stage, recompute, micro_batch_size,
     num_microbatches, sequence_parallel, score, estimate, explanation), or None if none does.
 
     ``micro_batch_size`` fixes the micro-batch (else 1..32 are tried); ``global_batch_size`` fixes the number of
-    microbatches (else 4 per pipeline stage, as the seed advises). A layout fits when its estimate leaves
+    microbatches (else 4 per pipeline stage, as the seed advises); ``zero_stages`` and ``recomputes`` limit the
+    search to what the user fixed. A layout fits when its estimate leaves
     ``safety_margin`` of the GPU free. With ``explain`` the reasoning is in plan['explanation'] (printed when
     nothing fits)."""
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model)
@@ -83,8 +84,7 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     nodes = max(1, num_gpus // gpus_per_node) if num_gpus % gpus_per_node == 0 else 1
     per_node = num_gpus // nodes
     rows = []
-    for tp, pp, dp, zero, rec, mb in _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages,
-                                                ("none", "selective", "full")):
+    for tp, pp, dp, zero, rec, mb in _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes):
         if global_batch_size is not None:
             if global_batch_size % (mb * dp):
                 continue
@@ -186,3 +186,14 @@ def _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, s
                     f"ZeRO-{plan['zero_stage']} recompute {plan['recompute']} micro-batch {plan['micro_batch_size']} "
                     f"at {plan['estimate']['memory_per_gpu_gb']:.1f} GiB per GPU")
     return f"  nothing fits on up to {16 * num_gpus} GPUs: shorten the sequence or use LoRA"
+
+
+def detect_gpu_memory_gb(default: float = 80.0) -> float:
+    """GiB of the visible GPU (the first), or ``default`` when there is none (CPU runs plan for an 80 GiB card)."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:  # noqa: BLE001 - a broken CUDA setup plans like a CPU host
+        pass
+    return default

@@ -54,3 +54,69 @@ def test_global_batch_fixes_microbatches_and_score_prefers_less_recompute():
 def test_bad_gpu_count():
     with pytest.raises(ConfigError, match="must be positive"):
         choose_layout("llama3_8b", 0)
+
+
+# ---------------------------------------------------------------- pretrain_llama.py --auto-configure
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from megallama.arguments import parse_args  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "8192", "--seq-length", "32",
+        "--device", "cpu", "--no-progress-bar"]
+
+
+def _script(args, nproc=1):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run(launch + [os.path.join(REPO, "pretrain_llama.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+
+
+def _flags(stdout):
+    return next(ln.split("flags:", 1)[1].split() for ln in stdout.splitlines() if ln.strip().startswith("flags:"))
+
+
+def test_dry_run_plans_for_gpus_x_nodes_and_the_flags_reproduce_it():
+    r = _script(["--model", "llama3_70b", "--bf16", "--seq-length", "8192", "--auto-configure", "--gpus", "8",
+                 "--nodes", "8", "--gpu-memory-gb", "80", "--dry-run"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on 64 GPUs of 80 GiB" in r.stdout and "chosen: tp " in r.stdout and "(--gpu-memory-gb)" in r.stdout
+    flags = _flags(r.stdout)
+    again = parse_args(["--model", "llama3_70b", "--bf16", "--seq-length", "8192", *flags], world_size=64)
+    plan = choose_layout("llama3_70b", 64, 80, 8192, precision="bf16", gpus_per_node=8, explain=False)
+    assert (again.tensor_model_parallel_size, again.pipeline_model_parallel_size, again.data_parallel_size,
+            again.zero_stage, again.recompute_granularity or "none", again.micro_batch_size) == \
+        (plan["tp"], plan["pp"], plan["dp"], plan["zero_stage"], plan["recompute"], plan["micro_batch_size"])
+
+
+def test_no_fitting_layout_or_a_contradiction_is_one_error_line():
+    r = _script(["--model", "llama3_405b", "--bf16", "--seq-length", "8192", "--auto-configure", "--gpus", "8",
+                 "--nodes", "8", "--gpu-memory-gb", "80", "--dry-run"])
+    assert r.returncode == 2 and "NO layout fits" in r.stdout and "128 GPUs would fit" in r.stdout
+    assert r.stderr.startswith("error: --auto-configure found no layout") and len(r.stderr.splitlines()) == 1
+    r = _script(TINY + ["--auto-configure", "--tensor-model-parallel-size", "2", "--dry-run"])
+    assert r.returncode == 2 and "--tensor-model-parallel-size 2 was given" in r.stderr, r.stderr[-2000:]
+    r = _script(TINY + ["--auto-configure", "--gpus", "4", "--train-iters", "1"])
+    assert r.returncode == 2 and "1 process runs" in r.stderr, r.stderr[-2000:]
+
+
+def test_two_rank_gloo_run_trains_with_the_chosen_layout_explained_once():
+    """The user fixes the ZeRO stage and the global batch; the rest is chosen, printed by rank 0 and trained."""
+    r = _script(TINY + ["--auto-configure", "--gpu-memory-gb", "80", "--zero-stage", "1", "--global-batch-size", "8",
+                        "--train-iters", "2", "--lr", "3e-3"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("chosen: tp ") == 1 and "on 2 GPUs of 80 GiB" in r.stdout
+    flags = _flags(r.stdout)
+    tp, pp = int(flags[flags.index("--tensor-model-parallel-size") + 1]), \
+        int(flags[flags.index("--pipeline-model-parallel-size") + 1])
+    assert flags[flags.index("--zero-stage") + 1] == "1" and flags[flags.index("--global-batch-size") + 1] == "8"
+    assert f"world=2 tp={tp} pp={pp} dp={2 // (tp * pp)}" in r.stdout and "zero stage 1" in r.stdout
+    losses = [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+)", r.stdout)]
+    assert len(losses) == 2 and all(0 < v < 20 for v in losses), r.stdout[-2000:]

@@ -1,0 +1,96 @@
+"""``--auto-configure`` for the scripts: ``autoconfig.choose_layout`` fills in the layout flags of parsed args.
+
+It picks tp / pp / dp, the ZeRO stage, recompute and the micro-batch for the model, the world size (the launched
+one, or ``--gpus`` x ``--nodes`` when planning from one process, e.g. with ``--dry-run``) and the GPU memory
+(``--gpu-memory-gb``, else the visible device's), prints the choice with its reasons on rank 0, and leaves
+the rest of argument checking to ``arguments._derive`` as if the user had typed the flags. What the user fixed
+(micro-batch, global batch, ZeRO stage, recompute) stays fixed; tp / pp / cp / ep given together with
+``--auto-configure`` are a contradiction and a one-line error.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+from megallama.errors import ConfigError
+
+
+def _precision(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def planned_world_size(args, world_size: int) -> int:
+    """The launched world, or the ``--gpus`` x ``--nodes`` a single process plans for."""
+    if world_size > 1 or args.gpus is None:
+        return world_size
+    return args.gpus * args.nodes
+
+
+def _gpus_per_node(args, world: int) -> int:
+    return args.gpus or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world, 8)
+
+
+def apply_auto_configure(args, world_size: int) -> int:
+    """Choose the layout and write it into ``args`` (``args.auto_layout`` the plan); returns the world size it
+    planned for (ConfigError when nothing fits)."""
+    from megallama.autoconfig import choose_layout, detect_gpu_memory_gb
+    fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
+                                                 ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+                                                 ("context-parallel-size", args.context_parallel_size),
+                                                 ("expert-model-parallel-size", args.expert_model_parallel_size))
+             if val != 1]
+    if fixed:
+        raise ConfigError(f"--auto-configure chooses the layout itself but {fixed[0]} was given; drop one of them")
+    world = planned_world_size(args, world_size)
+    if world != world_size and not args.dry_run:
+        raise ConfigError(f"--auto-configure planned for {world} GPUs (--gpus x --nodes) but {world_size} process "
+                          f"runs; launch with torchrun --nproc_per_node {args.gpus}, or add --dry-run to only plan")
+    memory = args.gpu_memory_gb or detect_gpu_memory_gb()
+    on_cpu = args.device == "cpu" or (args.device is None and not _cuda())
+    global_batch = args.global_batch_size or args.batch_size_alias
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    recompute = args.recompute_granularity
+    quiet = contextlib.nullcontext() if rank0 else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # choose_layout prints its reasons itself when nothing fits
+        plan = choose_layout(args.model_config, world, memory, args.seq_length, args.micro_batch_size, global_batch,
+                             _precision(args), args.strategy, gpus_per_node=_gpus_per_node(args, world),
+                             zero_stages=(args.zero_stage,) if args.zero_stage is not None else (0, 1, 2, 3),
+                             recomputes=(recompute,) if recompute else ("none", "selective", "full"),
+                             mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
+                             fused_kernels=not args.no_fused_kernels, lora_rank=args.lora_rank or 8,
+                             moe_topk=args.moe_router_topk if args.num_experts else None,
+                             device="cpu" if on_cpu else "cuda")
+    if plan is None:
+        raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "
+                          f"{memory:.0f} GiB (reasons above); add GPUs, shorten --seq-length or use --strategy lora")
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = plan["tp"], plan["pp"]
+    args.zero_stage, args.micro_batch_size = plan["zero_stage"], plan["micro_batch_size"]
+    args.recompute_granularity = None if plan["recompute"] == "none" else plan["recompute"]
+    args.sequence_parallel = plan["sequence_parallel"]
+    if global_batch is None:
+        args.global_batch_size = plan["micro_batch_size"] * plan["dp"] * plan["num_microbatches"]
+    args.auto_layout = {k: v for k, v in plan.items() if k not in ("estimate", "explanation")}
+    if rank0:
+        source = "--gpu-memory-gb" if args.gpu_memory_gb else "the visible GPU" if _cuda() else \
+            "no GPU visible: assumed; set --gpu-memory-gb"
+        print(f"{plan['explanation']}\n  GPU memory: {memory:.0f} GiB ({source})\n  flags: "
+              f"{' '.join(layout_flags(args))}", flush=True)
+    return world
+
+
+def layout_flags(args) -> list:
+    """The chosen layout as the flags that reproduce it without --auto-configure."""
+    flags = ["--tensor-model-parallel-size", str(args.tensor_model_parallel_size), "--pipeline-model-parallel-size",
+             str(args.pipeline_model_parallel_size), "--zero-stage", str(args.zero_stage), "--micro-batch-size",
+             str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size)]
+    if args.sequence_parallel:
+        flags.append("--sequence-parallel")
+    if args.recompute_granularity:
+        flags += ["--recompute-granularity", args.recompute_granularity]
+    return flags
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
