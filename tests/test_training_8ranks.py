@@ -2,9 +2,7 @@
 to the single-process run (fp32 losses within 1e-5 relative)."""
 import pytest
 
-from dist_utils import run_distributed
-from megallama.arguments import parse_args
-from megallama.training import pretrain
+from loop_harness import assert_layout_matches_single_process
 
 TINY = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
         "--num-attention-heads", "8", "--num-query-groups", "8", "--vocab-size", "256", "--seq-length", "16",
@@ -12,17 +10,9 @@ TINY = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "64"
         "--lr-warmup-iters", "0", "--mock-data", "--no-progress-bar", "--device", "cpu"]
 
 
-def _train(rank, world, extra):
-    return pretrain(parse_args(TINY + extra, world_size=world))["losses"]
-
-
 @pytest.mark.parametrize("extra", [
     ["--tensor-model-parallel-size", "8", "--sequence-parallel"],
     ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
 ], ids=["tp8_sp", "tp2_pp2_dp2_zero1"])
 def test_eight_rank_layouts_match_single_process(extra):
-    ref = run_distributed(_train, 1, [])[0]
-    out = run_distributed(_train, 8, extra)
-    for rank, losses in out.items():
-        for step in ref:
-            assert abs(losses[step] - ref[step]) <= 1e-5 * abs(ref[step]), (rank, step, losses[step], ref[step])
+    assert_layout_matches_single_process(TINY, 8, extra, same_steps=False)

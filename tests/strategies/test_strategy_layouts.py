@@ -8,9 +8,7 @@ a dp = 2 layout matches the one-process run whose micro-batch holds what both dp
 layouts use --micro-batch-size 1 against the reference's 2 (the sampler gives rank r sample 2k + r at step k)."""
 import pytest
 
-from dist_utils import run_distributed
-from megallama.arguments import parse_args
-from megallama.training import pretrain
+from loop_harness import assert_layout_matches_single_process
 
 TINY = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "128", "--seq-length", "16",
@@ -20,19 +18,6 @@ TINY = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "32"
         "--lora-rank", "4", "--lora-target-modules", "q_proj,v_proj,o_proj,gate_proj,down_proj"]
 
 
-def _train(rank, world, extra):
-    return pretrain(parse_args(TINY + extra, world_size=world))["losses"]
-
-
-_REF = {}
-
-
-def _reference():
-    if "ref" not in _REF:
-        _REF["ref"] = run_distributed(_train, 1, [])[0]
-    return _REF["ref"]
-
-
 @pytest.mark.parametrize("world,extra", [
     (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"]),
     (2, ["--zero-stage", "2", "--micro-batch-size", "1"]),
@@ -40,9 +25,4 @@ def _reference():
          "--zero-stage", "1", "--micro-batch-size", "1"]),
 ], ids=["hybrid_tp2_pp2_sp", "hybrid_dp2_zero2", "hybrid_ep2_tp2_sp_zero1"])
 def test_hybrid_strategy_layout_matches_single_process(world, extra):
-    ref = _reference()
-    out = run_distributed(_train, world, extra)
-    for rank, losses in out.items():
-        assert sorted(losses) == sorted(ref)
-        for step in ref:
-            assert abs(losses[step] - ref[step]) <= 1e-5 * abs(ref[step]), (rank, step, losses[step], ref[step])
+    assert_layout_matches_single_process(TINY, world, extra)
