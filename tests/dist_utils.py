@@ -1,8 +1,9 @@
-"""Run a function on N CPU processes with gloo: the harness of every parallel-equivalence test.
+"""Run a function on N processes: the harness of every parallel-equivalence test (CPU ranks over gloo) and of the
+multi-GPU tests (``backend="nccl"``: rank r on cuda:r).
 
-``run_distributed(fn, world_size, *args)`` spawns ranks with ``torch.multiprocessing``, initialises gloo on a free
-port, calls ``fn(rank, world_size, *args)`` and re-raises the first rank's failure (with its traceback) here.
-Values a rank returns come back through a queue as ``{rank: value}``.
+``run_distributed(fn, world_size, *args)`` spawns ranks with ``torch.multiprocessing``, initialises the process
+group on a free port, calls ``fn(rank, world_size, *args)`` and re-raises the first rank's failure (with its
+traceback) here. Values a rank returns come back through a queue as ``{rank: value}``.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -42,11 +47,11 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, backend: str = "gloo"):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,20 +1,12 @@
 """CUDA block attention (torch's flash and memory-efficient kernels with logsumexp) against the exact math
 backend, forward and backward with the merged-(out, lse) contract the ring relies on; 2 GPUs: ring attention over
 NCCL against full attention on one GPU. Skipped without CUDA (the CPU suite covers the logic)."""
-import os
-import socket
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
 
+from dist_utils import rel_err, run_distributed
 from megallama.model.block_attention import (block_attention_backward, block_attention_forward, merge_blocks,
                                              select_backend)
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def _case(device, dtype, sq, sk, hq=8, hkv=2, d=64, seed=0):
@@ -48,7 +40,7 @@ def test_cuda_block_attention_matches_math(backend, dtype, masked, tol, causal, 
     assert out.dtype == dtype and lse.shape == (2, 8, sq) and lse.dtype == torch.float32
     seen = torch.isfinite(lse_ref)
     assert torch.equal(seen, torch.isfinite(lse))
-    assert _rel(out, out_ref) < tol and _rel(lse[seen], lse_ref[seen]) < 1e-3
+    assert rel_err(out, out_ref) < tol and rel_err(lse[seen], lse_ref[seen]) < 1e-3
     # backward with a merged (out, lse): merge with a second, unmasked block so every row has a finite lse
     o2, l2 = block_attention_forward(q, k, v, False, None, backend="math")
     mo, ml = merge_blocks(out_ref.float(), lse_ref, o2, l2)
@@ -57,7 +49,7 @@ def test_cuda_block_attention_matches_math(backend, dtype, masked, tol, causal, 
     got = block_attention_backward(dout, q, k, v, mo, ml, causal, allowed, backend=backend)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         assert a.shape == b.shape, name
-        assert _rel(a, b) < tol, (name, _rel(a, b))
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
 @pytest.mark.gpu
@@ -92,39 +84,15 @@ def _ring_check(rank, world):
         out.backward(dout[:, idx])
         for name, a, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
                               (ref,) + tuple(ref_grads)):
-            e = _rel(a, r[:, idx])
+            e = rel_err(a, r[:, idx])
             if e > tol:
                 errors.append(f"rank {rank} {dtype} {name}: rel err {e:.2e}")
     ps.destroy_model_parallel()
     return errors
 
 
-def _worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.cuda.set_device(rank)
-    try:
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-        queue.put((rank, _ring_check(rank, world)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, [traceback.format_exc()]))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.multigpu
 def test_ring_attention_over_nccl_matches_full_attention():
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_distributed(_ring_check, 2, backend="nccl")
     errors = [e for r in sorted(results) for e in results[r]]
     assert not errors, "\n".join(errors)

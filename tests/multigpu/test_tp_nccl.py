@@ -6,16 +6,16 @@ within 1e-2 of the tp=1 bf16 run. Spawns its own NCCL ranks under pytest; also r
 ``torchrun --nproc_per_node 2 tests/multigpu/test_tp_nccl.py``.
 """
 import os
-import socket
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(_HERE, "..", ".."), os.path.join(_HERE, "..")]  # the repo and tests/ under torchrun
 
+from dist_utils import rel_err, run_distributed  # noqa: E402
 from megallama.config import ModelConfig  # noqa: E402
 from megallama.model import build_model  # noqa: E402
 from megallama.mpu import allreduce_sequence_parallel_gradients  # noqa: E402
@@ -56,22 +56,18 @@ def _train(device, sequence_parallel, bf16):
     return losses, grads
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def check(rank):
-    """The whole comparison on this rank; returns a list of failures (empty = pass) and a summary line."""
+def check(rank, world):
+    """The whole comparison on this rank (tp = world); returns a list of failures (empty = pass) and summary lines."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda", torch.cuda.current_device())
     ref = {bf16: _train(device, False, bf16) for bf16 in (False, True)}  # tp=1: no model-parallel groups yet
-    ps.initialize_model_parallel(2)
+    ps.initialize_model_parallel(world)
     errors, lines = [], []
     for sp in (False, True):
         losses, grads = _train(device, sp, False)
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, ref[False][0]))
-        worst_g = max(_rel(g[n], r[n]) for g, r in zip(grads, ref[False][1]) for n in r)
+        worst_g = max(rel_err(g[n], r[n]) for g, r in zip(grads, ref[False][1]) for n in r)
         lines.append(f"fp32 tp=2 sp={sp}: losses {losses} vs tp=1 {ref[False][0]}; worst loss {worst:.1e} "
                      f"grad {worst_g:.1e}")
         if worst > 1e-5 or worst_g > 1e-5:
@@ -85,32 +81,8 @@ def check(rank):
     return errors, lines
 
 
-def _worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.cuda.set_device(rank)
-    try:
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-        queue.put((rank, check(rank)))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, ([traceback.format_exc()], [])))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_tp2_nccl_matches_tp1():
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = run_distributed(check, 2, backend="nccl")
     print("\n".join(results[0][1]))
     errors = [e for r in sorted(results) for e in results[r][0]]
     assert not errors, "\n".join(errors)
@@ -120,7 +92,7 @@ if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/multigpu/test_tp
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    errs, summary = check(dist.get_rank())
+    errs, summary = check(dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
         print("\n".join(summary))
     print(f"rank {dist.get_rank()}: {'FAIL' if errs else 'PASS'}", *errs, sep="\n")
