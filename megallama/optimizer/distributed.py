@@ -7,7 +7,7 @@ Every stage keeps gradients in one contiguous buffer laid out by ``BufferLayout`
 * stage 1: full grad buffer, reduce-scattered per bucket; each rank updates its shard and all-gathers the params.
 * stage 2: only this rank's gradient shard is kept: each microbatch's gradients are copied into a bucket-sized
   staging buffer as backward produces them and reduce-scattered into the shard when the bucket is complete
-  (DeepSpeed's scheme, since full gradients are never kept).
+  (DeepSpeed's scheme, since full gradients are never kept; ``grad_shard_reducer.GradShardReducer``).
 * stage 3: stage 2 plus parameters sharded per unit (``zero3.Zero3Params``).
 
 Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others); with ``overlap_grad_reduce`` the
@@ -30,19 +30,9 @@ import torch.nn as nn
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.optimizer.grad_shard_reducer import GradShardReducer, prepare_average
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
                                                        needs_own_bucket, reduce_scatter_tensor)
-
-MAX_PENDING_REDUCTIONS = 2  # stage 2/3: staging buffers in flight before the oldest is waited for
-
-
-def _prepare_average(data: torch.Tensor, comm: Comm):
-    """The reduce op for ``comm``; pre-scales ``data`` when the collective cannot average (gloo, expert groups)."""
-    if comm.avg_in_collective:
-        return dist.ReduceOp.AVG
-    if comm.average_over > 1:
-        data.mul_(1.0 / comm.average_over)
-    return dist.ReduceOp.SUM
 
 
 class DistributedDataParallel(nn.Module):
@@ -105,6 +95,7 @@ class DistributedDataParallel(nn.Module):
         self.layout = BufferLayout(buckets, sharded=zero_stage >= 1)
         # Stage 2/3 keep only the gradient shard; with dp = 1 the shard is the whole buffer and the plain path runs.
         self.shard_grads = zero_stage >= 2 and self.dp_size > 1
+        self.grad_reducer = GradShardReducer(self)  # stages 2/3 (stage 3 with dp = 1: only its end-of-backward)
 
         self.param_buffer = None
         if zero_stage in (1, 2):  # params become views of one buffer so that one all_gather per bucket updates them
@@ -126,9 +117,6 @@ class DistributedDataParallel(nn.Module):
         self.is_last_microbatch = True
         self._pieces = None
         self._handles: List = []  # stage 0/1 async collectives
-        self._pending: List = []  # stage 2/3: (handle, bucket, staging)
-        self._staging = {}  # stage 2/3: bucket index -> staging buffer being filled in this backward
-        self._callback_queued = False
         self._grads_dirty = False
         self.comm_hook = None  # stages 0/1: replaces the bucket collective (gradient compression)
         self._param_gather_handles = {}  # stage 1/2 with overlap_param_gather: bucket index -> handle
@@ -204,73 +192,7 @@ class DistributedDataParallel(nn.Module):
                 if b.num_ready == len(b.params) and not b.launched:
                     self._launch_allreduce(b, async_op=True)
             return
-        self._queue_end_of_backward()
-        b = self.layout.bucket_of(p)
-        st = self._staging.get(b.index)
-        if st is None:  # not zero-filled: every param's range is written below (or zeroed at a partial flush)
-            st = self._staging[b.index] = torch.empty(b.numel, dtype=self.grad_dtype, device=self.device)
-            st[b.numel_unpadded:].zero_()
-            b.extra["filled"] = set()
-        s, e, _ = self.layout.index[p]
-        st[s - b.offset:e - b.offset].copy_(p.grad.reshape(-1))
-        b.extra["filled"].add(p)
-        p.grad = None
-        b.num_ready += 1
-        if b.num_ready == len(b.params):
-            self._launch_reduce_scatter(b)
-
-    def _queue_end_of_backward(self) -> None:
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-
-    def _end_of_backward(self) -> None:
-        """Stage 2/3: reduce buckets some of whose params got no gradient, drain, free the gathered units."""
-        self._callback_queued = False
-        for idx in sorted(self._staging):
-            self._launch_reduce_scatter(self.layout.buckets[idx])
-        self._drain_pending()
-        for b in self.layout.buckets:
-            b.num_ready = 0
-        if self.zero3 is not None:
-            self.zero3.release_all()
-
-    def _launch_reduce_scatter(self, b) -> None:
-        st = self._staging.pop(b.index)
-        filled = b.extra.pop("filled", ())
-        if len(filled) < len(b.params):  # partial bucket (unused params in this backward): their grads are zero
-            for p in b.params:
-                if p not in filled:
-                    s, e, _ = self.layout.index[p]
-                    st[s - b.offset:e - b.offset].zero_()
-        op = _prepare_average(st, b.comm)
-        lo = b.comm.rank * b.shard_size
-        h = None
-        if b.comm.group is not None:
-            h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, op=op, group=b.comm.group,
-                                      async_op=self.overlap_grad_reduce)
-        if h is not None and self.overlap_grad_reduce:
-            self._pending.append((h, b, st))
-            while len(self._pending) > MAX_PENDING_REDUCTIONS:
-                self._finish_one_pending()
-        else:
-            self._accumulate_shard(b, st)
-        b.num_ready = 0
-        if self.zero3 is not None:
-            self.zero3.on_bucket_reduced(b)
-
-    def _accumulate_shard(self, b, st) -> None:
-        lo = b.comm.rank * b.shard_size
-        self.grad_buffer[b.shard_offset:b.shard_offset + b.shard_size].add_(st[lo:lo + b.shard_size])
-
-    def _finish_one_pending(self) -> None:
-        h, b, st = self._pending.pop(0)
-        h.wait()
-        self._accumulate_shard(b, st)
-
-    def _drain_pending(self) -> None:
-        while self._pending:
-            self._finish_one_pending()
+        self.grad_reducer.add_grad(p)
 
     def register_comm_hook(self, hook) -> None:
         """Stages 0/1: ``hook(bucket, data)`` replaces a bucket's collective (gradient compression, see
@@ -286,7 +208,7 @@ class DistributedDataParallel(nn.Module):
         if self.comm_hook is not None and not b.comm.expert and self.comm_hook(b, data):
             b.launched = True
             return
-        op = _prepare_average(data, b.comm)
+        op = prepare_average(data, b.comm)
         h = None
         if b.comm.group is None:
             pass
@@ -306,7 +228,7 @@ class DistributedDataParallel(nn.Module):
         if self.dp_size == 1:
             return
         if self.shard_grads:
-            self._drain_pending()
+            self.grad_reducer.drain()
             return
         for b in self.layout.buckets:
             if not b.launched:
@@ -322,10 +244,9 @@ class DistributedDataParallel(nn.Module):
         if self._grads_dirty:
             self.grad_buffer.zero_()
             self._grads_dirty = False
-        self._staging.clear()
+        self.grad_reducer.reset()
         for b in self.layout.buckets:
             b.launched, b.num_ready = False, 0
-            b.extra.pop("filled", None)
 
     # ------------------------------------------------------------------ views for the optimizer
     def optimizer_pieces(self) -> List[Piece]:

@@ -217,7 +217,7 @@ class Zero3Params:
         return out
 
     def pre_backward(self, u: Unit) -> None:
-        self.ddp._queue_end_of_backward()
+        self.ddp.grad_reducer.queue_end_of_backward()
         self.gather(u)
         self._prefetch(len(self.units) - 1 if u is self.root else u.index - 1)
 
