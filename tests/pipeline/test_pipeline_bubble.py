@@ -16,7 +16,7 @@ from megallama.pipeline import build_model_chunks, get_forward_backward_func
 from megallama.pipeline.simulate import theoretical_bubble_fraction
 from pp_harness import MBS, SEED, SEQ, make_batches, tiny_config
 
-T_F = 0.15  # long enough that p2p latency and a loaded CPU stay small against it
+T_F = 0.2  # long enough that p2p latency and a loaded CPU stay small against it
 
 
 class _SleepInBackward(torch.autograd.Function):
@@ -66,8 +66,8 @@ def _bubble(per_rank, run):
 @pytest.mark.parametrize("schedule,v,m", [("1f1b", 1, 8), ("interleaved", 2, 4)])
 def test_measured_bubble_matches_theory(schedule, v, m):
     p = 4
-    res = run_distributed(_measure, p, schedule, v, m, 2)
+    res = run_distributed(_measure, p, schedule, v, m, 3)
     want = theoretical_bubble_fraction(schedule, p, m, v)
-    got = min(_bubble(res, i) for i in range(2))  # latency and CPU contention only add idle time: best run
+    got = min(_bubble(res, i) for i in range(3))  # latency and CPU contention only add idle time: best run
     print(f"{schedule}: measured bubble {got:.4f}, theory {want:.4f}")
     assert abs(got - want) <= 0.1 * want, (got, want)
