@@ -2,10 +2,10 @@
 # Llama 3.1 405B (126 layers; rope scaling factor 8 over the original 8192 context comes from the registry's
 # llama3_405b): tp=8 + sequence parallel within a node, pp=14 across nodes with the interleaved schedule (3 chunks
 # of 3 layers per stage; 126 = 14 x 9, so 16 stages would not split evenly), ZeRO-1 over dp, full recompute,
-# sequence 8192, the paper's schedule (peak lr 8e-5, 8000 warmup steps, cosine to 8e-7 over 1.2M steps; the
-# paper starts at 4M tokens per batch = 512 sequences of 8192). One model replica is 8 x 14 = 112 GPUs: NNODES is a multiple of 14 (28 nodes: dp 2, about 55 GiB
-# per GPU by our estimator; 56 nodes: dp 4, about 44 GiB). Launch on every node, or through
-# examples/slurm_pretrain.sbatch:
+# sequence 8192, the paper's schedule (peak lr 8e-5, 8000 warmup steps, cosine to 8e-7 over 1.2M steps; its first
+# batches are 4M tokens = 512 sequences of 8192). One model replica is 8 x 14 = 112 GPUs: NNODES is a multiple of
+# 14 (28 nodes: dp 2, about 55 GiB per GPU by our estimator; 56 nodes: dp 4, about 44 GiB). Launch on every node,
+# or through examples/slurm_pretrain.sbatch:
 #   NNODES=28 NODE_RANK=<0..27> MASTER_ADDR=<host of rank 0> bash examples/pretrain_llama3_405b.sh
 # DRY_RUN=1 resolves the flags for the whole job and prints the per-GPU memory estimate (one process, no GPU).
 set -euo pipefail

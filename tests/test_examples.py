@@ -42,3 +42,72 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
     assert _total_gib(r.stdout) < _total_gib(_bash("pretrain_llama3_405b.sh", DRY_RUN="1").stdout)  # ZeRO-1 over 4
     outside = _bash("slurm_pretrain.sbatch")
     assert outside.returncode != 0 and "run through sbatch" in outside.stderr
+
+
+# ---------------------------------------------------------------- the seed's Python examples
+EXAMPLES = ["train_llama_7b", "train_with_moe", "finetune_with_lora", "multi_node_training", "custom_data_loading"]
+LOSS = re.compile(r"^iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: ([0-9.E+-]+) \|", re.M)
+
+
+def _python(example, *args, **env):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "examples", f"{example}.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env(**env))
+
+
+def _trained(stdout, iters=3):
+    losses = [(int(i), float(v)) for i, v in LOSS.findall(stdout)]
+    assert [i for i, _ in losses] == list(range(1, iters + 1)), stdout[-3000:]
+    assert all(0.0 < v < 20.0 for _, v in losses) and f"trained {iters} iterations" in stdout, stdout[-3000:]
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e != "multi_node_training"])
+def test_example_trains_its_tiny_override_on_cpu(example):
+    # one through the environment switch, the others through --tiny
+    p = _python(example, MEGALLAMA_EXAMPLE_TINY="1") if example == "train_llama_7b" else _python(example, "--tiny")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    _trained(out)
+    if example == "train_with_moe":
+        assert "tokens/expert L1:" in out and "moe aux loss" in out
+    if example == "custom_data_loading":
+        assert "validation at iteration 3" in out and "windows of 65 tokens" in out
+
+
+def test_multi_node_example_joins_from_slurm_variables():
+    """Two srun-style tasks (no torchrun): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR come from SLURM's variables."""
+    from dist_utils import free_port
+    slurm = dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost",
+                 SLURM_JOB_ID="7", MASTER_PORT=str(free_port()))
+    procs = [_python("multi_node_training", "--tiny", SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "rendezvous: 1 node(s) x 2 processes, master localhost:" in outs[0][0]
+    assert "world=2" in outs[0][0] and not LOSS.search(outs[1][0])  # rank 0 alone prints
+    _trained(outs[0][0])
+
+
+@pytest.mark.parametrize("example,world,extra,expect", [
+    ("train_llama_7b", 8, [], "8 GPUs = tp 2 x pp 1 x dp 4 (+sp), ZeRO-1, recompute full"),
+    ("train_with_moe", 4, [], "4 GPUs = tp 1 x pp 1 x dp 4"),
+    ("finetune_with_lora", 8, ["--pretrained-checkpoint", "base", "--tokenizer-model", "tok"], "8 GPUs = tp "),
+    ("multi_node_training", 32, [], "32 GPUs = tp 8 x pp 2 x dp 2 (+sp), ZeRO-1"),
+    ("custom_data_loading", 8, ["--text-file", "README.md"], "8 GPUs = tp "),
+])
+def test_example_real_size_resolves_and_fits_80_gib(example, world, extra, expect, monkeypatch, capsys):
+    """--dry-run in this process: the real model's flags resolve for the world size and the estimate fits."""
+    import runpy
+    monkeypatch.syspath_prepend(os.path.join(REPO, "examples"))
+    monkeypatch.chdir(REPO)
+    for key in ("RANK", "MASTER_ADDR", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(sys, "argv", [f"{example}.py", "--dry-run", *extra])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(REPO, "examples", f"{example}.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out[-3000:]
+    assert expect in out and re.search(r"^GPU memory\s+80\.00\s+fits$", out, re.M), out[-3000:]
+    assert _total_gib(out) < 0.95 * 80

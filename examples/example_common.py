@@ -1,0 +1,94 @@
+"""What the Python examples share: their command line, the tiny CPU override, the data flags and the report.
+
+Every example runs its real model size by default (on GPUs, one process per GPU under torchrun) and, with
+``--tiny`` or ``MEGALLAMA_EXAMPLE_TINY=1``, the same code on a 2-layer model for a few steps on CPU on the bundled
+data; ``--dry-run`` prints the real run's configuration and memory estimate from one process. tests/test_examples.py
+runs both.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import megallama
+
+# 2 layers, hidden 64: a few hundred ms a step on one CPU core. The vocabulary follows the bundled tokenizer (8192).
+TINY_SHAPE = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2)
+TINY_ITERS = 3
+
+
+def example_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", default=os.environ.get("MEGALLAMA_EXAMPLE_TINY") == "1",
+                   help="a 2-layer model for a few steps on CPU on the bundled data (or MEGALLAMA_EXAMPLE_TINY=1)")
+    p.add_argument("--train-iters", type=int, default=None, help="optimizer steps (default: the example's)")
+    p.add_argument("--data-path", default=None, help="a .jsonl file or .bin/.idx prefix (default: bundled data)")
+    p.add_argument("--tokenizer-model", default=None, help="the model's tokenizer (Llama 3: the tiktoken "
+                   "tokenizer.model; Llama 2: the sentencepiece .model); default: the bundled 8K BPE")
+    p.add_argument("--tokenizer-type", default=None, help="default: llama3 for a 128K vocabulary, else sentencepiece")
+    p.add_argument("--dry-run", action="store_true", help="print the configuration and per-GPU memory estimate for "
+                   "WORLD_SIZE processes and exit (WORLD_SIZE=8 python ... --dry-run checks an 8-GPU run)")
+    return p
+
+
+def world_size() -> int:
+    """Processes launched (torchrun's WORLD_SIZE; 1 for plain python)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank_0() -> bool:
+    """Rank 0 of the launch (before the process group exists, from torchrun's RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def tiny_training_config(**overrides) -> megallama.TrainingConfig:
+    """The CPU override's training settings: fp32, 4 sequences of 64 tokens a step, TINY_ITERS steps."""
+    base = dict(model_name="tiny", batch_size=4, micro_batch_size=2, sequence_length=64, learning_rate=3e-3,
+                train_iters=TINY_ITERS, warmup_iters=1, mixed_precision="fp32", log_interval=1)
+    base.update(overrides)
+    return megallama.TrainingConfig(**base)
+
+
+def run_flags(args, vocab_size: int) -> dict:
+    """Extra ``pretrain_llama.py`` flags for ``launch_training``/``fit``: CPU for --tiny; otherwise the data,
+    the tokenizer and the model's own vocabulary (the bundled 8K tokenizer would otherwise shrink it)."""
+    flags = {"data_path": args.data_path, "train_iters": args.train_iters}
+    if args.tiny:
+        flags.update(device="cpu", no_progress_bar=True)
+    else:
+        flags["vocab_size"] = vocab_size
+    if args.tokenizer_model:
+        flags.update(tokenizer_type=args.tokenizer_type or ("llama3" if vocab_size > 100_000 else "sentencepiece"),
+                     tokenizer_model=args.tokenizer_model)
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def dry_run(orchestrator) -> int:
+    """--dry-run: the configuration and its memory estimate, and the flags resolved for the world size; no
+    process group, no model."""
+    if is_rank_0():
+        orchestrator.print_configuration()
+    orchestrator.build_args(world_size())  # ConfigError if the layout does not resolve for this many processes
+    return 0
+
+
+def report(summary: dict) -> int:
+    """Print the loss curve on rank 0; exit status 1 when a loss is not finite."""
+    losses = summary.get("losses", {})
+    finite = bool(losses) and all(math.isfinite(v) for v in losses.values())
+    if is_rank_0():
+        steps = sorted(losses)
+        curve = " -> ".join(f"{losses[s]:.4f}" for s in steps[:1] + steps[-1:]) if steps else "none"
+        print(f"trained {len(steps)} iterations, loss {curve}", flush=True)
+    return 0 if finite else 1
+
+
+def run_example(body) -> int:
+    """``sys.exit(run_example(main))``: a user mistake (ConfigError) is one line from rank 0 and exit status 2,
+    the process group is always torn down (``initialize.run_script``), else ``body``'s status."""
+    from megallama.initialize import run_script
+    status = []
+    code = run_script(lambda: status.append(body()))
+    return code or (status[0] if status else 0)
