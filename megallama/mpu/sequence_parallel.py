@@ -7,10 +7,9 @@ after backward (before the data-parallel reduction and the optimizer step), as M
 ``_allreduce_layernorm_grads`` does: one coalesced all-reduce for all of them.
 """
 import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.coalesced import all_reduce_coalesced
 
 
 def sequence_parallel_params(module: torch.nn.Module):
@@ -39,8 +38,5 @@ def allreduce_sequence_parallel_gradients(module) -> int:
     for g in grads:
         by_dtype.setdefault((g.dtype, g.device), []).append(g)
     for bucket in by_dtype.values():
-        flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat, group=group)
-        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            g.copy_(synced)
+        all_reduce_coalesced(bucket, group)
     return len(grads)

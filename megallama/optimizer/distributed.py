@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.coalesced import all_reduce_coalesced
 from megallama.optimizer.grad_shard_reducer import GradShardReducer, prepare_average
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
                                                        needs_own_bucket, reduce_scatter_tensor)
@@ -301,14 +302,7 @@ class DistributedDataParallel(nn.Module):
         if group is None or dist.get_world_size(group) == 1:
             return
         wanted = set(params)
-        views = [pc.grad_view for pc in self.optimizer_pieces() if pc.param in wanted]
-        if views:
-            flat = torch.cat(views)
-            dist.all_reduce(flat, group=group)
-            off = 0
-            for v in views:
-                v.copy_(flat[off:off + v.numel()])
-                off += v.numel()
+        all_reduce_coalesced([pc.grad_view for pc in self.optimizer_pieces() if pc.param in wanted], group)
 
     # ------------------------------------------------------------------ accounting
     def memory_footprint(self) -> dict:

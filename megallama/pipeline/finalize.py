@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.distributed as dist
 
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.coalesced import all_reduce_coalesced
 from megallama.pipeline.model_chunks import unwrap_model
 from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank
 
@@ -95,10 +95,4 @@ def allreduce_embedding_gradients(model_chunks) -> None:
     group = ps.get_embedding_group()
     if not per_chunk or group is None or len(ps.get_embedding_ranks()) == 1:
         return
-    views = per_chunk[0]
-    flat = torch.cat(views)
-    dist.all_reduce(flat, group=group)
-    off = 0
-    for v in views:
-        v.copy_(flat[off:off + v.numel()])
-        off += v.numel()
+    all_reduce_coalesced(per_chunk[0], group)

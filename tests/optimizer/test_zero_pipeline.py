@@ -10,22 +10,13 @@ from dist_utils import rel_err, run_distributed
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megallama.pipeline import build_model_chunks, get_forward_backward_func, unwrap_model
+from pipeline.pp_harness import forward_step
 from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, SEQ, batch, reference_run
 
 STEPS, M = 4, 4
 TIED4 = CFG.replace(num_layers=4, tie_word_embeddings=True)
 CASES = [("1f1b", 0), ("1f1b", 2), ("1f1b", 3), ("interleaved", 1), ("interleaved", 3), ("zb-h1", 2), ("zb-h1", 3)]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-def _forward_step(data_iterator, model):
-    b = next(data_iterator)
-    out = model(b["input_ids"], labels=b["labels"])
-
-    def loss_func(o):
-        loss = o.float().mean()
-        return loss, {"lm loss": loss.detach()}
-    return out, loss_func
 
 
 def _run(schedule, stage):
@@ -46,7 +37,7 @@ def _run(schedule, stage):
         x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
         mb = per // M
         data = iter([{"input_ids": x[i * mb:(i + 1) * mb], "labels": y[i * mb:(i + 1) * mb]} for i in range(M)])
-        out = fb(_forward_step, data, ddps, M, SEQ, mb)
+        out = fb(forward_step, data, ddps, M, SEQ, mb)
         for d in ddps:
             d.finish_grad_sync()
         for d in ddps:  # tied embedding: sum the first stage's and the last stage's copy
