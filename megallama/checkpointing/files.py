@@ -42,11 +42,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary name, fsync, rename: a reader never sees half a file under the final name."""
+def _atomic_write(path: str, write) -> None:
+    """``write(tmp)`` to a temporary name, fsync, rename: a reader never sees half a file under the final name."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,18 +56,17 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
+def atomic_torch_save(obj, path: str) -> None:
+    """The directory is not fsynced per file: publish() fsyncs once the whole checkpoint is renamed into place."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    _atomic_write(path, write)
     _fsync_dir(os.path.dirname(path) or ".")
 
 
