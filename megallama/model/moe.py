@@ -33,7 +33,7 @@ from megallama.errors import ConfigError
 from megallama.mpu import mappings
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.random import _name_seed
-from megallama.model.moe_dispatch import all_to_all, grouped_matmul, sort_by_expert
+from megallama.model.moe_dispatch import grouped_matmul, sort_by_expert
 from megallama.ops import swiglu
 
 
@@ -324,14 +324,14 @@ class MoELayer(nn.Module):
             send_splits = counts.view(ep, El).sum(1).tolist()
             recv = recv.view(ep, El)
             recv_splits = recv.sum(1).tolist()
-            x_recv = all_to_all(x_perm, group, recv_splits, send_splits)
+            x_recv = mappings.all_to_all(x_perm, group, recv_splits, send_splits)
             local_e = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep), recv.reshape(-1),
                                               output_size=x_recv.shape[0])
             perm = torch.argsort(local_e, stable=True)
             out = self.experts(x_recv[perm], recv.sum(0))
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
-            out = all_to_all(out[inv], group, send_splits, recv_splits)
+            out = mappings.all_to_all(out[inv], group, send_splits, recv_splits)
         w = top_p.reshape(-1)[order].to(out.dtype)
         return out.new_zeros(T, out.shape[-1]).index_add(0, tok, out * w[:, None])
 

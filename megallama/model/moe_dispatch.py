@@ -2,40 +2,15 @@
 
 The hot path has no Python loop over experts. Tokens (one row per (token, choice) assignment) are sorted by expert
 id, so each expert's rows are contiguous; with expert parallelism the sorted rows are exchanged with one
-``all_to_all_single`` (rank j owns experts [j*E_l, (j+1)*E_l)) and regrouped by local expert. The three expert
+``mpu.mappings.all_to_all`` (rank j owns experts [j*E_l, (j+1)*E_l)) and regrouped by local expert. The three expert
 projections then run as grouped matmuls over those contiguous groups: ``torch._grouped_mm`` where it exists for the
 device/dtype, else one ``bmm`` over groups padded to the largest group.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
-
-
-# ---------------------------------------------------------------- all-to-all with autograd
-def _all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows ``in_splits[j]`` go to rank j; ``out_splits[j]`` rows arrive from rank j. Backward is the reverse."""
-
-    @staticmethod
-    def forward(ctx, x, group, out_splits, in_splits):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_to_all(g, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
-
-
-def all_to_all(x, group, out_splits, in_splits):
-    return _AllToAll.apply(x, group, list(out_splits), list(in_splits))
 
 
 # ---------------------------------------------------------------- grouped matmul

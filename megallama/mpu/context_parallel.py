@@ -17,6 +17,11 @@ import torch.distributed as dist
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.mappings import all_to_all
+
+
+def _cp_group(group=None):
+    return group if group is not None else ps.get_context_parallel_group()
 
 
 # ---------------------------------------------------------------- zig-zag sharding (pure)
@@ -96,7 +101,7 @@ class RingExchange:
     deadlock, works on gloo). ``tag`` keeps two streams in flight apart (K/V and dK/dV in backward)."""
 
     def __init__(self, group=None):
-        self.group = group if group is not None else ps.get_context_parallel_group()
+        self.group = _cp_group(group)
         ranks = dist.get_process_group_ranks(self.group)
         me = ranks.index(dist.get_rank())
         self.next, self.prev = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
@@ -120,60 +125,21 @@ def all_gather_cp(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """Chunk ``i`` of dim 0 goes to rank ``i``; returns the received chunks stacked by source rank."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
-
-
-def _seq_to_heads(x: torch.Tensor, cp: int, group) -> torch.Tensor:
-    b, s, h, d = x.shape
-    y = _all_to_all(x.reshape(b, s, cp, h // cp, d).permute(2, 0, 1, 3, 4), group)  # [src, b, s, h/cp, d]
-    return y.permute(1, 0, 2, 3, 4).reshape(b, cp * s, h // cp, d)
-
-
-def _heads_to_seq(x: torch.Tensor, cp: int, group) -> torch.Tensor:
-    b, S, h, d = x.shape
-    y = _all_to_all(x.reshape(b, cp, S // cp, h, d).permute(1, 0, 2, 3, 4), group)  # [src heads, b, s, h, d]
-    return y.permute(1, 2, 0, 3, 4).reshape(b, S // cp, cp * h, d)
-
-
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp, group):
-        ctx.cp, ctx.group = cp, group
-        return _seq_to_heads(x, cp, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _heads_to_seq(g, ctx.cp, ctx.group), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp, group):
-        ctx.cp, ctx.group = cp, group
-        return _heads_to_seq(x, cp, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.cp, ctx.group), None, None
-
-
 def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
     """[b, s/cp, h, d] (this rank's tokens, all heads) -> [b, s, h/cp, d] (all ranks' tokens in rank order,
     this rank's block of heads). Differentiable; the backward is :func:`heads_to_seq`."""
     cp = ps.get_context_parallel_world_size()
-    if x.shape[2] % cp:
-        raise ConfigError(f"all-to-all context parallelism needs the {x.shape[2]} heads per rank to be divisible "
+    b, s, h, d = x.shape
+    if h % cp:
+        raise ConfigError(f"all-to-all context parallelism needs the {h} heads per rank to be divisible "
                           f"by the context-parallel size {cp}; use the ring (p2p) variant")
-    return _SeqToHeads.apply(x, cp, group if group is not None else ps.get_context_parallel_group())
+    y = all_to_all(x.reshape(b, s, cp, h // cp, d).permute(2, 0, 1, 3, 4), _cp_group(group))  # [src, b, s, h/cp, d]
+    return y.permute(1, 0, 2, 3, 4).reshape(b, cp * s, h // cp, d)
 
 
 def heads_to_seq(x: torch.Tensor, group=None) -> torch.Tensor:
     """Inverse of :func:`seq_to_heads`: [b, s, h/cp, d] -> [b, s/cp, h, d]."""
     cp = ps.get_context_parallel_world_size()
-    return _HeadsToSeq.apply(x, cp, group if group is not None else ps.get_context_parallel_group())
-
+    b, S, h, d = x.shape
+    y = all_to_all(x.reshape(b, cp, S // cp, h, d).permute(1, 0, 2, 3, 4), _cp_group(group))  # [src heads, b, s, h, d]
+    return y.permute(1, 2, 0, 3, 4).reshape(b, S // cp, cp * h, d)

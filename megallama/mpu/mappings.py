@@ -8,6 +8,8 @@ With tp = 1 every mapping is the identity and touches no process group.
 The raw collectives (``all_gather_along_dim`` / ``reduce_scatter_along_dim``, optionally async) are public so that
 fused layers (``layers._ColumnParallelLinears``) can overlap them with GEMMs. Chunk ``i`` of the gathered dim
 always belongs to tp rank ``i``.
+
+``all_to_all`` (any group, backward the reverse exchange) serves MoE token dispatch and Ulysses context parallelism.
 """
 import torch
 import torch.distributed as dist
@@ -214,3 +216,31 @@ def gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True):
 def reduce_scatter_to_sequence_parallel_region(x):
     """Sum partial outputs over tp and keep my sequence chunk; backward all-gathers."""
     return _ReduceScatterToSP.apply(x)
+
+
+# ---------------------------------------------------------------- all-to-all over any group
+def _all_to_all(x: torch.Tensor, group, out_splits, in_splits) -> torch.Tensor:
+    rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows ``in_splits[j]`` of dim 0 go to rank j; ``out_splits[j]`` rows arrive from rank j (equal chunks when
+    None). Backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        return _all_to_all(x, group, out_splits, in_splits)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, ctx.group, ctx.in_splits, ctx.out_splits), None, None, None
+
+
+def all_to_all(x, group, out_splits=None, in_splits=None):
+    """Differentiable ``all_to_all_single`` along dim 0; received rows are stacked by source rank."""
+    return _AllToAll.apply(x, group, None if out_splits is None else list(out_splits),
+                           None if in_splits is None else list(in_splits))
