@@ -52,6 +52,17 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def _ring_steps(ring, kv, docs_all, n: int, r: int):
+    """Per ring step: (source rank, the K/V block in hand, its document ids or None), the rank's own first; the
+    next block's transfer overlaps the caller's work on this one."""
+    for step in range(n):
+        pending = ring.start(kv, tag=0) if step + 1 < n else None
+        src = (r - step) % n
+        yield src, kv, (None if docs_all is None else docs_all[src])
+        if pending is not None:
+            kv = pending.wait()
+
+
 class _ZigZagRingAttention(torch.autograd.Function):
     """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's zig-zag chunks) -> out [b, hq, 2c, d]."""
 
@@ -60,14 +71,10 @@ class _ZigZagRingAttention(torch.autograd.Function):
         ring = cpc.RingExchange(group)
         n, r = dist.get_world_size(group), dist.get_rank(group)
         c = q.shape[2] // 2
-        kv = torch.stack((k, v))
         out = lse = None
         with _no_autocast(q.device.type):
-            for step in range(n):
-                pending = ring.start(kv, tag=0) if step + 1 < n else None
-                src = (r - step) % n
-                kd = None if docs_all is None else docs_all[src]
-                if step == 0:
+            for src, kv, kd in _ring_steps(ring, torch.stack((k, v)), docs_all, n, r):
+                if src == r:
                     o, l = block_attention_forward(q, kv[0], kv[1], True, _allowed(doc, kd), scale, backend)
                     out, lse = o.float(), l
                 elif src < r:
@@ -78,8 +85,6 @@ class _ZigZagRingAttention(torch.autograd.Function):
                     o, l = block_attention_forward(q[:, :, c:], kv[0], kv[1], False,
                                                    _allowed(None if doc is None else doc[:, c:], kd), scale, backend)
                     out[:, :, c:], lse[:, :, c:] = merge_blocks(out[:, :, c:], lse[:, :, c:], o, l)
-                if pending is not None:
-                    kv = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, doc, docs_all)
         ctx.scale, ctx.group, ctx.backend, ctx.n, ctx.r = scale, group, backend, n, r
@@ -91,15 +96,11 @@ class _ZigZagRingAttention(torch.autograd.Function):
         scale, backend, n, r = ctx.scale, ctx.backend, ctx.n, ctx.r
         ring = cpc.RingExchange(ctx.group)
         c = q.shape[2] // 2
-        kv = torch.stack((k, v))
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv_pending = None
         with _no_autocast(q.device.type):
-            for step in range(n):
-                pending = ring.start(kv, tag=0) if step + 1 < n else None
-                src = (r - step) % n
-                kd = None if docs_all is None else docs_all[src]
-                if step == 0:
+            for src, kv, kd in _ring_steps(ring, torch.stack((k, v)), docs_all, n, r):
+                if src == r:
                     dq_b, dk_b, dv_b = block_attention_backward(dout, q, kv[0], kv[1], out, lse, True,
                                                                 _allowed(doc, kd), scale, backend)
                     dq += dq_b
@@ -121,8 +122,6 @@ class _ZigZagRingAttention(torch.autograd.Function):
                     dkv[0] += dk_b
                     dkv[1] += dv_b
                 dkv_pending = ring.start(dkv, tag=1)  # on to the next rank; home after the last step
-                if pending is not None:
-                    kv = pending.wait()
         dkv = dkv_pending.wait()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
