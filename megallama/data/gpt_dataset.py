@@ -19,6 +19,7 @@ import torch
 
 from megallama.data.indexed_dataset import IndexedDataset
 from megallama.data.samplers import MegatronPretrainingSampler, build_data_iterator, collate  # noqa: F401
+from megallama.data.tokenizer import file_sha256
 from megallama.errors import ConfigError
 
 _CACHE_FORMAT = "megallama-gpt-cache-v1"
@@ -120,18 +121,10 @@ class GPTDataset(torch.utils.data.Dataset):
                 "loss_mask": torch.ones(self.seq_length, dtype=torch.float32)}
 
 
-def _content_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     """Cache key: the file's size and content hash and the tokenizer's fingerprint (not the path or mtime: a copy of
     the same file reuses the cache, an edited one does not)."""
-    key = hashlib.sha256("|".join([_CACHE_FORMAT, str(os.path.getsize(path)), _content_hash(path),
+    key = hashlib.sha256("|".join([_CACHE_FORMAT, str(os.path.getsize(path)), file_sha256(path),
                                    tokenizer.fingerprint, "eod"]).encode()).hexdigest()[:16]
     stem = os.path.basename(path)
     for suf in _JSONL_SUFFIXES:

@@ -30,10 +30,11 @@ _TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # tiktoken's Rust core can overflow its st
 _MAX_NO_WHITESPACE_CHARS = 25_000
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Content hash of a file (tokenizer fingerprints, tokenized-data cache keys): a copy hashes the same."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -81,7 +82,7 @@ class SentencePieceTokenizer(_Tokenizer):
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
         self.name = name or f"sentencepiece:{os.path.basename(path)}"
-        self.fingerprint = f"sentencepiece:{_file_sha256(path)}"
+        self.fingerprint = f"sentencepiece:{file_sha256(path)}"
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -143,7 +144,7 @@ class Llama3Tokenizer(_Tokenizer):
         self.eot_id = self.special_tokens["<|eot_id|>"]
         self.pad_id = self.eos_id  # Llama 3 has no pad token
         self.name = f"llama3:{os.path.basename(path)}"
-        self.fingerprint = f"llama3:{_file_sha256(path)}"
+        self.fingerprint = f"llama3:{file_sha256(path)}"
 
     def encode(self, text: str) -> list[int]:
         out = []
@@ -191,7 +192,7 @@ class HFTokenizer(_Tokenizer):
         pad = self._find(named.get("pad_token"), _HF_PAD)
         self.pad_id = self.eos_id if pad is None else pad
         self.name = f"hf:{os.path.basename(os.path.abspath(path))}"
-        self.fingerprint = f"hf:{_file_sha256(file)}"
+        self.fingerprint = f"hf:{file_sha256(file)}"
 
     @staticmethod
     def _config_tokens(folder: str) -> dict:
