@@ -19,3 +19,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a busy 2-core box: one intra-op thread avoids waiting for a descheduled second one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

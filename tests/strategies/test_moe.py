@@ -25,16 +25,6 @@ def _moe_model(sequence_parallel=False, params=MOE, seed=7):
     return m
 
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a busy 2-core box: one intra-op thread avoids waiting for a descheduled second one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ losses on hand-made routings
 def test_aux_loss_equals_formula_on_hand_made_routing():
     # 4 tokens, 2 experts, top-1. Tokens 0-2 choose expert 0, token 3 expert 1.

@@ -131,16 +131,6 @@ def test_bad_chat_data_is_one_line_error(tmp_path):
         build_sft_datasets(str(tmp_path / "none.jsonl"), build_tokenizer("bundled"), 64)
 
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny ops on a busy 2-core box: one intra-op thread avoids waiting for a descheduled second one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ end to end: pretrain -> finetune (LoRA)
 SMALL = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
          "--num-attention-heads", "4", "--num-query-groups", "2", "--micro-batch-size", "2", "--global-batch-size",
