@@ -3,8 +3,6 @@ False``) are reduced over the expert-data-parallel group in buckets of their own
 dp; the grad norm counts each expert once. Checked against single-process torch AdamW on the whole model, fed the
 same microbatches (each microbatch round across the dp ranks is one reference microbatch: the MoE aux loss uses
 its global routing statistics)."""
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +13,7 @@ from megallama.model import build_model
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megallama.strategies import TrainingStrategy, apply_strategy
-from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, batch, param_groups
+from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, batch, param_groups, train
 
 STEPS, M = 4, 2
 MOE = {"num_experts": 4, "experts_per_token": 2, "moe_aux_loss_coeff": 0.05, "moe_z_loss_coeff": 1e-2}
@@ -66,27 +64,7 @@ def _run(stage):
                                   overlap_param_gather=True)
     assert ddp.expert_comm is not None and ddp.expert_comm.size == 2
     opt = get_megatron_optimizer(OptimizerConfig(**OPT), [ddp])
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per = GLOBAL_BATCH // dp
-    mb = per // M
-    losses, norms = [], []
-    for step in range(STEPS):
-        opt.zero_grad()
-        x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        local = []
-        for i in range(M):
-            with ddp.no_sync() if i < M - 1 else contextlib.nullcontext():
-                loss = ddp(x[i * mb:(i + 1) * mb], labels=y[i * mb:(i + 1) * mb]).mean()
-                (loss / M).backward()
-            local.append(loss.detach())
-        ddp.finish_grad_sync()
-        ok, norm, _ = opt.step()
-        assert ok
-        mean = torch.stack(local).mean().reshape(1)
-        dist.all_reduce(mean)
-        losses.append(float(mean) / dp)
-        norms.append(norm)
+    losses, norms = train(ddp, opt, 0, STEPS, M)
     params = {n: _full(p) for n, p in model.named_parameters()}
     ps.destroy_model_parallel()
     return losses, norms, params

@@ -1,8 +1,6 @@
 """ZeRO composed with tensor parallelism (tp = 2 x dp = 2 gloo ranks): ZeRO shards over the dp group only, and
 the grad norm counts every element once (tp-sharded params on every tp rank, replicated ones on tp rank 0).
 Checked against single-process torch AdamW. Pipeline parallelism: test_zero_pipeline.py."""
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +9,7 @@ from dist_utils import rel_err, run_distributed
 from megallama.model import build_model
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
-from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, batch, reference_run
+from zero_harness import CFG, OPT, SEED, reference_run, train
 
 STEPS = 6
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -31,25 +29,7 @@ def _tp_job(stage):
     model = build_model(CFG, seed=SEED)
     ddp = DistributedDataParallel(model, zero_stage=stage, bucket_size=4000, overlap_grad_reduce=True)
     opt = get_megatron_optimizer(OptimizerConfig(**OPT), [ddp])
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per, losses, norms = GLOBAL_BATCH // dp, [], []
-    for step in range(STEPS):
-        opt.zero_grad()
-        x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        local = []
-        for i in range(2):
-            ctx = ddp.no_sync() if i == 0 else contextlib.nullcontext()
-            with ctx:
-                loss = ddp(x[i * per // 2:(i + 1) * per // 2], labels=y[i * per // 2:(i + 1) * per // 2]).mean()
-                (loss / 2).backward()
-            local.append(loss.detach())
-        ddp.finish_grad_sync()
-        ok, norm, _ = opt.step()
-        mean = torch.stack(local).mean().reshape(1)
-        dist.all_reduce(mean, group=ps.get_data_parallel_group())
-        losses.append(float(mean) / dp)
-        norms.append(norm)
+    losses, norms = train(ddp, opt, 0, STEPS, 2)
     sd = ddp.state_dict()
     params = {n: _full(p, n, 2).numpy() for n, p in model.named_parameters()} if stage < 3 else None
     if stage == 3:  # full params come from the state dict; tp shards still need gathering

@@ -11,7 +11,7 @@ from megallama.mpu import parallel_state as ps
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megallama.pipeline import build_model_chunks, get_forward_backward_func, unwrap_model
 from pipeline.pp_harness import forward_step
-from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, SEQ, batch, reference_run
+from zero_harness import CFG, GLOBAL_BATCH, OPT, SEED, SEQ, local_microbatches, reference_run
 
 STEPS, M = 4, 4
 TIED4 = CFG.replace(num_layers=4, tie_word_embeddings=True)
@@ -29,14 +29,11 @@ def _run(schedule, stage):
     opt = get_megatron_optimizer(OptimizerConfig(**OPT), ddps)
     fb = get_forward_backward_func(2, schedule)
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    per = GLOBAL_BATCH // dp
+    mb = GLOBAL_BATCH // dp // M
     losses, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
-        x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        mb = per // M
-        data = iter([{"input_ids": x[i * mb:(i + 1) * mb], "labels": y[i * mb:(i + 1) * mb]} for i in range(M)])
+        data = iter([{"input_ids": x, "labels": y} for x, y in local_microbatches(step, dp, rank, M)])
         out = fb(forward_step, data, ddps, M, SEQ, mb)
         for d in ddps:
             d.finish_grad_sync()
