@@ -3,15 +3,20 @@
 # corpus, then LoRA SFT on the bundled chat sample (Llama 3 chat template, loss on the answers only).
 # For a real model: --model llama3_8b_instruct --pretrained-checkpoint <megallama checkpoint or HF folder>
 #   --data-path chats.jsonl --bf16, launched with torchrun (add --tensor-model-parallel-size etc. as for pretraining).
+# DRY_RUN=1 resolves the fine-tuning step's flags and prints its memory estimate (as for one GPU); nothing trains.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHAPE="--model tiny_llama3_50m --num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8
-  --num-query-groups 4 --device cpu"
-[ -d checkpoints/tiny_sft_base ] || python pretrain_llama.py $SHAPE --seq-length 256 --micro-batch-size 8 \
+SHAPE=(--model tiny_llama3_50m --num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8
+  --num-query-groups 4 --device cpu)
+SFT=("${SHAPE[@]}" --pretrained-checkpoint checkpoints/tiny_sft_base
+  --strategy lora --lora-rank 16 --lora-alpha 32 --lora-target-modules all
+  --seq-length 256 --sft-packing --micro-batch-size 8 --global-batch-size 16 --train-iters 100
+  --lr 1e-3 --lr-warmup-iters 10 --eval-interval 50 --eval-iters 4
+  --save checkpoints/tiny_lora --save-interval 100 --save-adapter checkpoints/tiny_lora/adapter)
+if [ -n "${DRY_RUN:-}" ]; then
+  exec python -m megallama.cli train "${SFT[@]}" "$@" --dry-run
+fi
+[ -d checkpoints/tiny_sft_base ] || python pretrain_llama.py "${SHAPE[@]}" --seq-length 256 --micro-batch-size 8 \
   --global-batch-size 16 --train-iters 200 --lr 2e-3 --lr-warmup-iters 20 \
   --save checkpoints/tiny_sft_base --save-interval 200
-python finetune_llama.py $SHAPE --pretrained-checkpoint checkpoints/tiny_sft_base \
-  --strategy lora --lora-rank 16 --lora-alpha 32 --lora-target-modules all \
-  --seq-length 256 --sft-packing --micro-batch-size 8 --global-batch-size 16 --train-iters 100 \
-  --lr 1e-3 --lr-warmup-iters 10 --eval-interval 50 --eval-iters 4 \
-  --save checkpoints/tiny_lora --save-interval 100 --save-adapter checkpoints/tiny_lora/adapter "$@"
+exec python finetune_llama.py "${SFT[@]}" "$@"

@@ -4,10 +4,16 @@
 # the expert-data-parallel group; ZeRO stages 0-2).
 # Each log line carries the aux/z losses and the tokens-per-expert histogram of every sparse layer.
 # On CPU: python pretrain_llama.py --model tiny_llama3_50m --device cpu --strategy moe --num-experts 4 ...
+# DRY_RUN=1 resolves the flags for GPUS GPUs and prints the per-GPU memory estimate (one process, no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-torchrun --nproc_per_node "${GPUS:-4}" pretrain_llama.py --model tiny_llama3_150m --bf16 \
-  --strategy moe --num-experts 8 --moe-router-topk 2 --moe-layer-freq 2 \
-  --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --expert-model-parallel-size "${EP:-1}" \
-  --seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --train-iters 500 \
-  --lr 1e-3 --lr-warmup-iters 50 --log-interval 10 --save checkpoints/moe --save-interval 250 "$@"
+GPUS=${GPUS:-4}
+ARGS=(--model tiny_llama3_150m --bf16
+  --strategy moe --num-experts 8 --moe-router-topk 2 --moe-layer-freq 2
+  --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --expert-model-parallel-size "${EP:-1}"
+  --seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --train-iters 500
+  --lr 1e-3 --lr-warmup-iters 50 --log-interval 10 --save checkpoints/moe --save-interval 250)
+if [ -n "${DRY_RUN:-}" ]; then
+  exec python -m megallama.cli train --gpus "$GPUS" "${ARGS[@]}" "$@" --dry-run
+fi
+exec torchrun --nproc_per_node "$GPUS" pretrain_llama.py "${ARGS[@]}" "$@"

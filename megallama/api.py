@@ -1,8 +1,9 @@
 """The seed README's Python API, as thin faces over the real implementation.
 
 Every face turns its objects into the Megatron-style flags of ``megallama/arguments.py`` and runs
-``megallama.training.pretrain`` (the one training loop); layouts come from ``autoconfig.choose_layout``, memory from
-``memory.estimate_requirements``, strategies are ``strategies.TrainingStrategy``, the pipeline scheduler is
+``megallama.training.pretrain`` (the one training loop; your dataloaders go in as its ``datasets``); layouts come
+from ``autoconfig.choose_layout``, the memory estimate from those same flags (``memory_args.estimate_for_args``, as
+``cli train --dry-run``), strategies are ``strategies.TrainingStrategy``, the pipeline scheduler is
 ``pipeline.MicrobatchScheduler``. Multi-GPU training runs one process per GPU: start your script with
 ``torchrun --nproc_per_node N`` (the orchestrator checks the world size against its layout).
 
@@ -11,8 +12,6 @@ Every face turns its objects into the Megatron-style flags of ``megallama/argume
 """
 from __future__ import annotations
 
-import inspect
-import math
 import os
 from dataclasses import dataclass, replace
 from typing import List, Optional
@@ -55,13 +54,19 @@ class TrainingConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 2
 
-    def to_argv(self) -> List[str]:
+    @property
+    def precision(self) -> str:
+        """The run's bf16 / fp16 / fp32 (what it trains, plans and estimates with)."""
         prec = self.mixed_precision or ("bf16" if _cuda() else "fp32")
-        if prec not in ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
+        prec = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(prec, prec)
+        if prec not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"mixed_precision '{prec}' is not bf16, fp16 or fp32; pick one of those")
+        return prec
+
+    def to_argv(self) -> List[str]:
         argv = ["--lr", str(self.learning_rate), "--weight-decay", str(self.weight_decay), "--clip-grad",
                 str(self.gradient_clipping), "--seed", str(self.seed), "--log-interval", str(self.log_interval),
-                "--eval-iters", str(self.eval_iters), "--mixed-precision", prec]
+                "--eval-iters", str(self.eval_iters), "--mixed-precision", self.precision]
         for flag, val in (("--global-batch-size", self.batch_size), ("--micro-batch-size", self.micro_batch_size),
                           ("--train-iters", self.train_iters), ("--epochs", self.epochs),
                           ("--seq-length", self.sequence_length), ("--lr-warmup-iters", self.warmup_iters),
@@ -185,8 +190,10 @@ class LlamaTrainingOrchestrator:
         bad = sorted(set(self.model_overrides) - set(_SHAPE_FLAGS))
         if bad:
             raise ConfigError(f"model_overrides key '{bad[0]}' unknown; use {', '.join(sorted(_SHAPE_FLAGS))}")
-        self.model_config: ModelConfig = get_model_config(model_variant, **self.model_overrides)
         self.strategy = _as_strategy(training_strategy)
+        # with the strategy's experts, as the loop builds it: the plan and the estimate count them
+        self.model_config: ModelConfig = self.strategy.model_config(get_model_config(model_variant,
+                                                                                     **self.model_overrides))
         self.num_gpus, self.num_nodes = num_gpus, num_nodes
         self.training_config = training_config or TrainingConfig(model_name=model_variant,
                                                                  sequence_length=sequence_length)
@@ -194,11 +201,12 @@ class LlamaTrainingOrchestrator:
             self.training_config = replace(self.training_config, sequence_length=sequence_length)
         self.gpu_memory_gb = gpu_memory_gb or detect_gpu_memory_gb()
         self.extra_args = list(extra_args or [])
-        self.plan = None
+        self.plan = self._planned = None
         if distributed_config is not None:
             self.distributed_config = distributed_config
         elif auto_configure:
             self.distributed_config = self._auto_configure()
+            self._planned = self.distributed_config  # the plan's explanation is printed while this layout stands
         else:
             self.distributed_config = DistributedConfig(data_parallel_size=num_gpus * num_nodes)
 
@@ -208,21 +216,19 @@ class LlamaTrainingOrchestrator:
 
     def _auto_configure(self) -> DistributedConfig:
         from megallama.autoconfig import choose_layout
-        world = self.num_gpus * self.num_nodes
-        strat = "hybrid" if self.strategy.name == "hybrid" else self.strategy.name
-        precision = (self.training_config.mixed_precision or "bf16").replace("bfloat16", "bf16")
+        world, tc = self.num_gpus * self.num_nodes, self.training_config
+        kw = self.strategy.estimate_kw()
         self.plan = choose_layout(self.model_config, world, self.gpu_memory_gb, self.sequence_length,
-                                  self.training_config.micro_batch_size, self.training_config.batch_size,
-                                  precision if precision in ("bf16", "fp16", "fp32") else "bf16",
-                                  strat if strat in ("standard", "lora", "hybrid") else "standard",
-                                  gpus_per_node=self.num_gpus, explain=True)
+                                  tc.micro_batch_size, tc.batch_size, tc.precision, kw.pop("strategy"),
+                                  gpus_per_node=self.num_gpus, explain=True, **kw)
         if self.plan is None:
             return DistributedConfig(data_parallel_size=world, num_nodes=self.num_nodes)
         p = self.plan
         return DistributedConfig(tensor_parallel_size=p["tp"], pipeline_parallel_size=p["pp"],
                                  data_parallel_size=p["dp"], zero_stage=p["zero_stage"],
                                  sequence_parallel=p["sequence_parallel"], recompute=p["recompute"],
-                                 microbatch_size=p["micro_batch_size"], num_nodes=self.num_nodes)
+                                 microbatch_size=p["micro_batch_size"], num_microbatches=p["num_microbatches"],
+                                 num_nodes=self.num_nodes)
 
     # ---------------------------------------------------------------- resolved flags
     def argv(self) -> List[str]:
@@ -244,29 +250,26 @@ class LlamaTrainingOrchestrator:
         return parse_args(self.argv() + list(extra or []), world_size=world)
 
     def estimate_memory(self) -> dict:
-        dc = self.distributed_config
-        return estimate_requirements(model_config=self.model_config, model_variant=self.model_variant,
-                                     batch_size=dc.microbatch_size or self.training_config.micro_batch_size or 1,
-                                     sequence_length=self.sequence_length, num_gpus=dc.world_size,
-                                     tp=dc.tensor_parallel_size,
-                                     pp=dc.pipeline_parallel_size, cp=dc.context_parallel_size,
-                                     zero_stage=dc.zero_stage, recompute=dc.recompute,
-                                     sequence_parallel=dc.sequence_parallel,
-                                     strategy=self.strategy.name if self.strategy.name != "moe" or
-                                     self.model_config.num_experts else "standard",
-                                     gpu_memory_gb=self.gpu_memory_gb)
+        """Per-GPU memory of the run ``launch_training`` starts: the estimate of its resolved flags (micro- and
+        global batch, precision, strategy with experts and ep, schedule), as ``cli train --dry-run`` prints it."""
+        from megallama.memory_args import estimate_for_args
+        world = self.distributed_config.world_size
+        nodes = self.num_nodes if self.num_nodes > 0 and world % self.num_nodes == 0 else 1
+        return estimate_for_args(self.build_args(world), world // nodes, nodes, self.gpu_memory_gb)
 
     def print_configuration(self) -> str:
+        from megallama.memory import model_split
         from megallama.memory_advice import format_table
         dc, cfg = self.distributed_config, self.model_config
-        lines = [f"model: {self.model_variant} ({cfg.num_params() / 1e9:.3f}B params, {cfg.num_layers} layers, hidden "
+        params = sum(model_split(cfg, **self.strategy.estimate_kw()))
+        lines = [f"model: {self.model_variant} ({params / 1e9:.3f}B params, {cfg.num_layers} layers, hidden "
                  f"{cfg.hidden_size}, vocab {cfg.vocab_size})",
                  f"strategy: {self.strategy.name} {self.strategy.parameters or ''}".rstrip(),
                  f"layout: {dc.world_size} GPUs = tp {dc.tensor_parallel_size} x pp {dc.pipeline_parallel_size} x dp "
                  f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}, ZeRO-{dc.zero_stage}, "
                  f"recompute {dc.recompute}, schedule {dc.pipeline_schedule}",
                  "flags: " + " ".join(self.argv())]
-        if self.plan is not None and "explanation" in self.plan:
+        if self.plan is not None and "explanation" in self.plan and self.distributed_config == self._planned:
             lines += ["", self.plan["explanation"]]
         try:
             lines += ["", format_table(self.estimate_memory())]
@@ -291,33 +294,19 @@ class LlamaTrainingOrchestrator:
         if train_iters:
             extra += ["--train-iters", str(train_iters)]
         args = self.build_args(world, extra)
+        from megallama.training import pretrain
         if train_dataloader is None:
-            return _pretrain(args)
+            return pretrain(args)
         from megallama.api_data import UserDataset
+        from megallama.training_setup import iters_for_epochs
         train = UserDataset(train_dataloader, args.seq_length, args.model_config.vocab_size, "train")
         valid = None if val_dataloader is None else \
             UserDataset(val_dataloader, args.seq_length, args.model_config.vocab_size, "validation")
         if args.train_iters is None or (self.training_config.epochs and not train_iters):
-            epochs = self.training_config.epochs or 1.0
-            args.train_iters = max(1, math.ceil(epochs * len(train) / args.global_batch_size))
+            args.train_iters = iters_for_epochs(args, len(train), self.training_config.epochs or 1.0)
         if valid is not None and not args.eval_interval:
             args.eval_interval = max(1, args.train_iters)
-        return _pretrain(args, (train, valid))
-
-
-def _pretrain(args, datasets=None) -> dict:
-    from megallama import training
-    if datasets is None:
-        return training.pretrain(args)
-    if "datasets" in inspect.signature(training.pretrain).parameters:
-        return training.pretrain(args, datasets=datasets)
-    # Until pretrain takes ``datasets=``: its data builder is swapped for this call only (same loop, your data).
-    original = training.build_data
-    training.build_data = lambda _args: (None, datasets[0], datasets[1])
-    try:
-        return training.pretrain(args)
-    finally:
-        training.build_data = original
+        return pretrain(args, datasets=(train, valid))
 
 
 # ---------------------------------------------------------------- the seed's constructors

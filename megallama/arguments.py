@@ -198,14 +198,8 @@ def _derive(args, world_size: int):
     if args.untie_embeddings_and_output_weights:
         overrides["tie_word_embeddings"] = False
     _derive_strategy(args)
-    if args.num_experts:
-        overrides["num_experts"] = args.num_experts
-        overrides["moe_router_topk"] = args.moe_router_topk
-    args.model_config = get_model_config(args.model, **overrides)
-    if args.num_experts:  # validate the MoE layer choice against the model; record it in the config
-        from megallama.strategies import strategy_from_args
-        moe = strategy_from_args(args).moe_config(args.model_config.num_layers)
-        args.model_config.moe_layers = list(moe.layers)
+    from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
+    args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
     if args.use_checkpoint_args:
         if not args.load:
             raise ConfigError("--use-checkpoint-args needs --load pointing at a checkpoint")

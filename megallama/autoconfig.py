@@ -6,7 +6,8 @@ simple and stated: pipeline bubble (p-1)/(m+p-1) and stage balance (the slowest 
 by its matmul size, sets the pace), recompute costs 1/3 of a step (full) or 3% (selective),
 tensor parallelism loses 4% per doubling and may not leave a node, ZeRO-3 loses 10% to its extra all-gathers,
 micro-batches under 4096 tokens lose GPU efficiency. ``choose_layout`` returns None when nothing fits, and
-``explain`` says why (model states alone: 18 bytes per parameter with bf16 params, fp32 grads, masters and Adam).
+``explain`` says why (model states alone: 18 bytes per trained parameter with bf16 params, fp32 grads, masters
+and Adam; a frozen LoRA base keeps its 2 bytes of weights only).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import List, Optional, Union
 
 from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
-from megallama.memory import GiB, estimate_requirements, precision_bytes, stage_layers
+from megallama.memory import GiB, estimate_requirements, model_split, precision_bytes, stage_layers
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
@@ -114,7 +115,8 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     plan = fitting[0] if fitting else None
     if explain:
         text = explanation(cfg, num_gpus, gpu_memory_gb, seq, precision, plan, rows, strategy,
-                           estimate_kw.get("mixed_precision_mode", "params"))
+                           estimate_kw.get("mixed_precision_mode", "params"), estimate_kw.get("lora_rank", 8),
+                           estimate_kw.get("lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
                                       gpus_per_node, safety_margin, estimate_kw)
@@ -125,14 +127,29 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     return plan
 
 
-def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
-                plan: Optional[dict], rows: List[dict], strategy: str = "standard", mode: str = "params") -> str:
+def model_states_line(cfg: ModelConfig, num_gpus: int, precision: str, strategy: str = "standard",
+                      mode: str = "params", lora_rank: int = 8,
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
+    """The estimator's bytes per parameter for this strategy (a frozen base keeps weights only) and the model
+    states per GPU when fully sharded (ZeRO-3 over every GPU)."""
     p, g, k = precision_bytes(precision, mode)
-    floor = (p + g + k) * cfg.num_params() / num_gpus / GiB
-    lines = [f"auto-configuration for {cfg.name} ({cfg.num_params() / 1e9:.2f}B params) on {num_gpus} GPUs of "
-             f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}:",
-             f"  model states need {p + g + k} bytes/param ({p} weights + {g} grads + {k} optimizer): at best "
-             f"{floor:.1f} GiB per GPU when fully sharded over all {num_gpus} GPUs"]
+    trainable, experts, frozen = model_split(cfg, strategy, lora_rank, lora_targets)
+    floor = ((p + g + k) * (trainable + experts) + p * frozen) / num_gpus / GiB
+    text = f"{p + g + k} bytes/param ({p} weights + {g} grads + {k} optimizer)"
+    if frozen:
+        text = (f"{p + g + k} bytes per trained param ({p} weights + {g} grads + {k} optimizer) for "
+                f"{(trainable + experts) / 1e6:.1f}M trained and {p} bytes (weights only) for {frozen / 1e9:.2f}B "
+                f"frozen")
+    return f"  model states need {text}: at best {floor:.1f} GiB per GPU when fully sharded over all {num_gpus} GPUs"
+
+
+def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
+                plan: Optional[dict], rows: List[dict], strategy: str = "standard", mode: str = "params",
+                lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
+    total = sum(model_split(cfg, strategy, lora_rank, lora_targets))
+    lines = [f"auto-configuration for {cfg.name} ({total / 1e9:.2f}B params) on {num_gpus} GPUs of "
+             f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}, {strategy}:",
+             model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets)]
     if plan is None:
         if not rows:
             lines.append("  no layout is valid for this model and GPU count (tp must divide heads, kv heads and "

@@ -35,6 +35,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     """Choose the layout and write it into ``args`` (``args.auto_layout`` the plan); returns the world size it
     planned for (ConfigError when nothing fits)."""
     from megallama.autoconfig import choose_layout, detect_gpu_memory_gb
+    from megallama.strategies import strategy_from_args
     fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
                                                  ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
                                                  ("context-parallel-size", args.context_parallel_size),
@@ -52,15 +53,14 @@ def apply_auto_configure(args, world_size: int) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0
     recompute = args.recompute_granularity
     quiet = contextlib.nullcontext() if rank0 else contextlib.redirect_stdout(io.StringIO())
+    strategy = strategy_from_args(args).estimate_kw()  # the model config already holds the experts
     with quiet:  # choose_layout prints its reasons itself when nothing fits
         plan = choose_layout(args.model_config, world, memory, args.seq_length, args.micro_batch_size, global_batch,
-                             _precision(args), args.strategy, gpus_per_node=_gpus_per_node(args, world),
+                             _precision(args), strategy.pop("strategy"), gpus_per_node=_gpus_per_node(args, world),
                              zero_stages=(args.zero_stage,) if args.zero_stage is not None else (0, 1, 2, 3),
                              recomputes=(recompute,) if recompute else ("none", "selective", "full"),
                              mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
-                             fused_kernels=not args.no_fused_kernels, lora_rank=args.lora_rank or 8,
-                             moe_topk=args.moe_router_topk if args.num_experts else None,
-                             device="cpu" if on_cpu else "cuda")
+                             fused_kernels=not args.no_fused_kernels, device="cpu" if on_cpu else "cuda", **strategy)
     if plan is None:
         raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "
                           f"{memory:.0f} GiB (reasons above); add GPUs, shorten --seq-length or use --strategy lora")

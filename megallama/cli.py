@@ -51,32 +51,15 @@ def _launcher(argv: List[str], gpus: int, nodes: int) -> List[str]:
 def dry_run(argv: List[str]) -> int:
     """Resolve the flags for the requested world size and print them with the memory estimate; build nothing."""
     from megallama.arguments import parse_args
-    from megallama.memory import estimate_requirements
     from megallama.memory_advice import format_table
+    from megallama.memory_args import estimate_for_args
     gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
     args = parse_args(argv, world_size=gpus * nodes)
     lines = ["resolved configuration:"]
     lines += [f"  {k:40s} {getattr(args, k)}" for k in sorted(vars(args)) if k != "model_config"]
     lines.append(f"  model_config {args.model_config.to_dict()}")
     print("\n".join(lines))
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    from megallama.pipeline.partition import validate_pipeline_config  # the pipeline split is checked here too
-    pipe = validate_pipeline_config(args.model_config.num_layers, args.pipeline_model_parallel_size,
-                                    args.pipeline_schedule, global_batch_size=args.global_batch_size,
-                                    micro_batch_size=args.micro_batch_size, data_parallel_size=args.data_parallel_size,
-                                    num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-                                    first_stage_num_layers=args.decoder_first_pipeline_num_layers)
-    est = estimate_requirements(args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
-                                sequence_length=args.seq_length, num_gpus=gpus, num_nodes=nodes,
-                                tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
-                                zero_stage=args.zero_stage, recompute=args.recompute_granularity or "none",
-                                precision=precision, strategy=args.strategy, lora_rank=args.lora_rank or 8,
-                                num_experts=args.num_experts, sequence_parallel=args.sequence_parallel,
-                                pipeline_schedule=args.pipeline_schedule, num_microbatches=args.num_microbatches,
-                                virtual_pipeline_stages=pipe["num_chunks"],
-                                mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
-                                fused_kernels=not args.no_fused_kernels)
+    est = estimate_for_args(args, gpus, nodes)  # the pipeline split is checked here too
     print()
     print(format_table(est))
     return 0

@@ -14,7 +14,6 @@ outside ``torch.cuda.max_memory_allocated``: the CUDA context, NCCL, and allocat
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 from megallama import activation_memory as am
@@ -45,6 +44,40 @@ def precision_bytes(precision: str, mode: str):
     if precision == "fp32" or mode == "autocast":
         return 4, 4, 8
     return 2, 4, 12
+
+
+def trainable_split(strategy: str, dense: float, experts: float, adapters: float):
+    """(trainable non-expert, trainable expert, frozen) parameters: LoRA trains the adapters on a frozen base (its
+    experts too), hybrid the adapters and the experts, standard and moe everything."""
+    if strategy == "lora":
+        return adapters, 0, dense + experts
+    if strategy == "hybrid":
+        return adapters, experts, dense
+    return dense, experts, 0
+
+
+def split_states_bytes(split, zero_stage: int, n: int, ep: int, pkg) -> Dict[str, float]:
+    """Model states of a ``trainable_split`` over N = dp*cp ranks: frozen parameters keep weights only (sharded
+    by ZeRO-3); experts shard over the expert-data-parallel group (N/ep)."""
+    trainable, experts, frozen = split
+    st = model_states_bytes(trainable, zero_stage, n, *pkg)
+    st["weights"] += pkg[0] * frozen / (n if zero_stage >= 3 else 1)
+    if experts:
+        ex = model_states_bytes(experts, zero_stage, max(1, n // ep), *pkg)
+        st = {key: st[key] + ex[key] for key in st}
+    return st
+
+
+def model_split(cfg: ModelConfig, strategy: str = "standard", lora_rank: int = 8,
+                lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """``trainable_split`` of the whole model (no tp/pp), counted as ``_stage`` counts a stage."""
+    lp, moe_layers = _layer_params(cfg, 1), 0
+    if strategy in ("moe", "hybrid") and cfg.num_experts:
+        moe_layers = len(cfg.moe_layers) if cfg.moe_layers else cfg.num_layers
+    experts = moe_layers * (cfg.num_experts * lp["mlp"] + cfg.hidden_size * cfg.num_experts)
+    adapters = cfg.num_layers * _lora_params(cfg, lora_rank, list(lora_targets), 1) \
+        if strategy in ("lora", "hybrid") else 0
+    return trainable_split(strategy, cfg.num_params() - moe_layers * lp["mlp"], experts, adapters)
 
 
 def stage_layers(num_layers: int, pp: int, first_stage_layers: Optional[int] = None) -> List[int]:
@@ -107,20 +140,10 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
         dense += vloc * h
     if post or (chunks == 2):
         dense += h + (0 if (cfg.tie_word_embeddings and pp == 1) else vloc * h)
-    p, g, k = pkg
-    n = dp * cp
-    if strategy in ("lora", "hybrid"):  # frozen base (+ trainable experts and routers for hybrid)
-        adapters = n_layers * _lora_params(cfg, lora_rank, lora_targets, tp)
-        st = model_states_bytes(adapters, zero, n, p, g, k)
-        st["weights"] += p * (dense + (0 if strategy == "hybrid" else expert_params)) / (n if zero >= 3 else 1)
-        if strategy == "hybrid" and expert_params:
-            ex = model_states_bytes(expert_params, zero, max(1, n // ep), p, g, k)
-            st = {key: st[key] + ex[key] for key in st}
-    else:
-        st = model_states_bytes(dense, zero, n, p, g, k)
-        if expert_params:  # experts shard over the expert-data-parallel group (dp*cp/ep)
-            ex = model_states_bytes(expert_params, zero, max(1, n // ep), p, g, k)
-            st = {key: st[key] + ex[key] for key in st}
+    p, n = pkg[0], dp * cp
+    adapters = n_layers * _lora_params(cfg, lora_rank, lora_targets, tp) if strategy in ("lora", "hybrid") else 0
+    split = trainable_split(strategy, dense, expert_params, adapters)
+    st = split_states_bytes(split, zero, n, ep, pkg)
     local_params = dense + expert_params
     # activations
     inflight = _in_flight(schedule, pp, stage, m, v)
@@ -133,8 +156,7 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     # ZeRO buffers by phase. Stage 2: one fp32 staging bucket in backward (up to three with overlap). Stage 3:
     # each unit (a layer; the embedding / untied head) is a bucket, gathered (p bytes) just before its use and
     # freed after, the next one prefetched; the root (a tied or shared output weight) stays gathered all step.
-    trainable_local = local_params if strategy in ("standard", "moe") else \
-        n_layers * _lora_params(cfg, lora_rank, lora_targets, tp) + (expert_params if strategy == "hybrid" else 0)
+    trainable_local = split[0] + split[1]
     extra = {}
     if zero >= 2 and n > 1:
         k = 3 if overlap else 1
@@ -260,7 +282,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     breakdown = {key: int(st[key]) for key in cats}
     breakdown["overhead"] = int(overhead)
     result = {
-        "model_variant": cfg.name, "num_params": cfg.num_params(), "params_per_gpu": int(st["params"]),
+        "model_variant": cfg.name, "num_params": int(sum(model_split(cfg, strategy, lora_rank, lora_targets))),
+        "params_per_gpu": int(st["params"]),
         "memory_per_gpu_gb": total / GiB, "peak_allocated_gb": st["allocated"] / GiB,
         "model_states_gb": (st["weights"] + st["grads"] + st["optimizer"]) / GiB,
         "breakdown_bytes": breakdown, "breakdown_gb": {key: val / GiB for key, val in breakdown.items()},

@@ -49,6 +49,29 @@ class TrainingStrategy:
     def uses_lora(self) -> bool:
         return self.name in ("lora", "hybrid")
 
+    @property
+    def memory_kind(self) -> str:
+        """What trains, in the memory estimator's terms: ``num_experts`` alone makes a 'moe' model, and LoRA with
+        experts trains them as 'hybrid' does (``apply_strategy``)."""
+        if self.uses_moe:
+            return "hybrid" if self.uses_lora else "moe"
+        return "lora" if self.uses_lora else "standard"
+
+    def estimate_kw(self) -> dict:
+        """What ``memory.estimate_requirements`` needs to count this strategy's model states."""
+        lora = self.lora_config()
+        kw = {"strategy": self.memory_kind}
+        if lora is not None:
+            kw.update(lora_rank=lora.rank, lora_targets=tuple(lora.target_modules))
+        return kw
+
+    def model_config(self, cfg):
+        """``cfg`` with this strategy's experts (count, top-k, sparse layers), as the built model records them."""
+        moe = self.moe_config(cfg.num_layers)
+        if moe is None:
+            return cfg
+        return cfg.replace(num_experts=moe.num_experts, moe_router_topk=moe.topk, moe_layers=list(moe.layers))
+
     def moe_config(self, num_layers: int) -> Optional[MoEConfig]:
         if not self.uses_moe:
             return None

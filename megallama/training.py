@@ -1,6 +1,7 @@
 """The training loop: schedule -> grad sync -> optimizer step -> LR -> logging -> eval -> checkpoint.
 
-``pretrain(args)`` is what ``pretrain_llama.py`` and the CLI call. The loop knows no parallel details beyond
+``pretrain(args)`` is what ``pretrain_llama.py`` and the CLI call; the Python API passes its users' data as
+``pretrain(args, datasets=(train, valid))``. The loop knows no parallel details beyond
 asking ``parallel_state`` and the pipeline/optimizer packages; every layout runs through the same code.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from megallama.optimizer.compression import compression_report, format_compressi
 from megallama.progress import ProgressBar
 from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
-from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, setup_model_and_optimizer)
+from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, given_data,
+                                      setup_model_and_optimizer)
 
 
 def _autocast(args, device):
@@ -87,12 +89,13 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     return _global_mean_loss(losses, device)
 
 
-def pretrain(args) -> dict:
-    """Train; returns a summary (losses per iteration, final iteration) for tests and the API."""
+def pretrain(args, datasets=None) -> dict:
+    """Train; returns a summary (losses per iteration, final iteration) for tests and the API. ``datasets``:
+    (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags."""
     device = initialize_megatron(args)
     if args.save:
         check_writable(args.save)
-    tokenizer, train_ds, valid_ds = build_data(args)
+    train_ds, valid_ds = build_data(args)[1:] if datasets is None else given_data(args, datasets)
     model_chunks, optimizer = setup_model_and_optimizer(args, device)
     if args.dry_run:
         return {"dry_run": True, "losses": {}}

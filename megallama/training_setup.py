@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megallama.errors import ConfigError
 from megallama.initialize import print_rank_0
@@ -53,20 +53,37 @@ def build_data(args):
         train, valid = build_sft_datasets(args.data_path, tokenizer, args.seq_length, args.seed, args.split,
                                           packing=getattr(args, "sft_packing", False))
         if args.train_iters is None:
-            args.train_iters = max(1, math.ceil(args.epochs * len(train) / args.global_batch_size))
+            args.train_iters = iters_for_epochs(args, len(train))
         return tokenizer, train, valid
     from megallama.data.gpt_dataset import build_pretraining_datasets
     data = args.data_path or get_bundled_corpus_path()
     cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
     if args.train_iters is None:  # --epochs: size one epoch first
         one, _ = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache)
-        args.train_iters = max(1, math.ceil(args.epochs * len(one) / args.global_batch_size))
+        args.train_iters = iters_for_epochs(args, len(one))
     n_train = args.train_iters * args.global_batch_size
     n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
         if args.eval_interval else None
     train, valid = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache,
                                               num_train_samples=n_train, num_valid_samples=n_valid)
     return tokenizer, train, valid
+
+
+def iters_for_epochs(args, num_samples: int, epochs: Optional[float] = None) -> int:
+    """Optimizer steps for ``epochs`` (default --epochs) passes over ``num_samples`` sequences."""
+    return max(1, math.ceil((epochs or args.epochs) * num_samples / args.global_batch_size))
+
+
+def given_data(args, datasets):
+    """``pretrain(args, datasets=(train, valid))``: the caller's map-style datasets (the Python API's user data)
+    instead of the ones ``build_data`` makes from the flags; valid may be None. Without --train-iters the run is
+    --epochs (default one) passes over train."""
+    train, valid = datasets
+    if train is None or len(train) == 0:
+        raise ConfigError("pretrain(args, datasets=(train, valid)) got no training samples; pass a non-empty dataset")
+    if args.train_iters is None:
+        args.train_iters = iters_for_epochs(args, len(train), args.epochs or 1.0)
+    return train, valid
 
 
 def _params_dtype(args):
@@ -174,16 +191,9 @@ def dry_run_report(args) -> str:
         if k != "model_config":
             lines.append(f"  {k:40s} {getattr(args, k)}")
     lines.append(f"  model_config {args.model_config.to_dict()}")
-    try:
-        from megallama.memory import estimate_requirements
-        est = estimate_requirements(args.model, batch_size=args.micro_batch_size, sequence_length=args.seq_length,
-                                    num_gpus=args.world_size, tp=args.tensor_model_parallel_size,
-                                    pp=args.pipeline_model_parallel_size, zero_stage=args.zero_stage,
-                                    recompute=args.recompute_granularity or "none",
-                                    precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
-        lines.append(f"estimated memory per GPU: {est['memory_per_gpu_gb']:.2f} GB")
-    except ImportError:
-        pass
+    from megallama.memory_args import estimate_for_args
+    est = estimate_for_args(args, args.world_size, recommend=False)
+    lines.append(f"estimated memory per GPU: {est['memory_per_gpu_gb']:.2f} GiB")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import megallama
+from megallama.config import get_model_config
 from megallama.errors import ConfigError
 
 from dist_utils import run_distributed
@@ -151,6 +152,68 @@ def test_tensor_parallel_trainer_on_two_ranks_matches_one_process():
     for rank in (0, 1):
         for it in (1, 2):
             assert abs(res[rank][it] - single[it]) / single[it] < 1e-5, (rank, it, res[rank], single)
+
+
+def test_configuration_estimates_the_run_it_launches():
+    """The printed estimate is that of the flags launch_training uses: the TrainingConfig's global batch and
+    precision (not 1 x 1 microbatches in bf16), and an auto-configured plan's microbatches."""
+    def orch(**kw):
+        return megallama.LlamaTrainingOrchestrator(
+            "tiny_llama3_50m", num_gpus=4, auto_configure=False, model_overrides=TINY,
+            training_config=_cfg(batch_size=64, micro_batch_size=8, **kw),
+            distributed_config=megallama.DistributedConfig(data_parallel_size=4))
+    text = orch(mixed_precision="fp16").print_configuration()
+    assert "micro-batch 8 x 2 microbatches (global 64)" in text and "fp16 (params)" in text
+    for precision, weight_bytes in (("fp32", 4), ("bf16", 2)):
+        est = orch(mixed_precision=precision).estimate_memory()
+        assert est["layout"]["precision"] == precision
+        assert est["breakdown_bytes"]["weights"] == weight_bytes * est["params_per_gpu"]
+    o8 = megallama.create_llama3_8b_orchestrator(num_gpus=4, training_config=megallama.TrainingConfig(
+        batch_size=64, sequence_length=4096, mixed_precision="bf16"))
+    lay = o8.estimate_memory()["layout"]
+    assert (lay["micro_batch_size"], lay["num_microbatches"], lay["global_batch_size"]) == \
+        (o8.plan["micro_batch_size"], o8.plan["num_microbatches"], 64) and lay["num_microbatches"] > 1
+
+
+def test_moe_plan_and_estimate_count_the_experts_per_expert_parallel_rank():
+    moe = megallama.TrainingStrategy(name="moe", parameters={"num_experts": 4, "experts_per_token": 2,
+                                                             "moe_layers": [1]})
+    dense, mlp, h = get_model_config("tiny_llama3_50m", **TINY).num_params(), 3 * 64 * 176, 64
+    for ep in (1, 2):  # layer 1's MLP becomes 4 / ep local experts and a router
+        orch = megallama.LlamaTrainingOrchestrator(
+            "tiny_llama3_50m", moe, num_gpus=4, auto_configure=False, model_overrides=TINY,
+            training_config=_cfg(batch_size=16), distributed_config=megallama.DistributedConfig(
+                data_parallel_size=4, expert_parallel_size=ep))
+        est = orch.estimate_memory()
+        assert est["layout"]["strategy"] == "moe" and est["layout"]["ep"] == ep
+        assert est["params_per_gpu"] == dense + (4 // ep - 1) * mlp + h * 4
+    auto = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", moe, num_gpus=1, model_overrides=TINY,
+                                               training_config=_cfg())
+    assert auto.plan["estimate"]["params_per_gpu"] == dense + 3 * mlp + h * 4
+
+
+def test_lora_plan_explains_the_frozen_base_as_the_estimator_counts_it():
+    lora = megallama.TrainingStrategy(name="lora", parameters={"lora_rank": 64, "target_modules": ["q_proj", "v_proj"]})
+    o70 = megallama.create_llama3_70b_orchestrator(num_gpus=8, strategy=lora, training_config=megallama.TrainingConfig(
+        sequence_length=4096, mixed_precision="bf16"))
+    floor = megallama.estimate_requirements("llama3_70b", num_gpus=8, zero_stage=3, strategy="lora", lora_rank=64,
+                                            lora_targets=("q_proj", "v_proj"), recommend=False)["model_states_gb"]
+    assert floor < 20 and f"at best {floor:.1f} GiB per GPU when fully sharded" in o70.plan["explanation"]
+    assert "2 bytes (weights only) for 70.55B frozen" in o70.plan["explanation"]
+
+
+def test_pretrain_trains_on_given_datasets_for_the_epochs_asked():
+    """``pretrain(args, datasets=(train, valid))``, the API's data hand-off: no --train-iters, so two epochs of 8
+    samples at 4 a step are 4 iterations, with the given validation set evaluated."""
+    from megallama.api_data import UserDataset
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    shape = [a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    args = parse_args(["--model", "tiny_llama3_50m", *shape, "--seq-length", str(SEQ), "--micro-batch-size", "2",
+                       "--global-batch-size", "4", "--epochs", "2", "--eval-interval", "4", "--eval-iters", "1",
+                       "--device", "cpu", "--no-progress-bar"], world_size=1)
+    data = UserDataset(torch.randint(0, 512, (8, SEQ + 1), generator=torch.Generator().manual_seed(0)), SEQ, 512)
+    _finite(pretrain(args, datasets=(data, data)), 4)
 
 
 def test_user_data_errors():

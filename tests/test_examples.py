@@ -17,8 +17,8 @@ def _env(**extra):
     return {**env, **extra}
 
 
-def _bash(script, timeout=120, **env):
-    return subprocess.run(["bash", os.path.join(REPO, "examples", script)], capture_output=True, text=True,
+def _bash(script, *args, timeout=120, **env):
+    return subprocess.run(["bash", os.path.join(REPO, "examples", script), *args], capture_output=True, text=True,
                           cwd=REPO, env=_env(**env), timeout=timeout)
 
 
@@ -42,6 +42,29 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
     assert _total_gib(r.stdout) < _total_gib(_bash("pretrain_llama3_405b.sh", DRY_RUN="1").stdout)  # ZeRO-1 over 4
     outside = _bash("slurm_pretrain.sbatch")
     assert outside.returncode != 0 and "run through sbatch" in outside.stderr
+
+
+@pytest.mark.parametrize("script,env,args,expect", [
+    ("pretrain_llama3_8b.sh", {}, [], "8 GPUs = tp 8 x pp 1 x dp 1 x cp 1 (+sp), ZeRO-0, micro-batch 1 x 32 microbatches"),
+    ("pretrain_llama3_8b.sh", {"LAYOUT": "3d"}, [], "8 GPUs = tp 2 x pp 2 x dp 2 x cp 1 (+sp), ZeRO-1"),
+    ("pretrain_llama3_70b_3d.sh", {}, [], "32 GPUs = tp 8 x pp 4 x dp 1 x cp 1 (+sp), ZeRO-1"),
+    ("train_moe.sh", {"EP": "2"}, [], "4 GPUs = tp 1 x pp 1 x dp 4 x cp 1, ZeRO-0, micro-batch 8 x 2"),
+    ("multi_node.sh", {"NNODES": "2"}, ["--model", "llama3_8b", "--tensor-model-parallel-size", "8"],
+     "16 GPUs = tp 8 x pp 1 x dp 2"),
+    ("pretrain_tiny_cpu.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
+    ("finetune_lora.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
+])
+def test_launcher_dry_run_resolves_and_fits_80_gib(script, env, args, expect):
+    """Every launcher's DRY_RUN=1: its flags resolve for the job's GPUs (one process) and the estimate fits."""
+    r = _bash(script, *args, DRY_RUN="1", **env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resolved configuration:" in r.stdout and expect in r.stdout, r.stdout[-3000:]
+    assert _total_gib(r.stdout) < 0.95 * 80
+
+
+def test_moe_launcher_counts_experts_per_expert_parallel_rank():
+    one, two = (_total_gib(_bash("train_moe.sh", DRY_RUN="1", EP=ep).stdout) for ep in ("1", "2"))
+    assert two < one  # EP=2 holds half of the 8 experts per GPU
 
 
 # ---------------------------------------------------------------- the seed's Python examples

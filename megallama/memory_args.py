@@ -1,0 +1,35 @@
+"""The memory estimate of a parsed command line: what ``cli train --dry-run``, the loop's ``--dry-run`` and the
+Python API print, all from the same resolved flags (precision, microbatches, strategy and experts, ep, schedule)."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Optional[float] = None,
+                      recommend: bool = True) -> dict:
+    """``estimate_requirements`` for ``arguments.parse_args``'s namespace on ``num_gpus`` x ``num_nodes`` GPUs
+    (default GPU memory: --gpu-memory-gb, else the visible GPU's, else 80 GiB). Checks the pipeline split too."""
+    from megallama.autoconfig import detect_gpu_memory_gb
+    from megallama.memory import estimate_requirements
+    from megallama.pipeline.partition import validate_pipeline_config
+    from megallama.strategies import strategy_from_args
+    pipe = validate_pipeline_config(args.model_config.num_layers, args.pipeline_model_parallel_size,
+                                    args.pipeline_schedule, global_batch_size=args.global_batch_size,
+                                    micro_batch_size=args.micro_batch_size, data_parallel_size=args.data_parallel_size,
+                                    num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
+                                    first_stage_num_layers=args.decoder_first_pipeline_num_layers)
+    return estimate_requirements(args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
+                                 sequence_length=args.seq_length, num_gpus=num_gpus, num_nodes=num_nodes,
+                                 tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                 cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+                                 zero_stage=args.zero_stage, recompute=args.recompute_granularity or "none",
+                                 precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+                                 sequence_parallel=args.sequence_parallel, pipeline_schedule=args.pipeline_schedule,
+                                 num_microbatches=args.num_microbatches, virtual_pipeline_stages=pipe["num_chunks"],
+                                 mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
+                                 fused_kernels=not args.no_fused_kernels, recompute_method=args.recompute_method,
+                                 recompute_num_layers=args.recompute_num_layers,
+                                 first_stage_layers=args.decoder_first_pipeline_num_layers,
+                                 bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
+                                 gpu_memory_gb=gpu_memory_gb or args.gpu_memory_gb or detect_gpu_memory_gb(),
+                                 recommend=recommend, **strategy_from_args(args).estimate_kw())
