@@ -27,56 +27,55 @@ def _close(a, b):
     return rel_err(a, b) < TOL
 
 
+def _check(errors, tag, pairs):
+    """Record ``tag: what`` for each (what, got, want) that differs beyond rounding."""
+    errors.extend(f"{tag}: {what}" for what, got, want in pairs if not _close(got, want))
+
+
+def _reference_linear(d_in, d_out, seed):
+    """A seeded float64 nn.Linear, an input X, an output grad G, and X's grad under the loss (ref(X) * G).sum()."""
+    ref = nn.Linear(d_in, d_out, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(_rand(d_out, d_in, seed=seed)), ref.bias.copy_(_rand(d_out, seed=seed + 1))
+    X, G = _rand(B, S, d_in, seed=seed + 2), _rand(B, S, d_out, seed=seed + 3)
+    Xr = X.clone().requires_grad_()
+    (ref(Xr) * G).sum().backward()
+    return ref, X, G, Xr.grad
+
+
 def _column(sp, gather_output, errors):
     r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    ref = nn.Linear(H, F, bias=True, dtype=torch.float64)
-    with torch.no_grad():
-        ref.weight.copy_(_rand(F, H, seed=1)), ref.bias.copy_(_rand(F, seed=2))
+    ref, X, G, dX = _reference_linear(H, F, seed=1)
     layer = ColumnParallelLinear(H, F, bias=True, gather_output=gather_output, sequence_parallel=sp,
                                  dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(ref.weight.chunk(n, 0)[r]), layer.bias.copy_(ref.bias.chunk(n, 0)[r])
-    X, G = _rand(B, S, H, seed=3), _rand(B, S, F, seed=4)
-    Xr = X.clone().requires_grad_()
-    (ref(Xr) * G).sum().backward()
     x = (X.chunk(n, 1)[r] if sp else X).clone().requires_grad_()
     y = layer(x)
     want = ref(X) if gather_output else ref(X).chunk(n, -1)[r]
     (y * (G if gather_output else G.chunk(n, -1)[r])).sum().backward()
-    tag = f"column sp={sp} gather={gather_output}"
-    if not _close(y, want):
-        errors.append(f"{tag}: output")
-    if not _close(x.grad, Xr.grad.chunk(n, 1)[r] if sp else Xr.grad):
-        errors.append(f"{tag}: input grad")
-    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 0)[r]) or not _close(
-            layer.bias.grad, ref.bias.grad.chunk(n, 0)[r]):
-        errors.append(f"{tag}: weight/bias grad")
+    _check(errors, f"column sp={sp} gather={gather_output}", [
+        ("output", y, want), ("input grad", x.grad, dX.chunk(n, 1)[r] if sp else dX),
+        ("weight grad", layer.weight.grad, ref.weight.grad.chunk(n, 0)[r]),
+        ("bias grad", layer.bias.grad, ref.bias.grad.chunk(n, 0)[r])])
 
 
 def _row(sp, input_is_parallel, errors):
     r, n = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    ref = nn.Linear(F, H, bias=True, dtype=torch.float64)
-    with torch.no_grad():
-        ref.weight.copy_(_rand(H, F, seed=5)), ref.bias.copy_(_rand(H, seed=6))
+    ref, X, G, dX = _reference_linear(F, H, seed=5)
     layer = RowParallelLinear(F, H, bias=True, input_is_parallel=input_is_parallel, sequence_parallel=sp,
                               dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(ref.weight.chunk(n, 1)[r]), layer.bias.copy_(ref.bias)
-    X, G = _rand(B, S, F, seed=7), _rand(B, S, H, seed=8)
-    Xr = X.clone().requires_grad_()
-    (ref(Xr) * G).sum().backward()
     x = (X.chunk(n, -1)[r] if input_is_parallel else X).clone().requires_grad_()
     y = layer(x)
     want = ref(X).chunk(n, 1)[r] if sp else ref(X)
     (y * (G.chunk(n, 1)[r] if sp else G)).sum().backward()
     allreduce_sequence_parallel_gradients(layer)  # the bias saw only this rank's tokens under SP
-    tag = f"row sp={sp} input_is_parallel={input_is_parallel}"
-    if not _close(y, want):
-        errors.append(f"{tag}: output")
-    if not _close(x.grad, Xr.grad.chunk(n, -1)[r] if input_is_parallel else Xr.grad):
-        errors.append(f"{tag}: input grad")
-    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 1)[r]) or not _close(layer.bias.grad, ref.bias.grad):
-        errors.append(f"{tag}: weight/bias grad")
+    _check(errors, f"row sp={sp} input_is_parallel={input_is_parallel}", [
+        ("output", y, want), ("input grad", x.grad, dX.chunk(n, -1)[r] if input_is_parallel else dX),
+        ("weight grad", layer.weight.grad, ref.weight.grad.chunk(n, 1)[r]),
+        ("bias grad", layer.bias.grad, ref.bias.grad)])
 
 
 def _embedding(sp, errors):
@@ -92,11 +91,8 @@ def _embedding(sp, errors):
     (ref(ids) * G).sum().backward()
     y = layer(ids)
     (y * (G.chunk(n, 1)[r] if sp else G)).sum().backward()
-    want = ref(ids).chunk(n, 1)[r] if sp else ref(ids)
-    if not _close(y, want):
-        errors.append(f"embedding sp={sp}: output")
-    if not _close(layer.weight.grad, ref.weight.grad.chunk(n, 0)[r]):
-        errors.append(f"embedding sp={sp}: weight grad")
+    _check(errors, f"embedding sp={sp}", [("output", y, ref(ids).chunk(n, 1)[r] if sp else ref(ids)),
+                                          ("weight grad", layer.weight.grad, ref.weight.grad.chunk(n, 0)[r])])
 
 
 class _Count:
