@@ -131,4 +131,23 @@ inline void check_cuda_built(const char* op) {
   TORCH_CHECK(cuda::built(), op, ": megallama._C was built without CUDA kernels");
 }
 
+// The CUDA branch of an op's glue: a CUDA build, like's device current, launch() (a launchers.h call) succeeded.
+template <typename F>
+void launch_cuda(const at::Tensor& like, const char* op, F&& launch) {
+  check_cuda_built(op);
+  c10::DeviceGuard guard(like.device());
+  check_cuda(launch(), op);
+}
+
 }  // namespace megallama
+
+// Registers a file's kernels for CPU and, in a CUDA build, for CUDA (each kernel dispatches on the device itself):
+// register_fn(torch::Library& m) names the m.impl calls once.
+#ifdef MEGALLAMA_WITH_CUDA
+#define MEGALLAMA_IMPL_CPU_AND_CUDA(register_fn)            \
+  TORCH_LIBRARY_IMPL(megallama, CPU, m) { register_fn(m); } \
+  TORCH_LIBRARY_IMPL(megallama, CUDA, m) { register_fn(m); }
+#else
+#define MEGALLAMA_IMPL_CPU_AND_CUDA(register_fn) \
+  TORCH_LIBRARY_IMPL(megallama, CPU, m) { register_fn(m); }
+#endif

@@ -116,12 +116,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::T
   at::Tensor rstd = at::empty(row_shape(x), x.options().dtype(rstd_dtype(x)));
   if (xr.rows == 0) return {y, rstd};
   if (x.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(x.device());
-    check_cuda(cuda::rms_norm_fwd(cuda_dtype(x.scalar_type()), cuda_dtype(w.scalar_type()), xr.t.data_ptr(),
-                                  xr.row_stride, w.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(), xr.rows,
-                                  xr.cols, static_cast<float>(eps), current_stream(x)),
-               op);
+    launch_cuda(x, op, [&] {
+      return cuda::rms_norm_fwd(cuda_dtype(x.scalar_type()), cuda_dtype(w.scalar_type()), xr.t.data_ptr(),
+                                xr.row_stride, w.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(), xr.rows, xr.cols,
+                                static_cast<float>(eps), current_stream(x));
+    });
     return {y, rstd};
   }
   dispatch_xw(x, w, op, [&](auto tx, auto tw) {
@@ -146,15 +145,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   at::Tensor dw = at::empty(w.sizes(), w.options());
   if (xr.rows == 0) return {dx, dw.zero_()};
   if (x.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(x.device());
-    const auto xt = cuda_dtype(x.scalar_type()), wt = cuda_dtype(w.scalar_type());
-    const int64_t parts = cuda::rms_norm_bwd_parts(xt, wt, xr.rows, xr.cols);
-    at::Tensor part = at::empty({parts, xr.cols}, x.options().dtype(at::kFloat));
-    check_cuda(cuda::rms_norm_bwd(xt, wt, dyr.t.data_ptr(), dyr.row_stride, xr.t.data_ptr(), xr.row_stride,
-                                  w.data_ptr(), rs.data_ptr<float>(), dx.data_ptr(), part.data_ptr<float>(), parts,
-                                  dw.data_ptr(), xr.rows, xr.cols, current_stream(x)),
-               op);
+    launch_cuda(x, op, [&] {
+      const auto xt = cuda_dtype(x.scalar_type()), wt = cuda_dtype(w.scalar_type());
+      const int64_t parts = cuda::rms_norm_bwd_parts(xt, wt, xr.rows, xr.cols);
+      at::Tensor part = at::empty({parts, xr.cols}, x.options().dtype(at::kFloat));
+      return cuda::rms_norm_bwd(xt, wt, dyr.t.data_ptr(), dyr.row_stride, xr.t.data_ptr(), xr.row_stride,
+                                w.data_ptr(), rs.data_ptr<float>(), dx.data_ptr(), part.data_ptr<float>(), parts,
+                                dw.data_ptr(), xr.rows, xr.cols, current_stream(x));
+    });
     return {dx, dw};
   }
   dispatch_xw(x, w, op, [&](auto tx, auto tw) {
@@ -166,17 +164,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   return {dx, dw};
 }
 
+void register_kernels(torch::Library& m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+}
+
 }  // namespace
 }  // namespace megallama
 
-TORCH_LIBRARY_IMPL(megallama, CPU, m) {
-  m.impl("rms_norm_fwd", &megallama::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &megallama::rms_norm_bwd);
-}
-
-#ifdef MEGALLAMA_WITH_CUDA
-TORCH_LIBRARY_IMPL(megallama, CUDA, m) {
-  m.impl("rms_norm_fwd", &megallama::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &megallama::rms_norm_bwd);
-}
-#endif
+MEGALLAMA_IMPL_CPU_AND_CUDA(megallama::register_kernels)

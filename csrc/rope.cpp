@@ -71,16 +71,14 @@ void run(const at::Tensor& x, const at::Tensor& out, const Tables& tb, bool inve
          const at::Tensor* x2 = nullptr, const at::Tensor* out2 = nullptr) {
   const int64_t B = x.size(0), S = x.size(1), D = x.size(3);
   if (x.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(x.device());
-    cuda::RopeView a = view(x, out), b = x2 ? view(*x2, *out2) : cuda::RopeView{};
-    if (x.numel() == 0) a.nh = 0;
-    if (x2 == nullptr || x2->numel() == 0) b.nh = 0;
-    if (a.nh + b.nh == 0 || B * S == 0) return;
-    check_cuda(cuda::rope(cuda_dtype(x.scalar_type()), a, b, tb.cos.data_ptr<float>(), tb.sin.data_ptr<float>(),
-                          tb.cb, tb.cs, B, S, D, inverse, current_stream(x)),
-               op);
-    return;
+    return launch_cuda(x, op, [&] {
+      cuda::RopeView a = view(x, out), b = x2 ? view(*x2, *out2) : cuda::RopeView{};
+      if (x.numel() == 0) a.nh = 0;
+      if (x2 == nullptr || x2->numel() == 0) b.nh = 0;
+      if (a.nh + b.nh == 0 || B * S == 0) return 0;  // nothing to rotate: no launch
+      return cuda::rope(cuda_dtype(x.scalar_type()), a, b, tb.cos.data_ptr<float>(), tb.sin.data_ptr<float>(), tb.cb,
+                        tb.cs, B, S, D, inverse, current_stream(x));
+    });
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -134,19 +132,13 @@ void rope_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bo
   const_cast<at::Tensor&>(x).copy_(tmp);
 }
 
+void register_kernels(torch::Library& m) {
+  m.impl("rope_fwd", &rope_fwd);
+  m.impl("rope_", &rope_);
+  m.impl("rope_qk_fwd", &rope_qk_fwd);
+}
+
 }  // namespace
 }  // namespace megallama
 
-TORCH_LIBRARY_IMPL(megallama, CPU, m) {
-  m.impl("rope_fwd", &megallama::rope_fwd);
-  m.impl("rope_", &megallama::rope_);
-  m.impl("rope_qk_fwd", &megallama::rope_qk_fwd);
-}
-
-#ifdef MEGALLAMA_WITH_CUDA
-TORCH_LIBRARY_IMPL(megallama, CUDA, m) {
-  m.impl("rope_fwd", &megallama::rope_fwd);
-  m.impl("rope_", &megallama::rope_);
-  m.impl("rope_qk_fwd", &megallama::rope_qk_fwd);
-}
-#endif
+MEGALLAMA_IMPL_CPU_AND_CUDA(megallama::register_kernels)

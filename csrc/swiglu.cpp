@@ -58,31 +58,29 @@ void bwd_cpu(const T* dy, int64_t dy_rs, const T* g, int64_t g_rs, const T* u, i
   });
 }
 
-// Pointers and row strides of the three [rows, cols] operands of one call.
+// One [rows, cols] operand of a call: a tensor, the element offset of its column 0 and its row stride.
 struct Operand {
   const at::Tensor* base;  // keeps the storage the pointer refers to alive
   int64_t offset;          // element offset of column 0 (f for the up half of a packed tensor)
   int64_t row_stride;
+
+  template <typename T>
+  T* ptr() const { return base->data_ptr<T>() + offset; }
+  void* raw() const { return static_cast<char*>(base->data_ptr()) + offset * base->element_size(); }
 };
 
 void run_fwd(const at::Tensor& like, const Operand& g, const Operand& u, const Operand& y, int64_t rows, int64_t cols,
              const char* op) {
   if (rows == 0 || cols == 0) return;
   if (like.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(like.device());
-    const auto dt = cuda_dtype(like.scalar_type());
-    const int64_t es = like.element_size();
-    auto p = [es](const Operand& o) { return static_cast<char*>(o.base->data_ptr()) + o.offset * es; };
-    check_cuda(cuda::swiglu_fwd(dt, p(g), g.row_stride, p(u), u.row_stride, p(y), y.row_stride, rows, cols,
-                                current_stream(like)),
-               op);
-    return;
+    return launch_cuda(like, op, [&] {
+      return cuda::swiglu_fwd(cuda_dtype(like.scalar_type()), g.raw(), g.row_stride, u.raw(), u.row_stride, y.raw(),
+                              y.row_stride, rows, cols, current_stream(like));
+    });
   }
   dispatch_float(like.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = [](const Operand& o) { return o.base->data_ptr<T>() + o.offset; };
-    fwd_cpu<T>(p(g), g.row_stride, p(u), u.row_stride, p(y), y.row_stride, rows, cols);
+    fwd_cpu<T>(g.ptr<T>(), g.row_stride, u.ptr<T>(), u.row_stride, y.ptr<T>(), y.row_stride, rows, cols);
   });
 }
 
@@ -90,21 +88,16 @@ void run_bwd(const at::Tensor& like, const Operand& dy, const Operand& g, const 
              const Operand& du, int64_t rows, int64_t cols, const char* op) {
   if (rows == 0 || cols == 0) return;
   if (like.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(like.device());
-    const auto dt = cuda_dtype(like.scalar_type());
-    const int64_t es = like.element_size();
-    auto p = [es](const Operand& o) { return static_cast<char*>(o.base->data_ptr()) + o.offset * es; };
-    check_cuda(cuda::swiglu_bwd(dt, p(dy), dy.row_stride, p(g), g.row_stride, p(u), u.row_stride, p(dg),
-                                dg.row_stride, p(du), du.row_stride, rows, cols, current_stream(like)),
-               op);
-    return;
+    return launch_cuda(like, op, [&] {
+      return cuda::swiglu_bwd(cuda_dtype(like.scalar_type()), dy.raw(), dy.row_stride, g.raw(), g.row_stride, u.raw(),
+                              u.row_stride, dg.raw(), dg.row_stride, du.raw(), du.row_stride, rows, cols,
+                              current_stream(like));
+    });
   }
   dispatch_float(like.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto p = [](const Operand& o) { return o.base->data_ptr<T>() + o.offset; };
-    bwd_cpu<T>(p(dy), dy.row_stride, p(g), g.row_stride, p(u), u.row_stride, p(dg), dg.row_stride, p(du),
-               du.row_stride, rows, cols);
+    bwd_cpu<T>(dy.ptr<T>(), dy.row_stride, g.ptr<T>(), g.row_stride, u.ptr<T>(), u.row_stride, dg.ptr<T>(),
+               dg.row_stride, du.ptr<T>(), du.row_stride, rows, cols);
   });
 }
 
@@ -165,21 +158,14 @@ at::Tensor swiglu_packed_bwd(const at::Tensor& dy, const at::Tensor& gate_up) {
   return dgu;
 }
 
+void register_kernels(torch::Library& m) {
+  m.impl("swiglu_fwd", &swiglu_fwd);
+  m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("swiglu_packed_fwd", &swiglu_packed_fwd);
+  m.impl("swiglu_packed_bwd", &swiglu_packed_bwd);
+}
+
 }  // namespace
 }  // namespace megallama
 
-TORCH_LIBRARY_IMPL(megallama, CPU, m) {
-  m.impl("swiglu_fwd", &megallama::swiglu_fwd);
-  m.impl("swiglu_bwd", &megallama::swiglu_bwd);
-  m.impl("swiglu_packed_fwd", &megallama::swiglu_packed_fwd);
-  m.impl("swiglu_packed_bwd", &megallama::swiglu_packed_bwd);
-}
-
-#ifdef MEGALLAMA_WITH_CUDA
-TORCH_LIBRARY_IMPL(megallama, CUDA, m) {
-  m.impl("swiglu_fwd", &megallama::swiglu_fwd);
-  m.impl("swiglu_bwd", &megallama::swiglu_bwd);
-  m.impl("swiglu_packed_fwd", &megallama::swiglu_packed_fwd);
-  m.impl("swiglu_packed_bwd", &megallama::swiglu_packed_bwd);
-}
-#endif
+MEGALLAMA_IMPL_CPU_AND_CUDA(megallama::register_kernels)
