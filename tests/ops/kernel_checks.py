@@ -34,6 +34,15 @@ def grads(fn, inputs, dy):
     return out.detach(), [t.grad for t in leaves]
 
 
+def assert_matches(fn, ref, inputs, dy, tol: float, names):
+    """fn's output and input grads (see ``grads``) equal ref's within tol; ``names``: the output's, then each
+    input's grad's."""
+    y, dxs = grads(fn, inputs, dy)
+    y_ref, dxs_ref = grads(ref, inputs, dy)
+    for got, want, name in zip([y, *dxs], [y_ref, *dxs_ref], names, strict=True):
+        assert_close(got, want, tol, name)
+
+
 @pytest.fixture(scope="module", autouse=False)
 def kernels():
     require_kernels()

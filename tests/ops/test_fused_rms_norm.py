@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import TOL, assert_close, grads, kernels  # noqa: F401
+from kernel_checks import TOL, assert_close, assert_matches, grads, kernels  # noqa: F401
 
 from megallama.ops import _extension, rms_norm
 from megallama.ops.rms_norm import rms_norm_fused, rms_norm_reference
@@ -29,12 +29,8 @@ def test_matches_reference(hidden, dtype, wdtype):
     x, w, dy = _inputs((2, 3, hidden), dtype, wdtype)
     out_dtype = torch.promote_types(x.dtype, w.dtype)
     dy = dy.to(out_dtype)
-    y, (dx, dw) = grads(lambda a, b: rms_norm_fused(a, b, EPS), (x, w), dy)
-    y_ref, (dx_ref, dw_ref) = grads(lambda a, b: rms_norm_reference(a, b, EPS), (x, w), dy)
-    tol = TOL[dtype]
-    assert_close(y, y_ref, tol, "y")
-    assert_close(dx, dx_ref, tol, "dx")
-    assert_close(dw, dw_ref, tol, "dweight")
+    assert_matches(lambda a, b: rms_norm_fused(a, b, EPS), lambda a, b: rms_norm_reference(a, b, EPS), (x, w), dy,
+                   TOL[dtype], ("y", "dx", "dweight"))
 
 
 def test_fp32_against_fp64_truth():
@@ -111,11 +107,7 @@ def test_autocast_and_checkpoint():
 def test_torch_compile_no_graph_break():
     x, w, dy = _inputs((4, 96), torch.float32)
     compiled = torch.compile(lambda a, b: rms_norm_fused(a, b, EPS) * 2, backend="aot_eager", fullgraph=True)
-    y, (dx, dw) = grads(compiled, (x, w), dy)
-    y_ref, (dx_ref, dw_ref) = grads(lambda a, b: rms_norm_reference(a, b, EPS) * 2, (x, w), dy)
-    assert_close(y, y_ref, 1e-5)
-    assert_close(dx, dx_ref, 1e-5)
-    assert_close(dw, dw_ref, 1e-5)
+    assert_matches(compiled, lambda a, b: rms_norm_reference(a, b, EPS) * 2, (x, w), dy, 1e-5, ("y", "dx", "dw"))
 
 
 def test_meta_device():
