@@ -2,9 +2,10 @@
 ``csrc/`` (cached under TORCH_EXTENSIONS_DIR, built once), else none, with one warning, and the ops use their
 PyTorch references. Nothing here runs at import time: the first op call loads the library.
 
-Switches: ``MEGALLAMA_FUSED_KERNELS=0`` or ``set_fused_kernels(False)`` (the ``--no-fused-kernels`` flag) forces the
-references; ``MEGALLAMA_JIT=0`` skips the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT library without its
-CUDA kernels; ``MEGALLAMA_JIT_VERBOSE=1`` shows the compiler.
+Switches: ``MEGALLAMA_CPU_ARCH`` (default ``native``) sets the C++ target; ``MEGALLAMA_FUSED_KERNELS=0`` or
+``set_fused_kernels(False)`` (the ``--no-fused-kernels`` flag) forces the references; ``MEGALLAMA_JIT=0`` skips
+the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT library without its CUDA kernels;
+``MEGALLAMA_JIT_VERBOSE=1`` shows the compiler.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def kernel_source() -> str | None:
     return _state["source"] if load() else None
 
 
+def cpu_arch_flags() -> list:
+    """``-march=native`` unless ``MEGALLAMA_CPU_ARCH`` names another target (``x86-64-v3`` for a portable build;
+    empty for the compiler's default). Without it gcc vectorises the kernels for SSE2 only, and the fused SwiGLU
+    ran 3.4x slower than PyTorch's AVX-512 silu on an AMD EPYC (2.0 vs 3.4 ms with it, 11.8 without). The JIT
+    library is built on the machine that runs it. no-trapping-math lets gcc if-convert clamps and vectorise."""
+    arch = os.environ.get("MEGALLAMA_CPU_ARCH", "native")
+    return [f"-march={arch}"] if arch else []
+
+
 def _jit_build() -> str:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
@@ -46,7 +56,7 @@ def _jit_build() -> str:
         raise RuntimeError(f"no C++ sources in {_CSRC}")
     want_cuda = os.environ.get("MEGALLAMA_BUILD_CUDA")
     with_cuda = torch.cuda.is_available() and CUDA_HOME is not None and want_cuda != "0"
-    cflags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no-trapping-math: lets gcc if-convert clamps and vectorise
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math"] + cpu_arch_flags()
     kwargs = {}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "*.cu")))
