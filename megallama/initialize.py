@@ -1,6 +1,7 @@
 """Process-group setup from torchrun's environment, device choice, seeds, and the parallel grid."""
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import sys
@@ -33,6 +34,7 @@ def initialize_distributed(backend: str | None = None, device: str | None = None
         if backend == "nccl":
             kw["device_id"] = dev
         dist.init_process_group(**kw)
+        atexit.register(shutdown_distributed)  # every entry point (CLI, API, examples), not only the scripts
     return dev
 
 
