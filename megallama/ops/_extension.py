@@ -10,6 +10,7 @@ the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT library without its CUD
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import threading
 import warnings
@@ -48,6 +49,21 @@ def cpu_arch_flags() -> list:
     return [f"-march={arch}"] if arch else []
 
 
+def _host_cpu_tag() -> str:
+    """With ``-march=native`` a build is only valid on CPUs like this one: a cache shared over NFS by nodes of
+    different CPU types must not hand one node's AVX-512 library to another (illegal instruction), so the cache
+    name carries a hash of this CPU's feature flags."""
+    if os.environ.get("MEGALLAMA_CPU_ARCH", "native") != "native":
+        return ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+        flags = platform.machine() + platform.processor()
+    return "_" + hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:8]
+
+
 def _jit_build() -> str:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
@@ -62,7 +78,7 @@ def _jit_build() -> str:
         sources += sorted(glob.glob(os.path.join(_CSRC, "*.cu")))
         cflags.append("-DMEGALLAMA_WITH_CUDA")
         kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMEGALLAMA_WITH_CUDA"]
-    name = "megallama_C_cuda" if with_cuda else "megallama_C_cpu"  # separate caches for the two builds
+    name = ("megallama_C_cuda" if with_cuda else "megallama_C_cpu") + _host_cpu_tag()  # a cache per build kind
     cpp_load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False,
              verbose=os.environ.get("MEGALLAMA_JIT_VERBOSE") == "1", **kwargs)
     return next((p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), name)
