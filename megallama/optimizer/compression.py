@@ -4,12 +4,15 @@ A compressor is a DDP comm hook (``DistributedDataParallel.register_comm_hook``)
 with the bucket's local gradient, it leaves the (approximate) dp average there, the same on every rank. ZeRO-1 works
 unchanged: the whole bucket is averaged and each rank's optimizer reads its shard. Every compressor keeps error
 feedback (what a step's message leaves out is added to the next step's input, so the sum of what was sent tracks
-the sum of the gradients), which is what lets it converge like uncompressed training, and runs exact (DDP's own
-collective) for ``warmup_steps`` optimizer steps first.
+the sum of the gradients with a bounded residual) and runs exact (DDP's own collective) for ``warmup_steps``
+optimizer steps first. What error feedback cannot undo is delay: a direction waits in the error until it is among
+what a message carries. Under Adam every coordinate moves at about the same speed whatever its gradient's size, so
+the small directions count as much as the large ones, and a message that carries few of them (PowerSGD rank 4 of
+a 256-wide matrix, top-k 10%) falls behind a fast-learning short run: benchmarks/RESULTS.md (gradient compression)
+has the measurements, and 1-bit Adam (every coordinate's sign, every step) is the one that keeps up at 30x.
 
-* ``powersgd`` (Vogels et al. 2019): each >= 2-D gradient M (+ error) becomes P Q^T of rank r: P = M Q, all-reduce,
-  orthonormalise, Q = M^T P, all-reduce; Q is the next step's start (warm start). Matrices of one shape are
-  batched; tensors that low rank would not shrink (1-D norms) ride in the P all-reduce as they are.
+* ``powersgd`` (Vogels et al. 2019): each >= 2-D gradient (+ error) becomes a rank-r product, see
+  compression_powersgd.py.
 * ``topk``: the k = ratio * n largest entries of gradient + error (csrc top-k kernel), all-gathered as
   (fp32 value, int32 index) pairs and summed.
 * ``onebit``: 1-bit Adam with 0/1 Adam's variance refresh, see compression_onebit.py.
@@ -46,6 +49,7 @@ class CompressionConfig:
     chunk_size: int = kernels.DEFAULT_CHUNK_SIZE  # 1-bit: elements per fp32 scale
     variance_refresh: bool = True  # 1-bit: exact steps at warmup + 2^j refresh the frozen variance (0/1 Adam)
     seed: int = 0  # PowerSGD: the initial Q (the same on every rank)
+    min_compression_rate: float = 2.0  # PowerSGD: a matrix is sent exact unless rank r shrinks it this much
 
     def validate(self) -> "CompressionConfig":
         if self.method not in METHODS:
@@ -54,6 +58,8 @@ class CompressionConfig:
             raise ConfigError(f"--gradient-compression-rank {self.rank} must be >= 1 (the PowerSGD rank)")
         if not 0.0 < self.topk_ratio <= 1.0:
             raise ConfigError(f"--topk-ratio {self.topk_ratio} must be in (0, 1] (the fraction of entries sent)")
+        if self.min_compression_rate < 0:
+            raise ConfigError(f"PowerSGD min_compression_rate {self.min_compression_rate} must be >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"--compression-warmup-steps {self.warmup_steps} must be >= 0")
         if self.method == "onebit" and self.warmup_steps < 1:
@@ -183,60 +189,6 @@ class GradientCompressor:
                       for p in bucket.params)
 
 
-class PowerSGDCompressor(GradientCompressor):
-    def init_state(self, bucket, data):
-        groups: Dict[tuple, List[int]] = {}
-        dense = []
-        for off, shape in self.param_views(bucket):
-            n = math.prod(shape)
-            rows = shape[0] if len(shape) >= 2 else 1
-            cols = n // max(rows, 1)
-            r = min(self.config.rank, rows, cols)
-            if len(shape) >= 2 and r * (rows + cols) < rows * cols:
-                groups.setdefault((rows, cols, r), []).append(off)
-            elif n:
-                dense.append((off, n))
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + bucket.index)
-        out = []
-        for (rows, cols, r), offs in sorted(groups.items()):
-            out.append({"offs": offs, "rows": rows, "cols": cols,
-                        "q": torch.randn(len(offs), cols, r, generator=gen).to(data.device),
-                        "error": torch.zeros(len(offs), rows, cols, device=data.device)})
-        return {"groups": out, "dense": dense}
-
-    @staticmethod
-    def _views(data, g):
-        return [data[o:o + g["rows"] * g["cols"]].view(g["rows"], g["cols"]) for o in g["offs"]]
-
-    def compress(self, bucket, data, st):
-        groups = st["groups"]
-        mats = [torch.stack(self._views(data, g)).float().add_(g["error"]) for g in groups]  # M = G + error
-        ps_ = [torch.bmm(m, g["q"]) for m, g in zip(mats, groups)]  # P = M Q
-        flat = torch.cat([p.reshape(-1) for p in ps_] + [data[o:o + n].float() for o, n in st["dense"]])
-        if flat.numel():
-            self.all_reduce_mean(flat)
-        off = 0
-        for i, p in enumerate(ps_):  # orthonormal columns; the same on every rank (same input, same kernel)
-            ps_[i] = torch.linalg.qr(flat[off:off + p.numel()].view_as(p)).Q
-            off += p.numel()
-        for o, n in st["dense"]:
-            data[o:o + n].copy_(flat[off:off + n])
-            off += n
-        if not mats:
-            return
-        qs = torch.cat([torch.bmm(m.transpose(1, 2), p).reshape(-1) for m, p in zip(mats, ps_)])  # Q = M^T P
-        self.all_reduce_mean(qs)
-        off = 0
-        for m, p, g in zip(mats, ps_, groups):
-            q = qs[off:off + g["q"].numel()].view_as(g["q"])
-            off += q.numel()
-            approx = torch.bmm(p, q.transpose(1, 2))
-            torch.sub(m, approx, out=g["error"])
-            g["q"] = q.clone()  # warm start
-            for v, a in zip(self._views(data, g), approx):
-                v.copy_(a)
-
-
 class TopKCompressor(GradientCompressor):
     def init_state(self, bucket, data):
         k = max(1, math.ceil(self.config.topk_ratio * bucket.numel_unpadded))
@@ -253,7 +205,10 @@ def _compressor_class(method: str):
     if method == "onebit":
         from megallama.optimizer.compression_onebit import OneBitCompressor
         return OneBitCompressor
-    return {"powersgd": PowerSGDCompressor, "topk": TopKCompressor}[method]
+    if method == "powersgd":
+        from megallama.optimizer.compression_powersgd import PowerSGDCompressor
+        return PowerSGDCompressor
+    return TopKCompressor
 
 
 def attach_gradient_compression(model_chunks, optimizer, config: CompressionConfig) -> List[GradientCompressor]:

@@ -1,20 +1,23 @@
 """Shared pieces of the compression tests: a tiny Llama on byte-level text from the bundled corpus (real language,
 vocabulary 256), a deterministic global batch per step, and a data-parallel loop over our DDP + optimizer with an
-optional gradient compressor attached."""
+optional gradient compressor attached (the loop is the ZeRO tests' own)."""
 from __future__ import annotations
 
-import contextlib
-import gzip
-import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megallama.config import ModelConfig
-from megallama.data import get_bundled_corpus_path
 from megallama.model import build_model
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megallama.optimizer.compression import CompressionConfig, attach_gradient_compression, compression_report
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_TESTS, "optimizer"), os.path.join(os.path.dirname(_TESTS), "benchmarks")]
+import zero_harness  # noqa: E402  (the data-parallel training loop, shared with the ZeRO tests)
+from compression_convergence import corpus  # noqa: E402  (the benchmark's reader of the bundled corpus)
 
 CFG = ModelConfig(name="compression-tiny", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                   num_query_groups=2, vocab_size=256, max_position_embeddings=64)
@@ -25,16 +28,10 @@ _TEXT = None
 
 
 def corpus_bytes(limit: int = 400_000) -> torch.Tensor:
-    """The first ``limit`` bytes of the bundled corpus's text (UTF-8), as token ids 0-255."""
+    """The first ``limit`` bytes of the bundled corpus's text (UTF-8), as token ids 0-255 (read once)."""
     global _TEXT
     if _TEXT is None:
-        buf = bytearray()
-        with gzip.open(get_bundled_corpus_path(), "rt", encoding="utf-8") as f:
-            for line in f:
-                buf += json.loads(line)["text"].encode("utf-8") + b"\n"
-                if len(buf) >= limit:
-                    break
-        _TEXT = torch.tensor(list(buf[:limit]), dtype=torch.long)
+        _TEXT = corpus(limit)
     return _TEXT
 
 
@@ -57,29 +54,7 @@ def make(zero_stage: int, compression: CompressionConfig | None = None, cfg: Mod
 
 
 def train(ddp, opt, steps: int, num_microbatches: int = 1, start: int = 0):
-    """Steps ``start..start+steps-1`` on this rank's slice of each global batch; returns the dp-mean losses and the
+    """Steps ``start..start+steps-1`` of the ZeRO tests' loop on this corpus; returns the dp-mean losses and the
     compression report (bytes per step, ratio) over the run."""
-    dp, rank = ddp.dp_size, ddp.dp_rank
-    per = GLOBAL_BATCH // dp
-    mb = per // num_microbatches
-    losses = []
-    for step in range(start, start + steps):
-        opt.zero_grad()
-        x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        local = []
-        for i in range(num_microbatches):
-            ctx = ddp.no_sync() if i < num_microbatches - 1 else contextlib.nullcontext()
-            with ctx:
-                loss = ddp(x[i * mb:(i + 1) * mb], labels=y[i * mb:(i + 1) * mb]).mean()
-                (loss / num_microbatches).backward()
-            local.append(loss.detach())
-        ddp.finish_grad_sync()
-        ok, _, _ = opt.step()
-        assert ok
-        mean = torch.stack(local).mean().reshape(1)
-        if ddp.dp_group is not None:
-            dist.all_reduce(mean, group=ddp.dp_group)
-            mean /= dp
-        losses.append(float(mean))
+    losses, _ = zero_harness.train(ddp, opt, start, steps, num_microbatches, batch_fn=batch)
     return losses, compression_report([ddp])

@@ -56,23 +56,24 @@ def make(zero_stage: int, group=None, cfg: ModelConfig = CFG, dtype=torch.float3
     return ddp, opt
 
 
-def local_microbatches(step: int, dp: int, rank: int, num_microbatches: int):
-    """[(input_ids, labels)] of this dp rank's contiguous slice of ``step``'s global batch, cut in microbatches."""
-    per = GLOBAL_BATCH // dp
+def local_microbatches(step: int, dp: int, rank: int, num_microbatches: int, batch_fn=batch):
+    """[(input_ids, labels)] of this dp rank's contiguous slice of ``step``'s global batch (``batch_fn(step)``),
+    cut in microbatches."""
+    x, y = batch_fn(step)
+    per = x.shape[0] // dp
     mb = per // num_microbatches
-    x, y = batch(step)
     x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
     return [(x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb]) for i in range(num_microbatches)]
 
 
-def train(ddp, opt, start: int, steps: int, num_microbatches: int = 2, group=None):
+def train(ddp, opt, start: int, steps: int, num_microbatches: int = 2, group=None, batch_fn=batch):
     """Steps ``start .. start+steps-1``; this dp rank takes its contiguous slice of the global batch."""
     dp = ddp.dp_size
     losses, norms = [], []
     for step in range(start, start + steps):
         opt.zero_grad()
         local = []
-        for i, (x, y) in enumerate(local_microbatches(step, dp, ddp.dp_rank, num_microbatches)):
+        for i, (x, y) in enumerate(local_microbatches(step, dp, ddp.dp_rank, num_microbatches, batch_fn)):
             with ddp.no_sync() if i < num_microbatches - 1 else contextlib.nullcontext():
                 loss = ddp(x, labels=y).mean()
                 (loss / num_microbatches).backward()

@@ -1,0 +1,91 @@
+"""PowerSGD (Vogels et al. 2019) as a DDP comm hook: ``--gradient-compression powersgd``.
+
+Each >= 2-D gradient M (+ its error) of a bucket becomes P Q^T of rank r in one power-iteration step:
+P = M Q, all-reduce, orthonormalise, Q = M^T P, all-reduce; Q is the next step's start (warm start), so the
+subspace keeps improving across steps. Matrices of one shape are batched. Tensors that rank r would not shrink
+``min_compression_rate``-fold (1-D norms; PyTorch's powerSGD_hook rule) ride exact in the P all-reduce.
+
+Error feedback keeps, per rank, the part of its M outside span(P): M - P Q_local^T with this rank's Q before the
+all-reduce (Vogels et al., Algorithm 2). That residual is a projection of M, so it stays bounded; M minus the
+approximation of the *mean* (what PyTorch's hook keeps) adds M - mean(M), a per-rank random walk across steps.
+Both leave the same mean residual, so the averaged gradients (and the training) are the same.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megallama.optimizer.compression import GradientCompressor
+
+
+def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
+                   all_reduce_mean: Callable[[torch.Tensor], None], dense: Optional[torch.Tensor] = None
+                   ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """One PowerSGD step over batches of matrices, the same call on every rank.
+
+    ``mats[i]`` [B, rows, cols]: this rank's matrices (gradient + error); ``qs[i]`` [B, cols, r]: the start, equal
+    on every rank. ``dense`` (flat fp32) is averaged exactly, in place, in the P all-reduce. Returns the rank-r
+    approximations of the rank mean of ``mats``, the new Qs (the next start) and this rank's residuals."""
+    ps = [torch.bmm(m, q) for m, q in zip(mats, qs)]
+    flat = torch.cat([p.reshape(-1) for p in ps] + ([dense] if dense is not None else []))
+    if flat.numel():
+        all_reduce_mean(flat)
+    off = 0
+    for i, p in enumerate(ps):  # orthonormal columns, the same on every rank (same input, same kernel)
+        ps[i] = torch.linalg.qr(flat[off:off + p.numel()].view_as(p)).Q
+        off += p.numel()
+    if dense is not None:
+        dense.copy_(flat[off:])
+    if not ps:
+        return [], [], []
+    local = [torch.bmm(m.transpose(1, 2), p) for m, p in zip(mats, ps)]  # Q_local = M^T P
+    residuals = [m - torch.bmm(p, q.transpose(1, 2)) for m, p, q in zip(mats, ps, local)]
+    flat = torch.cat([q.reshape(-1) for q in local])
+    all_reduce_mean(flat)
+    new_qs, off = [], 0
+    for q in local:
+        new_qs.append(flat[off:off + q.numel()].view_as(q))
+        off += q.numel()
+    return [torch.bmm(p, q.transpose(1, 2)) for p, q in zip(ps, new_qs)], new_qs, residuals
+
+
+class PowerSGDCompressor(GradientCompressor):
+    def init_state(self, bucket, data):
+        groups: Dict[tuple, List[int]] = {}
+        dense = []
+        for off, shape in self.param_views(bucket):
+            n = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 1
+            cols = n // max(rows, 1)
+            r = min(self.config.rank, rows, cols)
+            if len(shape) >= 2 and rows * cols >= self.config.min_compression_rate * r * (rows + cols):
+                groups.setdefault((rows, cols, r), []).append(off)
+            elif n:
+                dense.append((off, n))
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + bucket.index)
+        out = []
+        for (rows, cols, r), offs in sorted(groups.items()):
+            out.append({"offs": offs, "rows": rows, "cols": cols,
+                        "q": torch.randn(len(offs), cols, r, generator=gen).to(data.device),
+                        "error": torch.zeros(len(offs), rows, cols, device=data.device)})
+        return {"groups": out, "dense": dense}
+
+    @staticmethod
+    def _views(data, g):
+        return [data[o:o + g["rows"] * g["cols"]].view(g["rows"], g["cols"]) for o in g["offs"]]
+
+    def compress(self, bucket, data, st):
+        groups = st["groups"]
+        mats = [torch.stack(self._views(data, g)).float().add_(g["error"]) for g in groups]  # M = G + error
+        dense = torch.cat([data[o:o + n].float() for o, n in st["dense"]]) if st["dense"] else None
+        approx, qs, residuals = powersgd_round(mats, [g["q"] for g in groups], self.all_reduce_mean, dense)
+        off = 0
+        for o, n in st["dense"]:
+            data[o:o + n].copy_(dense[off:off + n])
+            off += n
+        for g, a, q, e in zip(groups, approx, qs, residuals):
+            g["q"], g["error"] = q, e  # warm start; error feedback
+            for v, m in zip(self._views(data, g), a):
+                v.copy_(m)
