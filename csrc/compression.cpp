@@ -186,11 +186,10 @@ std::tuple<at::Tensor, at::Tensor> onebit_pack(const at::Tensor& x_in, const at:
   at::Tensor scales = at::empty({(n + chunk - 1) / chunk}, x.options().dtype(at::kFloat));
   if (n == 0) return {packed, scales};
   if (x.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(x.device());
-    check_cuda(cuda::onebit_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(),
-                                 packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), n, chunk, current_stream(x)),
-               op);
+    launch_cuda(x, op, [&] {
+      return cuda::onebit_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(),
+                               packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), n, chunk, current_stream(x));
+    });
     return {packed, scales};
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
@@ -220,11 +219,10 @@ at::Tensor onebit_unpack(const at::Tensor& packed_in, const at::Tensor& scales_i
   at::Tensor out = at::empty({n}, scales.options());
   if (n == 0) return out;
   if (packed.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(packed.device());
-    check_cuda(cuda::onebit_unpack(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), out.data_ptr<float>(), rows,
-                                   n, chunk, static_cast<float>(alpha), current_stream(packed)),
-               op);
+    launch_cuda(packed, op, [&] {
+      return cuda::onebit_unpack(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), out.data_ptr<float>(), rows, n,
+                                 chunk, static_cast<float>(alpha), current_stream(packed));
+    });
     return out;
   }
   onebit_unpack_cpu(packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), out.data_ptr<float>(), rows, n, chunk,
@@ -243,13 +241,11 @@ std::tuple<at::Tensor, at::Tensor> topk_pack(const at::Tensor& x_in, const at::T
   at::Tensor indices = at::empty({k}, x.options().dtype(at::kInt));
   if (n == 0) return {values, indices};
   if (x.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(x.device());
-    at::Tensor ws = at::empty({cuda::topk_workspace_bytes(n)}, x.options().dtype(at::kByte));
-    check_cuda(cuda::topk_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(),
-                               values.data_ptr<float>(), indices.data_ptr<int32_t>(), n, k, ws.data_ptr(),
-                               current_stream(x)),
-               op);
+    launch_cuda(x, op, [&] {
+      at::Tensor ws = at::empty({cuda::topk_workspace_bytes(n)}, x.options().dtype(at::kByte));
+      return cuda::topk_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(), values.data_ptr<float>(),
+                             indices.data_ptr<int32_t>(), n, k, ws.data_ptr(), current_stream(x));
+    });
     return {values, indices};
   }
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
@@ -274,11 +270,10 @@ at::Tensor topk_unpack(const at::Tensor& values_in, const at::Tensor& indices_in
   at::Tensor out = at::zeros({n}, values.options());
   if (n == 0 || rows * k == 0) return alpha == 1.0 ? out : out.mul_(alpha);
   if (values.is_cuda()) {
-    check_cuda_built(op);
-    c10::DeviceGuard guard(values.device());
-    check_cuda(cuda::topk_unpack(values.data_ptr<float>(), indices.data_ptr<int32_t>(), out.data_ptr<float>(), rows,
-                                 k, n, static_cast<float>(alpha), current_stream(values)),
-               op);
+    launch_cuda(values, op, [&] {
+      return cuda::topk_unpack(values.data_ptr<float>(), indices.data_ptr<int32_t>(), out.data_ptr<float>(), rows, k, n,
+                               static_cast<float>(alpha), current_stream(values));
+    });
     return out;
   }
   topk_unpack_cpu(values.data_ptr<float>(), indices.data_ptr<int32_t>(), out.data_ptr<float>(), rows, k, n,

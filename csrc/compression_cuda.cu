@@ -153,14 +153,9 @@ __device__ __forceinline__ uint32_t block_excl_scan(uint32_t v, uint32_t* smem, 
   return out;
 }
 
-// Per tile: how many keys are above the threshold and how many equal it.
-__global__ void __launch_bounds__(kThreads)
-    topk_count_kernel(const float* __restrict__ e, int64_t n, const SelectState* __restrict__ st,
-                      uint32_t* __restrict__ counts) {
-  __shared__ float smem[33];
-  const uint32_t thr = st->prefix;
-  const int64_t base = int64_t(blockIdx.x) * kTile + int64_t(threadIdx.x) * kItems;
-  uint32_t gt = 0, eq = 0;
+// One thread's kItems keys from base: how many are above the threshold key and how many equal it.
+__device__ __forceinline__ void count_vs_threshold(const float* __restrict__ e, int64_t n, int64_t base, uint32_t thr,
+                                                   uint32_t& gt, uint32_t& eq) {
 #pragma unroll
   for (int it = 0; it < kItems; ++it) {
     const int64_t i = base + it;
@@ -170,6 +165,17 @@ __global__ void __launch_bounds__(kThreads)
       eq += key == thr;
     }
   }
+}
+
+// Per tile: how many keys are above the threshold and how many equal it.
+__global__ void __launch_bounds__(kThreads)
+    topk_count_kernel(const float* __restrict__ e, int64_t n, const SelectState* __restrict__ st,
+                      uint32_t* __restrict__ counts) {
+  __shared__ float smem[33];
+  const uint32_t thr = st->prefix;
+  const int64_t base = int64_t(blockIdx.x) * kTile + int64_t(threadIdx.x) * kItems;
+  uint32_t gt = 0, eq = 0;
+  count_vs_threshold(e, n, base, thr, gt, eq);
   // Counts stay below 2^24 per tile, so the float block sums are exact.
   const float g = block_sum(static_cast<float>(gt), smem);
   const float q = block_sum(static_cast<float>(eq), smem);
@@ -219,15 +225,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t need_eq = st->krem;
   const int64_t base = int64_t(blockIdx.x) * kTile + int64_t(threadIdx.x) * kItems;
   uint32_t gt = 0, eq = 0;
-#pragma unroll
-  for (int it = 0; it < kItems; ++it) {
-    const int64_t i = base + it;
-    if (i < n) {
-      const uint32_t key = abs_key(e[i]);
-      gt += key > thr;
-      eq += key == thr;
-    }
-  }
+  count_vs_threshold(e, n, base, thr, gt, eq);
   int64_t eq_rank = int64_t(offsets[2 * blockIdx.x + 1]) + block_excl_scan(eq, smem, &tot);
   int64_t room = need_eq - eq_rank;
   room = room < 0 ? 0 : room;
