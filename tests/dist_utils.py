@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -26,6 +27,7 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    code = 1
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -34,9 +36,9 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
+        code = 0
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
-        raise
     finally:
         try:
             from megallama.mpu import parallel_state
@@ -45,6 +47,12 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
             pass
         if dist.is_initialized():
             dist.destroy_process_group()
+    # The result is in the parent's pipe (SimpleQueue writes synchronously). Skip interpreter finalisation: gloo
+    # threads finishing during it abort the process now and then ("terminate called without an active exception"),
+    # seen in CI after a rank had returned and destroyed its group.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, backend: str = "gloo"):
