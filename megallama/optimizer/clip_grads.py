@@ -9,8 +9,7 @@ first stage's embedding already counts it. Sharded (ZeRO >= 1) gradients are sum
 Squares are summed in fp64 over tensors and ranks, and within a tensor in fp64 on CUDA (``_foreach_norm(dtype=
 float64)`` accumulates without a copy) or over fp32 chunk norms on CPU (an fp64 copy cost 14x the time): torch's
 fp32 CPU norm is off by ~1e-5 relative at 1M elements (1e-3 at 10M), and a finite norm above ~1.8e19, whose fp32
-square overflows, is not mistaken for a non-finite one. ``global_norm`` returns a
-float: the one host sync of the optimizer step, which needs it to skip non-finite steps, update the loss scale and
+square overflows, is not mistaken for a non-finite one. ``global_norm`` returns a float: the one host sync of the optimizer step, which needs it to skip non-finite steps, update the loss scale and
 pick the clip coefficient.
 """
 from __future__ import annotations
@@ -34,7 +33,7 @@ _CPU_CHUNK = 2048
 
 def _cpu_sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     """fp32 norms of 2048-element chunks, squared and summed in fp64: ~1e-9 relative at 50M elements for a
-    twentieth of the time of an fp64 copy; a chunk whose fp32 square overflows is redone in fp64."""
+    twentieth of the time of an fp64 copy; a tensor whose fp32 squares overflow is redone in fp64."""
     flat = g.detach().reshape(-1)
     m = flat.numel() // _CPU_CHUNK * _CPU_CHUNK
     parts = [torch.linalg.vector_norm(flat[:m].view(-1, _CPU_CHUNK), dim=1, dtype=torch.float32).double()] if m else []
