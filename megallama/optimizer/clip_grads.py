@@ -9,8 +9,8 @@ first stage's embedding already counts it. Sharded (ZeRO >= 1) gradients are sum
 Squares are summed in fp64 over tensors and ranks, and within a tensor in fp64 on CUDA (``_foreach_norm(dtype=
 float64)`` accumulates without a copy) or over fp32 chunk norms on CPU (an fp64 copy cost 14x the time): torch's
 fp32 CPU norm is off by ~1e-5 relative at 1M elements (1e-3 at 10M), and a finite norm above ~1.8e19, whose fp32
-square overflows, is not mistaken for a non-finite one. ``global_norm`` returns a float: the one host sync of the optimizer step, which needs it to skip non-finite steps, update the loss scale and
-pick the clip coefficient.
+square overflows, is not mistaken for a non-finite one. ``global_norm`` returns a float: the one host sync of the
+optimizer step, which needs it to skip non-finite steps, update the loss scale and pick the clip coefficient.
 """
 from __future__ import annotations
 
