@@ -159,6 +159,9 @@ def _kernel_backward(backend, dout, q, k, v, out, lse, causal, allowed, scale):
                                                       16)
         pad = -(-sq // 32) * 32 - sq
         lse = F.pad(lse, (0, pad)).contiguous() if pad else lse
+        # The kernel reads ``out`` as [b, sq, hq, d] contiguous (its o_strideM is hq * d whatever the strides), the
+        # layout its forward returns; a merged ring output is [b, hq, sq, d] contiguous (bf16 dq was NaN on H200).
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             dout, q, ke, ve, bias, out, lse, _NO_RNG, _NO_RNG, 0.0, [True, True, True, False],
             causal and allowed is None, scale=scale)

@@ -73,7 +73,7 @@ def _ring_check(rank, world):
         b, s, hq, hkv, d = 2, 256, 8, 2, 64
         q, k, v = (torch.randn(b, s, h, d, generator=g).to(dev, dtype) for h in (hq, hkv, hkv))
         dout = torch.randn(b, s, hq, d, generator=g).to(dev, dtype)
-        qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+        qr, kr, vr = (t.float().clone().requires_grad_() for t in (q, k, v))  # fp32: .float() alone aliases t
         ref = torch.nn.functional.scaled_dot_product_attention(
             qr.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), is_causal=True,
             enable_gqa=True).transpose(1, 2)
