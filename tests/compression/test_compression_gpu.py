@@ -29,7 +29,7 @@ SIZES = [1, 9, 2049, 100_003, 5_000_011]
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("chunk", [8, 2048, 65536])
+@pytest.mark.parametrize("chunk", [8, 2048, 4096, 65536])  # one and two octets a thread, two passes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_onebit_cuda_equals_cpu(n, chunk, dtype):
     g = torch.Generator().manual_seed(n + chunk)
@@ -47,6 +47,21 @@ def test_onebit_cuda_equals_cpu(n, chunk, dtype):
         _poison()
         out = C.onebit_unpack(rows[0].to(DEV), rows[1].to(DEV), n, chunk, alpha)
         assert torch.equal(out.cpu(), C.onebit_unpack(rows[0], rows[1], n, chunk, alpha))
+
+
+def test_onebit_cuda_unaligned_views_equal_cpu():
+    """Buffers that start 4 bytes off a 16-byte boundary (a parameter's view into a bucket) take scalar accesses."""
+    n, chunk = 100_003, 2048
+    g = torch.Generator().manual_seed(7)
+    x, e = torch.randn(n + 1, generator=g), 0.1 * torch.randn(n + 1, generator=g)
+    e_cpu = e[1:].clone()
+    p_cpu, s_cpu = C.onebit_pack(x[1:].clone(), e_cpu, chunk)
+    xg, eg = x.to(DEV), e.to(DEV)
+    p_gpu, s_gpu = C.onebit_pack(xg[1:], eg[1:], chunk)
+    assert torch.equal(p_gpu.cpu(), p_cpu)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=2e-6, atol=0)
+    torch.testing.assert_close(eg[1:].cpu(), e_cpu, rtol=1e-5, atol=1e-6)
+    assert float(eg[0]) == float(e[0])  # the element before the view is untouched
 
 
 @pytest.mark.parametrize("n", SIZES)
