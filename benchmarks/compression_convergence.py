@@ -11,8 +11,9 @@ only, and the ratio to DDP. ``--json`` keeps every per-step loss.
 
 Findings (benchmarks/RESULTS.md, gradient compression): 1-bit Adam and PowerSGD rank 16 end within ~1% of
 uncompressed; PowerSGD rank 4 and top-k 10% fall behind (+9%, +5% at 300 steps), by delay rather than by a defect:
-full-rank PowerSGD equals uncompressed, the gap closes as the message grows (rank 32, top-k 50%) and widens when
-the run learns faster per step (a 4x larger batch).
+full-rank PowerSGD equals uncompressed, the gap closes as the message grows (rank 8 +4.3%, 16 +1.0%, 32 +0.1%)
+and widens when the run learns faster per step (a 4x larger batch); even the exact best rank-4 approximation (SVD)
+every step ends +6%, so rank 4 is short of rank, not of a better power iteration.
 
     nice -n 10 python benchmarks/compression_convergence.py --world 4 --steps 300   # CPU, spawns gloo ranks
     torchrun --nproc_per_node 2 benchmarks/compression_convergence.py --cuda          # one process per GPU (NCCL)
