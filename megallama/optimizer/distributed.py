@@ -22,6 +22,7 @@ reading ``param.main_grad`` does not (stages 2-3 keep no full gradient, so with 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterable, List, Optional
 
 import torch
@@ -34,6 +35,19 @@ from megallama.mpu.coalesced import all_reduce_coalesced
 from megallama.optimizer.grad_shard_reducer import GradShardReducer, prepare_average
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
                                                        needs_own_bucket, reduce_scatter_tensor)
+
+
+def _weak_grad_hook(ddp):
+    """The gradient hook, holding the wrapper weakly. The garbage collector cannot see a tensor's hooks, so a bound
+    method there keeps the wrapper, the model and its buffers alive for the life of the process: one leaked model
+    per wrapper built (a notebook, the Python API, the memory benchmark's configurations one after another)."""
+    ref = weakref.ref(ddp)
+
+    def hook(p: nn.Parameter) -> None:
+        wrapper = ref()
+        if wrapper is not None:
+            wrapper._grad_hook(p)
+    return hook
 
 
 class DistributedDataParallel(nn.Module):
@@ -121,7 +135,8 @@ class DistributedDataParallel(nn.Module):
         self._grads_dirty = False
         self.comm_hook = None  # stages 0/1: replaces the bucket collective (gradient compression)
         self._param_gather_handles = {}  # stage 1/2 with overlap_param_gather: bucket index -> handle
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in params]
+        hook = _weak_grad_hook(self)
+        self._hook_handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         if overlap_param_gather and zero_stage in (1, 2) and self.dp_size > 1:
             self._register_param_gather_waits(module)
 
