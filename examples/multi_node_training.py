@@ -3,7 +3,7 @@
 from auto-configuration for the whole job (nodes x GPUs per node), then ``launch_training``.
 
 Llama 3 70B, sequence 8192, bf16, global batch 256; on 4 nodes of 8 GPUs auto-configuration picks tp 8 x pp 2 x
-dp 2 with ZeRO-1 (about 75 GiB per GPU by megallama's estimator). Either torchrun on every node:
+dp 2 with ZeRO-2 (about 69 GiB per GPU by megallama's estimator; ZeRO-1 would need 77). Either torchrun on every node:
 
   torchrun --nnodes 4 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $HEAD --master_port 29500 \\
       examples/multi_node_training.py --data-path corpus.jsonl --tokenizer-model tokenizer.model

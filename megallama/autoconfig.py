@@ -33,7 +33,7 @@ def stage_balance(cfg: ModelConfig, pp: int) -> float:
     layer = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.num_query_groups * cfg.head_dim + \
         3 * cfg.hidden_size * cfg.ffn_hidden_size
     head = cfg.vocab_size * cfg.hidden_size / layer
-    layers = stage_layers(cfg.num_layers, pp)
+    layers = stage_layers(cfg, pp)
     return (cfg.num_layers + head) / pp / max(layers[:-1] + [layers[-1] + head])
 
 

@@ -80,11 +80,17 @@ def model_split(cfg: ModelConfig, strategy: str = "standard", lora_rank: int = 8
     return trainable_split(strategy, cfg.num_params() - moe_layers * lp["mlp"], experts, adapters)
 
 
-def stage_layers(num_layers: int, pp: int, first_stage_layers: Optional[int] = None) -> List[int]:
-    if first_stage_layers:
-        rest = num_layers - first_stage_layers
-        return [first_stage_layers] + [rest // (pp - 1) + (1 if i < rest % (pp - 1) else 0) for i in range(pp - 1)]
-    return [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
+def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = None,
+                 schedule: str = "1f1b") -> List[int]:
+    """Decoder layers on each pipeline stage, split as the pipeline builds it (pipeline/partition.py): balanced by
+    cost, so the stages with the embedding and the output head get fewer; interleaved cuts equal chunks."""
+    if pp == 1:
+        return [cfg.num_layers]
+    if schedule == "interleaved":
+        return [cfg.num_layers // pp] * pp
+    from megallama.pipeline.partition import costs_from_config, partition_layers
+    parts = partition_layers(cfg.num_layers, pp, costs=costs_from_config(cfg), first_stage_num_layers=first_stage_layers)
+    return [len(part) for part in parts]
 
 
 def _layer_params(cfg: ModelConfig, tp: int) -> Dict[str, int]:
@@ -264,10 +270,10 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     p, g, k = precision_bytes(precision, mixed_precision_mode)
     pkg = (p if p_bytes is None else p_bytes, g if g_bytes is None else g_bytes, k if k_bytes is None else k_bytes)
     x = am.Shape.of(cfg, batch_size, seq, tp, sequence_parallel, cp)
-    layers = stage_layers(cfg.num_layers, pp, first_stage_layers)
+    layers = stage_layers(cfg, pp, first_stage_layers, pipeline_schedule)
     v = virtual_pipeline_stages if pipeline_schedule == "interleaved" else 1
     stages = {}
-    for s in sorted({0, pp - 1}):
+    for s in range(pp):  # the split is uneven: any stage can be the fullest
         st = _stage(cfg, x, num, layers, s, cfg.num_layers, pp, tp, dp, cp, ep, zero_stage, recompute,
                     pipeline_schedule, num_microbatches, v, strategy, lora_rank, list(lora_targets), pkg, head,
                     recompute_method, recompute_num_layers, bucket_size, overlap_grad_reduce, optimizer, device)

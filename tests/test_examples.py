@@ -115,7 +115,7 @@ def test_multi_node_example_joins_from_slurm_variables():
     ("train_llama_7b", 8, [], "8 GPUs = tp 2 x pp 1 x dp 4 (+sp), ZeRO-1, recompute full"),
     ("train_with_moe", 4, [], "4 GPUs = tp 1 x pp 1 x dp 4"),
     ("finetune_with_lora", 8, ["--pretrained-checkpoint", "base", "--tokenizer-model", "tok"], "8 GPUs = tp "),
-    ("multi_node_training", 32, [], "32 GPUs = tp 8 x pp 2 x dp 2 (+sp), ZeRO-1"),
+    ("multi_node_training", 32, [], "32 GPUs = tp 8 x pp 2 x dp 2 (+sp), ZeRO-2"),
     ("custom_data_loading", 8, ["--text-file", "README.md"], "8 GPUs = tp "),
 ])
 def test_example_real_size_resolves_and_fits_80_gib(example, world, extra, expect, monkeypatch, capsys):
