@@ -245,9 +245,17 @@ class LlamaTrainingOrchestrator:
         return argv + self.extra_args
 
     def build_args(self, world_size: Optional[int] = None, extra: Optional[List[str]] = None):
+        import contextlib
+        import io
         from megallama.arguments import parse_args
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        return parse_args(self.argv() + list(extra or []), world_size=world)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return parse_args(self.argv() + list(extra or []), world_size=world)
+        except SystemExit as e:  # argparse's usage text and exit are for a command line, not a library call
+            msg = (err.getvalue().strip().splitlines() or [f"exit {e.code}"])[-1].replace("megallama: error: ", "")
+            raise ConfigError(f"bad flags in extra_args ({msg}); see python pretrain_llama.py --help") from None
 
     def estimate_memory(self) -> dict:
         """Per-GPU memory of the run ``launch_training`` starts: the estimate of its resolved flags (micro- and

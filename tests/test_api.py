@@ -225,3 +225,14 @@ def test_user_data_errors():
         orch.launch_training([torch.arange(5)])
     with pytest.raises(ConfigError, match="model_overrides key 'depth'"):
         megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", model_overrides={"depth": 2})
+
+
+def test_bad_extra_args_raise_one_config_error_not_argparse_exit(capsys):
+    """A library call must not print argparse's usage and exit: a bad flag in extra_args is one ConfigError line,
+    and print_configuration still prints the rest."""
+    orch = megallama.create_tiny_llama3_orchestrator("50m")
+    orch.extra_args = ["--no-such-flag"]
+    with pytest.raises(ConfigError, match=r"unrecognized arguments: --no-such-flag"):
+        orch.estimate_memory()
+    text = orch.print_configuration()
+    assert "memory estimate unavailable: bad flags in extra_args" in text and "usage:" not in capsys.readouterr().err
