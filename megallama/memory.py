@@ -89,7 +89,8 @@ def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = 
     if schedule == "interleaved":
         return [cfg.num_layers // pp] * pp
     from megallama.pipeline.partition import costs_from_config, partition_layers
-    parts = partition_layers(cfg.num_layers, pp, costs=costs_from_config(cfg), first_stage_num_layers=first_stage_layers)
+    parts = partition_layers(cfg.num_layers, pp, costs=costs_from_config(cfg),
+                             first_stage_num_layers=first_stage_layers)
     return [len(part) for part in parts]
 
 
