@@ -243,8 +243,9 @@ std::tuple<at::Tensor, at::Tensor> topk_pack(const at::Tensor& x_in, const at::T
   if (x.is_cuda()) {
     launch_cuda(x, op, [&] {
       at::Tensor ws = at::empty({cuda::topk_workspace_bytes(n)}, x.options().dtype(at::kByte));
-      return cuda::topk_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(), values.data_ptr<float>(),
-                             indices.data_ptr<int32_t>(), n, k, ws.data_ptr(), current_stream(x));
+      return cuda::topk_pack(cuda_dtype(x.scalar_type()), x.data_ptr(), error.data_ptr<float>(),
+                             values.data_ptr<float>(), indices.data_ptr<int32_t>(), n, k, ws.data_ptr(),
+                             current_stream(x));
     });
     return {values, indices};
   }
@@ -262,7 +263,8 @@ at::Tensor topk_unpack(const at::Tensor& values_in, const at::Tensor& indices_in
               ": expected float32 values and int32 indices, got ", values_in.scalar_type(), " and ",
               indices_in.scalar_type());
   TORCH_CHECK(values_in.sizes() == indices_in.sizes() && values_in.dim() >= 1 && values_in.dim() <= 2, op,
-              ": values ", values_in.sizes(), " and indices ", indices_in.sizes(), " must be the same [k] or [rows, k]");
+              ": values ", values_in.sizes(), " and indices ", indices_in.sizes(),
+              " must be the same [k] or [rows, k]");
   TORCH_CHECK(values_in.device() == indices_in.device(), op, ": values and indices are on different devices");
   TORCH_CHECK(n >= 0 && n < (int64_t(1) << 31), op, ": numel ", n, " must be in [0, 2^31)");
   const at::Tensor values = values_in.contiguous(), indices = indices_in.contiguous();
@@ -281,6 +283,13 @@ at::Tensor topk_unpack(const at::Tensor& values_in, const at::Tensor& indices_in
   return out;
 }
 
+void register_kernels(torch::Library& m) {
+  m.impl("onebit_pack", &onebit_pack);
+  m.impl("onebit_unpack", &onebit_unpack);
+  m.impl("topk_pack", &topk_pack);
+  m.impl("topk_unpack", &topk_unpack);
+}
+
 }  // namespace
 }  // namespace megallama
 
@@ -294,21 +303,9 @@ TORCH_LIBRARY_FRAGMENT(megallama, m) {
   m.def("topk_unpack(Tensor values, Tensor indices, int numel, float alpha) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(megallama, CPU, m) {
-  m.impl("onebit_pack", &megallama::onebit_pack);
-  m.impl("onebit_unpack", &megallama::onebit_unpack);
-  m.impl("topk_pack", &megallama::topk_pack);
-  m.impl("topk_unpack", &megallama::topk_unpack);
-}
+MEGALLAMA_IMPL_CPU_AND_CUDA(megallama::register_kernels)
 
-#ifdef MEGALLAMA_WITH_CUDA
-TORCH_LIBRARY_IMPL(megallama, CUDA, m) {
-  m.impl("onebit_pack", &megallama::onebit_pack);
-  m.impl("onebit_unpack", &megallama::onebit_unpack);
-  m.impl("topk_pack", &megallama::topk_pack);
-  m.impl("topk_unpack", &megallama::topk_unpack);
-}
-#else
+#ifndef MEGALLAMA_WITH_CUDA
 // CPU-only build: the CUDA dispatch key has no kernels, so these are never reached; they only satisfy the linker.
 namespace megallama {
 namespace cuda {

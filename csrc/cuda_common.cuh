@@ -85,6 +85,14 @@ inline int sm_count() {
   return n > 0 ? n : 1;
 }
 
+// Blocks for a grid-stride loop over `work` items, `per_block` a block: no more than 8 a multiprocessor.
+inline unsigned grid_for(int64_t work, int64_t per_block) {
+  int64_t g = (work + per_block - 1) / per_block;
+  const int64_t cap = int64_t(sm_count()) * 8;
+  g = g < cap ? g : cap;
+  return unsigned(g < 1 ? 1 : g);
+}
+
 // Calls f(T{}) with the CUDA storage type of dt.
 template <typename F>
 inline int dispatch(DType dt, F&& f) {

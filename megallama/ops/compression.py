@@ -1,5 +1,6 @@
 """Gradient-compression kernels: 1-bit sign packing with a per-chunk scale, and top-k sparsification, both with
-error feedback, plus their unpacking (csrc/compression.cpp, compression_cuda.cu; formats in csrc/compression.h).
+error feedback, plus their unpacking (csrc/compression.cpp, onebit_cuda.cu, topk_cuda.cu; formats in
+csrc/compression.h).
 
 Error feedback: ``error`` (fp32, one entry per element, updated in place) is added to ``x`` before compressing and
 keeps what the message did not carry, ``error <- x + error - decompress(message)``; so the running sum of the
