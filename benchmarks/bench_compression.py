@@ -115,7 +115,7 @@ def step(args) -> list:
     from megallama.model import build_model
     from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
     from megallama.optimizer.compression import (CompressionConfig, attach_gradient_compression,
-                                                 collective_bytes, compression_report)
+                                                 compression_report, ddp_bytes_per_step)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -151,11 +151,9 @@ def step(args) -> list:
             r = compression_report([ddp])
             rep = r if i >= args.warmup and r else rep
         ms = statistics.median(times)
-        ddp_bytes = collective_bytes("all_reduce" if args.zero_stage == 0 else "reduce_scatter",
-                                     ddp.layout.numel * ddp.grad_buffer.element_size(), world)
         row = {"method": name, "world": world, "zero_stage": args.zero_stage, "ms_per_step": ms,
                "params": sum(p.numel() for p in model.parameters()),
-               "bytes_per_step": rep["bytes_per_step"] if rep else ddp_bytes,
+               "bytes_per_step": rep["bytes_per_step"] if rep else ddp_bytes_per_step(ddp),
                "compression_ratio": rep["compression_ratio"] if rep else 1.0}
         results.append(row)
         if rank == 0:

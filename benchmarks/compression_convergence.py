@@ -39,7 +39,7 @@ from megallama.lr_scheduler import OptimizerParamScheduler  # noqa: E402
 from megallama.model import build_model  # noqa: E402
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megallama.optimizer.compression import (CompressionConfig, attach_gradient_compression,  # noqa: E402
-                                             collective_bytes, compression_report)
+                                             compression_report, ddp_bytes_per_step)
 
 CFG = ModelConfig(name="compression-3m", num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
                   num_query_groups=4, vocab_size=256, max_position_embeddings=128)
@@ -74,8 +74,7 @@ def run_one(cfg: CompressionConfig, args, text, device):
     attach_gradient_compression([ddp], opt, cfg)
     sched = OptimizerParamScheduler(opt, args.lr, args.lr / 10, args.steps // 10, args.steps, "cosine")
     per = args.global_batch // world
-    numel = ddp.layout.numel
-    ddp_bytes = collective_bytes("all_reduce" if args.zero_stage == 0 else "reduce_scatter", 4 * numel, world)
+    ddp_bytes = ddp_bytes_per_step(ddp)
     losses, sent, compressed = [], 0.0, []
     t0 = time.time()
     for step in range(args.steps):

@@ -101,6 +101,16 @@ def collective_bytes(kind: str, nbytes: float, world: int) -> float:
             "all_to_all": (world - 1) / world * nbytes, "reduce_scatter": (world - 1) / world * nbytes}[kind]
 
 
+def ddp_collective(ddp) -> str:
+    """The collective plain DDP uses for ``ddp``'s gradients: all-reduce at stage 0, reduce-scatter when sharded."""
+    return "all_reduce" if ddp.zero_stage == 0 else "reduce_scatter"
+
+
+def ddp_bytes_per_step(ddp) -> float:
+    """What one rank of plain DDP sends per step for ``ddp``'s whole gradient buffer: the baseline of the ratios."""
+    return collective_bytes(ddp_collective(ddp), ddp.layout.numel * ddp.grad_buffer.element_size(), ddp.dp_size)
+
+
 class CommStats:
     """Bytes this rank sent for gradients, and what plain DDP would have sent, since the last report."""
 
@@ -134,8 +144,7 @@ class GradientCompressor:
 
     def __call__(self, bucket, data: torch.Tensor) -> bool:
         """Average ``data`` (this rank's bucket gradient) over dp in place; False: an exact step, DDP does it."""
-        kind = "all_reduce" if self.ddp.zero_stage == 0 else "reduce_scatter"
-        baseline = collective_bytes(kind, bucket.numel * data.element_size(), self.world)
+        baseline = collective_bytes(ddp_collective(self.ddp), bucket.numel * data.element_size(), self.world)
         self.stats.baseline += baseline
         self.stats.steps += bucket.index == 0
         # The step count decides exact vs compressed; the optimizer's counts successful steps only.
