@@ -1,6 +1,7 @@
 """save_checkpoint / load_checkpoint: what the training loop calls.
 
-Save: every rank writes ``rank_XXXXX.pt`` (the tensors it owns, by name, plus its RNG states) into
+Save: every rank writes ``rank_XXXXX.pt`` (the tensors it owns, by name, plus its RNG states and gradient-compression
+state) into
 ``iter_N.tmp``; rank 0 merges the ranks' piece lists into the index in ``common.pt`` (with args, iteration,
 consumed samples, layout, optimizer scalars), writes the manifest, renames the directory and updates the tracker.
 Any rank's write failure (a full disk, a read-only directory) is agreed on by all ranks, the temporary directory is
@@ -27,6 +28,7 @@ from megallama.checkpointing.state import (canonical_name, get_rng_state, is_zer
                                            set_rng_state, writes)
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.optimizer.compression import compression_state, load_compression_state
 
 FORMAT_VERSION = 2
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
@@ -141,7 +143,11 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
 
     err, desc = None, None
     try:
-        F.atomic_torch_save({"tensors": tensors, "rng": get_rng_state()}, os.path.join(tmp, fname))
+        obj = {"tensors": tensors, "rng": get_rng_state()}
+        comp = compression_state(model_chunks)
+        if comp is not None:  # per-rank error memories etc., restored like the RNG state (same layout only)
+            obj["compression"] = comp
+        F.atomic_torch_save(obj, os.path.join(tmp, fname))
         desc = F.describe_file(os.path.join(tmp, fname))
     except OSError as e:
         err = f"{e.strerror or e}"
@@ -292,10 +298,16 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
         return True
 
     load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)
+    saved_comp = None
     if rng_file:
-        set_rng_state(reader.load_object(rng_file)["rng"])
+        obj = reader.load_object(rng_file)
+        set_rng_state(obj["rng"])
+        saved_comp = obj.get("compression")
     else:
         _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): weights and optimizer "
              "resharded; RNG states start from the seed")
+    msg = load_compression_state(model_chunks, saved_comp)
+    if msg:
+        _say(msg)
     reader.close()
     return iteration, int(common.get("consumed_samples", 0))

@@ -23,13 +23,15 @@ all-gather (N-1) x its part, all-to-all and reduce-scatter (N-1)/N); the ratio i
 bucket (all-reduce at stage 0, reduce-scatter at stage 1, so at ZeRO-1 a compressed all-reduce saves half as much).
 Not supported: ZeRO-2/3 (buckets are reduce-scattered as backward produces them and only a shard is kept: there is
 no whole gradient to compress, nor room for a whole error buffer) and --fp16 (a changing loss scale corrupts the
-error memories). Compressor state (errors, Q) is not checkpointed: a resumed run starts it from zero.
+error memories). The compressor state (error memories, PowerSGD's Q, 1-bit's momentum and frozen denominator) is
+per rank and travels in each rank's checkpoint file, so a resumed run continues bit for bit; under another layout
+or other compression flags it starts afresh (``compression_state`` / ``load_compression_state``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -167,6 +169,26 @@ class GradientCompressor:
     def exact_step(self, step: int) -> bool:
         return step < self.config.warmup_steps
 
+    # ------------------------------------------------------------------ checkpointing
+    def signature(self) -> dict:
+        """What the saved state is only valid under: the flags, the dp size and the bucket layout."""
+        return {"config": dict(vars(self.config)), "world": self.world,
+                "buckets": [[b.offset, b.numel] for b in self.ddp.layout.buckets]}
+
+    def state_dict(self) -> dict:
+        """This rank's compressor state, on the CPU (``weights_only``-loadable: tensors, numbers, lists, dicts)."""
+        return {"signature": self.signature(), "state": _map_tensors(self.state, lambda t: t.to("cpu", copy=True)),
+                "calls": dict(self._calls), "last_step": dict(self._last_step)}
+
+    def load_state_dict(self, sd: dict) -> bool:
+        """Restore a ``state_dict``; False (nothing changed) when it was saved under another signature."""
+        if sd.get("signature") != self.signature():
+            return False
+        device = self.ddp.device
+        self.state = _map_tensors(sd["state"], lambda t: t.to(device, copy=True))
+        self._calls, self._last_step = dict(sd["calls"]), dict(sd["last_step"])
+        return True
+
     def init_state(self, bucket, data: torch.Tensor) -> dict:
         raise NotImplementedError
 
@@ -243,6 +265,46 @@ def attach_gradient_compression(model_chunks, optimizer, config: CompressionConf
         ddp.register_comm_hook(comp)
         comps.append(comp)
     return comps
+
+
+def _map_tensors(obj, fn):
+    """``obj`` (nested dicts, lists, tuples) with ``fn`` applied to every tensor in it."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _compressors(model_chunks) -> List[Optional[GradientCompressor]]:
+    return [h if isinstance(h, GradientCompressor) else None for h in
+            (getattr(m, "comm_hook", None) for m in model_chunks)]
+
+
+def compression_state(model_chunks) -> Optional[list]:
+    """Per model chunk, its compressor's state (None: no compressor); None when no chunk has one."""
+    comps = _compressors(model_chunks)
+    return [c.state_dict() if c is not None else None for c in comps] if any(comps) else None
+
+
+def load_compression_state(model_chunks, saved: Optional[Sequence]) -> Optional[str]:
+    """Restore what ``compression_state`` saved (None: not saved, or saved without a layout match). Returns what
+    happened, for the log, or None when no chunk compresses."""
+    comps = _compressors(model_chunks)
+    if not any(comps):
+        return None
+    ok = saved is not None and len(saved) == len(comps) and all(
+        (c is None) == (sd is None) for c, sd in zip(comps, saved))
+    ok = ok and all(c.load_state_dict(sd) for c, sd in zip(comps, saved) if c is not None)
+    if ok:
+        return "gradient compression state restored"
+    for c in comps:  # a partial restore must not mix with fresh state
+        if c is not None:
+            c.state, c._calls, c._last_step = {}, {}, {}
+    return ("gradient compression state starts afresh (the checkpoint has none for this layout and these "
+            "compression flags)")
 
 
 def compression_report(model_chunks, reset: bool = True) -> Optional[dict]:
