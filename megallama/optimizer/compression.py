@@ -21,8 +21,8 @@ rank-4 approximation does too): benchmarks/RESULTS.md (gradient compression) has
 Bytes are counted as one rank sends them in bandwidth-optimal collectives (all-reduce 2(N-1)/N of the buffer,
 all-gather (N-1) x its part, all-to-all and reduce-scatter (N-1)/N); the ratio is to what DDP sends for the same
 bucket (all-reduce at stage 0, reduce-scatter at stage 1, so at ZeRO-1 a compressed all-reduce saves half as much).
-Not supported: ZeRO-2/3 (buckets are reduce-scattered as backward produces them and only a shard is kept: there is
-no whole gradient to compress, nor room for a whole error buffer) and --fp16 (a changing loss scale corrupts the
+Not supported: ZeRO-2/3 (only a gradient shard is kept; a whole-gradient error buffer per rank would cost more than
+the sharding saves, so ZeRO-1 is the stage to compress at) and --fp16 (a changing loss scale corrupts the
 error memories). The compressor state (error memories, PowerSGD's Q, 1-bit's momentum and frozen denominator) is
 per rank and travels in each rank's checkpoint file, so a resumed run continues bit for bit; under another layout
 or other compression flags it starts afresh (``compression_state`` / ``load_compression_state``).
@@ -86,13 +86,19 @@ def config_from_args(args) -> CompressionConfig:
     if method != "none":
         stage = getattr(args, "zero_stage", 0) or 0
         if stage >= 2:
-            raise ConfigError(f"--gradient-compression {method} does not work with --zero-stage {stage} (its "
-                              "gradients are reduce-scattered bucket by bucket, never held whole); use --zero-stage "
-                              "0 or 1")
+            raise zero_stage_error(method, stage)
         if getattr(args, "fp16", False):
             raise ConfigError(f"--gradient-compression {method} does not work with --fp16 (a changing loss scale "
                               "corrupts the error-feedback memory); use --bf16")
     return cfg
+
+
+def zero_stage_error(method: str, stage: int) -> ConfigError:
+    """Why ZeRO-2/3 and compression do not mix: stage 2 saves memory by keeping only a gradient shard, and error
+    feedback needs a whole-gradient fp32 buffer per rank (1-bit Adam the whole momentum too), more than it saves."""
+    return ConfigError(f"--gradient-compression {method} does not work with --zero-stage {stage}: error feedback "
+                       f"keeps a full-size fp32 error buffer on every rank, more memory than stage {stage} saves by "
+                       "sharding gradients; use --zero-stage 1 (optimizer state sharded, compressed gradients)")
 
 
 def collective_bytes(kind: str, nbytes: float, world: int) -> float:
@@ -251,8 +257,7 @@ def attach_gradient_compression(model_chunks, optimizer, config: CompressionConf
         return []
     for ddp in model_chunks:
         if ddp.zero_stage >= 2:
-            raise ConfigError(f"--gradient-compression {config.method} does not work with --zero-stage "
-                              f"{ddp.zero_stage}; use --zero-stage 0 or 1")
+            raise zero_stage_error(config.method, ddp.zero_stage)
     if all(ddp.dp_size == 1 for ddp in model_chunks):
         return []
     if config.method == "onebit":
