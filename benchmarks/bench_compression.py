@@ -9,11 +9,12 @@ each checked against the CPU kernel first, and timed next to its PyTorch referen
 torch.topk of |x + e| plus the scatter, the usual way to do it).
 
 step (torchrun, one GPU per rank, NCCL): a bf16 Llama (default ~0.9B parameters) under DDP (ZeRO 0 or 1), mock
-tokens, median step time over --steps steps after warm-up, per method; compression from the second step on (1-bit
+tokens, median step time over --steps steps after warm-up, per method (--overlap-grad-reduce: buckets reduced, or
+compressed on a side stream, during the backward); compression from the second step on (1-bit
 without variance refreshes, so every timed step is a compressed one). Bytes/step per rank as the loop logs them.
 
     python benchmarks/bench_compression.py kernels [--sizes 16,64] [--json out.json]
-    torchrun --nproc_per_node 2 benchmarks/bench_compression.py step [--zero-stage 1] [--json out.json]
+    torchrun --nproc_per_node 2 benchmarks/bench_compression.py step [--zero-stage 1] [--overlap-grad-reduce] [--json out.json]
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def step(args) -> list:
     for name, ccfg in runs:
         model = build_model(cfg, device=dev, dtype=torch.bfloat16, seed=1)
         ddp = DistributedDataParallel(model, zero_stage=args.zero_stage, bucket_size=args.bucket_size,
-                                      data_parallel_group=dist.group.WORLD)
+                                      data_parallel_group=dist.group.WORLD,
+                                      overlap_grad_reduce=args.overlap_grad_reduce)
         opt = get_megatron_optimizer(OptimizerConfig(lr=1e-4, bf16=True, params_dtype=torch.bfloat16), [ddp])
         attach_gradient_compression([ddp], opt, ccfg)
         ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=dev)
@@ -152,6 +154,7 @@ def step(args) -> list:
             rep = r if i >= args.warmup and r else rep
         ms = statistics.median(times)
         row = {"method": name, "world": world, "zero_stage": args.zero_stage, "ms_per_step": ms,
+               "overlap_grad_reduce": args.overlap_grad_reduce,
                "params": sum(p.numel() for p in model.parameters()),
                "bytes_per_step": rep["bytes_per_step"] if rep else ddp_bytes_per_step(ddp),
                "compression_ratio": rep["compression_ratio"] if rep else 1.0}
@@ -180,6 +183,8 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--bucket-size", type=int, default=40_000_000)
+    p.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="step: reduce (compress) each bucket as soon as its gradients are ready, beside the backward")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None)

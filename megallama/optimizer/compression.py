@@ -191,7 +191,8 @@ class GradientCompressor:
         if sd.get("signature") != self.signature():
             return False
         device = self.ddp.device
-        self.state = _map_tensors(sd["state"], lambda t: t.to(device, copy=True))
+        with self.ddp.hook_stream_context():  # owned by the stream the hook runs on (freed there too)
+            self.state = _map_tensors(sd["state"], lambda t: t.to(device, copy=True))
         self._calls, self._last_step = dict(sd["calls"]), dict(sd["last_step"])
         return True
 

@@ -134,6 +134,7 @@ class DistributedDataParallel(nn.Module):
         self._handles: List = []  # stage 0/1 async collectives
         self._grads_dirty = False
         self.comm_hook = None  # stages 0/1: replaces the bucket collective (gradient compression)
+        self._hook_stream, self._hook_pending = None, False  # CUDA + overlap_grad_reduce: see hook_stream_context
         self._param_gather_handles = {}  # stage 1/2 with overlap_param_gather: bucket index -> handle
         hook = _weak_grad_hook(self)
         self._hook_handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
@@ -221,7 +222,7 @@ class DistributedDataParallel(nn.Module):
 
     def _launch_allreduce(self, b, async_op: bool) -> None:
         data = self.grad_buffer[b.offset:b.offset + b.numel]
-        if self.comm_hook is not None and not b.comm.expert and self.comm_hook(b, data):
+        if self.comm_hook is not None and not b.comm.expert and self._run_comm_hook(b, data, async_op):
             b.launched = True
             return
         op = prepare_average(data, b.comm)
@@ -238,6 +239,26 @@ class DistributedDataParallel(nn.Module):
         if async_op and h is not None:
             self._handles.append(h)
 
+    def hook_stream_context(self):
+        """Where the comm hook's kernels and collectives go: with ``overlap_grad_reduce`` on CUDA a side stream, so
+        that compressing a finished bucket runs beside the rest of the backward (as the plain async all-reduce
+        does); the main stream waits for it in ``finish_grad_sync``. Allocate hook state under it too."""
+        if not (self.overlap_grad_reduce and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        if self._hook_stream is None:
+            self._hook_stream = torch.cuda.Stream(device=self.device)
+        return torch.cuda.stream(self._hook_stream)
+
+    def _run_comm_hook(self, b, data: torch.Tensor, async_op: bool) -> bool:
+        if not (async_op and self.overlap_grad_reduce and self.device.type == "cuda"):
+            return self.comm_hook(b, data)
+        main = torch.cuda.current_stream(self.device)
+        with self.hook_stream_context():
+            self._hook_stream.wait_stream(main)  # after the kernels that wrote the bucket's gradients
+            done = self.comm_hook(b, data)
+        self._hook_pending |= bool(done)
+        return done
+
     def finish_grad_sync(self) -> None:
         """After the last microbatch's backward: launch the reductions not yet started and wait for all of them.
         Afterwards stage 0 holds averaged full grads, stages 1-3 this rank's averaged shard."""
@@ -252,6 +273,9 @@ class DistributedDataParallel(nn.Module):
         for h in self._handles:
             h.wait()
         self._handles = []
+        if self._hook_pending:  # the side-stream comm hooks wrote the averaged buckets
+            torch.cuda.current_stream(self.device).wait_stream(self._hook_stream)
+            self._hook_pending = False
         for b in self.layout.buckets:
             b.launched, b.num_ready = False, 0
 
