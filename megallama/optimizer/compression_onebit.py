@@ -177,18 +177,19 @@ class OneBitCompressor(GradientCompressor):
     def compress(self, bucket, data, st):
         beta1 = self.optimizer.param_groups[0]["betas"][0]
         m, d = st["momentum"], st["denom"]
-        u = m.mul(beta1).add_(data.float(), alpha=1.0 - beta1).div_(d)  # this rank's update direction
-        m_avg = self._mean(u, st).mul_(d)
-        data.copy_(m_avg)  # OneBitAdamW takes it as exp_avg
-        m.copy_(m_avg)
+        n = m.numel()
+        x = torch.empty(st["padded"], device=m.device)  # this rank's update direction, zero-padded to the segments
+        x[n:].zero_()
+        torch.mul(m, beta1, out=x[:n]).add_(data, alpha=1.0 - beta1).div_(d)
+        torch.mul(self._mean(x, n, st), d, out=m)  # the averaged momentum
+        data.copy_(m)  # OneBitAdamW takes it as exp_avg
 
-    def _mean(self, u, st):
-        """The mean over ranks of u, 1 bit per entry each way (plus a scale per chunk)."""
-        n, w, c, padded = u.numel(), self.world, self.config.chunk_size, st["padded"]
+    def _mean(self, x, n, st):
+        """The mean over ranks of ``x[:n]`` (``x``: padded, zeros after n), 1 bit per entry each way (plus a scale
+        per chunk)."""
+        w, c, padded = self.world, self.config.chunk_size, st["padded"]
         seg = padded // w
         nb = seg // 8
-        x = torch.zeros(padded, device=u.device)
-        x[:n] = u
         packed, scales = kernels.onebit_pack(x, st["worker_error"], c)  # segment j (nb bytes, seg/c scales) -> j
         got = self.all_to_all(torch.cat([packed.view(w, nb), scales.view(torch.uint8).view(w, -1)], dim=1))
         avg = kernels.onebit_unpack(got[:, :nb].contiguous(), got[:, nb:].contiguous().view(torch.float32),

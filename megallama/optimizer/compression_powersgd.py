@@ -25,9 +25,10 @@ def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
                    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
     """One PowerSGD step over batches of matrices, the same call on every rank.
 
-    ``mats[i]`` [B, rows, cols]: this rank's matrices (gradient + error); ``qs[i]`` [B, cols, r]: the start, equal
-    on every rank. ``dense`` (flat fp32) is averaged exactly, in place, in the P all-reduce. Returns the rank-r
-    approximations of the rank mean of ``mats``, the new Qs (the next start) and this rank's residuals."""
+    ``mats[i]`` [B, rows, cols]: this rank's matrices (gradient + error), overwritten with this rank's residuals;
+    ``qs[i]`` [B, cols, r]: the start, equal on every rank. ``dense`` (flat fp32) is averaged exactly, in place, in
+    the P all-reduce. Returns (P, Q, residuals): P Q^T is the rank-r approximation of the rank mean of ``mats``,
+    Q the next start, residuals ``mats`` themselves. Nothing of the matrices' size is allocated."""
     ps = [torch.bmm(m, q) for m, q in zip(mats, qs)]
     flat = torch.cat([p.reshape(-1) for p in ps] + ([dense] if dense is not None else []))
     if flat.numel():
@@ -41,14 +42,15 @@ def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
     if not ps:
         return [], [], []
     local = [torch.bmm(m.transpose(1, 2), p) for m, p in zip(mats, ps)]  # Q_local = M^T P
-    residuals = [m - torch.bmm(p, q.transpose(1, 2)) for m, p, q in zip(mats, ps, local)]
+    for m, p, q in zip(mats, ps, local):
+        m.baddbmm_(p, q.transpose(1, 2), alpha=-1.0)  # residual M - P Q_local^T, in place
     flat = torch.cat([q.reshape(-1) for q in local])
     all_reduce_mean(flat)
     new_qs, off = [], 0
     for q in local:
         new_qs.append(flat[off:off + q.numel()].view_as(q))
         off += q.numel()
-    return [torch.bmm(p, q.transpose(1, 2)) for p, q in zip(ps, new_qs)], new_qs, residuals
+    return ps, new_qs, list(mats)
 
 
 class PowerSGDCompressor(GradientCompressor):
@@ -78,14 +80,20 @@ class PowerSGDCompressor(GradientCompressor):
 
     def compress(self, bucket, data, st):
         groups = st["groups"]
-        mats = [torch.stack(self._views(data, g)).float().add_(g["error"]) for g in groups]  # M = G + error
+        for g in groups:  # M = error + G, built in the error buffer (which then keeps the residual)
+            for e, v in zip(g["error"], self._views(data, g)):
+                e.add_(v)
         dense = torch.cat([data[o:o + n].float() for o, n in st["dense"]]) if st["dense"] else None
-        approx, qs, residuals = powersgd_round(mats, [g["q"] for g in groups], self.all_reduce_mean, dense)
+        ps, qs, _ = powersgd_round([g["error"] for g in groups], [g["q"] for g in groups], self.all_reduce_mean,
+                                   dense)
         off = 0
         for o, n in st["dense"]:
             data[o:o + n].copy_(dense[off:off + n])
             off += n
-        for g, a, q, e in zip(groups, approx, qs, residuals):
-            g["q"], g["error"] = q, e  # warm start; error feedback
-            for v, m in zip(self._views(data, g), a):
-                v.copy_(m)
+        for g, p, q in zip(groups, ps, qs):
+            g["q"] = q  # warm start
+            for v, pi, qi in zip(self._views(data, g), p, q):  # the approximation straight into the bucket
+                if v.dtype == pi.dtype:
+                    torch.mm(pi, qi.t(), out=v)
+                else:
+                    v.copy_(pi @ qi.t())

@@ -44,7 +44,8 @@ def _rounds(rank, world):
         qs = [torch.randn(b, c, min(rows, c) if r == "full" else r, generator=start) for b, rows, c in SHAPES]
         dense = torch.randn(5, generator=g)
         dense_avg = dense.clone()  # averaged in place
-        approx, new_qs, res = powersgd_round([m.clone() for m in mats], qs, _mean(world), dense_avg)
+        ps, new_qs, res = powersgd_round([m.clone() for m in mats], qs, _mean(world), dense_avg)
+        approx = [torch.bmm(p, q.transpose(1, 2)) for p, q in zip(ps, new_qs)]
         means = [_gather_mean(m, world) for m in mats]
         out[r] = {
             "exact": max(_max_diff(a, m) for a, m in zip(approx, means)),
@@ -59,7 +60,7 @@ def _rounds(rank, world):
     worst = 0.0
     for _ in range(40):
         m = torch.randn(1, 8, 8, generator=g) + 3.0 * rank + err
-        _, q, (err,) = powersgd_round([m], q, _mean(world))
+        _, q, (err,) = powersgd_round([m.clone()], q, _mean(world))
         worst = max(worst, float(err.norm() / m.norm()))
     out["steps"] = (worst, float(err.norm()))
     return out
