@@ -177,8 +177,11 @@ class GradientCompressor:
 
     # ------------------------------------------------------------------ checkpointing
     def signature(self) -> dict:
-        """What the saved state is only valid under: the flags, the dp size and the bucket layout."""
-        return {"config": dict(vars(self.config)), "world": self.world,
+        """What the saved state is only valid under: the flags that shape it, the dp size and the bucket layout
+        (not the warm-up length: extending --train-iters, which moves its default, keeps the state)."""
+        c = self.config
+        return {"method": c.method, "rank": c.rank, "topk_ratio": c.topk_ratio, "chunk_size": c.chunk_size,
+                "min_compression_rate": c.min_compression_rate, "world": self.world,
                 "buckets": [[b.offset, b.numel] for b in self.ddp.layout.buckets]}
 
     def state_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """A compressed run saved and resumed gives the per-step losses of the uninterrupted run bit for bit (2 gloo
 ranks): the compressors' error memories, PowerSGD's warm-start Q and 1-bit Adam's momentum, frozen denominator and
-worker/server errors travel in each rank's checkpoint file, like its RNG state. A run resumed under another layout
-or other compression flags starts the compressor afresh and says so."""
+worker/server errors travel in each rank's checkpoint file, like its RNG state. A run resumed under another layout,
+bucket size, rank or top-k ratio starts the compressor afresh and says so; another warm-up length keeps it."""
 import contextlib
 import io
 
@@ -14,7 +14,7 @@ METHODS = {"powersgd": ["--gradient-compression", "powersgd", "--compression-war
            # steps 7-9 are compressed and the resumed ones, 8 and 9, continue from the state saved after 7
            "onebit": ["--gradient-compression", "onebit", "--compression-warmup-steps", "2", "--zero-stage", "1"]}
 OTHER = {"powersgd": ["--gradient-compression-rank", "2"], "topk": ["--topk-ratio", "0.2"],
-         "onebit": ["--compression-warmup-steps", "3"]}  # later flags win
+         "onebit": ["--bucket-size", "20000"]}  # later flags win
 
 
 def _train(rank, world, tmp):
@@ -39,15 +39,20 @@ def _train(rank, world, tmp):
         ref, _ = run(flags + ["--save", ck, "--save-interval", str(SAVE_AT)])
         resumed, log = run(flags + ["--load", f"{ck}/iter_{SAVE_AT:07d}"])
         _, other_log = run(flags + OTHER[name] + ["--load", f"{ck}/iter_{SAVE_AT:07d}"])
-        out[name] = (ref, resumed, log, other_log)
+        longer_log = ""
+        if name == "powersgd":  # a longer warm-up (as a longer --train-iters gives by default) keeps the state
+            _, longer_log = run(flags + ["--compression-warmup-steps", "3", "--load", f"{ck}/iter_{SAVE_AT:07d}"])
+        out[name] = (ref, resumed, log, other_log, longer_log)
     return out
 
 
 def test_compressed_resume_is_bit_exact(tmp_path):
     res = run_distributed(_train, 2, str(tmp_path))
-    for name, (ref, resumed, log, other_log) in res[0].items():
+    for name, (ref, resumed, log, other_log, longer_log) in res[0].items():
         assert sorted(ref) == list(range(1, T + 1)) and sorted(resumed) == list(range(SAVE_AT + 1, T + 1)), name
         for step, loss in resumed.items():
             assert loss == ref[step], (name, step, loss, ref[step])
         assert "gradient compression state restored" in log, log
         assert "gradient compression state starts afresh" in other_log, other_log
+        if name == "powersgd":
+            assert "gradient compression state restored" in longer_log, longer_log
