@@ -5,7 +5,8 @@ stream waits for it before the optimizer. Small buckets make most hooks run mid-
 lossless settings (top-k ratio 1, full-rank PowerSGD with every matrix compressed) train like uncompressed
 (losses 1e-5 relative), and every compressor, lossy ones included, gives the same losses with the hook on the side
 stream as on the main stream (1e-6: the same kernels in the same order; a missing wait would hand the optimizer
-half-averaged buckets). Also runs under ``torchrun --nproc_per_node 2 tests/multigpu/test_compression_nccl.py``.
+half-averaged buckets). A compressed run resumed from a checkpoint on the GPUs repeats the uninterrupted losses
+bit for bit (the CPU test's runs, on CUDA with the side stream). Also runs under ``torchrun --nproc_per_node 2 tests/multigpu/test_compression_nccl.py``.
 """
 import os
 import sys
@@ -80,6 +81,15 @@ def _failures(out):
 def test_compression_over_nccl_with_side_stream_hooks():
     out = run_distributed(check, 2, backend="nccl")[0]
     assert not _failures(out), _failures(out)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_compressed_resume_on_gpus_is_bit_exact(tmp_path):
+    """tests/compression/test_compression_resume.py on 2 GPUs, with the hooks on the side stream (small buckets)."""
+    import test_compression_resume as resume
+    res = run_distributed(resume._train, 2, str(tmp_path),
+                          ["--device", "cuda", "--overlap-grad-reduce", "--bucket-size", "5000"], backend="nccl")[0]
+    assert not resume.failures(res), resume.failures(res)
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/multigpu/test_compression_nccl.py
