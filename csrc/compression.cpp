@@ -272,9 +272,11 @@ at::Tensor topk_unpack(const at::Tensor& values_in, const at::Tensor& indices_in
   at::Tensor out = at::zeros({n}, values.options());
   if (n == 0 || rows * k == 0) return alpha == 1.0 ? out : out.mul_(alpha);
   if (values.is_cuda()) {
+    const at::Tensor mask = at::zeros({alpha == 1.0 ? 0 : (n + 31) / 32}, values.options().dtype(at::kInt));
     launch_cuda(values, op, [&] {
       return cuda::topk_unpack(values.data_ptr<float>(), indices.data_ptr<int32_t>(), out.data_ptr<float>(), rows, k, n,
-                               static_cast<float>(alpha), current_stream(values));
+                               static_cast<float>(alpha), reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()),
+                               current_stream(values));
     });
     return out;
   }
@@ -313,7 +315,7 @@ int onebit_pack(DType, const void*, float*, uint8_t*, float*, int64_t, int64_t, 
 int onebit_unpack(const uint8_t*, const float*, float*, int64_t, int64_t, int64_t, float, void*) { return -1; }
 int64_t topk_workspace_bytes(int64_t) { return 0; }
 int topk_pack(DType, const void*, float*, float*, int32_t*, int64_t, int64_t, void*, void*) { return -1; }
-int topk_unpack(const float*, const int32_t*, float*, int64_t, int64_t, int64_t, float, void*) { return -1; }
+int topk_unpack(const float*, const int32_t*, float*, int64_t, int64_t, int64_t, float, uint32_t*, void*) { return -1; }
 }  // namespace cuda
 }  // namespace megallama
 #endif

@@ -31,8 +31,9 @@ int64_t topk_workspace_bytes(int64_t n);
 int topk_pack(DType xt, const void* x, float* error, float* values, int32_t* indices, int64_t n, int64_t k,
               void* workspace, void* stream);
 // out (n fp32, zeroed by the caller) = alpha * sum over rows of the scattered values; values/indices are [rows, k].
+// mask: ceil(n / 32) words zeroed by the caller (unused when alpha == 1).
 int topk_unpack(const float* values, const int32_t* indices, float* out, int64_t rows, int64_t k, int64_t n,
-                float alpha, void* stream);
+                float alpha, uint32_t* mask, void* stream);
 
 }  // namespace cuda
 }  // namespace megallama

@@ -202,9 +202,16 @@ __global__ void topk_scatter_kernel(const float* __restrict__ values, const int3
     atomicAdd(out + indices[j], values[j]);  // indices of one row are distinct: no two adds meet, order-free
 }
 
-__global__ void scale_kernel(float* __restrict__ out, int64_t n, float alpha) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] *= alpha;
+// Scales each touched entry once: untouched ones are 0 either way, so the pass costs O(rows k), not O(n). The first
+// thread to set an entry's bit in ``mask`` (zeroed) multiplies it, after all rows were added (stream order), as the
+// reference does (sum, then scale): the same bits.
+__global__ void scale_touched_kernel(const int32_t* __restrict__ indices, float* __restrict__ out,
+                                     uint32_t* __restrict__ mask, int64_t total, float alpha) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t i = indices[j];
+    const uint32_t bit = 1u << (i & 31);
+    if (!(atomicOr(mask + (i >> 5), bit) & bit)) out[i] *= alpha;
+  }
 }
 
 int64_t align16(int64_t b) { return (b + 15) / 16 * 16; }
@@ -248,12 +255,13 @@ int topk_pack(DType xt, const void* x, float* error, float* values, int32_t* ind
 }
 
 int topk_unpack(const float* values, const int32_t* indices, float* out, int64_t rows, int64_t k, int64_t n,
-                float alpha, void* stream) {
+                float alpha, uint32_t* mask, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   for (int64_t r = 0; r < rows; ++r) {  // one launch per row, in order: the reference's summation order
     topk_scatter_kernel<<<grid_for(k, kThreads), kThreads, 0, s>>>(values + r * k, indices + r * k, out, k);
   }
-  if (alpha != 1.f) scale_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(out, n, alpha);
+  if (alpha != 1.f)
+    scale_touched_kernel<<<grid_for(rows * k, kThreads), kThreads, 0, s>>>(indices, out, mask, rows * k, alpha);
   return last_error();
 }
 

@@ -89,6 +89,21 @@ def test_topk_cuda_equals_cpu(n, frac, dtype):
     assert torch.equal(out.cpu(), C.topk_unpack(rows_v, rows_i, n, 0.5))
 
 
+@pytest.mark.parametrize("alpha", [1.0, 1.0 / 3])
+def test_topk_unpack_cuda_equals_cpu_with_overlapping_rows(alpha):
+    """Three messages sharing some indices (each row's distinct): sums in row order, then one scale per entry."""
+    n, k = 100_003, 20_000
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(n, generator=g)
+    shared = perm[:5000]  # in all three rows; the rest of each row its own
+    idx = torch.stack([perm[:k], torch.cat([shared, perm[k:2 * k - 5000]]),
+                       torch.cat([shared, perm[2 * k:3 * k - 5000]])]).to(torch.int32)
+    vals = torch.randn(3, k, generator=g)
+    _poison()
+    out = C.topk_unpack(vals.to(DEV), idx.to(DEV), n, alpha)
+    assert torch.equal(out.cpu(), C.topk_unpack(vals, idx, n, alpha))
+
+
 def test_topk_cuda_all_equal_keys():
     """Every |c| equal: the threshold digit search ends at the bottom and ties go to the lowest indices."""
     n, k = 70_000, 12_345
