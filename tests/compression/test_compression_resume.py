@@ -66,3 +66,12 @@ def failures(res) -> list:
 def test_compressed_resume_is_bit_exact(tmp_path):
     bad = failures(run_distributed(_train, 2, str(tmp_path))[0])
     assert not bad, bad
+
+
+def test_compressed_resume_with_virtual_pipeline_chunks_is_bit_exact(tmp_path):
+    """pp 2 x vpp 2 x dp 2: each rank saves and restores one compressor state per model chunk."""
+    res = run_distributed(_train, 4, str(tmp_path), ["--pipeline-model-parallel-size", "2",
+                                                     "--num-layers-per-virtual-pipeline-stage", "1",
+                                                     "--micro-batch-size", "1"])
+    bad = failures(res[0])
+    assert not bad, bad
