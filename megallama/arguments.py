@@ -132,6 +132,10 @@ def _add_parallel(p):
     g.add_argument("--topk-ratio", type=float, default=0.01, help="top-k: fraction of gradient entries sent")
     g.add_argument("--compression-warmup-steps", type=int, default=None, help="exact (uncompressed) steps "
                    "first; 1-bit Adam estimates its variance in them (default: 10%% of --train-iters)")
+    g.add_argument("--no-save-compression-state", action="store_true", help="checkpoints leave out the "
+                   "compressor's per-rank error memories (4 bytes per local parameter per dp rank, about 12 for 1-bit "
+                   "Adam): smaller checkpoints at scale, and a resume restarts them from zero (DeepSpeed's behaviour) "
+                   "instead of continuing bit for bit")
 
 
 def _add_data(p):

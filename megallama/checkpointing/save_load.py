@@ -144,7 +144,7 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
     err, desc = None, None
     try:
         obj = {"tensors": tensors, "rng": get_rng_state()}
-        comp = compression_state(model_chunks)
+        comp = None if getattr(args, "no_save_compression_state", False) else compression_state(model_chunks)
         if comp is not None:  # per-rank error memories etc., restored like the RNG state (same layout only)
             obj["compression"] = comp
         F.atomic_torch_save(obj, os.path.join(tmp, fname))

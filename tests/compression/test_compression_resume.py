@@ -1,7 +1,8 @@
 """A compressed run saved and resumed gives the per-step losses of the uninterrupted run bit for bit (2 gloo
 ranks): the compressors' error memories, PowerSGD's warm-start Q and 1-bit Adam's momentum, frozen denominator and
 worker/server errors travel in each rank's checkpoint file, like its RNG state. A run resumed under another layout,
-bucket size, rank or top-k ratio starts the compressor afresh and says so; another warm-up length keeps it."""
+bucket size, rank or top-k ratio, or from a checkpoint saved with --no-save-compression-state, starts the compressor
+afresh and says so; another warm-up length keeps it."""
 import contextlib
 import io
 
@@ -43,6 +44,10 @@ def _train(rank, world, tmp, extra=()):
         longer_log = ""
         if name == "powersgd":  # a longer warm-up (as a longer --train-iters gives by default) keeps the state
             _, longer_log = run(flags + ["--compression-warmup-steps", "3", "--load", f"{ck}/iter_{SAVE_AT:07d}"])
+        if name == "topk":  # checkpoints without the state: the resume says so (and still trains)
+            run(flags + ["--save", f"{ck}_nostate", "--save-interval", str(SAVE_AT), "--exit-interval",
+                         str(SAVE_AT), "--no-save-compression-state"])
+            _, longer_log = run(flags + ["--load", f"{ck}_nostate/iter_{SAVE_AT:07d}"])
         out[name] = (ref, resumed, log, other_log, longer_log)
     return out
 
@@ -60,6 +65,8 @@ def failures(res) -> list:
             bad.append(f"{name}: other flags did not start afresh")
         if name == "powersgd" and "gradient compression state restored" not in longer_log:
             bad.append(f"{name}: a longer warm-up dropped the state")
+        if name == "topk" and "gradient compression state starts afresh" not in longer_log:
+            bad.append(f"{name}: a checkpoint saved with --no-save-compression-state restored a state")
     return bad
 
 
