@@ -9,8 +9,9 @@ optimizer steps first. What error feedback cannot undo is delay: a direction wai
 what a message carries. Under Adam every coordinate moves at about the same speed whatever its gradient's size, so
 the small directions count as much as the large ones, and a message that carries few of them (PowerSGD rank 4 of
 a 256-wide matrix, top-k 10%) falls behind a fast-learning short run, however well it is chosen (the exact best
-rank-4 approximation does too): benchmarks/RESULTS.md (gradient compression) has the measurements, and 1-bit Adam
-(every coordinate's sign, every step) is the one that keeps up at 30x.
+rank-4 approximation does too), while under SGD with momentum the same messages keep up (rank 4 +1.4%, top-k 10%
+-0.4% on the 4-rank benchmark run): benchmarks/RESULTS.md (gradient compression) has the measurements, and under
+AdamW 1-bit Adam (every coordinate's sign, every step) is the one that keeps up at 30x.
 
 * ``powersgd`` (Vogels et al. 2019): each >= 2-D gradient (+ error) becomes a rank-r product, see
   compression_powersgd.py.
