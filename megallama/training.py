@@ -204,6 +204,9 @@ def pretrain(args, datasets=None) -> dict:
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter = step
             break
+    for m in model_chunks:  # --overlap-param-gather: the last step's all-gathers; the model is final on return
+        if hasattr(m, "finish_param_sync"):
+            m.finish_param_sync()
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):

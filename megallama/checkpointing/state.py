@@ -40,6 +40,8 @@ def named_model_tensors(model_chunks) -> Iterator[Tuple[int, str, torch.Tensor, 
     Under ZeRO-3 the tensors are full tp-local copies gathered by the wrapper (a collective over dp: every rank
     must iterate); otherwise the live parameters themselves."""
     for ci, chunk in enumerate(model_chunks):
+        if hasattr(chunk, "finish_param_sync"):  # --overlap-param-gather: the last step's all-gathers may be in flight
+            chunk.finish_param_sync()
         m = unwrap(chunk)
         params = dict(m.named_parameters())
         if is_zero3(chunk):

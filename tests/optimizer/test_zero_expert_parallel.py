@@ -65,6 +65,7 @@ def _run(stage):
     assert ddp.expert_comm is not None and ddp.expert_comm.size == 2
     opt = get_megatron_optimizer(OptimizerConfig(**OPT), [ddp])
     losses, norms = train(ddp, opt, 0, STEPS, M)
+    ddp.finish_param_sync()  # the last step's overlapped all-gathers (read the params only after them)
     params = {n: _full(p) for n, p in model.named_parameters()}
     ps.destroy_model_parallel()
     return losses, norms, params
