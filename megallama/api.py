@@ -12,6 +12,8 @@ from ``autoconfig.choose_layout``, the memory estimate from those same flags (``
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, replace
 from typing import List, Optional
@@ -245,8 +247,6 @@ class LlamaTrainingOrchestrator:
         return argv + self.extra_args
 
     def build_args(self, world_size: Optional[int] = None, extra: Optional[List[str]] = None):
-        import contextlib
-        import io
         from megallama.arguments import parse_args
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         err = io.StringIO()

@@ -148,6 +148,10 @@ class GradientCompressor:
         self.ddp, self.config, self.optimizer = ddp, config, optimizer
         self.group, self.world = ddp.dp_group, ddp.dp_size
         self.stats = CommStats()
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Forget every bucket's state (error memories, Q, ...): the next compressed step starts afresh."""
         self.state: Dict[int, dict] = {}  # bucket index -> compressor state
         self._calls: Dict[int, int] = {}
         self._last_step: Dict[int, int] = {}
@@ -313,16 +317,14 @@ def load_compression_state(model_chunks, saved: Optional[Sequence]) -> Optional[
         return "gradient compression state restored"
     for c in comps:  # a partial restore must not mix with fresh state
         if c is not None:
-            c.state, c._calls, c._last_step = {}, {}, {}
+            c.reset_state()
     return ("gradient compression state starts afresh (the checkpoint has none for this layout and these "
             "compression flags)")
 
 
 def compression_report(model_chunks, reset: bool = True) -> Optional[dict]:
     """This rank's gradient bytes per step since the last report, and the ratio to plain DDP (None: no hooks)."""
-    reps = [m.comm_hook.stats.report(reset) for m in model_chunks
-            if isinstance(getattr(m, "comm_hook", None), GradientCompressor)]
-    reps = [r for r in reps if r]
+    reps = [r for r in (c.stats.report(reset) for c in _compressors(model_chunks) if c is not None) if r]
     if not reps:
         return None
     sent = sum(r["bytes_per_step"] for r in reps)

@@ -239,22 +239,27 @@ class DistributedDataParallel(nn.Module):
         if async_op and h is not None:
             self._handles.append(h)
 
-    def hook_stream_context(self):
-        """Where the comm hook's kernels and collectives go: with ``overlap_grad_reduce`` on CUDA a side stream, so
-        that compressing a finished bucket runs beside the rest of the backward (as the plain async all-reduce
-        does); the main stream waits for it in ``finish_grad_sync``. Allocate hook state under it too."""
+    def _side_stream(self):
+        """The comm hook's CUDA stream with ``overlap_grad_reduce`` (made on first use), else None: compressing a
+        finished bucket then runs beside the rest of the backward (as the plain async all-reduce does), and the
+        main stream waits for it in ``finish_grad_sync``."""
         if not (self.overlap_grad_reduce and self.device.type == "cuda"):
-            return contextlib.nullcontext()
+            return None
         if self._hook_stream is None:
             self._hook_stream = torch.cuda.Stream(device=self.device)
-        return torch.cuda.stream(self._hook_stream)
+        return self._hook_stream
+
+    def hook_stream_context(self):
+        """Where the comm hook's kernels run: allocate hook state under it too (it is freed there)."""
+        s = self._side_stream()
+        return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
 
     def _run_comm_hook(self, b, data: torch.Tensor, async_op: bool) -> bool:
-        if not (async_op and self.overlap_grad_reduce and self.device.type == "cuda"):
+        s = self._side_stream() if async_op else None
+        if s is None:
             return self.comm_hook(b, data)
-        main = torch.cuda.current_stream(self.device)
-        with self.hook_stream_context():
-            self._hook_stream.wait_stream(main)  # after the kernels that wrote the bucket's gradients
+        s.wait_stream(torch.cuda.current_stream(self.device))  # after the kernels that wrote the bucket's gradients
+        with torch.cuda.stream(s):
             done = self.comm_hook(b, data)
         self._hook_pending |= bool(done)
         return done
