@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.mpu import mappings
+from megallama.mpu import mappings, weight_grad_store
 
 
 def set_tensor_model_parallel_attributes(param: nn.Parameter, is_parallel: bool, dim: int) -> None:
@@ -33,6 +33,24 @@ def _autocast_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
+def _wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+
+
+def _defer_weight_grads(params, grads, x: torch.Tensor, sequence_parallel: bool) -> bool:
+    """Queue ``dW_i = g_i^T x`` for a zero-bubble schedule's W pass (see weight_grad_store) when a capture is on
+    and every weight is a leaf parameter; False: the caller computes them now. ``x`` is the input as saved (the
+    sequence shard under SP, gathered again in W)."""
+    if not weight_grad_store.deferring() or any(p is None for p in params):
+        return False
+
+    def work():
+        total = mappings.all_gather_along_dim(x, mappings.SEQ_DIM) if sequence_parallel else x
+        return [(p, _wgrad(g, total)) for p, g in zip(params, grads)]
+    weight_grad_store.defer(work)
+    return True
+
+
 class _ColumnParallelLinears(torch.autograd.Function):
     """Enter the TP region once for several column-parallel weights that read the same input (q/k/v, gate/up).
 
@@ -41,11 +59,13 @@ class _ColumnParallelLinears(torch.autograd.Function):
     Megatron does, so SP keeps its activation-memory saving. Backward sums the input grads of all weights and
     overlaps their reduce-scatter (SP) / all-reduce (TP) with the weight-gradient GEMMs.
     Autocast is applied by hand (inputs cast to the autocast dtype) so backward runs in the same precision.
+    Inside ``weight_grad_store.capture()`` (ZB's B pass) the weight-gradient GEMMs are queued for the W pass.
     """
 
     @staticmethod
     def forward(ctx, x, sequence_parallel, n, *params):
         weights, biases = params[:n], params[n:]
+        ctx.leaf_weights = tuple(w if w.is_leaf else None for w in weights)  # what a deferred grad accumulates to
         dt = _autocast_dtype(x)
         if dt is not None:
             x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
@@ -62,8 +82,13 @@ class _ColumnParallelLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         sp, n = ctx.sequence_parallel, ctx.n
-        need_w = ctx.needs_input_grad[3:3 + n]
-        gather = mappings.all_gather_along_dim(x, mappings.SEQ_DIM, async_op=True) if sp and any(need_w) else None
+        need_w = [g is not None and ctx.needs_input_grad[3 + i] for i, g in enumerate(grads)]
+        wanted = [i for i in range(n) if need_w[i]]
+        deferred = bool(wanted) and _defer_weight_grads([ctx.leaf_weights[i] for i in wanted],
+                                                        [grads[i] for i in wanted], x, sp)
+        gather = None
+        if sp and wanted and not deferred:
+            gather = mappings.all_gather_along_dim(x, mappings.SEQ_DIM, async_op=True)
         grad_input, work = None, None
         if ctx.needs_input_grad[0]:
             for g, w in zip(grads, weights):
@@ -77,17 +102,38 @@ class _ColumnParallelLinears(torch.autograd.Function):
             else:
                 grad_input, work = mappings.all_reduce(grad_input, async_op=True)
         total = gather.wait() if gather is not None else x
-        wgrads, bgrads = [], []
-        for i, (g, w) in enumerate(zip(grads, weights)):
-            if g is None or not need_w[i]:
-                wgrads.append(None)
-            else:
-                wgrads.append(g.reshape(-1, g.shape[-1]).t().matmul(total.reshape(-1, total.shape[-1])))
+        wgrads = [_wgrad(g, total) if need_w[i] and not deferred else None for i, g in enumerate(grads)]
+        bgrads = []
+        for i, g in enumerate(grads):
             has_b = ctx.has_bias[i] and g is not None and ctx.needs_input_grad[3 + n + i]
             bgrads.append(g.reshape(-1, g.shape[-1]).sum(0) if has_b else None)
         if work is not None:
             work.wait()
         return (grad_input, None, None, *wgrads, *bgrads)
+
+
+class _RowParallelGEMM(torch.autograd.Function):
+    """``F.linear(x, w)`` on this rank's input shard (the reduction over tp is the caller's), with the weight
+    gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``; autocast applied by hand in the same way."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.leaf_weight = weight if weight.is_leaf else None
+        dt = _autocast_dtype(x)
+        if dt is not None:
+            x, weight = x.to(dt), weight.to(dt)
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        grad_input = g.matmul(w) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1] and not _defer_weight_grads([ctx.leaf_weight], [g], x, False):
+            grad_weight = _wgrad(g, x)
+        return grad_input, grad_weight
 
 
 def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequence_parallel: bool = False):
@@ -174,7 +220,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight)
+        y = _RowParallelGEMM.apply(x, self.weight)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:

@@ -17,6 +17,7 @@ import torch
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.mpu import weight_grad_store
 from megallama.pipeline.model_chunks import unwrap_model
 from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
 from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank, tensor_shape, warm_up_group
@@ -137,7 +138,8 @@ class _StageRun:
         self.group = ps.get_pipeline_model_parallel_group()
         self.inputs: Dict[tuple, Optional[torch.Tensor]] = {}
         self.outputs: Dict[tuple, torch.Tensor] = {}
-        self.out_grads: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.out_grads: Dict[tuple, Optional[torch.Tensor]] = {}  # W by recomputation: B's output grads
+        self.deferred: Dict[tuple, list] = {}  # W from queued GEMMs: what B left (weight_grad_store)
         self.outbox: Dict[tuple, torch.Tensor] = {}
         self.mailbox: Dict[tuple, torch.Tensor] = {}
         self.recvs: Dict[tuple, tuple] = {}
@@ -145,8 +147,14 @@ class _StageRun:
         self.losses: Dict[int, dict] = {}
         self.held = self.peak = 0
         self.intervals: List[tuple] = []
+        # Stages 0-1 of DDP reduce on the last op giving a chunk's grads, the others run under no_sync: the last B
+        # (whole backward, or the grads B gives when W runs queued GEMMs) and the last W of a split chunk.
         acts = self.sched.actions[self.stage]
-        self.last_grad_op = {a.chunk: a for a in acts if a.kind == (W if self._split(a.chunk) else B)}
+        last = {}
+        for a in acts:
+            if a.kind == W or (a.kind == B and (not self._split(a.chunk) or self._defers(a.chunk))):
+                last[(a.chunk, a.kind)] = a
+        self.sync_ops = set(last.values())
 
     # ---------- messages ----------
     @staticmethod
@@ -216,18 +224,28 @@ class _StageRun:
         self.peak = max(self.peak, self.held)
 
     def _split(self, chunk: int) -> bool:
-        """ZB's B/W split runs the chunk's backward graph twice (input grads, then weight grads), which the
-        loss layer's in-place backward forbids: the part holding the head does its whole backward in B."""
+        """ZB's B/W split, except for the part holding the head: the loss layer's in-place backward cannot run in
+        two passes (by recomputation), and that part does its whole backward in B."""
         return self.sched.split_backward and self.parts[chunk] != self.K - 1
 
+    def _defers(self, chunk: int) -> bool:
+        """W runs the weight-gradient GEMMs B queued (weight_grad_store) rather than a second backward that
+        recomputes the input grads too. Not under ZeRO-3, which frees the gathered weights between B and W."""
+        return self._split(chunk) and getattr(self.chunks[chunk], "zero_stage", 0) != 3
+
     def _grad_ctx(self, a):
-        return contextlib.nullcontext() if self.last_grad_op.get(a.chunk) == a else _no_sync(self.chunks[a.chunk])
+        return contextlib.nullcontext() if a in self.sync_ops else _no_sync(self.chunks[a.chunk])
 
     def _backward(self, a, received) -> None:
         c, m = a.chunk, a.microbatch
         x, out = self.inputs[(m, c)], self.outputs[(m, c)]
         grad = received.to(out.dtype) if received is not None else None
-        if self._split(c):  # input grads only; the weight grads wait for W
+        if self._defers(c):  # the whole backward, its linear layers' weight-grad GEMMs queued for W
+            with self._grad_ctx(a), weight_grad_store.capture() as pending:
+                torch.autograd.backward(out, grad)
+            self.deferred[(m, c)] = pending
+            self.inputs.pop((m, c)), self.outputs.pop((m, c))
+        elif self._split(c):  # input grads only; W runs the backward again for the weight grads
             if x is not None:
                 torch.autograd.backward(out, grad, inputs=[x], retain_graph=True)
             self.out_grads[(m, c)] = grad
@@ -241,6 +259,11 @@ class _StageRun:
     def _weight_grad(self, a) -> None:
         c, m = a.chunk, a.microbatch
         if not self._split(c):
+            return
+        if self._defers(c):
+            with self._grad_ctx(a):
+                weight_grad_store.apply(self.deferred.pop((m, c)))
+            self.held -= 1  # B's queued tensors were this microbatch's stored activations
             return
         out, grad = self.outputs[(m, c)], self.out_grads.pop((m, c))
         params = [q for q in self.inner[c].parameters() if q.requires_grad]

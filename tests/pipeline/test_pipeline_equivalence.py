@@ -30,13 +30,14 @@ class Case:
     step: str = "per_token"
     forward_only: bool = False
     zero_stage: Optional[int] = None  # wrap the chunks in the project's DDP/ZeRO (grads checked in its shards)
+    overlap: bool = False  # DDP's overlap_grad_reduce: buckets reduce as soon as their last grads arrive
 
     @property
     def id(self):
         return (f"{self.schedule}-pp{self.pp}" + (f"-tp{self.tp}" if self.tp > 1 else "") + ("-sp" if self.sp else "")
                 + ("-tied" if self.tied else "") + (f"-{self.step}" if self.step != "per_token" else "")
                 + ("-eval" if self.forward_only else "") + (f"-zero{self.zero_stage}" if self.zero_stage is not None
-                                                             else ""))
+                                                             else "") + ("-overlap" if self.overlap else ""))
 
 
 def _run_cases(rank, world, cases):
@@ -55,7 +56,8 @@ def _run_cases(rank, world, cases):
         fb = get_forward_backward_func(case.pp, case.schedule)
         if case.zero_stage is not None:  # the loop's path: DDP/ZeRO wrappers, then the pipeline's sums
             from megallama.optimizer import DistributedDataParallel
-            ddps = [DistributedDataParallel(c, zero_stage=case.zero_stage, bucket_size=3000) for c in chunks]
+            ddps = [DistributedDataParallel(c, zero_stage=case.zero_stage, bucket_size=3000,
+                                            overlap_grad_reduce=case.overlap) for c in chunks]
             losses = fb(STEPS[case.step], data, ddps, M, SEQ, MBS)
             for d in ddps:
                 d.finish_grad_sync()
@@ -82,10 +84,13 @@ FOUR = [Case("1f1b", 4, layers=8, microbatches=6, tied=True), Case("gpipe", 4, l
         Case("chimera", 4, layers=8, microbatches=6, tied=True), Case("zb-h1", 4, layers=8, microbatches=6),
         Case("1f1b", 2, tp=2), Case("1f1b", 2, tp=2, sp=True, tied=True),
         Case("interleaved", 2, tp=2, sp=True, layers_per_virtual_stage=1),
-        Case("chimera", 2, tp=2, sp=True, tied=True, step="fused"),
+        Case("chimera", 2, tp=2, sp=True, tied=True, step="fused"), Case("zb-h1", 2, tp=2, sp=True, tied=True),
         Case("1f1b", 2, tied=True), Case("chimera", 2), Case("zb-h1", 2, tied=True),  # from here: pp2 x dp2
         Case("chimera", 2, tied=True, zero_stage=0), Case("chimera", 2, tied=True, zero_stage=2),
-        Case("chimera", 2, tied=True, zero_stage=3)]
+        Case("chimera", 2, tied=True, zero_stage=3),
+        # ZB-H1's last B and last W both reduce (the grads B gives, then the queued weight grads)
+        Case("zb-h1", 2, tied=True, zero_stage=0, overlap=True), Case("zb-h1", 2, zero_stage=1, overlap=True),
+        Case("zb-h1", 2, tied=True, zero_stage=3, overlap=True)]
 
 
 @pytest.fixture(scope="module")
