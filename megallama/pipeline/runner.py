@@ -147,13 +147,9 @@ class _StageRun:
         self.losses: Dict[int, dict] = {}
         self.held = self.peak = 0
         self.intervals: List[tuple] = []
-        # Stages 0-1 of DDP reduce on the last op giving a chunk's grads, the others run under no_sync: the last B
-        # (whole backward, or the grads B gives when W runs queued GEMMs) and the last W of a split chunk.
-        acts = self.sched.actions[self.stage]
-        last = {}
-        for a in acts:
-            if a.kind == W or (a.kind == B and (not self._split(a.chunk) or self._defers(a.chunk))):
-                last[(a.chunk, a.kind)] = a
+        # Stages 0-1 of DDP reduce on the last op giving a chunk's grads and run the others under no_sync: under a
+        # B/W split both the last B (the grads B gives) and the last W (the rest) of each chunk.
+        last = {(a.chunk, a.kind): a for a in self.sched.actions[self.stage] if a.kind != F}
         self.sync_ops = set(last.values())
 
     # ---------- messages ----------
@@ -223,15 +219,16 @@ class _StageRun:
         self.held += 1
         self.peak = max(self.peak, self.held)
 
-    def _split(self, chunk: int) -> bool:
-        """ZB's B/W split, except for the part holding the head: the loss layer's in-place backward cannot run in
-        two passes (by recomputation), and that part does its whole backward in B."""
-        return self.sched.split_backward and self.parts[chunk] != self.K - 1
-
     def _defers(self, chunk: int) -> bool:
-        """W runs the weight-gradient GEMMs B queued (weight_grad_store) rather than a second backward that
-        recomputes the input grads too. Not under ZeRO-3, which frees the gathered weights between B and W."""
-        return self._split(chunk) and getattr(self.chunks[chunk], "zero_stage", 0) != 3
+        """ZB's B/W split: B runs the whole backward with the linear layers' weight-grad GEMMs queued
+        (weight_grad_store) and W runs them. Not under ZeRO-3, which frees the gathered weights between B and W."""
+        return self.sched.split_backward and getattr(self.chunks[chunk], "zero_stage", 0) != 3
+
+    def _recomputes(self, chunk: int) -> bool:
+        """The split under ZeRO-3: B computes the input grads only and W runs the backward again for the weight
+        grads, recomputing the input-grad chain. Not for the part holding the head: the loss layer's in-place
+        backward cannot run twice, so that part does its whole backward in B."""
+        return self.sched.split_backward and not self._defers(chunk) and self.parts[chunk] != self.K - 1
 
     def _grad_ctx(self, a):
         return contextlib.nullcontext() if a in self.sync_ops else _no_sync(self.chunks[a.chunk])
@@ -245,7 +242,7 @@ class _StageRun:
                 torch.autograd.backward(out, grad)
             self.deferred[(m, c)] = pending
             self.inputs.pop((m, c)), self.outputs.pop((m, c))
-        elif self._split(c):  # input grads only; W runs the backward again for the weight grads
+        elif self._recomputes(c):  # input grads only; W runs the backward again for the weight grads
             if x is not None:
                 torch.autograd.backward(out, grad, inputs=[x], retain_graph=True)
             self.out_grads[(m, c)] = grad
@@ -258,12 +255,12 @@ class _StageRun:
 
     def _weight_grad(self, a) -> None:
         c, m = a.chunk, a.microbatch
-        if not self._split(c):
-            return
         if self._defers(c):
             with self._grad_ctx(a):
                 weight_grad_store.apply(self.deferred.pop((m, c)))
             self.held -= 1  # B's queued tensors were this microbatch's stored activations
+            return
+        if not self._recomputes(c):
             return
         out, grad = self.outputs[(m, c)], self.out_grads.pop((m, c))
         params = [q for q in self.inner[c].parameters() if q.requires_grad]
