@@ -1,7 +1,7 @@
 """Activation bytes of OUR Llama layer, derived from what autograd saves in ``megallama/model`` and its ops.
 
 Not Korthikanti et al.'s GPT-3 count: every term below is a tensor that ``saved_tensors_hooks`` sees (or that a
-checkpoint / the autocast cache keeps alive), and ``tests/test_memory.py`` re-measures them on CPU. Per rank:
+checkpoint keeps alive), and ``tests/test_memory.py`` re-measures them on CPU. Per rank:
 S = b*s/cp tokens in a tensor-parallel region, Sn = S/tp under sequence parallelism (else S), h hidden, F ffn,
 a heads, g kv heads, V vocab, t = tp, e = compute bytes (2 bf16/fp16, 4 fp32), r = bytes of the parameters and the
 residual stream (4 under autocast: fp32 params; the embedding output and the residual adds stay fp32).
@@ -14,8 +14,8 @@ One decoder layer keeps (no recompute):
   weight casts autocast only: each matmul saves its bf16 weight copy, e*(layer matmul params)/t per microbatch
 RoPE saves only its cos/sin tables (shared by all layers). Selective recompute checkpoints the norms (keeping
 their input r*Sn*h) and SwiGLU (gate, up); full recompute keeps each checkpointed chunk's input r*Sn*h and rebuilds
-one chunk in backward. Autocast caches the casts it makes itself (o_proj/down_proj weights) until the forward's
-autocast region exits, so a fully recomputed layer still holds those during the forward.
+one chunk in backward. Every parallel linear casts its weight inside its own autograd Function, so autocast's
+cast cache holds no weight copy of a fully recomputed layer.
 
 With the loop's default bf16 parameters (mode 'params', r = e = 2) and the fused kernels, tp 1, this is
 S*h*(2*2 + 2*2 + 4 + 4g/a + 6F/h) = sbh(12 + 4g/a + 6F/h) bytes per layer, the figure of a flash-attention Llama
@@ -101,10 +101,6 @@ class Shape:
     @property
     def layer_matmul_params(self) -> int:
         return self.qkv_params + self.h * self.h // self.t + 3 * self.ffn_weight
-
-    @property
-    def row_matmul_params(self) -> int:  # o_proj + down_proj: cast by autocast itself, hence cached
-        return self.h * self.h // self.t + self.ffn_weight
 
 
 def norm_saved(x: Shape, n: Numerics) -> int:
@@ -279,10 +275,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         n_chunks, per_chunk, stored = recompute_chunks(num_layers, recompute_method, recompute_num_layers)
         layers = n_chunks * n.r * x.Sn * x.h + stored * (whole - casts_layer)
         casts, recomputed = stored * casts_layer, per_chunk * whole
-        cached = (num_layers - stored) * n.e * x.row_matmul_params if n.cast else 0
     else:
-        layers, casts, recomputed, cached, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, \
-            0, 0, 0
+        layers, casts, recomputed, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, 0, 0
     misc = rope_tables(x) + (embedding_saved(x) if pre_process else 0)
     if not post_process:  # the stage's output is kept for its backward (p2p)
         misc += n.r * x.Sn * x.h
@@ -295,11 +289,11 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
                                  per_chunk * casts_layer, lb)}
     if post_process:
         fwd = head_forward_transient(x, n, head, device)
-        phases["head forward"] = (held + cached + fwd + hf, hs["head"] + fwd, cached, hf)
+        phases["head forward"] = (held + fwd + hf, hs["head"] + fwd, 0, hf)
         bwd = head_backward_transient(x, n, head)
         phases["head backward"] = (held + bwd + hb, hs["head"] + bwd, 0, hb)
     else:
-        phases["forward end"] = (held + cached + fe, 0, cached, fe)
+        phases["forward end"] = (held + fe, 0, 0, fe)
     phase = max(phases, key=lambda k: phases[k][0])
     current, logits, extra_casts, buffers = phases[phase]
     other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \

@@ -114,17 +114,17 @@ class _ColumnParallelLinears(torch.autograd.Function):
 
 class _RowParallelGEMM(torch.autograd.Function):
     """``F.linear(x, w)`` on this rank's input shard (the reduction over tp is the caller's), with the weight
-    gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``; autocast applied by hand in the same way."""
+    gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``. ``w`` is the leaf ``param`` or its autocast
+    copy (made outside, as autocast itself would): the copy's grad then goes back through its cast node after this
+    node has freed what it saved, as with F.linear, so the fp32 grad never coexists with the saved bf16 weight."""
 
     @staticmethod
-    def forward(ctx, x, weight):
-        ctx.leaf_weight = weight if weight.is_leaf else None
-        dt = _autocast_dtype(x)
-        if dt is not None:
-            x, weight = x.to(dt), weight.to(dt)
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, w, param_holder):
+        (param,) = param_holder  # in a tuple: not an autograd input, only where a deferred grad accumulates
+        ctx.leaf_weight = param if param.is_leaf else None
+        ctx.save_for_backward(x, w)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight)
+            return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, g):
@@ -133,7 +133,15 @@ class _RowParallelGEMM(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[1] and not _defer_weight_grads([ctx.leaf_weight], [g], x, False):
             grad_weight = _wgrad(g, x)
-        return grad_input, grad_weight
+        return grad_input, grad_weight, None
+
+
+def row_parallel_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` without the reduction over tp, casting both to the autocast dtype if one is active."""
+    w, dt = weight, _autocast_dtype(x)
+    if dt is not None:
+        x, w = x.to(dt), weight.to(dt)
+    return _RowParallelGEMM.apply(x, w, (weight,))
 
 
 def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequence_parallel: bool = False):
@@ -220,7 +228,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        y = _RowParallelGEMM.apply(x, self.weight)
+        y = row_parallel_gemm(x, self.weight)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:

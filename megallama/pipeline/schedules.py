@@ -9,7 +9,8 @@ can be checked without any process group (``simulate.py`` runs all stages agains
 Schedules: GPipe (all forwards, then all backwards), 1F1B (PipeDream-flush, Narayanan et al. 2021), interleaved
 1F1B with ``v`` virtual chunks per stage (Megatron's order), Chimera (Li & Hoefler, SC'21: two pipelines in
 opposite directions, each stage holding two model chunks that are replicas of each other's stages) and ZB-H1
-(Qi et al. 2023: backward split into input grads ``B`` and weight grads ``W`` that fill the 1F1B bubbles).
+(Qi et al. 2023: backward split into input grads ``B`` and weight grads ``W`` that fill the 1F1B bubbles; the
+runner's W runs the linear layers' weight-gradient GEMMs that B queued, see ``megallama/mpu/weight_grad_store.py``).
 """
 from __future__ import annotations
 

@@ -13,10 +13,11 @@ from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, column
 H, F = 16, 24
 
 
-def _block(seed, bias=False, sequence_parallel=False):
+def _block(seed, bias=False, sequence_parallel=False, device="cpu"):
     torch.manual_seed(seed)
-    gate, up = (ColumnParallelLinear(H, F, bias=bias, sequence_parallel=sequence_parallel) for _ in range(2))
-    down = RowParallelLinear(F, H, sequence_parallel=sequence_parallel)
+    gate, up = (ColumnParallelLinear(H, F, bias=bias, sequence_parallel=sequence_parallel, device=device)
+                for _ in range(2))
+    down = RowParallelLinear(F, H, sequence_parallel=sequence_parallel, device=device)
     for lin in (gate, up, down):
         torch.nn.init.normal_(lin.weight, std=0.2)
         if lin.bias is not None:
@@ -39,9 +40,9 @@ def _grads(layers, x, defer, autocast=False):
     fired = []  # parameter indices whose hook saw a grad (B also runs a queued weight's hook, with grad None)
     handles = [p.register_post_accumulate_grad_hook(lambda q, i=i: fired.append(i) if q.grad is not None else None)
                for i, p in enumerate(_params(layers))]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         y = _forward(layers, x)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype).to(y.device)
     if defer:
         with weight_grad_store.capture() as pending:
             y.backward(dy)
@@ -56,11 +57,15 @@ def _grads(layers, x, defer, autocast=False):
     return x.grad, [p.grad.clone() for p in _params(layers)], after_b, fired
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: backward runs on autograd's device thread
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_deferred_equals_plain_backward(autocast, bias):
-    x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(1))
-    ref_layers, layers = _block(0, bias), _block(0, bias)
+def test_deferred_equals_plain_backward(autocast, bias, device):
+    x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(1)).to(device)
+    ref_layers, layers = _block(0, bias, device=device), _block(0, bias, device=device)
     gx_ref, grads_ref, _, fired_ref = _grads(ref_layers, x, defer=False, autocast=autocast)
     gx, grads, after_b, fired = _grads(layers, x, defer=True, autocast=autocast)
     assert torch.equal(gx, gx_ref)
