@@ -17,6 +17,7 @@ from typing import List, Optional, Union
 from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
 from megallama.memory import GiB, estimate_requirements, model_split, precision_bytes, stage_layers
+from megallama.pipeline.partition import costs_from_config
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
@@ -27,14 +28,15 @@ def _divisors(n: int) -> List[int]:
 
 
 def stage_balance(cfg: ModelConfig, pp: int) -> float:
-    """Mean over slowest stage work, in decoder-layer units; the output layer weighs V*h / (layer matmul params)."""
+    """Mean over slowest stage work, with the pipeline partitioner's per-token costs (embedding on the first stage,
+    output layer and softmax on the last, in decoder-layer units)."""
     if pp == 1:
         return 1.0
-    layer = 2 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.num_query_groups * cfg.head_dim + \
-        3 * cfg.hidden_size * cfg.ffn_hidden_size
-    head = cfg.vocab_size * cfg.hidden_size / layer
-    layers = stage_layers(cfg, pp)
-    return (cfg.num_layers + head) / pp / max(layers[:-1] + [layers[-1] + head])
+    c = costs_from_config(cfg)
+    work = [n * c.layer for n in stage_layers(cfg, pp)]
+    work[0] += c.embedding
+    work[-1] += c.head
+    return sum(work) / pp / max(work)
 
 
 def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro_batch: int, seq: int,
