@@ -22,7 +22,8 @@ import torch
 from compression_harness import GLOBAL_BATCH, batch, make, train
 from dist_utils import run_distributed
 from megallama.errors import ConfigError
-from megallama.optimizer.compression import CompressionConfig, collective_bytes, config_from_args
+from megallama.optimizer.compression import (CompressionConfig, TopKCompressor, collective_bytes, config_from_args,
+                                             topk_transport_bytes)
 from megallama.optimizer.compression_onebit import is_exact_step
 
 STEPS, TOL = 100, 0.03
@@ -49,7 +50,7 @@ def _expected_bytes(name, cfg, model, world, steps):
         compressed = collective_bytes("all_reduce", 4 * p_elems, world) + collective_bytes("all_reduce", 4 * q_elems,
                                                                                            world)
     elif name == "topk":
-        compressed = collective_bytes("all_gather", 8 * math.ceil(cfg.topk_ratio * n), world)
+        compressed = min(topk_transport_bytes(n, n, math.ceil(cfg.topk_ratio * n), world, 0).values())
     else:  # two stages of 1 bit per entry + one fp32 scale per chunk, over the padded length
         padded = -(-n // (world * cfg.chunk_size)) * world * cfg.chunk_size
         msg = padded // 8 + 4 * padded // cfg.chunk_size
