@@ -12,7 +12,8 @@ from typing import Callable, List
 import torch
 
 
-def _no_sync(model):
+def maybe_no_sync(model):
+    """The DDP wrapper's ``no_sync`` (accumulate locally, reduce later), or nothing for a bare module."""
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
@@ -35,7 +36,7 @@ def forward_backward_no_pipelining(forward_step_func: Callable, data_iterator, m
         losses.append(reduced)
 
     with torch.set_grad_enabled(not forward_only):
-        ctx = contextlib.nullcontext() if forward_only else _no_sync(model)
+        ctx = contextlib.nullcontext() if forward_only else maybe_no_sync(model)
         with ctx:
             for i in range(num_microbatches - 1):
                 step(i)

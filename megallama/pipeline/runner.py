@@ -19,16 +19,12 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import weight_grad_store
 from megallama.pipeline.model_chunks import unwrap_model
-from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
+from megallama.pipeline.no_pipelining import forward_backward_no_pipelining, maybe_no_sync
 from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank, tensor_shape, warm_up_group
 from megallama.pipeline.plan import consumed_message, produced_message, stage_program
 from megallama.pipeline.schedules import B, F, W, normalize_schedule_name
 
 _LOSS_TAG = (1 << 30) + (1 << 20)
-
-
-def _no_sync(model):
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 class _MicrobatchData:
@@ -231,7 +227,7 @@ class _StageRun:
         return self.sched.split_backward and not self._defers(chunk) and self.parts[chunk] != self.K - 1
 
     def _grad_ctx(self, a):
-        return contextlib.nullcontext() if a in self.sync_ops else _no_sync(self.chunks[a.chunk])
+        return contextlib.nullcontext() if a in self.sync_ops else maybe_no_sync(self.chunks[a.chunk])
 
     def _backward(self, a, received) -> None:
         c, m = a.chunk, a.microbatch
@@ -241,7 +237,7 @@ class _StageRun:
             with self._grad_ctx(a), weight_grad_store.capture() as pending:
                 torch.autograd.backward(out, grad)
             self.deferred[(m, c)] = pending
-            self.inputs.pop((m, c)), self.outputs.pop((m, c))
+            del self.inputs[(m, c)], self.outputs[(m, c)]  # the graph is freed; W needs only what B queued
         elif self._recomputes(c):  # input grads only; W runs the backward again for the weight grads
             if x is not None:
                 torch.autograd.backward(out, grad, inputs=[x], retain_graph=True)
