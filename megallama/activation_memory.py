@@ -14,8 +14,8 @@ One decoder layer keeps (no recompute):
   weight casts autocast only: each matmul saves its bf16 weight copy, e*(layer matmul params)/t per microbatch
 RoPE saves only its cos/sin tables (shared by all layers). Selective recompute checkpoints the norms (keeping
 their input r*Sn*h) and SwiGLU (gate, up); full recompute keeps each checkpointed chunk's input r*Sn*h and rebuilds
-one chunk in backward. Every parallel linear casts its weight inside its own autograd Function, so autocast's
-cast cache holds no weight copy of a fully recomputed layer.
+one chunk in backward. Every parallel linear casts its input and weight with ``.to()`` just outside its own
+autograd Function, so autocast's cast cache holds no weight copy of a fully recomputed layer.
 
 With the loop's default bf16 parameters (mode 'params', r = e = 2) and the fused kernels, tp 1, this is
 S*h*(2*2 + 2*2 + 4 + 4g/a + 6F/h) = sbh(12 + 4g/a + 6F/h) bytes per layer, the figure of a flash-attention Llama
@@ -214,7 +214,7 @@ def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
 def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe: "MoEShape" = None) -> int:
     """Bytes above the layer's saved set while its MLP runs backward (the largest part of a Llama layer):
     the residual grad, then the max of down_proj's (input grad + weight grad + fp32 upcast), SwiGLU's (two grads
-    while the product is freed) and gate/up's (input grads + both weight grads, then both fp32 upcasts).
+    while the product is freed) and gate/up's (input grads + both weight grads).
     For an MoE layer the same with S*k rows and the stacked expert weights."""
     c, W, eF = (4 if n.cast else 0), x.ffn_weight, n.e * x.S * (x.F // x.t)
     if moe is not None:
@@ -231,9 +231,7 @@ def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe
         # gate/up backward: two input grads in, input-grad GEMMs and both weight grads out (+ SP re-gather)
         -mlp_saved - (n.e * W if n.cast else 0) + 2 * eF + 2 * n.e * x.S * x.h + 2 * n.e * W
         + (n.e * (x.S + x.Sn) * x.h if x.sp else 0),
-        # ... whose outputs autograd casts to the fp32 inputs' dtype: grad input and both weight grads
-        -mlp_saved - (n.e * W if n.cast else 0) + (n.r * x.Sn * x.h + 2 * c * W + n.e * W if n.cast else 0),
-    ]
+    ]  # under autocast the fp32 casts of its grads run after the node frees its saved bf16 copies: below this
     return G + max(cand)
 
 

@@ -207,15 +207,16 @@ def test_peak_matches_phase_model(monkeypatch, chunk):
 
 def test_peak_in_layer_backward_regime():
     """A 32-token vocabulary moves the peak into a layer's backward (weight-gradient bound at this tiny size):
-    the workspace model is an approximation, held to 8%."""
+    the workspace model is an approximation, held to 4% (a parallel linear that cast its bf16 copies inside its
+    autograd Function, so the fp32 grad casts ran while they were still saved, measured 6.5% above it)."""
     cfg = CFG.replace(vocab_size=32, hidden_size=96, ffn_hidden_size=256, num_attention_heads=6, num_layers=2)
     for prec, mode in NUMERICS:
-        for rec in ("none", "full"):
+        for rec in am.RECOMPUTE:
             got = _measured_peak(cfg, 2, 20, prec, mode, rec, KERNELS[-1])
             res = am.stage_activation_peak(Shape.of(cfg, 2, 20), Numerics.of(prec, mode, KERNELS[-1]),
                                            cfg.num_layers, rec, device="cpu")
             assert res["phase"] == "layer backward"
-            assert abs(res["total"] - got) / got < 0.08, (prec, mode, rec, res["total"], got)
+            assert abs(res["total"] - got) / got < 0.04, (prec, mode, rec, res["total"], got)
 
 
 # ---------------------------------------------------------------- the API

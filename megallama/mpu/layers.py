@@ -58,18 +58,18 @@ class _ColumnParallelLinears(torch.autograd.Function):
     GEMM per weight. Only the input as given (the sequence shard under SP) is saved; backward re-gathers it, as
     Megatron does, so SP keeps its activation-memory saving. Backward sums the input grads of all weights and
     overlaps their reduce-scatter (SP) / all-reduce (TP) with the weight-gradient GEMMs.
-    Autocast is applied by hand (inputs cast to the autocast dtype) so backward runs in the same precision.
+    Under autocast the caller casts input, weights and biases (``column_parallel_linear_forward``, as autocast
+    would): their grads then go back through the cast nodes after this node has freed its saved bf16 copies, so
+    the fp32 grads never coexist with them (same as ``F.linear`` under autocast).
     Inside ``weight_grad_store.capture()`` (ZB's B pass) the weight-gradient GEMMs are queued for the W pass.
     """
 
     @staticmethod
-    def forward(ctx, x, sequence_parallel, n, *params):
+    def forward(ctx, x, sequence_parallel, n, leaves, *params):
         weights, biases = params[:n], params[n:]
-        ctx.leaf_weights = tuple(w if w.is_leaf else None for w in weights)  # what a deferred grad accumulates to
-        dt = _autocast_dtype(x)
-        if dt is not None:
-            x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
-            biases = tuple(b if b is None else b.to(dt) for b in biases)
+        # ``leaves``: the parameters behind ``weights`` (their autocast copies, made outside); not autograd inputs,
+        # only where a deferred grad accumulates
+        ctx.leaf_weights = tuple(w if w.is_leaf else None for w in leaves)
         ctx.sequence_parallel, ctx.n = sequence_parallel, n
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: its GEMMs are skipped
         ctx.has_bias = tuple(b is not None for b in biases)
@@ -82,7 +82,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         sp, n = ctx.sequence_parallel, ctx.n
-        need_w = [g is not None and ctx.needs_input_grad[3 + i] for i, g in enumerate(grads)]
+        need_w = [g is not None and ctx.needs_input_grad[4 + i] for i, g in enumerate(grads)]
         wanted = [i for i in range(n) if need_w[i]]
         deferred = bool(wanted) and _defer_weight_grads([ctx.leaf_weights[i] for i in wanted],
                                                         [grads[i] for i in wanted], x, sp)
@@ -105,11 +105,11 @@ class _ColumnParallelLinears(torch.autograd.Function):
         wgrads = [_wgrad(g, total) if need_w[i] and not deferred else None for i, g in enumerate(grads)]
         bgrads = []
         for i, g in enumerate(grads):
-            has_b = ctx.has_bias[i] and g is not None and ctx.needs_input_grad[3 + n + i]
+            has_b = ctx.has_bias[i] and g is not None and ctx.needs_input_grad[4 + n + i]
             bgrads.append(g.reshape(-1, g.shape[-1]).sum(0) if has_b else None)
         if work is not None:
             work.wait()
-        return (grad_input, None, None, *wgrads, *bgrads)
+        return (grad_input, None, None, None, *wgrads, *bgrads)
 
 
 class _RowParallelGEMM(torch.autograd.Function):
@@ -151,7 +151,11 @@ def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequen
     weights = tuple(weights)
     biases = tuple(biases) if biases is not None else (None,) * len(weights)
     sp = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-    return _ColumnParallelLinears.apply(x, sp, len(weights), *weights, *biases)
+    leaves, dt = weights, _autocast_dtype(x)
+    if dt is not None:
+        x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
+        biases = tuple(b if b is None else b.to(dt) for b in biases)
+    return _ColumnParallelLinears.apply(x, sp, len(weights), leaves, *weights, *biases)
 
 
 def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
