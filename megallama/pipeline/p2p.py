@@ -18,7 +18,7 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 
 _BATCH_OK: Dict[str, bool] = {}
-_WARMED = set()
+_WARMED = set()  # groups (id) and (group id, peer) pairs made ready by warm_up_group
 
 
 @dataclass
@@ -48,15 +48,30 @@ def _backend(group) -> str:
     return dist.get_backend(group) if group is not None else dist.get_backend()
 
 
-def warm_up_group(group) -> None:
-    """NCCL creates a pair's communicator on first use; a batched p2p as the group's first call must involve
-    every rank of the group, so run one collective on it first (once per group)."""
-    if group is None or id(group) in _WARMED:
+def warm_up_group(group, peers: Sequence[int] = ()) -> None:
+    """Before the first real message on ``group`` (every rank of it calls this, with a symmetric peer relation):
+
+    - NCCL creates a pair's communicator on first use, and a batched p2p as the group's first call must involve
+      every rank of the group: one collective on it first (once per group);
+    - NCCL connects a pair inside the batch_isend_irecv that first uses it, blocking that CPU until the peer's
+      call joins. If the peer's CPU is meanwhile held by a device-wide synchronisation (explicit, or implicit:
+      cuBLAS creating its handle on autograd's thread at the first backward) that waits on a receive posted
+      ahead, both wait forever: the first step hung so on 2 and 4 H100s. So one small exchange with each of
+      ``peers`` (global ranks) connects them all up front, once per pair.
+    """
+    if group is None or _backend(group) != "nccl":
         return
-    if _backend(group) == "nccl":
-        t = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(t, group=group)
-    _WARMED.add(id(group))
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if id(group) not in _WARMED:
+        dist.all_reduce(torch.zeros(1, device=dev), group=group)
+        _WARMED.add(id(group))
+    new = sorted({p for p in peers if p != dist.get_rank() and (id(group), p) not in _WARMED})
+    if new:
+        ops = [P2POp(s, torch.zeros(1, device=dev), p) for p in new for s in (True, False)]
+        for w in batch_send_recv(ops, group):
+            w.wait()
+        torch.cuda.current_stream(dev).synchronize()
+        _WARMED.update((id(group), p) for p in new)
 
 
 def batch_send_recv(ops: Sequence[P2POp], group=None, use_batch: Optional[bool] = None) -> List:

@@ -76,7 +76,7 @@ class PipelineRunner:
 
     def __init__(self, schedule: str, time_ops: bool = False):
         self.schedule = normalize_schedule_name(schedule)
-        self.time_ops = time_ops  # synchronise the device around each op so stats hold device time (profiling)
+        self.time_ops = time_ops  # synchronise the compute stream around each op so stats hold device time
         self.stats: dict = {}
 
     def __call__(self, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
@@ -103,8 +103,8 @@ def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: s
                               time_ops: bool = False):
     """The forward/backward function for a layout: no pipelining for pp = 1, else a runner for ``schedule``
     (gpipe, 1f1b, interleaved, chimera, zb-h1). ``time_ops`` makes ``runner.stats`` hold device time per op on
-    CUDA: it synchronises the whole device after each receive and each op, which also waits for receives posted
-    ahead, so it overstates the bubble; use it to profile, not to train. CPU ops are timed by the clock."""
+    CUDA: it synchronises the compute stream after each receive and each op; use it to profile, not to train.
+    CPU ops are timed by the clock."""
     name = normalize_schedule_name(schedule)
     if pipeline_model_parallel_size <= 1:
         return forward_backward_no_pipelining
@@ -128,7 +128,9 @@ class _StageRun:
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
         ref = next(q for q in self.inner[0].parameters() if q.is_floating_point())
         self.dtype, self.device = ref.dtype, ref.device
-        self.sync = (lambda: torch.cuda.synchronize(self.device)) if time_ops and ref.is_cuda else (lambda: None)
+        # The compute stream, not the device: a device-wide sync would also wait for receives posted ahead
+        self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) if time_ops and ref.is_cuda \
+            else (lambda: None)
         cfg = self.inner[0].config
         self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
         self.group = ps.get_pipeline_model_parallel_group()
@@ -147,6 +149,7 @@ class _StageRun:
         # B/W split both the last B (the grads B gives) and the last W (the rest) of each chunk.
         last = {(a.chunk, a.kind): a for a in self.sched.actions[self.stage] if a.kind != F}
         self.sync_ops = set(last.values())
+        self.peers = {stage_rank(m.dst if is_send else m.src) for step in self.program for is_send, m in step.ops}
 
     # ---------- messages ----------
     @staticmethod
@@ -271,7 +274,7 @@ class _StageRun:
 
     # ---------- the loop ----------
     def execute(self, forward_step_func, data_iterator) -> List[dict]:
-        warm_up_group(self.group)
+        warm_up_group(self.group, self.peers)
         data = _MicrobatchData(data_iterator, self.sched.actions[self.stage], len(self.chunks), self.M)
         vpp = ps.get_virtual_pipeline_model_parallel_world_size()
         prev_vpp = ps.get_virtual_pipeline_model_parallel_rank()
