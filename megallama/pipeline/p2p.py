@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,8 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 
 _BATCH_OK: Dict[str, bool] = {}
-_WARMED = set()  # groups (id) and (group id, peer) pairs made ready by warm_up_group
+# id(group) -> (group, the peers connected): holding the group keeps its id from being reused by a later group
+_WARMED: Dict[int, Tuple[object, Set[int]]] = {}
 
 
 @dataclass
@@ -56,7 +57,7 @@ def warm_up_group(group, peers: Sequence[int] = ()) -> None:
     - NCCL connects a pair inside the batch_isend_irecv that first uses it, blocking that CPU until the peer's
       call joins. If the peer's CPU is meanwhile held by a device-wide synchronisation (explicit, or implicit:
       cuBLAS creating its handle on autograd's thread at the first backward) that waits on a receive posted
-      ahead, both wait forever: the first step hung so on 2 and 4 H100s. So one small exchange with each of
+      ahead, both wait forever: the first step hung so on 2 and 4 GPUs (H100, H200). So one small exchange with each of
       ``peers`` (global ranks) connects them all up front, once per pair.
     """
     if group is None or _backend(group) != "nccl":
@@ -64,14 +65,15 @@ def warm_up_group(group, peers: Sequence[int] = ()) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     if id(group) not in _WARMED:
         dist.all_reduce(torch.zeros(1, device=dev), group=group)
-        _WARMED.add(id(group))
-    new = sorted({p for p in peers if p != dist.get_rank() and (id(group), p) not in _WARMED})
+        _WARMED[id(group)] = (group, set())
+    connected = _WARMED[id(group)][1]
+    new = sorted({p for p in peers if p != dist.get_rank()} - connected)
     if new:
         ops = [P2POp(s, torch.zeros(1, device=dev), p) for p in new for s in (True, False)]
         for w in batch_send_recv(ops, group):
             w.wait()
         torch.cuda.current_stream(dev).synchronize()
-        _WARMED.update((id(group), p) for p in new)
+        connected.update(new)
 
 
 def batch_send_recv(ops: Sequence[P2POp], group=None, use_batch: Optional[bool] = None) -> List:
