@@ -57,8 +57,8 @@ def warm_up_group(group, peers: Sequence[int] = ()) -> None:
     - NCCL connects a pair inside the batch_isend_irecv that first uses it, blocking that CPU until the peer's
       call joins. If the peer's CPU is meanwhile held by a device-wide synchronisation (explicit, or implicit:
       cuBLAS creating its handle on autograd's thread at the first backward) that waits on a receive posted
-      ahead, both wait forever: the first step hung so on 2 and 4 GPUs (H100, H200). So one small exchange with each of
-      ``peers`` (global ranks) connects them all up front, once per pair.
+      ahead, both wait forever: the first step hung so on 2 and 4 GPUs (H100, H200). So one small exchange with
+      each of ``peers`` (global ranks) connects them all up front, once per pair.
     """
     if group is None or _backend(group) != "nccl":
         return
