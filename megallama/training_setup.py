@@ -11,6 +11,7 @@ import torch
 from megallama.errors import ConfigError
 from megallama.initialize import print_rank_0
 from megallama.mpu import parallel_state as ps
+from megallama.ops import fused_kernels_enabled, load_fused_kernels
 
 
 def _human(n: float) -> str:
@@ -115,6 +116,8 @@ def build_model_chunks(args, device):
         if args.recompute_granularity:
             configure_recompute(m, args)
         if args.compile:  # regional: one compiled graph per layer keeps compile time flat in depth
+            if fused_kernels_enabled():  # loaded inside the first compiled call, they would break its graph
+                load_fused_kernels()
             for layer in m.model.layers.values():
                 layer.compile()
     return chunks
