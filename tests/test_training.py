@@ -80,11 +80,13 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     assert sorted(os.listdir(ck)) == before
 
 
-@pytest.mark.parametrize("precision", [[], ["--bf16", "--params-dtype", "fp32"]], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("precision", [[], ["--bf16", "--params-dtype", "fp32"], ["--num-experts", "4"]],
+                         ids=["fp32", "bf16-autocast", "moe-fp32"])
 def test_compile_trains_like_eager(tmp_path, precision):
     """``--compile`` (one compiled graph per decoder layer) goes through the same custom autograd Functions
-    (parallel linears with their manual casts, the fused kernels): its losses follow eager's, to fp32 rounding
-    (inductor fuses and reorders) or to bf16's."""
+    (parallel linears with their manual casts, the fused kernels, MoE's grouped GEMMs, whose fp32 CPU kernel has no
+    meta twin to trace with): its losses follow eager's, to fp32 rounding (inductor fuses and reorders) or to
+    bf16's."""
     common = TINY + ["--data-path", _corpus(tmp_path), "--data-cache-dir", str(tmp_path / "cache"),
                      "--train-iters", "3", "--lr-warmup-iters", "1"] + precision
     from torch._dynamo.utils import counters
@@ -92,7 +94,7 @@ def test_compile_trains_like_eager(tmp_path, precision):
     counters.clear()
     compiled = _run(common + ["--compile"])["losses"]
     assert counters["stats"]["unique_graphs"] >= 1  # something was compiled
-    tol = 1e-5 if not precision else 1e-2
+    tol = 1e-2 if "--bf16" in precision else 1e-5
     for step in eager:
         assert abs(compiled[step] - eager[step]) / abs(eager[step]) < tol, (step, compiled[step], eager[step])
 

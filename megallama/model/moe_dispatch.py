@@ -19,8 +19,8 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if any(d * x.element_size() % 16 for d in w.shape[1:]):  # every row stride must be 16-byte aligned
         return False
-    if x.device.type == "cpu":
-        return x.dtype == torch.float32 or x.dtype == torch.bfloat16
+    if x.device.type == "cpu":  # eager runs fp32 too; the meta kernel torch.compile traces with takes bf16 only
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
     if x.device.type == "cuda":  # CUTLASS grouped GEMM: bf16 on Hopper and newer
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return False
