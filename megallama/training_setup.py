@@ -118,8 +118,8 @@ def build_model_chunks(args, device):
         if args.compile:  # regional: one compiled graph per layer keeps compile time flat in depth
             if fused_kernels_enabled():  # loaded inside the first compiled call, they would break its graph
                 load_fused_kernels()
-            for layer in m.model.layers.values():
-                layer.compile()
+            for layer in m.model.layers.values():  # forward only: module hooks (ZeRO-3's gather / free) stay eager
+                layer.forward = torch.compile(layer.forward)
     return chunks
 
 
