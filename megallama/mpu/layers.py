@@ -28,9 +28,16 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
-def _autocast_dtype(x: torch.Tensor):
+def _autocast_copies(x: torch.Tensor, *tensors):
+    """``x`` and ``tensors`` (None stays None) cast to the active autocast dtype, else as given. The parallel GEMM
+    Functions take these copies, made outside them as autocast makes a linear's: a copy's grad then goes back
+    through its cast node after the Function has freed what it saved, so the fp32 grad never coexists with the
+    saved bf16 copy."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+    return (x.to(dt), *(t if t is None else t.to(dt) for t in tensors))
 
 
 def _wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +65,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
     GEMM per weight. Only the input as given (the sequence shard under SP) is saved; backward re-gathers it, as
     Megatron does, so SP keeps its activation-memory saving. Backward sums the input grads of all weights and
     overlaps their reduce-scatter (SP) / all-reduce (TP) with the weight-gradient GEMMs.
-    Under autocast the caller casts input, weights and biases (``column_parallel_linear_forward``, as autocast
-    would): their grads then go back through the cast nodes after this node has freed its saved bf16 copies, so
-    the fp32 grads never coexist with them (same as ``F.linear`` under autocast).
+    Under autocast ``column_parallel_linear_forward`` passes the input, weights and biases as ``_autocast_copies``.
     Inside ``weight_grad_store.capture()`` (ZB's B pass) the weight-gradient GEMMs are queued for the W pass.
     """
 
@@ -114,9 +119,8 @@ class _ColumnParallelLinears(torch.autograd.Function):
 
 class _RowParallelGEMM(torch.autograd.Function):
     """``F.linear(x, w)`` on this rank's input shard (the reduction over tp is the caller's), with the weight
-    gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``. ``w`` is the leaf ``param`` or its autocast
-    copy (made outside, as autocast itself would): the copy's grad then goes back through its cast node after this
-    node has freed what it saved, as with F.linear, so the fp32 grad never coexists with the saved bf16 weight."""
+    gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``. ``w`` is the leaf ``param`` or its
+    ``_autocast_copies`` copy."""
 
     @staticmethod
     def forward(ctx, x, w, param_holder):
@@ -138,9 +142,7 @@ class _RowParallelGEMM(torch.autograd.Function):
 
 def row_parallel_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` without the reduction over tp, casting both to the autocast dtype if one is active."""
-    w, dt = weight, _autocast_dtype(x)
-    if dt is not None:
-        x, w = x.to(dt), weight.to(dt)
+    x, w = _autocast_copies(x, weight)
     return _RowParallelGEMM.apply(x, w, (weight,))
 
 
@@ -151,11 +153,8 @@ def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequen
     weights = tuple(weights)
     biases = tuple(biases) if biases is not None else (None,) * len(weights)
     sp = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-    leaves, dt = weights, _autocast_dtype(x)
-    if dt is not None:
-        x, weights = x.to(dt), tuple(w.to(dt) for w in weights)
-        biases = tuple(b if b is None else b.to(dt) for b in biases)
-    return _ColumnParallelLinears.apply(x, sp, len(weights), leaves, *weights, *biases)
+    x, *copies = _autocast_copies(x, *weights, *biases)
+    return _ColumnParallelLinears.apply(x, sp, len(weights), weights, *copies)  # weights: the leaves behind copies
 
 
 def column_parallel_linears(x: torch.Tensor, layers) -> tuple:

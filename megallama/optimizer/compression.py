@@ -15,9 +15,9 @@ AdamW 1-bit Adam (every coordinate's sign, every step) is the one that keeps up 
 
 * ``powersgd`` (Vogels et al. 2019): each >= 2-D gradient (+ error) becomes a rank-r product, see
   compression_powersgd.py.
-* ``topk``: the k = ratio * n largest entries of gradient + error (csrc top-k kernel, the same share of each of N owner chunks), sent as
-  (fp32 value, int32 index) pairs by all-gather or, where that sends fewer bytes (dense messages, many ranks,
-  always at ZeRO-1), reduce-scattered to the chunks' owners: see TopKCompressor.
+* ``topk``: the k = ratio * n largest entries of gradient + error (csrc top-k kernel, the same share of each of
+  N owner chunks), sent as (fp32 value, int32 index) pairs by all-gather or, where that sends fewer bytes (dense
+  messages, many ranks, always at ZeRO-1), reduce-scattered to the chunks' owners: see TopKCompressor.
 * ``onebit``: 1-bit Adam with 0/1 Adam's variance refresh, see compression_onebit.py.
 
 Bytes are counted as one rank sends them in bandwidth-optimal collectives (all-reduce 2(N-1)/N of the buffer,
@@ -258,8 +258,8 @@ def topk_transport_bytes(numel_unpadded: int, numel: int, k: int, world: int, ze
 
 class TopKCompressor(GradientCompressor):
     """Top-k with error feedback: the largest entries of gradient + error, the same share k / n of each of the
-    bucket's world owner chunks (``topk_layout``), sent as (fp32 value, int32 index) pairs by whichever transport sends fewer
-    bytes for the bucket (``topk_transport_bytes``):
+    bucket's world owner chunks (``topk_layout``), sent as (fp32 value, int32 index) pairs by whichever transport
+    sends fewer bytes for the bucket (``topk_transport_bytes``):
 
     * all-gather: every rank's pairs go to every rank, which sums all of them, (N-1) x 8k bytes. Cheapest for
       small k on few ranks, but it grows with N.

@@ -1,6 +1,6 @@
 """ZB-H1's W pass runs only the weight-gradient GEMMs that B queued: every linear layer's backward runs once per
-microbatch, as under 1F1B, and every stage, the last included, leaves work for W. (A W that re-ran the backward for the weight grads ran each twice on the middle stages:
-B had computed the input grads for the stage before.) Equivalence with one process is in
+microbatch, as under 1F1B, and every stage, the last included, leaves work for W. (A W that re-ran the backward
+for the weight grads ran each twice on the middle stages: B had computed the input grads for the stage before.) Equivalence with one process is in
 test_pipeline_equivalence.py."""
 import torch
 
