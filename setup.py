@@ -6,9 +6,20 @@ when nvcc and a CUDA torch exist; ``MEGALLAMA_BUILD_CUDA=0/1`` overrides), other
 Python and ``megallama.ops`` JIT-compiles the same sources on first use (see ``megallama/ops/_extension.py``).
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+
+def _build_helpers():
+    """megallama/ops/_extension.py (stdlib + torch only) loaded by path: the build flags the JIT build uses too,
+    without importing the package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "megallama", "ops", "_extension.py")
+    spec = importlib.util.spec_from_file_location("_megallama_build_helpers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _extensions():
@@ -25,14 +36,16 @@ def _extensions():
     want_cuda = os.environ.get("MEGALLAMA_BUILD_CUDA")
     has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     use_cuda = has_cuda if want_cuda is None else (want_cuda == "1" and has_cuda)
-    # no-trapping-math lets gcc if-convert clamps and vectorise; the target as in megallama/ops/_extension.py
-    # (MEGALLAMA_CPU_ARCH, default native: SSE2-only code ran the fused SwiGLU 2.5x slower than PyTorch's).
-    arch = os.environ.get("MEGALLAMA_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + ([f"-march={arch}"] if arch else [])
+    helpers = _build_helpers()
+    # no-trapping-math lets gcc if-convert clamps and vectorise; the target from MEGALLAMA_CPU_ARCH (default native:
+    # SSE2-only code ran the fused SwiGLU 2.5x slower than PyTorch's)
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + helpers.cpu_arch_flags()
     if use_cuda:
         cu = sorted(glob.glob("csrc/*.cu"))  # named *_cuda.cu: setuptools puts x.cpp and x.cu both in x.o
+        macros, libs = helpers.cublas_build_flags(CUDA_HOME)
         # Arch list from TORCH_CUDA_ARCH_LIST (e.g. "9.0a" for H100 only), else torch's default for the visible GPU.
-        ext = CUDAExtension("megallama._C", cpp + cu, define_macros=[("MEGALLAMA_WITH_CUDA", None)],
+        macros = [(m, None) for m in ["MEGALLAMA_WITH_CUDA"] + macros]
+        ext = CUDAExtension("megallama._C", cpp + cu, define_macros=macros, libraries=libs,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
                             extra_link_args=["-fopenmp"])
     else:

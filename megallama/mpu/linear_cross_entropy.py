@@ -10,8 +10,8 @@ Speed: the elementwise softmax math is two functions, ``_chunk_stats`` (max / su
 the chunk's logits) and ``_chunk_grad`` (softmax minus one-hot, scaled, one read and one write in the compute
 dtype). On CUDA they run torch.compile'd, so each is one fused kernel over bf16 logits instead of ~8 fp32 passes;
 elsewhere (CPU, the tests) they run eagerly with the same math. The tp all-reduces sit between the two. grad_w is
-accumulated by one GEMM per chunk straight into its fp32 buffer (no per-chunk [V, H] temporary) where the backend
-can write fp32 from bf16 inputs.
+accumulated by one GEMM per chunk straight into its fp32 buffer (``megallama.ops.gemm.gemm_accum_fp32_``: no
+per-chunk [V, H] temporary, add or second rounding).
 """
 import os
 import warnings
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.mpu import parallel_state as ps
+from megallama.ops.gemm import gemm_accum_fp32_
 
 _CHUNK_BYTES = 512 * 2**20  # logits per chunk in the compute dtype (the gradient chunk takes as much again)
 _ROW_ALIGN = 256  # chunks of a multiple of this many rows: equal chunk shapes, so one compiled kernel serves all
@@ -78,40 +79,6 @@ def _run(fn_idx: int, device: torch.device, *args):
         return (_chunk_stats, _chunk_grad)[fn_idx](*args)
 
 
-_addmm_fp32_ok = {}
-
-
-def _addmm_fp32_out_works(device: torch.device) -> bool:
-    """Whether ``torch.addmm(c32, a16.t(), b16, out_dtype=fp32, out=c32)`` accumulates correctly here (CUDA in
-    recent torch; its checks changed across versions, so this is probed once on a small case, not assumed)."""
-    key = str(device)
-    if key not in _addmm_fp32_ok:
-        ok = False
-        if device.type == "cuda":
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                a = torch.randn(96, 80, device=device, generator=g).to(torch.bfloat16)
-                b = torch.randn(96, 40, device=device, generator=g).to(torch.bfloat16)
-                c = torch.randn(80, 40, device=device, generator=g)
-                ref = c + a.float().t() @ b.float()
-                torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
-                ok = bool(torch.allclose(c, ref, rtol=1e-3, atol=1e-3))
-            except Exception:  # noqa: BLE001 - older torch: no out_dtype overload or stricter dtype checks
-                ok = False
-        _addmm_fp32_ok[key] = ok
-    return _addmm_fp32_ok[key]
-
-
-def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w (acc dtype) += g^T h, without a [V, H] temporary where possible."""
-    if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), h)
-    elif grad_w.dtype == torch.float32 and _addmm_fp32_out_works(g.device):
-        torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
-    else:
-        grad_w += (g.t() @ h).to(grad_w.dtype)
-
-
 def _chunk_rows(n: int, vloc: int, itemsize: int) -> int:
     rows = max(1, min(n, _CHUNK_BYTES // (itemsize * vloc)))
     return rows - rows % _ROW_ALIGN if rows >= _ROW_ALIGN and rows < n else rows
@@ -153,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = _run(1, logits.device, logits, lse, local, coef_all[s:e], acc)
                 del logits
                 torch.mm(g, w, out=grad_h[s:e])
-                _accumulate_grad_w(grad_w, g, h[s:e])
+                gemm_accum_fp32_(grad_w, g, h[s:e])  # grad_w += g^T h, summed in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return (losses * weights).sum(), losses.detach()

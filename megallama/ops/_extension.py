@@ -49,6 +49,19 @@ def cpu_arch_flags() -> list:
     return [f"-march={arch}"] if arch else []
 
 
+def cublas_build_flags(cuda_home) -> tuple:
+    """(macros, libraries) for the CUDA build's cuBLAS use (csrc/gemm_accum.cpp): ``MEGALLAMA_WITH_CUBLAS`` and
+    ``cublas`` where the toolkit has the library and the headers torch's CUDAContextLight.h includes; a trimmed
+    toolkit without them builds everything else. Also read by setup.py."""
+    if not cuda_home:
+        return [], []
+    inc = os.path.join(cuda_home, "include")
+    headers = all(os.path.isfile(os.path.join(inc, h)) for h in ("cublas_v2.h", "cublasLt.h", "cusparse.h",
+                                                                   "cusolverDn.h"))
+    lib = any(glob.glob(os.path.join(cuda_home, d, "libcublas.so*")) for d in ("lib64", "lib"))
+    return (["MEGALLAMA_WITH_CUBLAS"], ["cublas"]) if headers and lib else ([], [])
+
+
 def _host_cpu_tag() -> str:
     """With ``-march=native`` a build is only valid on CPUs like this one: a cache shared over NFS by nodes of
     different CPU types must not hand one node's AVX-512 library to another (illegal instruction), so the cache
@@ -74,13 +87,15 @@ def _jit_build() -> str:
     with_cuda = torch.cuda.is_available() and CUDA_HOME is not None and want_cuda != "0"
     # no-trapping-math lets gcc if-convert clamps and vectorise
     cflags = ["-O3", "-fopenmp", "-fno-trapping-math"] + cpu_arch_flags()
-    kwargs = {}
+    kwargs, ldflags = {}, ["-fopenmp"]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(_CSRC, "*.cu")))
-        cflags.append("-DMEGALLAMA_WITH_CUDA")
+        macros, libs = cublas_build_flags(CUDA_HOME)
+        cflags += ["-DMEGALLAMA_WITH_CUDA"] + [f"-D{m}" for m in macros]
+        ldflags += [f"-l{lib}" for lib in libs]
         kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMEGALLAMA_WITH_CUDA"]
     name = ("megallama_C_cuda" if with_cuda else "megallama_C_cpu") + _host_cpu_tag()  # a cache per build kind
-    cpp_load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], is_python_module=False,
+    cpp_load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False,
              verbose=os.environ.get("MEGALLAMA_JIT_VERBOSE") == "1", **kwargs)
     return next((p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), name)
 
@@ -141,3 +156,17 @@ def use_fused(*tensors: torch.Tensor) -> bool:
     if dev == "cuda":
         return _state["cuda"] and all(t.dtype != torch.float64 for t in tensors)
     return True
+
+
+def has_op(name: str) -> bool:
+    """A library built before an op existed (a stale megallama._C) lacks it: callers use the reference then."""
+    try:
+        getattr(torch.ops.megallama, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_fused_op(name: str, *tensors: torch.Tensor) -> bool:
+    """``use_fused`` for an op that meta tensors do not run, and that a stale library may lack."""
+    return use_fused(*tensors) and tensors[0].device.type != "meta" and has_op(name)

@@ -39,19 +39,6 @@ def _check_chunk(chunk_size: int, op: str) -> None:
         raise ValueError(f"{op}: chunk_size {chunk_size} must be a positive multiple of 8")
 
 
-def _has_op(name: str) -> bool:
-    """A library built before these ops existed (a stale megallama._C) lacks them: use the references then."""
-    try:
-        getattr(torch.ops.megallama, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _fused(name: str, *tensors: torch.Tensor) -> bool:
-    return _extension.use_fused(*tensors) and tensors[0].device.type != "meta" and _has_op(name)
-
-
 # ------------------------------------------------------------------------------------------------ references
 def onebit_pack_reference(x: torch.Tensor, error: torch.Tensor,
                           chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +101,7 @@ def onebit_pack(x: torch.Tensor, error: torch.Tensor,
     """Sign-compress ``x + error`` with one fp32 scale per ``chunk_size`` elements; ``error`` gets the residual."""
     _check_error(x, error, "onebit_pack")
     _check_chunk(chunk_size, "onebit_pack")
-    if x.is_floating_point() and _fused("onebit_pack", x, error):
+    if x.is_floating_point() and _extension.use_fused_op("onebit_pack", x, error):
         return torch.ops.megallama.onebit_pack(x, error, chunk_size)
     return onebit_pack_reference(x, error, chunk_size)
 
@@ -128,7 +115,7 @@ def onebit_unpack(packed: torch.Tensor, scales: torch.Tensor, numel: int, chunk_
             scales.numel() != rows * (-(-numel // chunk_size)):
         raise ValueError(f"onebit_unpack: packed {tuple(packed.shape)} {packed.dtype} / scales {tuple(scales.shape)} "
                          f"do not describe {rows} message(s) of {numel} elements in chunks of {chunk_size}")
-    if _fused("onebit_unpack", packed, scales):
+    if _extension.use_fused_op("onebit_unpack", packed, scales):
         return torch.ops.megallama.onebit_unpack(packed, scales.float(), numel, chunk_size, float(alpha))
     return onebit_unpack_reference(packed, scales.float(), numel, chunk_size, alpha)
 
@@ -140,7 +127,7 @@ def topk_pack(x: torch.Tensor, error: torch.Tensor, k: int) -> Tuple[torch.Tenso
         raise ValueError(f"topk_pack: k {k} must be in [0, {x.numel()}]")
     if x.numel() >= 2 ** 31:
         raise ValueError(f"topk_pack: {x.numel()} elements do not fit int32 indices; compress smaller buckets")
-    if x.is_floating_point() and _fused("topk_pack", x, error):
+    if x.is_floating_point() and _extension.use_fused_op("topk_pack", x, error):
         return torch.ops.megallama.topk_pack(x, error, k)
     return topk_pack_reference(x, error, k)
 
@@ -151,6 +138,6 @@ def topk_unpack(values: torch.Tensor, indices: torch.Tensor, numel: int, alpha: 
         raise ValueError(f"topk_unpack: values {tuple(values.shape)} and indices {tuple(indices.shape)} must be the "
                          "same [k] or [rows, k]")
     values, indices = values.float(), indices.to(torch.int32)
-    if _fused("topk_unpack", values, indices):
+    if _extension.use_fused_op("topk_unpack", values, indices):
         return torch.ops.megallama.topk_unpack(values, indices, numel, float(alpha))
     return topk_unpack_reference(values, indices, numel, alpha)

@@ -16,7 +16,7 @@ def _cuda_kernels():
     _extension.set_fused_kernels(True)
     assert _extension.load(), "megallama kernels failed to load"
     assert _extension._state["cuda"], "the kernel library was built without its CUDA kernels"
-    assert C._has_op("onebit_pack"), "the kernel library lacks the compression ops"
+    assert _extension.has_op("onebit_pack"), "the kernel library lacks the compression ops"
 
 
 def _poison():

@@ -13,7 +13,7 @@ def kernels():
     """These tests must exercise the kernels: a missing build (or a stale one without these ops) is a failure."""
     _extension.set_fused_kernels(True)
     assert _extension.load(), "megallama kernels failed to load (see the RuntimeWarning for the build error)"
-    assert C._has_op("onebit_pack") and C._has_op("topk_pack"), "the kernel library lacks the compression ops"
+    assert _extension.has_op("onebit_pack") and _extension.has_op("topk_pack"), "the kernel library lacks the compression ops"
     yield
 
 

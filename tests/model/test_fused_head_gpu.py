@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from dist_utils import rel_err
 from megallama.mpu import linear_cross_entropy as lce
+from megallama.ops.gemm import gemm_accum_path
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +29,7 @@ def test_compiled_fused_head_matches_eager_and_reference(monkeypatch):
     wts = torch.rand(n, device="cuda")
     fused = _run(h, w, t, wts, 1024)
     assert "fns" in lce._compiled and not lce._compiled.get("failed"), "torch.compile path not taken"
-    print(f"addmm fp32-out accumulate: {lce._addmm_fp32_out_works(h.device)}")
+    print(f"grad_w accumulation: {gemm_accum_path(w, w.bfloat16(), w.bfloat16())}")
     monkeypatch.setenv("MEGALLAMA_COMPILE_CE", "0")
     eager = _run(h, w, t, wts, 1024)
     # reference: the same bf16 matmul, then fp32 cross-entropy on full logits
