@@ -182,9 +182,10 @@ def fused_head_rows(x: Shape, n: Numerics) -> int:
 def head_forward_transient(x: Shape, n: Numerics, head: str = "fused", device: str = "cuda") -> int:
     """Peak bytes the head holds during its forward on top of what it saves: the final norm output (and its
     all-gather under SP), the compute-dtype input and weight copies, the token bookkeeping, and per chunk of R
-    logits: on CUDA (torch.compile'd softmax kernels, fp32 grad_w accumulated by addmm in place) the chunk's
-    logits, its gradient and the previous chunk's gradient; elsewhere the eager fp32 temporaries of the softmax
-    and its gradient and a [V, h] product per chunk. Unfused: the logits and their fp32 copy."""
+    logits: on CUDA (torch.compile'd softmax kernels, fp32 grad_w accumulated by the GEMM in place:
+    ``ops.gemm_accum_fp32_``) the chunk's logits, its gradient and the previous chunk's gradient; elsewhere the
+    eager fp32 temporaries of the softmax and its gradient, and the fp32 copies of the chunk's gradient and input
+    that the CPU grad_w GEMM reads. Unfused: the logits and their fp32 copy."""
     vloc = x.V // x.t
     base = n.r * x.Sn * x.h + (n.r * x.S * x.h if x.sp else 0)
     if head == "unfused":
@@ -198,8 +199,8 @@ def head_forward_transient(x: Shape, n: Numerics, head: str = "fused", device: s
         return base + (prev + 2 * e) * R
     up = 4 if e < 4 else 0  # logits.to(fp32) is a copy unless the logits are fp32 already
     stats = (prev + e + up + 8) * R  # x - max, exp(...)
-    grad = (prev + e + up + 4 + 1 + 8) * R  # exp, the one-hot mask, p - 1 and the where
-    wgrad = e * R + (e + 4 if e < 4 else 4) * vloc * x.h  # g^T h and its fp32 upcast
+    grad = (prev + e + up + 4 + 1 + 8) * R + 8 * vloc  # exp, the one-hot mask, p - 1, the where; column ids
+    wgrad = e * R + (4 * R + 4 * rows * x.h if e < 4 else 0)  # g, and fp32 copies of g and h for the GEMM
     return base + max(stats, grad, wgrad)
 
 

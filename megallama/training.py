@@ -22,6 +22,7 @@ from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer.compression import compression_report, format_compression_report
+from megallama.optimizer.distributed import finish_param_sync
 from megallama.progress import ProgressBar
 from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
@@ -204,9 +205,7 @@ def pretrain(args, datasets=None) -> dict:
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter = step
             break
-    for m in model_chunks:  # --overlap-param-gather: the last step's all-gathers; the model is final on return
-        if hasattr(m, "finish_param_sync"):
-            m.finish_param_sync()
+    finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):

@@ -14,6 +14,7 @@ import torch
 
 from megallama.checkpointing.sharded import Piece, piece_of
 from megallama.mpu import parallel_state as ps
+from megallama.optimizer.distributed import finish_param_sync, is_zero3
 
 TIED_COPY = "output_weight"
 EMBEDDING = "model.embed_tokens.weight"
@@ -30,18 +31,13 @@ def canonical_name(name: str) -> str:
     return EMBEDDING if name == TIED_COPY else name
 
 
-def is_zero3(chunk) -> bool:
-    return getattr(chunk, "zero_stage", 0) == 3
-
-
 def named_model_tensors(model_chunks) -> Iterator[Tuple[int, str, torch.Tensor, Optional[torch.nn.Parameter]]]:
     """(chunk index, local name, tensor, parameter or None) of every persistent tensor of this rank's chunks.
 
     Under ZeRO-3 the tensors are full tp-local copies gathered by the wrapper (a collective over dp: every rank
     must iterate); otherwise the live parameters themselves."""
+    finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers may be in flight
     for ci, chunk in enumerate(model_chunks):
-        if hasattr(chunk, "finish_param_sync"):  # --overlap-param-gather: the last step's all-gathers may be in flight
-            chunk.finish_param_sync()
         m = unwrap(chunk)
         params = dict(m.named_parameters())
         if is_zero3(chunk):

@@ -32,6 +32,7 @@ rank 4 bytes per local parameter (1-bit about 12), which ``--no-save-compression
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -238,13 +239,15 @@ class GradientCompressor:
                       for p in bucket.params)
 
 
-def topk_layout(numel_unpadded: int, numel: int, k: int, world: int) -> Tuple[int, int, List[int]]:
+@functools.lru_cache(maxsize=None)
+def topk_layout(numel_unpadded: int, numel: int, k: int, world: int) -> Tuple[int, int, Tuple[int, ...]]:
     """(c, kc, counts): the bucket is cut into ``world`` owner chunks of ``c`` elements, the ZeRO-1 shard size (so
     the chunks are the shards at stage 1, and the same at stage 0, where the last ones may be short or empty); top-k
-    keeps the same share of each, its ``kc`` = k c / n largest entries (``counts[j]`` of chunk j when shorter)."""
+    keeps the same share of each, its ``kc`` = k c / n largest entries (``counts[j]`` of chunk j when shorter).
+    Fixed per bucket, so cached here rather than in the compressor's checkpointed state."""
     c = -(-numel_unpadded // (world * ALIGN)) * ALIGN
     kc = min(c, -(-k * c // numel_unpadded))
-    return c, kc, [min(kc, max(0, min(numel, (j + 1) * c) - j * c)) for j in range(world)]
+    return c, kc, tuple(min(kc, max(0, min(numel, (j + 1) * c) - j * c)) for j in range(world))
 
 
 def topk_transport_bytes(numel_unpadded: int, numel: int, k: int, world: int, zero_stage: int) -> Dict[str, float]:

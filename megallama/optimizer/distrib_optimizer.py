@@ -32,6 +32,7 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import clip_grads
 from megallama.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megallama.optimizer.distributed import finish_param_sync
 from megallama.optimizer.optimizer_config import OptimizerConfig
 
 FORMAT = "megallama.zero.v1"
@@ -160,8 +161,7 @@ class DistributedOptimizer:
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Refresh fp32 masters from the model (after loading model weights without optimizer state)."""
-        for m in self.chunks:
-            m.finish_param_sync()
+        finish_param_sync(self.chunks)
         if self._separate_masters:
             for pc in self.pieces:
                 pc.master.copy_(pc.model_view.float())
@@ -242,8 +242,7 @@ class DistributedOptimizer:
         if self.grad_scaler is not None and states[0].get("grad_scaler"):
             self.grad_scaler.load_state_dict(states[0]["grad_scaler"])
         self._copy_masters_to_model()
-        for m in self.chunks:
-            m.finish_param_sync()
+        finish_param_sync(self.chunks)
 
     # ------------------------------------------------------------------ accounting
     def memory_footprint(self) -> Dict[str, int]:

@@ -50,6 +50,19 @@ def _weak_grad_hook(ddp):
     return hook
 
 
+
+def is_zero3(chunk) -> bool:
+    """Whether a model chunk is a ZeRO-3 wrapper: its parameters are shards, full copies come from the wrapper."""
+    return getattr(chunk, "zero_stage", 0) == 3
+
+
+def finish_param_sync(model_chunks) -> None:
+    """Wait for the parameter all-gathers that --overlap-param-gather leaves in flight after a step, so that the
+    parameters are final (before reading them for a checkpoint, or returning the model); plain modules pass."""
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_param_sync"):
+            chunk.finish_param_sync()
+
 class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, zero_stage: int = 0, data_parallel_group=None,
                  bucket_size: Optional[int] = 40_000_000, overlap_grad_reduce: bool = False,

@@ -18,6 +18,7 @@ import torch
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import weight_grad_store
+from megallama.optimizer.distributed import is_zero3
 from megallama.pipeline.model_chunks import unwrap_model
 from megallama.pipeline.no_pipelining import forward_backward_no_pipelining, maybe_no_sync
 from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank, tensor_shape, warm_up_group
@@ -221,7 +222,7 @@ class _StageRun:
     def _defers(self, chunk: int) -> bool:
         """ZB's B/W split: B runs the whole backward with the linear layers' weight-grad GEMMs queued
         (weight_grad_store) and W runs them. Not under ZeRO-3, which frees the gathered weights between B and W."""
-        return self.sched.split_backward and getattr(self.chunks[chunk], "zero_stage", 0) != 3
+        return self.sched.split_backward and not is_zero3(self.chunks[chunk])
 
     def _recomputes(self, chunk: int) -> bool:
         """The split under ZeRO-3: B computes the input grads only and W runs the backward again for the weight

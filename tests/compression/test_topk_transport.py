@@ -64,9 +64,9 @@ def test_bytes_are_the_transports_and_the_cheaper_is_chosen(runs):
 
 def test_layout_and_choice():
     c, kc, counts = topk_layout(1000, 1000, 1000, 4)  # ratio 1: every entry of every chunk
-    assert c == 256 and kc == 256 and counts == [256, 256, 256, 232]
+    assert c == 256 and kc == 256 and counts == (256, 256, 256, 232)
     c, kc, counts = topk_layout(1000, 1024, 100, 4)  # the ZeRO-1 padded bucket: the last chunk is whole
-    assert (c, kc, counts) == (256, 26, [26, 26, 26, 26])
+    assert (c, kc, counts) == (256, 26, (26, 26, 26, 26))
     n = 1 << 20
     few = topk_transport_bytes(n, n, n // 100, 4, 0)  # 1 % on 4 ranks: the all-gather is cheaper
     assert few["all_gather"] < few["reduce_scatter"]
