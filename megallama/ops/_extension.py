@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 import threading
 import warnings
 
@@ -124,6 +125,22 @@ def _load() -> tuple[bool, str]:
         return False, f"{reason}; JIT build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
 
 
+def library_path(source: str) -> str:
+    """The file behind a load ``source`` ('megallama._C' or a JIT library's path)."""
+    mod = sys.modules.get(source)
+    return getattr(mod, "__file__", None) or source
+
+
+def _warn_if_static_cxx_runtime(source: str) -> None:
+    from megallama.ops._elf import links_cxx_runtime_statically
+    path = library_path(source)
+    if sys.platform.startswith("linux") and links_cxx_runtime_statically(path):
+        warnings.warn(f"megallama: {path} was linked with its own static libstdc++ (CXX={os.environ.get('CXX', 'c++')} "
+                      "does that); an error raised inside a fused kernel would crash the process instead of raising. "
+                      "Rebuild with a compiler that links libstdc++ dynamically, e.g. CXX=/usr/bin/g++",
+                      RuntimeWarning, stacklevel=4)
+
+
 def load() -> bool:
     """True when torch.ops.megallama holds the kernels, loading them on the first call (thread-safe)."""
     if _state["loaded"] is not None:
@@ -137,6 +154,7 @@ def load() -> bool:
                 _registry.register()
                 _state["cuda"] = bool(torch.ops.megallama.cuda_built())
                 _state["source"] = source
+                _warn_if_static_cxx_runtime(source)
             else:
                 warnings.warn(f"megallama: fused kernels unavailable, using the PyTorch reference ops: {source}",
                               RuntimeWarning, stacklevel=3)
