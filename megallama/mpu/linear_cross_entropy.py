@@ -34,14 +34,35 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _chunk_stats(logits: torch.Tensor, local: torch.Tensor, acc: torch.dtype):
+def _chunk_stats(logits: torch.Tensor, local: torch.Tensor, acc: torch.dtype, block: int = 0):
     """Per row: max, sum of exp(x - max) and the target logit (0 where the target is not in this shard, where
-    ``local`` is -1). Math in ``acc`` (fp32, or fp64 for fp64 inputs)."""
+    ``local`` is -1). Math in ``acc`` (fp32, or fp64 for fp64 inputs).
+
+    ``block`` > 0 (a divisor of the row, see ``_stats_block``): max and sum-exp per block of the row, then the
+    blocks merged (sum_b s_b exp(m_b - max)). Compiled, a block fits one persistent reduction, so each logit is read
+    once; over the whole row inductor reads it twice (a max loop, then a sum loop): 0.22 against 0.36-0.44 ms for a
+    2048 x 128256 bf16 chunk on an H100."""
     x = logits.to(acc)
-    mx = x.amax(dim=-1)
-    sumexp = torch.exp(x - mx.unsqueeze(-1)).sum(dim=-1)
+    if block:
+        xb = x.view(x.shape[0], -1, block)
+        bm = xb.amax(dim=-1)
+        bs = torch.exp(xb - bm.unsqueeze(-1)).sum(dim=-1)
+        mx = bm.amax(dim=-1)
+        sumexp = (bs * torch.exp(bm - mx.unsqueeze(-1))).sum(dim=-1)
+    else:
+        mx = x.amax(dim=-1)
+        sumexp = torch.exp(x - mx.unsqueeze(-1)).sum(dim=-1)
     tgt = x.gather(1, local.clamp_min(0).unsqueeze(1)).squeeze(1)
     return mx, sumexp, torch.where(local >= 0, tgt, torch.zeros_like(tgt))
+
+
+def _stats_block(vloc: int) -> int:
+    """The block ``_chunk_stats`` splits a row of ``vloc`` logits into: its largest divisor in [256, 1024] that is a
+    multiple of 256, else its largest divisor there (128256 -> 768, 32000 -> 256, 32016 -> 696); 0 when none (the
+    whole-row form). Measured on an H100: 768 beat 501, 1002, 1336 and 2004 for 128256."""
+    divisors = [b for b in range(256, 1025) if vloc % b == 0]
+    aligned = [b for b in divisors if b % 256 == 0]
+    return max(aligned or divisors or [0])
 
 
 def _chunk_grad(logits: torch.Tensor, lse: torch.Tensor, local: torch.Tensor, coef: torch.Tensor,
@@ -103,11 +124,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local_all = torch.where(mine_all, local_all, torch.full_like(local_all, -1))  # -1: not in this shard
         coef_all = (weights * valid_all).to(acc)
         rows = chunk_rows or _chunk_rows(n, vloc, torch.empty((), dtype=dtype).element_size())
+        block = _stats_block(vloc) if hidden.device.type == "cuda" else 0  # eager CPU: the whole-row form is faster
         for s in range(0, n, rows):
             e = min(n, s + rows)
             logits = h[s:e] @ w.t()
             local = local_all[s:e]
-            mx, sumexp, tgt = _run(0, logits.device, logits, local, acc)
+            mx, sumexp, tgt = _run(0, logits.device, logits, local, acc, block)
             if tp > 1:
                 gmx = mx.clone()
                 dist.all_reduce(gmx, op=dist.ReduceOp.MAX, group=group)

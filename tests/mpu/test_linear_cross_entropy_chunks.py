@@ -1,4 +1,5 @@
 """Fused head internals on CPU: chunk sizing, bf16 compute with fp32 accumulation, and the two-phase math."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +33,26 @@ def test_bf16_autocast_path_matches_fp32_reference():
     assert rel_err(per_tok, ref_tok) < 1e-5 and rel_err(total, (ref_tok * wts).sum()) < 1e-5
     assert rel_err(a.grad, h2.grad) < 1e-2 and rel_err(b.grad, w2.grad) < 1e-2  # g is rounded to bf16 once
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_blocked_stats_equal_whole_row_stats(dtype):
+    """The CUDA path's per-block max / sum-exp, merged, gives the whole-row statistics (CPU, eager)."""
+    torch.manual_seed(0)
+    rows, v = 37, 3 * 256 * 4
+    logits = (torch.randn(rows, v, dtype=torch.float64) * 4).to(dtype)
+    local = torch.randint(-1, v, (rows,))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    whole = lce._chunk_stats(logits, local, acc)
+    for block in (256, 768, lce._stats_block(v)):
+        blocked = lce._chunk_stats(logits, local, acc, block)
+        assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[2], whole[2])
+        assert rel_err(blocked[1], whole[1]) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_stats_block_divides_the_row():
+    assert lce._stats_block(128256) == 768 and lce._stats_block(32000) == 256 and lce._stats_block(8192) == 1024
+    assert lce._stats_block(32016) == 696 and lce._stats_block(151936) == 0 and lce._stats_block(100) == 0
+    for v in (128256, 64128, 32016, 50304):
+        b = lce._stats_block(v)
+        assert b == 0 or (v % b == 0 and 256 <= b <= 1024)
