@@ -206,9 +206,8 @@ def head_forward_transient(x: Shape, n: Numerics, head: str = "fused", device: s
 
 def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
     vloc = x.V // x.t
-    if head == "fused":  # grad_h * scale (compute dtype) -> residual dtype; grad_w * scale (fp32) -> param dtype
-        return n.e * x.S * x.h + (n.r * x.S * x.h if n.r != n.e else 0) + 4 * vloc * x.h + \
-            (n.r * vloc * x.h if n.r != 4 else 0)
+    if head == "fused":  # grad_h * scale (compute dtype) -> residual dtype; grad_w * scale written in the param dtype
+        return n.e * x.S * x.h + (n.r * x.S * x.h if n.r != n.e else 0) + n.r * vloc * x.h
     return n.e * x.S * vloc if n.e < 4 else 0  # the fp32 softmax grad cast back to the logits dtype
 
 

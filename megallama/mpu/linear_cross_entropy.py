@@ -151,7 +151,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_sum, _grad_losses):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_sum.to(grad_h.dtype)).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_sum).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:  # scaled and cast in one pass: no fp32 [V, H] product beside the result
+            gw = torch.mul(grad_w, grad_sum, out=torch.empty_like(grad_w, dtype=ctx.weight_dtype))
         return gh, gw, None, None, None, None
 
 
