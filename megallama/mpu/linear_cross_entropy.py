@@ -114,9 +114,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         start = ps.get_tensor_model_parallel_rank() * vloc
         h, w = hidden.to(dtype), weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # softmax math in fp32 (fp64 stays fp64)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) skips grad_w
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         losses = torch.empty(n, dtype=acc, device=hidden.device)
         valid_all = target != ignore_index
         local_all = target - start
@@ -138,11 +138,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 mx, sumexp, tgt = gmx, stats[0], stats[1]
             lse = mx + torch.log(sumexp)
             losses[s:e] = torch.where(valid_all[s:e], lse - tgt, torch.zeros_like(lse))
-            if need_grad:
+            if need_h or need_w:
                 g = _run(1, logits.device, logits, lse, local, coef_all[s:e], acc)
                 del logits
-                torch.mm(g, w, out=grad_h[s:e])
-                gemm_accum_fp32_(grad_w, g, h[s:e])  # grad_w += g^T h, summed in fp32
+                if need_h:
+                    torch.mm(g, w, out=grad_h[s:e])
+                if need_w:
+                    gemm_accum_fp32_(grad_w, g, h[s:e])  # grad_w += g^T h, summed in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return (losses * weights).sum(), losses.detach()

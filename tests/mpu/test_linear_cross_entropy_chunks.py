@@ -56,3 +56,24 @@ def test_stats_block_divides_the_row():
     for v in (128256, 64128, 32016, 50304):
         b = lce._stats_block(v)
         assert b == 0 or (v % b == 0 and 256 <= b <= 1024)
+
+
+def test_frozen_weight_skips_grad_w_and_keeps_grad_h():
+    """A frozen head (LoRA's) gets no weight gradient, and the hidden-state gradient is unchanged."""
+    torch.manual_seed(2)
+    n, hid, v = 40, 16, 96
+    h, w = torch.randn(n, hid), torch.randn(v, hid) * 0.1
+    t, wts = torch.randint(0, v, (n,)), torch.rand(n)
+    a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
+    total, _ = lce.linear_cross_entropy(a, b, t, wts, chunk_rows=16)
+    total.backward()
+    a2 = h.clone().requires_grad_()
+    calls = []
+    orig = lce.gemm_accum_fp32_
+    lce.gemm_accum_fp32_ = lambda *args: calls.append(1) or orig(*args)
+    try:
+        total2, _ = lce.linear_cross_entropy(a2, w, t, wts, chunk_rows=16)
+        total2.backward()
+    finally:
+        lce.gemm_accum_fp32_ = orig
+    assert calls == [] and torch.equal(total2, total) and torch.equal(a2.grad, a.grad)
