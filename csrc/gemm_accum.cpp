@@ -23,25 +23,22 @@ namespace megallama {
 namespace {
 
 #ifdef MEGALLAMA_GEMM_ACCUM_CUDA
-// A 2-D operand whose rows are contiguous (unit column stride), as a column-major cuBLAS operand needs.
-at::Tensor unit_col_stride(const at::Tensor& t) {
-  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) ? t : t.contiguous();
-}
-
-void gemm_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const char* op) {
+// a and b as ``as_rows`` views (unit column stride, one row stride): column-major cuBLAS operands whose leading
+// dimension is that row stride.
+void gemm_cuda(const at::Tensor& out, const Rows& a, const Rows& b, const char* op) {
   // Column-major view: out^T [K, M] += b^T [K, N] (b's rows as columns, ld = b's row stride) times a [N, M]
   // (a's rows as columns form a^T [M, N], ld = a's row stride; transposed).
-  const int64_t n = a.size(0), m = a.size(1), k = b.size(1);
+  const int64_t n = a.rows, m = a.cols, k = b.cols;
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(n <= kMax && m <= kMax && k <= kMax && a.stride(0) <= kMax && b.stride(0) <= kMax, op,
+  TORCH_CHECK(n <= kMax && m <= kMax && k <= kMax && a.row_stride <= kMax && b.row_stride <= kMax, op,
               ": a dimension exceeds cuBLAS's 32-bit sizes");
-  const cudaDataType_t ab = a.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  const cudaDataType_t ab = a.t.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   const float one = 1.0f;
   const cublasStatus_t st = cublasGemmEx(
       at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(k), static_cast<int>(m),
-      static_cast<int>(n), &one, b.const_data_ptr(), ab, static_cast<int>(b.stride(0)), a.const_data_ptr(), ab,
-      static_cast<int>(a.stride(0)), &one, out.data_ptr<float>(), CUDA_R_32F, static_cast<int>(k), CUBLAS_COMPUTE_32F,
-      CUBLAS_GEMM_DEFAULT_TENSOR_OP);
+      static_cast<int>(n), &one, b.t.const_data_ptr(), ab, static_cast<int>(b.row_stride), a.t.const_data_ptr(), ab,
+      static_cast<int>(a.row_stride), &one, out.data_ptr<float>(), CUDA_R_32F, static_cast<int>(k),
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT_TENSOR_OP);
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, op, ": cublasGemmEx failed with status ", static_cast<int>(st));
 }
 #endif
@@ -64,11 +61,10 @@ void gemm_accum_fp32_(const at::Tensor& out, const at::Tensor& a_in, const at::T
   }
 #ifdef MEGALLAMA_GEMM_ACCUM_CUDA
   c10::DeviceGuard guard(out.device());
-  at::Tensor a = unit_col_stride(a_in), b = unit_col_stride(b_in);
   if (t == at::kFloat) {
-    out.addmm_(a.t(), b);
+    out.addmm_(a_in.t(), b_in);
   } else {
-    gemm_cuda(out, a, b, op);
+    gemm_cuda(out, as_rows(a_in), as_rows(b_in), op);
   }
 #else
   TORCH_CHECK(false, op, ": megallama._C was built without cuBLAS (see gemm_accum_cuda_built())");

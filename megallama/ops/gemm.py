@@ -12,6 +12,8 @@ once per device); else, on CUDA, the 16-bit product and an add (the least memory
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megallama.ops import _extension
@@ -24,7 +26,10 @@ def gemm_accum_fp32_reference(out: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     out.addmm_(a.t().float(), b.float())
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_kernel_built() -> bool:
+    """Fixed once the library is loaded (only asked after ``use_fused_op``, which loads it): cached, since the head
+    asks once per chunk."""
     return _extension.has_op("gemm_accum_cuda_built") and bool(torch.ops.megallama.gemm_accum_cuda_built())
 
 

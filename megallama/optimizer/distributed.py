@@ -50,7 +50,6 @@ def _weak_grad_hook(ddp):
     return hook
 
 
-
 def is_zero3(chunk) -> bool:
     """Whether a model chunk is a ZeRO-3 wrapper: its parameters are shards, full copies come from the wrapper."""
     return getattr(chunk, "zero_stage", 0) == 3
@@ -62,6 +61,7 @@ def finish_param_sync(model_chunks) -> None:
     for chunk in model_chunks:
         if hasattr(chunk, "finish_param_sync"):
             chunk.finish_param_sync()
+
 
 class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, zero_stage: int = 0, data_parallel_group=None,
