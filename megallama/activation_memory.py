@@ -162,12 +162,12 @@ def rope_tables(x: Shape) -> int:
     return 2 * 4 * x.s * (x.d // 2)
 
 
-def head_saved(x: Shape, n: Numerics, head: str = "fused") -> Dict[str, int]:
-    """Final norm + output layer + cross-entropy, kept until backward."""
+def head_saved(x: Shape, n: Numerics, head: str = "fused", trainable: bool = True) -> Dict[str, int]:
+    """Final norm + output layer + cross-entropy, kept until backward (a frozen output weight: no d(weight))."""
     vloc = x.V // x.t
     out = {"final_norm": norm_saved(x, n)}
     if head == "fused":  # gradients computed in forward: d(hidden) in compute dtype, d(weight) in fp32
-        out["head"] = n.e * x.S * x.h + 4 * vloc * x.h
+        out["head"] = n.e * x.S * x.h + (4 * vloc * x.h if trainable else 0)
     else:  # lm_head input, its weight cast, fp32 softmax + target bookkeeping
         out["head"] = (n.e if n.cast else n.r) * x.Sn * x.h + (n.e * vloc * x.h if n.cast else 0) \
             + 4 * x.S * vloc + 10 * x.S
@@ -204,10 +204,10 @@ def head_forward_transient(x: Shape, n: Numerics, head: str = "fused", device: s
     return base + max(stats, grad, wgrad)
 
 
-def head_backward_transient(x: Shape, n: Numerics, head: str = "fused") -> int:
+def head_backward_transient(x: Shape, n: Numerics, head: str = "fused", trainable: bool = True) -> int:
     vloc = x.V // x.t
     if head == "fused":  # grad_h * scale (compute dtype) -> residual dtype; grad_w * scale written in the param dtype
-        return n.e * x.S * x.h + (n.r * x.S * x.h if n.r != n.e else 0) + n.r * vloc * x.h
+        return n.e * x.S * x.h + (n.r * x.S * x.h if n.r != n.e else 0) + (n.r * vloc * x.h if trainable else 0)
     return n.e * x.S * vloc if n.e < 4 else 0  # the fp32 softmax grad cast back to the logits dtype
 
 
@@ -248,13 +248,13 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
                           pre_process: bool = True, post_process: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
                           others_hold_ends: bool = True, extra: Dict[str, int] = None, moe: MoEShape = None,
-                          moe_layers: int = 0, device: str = "cuda") -> Dict[str, int]:
+                          moe_layers: int = 0, device: str = "cuda", head_trainable: bool = True) -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
     chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
     ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
-    MoE layers shaped by ``moe``.
+    MoE layers shaped by ``moe``. ``head_trainable=False``: a frozen output weight (LoRA) gets no gradient.
 
     Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
     'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
@@ -278,7 +278,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     misc = rope_tables(x) + (embedding_saved(x) if pre_process else 0)
     if not post_process:  # the stage's output is kept for its backward (p2p)
         misc += n.r * x.Sn * x.h
-    hs = head_saved(x, n, head) if post_process else {"final_norm": 0, "head": 0}
+    hs = head_saved(x, n, head, head_trainable) if post_process else {"final_norm": 0, "head": 0}
     held = layers + casts + misc + hs["final_norm"] + hs["head"]  # one microbatch after its forward
     ws = layer_backward_workspace(x, n, recompute, moe if moe_layers else None)
     ex = dict(extra or {})
@@ -288,7 +288,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     if post_process:
         fwd = head_forward_transient(x, n, head, device)
         phases["head forward"] = (held + fwd + hf, hs["head"] + fwd, 0, hf)
-        bwd = head_backward_transient(x, n, head)
+        bwd = head_backward_transient(x, n, head, head_trainable)
         phases["head backward"] = (held + bwd + hb, hs["head"] + bwd, 0, hb)
     else:
         phases["forward end"] = (held + fe, 0, 0, fe)

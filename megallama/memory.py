@@ -180,14 +180,29 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
     act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
                                    others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
-                                   moe_layers=n_moe, device=device)
+                                   moe_layers=n_moe, device=device,
+                                   head_trainable=strategy not in ("lora", "hybrid"))
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
-        # product; MoE layers' experts train under hybrid), on the first stage the first layer's input norm
+        # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept
+        # only for weight gradients unless an adapter reads it), on the first stage the first layer's input norm
         dense_layers = n_layers - n_moe * (n_layers // max(1, per_chunk_layers))
+        lin = (num.e if num.cast else num.r) * x.Sn * h
         delta = n_layers * len(lora_targets) * num.e * x.S * lora_rank - \
-            (0 if "down_proj" in lora_targets else dense_layers * num.e * x.S * (cfg.ffn_hidden_size // tp))
-        delta = delta * inflight - (am.norm_saved(x, num) if pre and recompute == "none" else 0)
+            (0 if "down_proj" in lora_targets else dense_layers * num.e * x.S * (cfg.ffn_hidden_size // tp)) - \
+            (0 if {"gate_proj", "up_proj"} & set(lora_targets) else dense_layers * lin) - \
+            (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else n_layers * lin)
+        first = 0  # the first layer's input needs no gradient: its input norm keeps nothing
+        if pre:
+            first = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h
+            if not {"q_proj", "k_proj", "v_proj"} & set(lora_targets):  # nor does its attention (q, k, v, lse) ...
+                first += am.layer_saved(x, num)["attention"] - \
+                    (num.e * x.S * (h // tp) if "o_proj" in lora_targets else 0)  # ... but o_proj's adapter's input
+                first += num.e * (x.qkv_params if num.cast else 0)  # no q/k/v input grad: their casts are not kept
+                if "o_proj" not in lora_targets:  # nothing in its attention trains: the MLP's input norm keeps nothing
+                    first += (am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h) + \
+                        num.e * (h * h // tp if num.cast else 0)
+        delta = delta * inflight - first
         act["activations"] += delta
         act["total"] += delta
     buffers = WORKSPACE_BYTES + act["buffers"]

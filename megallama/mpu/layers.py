@@ -78,7 +78,10 @@ class _ColumnParallelLinears(torch.autograd.Function):
         ctx.sequence_parallel, ctx.n = sequence_parallel, n
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: its GEMMs are skipped
         ctx.has_bias = tuple(b is not None for b in biases)
-        ctx.save_for_backward(x, *weights)
+        # the input serves only the weight gradients: frozen weights (LoRA's base) must not keep it alive
+        wgrad = any(ctx.needs_input_grad[4:4 + n])
+        ctx.save_for_backward(x if wgrad else None, *weights)
+        ctx.x_meta = (x.shape, x.dtype, x.device)
         total = mappings.all_gather_along_dim(x, mappings.SEQ_DIM) if sequence_parallel else x
         with torch.autocast(x.device.type, enabled=False):
             return tuple(F.linear(total, w, b) for w, b in zip(weights, biases))
@@ -101,7 +104,8 @@ class _ColumnParallelLinears(torch.autograd.Function):
                     gi = g.matmul(w)
                     grad_input = gi if grad_input is None else grad_input.add_(gi)
             if grad_input is None:  # no output was used (same on every tp rank): nothing to reduce
-                grad_input = torch.zeros_like(x)
+                shape, dtype, device = ctx.x_meta
+                grad_input = torch.zeros(shape, dtype=dtype, device=device)
             elif sp:
                 grad_input, work = mappings.reduce_scatter_along_dim(grad_input, mappings.SEQ_DIM, async_op=True)
             else:
@@ -126,7 +130,7 @@ class _RowParallelGEMM(torch.autograd.Function):
     def forward(ctx, x, w, param_holder):
         (param,) = param_holder  # in a tuple: not an autograd input, only where a deferred grad accumulates
         ctx.leaf_weight = param if param.is_leaf else None
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)  # x only serves the weight gradient
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, w)
 
@@ -169,6 +173,8 @@ def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
     adapters = [None if getattr(layer, "merged", True) else getattr(layer, "adapter_forward", None)
                 for layer in layers]
     weights = [layer.weight if a is None else layer.base_weight for layer, a in zip(layers, adapters)]
+    if any(a is not None for a in adapters):  # one autocast copy of x for the GEMMs and every adapter
+        (x,) = _autocast_copies(x)
     outs = column_parallel_linear_forward(x, weights, (layer.bias for layer in layers), sp)
     return tuple(y if a is None else y + a(x).to(y.dtype) for y, a in zip(outs, adapters))
 

@@ -2,6 +2,7 @@
 (forward, input grads, weight and bias grads), with and without sequence parallelism; the fused q/k/v-style
 ``column_parallel_linears`` equals separate layers and issues one collective per direction; a TP model's forward
 and backward issue exactly the collectives the design promises (one all-gather per block under SP)."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -246,3 +247,37 @@ def test_fused_column_linears_run_adapters_on_the_same_input():
     assert torch.allclose(y_adapted, x @ (adapted.weight + adapted.extra).t())
     y_adapted.sum().backward()
     assert adapted.extra.grad is not None and adapted.weight.grad is not None and plain.weight.grad is None
+
+
+def _saved_input_bytes(fn, x):
+    """Bytes of tensors sharing x's storage that autograd saves while fn(x) runs forward."""
+    hits = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            hits.append(t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    return sum(hits), out
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_frozen_weight_keeps_no_input(kind):
+    """The input of a GEMM serves only its weight gradient: with the weight frozen (LoRA's base) the Function
+    must not keep it alive, and the input gradient stays bit for bit the same."""
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(H, F) if kind == "column" else RowParallelLinear(H, F)
+    with torch.no_grad():
+        layer.weight.normal_()
+    x = torch.randn(B, S, H)
+    grads = {}
+    for frozen in (False, True):
+        layer.weight.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_()
+        fn = (lambda t: column_parallel_linears(t, (layer,))[0]) if kind == "column" else layer
+        saved, y = _saved_input_bytes(fn, xi)
+        assert (saved == 0) == frozen, (frozen, saved)
+        y.square().sum().backward()
+        grads[frozen] = xi.grad
+    assert torch.equal(grads[False], grads[True])
