@@ -27,6 +27,9 @@ def _add_model(p):
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--seq-length", "--sequence-length", dest="seq_length", type=int, default=None)
     g.add_argument("--no-fused-kernels", action="store_true", help="use the PyTorch reference ops")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="weight-gradient GEMMs write a 16-bit gradient that the DDP hook adds into main_grad, "
+                        "instead of accumulating into the fp32 main_grad themselves (Megatron's flag)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional compilation)")
     g.add_argument("--profile-step", type=int, default=None, help="run this iteration (1-based) under "
                    "torch.profiler and print its top-10 kernels with their share of the step time")

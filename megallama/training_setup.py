@@ -97,8 +97,10 @@ def _params_dtype(args):
 
 def build_model_chunks(args, device):
     from megallama.model.context_parallel import set_context_parallel_comm_type
+    from megallama.mpu.grad_accum_fusion import set_gradient_accumulation_fusion
     from megallama.ops import set_fused_kernels
     set_fused_kernels(not args.no_fused_kernels)
+    set_gradient_accumulation_fusion(not getattr(args, "no_gradient_accumulation_fusion", False))
     set_context_parallel_comm_type(args.cp_comm_type)
     cfg = args.model_config
     if args.pipeline_model_parallel_size > 1:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings, weight_grad_store
+from megallama.mpu.grad_accum_fusion import accumulate_weight_grad, main_grad_target
 
 
 def set_tensor_model_parallel_attributes(param: nn.Parameter, is_parallel: bool, dim: int) -> None:
@@ -42,6 +43,13 @@ def _autocast_copies(x: torch.Tensor, *tensors):
 
 def _wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+
+
+def _weight_grad(leaf, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g^T x``, summed straight into ``leaf.main_grad`` where gradient-accumulation fusion applies (a
+    placeholder is returned then: see grad_accum_fusion)."""
+    target = main_grad_target(leaf, g, x)
+    return _wgrad(g, x) if target is None else accumulate_weight_grad(leaf, target, g, x)
 
 
 def _defer_weight_grads(params, grads, x: torch.Tensor, sequence_parallel: bool) -> bool:
@@ -75,6 +83,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
         # ``leaves``: the parameters behind ``weights`` (their autocast copies, made outside); not autograd inputs,
         # only where a deferred grad accumulates
         ctx.leaf_weights = tuple(w if w.is_leaf else None for w in leaves)
+        ctx.own_leaf = tuple(w is leaf for w, leaf in zip(weights, leaves))  # no autocast copy in between
         ctx.sequence_parallel, ctx.n = sequence_parallel, n
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: its GEMMs are skipped
         ctx.has_bias = tuple(b is not None for b in biases)
@@ -111,7 +120,8 @@ class _ColumnParallelLinears(torch.autograd.Function):
             else:
                 grad_input, work = mappings.all_reduce(grad_input, async_op=True)
         total = gather.wait() if gather is not None else x
-        wgrads = [_wgrad(g, total) if need_w[i] and not deferred else None for i, g in enumerate(grads)]
+        wgrads = [_weight_grad(ctx.leaf_weights[i] if ctx.own_leaf[i] else None, g, total)
+                  if need_w[i] and not deferred else None for i, g in enumerate(grads)]
         bgrads = []
         for i, g in enumerate(grads):
             has_b = ctx.has_bias[i] and g is not None and ctx.needs_input_grad[4 + n + i]
@@ -130,6 +140,7 @@ class _RowParallelGEMM(torch.autograd.Function):
     def forward(ctx, x, w, param_holder):
         (param,) = param_holder  # in a tuple: not an autograd input, only where a deferred grad accumulates
         ctx.leaf_weight = param if param.is_leaf else None
+        ctx.own_leaf = w is param
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)  # x only serves the weight gradient
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, w)
@@ -140,7 +151,7 @@ class _RowParallelGEMM(torch.autograd.Function):
         grad_input = g.matmul(w) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1] and not _defer_weight_grads([ctx.leaf_weight], [g], x, False):
-            grad_weight = _wgrad(g, x)
+            grad_weight = _weight_grad(ctx.leaf_weight if ctx.own_leaf else None, g, x)
         return grad_input, grad_weight, None
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.grad_accum_fusion import take_grad_added_to_main_grad
 from megallama.mpu.coalesced import all_reduce_coalesced
 from megallama.optimizer.grad_shard_reducer import GradShardReducer, prepare_average
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
@@ -214,7 +215,8 @@ class DistributedDataParallel(nn.Module):
             return
         self._grads_dirty = True
         if not self.shard_grads:
-            p.main_grad.add_(p.grad)
+            if not take_grad_added_to_main_grad(p):  # else the GEMM summed it in already (grad_accum_fusion)
+                p.main_grad.add_(p.grad)
             p.grad = None
             if self.overlap_grad_reduce and self.is_last_microbatch and self.dp_size > 1:
                 b = self.layout.bucket_of(p)
