@@ -33,7 +33,7 @@ from megallama.errors import ConfigError
 from megallama.mpu import mappings
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.random import _name_seed
-from megallama.model.moe_dispatch import grouped_matmul, sort_by_expert
+from megallama.model.moe_dispatch import expert_counts, grouped_matmul, sort_by_expert
 from megallama.ops import swiglu
 
 
@@ -88,7 +88,9 @@ def load_balancing_loss(probs_sum: torch.Tensor, tokens_per_expert: torch.Tensor
     """Switch/GShard loss ``coeff * E * sum_e f_e * P_e`` with f_e = tokens_per_expert / (T k) (fraction of the
     T*k assignments) and P_e = probs_sum / T (mean router probability). Equals ``coeff`` for a uniform router."""
     E = probs_sum.shape[-1]
-    return coeff * E / (float(num_tokens) ** 2 * topk) * (tokens_per_expert * probs_sum).sum()
+    # a tensor count stays on the device: float() would synchronise the GPU in every MoE layer's forward
+    n = num_tokens.to(torch.float32) if isinstance(num_tokens, torch.Tensor) else float(num_tokens)
+    return coeff * E / (n * n * topk) * (tokens_per_expert * probs_sum).sum()
 
 
 def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
@@ -122,33 +124,40 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 # ---------------------------------------------------------------- statistics for logging
 class MoEStats:
-    """Per-layer tokens per expert (global counts) and aux/z loss values, accumulated between ``report`` calls."""
+    """Per-layer tokens per expert (global counts) and aux/z loss values, accumulated between ``report`` calls.
+
+    The sums stay on the device (one [E + 3] tensor a layer): ``record`` runs in every MoE layer's forward, and a
+    host copy there would synchronise the GPU once per layer; ``report`` (at the log interval) reads them. It is
+    kept out of ``torch.compile``: its per-layer dict would otherwise recompile the layer's graph for each layer."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.tokens: Dict[int, torch.Tensor] = {}
-        self.aux: Dict[int, float] = {}
-        self.z: Dict[int, float] = {}
-        self.calls: Dict[int, int] = {}
+        self.sums: Dict[int, torch.Tensor] = {}  # [tokens per expert..., aux, z, calls] per layer
 
+    @torch._dynamo.disable
     def record(self, layer: int, tokens: torch.Tensor, aux: torch.Tensor, z: torch.Tensor):
-        t = tokens.detach().double().cpu()
-        self.tokens[layer] = self.tokens[layer] + t if layer in self.tokens else t
-        self.aux[layer] = self.aux.get(layer, 0.0) + float(aux)
-        self.z[layer] = self.z.get(layer, 0.0) + float(z)
-        self.calls[layer] = self.calls.get(layer, 0) + 1
+        if torch._C._current_graph_task_id() != -1:  # a recompute inside backward: counted in its forward already
+            return
+        row = torch.cat([tokens.detach().double().reshape(-1), aux.detach().double().reshape(1),
+                         z.detach().double().reshape(1), tokens.new_ones(1, dtype=torch.float64)])
+        if layer in self.sums:
+            self.sums[layer].add_(row)
+        else:
+            self.sums[layer] = row
 
     def report(self, reset: bool = True) -> dict:
         """{"aux_loss", "z_loss" (means over layers and calls), "tokens_per_expert" {layer: list},
         "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded."""
-        if not self.calls:
+        if not self.sums:
             return {}
-        out = {"aux_loss": sum(self.aux[l] / self.calls[l] for l in self.calls) / len(self.calls),
-               "z_loss": sum(self.z[l] / self.calls[l] for l in self.calls) / len(self.calls),
-               "tokens_per_expert": {l: [int(round(v)) for v in self.tokens[l].tolist()] for l in sorted(self.tokens)}}
-        out["max_load"] = max(float(t.max() / t.mean().clamp_min(1e-9)) for t in self.tokens.values())
+        rows = {l: self.sums[l].cpu() for l in sorted(self.sums)}  # the one host copy
+        tokens = {l: r[:-3] for l, r in rows.items()}
+        out = {"aux_loss": sum(float(r[-3] / r[-1]) for r in rows.values()) / len(rows),
+               "z_loss": sum(float(r[-2] / r[-1]) for r in rows.values()) / len(rows),
+               "tokens_per_expert": {l: [int(round(v)) for v in t.tolist()] for l, t in tokens.items()}}
+        out["max_load"] = max(float(t.max() / t.mean().clamp_min(1e-9)) for t in tokens.values())
         if reset:
             self.reset()
         return out
@@ -262,7 +271,7 @@ class MoELayer(nn.Module):
     # ---- auxiliary losses from globally reduced statistics
     def _aux_losses(self, logits, probs, top_i):
         E, k = self.num_experts, self.topk
-        counts = torch.bincount(top_i.reshape(-1), minlength=E).to(torch.float32)
+        counts = expert_counts(top_i, E).to(torch.float32)
         lse2 = torch.logsumexp(logits, dim=-1).square().sum()
         stats = torch.cat([counts, probs.detach().sum(0), logits.new_tensor([logits.shape[0]]), lse2.detach()[None]])
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
@@ -275,7 +284,7 @@ class MoELayer(nn.Module):
         c, zc = self.moe.aux_loss_coeff, self.moe.z_loss_coeff
         aux = dp * load_balancing_loss(probs.sum(0), counts_g, n_g, k, c)
         zl = dp * zc * lse2 / n_g
-        if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:  # not a recompute in backward
+        if torch.is_grad_enabled():
             _STATS.record(self.layer_number, counts_g, load_balancing_loss(psum_g, counts_g, n_g, k, c),
                           zc * lse2_g / n_g)
         return aux + zl

@@ -67,12 +67,20 @@ def _padded_bmm(x, w, counts):
 
 
 # ---------------------------------------------------------------- permutation
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[num_experts] int64 assignments per expert. Not ``bincount``: its output shape depends on the data, which
+    splits a compiled graph; a scatter-add into a fixed-size vector is the same count."""
+    ids = expert_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, capacity: Optional[int] = None):
     """expert_ids: [N] (flattened token-major (token, choice) assignments). Returns (order, counts): ``order`` the
     kept assignment indices sorted by expert (stable, so token order within an expert: first come, first kept),
     ``counts`` [num_experts] kept rows per expert. With ``capacity`` each expert keeps at most that many rows."""
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    counts = expert_counts(expert_ids, num_experts)
     if capacity is not None:
         sorted_e = expert_ids[order]
         starts = torch.cumsum(counts, 0) - counts

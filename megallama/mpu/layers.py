@@ -186,7 +186,7 @@ def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
     weights = [layer.weight if a is None else layer.base_weight for layer, a in zip(layers, adapters)]
     if any(a is not None for a in adapters):  # one autocast copy of x for the GEMMs and every adapter
         (x,) = _autocast_copies(x)
-    outs = column_parallel_linear_forward(x, weights, (layer.bias for layer in layers), sp)
+    outs = column_parallel_linear_forward(x, weights, [layer.bias for layer in layers], sp)
     return tuple(y if a is None else y + a(x).to(y.dtype) for y, a in zip(outs, adapters))
 
 

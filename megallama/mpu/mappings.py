@@ -35,13 +35,20 @@ def _check_divisible(x: torch.Tensor, dim: int, n: int) -> None:
                           "pick --seq-length (and sizes) divisible by --tensor-model-parallel-size")
 
 
+def _run_async(async_op: bool) -> bool:
+    """Under torch.compile a collective is issued synchronously: dynamo traces c10d collectives only without
+    ``async_op`` (and graph-breaks, splitting the layer's graph, otherwise); the compiled graph's own scheduling
+    then decides the overlap. Callers still get a handle (``work`` None, or a ``_Pending``) either way."""
+    return async_op and not torch.compiler.is_compiling()
+
+
 def all_reduce(x, async_op: bool = False):
     """Sum over tp in place (on a contiguous tensor); returns (tensor, work or None)."""
     n, g = _tp()
     if n == 1:
         return x, None
     x = x.contiguous()
-    return x, dist.all_reduce(x, group=g, async_op=async_op)
+    return x, dist.all_reduce(x, group=g, async_op=_run_async(async_op))
 
 
 class _Pending:
@@ -64,7 +71,7 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, async_op: bool = False):
     dim = dim % x.dim()
     x = x.contiguous()
     buf = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    work = _ALL_GATHER(buf.flatten(0, 1), x, group=g, async_op=async_op)
+    work = _ALL_GATHER(buf.flatten(0, 1), x, group=g, async_op=_run_async(async_op))
     shape = list(x.shape)
     shape[dim] *= n
 
@@ -83,7 +90,7 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, async_op: bool = False):
     _check_divisible(x, dim, n)
     chunks = x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()  # [n, ..., d/n, ...]
     out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    work = _REDUCE_SCATTER(out, chunks.flatten(0, 1), group=g, async_op=async_op)
+    work = _REDUCE_SCATTER(out, chunks.flatten(0, 1), group=g, async_op=_run_async(async_op))
     return out, work
 
 
