@@ -13,6 +13,7 @@ always belongs to tp rank ``i``.
 """
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
@@ -35,11 +36,13 @@ def _check_divisible(x: torch.Tensor, dim: int, n: int) -> None:
                           "pick --seq-length (and sizes) divisible by --tensor-model-parallel-size")
 
 
-def _run_async(async_op: bool) -> bool:
-    """Under torch.compile a collective is issued synchronously: dynamo traces c10d collectives only without
-    ``async_op`` (and graph-breaks, splitting the layer's graph, otherwise); the compiled graph's own scheduling
-    then decides the overlap. Callers still get a handle (``work`` None, or a ``_Pending``) either way."""
-    return async_op and not torch.compiler.is_compiling()
+def _compiling() -> bool:
+    """Under torch.compile the raw collectives use torch's functional collectives (new tensors, no ``async_op``),
+    the form dynamo and inductor trace: the in-place c10d calls either break the layer's graph (``async_op``) or,
+    traced on torch 2.11 + NCCL, lost the sequence-parallel gradients (grad norm 0.44 instead of 5.0 on
+    tiny_llama3_150m at tp 2). The compiled graph's own scheduling then decides the overlap. Callers still get
+    their handle (``work`` None, or a ``_Pending``)."""
+    return torch.compiler.is_compiling()
 
 
 def all_reduce(x, async_op: bool = False):
@@ -47,8 +50,10 @@ def all_reduce(x, async_op: bool = False):
     n, g = _tp()
     if n == 1:
         return x, None
+    if _compiling():
+        return funcol.all_reduce(x, "sum", g), None
     x = x.contiguous()
-    return x, dist.all_reduce(x, group=g, async_op=_run_async(async_op))
+    return x, dist.all_reduce(x, group=g, async_op=async_op)
 
 
 class _Pending:
@@ -70,10 +75,13 @@ def all_gather_along_dim(x: torch.Tensor, dim: int, async_op: bool = False):
         return _Pending(None, lambda: x) if async_op else x
     dim = dim % x.dim()
     x = x.contiguous()
-    buf = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    work = _ALL_GATHER(buf.flatten(0, 1), x, group=g, async_op=_run_async(async_op))
     shape = list(x.shape)
     shape[dim] *= n
+    if _compiling():
+        buf, work = funcol.all_gather_tensor(x, 0, g).view((n,) + tuple(x.shape)), None
+    else:
+        buf = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        work = _ALL_GATHER(buf.flatten(0, 1), x, group=g, async_op=async_op)
 
     def finish():  # [n, ..., d, ...] -> [..., n*d, ...]; a view when the dims before `dim` are all 1
         return buf.movedim(0, dim).reshape(shape)
@@ -89,8 +97,10 @@ def reduce_scatter_along_dim(x: torch.Tensor, dim: int, async_op: bool = False):
     dim = dim % x.dim()
     _check_divisible(x, dim, n)
     chunks = x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()  # [n, ..., d/n, ...]
+    if _compiling():
+        return funcol.reduce_scatter_tensor(chunks.flatten(0, 1), "sum", 0, g).view(chunks.shape[1:]), None
     out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    work = _REDUCE_SCATTER(out, chunks.flatten(0, 1), group=g, async_op=_run_async(async_op))
+    work = _REDUCE_SCATTER(out, chunks.flatten(0, 1), group=g, async_op=async_op)
     return out, work
 
 
