@@ -26,8 +26,9 @@ TINY = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "64"
          "--overlap-grad-reduce", "--recompute-granularity", "full"]),
     (2, ["--zero-stage", "3", "--overlap-grad-reduce", "--overlap-param-gather", "--compile"]),
     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--compile"]),
+    (2, ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--compile"]),
 ], ids=["tp2_sp", "pp2_1f1b_tied", "dp2_zero2", "tp2_pp2_interleaved", "tp2_dp2_zero3", "cp2_ring", "cp2_pp2_ulysses",
         "pp2_dp2_zbh1_zero1_overlap_recompute", "dp2_zero3_overlap_compile",
-        "tp2_sp_compile"])
+        "tp2_sp_compile", "cp2_ulysses_compile"])
 def test_pretrain_layout_matches_single_process(world, extra):
     assert_layout_matches_single_process(TINY, world, extra)

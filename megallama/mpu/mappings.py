@@ -237,6 +237,8 @@ def reduce_scatter_to_sequence_parallel_region(x):
 
 # ---------------------------------------------------------------- all-to-all over any group
 def _all_to_all(x: torch.Tensor, group, out_splits, in_splits) -> torch.Tensor:
+    if _compiling():
+        return funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group)
     rows = x.shape[0] if out_splits is None else sum(out_splits)
     out = x.new_empty((rows,) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
