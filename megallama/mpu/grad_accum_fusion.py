@@ -10,6 +10,8 @@ Autograd still needs a gradient for the weight, or the wrapper's post-accumulate
 bucket bookkeeping would stall, so the GEMM Functions return an uninitialised tensor (no kernel) and mark the
 parameter ``grad_added_to_main_grad``; the hook then drops it instead of adding it. As in Megatron.
 
+A parameter that another op also differentiates (a tied embedding: lookup + output layer) is left out: autograd
+sums both gradients into one ``.grad`` before the hook, so dropping the placeholder would drop the lookup's part.
 It applies where it is exact and cheap: a leaf weight that is the Function's own input (no autocast copy in
 between), a contiguous fp32 ``main_grad`` (ZeRO 0/1, or any stage at dp = 1), 16-bit operands, and the csrc op's
 CUDA kernel (on CPU only when a test asks, since the CPU op works on fp32 copies). Not inside ``torch.compile``:
@@ -38,6 +40,8 @@ def gradient_accumulation_fusion_enabled() -> bool:
 def main_grad_target(param: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``param.main_grad`` when ``g^T x`` can be summed into it by the GEMM itself, else None."""
     if not _enabled or param is None or torch.compiler.is_compiling():  # a traced backward would drop the mark
+        return None
+    if not getattr(param, "allow_grad_accum_fusion", True):  # used twice in the graph (a tied embedding)
         return None
     target = getattr(param, "main_grad", None)
     if target is None or target.dtype != torch.float32 or not target.is_contiguous() or \

@@ -276,6 +276,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_partition, embedding_dim, device=device, dtype=dtype))
         set_tensor_model_parallel_attributes(self.weight, tp > 1, 0)
         self.weight.init_std = init_std
+        # tied to the output layer, its .grad sums the lookup's gradient and the head GEMM's: a fused head GEMM's
+        # placeholder would hide the lookup's part (grad_accum_fusion)
+        self.weight.allow_grad_accum_fusion = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         tp = ps.get_tensor_model_parallel_world_size()

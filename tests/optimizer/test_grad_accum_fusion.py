@@ -66,6 +66,27 @@ def test_fused_main_grads_match_unfused_and_fp32(zero_stage):
         assert rel_err(fused[n], ref[n]) <= rel_err(plain[n], ref[n]) * 1.05 + 1e-6, n
 
 
+def test_tied_embedding_keeps_its_lookup_gradient():
+    """A tied output layer runs through the column GEMM with the embedding table as its weight; the table's .grad
+    then also holds the lookup's gradient, so the table must not be fused (its placeholder would hide that part)."""
+    import dataclasses
+    from megallama.model import build_model
+    from megallama.optimizer import DistributedDataParallel
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=True)
+    out = {}
+    for enabled in (True, False):
+        ddp = DistributedDataParallel(build_model(cfg, dtype=torch.bfloat16, seed=SEED), zero_stage=0)
+        assert not hasattr(ddp.module, "lm_head")
+        with fusion(enabled) as calls:
+            for x, y in local_microbatches(0, 1, 0, 2):
+                (ddp(x, labels=y).float().mean() / 2).backward()  # labels without a mask: the column-GEMM head
+        out[enabled] = ({n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}, len(calls))
+    (fused, n_fused), (plain, _) = out[True], out[False]
+    assert n_fused == 2 * CFG.num_layers * 7
+    for n in plain:
+        assert rel_err(fused[n], plain[n]) < 2e-2, n
+
+
 def _dp_job(rank, world):
     """Results as floats (tensors would travel through file descriptors the exiting rank closes)."""
     runs = [_main_grads(dtype, enabled, zero_stage=1, world=world, rank=rank, overlap=True, steps=3)
