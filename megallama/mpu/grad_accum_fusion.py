@@ -6,8 +6,8 @@ of a 144 ms Llama-3.2-1B step on an H100). Fused, one cuBLAS GEMM with beta = 1 
 product is summed in fp32 instead of rounded to 16 bits first (``ops.gemm_accum_fp32_``; Megatron's
 ``--gradient-accumulation-fusion``).
 
-Autograd still needs a gradient for the weight, or the wrapper's post-accumulate hook would never fire and its
-bucket bookkeeping would stall, so the GEMM Functions return an uninitialised tensor (no kernel) and mark the
+Autograd still needs a gradient for the weight, or the wrapper's post-accumulate hook would never fire and the
+weight's bucket would never count as ready (no early, overlapped reduction), so the GEMM Functions return an uninitialised tensor (no kernel) and mark the
 parameter ``grad_added_to_main_grad``; the hook then drops it instead of adding it. As in Megatron.
 
 A parameter that another op also differentiates (a tied embedding: lookup + output layer) is left out: autograd
