@@ -46,7 +46,8 @@ def _compiling() -> bool:
 
 
 def all_reduce(x, async_op: bool = False):
-    """Sum over tp in place (on a contiguous tensor); returns (tensor, work or None)."""
+    """Sum over tp; returns (tensor, work or None): ``x`` itself summed in place (made contiguous) in eager, a new
+    tensor while compiling, so callers use the returned one."""
     n, g = _tp()
     if n == 1:
         return x, None
