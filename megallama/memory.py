@@ -194,14 +194,14 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
             (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else n_layers * lin)
         first = 0  # the first layer's input needs no gradient: its input norm keeps nothing
         if pre:
-            first = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h
+            norm = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h  # selective: the input only
+            first = norm
             if not {"q_proj", "k_proj", "v_proj"} & set(lora_targets):  # nor does its attention (q, k, v, lse) ...
                 first += am.layer_saved(x, num)["attention"] - \
                     (num.e * x.S * (h // tp) if "o_proj" in lora_targets else 0)  # ... but o_proj's adapter's input
                 first += num.e * (x.qkv_params if num.cast else 0)  # no q/k/v input grad: their casts are not kept
                 if "o_proj" not in lora_targets:  # nothing in its attention trains: the MLP's input norm keeps nothing
-                    first += (am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h) + \
-                        num.e * (h * h // tp if num.cast else 0)
+                    first += norm + num.e * (h * h // tp if num.cast else 0)
         delta = delta * inflight - first
         act["activations"] += delta
         act["total"] += delta

@@ -7,8 +7,9 @@ product is summed in fp32 instead of rounded to 16 bits first (``ops.gemm_accum_
 ``--gradient-accumulation-fusion``).
 
 Autograd still needs a gradient for the weight, or the wrapper's post-accumulate hook would never fire and the
-weight's bucket would never count as ready (no early, overlapped reduction), so the GEMM Functions return an uninitialised tensor (no kernel) and mark the
-parameter ``grad_added_to_main_grad``; the hook then drops it instead of adding it. As in Megatron.
+weight's bucket would never count as ready (no early, overlapped reduction), so the GEMM Functions return an
+uninitialised tensor (no kernel) and mark the parameter ``grad_added_to_main_grad``; the hook then drops it instead
+of adding it. As in Megatron.
 
 A parameter that another op also differentiates (a tied embedding: lookup + output layer) is left out: autograd
 sums both gradients into one ``.grad`` before the hook, so dropping the placeholder would drop the lookup's part.
@@ -24,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from megallama.ops.gemm import gemm_accum_fp32_, gemm_accum_path
+
 _enabled = True
 _allow_cpu = False
 
@@ -31,10 +34,6 @@ _allow_cpu = False
 def set_gradient_accumulation_fusion(enabled: bool, allow_cpu: bool = False) -> None:
     global _enabled, _allow_cpu
     _enabled, _allow_cpu = bool(enabled), bool(allow_cpu)
-
-
-def gradient_accumulation_fusion_enabled() -> bool:
-    return _enabled
 
 
 def main_grad_target(param: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -49,13 +48,11 @@ def main_grad_target(param: Optional[torch.Tensor], g: torch.Tensor, x: torch.Te
         return None
     if g.device.type != "cuda" and not _allow_cpu:
         return None
-    from megallama.ops.gemm import gemm_accum_path
     return target if gemm_accum_path(target, g, x) == "fused" else None
 
 
 def accumulate_weight_grad(param: torch.Tensor, target: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``target += g^T x`` (flattened over tokens); returns the placeholder gradient autograd hands the weight."""
-    from megallama.ops.gemm import gemm_accum_fp32_
     gemm_accum_fp32_(target, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
     param.grad_added_to_main_grad = True
     return torch.empty_like(param)

@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.mpu.grad_accum_fusion import take_grad_added_to_main_grad
 from megallama.mpu.coalesced import all_reduce_coalesced
+from megallama.mpu.grad_accum_fusion import take_grad_added_to_main_grad
 from megallama.optimizer.grad_shard_reducer import GradShardReducer, prepare_average
 from megallama.optimizer.param_and_grad_buffer import (BufferLayout, Comm, Piece, all_gather_into_tensor, bucketize,
                                                        needs_own_bucket, reduce_scatter_tensor)

@@ -1,9 +1,9 @@
-"""``--compile`` on two GPUs over NCCL trains like the eager run of the same layout: tp 2 + sequence parallel, and
-Ulysses context parallelism and expert parallelism (all-to-all). Compiled layers trace the collectives (functional collectives while
-compiling, ``mpu/mappings.py``); on torch 2.11 + NCCL the traced in-place SP collectives once lost most gradients
-(grad norm 0.44 instead of 5.0) while every CPU test passed. fp32 (TF32 off), 3 AdamW steps at lr 1e-2: losses
-within 1e-4 relative (inductor may reorder fp32 sums), which wrong gradients miss by orders of magnitude from the
-second step on."""
+"""``--compile`` on two GPUs over NCCL trains like the eager run of the same layout: tp 2 + sequence parallel,
+Ulysses context parallelism and expert parallelism (all-to-all). Compiled layers trace the collectives (functional
+collectives while compiling, ``mpu/mappings.py``); on torch 2.11 + NCCL the traced in-place SP collectives once
+lost most gradients (grad norm 0.44 instead of 5.0) while every CPU test passed. fp32 (TF32 off), 3 AdamW steps at
+lr 1e-2: losses within 1e-4 relative (inductor may reorder fp32 sums), which wrong gradients miss by orders of
+magnitude from the second step on."""
 import os
 import sys
 

@@ -1,9 +1,9 @@
 """tp=2 on two GPUs over NCCL, with and without sequence parallelism, trains like tp=1 on one GPU.
 
 fp32 (TF32 off): losses of several AdamW steps within 1e-5 relative and the full gathered gradients within 1e-5
-in relative norm (1e-4 with the decoder layers torch.compile'd, as ``--compile`` does); bf16 autocast (the production path through the fused column linears' manual casts): losses
-within 1e-2 of the tp=1 bf16 run. Spawns its own NCCL ranks under pytest; also runs under
-``torchrun --nproc_per_node 2 tests/multigpu/test_tp_nccl.py``.
+in relative norm (1e-4 with the decoder layers torch.compile'd, as ``--compile`` does); bf16 autocast (the
+production path through the fused column linears' manual casts): losses within 1e-2 of the tp=1 bf16 run. Spawns
+its own NCCL ranks under pytest; also runs under ``torchrun --nproc_per_node 2 tests/multigpu/test_tp_nccl.py``.
 """
 import os
 import sys

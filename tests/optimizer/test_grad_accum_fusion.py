@@ -93,8 +93,8 @@ def _dp_job(rank, world):
             for dtype, enabled in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, False))]
     (fused, params, n_fused), (plain, _, n_plain), (ref, _, _) = runs
     flat = {k: torch.cat([v.flatten() for v in g.values()]) for k, g in (("f", fused), ("p", plain), ("r", ref))}
-    return (n_fused, n_plain, rel_err(flat["f"], flat["p"]), rel_err(flat["f"], flat["r"]), rel_err(flat["p"], flat["r"]),
-            torch.cat([p.flatten() for p in params.values()]).double().sum().item())
+    return (n_fused, n_plain, rel_err(flat["f"], flat["p"]), rel_err(flat["f"], flat["r"]),
+            rel_err(flat["p"], flat["r"]), torch.cat([p.flatten() for p in params.values()]).double().sum().item())
 
 
 def test_fused_dp2_overlapped_buckets_train_like_unfused():
