@@ -121,7 +121,7 @@ def pretrain(args, datasets=None) -> dict:
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    history, times, skipped_in_row, total_skipped = {}, {}, 0, 0
+    history, grad_norms, times, skipped_in_row, total_skipped = {}, {}, {}, 0, 0
     end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -159,6 +159,8 @@ def pretrain(args, datasets=None) -> dict:
         else:
             skipped_in_row = 0
         history[step] = loss
+        if grad_norm is not None:
+            grad_norms[step] = grad_norm  # converted at the end: no extra device sync per step
         if getattr(args, "loss_log", None) and is_rank_0():  # exact values, for comparing runs bit for bit
             with open(args.loss_log, "a") as f:
                 f.write(f"{step} {loss!r}\n")
@@ -213,7 +215,8 @@ def pretrain(args, datasets=None) -> dict:
         save_adapter(args.save_adapter, model_chunks, args)
         print_rank_0(f"saved LoRA adapters to {args.save_adapter}")
     logger.close()
-    return {"losses": history, "iteration_time": times, "iteration": end_iter, "consumed_samples": consumed,
+    return {"losses": history, "grad_norms": {k: float(v) for k, v in grad_norms.items()}, "iteration_time": times,
+            "iteration": end_iter, "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "num_params": sum(p.numel() for m in model_chunks for p in m.parameters())}
