@@ -164,7 +164,8 @@ def _add_logging(p):
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--no-progress-bar", action="store_true")
-    g.add_argument("--save", default=None)
+    g.add_argument("--save", default=None,
+                   help="checkpoint directory: saved every --save-interval steps and at the end")
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints in --save")

@@ -197,7 +197,7 @@ def pretrain(args, datasets=None) -> dict:
             print_rank_0(f"validation at iteration {step} | lm loss: {vloss:.6E} | lm loss PPL: "
                          f"{math.exp(min(vloss, 50)):.6E} |")
             logger.scalars(step, {"valid/loss": vloss})
-        if args.save and args.save_interval and (step % args.save_interval == 0 or step == end_iter):
+        if args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter):
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
             print_rank_0(f"saved checkpoint to {path}")
             saved = step

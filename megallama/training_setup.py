@@ -21,13 +21,18 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def build_tokenizer_from_args(args):
+    """--tokenizer-type / --tokenizer-model; neither: the bundled tokenizer; a model file alone: sentencepiece."""
+    from megallama.data.tokenizer import build_tokenizer
+    tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
+    return build_tokenizer(tok_type, args.tokenizer_model)
+
+
 def build_data(args):
     """Tokenizer -> vocabulary -> datasets. The embedding follows the tokenizer unless --vocab-size is given."""
     from megallama.data import get_bundled_corpus_path
-    from megallama.data.tokenizer import build_tokenizer
-    tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
     # Mock data needs no tokenizer: the vocabulary is the model's (or --vocab-size).
-    tokenizer = None if args.mock_data else build_tokenizer(tok_type, args.tokenizer_model)
+    tokenizer = None if args.mock_data else build_tokenizer_from_args(args)
     cfg = args.model_config
     if tokenizer is None:
         pass

@@ -239,9 +239,11 @@ def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]
     return sorted(need)
 
 
-def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False) -> Tuple[int, int]:
+def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False, quiet: bool = False
+                    ) -> Tuple[int, int]:
     """Load the newest good checkpoint under ``load`` (or the one ``load`` names) into this rank's chunks and
-    optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``."""
+    optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``. ``quiet``:
+    no "loaded weights" line (the caller says what it loaded)."""
     candidates = _bcast(F.resolve_load_dir(load) if _rank() == 0 else None)
     named = candidates == [load]
     bad = []
@@ -264,7 +266,7 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             _warn(f"skipping checkpoint {ckpt}: {reason}")
             bad.append(ckpt)
             continue
-        return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune)
+        return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet)
     if bad:
         raise ConfigError(f"no usable checkpoint in {load} ({len(bad)} bad: {', '.join(map(os.path.basename, bad))})"
                           "; remove --load to start afresh or restore a good checkpoint")
@@ -272,7 +274,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
     return 0, 0
 
 
-def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune) -> Tuple[int, int]:
+def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet=False
+           ) -> Tuple[int, int]:
     zero3_sd = {}
     with torch.no_grad():
         for ci, name, cname, t, piece in plan:
@@ -287,8 +290,9 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
             optimizer.reload_model_params()  # fp32 master copies must follow the loaded weights
         if not finetune and iteration > 0:
             _warn(f"checkpoint {ckpt} holds no optimizer state; the optimizer starts afresh")
-        _say(f"loaded weights from {ckpt}" + (" (finetune: iteration, data and optimizer start afresh)"
-                                               if finetune else ""))
+        if not quiet:
+            _say(f"loaded weights from {ckpt}" + (" (finetune: iteration, data and optimizer start afresh)"
+                                                   if finetune else ""))
         reader.close()
         return (0, 0) if finetune else (iteration, int(common.get("consumed_samples", 0)))
     def read(saved_name, out, param):

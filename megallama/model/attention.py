@@ -17,10 +17,12 @@ from megallama.ops import apply_rope_qk
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
 
 
-def core_attention(q, k, v, causal: bool = True, document_ids=None):
-    """q: [b, s, nq, d], k/v: [b, s, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
-    token attends only to earlier tokens of its own document."""
+def core_attention(q, k, v, causal: bool = True, document_ids=None, kv_offset: int = 0):
+    """q: [b, s, nq, d], k/v: [b, s_kv, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
+    token attends only to earlier tokens of its own document. ``kv_offset`` (decoding with a KV cache): the
+    queries are positions [kv_offset, kv_offset + s) of the s_kv = kv_offset + s keys."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
     if document_ids is not None:
         same = document_ids[:, :, None] == document_ids[:, None, :]
         mask = (same & torch.ones_like(same[0]).tril())[:, None]
@@ -28,13 +30,18 @@ def core_attention(q, k, v, causal: bool = True, document_ids=None):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    if kv_offset:  # new tokens after cached ones: causal, shifted (one new token sees every key: no mask)
+        causal = False
+        if q.shape[2] > 1:
+            pos = torch.arange(q.shape[2], device=q.device) + kv_offset
+            mask = torch.arange(k.shape[2], device=q.device)[None, :] <= pos[:, None]
     if k.shape[1] != q.shape[1]:
         if _HAS_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
             return out.transpose(1, 2)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2)
 
 
@@ -43,7 +50,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size()
         h, d = config.hidden_size, config.head_dim
-        self.head_dim = d
+        self.head_dim, self.layer_number = d, layer_number
         self.num_heads = divide(config.num_attention_heads, tp, "number of attention heads")
         self.num_kv_heads = divide(config.num_query_groups, tp, "number of query groups (kv heads)")
         out_std = config.init_method_std / (2.0 * config.num_layers) ** 0.5
@@ -53,15 +60,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, init_std=out_std, **kw)
 
-    def forward(self, x, cos, sin, document_ids=None):
-        """x: [b, s, h] (replicated) or [b, s/tp, h] under SP; returns the same layout."""
+    def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
+        """x: [b, s, h] (replicated) or [b, s/tp, h] under SP; returns the same layout. ``kv_cache``
+        (``KVCache``, decoding): this step's K/V join the cached ones and the queries attend to all of them."""
         q, k, v = column_parallel_linears(x, (self.q_proj, self.k_proj, self.v_proj))
         b, s = q.shape[:2]
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both
-        if ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
+        if kv_cache is not None:
+            offset = kv_cache.offset
+            k, v = kv_cache.update(self.layer_number, k, v)
+            out = core_attention(q, k, v, kv_offset=offset)
+        elif ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
             from megallama.model.context_parallel import context_parallel_attention
             out = context_parallel_attention(q, k, v, document_ids=document_ids)
         else:

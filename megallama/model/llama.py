@@ -43,8 +43,10 @@ class LlamaDecoderLayer(nn.Module):
             return checkpoint(norm, x, use_reentrant=False)
         return norm(x)
 
-    def forward(self, x, cos, sin, document_ids=None):
+    def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
         kw = {} if document_ids is None else {"document_ids": document_ids}  # packed sequences (SFT)
+        if kv_cache is not None:  # decoding (megallama.generation)
+            kw["kv_cache"] = kv_cache
         x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, **kw)
         return x + self.mlp(self._norm(self.post_attention_layernorm, x))
 
@@ -70,10 +72,12 @@ class LlamaModel(nn.Module):
         self.recompute_method = "uniform"
         self.recompute_num_layers = 1
 
-    def _run_layers(self, h, cos, sin, document_ids=None):
+    def _run_layers(self, h, cos, sin, document_ids=None, kv_cache=None):
         layers = list(self.layers.values())
         if document_ids is not None:  # packed sequences: attention stays within each document
             layers = [functools.partial(layer, document_ids=document_ids) for layer in layers]
+        if kv_cache is not None:
+            layers = [functools.partial(layer, kv_cache=kv_cache) for layer in layers]
         if self.recompute_granularity != "full" or not torch.is_grad_enabled():
             for layer in layers:
                 h = layer(h, cos, sin)
@@ -96,17 +100,22 @@ class LlamaModel(nn.Module):
                 h = checkpoint(run(i, i + 1), h, use_reentrant=False) if i < k else layers[i](h, cos, sin)
         return h
 
-    def forward(self, input_ids=None, hidden_states=None, position_ids=None, document_ids=None):
+    def forward(self, input_ids=None, hidden_states=None, position_ids=None, document_ids=None, kv_cache=None):
+        """``kv_cache`` (``KVCache``): the tokens continue the cached ones, at positions from ``kv_cache.offset``."""
         h = self.embed_tokens(input_ids) if self.pre_process else hidden_states
         seq = input_ids.shape[1] if input_ids is not None else h.shape[1] * (
             ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
-        if position_ids is None:
+        if position_ids is None and kv_cache is not None:
+            position_ids = torch.arange(kv_cache.offset, kv_cache.offset + seq, device=h.device)
+        elif position_ids is None:
             position_ids = torch.arange(seq, device=h.device)
             if ps.get_context_parallel_world_size() > 1:  # this rank's zig-zag chunks of the whole sequence
                 from megallama.mpu.context_parallel import get_position_ids_on_this_cp_rank
                 position_ids = get_position_ids_on_this_cp_rank(seq * ps.get_context_parallel_world_size(), h.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(h.device), position_ids)
-        h = self._run_layers(h, cos, sin, document_ids)
+        h = self._run_layers(h, cos, sin, document_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
         if self.post_process:
             h = self.norm(h)
         return h

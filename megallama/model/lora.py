@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from megallama.errors import ConfigError
 from megallama.mpu import mappings
 from megallama.mpu import parallel_state as ps
-from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, _autocast_copies
+from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, autocast_copies
 from megallama.mpu.random import init_parameter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -146,7 +146,7 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor, weight=None) -> torch.Tensor:
         if not self.merged and weight is None:
-            (x,) = _autocast_copies(x)  # one copy for the base GEMM and the adapter, not one each
+            (x,) = autocast_copies(x)  # one copy for the base GEMM and the adapter, not one each
         with self._base():
             y = ColumnParallelLinear.forward(self, x, weight)
         if self.merged or weight is not None:
@@ -173,7 +173,7 @@ class LoRARowParallelLinear(_LoRAMixin, RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.merged:
-            (x,) = _autocast_copies(x)  # one copy for the base GEMM and the adapter, not one each
+            (x,) = autocast_copies(x)  # one copy for the base GEMM and the adapter, not one each
         with self._base():
             y = RowParallelLinear.forward(self, x)
         if self.merged:

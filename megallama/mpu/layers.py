@@ -29,7 +29,7 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
-def _autocast_copies(x: torch.Tensor, *tensors):
+def autocast_copies(x: torch.Tensor, *tensors):
     """``x`` and ``tensors`` (None stays None) cast to the active autocast dtype, else as given. The parallel GEMM
     Functions take these copies, made outside them as autocast makes a linear's: a copy's grad then goes back
     through its cast node after the Function has freed what it saved, so the fp32 grad never coexists with the
@@ -73,7 +73,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
     GEMM per weight. Only the input as given (the sequence shard under SP) is saved; backward re-gathers it, as
     Megatron does, so SP keeps its activation-memory saving. Backward sums the input grads of all weights and
     overlaps their reduce-scatter (SP) / all-reduce (TP) with the weight-gradient GEMMs.
-    Under autocast ``column_parallel_linear_forward`` passes the input, weights and biases as ``_autocast_copies``.
+    Under autocast ``column_parallel_linear_forward`` passes the input, weights and biases as ``autocast_copies``.
     Inside ``weight_grad_store.capture()`` (ZB's B pass) the weight-gradient GEMMs are queued for the W pass.
     """
 
@@ -134,7 +134,7 @@ class _ColumnParallelLinears(torch.autograd.Function):
 class _RowParallelGEMM(torch.autograd.Function):
     """``F.linear(x, w)`` on this rank's input shard (the reduction over tp is the caller's), with the weight
     gradient deferrable to ZB's W pass like ``_ColumnParallelLinears``. ``w`` is the leaf ``param`` or its
-    ``_autocast_copies`` copy."""
+    ``autocast_copies`` copy."""
 
     @staticmethod
     def forward(ctx, x, w, param_holder):
@@ -157,7 +157,7 @@ class _RowParallelGEMM(torch.autograd.Function):
 
 def row_parallel_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` without the reduction over tp, casting both to the autocast dtype if one is active."""
-    x, w = _autocast_copies(x, weight)
+    x, w = autocast_copies(x, weight)
     return _RowParallelGEMM.apply(x, w, (weight,))
 
 
@@ -168,7 +168,7 @@ def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequen
     weights = tuple(weights)
     biases = tuple(biases) if biases is not None else (None,) * len(weights)
     sp = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-    x, *copies = _autocast_copies(x, *weights, *biases)
+    x, *copies = autocast_copies(x, *weights, *biases)
     return _ColumnParallelLinears.apply(x, sp, len(weights), weights, *copies)  # weights: the leaves behind copies
 
 
@@ -185,7 +185,7 @@ def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
                 for layer in layers]
     weights = [layer.weight if a is None else layer.base_weight for layer, a in zip(layers, adapters)]
     if any(a is not None for a in adapters):  # one autocast copy of x for the GEMMs and every adapter
-        (x,) = _autocast_copies(x)
+        (x,) = autocast_copies(x)
     outs = column_parallel_linear_forward(x, weights, [layer.bias for layer in layers], sp)
     return tuple(y if a is None else y + a(x).to(y.dtype) for y, a in zip(outs, adapters))
 

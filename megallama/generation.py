@@ -1,0 +1,146 @@
+"""Sampling from a trained model: prefill the prompt once, then decode a token a step with a KV cache.
+
+Greedy (``temperature=0``), or temperature / top-k / top-p sampling with HF's semantics (top-p keeps the smallest
+set of most likely tokens whose probability reaches ``top_p``). Under tensor parallelism every rank computes its
+vocab shard of the last position's logits, the shards are all-gathered, and tensor-parallel rank 0's choice is
+broadcast, so the ranks feed the same token next even where sampling would tie-break differently. Pipeline and
+context parallelism and sequence parallelism are training layouts: generation runs with them off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
+from megallama.model.kv_cache import KVCache
+from megallama.mpu import mappings
+from megallama.mpu import parallel_state as ps
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 1234
+    stop_ids: Sequence[int] = ()
+
+    def validate(self) -> "SamplingConfig":
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature {self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k {self.top_k} must be >= 0 (0 turns it off)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1] (1 turns it off)")
+        return self
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[b, V] logits with the tokens outside top-k / the top-p nucleus set to -inf (at least one token kept)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None
+                ) -> torch.Tensor:
+    """[b, V] fp32 logits -> [b] token ids."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _check_layout(model) -> None:
+    if ps.model_parallel_is_initialized():
+        if ps.get_pipeline_model_parallel_world_size() > 1 or ps.get_context_parallel_world_size() > 1:
+            raise ConfigError("generation runs with tensor parallelism only; launch it with pipeline and context "
+                              "parallel sizes 1")
+    if not (model.pre_process and model.post_process):
+        raise ConfigError("generation needs the whole model on each rank (no pipeline stages)")
+    if model.sequence_parallel:
+        raise ConfigError("generation runs without --sequence-parallel; build the model without it")
+
+
+def _last_logits(model, h: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """The last position's logits over the whole vocabulary, fp32; padding entries beyond ``vocab_size`` -inf."""
+    logits = model.compute_logits(h[:, -1:])
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        logits = mappings.gather_from_tensor_model_parallel_region(logits)
+    logits = logits[:, 0].float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab_size: Optional[int] = None,
+             return_logits: bool = False):
+    """New tokens for each prompt (a list of token ids each), cut at the first stop id (kept out). Prompts of one
+    length run as one batch, others one after another (no padding, so no attention mask beyond causality).
+    ``vocab_size``: the tokenizer's, when the embedding is padded past it. With ``return_logits`` also each step's
+    last-position logits [b, V] (tests)."""
+    cfg.validate()
+    _check_layout(model)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    limit = model.config.max_position_embeddings
+    device = model.output_layer_weight().device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out: List[Optional[List[int]]] = [None] * len(prompts)
+    all_logits = []
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    was_training = model.training
+    model.eval()
+    try:
+        for length, idx in by_len.items():
+            total = length + cfg.max_new_tokens
+            if total > limit:
+                raise ConfigError(f"prompt ({length} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = {total} "
+                                  f"exceeds the model's context of {limit} tokens; ask for fewer new tokens")
+            tokens = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
+            new, steps = _decode(model, tokens, cfg, vocab_size, gen, KVCache(total))
+            all_logits.append(steps)
+            for row, i in enumerate(idx):
+                seq = new[row].tolist()
+                stops = [j for j, t in enumerate(seq) if t in set(cfg.stop_ids)]
+                out[i] = seq[:stops[0]] if stops else seq
+    finally:
+        model.train(was_training)
+    return (out, all_logits) if return_logits else out
+
+
+def _decode(model, tokens, cfg, vocab_size, gen, cache):
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    stop = torch.tensor(list(cfg.stop_ids), dtype=torch.long, device=tokens.device)
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    new, steps, step_input = [], [], tokens
+    for _ in range(cfg.max_new_tokens):
+        h = model.model(input_ids=step_input, kv_cache=cache)
+        logits = _last_logits(model, h, vocab_size)
+        steps.append(logits)
+        nxt = sample_next(logits, cfg, gen)
+        if tp_group is not None:  # every tp rank continues with rank 0's choice
+            dist.broadcast(nxt, ps.get_tensor_model_parallel_src_rank(), group=tp_group)
+        new.append(nxt)
+        if stop.numel():
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+        step_input = nxt[:, None]
+    return torch.stack(new, 1), steps

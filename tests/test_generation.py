@@ -1,0 +1,188 @@
+"""Generation: the KV-cached decode equals the full forward, greedy decoding equals HF ``generate``, top-k/top-p
+equal HF's warpers, tensor parallel 2 equals one process, and ``tools/generate.py`` samples from a checkpoint."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megallama.config import ModelConfig
+from megallama.errors import ConfigError
+from megallama.generation import SamplingConfig, filter_logits, generate
+from megallama.model import build_model
+from megallama.model.kv_cache import KVCache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GQA = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8, num_query_groups=2,
+                  vocab_size=300, max_position_embeddings=64, rope_theta=500000.0)
+
+
+def rel(x, ref):
+    return float((x - ref).norm() / ref.norm())
+
+
+def test_kv_cache_decode_matches_full_forward():
+    """Prefill, single tokens and a multi-token chunk after cached ones (the shifted causal mask)."""
+    model = build_model(GQA, seed=7).eval()
+    ids = torch.randint(0, GQA.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(13)
+    with torch.no_grad():
+        full = model(ids)
+        parts = [model.compute_logits(model.model(input_ids=ids[:, a:b], kv_cache=cache))
+                 for a, b in [(0, 5), (5, 6), (6, 10), (10, 11), (11, 13)]]
+    assert cache.offset == 13
+    assert rel(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_kv_cache_overflow_is_a_clear_error():
+    model = build_model(GQA, seed=7).eval()
+    with torch.no_grad(), pytest.raises(ConfigError, match="KV cache holds 4 tokens"):
+        model.model(input_ids=torch.zeros(1, 5, dtype=torch.long), kv_cache=KVCache(4))
+
+
+def _greedy_by_full_forward(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_equals_full_recompute_and_batches_by_length():
+    model = build_model(GQA, seed=7)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 6, 3)]
+    out = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0))
+    assert out == [_greedy_by_full_forward(model, p, 8) for p in prompts]
+    assert model.training  # generate restores the mode it found
+
+
+def test_stop_ids_and_vocab_padding():
+    model = build_model(GQA, seed=7)
+    prompt = [1, 2, 3]
+    free = generate(model, [prompt], SamplingConfig(max_new_tokens=8, temperature=0))[0]
+    stopped = generate(model, [prompt], SamplingConfig(max_new_tokens=8, temperature=0, stop_ids=(free[2],)))[0]
+    assert stopped == free[:free.index(free[2])]
+    # an embedding padded past the tokenizer: padding ids are never produced
+    out = generate(model, [prompt], SamplingConfig(max_new_tokens=20, temperature=5.0, seed=3), vocab_size=7)[0]
+    assert max(out) < 7
+
+
+def test_sampling_is_seeded_and_filters_apply():
+    model = build_model(GQA, seed=7)
+    cfg = dict(max_new_tokens=10, temperature=1.5, top_k=5, top_p=0.9)
+    a = generate(model, [[5, 6, 7]], SamplingConfig(seed=11, **cfg), return_logits=True)
+    b = generate(model, [[5, 6, 7]], SamplingConfig(seed=11, **cfg))
+    c = generate(model, [[5, 6, 7]], SamplingConfig(seed=12, **cfg))
+    assert a[0] == b and a[0] != c
+    for step_logits, tok in zip(a[1][0], a[0][0]):  # each sampled token is among that step's 5 most likely
+        assert tok in torch.topk(step_logits[0], 5).indices.tolist()
+
+
+def test_filter_logits_matches_hf_warpers():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for k, p in [(5, 1.0), (0, 0.8), (10, 0.5), (0, 0.05)]:
+        ref = logits.clone()
+        if k:
+            ref = transformers.TopKLogitsWarper(k)(None, ref)
+        if p < 1:
+            ref = transformers.TopPLogitsWarper(p)(None, ref)
+        assert torch.equal(torch.isinf(filter_logits(logits, k, p)), torch.isinf(ref)), (k, p)
+
+
+def test_greedy_matches_hf_generate():
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(REPO, "tests", "model"))
+    from test_hf_parity import to_hf_config
+    model = build_model(GQA, seed=7).eval()
+    hf = transformers.LlamaForCausalLM(to_hf_config(GQA)).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    prompt = torch.randint(0, GQA.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)[0, 9:].tolist()
+    assert generate(model, [prompt[0].tolist()], SamplingConfig(max_new_tokens=12, temperature=0))[0] == ref
+
+
+def test_bad_sampling_settings_are_config_errors():
+    model = build_model(GQA, seed=7)
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0)):
+        with pytest.raises(ConfigError):
+            generate(model, [[1, 2]], SamplingConfig(**bad))
+    with pytest.raises(ConfigError, match="exceeds the model's context of 64"):
+        generate(model, [[1] * 60], SamplingConfig(max_new_tokens=5))
+
+
+def _tp_generate(rank, world, prompts):
+    from megallama.mpu import parallel_state as ps
+    ps.initialize_model_parallel(tensor_model_parallel_size=world)
+    model = build_model(GQA, seed=7)  # layout-independent init: the shards of the single-process model
+    out, steps = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0), return_logits=True)
+    sampled = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5))
+    return out, [[s.tolist() for s in group] for group in steps], sampled
+
+
+def test_tensor_parallel_generation_matches_single_process():
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [5, 8]]
+    model = build_model(GQA, seed=7)
+    single, single_steps = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0),
+                                    return_logits=True)
+    single_sampled = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5))
+    res = run_distributed(_tp_generate, 2, prompts)
+    for rank in (0, 1):
+        out, steps, sampled = res[rank]
+        assert out == single and sampled == single_sampled
+        for group, ref_group in zip(steps, single_steps):
+            for s, ref in zip(group, ref_group):
+                assert rel(torch.tensor(s), ref) < 1e-5
+
+
+def test_generate_tool_samples_from_a_trained_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    train = [sys.executable, os.path.join(REPO, "pretrain_llama.py"), "--model", "tiny_llama3_50m", "--num-layers",
+             "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2",
+             "--train-iters", "2", "--no-progress-bar", "--device", "cpu", "--save", str(tmp_path / "ck"),
+             "--data-cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tool = [sys.executable, os.path.join(REPO, "tools", "generate.py"), "--load", str(tmp_path / "ck"), "--device",
+            "cpu"]
+    r = subprocess.run(tool + ["--prompt", "The module", "--prompt", "Return", "--max-new-tokens", "5", "--greedy"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("--- prompt:") == 2 and "iteration 2" in r.stdout, r.stdout
+    r = subprocess.run(tool + ["--chat", "--prompt", "Hi", "--max-new-tokens", "3"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a MoE run: the checkpoint's strategy is rebuilt before its weights load
+    r = subprocess.run(train[:-4] + ["--strategy", "moe", "--num-experts", "4", "--save", str(tmp_path / "moe")],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([tool[0], tool[1], "--load", str(tmp_path / "moe"), "--device", "cpu", "--prompt", "The",
+                        "--max-new-tokens", "3", "--greedy"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "--- prompt: The" in r.stdout, r.stderr[-2000:]
+    for bad, says in [(["--prompt", "x", "--top-p", "2"], "--top-p"), ([], "no prompt given")]:
+        r = subprocess.run(tool + bad, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and says in r.stderr, r.stderr
+    r = subprocess.run(tool[:3] + [str(tmp_path / "missing"), "--prompt", "x"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+
+
+@pytest.mark.gpu
+def test_kv_cache_decode_matches_full_forward_on_cuda_bf16():
+    """CUDA SDPA kernels with the cache: prefill (causal), a shifted-mask chunk and single tokens (no mask)."""
+    model = build_model(GQA, device="cuda", dtype=torch.bfloat16, seed=7).eval()
+    ids = torch.randint(0, GQA.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    cache = KVCache(40)
+    with torch.no_grad():
+        full = model(ids).float()
+        parts = [model.compute_logits(model.model(input_ids=ids[:, a:b], kv_cache=cache)).float()
+                 for a, b in [(0, 17), (17, 18), (18, 30), (30, 31), (31, 40)]]
+    assert rel(torch.cat(parts, 1), full) < 2e-2  # bf16: the kernels differ between the two paths
+    out = generate(model, [ids[0].tolist()], SamplingConfig(max_new_tokens=8, temperature=0))[0]
+    assert len(out) == 8
