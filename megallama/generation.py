@@ -1,7 +1,9 @@
 """Sampling from a trained model: prefill the prompt once, then decode a token a step with a KV cache.
 
 Greedy (``temperature=0``), or temperature / top-k / top-p sampling with HF's semantics (top-p keeps the smallest
-set of most likely tokens whose probability reaches ``top_p``). Under tensor parallelism every rank computes its
+set of most likely tokens whose probability reaches ``top_p``). On one GPU a decode step is captured once as a CUDA
+graph over a fixed-size cache (``StaticKVCache``) and replayed for every token: at small batch a step is otherwise
+bound by launching a few hundred small kernels from Python. Under tensor parallelism every rank computes its
 vocab shard of the last position's logits, the shards are all-gathered, and tensor-parallel rank 0's choice is
 broadcast, so the ranks feed the same token next even where sampling would tie-break differently. Pipeline and
 context parallelism and sequence parallelism are training layouts: generation runs with them off.
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
-from megallama.model.kv_cache import KVCache
+from megallama.model.kv_cache import KVCache, StaticKVCache
 from megallama.mpu import mappings
 from megallama.mpu import parallel_state as ps
 
@@ -86,19 +88,39 @@ def _last_logits(model, h: torch.Tensor, vocab_size: Optional[int]) -> torch.Ten
     return logits
 
 
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
+def _resolve_mode(model, mode: str, device: torch.device) -> str:
+    """auto: a CUDA graph on one GPU for a dense model (MoE dispatch may size its groups on the host), else
+    eager."""
+    if mode not in DECODE_MODES:
+        raise ConfigError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}")
+    if mode != "auto":
+        if mode == "graph" and device.type != "cuda":
+            raise ConfigError("CUDA-graph decoding needs a CUDA device; use decode mode eager or static")
+        return mode
+    from megallama.model.moe import MoELayer
+    dense = not any(isinstance(m, MoELayer) for m in model.modules())
+    return "graph" if device.type == "cuda" and ps.get_tensor_model_parallel_world_size() == 1 and dense \
+        else "eager"
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab_size: Optional[int] = None,
-             return_logits: bool = False):
+             return_logits: bool = False, decode_mode: str = "auto"):
     """New tokens for each prompt (a list of token ids each), cut at the first stop id (kept out). Prompts of one
     length run as one batch, others one after another (no padding, so no attention mask beyond causality).
     ``vocab_size``: the tokenizer's, when the embedding is padded past it. With ``return_logits`` also each step's
-    last-position logits [b, V] (tests)."""
+    last-position logits [b, V] (tests). ``decode_mode``: eager (``KVCache``), static (``StaticKVCache``, no
+    graph), graph (static + one CUDA graph per batch) or auto (graph where it applies)."""
     cfg.validate()
     _check_layout(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     limit = model.config.max_position_embeddings
     device = model.output_layer_weight().device
+    mode = _resolve_mode(model, decode_mode, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out: List[Optional[List[int]]] = [None] * len(prompts)
     all_logits = []
@@ -114,25 +136,56 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab
                 raise ConfigError(f"prompt ({length} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = {total} "
                                   f"exceeds the model's context of {limit} tokens; ask for fewer new tokens")
             tokens = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
-            new, steps = _decode(model, tokens, cfg, vocab_size, gen, KVCache(total))
+            cache = KVCache(total) if mode == "eager" else StaticKVCache(total, device)
+            new, steps = _decode(model, tokens, cfg, vocab_size, gen, cache, mode == "graph")
             all_logits.append(steps)
+            stop_ids = set(cfg.stop_ids)
             for row, i in enumerate(idx):
                 seq = new[row].tolist()
-                stops = [j for j, t in enumerate(seq) if t in set(cfg.stop_ids)]
-                out[i] = seq[:stops[0]] if stops else seq
+                out[i] = seq[:next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))]
     finally:
         model.train(was_training)
     return (out, all_logits) if return_logits else out
 
 
-def _decode(model, tokens, cfg, vocab_size, gen, cache):
+class _GraphedStep:
+    """One decode step (token [b, 1] -> last logits) captured as a CUDA graph over a ``StaticKVCache``; a replay
+    writes the token's K/V at the cache's device position and advances it."""
+
+    def __init__(self, model, cache: StaticKVCache, batch: int, vocab_size: Optional[int]):
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=cache.pos.device)
+        step = lambda: _last_logits(model, model.model(input_ids=self.token, kv_cache=cache), vocab_size)  # noqa
+        pos, offset = cache.pos.clone(), cache.offset
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (lazy inits, cuBLAS workspaces) off the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        cache.pos.copy_(pos)  # the warm-ups wrote at ``pos`` and moved it; the real steps overwrite and redo that
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+        cache.offset = offset
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+def _decode(model, tokens, cfg, vocab_size, gen, cache, use_graph: bool = False):
     tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
     stop = torch.tensor(list(cfg.stop_ids), dtype=torch.long, device=tokens.device)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    new, steps, step_input = [], [], tokens
-    for _ in range(cfg.max_new_tokens):
-        h = model.model(input_ids=step_input, kv_cache=cache)
-        logits = _last_logits(model, h, vocab_size)
+    new, steps, step_input, graphed = [], [], tokens, None
+    for i in range(cfg.max_new_tokens):
+        if graphed is not None:
+            logits = graphed(step_input)
+        else:
+            logits = _last_logits(model, model.model(input_ids=step_input, kv_cache=cache), vocab_size)
+            if use_graph and i + 1 < cfg.max_new_tokens:  # after the prefill: capture the one-token step
+                graphed = _GraphedStep(model, cache, tokens.shape[0], vocab_size)
         steps.append(logits)
         nxt = sample_next(logits, cfg, gen)
         if tp_group is not None:  # every tp rank continues with rank 0's choice

@@ -12,7 +12,7 @@ from megallama.config import ModelConfig
 from megallama.errors import ConfigError
 from megallama.generation import SamplingConfig, filter_logits, generate
 from megallama.model import build_model
-from megallama.model.kv_cache import KVCache
+from megallama.model.kv_cache import KVCache, StaticKVCache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GQA = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=8, num_query_groups=2,
@@ -23,11 +23,13 @@ def rel(x, ref):
     return float((x - ref).norm() / ref.norm())
 
 
-def test_kv_cache_decode_matches_full_forward():
-    """Prefill, single tokens and a multi-token chunk after cached ones (the shifted causal mask)."""
+@pytest.mark.parametrize("static", [False, True], ids=["kv_cache", "static_kv_cache"])
+def test_kv_cache_decode_matches_full_forward(static):
+    """Prefill, single tokens and a multi-token chunk after cached ones (the shifted causal mask); the static cache
+    (fixed shapes, device position, for CUDA graphs) attends over its whole buffer under a mask instead."""
     model = build_model(GQA, seed=7).eval()
     ids = torch.randint(0, GQA.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(13)
+    cache = StaticKVCache(16, "cpu") if static else KVCache(13)
     with torch.no_grad():
         full = model(ids)
         parts = [model.compute_logits(model.model(input_ids=ids[:, a:b], kv_cache=cache))
@@ -56,6 +58,7 @@ def test_greedy_equals_full_recompute_and_batches_by_length():
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 6, 3)]
     out = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0))
     assert out == [_greedy_by_full_forward(model, p, 8) for p in prompts]
+    assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0), decode_mode="static") == out
     assert model.training  # generate restores the mode it found
 
 
@@ -184,5 +187,11 @@ def test_kv_cache_decode_matches_full_forward_on_cuda_bf16():
         parts = [model.compute_logits(model.model(input_ids=ids[:, a:b], kv_cache=cache)).float()
                  for a, b in [(0, 17), (17, 18), (18, 30), (30, 31), (31, 40)]]
     assert rel(torch.cat(parts, 1), full) < 2e-2  # bf16: the kernels differ between the two paths
-    out = generate(model, [ids[0].tolist()], SamplingConfig(max_new_tokens=8, temperature=0))[0]
-    assert len(out) == 8
+    # The CUDA graph replays the static cache's kernels: the same logits, bit for bit, and the same tokens
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    prompts = [ids[0, :9].tolist(), ids[1, :9].tolist()]
+    static, static_logits = generate(model, prompts, cfg, return_logits=True, decode_mode="static")
+    graph, graph_logits = generate(model, prompts, cfg, return_logits=True, decode_mode="graph")
+    assert graph == static and len(graph[0]) == 12
+    for a, b in zip(graph_logits[0], static_logits[0]):
+        assert torch.equal(a, b)

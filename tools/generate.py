@@ -39,6 +39,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--tokenizer-type", default=None, help="override the checkpoint's")
     p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's")
+    p.add_argument("--decode-mode", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="auto: one CUDA graph per batch on one GPU (dense models), else eager")
     p.add_argument("--no-fused-kernels", action="store_true")
     return p
 
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
             first = {"bos": [tokenizer.bos_id], "eod": [tokenizer.eod], "none": []}[prefix]
             ids = [[t for t in first if t is not None] + tokenizer.encode(p) for p in prompts]
         cfg.stop_ids = tuple(sorted(set(stop)))
-        outs = generate(model, ids, cfg, vocab_size=tokenizer.vocab_size)
+        outs = generate(model, ids, cfg, vocab_size=tokenizer.vocab_size, decode_mode=opts.decode_mode)
         for p, new in zip(prompts, outs):
             print_rank_0(f"--- prompt: {p}\n{tokenizer.decode(new)}")
     return run_script(body)

@@ -17,13 +17,15 @@ from megallama.ops import apply_rope_qk
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
 
 
-def core_attention(q, k, v, causal: bool = True, document_ids=None, kv_offset: int = 0):
+def core_attention(q, k, v, causal: bool = True, document_ids=None, kv_offset: int = 0, mask=None):
     """q: [b, s, nq, d], k/v: [b, s_kv, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
     token attends only to earlier tokens of its own document. ``kv_offset`` (decoding with a KV cache): the
-    queries are positions [kv_offset, kv_offset + s) of the s_kv = kv_offset + s keys."""
+    queries are positions [kv_offset, kv_offset + s) of the s_kv = kv_offset + s keys. ``mask`` [s, s_kv] bool
+    (True = attend) replaces causality (a fixed-size cache masks the positions not written yet)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    mask = None
-    if document_ids is not None:
+    if mask is not None:
+        causal = False
+    elif document_ids is not None:
         same = document_ids[:, :, None] == document_ids[:, None, :]
         mask = (same & torch.ones_like(same[0]).tril())[:, None]
         if k.shape[1] != q.shape[1]:
@@ -70,9 +72,7 @@ class LlamaAttention(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both
         if kv_cache is not None:
-            offset = kv_cache.offset
-            k, v = kv_cache.update(self.layer_number, k, v)
-            out = core_attention(q, k, v, kv_offset=offset)
+            out = kv_cache.attention(self.layer_number, q, k, v)
         elif ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
             from megallama.model.context_parallel import context_parallel_attention
             out = context_parallel_attention(q, k, v, document_ids=document_ids)

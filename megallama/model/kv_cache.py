@@ -1,9 +1,13 @@
-"""Key/value cache for autoregressive decoding.
+"""Key/value caches for autoregressive decoding.
 
 Each layer's K and V (after RoPE, this rank's tensor-parallel shard of the KV heads) of every token seen so far,
-kept in buffers sized for the whole generation, so a decode step runs the model on its new token alone and attends
-to the cached prefix: O(prefix) work a token instead of re-running the prefix. Buffers are made at a layer's first
-``update``, with the shape and dtype of its K/V, so the cache needs no knowledge of the layout or the precision.
+so a decode step runs the model on its new token alone and attends to the cached prefix instead of re-running it.
+Buffers are made at a layer's first write, with the shape and dtype of its K/V, so a cache needs no knowledge of
+the layout or the precision. The attention layer hands its q/k/v to ``cache.attention``.
+
+``KVCache`` keeps the position on the host and attends to the written prefix only. ``StaticKVCache`` keeps every
+shape fixed (the position is a device tensor, attention spans the whole buffer under a mask of the positions
+written), which is what lets ``megallama.generation`` capture a decode step once as a CUDA graph and replay it.
 """
 from __future__ import annotations
 
@@ -21,20 +25,52 @@ class KVCache:
         self._k: Dict[int, torch.Tensor] = {}
         self._v: Dict[int, torch.Tensor] = {}
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` [b, s, kv heads, d] at positions [offset, offset + s); return the layer's K/V for
-        [0, offset + s). ``advance`` moves the offset once every layer has run."""
+    def _buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._k:  # zeros: masked-out positions must not hold NaN bit patterns (0 * NaN = NaN)
+            shape = (k.shape[0], self.max_length) + tuple(k.shape[2:])
+            self._k[layer], self._v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        return self._k[layer], self._v[layer]
+
+    def positions(self, num_tokens: int, device) -> torch.Tensor:
+        """Positions of the next ``num_tokens`` tokens (for RoPE)."""
+        return torch.arange(self.offset, self.offset + num_tokens, device=device)
+
+    def attention(self, layer: int, q, k, v) -> torch.Tensor:
+        """Store ``k``/``v`` [b, s, kv heads, d] at [offset, offset + s) and attend ``q`` to [0, offset + s)."""
+        from megallama.model.attention import core_attention
         end = self.offset + k.shape[1]
         if end > self.max_length:
             raise ConfigError(f"the KV cache holds {self.max_length} tokens and this step needs {end}; make the "
                               "cache longer (prompt + new tokens)")
-        if layer not in self._k:
-            shape = (k.shape[0], self.max_length) + tuple(k.shape[2:])
-            self._k[layer] = k.new_empty(shape)
-            self._v[layer] = v.new_empty(shape)
-        self._k[layer][:, self.offset:end] = k
-        self._v[layer][:, self.offset:end] = v
-        return self._k[layer][:, :end], self._v[layer][:, :end]
+        kb, vb = self._buffers(layer, k, v)
+        kb[:, self.offset:end] = k
+        vb[:, self.offset:end] = v
+        return core_attention(q, kb[:, :end], vb[:, :end], kv_offset=self.offset)
 
     def advance(self, num_tokens: int) -> None:
+        """Called by the model once every layer has run."""
         self.offset += num_tokens
+
+
+class StaticKVCache(KVCache):
+    """Fixed shapes for CUDA graphs: ``pos`` is a device scalar and advances on the device."""
+
+    def __init__(self, max_length: int, device):
+        super().__init__(max_length)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+
+    def positions(self, num_tokens: int, device) -> torch.Tensor:
+        return self.pos + torch.arange(num_tokens, device=device)
+
+    def attention(self, layer: int, q, k, v) -> torch.Tensor:
+        from megallama.model.attention import core_attention
+        kb, vb = self._buffers(layer, k, v)
+        idx = self.positions(k.shape[1], k.device)
+        kb.index_copy_(1, idx, k)
+        vb.index_copy_(1, idx, v)
+        mask = torch.arange(self.max_length, device=q.device)[None, :] <= idx[:, None]
+        return core_attention(q, kb, vb, mask=mask)
+
+    def advance(self, num_tokens: int) -> None:
+        self.offset += num_tokens  # host bookkeeping; inside a replayed graph only ``pos`` moves
+        self.pos.add_(num_tokens)

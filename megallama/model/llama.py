@@ -106,7 +106,7 @@ class LlamaModel(nn.Module):
         seq = input_ids.shape[1] if input_ids is not None else h.shape[1] * (
             ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
         if position_ids is None and kv_cache is not None:
-            position_ids = torch.arange(kv_cache.offset, kv_cache.offset + seq, device=h.device)
+            position_ids = kv_cache.positions(seq, h.device)
         elif position_ids is None:
             position_ids = torch.arange(seq, device=h.device)
             if ps.get_context_parallel_world_size() > 1:  # this rank's zig-zag chunks of the whole sequence
