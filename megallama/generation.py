@@ -1,9 +1,9 @@
 """Sampling from a trained model: prefill the prompt once, then decode a token a step with a KV cache.
 
 Greedy (``temperature=0``), or temperature / top-k / top-p sampling with HF's semantics (top-p keeps the smallest
-set of most likely tokens whose probability reaches ``top_p``). On one GPU a decode step is captured once as a CUDA
-graph over a fixed-size cache (``StaticKVCache``) and replayed for every token: at small batch a step is otherwise
-bound by launching a few hundred small kernels from Python. Under tensor parallelism every rank computes its
+set of most likely tokens whose probability reaches ``top_p``). On GPUs a decode step is captured once as a CUDA
+graph over a fixed-size cache (``StaticKVCache``; tensor parallel: with its NCCL collectives) and replayed for every
+token: at small batch a step is otherwise bound by launching a few hundred small kernels from Python. Under tensor parallelism every rank computes its
 vocab shard of the last position's logits, the shards are all-gathered, and tensor-parallel rank 0's choice is
 broadcast, so the ranks feed the same token next even where sampling would tie-break differently. Pipeline and
 context parallelism and sequence parallelism are training layouts: generation runs with them off.
@@ -92,8 +92,8 @@ DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 def _resolve_mode(model, mode: str, device: torch.device) -> str:
-    """auto: a CUDA graph on one GPU for a dense model (MoE dispatch may size its groups on the host), else
-    eager."""
+    """auto: a CUDA graph for a dense model on GPUs (tensor parallel too: NCCL collectives are captured), else
+    eager (MoE dispatch may size its groups on the host)."""
     if mode not in DECODE_MODES:
         raise ConfigError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}")
     if mode != "auto":
@@ -102,8 +102,9 @@ def _resolve_mode(model, mode: str, device: torch.device) -> str:
         return mode
     from megallama.model.moe import MoELayer
     dense = not any(isinstance(m, MoELayer) for m in model.modules())
-    return "graph" if device.type == "cuda" and ps.get_tensor_model_parallel_world_size() == 1 and dense \
-        else "eager"
+    tp_nccl = ps.get_tensor_model_parallel_world_size() == 1 or \
+        dist.get_backend(ps.get_tensor_model_parallel_group()) == "nccl"
+    return "graph" if device.type == "cuda" and dense and tp_nccl else "eager"
 
 
 @torch.no_grad()

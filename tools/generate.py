@@ -40,7 +40,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default=None, help="override the checkpoint's")
     p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's")
     p.add_argument("--decode-mode", choices=["auto", "eager", "static", "graph"], default="auto",
-                   help="auto: one CUDA graph per batch on one GPU (dense models), else eager")
+                   help="auto: one CUDA graph per batch on GPUs (dense models), else eager")
     p.add_argument("--no-fused-kernels", action="store_true")
     return p
 
