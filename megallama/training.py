@@ -160,7 +160,7 @@ def pretrain(args, datasets=None) -> dict:
             skipped_in_row = 0
         history[step] = loss
         if grad_norm is not None:
-            grad_norms[step] = grad_norm  # converted at the end: no extra device sync per step
+            grad_norms[step] = float(grad_norm)  # a host float already (the clip needs it)
         if getattr(args, "loss_log", None) and is_rank_0():  # exact values, for comparing runs bit for bit
             with open(args.loss_log, "a") as f:
                 f.write(f"{step} {loss!r}\n")
@@ -215,8 +215,8 @@ def pretrain(args, datasets=None) -> dict:
         save_adapter(args.save_adapter, model_chunks, args)
         print_rank_0(f"saved LoRA adapters to {args.save_adapter}")
     logger.close()
-    return {"losses": history, "grad_norms": {k: float(v) for k, v in grad_norms.items()}, "iteration_time": times,
-            "iteration": end_iter, "consumed_samples": consumed,
+    return {"losses": history, "grad_norms": grad_norms, "iteration_time": times, "iteration": end_iter,
+            "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "num_params": sum(p.numel() for m in model_chunks for p in m.parameters())}

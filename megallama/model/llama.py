@@ -101,7 +101,7 @@ class LlamaModel(nn.Module):
         return h
 
     def forward(self, input_ids=None, hidden_states=None, position_ids=None, document_ids=None, kv_cache=None):
-        """``kv_cache`` (``KVCache``): the tokens continue the cached ones, at positions from ``kv_cache.offset``."""
+        """``kv_cache`` (``KVCache``): the tokens continue the cached ones, at the cache's next positions."""
         h = self.embed_tokens(input_ids) if self.pre_process else hidden_states
         seq = input_ids.shape[1] if input_ids is not None else h.shape[1] * (
             ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
