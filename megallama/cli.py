@@ -1,4 +1,5 @@
-"""``python -m megallama.cli train | estimate-memory | benchmark | validate-env`` (console script ``megallama``).
+"""``python -m megallama.cli train | generate | estimate-memory | benchmark | validate-env`` (console script
+``megallama``).
 
 ``train`` takes ``pretrain_llama.py``'s flags and the seed's aliases (--model --gpus --nodes --strategy --lora-rank
 --zero-stage --activation-checkpointing --gradient-compression --mixed-precision --tensor-parallel
@@ -16,9 +17,10 @@ from typing import List, Optional, Sequence
 
 from megallama.errors import ConfigError
 
-USAGE = """usage: python -m megallama.cli {train,estimate-memory,benchmark,validate-env} [flags]
+USAGE = """usage: python -m megallama.cli {train,generate,estimate-memory,benchmark,validate-env} [flags]
 
   train            train (pretrain_llama.py flags + the seed's aliases; --dry-run to only resolve and estimate)
+  generate         sample text from a checkpoint (--load DIR --prompt TEXT; torchrun for tensor parallel)
   estimate-memory  per-GPU memory of a model and layout (--json, --auto-configure)
   benchmark        tok/s, MFU, peak memory for --batch-sizes (real training steps)
   validate-env     torch / CUDA / NCCL / kernels / disk checks
@@ -119,7 +121,8 @@ def validate_env(argv: List[str]) -> int:
     return 1 if report["errors"] else 0
 
 
-COMMANDS = {"train": train, "estimate-memory": None, "benchmark": benchmark, "validate-env": validate_env}
+COMMANDS = {"train": train, "generate": None, "estimate-memory": None, "benchmark": benchmark,
+            "validate-env": validate_env}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,6 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cmd == "estimate-memory":
         from megallama.memory_cli import main as estimate_main
         return estimate_main(rest)
+    if cmd == "generate":
+        from megallama.generation_cli import main as generate_main
+        return generate_main(rest)
     try:
         return COMMANDS[cmd](rest)
     except ConfigError as e:

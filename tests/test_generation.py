@@ -165,8 +165,9 @@ def test_generate_tool_samples_from_a_trained_checkpoint(tmp_path):
     r = subprocess.run(train[:-4] + ["--strategy", "moe", "--num-experts", "4", "--save", str(tmp_path / "moe")],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([tool[0], tool[1], "--load", str(tmp_path / "moe"), "--device", "cpu", "--prompt", "The",
-                        "--max-new-tokens", "3", "--greedy"], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "megallama.cli", "generate", "--load", str(tmp_path / "moe"),
+                        "--device", "cpu", "--prompt", "The", "--max-new-tokens", "3", "--greedy"],
+                       capture_output=True, text=True, env=env, timeout=600)  # the CLI's command, same code
     assert r.returncode == 0 and "--- prompt: The" in r.stdout, r.stderr[-2000:]
     for bad, says in [(["--prompt", "x", "--top-p", "2"], "--top-p"), ([], "no prompt given")]:
         r = subprocess.run(tool + bad, capture_output=True, text=True, env=env, timeout=600)

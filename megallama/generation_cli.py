@@ -1,0 +1,126 @@
+"""``megallama generate`` / ``tools/generate.py``: sample text from a checkpoint; the model, tokenizer and
+strategy (LoRA, MoE) are read from the checkpoint.
+
+    python tools/generate.py --load checkpoints/tiny --prompt "The module" --max-new-tokens 40
+    python tools/generate.py --load runs/sft --chat --prompt "How do I open a file?" --greedy
+    torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
+
+Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
+hf-to-megallama``, with ``--tokenizer-type hf --tokenizer-model <dir>``). The ranks of a torchrun launch split the
+model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps each prompt as a user turn of the Llama 3
+chat template and stops at the end of the assistant's turn.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megallama generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="checkpoint directory (a run's --save directory or one iter_*)")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompt-file", help="one prompt a line")
+    p.add_argument("--chat", action="store_true", help="Llama 3 chat template: the prompt is the user's turn")
+    p.add_argument("--prompt-prefix", choices=["auto", "bos", "eod", "none"], default="auto",
+                   help="token before a plain prompt. auto: bos for a converted HF model; eod for a megallama run "
+                        "(its pretraining documents follow an eod and have no bos)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax (the same as --temperature 0)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--tokenizer-type", default=None, help="override the checkpoint's")
+    p.add_argument("--tokenizer-model", default=None, help="override the checkpoint's")
+    p.add_argument("--decode-mode", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="auto: one CUDA graph per batch on GPUs (dense models), else eager")
+    p.add_argument("--no-fused-kernels", action="store_true")
+    return p
+
+
+def run_args(opts, saved: dict, world: int):
+    """The training arguments the checkpoint was saved with, on defaults, re-laid out for generation."""
+    import torch
+    from megallama.arguments import build_parser
+    from megallama.config import ModelConfig
+    args = build_parser().parse_args([])
+    known = vars(args).keys()
+    for k, v in saved.items():
+        if k in known and k != "model_config":
+            setattr(args, k, v)
+    args.model_config = ModelConfig.from_dict(saved["model_config"])
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = opts.dtype if opts.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    for k in ("tokenizer_type", "tokenizer_model"):
+        if getattr(opts, k) is not None:
+            setattr(args, k, getattr(opts, k))
+    args.__dict__.update(
+        world_size=world, tensor_model_parallel_size=world, pipeline_model_parallel_size=1, context_parallel_size=1,
+        expert_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
+        compile=False, recompute_granularity=None, pretrained_checkpoint=None, moe_upcycle=False, dry_run=False,
+        device=device, bf16=dtype == "bf16", fp16=dtype == "fp16", params_dtype=dtype, seed=opts.seed,
+        no_fused_kernels=opts.no_fused_kernels, distributed_backend=None)
+    return args
+
+
+def main(argv=None) -> int:
+    from megallama.initialize import run_script
+    opts = build_arg_parser().parse_args(argv)
+
+    def body():
+        from megallama.checkpointing import load_checkpoint
+        from megallama.checkpointing.full import open_checkpoint
+        from megallama.data.sft_dataset import ChatTemplate
+        from megallama.errors import ConfigError
+        from megallama.generation import SamplingConfig, generate
+        from megallama.initialize import initialize_megatron, print_rank_0
+        from megallama.training_setup import build_model_chunks, build_tokenizer_from_args
+
+        prompts = list(opts.prompt)
+        if opts.prompt_file:
+            try:
+                with open(opts.prompt_file, encoding="utf-8") as f:
+                    prompts += [line.rstrip("\n") for line in f if line.strip()]
+            except OSError as e:
+                raise ConfigError(f"--prompt-file {opts.prompt_file} cannot be read ({e.strerror}); check the path")
+        if not prompts:
+            raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
+        cfg = SamplingConfig(opts.max_new_tokens, 0.0 if opts.greedy else opts.temperature, opts.top_k, opts.top_p,
+                             opts.seed).validate()  # before anything is loaded
+        ckpt, common, reader = open_checkpoint(opts.load, verify=False)
+        reader.close()
+        if "model_config" not in common.get("args", {}):
+            raise ConfigError(f"checkpoint {ckpt} records no model configuration; it was not written by megallama")
+        args = run_args(opts, common["args"], int(os.environ.get("WORLD_SIZE", "1")))
+        device = initialize_megatron(args)
+        tokenizer = build_tokenizer_from_args(args)
+        if tokenizer.vocab_size > args.model_config.vocab_size:
+            raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but the model only "
+                              f"{args.model_config.vocab_size}; pass the tokenizer it was trained with "
+                              "(--tokenizer-type/--tokenizer-model)")
+        model = build_model_chunks(args, device)[0]
+        load_checkpoint(ckpt, [model], None, args, finetune=True, quiet=True)
+        n = sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size  # approximate under tp
+        print_rank_0(f"loaded {ckpt} (iteration {common.get('iteration', 0)}): {n:,} parameters, tokenizer "
+                     f"{tokenizer.name}, tensor parallel {args.tensor_model_parallel_size}")
+        stop = [tokenizer.eos_id]
+        if opts.chat:
+            template = ChatTemplate(tokenizer)
+            ids = [template.encode_dialog([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+                   for p in prompts]
+            stop.append(template.eot)
+        else:
+            prefix = opts.prompt_prefix
+            if prefix == "auto":
+                prefix = "bos" if common["args"].get("converted_from") else "eod"
+            first = {"bos": [tokenizer.bos_id], "eod": [tokenizer.eod], "none": []}[prefix]
+            ids = [[t for t in first if t is not None] + tokenizer.encode(p) for p in prompts]
+        cfg.stop_ids = tuple(sorted(set(stop)))
+        outs = generate(model, ids, cfg, vocab_size=tokenizer.vocab_size, decode_mode=opts.decode_mode)
+        for p, new in zip(prompts, outs):
+            print_rank_0(f"--- prompt: {p}\n{tokenizer.decode(new)}")
+    return run_script(body)
