@@ -4,6 +4,7 @@
 # For a real model: --model llama3_8b_instruct --pretrained-checkpoint <megallama checkpoint or HF folder>
 #   --data-path chats.jsonl --bf16, launched with torchrun (add --tensor-model-parallel-size etc. as for pretraining).
 # DRY_RUN=1 resolves the fine-tuning step's flags and prints its memory estimate (as for one GPU); nothing trains.
+# Then chat with the result: python tools/generate.py --load checkpoints/tiny_lora --chat --prompt "How do I ...?"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=(--model tiny_llama3_50m --num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8
