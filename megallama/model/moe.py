@@ -152,7 +152,11 @@ class MoEStats:
         "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded."""
         if not self.sums:
             return {}
-        rows = {l: self.sums[l].cpu() for l in sorted(self.sums)}  # the one host copy
+        layers = sorted(self.sums)
+        if len({self.sums[l].numel() for l in layers}) == 1:  # one host copy for every layer
+            rows = dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu()))
+        else:  # layers with different expert counts
+            rows = {l: self.sums[l].cpu() for l in layers}
         tokens = {l: r[:-3] for l, r in rows.items()}
         out = {"aux_loss": sum(float(r[-3] / r[-1]) for r in rows.values()) / len(rows),
                "z_loss": sum(float(r[-2] / r[-1]) for r in rows.values()) / len(rows),
@@ -273,7 +277,8 @@ class MoELayer(nn.Module):
         E, k = self.num_experts, self.topk
         counts = expert_counts(top_i, E).to(torch.float32)
         lse2 = torch.logsumexp(logits, dim=-1).square().sum()
-        stats = torch.cat([counts, probs.detach().sum(0), logits.new_tensor([logits.shape[0]]), lse2.detach()[None]])
+        n = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)  # a fill: no host copy,
+        stats = torch.cat([counts, probs.detach().sum(0), n, lse2.detach()[None]])  # which would sync the GPU
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         if dist.is_initialized():
             if dp > 1:
