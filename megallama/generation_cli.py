@@ -6,7 +6,7 @@ strategy (LoRA, MoE) are read from the checkpoint.
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
 
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
-hf-to-megallama``, with ``--tokenizer-type hf --tokenizer-model <dir>``). The ranks of a torchrun launch split the
+hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The ranks of a torchrun launch split the
 model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps each prompt as a user turn of the Llama 3
 chat template and stops at the end of the assistant's turn.
 """
@@ -58,6 +58,13 @@ def run_args(opts, saved: dict, world: int):
     for k in ("tokenizer_type", "tokenizer_model"):
         if getattr(opts, k) is not None:
             setattr(args, k, getattr(opts, k))
+    hf_dir = saved.get("converted_from")
+    if hf_dir and args.tokenizer_type is None and args.tokenizer_model is None:  # an HF model: its own tokenizer
+        if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+            from megallama.errors import ConfigError
+            raise ConfigError(f"this checkpoint was converted from {hf_dir}, which has no tokenizer.json; pass the "
+                              "model's tokenizer with --tokenizer-type/--tokenizer-model")
+        args.tokenizer_type, args.tokenizer_model = "hf", hf_dir
     args.__dict__.update(
         world_size=world, tensor_model_parallel_size=world, pipeline_model_parallel_size=1, context_parallel_size=1,
         expert_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
