@@ -6,9 +6,9 @@ strategy (LoRA, MoE) are read from the checkpoint.
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
 
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
-hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The ranks of a torchrun launch split the
-model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps each prompt as a user turn of the Llama 3
-chat template and stops at the end of the assistant's turn.
+hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The
+ranks of a torchrun launch split the model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps
+each prompt as a user turn of the Llama 3 chat template and stops at the end of the assistant's turn.
 """
 from __future__ import annotations
 
