@@ -4,6 +4,8 @@ The seed README's Python API is exported here lazily (importing ``megallama`` st
 ``quick_start``, ``create_*_orchestrator``, ``LlamaTrainingOrchestrator``, ``TrainingStrategy``, ``TrainingConfig``,
 ``ConfigurationFactory``, ``estimate_requirements``, ``validate_environment``, ``PerformanceBenchmark``,
 ``MicrobatchScheduler``, ``create_distributed_trainer``, ``create_llama_7b_parallel``. See ``megallama/api.py``.
+Sampling from a checkpoint: ``load_for_generation``, ``generate_text``, ``SamplingConfig``
+(``megallama/generation_cli.py``).
 """
 import importlib
 
@@ -16,6 +18,8 @@ _EXPORTS = {
     "TrainingStrategy": "megallama.strategies", "estimate_requirements": "megallama.memory",
     "validate_environment": "megallama.environment", "PerformanceBenchmark": "megallama.benchmarking",
     "MicrobatchScheduler": "megallama.pipeline.microbatch_scheduler", "choose_layout": "megallama.autoconfig",
+    "load_for_generation": "megallama.generation_cli", "generate_text": "megallama.generation_cli",
+    "SamplingConfig": "megallama.generation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,9 @@ strategy (LoRA, MoE) are read from the checkpoint.
     python tools/generate.py --load runs/sft --chat --prompt "How do I open a file?" --greedy
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
 
+From Python: ``loaded = load_for_generation("checkpoints/tiny")`` then ``generate_text(loaded, ["The module"],
+SamplingConfig(max_new_tokens=40))``.
+
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
 hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The
 ranks of a torchrun launch split the model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps
@@ -23,8 +26,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="one prompt a line")
     p.add_argument("--chat", action="store_true", help="Llama 3 chat template: the prompt is the user's turn")
     p.add_argument("--prompt-prefix", choices=["auto", "bos", "eod", "none"], default="auto",
-                   help="token before a plain prompt. auto: bos for a converted HF model; eod for a megallama run "
-                        "(its pretraining documents follow an eod and have no bos)")
+                   help="token before a plain prompt. auto: bos for a converted HF model; eod for a megallama run")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax (the same as --temperature 0)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -74,18 +76,73 @@ def run_args(opts, saved: dict, world: int):
     return args
 
 
+class LoadedModel:
+    """What ``load_for_generation`` returns: the model (this rank's tensor-parallel shard), its tokenizer, the
+    checkpoint directory and its saved arguments."""
+
+    def __init__(self, model, tokenizer, checkpoint: str, common: dict, args):
+        self.model, self.tokenizer, self.checkpoint, self.common, self.args = model, tokenizer, checkpoint, common, args
+
+
+def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_type=None, tokenizer_model=None,
+                        seed: int = 1234, no_fused_kernels: bool = False) -> LoadedModel:
+    """Rebuild a checkpoint's model (its strategy included) on this process group's ranks, tensor parallel over
+    all of them, and load its weights: ``load`` is a run's --save directory or one iter_* directory."""
+    from megallama.checkpointing import load_checkpoint
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.errors import ConfigError
+    from megallama.initialize import initialize_megatron
+    from megallama.training_setup import build_model_chunks, build_tokenizer_from_args
+    ckpt, common, reader = open_checkpoint(load, verify=False)
+    reader.close()
+    if "model_config" not in common.get("args", {}):
+        raise ConfigError(f"checkpoint {ckpt} records no model configuration; it was not written by megallama")
+    opts = argparse.Namespace(device=device, dtype=dtype, tokenizer_type=tokenizer_type,
+                              tokenizer_model=tokenizer_model, seed=seed, no_fused_kernels=no_fused_kernels)
+    args = run_args(opts, common["args"], int(os.environ.get("WORLD_SIZE", "1")))
+    dev = initialize_megatron(args)
+    tokenizer = build_tokenizer_from_args(args)
+    if tokenizer.vocab_size > args.model_config.vocab_size:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but the model only "
+                          f"{args.model_config.vocab_size}; pass the tokenizer it was trained with "
+                          "(--tokenizer-type/--tokenizer-model)")
+    model = build_model_chunks(args, dev)[0]
+    load_checkpoint(ckpt, [model], None, args, finetune=True, quiet=True)
+    return LoadedModel(model, tokenizer, ckpt, common, args)
+
+
+def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
+                  decode_mode: str = "auto"):
+    """Completions (strings) of ``prompts``. ``chat``: each prompt is a user turn of the Llama 3 chat template and
+    the answer stops at its end of turn. ``prompt_prefix`` (plain prompts): bos, eod, none, or auto (bos for a
+    converted HF model; eod for a megallama run, whose pretraining documents follow an eod and have no bos)."""
+    from megallama.data.sft_dataset import ChatTemplate
+    from megallama.generation import generate
+    tok = loaded.tokenizer
+    stop = [tok.eos_id]
+    if chat:
+        template = ChatTemplate(tok)
+        ids = [template.encode_dialog([{"role": "user", "content": p}], add_generation_prompt=True)[0]
+               for p in prompts]
+        stop.append(template.eot)
+    else:
+        if prompt_prefix == "auto":
+            prompt_prefix = "bos" if loaded.common["args"].get("converted_from") else "eod"
+        first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
+        ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
+    cfg.stop_ids = tuple(sorted(set(stop)))
+    outs = generate(loaded.model, ids, cfg, vocab_size=tok.vocab_size, decode_mode=decode_mode)
+    return [tok.decode(new) for new in outs]
+
+
 def main(argv=None) -> int:
     from megallama.initialize import run_script
     opts = build_arg_parser().parse_args(argv)
 
     def body():
-        from megallama.checkpointing import load_checkpoint
-        from megallama.checkpointing.full import open_checkpoint
-        from megallama.data.sft_dataset import ChatTemplate
         from megallama.errors import ConfigError
-        from megallama.generation import SamplingConfig, generate
-        from megallama.initialize import initialize_megatron, print_rank_0
-        from megallama.training_setup import build_model_chunks, build_tokenizer_from_args
+        from megallama.generation import SamplingConfig
+        from megallama.initialize import print_rank_0
 
         prompts = list(opts.prompt)
         if opts.prompt_file:
@@ -98,36 +155,13 @@ def main(argv=None) -> int:
             raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
         cfg = SamplingConfig(opts.max_new_tokens, 0.0 if opts.greedy else opts.temperature, opts.top_k, opts.top_p,
                              opts.seed).validate()  # before anything is loaded
-        ckpt, common, reader = open_checkpoint(opts.load, verify=False)
-        reader.close()
-        if "model_config" not in common.get("args", {}):
-            raise ConfigError(f"checkpoint {ckpt} records no model configuration; it was not written by megallama")
-        args = run_args(opts, common["args"], int(os.environ.get("WORLD_SIZE", "1")))
-        device = initialize_megatron(args)
-        tokenizer = build_tokenizer_from_args(args)
-        if tokenizer.vocab_size > args.model_config.vocab_size:
-            raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but the model only "
-                              f"{args.model_config.vocab_size}; pass the tokenizer it was trained with "
-                              "(--tokenizer-type/--tokenizer-model)")
-        model = build_model_chunks(args, device)[0]
-        load_checkpoint(ckpt, [model], None, args, finetune=True, quiet=True)
-        n = sum(p.numel() for p in model.parameters()) * args.tensor_model_parallel_size  # approximate under tp
-        print_rank_0(f"loaded {ckpt} (iteration {common.get('iteration', 0)}): {n:,} parameters, tokenizer "
-                     f"{tokenizer.name}, tensor parallel {args.tensor_model_parallel_size}")
-        stop = [tokenizer.eos_id]
-        if opts.chat:
-            template = ChatTemplate(tokenizer)
-            ids = [template.encode_dialog([{"role": "user", "content": p}], add_generation_prompt=True)[0]
-                   for p in prompts]
-            stop.append(template.eot)
-        else:
-            prefix = opts.prompt_prefix
-            if prefix == "auto":
-                prefix = "bos" if common["args"].get("converted_from") else "eod"
-            first = {"bos": [tokenizer.bos_id], "eod": [tokenizer.eod], "none": []}[prefix]
-            ids = [[t for t in first if t is not None] + tokenizer.encode(p) for p in prompts]
-        cfg.stop_ids = tuple(sorted(set(stop)))
-        outs = generate(model, ids, cfg, vocab_size=tokenizer.vocab_size, decode_mode=opts.decode_mode)
-        for p, new in zip(prompts, outs):
-            print_rank_0(f"--- prompt: {p}\n{tokenizer.decode(new)}")
+        loaded = load_for_generation(opts.load, opts.device, opts.dtype, opts.tokenizer_type, opts.tokenizer_model,
+                                     opts.seed, opts.no_fused_kernels)
+        tp = loaded.args.tensor_model_parallel_size
+        n = sum(p.numel() for p in loaded.model.parameters()) * tp  # approximate under tp
+        print_rank_0(f"loaded {loaded.checkpoint} (iteration {loaded.common.get('iteration', 0)}): {n:,} parameters, "
+                     f"tokenizer {loaded.tokenizer.name}, tensor parallel {tp}")
+        texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode)
+        for p, text in zip(prompts, texts):
+            print_rank_0(f"--- prompt: {p}\n{text}")
     return run_script(body)

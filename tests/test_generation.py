@@ -248,3 +248,7 @@ def test_converted_hf_model_generates_what_hf_generates(tmp_path, capsys):
     assert main(["--load", str(tmp_path / "meg"), "--device", "cpu", "--prompt", prompt, "--greedy",
                  "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.endswith(f"--- prompt: {prompt}\n{tok.decode(ref)}\n")
+    import megallama  # the same through the Python API
+    loaded = megallama.load_for_generation(str(tmp_path / "meg"), device="cpu")
+    cfg = megallama.SamplingConfig(max_new_tokens=10, temperature=0)
+    assert megallama.generate_text(loaded, [prompt], cfg) == [tok.decode(ref)]
