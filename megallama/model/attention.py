@@ -17,11 +17,10 @@ from megallama.ops import apply_rope_qk
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
 
 
-def core_attention(q, k, v, causal: bool = True, document_ids=None, kv_offset: int = 0, mask=None):
+def core_attention(q, k, v, causal: bool = True, document_ids=None, mask=None):
     """q: [b, s, nq, d], k/v: [b, s_kv, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
-    token attends only to earlier tokens of its own document. ``kv_offset`` (decoding with a KV cache): the
-    queries are positions [kv_offset, kv_offset + s) of the s_kv = kv_offset + s keys. ``mask`` [s, s_kv] bool
-    (True = attend) replaces causality (a fixed-size cache masks the positions not written yet)."""
+    token attends only to earlier tokens of its own document. ``mask`` [s, s_kv] bool (True = attend) replaces
+    causality (a KV cache's queries sit after its cached keys)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if mask is not None:
         causal = False
@@ -32,11 +31,6 @@ def core_attention(q, k, v, causal: bool = True, document_ids=None, kv_offset: i
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-    if kv_offset:  # new tokens after cached ones: causal, shifted (one new token sees every key: no mask)
-        causal = False
-        if q.shape[2] > 1:
-            pos = torch.arange(q.shape[2], device=q.device) + kv_offset
-            mask = torch.arange(k.shape[2], device=q.device)[None, :] <= pos[:, None]
     if k.shape[1] != q.shape[1]:
         if _HAS_GQA:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)

@@ -35,6 +35,11 @@ class KVCache:
         """Positions of the next ``num_tokens`` tokens (for RoPE)."""
         return torch.arange(self.offset, self.offset + num_tokens, device=device)
 
+    @staticmethod
+    def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """[s, num_keys] bool: the query at each position attends to the keys at that position and before."""
+        return torch.arange(num_keys, device=positions.device)[None, :] <= positions[:, None]
+
     def attention(self, layer: int, q, k, v) -> torch.Tensor:
         """Store ``k``/``v`` [b, s, kv heads, d] at [offset, offset + s) and attend ``q`` to [0, offset + s)."""
         from megallama.model.attention import core_attention
@@ -45,7 +50,11 @@ class KVCache:
         kb, vb = self._buffers(layer, k, v)
         kb[:, self.offset:end] = k
         vb[:, self.offset:end] = v
-        return core_attention(q, kb[:, :end], vb[:, :end], kv_offset=self.offset)
+        if self.offset == 0:  # the prompt: plain causal attention (SDPA's fast causal kernels)
+            return core_attention(q, kb[:, :end], vb[:, :end])
+        s = q.shape[1]  # after cached tokens: one new token sees every key (no mask); a chunk, a shifted causal mask
+        mask = None if s == 1 else self.causal_mask(self.positions(s, q.device), end)
+        return core_attention(q, kb[:, :end], vb[:, :end], causal=False, mask=mask)
 
     def advance(self, num_tokens: int) -> None:
         """Called by the model once every layer has run."""
@@ -68,8 +77,7 @@ class StaticKVCache(KVCache):
         idx = self.positions(k.shape[1], k.device)
         kb.index_copy_(1, idx, k)
         vb.index_copy_(1, idx, v)
-        mask = torch.arange(self.max_length, device=q.device)[None, :] <= idx[:, None]
-        return core_attention(q, kb, vb, mask=mask)
+        return core_attention(q, kb, vb, mask=self.causal_mask(idx, self.max_length))
 
     def advance(self, num_tokens: int) -> None:
         self.offset += num_tokens  # host bookkeeping; inside a replayed graph only ``pos`` moves

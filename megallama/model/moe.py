@@ -152,11 +152,8 @@ class MoEStats:
         "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded."""
         if not self.sums:
             return {}
-        layers = sorted(self.sums)
-        if len({self.sums[l].numel() for l in layers}) == 1:  # one host copy for every layer
-            rows = dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu()))
-        else:  # layers with different expert counts
-            rows = {l: self.sums[l].cpu() for l in layers}
+        layers = sorted(self.sums)  # every MoE layer has the same experts: one host copy for all of them
+        rows = dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu()))
         tokens = {l: r[:-3] for l, r in rows.items()}
         out = {"aux_loss": sum(float(r[-3] / r[-1]) for r in rows.values()) / len(rows),
                "z_loss": sum(float(r[-2] / r[-1]) for r in rows.values()) / len(rows),
@@ -277,8 +274,9 @@ class MoELayer(nn.Module):
         E, k = self.num_experts, self.topk
         counts = expert_counts(top_i, E).to(torch.float32)
         lse2 = torch.logsumexp(logits, dim=-1).square().sum()
-        n = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)  # a fill: no host copy,
-        stats = torch.cat([counts, probs.detach().sum(0), n, lse2.detach()[None]])  # which would sync the GPU
+        # the token count as a device fill: a host-to-device copy of it would synchronise the GPU in every layer
+        n = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)
+        stats = torch.cat([counts, probs.detach().sum(0), n, lse2.detach()[None]])
         dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         if dist.is_initialized():
             if dp > 1:
