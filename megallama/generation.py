@@ -107,40 +107,55 @@ def _resolve_mode(model, mode: str, device: torch.device) -> str:
     return "graph" if device.type == "cuda" and dense and tp_nccl else "eager"
 
 
+def _batches(prompts: Sequence[Sequence[int]], batch_size: Optional[int]) -> List[List[int]]:
+    """Prompt indices in batches of at most ``batch_size``, longest first, so a batch's lengths are close and the
+    left padding short."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    size = batch_size or len(order)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab_size: Optional[int] = None,
-             return_logits: bool = False, decode_mode: str = "auto"):
-    """New tokens for each prompt (a list of token ids each), cut at the first stop id (kept out). Prompts of one
-    length run as one batch, others one after another (no padding, so no attention mask beyond causality).
-    ``vocab_size``: the tokenizer's, when the embedding is padded past it. With ``return_logits`` also each step's
-    last-position logits [b, V] (tests). ``decode_mode``: eager (``KVCache``), static (``StaticKVCache``, no
-    graph), graph (static + one CUDA graph per batch) or auto (graph where it applies)."""
+             return_logits: bool = False, decode_mode: str = "auto", batch_size: Optional[int] = None):
+    """New tokens for each prompt (a list of token ids each), cut at the first stop id (kept out). Prompts run in
+    batches of ``batch_size`` (None: all at once), shorter ones left-padded (their pads masked out of attention).
+    ``vocab_size``: the tokenizer's, when the embedding is padded past it. With ``return_logits`` also each
+    batch's per-step last-position logits [b, V] (tests; rows in the batch's order: longest prompt first).
+    ``decode_mode``: eager (``KVCache``), static (``StaticKVCache``, no graph), graph (static + one CUDA graph per
+    batch) or auto (graph where it applies). MoE with a capacity factor routes the pads too, so what it drops
+    depends on the batch."""
     cfg.validate()
     _check_layout(model)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
     limit = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > limit:
+        raise ConfigError(f"prompt ({longest} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = "
+                          f"{longest + cfg.max_new_tokens} exceeds the model's context of {limit} tokens; ask for "
+                          "fewer new tokens")
     device = model.output_layer_weight().device
     mode = _resolve_mode(model, decode_mode, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out: List[Optional[List[int]]] = [None] * len(prompts)
     all_logits = []
-    by_len = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
+    stop_ids = set(cfg.stop_ids)
     was_training = model.training
     model.eval()
     try:
-        for length, idx in by_len.items():
+        for idx in _batches(prompts, batch_size):
+            length = len(prompts[idx[0]])
+            pad = [length - len(prompts[i]) for i in idx]
+            tokens = torch.tensor([[0] * n + list(prompts[i]) for n, i in zip(pad, idx)], dtype=torch.long,
+                                  device=device)
             total = length + cfg.max_new_tokens
-            if total > limit:
-                raise ConfigError(f"prompt ({length} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = {total} "
-                                  f"exceeds the model's context of {limit} tokens; ask for fewer new tokens")
-            tokens = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)
             cache = KVCache(total) if mode == "eager" else StaticKVCache(total, device)
+            cache.set_left_padding(torch.tensor(pad, device=device))
             new, steps = _decode(model, tokens, cfg, vocab_size, gen, cache, mode == "graph")
             all_logits.append(steps)
-            stop_ids = set(cfg.stop_ids)
             for row, i in enumerate(idx):
                 seq = new[row].tolist()
                 out[i] = seq[:next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))]

@@ -10,13 +10,15 @@ SamplingConfig(max_new_tokens=40))``.
 
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
 hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The
-ranks of a torchrun launch split the model tensor-parallel. Prompts of equal length are batched. ``--chat`` wraps
-each prompt as a user turn of the Llama 3 chat template and stops at the end of the assistant's turn.
+ranks of a torchrun launch split the model tensor-parallel. Prompts run in batches of ``--batch-size``, left-padded
+to the batch's longest. ``--chat`` wraps each prompt as a user turn of the Llama 3 chat template and stops at the end
+of the assistant's turn.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (left-padded)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
@@ -112,10 +115,11 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
 
 
 def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
-                  decode_mode: str = "auto"):
+                  decode_mode: str = "auto", batch_size: Optional[int] = None):
     """Completions (strings) of ``prompts``. ``chat``: each prompt is a user turn of the Llama 3 chat template and
-    the answer stops at its end of turn. ``prompt_prefix`` (plain prompts): bos, eod, none, or auto (bos for a
-    converted HF model; eod for a megallama run, whose pretraining documents follow an eod and have no bos)."""
+    the answer stops at its end of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix``
+    (plain prompts): bos, eod, none, or auto (bos for a converted HF model; eod for a megallama run, whose
+    pretraining documents follow an eod and have no bos)."""
     from megallama.data.sft_dataset import ChatTemplate
     from megallama.generation import generate
     tok = loaded.tokenizer
@@ -131,7 +135,8 @@ def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_
         first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
         ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
     cfg.stop_ids = tuple(sorted(set(stop)))
-    outs = generate(loaded.model, ids, cfg, vocab_size=tok.vocab_size, decode_mode=decode_mode)
+    outs = generate(loaded.model, ids, cfg, vocab_size=tok.vocab_size, decode_mode=decode_mode,
+                    batch_size=batch_size)
     return [tok.decode(new) for new in outs]
 
 
@@ -153,6 +158,8 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--prompt-file {opts.prompt_file} cannot be read ({e.strerror}); check the path")
         if not prompts:
             raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
+        if opts.batch_size < 1:
+            raise ConfigError(f"--batch-size {opts.batch_size} must be >= 1")
         cfg = SamplingConfig(opts.max_new_tokens, 0.0 if opts.greedy else opts.temperature, opts.top_k, opts.top_p,
                              opts.seed).validate()  # before anything is loaded
         loaded = load_for_generation(opts.load, opts.device, opts.dtype, opts.tokenizer_type, opts.tokenizer_model,
@@ -161,7 +168,8 @@ def main(argv=None) -> int:
         n = sum(p.numel() for p in loaded.model.parameters()) * tp  # approximate under tp
         print_rank_0(f"loaded {loaded.checkpoint} (iteration {loaded.common.get('iteration', 0)}): {n:,} parameters, "
                      f"tokenizer {loaded.tokenizer.name}, tensor parallel {tp}")
-        texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode)
+        texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,
+                              opts.batch_size)
         for p, text in zip(prompts, texts):
             print_rank_0(f"--- prompt: {p}\n{text}")
     return run_script(body)

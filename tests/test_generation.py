@@ -52,14 +52,33 @@ def _greedy_by_full_forward(model, prompt, n):
     return seq[len(prompt):]
 
 
-def test_greedy_equals_full_recompute_and_batches_by_length():
+def test_greedy_equals_full_recompute_in_a_padded_batch():
+    """Prompts of four lengths in one left-padded batch, and in batches of two: each row's tokens are its own
+    greedy continuation by full recompute (no cache, no padding)."""
     model = build_model(GQA, seed=7)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 6, 3)]
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 6, 3, 1, 9)]
     out = generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0))
     assert out == [_greedy_by_full_forward(model, p, 8) for p in prompts]
-    assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0), decode_mode="static") == out
+    for kw in (dict(decode_mode="static"), dict(batch_size=2), dict(batch_size=1)):
+        assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0), **kw) == out, kw
     assert model.training  # generate restores the mode it found
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_padded_batch_logits_equal_each_prompt_alone(mode):
+    """A left-padded row's per-step logits equal the same prompt's unpadded run to 1e-5: its pads are masked out
+    and RoPE depends only on query-key distance, so the row's shifted positions change nothing."""
+    model = build_model(GQA, seed=7).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (11, 2, 7, 1)]
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
+    out, steps = generate(model, prompts, cfg, return_logits=True, decode_mode=mode)
+    batch = torch.stack(steps[0], 1)  # [b, steps, V], rows longest prompt first
+    for row, i in enumerate(sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))):
+        alone, alone_steps = generate(model, [prompts[i]], cfg, return_logits=True, decode_mode=mode)
+        assert out[i] == alone[0]
+        assert rel(batch[row], torch.stack(alone_steps[0], 1)[0]) < 1e-5, (mode, i)
 
 
 def test_stop_ids_and_vocab_padding():
@@ -110,13 +129,33 @@ def test_greedy_matches_hf_generate():
     assert generate(model, [prompt[0].tolist()], SamplingConfig(max_new_tokens=12, temperature=0))[0] == ref
 
 
+def test_left_padded_greedy_matches_hf_generate():
+    """A mixed-length batch against HF ``generate`` with left padding and an attention mask (HF shifts each row's
+    position ids instead; the tokens are the same)."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(REPO, "tests", "model"))
+    from test_hf_parity import to_hf_config
+    model = build_model(GQA, seed=7).eval()
+    hf = transformers.LlamaForCausalLM(to_hf_config(GQA)).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, GQA.vocab_size, (n,), generator=g).tolist() for n in (10, 3, 6)]
+    ids = torch.tensor([[0] * (10 - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=(torch.arange(10) >= 10 - torch.tensor([[len(p)] for p in prompts]))
+                          .long(), max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert generate(model, prompts, SamplingConfig(max_new_tokens=10, temperature=0)) == ref[:, 10:].tolist()
+
+
 def test_bad_sampling_settings_are_config_errors():
     model = build_model(GQA, seed=7)
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0)):
         with pytest.raises(ConfigError):
             generate(model, [[1, 2]], SamplingConfig(**bad))
     with pytest.raises(ConfigError, match="exceeds the model's context of 64"):
-        generate(model, [[1] * 60], SamplingConfig(max_new_tokens=5))
+        generate(model, [[1] * 3, [1] * 60], SamplingConfig(max_new_tokens=5))
+    with pytest.raises(ConfigError, match="--batch-size 0 must be >= 1"):
+        generate(model, [[1, 2]], SamplingConfig(), batch_size=0)
 
 
 def _tp_generate(rank, world, prompts):
@@ -166,10 +205,11 @@ def test_generate_tool_samples_from_a_trained_checkpoint(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "megallama.cli", "generate", "--load", str(tmp_path / "moe"),
-                        "--device", "cpu", "--prompt", "The", "--max-new-tokens", "3", "--greedy"],
-                       capture_output=True, text=True, env=env, timeout=600)  # the CLI's command, same code
-    assert r.returncode == 0 and "--- prompt: The" in r.stdout, r.stderr[-2000:]
-    for bad, says in [(["--prompt", "x", "--top-p", "2"], "--top-p"), ([], "no prompt given")]:
+                        "--device", "cpu", "--prompt", "The", "--prompt", "Return the value", "--max-new-tokens", "3",
+                        "--greedy"], capture_output=True, text=True, env=env, timeout=600)  # the CLI's command
+    assert r.returncode == 0 and r.stdout.count("--- prompt:") == 2, r.stderr[-2000:]  # MoE, left-padded batch
+    for bad, says in [(["--prompt", "x", "--top-p", "2"], "--top-p"), ([], "no prompt given"),
+                      (["--prompt", "x", "--batch-size", "0"], "--batch-size")]:
         r = subprocess.run(tool + bad, capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and says in r.stderr, r.stderr
     r = subprocess.run(tool[:3] + [str(tmp_path / "missing"), "--prompt", "x"], capture_output=True, text=True,
@@ -188,9 +228,10 @@ def test_kv_cache_decode_matches_full_forward_on_cuda_bf16():
         parts = [model.compute_logits(model.model(input_ids=ids[:, a:b], kv_cache=cache)).float()
                  for a, b in [(0, 17), (17, 18), (18, 30), (30, 31), (31, 40)]]
     assert rel(torch.cat(parts, 1), full) < 2e-2  # bf16: the kernels differ between the two paths
-    # The CUDA graph replays the static cache's kernels: the same logits, bit for bit, and the same tokens
+    # The CUDA graph replays the static cache's kernels: the same logits, bit for bit, and the same tokens (a
+    # left-padded batch: the pad mask is captured too)
     cfg = SamplingConfig(max_new_tokens=12, temperature=0)
-    prompts = [ids[0, :9].tolist(), ids[1, :9].tolist()]
+    prompts = [ids[0, :9].tolist(), ids[1, :4].tolist()]
     static, static_logits = generate(model, prompts, cfg, return_logits=True, decode_mode="static")
     graph, graph_logits = generate(model, prompts, cfg, return_logits=True, decode_mode="graph")
     assert graph == static and len(graph[0]) == 12

@@ -19,8 +19,8 @@ _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_do
 
 def core_attention(q, k, v, causal: bool = True, document_ids=None, mask=None):
     """q: [b, s, nq, d], k/v: [b, s_kv, nkv, d] -> [b, s, nq, d]. ``document_ids`` [b, s] (packed sequences): a
-    token attends only to earlier tokens of its own document. ``mask`` [s, s_kv] bool (True = attend) replaces
-    causality (a KV cache's queries sit after its cached keys)."""
+    token attends only to earlier tokens of its own document. ``mask`` [s, s_kv] or [b, 1, s, s_kv] bool (True =
+    attend) replaces causality (a KV cache's queries sit after its cached keys; a padded batch hides its pads)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if mask is not None:
         causal = False
