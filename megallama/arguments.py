@@ -105,7 +105,7 @@ def _add_parallel(p):
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
-                   help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp % cp == 0)")
+                   help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp %% cp == 0)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
