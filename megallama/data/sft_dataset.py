@@ -137,7 +137,7 @@ class SFTDataset(torch.utils.data.Dataset):
                 dropped += 1
                 continue
             convs.append((toks, mask))
-        if truncated or dropped:
+        if (truncated or dropped) and (not dist.is_initialized() or dist.get_rank() == 0):  # every rank builds it
             warnings.warn(f"{name}: {truncated} conversations truncated to {n} tokens, {dropped} without answer "
                           f"tokens dropped; raise --seq-length to keep more")
         if not convs:
@@ -197,9 +197,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
 class GlobalTokenCountIterator:
     """Reads one iteration's ``num_microbatches`` batches ahead, all-reduces their ``loss_mask`` sum over the data
-    (and context) parallel group, and attaches it to each batch as ``num_loss_tokens``. With it the loss
-    ``sum(loss * mask) * num_microbatches * dp / num_loss_tokens`` averages (over micro-batches, then dp ranks) to
-    the exact per-token mean of the global batch, however unevenly answers fall into micro-batches."""
+    parallel group, and attaches it to each batch as ``num_loss_tokens``. With it the loss
+    ``sum(loss * mask) * num_microbatches * dp * cp / num_loss_tokens`` averages (over micro-batches, then dp x cp
+    ranks) to the exact per-token mean of the global batch, however unevenly answers fall into micro-batches.
+    Context-parallel ranks read the same samples (each keeps its share of the sequence later), so they are left
+    out of the sum: counted over dp x cp, every sample would count cp times."""
 
     def __init__(self, iterator, num_microbatches: int):
         self.iterator, self.m, self.buffer = iterator, num_microbatches, deque()
@@ -212,10 +214,10 @@ class GlobalTokenCountIterator:
             from megallama.mpu import parallel_state as ps
             batches = [next(self.iterator) for _ in range(self.m)]
             n = torch.stack([b["loss_mask"].sum() for b in batches]).sum().double().reshape(1)
-            if dist.is_initialized() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+            if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
                 dev = ps.default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
                 n = n.to(dev)
-                dist.all_reduce(n, group=ps.get_data_parallel_group(with_context_parallel=True))
+                dist.all_reduce(n, group=ps.get_data_parallel_group())
                 n = n.cpu()
             for b in batches:
                 b["num_loss_tokens"] = n[0].clone()

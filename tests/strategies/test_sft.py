@@ -119,6 +119,37 @@ def test_global_token_count_spans_microbatches_and_dp_ranks():
     assert abs(sum(s * m * dp / 12 for s in sums) / (m * dp) - 12.0 / 12) < 1e-12
 
 
+def _sft_losses(rank, world, argv):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    args = parse_args(list(argv), world_size=world)
+    args.chat_template = True  # what finetune_llama.py sets: the bundled chats, answer tokens only
+    return pretrain(args)["losses"]
+
+
+SFT_TINY = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-2", "--lr-warmup-iters", "0",
+            "--no-progress-bar", "--device", "cpu", "--no-fused-kernels", "--split", "100,0,0"]
+
+
+@pytest.mark.parametrize("world,extra", [
+    (2, ["--context-parallel-size", "2"]),
+    (4, ["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--sft-packing"]),
+    (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"]),
+], ids=["cp2_ring", "cp2_dp2_ulysses_packed", "tp2_sp_pp2"])
+def test_sft_loss_under_parallel_layouts_matches_single_process(world, extra):
+    """The answer-token count is global over data-parallel ranks only: context-parallel ranks share their samples
+    (counting over dp x cp made every SFT loss and gradient cp times too small)."""
+    base = SFT_TINY + (["--sft-packing"] if "--sft-packing" in extra else [])
+    ref = run_distributed(_sft_losses, 1, base)[0]
+    out = run_distributed(_sft_losses, world, base + [a for a in extra if a != "--sft-packing"])
+    for rank, losses in out.items():
+        assert sorted(losses) == sorted(ref) == [1, 2]
+        for step in ref:
+            assert abs(losses[step] - ref[step]) <= 1e-5 * abs(ref[step]), (rank, step, losses[step], ref[step])
+
+
 def test_bad_chat_data_is_one_line_error(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}))
