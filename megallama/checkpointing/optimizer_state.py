@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from megallama.checkpointing.state import TIED_COPY, canonical_name, local_piece, unwrap, writes
+from megallama.checkpointing.state import TIED_COPY, canonical_name, is_replica_chunk, local_piece, unwrap, writes
 
 PREFIX = "optimizer"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -56,7 +56,8 @@ def optimizer_entries(optimizer, model_chunks) -> Tuple[list, dict]:
             ci, name = key.split("/", 1)
             ci = int(ci)
             p = params[ci][name]
-            if skip_on_save(name) or not writes(p, replicated_over_dp=stages[ci] == 0):
+            if skip_on_save(name) or is_replica_chunk(model_chunks, ci) or \
+                    not writes(p, replicated_over_dp=stages[ci] == 0):
                 continue
             box = local_piece(None, p, shape=e["shape"])
             entire = e["start"] == 0 and e["end"] == e["numel"]
@@ -67,13 +68,14 @@ def optimizer_entries(optimizer, model_chunks) -> Tuple[list, dict]:
         return out, {"step": int(sd["step"]), "grad_scaler": sd.get("grad_scaler")}
     # plain torch optimizer: replicated over dp
     names = {p: n for chunk in params for n, p in chunk.items()}
+    replica = {p for ci, chunk in enumerate(params) if is_replica_chunk(model_chunks, ci) for p in chunk.values()}
     scalars = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             name = names[p]
             for key, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
-                    if not skip_on_save(name) and writes(p):
+                    if not skip_on_save(name) and p not in replica and writes(p):
                         out.append((state_name(key, name), v, local_piece(v, p)))
                 elif torch.is_tensor(v) and v.numel() == 1:
                     scalars[key] = float(v.item())

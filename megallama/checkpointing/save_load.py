@@ -24,8 +24,8 @@ from megallama.checkpointing import files as F
 from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
                                                      skip_on_save, state_name)
 from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes
-from megallama.checkpointing.state import (canonical_name, get_rng_state, is_zero3, local_piece, named_model_tensors,
-                                           set_rng_state, writes)
+from megallama.checkpointing.state import (canonical_name, get_rng_state, is_replica_chunk, is_zero3, local_piece,
+                                           named_model_tensors, set_rng_state, writes)
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer.compression import compression_state, load_compression_state
@@ -134,8 +134,8 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
         tensors[name] = t.detach().to("cpu", copy=True)
         index[name] = {"shape": piece.shape, "dtype": dtype_name(t), "pieces": [piece.to_dict(fname)]}
 
-    for _, name, t, p in named_model_tensors(model_chunks):
-        if not skip_on_save(name) and writes(t if p is None else p):
+    for ci, name, t, p in named_model_tensors(model_chunks):
+        if not skip_on_save(name) and not is_replica_chunk(model_chunks, ci) and writes(t if p is None else p):
             add(name, t, local_piece(t, p))
     entries, scalars = optimizer_entries(optimizer, model_chunks)
     for name, t, piece in entries:

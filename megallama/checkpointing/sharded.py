@@ -129,8 +129,14 @@ class ShardReader:
         return self.load_object(file)["tensors"][name]
 
     def _boxes(self, name: str) -> List[_Box]:
-        out, groups = [], {}
+        """The saved boxes of ``name``; a box saved twice counts once (Chimera checkpoints of before 2026-11-26
+        wrote both replicas of every tensor)."""
+        out, groups, seen = [], {}, set()
         for p in self.index[name]["pieces"]:
+            key = (tuple(p["offsets"]), tuple(p["lengths"]), tuple(p.get("flat", ())))
+            if key in seen:
+                continue
+            seen.add(key)
             if "flat" not in p:
                 out.append(_Box(p["offsets"], p["lengths"], [p["file"]], lambda p=p: self._stored(p["file"], name)))
             else:

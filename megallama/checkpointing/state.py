@@ -3,6 +3,8 @@
 Names are the HF parameter names the model already uses (layers keep their *global* index on every pipeline
 stage), so a name means the same full tensor under any layout. The tied output-layer copy a last pipeline stage
 holds (``output_weight``) is never saved: it is the embedding (``model.embed_tokens.weight``) and loads from it.
+Nor is Chimera's replica chunk (a stage's copy of the mirror stage's layers): the rank that holds those layers as its
+own first chunk writes them, and both copies load from that one.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ def named_model_tensors(model_chunks) -> Iterator[Tuple[int, str, torch.Tensor, 
         for name, t in m.state_dict(keep_vars=True).items():
             p = params.get(name)
             yield ci, name, (p if p is not None else t), p
+
+
+def is_replica_chunk(model_chunks, ci: int) -> bool:
+    """Chunk ``ci`` is Chimera's replica of another stage's part (written by that stage, not here)."""
+    return ci > 0 and getattr(unwrap(model_chunks[ci]), "pipeline_schedule", None) == "chimera"
 
 
 def tp_coords() -> Tuple[int, int]:
