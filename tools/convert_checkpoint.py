@@ -178,16 +178,29 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
 
 # ---------------------------------------------------------------- megallama -> HF
 def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
-                    max_shard_bytes: int = 5 << 30) -> str:
+                    max_shard_bytes: int = 5 << 30, notes: Optional[list] = None) -> str:
+    """Write an HF folder; a LoRA run's adapters are merged into their weights, the run's tokenizer is written
+    beside them (``megallama.data.tokenizer_export``). ``notes`` collects what was done, for the CLI."""
     from safetensors.torch import save_file
     from megallama.checkpointing.full import model_tensor_names, open_checkpoint
+    from megallama.data.tokenizer_export import export_tokenizer
+    from megallama.strategies import strategy_from_args
+    notes = notes if notes is not None else []
     ckpt, common, reader = open_checkpoint(load)
     cfg_dict = common.get("args", {}).get("model_config")
     if not cfg_dict:
         raise ConfigError(f"{ckpt} records no model config; it was not written by megallama")
     cfg = ModelConfig.from_dict(cfg_dict)
-    names = sorted(model_tensor_names(common), key=_natural)
+    saved = common.get("args", {})
+    strategy = strategy_from_args(argparse.Namespace(**saved))
+    if strategy.uses_moe:
+        raise ConfigError(f"{ckpt} is a mixture-of-experts run: HF's Llama has no experts, so it does not convert; "
+                          "export a dense run")
+    lora = strategy.lora_config()
+    all_names = model_tensor_names(common)
+    names = sorted((n for n in all_names if ".lora_" not in n), key=_natural)
     check_names(names, cfg, ckpt)
+    adapted = [n for n in names if n.replace(".weight", ".lora_A.weight") in all_names]
     out_dtype = dtype or next((getattr(torch, common["index"][n]["dtype"]) for n in names
                                if common["index"][n].get("dtype")), torch.float32)
     tmp = output.rstrip("/") + ".tmp"
@@ -198,6 +211,9 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
         shards, cur, size = [], {}, 0
         for name in names:
             t = reader.read(name)
+            if lora is not None and name in adapted:  # W + (alpha / r) B A, in fp32, back in W's dtype
+                a, b = (reader.read(name.replace(".weight", f".lora_{k}.weight"), torch.float32) for k in "AB")
+                t = (t.float() + lora.scaling * (b @ a)).to(t.dtype)
             cur[name] = t.to(dtype) if dtype is not None else t
             size += t.numel() * cur[name].element_size()
             if size >= max_shard_bytes:
@@ -216,8 +232,16 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
         if n > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        try:
+            bos, eos, said = export_tokenizer(saved, tmp)
+        except ConfigError as e:  # the weights still export (a tokenizer path of another machine, say)
+            bos, eos, said = None, None, f"tokenizer: not written ({e})"
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model_config_to_hf_config(cfg, out_dtype), f, indent=2, sort_keys=True)
+            json.dump(model_config_to_hf_config(cfg, out_dtype, {"bos_token_id": bos, "eos_token_id": eos}), f,
+                      indent=2, sort_keys=True)
+        notes.append(said)
+        if adapted:
+            notes.append(f"merged the LoRA adapters of {len(adapted)} weights (scaling alpha/r = {lora.scaling:g})")
         if os.path.exists(output):
             if os.listdir(output):
                 raise ConfigError(f"--output {output} exists and is not empty; pick a new directory")
@@ -273,8 +297,9 @@ def main(argv=None) -> int:
             print(f"wrote {out}\ntrain from it with: --load {args.output} --use-checkpoint-args [--finetune]\n"
                   f"(or name the shape yourself: {flags_for(cfg)})")
         else:
-            out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size))
-            print(f"wrote {out}")
+            notes = []
+            out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size), notes)
+            print("\n".join([f"wrote {out}"] + notes))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

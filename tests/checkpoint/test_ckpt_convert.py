@@ -12,6 +12,7 @@ import torch
 from megallama.checkpointing import load_checkpoint, save_checkpoint
 from megallama.checkpointing.full import open_checkpoint
 from megallama.config import ModelConfig, RopeScaling
+from megallama.errors import ConfigError
 from megallama.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -120,6 +121,65 @@ def test_megallama_to_hf_to_megallama_bit_exact(tmp_path):
     with torch.no_grad():
         ref, out = hf(ids).logits, model(ids)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def _logits_match(model, hf_dir, vocab):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    ids = torch.randint(0, vocab, (1, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = hf(ids).logits, model(ids)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_lora_run_exports_merged_and_moe_run_is_refused(tmp_path):
+    """A LoRA run's adapters are merged into their weights (HF computes the adapted model's logits); a MoE run
+    has no HF Llama form: one clear error, nothing written."""
+    from megallama.strategies import TrainingStrategy, apply_strategy
+    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=256, max_position_embeddings=128)
+    model = build_model(cfg, seed=5)
+    apply_strategy([model], TrainingStrategy("lora", {"lora_rank": 4, "lora_alpha": 16, "target_modules": "all"}))
+    with torch.no_grad():  # B starts at zero: give the adapters something to merge
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+    args = SimpleNamespace(model="custom", model_config=cfg, strategy="lora", lora_rank=4, lora_alpha=16.0,
+                           lora_target_modules="all")
+    save_checkpoint(str(tmp_path / "lora"), 3, [model], None, args, consumed_samples=12)
+    notes = []
+    conv.megallama_to_hf(str(tmp_path / "lora"), str(tmp_path / "hf"), notes=notes)
+    assert any("merged the LoRA adapters of 14 weights (scaling alpha/r = 4)" in n for n in notes), notes
+    assert _logits_match(model.eval(), tmp_path / "hf", 256) < 1e-5
+    moe = build_model(cfg, seed=5)
+    apply_strategy([moe], TrainingStrategy("moe", {"num_experts": 4, "experts_per_token": 2}))
+    save_checkpoint(str(tmp_path / "moe"), 3, [moe], None, SimpleNamespace(model="custom", model_config=cfg,
+                                                                        strategy="moe", num_experts=4), 12)
+    with pytest.raises(ConfigError, match="mixture-of-experts run"):
+        conv.megallama_to_hf(str(tmp_path / "moe"), str(tmp_path / "hf_moe"))
+    assert not os.path.exists(tmp_path / "hf_moe")
+
+
+def test_export_writes_the_runs_tokenizer(tmp_path):
+    """The bundled sentencepiece tokenizer becomes tokenizer.model for HF's LlamaTokenizer (the same ids on
+    ordinary text), bos/eos ids land in config.json; an imported HF model's tokenizer.json is copied as is."""
+    from megallama.data.tokenizer import build_tokenizer
+    tok = build_tokenizer("bundled")
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=tok.vocab_size, max_position_embeddings=64)
+    save_checkpoint(str(tmp_path / "run"), 1, [build_model(cfg, seed=1)], None,
+                    SimpleNamespace(model="custom", model_config=cfg, tokenizer_type="bundled"), consumed_samples=1)
+    conv.megallama_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The module os provides a portable way of using operating system dependent functionality."
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
+    # an imported HF model (here: that export, with a tokenizer.json saved by HF) exports its tokenizer.json
+    hf_tok.save_pretrained(tmp_path / "hf")
+    conv.hf_to_megallama(str(tmp_path / "hf"), str(tmp_path / "meg"))
+    conv.megallama_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"))
+    assert open(tmp_path / "hf2" / "tokenizer.json").read() == open(tmp_path / "hf" / "tokenizer.json").read()
 
 
 def test_sharded_bf16_hf_checkpoint(tmp_path):
