@@ -6,7 +6,7 @@
 
 writes data/corpus_text_document.bin/.idx (one ``_<key>_document`` pair per --json-keys key), to be passed as
 ``--data-path data/corpus_text_document``. A malformed line is reported with its line number (exit 2) and nothing is
-written or overwritten. Importable: ``from tools.preprocess_data import preprocess_jsonl`` (or from
+written or overwritten; existing outputs are replaced only with ``--overwrite``. Importable: ``from tools.preprocess_data import preprocess_jsonl`` (or from
 ``megallama.data.preprocess``).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ def get_args(argv=None):
                                                              "(needed to pack documents for pretraining)")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--no-progress-bar", action="store_true")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--workers {args.workers} must be at least 1")
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         preprocess_jsonl(args.input, args.output_prefix, tok, workers=args.workers, json_keys=tuple(args.json_keys),
-                         append_eod=args.append_eod, progress=not args.no_progress_bar)
+                         append_eod=args.append_eod, progress=not args.no_progress_bar, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

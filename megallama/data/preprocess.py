@@ -93,10 +93,11 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1, json_keys=("text",),
                      append_eod: bool = True, progress: bool = True, chunk_lines: int = _CHUNK_LINES,
-                     dtype=None) -> dict:
+                     dtype=None, overwrite: bool = False) -> dict:
     """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key.
     Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
-    no documents at all, leaving existing outputs untouched. Empty texts are skipped."""
+    no documents at all, leaving existing outputs untouched, and before any work when an output exists and
+    ``overwrite`` is off. Empty texts are skipped."""
     if not os.path.isfile(input):
         raise ConfigError(f"data file not found: {input}; pass an existing .jsonl file (one {{\"text\": ...}} per line)")
     if not json_keys:
@@ -106,6 +107,10 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"output folder does not exist: {out_dir}; create it or pass another --output-prefix")
+    existing = [f for p in prefixes.values() for f in (get_bin_path(p), get_idx_path(p)) if os.path.exists(f)]
+    if existing and not overwrite:
+        raise ConfigError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another "
+                          "--output-prefix")
     tag = f".tmp-{os.getpid()}-{time.time_ns() % 10**9}"
     builders = {k: IndexedDatasetBuilder(get_bin_path(p) + tag, dtype) for k, p in prefixes.items()}
     stream, raw, size = _open_text(input)

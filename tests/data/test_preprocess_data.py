@@ -62,8 +62,12 @@ def test_malformed_line_reports_line_number_and_writes_nothing(tmp_path, capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     capsys.readouterr()
+    assert main(["--input", good, "--output-prefix", out, "--no-progress-bar"]) == 2  # outputs exist
+    assert capsys.readouterr().err.strip() == (f"error: {out}_text_document.bin already exists; pass --overwrite "
+                                               "to replace it or choose another --output-prefix")
     for workers in ("1", "2"):
-        assert main(["--input", str(bad), "--output-prefix", out, "--workers", workers, "--no-progress-bar"]) == 2
+        assert main(["--input", str(bad), "--output-prefix", out, "--workers", workers, "--no-progress-bar",
+                     "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {bad} line 17: not valid JSON") and "\n" not in err
     after = {ext: open(f"{out}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")}
