@@ -165,7 +165,8 @@ def main(argv=None) -> int:
         loaded = load_for_generation(opts.load, opts.device, opts.dtype, opts.tokenizer_type, opts.tokenizer_model,
                                      opts.seed, opts.no_fused_kernels)
         tp = loaded.args.tensor_model_parallel_size
-        n = sum(p.numel() for p in loaded.model.parameters()) * tp  # approximate under tp
+        n = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+                for p in loaded.model.parameters())  # tp shards count tp times, replicated norms once
         print_rank_0(f"loaded {loaded.checkpoint} (iteration {loaded.common.get('iteration', 0)}): {n:,} parameters, "
                      f"tokenizer {loaded.tokenizer.name}, tensor parallel {tp}")
         texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,
