@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--num-microbatches", type=int, default=None)
     p.add_argument("--seq-length", "--sequence-length", dest="seq_length", type=int, default=None)
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs per node (default: tp x pp x cp over the nodes, i.e. data parallel 1; 1 with "
+                        "--auto-configure)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--tensor-model-parallel-size", "--tensor-parallel", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
@@ -73,6 +75,9 @@ def _precision(args) -> str:
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     from megallama.memory import estimate_requirements
     args = build_parser().parse_args(argv)
+    if args.gpus is None:
+        model_parallel = args.tp * args.pp * args.cp
+        args.gpus = 1 if args.auto_configure else max(1, model_parallel // max(1, args.nodes))
     zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage
     recompute = "full" if args.activation_checkpointing else args.recompute_granularity
     kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",

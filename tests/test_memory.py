@@ -287,6 +287,9 @@ def test_cli_table_json_and_errors():
                          capture_output=True, text=True, timeout=120)
     data = json.loads(out.stdout)
     assert data["fits"] and data["layout"]["sequence_length"] == 256
+    out = subprocess.run([sys.executable, tool, "--model", "llama3_8b", "--tensor-model-parallel-size", "8",
+                          "--json"], capture_output=True, text=True, timeout=120)  # --gpus defaults to tp x pp x cp
+    assert out.returncode == 0 and json.loads(out.stdout)["layout"]["world_size"] == 8, out.stderr
     out = subprocess.run([sys.executable, tool, "--model", "llama3_8b", "--tp", "3"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
