@@ -13,7 +13,7 @@ def main(argv):
     times = sorted(list(out["iteration_time"].values())[3:] or out["iteration_time"].values())
     step = times[len(times) // 2]
     print(json.dumps({"impl": "megallama", "step_time_s": step, "tokens_per_s": out["tokens_per_iteration"] / step,
-                      "peak_mem_gib": (out["peak_memory_bytes"] or 0) / 2**30,
+                      "peak_mem_gib": None if out["peak_memory_bytes"] is None else out["peak_memory_bytes"] / 2**30,
                       "final_loss": out["losses"][max(out["losses"])], "flops_per_token": out["flops_per_token"]}))
 
 

@@ -92,10 +92,10 @@ class PerformanceBenchmark:
             if "error" in r:
                 lines.append(f"{impl:>12s} {r['micro_batch_size']:4d} failed: {r['error'][-120:]}")
                 continue
-            peak = r.get("peak_mem_gib")
+            peak = r.get("peak_mem_gib")  # None on CPU: not measured there
             lines.append(f"{impl:>12s} {r['micro_batch_size']:4d} "
                          f"{r['tokens_per_s_per_gpu']:10.0f} {r.get('step_time_s', float('nan')):8.3f} "
-                         f"{peak if peak else float('nan'):9.2f}")
+                         + (f"{peak:9.2f}" if peak is not None else f"{'n/a':>9s}"))
         text = "\n".join(lines)
         print(text)
         return text

@@ -117,6 +117,7 @@ def test_performance_benchmark_on_cpu():
     rows = bench.run_comprehensive_benchmark()
     assert [r["micro_batch_size"] for r in rows] == [1, 2] and all(r.get("tokens_per_s", 0) > 0 for r in rows), rows
     assert "tok/s/GPU" in bench.print_summary()
+    assert all(r["peak_mem_gib"] is None for r in rows) and " n/a" in bench.print_summary()  # not measured on CPU
 
 
 def test_manual_trainer_and_models_face():
