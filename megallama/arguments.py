@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional, Sequence
 
 from megallama.config import get_model_config, list_models
@@ -99,8 +100,9 @@ def _add_parallel(p):
     g.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", dest="pipeline_model_parallel_size",
                    type=int, default=1)
     g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b", "interleaved", "chimera", "zb-h1"],
-                   default="1f1b")
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+                   default=None, help="default 1f1b, or interleaved with --num-layers-per-virtual-pipeline-stage")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per model chunk: implies --pipeline-schedule interleaved (Megatron)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
@@ -226,14 +228,21 @@ def _derive(args, world_size: int):
         from megallama.autoconfig_args import apply_auto_configure
         world_size = args.world_size = apply_auto_configure(args, world_size)
     args.zero_stage = args.zero_stage or 0
+    _derive_pipeline(args)
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:  # Megatron: a warning, then off
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("warning: --sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off",
+                  file=sys.stderr, flush=True)
+        args.sequence_parallel = False
     if args.context_parallel_size > 1:
         from megallama.mpu.context_parallel import check_sequence_length
         check_sequence_length(args.seq_length, args.context_parallel_size)
     # Batch sizes: global = micro * dp * num_microbatches.
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    if args.gpus is not None and args.gpus * args.nodes != world_size and world_size > 1:
+    if args.gpus is not None and args.gpus * args.nodes != world_size and (world_size > 1 or not args.dry_run):
         raise ConfigError(f"--gpus {args.gpus} x --nodes {args.nodes} does not match the launched world size "
-                          f"{world_size}; launch with torchrun --nproc_per_node {args.gpus}")
+                          f"{world_size}; launch with torchrun --nproc_per_node {args.gpus} (or megallama train "
+                          f"--gpus {args.gpus}, which does), or add --dry-run to only plan")
     if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; launch a multiple "
                           f"of {tp * pp * cp} processes or change the parallel sizes")
@@ -263,6 +272,26 @@ def _derive(args, world_size: int):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
+
+
+def _derive_pipeline(args) -> None:
+    """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (as in Megatron) and must split
+    every stage's layers into whole chunks; it is never dropped silently."""
+    n, pp, layers = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size, \
+        args.model_config.num_layers
+    if n is not None:
+        flag = f"--num-layers-per-virtual-pipeline-stage {n}"
+        if args.pipeline_schedule not in (None, "interleaved"):
+            raise ConfigError(f"{flag} needs the interleaved schedule, but --pipeline-schedule {args.pipeline_schedule}"
+                              " was given; drop one of the two")
+        if pp < 2:
+            raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1 (got {pp}); drop it or raise the "
+                              "pipeline size")
+        if n < 1 or layers % (pp * n):
+            raise ConfigError(f"{flag} does not split {layers} layers over {pp} pipeline stages ({layers / pp:g} "
+                              "per stage); pick a value dividing the layers per stage")
+        args.pipeline_schedule = "interleaved"
+    args.pipeline_schedule = args.pipeline_schedule or "1f1b"
 
 
 def _derive_strategy(args) -> None:

@@ -1,0 +1,45 @@
+"""Flags that used to be ignored silently: --gpus in a single process, virtual pipeline stages without the
+interleaved schedule, --sequence-parallel without tensor parallelism. Each is now applied, warned about, or an
+error (Megatron's behaviour where it has one)."""
+import pytest
+
+from megallama.arguments import parse_args
+from megallama.errors import ConfigError
+
+TINY = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--seq-length", "32", "--vocab-size", "512", "--micro-batch-size", "1",
+        "--global-batch-size", "4"]
+
+
+def test_gpus_must_match_the_launched_processes_unless_dry_run(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="--gpus 2 x --nodes 1 does not match the launched world size 1; launch "
+                                          "with torchrun --nproc_per_node 2"):
+        parse_args(TINY + ["--gpus", "2"])
+    assert parse_args(TINY + ["--gpus", "2", "--dry-run"]).gpus == 2  # planning from one process
+    assert parse_args(TINY + ["--gpus", "1"]).world_size == 1
+    assert parse_args(TINY + ["--gpus", "2"], world_size=2).data_parallel_size == 2  # under torchrun
+
+
+def test_virtual_stages_imply_interleaved_and_must_divide_the_stage():
+    args = parse_args(TINY + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+                      world_size=2)
+    assert args.pipeline_schedule == "interleaved"
+    assert parse_args(TINY, world_size=1).pipeline_schedule == "1f1b"  # the default is unchanged
+    with pytest.raises(ConfigError, match="needs the interleaved schedule, but --pipeline-schedule gpipe was given"):
+        parse_args(TINY + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                           "--pipeline-schedule", "gpipe"], world_size=2)
+    with pytest.raises(ConfigError, match="does not split 4 layers over 2 pipeline stages"):
+        parse_args(TINY + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+                   world_size=2)
+    with pytest.raises(ConfigError, match="needs --pipeline-model-parallel-size > 1"):
+        parse_args(TINY + ["--num-layers-per-virtual-pipeline-stage", "2"], world_size=1)
+
+
+def test_sequence_parallel_without_tensor_parallel_warns_and_is_off(capsys):
+    args = parse_args(TINY + ["--sequence-parallel"], world_size=1)
+    assert args.sequence_parallel is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: --sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off"]
+    assert parse_args(TINY + ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
+                      world_size=2).sequence_parallel is True
