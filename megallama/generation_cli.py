@@ -63,13 +63,9 @@ def run_args(opts, saved: dict, world: int):
     for k in ("tokenizer_type", "tokenizer_model"):
         if getattr(opts, k) is not None:
             setattr(args, k, getattr(opts, k))
-    hf_dir = saved.get("converted_from")
-    if hf_dir and args.tokenizer_type is None and args.tokenizer_model is None:  # an HF model: its own tokenizer
-        if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-            from megallama.errors import ConfigError
-            raise ConfigError(f"this checkpoint was converted from {hf_dir}, which has no tokenizer.json; pass the "
-                              "model's tokenizer with --tokenizer-type/--tokenizer-model")
-        args.tokenizer_type, args.tokenizer_model = "hf", hf_dir
+    if opts.tokenizer_type is None and opts.tokenizer_model is None:  # the checkpoint's (an HF model: its own)
+        from megallama.data.tokenizer import checkpoint_tokenizer
+        args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(saved)
     args.__dict__.update(
         world_size=world, tensor_model_parallel_size=world, pipeline_model_parallel_size=1, context_parallel_size=1,
         expert_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+from typing import Optional, Tuple
 
 from megallama.errors import ConfigError
 
@@ -231,6 +232,19 @@ def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None
     tok = _build(tokenizer_type, tokenizer_model)
     tok._build_args = (tokenizer_type, tokenizer_model)
     return tok
+
+
+def checkpoint_tokenizer(saved_args: dict) -> Tuple[Optional[str], Optional[str]]:
+    """(--tokenizer-type, --tokenizer-model) a checkpoint was trained with, from its saved arguments; an HF model
+    imported by ``convert_checkpoint.py hf-to-megallama`` uses the tokenizer.json of the folder it came from."""
+    t, path = saved_args.get("tokenizer_type"), saved_args.get("tokenizer_model")
+    hf_dir = saved_args.get("converted_from")
+    if hf_dir and t is None and path is None:
+        if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+            raise ConfigError(f"this checkpoint was converted from {hf_dir}, which has no tokenizer.json; pass the "
+                              "model's tokenizer with --tokenizer-type/--tokenizer-model")
+        return "hf", hf_dir
+    return t, path
 
 
 # Megatron-LM's --tokenizer-type spellings, so its command lines work unchanged

@@ -13,24 +13,16 @@ import os
 import shutil
 from typing import Optional, Tuple
 
-from megallama.data.tokenizer import build_tokenizer
+from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
 
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def run_tokenizer(saved_args: dict) -> Tuple[str, Optional[str]]:
-    """(type, model path) a run trained with; an imported HF model's folder when it named none."""
-    t, path = saved_args.get("tokenizer_type"), saved_args.get("tokenizer_model")
-    hf_dir = saved_args.get("converted_from")
-    if t is None and path is None and hf_dir and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-        return "hf", hf_dir
-    return (t or "bundled").lower(), path
 
 
 def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Optional[int], str]:
     """Write the run's tokenizer files into ``out_dir``; returns (bos id, eos id, a line saying what was done).
     The ids are the tokenizer's even when no file could be written."""
-    t, path = run_tokenizer(saved_args)
+    t, path = checkpoint_tokenizer(saved_args)
+    t = (t or ("bundled" if path is None else "sentencepiece")).lower()
     tok = build_tokenizer(t, path)
     bos, eos = tok.bos_id, tok.eos_id
     if t == "hf":
