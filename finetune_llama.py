@@ -47,6 +47,8 @@ def prepare_finetune_args(args):
     args.chat_template = True
     if args.finetune and args.load and not args.pretrained_checkpoint:
         args.pretrained_checkpoint, args.load = args.load, None
+    from megallama.checkpointing import check_save_dir
+    check_save_dir(args)  # before an HF folder is converted into --save: a run there is resumed (--load) or kept
     if args.pretrained_checkpoint:
         if not os.path.exists(args.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "

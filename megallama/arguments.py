@@ -49,6 +49,12 @@ def _add_training(p):
     g.add_argument("--lr-warmup-iters", type=int, default=None, help="default 10%% of train iters, at most 2000")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use this run's LR schedule (--lr, --min-lr, warmup, decay) over the checkpoint's")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR schedule whatever this run's flags say")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -271,6 +277,9 @@ def _derive(args, world_size: int):
     for name in ("train_iters", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler contradict each "
+                          "other; pass at most one")
     return args
 
 

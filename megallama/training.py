@@ -14,7 +14,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from megallama.checkpointing import check_writable, load_checkpoint, save_checkpoint
+from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint, save_checkpoint
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import TrainingLogger, device_peak_flops, flops_per_token, format_log_line
@@ -93,6 +93,7 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
 def pretrain(args, datasets=None) -> dict:
     """Train; returns a summary (losses per iteration, final iteration) for tests and the API. ``datasets``:
     (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags."""
+    check_save_dir(args)  # before anything is built or written: never train over another run's checkpoints
     device = initialize_megatron(args)
     if args.save:
         check_writable(args.save)
@@ -101,8 +102,10 @@ def pretrain(args, datasets=None) -> dict:
     if args.dry_run:
         return {"dry_run": True, "losses": {}}
     start_iter, consumed = 0, 0
+    scheduler = OptimizerParamScheduler.from_args(optimizer, args)
     if args.load:
-        start_iter, consumed = load_checkpoint(args.load, model_chunks, optimizer, args, finetune=args.finetune)
+        start_iter, consumed = load_checkpoint(args.load, model_chunks, optimizer, args, finetune=args.finetune,
+                                               scheduler=scheduler)
         if start_iter:
             print_rank_0(f"resumed from {args.load} at iteration {start_iter} ({consumed} samples consumed)")
     from megallama.data.gpt_dataset import build_data_iterator
@@ -110,9 +113,6 @@ def pretrain(args, datasets=None) -> dict:
                                     ps.get_data_parallel_world_size())
     if hasattr(train_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
         data_iter = train_ds.wrap_iterator(data_iter, args.num_microbatches)
-    warmup = args.lr_warmup_iters if args.lr_warmup_iters is not None else min(2000, args.train_iters // 10)
-    scheduler = OptimizerParamScheduler(optimizer, args.lr, args.min_lr, warmup, args.lr_decay_iters or args.train_iters,
-                                        args.lr_decay_style)
     forward_backward = get_forward_backward(args)
     local_seq = args.seq_length // args.context_parallel_size
     forward_step = make_forward_step(args, device)
@@ -198,12 +198,14 @@ def pretrain(args, datasets=None) -> dict:
                          f"{math.exp(min(vloss, 50)):.6E} |")
             logger.scalars(step, {"valid/loss": vloss})
         if args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter):
-            path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
+            path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
+                                   scheduler=scheduler)
             print_rank_0(f"saved checkpoint to {path}")
             saved = step
         if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
             if saved != step:
-                path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last)
+                path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
+                                       scheduler=scheduler)
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter = step
             break

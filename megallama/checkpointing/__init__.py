@@ -4,8 +4,8 @@ tp/pp/dp/ZeRO/vpp layouts, loaded with ``torch.load(weights_only=True)``; HF con
 Training calls ``check_writable``, ``save_checkpoint`` and ``load_checkpoint``; tools use ``ShardReader`` and
 ``write_full_checkpoint`` to read and write whole (unsharded) models by HF name.
 """
-from megallama.checkpointing.files import (TRACKER, checkpoint_dir, list_iterations, read_tracker,  # noqa: F401
-                                           resolve_load_dir)
+from megallama.checkpointing.files import (TRACKER, check_save_dir, checkpoint_dir, list_iterations,  # noqa: F401
+                                           read_tracker, resolve_load_dir)
 from megallama.checkpointing.save_load import (args_to_dict, check_compatible, check_writable,  # noqa: F401
                                                load_checkpoint, load_common, save_checkpoint)
 from megallama.checkpointing.full import model_config_from_checkpoint, open_checkpoint  # noqa: F401

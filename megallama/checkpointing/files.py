@@ -23,6 +23,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 COMMON = "common.pt"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
+_TMP_RE = re.compile(r"^iter_\d{7}\.tmp$")
 
 
 def checkpoint_dir(save: str, iteration: int) -> str:
@@ -140,6 +141,54 @@ def read_tracker(load: str) -> Optional[int]:
     if not text.isdigit():
         return None  # a corrupt tracker is ignored: the directory listing decides
     return int(text)
+
+
+def last_saved_iteration(save: str) -> Optional[int]:
+    """The iteration a run directory has reached (its tracker, else its newest ``iter_*``); None if it holds no run."""
+    tracked = read_tracker(save)
+    if tracked is not None:
+        return tracked
+    iters = list_iterations(save)
+    return iters[-1] if iters else None
+
+
+def remove_stale_tmp(save: str, keep: str) -> List[str]:
+    """Remove ``iter_*.tmp`` directories of saves killed mid-write (kill -9 leaves them forever otherwise), except
+    ``keep``, the one this save writes. Only one run writes a save directory at a time (a second run into it is
+    refused unless it resumes it), so any other .tmp belongs to a dead run. Call from the rank that publishes."""
+    removed = []
+    try:
+        names = os.listdir(save)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(save, name)
+        if _TMP_RE.match(name) and os.path.abspath(path) != os.path.abspath(keep) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or os.path.dirname(path) == root
+
+
+def check_save_dir(args) -> None:
+    """Refuse a --save directory that already holds a run unless --load resumes that run: the new run would write
+    its iter_* over the old ones and reset the tracker. Read-only, so it runs before anything is built or written;
+    ``--load X --save X`` (Megatron's auto-resume) passes, also while X is empty or not there yet."""
+    save = getattr(args, "save", None)
+    last = last_saved_iteration(save) if save and os.path.isdir(save) else None
+    if last is None:
+        return
+    load, finetune = getattr(args, "load", None), getattr(args, "finetune", False)
+    if load and _inside(load, save) and not finetune:
+        return
+    fix = f"drop --finetune and pass --load {save} to resume it" if load and finetune and _inside(load, save) \
+        else f"pass --load {save} to resume it"
+    raise ConfigError(f"--save directory {save} already holds a run at iteration {last}; {fix}, or choose an empty "
+                      "--save directory")
 
 
 def write_tracker(save: str, iteration: int) -> None:

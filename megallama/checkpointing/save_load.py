@@ -113,13 +113,14 @@ def check_writable(save: str) -> None:
 
 # ---------------------------------------------------------------- save
 def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, consumed_samples: int,
-                    keep_last: Optional[int] = None, extra: Optional[dict] = None) -> str:
+                    keep_last: Optional[int] = None, extra: Optional[dict] = None, scheduler=None) -> str:
     final = F.checkpoint_dir(save, iteration)
     tmp = final + ".tmp"
     err = None
     if _rank() == 0:
         try:
             os.makedirs(save, exist_ok=True)
+            F.remove_stale_tmp(save, keep=tmp)
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
@@ -163,6 +164,8 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
                       "zero_stage": getattr(args, "zero_stage", 0) if args is not None else 0,
                       "index": merge_indexes(p[0] for p in parts), "optimizer_scalars": scalars,
                       "extra": extra or {}}
+            if scheduler is not None:
+                common["opt_param_scheduler"] = scheduler.state_dict()
             F.atomic_torch_save(common, os.path.join(tmp, F.COMMON))
             manifest = {k: v for p in parts for k, v in p[1].items()}
             manifest[F.COMMON] = F.describe_file(os.path.join(tmp, F.COMMON))
@@ -239,11 +242,12 @@ def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]
     return sorted(need)
 
 
-def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False, quiet: bool = False
-                    ) -> Tuple[int, int]:
+def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False, quiet: bool = False,
+                    scheduler=None) -> Tuple[int, int]:
     """Load the newest good checkpoint under ``load`` (or the one ``load`` names) into this rank's chunks and
     optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``. ``quiet``:
-    no "loaded weights" line (the caller says what it loaded)."""
+    no "loaded weights" line (the caller says what it loaded). ``scheduler``: its settings are checked against the
+    checkpoint's (a resume must not change the LR schedule silently; a finetune starts a fresh one)."""
     candidates = _bcast(F.resolve_load_dir(load) if _rank() == 0 else None)
     named = candidates == [load]
     bad = []
@@ -266,12 +270,23 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             _warn(f"skipping checkpoint {ckpt}: {reason}")
             bad.append(ckpt)
             continue
+        if scheduler is not None and not finetune:
+            scheduler.load_state_dict(_saved_scheduler(common), getattr(args, "override_opt_param_scheduler", False),
+                                      getattr(args, "use_checkpoint_opt_param_scheduler", False))
         return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet)
     if bad:
         raise ConfigError(f"no usable checkpoint in {load} ({len(bad)} bad: {', '.join(map(os.path.basename, bad))})"
                           "; remove --load to start afresh or restore a good checkpoint")
     _say(f"no checkpoint in {load}; starting from scratch")
     return 0, 0
+
+
+def _saved_scheduler(common: dict) -> Optional[dict]:
+    """The checkpoint's LR schedule: saved by the scheduler, else (older checkpoints) resolved from its args."""
+    if "opt_param_scheduler" in common:
+        return common["opt_param_scheduler"]
+    from megallama.lr_scheduler import settings_from_args
+    return settings_from_args(common.get("args", {}))
 
 
 def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet=False

@@ -22,7 +22,7 @@ def saved(tmp_path_factory):
     """A good checkpoint of the tiny model (iteration 2) that every case starts from."""
     root = tmp_path_factory.mktemp("base")
     ck = str(root / "ck")
-    assert pretrain_llama.main(BASE + ["--train-iters", "2", "--save", ck, "--save-interval", "2"]) == 0
+    assert pretrain_llama.main(BASE + ["--exit-interval", "2", "--save", ck, "--save-interval", "2"]) == 0
     return ck
 
 
@@ -94,6 +94,17 @@ def _case(name, tmp, ck, monkeypatch):
         return ["--train-iters", "-3"], "--train-iters"
     if name == "use_checkpoint_args_without_load":
         return ["--use-checkpoint-args"], "--load"
+    if name == "save_into_existing_run":  # would overwrite its iter_* and reset its tracker
+        return ["--save", ck, "--save-interval", "1"], f"{ck} already holds a run at iteration 2; pass --load {ck}"
+    if name == "finetune_into_existing_run":  # --finetune restarts at iteration 0: the same overwrite
+        return ["--load", ck, "--finetune", "--save", ck], "drop --finetune"
+    if name == "resume_with_another_lr_schedule":  # decay follows --train-iters: 4 when saved
+        return ["--load", ck, "--save", ck, "--train-iters", "8"], \
+            "--lr-decay-iters (default --train-iters) 4 in the checkpoint, 8 now); pass --override-opt-param-scheduler"
+    if name == "both_lr_schedule_flags":
+        return ["--load", ck, "--override-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"], "at most one"
+    if name == "gpus_without_launcher":  # one process, --gpus 2: would train on one silently
+        return ["--gpus", "2"], "torchrun --nproc_per_node 2"
     raise KeyError(name)
 
 
@@ -102,7 +113,8 @@ CASES = ["empty_data", "no_text_field", "vocab_smaller_than_tokenizer", "missing
          "checkpoint_of_untied_model", "vocab_of_converted_checkpoint", "truncated_checkpoint_named",
          "only_checkpoint_corrupt", "missing_manifest", "load_dir_missing", "unwritable_save",
          "disk_full_during_save", "keep_last_zero", "save_interval_zero", "negative_train_iters",
-         "use_checkpoint_args_without_load"]
+         "use_checkpoint_args_without_load", "save_into_existing_run", "finetune_into_existing_run",
+         "resume_with_another_lr_schedule", "both_lr_schedule_flags", "gpus_without_launcher"]
 
 
 @pytest.mark.parametrize("name", CASES)

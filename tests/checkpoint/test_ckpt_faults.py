@@ -123,7 +123,7 @@ def test_keep_last(tmp_path):
 
 def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, capsys, reference):
     ck = str(tmp_path / "ck")
-    _run(["--train-iters", "4", "--save", ck, "--save-interval", "2"])
+    _run(["--train-iters", "6", "--exit-interval", "4", "--save", ck, "--save-interval", "2"])  # the resume's schedule
     bad = os.path.join(ck, "iter_0000004", "rank_00000.pt")
     with open(bad, "r+b") as f:  # flip one byte in the middle: same size, only the CRC can tell
         f.seek(os.path.getsize(bad) // 2)
