@@ -67,12 +67,25 @@ def dry_run(argv: List[str]) -> int:
     return 0
 
 
+def _wait(proc) -> int:
+    """Wait for the launcher; Ctrl-C reached it too (same process group) and it stops the ranks, so keep waiting
+    instead of killing it (``subprocess.call`` would, orphaning the ranks); a second Ctrl-C sends it SIGTERM."""
+    interrupts = 0
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts > 1:
+                proc.terminate()
+
+
 def train(argv: List[str]) -> int:
     if "--dry-run" in argv:
         return dry_run(argv)
     gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
     if gpus * nodes > 1 and "WORLD_SIZE" not in os.environ:
-        return subprocess.call(_launcher(argv, gpus, nodes))
+        return _wait(subprocess.Popen(_launcher(argv, gpus, nodes)))
     from megallama.arguments import parse_args
     from megallama.environment import validate_environment
     from megallama.training import pretrain
@@ -145,6 +158,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (also while torchrun runs the ranks)
+        from megallama.initialize import interrupted_line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_line(e), file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

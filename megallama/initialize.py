@@ -78,15 +78,24 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def interrupted_line(e: KeyboardInterrupt) -> str:
+    """Ctrl-C as one line: pretrain's TrainingInterrupted says where it stopped; earlier, nothing was trained."""
+    return str(e) or "interrupted before training started"
+
+
 def run_script(body) -> int:
-    """The scripts' ``main``: run ``body()``, print a user mistake as one line from rank 0 (exit 2), and always
-    leave the process group cleanly."""
+    """The scripts' ``main``: run ``body()``, print a user mistake as one line from rank 0 (exit 2), Ctrl-C as one
+    line (exit 130, no traceback), and always leave the process group cleanly."""
     try:
         body()
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(interrupted_line(e), file=sys.stderr, flush=True)
+        return 130
     finally:
         shutdown_distributed()
     return 0

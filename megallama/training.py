@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint, save_checkpoint
+from megallama.checkpointing.signals import RunProgress, report_interrupt
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import TrainingLogger, device_peak_flops, flops_per_token, format_log_line
@@ -92,8 +93,15 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
 
 def pretrain(args, datasets=None) -> dict:
     """Train; returns a summary (losses per iteration, final iteration) for tests and the API. ``datasets``:
-    (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags."""
+    (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags.
+    Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) saying where the run stopped and what is saved."""
     check_save_dir(args)  # before anything is built or written: never train over another run's checkpoints
+    progress = RunProgress(args.save)
+    with report_interrupt(progress):
+        return _pretrain(args, datasets, progress)
+
+
+def _pretrain(args, datasets, progress: RunProgress) -> dict:
     device = initialize_megatron(args)
     if args.save:
         check_writable(args.save)
@@ -106,6 +114,7 @@ def pretrain(args, datasets=None) -> dict:
     if args.load:
         start_iter, consumed = load_checkpoint(args.load, model_chunks, optimizer, args, finetune=args.finetune,
                                                scheduler=scheduler)
+        progress.done = start_iter
         if start_iter:
             print_rank_0(f"resumed from {args.load} at iteration {start_iter} ({consumed} samples consumed)")
     from megallama.data.gpt_dataset import build_data_iterator
@@ -159,6 +168,7 @@ def pretrain(args, datasets=None) -> dict:
         else:
             skipped_in_row = 0
         history[step] = loss
+        progress.done = step
         if grad_norm is not None:
             grad_norms[step] = float(grad_norm)  # a host float already (the clip needs it)
         if getattr(args, "loss_log", None) and is_rank_0():  # exact values, for comparing runs bit for bit
@@ -201,11 +211,12 @@ def pretrain(args, datasets=None) -> dict:
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                    scheduler=scheduler)
             print_rank_0(f"saved checkpoint to {path}")
-            saved = step
+            saved = progress.saved = step
         if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
             if saved != step:
                 path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                        scheduler=scheduler)
+                progress.saved = step
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter = step
             break

@@ -1,12 +1,18 @@
-"""Save-and-exit on SIGTERM (cluster preemption, ``scancel``, torchrun shutting a job down).
+"""Save-and-exit on SIGTERM (cluster preemption, ``scancel``, torchrun shutting a job down); Ctrl-C reported.
 
 The handler only records the signal; the loop asks ``should_exit()`` at the end of every iteration, which agrees
 across ranks (one tiny all-reduce), so every rank saves the same iteration together and exits cleanly instead of
 dying mid-step. Megatron's ``--exit-signal-handler`` does the same.
+
+SIGINT (Ctrl-C) saves nothing, as in Megatron: the user asked to stop now. ``report_interrupt`` turns the
+KeyboardInterrupt into ``TrainingInterrupted``, whose message the scripts print as one line (exit 130).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,3 +45,35 @@ class ExitSignalHandler:
     def release(self) -> None:
         if self.installed:
             signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``pretrain``; the message says where the run stopped and what is on disk."""
+
+
+class RunProgress:
+    """What an interrupted run reports: the last finished iteration and the last checkpoint in --save."""
+
+    def __init__(self, save: Optional[str]):
+        from megallama.checkpointing.files import last_saved_iteration
+        self.save, self.done = save, 0
+        self.saved = last_saved_iteration(save) if save and os.path.isdir(save) else None
+
+    def describe(self) -> str:
+        if not self.save:
+            where = "nothing saved (no --save)"
+        elif self.saved is None:
+            where = f"no checkpoint in {self.save} yet"
+        else:
+            where = f"the last checkpoint is iteration {self.saved} in {self.save}"
+        return f"interrupted after iteration {self.done}; {where}"
+
+
+@contextlib.contextmanager
+def report_interrupt(progress: RunProgress):
+    try:
+        yield
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(progress.describe()) from None

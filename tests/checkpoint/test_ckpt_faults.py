@@ -52,8 +52,8 @@ def _inject(monkeypatch, iterations, kind):
                     out = out * float("nan")
                 elif kind == "grad":
                     out = _NanGrad.apply(out)
-                elif kind == "sigterm" and (calls["n"] - 1) % args.num_microbatches == 0:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                elif kind in ("sigterm", "sigint") and (calls["n"] - 1) % args.num_microbatches == 0:
+                    os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
             return out, loss_func
         return forward_step
     monkeypatch.setattr(training, "make_forward_step", make)
@@ -113,6 +113,43 @@ def test_sigterm_saves_current_iteration_and_resume_is_exact(tmp_path, monkeypat
     for step in range(1, 7):
         got = out["losses"][step] if step <= 3 else resumed[step]
         assert got == reference[step], (step, got, reference[step])  # bit for bit
+
+
+def test_ctrl_c_is_one_line_exit_130_and_saves_nothing(tmp_path, monkeypatch, capsys):
+    """SIGINT mid-iteration 3 (Megatron saves nothing on it): the last checkpoint stays iteration 2, no traceback."""
+    import pretrain_llama
+    ck = str(tmp_path / "ck")
+    _inject(monkeypatch, {3}, "sigint")
+    try:
+        code = pretrain_llama.main(BASE + ["--train-iters", "6", "--save", ck, "--save-interval", "2"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a KeyboardInterrupt (a traceback for the user)")
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == [f"interrupted after iteration 2; the last checkpoint is iteration 2 in {ck}"]
+    assert sorted(os.listdir(ck)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    monkeypatch.undo()
+    _inject(monkeypatch, {3}, "sigint")
+    code = pretrain_llama.main(BASE + ["--train-iters", "6"])  # no --save: says so
+    assert code == 130 and capsys.readouterr().err.strip() == "interrupted after iteration 2; nothing saved (no --save)"
+
+
+def test_ctrl_c_of_a_real_process(tmp_path):
+    """The signal from a terminal, to a running script: exit 130 and one line on stderr."""
+    import subprocess
+    from ckpt_helpers import command, env, wait_for_steps
+    log = str(tmp_path / "loss.log")
+    proc = subprocess.Popen(command(BASE + ["--train-iters", "1000", "--loss-log", log]), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert wait_for_steps(log, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted after iteration "), err[-3000:]
+    assert err.strip().endswith("nothing saved (no --save)")
 
 
 def test_keep_last(tmp_path):
