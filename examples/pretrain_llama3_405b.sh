@@ -17,7 +17,8 @@ ARGS=(--model llama3_405b --bf16 --tensor-model-parallel-size 8 --sequence-paral
   --seq-length 8192 --micro-batch-size 1 --global-batch-size "${GBS:-512}"
   --train-iters "${ITERS:-1200000}" --lr 8e-5 --min-lr 8e-7 --lr-warmup-iters 8000
   --tokenizer-type llama3 --tokenizer-model "${TOKENIZER:-tokenizer.model}"
-  --save "${SAVE:-checkpoints/llama3_405b}" --save-interval 500 --log-interval 1)
+  --save "${SAVE:-checkpoints/llama3_405b}" --load "${SAVE:-checkpoints/llama3_405b}" --save-interval 500
+  --log-interval 1)
 if [ -n "${DRY_RUN:-}" ]; then
   exec python -m megallama.cli train --gpus 8 --nodes "$NNODES" "${ARGS[@]}" "$@" --dry-run
 fi

@@ -12,7 +12,8 @@ ARGS=(--model tiny_llama3_150m --bf16
   --strategy moe --num-experts 8 --moe-router-topk 2 --moe-layer-freq 2
   --moe-aux-loss-coeff 1e-2 --moe-z-loss-coeff 1e-3 --expert-model-parallel-size "${EP:-1}"
   --seq-length 1024 --micro-batch-size 8 --global-batch-size 64 --train-iters 500
-  --lr 1e-3 --lr-warmup-iters 50 --log-interval 10 --save checkpoints/moe --save-interval 250)
+  --lr 1e-3 --lr-warmup-iters 50 --log-interval 10 --save checkpoints/moe --load checkpoints/moe
+  --save-interval 250)
 if [ -n "${DRY_RUN:-}" ]; then
   exec python -m megallama.cli train --gpus "$GPUS" "${ARGS[@]}" "$@" --dry-run
 fi
