@@ -9,6 +9,8 @@ Same flags and training loop as ``pretrain_llama.py``; what differs is the data 
   one padded conversation per sample, or ``--sft-packing``;
 * start: ``--pretrained-checkpoint`` is a megallama checkpoint of any layout, or an HF model folder
   (config.json + safetensors; converted once next to ``--save``); ``--load X --finetune`` means the same;
+  its tokenizer (an HF folder's tokenizer.json, or the run's) unless ``--tokenizer-*`` name one, and with
+  ``--use-checkpoint-args`` its shape;
 * strategy: ``standard`` fine-tunes everything, ``lora`` adapters on a frozen base (``--save-adapter`` writes
   them in PEFT's layout), ``moe``/``hybrid`` upcycle the dense MLPs into experts.
 """
@@ -16,12 +18,8 @@ import os
 import sys
 import time
 
+from megallama.checkpointing.hf_config import is_hf_model_dir
 from megallama.errors import ConfigError
-
-
-def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
-        os.path.join(path, "latest_checkpointed_iteration.txt"))
 
 
 def convert_hf_once(hf_dir: str, cache_root: str) -> str:
@@ -53,9 +51,24 @@ def prepare_finetune_args(args):
         if not os.path.exists(args.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "
                               "checkpoint directory or an HF model folder")
-        if _is_hf_dir(args.pretrained_checkpoint):
+        if is_hf_model_dir(args.pretrained_checkpoint):
             args.pretrained_checkpoint = convert_hf_once(args.pretrained_checkpoint, args.save or os.getcwd())
+        if args.tokenizer_type is None and args.tokenizer_model is None and not args.mock_data:
+            _use_checkpoint_tokenizer(args)
     return args
+
+
+def _use_checkpoint_tokenizer(args) -> None:
+    """No tokenizer named: the pretrained model's (an HF folder's tokenizer.json, or the run's), not the bundled
+    one, whose ids mean other words to the model."""
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer import checkpoint_tokenizer
+    from megallama.initialize import print_rank_0
+    saved = open_checkpoint(args.pretrained_checkpoint, verify=False)[1].get("args", {})
+    args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(saved)
+    if args.tokenizer_type or args.tokenizer_model:
+        print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} (the pretrained checkpoint's; "
+                     "--tokenizer-type/--tokenizer-model override it)")
 
 
 def main(argv=None) -> int:

@@ -181,7 +181,7 @@ def _add_logging(p):
                    help="on SIGTERM, save a checkpoint at the end of the iteration and exit (default with --save)")
     g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false")
     g.add_argument("--use-checkpoint-args", action="store_true", help="take the model shape (incl. rope scaling "
-                   "and tied embeddings) from the --load checkpoint, e.g. one made by tools/convert_checkpoint.py")
+                   "and tied embeddings) from the --load checkpoint (or --pretrained-checkpoint, an HF folder too)")
     g.add_argument("--loss-log", default=None, help="append 'iteration loss' lines with the exact (repr) loss, "
                    "to compare runs bit for bit")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, step and data")
@@ -217,10 +217,12 @@ def _derive(args, world_size: int):
     from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
     args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
     if args.use_checkpoint_args:
-        if not args.load:
-            raise ConfigError("--use-checkpoint-args needs --load pointing at a checkpoint")
+        source = args.load or getattr(args, "pretrained_checkpoint", None)
+        if not source:
+            raise ConfigError("--use-checkpoint-args needs --load or --pretrained-checkpoint pointing at a "
+                              "checkpoint (or an HF model folder)")
         from megallama.checkpointing import model_config_from_checkpoint
-        args.model_config = model_config_from_checkpoint(args.load)
+        args.model_config = model_config_from_checkpoint(source)
         args.vocab_size = args.model_config.vocab_size  # the checkpoint's vocabulary, not the tokenizer's
     ctx = args.model_config.max_position_embeddings
     if args.seq_length is None:

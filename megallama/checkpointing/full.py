@@ -88,8 +88,12 @@ def model_tensor_names(common: dict) -> list:
 
 
 def model_config_from_checkpoint(load: str):
-    """The ModelConfig a checkpoint was saved with (``--use-checkpoint-args``)."""
+    """The ModelConfig a checkpoint was saved with, or an HF model folder's config.json describes
+    (``--use-checkpoint-args``)."""
     from megallama.config import ModelConfig
+    from megallama.checkpointing.hf_config import hf_config_to_model_config, is_hf_model_dir, read_hf_config
+    if os.path.isdir(load) and is_hf_model_dir(load):
+        return hf_config_to_model_config(read_hf_config(load), os.path.basename(os.path.normpath(load)))
     ckpt, common, _ = open_checkpoint(load, verify=False)
     cfg = common.get("args", {}).get("model_config")
     if not cfg:

@@ -263,3 +263,34 @@ def test_train_from_converted_hf_checkpoint(tmp_path, mode):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), labels.reshape(-1)).item()
     assert abs(out["losses"][1] - ref) <= 1e-5 * ref, (out["losses"][1], ref)
     assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
+
+
+def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
+    """finetune_llama.py --pretrained-checkpoint HF_FOLDER --use-checkpoint-args, no tokenizer flags: the shape
+    (rope scaling included) is the folder's config.json and the tokenizer its tokenizer.json, not the bundled one
+    (whose ids would mean other words to the model); a megallama run fine-tunes with the run's tokenizer."""
+    import finetune_llama
+    from megallama.arguments import parse_args
+    from megallama.data.tokenizer import build_tokenizer
+    from megallama.training import pretrain
+    kw = dict(HF_CASES["llama31_rope"], vocab_size=build_tokenizer("bundled").vocab_size)
+    hf = _hf_model(kw)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    bundled = tmp_path / "bundled_hf"
+    bundled.mkdir()
+    from megallama.data.tokenizer_export import export_tokenizer
+    export_tokenizer({"tokenizer_type": "bundled"}, str(bundled))
+    transformers.AutoTokenizer.from_pretrained(bundled).save_pretrained(tmp_path / "hf")  # writes tokenizer.json
+    argv = ["--pretrained-checkpoint", str(tmp_path / "hf"), "--use-checkpoint-args", "--seq-length", "64",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--device", "cpu",
+            "--no-progress-bar", "--no-fused-kernels", "--save", str(tmp_path / "sft"), "--split", "100,0,0"]
+    args = finetune_llama.prepare_finetune_args(parse_args(argv, world_size=1))
+    assert (args.tokenizer_type, args.tokenizer_model) == ("hf", str(tmp_path / "hf"))
+    assert args.model_config.rope_scaling.factor == 8.0 and args.model_config.num_layers == 2
+    out = pretrain(args)
+    assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
+    # the fine-tuned run's own checkpoint records that tokenizer, so fine-tuning it again picks it up
+    again = finetune_llama.prepare_finetune_args(parse_args(
+        argv[:1] + [str(tmp_path / "sft")] + argv[2:-4] + ["--save", str(tmp_path / "sft2"), "--split", "100,0,0"],
+        world_size=1))
+    assert (again.tokenizer_type, again.tokenizer_model) == ("hf", str(tmp_path / "hf"))
