@@ -130,6 +130,16 @@ def build_model_chunks(args, device):
     return chunks
 
 
+def _resumes(args) -> bool:
+    """--load names a checkpoint of this run to resume (not a --finetune start)."""
+    import os
+    from megallama.checkpointing.files import COMMON, last_saved_iteration
+    load = getattr(args, "load", None)
+    if not load or getattr(args, "finetune", False) or not os.path.isdir(load):
+        return False
+    return os.path.isfile(os.path.join(load, COMMON)) or last_saved_iteration(load) is not None
+
+
 def apply_training_strategy(chunks, args) -> None:
     """Fine-tuning weights first (--pretrained-checkpoint, any layout), then the strategy (MoE layers, LoRA
     adapters, frozen base): adapters and upcycled experts start from the pretrained weights."""
@@ -138,6 +148,8 @@ def apply_training_strategy(chunks, args) -> None:
     active = strategy.name != "standard" or strategy.uses_moe
     pretrained = getattr(args, "pretrained_checkpoint", None)
     saved_moe = False
+    if pretrained and _resumes(args):  # the run's own checkpoint replaces every weight: don't read them twice
+        pretrained = None
     if pretrained:
         import argparse
         from megallama.checkpointing import load_checkpoint

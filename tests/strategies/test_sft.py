@@ -197,3 +197,33 @@ def test_finetune_50_lora_steps_from_pretrain_checkpoint(tmp_path, capsys, one_t
     apply_strategy([m], TrainingStrategy("lora", {"lora_rank": 8, "target_modules": "all"}))
     assert load_adapter(adapter, [m]) == 2 * 7 * 2
     assert os.path.isfile(os.path.join(adapter, "adapter_config.json"))
+
+
+def test_resumed_finetune_does_not_reload_the_pretrained_weights(tmp_path, capsys, one_thread):
+    """--load X --save X of a LoRA fine-tune that has saved: the run's checkpoint has every weight, so the
+    pretrained checkpoint is not read again (minutes on a 70B); the resumed steps equal the uninterrupted run's."""
+    import finetune_llama
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    ck = str(tmp_path / "pre")
+    pretrain(parse_args(SMALL + ["--mock-data", "--seq-length", "64", "--train-iters", "1", "--save", ck],
+                        world_size=1))
+    run = SMALL + ["--seq-length", "64", "--lr", "1e-2", "--pretrained-checkpoint", ck, "--strategy", "lora",
+                   "--lora-rank", "4", "--split", "100,0,0", "--save", str(tmp_path / "sft"), "--load",
+                   str(tmp_path / "sft"), "--save-interval", "2"]
+
+    def finetune(*extra):
+        capsys.readouterr()
+        out = pretrain(finetune_llama.prepare_finetune_args(parse_args(run + ["--train-iters", "4", *extra],
+                                                                       world_size=1)))
+        return out["losses"], capsys.readouterr().out
+
+    full, _ = finetune()
+    import shutil
+    shutil.rmtree(tmp_path / "sft")
+    first, log = finetune("--exit-interval", "2")
+    assert f"loaded weights from {ck}" in log
+    rest, log = finetune()
+    assert "resumed from" in log and f"loaded weights from {ck}" not in log, log
+    assert {**first, **rest} == full
+
