@@ -3,34 +3,77 @@
 The model is cut into ``num_stages * num_chunks`` consecutive parts (part k = chunk * stages + stage for the
 interleaved schedule). Part 0 also runs the embedding and the last part the output head and loss; with a
 128K vocabulary the head costs about 2.4 decoder layers of Llama 3 8B, so the last stage should get fewer
-layers. We minimise the most expensive part (every part keeps at least one layer); among the optimal splits
-the spare layers go to the later parts, since early stages hold more activations in flight under 1F1B.
+layers; a MoE layer costs more than a dense one (its top-k expert MLPs), so sparse layers spread out. We minimise
+the most expensive part (every part keeps at least one layer); among the optimal splits the spare layers go to
+the later parts, since early stages hold more activations in flight under 1F1B.
 ``first_stage_num_layers`` / ``last_stage_num_layers`` pin the ends (Megatron's
 ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``); the rest is balanced.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megallama.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class StageCosts:
-    """Forward cost per token, in units of one decoder layer."""
+    """Forward cost per token, in units of one (dense) decoder layer; ``layers``: each layer's own cost where they
+    differ (a MoE layer runs top-k expert MLPs and a router)."""
     layer: float = 1.0
     embedding: float = 0.0
     head: float = 0.0
+    layers: Optional[Tuple[float, ...]] = None
+
+    def layer_cost(self, i: int) -> float:
+        return self.layers[i] if self.layers is not None else self.layer
 
 
 def costs_from_config(config, seq_length: Optional[int] = None) -> StageCosts:
     """FLOPs-based costs: a layer is 2 x its weights (+ 4 s h of attention scores/values when ``seq_length``
-    is given); the head 2 h V plus the softmax; the embedding a row gather (about h)."""
+    is given); the head 2 h V plus the softmax; the embedding a row gather (about h). A MoE layer (the config's
+    ``moe_layers``) counts its router and top-k expert MLPs (experts of the dense MLP's size)."""
     h, f, v = config.hidden_size, config.ffn_hidden_size, config.vocab_size
     kv = config.num_query_groups * config.head_dim
-    layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + (4 * seq_length * h if seq_length else 0)
-    return StageCosts(1.0, h / layer, (2 * h * v + 5 * v) / layer)
+    attn = 2 * (2 * h * h + 2 * h * kv) + (4 * seq_length * h if seq_length else 0)
+    mlp = 2 * 3 * h * f
+    layer = attn + mlp
+    layers = None
+    experts = getattr(config, "num_experts", 0) or 0
+    if experts:
+        sparse = set(config.moe_layers if config.moe_layers is not None else range(config.num_layers))
+        moe = (attn + getattr(config, "moe_router_topk", 2) * mlp + 2 * h * experts) / layer
+        layers = tuple(moe if i in sparse else 1.0 for i in range(config.num_layers))
+    return StageCosts(1.0, h / layer, (2 * h * v + 5 * v) / layer, layers)
+
+
+def _split(costs: List[float], extra: List[float]) -> List[int]:
+    """Counts of consecutive layers of unequal ``costs`` (MoE among dense) for parts with fixed extras, minimising
+    the costliest part (each part >= 1 layer); among the optimal splits the later parts take as many layers as
+    they can."""
+    n, parts = len(costs), len(extra)
+
+    def fill(bound):  # greedily from the last part; None if the first part cannot stay within bound
+        counts, end = [0] * parts, n
+        for k in range(parts - 1, -1, -1):
+            start, total = end, extra[k]
+            while start > k and total + costs[start - 1] <= bound:  # leave a layer for each earlier part
+                start -= 1
+                total += costs[start]
+            if start == end or (k == 0 and start > 0):
+                return None
+            counts[k], end = end - start, start
+        return counts
+
+    lo, hi = 0.0, sum(costs) + max(extra)
+    for _ in range(100):  # bisect the bottleneck to float precision, then fill at a hair above it
+        mid = (lo + hi) / 2
+        if fill(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return fill(hi * (1 + 1e-12))
 
 
 def _balanced_counts(num_layers: int, num_parts: int, extra: List[float], layer: float) -> List[int]:
@@ -90,10 +133,17 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
                           f"{len(free)} other stages (need at least one each, and all {num_layers} used); "
                           "change --decoder-first/last-pipeline-num-layers")
     c = costs or StageCosts()
+    if c.layers is not None and len(c.layers) != num_layers:
+        raise ConfigError(f"{len(c.layers)} layer costs for {num_layers} layers")
     counts = dict(pinned)
     if free:
+        first = pinned.get(0, 0)
         extra = [(c.embedding if k == 0 else 0.0) + (c.head if k == P - 1 else 0.0) for k in free]
-        counts.update(zip(free, _balanced_counts(rest, len(free), extra, c.layer)))
+        costs = [c.layer_cost(i) for i in range(first, first + rest)]
+        if len(set(costs)) == 1:  # equal layers: the front parts give up the spare ones evenly
+            counts.update(zip(free, _balanced_counts(rest, len(free), extra, costs[0])))
+        else:
+            counts.update(zip(free, _split(costs, extra)))
     parts, start = [], 0
     for k in range(P):
         parts.append(list(range(start, start + counts[k])))

@@ -39,6 +39,31 @@ def test_head_cost_moves_layers_off_the_last_stage():
     assert sizes(partition_layers(32, 4, costs=costs_from_config(get_model_config("llama2_7b")))) == [8] * 4
 
 
+def test_moe_layers_cost_more_and_the_split_follows():
+    """A MoE layer runs top-k expert MLPs: with the sparse layers all in front, an even split overloads stage 0;
+    the split is the best contiguous one (checked against every cut)."""
+    import itertools
+    from megallama.strategies import TrainingStrategy
+    cfg = TrainingStrategy("moe", {"num_experts": 8, "experts_per_token": 2, "moe_layers": [0, 1, 2, 3]}).model_config(
+        get_model_config("llama2_7b", num_layers=8))  # a 32K head: cheap, so the layers decide
+    c = costs_from_config(cfg, 4096)
+    assert c.layers[0] > 1.5 and c.layers[4] == 1.0
+
+    def cost(parts):
+        return max(sum(c.layers[i] for i in p) + (c.embedding if k == 0 else 0) + (c.head if k == len(parts) - 1
+                                                                                    else 0)
+                   for k, p in enumerate(parts))
+    for stages in (2, 3, 4):
+        parts = partition_layers(8, stages, costs=c)
+        best = min(cost([list(range(a, b)) for a, b in zip((0,) + cuts, cuts + (8,))])
+                   for cuts in itertools.combinations(range(1, 8), stages - 1))
+        assert abs(cost(parts) - best) < 1e-9 and sum(sizes(parts)) == 8, (stages, sizes(parts))
+    assert sizes(partition_layers(8, 2, costs=c)) == [3, 5]  # an even split would put 4 MoE layers on stage 0
+    assert sizes(partition_layers(8, 2, costs=costs_from_config(get_model_config("llama2_7b", num_layers=8)))) == \
+        [4, 4]  # the dense model
+    assert sizes(model_parts(cfg, 2, "1f1b", seq_length=4096)) == [3, 5]  # what the pipeline builds
+
+
 def test_first_and_last_stage_overrides():
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5)) == [5, 9, 9, 9]
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5, last_stage_num_layers=3)) == [5, 12, 12, 3]
