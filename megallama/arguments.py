@@ -217,7 +217,9 @@ def _derive(args, world_size: int):
     from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
     args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
     if args.use_checkpoint_args:
-        source = args.load or getattr(args, "pretrained_checkpoint", None)
+        pretrained = getattr(args, "pretrained_checkpoint", None)
+        from megallama.checkpointing.files import holds_checkpoint
+        source = args.load if args.load and (not pretrained or holds_checkpoint(args.load)) else pretrained
         if not source:
             raise ConfigError("--use-checkpoint-args needs --load or --pretrained-checkpoint pointing at a "
                               "checkpoint (or an HF model folder)")

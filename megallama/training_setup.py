@@ -132,12 +132,9 @@ def build_model_chunks(args, device):
 
 def _resumes(args) -> bool:
     """--load names a checkpoint of this run to resume (not a --finetune start)."""
-    import os
-    from megallama.checkpointing.files import COMMON, last_saved_iteration
+    from megallama.checkpointing.files import holds_checkpoint
     load = getattr(args, "load", None)
-    if not load or getattr(args, "finetune", False) or not os.path.isdir(load):
-        return False
-    return os.path.isfile(os.path.join(load, COMMON)) or last_saved_iteration(load) is not None
+    return bool(load) and not getattr(args, "finetune", False) and holds_checkpoint(load)
 
 
 def apply_training_strategy(chunks, args) -> None:

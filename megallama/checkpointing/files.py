@@ -152,6 +152,12 @@ def last_saved_iteration(save: str) -> Optional[int]:
     return iters[-1] if iters else None
 
 
+def holds_checkpoint(path: str) -> bool:
+    """``path`` is a run directory with a checkpoint or one ``iter_*`` directory (not a --save still to be made)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, COMMON)) or
+                                    last_saved_iteration(path) is not None)
+
+
 def remove_stale_tmp(save: str, keep: str) -> List[str]:
     """Remove ``iter_*.tmp`` directories of saves killed mid-write (kill -9 leaves them forever otherwise), except
     ``keep``, the one this save writes. Only one run writes a save directory at a time (a second run into it is

@@ -281,16 +281,20 @@ def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
     from megallama.data.tokenizer_export import export_tokenizer
     export_tokenizer({"tokenizer_type": "bundled"}, str(bundled))
     transformers.AutoTokenizer.from_pretrained(bundled).save_pretrained(tmp_path / "hf")  # writes tokenizer.json
-    argv = ["--pretrained-checkpoint", str(tmp_path / "hf"), "--use-checkpoint-args", "--seq-length", "64",
-            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--device", "cpu",
-            "--no-progress-bar", "--no-fused-kernels", "--save", str(tmp_path / "sft"), "--split", "100,0,0"]
-    args = finetune_llama.prepare_finetune_args(parse_args(argv, world_size=1))
+    common = ["--use-checkpoint-args", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+              "--train-iters", "4", "--device", "cpu", "--no-progress-bar", "--no-fused-kernels", "--split", "100,0,0"]
+    sft = str(tmp_path / "sft")  # --load = --save (README): the first launch starts from the HF folder
+
+    def finetune(pretrained, save, *extra):
+        return finetune_llama.prepare_finetune_args(parse_args(
+            common + ["--pretrained-checkpoint", pretrained, "--save", save, "--load", save, *extra], world_size=1))
+    args = finetune(str(tmp_path / "hf"), sft, "--exit-interval", "2")
     assert (args.tokenizer_type, args.tokenizer_model) == ("hf", str(tmp_path / "hf"))
     assert args.model_config.rope_scaling.factor == 8.0 and args.model_config.num_layers == 2
     out = pretrain(args)
     assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
-    # the fine-tuned run's own checkpoint records that tokenizer, so fine-tuning it again picks it up
-    again = finetune_llama.prepare_finetune_args(parse_args(
-        argv[:1] + [str(tmp_path / "sft")] + argv[2:-4] + ["--save", str(tmp_path / "sft2"), "--split", "100,0,0"],
-        world_size=1))
+    out = pretrain(finetune(str(tmp_path / "hf"), sft))  # the second launch resumes it
+    assert sorted(out["losses"]) == [3, 4]
+    # the fine-tuned run's checkpoint records that tokenizer, so fine-tuning it in turn picks it up
+    again = finetune(sft, str(tmp_path / "sft2"))
     assert (again.tokenizer_type, again.tokenizer_model) == ("hf", str(tmp_path / "hf"))
