@@ -91,6 +91,13 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     return _global_mean_loss(losses, device)
 
 
+def _sync_time(device) -> float:
+    """Wall time after the queued GPU work: a timer edge must not move training kernels into eval/save time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def pretrain(args, datasets=None) -> dict:
     """Train; returns a summary (losses per iteration, final iteration) for tests and the API. ``datasets``:
     (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags.
@@ -139,7 +146,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         from megallama.checkpointing.signals import ExitSignalHandler
         exit_signal = ExitSignalHandler()
     profiler = StepProfiler(getattr(args, "profile_step", None), device, enabled=is_rank_0(), printer=print_rank_0)
-    t_last = time.time()
+    t_last, last_logged = time.time(), start_iter  # interval timer: training time since the last logged step
     for iteration in range(start_iter, end_iter):
         profiler.begin(iteration + 1)
         lr = scheduler.step(iteration)
@@ -177,8 +184,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         if step % args.log_interval == 0 or step == end_iter:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            dt = (time.time() - t_last) / args.log_interval if step % args.log_interval == 0 else time.time() - t_last
-            t_last = time.time()
+            now = time.time()  # per step since the last log: the last line may follow fewer than log_interval
+            dt, t_last, last_logged = (now - t_last) / (step - last_logged), now, step
             times[step] = dt
             tps = tokens_per_iter / dt
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
@@ -202,16 +209,21 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                   "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
                                   "train/loss_scale": vals["loss scale"]})
         bar.update(step, f"loss {loss:.4f}")
-        if args.eval_interval and valid_ds is not None and step % args.eval_interval == 0:
+        do_eval = bool(args.eval_interval and valid_ds is not None and step % args.eval_interval == 0)
+        do_save = bool(args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter))
+        t_pause = _sync_time(device) if do_eval or do_save else None  # they stop the interval timer (Megatron's)
+        if do_eval:
             vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
             print_rank_0(f"validation at iteration {step} | lm loss: {vloss:.6E} | lm loss PPL: "
                          f"{math.exp(min(vloss, 50)):.6E} |")
             logger.scalars(step, {"valid/loss": vloss})
-        if args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter):
+        if do_save:
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                    scheduler=scheduler)
             print_rank_0(f"saved checkpoint to {path}")
             saved = progress.saved = step
+        if t_pause is not None:
+            t_last += _sync_time(device) - t_pause
         if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
             if saved != step:
                 path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,

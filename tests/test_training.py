@@ -109,3 +109,35 @@ def test_compile_has_no_graph_breaks(tmp_path):
                          text=True, cwd=tmp_path, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "graph break" not in (out.stdout + out.stderr).lower(), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("iters,extra", [(10, []), (9, ["--exit-interval", "7"])])
+def test_iteration_time_is_per_step_and_excludes_eval_and_save(tmp_path, monkeypatch, iters, extra):
+    """A fake clock: every step takes 1 s, evaluation 100 s, a save 50 s. Every log line (the last one after
+    fewer than --log-interval steps included) must report 1 s per iteration."""
+    import types
+
+    import megallama.training as tr
+    clock = [0.0]
+    monkeypatch.setattr(tr, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    finalize = tr.finalize_model_grads
+
+    def step_takes_1s(*a, **k):
+        clock[0] += 1.0
+        return finalize(*a, **k)
+
+    def pause(seconds, result):
+        def fn(*a, **k):
+            clock[0] += seconds
+            return result
+        return fn
+    monkeypatch.setattr(tr, "finalize_model_grads", step_takes_1s)
+    monkeypatch.setattr(tr, "evaluate", pause(100.0, 1.0))
+    monkeypatch.setattr(tr, "save_checkpoint", pause(50.0, "ck"))
+    argv = TINY + ["--mock-data", "--vocab-size", "256", "--global-batch-size", "2", "--train-iters", str(iters),
+                   "--log-interval", "4", "--eval-interval", "3", "--save", str(tmp_path / "ck"),
+                   "--save-interval", "2"] + extra
+    out = _run(argv)
+    end = out["iteration"]
+    assert sorted(out["iteration_time"]) == [s for s in range(1, end + 1) if s % 4 == 0 or s == end]
+    assert all(t == pytest.approx(1.0) for t in out["iteration_time"].values()), out["iteration_time"]
