@@ -5,7 +5,8 @@ Accepted: a ``torch.utils.data.DataLoader`` (its map-style ``.dataset``, else it
 ``__len__``/``__getitem__``, or an iterable; items are token-id tensors/lists of ``seq`` or ``seq + 1`` tokens,
 ``[batch, ...]`` tensors, or dicts with ``input_ids`` (and optionally ``labels``, ``loss_mask``/``attention_mask``).
 ``seq + 1`` tokens are shifted into inputs and labels; ``seq`` tokens without labels predict the next token, the
-last position masked.
+last position masked. Given labels are the next token at each position (Megatron's convention, not HF's unshifted
+copy of the inputs, which is refused); a label of -100 (HF's ignore index) masks its position.
 """
 from __future__ import annotations
 
@@ -81,8 +82,16 @@ class UserDataset(torch.utils.data.Dataset):
         if ids.numel() != s or labels.numel() != s or mask.numel() != s:
             raise ConfigError(f"{self.name} sample {i} has {ids.numel()} tokens but the sequence length is {s}; give "
                               f"{s} (with labels) or {s + 1} tokens per sample, or set sequence_length")
-        top = int(max(ids.max(), labels.masked_fill(labels < 0, 0).max()))
+        ignore = labels < 0  # HF's ignore index (-100): no loss there, and not counted in the mean either
+        if bool(ignore.any()):
+            mask, labels = mask * ~ignore, labels.masked_fill(ignore, 0)
+        top = int(max(ids.max(), labels.max()))
         if top >= self.vocab_size:
             raise ConfigError(f"{self.name} sample {i} holds token id {top} but the model's vocabulary has "
                               f"{self.vocab_size} tokens; tokenize with the model's tokenizer")
+        kept = mask > 0  # HF's unshifted labels (a copy of the inputs) would train to repeat the current token
+        if int(kept.sum()) >= 4 and torch.equal(labels[kept], ids[kept]) and len(set(ids[kept].tolist())) > 1:
+            raise ConfigError(f"{self.name} sample {i} has labels equal to its input_ids; megallama's labels are "
+                              "the next token at each position (Megatron's convention): pass input_ids[1:] as "
+                              "labels of input_ids[:-1], or seq + 1 token ids without labels")
         return {"input_ids": ids, "labels": labels, "loss_mask": mask}

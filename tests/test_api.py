@@ -217,6 +217,24 @@ def test_pretrain_trains_on_given_datasets_for_the_epochs_asked():
     _finite(pretrain(args, datasets=(data, data)), 4)
 
 
+def test_hf_ignore_index_masks_labels_and_unshifted_labels_are_refused():
+    """A label of -100 (HF's ignore index) is out of the loss and out of its mean: the same sample as the
+    explicit loss_mask (it counted those positions before, shrinking the loss by their share)."""
+    from megallama.api_data import UserDataset
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (SEQ + 1,), generator=g)
+    hf_labels = ids[1:].clone()
+    hf_labels[:SEQ // 2] = -100
+    a = UserDataset([{"input_ids": ids[:-1], "labels": hf_labels}], SEQ, 512)[0]
+    mask = torch.ones(SEQ)
+    mask[:SEQ // 2] = 0
+    b = UserDataset([{"input_ids": ids[:-1], "labels": ids[1:], "loss_mask": mask}], SEQ, 512)[0]
+    assert torch.equal(a["loss_mask"], b["loss_mask"]) and torch.equal(a["labels"][SEQ // 2:], b["labels"][SEQ // 2:])
+    assert int(a["labels"].min()) >= 0
+    with pytest.raises(ConfigError, match="labels equal to its input_ids"):  # HF's unshifted labels
+        UserDataset([{"input_ids": ids[:-1], "labels": ids[:-1]}], SEQ, 512)[0]
+
+
 def test_user_data_errors():
     orch = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", num_gpus=1, auto_configure=False,
                                                training_config=_cfg(), model_overrides=TINY)
