@@ -1,12 +1,19 @@
 #!/usr/bin/env python
 """Write the bundled chat sample (megallama/assets/chat_sample.jsonl.gz): synthetic instruction conversations whose
 answers follow from the question (arithmetic, reversing, counting, sorting, capitals of words), so a tiny model's
-fine-tuning loss visibly falls within a few dozen steps. Deterministic: ``python tools/make_chat_sample.py``."""
+fine-tuning loss visibly falls within a few dozen steps. Deterministic, byte for byte:
+``python tools/make_chat_sample.py --overwrite`` (an existing --output is refused without it)."""
 import argparse
 import gzip
+import io
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megallama.errors import ConfigError  # noqa: E402
 
 WORDS = ("river apple stone light garden window music paper silver forest candle bridge orange winter planet "
          "dragon mirror castle rocket pencil").split()
@@ -46,19 +53,49 @@ def conversation(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-def main(argv=None):
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse before any work: an existing file (the bundled sample, a data file) is replaced only on request."""
+    if os.path.exists(output) and not overwrite:
+        raise ConfigError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise ConfigError(f"the folder of --output {output} does not exist; create it or choose another --output")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """tmp + os.replace: an interrupted run leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--output", default=os.path.join(here, "megallama", "assets", "chat_sample.jsonl.gz"))
+    p.add_argument("--output", default=os.path.join(here, "megallama", "assets", "chat_sample.jsonl.gz"),
+                   help="default: the bundled sample (needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    try:
+        check_output(args.output, args.overwrite)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rng = random.Random(args.seed)
-    with gzip.GzipFile(args.output, "wb", mtime=0) as raw:
+    buf = io.BytesIO()  # the gzip header names the output's basename, as GzipFile(output) did
+    with gzip.GzipFile(os.path.basename(args.output), "wb", fileobj=buf, mtime=0) as raw:
         for _ in range(args.num):
             raw.write((json.dumps(conversation(rng)) + "\n").encode())
+    write_atomic(args.output, buf.getvalue())
     print(f"wrote {args.num} conversations to {args.output} ({os.path.getsize(args.output) / 1e3:.0f} KB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

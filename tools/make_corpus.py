@@ -6,7 +6,7 @@ imported or executed), the language reference topics ``pydoc`` ships (``pydoc_da
 /usr/share/common-licenses, then English man pages of sections 5 and 7 rendered by groff until ``--max-mb`` is
 reached. Documents are shuffled with a fixed seed so that a contiguous train/valid split by documents mixes sources.
 The output depends on the machine's Python and man pages; the copy in the repo is the one that counts, this script
-is how it was made (``python tools/make_corpus.py``).
+is how it was made (``python tools/make_corpus.py --overwrite``: an existing --output is refused without it).
 """
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megallama.errors import ConfigError  # noqa: E402
 
 _SKIP_DIRS = {"site-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3", "ensurepip", "turtledemo"}
 _TYPO = str.maketrans({"\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "--", "\u2212": "-",
@@ -163,13 +167,40 @@ def man_documents(rng: random.Random, budget: int, sections=("5", "7")) -> list[
     return docs
 
 
+def write_atomic(path: str, data: bytes) -> None:
+    """tmp + os.replace: an interrupted run leaves the old file whole."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse before any work: an existing file (the bundled corpus, a data file) is replaced only on request."""
+    if os.path.exists(output) and not overwrite:
+        raise ConfigError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise ConfigError(f"the folder of --output {output} does not exist; create it or choose another --output")
+
+
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output", default=os.path.join(here, "..", "megallama", "assets", "corpus.jsonl.gz"))
+    p.add_argument("--output", default=os.path.join(here, "..", "megallama", "assets", "corpus.jsonl.gz"),
+                   help="default: the bundled corpus (needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")
     p.add_argument("--max-mb", type=float, default=4.5, help="stop adding man pages past this much text")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    try:
+        check_output(args.output, args.overwrite)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rng = random.Random(args.seed)
     docs = stdlib_documents() + pydoc_topic_documents() + license_documents()
     used = sum(len(t.encode("utf-8")) for _, t in docs)
@@ -181,10 +212,7 @@ def main(argv=None) -> int:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
         for src, text in docs:
             gz.write((json.dumps({"text": text, "source": src}, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp = args.output + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, args.output)
+    write_atomic(args.output, buf.getvalue())
     total = sum(len(t.encode("utf-8")) for _, t in docs)
     kinds = {}
     for src, text in docs:
