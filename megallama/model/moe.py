@@ -149,19 +149,42 @@ class MoEStats:
 
     def report(self, reset: bool = True) -> dict:
         """{"aux_loss", "z_loss" (means over layers and calls), "tokens_per_expert" {layer: list},
-        "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded."""
-        if not self.sums:
+        "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded.
+        Covers the layers of every pipeline stage: every pp rank must call it at the same step."""
+        rows = self._rows_of_all_stages()
+        if reset:
+            self.reset()
+        if not rows:
             return {}
-        layers = sorted(self.sums)  # every MoE layer has the same experts: one host copy for all of them
-        rows = dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu()))
         tokens = {l: r[:-3] for l, r in rows.items()}
         out = {"aux_loss": sum(float(r[-3] / r[-1]) for r in rows.values()) / len(rows),
                "z_loss": sum(float(r[-2] / r[-1]) for r in rows.values()) / len(rows),
                "tokens_per_expert": {l: [int(round(v)) for v in t.tolist()] for l, t in tokens.items()}}
         out["max_load"] = max(float(t.max() / t.mean().clamp_min(1e-9)) for t in tokens.values())
-        if reset:
-            self.reset()
         return out
+
+    def _rows_of_all_stages(self) -> Dict[int, torch.Tensor]:
+        """{layer: host row}, the other pipeline stages' layers summed in (Megatron's
+        reduce_aux_losses_tracker_across_ranks). Only over pp: the counts are already global over dp/cp/tp/ep, and
+        each layer lives on one stage, so the sum never counts a layer twice."""
+        layers = sorted(self.sums)
+        group = ps.get_pipeline_model_parallel_group() if dist.is_initialized() else None
+        if group is None or dist.get_world_size(group) == 1:  # one host copy for all layers
+            return dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu())) if layers else {}
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        # a stage without MoE layers knows neither the layer count nor E: agree on the table's shape first
+        shape = torch.tensor([max(layers) + 1 if layers else 0, self.sums[layers[0]].numel() if layers else 0],
+                             device=device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+        n, width = shape.tolist()
+        if n == 0:
+            return {}
+        table = torch.zeros(n, width, dtype=torch.float64, device=device)
+        for l in layers:
+            table[l] = self.sums[l].to(device)
+        dist.all_reduce(table, group=group)
+        table = table.cpu()
+        return {l: table[l] for l in range(n) if table[l, -1] > 0}  # calls > 0: an MoE layer that ran
 
 
 _STATS = MoEStats()

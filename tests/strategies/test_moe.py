@@ -230,3 +230,36 @@ def test_strategy_flags_one_line_errors():
     inst = parse_args(["--model", "llama3_8b_instruct", "--seq-length", "64"], world_size=1)  # chat template on
     assert inst.chat_template and inst.model_config.num_params() == parse_args(
         ["--model", "llama3_8b", "--seq-length", "64"], world_size=1).model_config.num_params()
+
+
+# ------------------------------------------------------------------ statistics over pipeline stages
+def _loop_moe_reports(rank, world, argv):
+    """``pretrain``'s MoE reports (one per log line) on this rank."""
+    from megallama.arguments import parse_args
+    from megallama.model.moe import MoEStats
+    from megallama.training import pretrain
+    reports, report = [], MoEStats.report
+    MoEStats.report = lambda self, reset=True: reports.append(report(self, reset)) or reports[-1]
+    pretrain(parse_args(list(argv), world_size=world))
+    return reports
+
+
+@pytest.mark.parametrize("moe_layers", ["0,3", "3"])
+def test_pipeline_stages_report_every_moe_layer(moe_layers, one_thread):
+    """pp = 2: the report (log line, TensorBoard) holds the sparse layers of both stages, also when the first stage
+    has none, with the single-process aux/z losses and tokens per expert."""
+    argv = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "256", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "2",
+            "--mock-data", "--no-progress-bar", "--device", "cpu", "--strategy", "moe", "--num-experts", "4",
+            "--moe-z-loss-coeff", "1e-3", "--moe-layers", moe_layers]
+    ref = run_distributed(_loop_moe_reports, 1, argv)[0]
+    out = run_distributed(_loop_moe_reports, 2, argv + ["--pipeline-model-parallel-size", "2"])
+    layers = [int(l) for l in moe_layers.split(",")]
+    assert len(ref) == 2 and all(sorted(r["tokens_per_expert"]) == layers for r in ref)
+    for rank, reports in out.items():
+        assert len(reports) == len(ref)
+        for got, want in zip(reports, ref):
+            assert got["tokens_per_expert"] == want["tokens_per_expert"], (rank, got, want)
+            for key in ("aux_loss", "z_loss", "max_load"):
+                assert math.isclose(got[key], want[key], rel_tol=1e-5), (rank, key, got[key], want[key])
