@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _derive(args, world_size: int):
+    from megallama.argument_checks import check_run_flags
+    check_run_flags(args)
     if args.mixed_precision in ("bfloat16", "bf16"):
         args.bf16 = True
     if args.mixed_precision in ("float16", "fp16"):

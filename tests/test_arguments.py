@@ -43,3 +43,27 @@ def test_sequence_parallel_without_tensor_parallel_warns_and_is_off(capsys):
     assert err == ["warning: --sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off"]
     assert parse_args(TINY + ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
                       world_size=2).sequence_parallel is True
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--device", "tpu"], "--device tpu is not cpu, cuda or cuda:N"),
+    (["--device", "cpu", "--distributed-backend", "nccl"], "nccl needs CUDA devices; use gloo"),
+    (["--log-interval", "0"], "--log-interval must be >= 1"),
+    (["--eval-interval", "2", "--eval-iters", "0"], "--eval-iters must be >= 1"),
+    (["--loss-log", "."], "is a directory; pass a file path"),
+    (["--tensorboard-dir", __file__], "is a file; pass a directory"),
+    (["--mock-data", "--epochs", "1"], "--mock-data has none; give --train-iters"),
+])
+def test_run_control_flags_fail_before_anything_runs(extra, says):
+    """Each of these was a traceback at the first log step, after an iteration, or a silent CPU run."""
+    with pytest.raises(ConfigError, match=says.replace(".", r"\.").replace("(", r"\(")):
+        parse_args(TINY + extra, world_size=1)
+
+
+def test_tokenizer_path_is_saved_absolute(tmp_path, monkeypatch):
+    """Checkpoints record --tokenizer-model: relative to the launch directory it breaks generate.py elsewhere."""
+    (tmp_path / "tok.model").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(TINY + ["--tokenizer-model", "tok.model"], world_size=1).tokenizer_model == \
+        str(tmp_path / "tok.model")
+    assert parse_args(TINY + ["--device", "cuda:1"], world_size=1).device == "cuda:1"

@@ -1,0 +1,29 @@
+"""Checks of the run-control flags (device, logging, evaluation, files), each one ``ConfigError`` line naming the
+fix, before anything is built: the alternative is a traceback at the first log step or after an iteration."""
+from __future__ import annotations
+
+import os
+import re
+
+from megallama.errors import ConfigError
+
+
+def check_run_flags(args) -> None:
+    device = args.device
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")
+    if args.distributed_backend == "nccl" and device == "cpu":
+        raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo with --device cpu")
+    for name in ("log_interval", "eval_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise ConfigError(f"--eval-interval must be >= 1, got {args.eval_interval} (leave it out for no evaluation)")
+    if args.loss_log and os.path.isdir(args.loss_log):
+        raise ConfigError(f"--loss-log {args.loss_log} is a directory; pass a file path")
+    if args.tensorboard_dir and os.path.exists(args.tensorboard_dir) and not os.path.isdir(args.tensorboard_dir):
+        raise ConfigError(f"--tensorboard-dir {args.tensorboard_dir} is a file; pass a directory")
+    if args.mock_data and args.epochs is not None and args.train_iters is None:
+        raise ConfigError("--epochs counts passes over a dataset and --mock-data has none; give --train-iters")
+    if args.tokenizer_model and os.path.exists(args.tokenizer_model):  # saved in checkpoints: must not depend on cwd
+        args.tokenizer_model = os.path.abspath(args.tokenizer_model)
