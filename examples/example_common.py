@@ -44,8 +44,9 @@ def is_rank_0() -> bool:
 
 
 def tiny_training_config(**overrides) -> megallama.TrainingConfig:
-    """The CPU override's training settings: fp32, 4 sequences of 64 tokens a step, TINY_ITERS steps."""
-    base = dict(model_name="tiny", batch_size=4, micro_batch_size=2, sequence_length=64, learning_rate=3e-3,
+    """The CPU override's training settings: fp32, 4 sequences of 64 tokens a step (2 per rank with more ranks, so
+    every data-parallel size divides it), TINY_ITERS steps."""
+    base = dict(model_name="tiny", batch_size=max(4, 2 * world_size()), micro_batch_size=2, sequence_length=64, learning_rate=3e-3,
                 train_iters=TINY_ITERS, warmup_iters=1, mixed_precision="fp32", log_interval=1)
     base.update(overrides)
     return megallama.TrainingConfig(**base)
