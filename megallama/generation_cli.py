@@ -75,6 +75,35 @@ def run_args(opts, saved: dict, world: int):
     return args
 
 
+def check_tokenizer(tokenizer, saved: dict, model_vocab: int) -> Optional[str]:
+    """Refuse (ConfigError) a tokenizer that is not the one the run trained with: its ids would mean other words to
+    the model and generation prints fluent-looking garbage. Returns a warning line for a doubtful one, else None.
+    A recorded ``tokenizer_fingerprint`` must match; without one, a run whose embedding followed the tokenizer
+    (``vocab_size`` None) padded it to ``ceil(tokens / tp) * tp``, so the tokenizer has more than
+    ``model_vocab - tp`` tokens. Converted HF models and runs with an explicit --vocab-size may pad further."""
+    from megallama.errors import ConfigError
+    fix = "pass the tokenizer it was trained with (--tokenizer-type/--tokenizer-model)"
+    if tokenizer.vocab_size > model_vocab:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but the model only "
+                          f"{model_vocab}; {fix}")
+    if saved.get("mock_data"):
+        return None  # trained on random ids: no tokenizer to match
+    recorded = saved.get("tokenizer_fingerprint")
+    if recorded and getattr(tokenizer, "fingerprint", None) and recorded != tokenizer.fingerprint:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' ({tokenizer.fingerprint}) is not the one this checkpoint "
+                          f"was trained with ({recorded}); {fix}")
+    tp = max(int(saved.get("tensor_model_parallel_size") or 1), 1)
+    if "vocab_size" in saved and saved["vocab_size"] is None and not saved.get("converted_from") \
+            and tokenizer.vocab_size <= model_vocab - tp:
+        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but this run's embedding "
+                          f"({model_vocab}, tensor parallel {tp}) followed a tokenizer of {model_vocab - tp + 1}.."
+                          f"{model_vocab} tokens; {fix}")
+    if tokenizer.vocab_size < 0.9 * model_vocab:
+        return (f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens, far fewer than the model's "
+                f"{model_vocab}; if the output is garbage, {fix}")
+    return None
+
+
 class LoadedModel:
     """What ``load_for_generation`` returns: the model (this rank's tensor-parallel shard), its tokenizer, the
     checkpoint directory and its saved arguments."""
@@ -101,10 +130,10 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
     args = run_args(opts, common["args"], int(os.environ.get("WORLD_SIZE", "1")))
     dev = initialize_megatron(args)
     tokenizer = build_tokenizer_from_args(args)
-    if tokenizer.vocab_size > args.model_config.vocab_size:
-        raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but the model only "
-                          f"{args.model_config.vocab_size}; pass the tokenizer it was trained with "
-                          "(--tokenizer-type/--tokenizer-model)")
+    warning = check_tokenizer(tokenizer, common["args"], args.model_config.vocab_size)
+    if warning:
+        from megallama.initialize import print_rank_0
+        print_rank_0(f"warning: {warning}")
     model = build_model_chunks(args, dev)[0]
     load_checkpoint(ckpt, [model], None, args, finetune=True, quiet=True)
     return LoadedModel(model, tokenizer, ckpt, common, args)
@@ -112,12 +141,14 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
 
 def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
                   decode_mode: str = "auto", batch_size: Optional[int] = None):
-    """Completions (strings) of ``prompts``. ``chat``: each prompt is a user turn of the Llama 3 chat template and
-    the answer stops at its end of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix``
-    (plain prompts): bos, eod, none, or auto (bos for a converted HF model; eod for a megallama run, whose
-    pretraining documents follow an eod and have no bos)."""
+    """Completions (strings) of ``prompts`` (a list; a str is one prompt). ``chat``: each prompt is a user turn of
+    the Llama 3 chat template and the answer stops at its end of turn. ``batch_size``: prompts decoded together
+    (None: all). ``prompt_prefix`` (plain prompts): bos, eod, none, or auto (bos for a converted HF model; eod for
+    a megallama run, whose pretraining documents follow an eod and have no bos)."""
     from megallama.data.sft_dataset import ChatTemplate
     from megallama.generation import generate
+    if isinstance(prompts, str):  # one prompt, not one per character
+        prompts = [prompts]
     tok = loaded.tokenizer
     stop = [tok.eos_id]
     if chat:

@@ -293,3 +293,47 @@ def test_converted_hf_model_generates_what_hf_generates(tmp_path, capsys):
     loaded = megallama.load_for_generation(str(tmp_path / "meg"), device="cpu")
     cfg = megallama.SamplingConfig(max_new_tokens=10, temperature=0)
     assert megallama.generate_text(loaded, [prompt], cfg) == [tok.decode(ref)]
+
+
+class _Tok:
+    """The attributes generation reads from a tokenizer."""
+
+    def __init__(self, vocab_size, fingerprint="sentencepiece:abc"):
+        self.vocab_size, self.fingerprint, self.name = vocab_size, fingerprint, f"fake-{vocab_size}"
+        self.bos_id, self.eos_id, self.eod = 1, 2, 2
+
+    def encode(self, text):
+        return [4 + ord(c) % 200 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_a_tokenizer_other_than_the_trained_one_is_refused():
+    from megallama.generation_cli import check_tokenizer
+    followed = {"vocab_size": None, "tensor_model_parallel_size": 2}  # the embedding followed the tokenizer
+    assert check_tokenizer(_Tok(8192), followed, 8192) is None
+    assert check_tokenizer(_Tok(8191), followed, 8192) is None  # padded to a tp multiple
+    with pytest.raises(ConfigError, match="'fake-600' has 600 tokens but this run's embedding \\(8192"):
+        check_tokenizer(_Tok(600), followed, 8192)  # the bundled tokenizer replaced by a 600-piece one
+    with pytest.raises(ConfigError, match="--tokenizer-type/--tokenizer-model"):
+        check_tokenizer(_Tok(9000), followed, 8192)
+    recorded = dict(followed, tokenizer_fingerprint="sentencepiece:other")
+    with pytest.raises(ConfigError, match="sentencepiece:abc.*sentencepiece:other"):
+        check_tokenizer(_Tok(8192), recorded, 8192)
+    # an explicit --vocab-size or a converted HF model may pad further: a warning, not an error
+    assert check_tokenizer(_Tok(8000), {"vocab_size": 8192}, 8192) is None
+    assert "far fewer" in check_tokenizer(_Tok(600), {"vocab_size": 8192}, 8192)
+    assert check_tokenizer(_Tok(300), {"vocab_size": None, "converted_from": "/hf"}, 320) is None
+    assert check_tokenizer(_Tok(600), {"vocab_size": None, "mock_data": True}, 8192) is None
+
+
+def test_generate_text_takes_one_string_as_one_prompt(monkeypatch):
+    import megallama.generation
+    from megallama.generation_cli import LoadedModel, generate_text
+    seen = []
+    monkeypatch.setattr(megallama.generation, "generate",
+                        lambda model, ids, cfg, **kw: seen.append(ids) or [[70, 71]] * len(ids))
+    loaded = LoadedModel(None, _Tok(300), "ck", {"args": {}}, None)
+    assert generate_text(loaded, "The module", SamplingConfig(max_new_tokens=2)) == ["FG"]
+    assert len(seen[0]) == 1 and len(seen[0][0]) == 1 + len("The module")

@@ -157,7 +157,8 @@ def tokenize_jsonl_cached(path: str, tokenizer, cache_dir: str | None = None, wo
         try:
             os.makedirs(cache_dir, exist_ok=True)
             preprocess_jsonl(path, base, tokenizer, workers=workers, json_keys=("text",), append_eod=True,
-                             progress=progress, overwrite=True)  # our cache: a half-written pair is rebuilt
+                             progress=progress, overwrite=True,  # our cache: a half-written pair is rebuilt
+                             caller="pretrain")  # its errors name pretraining's fixes, not --json-keys
         except Exception as e:  # reach the barrier first, so the other ranks do not hang
             error = e
     if dist is not None:

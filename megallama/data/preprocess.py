@@ -52,14 +52,28 @@ def _read_chunks(stream, chunk_lines: int):
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer, json_keys, append_eod):
-    _worker_state.update(tokenizer=tokenizer, json_keys=json_keys, append_eod=append_eod)
+def _init_worker(tokenizer, json_keys, append_eod, caller="preprocess"):
+    _worker_state.update(tokenizer=tokenizer, json_keys=json_keys, append_eod=append_eod, caller=caller)
+
+
+def _missing_key(key: str, doc: dict, caller: str) -> str:
+    """The fix depends on who reads the file: tools/preprocess_data.py has --json-keys, pretraining has not, and a
+    chat file ({"messages": ...}) belongs to fine-tuning."""
+    what = f"no {key!r} key (keys: {', '.join(map(str, doc)) or 'none'})"
+    if caller != "pretrain":
+        return f"{what}; pass --json-keys"
+    if "messages" in doc:
+        return (f"{what}: this is chat data; fine-tune on it with finetune_llama.py (or train an *_instruct model), "
+                "pretraining reads plain {\"text\": ...} lines")
+    return (f"{what}; pretraining reads a {key!r} string on every line: rename the key, or tokenize with "
+            "tools/preprocess_data.py --json-keys and pass the .bin/.idx prefix as --data-path")
 
 
 def _encode_chunk(job):
     """-> ("ok", {key: [np arrays]}, n_bytes) or ("error", line number, message)."""
     start, lines = job
     tok, keys, eod = _worker_state["tokenizer"], _worker_state["json_keys"], _worker_state["append_eod"]
+    caller = _worker_state.get("caller", "preprocess")
     texts = {k: [] for k in keys}
     n_bytes = 0
     for i, raw in enumerate(lines):
@@ -75,7 +89,7 @@ def _encode_chunk(job):
             return "error", lineno, f"expected a JSON object like {{\"text\": ...}}, got {type(doc).__name__}"
         for k in keys:
             if k not in doc:
-                return "error", lineno, f"no {k!r} key (keys: {', '.join(map(str, doc)) or 'none'}); pass --json-keys"
+                return "error", lineno, _missing_key(k, doc, caller)
             if not isinstance(doc[k], str):
                 return "error", lineno, f"{k!r} is {type(doc[k]).__name__}, expected a string"
             texts[k].append(doc[k])
@@ -93,11 +107,12 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1, json_keys=("text",),
                      append_eod: bool = True, progress: bool = True, chunk_lines: int = _CHUNK_LINES,
-                     dtype=None, overwrite: bool = False) -> dict:
+                     dtype=None, overwrite: bool = False, caller: str = "preprocess") -> dict:
     """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key.
     Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
     no documents at all, leaving existing outputs untouched, and before any work when an output exists and
-    ``overwrite`` is off. Empty texts are skipped."""
+    ``overwrite`` is off. Empty texts are skipped. ``caller`` ("preprocess" or "pretrain") picks the fix that an
+    error names: pretraining has no --json-keys."""
     if not os.path.isfile(input):
         raise ConfigError(f"data file not found: {input}; pass an existing .jsonl file (one {{\"text\": ...}} per line)")
     if not json_keys:
@@ -123,10 +138,11 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
         chunks = _read_chunks(stream, chunk_lines)
         if workers > 1:
             ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, tuple(json_keys), append_eod))
+            pool = ctx.Pool(workers, initializer=_init_worker,
+                            initargs=(tokenizer, tuple(json_keys), append_eod, caller))
             results = pool.imap(_encode_chunk, chunks, chunksize=4)
         else:
-            _init_worker(tokenizer, tuple(json_keys), append_eod)
+            _init_worker(tokenizer, tuple(json_keys), append_eod, caller)
             results = map(_encode_chunk, chunks)
         for res in results:
             if res[0] == "error":
