@@ -95,9 +95,9 @@ def check_tokenizer(tokenizer, saved: dict, model_vocab: int) -> Optional[str]:
     tp = max(int(saved.get("tensor_model_parallel_size") or 1), 1)
     if "vocab_size" in saved and saved["vocab_size"] is None and not saved.get("converted_from") \
             and tokenizer.vocab_size <= model_vocab - tp:
+        trained = f"{model_vocab - tp + 1}..{model_vocab}" if tp > 1 else f"{model_vocab}"
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but this run's embedding "
-                          f"({model_vocab}, tensor parallel {tp}) followed a tokenizer of {model_vocab - tp + 1}.."
-                          f"{model_vocab} tokens; {fix}")
+                          f"({model_vocab}, tensor parallel {tp}) followed a tokenizer of {trained} tokens; {fix}")
     if tokenizer.vocab_size < 0.9 * model_vocab:
         return (f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens, far fewer than the model's "
                 f"{model_vocab}; if the output is garbage, {fix}")

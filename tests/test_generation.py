@@ -312,6 +312,8 @@ class _Tok:
 def test_a_tokenizer_other_than_the_trained_one_is_refused():
     from megallama.generation_cli import check_tokenizer
     followed = {"vocab_size": None, "tensor_model_parallel_size": 2}  # the embedding followed the tokenizer
+    with pytest.raises(ConfigError, match="followed a tokenizer of 8192 tokens"):
+        check_tokenizer(_Tok(8000), dict(followed, tensor_model_parallel_size=1), 8192)
     assert check_tokenizer(_Tok(8192), followed, 8192) is None
     assert check_tokenizer(_Tok(8191), followed, 8192) is None  # padded to a tp multiple
     with pytest.raises(ConfigError, match="'fake-600' has 600 tokens but this run's embedding \\(8192"):
