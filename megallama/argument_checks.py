@@ -9,6 +9,12 @@ from megallama.errors import ConfigError
 
 
 def check_run_flags(args) -> None:
+    args.data_blend = None
+    if isinstance(args.data_path, list):  # one path, or a blend (Megatron's weight-path pairs, or paths)
+        if len(args.data_path) > 1:
+            from megallama.data.blended_dataset import parse_data_blend
+            args.data_blend = parse_data_blend(args.data_path)
+        args.data_path = " ".join(args.data_path)
     device = args.device
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")

@@ -151,8 +151,9 @@ def _add_parallel(p):
 
 def _add_data(p):
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", "--data", dest="data_path", default=None,
-                   help="a .jsonl file (tokenized once, cached) or a .bin/.idx prefix; default: the bundled corpus")
+    g.add_argument("--data-path", "--data", dest="data_path", default=None, nargs="+",
+                   help="a .jsonl file (tokenized once, cached) or a .bin/.idx prefix; several, with or without "
+                        "weights (Megatron's '0.3 web 0.7 code'), blend; default: the bundled corpus")
     g.add_argument("--mock-data", action="store_true", help="random tokens (for speed tests)")
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--tokenizer-type", default=None,

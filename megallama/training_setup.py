@@ -54,6 +54,9 @@ def build_data(args):
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    blend = getattr(args, "data_blend", None)
+    if blend and getattr(args, "chat_template", False):
+        raise ConfigError("--data-path blends are for pretraining corpora; fine-tuning takes one chat jsonl")
     if getattr(args, "chat_template", False):  # *_instruct models and finetune_llama.py: chat SFT data
         from megallama.data.sft_dataset import build_sft_datasets
         train, valid = build_sft_datasets(args.data_path, tokenizer, args.seq_length, args.seed, args.split,
@@ -61,17 +64,23 @@ def build_data(args):
         if args.train_iters is None:
             args.train_iters = iters_for_epochs(args, len(train))
         return tokenizer, train, valid
+    from megallama.data.blended_dataset import build_blended_datasets
     from megallama.data.gpt_dataset import build_pretraining_datasets
     data = args.data_path or get_bundled_corpus_path()
     cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
+
+    def build(n_train=None, n_valid=None):
+        if blend:
+            return build_blended_datasets(blend, tokenizer, args.seq_length, args.seed, args.split, cache, n_train,
+                                          n_valid)
+        return build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache,
+                                          num_train_samples=n_train, num_valid_samples=n_valid)
     if args.train_iters is None:  # --epochs: size one epoch first
-        one, _ = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache)
-        args.train_iters = iters_for_epochs(args, len(one))
+        args.train_iters = iters_for_epochs(args, len(build()[0]))
     n_train = args.train_iters * args.global_batch_size
     n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
         if args.eval_interval else None
-    train, valid = build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache,
-                                              num_train_samples=n_train, num_valid_samples=n_valid)
+    train, valid = build(n_train, n_valid)
     return tokenizer, train, valid
 
 

@@ -1,0 +1,90 @@
+"""Weighted blends of pretraining corpora: Megatron's ``--data-path 0.3 web 0.7 code`` (or ``--data-path a b``,
+equal weights).
+
+Each corpus is its own ``GPTDataset`` (own split, own shuffles); the blend interleaves them in proportion to the
+weights. Corpus d's k-th sample sits at the ideal position (k + 1/2) / w_d of an endless merged stream, and the
+blend is that stream's first N samples, so sample i is the same whatever N a run asks for (resuming and extending
+a run stay exact, as for one corpus), and after any prefix each corpus is within one sample of its share.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megallama.errors import ConfigError
+
+
+def parse_data_blend(values: Sequence[str]) -> List[Tuple[float, str]]:
+    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` (equal weights) -> [(normalised weight, path)]."""
+    values = list(values)
+
+    def number(v):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    if len(values) % 2 == 0 and all(number(v) is not None for v in values[0::2]):
+        pairs = [(number(w), p) for w, p in zip(values[0::2], values[1::2])]
+    elif all(number(v) is None for v in values):
+        pairs = [(1.0, p) for p in values]
+    else:
+        raise ConfigError(f"--data-path {' '.join(values)} is neither paths nor weight-path pairs; write e.g. "
+                          "--data-path 0.3 web_text_document 0.7 code_text_document")
+    if any(w <= 0 or not math.isfinite(w) for w, _ in pairs):
+        raise ConfigError(f"--data-path weights must be positive, got {[w for w, _ in pairs]}")
+    total = sum(w for w, _ in pairs)
+    return [(w / total, p) for w, p in pairs]
+
+
+def blend_index(weights: Sequence[float], num_samples: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(corpus, sample within it) of each of the first ``num_samples`` samples of the blend."""
+    corpus, position = [], []
+    for d, w in enumerate(weights):
+        k = np.arange(int(math.ceil(w * num_samples)) + 2, dtype=np.int64)
+        corpus.append(np.full(len(k), d, dtype=np.int64))
+        position.append((k + 0.5) / w)
+    corpus, position = np.concatenate(corpus), np.concatenate(position)
+    order = np.lexsort((corpus, position))[:num_samples]  # by position, ties to the earlier corpus
+    corpus = corpus[order]
+    sample = np.zeros(num_samples, dtype=np.int64)
+    for d in range(len(weights)):
+        at = corpus == d
+        sample[at] = np.arange(int(at.sum()))
+    return corpus, sample
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    def __init__(self, datasets: Sequence, weights: Sequence[float], num_samples: int):
+        self.datasets, self.weights = list(datasets), list(weights)
+        self.corpus, self.sample = blend_index(self.weights, num_samples)
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.datasets[int(self.corpus[idx])][int(self.sample[idx])]
+
+
+def build_blended_datasets(blend: Sequence[Tuple[float, str]], tokenizer, seq_length: int, seed: int, split: str,
+                           cache_dir: Optional[str], num_train_samples: Optional[int],
+                           num_valid_samples: Optional[int] = None):
+    """(train, valid) blends: each corpus split as one would be, the valid blend over the corpora whose split
+    holds validation documents (weights renormalised). ``num_train_samples`` None: one epoch of the blend, as
+    long as it takes to see every corpus's epoch at its weight."""
+    from megallama.data.gpt_dataset import build_pretraining_datasets
+    weights = [w for w, _ in blend]
+    parts = [build_pretraining_datasets(path, tokenizer, seq_length, seed + 7919 * d, split, cache_dir)
+             for d, (_, path) in enumerate(blend)]
+    if num_train_samples is None:
+        num_train_samples = max(int(math.ceil(len(t) / w)) for (t, _), w in zip(parts, weights))
+    train = BlendedDataset([t for t, _ in parts], weights, num_train_samples)
+    valid_parts = [(w, v) for w, (_, v) in zip(weights, parts) if v is not None]
+    valid = None
+    if valid_parts:
+        total = sum(w for w, _ in valid_parts)
+        n = num_valid_samples or max(len(v) for _, v in valid_parts)
+        valid = BlendedDataset([v for _, v in valid_parts], [w / total for w, _ in valid_parts], n)
+    return train, valid
