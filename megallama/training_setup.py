@@ -33,6 +33,8 @@ def build_data(args):
     from megallama.data import get_bundled_corpus_path
     # Mock data needs no tokenizer: the vocabulary is the model's (or --vocab-size).
     tokenizer = None if args.mock_data else build_tokenizer_from_args(args)
+    if tokenizer is not None:  # saved with the checkpoint: generation refuses another tokenizer
+        args.tokenizer_fingerprint = tokenizer.fingerprint
     cfg = args.model_config
     if tokenizer is None:
         pass
