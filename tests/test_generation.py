@@ -191,6 +191,10 @@ def test_generate_tool_samples_from_a_trained_checkpoint(tmp_path):
              "--data-cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer import build_tokenizer
+    saved = open_checkpoint(str(tmp_path / "ck"), verify=False)[1]["args"]  # generation checks the tokenizer by it
+    assert saved["tokenizer_fingerprint"] == build_tokenizer("bundled").fingerprint
     tool = [sys.executable, os.path.join(REPO, "tools", "generate.py"), "--load", str(tmp_path / "ck"), "--device",
             "cpu"]
     r = subprocess.run(tool + ["--prompt", "The module", "--prompt", "Return", "--max-new-tokens", "5", "--greedy"],
