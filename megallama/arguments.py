@@ -189,9 +189,15 @@ def _add_logging(p):
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (for tests)")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line (argparse prints the ~80-line usage first, burying the mistake)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help for the flags\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("megallama", description="Megatron-style Llama pretraining",
-                                allow_abbrev=False)
+    p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging):
         add(p)
     return p

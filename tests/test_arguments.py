@@ -67,3 +67,11 @@ def test_tokenizer_path_is_saved_absolute(tmp_path, monkeypatch):
     assert parse_args(TINY + ["--tokenizer-model", "tok.model"], world_size=1).tokenizer_model == \
         str(tmp_path / "tok.model")
     assert parse_args(TINY + ["--device", "cuda:1"], world_size=1).device == "cuda:1"
+
+
+def test_an_unknown_flag_is_one_line_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(TINY + ["--lr-warmup-fraction", "0.1"], world_size=1)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fraction 0.1; see --help for "
+                                            "the flags\n")
