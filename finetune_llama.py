@@ -47,6 +47,9 @@ def prepare_finetune_args(args):
         args.pretrained_checkpoint, args.load = args.load, None
     from megallama.checkpointing import check_save_dir
     check_save_dir(args)  # before an HF folder is converted into --save: a run there is resumed (--load) or kept
+    if not args.pretrained_checkpoint and not args.load:
+        from megallama.initialize import print_rank_0
+        print_rank_0("warning: no --pretrained-checkpoint (or --load): fine-tuning randomly initialised weights")
     if args.pretrained_checkpoint:
         if not os.path.exists(args.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "

@@ -283,6 +283,8 @@ def _derive(args, world_size: int):
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.min_lr is None:
         args.min_lr = args.lr / 10
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays from --lr to --min-lr")
     if args.save_interval is not None and args.save_interval <= 0:
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.keep_last is not None and args.keep_last <= 0:

@@ -53,6 +53,7 @@ def test_sequence_parallel_without_tensor_parallel_warns_and_is_off(capsys):
     (["--loss-log", "."], "is a directory; pass a file path"),
     (["--tensorboard-dir", __file__], "is a file; pass a directory"),
     (["--mock-data", "--epochs", "1"], "--mock-data has none; give --train-iters"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr 0.0001"),
 ])
 def test_run_control_flags_fail_before_anything_runs(extra, says):
     """Each of these was a traceback at the first log step, after an iteration, or a silent CPU run."""
