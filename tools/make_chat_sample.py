@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
 WORDS = ("river apple stone light garden window music paper silver forest candle bridge orange winter planet "
@@ -53,26 +54,6 @@ def conversation(rng: random.Random) -> dict:
     return {"messages": msgs}
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuse before any work: an existing file (the bundled sample, a data file) is replaced only on request."""
-    if os.path.exists(output) and not overwrite:
-        raise ConfigError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise ConfigError(f"the folder of --output {output} does not exist; create it or choose another --output")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """tmp + os.replace: an interrupted run leaves the old file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = argparse.ArgumentParser(description=__doc__)
@@ -92,7 +73,7 @@ def main(argv=None) -> int:
     with gzip.GzipFile(os.path.basename(args.output), "wb", fileobj=buf, mtime=0) as raw:
         for _ in range(args.num):
             raw.write((json.dumps(conversation(rng)) + "\n").encode())
-    write_atomic(args.output, buf.getvalue())
+    atomic_write_bytes(args.output, buf.getvalue())
     print(f"wrote {args.num} conversations to {args.output} ({os.path.getsize(args.output) / 1e3:.0f} KB)")
     return 0
 

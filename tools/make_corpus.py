@@ -26,6 +26,7 @@ import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
 _SKIP_DIRS = {"site-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3", "ensurepip", "turtledemo"}
@@ -167,26 +168,6 @@ def man_documents(rng: random.Random, budget: int, sections=("5", "7")) -> list[
     return docs
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """tmp + os.replace: an interrupted run leaves the old file whole."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuse before any work: an existing file (the bundled corpus, a data file) is replaced only on request."""
-    if os.path.exists(output) and not overwrite:
-        raise ConfigError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise ConfigError(f"the folder of --output {output} does not exist; create it or choose another --output")
-
-
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,7 +193,7 @@ def main(argv=None) -> int:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
         for src, text in docs:
             gz.write((json.dumps({"text": text, "source": src}, ensure_ascii=False) + "\n").encode("utf-8"))
-    write_atomic(args.output, buf.getvalue())
+    atomic_write_bytes(args.output, buf.getvalue())
     total = sum(len(t.encode("utf-8")) for _, t in docs)
     kinds = {}
     for src, text in docs:

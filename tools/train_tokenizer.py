@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
 
@@ -51,14 +52,6 @@ def corpus_lines(path: str) -> list[str]:
     return out
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuse before any work: an existing file (the bundled tokenizer, a data file) is replaced only on request."""
-    if os.path.exists(output) and not overwrite:
-        raise ConfigError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise ConfigError(f"the folder of --output {output} does not exist; create it or choose another --output")
-
-
 def train(corpus: str, output: str, vocab_size: int = 8192, seed: int = 1234, overwrite: bool = False) -> None:
     import sentencepiece as spm
     check_output(output, overwrite)
@@ -78,14 +71,7 @@ def train(corpus: str, output: str, vocab_size: int = 8192, seed: int = 1234, ov
         msg = str(e).split("] ")[-1].strip()
         raise ConfigError(f"sentencepiece cannot train on {corpus}: {msg} (lower --vocab-size or give a larger "
                           "--corpus)") from None
-    tmp = f"{output}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(output, model.getvalue())
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,15 @@ def atomic_torch_save(obj, path: str) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """A whole file or none: the old one stays whole if the write is interrupted."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
