@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
+from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
 
 
 def _add_model(p):
@@ -47,8 +48,15 @@ def _add_training(p):
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=None, help="default lr/10")
     g.add_argument("--lr-warmup-iters", type=int, default=None, help="default 10%% of train iters, at most 2000")
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the LR warmup starts from")
+    g.add_argument("--lr-decay-style", choices=list(DECAY_STYLES), default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=list(WSD_DECAY_STYLES), default="exponential",
+                   help="WSD: the shape of the final anneal")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="WSD: the last iterations (of --lr-decay-iters) that anneal to --min-lr")
     g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
                    dest="override_opt_param_scheduler", action="store_true",
                    help="on resume, use this run's LR schedule (--lr, --min-lr, warmup, decay) over the checkpoint's")
@@ -187,6 +195,8 @@ def _add_logging(p):
                    "to compare runs bit for bit")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, step and data")
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (for tests)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and stop once the run has trained this many minutes (a job's time limit)")
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -292,6 +302,9 @@ def _derive(args, world_size: int):
     for name in ("train_iters", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_schedule_flags(args)
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler contradict each "
                           "other; pass at most one")

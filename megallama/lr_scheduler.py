@@ -1,7 +1,10 @@
-"""Warmup then cosine/linear/constant decay, a pure function of the iteration (so resume needs no state).
+"""Warmup then cosine/linear/constant/inverse-square-root/WSD decay, a function of the number of *applied* updates.
 
-What a resume does need is the same *settings*: a checkpoint records them and ``load_state_dict`` refuses a run
-whose settings differ unless told which to use (Megatron's ``_check_and_set``, with its two flags).
+An iteration whose update was skipped (fp16 overflow, non-finite gradients) does not advance the schedule, as in
+Megatron (its scheduler steps only when ``update_successful``); the count of such iterations is the only state,
+saved with the checkpoint. A resume also needs the same *settings*: a checkpoint records them and
+``load_state_dict`` refuses a run whose settings differ unless told which to use (Megatron's ``_check_and_set``,
+with its two flags).
 """
 import math
 from typing import Optional
@@ -9,9 +12,14 @@ from typing import Optional
 from megallama.errors import ConfigError
 
 # setting -> how the message names it (the flag, and where its default comes from)
-_LABELS = {"max_lr": "--lr", "min_lr": "--min-lr (default --lr/10)",
+_LABELS = {"max_lr": "--lr", "min_lr": "--min-lr (default --lr/10)", "init_lr": "--lr-warmup-init",
            "warmup_iters": "--lr-warmup-iters (default 10% of --train-iters, at most 2000)",
-           "decay_iters": "--lr-decay-iters (default --train-iters)", "decay_style": "--lr-decay-style"}
+           "decay_iters": "--lr-decay-iters (default --train-iters)", "decay_style": "--lr-decay-style",
+           "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style"}
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+# settings added after the first checkpoints: an older checkpoint without them had these values
+_DEFAULTS = {"init_lr": 0.0, "wsd_decay_iters": None, "wsd_decay_style": "exponential"}
 
 
 def default_warmup_iters(train_iters: int) -> int:
@@ -23,53 +31,108 @@ def settings_from_args(args: dict) -> Optional[dict]:
     (a converted checkpoint)."""
     if any(args.get(k) is None for k in ("lr", "min_lr", "train_iters")):
         return None
-    warmup = args.get("lr_warmup_iters")
-    return dict(max_lr=args["lr"], min_lr=args["min_lr"],
-                warmup_iters=warmup if warmup is not None else default_warmup_iters(args["train_iters"]),
-                decay_iters=max(1, args.get("lr_decay_iters") or args["train_iters"]),
-                decay_style=args.get("lr_decay_style", "cosine"))
+    decay = max(1, args.get("lr_decay_iters") or args["train_iters"])
+    warmup, fraction = args.get("lr_warmup_iters"), args.get("lr_warmup_fraction")
+    if warmup is None:  # Megatron's --lr-warmup-fraction is a fraction of the decay iterations
+        warmup = int(fraction * decay) if fraction is not None else default_warmup_iters(args["train_iters"])
+    return dict(max_lr=args["lr"], min_lr=args["min_lr"], init_lr=args.get("lr_warmup_init") or 0.0,
+                warmup_iters=warmup, decay_iters=decay, decay_style=args.get("lr_decay_style", "cosine"),
+                wsd_decay_iters=args.get("lr_wsd_decay_iters"),
+                wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential")
+
+
+def check_schedule_flags(args) -> None:
+    """One error line per contradiction, before anything is built (Megatron asserts most of these)."""
+    if getattr(args, "lr_warmup_fraction", None) is not None:
+        if args.lr_warmup_iters is not None:
+            raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters both set the warmup; pass one")
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ConfigError(f"--lr-warmup-fraction {args.lr_warmup_fraction} is not in [0, 1]")
+    wsd_iters = getattr(args, "lr_wsd_decay_iters", None)
+    if args.lr_decay_style == "WSD" and wsd_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (how many of the last iterations anneal)")
+    if wsd_iters is not None and args.lr_decay_style != "WSD":
+        raise ConfigError(f"--lr-wsd-decay-iters applies to --lr-decay-style WSD, not {args.lr_decay_style}")
+    if wsd_iters is not None and wsd_iters < 1:
+        raise ConfigError(f"--lr-wsd-decay-iters must be >= 1, got {wsd_iters}")
 
 
 class OptimizerParamScheduler:
     def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
-                 decay_style: str = "cosine"):
-        self.optimizer, self.max_lr, self.min_lr = optimizer, max_lr, min_lr
+                 decay_style: str = "cosine", init_lr: float = 0.0, wsd_decay_iters: Optional[int] = None,
+                 wsd_decay_style: str = "exponential"):
+        if decay_style not in DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style {decay_style} is not one of {', '.join(DECAY_STYLES)}")
+        if wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ConfigError(f"--lr-wsd-decay-style {wsd_decay_style} is not one of {', '.join(WSD_DECAY_STYLES)}")
+        self.optimizer, self.max_lr, self.min_lr, self.init_lr = optimizer, max_lr, min_lr, init_lr
         self.warmup_iters, self.decay_iters, self.decay_style = warmup_iters, max(1, decay_iters), decay_style
+        self.wsd_decay_iters, self.wsd_decay_style = wsd_decay_iters, wsd_decay_style
+        self.skipped_iters = 0  # iterations whose update was skipped: they do not advance the schedule
+        if decay_style == "WSD":
+            if wsd_decay_iters is None:
+                raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+            if wsd_decay_iters > self.decay_iters - warmup_iters:
+                raise ConfigError(f"--lr-wsd-decay-iters {wsd_decay_iters} is longer than the iterations after "
+                                  f"warmup ({self.decay_iters} - {warmup_iters}); shorten it or the warmup")
 
     @classmethod
     def from_args(cls, optimizer, args) -> "OptimizerParamScheduler":
-        s = settings_from_args(vars(args))
-        return cls(optimizer, s["max_lr"], s["min_lr"], s["warmup_iters"], s["decay_iters"], s["decay_style"])
+        return cls(optimizer, **settings_from_args(vars(args)))
 
     def get_lr(self, iteration: int) -> float:
-        """LR used for the update of iteration ``iteration`` (0-based)."""
+        """LR of the ``iteration``-th *applied* update (0-based)."""
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
-            return self.max_lr * (iteration + 1) / self.warmup_iters
+            return self.init_lr + (self.max_lr - self.init_lr) * (iteration + 1) / self.warmup_iters
         if self.decay_style == "constant":
             return self.max_lr
-        progress = min(1.0, (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters))
+        if iteration >= self.decay_iters:
+            return self.min_lr
+        if self.decay_style == "inverse-square-root":
+            lr = self.max_lr * math.sqrt(max(self.warmup_iters, 1)) / math.sqrt(max(iteration, 1))
+            return max(self.min_lr, lr)
+        progress = (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
             coeff = 1.0 - progress
-        else:
+        elif self.decay_style == "cosine":
             coeff = 0.5 * (math.cos(math.pi * progress) + 1.0)
+        else:  # WSD: stable at --lr, then anneal over the last --lr-wsd-decay-iters
+            anneal_start = self.decay_iters - self.wsd_decay_iters
+            if iteration < anneal_start:
+                return self.max_lr
+            coeff = _wsd_coeff(self.wsd_decay_style, (iteration - anneal_start) / self.wsd_decay_iters)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
     def step(self, iteration: int) -> float:
-        lr = self.get_lr(iteration)
+        """Set and return the LR of iteration ``iteration`` (0-based), counting only the applied updates."""
+        lr = self.get_lr(iteration - self.skipped_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
 
+    def skip(self) -> None:
+        """The update of the iteration just run was skipped: the next one gets its LR."""
+        self.skipped_iters += 1
+
+    def settings(self) -> dict:
+        return dict(max_lr=self.max_lr, min_lr=self.min_lr, init_lr=self.init_lr, warmup_iters=self.warmup_iters,
+                    decay_iters=self.decay_iters, decay_style=self.decay_style,
+                    wsd_decay_iters=self.wsd_decay_iters, wsd_decay_style=self.wsd_decay_style)
+
     def state_dict(self) -> dict:
-        return dict(max_lr=self.max_lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
-                    decay_iters=self.decay_iters, decay_style=self.decay_style)
+        return dict(self.settings(), skipped_iters=self.skipped_iters)
 
     def load_state_dict(self, saved: Optional[dict], override: bool = False, use_checkpoint: bool = False) -> None:
         """On resume: ``override`` keeps this run's settings, ``use_checkpoint`` takes the checkpoint's; neither
-        and they differ is an error naming every differing setting (a silent change jumps the LR mid-run)."""
-        if not saved or override:
+        and they differ is an error naming every differing setting (a silent change jumps the LR mid-run). The
+        count of skipped updates is progress, not a setting: it is always restored."""
+        if not saved:
             return
-        now = self.state_dict()
+        self.skipped_iters = int(saved.get("skipped_iters", 0))
+        if override:
+            return
+        saved = {**_DEFAULTS, **saved}
+        now = self.settings()
         diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
         if diff and not use_checkpoint:
             what = ", ".join(f"{_LABELS[k]} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
@@ -78,3 +141,14 @@ class OptimizerParamScheduler:
                               "checkpoint's")
         for k, (a, _) in diff.items():
             setattr(self, k, a)
+
+
+def _wsd_coeff(style: str, r: float) -> float:
+    """Megatron's WSD anneal shapes, each from 1 at the start of the anneal to 0 at its end."""
+    if style == "linear":
+        return 1.0 - r
+    if style == "cosine":
+        return 0.5 * (math.cos(math.pi * r) + 1.0)
+    if style == "minus_sqrt":
+        return 1.0 - math.sqrt(r)
+    return 2.0 * math.pow(0.5, r) - 1.0  # exponential

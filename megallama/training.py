@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint, save_checkpoint
-from megallama.checkpointing.signals import RunProgress, report_interrupt
+from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import TrainingLogger, device_peak_flops, flops_per_token, format_log_line
@@ -91,6 +91,13 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     return _global_mean_loss(losses, device)
 
 
+def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, where) -> float:
+    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
+    print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {math.exp(min(vloss, 50)):.6E} |")
+    logger.scalars(step, {"valid/loss": vloss})
+    return vloss
+
+
 def _sync_time(device) -> float:
     """Wall time after the queued GPU work: a timer edge must not move training kernels into eval/save time."""
     if device.type == "cuda":
@@ -103,6 +110,7 @@ def pretrain(args, datasets=None) -> dict:
     (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags.
     Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) saying where the run stopped and what is saved."""
     check_save_dir(args)  # before anything is built or written: never train over another run's checkpoints
+    args.run_start_time = time.time()  # --exit-duration-in-mins counts from here (setup and loading included)
     progress = RunProgress(args.save)
     with report_interrupt(progress):
         return _pretrain(args, datasets, progress)
@@ -137,11 +145,12 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    history, grad_norms, times, skipped_in_row, total_skipped = {}, {}, {}, 0, 0
+    history, grad_norms, times, valid_losses, skipped_in_row, total_skipped = {}, {}, {}, {}, 0, 0
+    interval_loss, interval_steps = 0.0, 0  # the log line's loss: mean over the interval's applied updates
     end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    exit_signal, saved = None, None
+    exit_signal, saved, stopped_early = None, None, False
     if args.save and getattr(args, "exit_signal_handler", None) is not False:  # on by default with --save
         from megallama.checkpointing.signals import ExitSignalHandler
         exit_signal = ExitSignalHandler()
@@ -165,6 +174,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         loss = _global_mean_loss(losses, device)
         profiler.end(iteration + 1)
         step = iteration + 1
+        if not ok:
+            scheduler.skip()  # a skipped update does not advance the LR schedule (Megatron's)
         if not ok or not math.isfinite(loss):
             skipped_in_row += 1
             total_skipped += 1
@@ -174,6 +185,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                   f"{step}); lower --lr, use --bf16, or raise --max-skipped-iters")
         else:
             skipped_in_row = 0
+            interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
         history[step] = loss
         progress.done = step
         if grad_norm is not None:
@@ -188,8 +200,10 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             dt, t_last, last_logged = (now - t_last) / (step - last_logged), now, step
             times[step] = dt
             tps = tokens_per_iter / dt
+            mean_loss = interval_loss / interval_steps if interval_steps else loss
+            interval_loss, interval_steps = 0.0, 0
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
-                    "global batch size": args.global_batch_size, "lm loss": loss,
+                    "global batch size": args.global_batch_size, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
                     "grad norm": float(grad_norm) if grad_norm is not None else None, "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
@@ -205,18 +219,19 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             if moe:
                 logger.scalars(step, {"moe/aux_loss": moe["aux_loss"], "moe/z_loss": moe["z_loss"],
                                       "moe/max_load": moe["max_load"]})
-            logger.scalars(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
+            logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
                                   "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
                                   "train/loss_scale": vals["loss scale"]})
         bar.update(step, f"loss {loss:.4f}")
         do_eval = bool(args.eval_interval and valid_ds is not None and step % args.eval_interval == 0)
-        do_save = bool(args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter))
+        out_of_time = getattr(args, "exit_duration_in_mins", None) is not None and any_rank(
+            time.time() - args.run_start_time > 60 * args.exit_duration_in_mins, device)
+        do_save = bool(args.save and ((args.save_interval and step % args.save_interval == 0) or step == end_iter
+                                      or out_of_time))
         t_pause = _sync_time(device) if do_eval or do_save else None  # they stop the interval timer (Megatron's)
         if do_eval:
-            vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
-            print_rank_0(f"validation at iteration {step} | lm loss: {vloss:.6E} | lm loss PPL: "
-                         f"{math.exp(min(vloss, 50)):.6E} |")
-            logger.scalars(step, {"valid/loss": vloss})
+            valid_losses[step] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
+                                           logger, step, f"iteration {step}")
         if do_save:
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                    scheduler=scheduler)
@@ -224,15 +239,26 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             saved = progress.saved = step
         if t_pause is not None:
             t_last += _sync_time(device) - t_pause
+        if out_of_time:
+            minutes = (time.time() - args.run_start_time) / 60
+            print_rank_0(f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached after {minutes:.1f} minutes"
+                         f": stopping at iteration {step}" + (f", checkpoint {path} saved" if do_save else
+                                                              " (no --save: nothing saved)"))
+            end_iter, stopped_early = step, True
+            break
         if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
             if saved != step:
                 path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                        scheduler=scheduler)
                 progress.saved = step
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
-            end_iter = step
+            end_iter, stopped_early = step, True
             break
     finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
+    if not stopped_early and end_iter == args.train_iters > start_iter and args.eval_interval \
+            and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
+        valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
+                                           logger, end_iter, f"the end of training (iteration {end_iter})")
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):
@@ -241,6 +267,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         print_rank_0(f"saved LoRA adapters to {args.save_adapter}")
     logger.close()
     return {"losses": history, "grad_norms": grad_norms, "iteration_time": times, "iteration": end_iter,
+            "valid_losses": valid_losses,
             "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -72,7 +72,7 @@ def test_tokenizer_path_is_saved_absolute(tmp_path, monkeypatch):
 
 def test_an_unknown_flag_is_one_line_not_the_usage(capsys):
     with pytest.raises(SystemExit) as done:
-        parse_args(TINY + ["--lr-warmup-fraction", "0.1"], world_size=1)
+        parse_args(TINY + ["--lr-warmup-fractio", "0.1"], world_size=1)  # a typo: no abbreviations
     err = capsys.readouterr().err
-    assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fraction 0.1; see --help for "
+    assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fractio 0.1; see --help for "
                                             "the flags\n")

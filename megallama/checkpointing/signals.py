@@ -35,16 +35,21 @@ class ExitSignalHandler:
 
     def should_exit(self, device: torch.device) -> bool:
         """True on every rank when any rank got the signal (collective when distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.received
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32,
-                            device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received, device)
 
     def release(self) -> None:
         if self.installed:
             signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (collective when distributed): a stop decided by one
+    rank's clock or signal must be taken by all, or the others hang in the next step's collectives."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -76,7 +76,8 @@ def test_scheduler_check_names_each_setting_and_both_flags():
     # checkpoints from before the scheduler was saved: the schedule their args resolve to
     assert settings_from_args({"lr": 1e-3, "min_lr": 1e-4, "train_iters": 50, "lr_warmup_iters": None,
                                "lr_decay_iters": None, "lr_decay_style": "cosine"}) == \
-        dict(max_lr=1e-3, min_lr=1e-4, warmup_iters=5, decay_iters=50, decay_style="cosine")
+        dict(max_lr=1e-3, min_lr=1e-4, init_lr=0.0, warmup_iters=5, decay_iters=50, decay_style="cosine",
+             wsd_decay_iters=None, wsd_decay_style="exponential")
     assert settings_from_args({"model_config": {}}) is None
 
 
