@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
+from megallama.megatron_compat import add_megatron_args, apply_rope_scaling, check_model_flags, samples_to_iters
 
 
 def _add_model(p):
@@ -208,7 +209,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
-    for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging):
+    for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args):
         add(p)
     return p
 
@@ -226,6 +227,7 @@ def _derive(args, world_size: int):
         args.recompute_granularity = "full"
     if args.use_distributed_optimizer and args.zero_stage is None:
         args.zero_stage = 1
+    check_model_flags(args)
     overrides = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                      num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
                      max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
@@ -235,6 +237,7 @@ def _derive(args, world_size: int):
     _derive_strategy(args)
     from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
     args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
+    args.model_config = apply_rope_scaling(args, args.model_config)
     if args.use_checkpoint_args:
         pretrained = getattr(args, "pretrained_checkpoint", None)
         from megallama.checkpointing.files import holds_checkpoint
@@ -302,6 +305,7 @@ def _derive(args, world_size: int):
     for name in ("train_iters", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    samples_to_iters(args)
     check_schedule_flags(args)
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")

@@ -15,7 +15,8 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 
 
-def initialize_distributed(backend: str | None = None, device: str | None = None) -> torch.device:
+def initialize_distributed(backend: str | None = None, device: str | None = None,
+                           timeout_minutes: float = 30.0) -> torch.device:
     """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK); pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -30,7 +31,7 @@ def initialize_distributed(backend: str | None = None, device: str | None = None
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        kw = dict(backend=backend, timeout=timedelta(minutes=30))
+        kw = dict(backend=backend, timeout=timedelta(minutes=timeout_minutes))
         if backend == "nccl":
             kw["device_id"] = dev
         dist.init_process_group(**kw)
@@ -43,7 +44,8 @@ def initialize_megatron(args) -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     ps.validate_grid(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      args.context_parallel_size, args.expert_model_parallel_size, model_config=args.model_config)
-    dev = initialize_distributed(args.distributed_backend, args.device)
+    dev = initialize_distributed(args.distributed_backend, args.device,
+                                 getattr(args, "distributed_timeout_minutes", 30.0))
     if dist.is_initialized():
         vpp = None
         if args.num_layers_per_virtual_pipeline_stage:

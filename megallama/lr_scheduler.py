@@ -83,7 +83,8 @@ class OptimizerParamScheduler:
     def get_lr(self, iteration: int) -> float:
         """LR of the ``iteration``-th *applied* update (0-based)."""
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
-            return self.init_lr + (self.max_lr - self.init_lr) * (iteration + 1) / self.warmup_iters
+            # capped: a warmup of whole samples may end inside an iteration (Megatron's --lr-warmup-samples)
+            return self.init_lr + (self.max_lr - self.init_lr) * min(1.0, (iteration + 1) / self.warmup_iters)
         if self.decay_style == "constant":
             return self.max_lr
         if iteration >= self.decay_iters:

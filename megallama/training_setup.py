@@ -39,8 +39,8 @@ def build_data(args):
     if tokenizer is None:
         pass
     elif args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:
-        tp = args.tensor_model_parallel_size
-        vocab = int(math.ceil(tokenizer.vocab_size / tp) * tp)
+        multiple = args.tensor_model_parallel_size * (getattr(args, "make_vocab_size_divisible_by", None) or 1)
+        vocab = int(math.ceil(tokenizer.vocab_size / multiple) * multiple)
         args.model_config = cfg = cfg.replace(vocab_size=vocab)
     elif tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "

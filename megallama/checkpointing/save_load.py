@@ -139,6 +139,8 @@ def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, co
         if not skip_on_save(name) and not is_replica_chunk(model_chunks, ci) and writes(t if p is None else p):
             add(name, t, local_piece(t, p))
     entries, scalars = optimizer_entries(optimizer, model_chunks)
+    if getattr(args, "no_save_optim", False):  # Megatron's --no-save-optim: weights (and RNG) only
+        entries, scalars = [], {}
     for name, t, piece in entries:
         add(name, t, piece)
 
@@ -259,9 +261,11 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             reader = ShardReader(ckpt, common["index"])
             plan = _model_plan(model_chunks, reader, ckpt)
             same_layout = common.get("layout") == current_layout()
-            keys = [] if finetune else saved_keys(common["index"])
+            no_optim = bool(getattr(args, "no_load_optim", False)) and not finetune
+            keys = [] if finetune or no_optim else saved_keys(common["index"])
             manifest = F.read_manifest(ckpt) or {}
-            rng_file = f"rank_{_rank():05d}.pt" if same_layout and not finetune else None
+            no_rng = bool(getattr(args, "no_load_rng", False))
+            rng_file = f"rank_{_rank():05d}.pt" if same_layout and not finetune and not no_rng else None
             rng_file = rng_file if rng_file in manifest else None
             reason = _first_error(F.check_files(ckpt, manifest, _needed_files(reader, plan, keys, rng_file)))
         if reason is not None:
@@ -273,10 +277,14 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
         if scheduler is not None and not finetune:
             scheduler.load_state_dict(_saved_scheduler(common), getattr(args, "override_opt_param_scheduler", False),
                                       getattr(args, "use_checkpoint_opt_param_scheduler", False))
-        return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet)
+        return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet,
+                      no_optim, no_rng)
     if bad:
         raise ConfigError(f"no usable checkpoint in {load} ({len(bad)} bad: {', '.join(map(os.path.basename, bad))})"
                           "; remove --load to start afresh or restore a good checkpoint")
+    if getattr(args, "exit_on_missing_checkpoint", False):
+        raise ConfigError(f"no checkpoint in {load} (--exit-on-missing-checkpoint); check the --load path, or drop "
+                          "the flag to start from scratch")
     _say(f"no checkpoint in {load}; starting from scratch")
     return 0, 0
 
@@ -289,8 +297,8 @@ def _saved_scheduler(common: dict) -> Optional[dict]:
     return settings_from_args(common.get("args", {}))
 
 
-def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet=False
-           ) -> Tuple[int, int]:
+def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet=False,
+           no_optim=False, no_rng=False) -> Tuple[int, int]:
     zero3_sd = {}
     with torch.no_grad():
         for ci, name, cname, t, piece in plan:
@@ -303,6 +311,10 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
     if finetune or not keys:
         if optimizer is not None and hasattr(optimizer, "reload_model_params"):
             optimizer.reload_model_params()  # fp32 master copies must follow the loaded weights
+        if no_optim:  # Megatron's --no-load-optim: the run goes on (iteration, data, RNG) with a fresh optimizer
+            _say(f"loaded weights from {ckpt} at iteration {iteration}; --no-load-optim: the optimizer starts "
+                 "afresh")
+            return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, None)
         if not finetune and iteration > 0:
             _warn(f"checkpoint {ckpt} holds no optimizer state; the optimizer starts afresh")
         if not quiet:
@@ -317,11 +329,18 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
         return True
 
     load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)
+    return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, "compression")
+
+
+def _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, compression_key) -> Tuple[int, int]:
+    """This rank's RNG states (and, with the optimizer, the compressors' error memories) from its own file."""
     saved_comp = None
     if rng_file:
         obj = reader.load_object(rng_file)
         set_rng_state(obj["rng"])
-        saved_comp = obj.get("compression")
+        saved_comp = obj.get(compression_key) if compression_key else None
+    elif no_rng:
+        _say("--no-load-rng: RNG states start from the seed")
     else:
         _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): weights and optimizer "
              "resharded; RNG states start from the seed")
@@ -329,4 +348,4 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
     if msg:
         _say(msg)
     reader.close()
-    return iteration, int(common.get("consumed_samples", 0))
+    return int(common["iteration"]), int(common.get("consumed_samples", 0))
