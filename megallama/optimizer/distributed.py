@@ -56,6 +56,17 @@ def is_zero3(chunk) -> bool:
     return getattr(chunk, "zero_stage", 0) == 3
 
 
+def split_tp_replicated(params: List[nn.Parameter]) -> List[List[nn.Parameter]]:
+    """At tp > 1: the tp-sharded params, then the ones every tp rank holds whole (norm weights), never in one bucket.
+    A bucket's gradient compression (top-k selection, 1-bit chunk scales) mixes all its entries, so a replicated
+    weight sharing a bucket with tp-sharded ones would get a different update on each tp rank and the copies drift
+    apart; alone, its bucket is the same on every tp rank and so is its compressed average."""
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return [params]
+    sharded = [p for p in params if getattr(p, "tensor_model_parallel", False)]
+    return [sharded, [p for p in params if not getattr(p, "tensor_model_parallel", False)]]
+
+
 def finish_param_sync(model_chunks) -> None:
     """Wait for the parameter all-gathers that --overlap-param-gather leaves in flight after a step, so that the
     parameters are final (before reading them for a checkpoint, or returning the model); plain modules pass."""
@@ -118,7 +129,8 @@ class DistributedDataParallel(nn.Module):
             buckets = [(bp, self.comm) for bp in bucket_params]
         else:
             shared = lambda p: self.dp_size > 1 and needs_own_bucket(module, p)  # noqa: E731
-            buckets = [(bp, self.comm) for bp in bucketize(list(reversed(dense)), bucket_size, shared)]
+            buckets = [(bp, self.comm) for part in split_tp_replicated(dense)
+                       for bp in bucketize(list(reversed(part)), bucket_size, shared)]
             buckets += [(bp, self.expert_comm) for bp in bucketize(list(reversed(expert)), bucket_size)]
         # Stage 0 never shards, so its buckets need no dp padding.
         self.layout = BufferLayout(buckets, sharded=zero_stage >= 1)
