@@ -8,7 +8,22 @@ import re
 from megallama.errors import ConfigError
 
 
+def check_recompute_flags(args) -> None:
+    """Megatron's rule: --recompute-method / --recompute-num-layers shape full recompute only; with selective they
+    would be ignored silently. Their defaults are None so a typed flag shows; filled in here (uniform, 1)."""
+    typed = [flag for flag, val in (("--recompute-method", args.recompute_method),
+                                    ("--recompute-num-layers", args.recompute_num_layers)) if val is not None]
+    if args.recompute_granularity == "selective" and typed:
+        raise ConfigError(f"{' and '.join(typed)} apply to --recompute-granularity full only, not selective; drop "
+                          f"{'them' if len(typed) > 1 else 'it'} or use full")
+    if args.recompute_num_layers is not None and args.recompute_num_layers < 1:
+        raise ConfigError(f"--recompute-num-layers must be >= 1, got {args.recompute_num_layers}")
+    args.recompute_method = args.recompute_method or "uniform"
+    args.recompute_num_layers = args.recompute_num_layers or 1
+
+
 def check_run_flags(args) -> None:
+    check_recompute_flags(args)
     args.data_blend = None
     if isinstance(args.data_path, list):  # one path, or a blend (Megatron's weight-path pairs, or paths)
         if len(args.data_path) > 1:

@@ -80,8 +80,8 @@ def _add_training(p):
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--activation-checkpointing", action="store_true", help="seed alias of --recompute-granularity full")
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive iterations skipped for NaN/inf")

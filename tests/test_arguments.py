@@ -76,3 +76,22 @@ def test_an_unknown_flag_is_one_line_not_the_usage(capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fractio 0.1; see --help for "
                                             "the flags\n")
+
+
+def test_recompute_method_and_layers_are_for_full_recompute_only():
+    """Megatron rejects --recompute-method / --recompute-num-layers with selective granularity (they were ignored
+    silently); without them, or with full, the loop's uniform / 1 still apply."""
+    for extra, named in ((["--recompute-num-layers", "2"], "--recompute-num-layers apply"),
+                         (["--recompute-method", "block"], "--recompute-method apply"),
+                         (["--recompute-method", "uniform", "--recompute-num-layers", "1"],
+                          "--recompute-method and --recompute-num-layers apply")):
+        with pytest.raises(ConfigError, match=f"^{named} to --recompute-granularity full only"):
+            parse_args(TINY + ["--recompute-granularity", "selective"] + extra)
+    args = parse_args(TINY + ["--recompute-granularity", "selective"])
+    assert (args.recompute_method, args.recompute_num_layers) == ("uniform", 1)
+    args = parse_args(TINY + ["--recompute-granularity", "full", "--recompute-method", "block",
+                              "--recompute-num-layers", "2"])
+    assert (args.recompute_method, args.recompute_num_layers) == ("block", 2)
+    assert parse_args(TINY).recompute_method == "uniform"
+    with pytest.raises(ConfigError, match="--recompute-num-layers must be >= 1, got 0"):
+        parse_args(TINY + ["--recompute-granularity", "full", "--recompute-num-layers", "0"])
