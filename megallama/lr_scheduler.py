@@ -69,6 +69,10 @@ class OptimizerParamScheduler:
         self.warmup_iters, self.decay_iters, self.decay_style = warmup_iters, max(1, decay_iters), decay_style
         self.wsd_decay_iters, self.wsd_decay_style = wsd_decay_iters, wsd_decay_style
         self.skipped_iters = 0  # iterations whose update was skipped: they do not advance the schedule
+        if decay_style != "constant" and warmup_iters > self.decay_iters:  # Megatron asserts warmup < decay
+            raise ConfigError(f"the LR warmup ({warmup_iters:g} iterations) is longer than the decay "
+                              f"({self.decay_iters:g}, --lr-decay-iters or --train-iters); shorten --lr-warmup-iters "
+                              "or lengthen --lr-decay-iters")
         if decay_style == "WSD":
             if wsd_decay_iters is None:
                 raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")

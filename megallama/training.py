@@ -121,6 +121,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     if args.save:
         check_writable(args.save)
     train_ds, valid_ds = build_data(args)[1:] if datasets is None else given_data(args, datasets)
+    if args.eval_interval and valid_ds is None:
+        print_rank_0(f"warning: --eval-interval {args.eval_interval} but there is no validation data; no evaluation")
     model_chunks, optimizer = setup_model_and_optimizer(args, device)
     if args.dry_run:
         return {"dry_run": True, "losses": {}}

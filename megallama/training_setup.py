@@ -56,6 +56,11 @@ def build_data(args):
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    if args.eval_interval:
+        from megallama.data.gpt_dataset import parse_split
+        if parse_split(args.split)[1] == 0:
+            raise ConfigError(f"--eval-interval {args.eval_interval} evaluates on the validation split, but --split "
+                              f"{args.split} gives it nothing; give it a share (like 98,2,0) or drop --eval-interval")
     blend = getattr(args, "data_blend", None)
     if blend and getattr(args, "chat_template", False):
         raise ConfigError("--data-path blends are for pretraining corpora; fine-tuning takes one chat jsonl")

@@ -71,9 +71,13 @@ def test_schedule_flag_mistakes_are_one_line(argv, says):
         parse_args(TINY + argv, world_size=1)
 
 
-def test_wsd_anneal_longer_than_the_schedule_is_refused():
+def test_wsd_anneal_or_warmup_longer_than_the_schedule_is_refused():
     with pytest.raises(ConfigError, match=r"--lr-wsd-decay-iters 48 is longer than the iterations after warmup"):
         _sched(["--train-iters", "50", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "48"])
+    with pytest.raises(ConfigError, match=re.escape("the LR warmup (5 iterations) is longer than the decay (1, ")):
+        _sched(["--train-iters", "6", "--lr-warmup-iters", "5", "--lr-decay-iters", "1"])
+    assert _sched(["--train-iters", "6", "--lr-warmup-iters", "6"]).get_lr(6) == pytest.approx(3e-4)  # equal: warmup, then --min-lr
+    assert _sched(["--train-iters", "3", "--lr-warmup-iters", "5", "--lr-decay-style", "constant"]).get_lr(9) == 3e-3
 
 
 def test_a_skipped_update_does_not_advance_the_schedule_and_the_count_resumes(tmp_path, monkeypatch):

@@ -227,6 +227,10 @@ def _model_plan(model_chunks, reader: ShardReader, ckpt: str):
     for ci, name, t, p in named_model_tensors(model_chunks):
         cname = canonical_name(name)
         if cname not in reader:
+            if any(k in cname for k in (".lora_", ".experts.", ".router.")):  # a strategy adds these to dense weights
+                raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}: it holds a model without this run's "
+                                  "LoRA adapters / experts; to add them to its weights pass it as "
+                                  "--pretrained-checkpoint (--load resumes a run of this strategy)")
             raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a "
                               "checkpoint of this model")
         plan.append((ci, name, cname, t, local_piece(t, p)))

@@ -14,7 +14,7 @@ from ckpt_helpers import TINY, corpus, snapshot
 
 BASE = TINY + ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4"]
 REAL_DATA = {"empty_data", "no_text_field", "vocab_smaller_than_tokenizer", "missing_tokenizer_model",
-             "vocab_of_converted_checkpoint"}
+             "vocab_of_converted_checkpoint", "eval_without_validation_split"}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,13 @@ def _case(name, tmp, ck, monkeypatch):
         return ["--load", ck, "--override-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"], "at most one"
     if name == "gpus_without_launcher":  # one process, --gpus 2: would train on one silently
         return ["--gpus", "2"], "torchrun --nproc_per_node 2"
+    if name == "lora_onto_dense_checkpoint":  # adapters are added to dense weights by --pretrained-checkpoint
+        return ["--load", ck, "--strategy", "lora"], "pass it as --pretrained-checkpoint"
+    if name == "eval_without_validation_split":  # evaluation would silently never run
+        return ["--data-path", corpus(data / "c.jsonl"), "--data-cache-dir", str(tmp / "cache"), "--split",
+                "100,0,0", "--eval-interval", "2"], "--split 100,0,0 gives it nothing"
+    if name == "warmup_longer_than_decay":  # Megatron asserts warmup < decay
+        return ["--lr-warmup-iters", "5", "--lr-decay-iters", "2"], "the LR warmup (5 iterations) is longer"
     raise KeyError(name)
 
 
@@ -114,7 +121,8 @@ CASES = ["empty_data", "no_text_field", "vocab_smaller_than_tokenizer", "missing
          "only_checkpoint_corrupt", "missing_manifest", "load_dir_missing", "unwritable_save",
          "disk_full_during_save", "keep_last_zero", "save_interval_zero", "negative_train_iters",
          "use_checkpoint_args_without_load", "save_into_existing_run", "finetune_into_existing_run",
-         "resume_with_another_lr_schedule", "both_lr_schedule_flags", "gpus_without_launcher"]
+         "resume_with_another_lr_schedule", "both_lr_schedule_flags", "gpus_without_launcher",
+         "lora_onto_dense_checkpoint", "eval_without_validation_split", "warmup_longer_than_decay"]
 
 
 @pytest.mark.parametrize("name", CASES)
