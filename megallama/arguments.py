@@ -164,6 +164,9 @@ def _add_data(p):
                    help="a .jsonl file (tokenized once, cached) or a .bin/.idx prefix; several, with or without "
                         "weights (Megatron's '0.3 web 0.7 code'), blend; default: the bundled corpus")
     g.add_argument("--mock-data", action="store_true", help="random tokens (for speed tests)")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", default=None, help=f"the {split} corpus whole (instead of --data-path "
+                       "and --split)" + ("; evaluated once at the end of training" if split == "test" else ""))
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--tokenizer-type", default=None,
                    help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")

@@ -27,8 +27,8 @@ from megallama.optimizer.distributed import finish_param_sync
 from megallama.progress import ProgressBar
 from megallama.profiling import StepProfiler
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
-from megallama.training_setup import (build_data, finalize_model_grads, get_forward_backward, given_data,
-                                      setup_model_and_optimizer)
+from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
+                                      given_data, setup_model_and_optimizer)
 
 
 def _autocast(args, device):
@@ -91,10 +91,11 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     return _global_mean_loss(losses, device)
 
 
-def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, where) -> float:
+def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, where,
+              tag="valid") -> float:
     vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
     print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {math.exp(min(vloss, 50)):.6E} |")
-    logger.scalars(step, {"valid/loss": vloss})
+    logger.scalars(step, {f"{tag}/loss": vloss})
     return vloss
 
 
@@ -120,7 +121,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     device = initialize_megatron(args)
     if args.save:
         check_writable(args.save)
-    train_ds, valid_ds = build_data(args)[1:] if datasets is None else given_data(args, datasets)
+    tokenizer, train_ds, valid_ds = build_data(args) if datasets is None else (None, *given_data(args, datasets))
+    test_ds = build_test_data(args, tokenizer) if tokenizer is not None else None
     if args.eval_interval and valid_ds is None:
         print_rank_0(f"warning: --eval-interval {args.eval_interval} but there is no validation data; no evaluation")
     model_chunks, optimizer = setup_model_and_optimizer(args, device)
@@ -261,6 +263,10 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, end_iter, f"the end of training (iteration {end_iter})")
+    test_loss = None
+    if test_ds is not None and not stopped_early and end_iter == args.train_iters:
+        test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
+                              end_iter, f"the end of training (iteration {end_iter}) on the test data", "test")
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):
@@ -269,7 +275,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         print_rank_0(f"saved LoRA adapters to {args.save_adapter}")
     logger.close()
     return {"losses": history, "grad_norms": grad_norms, "iteration_time": times, "iteration": end_iter,
-            "valid_losses": valid_losses,
+            "valid_losses": valid_losses, "test_loss": test_loss,
             "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

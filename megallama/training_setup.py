@@ -52,10 +52,14 @@ def build_data(args):
     if args.train_iters is None and args.epochs is None:
         args.train_iters = 100
     if args.mock_data:
+        if any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test")):
+            raise ConfigError("--mock-data makes random tokens; drop it to use --train/--valid/--test-data-path")
         from megallama.data.mock_dataset import MockGPTDataset
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    if any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test")):
+        return (tokenizer,) + _per_split_data(args, tokenizer)
     if args.eval_interval:
         from megallama.data.gpt_dataset import parse_split
         if parse_split(args.split)[1] == 0:
@@ -89,6 +93,40 @@ def build_data(args):
         if args.eval_interval else None
     train, valid = build(n_train, n_valid)
     return tokenizer, train, valid
+
+
+def _per_split_data(args, tokenizer):
+    """(train, valid) from --train-data-path / --valid-data-path: whole corpora, no --split (Megatron's
+    per-split paths). The test corpus is built by ``build_test_data``."""
+    from megallama.data.gpt_dataset import build_dataset_from_path
+    if args.data_path or getattr(args, "data_blend", None):
+        raise ConfigError("pass --data-path (split by --split) or --train-data-path/--valid-data-path/"
+                          "--test-data-path, not both")
+    if not args.train_data_path:
+        raise ConfigError("--valid-data-path/--test-data-path need --train-data-path (the corpus to train on)")
+    if getattr(args, "chat_template", False):
+        raise ConfigError("chat fine-tuning takes its data from --data-path (split by --split)")
+    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
+
+    def build(path, n, name, salt):
+        return build_dataset_from_path(path, tokenizer, args.seq_length, args.seed, cache, n, name, salt)
+    if args.train_iters is None:  # --epochs: size one epoch first
+        args.train_iters = iters_for_epochs(args, len(build(args.train_data_path, None, "train", 0)))
+    train = build(args.train_data_path, args.train_iters * args.global_batch_size, "train", 0)
+    n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
+        if args.eval_interval else None
+    valid = build(args.valid_data_path, n_valid, "valid", 1) if args.valid_data_path else None
+    return train, valid
+
+
+def build_test_data(args, tokenizer):
+    """--test-data-path: the corpus evaluated once at the end of training (Megatron's test set); None without it."""
+    if not getattr(args, "test_data_path", None):
+        return None
+    from megallama.data.gpt_dataset import build_dataset_from_path
+    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
+    return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed, cache,
+                                   args.eval_iters * args.global_batch_size, "test", 2)
 
 
 def iters_for_epochs(args, num_samples: int, epochs: Optional[float] = None) -> int:

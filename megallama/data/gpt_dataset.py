@@ -121,6 +121,17 @@ class GPTDataset(torch.utils.data.Dataset):
                 "loss_mask": torch.ones(self.seq_length, dtype=torch.float32)}
 
 
+def build_dataset_from_path(data: str, tokenizer, seq_length: int, seed: int, cache_dir: str | None,
+                            num_samples: int | None, name: str, salt: int, progress: bool = True) -> GPTDataset:
+    """A GPTDataset over every document of one corpus (Megatron's --train/--valid/--test-data-path, which take
+    whole corpora instead of --split shares of one). Collective under torch.distributed."""
+    indexed = IndexedDataset(_resolve_prefix(data, tokenizer, cache_dir, progress))
+    if indexed.num_documents == 0 or indexed.num_tokens == 0:
+        raise ConfigError(f"{data} holds no documents; give it at least one non-empty text")
+    _check_vocab(indexed, tokenizer)
+    return GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
+
+
 def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     """Cache key: the file's size and content hash and the tokenizer's fingerprint (not the path or mtime: a copy of
     the same file reuses the cache, an edited one does not)."""
