@@ -34,6 +34,7 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|"
                        r"input_layernorm|post_attention_layernorm)\.weight$")
 _TOP = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json facts our ModelConfig does not hold
 
 
 def check_names(names, cfg: ModelConfig, source: str) -> None:
@@ -104,15 +105,19 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
         finally:
             handles.clear()
 
-    args = {"model": cfg.name, "model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir)}
+    args = {"model": cfg.name, "model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
+            "hf_token_ids": {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}}  # written back on export
     return write_full_checkpoint(output, tensors(), args, iteration=0, max_file_bytes=max_file_bytes)
 
 
 # ---------------------------------------------------------------- megallama -> HF
 def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
-                    max_shard_bytes: int = 5 << 30, notes: Optional[list] = None) -> str:
-    """Write an HF folder; a LoRA run's adapters are merged into their weights, the run's tokenizer is written
-    beside them (``megallama.data.tokenizer_export``). ``notes`` collects what was done, for the CLI."""
+                    max_shard_bytes: int = 5 << 30, notes: Optional[list] = None,
+                    tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None) -> str:
+    """Write an HF folder; a LoRA run's adapters are merged into their weights, the run's tokenizer (or the one
+    ``tokenizer_type``/``tokenizer_model`` name) is written beside them (``megallama.data.tokenizer_export``);
+    config.json's token ids are those an imported HF model came with, else the tokenizer's. ``notes`` collects
+    what was done, for the CLI."""
     from safetensors.torch import save_file
     from megallama.checkpointing.full import model_tensor_names, open_checkpoint
     from megallama.data.tokenizer_export import export_tokenizer
@@ -137,6 +142,8 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
                                if common["index"][n].get("dtype")), torch.float32)
     tmp = output.rstrip("/") + ".tmp"
     try:
+        if tokenizer_type is not None or tokenizer_model is not None:
+            saved = _with_tokenizer(saved, tokenizer_type, tokenizer_model, cfg.vocab_size, notes)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -168,9 +175,9 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
             bos, eos, said = export_tokenizer(saved, tmp)
         except ConfigError as e:  # the weights still export (a tokenizer path of another machine, say)
             bos, eos, said = None, None, f"tokenizer: not written ({e})"
+        ids = dict({"bos_token_id": bos, "eos_token_id": eos}, **saved.get("hf_token_ids", {}))
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model_config_to_hf_config(cfg, out_dtype, {"bos_token_id": bos, "eos_token_id": eos}), f,
-                      indent=2, sort_keys=True)
+            json.dump(model_config_to_hf_config(cfg, out_dtype, ids), f, indent=2, sort_keys=True)
         notes.append(said)
         if adapted:
             notes.append(f"merged the LoRA adapters of {len(adapted)} weights (scaling alpha/r = {lora.scaling:g})")
@@ -189,6 +196,19 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     finally:
         reader.close()
     return output
+
+
+def _with_tokenizer(saved: dict, tokenizer_type, tokenizer_model, model_vocab: int, notes: list) -> dict:
+    """The saved arguments with the tokenizer flags in place of the recorded tokenizer, refused (as generation
+    refuses it) when it is not one this model can have been trained with."""
+    from megallama.data.tokenizer_export import run_tokenizer
+    from megallama.generation_cli import check_tokenizer
+    out = dict(saved, **{k: v for k, v in (("tokenizer_type", tokenizer_type), ("tokenizer_model", tokenizer_model))
+                         if v is not None})
+    warning = check_tokenizer(run_tokenizer(out), saved, model_vocab)
+    if warning:
+        notes.append(f"warning: {warning}")
+    return out
 
 
 # ---------------------------------------------------------------- CLI
@@ -213,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", required=True)
     b.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast (default: keep the saved dtype)")
     b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--tokenizer-type", default=None, help="the tokenizer to write (default: the checkpoint's)")
+    b.add_argument("--tokenizer-model", default=None, help="its file or folder (default: the checkpoint's)")
     return p
 
 
@@ -230,7 +252,8 @@ def main(argv=None) -> int:
                   f"(or name the shape yourself: {flags_for(cfg)})")
         else:
             notes = []
-            out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size), notes)
+            out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size), notes,
+                                  args.tokenizer_type, args.tokenizer_model)
             print("\n".join([f"wrote {out}"] + notes))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

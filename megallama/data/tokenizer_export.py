@@ -5,6 +5,10 @@ A sentencepiece ``.model`` (the bundled tokenizer, Llama 1/2) becomes ``tokenize
 ``LlamaTokenizer``, which gives the same ids as sentencepiece except on runs of spaces at the start of a text
 (HF's normalisation). Llama 3's tiktoken ranks file has no HF reader of its own: it is not written (Meta's HF
 repositories ship the matching tokenizer.json).
+
+The written tokenizer starts a text with the token ``tools/generate.py`` puts before a prompt (``prompt_token``):
+a megallama run's documents follow an eod and have no bos, so it prepends the eod (as HF's bos_token); an imported
+HF model keeps its bos. So HF ``generate`` on the exported folder sees the context megallama's generation sees.
 """
 from __future__ import annotations
 
@@ -18,14 +22,27 @@ from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def prompt_token(saved_args: dict, tok) -> Optional[int]:
+    """The token generation_cli's ``--prompt-prefix auto`` puts before a plain prompt: bos for a converted HF
+    model, eod for a megallama run (whose pretraining documents follow an eod)."""
+    return tok.bos_id if saved_args.get("converted_from") else tok.eod
+
+
+def run_tokenizer(saved_args: dict):
+    """The tokenizer a checkpoint's saved arguments name (none named: the bundled one)."""
+    t, path = checkpoint_tokenizer(saved_args)
+    return build_tokenizer(t or ("bundled" if path is None else "sentencepiece"), path)
+
+
 def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Optional[int], str]:
     """Write the run's tokenizer files into ``out_dir``; returns (bos id, eos id, a line saying what was done).
-    The ids are the tokenizer's even when no file could be written."""
-    t, path = checkpoint_tokenizer(saved_args)
-    t = (t or ("bundled" if path is None else "sentencepiece")).lower()
-    tok = build_tokenizer(t, path)
-    bos, eos = tok.bos_id, tok.eos_id
-    if t == "hf":
+    The bos id is the token the written tokenizer prepends (an HF tokenizer.json's own bos; else
+    ``prompt_token``), given even when no file could be written."""
+    tok = run_tokenizer(saved_args)
+    t, path = tok.tokenizer_type, tok.path  # canonical: Megatron's spellings (Llama2Tokenizer ...) mapped
+    bos, eos = prompt_token(saved_args, tok), tok.eos_id
+    if t == "hf":  # copied as is: an imported model's convention (its own bos)
+        bos = tok.bos_id
         src = path if os.path.isdir(path) else os.path.dirname(path)
         file = path if os.path.isfile(path) else os.path.join(src, "tokenizer.json")
         shutil.copy(file, os.path.join(out_dir, "tokenizer.json"))
@@ -37,13 +54,14 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
         model_file = tok.path
         shutil.copy(model_file, os.path.join(out_dir, "tokenizer.model"))
         sp = tok.sp
-        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
-               "model_max_length": int(saved_args.get("seq_length") or 4096)}
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bos is not None and bos >= 0,
+               "add_eos_token": False, "legacy": False, "model_max_length": int(saved_args.get("seq_length") or 4096)}
         for key, i in (("bos_token", bos), ("eos_token", eos), ("unk_token", sp.unk_id())):
             if i is not None and i >= 0:
                 cfg[key] = sp.id_to_piece(i)
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        return bos, eos, f"tokenizer: {model_file} (sentencepiece, as tokenizer.model for HF's LlamaTokenizer)"
+        first = f", which starts a text with {cfg['bos_token']} as tools/generate.py does" if "bos_token" in cfg else ""
+        return bos, eos, f"tokenizer: {model_file} (sentencepiece, as tokenizer.model for HF's LlamaTokenizer{first})"
     return bos, eos, (f"tokenizer: not written ({t} ranks files have no HF reader; use the tokenizer.json of the "
                       "model's HF release)")

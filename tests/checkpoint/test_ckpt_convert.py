@@ -161,7 +161,8 @@ def test_lora_run_exports_merged_and_moe_run_is_refused(tmp_path):
 
 def test_export_writes_the_runs_tokenizer(tmp_path):
     """The bundled sentencepiece tokenizer becomes tokenizer.model for HF's LlamaTokenizer (the same ids on
-    ordinary text), bos/eos ids land in config.json; an imported HF model's tokenizer.json is copied as is."""
+    ordinary text; the eod first, as megallama's generation does), bos/eos ids land in config.json; an imported HF
+    model's tokenizer.json and tokenizer_config.json are copied as they are."""
     from megallama.data.tokenizer import build_tokenizer
     tok = build_tokenizer("bundled")
     cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -173,13 +174,14 @@ def test_export_writes_the_runs_tokenizer(tmp_path):
     text = "The module os provides a portable way of using operating system dependent functionality."
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
     config = json.load(open(tmp_path / "hf" / "config.json"))
-    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
-    assert hf_tok.bos_token_id == tok.bos_id and hf_tok.eos_token_id == tok.eos_id
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.eod, tok.eos_id)
+    assert hf_tok.bos_token_id == tok.eod and hf_tok.eos_token_id == tok.eos_id
     # an imported HF model (here: that export, with a tokenizer.json saved by HF) exports its tokenizer.json
     hf_tok.save_pretrained(tmp_path / "hf")
     conv.hf_to_megallama(str(tmp_path / "hf"), str(tmp_path / "meg"))
     conv.megallama_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"))
-    assert open(tmp_path / "hf2" / "tokenizer.json").read() == open(tmp_path / "hf" / "tokenizer.json").read()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(tmp_path / "hf2" / name).read() == open(tmp_path / "hf" / name).read(), name
 
 
 def test_sharded_bf16_hf_checkpoint(tmp_path):
