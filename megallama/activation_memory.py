@@ -235,6 +235,22 @@ def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe
     return G + max(cand)
 
 
+def wgrad_queue_layer(x: Shape, n: Numerics, moe: bool = False) -> Dict[str, int]:
+    """One decoder layer under ZB-H1's B/W split (mpu/layers.py ``_defer_weight_grads``): 'queued', the bytes its
+    weight-gradient GEMMs hold from B to W (B frees the autograd graph; each GEMM keeps its input as saved, q/k/v
+    sharing one and gate/up another, and its output gradient in the compute dtype, o's and down's a whole [S, h]
+    before the tp reduction); 'grads', the weight gradients W makes, all of them before it accumulates any
+    (fp32 under autocast). An MoE layer's experts take their gradients in B: only attention's GEMMs queue.
+    Checked on CPU against the live-bytes peak of pp 2 training steps (tests/test_memory.py), not yet on GPU."""
+    lin = (n.e if n.cast else n.r) * x.Sn * x.h
+    attn = lin + 2 * n.e * x.S * (x.h // x.t) + 2 * n.e * x.S * (x.g // x.t) * x.d + n.e * x.S * x.h
+    weights = x.qkv_params + x.h * x.h // x.t
+    if not moe:
+        attn += lin + 3 * n.e * x.S * (x.F // x.t) + n.e * x.S * x.h
+        weights += 3 * x.ffn_weight
+    return {"queued": attn, "grads": (4 if n.cast else n.e) * weights}
+
+
 def recompute_chunks(num_layers: int, method: str, k: int):
     """(number of checkpointed chunks, layers per chunk, layers stored whole) for Megatron's methods."""
     k = max(1, k)
@@ -248,13 +264,16 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
                           pre_process: bool = True, post_process: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
                           others_hold_ends: bool = True, extra: Dict[str, int] = None, moe: MoEShape = None,
-                          moe_layers: int = 0, device: str = "cuda", head_trainable: bool = True) -> Dict[str, int]:
+                          moe_layers: int = 0, device: str = "cuda", head_trainable: bool = True,
+                          wgrad_queued: int = None) -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
     chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
     ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
     MoE layers shaped by ``moe``. ``head_trainable=False``: a frozen output weight (LoRA) gets no gradient.
+    ``wgrad_queued``: ZB-H1 with the B/W split, this many microbatches' W pending (``wgrad_queue_layer``) while
+    ``in_flight`` are held whole; while a W runs, one fewer is whole and one more is queued (None: grads in B).
 
     Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
     'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
@@ -292,6 +311,10 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         phases["head backward"] = (held + bwd + hb, hs["head"] + bwd, 0, hb)
     else:
         phases["forward end"] = (held + fe, 0, 0, fe)
+    if wgrad_queued is not None:
+        _queue_wgrads(phases, x, n, num_layers, wgrad_queued, moe_layers, head if post_process else None,
+                      misc + (layers + casts) // max(1, num_layers) + recomputed + ws + lb,
+                      max(1, per_chunk), casts)
     phase = max(phases, key=lambda k: phases[k][0])
     current, logits, extra_casts, buffers = phases[phase]
     other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \
@@ -301,3 +324,21 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     return {"total": total, "logits": logits, "weight_casts": casts, "buffers": buffers,
             "activations": total - logits - casts - buffers, "phase": phase, "held_per_microbatch": held,
             "layer_bytes": whole}
+
+
+def _queue_wgrads(phases, x, n, num_layers, queued, moe_layers, head, late_base, per_chunk, casts) -> None:
+    """ZB-H1's phases: every one also holds ``queued`` microbatches' pending W; late in its B a microbatch holds
+    its first layer (chunk) whole and the other layers' queue; W holds one more queue and the grads it makes,
+    one fewer microbatch whole (its casts too). An unfused head's output GEMM queues its input and logits grad."""
+    dense, moe = wgrad_queue_layer(x, n), wgrad_queue_layer(x, n, moe=True)
+    layer = {k: (dense[k] * (num_layers - moe_layers) + moe[k] * moe_layers) // num_layers for k in dense}
+    head_q = (n.e if n.cast else n.r) * x.Sn * x.h + n.e * x.S * (x.V // x.t) if head == "unfused" else 0
+    head_g = (4 if n.cast else n.e) * (x.V // x.t) * x.h if head == "unfused" else 0
+    one = num_layers * layer["queued"] + head_q
+    held = queued * one
+    for name, (cur, logits, ex_casts, buffers) in list(phases.items()):
+        if name == "layer backward":
+            cur = max(cur, late_base + (num_layers - per_chunk) * layer["queued"] + head_q)
+        phases[name] = (cur + held, logits, ex_casts, buffers)
+    lb = phases["layer backward"][3]
+    phases["weight grads"] = (held + one + num_layers * layer["grads"] + head_g + lb, 0, -casts, lb)

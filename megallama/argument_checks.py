@@ -14,8 +14,9 @@ def check_recompute_flags(args) -> None:
     typed = [flag for flag, val in (("--recompute-method", args.recompute_method),
                                     ("--recompute-num-layers", args.recompute_num_layers)) if val is not None]
     if args.recompute_granularity == "selective" and typed:
-        raise ConfigError(f"{' and '.join(typed)} apply to --recompute-granularity full only, not selective; drop "
-                          f"{'them' if len(typed) > 1 else 'it'} or use full")
+        many = len(typed) > 1
+        raise ConfigError(f"{' and '.join(typed)} {'apply' if many else 'applies'} to --recompute-granularity full "
+                          f"only, not selective; drop {'them' if many else 'it'} or use full")
     if args.recompute_num_layers is not None and args.recompute_num_layers < 1:
         raise ConfigError(f"--recompute-num-layers must be >= 1, got {args.recompute_num_layers}")
     args.recompute_method = args.recompute_method or "uniform"

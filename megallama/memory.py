@@ -8,7 +8,8 @@ stage 0 (p+g+K)Ψ, 1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N. Ours (me
 (g = 4); with fp32 params and autocast (--params-dtype fp32) p = 4, K = 8 (Adam m, v; the master is the model);
 with bf16/fp16
 parameters (mode 'params', the loop's default --params-dtype auto) p = 2, K = 12 (fp32 master + m + v).
-Activations: ``activation_memory``. Buffers:
+Activations: ``activation_memory``; ZB-H1 (``_zb_h1``) holds 1F1B's whole microbatches plus, per microbatch
+between its B and W, the inputs and output gradients of the queued weight-gradient GEMMs. Buffers:
 ZeRO-2/3 staging buckets, ZeRO-3 gathered units, the optimizer step's temporaries, cuBLAS workspaces. Overhead
 outside ``torch.cuda.max_memory_allocated``: the CUDA context, NCCL, and allocator fragmentation (stated constants).
 """
@@ -25,7 +26,7 @@ CUDA_CONTEXT_GB = 0.55  # CUDA context + cuBLAS/cuDNN handles on H100 with torch
 NCCL_GB = 0.5  # NCCL communicator buffers per process when any process group spans > 1 GPU
 FRAGMENTATION = 0.05  # reserved over allocated by the caching allocator, as a fraction of the peak allocated
 WORKSPACE_BYTES = 64 * 2 ** 20  # cuBLAS / cuBLASLt workspaces, allocated through the caching allocator
-SCHEDULES = ("1f1b", "gpipe", "interleaved", "chimera")
+SCHEDULES = ("1f1b", "gpipe", "interleaved", "chimera", "zb-h1")
 STRATEGIES = ("standard", "lora", "moe", "hybrid")
 
 
@@ -124,6 +125,18 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> int:
     return min(pp - stage, m)
 
 
+def _zb_h1(pp: int, stage: int, m: int, zero: int, strategy: str, inflight: int):
+    """(whole, W-queued) microbatches of a ZB-H1 stage at its F/B peak (pipeline/schedules.py ``_zb_h1_orders``:
+    1F1B's order, a forward waits while min(pp, m) are not yet W'd): 1F1B's min(pp - stage, m) whole, the rest
+    of min(pp, m) queued. A LoRA base is frozen: nothing queues (B frees all). ZeRO-3 splits by re-running the
+    backward in W (pipeline/runner.py): graphs live until W, min(pp, m) whole, except on the head's stage."""
+    if strategy in ("lora", "hybrid"):
+        return inflight, None
+    if zero == 3:
+        return (inflight if stage == pp - 1 else min(pp, m)), None
+    return inflight, min(pp, m) - inflight
+
+
 def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, schedule, m, v, strategy,
            lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda"):
     """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category."""
@@ -153,7 +166,9 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     st = split_states_bytes(split, zero, n, ep, pkg)
     local_params = dense + expert_params
     # activations
-    inflight = _in_flight(schedule, pp, stage, m, v)
+    inflight, queued = _in_flight(schedule, pp, stage, m, v), None
+    if schedule == "zb-h1" and pp > 1:
+        inflight, queued = _zb_h1(pp, stage, m, zero, strategy, inflight)
     per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else \
         layers[stage] if chunks == 2 else n_layers
     moe, n_moe = None, 0
@@ -181,7 +196,7 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
     act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
                                    others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
                                    moe_layers=n_moe, device=device,
-                                   head_trainable=strategy not in ("lora", "hybrid"))
+                                   head_trainable=strategy not in ("lora", "hybrid"), wgrad_queued=queued)
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
         # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept
@@ -211,7 +226,8 @@ def _stage(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, s
         step += 4 * trainable_local / (n if zero >= 1 else 1)
     out = {"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
            "activations": act["activations"], "logits": act["logits"], "weight_casts": act["weight_casts"],
-           "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "params": local_params,
+           "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "wgrad_queued": queued or 0,
+           "params": local_params,
            "layers": n_layers, "fwd_bwd": act["total"] + WORKSPACE_BYTES, "step": step}
     if step > out["fwd_bwd"]:  # the optimizer step, after the activations are freed, is the peak
         out.update(activations=0, logits=0, weight_casts=0, buffers=step, phase="optimizer step")
@@ -319,8 +335,10 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                    "sequence_length": seq, "sequence_parallel": x.sp, "recompute": recompute,
                    "precision": precision, "mixed_precision_mode": mixed_precision_mode, "strategy": strategy,
                    "pipeline_schedule": pipeline_schedule if pp > 1 else "none", "in_flight": st["in_flight"],
-                   "layers_on_worst_stage": st["layers"], "fused_kernels": fused_kernels, "head": head},
-        "stages": {s: {"allocated_gb": d["allocated"] / GiB, "phase": d["phase"], "in_flight": d["in_flight"]}
+                   "wgrad_queued": st["wgrad_queued"], "layers_on_worst_stage": st["layers"],
+                   "fused_kernels": fused_kernels, "head": head},
+        "stages": {s: {"allocated_gb": d["allocated"] / GiB, "phase": d["phase"], "in_flight": d["in_flight"],
+                       "wgrad_queued": d["wgrad_queued"]}
                    for s, d in stages.items()},
     }
     if recommend:

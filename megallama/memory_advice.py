@@ -120,6 +120,8 @@ def format_table(res: dict) -> str:
             f"({lay['mixed_precision_mode']}), {lay['strategy']}")
     if lay["pp"] > 1:
         head += f", {lay['pipeline_schedule']} holding {lay['in_flight']} in flight"
+        if lay.get("wgrad_queued"):
+            head += f" + {lay['wgrad_queued']} awaiting W"
     rows = [("weights", "parameters on this GPU"), ("grads", "fp32 gradient buffer (or its shard)"),
             ("optimizer", "Adam m, v (+ fp32 master for bf16 params)"),
             ("activations", "saved for backward: layers, embedding, final norm"),

@@ -15,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from megallama.errors import ConfigError
+from megallama.memory import SCHEDULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default="none")
     p.add_argument("--activation-checkpointing", action="store_true", help="alias of --recompute-granularity full")
-    p.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
-    p.add_argument("--recompute-num-layers", type=int, default=1)
-    p.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe", "interleaved", "chimera"], default="1f1b")
+    p.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="full recompute only")
+    p.add_argument("--recompute-num-layers", type=int, default=None, help="full recompute only")
+    p.add_argument("--pipeline-schedule", choices=list(SCHEDULES), default="1f1b")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--mixed-precision", "--precision", dest="precision", default="bf16",
                    choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
@@ -80,6 +81,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         args.gpus = 1 if args.auto_configure else max(1, model_parallel // max(1, args.nodes))
     zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage
     recompute = "full" if args.activation_checkpointing else args.recompute_granularity
+    from megallama.argument_checks import check_recompute_flags
+    rec = argparse.Namespace(recompute_granularity=recompute, recompute_method=args.recompute_method,
+                             recompute_num_layers=args.recompute_num_layers)
+    check_recompute_flags(rec)  # the training flags' rule; fills in uniform / 1
+    args.recompute_method, args.recompute_num_layers = rec.recompute_method, rec.recompute_num_layers
     kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
               fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused")
     if args.auto_configure:

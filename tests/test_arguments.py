@@ -81,8 +81,8 @@ def test_an_unknown_flag_is_one_line_not_the_usage(capsys):
 def test_recompute_method_and_layers_are_for_full_recompute_only():
     """Megatron rejects --recompute-method / --recompute-num-layers with selective granularity (they were ignored
     silently); without them, or with full, the loop's uniform / 1 still apply."""
-    for extra, named in ((["--recompute-num-layers", "2"], "--recompute-num-layers apply"),
-                         (["--recompute-method", "block"], "--recompute-method apply"),
+    for extra, named in ((["--recompute-num-layers", "2"], "--recompute-num-layers applies"),
+                         (["--recompute-method", "block"], "--recompute-method applies"),
                          (["--recompute-method", "uniform", "--recompute-num-layers", "1"],
                           "--recompute-method and --recompute-num-layers apply")):
         with pytest.raises(ConfigError, match=f"^{named} to --recompute-granularity full only"):
