@@ -18,6 +18,7 @@ from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
 from megallama.memory import GiB, estimate_requirements, model_split, precision_bytes, stage_layers
 from megallama.pipeline.partition import costs_from_config
+from megallama.pipeline.simulate import theoretical_bubble_fraction
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
@@ -40,19 +41,29 @@ def stage_balance(cfg: ModelConfig, pp: int) -> float:
 
 
 def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro_batch: int, seq: int,
-                     num_microbatches: int, balance: float = 1.0) -> float:
+                     num_microbatches: int, balance: float = 1.0, schedule: str = "1f1b") -> float:
     """Relative tokens/s per GPU of a layout (1.0 = ideal); only comparisons between layouts mean anything."""
-    bubble = (pp - 1) / (num_microbatches + pp - 1) if pp > 1 else 0.0
+    bubble = theoretical_bubble_fraction(schedule, pp, num_microbatches) if pp > 1 else 0.0
     tp_eff = 1.0 - 0.04 * math.log2(tp)
     tokens = micro_batch * seq
     mb_eff = min(1.0, 0.85 + 0.05 * math.log2(max(tokens, 256) / 512)) if tokens < 4096 else 1.0
     return (1 - bubble) * balance * tp_eff * ZERO_EFF[zero if dp > 1 else 0] * mb_eff / (1 + RECOMPUTE_COST[recompute])
 
 
-def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches, zero_stages, recomputes):
+def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], multiple: int = 1) -> ModelConfig:
+    """The model as the run builds it at this tp: with ``tokenizer_vocab`` the embedding follows the tokenizer,
+    padded to a multiple of tp x ``multiple`` (training_setup.build_data's rule)."""
+    if not tokenizer_vocab or tokenizer_vocab == cfg.vocab_size:
+        return cfg
+    step = tp * max(1, multiple)
+    return cfg.replace(vocab_size=-(-tokenizer_vocab // step) * step)
+
+
+def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches, zero_stages, recomputes,
+                vocab=vocab_config):
     for tp in (1, 2, 4, 8):
         if tp > gpus_per_node or world % tp or any(n % tp for n in (cfg.num_attention_heads, cfg.num_query_groups,
-                                                                    cfg.vocab_size, cfg.ffn_hidden_size)):
+                                                                    vocab(tp).vocab_size, cfg.ffn_hidden_size)):
             continue
         for pp in _divisors(world // tp):
             if pp > cfg.num_layers:
@@ -70,13 +81,15 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
                   sequence_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
                   global_batch_size: Optional[int] = None, precision: str = "bf16", strategy: str = "standard",
                   gpus_per_node: int = 8, zero_stages=(0, 1, 2, 3), safety_margin: float = 0.05,
-                  explain: bool = True, recomputes=("none", "selective", "full"), **estimate_kw) -> Optional[dict]:
+                  explain: bool = True, recomputes=("none", "selective", "full"), tokenizer_vocab: Optional[int] = None,
+                  vocab_multiple: int = 1, **estimate_kw) -> Optional[dict]:
     """The best layout that fits, as a dict (tp, pp, dp, zero_stage, recompute, micro_batch_size,
     num_microbatches, sequence_parallel, score, estimate, explanation), or None if none does.
 
     ``micro_batch_size`` fixes the micro-batch (else 1..32 are tried); ``global_batch_size`` fixes the number of
     microbatches (else 4 per pipeline stage, as the seed advises); ``zero_stages`` and ``recomputes`` limit the
-    search to what the user fixed. A layout fits when its estimate leaves
+    search to what the user fixed; ``tokenizer_vocab``: the embedding follows a tokenizer (``vocab_config``);
+    ``pipeline_schedule`` in ``estimate_kw`` prices that schedule. A layout fits when its estimate leaves
     ``safety_margin`` of the GPU free. With ``explain`` the reasoning is in plan['explanation'] (printed when
     nothing fits)."""
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model)
@@ -86,8 +99,10 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     mbs = [micro_batch_size] if micro_batch_size else [1, 2, 4, 8, 16, 32]
     nodes = max(1, num_gpus // gpus_per_node) if num_gpus % gpus_per_node == 0 else 1
     per_node = num_gpus // nodes
-    rows = []
-    for tp, pp, dp, zero, rec, mb in _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes):
+    rows, schedule = [], estimate_kw.get("pipeline_schedule", "1f1b")
+    vocab = lambda tp: vocab_config(cfg, tp, tokenizer_vocab, vocab_multiple)  # noqa: E731
+    layouts = _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes, vocab)
+    for tp, pp, dp, zero, rec, mb in layouts:
         if global_batch_size is not None:
             if global_batch_size % (mb * dp):
                 continue
@@ -95,14 +110,14 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
         else:
             m = 1 if pp == 1 else 4 * pp
         try:
-            est = estimate_requirements(model_config=cfg, model_variant=cfg.name, batch_size=mb, sequence_length=seq,
-                                        num_gpus=per_node, num_nodes=nodes, tp=tp, pp=pp, zero_stage=zero,
-                                        recompute=rec, precision=precision, strategy=strategy,
+            est = estimate_requirements(model_config=vocab(tp), model_variant=cfg.name, batch_size=mb,
+                                        sequence_length=seq, num_gpus=per_node, num_nodes=nodes, tp=tp, pp=pp,
+                                        zero_stage=zero, recompute=rec, precision=precision, strategy=strategy,
                                         gpu_memory_gb=gpu_memory_gb, num_microbatches=m,
                                         sequence_parallel=tp > 1, recommend=False, **estimate_kw)
         except ConfigError:
             continue
-        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp))
+        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp), schedule)
         rows.append({"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "recompute": rec, "micro_batch_size": mb,
                      "num_microbatches": m, "sequence_parallel": tp > 1, "score": score, "estimate": est})
     cap = gpu_memory_gb * (1 - safety_margin)
@@ -116,12 +131,13 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     fitting.sort(key=key)
     plan = fitting[0] if fitting else None
     if explain:
-        text = explanation(cfg, num_gpus, gpu_memory_gb, seq, precision, plan, rows, strategy,
-                           estimate_kw.get("mixed_precision_mode", "params"), estimate_kw.get("lora_rank", 8),
+        text = explanation(vocab(plan["tp"] if plan else 1), num_gpus, gpu_memory_gb, seq, precision, plan, rows,
+                           strategy, estimate_kw.get("mixed_precision_mode", "params"), estimate_kw.get("lora_rank", 8),
                            estimate_kw.get("lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
-                                      gpus_per_node, safety_margin, estimate_kw)
+                                      gpus_per_node, safety_margin, dict(estimate_kw, tokenizer_vocab=tokenizer_vocab,
+                                                                         vocab_multiple=vocab_multiple))
         if plan is not None:
             plan["explanation"] = text
         else:
@@ -175,7 +191,7 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
     if plan["tp"] > 1:
         why.append(f"tp {plan['tp']} (within a node) splits weights and activations")
     if plan["pp"] > 1:
-        bubble = (plan["pp"] - 1) / (plan["num_microbatches"] + plan["pp"] - 1)
+        bubble = theoretical_bubble_fraction(e["layout"]["pipeline_schedule"], plan["pp"], plan["num_microbatches"])
         why.append(f"pp {plan['pp']} splits the layers (bubble {bubble:.0%})")
     if plan["zero_stage"]:
         what = {1: "optimizer states", 2: "optimizer states and grads", 3: "all model states"}[plan["zero_stage"]]

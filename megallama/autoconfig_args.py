@@ -34,7 +34,7 @@ def _gpus_per_node(args, world: int) -> int:
 def apply_auto_configure(args, world_size: int) -> int:
     """Choose the layout and write it into ``args`` (``args.auto_layout`` the plan); returns the world size it
     planned for (ConfigError when nothing fits)."""
-    from megallama.autoconfig import choose_layout, detect_gpu_memory_gb
+    from megallama.autoconfig import choose_layout, detect_gpu_memory_gb, vocab_config
     from megallama.strategies import strategy_from_args
     fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
                                                  ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
@@ -52,19 +52,24 @@ def apply_auto_configure(args, world_size: int) -> int:
     global_batch = args.global_batch_size or args.batch_size_alias
     rank0 = int(os.environ.get("RANK", "0")) == 0
     recompute = args.recompute_granularity
+    vocab, multiple = tokenizer_vocab(args), getattr(args, "make_vocab_size_divisible_by", None) or 1
     quiet = contextlib.nullcontext() if rank0 else contextlib.redirect_stdout(io.StringIO())
     strategy = strategy_from_args(args).estimate_kw()  # the model config already holds the experts
+    if args.pipeline_schedule not in (None, "interleaved"):  # interleaved: chunks depend on the pp, priced as 1F1B
+        strategy["pipeline_schedule"] = args.pipeline_schedule
     with quiet:  # choose_layout prints its reasons itself when nothing fits
         plan = choose_layout(args.model_config, world, memory, args.seq_length, args.micro_batch_size, global_batch,
                              _precision(args), strategy.pop("strategy"), gpus_per_node=_gpus_per_node(args, world),
                              zero_stages=(args.zero_stage,) if args.zero_stage is not None else (0, 1, 2, 3),
                              recomputes=(recompute,) if recompute else ("none", "selective", "full"),
                              mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
-                             fused_kernels=not args.no_fused_kernels, device="cpu" if on_cpu else "cuda", **strategy)
+                             fused_kernels=not args.no_fused_kernels, device="cpu" if on_cpu else "cuda",
+                             tokenizer_vocab=vocab, vocab_multiple=multiple, **strategy)
     if plan is None:
         raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "
                           f"{memory:.0f} GiB (reasons above); add GPUs, shorten --seq-length or use --strategy lora")
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = plan["tp"], plan["pp"]
+    args.model_config = vocab_config(args.model_config, plan["tp"], vocab, multiple)  # as build_data will resize it
     args.zero_stage, args.micro_batch_size = plan["zero_stage"], plan["micro_batch_size"]
     args.recompute_granularity = None if plan["recompute"] == "none" else plan["recompute"]
     args.sequence_parallel = plan["sequence_parallel"]
@@ -77,6 +82,15 @@ def apply_auto_configure(args, world_size: int) -> int:
         print(f"{plan['explanation']}\n  GPU memory: {memory:.0f} GiB ({source})\n  flags: "
               f"{' '.join(layout_flags(args))}", flush=True)
     return world
+
+
+def tokenizer_vocab(args):
+    """The tokenizer's vocabulary when the embedding will follow it (no --vocab-size, not --mock-data), as
+    training_setup.build_data resizes it; None otherwise. Loads the tokenizer only, tokenizes nothing."""
+    if args.vocab_size is not None or args.mock_data:
+        return None
+    from megallama.training_setup import build_tokenizer_from_args
+    return build_tokenizer_from_args(args).vocab_size
 
 
 def layout_flags(args) -> list:

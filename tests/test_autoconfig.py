@@ -90,7 +90,9 @@ def test_dry_run_plans_for_gpus_x_nodes_and_the_flags_reproduce_it():
     assert "on 64 GPUs of 80 GiB" in r.stdout and "chosen: tp " in r.stdout and "(--gpu-memory-gb)" in r.stdout
     flags = _flags(r.stdout)
     again = parse_args(["--model", "llama3_70b", "--bf16", "--seq-length", "8192", *flags], world_size=64)
-    plan = choose_layout("llama3_70b", 64, 80, 8192, precision="bf16", gpus_per_node=8, explain=False)
+    from megallama.data.tokenizer import build_tokenizer  # no --vocab-size: the bundled tokenizer's vocabulary
+    plan = choose_layout("llama3_70b", 64, 80, 8192, precision="bf16", gpus_per_node=8, explain=False,
+                         tokenizer_vocab=build_tokenizer("bundled").vocab_size)
     assert (again.tensor_model_parallel_size, again.pipeline_model_parallel_size, again.data_parallel_size,
             again.zero_stage, again.recompute_granularity or "none", again.micro_batch_size) == \
         (plan["tp"], plan["pp"], plan["dp"], plan["zero_stage"], plan["recompute"], plan["micro_batch_size"])
@@ -120,3 +122,34 @@ def test_two_rank_gloo_run_trains_with_the_chosen_layout_explained_once():
     assert f"world=2 tp={tp} pp={pp} dp={2 // (tp * pp)}" in r.stdout and "zero stage 1" in r.stdout
     losses = [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+)", r.stdout)]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses), r.stdout[-2000:]
+
+
+def test_auto_configure_plans_with_the_tokenizer_vocabulary():
+    """No --vocab-size and real data: the run's embedding follows the tokenizer (bundled: 8192 tokens), padded to
+    tp x --make-vocab-size-divisible-by as build_data pads it; the plan prices that model, not the named 128K one."""
+    from megallama.data.tokenizer import build_tokenizer
+    tok = build_tokenizer("bundled").vocab_size
+    base = ["--model", "tiny_llama3_50m", "--auto-configure", "--gpus", "2", "--dry-run", "--gpu-memory-gb", "80",
+            "--seq-length", "256"]
+    args = parse_args(base + ["--make-vocab-size-divisible-by", "1000"], world_size=1)
+    step = 1000 * args.tensor_model_parallel_size
+    assert args.model_config.vocab_size == -(-tok // step) * step != 128256
+    assert args.auto_layout["tp"] == args.tensor_model_parallel_size
+    plan = choose_layout(args.model_config, 2, 80, 256, gpus_per_node=2, explain=True, tokenizer_vocab=tok,
+                         vocab_multiple=1000)
+    assert plan["estimate"]["num_params"] == args.model_config.num_params()
+    assert f"({args.model_config.num_params() / 1e9:.2f}B params)" in plan["explanation"]
+    for fixed in (["--mock-data"], ["--vocab-size", "128256"]):  # the vocabulary does not follow a tokenizer
+        assert parse_args(base + fixed, world_size=1).model_config.vocab_size == 128256
+
+
+def test_auto_configure_prices_the_chosen_schedule():
+    """--pipeline-schedule zb-h1 with --auto-configure: estimated and scored as ZB-H1 (a third of 1F1B's bubble)."""
+    plan = choose_layout("llama3_8b", 8, gpu_memory_gb=24, sequence_length=2048, micro_batch_size=1,
+                         pipeline_schedule="zb-h1", explain=True)
+    assert plan["estimate"]["layout"]["pipeline_schedule"] in ("zb-h1", "none")
+    assert throughput_score(1, 4, 2, 0, "none", 4, 2048, 8, schedule="zb-h1") > \
+        throughput_score(1, 4, 2, 0, "none", 4, 2048, 8)
+    args = parse_args(["--model", "llama3_8b", "--auto-configure", "--gpus", "8", "--dry-run", "--gpu-memory-gb", "24",
+                       "--pipeline-schedule", "zb-h1", "--mock-data", "--micro-batch-size", "1"], world_size=1)
+    assert args.pipeline_schedule == "zb-h1"
