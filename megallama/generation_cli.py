@@ -158,7 +158,8 @@ def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_
         stop.append(template.eot)
     else:
         if prompt_prefix == "auto":
-            prompt_prefix = "bos" if loaded.common["args"].get("converted_from") else "eod"
+            from megallama.data.tokenizer_export import auto_prompt_prefix
+            prompt_prefix = auto_prompt_prefix(loaded.common["args"])
         first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
         ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
     cfg.stop_ids = tuple(sorted(set(stop)))

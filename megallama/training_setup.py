@@ -199,6 +199,10 @@ def apply_training_strategy(chunks, args) -> None:
     active = strategy.name != "standard" or strategy.uses_moe
     pretrained = getattr(args, "pretrained_checkpoint", None)
     saved_moe = False
+    if pretrained:  # a model fine-tuned from a converted HF one keeps its prompt convention (bos), resumed too
+        from megallama.checkpointing.full import open_checkpoint
+        from megallama.data.tokenizer_export import auto_prompt_prefix
+        args.inherited_prompt_prefix = auto_prompt_prefix(open_checkpoint(pretrained, verify=False)[1].get("args", {}))
     if pretrained and _resumes(args):  # the run's own checkpoint replaces every weight: don't read them twice
         pretrained = None
     if pretrained:

@@ -22,10 +22,16 @@ from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def auto_prompt_prefix(saved_args: dict) -> str:
+    """What generation_cli's ``--prompt-prefix auto`` puts before a plain prompt: "bos" for a model converted from
+    HF or fine-tuned from one (``inherited_prompt_prefix``, set by training_setup from --pretrained-checkpoint),
+    "eod" for a megallama-pretrained run (whose documents follow an eod)."""
+    return saved_args.get("inherited_prompt_prefix") or ("bos" if saved_args.get("converted_from") else "eod")
+
+
 def prompt_token(saved_args: dict, tok) -> Optional[int]:
-    """The token generation_cli's ``--prompt-prefix auto`` puts before a plain prompt: bos for a converted HF
-    model, eod for a megallama run (whose pretraining documents follow an eod)."""
-    return tok.bos_id if saved_args.get("converted_from") else tok.eod
+    """The token ``auto_prompt_prefix`` names, for this tokenizer."""
+    return tok.bos_id if auto_prompt_prefix(saved_args) == "bos" else tok.eod
 
 
 def run_tokenizer(saved_args: dict):

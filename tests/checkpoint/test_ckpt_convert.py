@@ -300,3 +300,7 @@ def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
     # the fine-tuned run's checkpoint records that tokenizer, so fine-tuning it in turn picks it up
     again = finetune(sft, str(tmp_path / "sft2"))
     assert (again.tokenizer_type, again.tokenizer_model) == ("hf", str(tmp_path / "hf"))
+    # and the HF model's prompt convention (bos, not a megallama run's eod), resumed launch included
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer_export import auto_prompt_prefix
+    assert auto_prompt_prefix(open_checkpoint(sft, verify=False)[1]["args"]) == "bos"
