@@ -181,6 +181,8 @@ def _add_logging(p):
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=5)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-params-norm", action="store_true", help="log the parameters' L2 norm (a collective)")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true", help="log the count of zero gradient entries")
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)

@@ -78,7 +78,8 @@ def format_log_line(iteration: int, train_iters: int, values: dict) -> str:
     parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
     for key, fmt in (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
                      ("learning rate", "{:.6E}"), ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
-                     ("loss scale", "{:.1f}"), ("grad norm", "{:.6E}"), ("tokens per second", "{:.1f}"),
+                     ("loss scale", "{:.1f}"), ("grad norm", "{:.6E}"), ("num zeros", "{:d}"),
+                     ("params norm", "{:.6E}"), ("tokens per second", "{:.1f}"),
                      ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"), ("skipped iterations", "{:3d}")):
         v = values.get(key)
         if v is not None:

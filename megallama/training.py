@@ -173,7 +173,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
         finalize_model_grads(model_chunks, args)
-        ok, grad_norm, _ = optimizer.step()
+        ok, grad_norm, num_zeros = optimizer.step()
         consumed += args.global_batch_size
         loss = _global_mean_loss(losses, device)
         profiler.end(iteration + 1)
@@ -209,7 +209,9 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
                     "global batch size": args.global_batch_size, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
-                    "grad norm": float(grad_norm) if grad_norm is not None else None, "tokens per second": tps,
+                    "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,
+                    "params norm": optimizer.params_norm() if getattr(args, "log_params_norm", False) else None,
+                    "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
                     "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                     "skipped iterations": total_skipped}
@@ -225,7 +227,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                       "moe/max_load": moe["max_load"]})
             logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
                                   "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
-                                  "train/loss_scale": vals["loss scale"]})
+                                  "train/loss_scale": vals["loss scale"], "train/num_zeros": num_zeros,
+                                  "train/params_norm": vals["params norm"]})
         bar.update(step, f"loss {loss:.4f}")
         do_eval = bool(args.eval_interval and valid_ds is not None and step % args.eval_interval == 0)
         out_of_time = getattr(args, "exit_duration_in_mins", None) is not None and any_rank(

@@ -14,6 +14,7 @@ optimizer step, which needs it to skip non-finite steps, update the loss scale a
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -56,15 +57,20 @@ def sum_of_squares(grads: Sequence[torch.Tensor], device) -> torch.Tensor:
     return torch.stack([_cpu_sum_of_squares(g) for g in grads]).sum().reshape(1)
 
 
-def global_norm(local_sq: torch.Tensor, dp_group) -> float:
-    """sqrt of the sum of ``local_sq`` over dp and over the model-parallel (tp x pp) group."""
-    total = local_sq.clone()
+def global_sum(local: torch.Tensor, dp_group) -> float:
+    """The sum of ``local`` (a 1-element fp64 tensor) over dp and over the model-parallel (tp x pp) group."""
+    total = local.clone()
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     mp = ps.get_model_parallel_group()
     if mp is not None and dist.get_world_size(mp) > 1:
         dist.all_reduce(total, group=mp)
-    return float(total.sqrt().item())
+    return float(total.item())
+
+
+def global_norm(local_sq: torch.Tensor, dp_group) -> float:
+    """sqrt of the sum of ``local_sq`` over dp and over the model-parallel (tp x pp) group."""
+    return math.sqrt(global_sum(local_sq, dp_group))
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

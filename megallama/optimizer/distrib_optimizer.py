@@ -144,12 +144,18 @@ class DistributedOptimizer:
         return True, norm, num_zeros
 
     def _count_zeros(self, grads) -> int:
+        """Zero entries of the gradients the norm counts, over the world (each entry once, as the norm)."""
         n = torch.zeros(1, dtype=torch.float64, device=self.device)
         for g in grads:
             n += (g == 0).sum()
-        if self.dp_group is not None:
-            dist.all_reduce(n, group=self.dp_group)
-        return int(n.item())
+        return int(clip_grads.global_sum(n, self.dp_group))
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """The L2 norm of all parameters (fp32 masters), each element counted once in the world as the grad norm
+        counts it (Megatron's --log-params-norm). Collective: every rank calls it."""
+        counted = [pc.master for pc in self.pieces if pc.in_norm and not pc.replicated]
+        return clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
 
     def _copy_masters_to_model(self) -> None:
         if self._separate_masters:

@@ -1,0 +1,46 @@
+"""--log-params-norm and --log-num-zeros-in-grad (Megatron's) count every element once in the world: under tp x dp
+(ZeRO-1) and pp x dp the logged values equal the single process's (the zeros are the unseen tokens' embedding
+rows, exactly zero in every layout)."""
+import contextlib
+import io
+import re
+
+from dist_utils import run_distributed
+
+ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "256", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-2",
+        "--lr-warmup-iters", "1", "--mock-data", "--no-progress-bar", "--device", "cpu",
+        "--untie-embeddings-and-output-weights", "--log-params-norm", "--log-num-zeros-in-grad"]
+LAYOUTS = {"tp2_dp2_zero1": ["--tensor-model-parallel-size", "2", "--zero-stage", "1"],
+           "pp2_dp2": ["--pipeline-model-parallel-size", "2"]}
+LINE = re.compile(r"iteration\s+(\d+)/.*\| num zeros: (\d+) \| params norm: ([0-9.E+-]+) \|")
+
+
+def _logged(argv, world):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        pretrain(parse_args(ARGV + argv, world_size=world))
+    return {int(i): (int(z), float(n)) for i, z, n in LINE.findall(buf.getvalue())}
+
+
+def _parallel(rank, world):
+    from megallama.mpu import parallel_state as ps
+    out = {}
+    for name, flags in LAYOUTS.items():
+        out[name] = _logged(flags, world)
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_params_norm_and_zeros_count_each_element_once():
+    ref = _logged([], 1)
+    assert sorted(ref) == [1, 2] and all(z > 0 for z, _ in ref.values()), ref
+    got = run_distributed(_parallel, 4)[0]
+    for name in LAYOUTS:
+        for step, (zeros, norm) in ref.items():
+            z, n = got[name][step]
+            assert z == zeros, (name, step, z, zeros)
+            assert abs(n - norm) <= 1e-5 * norm, (name, step, n, norm)
