@@ -55,7 +55,8 @@ def initialize_megatron(args) -> torch.device:
                                      virtual_pipeline_model_parallel_size=vpp,
                                      context_parallel_size=args.context_parallel_size,
                                      expert_model_parallel_size=args.expert_model_parallel_size,
-                                     model_config=args.model_config)
+                                     model_config=args.model_config,
+                                     timeout=timedelta(minutes=getattr(args, "distributed_timeout_minutes", 30.0)))
     set_seed(args.seed)
     return dev
 

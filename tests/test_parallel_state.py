@@ -43,3 +43,34 @@ def test_defaults_without_init():
     assert ps.get_tensor_model_parallel_world_size() == 1
     assert ps.get_data_parallel_rank() == 0
     assert ps.is_pipeline_first_stage() and ps.is_pipeline_last_stage()
+
+
+def _late_peer(rank, world):
+    """--distributed-timeout-minutes 0.03 (1.8 s); rank 1 joins a dp all-reduce 6 s late."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from megallama.arguments import parse_args
+    from megallama.initialize import initialize_megatron
+    args = parse_args(["--model", "tiny_llama3_50m", "--num-layers", "2", "--device", "cpu", "--mock-data",
+                       "--distributed-timeout-minutes", "0.03"], world_size=world)
+    initialize_megatron(args)
+    if rank == 1:
+        time.sleep(6)
+    t0 = time.time()
+    try:
+        dist.all_reduce(torch.ones(1), group=ps.get_data_parallel_group())
+        out = ("done", time.time() - t0)
+    except RuntimeError:
+        out = ("timed out", time.time() - t0)
+    ps.destroy_model_parallel()
+    return out
+
+
+def test_the_timeout_reaches_every_group():
+    """Megatron passes --distributed-timeout-minutes to every group; a subgroup made without it waited torch's
+    default (30 min for gloo, 10 for NCCL) instead."""
+    res = run_distributed(_late_peer, 2, timeout=120)
+    status, waited = res[0]
+    assert status == "timed out" and waited < 5.0, res

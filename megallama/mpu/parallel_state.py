@@ -97,8 +97,10 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
                               context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                              backend: Optional[str] = None, model_config=None) -> None:
+                              backend: Optional[str] = None, model_config=None, timeout=None) -> None:
     """Build every group of the grid. ``torch.distributed`` must already be initialised (any backend).
+    ``timeout`` (a timedelta; --distributed-timeout-minutes) applies to every group, as to the world group: a
+    subgroup otherwise gets torch's default and a long collective in tp or dp dies at that instead.
 
     The layout (and ``model_config``'s heads / kv heads / FFN / vocab against tp, when given) is validated first:
     a bad one raises one ``ConfigError`` before any group is made."""
@@ -123,7 +125,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
             buckets.setdefault(key(*c), []).append(g.rank_of(*c))
         for k in sorted(buckets):
             ranks = sorted(buckets[k])
-            grp = dist.new_group(ranks, backend=backend) if world > 1 else None
+            grp = dist.new_group(ranks, backend=backend, timeout=timeout) if world > 1 else None
             if rank in ranks:
                 _GROUPS[name], _RANKS[name] = grp, ranks
 
@@ -143,7 +145,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
             buckets.setdefault(c[1:], []).append(g.rank_of(*c))
     for k in sorted(buckets):
         ranks = sorted(set(buckets[k]))
-        grp = dist.new_group(ranks, backend=backend) if world > 1 else None
+        grp = dist.new_group(ranks, backend=backend, timeout=timeout) if world > 1 else None
         if rank in ranks:
             _GROUPS["embd"], _RANKS["embd"] = grp, ranks
 
