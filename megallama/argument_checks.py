@@ -31,12 +31,19 @@ def check_run_flags(args) -> None:
             from megallama.data.blended_dataset import parse_data_blend
             args.data_blend = parse_data_blend(args.data_path)
         args.data_path = " ".join(args.data_path)
+    for split in ("train", "valid", "test"):  # Megatron's per-split paths may blend; here each is one corpus
+        paths = getattr(args, f"{split}_data_path", None)
+        if isinstance(paths, list):
+            if len(paths) > 1:
+                raise ConfigError(f"--{split}-data-path takes one corpus here (got {len(paths)} values); to blend "
+                                  "corpora use --data-path with weights and --split")
+            setattr(args, f"{split}_data_path", paths[0])
     device = args.device
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")
     if args.distributed_backend == "nccl" and device == "cpu":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo with --device cpu")
-    for name in ("log_interval", "eval_iters"):
+    for name in ("log_interval", "eval_iters", "exit_interval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_interval is not None and args.eval_interval < 1:

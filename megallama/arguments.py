@@ -165,8 +165,9 @@ def _add_data(p):
                         "weights (Megatron's '0.3 web 0.7 code'), blend; default: the bundled corpus")
     g.add_argument("--mock-data", action="store_true", help="random tokens (for speed tests)")
     for split in ("train", "valid", "test"):
-        g.add_argument(f"--{split}-data-path", default=None, help=f"the {split} corpus whole (instead of --data-path "
-                       "and --split)" + ("; evaluated once at the end of training" if split == "test" else ""))
+        g.add_argument(f"--{split}-data-path", default=None, nargs="+", help=f"the {split} corpus whole (instead of "
+                       "--data-path and --split)" + ("; evaluated once at the end of training" if split == "test"
+                                                     else ""))
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--tokenizer-type", default=None,
                    help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")
@@ -200,7 +201,8 @@ def _add_logging(p):
     g.add_argument("--loss-log", default=None, help="append 'iteration loss' lines with the exact (repr) loss, "
                    "to compare runs bit for bit")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset optimizer, step and data")
-    g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (for tests)")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (saving with --save) at the next "
+                   "iteration that is a multiple of this (Megatron's): each relaunch trains this many more")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save (with --save) and stop once the run has trained this many minutes (a job's time limit)")
 

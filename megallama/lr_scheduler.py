@@ -34,7 +34,7 @@ def settings_from_args(args: dict) -> Optional[dict]:
     decay = max(1, args.get("lr_decay_iters") or args["train_iters"])
     warmup, fraction = args.get("lr_warmup_iters"), args.get("lr_warmup_fraction")
     if warmup is None:  # Megatron's --lr-warmup-fraction is a fraction of the decay iterations
-        warmup = int(fraction * decay) if fraction is not None else default_warmup_iters(args["train_iters"])
+        warmup = fraction * decay if fraction is not None else default_warmup_iters(args["train_iters"])
     return dict(max_lr=args["lr"], min_lr=args["min_lr"], init_lr=args.get("lr_warmup_init") or 0.0,
                 warmup_iters=warmup, decay_iters=decay, decay_style=args.get("lr_decay_style", "cosine"),
                 wsd_decay_iters=args.get("lr_wsd_decay_iters"),

@@ -151,7 +151,9 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     history, grad_norms, times, valid_losses, skipped_in_row, total_skipped = {}, {}, {}, {}, 0, 0
     interval_loss, interval_steps = 0.0, 0  # the log line's loss: mean over the interval's applied updates
-    end_iter = min(args.train_iters, args.exit_interval or args.train_iters)
+    end_iter = args.train_iters
+    if args.exit_interval:  # Megatron's: stop (and save) at the next multiple of it, so a relaunch goes on
+        end_iter = min(end_iter, (start_iter // args.exit_interval + 1) * args.exit_interval)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     exit_signal, saved, stopped_early = None, None, False
@@ -262,7 +264,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             end_iter, stopped_early = step, True
             break
     finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
-    if not stopped_early and end_iter == args.train_iters > start_iter and args.eval_interval \
+    validates = args.eval_interval or getattr(args, "valid_data_path", None)  # a validation corpus is for using
+    if not stopped_early and end_iter == args.train_iters > start_iter and validates \
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, end_iter, f"the end of training (iteration {end_iter})")

@@ -120,13 +120,20 @@ def _per_split_data(args, tokenizer):
 
 
 def build_test_data(args, tokenizer):
-    """--test-data-path: the corpus evaluated once at the end of training (Megatron's test set); None without it."""
-    if not getattr(args, "test_data_path", None):
-        return None
-    from megallama.data.gpt_dataset import build_dataset_from_path
+    """The test set, evaluated once at the end of training (Megatron's): --test-data-path, or the third --split
+    share of one pretraining corpus; None when there is none (blends and chat data keep no test share)."""
+    from megallama.data.gpt_dataset import build_dataset_from_path, build_test_split, parse_split
     cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
-    return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed, cache,
-                                   args.eval_iters * args.global_batch_size, "test", 2)
+    n = args.eval_iters * args.global_batch_size
+    if getattr(args, "test_data_path", None):
+        return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed, cache, n, "test",
+                                       2)
+    if args.mock_data or getattr(args, "train_data_path", None) or getattr(args, "data_blend", None) \
+            or getattr(args, "chat_template", False) or parse_split(args.split)[2] == 0:
+        return None
+    from megallama.data import get_bundled_corpus_path
+    return build_test_split(args.data_path or get_bundled_corpus_path(), tokenizer, args.seq_length, args.seed,
+                            args.split, cache, n)
 
 
 def iters_for_epochs(args, num_samples: int, epochs: Optional[float] = None) -> int:

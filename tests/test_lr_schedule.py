@@ -134,3 +134,12 @@ def test_exit_duration_saves_stops_and_the_run_resumes_exactly(tmp_path, capsys)
     rest = pretrain(parse_args(argv + ["--save", ck, "--load", ck], world_size=1))["losses"]
     assert sorted(rest) == [2, 3, 4, 5]
     assert all(rest[s] == full[s] for s in rest), (rest, full)
+
+
+def test_exit_interval_stops_at_each_multiple_so_relaunches_go_on(tmp_path):
+    """Megatron's --exit-interval N: stop (and save) at the next multiple of N; the same command relaunched with
+    --load trains N more (it was an absolute iteration, so a relaunch loop trained nothing)."""
+    ck = str(tmp_path / "ck")
+    argv = MOCK + ["--train-iters", "7", "--save", ck, "--load", ck, "--exit-interval", "3"]
+    stops = [pretrain(parse_args(argv, world_size=1))["iteration"] for _ in range(3)]
+    assert stops == [3, 6, 7]

@@ -212,8 +212,8 @@ def check_compatible(common: dict, args, ckpt: str) -> None:
     now = args.model_config.to_dict()
     for k in SHAPE_KEYS:
         if k in saved and saved.get(k) != now.get(k):
-            hint = " (a vocabulary padded for another tensor-parallel size? pass --vocab-size)" \
-                if k == "vocab_size" else ""
+            hint = (" (a vocabulary padded for another tensor-parallel size or --make-vocab-size-divisible-by? pass "
+                    f"--vocab-size {saved.get(k)} or the same padding flags)") if k == "vocab_size" else ""
             raise ConfigError(f"checkpoint {ckpt} is for a different model ({common['args'].get('model')}: {k}="
                               f"{saved.get(k)}, this run has {now.get(k)}){hint}; load a checkpoint of the same "
                               "model")
@@ -319,8 +319,11 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
             _say(f"loaded weights from {ckpt} at iteration {iteration}; --no-load-optim: the optimizer starts "
                  "afresh")
             return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, None)
-        if not finetune and iteration > 0:
-            _warn(f"checkpoint {ckpt} holds no optimizer state; the optimizer starts afresh")
+        if not finetune and iteration > 0:  # Megatron refuses too: a fresh Adam mid-run is a choice to make
+            reader.close()
+            raise ConfigError(f"checkpoint {ckpt} (iteration {iteration}) holds no optimizer state (saved with "
+                              "--no-save-optim?); pass --no-load-optim to go on with a fresh optimizer, or "
+                              "--finetune to start a new run from its weights")
         if not quiet:
             _say(f"loaded weights from {ckpt}" + (" (finetune: iteration, data and optimizer start afresh)"
                                                    if finetune else ""))

@@ -132,6 +132,20 @@ def build_dataset_from_path(data: str, tokenizer, seq_length: int, seed: int, ca
     return GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
 
 
+def build_test_split(data: str, tokenizer, seq_length: int, seed: int, split, cache_dir: str | None,
+                     num_samples: int | None) -> GPTDataset | None:
+    """The test share of ``--split`` (its third weight) of one corpus; None when it holds no documents."""
+    indexed = IndexedDataset(_resolve_prefix(data, tokenizer, cache_dir, False))
+    lo, hi = split_document_ranges(indexed.num_documents, split)[2]
+    if hi <= lo:
+        return None
+    try:
+        return GPTDataset(indexed, (lo, hi), seq_length, seed, num_samples, "test", salt=2)
+    except ConfigError as e:  # too few test tokens for one sample
+        warnings.warn(f"no test set: {e}")
+        return None
+
+
 def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     """Cache key: the file's size and content hash and the tokenizer's fingerprint (not the path or mtime: a copy of
     the same file reuses the cache, an edited one does not)."""

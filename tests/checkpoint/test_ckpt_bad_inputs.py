@@ -112,6 +112,11 @@ def _case(name, tmp, ck, monkeypatch):
                 "100,0,0", "--eval-interval", "2"], "--split 100,0,0 gives it nothing"
     if name == "warmup_longer_than_decay":  # Megatron asserts warmup < decay
         return ["--lr-warmup-iters", "5", "--lr-decay-iters", "2"], "the LR warmup (5 iterations) is longer"
+    if name == "resume_without_optimizer_state":  # a --no-save-optim checkpoint: a fresh Adam must be asked for
+        slim = str(tmp / "slim")
+        assert pretrain_llama.main(BASE + ["--exit-interval", "2", "--save", slim, "--save-interval", "2",
+                                           "--no-save-optim"]) == 0
+        return ["--load", slim], "holds no optimizer state (saved with --no-save-optim?); pass --no-load-optim"
     raise KeyError(name)
 
 
@@ -122,7 +127,8 @@ CASES = ["empty_data", "no_text_field", "vocab_smaller_than_tokenizer", "missing
          "disk_full_during_save", "keep_last_zero", "save_interval_zero", "negative_train_iters",
          "use_checkpoint_args_without_load", "save_into_existing_run", "finetune_into_existing_run",
          "resume_with_another_lr_schedule", "both_lr_schedule_flags", "gpus_without_launcher",
-         "lora_onto_dense_checkpoint", "eval_without_validation_split", "warmup_longer_than_decay"]
+         "lora_onto_dense_checkpoint", "eval_without_validation_split", "warmup_longer_than_decay",
+         "resume_without_optimizer_state"]
 
 
 @pytest.mark.parametrize("name", CASES)

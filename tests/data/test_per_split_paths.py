@@ -56,7 +56,20 @@ def test_each_split_comes_from_its_own_corpus(corpora, capsys):
     (["--data-path", "{train}", "--valid-data-path", "{valid}"], "pass --data-path (split by --split) or"),
     (["--valid-data-path", "{valid}"], "--valid-data-path/--test-data-path need --train-data-path"),
     (["--mock-data", "--train-data-path", "{train}"], "--mock-data makes random tokens"),
+    (["--train-data-path", "0.5", "{train}", "0.5", "{valid}"], "--train-data-path takes one corpus here (got 4 "
+                                                                  "values); to blend corpora use --data-path"),
 ])
 def test_mixing_the_two_ways_is_one_line(corpora, argv, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         _run([a.format(**corpora) for a in argv], corpora)
+
+
+def test_given_validation_and_test_data_are_used(corpora, capsys):
+    """A --valid-data-path is validated at the end even without --eval-interval, and --split's third share is the
+    test set, evaluated once at the end (Megatron's)."""
+    out = _run(["--train-data-path", corpora["train"], "--valid-data-path", corpora["valid"]], corpora)
+    assert sorted(out["valid_losses"]) == [4] and out["test_loss"] is None
+    split = _run(["--data-path", corpora["train"], "--split", "80,10,10"], corpora)
+    assert split["test_loss"] is not None and split["valid_losses"] == {}
+    assert "on the test data" in capsys.readouterr().out
+    assert _run(["--data-path", corpora["train"], "--split", "90,10,0"], corpora)["test_loss"] is None
