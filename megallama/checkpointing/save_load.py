@@ -319,7 +319,7 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
             _say(f"loaded weights from {ckpt} at iteration {iteration}; --no-load-optim: the optimizer starts "
                  "afresh")
             return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, None)
-        if not finetune and iteration > 0:  # Megatron refuses too: a fresh Adam mid-run is a choice to make
+        if not finetune and iteration > 0 and optimizer is not None:  # Megatron refuses: a fresh Adam is a choice
             reader.close()
             raise ConfigError(f"checkpoint {ckpt} (iteration {iteration}) holds no optimizer state (saved with "
                               "--no-save-optim?); pass --no-load-optim to go on with a fresh optimizer, or "

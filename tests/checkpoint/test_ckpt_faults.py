@@ -36,7 +36,7 @@ class _NanGrad(torch.autograd.Function):
 
 def _inject(monkeypatch, iterations, kind):
     """Wrap the loop's forward_step: at the given iterations poison the loss ('loss'), only the gradients
-    ('grad'), deliver SIGTERM to this process ('sigterm'), or raise Ctrl-C's KeyboardInterrupt ('sigint')."""
+    ('grad'), or deliver SIGTERM ('sigterm') or SIGINT ('sigint') to this process."""
     orig = training.make_forward_step
     calls = {"n": 0}
 
@@ -52,12 +52,8 @@ def _inject(monkeypatch, iterations, kind):
                     out = out * float("nan")
                 elif kind == "grad":
                     out = _NanGrad.apply(out)
-                elif kind == "sigterm" and (calls["n"] - 1) % args.num_microbatches == 0:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                elif kind == "sigint" and (calls["n"] - 1) % args.num_microbatches == 0:
-                    # what Python's SIGINT handler raises (a real os.kill here was lost now and then inside
-                    # pytest; test_ctrl_c_of_a_real_process sends the real signal to a real process)
-                    raise KeyboardInterrupt
+                elif kind in ("sigterm", "sigint") and (calls["n"] - 1) % args.num_microbatches == 0:
+                    os.kill(os.getpid(), signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
             return out, loss_func
         return forward_step
     monkeypatch.setattr(training, "make_forward_step", make)
@@ -119,7 +115,16 @@ def test_sigterm_saves_current_iteration_and_resume_is_exact(tmp_path, monkeypat
         assert got == reference[step], (step, got, reference[step])  # bit for bit
 
 
-def test_ctrl_c_is_one_line_exit_130_and_saves_nothing(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, whatever pytest inherited: a shell starts a background job (`pytest &`) with
+    SIGINT ignored, and so does every process it spawns; the signal would be lost and the run finish."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_saves_nothing(tmp_path, monkeypatch, capsys, ctrl_c_raises):
     """SIGINT mid-iteration 3 (Megatron saves nothing on it): the last checkpoint stays iteration 2, no traceback."""
     import pretrain_llama
     ck = str(tmp_path / "ck")
@@ -138,13 +143,14 @@ def test_ctrl_c_is_one_line_exit_130_and_saves_nothing(tmp_path, monkeypatch, ca
     assert code == 130 and capsys.readouterr().err.strip() == "interrupted after iteration 2; nothing saved (no --save)"
 
 
-def test_ctrl_c_of_a_real_process(tmp_path):
+def test_ctrl_c_of_a_real_process(tmp_path, ctrl_c_raises):
     """The signal from a terminal, to a running script: exit 130 and one line on stderr."""
     import subprocess
     from ckpt_helpers import command, env, wait_for_steps
     log = str(tmp_path / "loss.log")
     proc = subprocess.Popen(command(BASE + ["--train-iters", "1000", "--loss-log", log]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     try:
         assert wait_for_steps(log, 2, proc)
         proc.send_signal(signal.SIGINT)
