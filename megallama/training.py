@@ -270,7 +270,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, end_iter, f"the end of training (iteration {end_iter})")
     test_loss = None
-    if test_ds is not None and not stopped_early and end_iter == args.train_iters:
+    if test_ds is not None and not stopped_early and end_iter == args.train_iters > start_iter:
         test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
                               end_iter, f"the end of training (iteration {end_iter}) on the test data", "test")
     if exit_signal is not None:
