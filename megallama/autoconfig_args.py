@@ -93,6 +93,23 @@ def tokenizer_vocab(args):
     return build_tokenizer_from_args(args).vocab_size
 
 
+def follow_tokenizer(args) -> str:
+    """A plan made before the data (``cli train --dry-run``): ``args.model_config`` with the vocabulary the run
+    builds (``tokenizer_vocab`` padded to tp x --make-vocab-size-divisible-by, build_data's rule). Returns a line
+    saying where the vocabulary came from; a tokenizer missing on the planning machine keeps the model's."""
+    from megallama.autoconfig import vocab_config
+    try:
+        vocab = tokenizer_vocab(args)
+    except ConfigError as e:
+        return f"vocabulary: {args.model}'s {args.model_config.vocab_size} (the tokenizer does not load here: {e})"
+    if vocab is None:
+        given = "mock data" if args.mock_data else "the checkpoint's" if args.use_checkpoint_args else "--vocab-size"
+        return f"vocabulary: {args.model_config.vocab_size} ({given})"
+    args.model_config = vocab_config(args.model_config, args.tensor_model_parallel_size, vocab,
+                                     getattr(args, "make_vocab_size_divisible_by", None) or 1)
+    return f"vocabulary: {args.model_config.vocab_size} (the tokenizer's {vocab}, padded as the run will)"
+
+
 def layout_flags(args) -> list:
     """The chosen layout as the flags that reproduce it without --auto-configure."""
     flags = ["--tensor-model-parallel-size", str(args.tensor_model_parallel_size), "--pipeline-model-parallel-size",

@@ -5,8 +5,9 @@
 --zero-stage --activation-checkpointing --gradient-compression --mixed-precision --tensor-parallel
 --pipeline-parallel --batch-size --epochs --data --dry-run). With --gpus x --nodes > 1 outside torchrun it re-launches
 itself through ``torch.distributed.run`` (one process per GPU; multi-node rendezvous from MASTER_ADDR, MASTER_PORT
-and NODE_RANK). ``--dry-run`` prints the resolved configuration and the memory estimate and exits 0 without
-building the model. A user mistake prints one line and exits 2.
+and NODE_RANK). ``--dry-run`` prints the resolved configuration and the memory estimate (with the vocabulary the run
+builds: the tokenizer's, padded, unless --vocab-size or --mock-data) and exits 0 without building the model. A user
+mistake prints one line and exits 2.
 """
 from __future__ import annotations
 
@@ -53,13 +54,16 @@ def _launcher(argv: List[str], gpus: int, nodes: int) -> List[str]:
 def dry_run(argv: List[str]) -> int:
     """Resolve the flags for the requested world size and print them with the memory estimate; build nothing."""
     from megallama.arguments import parse_args
+    from megallama.autoconfig_args import follow_tokenizer
     from megallama.memory_advice import format_table
     from megallama.memory_args import estimate_for_args
     gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
     args = parse_args(argv, world_size=gpus * nodes)
+    vocab = follow_tokenizer(args)  # the embedding the run builds (build_data resizes it to the tokenizer)
     lines = ["resolved configuration:"]
     lines += [f"  {k:40s} {getattr(args, k)}" for k in sorted(vars(args)) if k != "model_config"]
     lines.append(f"  model_config {args.model_config.to_dict()}")
+    lines.append(f"  {vocab}")
     print("\n".join(lines))
     est = estimate_for_args(args, gpus, nodes)  # the pipeline split is checked here too
     print()

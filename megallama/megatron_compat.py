@@ -6,7 +6,9 @@ error line when they ask for another model. Aliases: ``--rotary-base`` is ``--ro
 iteration counts at the (constant) global batch. And flags with their own behaviour, read where it happens:
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
-``--distributed-timeout-minutes`` (initialize).
+``--distributed-timeout-minutes`` (initialize). Flags whose Megatron behaviour megallama does not have
+(``--grad-reduce-in-bf16``, ``--decoupled-lr``, ``--eod-mask-loss``, a non-``torch_dist`` ``--ckpt-format``) are
+one error line saying what megallama does instead.
 """
 from __future__ import annotations
 
@@ -14,27 +16,59 @@ import argparse
 
 from megallama.errors import ConfigError
 
-# store_true flags that only say "this is a Llama" or pick an implementation: nothing to do
+# store_true flags that only say "this is a Llama" or pick an implementation: nothing to do.
+# --no-create-attention-mask-in-dataloader: the model masks causally itself (no mask tensor is loaded either way);
+# --cross-entropy-loss-fusion: the head fuses logits and cross-entropy; --accumulate-allreduce-grads-in-fp32: main_grad
+# is fp32, accumulated and reduced so; --no-query-key-layer-scaling: Llama here has no such scaling; --manual-gc:
+# Python's collector is a host-side performance choice. --calculate-per-token-loss normalises by the global batch's
+# token count instead of per microbatch: the pretraining loss mask is all ones, so every microbatch has the same
+# count and both normalisations agree, and chat (SFT) data already divides by the global count (num_loss_tokens).
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
-             "--log-throughput")
+             "--log-throughput", "--no-create-attention-mask-in-dataloader", "--cross-entropy-loss-fusion",
+             "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling", "--manual-gc",
+             "--no-manual-gc-eval", "--calculate-per-token-loss")
 # flag -> (the one value a Llama here has, why)
-_FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm"),
-          "position_embedding_type": ("rope", "Llama's positions are rotary"),
-          "rotary_percent": (1.0, "Llama rotates every head dimension"),
-          "attention_dropout": (0.0, "Llama trains without dropout"),
-          "hidden_dropout": (0.0, "Llama trains without dropout")}
+_FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
+          "position_embedding_type": ("rope", "Llama's positions are rotary here"),
+          "rotary_percent": (1.0, "Llama rotates every head dimension here"),
+          "attention_dropout": (0.0, "Llama trains without dropout here"),
+          "hidden_dropout": (0.0, "Llama trains without dropout here"),
+          "ckpt_format": ("torch_dist", "megallama saves one sharded checkpoint format that any layout loads (as "
+                                        "Megatron's torch_dist)")}
+# Megatron behaviour megallama does not have: flag -> what it does instead
+_REFUSED = {"grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
+            "decoupled_lr": "megallama trains every parameter, embedding and output layer too, at one --lr",
+            "decoupled_min_lr": "megallama decays every parameter to one --min-lr",
+            "eod_mask_loss": "megallama's loss counts the end-of-document tokens like any other"}
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 
 
+class _RecomputeActivations(argparse.Action):
+    """Megatron's ``--recompute-activations`` = ``--recompute-granularity selective``, set while parsing so that the
+    recompute checks (which run before the model flags') see it; a contradiction is refused in check_model_flags."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        if namespace.recompute_granularity is None:
+            namespace.recompute_granularity = "selective"
+
+
 def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Megatron-LM flags", "accepted as Megatron defines them: " + " ".join(_RESTATED) +
-                             " (nothing to choose here); --normalization RMSNorm, --position-embedding-type rope, "
-                             "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0 (any other value is "
-                             "refused); --transformer-impl local|transformer_engine and --moe-token-dispatcher-type "
-                             "(megallama's own kernels and dispatcher either way)")
+                             " (nothing to choose here); --attention-backend, --transformer-impl, "
+                             "--moe-token-dispatcher-type, --empty-unused-memory-level, --manual-gc-interval "
+                             "(megallama's own kernels, dispatcher and memory handling either way); "
+                             "--kv-channels hidden/heads, --normalization RMSNorm, --position-embedding-type rope, "
+                             "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
+                             "torch_dist (any other value is refused); --recompute-activations = "
+                             "--recompute-granularity selective. Refused: --grad-reduce-in-bf16 (gradients reduce in "
+                             "fp32), --decoupled-lr/--decoupled-min-lr (one LR), --eod-mask-loss (EOD tokens count)")
     for flag in _RESTATED:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--normalization", default=None, help=argparse.SUPPRESS)
@@ -45,6 +79,20 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)
     g.add_argument("--moe-token-dispatcher-type", choices=["alltoall", "allgather"], default=None,
                    help=argparse.SUPPRESS)
+    g.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"], default=None,
+                   help=argparse.SUPPRESS)
+    g.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0, help=argparse.SUPPRESS)
+    g.add_argument("--manual-gc-interval", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--kv-channels", type=int, default=None, help="= hidden-size / num-attention-heads (the head "
+                   "dimension here; another value is refused)")
+    g.add_argument("--ckpt-format", choices=["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"],
+                   default=None, help="torch_dist (megallama's sharded format; the others are refused)")
+    g.add_argument("--recompute-activations", action=_RecomputeActivations,
+                   help="= --recompute-granularity selective")
+    for flag in ("--grad-reduce-in-bf16", "--eod-mask-loss"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--decoupled-lr", "--decoupled-min-lr"):
+        g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "none"], default=None,
                    help="aux_loss (the default) or none (--moe-aux-loss-coeff 0)")
     g.add_argument("--rotary-base", dest="rope_theta", type=float, default=None, help="= --rope-theta")
@@ -72,9 +120,20 @@ def check_model_flags(args) -> None:
         given = getattr(args, name, None)
         if given is not None and given != value:
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {given:g} is not supported: {why} here; pass {flag} {value:g} or drop it"
+            raise ConfigError(f"{flag} {given:g} is not supported: {why}; pass {flag} {value:g} or drop it"
                               if isinstance(value, float) else
-                              f"{flag} {given} is not supported: {why} here; pass {flag} {value} or drop it")
+                              f"{flag} {given} is not supported: {why}; pass {flag} {value} or drop it")
+    for name, instead in _REFUSED.items():
+        given = getattr(args, name, None)
+        if given is not None and given is not False:  # --decoupled-lr 0 too
+            raise ConfigError(f"--{name.replace('_', '-')} is not supported: {instead}; drop it")
+    if args.recompute_activations and (args.activation_checkpointing or args.recompute_granularity != "selective"):
+        other = "--activation-checkpointing" if args.activation_checkpointing else \
+            f"--recompute-granularity {args.recompute_granularity}"
+        raise ConfigError(f"--recompute-activations (= --recompute-granularity selective) contradicts {other}; "
+                          "pass one")
+    if args.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
     if args.rope_scaling_factor is not None and not args.use_rope_scaling:
         raise ConfigError("--rope-scaling-factor needs --use-rope-scaling")
     if args.make_vocab_size_divisible_by is not None and args.make_vocab_size_divisible_by < 1:
@@ -85,8 +144,21 @@ def check_model_flags(args) -> None:
         args.moe_aux_loss_coeff = 0.0
 
 
+def check_kv_channels(args, cfg) -> None:
+    """Megatron's --kv-channels is the head dimension, which is hidden / heads here: only that value restates the
+    model (``cfg``, the resolved shape)."""
+    kv = getattr(args, "kv_channels", None)
+    if kv is not None and kv != cfg.head_dim:
+        raise ConfigError(f"--kv-channels {kv} is not supported: megallama's head dimension is --hidden-size / "
+                          f"--num-attention-heads = {cfg.hidden_size}/{cfg.num_attention_heads} = {cfg.head_dim}; "
+                          f"pass --kv-channels {cfg.head_dim} or drop it")
+
+
 def apply_rope_scaling(args, cfg):
-    """--use-rope-scaling: Llama 3.1's scaling on a model that has none (or another factor)."""
+    """The resolved model config under Megatron's shape flags (arguments._derive calls this as soon as the shape
+    is known): --kv-channels checked against it, then --use-rope-scaling, Llama 3.1's scaling on a model that has
+    none (or another factor)."""
+    check_kv_channels(args, cfg)
     if not args.use_rope_scaling:
         return cfg
     import dataclasses
@@ -103,13 +175,20 @@ def samples_to_iters(args) -> None:
     schedule is)."""
     gbs = args.global_batch_size
     for samples, iters in _SAMPLE_FLAGS:
-        n = getattr(args, samples)
+        n, flag = getattr(args, samples), "--" + samples.replace("_", "-")
         if n is None:
             continue
-        if getattr(args, iters) is not None:
-            raise ConfigError(f"--{samples.replace('_', '-')} and --{iters.replace('_', '-')} both set it; pass one")
+        warmup = samples == "lr_warmup_samples"
+        if warmup and n == 0:  # Megatron's default: no warmup, unless --lr-warmup-iters/-fraction set one
+            if args.lr_warmup_iters is None and args.lr_warmup_fraction is None:
+                args.lr_warmup_iters = 0
+            continue
+        for other in (iters, "lr_warmup_fraction" if warmup else None):
+            if other and getattr(args, other) is not None:
+                raise ConfigError(f"{flag} and --{other.replace('_', '-')} both set "
+                                  f"{'the warmup' if warmup else 'it'}; pass one")
         if n < 1:
-            raise ConfigError(f"--{samples.replace('_', '-')} must be positive, got {n}")
+            raise ConfigError(f"{flag} must be {'>= 0' if warmup else 'positive'}, got {n}")
         if samples == "train_samples":
             if args.epochs is not None:
                 raise ConfigError("--train-samples and --epochs both set the run's length; pass one")

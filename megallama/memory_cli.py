@@ -4,8 +4,9 @@
   python tools/estimate_memory.py --model llama3_70b --gpus 8 --nodes 8 --tensor-parallel 8 --zero-stage 1 --json
   python tools/estimate_memory.py --model llama3_405b --gpus 8 --nodes 16 --auto-configure --seq-length 8192
 
-Flags use the Megatron names with the seed's aliases; ``--batch-size`` is the micro-batch per GPU. Exit status 2
-with a one-line message on a bad flag value.
+Flags use the Megatron names with the seed's aliases; ``--batch-size`` is the micro-batch per GPU; the training
+flags' shape overrides (``--num-layers`` ... ``--vocab-size``) estimate another shape of ``--model``. Exit status 2
+with a one-line message on a bad or unknown flag.
 """
 from __future__ import annotations
 
@@ -18,9 +19,21 @@ from megallama.errors import ConfigError
 from megallama.memory import SCHEDULES
 
 
+_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+
+
+def _model_config(args):
+    """--model with the shape overrides given (as the training flags resolve it)."""
+    from megallama.config import get_model_config
+    return get_model_config(args.model, **{name: getattr(args, name) for name in _SHAPE})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("estimate-memory", description=__doc__.split("\n")[0], allow_abbrev=False)
+    from megallama.arguments import _OneLineErrors
+    p = _OneLineErrors("estimate-memory", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", "--model-variant", dest="model", default="llama3_8b")
+    for name in _SHAPE:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override --model's shape")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=None,
                    help="micro-batch per GPU (default 1; searched by --auto-configure unless given)")
     p.add_argument("--global-batch-size", type=int, default=None)
@@ -88,9 +101,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     args.recompute_method, args.recompute_num_layers = rec.recompute_method, rec.recompute_num_layers
     kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
               fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused")
+    cfg = _model_config(args)
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
-        plan = choose_layout(args.model, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
+        plan = choose_layout(cfg, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
                              args.batch_size, args.global_batch_size, _precision(args), args.strategy,
                              gpus_per_node=args.gpus, **kw)
         if plan is None:
@@ -98,10 +112,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         return {"plan": {k: v for k, v in plan.items() if k not in ("estimate",)}, "estimate": plan["estimate"]}
     v = 1
     if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
-        from megallama.config import get_model_config
-        layers = get_model_config(args.model).num_layers
-        v = max(1, layers // (args.pp * args.num_layers_per_virtual_pipeline_stage))
-    est = estimate_requirements(args.model, batch_size=args.batch_size or 1, sequence_length=args.seq_length,
+        v = max(1, cfg.num_layers // (args.pp * args.num_layers_per_virtual_pipeline_stage))
+    est = estimate_requirements(args.model, model_config=cfg, batch_size=args.batch_size or 1,
+                                sequence_length=args.seq_length,
                                 num_gpus=args.gpus, num_nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp,
                                 ep=args.ep, zero_stage=zero, recompute=recompute, precision=_precision(args),
                                 strategy=args.strategy, lora_rank=args.lora_rank, num_experts=args.num_experts,

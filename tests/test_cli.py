@@ -75,3 +75,30 @@ def test_every_entry_point_prints_its_help():
     for c, p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "usage" in out.lower(), (c, err[-1500:])
+
+
+def test_dry_run_estimates_the_vocabulary_the_run_builds(tmp_path, monkeypatch, capsys):
+    """No --vocab-size: the embedding follows the tokenizer (the bundled 8192, padded to 9000 here), in the dry run's
+    configuration and estimate as in the run, not the named model's 128K."""
+    import megallama.memory_args as memory_args
+    from megallama.arguments import parse_args
+    from megallama.cli import dry_run
+    from megallama.model import build_model
+    from megallama.training_setup import build_data
+    seen, estimate = {}, memory_args.estimate_for_args
+    monkeypatch.setattr(memory_args, "estimate_for_args", lambda a, *rest, **kw: seen.setdefault("est", estimate(
+        a, *rest, **kw)))
+    argv = ["--model", "tiny_llama3_50m", *TINY[:-4], "--seq-length", "16", "--make-vocab-size-divisible-by", "1000",
+            "--data-cache-dir", str(tmp_path), "--train-iters", "1"]
+    assert dry_run(argv + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    run = parse_args(argv, world_size=1)
+    build_data(run)
+    assert run.model_config.vocab_size == 9000 and "'vocab_size': 9000" in out
+    assert "vocabulary: 9000 (the tokenizer's 8192, padded as the run will)" in out
+    assert seen["est"]["num_params"] == sum(p.numel() for p in build_model(run.model_config).parameters())
+    for extra, says in ((["--vocab-size", "512"], "vocabulary: 512 (--vocab-size)"),
+                        (["--mock-data"], "vocabulary: 128256 (mock data)"),
+                        (["--tokenizer-type", "llama3", "--tokenizer-model", str(tmp_path / "none.model")],
+                         "vocabulary: tiny_llama3_50m's 128256 (the tokenizer does not load here: tokenizer model")):
+        assert dry_run(argv + extra + ["--dry-run"]) == 0 and says in capsys.readouterr().out

@@ -23,7 +23,12 @@ MEGATRON = ["--model", "tiny_llama3_50m", "--group-query-attention", "--swiglu",
             "--use-flash-attn", "--no-bias-swiglu-fusion", "--no-rope-fusion", "--log-throughput",
             "--train-samples", "12", "--lr-warmup-samples", "4", "--lr-decay-samples", "12",
             "--lr-decay-style", "cosine", "--make-vocab-size-divisible-by", "128",
-            "--distributed-timeout-minutes", "10", "--tokenizer-type", "bundled"] + SHAPE
+            "--distributed-timeout-minutes", "10", "--tokenizer-type", "bundled",
+            # Megatron's own Llama-3 example: restating or implementation flags
+            "--kv-channels", "16", "--attention-backend", "fused", "--no-create-attention-mask-in-dataloader",
+            "--cross-entropy-loss-fusion", "--manual-gc", "--manual-gc-interval", "100",
+            "--empty-unused-memory-level", "1", "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling",
+            "--calculate-per-token-loss", "--ckpt-format", "torch_dist"] + SHAPE
 TINY = ["--model", "tiny_llama3_50m"] + SHAPE
 
 
@@ -64,10 +69,43 @@ def test_sample_counts_may_be_fractional_iterations_for_the_schedule():
     (["--lr-warmup-samples", "8", "--lr-warmup-iters", "3"], "--lr-warmup-samples and --lr-warmup-iters both"),
     (["--train-samples", "3"], "--train-samples 3 is less than one global batch (4)"),
     (["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1, got 0"),
+    (["--lr-warmup-samples", "12", "--lr-warmup-fraction", "0.1"],
+     "--lr-warmup-samples and --lr-warmup-fraction both set the warmup; pass one"),
+    (["--lr-warmup-samples", "-4"], "--lr-warmup-samples must be >= 0, got -4"),
+    (["--lr-decay-samples", "0"], "--lr-decay-samples must be positive, got 0"),
+    (["--kv-channels", "128"], "--kv-channels 128 is not supported: megallama's head dimension is --hidden-size / "
+                               "--num-attention-heads = 64/4 = 16; pass --kv-channels 16 or drop it"),
+    (["--ckpt-format", "torch"], "--ckpt-format torch is not supported: megallama saves one sharded checkpoint "
+                                 "format that any layout loads (as Megatron's torch_dist); pass --ckpt-format "
+                                 "torch_dist or drop it"),
+    (["--ckpt-format", "zarr"], "--ckpt-format zarr is not supported"),
+    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 is not supported: megallama reduces gradients in fp32"),
+    (["--decoupled-lr", "5e-4"], "--decoupled-lr is not supported: megallama trains every parameter, embedding and "
+                                 "output layer too, at one --lr; drop it"),
+    (["--eod-mask-loss"], "--eod-mask-loss is not supported: megallama's loss counts the end-of-document tokens"),
+    (["--recompute-activations", "--recompute-granularity", "full"],
+     "--recompute-activations (= --recompute-granularity selective) contradicts --recompute-granularity full"),
+    (["--recompute-granularity", "full", "--recompute-activations"], "contradicts --recompute-granularity full"),
+    (["--recompute-activations", "--activation-checkpointing"], "contradicts --activation-checkpointing; pass one"),
+    (["--recompute-activations", "--recompute-method", "block"], "--recompute-method applies to "
+                                                                 "--recompute-granularity full"),
 ])
 def test_a_flag_asking_for_another_model_is_one_line(extra, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         _args(TINY + extra)
+
+
+def test_warmup_samples_zero_is_megatrons_default_and_recompute_activations_is_selective():
+    assert _args(TINY + ["--train-iters", "10", "--lr-warmup-samples", "0"]).lr_warmup_iters == 0  # not 10% default
+    a = _args(TINY + ["--train-iters", "10", "--lr-warmup-samples", "0", "--lr-warmup-fraction", "0.2"])
+    assert (a.lr_warmup_iters, a.lr_warmup_fraction) == (None, 0.2)  # 0 defers to the other warmup flag
+    assert _args(TINY + ["--train-iters", "10", "--lr-warmup-samples", "0", "--lr-warmup-iters", "3"]).lr_warmup_iters \
+        == 3
+    a = _args(TINY + ["--recompute-activations"])
+    assert a.recompute_granularity == "selective"
+    assert _args(TINY + ["--recompute-activations", "--recompute-granularity", "selective"]).recompute_granularity \
+        == "selective"
+    assert _args(TINY + ["--kv-channels", "16"]).model_config.head_dim == 16
 
 
 def test_rope_scaling_vocab_padding_and_load_balancing_none(tmp_path):

@@ -295,6 +295,25 @@ def test_cli_table_json_and_errors():
     assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_cli_unknown_flag_is_one_line_and_the_shape_can_be_overridden():
+    tool = os.path.join(ROOT, "tools", "estimate_memory.py")
+    for cmd in ([tool], ["-m", "megallama.cli", "estimate-memory"]):
+        out = subprocess.run([sys.executable, *cmd, "--model", "llama3_8b", "--frobnicate"], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 2 and out.stderr == "error: unrecognized arguments: --frobnicate; see --help for " \
+            "the flags\n", out.stderr
+    from megallama.memory_cli import run
+    shape = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--vocab-size", "512"]
+    est = run(["--model", "tiny_llama3_50m", *shape, "--seq-length", "32"])["estimate"]
+    from megallama.config import get_model_config
+    cfg = get_model_config("tiny_llama3_50m", num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                           num_query_groups=2, vocab_size=512)  # as the training flags resolve them
+    assert est["num_params"] == sum(p.numel() for p in _model(cfg, "fp32", "autocast", "none").parameters())
+    plan = run(["--model", "tiny_llama3_50m", *shape, "--auto-configure"])
+    assert plan["plan"]["tp"] == 1 and plan["estimate"]["num_params"] == est["num_params"]
+
+
 # ---------------------------------------------------------------- whole training steps (benchmarks/measure_memory.py)
 
 TINY = ["--model", "tiny_llama3_50m", "--num-layers", "3", "--hidden-size", "64", "--ffn-hidden-size", "176",
