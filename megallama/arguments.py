@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
-from megallama.megatron_compat import add_megatron_args, apply_rope_scaling, check_model_flags, samples_to_iters
+from megallama.megatron_compat import add_megatron_args, apply_shape_flags, check_model_flags, samples_to_iters
 
 
 def _add_model(p):
@@ -244,7 +244,7 @@ def _derive(args, world_size: int):
     _derive_strategy(args)
     from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
     args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
-    args.model_config = apply_rope_scaling(args, args.model_config)
+    args.model_config = apply_shape_flags(args, args.model_config)
     if args.use_checkpoint_args:
         pretrained = getattr(args, "pretrained_checkpoint", None)
         from megallama.checkpointing.files import holds_checkpoint

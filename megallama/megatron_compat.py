@@ -154,7 +154,7 @@ def check_kv_channels(args, cfg) -> None:
                           f"pass --kv-channels {cfg.head_dim} or drop it")
 
 
-def apply_rope_scaling(args, cfg):
+def apply_shape_flags(args, cfg):
     """The resolved model config under Megatron's shape flags (arguments._derive calls this as soon as the shape
     is known): --kv-channels checked against it, then --use-rope-scaling, Llama 3.1's scaling on a model that has
     none (or another factor)."""
