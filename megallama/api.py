@@ -27,7 +27,8 @@ from megallama.strategies import TrainingStrategy
 
 _SHAPE_FLAGS = {"num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_hidden_size": "--ffn-hidden-size",
                 "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
-                "max_position_embeddings": "--max-position-embeddings", "vocab_size": "--vocab-size"}
+                "max_position_embeddings": "--max-position-embeddings", "vocab_size": "--vocab-size",
+                "rope_theta": "--rope-theta", "norm_eps": "--norm-epsilon", "init_method_std": "--init-method-std"}
 
 
 def _cuda() -> bool:

@@ -44,8 +44,12 @@ class UserDataset(torch.utils.data.Dataset):
             if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and \
                     not isinstance(ds, torch.utils.data.IterableDataset):
                 source = ds
-        if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not torch.is_tensor(source):
-            self.items = source
+        if isinstance(source, dict):  # one batch: {"input_ids": [b, s], ...}
+            self.items = _samples_of(source)
+        elif isinstance(source, (list, tuple)):  # held in memory already: split its batched items
+            self.items = [s for item in source for s in _samples_of(item)]
+        elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and not torch.is_tensor(source):
+            self.items = source  # a dataset: read lazily, one sample per item
         elif torch.is_tensor(source):
             self.items = _samples_of(source)
         else:
@@ -68,15 +72,19 @@ class UserDataset(torch.utils.data.Dataset):
             ids, labels = (torch.as_tensor(item[0]), torch.as_tensor(item[1]) if len(item) > 1 else None)
         else:
             ids = torch.as_tensor(item)
+        if ids.dim() > 1 and ids.shape[0] != 1:
+            raise ConfigError(f"{self.name} item {i} holds a batch of {ids.shape[0]} sequences; a dataset gives one "
+                              "per item (a DataLoader, list or iterable of batches is split into samples)")
         ids = ids.long().reshape(-1)
+        mask = None if mask is None else torch.as_tensor(mask).float().reshape(-1)
         s = self.seq_length
-        if labels is None:
+        if labels is None:  # the label of position j is token j + 1: its mask entry (HF's shift of the labels)
             if ids.numel() >= s + 1:
-                ids, labels, mask = ids[:s], ids[1:s + 1], None if mask is None else torch.as_tensor(mask)[1:s + 1]
+                ids, labels, mask = ids[:s], ids[1:s + 1], None if mask is None else mask[1:s + 1]
             else:
                 labels = torch.cat([ids[1:], ids.new_zeros(1)])
-                mask = torch.ones(ids.numel()) if mask is None else torch.as_tensor(mask).float().clone()
-                mask[-1] = 0.0
+                mask = torch.ones(ids.numel()) if mask is None else mask
+                mask = torch.cat([mask[1:], mask.new_zeros(1)])  # the last position has no next token
         labels = torch.as_tensor(labels).long().reshape(-1)
         mask = torch.ones(ids.numel()) if mask is None else torch.as_tensor(mask).float().reshape(-1)
         if ids.numel() != s or labels.numel() != s or mask.numel() != s:

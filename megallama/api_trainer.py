@@ -42,6 +42,27 @@ def create_llama_7b_parallel(tensor_parallel_size: int = 1, use_flash_attention:
                               dict(model_overrides))
 
 
+def spec_of_config(cfg: ModelConfig) -> ParallelLlamaModel:
+    """A ModelConfig as the named variant plus overrides that the training flags express (the loop builds its model
+    from flags); one error line naming the fields they cannot (it trained the variant's shape instead)."""
+    import dataclasses
+
+    from megallama.api import _SHAPE_FLAGS
+    from megallama.config import MODEL_REGISTRY
+    base = cfg.name if cfg.name in MODEL_REGISTRY else {"llama1": "llama1_7b", "llama2": "llama2_7b",
+                                                        "code_llama": "code_llama_7b"}.get(cfg.family)
+    base = base or ("tiny_llama3_50m" if cfg.tie_word_embeddings else "llama3_8b")
+    overrides = {k: getattr(cfg, k) for k in _SHAPE_FLAGS}
+    built = get_model_config(base, **overrides)
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name != "name" and getattr(built, f.name) !=
+              getattr(cfg, f.name)]
+    if differ:
+        raise ConfigError(f"this ModelConfig's {', '.join(differ)} differ from {base}'s and no training flag sets "
+                          f"them; start from a named variant (model_overrides for its shape, training_strategy for "
+                          "experts)")
+    return ParallelLlamaModel(base, model_overrides=overrides)
+
+
 TRAINER_TYPES = ("standard", "adaptive", "data_parallel", "tensor_parallel", "pipeline", "hybrid", "zero")
 
 
@@ -56,7 +77,7 @@ class DistributedTrainer:
         if isinstance(model, str):
             model = ParallelLlamaModel(model)
         elif isinstance(model, ModelConfig):
-            model = ParallelLlamaModel(model.name if model.name != "custom" else "tiny_llama3_50m")
+            model = spec_of_config(model)
         if not isinstance(model, ParallelLlamaModel):
             raise ConfigError("create_distributed_trainer takes a model from create_llama_7b_parallel, a variant name "
                               "or a ModelConfig")

@@ -37,6 +37,20 @@ def _value(argv: Sequence[str], flag: str, default=None):
     return default
 
 
+def _world(argv: Sequence[str]):
+    """(--gpus, --nodes), read before the flags are parsed (they decide the launch); a bad value is one line."""
+    out = []
+    for flag in ("--gpus", "--nodes"):
+        raw = _value(argv, flag, "1")
+        try:
+            out.append(int(raw))
+        except ValueError:
+            raise ConfigError(f"{flag} {raw} is not a whole number") from None
+        if out[-1] < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {out[-1]}")
+    return tuple(out)
+
+
 def _launcher(argv: List[str], gpus: int, nodes: int) -> List[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)]
     if nodes > 1:
@@ -57,7 +71,7 @@ def dry_run(argv: List[str]) -> int:
     from megallama.autoconfig_args import follow_tokenizer
     from megallama.memory_advice import format_table
     from megallama.memory_args import estimate_for_args
-    gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
+    gpus, nodes = _world(argv)
     args = parse_args(argv, world_size=gpus * nodes)
     vocab = follow_tokenizer(args)  # the embedding the run builds (build_data resizes it to the tokenizer)
     lines = ["resolved configuration:"]
@@ -87,7 +101,7 @@ def _wait(proc) -> int:
 def train(argv: List[str]) -> int:
     if "--dry-run" in argv:
         return dry_run(argv)
-    gpus, nodes = int(_value(argv, "--gpus", "1")), int(_value(argv, "--nodes", "1"))
+    gpus, nodes = _world(argv)
     if gpus * nodes > 1 and "WORLD_SIZE" not in os.environ:
         return _wait(subprocess.Popen(_launcher(argv, gpus, nodes)))
     from megallama.arguments import parse_args
@@ -109,10 +123,10 @@ def benchmark(argv: List[str]) -> int:
     if torch.cuda.is_available():  # the GPU tool takes the seed's flags as they are
         tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py")
         return subprocess.call([sys.executable, tool, *argv])
-    import argparse
     import json
     from megallama.benchmarking import PerformanceBenchmark
-    p = argparse.ArgumentParser("benchmark", allow_abbrev=False)
+    from megallama.arguments import _OneLineErrors
+    p = _OneLineErrors("benchmark", allow_abbrev=False)
     p.add_argument("--model", default="tiny_llama3_150m")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq-length", type=int, default=512)
@@ -120,7 +134,7 @@ def benchmark(argv: List[str]) -> int:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--save-results", default=None)
     p.add_argument("--megallama-args", default="", help="extra training flags, e.g. '--num-layers 2'")
-    a, _ = p.parse_known_args(argv)
+    a = p.parse_args(argv)  # a mistyped flag (--batch-size for --batch-sizes) is an error, not ignored
     bench = PerformanceBenchmark(a.model, a.batch_sizes, a.seq_length, a.gpus, a.steps,
                                  extra_args=a.megallama_args.split(), device="cpu")
     rows = bench.run_comprehensive_benchmark()
@@ -132,8 +146,11 @@ def benchmark(argv: List[str]) -> int:
 
 
 def validate_env(argv: List[str]) -> int:
+    from megallama.arguments import _OneLineErrors
     from megallama.environment import format_environment, validate_environment
-    report = validate_environment(_value(argv, "--path"))
+    p = _OneLineErrors("validate-env", description="torch / CUDA / NCCL / kernels / disk checks", allow_abbrev=False)
+    p.add_argument("--path", default=None, help="the directory whose free disk space to check (e.g. --save)")
+    report = validate_environment(p.parse_args(argv).path)
     print(format_environment(report))
     return 1 if report["errors"] else 0
 

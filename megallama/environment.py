@@ -63,7 +63,9 @@ def validate_environment(path: Optional[str] = None, min_free_gb: float = 10.0) 
         warnings.append("fused kernels not built: the first run compiles csrc/ (needs a C++ compiler, about a "
                         "minute; pip install -e . --no-build-isolation builds them ahead) or falls back to the "
                         "PyTorch reference ops")
-    where = path or os.getcwd()
+    where = os.path.abspath(path or os.getcwd())
+    while not os.path.exists(where) and os.path.dirname(where) != where:  # a --save still to be made: its disk
+        where = os.path.dirname(where)
     try:
         free = shutil.disk_usage(where).free / 2**30
         info["free_disk_gib"] = round(free, 1)

@@ -17,6 +17,7 @@ of the assistant's turn.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional
 
@@ -162,7 +163,7 @@ def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_
             prompt_prefix = auto_prompt_prefix(loaded.common["args"])
         first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
         ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
-    cfg.stop_ids = tuple(sorted(set(stop)))
+    cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(stop))))  # the caller's config stays as given
     outs = generate(loaded.model, ids, cfg, vocab_size=tok.vocab_size, decode_mode=decode_mode,
                     batch_size=batch_size)
     return [tok.decode(new) for new in outs]
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         if opts.prompt_file:
             try:
                 with open(opts.prompt_file, encoding="utf-8") as f:
-                    prompts += [line.rstrip("\n") for line in f if line.strip()]
+                    prompts += [line.rstrip("\r\n") for line in f if line.strip()]  # one per line, CRLF too
             except OSError as e:
                 raise ConfigError(f"--prompt-file {opts.prompt_file} cannot be read ({e.strerror}); check the path")
         if not prompts:

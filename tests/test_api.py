@@ -255,3 +255,38 @@ def test_bad_extra_args_raise_one_config_error_not_argparse_exit(capsys):
         orch.estimate_memory()
     text = orch.print_configuration()
     assert "memory estimate unavailable: bad flags in extra_args" in text and "usage:" not in capsys.readouterr().err
+
+
+def test_user_data_in_hf_tokenizer_shapes():
+    """What an HF tokenizer returns (return_tensors="pt": [1, s] input_ids and attention_mask) trains: the mask
+    was 2-D, its last row zeroed, and every loss position masked (a loss of 0.0, nothing learned). A right-padded
+    sample masks the label of its last real token (the pad), as HF's shifted labels do; a whole batched dict is
+    a source of samples."""
+    from megallama.api_data import UserDataset
+    one = UserDataset([{"input_ids": torch.arange(1, 17).view(1, 16), "attention_mask": torch.ones(1, 16)}] * 2,
+                      16, 100)
+    assert len(one) == 2 and one[0]["loss_mask"].tolist() == [1.0] * 15 + [0.0]
+    padded = UserDataset([{"input_ids": [[5, 6, 7, 8, 0, 0, 0, 0]], "attention_mask": [[1, 1, 1, 1, 0, 0, 0, 0]]}],
+                         8, 100)[0]
+    assert padded["labels"].tolist()[:3] == [6, 7, 8] and padded["loss_mask"].tolist() == [1, 1, 1] + [0] * 5
+    longer = UserDataset([{"input_ids": torch.arange(9).view(1, 9), "attention_mask": torch.ones(1, 9)}], 8, 100)[0]
+    assert longer["loss_mask"].tolist() == [1.0] * 8
+    batch = UserDataset({"input_ids": torch.randint(0, 100, (4, 33))}, 32, 100)
+    assert len(batch) == 4 and batch[3]["input_ids"].shape == (32,)
+
+
+def test_a_model_config_trains_that_model():
+    """create_distributed_trainer(ModelConfig): the trainer built the variant's shape instead (10 layers, 128K
+    vocabulary for an unnamed 1-layer config); what flags cannot express is one error line."""
+    import megallama
+    from megallama.config import ModelConfig
+    from megallama.errors import ConfigError
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1,
+                      vocab_size=256, rope_theta=10000.0)
+    t = megallama.create_distributed_trainer(cfg, megallama.TrainingConfig(train_iters=1))
+    got = t.orchestrator.model_config
+    assert (got.num_layers, got.hidden_size, got.vocab_size, got.rope_theta) == (1, 32, 256, 10000.0)
+    args = t.orchestrator.build_args(world_size=1)
+    assert (args.model_config.num_layers, args.model_config.vocab_size) == (1, 256)
+    with pytest.raises(ConfigError, match="num_experts differ"):
+        megallama.create_distributed_trainer(ModelConfig(num_experts=4), megallama.TrainingConfig(train_iters=1))

@@ -102,3 +102,18 @@ def test_dry_run_estimates_the_vocabulary_the_run_builds(tmp_path, monkeypatch, 
                         (["--tokenizer-type", "llama3", "--tokenizer-model", str(tmp_path / "none.model")],
                          "vocabulary: tiny_llama3_50m's 128256 (the tokenizer does not load here: tokenizer model")):
         assert dry_run(argv + extra + ["--dry-run"]) == 0 and says in capsys.readouterr().out
+
+
+def test_cli_flag_mistakes_are_one_line_and_help_is_help(tmp_path):
+    """--gpus abc was a ValueError traceback; benchmark dropped a mistyped flag (--batch-size for --batch-sizes)
+    and ran its defaults; validate-env --help ran the checks. A --save still to be made is not a disk warning."""
+    for argv, says in ((["train", "--gpus", "abc", "--dry-run"], "error: --gpus abc is not a whole number"),
+                       (["train", "--nodes", "0", "--dry-run"], "error: --nodes must be >= 1, got 0"),
+                       (["benchmark", "--batch-size", "1"], "error: unrecognized arguments: --batch-size 1")):
+        r = cli(*argv)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-2000:]
+        assert r.stderr.startswith(says), r.stderr
+    r = cli("validate-env", "--help")
+    assert r.returncode == 0 and "--path" in r.stdout and "environment ready" not in r.stdout
+    from megallama.environment import validate_environment
+    assert not [w for w in validate_environment(str(tmp_path / "new" / "run"))["warnings"] if "disk" in w]
