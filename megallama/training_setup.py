@@ -3,7 +3,6 @@ optimizer, the forward/backward schedule, and the post-backward gradient finalis
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -52,13 +51,13 @@ def build_data(args):
     if args.train_iters is None and args.epochs is None:
         args.train_iters = 100
     if args.mock_data:
-        if any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test")):
+        if _per_split_paths(args):
             raise ConfigError("--mock-data makes random tokens; drop it to use --train/--valid/--test-data-path")
         from megallama.data.mock_dataset import MockGPTDataset
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
-    if any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test")):
+    if _per_split_paths(args):
         return (tokenizer,) + _per_split_data(args, tokenizer)
     if args.eval_interval:
         from megallama.data.gpt_dataset import parse_split
@@ -78,21 +77,28 @@ def build_data(args):
     from megallama.data.blended_dataset import build_blended_datasets
     from megallama.data.gpt_dataset import build_pretraining_datasets
     data = args.data_path or get_bundled_corpus_path()
-    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
 
     def build(n_train=None, n_valid=None):
         if blend:
-            return build_blended_datasets(blend, tokenizer, args.seq_length, args.seed, args.split, cache, n_train,
-                                          n_valid)
-        return build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, cache,
+            return build_blended_datasets(blend, tokenizer, args.seq_length, args.seed, args.split,
+                                          args.data_cache_dir, n_train, n_valid)
+        return build_pretraining_datasets(data, tokenizer, args.seq_length, args.seed, args.split, args.data_cache_dir,
                                           num_train_samples=n_train, num_valid_samples=n_valid)
     if args.train_iters is None:  # --epochs: size one epoch first
         args.train_iters = iters_for_epochs(args, len(build()[0]))
-    n_train = args.train_iters * args.global_batch_size
-    n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
-        if args.eval_interval else None
-    train, valid = build(n_train, n_valid)
+    train, valid = build(args.train_iters * args.global_batch_size, _num_valid_samples(args))
     return tokenizer, train, valid
+
+
+def _per_split_paths(args) -> bool:
+    return any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test"))
+
+
+def _num_valid_samples(args):
+    """Every evaluation's samples (each --eval-interval, and once more at the end); None: no evaluation asked."""
+    if not args.eval_interval:
+        return None
+    return (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
 
 
 def _per_split_data(args, tokenizer):
@@ -106,16 +112,14 @@ def _per_split_data(args, tokenizer):
         raise ConfigError("--valid-data-path/--test-data-path need --train-data-path (the corpus to train on)")
     if getattr(args, "chat_template", False):
         raise ConfigError("chat fine-tuning takes its data from --data-path (split by --split)")
-    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
 
     def build(path, n, name, salt):
-        return build_dataset_from_path(path, tokenizer, args.seq_length, args.seed, cache, n, name, salt)
+        return build_dataset_from_path(path, tokenizer, args.seq_length, args.seed, args.data_cache_dir, n, name,
+                                       salt)
     if args.train_iters is None:  # --epochs: size one epoch first
         args.train_iters = iters_for_epochs(args, len(build(args.train_data_path, None, "train", 0)))
     train = build(args.train_data_path, args.train_iters * args.global_batch_size, "train", 0)
-    n_valid = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size \
-        if args.eval_interval else None
-    valid = build(args.valid_data_path, n_valid, "valid", 1) if args.valid_data_path else None
+    valid = build(args.valid_data_path, _num_valid_samples(args), "valid", 1) if args.valid_data_path else None
     return train, valid
 
 
@@ -123,17 +127,16 @@ def build_test_data(args, tokenizer):
     """The test set, evaluated once at the end of training (Megatron's): --test-data-path, or the third --split
     share of one pretraining corpus; None when there is none (blends and chat data keep no test share)."""
     from megallama.data.gpt_dataset import build_dataset_from_path, build_test_split, parse_split
-    cache = args.data_cache_dir or os.path.join(os.getcwd(), "data_cache")
     n = args.eval_iters * args.global_batch_size
     if getattr(args, "test_data_path", None):
-        return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed, cache, n, "test",
-                                       2)
+        return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed,
+                                       args.data_cache_dir, n, "test", 2)
     if args.mock_data or getattr(args, "train_data_path", None) or getattr(args, "data_blend", None) \
             or getattr(args, "chat_template", False) or parse_split(args.split)[2] == 0:
         return None
     from megallama.data import get_bundled_corpus_path
     return build_test_split(args.data_path or get_bundled_corpus_path(), tokenizer, args.seq_length, args.seed,
-                            args.split, cache, n)
+                            args.split, args.data_cache_dir, n)
 
 
 def iters_for_epochs(args, num_samples: int, epochs: Optional[float] = None) -> int:
@@ -206,17 +209,18 @@ def apply_training_strategy(chunks, args) -> None:
     active = strategy.name != "standard" or strategy.uses_moe
     pretrained = getattr(args, "pretrained_checkpoint", None)
     saved_moe = False
-    if pretrained:  # a model fine-tuned from a converted HF one keeps its prompt convention (bos), resumed too
+    if pretrained:
         from megallama.checkpointing.full import open_checkpoint
         from megallama.data.tokenizer_export import auto_prompt_prefix
-        args.inherited_prompt_prefix = auto_prompt_prefix(open_checkpoint(pretrained, verify=False)[1].get("args", {}))
+        saved_args = open_checkpoint(pretrained, verify=False)[1].get("args", {})
+        # a model fine-tuned from a converted HF one keeps its prompt convention (bos), resumed launches too
+        args.inherited_prompt_prefix = auto_prompt_prefix(saved_args)
     if pretrained and _resumes(args):  # the run's own checkpoint replaces every weight: don't read them twice
         pretrained = None
     if pretrained:
         import argparse
         from megallama.checkpointing import load_checkpoint
-        from megallama.checkpointing.full import open_checkpoint
-        saved = open_checkpoint(pretrained, verify=False)[1].get("args", {}).get("model_config", {})
+        saved = saved_args.get("model_config", {})
         saved_moe = bool(saved.get("num_experts"))
         if active and saved_moe:  # a MoE checkpoint: build the experts first, then load them
             apply_strategy(chunks, strategy, seed=args.seed)
