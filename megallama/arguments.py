@@ -314,8 +314,6 @@ def _derive(args, world_size: int):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     samples_to_iters(args)
     check_schedule_flags(args)
-    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
-        raise ConfigError(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler contradict each "
                           "other; pass at most one")

@@ -52,7 +52,7 @@ def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro
 
 def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], multiple: int = 1) -> ModelConfig:
     """The model as the run builds it at this tp: with ``tokenizer_vocab`` the embedding follows the tokenizer,
-    padded to a multiple of tp x ``multiple`` (training_setup.build_data's rule)."""
+    padded to a multiple of tp x ``multiple`` (--make-vocab-size-divisible-by): build_data resizes the model by it."""
     if not tokenizer_vocab or tokenizer_vocab == cfg.vocab_size:
         return cfg
     step = tp * max(1, multiple)

@@ -44,8 +44,8 @@ def initialize_megatron(args) -> torch.device:
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
     ps.validate_grid(world, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      args.context_parallel_size, args.expert_model_parallel_size, model_config=args.model_config)
-    dev = initialize_distributed(args.distributed_backend, args.device,
-                                 getattr(args, "distributed_timeout_minutes", 30.0))
+    minutes = getattr(args, "distributed_timeout_minutes", 30.0)  # the world group and every subgroup
+    dev = initialize_distributed(args.distributed_backend, args.device, minutes)
     if dist.is_initialized():
         vpp = None
         if args.num_layers_per_virtual_pipeline_stage:
@@ -56,7 +56,7 @@ def initialize_megatron(args) -> torch.device:
                                      context_parallel_size=args.context_parallel_size,
                                      expert_model_parallel_size=args.expert_model_parallel_size,
                                      model_config=args.model_config,
-                                     timeout=timedelta(minutes=getattr(args, "distributed_timeout_minutes", 30.0)))
+                                     timeout=timedelta(minutes=minutes))
     set_seed(args.seed)
     return dev
 

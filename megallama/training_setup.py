@@ -37,10 +37,10 @@ def build_data(args):
     cfg = args.model_config
     if tokenizer is None:
         pass
-    elif args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:
-        multiple = args.tensor_model_parallel_size * (getattr(args, "make_vocab_size_divisible_by", None) or 1)
-        vocab = int(math.ceil(tokenizer.vocab_size / multiple) * multiple)
-        args.model_config = cfg = cfg.replace(vocab_size=vocab)
+    elif args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:  # padded to tp x the divisor
+        from megallama.autoconfig import vocab_config
+        args.model_config = cfg = vocab_config(cfg, args.tensor_model_parallel_size, tokenizer.vocab_size,
+                                               getattr(args, "make_vocab_size_divisible_by", None) or 1)
     elif tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "
                           f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")

@@ -125,11 +125,18 @@ def build_dataset_from_path(data: str, tokenizer, seq_length: int, seed: int, ca
                             num_samples: int | None, name: str, salt: int, progress: bool = True) -> GPTDataset:
     """A GPTDataset over every document of one corpus (Megatron's --train/--valid/--test-data-path, which take
     whole corpora instead of --split shares of one). Collective under torch.distributed."""
+    indexed = _open_corpus(data, tokenizer, cache_dir, progress)
+    return GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
+
+
+def _open_corpus(data: str, tokenizer, cache_dir: str | None, progress: bool) -> IndexedDataset:
+    """The corpus (a jsonl tokenized once into the cache, or a .bin/.idx prefix), refused when empty or tokenized
+    with a larger vocabulary than ``tokenizer``'s."""
     indexed = IndexedDataset(_resolve_prefix(data, tokenizer, cache_dir, progress))
     if indexed.num_documents == 0 or indexed.num_tokens == 0:
         raise ConfigError(f"{data} holds no documents; give it at least one non-empty text")
     _check_vocab(indexed, tokenizer)
-    return GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
+    return indexed
 
 
 def build_test_split(data: str, tokenizer, seq_length: int, seed: int, split, cache_dir: str | None,
@@ -225,11 +232,7 @@ def build_pretraining_datasets(data: str, tokenizer, seq_length: int, seed: int,
     .bin/.idx prefix. valid is None when its split holds no documents. Collective under torch.distributed."""
     if not data:
         raise ConfigError("no data given; pass --data-path with a .jsonl file or a .bin/.idx prefix")
-    prefix = _resolve_prefix(data, tokenizer, cache_dir, progress)
-    indexed = IndexedDataset(prefix)
-    if indexed.num_documents == 0 or indexed.num_tokens == 0:
-        raise ConfigError(f"{data} holds no documents; give it at least one non-empty text")
-    _check_vocab(indexed, tokenizer)
+    indexed = _open_corpus(data, tokenizer, cache_dir, progress)
     ranges = split_document_ranges(indexed.num_documents, split)
     if ranges[0][1] <= ranges[0][0]:
         raise ConfigError(f"--split {split} leaves no training documents out of {indexed.num_documents}; "

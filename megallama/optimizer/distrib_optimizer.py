@@ -123,7 +123,7 @@ class DistributedOptimizer:
         grads = self._prepare_grads()
         if self.grad_scaler is not None and grads:
             torch._foreach_mul_(grads, float(self.grad_scaler.inv_scale))
-        counted = [pc.master.grad for pc in self.pieces if pc.in_norm and not pc.replicated]
+        counted = [pc.master.grad for pc in self._norm_pieces()]
         norm = clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
         found_inf = not math.isfinite(norm)
         if self.grad_scaler is not None:
@@ -154,8 +154,12 @@ class DistributedOptimizer:
     def params_norm(self) -> float:
         """The L2 norm of all parameters (fp32 masters), each element counted once in the world as the grad norm
         counts it (Megatron's --log-params-norm). Collective: every rank calls it."""
-        counted = [pc.master for pc in self.pieces if pc.in_norm and not pc.replicated]
+        counted = [pc.master for pc in self._norm_pieces()]
         return clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
+
+    def _norm_pieces(self):
+        """The pieces whose elements a world-wide norm or count takes, each element once (see clip_grads)."""
+        return [pc for pc in self.pieces if pc.in_norm and not pc.replicated]
 
     def _copy_masters_to_model(self) -> None:
         if self._separate_masters:
