@@ -1,6 +1,7 @@
 """The tokenizer of a run, written next to an HF export so ``AutoTokenizer.from_pretrained(folder)`` reads it.
 
-An HF ``tokenizer.json`` (an imported HF model's, or ``--tokenizer-type hf``) is copied with its configs.
+An imported HF model's ``tokenizer.json`` is copied with its configs; a run trained from scratch with
+``--tokenizer-type hf`` gets it rewritten to start a text with the eod (below).
 A sentencepiece ``.model`` (the bundled tokenizer, Llama 1/2) becomes ``tokenizer.model`` for HF's
 ``LlamaTokenizer``, which gives the same ids as sentencepiece except on runs of spaces at the start of a text
 (HF's normalisation). Llama 3's tiktoken ranks file has no HF reader of its own: it is not written (Meta's HF
@@ -47,15 +48,17 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
     tok = run_tokenizer(saved_args)
     t, path = tok.tokenizer_type, tok.path  # canonical: Megatron's spellings (Llama2Tokenizer ...) mapped
     bos, eos = prompt_token(saved_args, tok), tok.eos_id
-    if t == "hf":  # copied as is: an imported model's convention (its own bos)
-        bos = tok.bos_id
+    if t == "hf":
         src = path if os.path.isdir(path) else os.path.dirname(path)
         file = path if os.path.isfile(path) else os.path.join(src, "tokenizer.json")
-        shutil.copy(file, os.path.join(out_dir, "tokenizer.json"))
-        for name in _HF_FILES[1:]:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
-        return bos, eos, f"tokenizer: {file} (tokenizer.json)"
+        if auto_prompt_prefix(saved_args) == "bos":  # an imported model's files, as they are (its own bos)
+            for name in _HF_FILES[1:]:
+                if os.path.isfile(os.path.join(src, name)):
+                    shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
+            shutil.copy(file, os.path.join(out_dir, "tokenizer.json"))
+            return tok.bos_id, eos, f"tokenizer: {file} (tokenizer.json)"
+        piece = _eod_first_tokenizer_json(tok, src, out_dir)
+        return bos, eos, f"tokenizer: {file} (tokenizer.json, which starts a text with {piece} as tools/generate.py does)"
     if t in ("bundled", "sentencepiece", "llama2"):
         model_file = tok.path
         shutil.copy(model_file, os.path.join(out_dir, "tokenizer.model"))
@@ -71,3 +74,25 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
         return bos, eos, f"tokenizer: {model_file} (sentencepiece, as tokenizer.model for HF's LlamaTokenizer{first})"
     return bos, eos, (f"tokenizer: not written ({t} ranks files have no HF reader; use the tokenizer.json of the "
                       "model's HF release)")
+
+
+def _eod_first_tokenizer_json(tok, src: str, out_dir: str) -> str:
+    """A run trained from scratch with an HF tokenizer saw documents after an eod, never after the file's bos: write
+    its tokenizer.json with a post-processor that prepends the eod, and a config read by PreTrainedTokenizerFast
+    (the tokenizer.json as is, which is what megallama tokenized with) naming the eod as bos."""
+    from tokenizers.processors import TemplateProcessing
+    piece = tok.tok.id_to_token(tok.eod)
+    hf = tok.tok.__class__.from_str(tok.tok.to_str())  # a copy: the run's tokenizer object stays as it was
+    hf.post_processor = TemplateProcessing(single=f"{piece} $A", pair=f"{piece} $A {piece} $B",
+                                           special_tokens=[(piece, tok.eod)])
+    hf.save(os.path.join(out_dir, "tokenizer.json"))
+    cfg_file = os.path.join(src, "tokenizer_config.json")
+    cfg = json.load(open(cfg_file, encoding="utf-8")) if os.path.isfile(cfg_file) else {}
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", bos_token=piece, add_bos_token=True,
+               eos_token=tok.tok.id_to_token(tok.eos_id))
+    if tok.pad_id is not None:
+        cfg.setdefault("pad_token", tok.tok.id_to_token(tok.pad_id))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return piece
+

@@ -31,26 +31,22 @@ def _hf_greedy(hf_dir, prompt, n):
     return ids[0].tolist(), new[:new.index(eos)] if eos in new else new
 
 
-def test_hf_generate_on_the_export_equals_generate_py_greedy(tmp_path, monkeypatch):
-    """A run trained on eod-separated documents with the bundled tokenizer: its export's tokenizer starts the
-    prompt with the eod (as tools/generate.py does), so HF greedy decoding gives megallama's tokens."""
-    import megallama
-    import megallama.generation as generation
+def _train(tmp_path, *flags):
     from megallama.arguments import parse_args
-    from megallama.data.tokenizer import build_tokenizer
     from megallama.training import pretrain
     run = str(tmp_path / "run")
     pretrain(parse_args(["--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
                          "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "4",
                          "--global-batch-size", "4", "--train-iters", "60", "--lr", "3e-3", "--device", "cpu",
                          "--no-progress-bar", "--no-fused-kernels", "--data-path", corpus(tmp_path / "c.jsonl"),
-                         "--data-cache-dir", str(tmp_path / "cache"), "--save", run, "--split", "100,0,0"],
+                         "--data-cache-dir", str(tmp_path / "cache"), "--save", run, "--split", "100,0,0", *flags],
                         world_size=1))
-    conv.megallama_to_hf(run, str(tmp_path / "hf"))
-    config = json.load(open(tmp_path / "hf" / "config.json"))
-    tok = build_tokenizer("bundled")
-    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.eod, tok.eos_id)
-    prompts = [PROMPT, ""]  # "": the context is the prefix alone, so a wrong one changes the whole answer
+    return run
+
+
+def _generate_py_greedy(run, prompts, monkeypatch):
+    import megallama
+    import megallama.generation as generation
     ours = []
     real = generation.generate
     monkeypatch.setattr(generation, "generate", lambda *a, **k: ours.extend(real(*a, **k)) or ours)
@@ -58,10 +54,54 @@ def test_hf_generate_on_the_export_equals_generate_py_greedy(tmp_path, monkeypat
     megallama.generate_text(loaded, prompts, megallama.SamplingConfig(max_new_tokens=12, temperature=0),
                             batch_size=1)
     assert len(ours) == len(prompts)
-    for prompt, mine in zip(prompts, ours):
+    return ours
+
+
+def test_hf_generate_on_the_export_equals_generate_py_greedy(tmp_path, monkeypatch):
+    """A run trained on eod-separated documents with the bundled tokenizer: its export's tokenizer starts the
+    prompt with the eod (as tools/generate.py does), so HF greedy decoding gives megallama's tokens."""
+    from megallama.data.tokenizer import build_tokenizer
+    run = _train(tmp_path)
+    conv.megallama_to_hf(run, str(tmp_path / "hf"))
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    tok = build_tokenizer("bundled")
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.eod, tok.eos_id)
+    prompts = [PROMPT, ""]  # "": the context is the prefix alone, so a wrong one changes the whole answer
+    for prompt, mine in zip(prompts, _generate_py_greedy(run, prompts, monkeypatch)):
         hf_ids, hf_new = _hf_greedy(tmp_path / "hf", prompt, 12)
         assert hf_ids == [tok.eod] + tok.encode(prompt)
         assert len(hf_new) >= 3 and list(mine) == hf_new, prompt
+
+
+def test_scratch_hf_tokenizer_run_exports_eod_first(tmp_path, monkeypatch):
+    """A run trained from scratch with --tokenizer-type hf, whose tokenizer.json prepends <s>: its documents
+    followed an eod, so the export's tokenizer starts a text with the eod, as tools/generate.py does, and HF greedy
+    decoding gives megallama's tokens (the <s> context the model never saw would change them)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from megallama.data.tokenizer import build_tokenizer
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    text = [json.loads(line)["text"] for line in open(corpus(tmp_path / "words.jsonl"))]
+    t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    (tmp_path / "tok").mkdir()
+    t.save(str(tmp_path / "tok" / "tokenizer.json"))
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"},
+              open(tmp_path / "tok" / "tokenizer_config.json", "w"))
+    run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", str(tmp_path / "tok"))
+    conv.megallama_to_hf(run, str(tmp_path / "hf"))
+    tok = build_tokenizer("hf", str(tmp_path / "tok"))
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.eod, tok.eos_id) == (1, 1)
+    prompts = [PROMPT, ""]
+    for prompt, mine in zip(prompts, _generate_py_greedy(run, prompts, monkeypatch)):
+        hf_ids, hf_new = _hf_greedy(tmp_path / "hf", prompt, 12)
+        assert hf_ids == [tok.eod] + tok.encode(prompt)
+        assert len(hf_new) >= 3 and list(mine) == hf_new, prompt
+    assert build_tokenizer("hf", str(tmp_path / "hf")).encode(PROMPT) == tok.encode(PROMPT)
 
 
 def test_round_trip_keeps_bos_and_eos_ids(tmp_path):
