@@ -43,7 +43,7 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")
     if args.distributed_backend == "nccl" and device == "cpu":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo with --device cpu")
-    for name in ("log_interval", "eval_iters", "exit_interval"):
+    for name in ("log_interval", "eval_iters", "exit_interval", "tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:

@@ -181,7 +181,20 @@ def _add_logging(p):
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=5)
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard events, with Megatron's tag names")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="write the per-iteration scalars every N iterations (Megatron's; the log line's is "
+                        "--log-interval)")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000, help="events held before a write")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="iteration-time and throughput (TFLOP/s per GPU) per --log-interval")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true", help="the CUDA allocator's byte counts")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
+                   action="store_false")
+    g.add_argument("--no-log-learning-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard",
+                   action="store_false")
     g.add_argument("--log-params-norm", action="store_true", help="log the parameters' L2 norm (a collective)")
     g.add_argument("--log-num-zeros-in-grad", action="store_true", help="log the count of zero gradient entries")
     g.add_argument("--wandb-project", default=None)

@@ -1,6 +1,14 @@
 """Training logs: one Megatron-style line per interval, TensorBoard and (optional) W&B scalars (the progress bar is
 megallama/progress.py).
 
+TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorBoard: every
+``--tensorboard-log-interval`` iterations "learning-rate", "batch-size", "lm loss" (that iteration's), "loss-scale",
+"grad-norm", "num-zeros"/"params-norm" (when logged), "world-size" (--log-world-size-to-tensorboard), each also
+"<tag> vs samples" against consumed samples; "lm loss validation" (and "... ppl" with
+--log-validation-ppl-to-tensorboard) and "lm loss test" when evaluated; "iteration-time" (s) and "throughput"
+(TFLOP/s per GPU) per --log-interval with --log-timers-to-tensorboard; "mem-*-bytes" with --log-memory-to-tensorboard
+(CUDA). megallama's own: "tokens-per-second" and "mfu" per --log-interval, "comm/*" (gradient compression), "moe/*".
+
 Throughput figures follow the project's convention: FLOPs/token = 6 * (matmul params incl. the output layer)
 + 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s).
 """
@@ -42,7 +50,8 @@ class TrainingLogger:
             return
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=10)
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir,
+                                        max_queue=getattr(args, "tensorboard_queue_size", 1000))
         if args.wandb_project:
             try:
                 import wandb
@@ -66,12 +75,32 @@ class TrainingLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
+    def scalars_with_samples(self, step: int, consumed: int, values: dict) -> None:
+        """Each value at the iteration, and (TensorBoard only: W&B has its own axes) as "<tag> vs samples" at the
+        consumed sample count, as Megatron writes them."""
+        self.scalars(step, values)
+        if self.enabled and self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(f"{k} vs samples", v, consumed)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def memory_scalars(device: torch.device) -> dict:
+    """--log-memory-to-tensorboard: the CUDA caching allocator's counters (Megatron's tags); none on CPU."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
+            "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+            "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
+            "mem-allocated-count": stats["allocation.all.current"]}
 
 
 def format_log_line(iteration: int, train_iters: int, values: dict) -> str:

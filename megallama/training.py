@@ -18,7 +18,8 @@ from megallama.checkpointing import check_save_dir, check_writable, load_checkpo
 from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
-from megallama.logging import TrainingLogger, device_peak_flops, flops_per_token, format_log_line
+from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
+                               memory_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
@@ -91,11 +92,14 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
     return _global_mean_loss(losses, device)
 
 
-def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, where,
-              tag="valid") -> float:
+def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, consumed, where,
+              tag="validation") -> float:
     vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
-    print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {math.exp(min(vloss, 50)):.6E} |")
-    logger.scalars(step, {f"{tag}/loss": vloss})
+    ppl = math.exp(min(vloss, 50))
+    print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.6E} |")
+    logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
+                                                 f"lm loss {tag} ppl": ppl if args.log_validation_ppl_to_tensorboard
+                                                 else None})
     return vloss
 
 
@@ -199,7 +203,21 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         if getattr(args, "loss_log", None) and is_rank_0():  # exact values, for comparing runs bit for bit
             with open(args.loss_log, "a") as f:
                 f.write(f"{step} {loss!r}\n")
-        if step % args.log_interval == 0 or step == end_iter:
+        log_now = step % args.log_interval == 0 or step == end_iter
+        tb_now = bool((args.tensorboard_dir or args.wandb_project) and step % args.tensorboard_log_interval == 0)
+        # a collective: every rank takes it at the same steps (args are the same everywhere)
+        params_norm = optimizer.params_norm() if args.log_params_norm and (log_now or tb_now) else None
+        if tb_now:
+            logger.scalars_with_samples(step, consumed, {
+                "learning-rate": lr if args.log_learning_rate_to_tensorboard else None,
+                "batch-size": args.global_batch_size, "lm loss": loss if math.isfinite(loss) else None,
+                "loss-scale": float(optimizer.get_loss_scale()) if args.log_loss_scale_to_tensorboard else None,
+                "world-size": world if args.log_world_size_to_tensorboard else None,
+                "grad-norm": float(grad_norm) if grad_norm is not None else None, "num-zeros": num_zeros,
+                "params-norm": params_norm})
+            if args.log_memory_to_tensorboard:
+                logger.scalars(step, memory_scalars(device))
+        if log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.time()  # per step since the last log: the last line may follow fewer than log_interval
@@ -212,7 +230,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                     "global batch size": args.global_batch_size, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
                     "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,
-                    "params norm": optimizer.params_norm() if getattr(args, "log_params_norm", False) else None,
+                    "params norm": params_norm,
                     "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
                     "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -227,10 +245,9 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             if moe:
                 logger.scalars(step, {"moe/aux_loss": moe["aux_loss"], "moe/z_loss": moe["z_loss"],
                                       "moe/max_load": moe["max_load"]})
-            logger.scalars(step, {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": vals["grad norm"],
-                                  "train/tokens_per_sec": tps, "train/mfu": vals["MFU"], "train/mem_gib": vals["mem GiB"],
-                                  "train/loss_scale": vals["loss scale"], "train/num_zeros": num_zeros,
-                                  "train/params_norm": vals["params norm"]})
+            logger.scalars(step, {"tokens-per-second": tps, "mfu": vals["MFU"]})
+            if args.log_timers_to_tensorboard:
+                logger.scalars(step, {"iteration-time": dt, "throughput": tps * flops_tok / world / 1e12})
         bar.update(step, f"loss {loss:.4f}")
         do_eval = bool(args.eval_interval and valid_ds is not None and step % args.eval_interval == 0)
         out_of_time = getattr(args, "exit_duration_in_mins", None) is not None and any_rank(
@@ -240,7 +257,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         t_pause = _sync_time(device) if do_eval or do_save else None  # they stop the interval timer (Megatron's)
         if do_eval:
             valid_losses[step] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
-                                           logger, step, f"iteration {step}")
+                                           logger, step, consumed, f"iteration {step}")
         if do_save:
             path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
                                    scheduler=scheduler)
@@ -268,11 +285,11 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     if not stopped_early and end_iter == args.train_iters > start_iter and validates \
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
-                                           logger, end_iter, f"the end of training (iteration {end_iter})")
+                                           logger, end_iter, consumed, f"the end of training (iteration {end_iter})")
     test_loss = None
     if test_ds is not None and not stopped_early and end_iter == args.train_iters > start_iter:
         test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
-                              end_iter, f"the end of training (iteration {end_iter}) on the test data", "test")
+                              end_iter, consumed, f"the end of training (iteration {end_iter}) on the test data", "test")
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):

@@ -1,0 +1,93 @@
+"""TensorBoard events carry Megatron's tag names and values: per --tensorboard-log-interval iteration the
+iteration's loss, learning rate, grad norm and friends, each also "vs samples"; validation and test losses; timers
+per --log-interval. Under pp 2 the events (written by rank 0, a first stage) hold the single process's values, and
+the params-norm collective is taken by every rank."""
+import json
+import math
+import os
+
+import pytest
+
+from dist_utils import run_distributed
+
+ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-2",
+        "--lr-warmup-iters", "2", "--no-progress-bar", "--no-fused-kernels", "--device", "cpu", "--log-interval", "3",
+        "--eval-interval", "3", "--eval-iters", "1", "--split", "80,10,10", "--log-params-norm",
+        "--log-num-zeros-in-grad", "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        "--log-world-size-to-tensorboard"]
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums".split()
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _run(folder, extra=(), world=1):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    corpus = os.path.join(os.path.dirname(str(folder)), "corpus.jsonl")
+    if not os.path.exists(corpus):
+        with open(corpus, "w") as f:
+            for i in range(40):
+                f.write(json.dumps({"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(30))}) + "\n")
+    return pretrain(parse_args(ARGV + ["--tensorboard-dir", str(folder), "--data-path", corpus, "--data-cache-dir",
+                                       os.path.join(os.path.dirname(str(folder)), "cache"), *extra],
+                               world_size=world))
+
+
+def test_megatron_tags_and_values(tmp_path):
+    out = _run(tmp_path / "tb")
+    ev = _events(tmp_path / "tb")
+    steps = [1, 2, 3, 4, 5, 6]
+    samples = [4 * s for s in steps]
+    for tag in ("learning-rate", "batch-size", "lm loss", "loss-scale", "grad-norm", "num-zeros", "params-norm",
+                "world-size"):
+        assert [s for s, _ in ev[tag]] == steps, tag
+        assert [s for s, _ in ev[f"{tag} vs samples"]] == samples, tag
+        assert [v for _, v in ev[tag]] == [v for _, v in ev[f"{tag} vs samples"]], tag
+    assert [v for _, v in ev["lm loss"]] == pytest.approx([out["losses"][s] for s in steps], rel=1e-6)
+    assert [v for _, v in ev["grad-norm"]] == pytest.approx([out["grad_norms"][s] for s in steps], rel=1e-6)
+    assert [v for _, v in ev["batch-size"]] == [4] * 6 and [v for _, v in ev["world-size"]] == [1] * 6
+    assert [v for _, v in ev["loss-scale"]] == [1.0] * 6
+    lr = [v for _, v in ev["learning-rate"]]
+    assert lr[0] == pytest.approx(5e-3) and lr[1] == pytest.approx(1e-2) and lr[1] > lr[-1] > 0  # warmup, decay
+    assert [s for s, _ in ev["lm loss validation"]] == [3, 6]
+    assert [s for s, _ in ev["lm loss validation vs samples"]] == [12, 24]
+    assert [v for _, v in ev["lm loss validation"]] == pytest.approx([out["valid_losses"][3], out["valid_losses"][6]])
+    assert [v for _, v in ev["lm loss validation ppl"]] == pytest.approx(
+        [math.exp(out["valid_losses"][3]), math.exp(out["valid_losses"][6])], rel=1e-5)
+    assert ev["lm loss test"] == [(6, pytest.approx(out["test_loss"]))]
+    for tag in ("iteration-time", "throughput", "tokens-per-second"):
+        assert [s for s, _ in ev[tag]] == [3, 6] and all(v > 0 for _, v in ev[tag]), tag
+    assert not [t for t in ev if t.startswith(("train/", "valid/"))]
+
+
+def test_tensorboard_log_interval_and_switches(tmp_path):
+    _run(tmp_path / "tb", ["--tensorboard-log-interval", "2", "--no-log-learning-rate-to-tensorboard",
+                           "--no-log-loss-scale-to-tensorboard"])
+    ev = _events(tmp_path / "tb")
+    assert [s for s, _ in ev["lm loss"]] == [2, 4, 6] and [s for s, _ in ev["params-norm"]] == [2, 4, 6]
+    assert "learning-rate" not in ev and "loss-scale" not in ev
+    assert [s for s, _ in ev["iteration-time"]] == [3, 6]  # timers follow --log-interval
+
+
+def _pp2(rank, world, folder):
+    out = _run(folder, ["--pipeline-model-parallel-size", "2"], world=world)
+    return out["losses"] if rank == 0 else None
+
+
+def test_pipeline_run_writes_the_single_process_values(tmp_path):
+    ref = _run(tmp_path / "one")
+    run_distributed(_pp2, 2, str(tmp_path / "pp2"))
+    one, pp2 = _events(tmp_path / "one"), _events(tmp_path / "pp2")
+    for tag in ("lm loss", "grad-norm", "params-norm", "num-zeros", "lm loss validation", "lm loss test"):
+        assert [s for s, _ in pp2[tag]] == [s for s, _ in one[tag]], tag
+        assert [v for _, v in pp2[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-5), tag
+    assert [v for _, v in pp2["world-size"]] == [2] * 6
+    assert ref["losses"]
