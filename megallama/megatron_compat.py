@@ -6,8 +6,9 @@ error line when they ask for another model. Aliases: ``--rotary-base`` is ``--ro
 iteration counts at the (constant) global batch. And flags with their own behaviour, read where it happens:
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
-``--distributed-timeout-minutes`` (initialize). Flags whose Megatron behaviour megallama does not have
-(``--grad-reduce-in-bf16``, ``--decoupled-lr``, ``--eod-mask-loss``, a non-``torch_dist`` ``--ckpt-format``) are
+``--distributed-timeout-minutes`` (initialize), ``--reset-position-ids``, ``--reset-attention-mask``,
+``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py). Flags whose Megatron behaviour
+megallama does not have (``--grad-reduce-in-bf16``, ``--decoupled-lr``, a non-``torch_dist`` ``--ckpt-format``) are
 one error line saying what megallama does instead.
 """
 from __future__ import annotations
@@ -20,15 +21,13 @@ from megallama.errors import ConfigError
 # --no-create-attention-mask-in-dataloader: the model masks causally itself (no mask tensor is loaded either way);
 # --cross-entropy-loss-fusion: the head fuses logits and cross-entropy; --accumulate-allreduce-grads-in-fp32: main_grad
 # is fp32, accumulated and reduced so; --no-query-key-layer-scaling: Llama here has no such scaling; --manual-gc:
-# Python's collector is a host-side performance choice. --calculate-per-token-loss normalises by the global batch's
-# token count instead of per microbatch: the pretraining loss mask is all ones, so every microbatch has the same
-# count and both normalisations agree, and chat (SFT) data already divides by the global count (num_loss_tokens).
+# Python's collector is a host-side performance choice.
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
              "--log-throughput", "--no-create-attention-mask-in-dataloader", "--cross-entropy-loss-fusion",
              "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling", "--manual-gc",
-             "--no-manual-gc-eval", "--calculate-per-token-loss")
+             "--no-manual-gc-eval")
 # flag -> (the one value a Llama here has, why)
 _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "position_embedding_type": ("rope", "Llama's positions are rotary here"),
@@ -40,8 +39,7 @@ _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
 # Megatron behaviour megallama does not have: flag -> what it does instead
 _REFUSED = {"grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
             "decoupled_lr": "megallama trains every parameter, embedding and output layer too, at one --lr",
-            "decoupled_min_lr": "megallama decays every parameter to one --min-lr",
-            "eod_mask_loss": "megallama's loss counts the end-of-document tokens like any other"}
+            "decoupled_min_lr": "megallama decays every parameter to one --min-lr"}
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 
@@ -68,7 +66,7 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                              "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
                              "torch_dist (any other value is refused); --recompute-activations = "
                              "--recompute-granularity selective. Refused: --grad-reduce-in-bf16 (gradients reduce in "
-                             "fp32), --decoupled-lr/--decoupled-min-lr (one LR), --eod-mask-loss (EOD tokens count)")
+                             "fp32), --decoupled-lr/--decoupled-min-lr (one LR)")
     for flag in _RESTATED:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--normalization", default=None, help=argparse.SUPPRESS)
@@ -89,8 +87,7 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="torch_dist (megallama's sharded format; the others are refused)")
     g.add_argument("--recompute-activations", action=_RecomputeActivations,
                    help="= --recompute-granularity selective")
-    for flag in ("--grad-reduce-in-bf16", "--eod-mask-loss"):
-        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--grad-reduce-in-bf16", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--decoupled-lr", "--decoupled-min-lr"):
         g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "none"], default=None,
@@ -112,6 +109,12 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
                    help="timeout of the process group's collectives")
     g.add_argument("--data-cache-path", dest="data_cache_dir", default=None, help="= --data-cache-dir")
+    g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each eod")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="attention stays within each document of a packed sample (Llama 3's document masking)")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss where the input token is the eod")
+    g.add_argument("--calculate-per-token-loss", action="store_true", help="normalise the loss by the global "
+                   "batch's loss-token count instead of per microbatch (chat data always does)")
 
 
 def check_model_flags(args) -> None:

@@ -28,7 +28,7 @@ MEGATRON = ["--model", "tiny_llama3_50m", "--group-query-attention", "--swiglu",
             "--kv-channels", "16", "--attention-backend", "fused", "--no-create-attention-mask-in-dataloader",
             "--cross-entropy-loss-fusion", "--manual-gc", "--manual-gc-interval", "100",
             "--empty-unused-memory-level", "1", "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling",
-            "--calculate-per-token-loss", "--ckpt-format", "torch_dist"] + SHAPE
+            "--ckpt-format", "torch_dist"] + SHAPE
 TINY = ["--model", "tiny_llama3_50m"] + SHAPE
 
 
@@ -82,7 +82,6 @@ def test_sample_counts_may_be_fractional_iterations_for_the_schedule():
     (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 is not supported: megallama reduces gradients in fp32"),
     (["--decoupled-lr", "5e-4"], "--decoupled-lr is not supported: megallama trains every parameter, embedding and "
                                  "output layer too, at one --lr; drop it"),
-    (["--eod-mask-loss"], "--eod-mask-loss is not supported: megallama's loss counts the end-of-document tokens"),
     (["--recompute-activations", "--recompute-granularity", "full"],
      "--recompute-activations (= --recompute-granularity selective) contradicts --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-activations"], "contradicts --recompute-granularity full"),
