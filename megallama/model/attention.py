@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear, column_parallel_linears, divide
+from megallama.model.packed_attention import PackedDocuments, varlen_attention
 from megallama.ops import apply_rope_qk
 
 _HAS_GQA = "enable_gqa" in F.scaled_dot_product_attention.__doc__ if F.scaled_dot_product_attention.__doc__ else False
@@ -70,6 +71,8 @@ class LlamaAttention(nn.Module):
         elif ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
             from megallama.model.context_parallel import context_parallel_attention
             out = context_parallel_attention(q, k, v, document_ids=document_ids)
+        elif isinstance(document_ids, PackedDocuments):  # CUDA: flash attention per document
+            out = varlen_attention(q, k, v, document_ids)
         else:
             out = core_attention(q, k, v, document_ids=document_ids)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

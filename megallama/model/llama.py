@@ -16,6 +16,7 @@ import torch.nn as nn
 from megallama.config import ModelConfig
 from megallama.model.attention import LlamaAttention
 from megallama.model.mlp import LlamaMLP
+from megallama.model.packed_attention import pack_documents
 from megallama.model.norm import RMSNorm
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings
@@ -113,6 +114,7 @@ class LlamaModel(nn.Module):
                 from megallama.mpu.context_parallel import get_position_ids_on_this_cp_rank
                 position_ids = get_position_ids_on_this_cp_rank(seq * ps.get_context_parallel_world_size(), h.device)
         cos, sin = rope_cos_sin(self.inv_freq.to(h.device), position_ids)
+        document_ids = pack_documents(document_ids, h, self.config.head_dim)  # once for all layers
         h = self._run_layers(h, cos, sin, document_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
