@@ -105,3 +105,30 @@ def test_every_layout_trains_like_one_process(tmp_path):
     out = run_distributed(_parallel, 2, argv)[0]
     for name, losses in out.items():
         assert [losses[i] for i in (1, 2, 3)] == pytest.approx([ref[i] for i in (1, 2, 3)], rel=1e-5), name
+
+
+def test_per_token_loss_on_python_api_data():
+    """Masked user data (the Python API's datasets): two samples with 2 and 30 loss tokens. Per-token loss over
+    two microbatches of one equals one microbatch of two (the global token mean), not the mean of the two means."""
+    from megallama.api_data import UserDataset
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for kept in (2, 30):
+        ids = torch.randint(0, 256, (33,), generator=g)
+        mask = torch.zeros(32)
+        mask[-kept:] = 1
+        items.append({"input_ids": ids[:-1], "labels": ids[1:], "loss_mask": mask})
+    base = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
+            "--num-attention-heads", "4", "--vocab-size", "256", "--seq-length", "32", "--train-iters", "2",
+            "--lr", "1e-2", "--lr-warmup-iters", "0", "--no-progress-bar", "--device", "cpu", "--no-fused-kernels"]
+
+    def losses(*extra):
+        from megallama.arguments import parse_args
+        from megallama.training import pretrain
+        return pretrain(parse_args(base + list(extra), world_size=1),
+                        datasets=(UserDataset(items, 32, 256), None))["losses"]
+    one = losses("--micro-batch-size", "2", "--global-batch-size", "2")
+    per_token = losses("--micro-batch-size", "1", "--global-batch-size", "2", "--calculate-per-token-loss")
+    per_micro = losses("--micro-batch-size", "1", "--global-batch-size", "2")
+    assert [per_token[1], per_token[2]] == pytest.approx([one[1], one[2]], rel=1e-5)
+    assert abs(per_micro[1] - one[1]) / one[1] > 1e-4 and abs(per_micro[2] - one[2]) / one[2] > 1e-3
