@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,6 +53,21 @@ def corpus_lines(path: str) -> list[str]:
     return out
 
 
+def _vocab_hint(error: str, vocab_size: int) -> str:
+    """sentencepiece's vocabulary-size errors point opposite ways (too many pieces for a small corpus, or fewer
+    pieces than the corpus has characters): name the bound that fixes the one at hand, not both."""
+    msg = error.split("] ")[-1].strip()
+    m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+    if m:  # every character the corpus holds (after byte fallback and coverage) needs a piece of its own
+        return (f"--vocab-size {vocab_size} is smaller than the {m.group(1)} pieces its characters and the special "
+                f"tokens need; raise --vocab-size to at least {m.group(1)}")
+    m = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", msg)
+    if m:
+        return (f"--vocab-size {vocab_size} is more pieces than the corpus can fill; lower --vocab-size to at most "
+                f"{m.group(1)} or give a larger --corpus")
+    return f"{msg} (check --vocab-size and --corpus)"
+
+
 def train(corpus: str, output: str, vocab_size: int = 8192, seed: int = 1234, overwrite: bool = False) -> None:
     import sentencepiece as spm
     check_output(output, overwrite)
@@ -67,10 +83,8 @@ def train(corpus: str, output: str, vocab_size: int = 8192, seed: int = 1234, ov
             remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
             max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
-    except RuntimeError as e:  # e.g. "Vocabulary size too high (100000). Please set it to a value <= 5000."
-        msg = str(e).split("] ")[-1].strip()
-        raise ConfigError(f"sentencepiece cannot train on {corpus}: {msg} (lower --vocab-size or give a larger "
-                          "--corpus)") from None
+    except RuntimeError as e:
+        raise ConfigError(f"sentencepiece cannot train on {corpus}: {_vocab_hint(str(e), vocab_size)}") from None
     atomic_write_bytes(output, model.getvalue())
 
 
