@@ -8,7 +8,8 @@ Same flags and training loop as ``pretrain_llama.py``; what differs is the data 
   assistant answers, normalised by the answer tokens of the whole global batch (default: the bundled sample);
   one padded conversation per sample, or ``--sft-packing``;
 * start: ``--pretrained-checkpoint`` is a megallama checkpoint of any layout, or an HF model folder
-  (config.json + safetensors; converted once next to ``--save``); ``--load X --finetune`` means the same;
+  (config.json + safetensors; converted once next to ``--save``, again when its config or weights change);
+  ``--load X --finetune`` means the same;
   its tokenizer (an HF folder's tokenizer.json, or the run's) unless ``--tokenizer-*`` name one, and with
   ``--use-checkpoint-args`` its shape;
 * strategy: ``standard`` fine-tunes everything, ``lora`` adapters on a frozen base (``--save-adapter`` writes
@@ -22,17 +23,49 @@ from megallama.checkpointing.hf_config import is_hf_model_dir
 from megallama.errors import ConfigError
 
 
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def hf_source_key(hf_dir: str) -> dict:
+    """What a conversion depends on: the folder's resolved path, config.json's bytes, and each weight file's name,
+    size and mtime (hashing the weights would take minutes on a large model; a re-export rewrites them, which
+    changes their mtime). Two folders of the same name, or one re-exported in place, get different keys."""
+    from megallama.data.tokenizer import file_sha256
+    src = os.path.realpath(hf_dir)
+    files = {}
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name.endswith(_HF_WEIGHT_SUFFIXES) and os.path.isfile(path):
+            st = os.stat(path)
+            files[name] = [st.st_size, st.st_mtime_ns]
+    return {"source": src, "config_sha256": file_sha256(os.path.join(src, "config.json")), "weights": files}
+
+
 def convert_hf_once(hf_dir: str, cache_root: str) -> str:
-    """Convert an HF folder to a megallama checkpoint once (rank 0 writes, others wait for the finished dir)."""
-    out = os.path.join(cache_root, "pretrained_from_hf", os.path.basename(os.path.normpath(hf_dir)))
-    done = os.path.join(out, "CONVERTED")
+    """Convert an HF folder to a megallama checkpoint once (rank 0 writes, others wait for the finished dir). The
+    cache directory is named by the folder's ``hf_source_key``, so a different or re-exported model is converted
+    anew (next to the old conversion, which is left in place) instead of reusing stale weights."""
+    import hashlib
+    import json
+    key = hf_source_key(hf_dir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out = os.path.join(cache_root, "pretrained_from_hf", f"{os.path.basename(key['source'])}-{digest}")
+    done, source = os.path.join(out, "CONVERTED"), os.path.join(out, "SOURCE.json")
     if os.path.isfile(done):
+        with open(source, encoding="utf-8") as f:
+            if json.load(f) != key:
+                raise ConfigError(f"{out} holds a conversion of another HF folder than {key['source']}; move it "
+                                  "away (or pass another --save) so the folder is converted afresh")
         return out
     if int(os.environ.get("RANK", "0")) == 0:
+        from megallama.initialize import print_rank_0
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
         from convert_checkpoint import hf_to_megallama
+        print_rank_0(f"converting {key['source']} into {out} (reused while its config and weights are unchanged)")
         os.makedirs(out, exist_ok=True)
         hf_to_megallama(hf_dir, out)
+        with open(source, "w", encoding="utf-8") as f:
+            json.dump(key, f, indent=1, sort_keys=True)
         open(done, "w").close()
     else:
         while not os.path.isfile(done):

@@ -1,0 +1,69 @@
+"""finetune_llama.py's start: an HF folder's cached conversion is keyed by the folder's path and content (a
+same-named folder or an in-place re-export was trained from the first model's stale weights), and a tokenizer named
+by flags must be the one the pretrained checkpoint was trained with."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megallama.checkpointing import load_checkpoint
+from megallama.checkpointing.full import open_checkpoint
+from megallama.config import ModelConfig
+from megallama.errors import ConfigError
+from megallama.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+HF_KW = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def _export(folder, seed):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_KW))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.model.embed_tokens.weight.detach().clone()
+
+
+def _embedding(ckpt):
+    cfg = ModelConfig.from_dict(open_checkpoint(ckpt, verify=False)[1]["args"]["model_config"])
+    model = build_model(cfg, seed=99)
+    load_checkpoint(ckpt, [model], None, SimpleNamespace(model_config=cfg), quiet=True)
+    return model.model.embed_tokens.weight.detach()
+
+
+def _pretrained(argv):
+    import finetune_llama
+    from megallama.arguments import parse_args
+    return finetune_llama.prepare_finetune_args(parse_args(argv, world_size=1)).pretrained_checkpoint
+
+
+def test_same_named_hf_folders_and_in_place_reexport_are_converted_anew(tmp_path, monkeypatch):
+    """a/model then b/model from one directory (the repro): each run trains from its own folder's weights; a
+    re-export in place converts again; the older conversions are left where they were."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    emb_a, emb_b = _export(tmp_path / "a" / "model", 1), _export(tmp_path / "b" / "model", 2)
+    flags = ["--use-checkpoint-args", "--mock-data", "--device", "cpu", "--pretrained-checkpoint"]
+    ck_a, ck_b = _pretrained(flags + ["../a/model"]), _pretrained(flags + ["../b/model"])
+    assert ck_a != ck_b and os.path.dirname(ck_a) == os.path.dirname(ck_b) == str(run / "pretrained_from_hf")
+    assert torch.equal(_embedding(ck_a), emb_a) and torch.equal(_embedding(ck_b), emb_b)
+    assert _pretrained(flags + [str(tmp_path / "a" / "model")]) == ck_a  # unchanged: converted once, reused
+    emb_a2 = _export(tmp_path / "a" / "model", 3)  # re-exported in place
+    ck_a2 = _pretrained(flags + ["../a/model"])
+    assert ck_a2 not in (ck_a, ck_b) and torch.equal(_embedding(ck_a2), emb_a2)
+    assert torch.equal(_embedding(ck_a), emb_a)  # nothing of the older conversion was overwritten
+
+
+def test_a_cache_dir_holding_another_source_is_refused(tmp_path):
+    import json
+
+    import finetune_llama
+    _export(tmp_path / "model", 1)
+    out = finetune_llama.convert_hf_once(str(tmp_path / "model"), str(tmp_path / "cache"))
+    with open(os.path.join(out, "SOURCE.json"), "w") as f:
+        json.dump({"source": "/elsewhere/model"}, f)
+    with pytest.raises(ConfigError, match="conversion of another HF folder"):
+        finetune_llama.convert_hf_once(str(tmp_path / "model"), str(tmp_path / "cache"))
