@@ -165,7 +165,8 @@ _HF_PAD = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 
 class HFTokenizer(_Tokenizer):
     """A ``tokenizer.json`` (or a folder holding one) through the ``tokenizers`` package; bos/eos/pad come from a
-    ``tokenizer_config.json`` next to it when present, else from the usual special-token spellings."""
+    ``tokenizer_config.json`` next to it when present, else from the usual special-token spellings. Special-token
+    text inside documents is encoded as plain text, never as control tokens (as for Llama 3)."""
 
     def __init__(self, path: str, tokenizer_type: str = "hf"):
         try:
@@ -183,6 +184,14 @@ class HFTokenizer(_Tokenizer):
         except Exception as e:
             raise ConfigError(f"{file} is not a HF tokenizer.json ({str(e).splitlines()[0]}); pass a tokenizer.json "
                               f"saved by the tokenizers package") from None
+        if not hasattr(self.tok, "encode_special_tokens"):
+            import tokenizers
+            raise ConfigError(f"tokenizers {tokenizers.__version__} cannot encode special-token text as plain text; "
+                              "pip install 'tokenizers>=0.15'")
+        # Document text that spells '</s>' or '<|eot_id|>' stays plain text, as on the Llama 3 path: a document
+        # must not forge an end of text or a chat turn. Control tokens come from ids (ChatTemplate: token_to_id).
+        # Not saved by to_str(), so an exported tokenizer.json is unchanged.
+        self.tok.encode_special_tokens = True
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         named = self._config_tokens(os.path.dirname(file))
         self.bos_id = self._find(named.get("bos_token"), _HF_BOS)
