@@ -46,6 +46,8 @@ def check_run_flags(args) -> None:
     for name in ("log_interval", "eval_iters", "exit_interval", "tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
     if args.eval_interval is not None and args.eval_interval < 1:

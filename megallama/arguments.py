@@ -173,7 +173,8 @@ def _add_data(p):
                    help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--data-cache-dir", default=None, help="where tokenized jsonl is cached (default ./data_cache)")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank that read "
+                   "ahead (Megatron's default is 2; 0 reads in the training process)")
 
 
 def _add_logging(p):

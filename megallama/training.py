@@ -74,10 +74,11 @@ def _global_mean_loss(losses: List[dict], device) -> float:
     return float(val[0] / val[1].clamp_min(1))
 
 
-def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step) -> float:
+def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, consumed_samples: int = 0) -> float:
+    """Mean loss over --eval-iters global batches of ``valid_ds``, read after its first ``consumed_samples``."""
     from megallama.data.gpt_dataset import build_data_iterator
-    it = build_data_iterator(valid_ds, args.micro_batch_size, 0, ps.get_data_parallel_rank(),
-                             ps.get_data_parallel_world_size())
+    it = build_data_iterator(valid_ds, args.micro_batch_size, consumed_samples, ps.get_data_parallel_rank(),
+                             ps.get_data_parallel_world_size(), args.num_workers)
     if hasattr(valid_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
         it = valid_ds.wrap_iterator(it, args.num_microbatches)
     for m in model_chunks:
@@ -95,7 +96,12 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
 
 def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, consumed, where,
               tag="validation") -> float:
-    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step)
+    # Megatron's: each validation reads the next --eval-iters batches (consumed_valid_samples goes on across
+    # evaluations and is saved with the checkpoint's args); the test set is read once, from its start
+    consumed = args.consumed_valid_samples if tag == "validation" else 0
+    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, consumed)
+    if tag == "validation":
+        args.consumed_valid_samples += args.eval_iters * args.global_batch_size
     ppl = math.exp(min(vloss, 50))
     print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.6E} |")
     logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
@@ -135,6 +141,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     if args.dry_run:
         return {"dry_run": True, "losses": {}}
     start_iter, consumed = 0, 0
+    args.consumed_valid_samples = 0  # a resume sets it from the checkpoint
     scheduler = OptimizerParamScheduler.from_args(optimizer, args)
     if args.load:
         start_iter, consumed = load_checkpoint(args.load, model_chunks, optimizer, args, finetune=args.finetune,
@@ -144,7 +151,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             print_rank_0(f"resumed from {args.load} at iteration {start_iter} ({consumed} samples consumed)")
     from megallama.data.gpt_dataset import build_data_iterator
     data_iter = build_data_iterator(train_ds, args.micro_batch_size, consumed, ps.get_data_parallel_rank(),
-                                    ps.get_data_parallel_world_size())
+                                    ps.get_data_parallel_world_size(), args.num_workers)
     if hasattr(train_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
         data_iter = train_ds.wrap_iterator(data_iter, args.num_microbatches)
     forward_backward = get_forward_backward(args)

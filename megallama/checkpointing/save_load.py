@@ -278,6 +278,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             _warn(f"skipping checkpoint {ckpt}: {reason}")
             bad.append(ckpt)
             continue
+        if not finetune:  # Megatron's: validation goes on after the samples it had read
+            args.consumed_valid_samples = int(common.get("args", {}).get("consumed_valid_samples") or 0)
         if scheduler is not None and not finetune:
             scheduler.load_state_dict(_saved_scheduler(common), getattr(args, "override_opt_param_scheduler", False),
                                       getattr(args, "use_checkpoint_opt_param_scheduler", False))
