@@ -89,9 +89,38 @@ def prepare_finetune_args(args):
                               "checkpoint directory or an HF model folder")
         if is_hf_model_dir(args.pretrained_checkpoint):
             args.pretrained_checkpoint = convert_hf_once(args.pretrained_checkpoint, args.save or os.getcwd())
-        if args.tokenizer_type is None and args.tokenizer_model is None and not args.mock_data:
+        if args.mock_data:
+            pass  # random ids: no tokenizer to follow or match
+        elif args.tokenizer_type is None and args.tokenizer_model is None:
             _use_checkpoint_tokenizer(args)
+        else:
+            _check_named_tokenizer(args)
     return args
+
+
+def _check_named_tokenizer(args) -> None:
+    """Tokenizer flags given: refuse one that is not the pretrained model's, whose ids would mean other words to it
+    (generation's ``check_tokenizer``: the recorded fingerprint, else the vocabulary size)."""
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
+    from megallama.generation_cli import check_tokenizer
+    from megallama.initialize import print_rank_0
+    saved = open_checkpoint(args.pretrained_checkpoint, verify=False)[1].get("args", {})
+    if "model_config" not in saved:
+        return
+    tokenizer = build_tokenizer(args.tokenizer_type or "bundled", args.tokenizer_model)
+    try:
+        warning = check_tokenizer(tokenizer, saved, saved["model_config"]["vocab_size"])
+    except ConfigError as e:
+        try:
+            theirs = " ".join(str(x) for x in checkpoint_tokenizer(saved) if x) or "bundled"
+        except ConfigError:
+            theirs = "its own"
+        raise ConfigError(f"{str(e).split('; ')[0]}: {args.pretrained_checkpoint} was trained with tokenizer "
+                          f"{theirs}; drop --tokenizer-type/--tokenizer-model to fine-tune with the checkpoint's"
+                          ) from None
+    if warning:
+        print_rank_0(f"warning: {warning}")
 
 
 def _use_checkpoint_tokenizer(args) -> None:

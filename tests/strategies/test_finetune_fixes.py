@@ -67,3 +67,44 @@ def test_a_cache_dir_holding_another_source_is_refused(tmp_path):
         json.dump({"source": "/elsewhere/model"}, f)
     with pytest.raises(ConfigError, match="conversion of another HF folder"):
         finetune_llama.convert_hf_once(str(tmp_path / "model"), str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------ (8) the tokenizer named by flags
+TINY = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "1",
+        "--global-batch-size", "1", "--device", "cpu", "--no-progress-bar", "--no-fused-kernels", "--split",
+        "100,0,0"]
+
+
+def _word_level_tokenizer(path):
+    """A GPT-2-like tokenizer.json: a few words, <|endoftext|> its only special token (no bos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "[UNK]", "the", "module", "file", "open"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return str(path)
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, one_thread):
+    """--tokenizer-type hf --tokenizer-model tok.json on a checkpoint trained with the bundled tokenizer trained
+    silently (ids meaning other words); now one error naming both, and the checkpoint's own tokenizer named
+    explicitly still passes."""
+    import json
+
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The module number {i} opens a file."}) + "\n" for i in range(40)))
+    ck = str(tmp_path / "base")
+    pretrain(parse_args(TINY + ["--data-path", str(data), "--data-cache-dir", str(tmp_path / "cache"),
+                                "--train-iters", "1", "--save", ck], world_size=1))
+    tok = _word_level_tokenizer(tmp_path / "tok.json")
+    sft = TINY + ["--use-checkpoint-args", "--pretrained-checkpoint", ck, "--save", str(tmp_path / "sft")]
+    with pytest.raises(ConfigError) as e:
+        _pretrained(sft + ["--tokenizer-type", "hf", "--tokenizer-model", tok])
+    msg = str(e.value)
+    assert "hf:tok.json" in msg and "trained with tokenizer bundled" in msg and "drop --tokenizer-type" in msg, msg
+    assert "\n" not in msg
+    assert _pretrained(sft + ["--tokenizer-type", "bundled"]) == ck
