@@ -5,7 +5,8 @@
         --tokenizer-type llama3 --tokenizer-model /path/to/tokenizer.model --append-eod --workers 4
 
 writes data/corpus_text_document.bin/.idx (one ``_<key>_document`` pair per --json-keys key), to be passed as
-``--data-path data/corpus_text_document``. A malformed line is reported with its line number (exit 2) and nothing is
+``--data-path data/corpus_text_document``. With several keys, document i of every pair comes from line i (an empty
+text is an empty document, as in Megatron); with one, empty texts are skipped. A malformed line is reported with its line number (exit 2) and nothing is
 written or overwritten; existing outputs are replaced only with ``--overwrite``. Importable: ``from tools.preprocess_data import preprocess_jsonl`` (or from
 ``megallama.data.preprocess``).
 """
@@ -28,7 +29,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="a .jsonl or .jsonl.gz file, one JSON object per line")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line (several: "
+                   "their files stay row-aligned)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="bundled", help=f"one of {', '.join(TOKENIZER_TYPES)}")
     g.add_argument("--tokenizer-model", default=None, help="tokenizer file (not needed for 'bundled')")

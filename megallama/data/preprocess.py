@@ -96,7 +96,9 @@ def _encode_chunk(job):
     out = {}
     for k in keys:
         ids = tok.encode_batch(texts[k])
-        out[k] = [np.asarray(d + [tok.eod] if eod else d, dtype=np.int64) for d in ids if d]
+        # an empty text stays an empty document (no eod, as in Megatron) so that the keys' files stay row-aligned;
+        # one key has nothing to align with and drops it
+        out[k] = [np.asarray(d + [tok.eod] if eod and d else d, dtype=np.int64) for d in ids if d or len(keys) > 1]
     return "ok", out, n_bytes
 
 
@@ -111,7 +113,9 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
     """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key.
     Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
     no documents at all, leaving existing outputs untouched, and before any work when an output exists and
-    ``overwrite`` is off. Empty texts are skipped. ``caller`` ("preprocess" or "pretrain") picks the fix that an
+    ``overwrite`` is off. With one key, empty texts are skipped; with several, an empty text is an empty document
+    (zero sequences, no eod: Megatron's layout, which its GPT datasets and ours skip), so that document i of every
+    key's file comes from line i. ``caller`` ("preprocess" or "pretrain") picks the fix that an
     error names: pretraining has no --json-keys."""
     if not os.path.isfile(input):
         raise ConfigError(f"data file not found: {input}; pass an existing .jsonl file (one {{\"text\": ...}} per line)")
@@ -148,14 +152,14 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
             if res[0] == "error":
                 raise ConfigError(f"{input} line {res[1]}: {res[2]}")
             for k, docs in res[1].items():
-                for d in docs:
-                    builders[k].add_document(d)
+                for d in docs:  # an empty document is zero sequences, as Megatron writes it
+                    builders[k].add_document(d, lengths=[d.size] if d.size else [])
                     counts[k][0] += 1
                     counts[k][1] += d.size
             done += res[2]
             bar.update(done, f"{counts[json_keys[0]][0]} docs")
-        for k, (n_docs, _) in counts.items():
-            if n_docs == 0:
+        for k, (_, n_tokens) in counts.items():
+            if n_tokens == 0:
                 raise ConfigError(f"{input} holds no non-empty {k!r} texts; give it at least one document")
         for k, p in prefixes.items():
             builders[k].finalize(get_idx_path(p) + tag)
