@@ -313,6 +313,8 @@ class LlamaTrainingOrchestrator:
             UserDataset(val_dataloader, args.seq_length, args.model_config.vocab_size, "validation")
         if args.train_iters is None or (self.training_config.epochs and not train_iters):
             args.train_iters = iters_for_epochs(args, len(train), self.training_config.epochs or 1.0)
+        if train.shuffle:
+            args.dataloader_type = "cyclic"
         if valid is not None and not args.eval_interval:
             args.eval_interval = max(1, args.train_iters)
         return pretrain(args, datasets=(train, valid))

@@ -1,7 +1,8 @@
 """User data for the Python API: whatever ``launch_training(train_dataloader, val_dataloader)`` is given, as the
 map-style datasets the training loop samples from (``{"input_ids", "labels", "loss_mask"}`` per sample).
 
-Accepted: a ``torch.utils.data.DataLoader`` (its map-style ``.dataset``, else its batches), any dataset with
+Accepted: a ``torch.utils.data.DataLoader`` (its map-style ``.dataset``, else its batches; ``shuffle=True`` trains
+each pass in a fresh order, Megatron's ``--dataloader-type cyclic``), any dataset with
 ``__len__``/``__getitem__``, or an iterable; items are token-id tensors/lists of ``seq`` or ``seq + 1`` tokens,
 ``[batch, ...]`` tensors, or dicts with ``input_ids`` (and optionally ``labels``, ``loss_mask``/``attention_mask``).
 ``seq + 1`` tokens are shifted into inputs and labels; ``seq`` tokens without labels predict the next token, the
@@ -10,6 +11,7 @@ copy of the inputs, which is refused); a label of -100 (HF's ignore index) masks
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -39,7 +41,13 @@ class UserDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, seq_length: int, vocab_size: int, name: str = "train"):
         self.seq_length, self.vocab_size, self.name = seq_length, vocab_size, name
+        self.shuffle = False  # a DataLoader(shuffle=True): trained with --dataloader-type cyclic
         if isinstance(source, torch.utils.data.DataLoader):
+            self.shuffle = isinstance(source.sampler, torch.utils.data.RandomSampler)
+            if not isinstance(source.sampler, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)):
+                warnings.warn(f"the {name} DataLoader's {type(source.sampler).__name__} is not used: megallama "
+                              "splits the samples over data-parallel ranks itself (in order, or shuffled each "
+                              "pass for shuffle=True)")
             ds = source.dataset
             if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and \
                     not isinstance(ds, torch.utils.data.IterableDataset):

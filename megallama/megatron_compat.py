@@ -7,7 +7,7 @@ iteration counts at the (constant) global batch. And flags with their own behavi
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
 ``--distributed-timeout-minutes`` (initialize), ``--reset-position-ids``, ``--reset-attention-mask``,
-``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py). Flags whose Megatron behaviour
+``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py). Flags whose Megatron behaviour
 megallama does not have (``--grad-reduce-in-bf16``, ``--decoupled-lr``, a non-``torch_dist`` ``--ckpt-format``) are
 one error line saying what megallama does instead.
 """
@@ -109,6 +109,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
                    help="timeout of the process group's collectives")
     g.add_argument("--data-cache-path", dest="data_cache_dir", default=None, help="= --data-cache-dir")
+    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single",
+                   help="single: the training samples in order (default); cyclic: every pass in a fresh order")
     g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each eod")
     g.add_argument("--reset-attention-mask", action="store_true",
                    help="attention stays within each document of a packed sample (Llama 3's document masking)")

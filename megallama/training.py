@@ -18,6 +18,7 @@ from megallama.checkpointing import check_save_dir, check_writable, load_checkpo
 from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
+from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
                                memory_scalars)
@@ -135,6 +136,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     tokenizer, train_ds, valid_ds = build_data(args) if datasets is None else (None, *given_data(args, datasets))
     test_ds = build_test_data(args, tokenizer) if tokenizer is not None else None
     train_ds, valid_ds, test_ds = apply_document_flags(args, tokenizer, train_ds, valid_ds, test_ds)
+    train_ds = apply_dataloader_type(args, train_ds)
     if args.eval_interval and valid_ds is None:
         print_rank_0(f"warning: --eval-interval {args.eval_interval} but there is no validation data; no evaluation")
     model_chunks, optimizer = setup_model_and_optimizer(args, device)
