@@ -125,15 +125,20 @@ def _per_split_data(args, tokenizer):
 
 def build_test_data(args, tokenizer):
     """The test set, evaluated once at the end of training (Megatron's): --test-data-path, or the third --split
-    share of one pretraining corpus; None when there is none (blends and chat data keep no test share)."""
+    share of the pretraining corpus (of each corpus of a blend); None when there is none (chat data keeps no test
+    share)."""
     from megallama.data.gpt_dataset import build_dataset_from_path, build_test_split, parse_split
     n = args.eval_iters * args.global_batch_size
     if getattr(args, "test_data_path", None):
         return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed,
                                        args.data_cache_dir, n, "test", 2)
-    if args.mock_data or getattr(args, "train_data_path", None) or getattr(args, "data_blend", None) \
-            or getattr(args, "chat_template", False) or parse_split(args.split)[2] == 0:
+    if args.mock_data or getattr(args, "train_data_path", None) or getattr(args, "chat_template", False) \
+            or parse_split(args.split)[2] == 0:
         return None
+    if getattr(args, "data_blend", None):
+        from megallama.data.blended_dataset import build_blended_test_dataset
+        return build_blended_test_dataset(args.data_blend, tokenizer, args.seq_length, args.seed, args.split,
+                                          args.data_cache_dir, n)
     from megallama.data import get_bundled_corpus_path
     return build_test_split(args.data_path or get_bundled_corpus_path(), tokenizer, args.seq_length, args.seed,
                             args.split, args.data_cache_dir, n)

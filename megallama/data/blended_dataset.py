@@ -88,3 +88,19 @@ def build_blended_datasets(blend: Sequence[Tuple[float, str]], tokenizer, seq_le
         n = num_valid_samples or max(len(v) for _, v in valid_parts)
         valid = BlendedDataset([v for _, v in valid_parts], [w / total for w, _ in valid_parts], n)
     return train, valid
+
+
+def build_blended_test_dataset(blend: Sequence[Tuple[float, str]], tokenizer, seq_length: int, seed: int, split: str,
+                               cache_dir: Optional[str], num_samples: Optional[int]):
+    """The test blend: each corpus's third --split share (as one corpus's test set), over the corpora that have
+    one, weights renormalised; None when none has."""
+    from megallama.data.gpt_dataset import build_test_split
+    parts = [(w, build_test_split(path, tokenizer, seq_length, seed + 7919 * d, split, cache_dir, None))
+             for d, (w, path) in enumerate(blend)]
+    parts = [(w, t) for w, t in parts if t is not None]
+    if not parts:
+        return None
+    total = sum(w for w, _ in parts)
+    return BlendedDataset([t for _, t in parts], [w / total for w, _ in parts],
+                          num_samples or max(len(t) for _, t in parts))
+

@@ -67,3 +67,27 @@ def test_pretrain_on_a_blend_from_the_command_line(tmp_path):
     assert out["iteration"] == 3 and all(np.isfinite(v) for v in out["losses"].values())
     args = parse_args(argv[:-4] + [a], world_size=1)  # one path: as before
     assert args.data_path == a and args.data_blend is None
+
+
+def test_a_blend_keeps_its_test_share(tmp_path, bundled_tokenizer):
+    """--split's third share of each blended corpus is the test blend, evaluated at the end of training (it was held
+    out and never used)."""
+    from megallama.arguments import parse_args
+    from megallama.data.blended_dataset import build_blended_test_dataset
+    from megallama.data.gpt_dataset import build_test_split
+    from megallama.training import pretrain
+    a = write_jsonl(tmp_path / "a.jsonl", TEXTS * 2)
+    b = write_jsonl(tmp_path / "b.jsonl", [t.upper() for t in TEXTS * 2])
+    kw = dict(tokenizer=bundled_tokenizer, seq_length=16, seed=3, split="80,10,10", cache_dir=str(tmp_path / "c"))
+    test = build_blended_test_dataset([(0.5, a), (0.5, b)], num_samples=20, **kw)
+    only_a = build_test_split(a, bundled_tokenizer, 16, 3, "80,10,10", str(tmp_path / "c"), None)
+    assert len(test) == 20 and sorted(set(test.corpus.tolist())) == [0, 1]
+    first_a = next(i for i in range(20) if test.corpus[i] == 0)
+    assert np.array_equal(test[first_a]["input_ids"], only_a[0]["input_ids"])
+    assert build_blended_test_dataset([(1.0, a)], num_samples=4, **dict(kw, split="90,10,0")) is None
+    argv = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "2", "--device", "cpu", "--no-progress-bar", "--data-cache-dir", str(tmp_path / "c"),
+            "--split", "80,10,10", "--data-path", "0.5", a, "0.5", b]
+    out = pretrain(parse_args(argv, world_size=1))
+    assert out["test_loss"] is not None and np.isfinite(out["test_loss"])
