@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,8 +43,16 @@ def corpus_lines(path: str) -> list[str]:
                     keys = ", ".join(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
                     raise ConfigError(f"--corpus {path} line {lineno}: no string 'text' key ({keys}); give one "
                                       "{\"text\": ...} object a line")
+                try:
+                    doc["text"].encode("utf-8")
+                except UnicodeEncodeError:  # a JSON escape like \ud800 without its pair: sentencepiece can't take it
+                    raise ConfigError(f"--corpus {path} line {lineno}: its 'text' holds a lone UTF-16 surrogate, "
+                                      "which is not valid Unicode; fix or remove that line") from None
                 out += [line for line in doc["text"].split("\n") if line.strip()]
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+    except EOFError as e:
+        raise ConfigError(f"--corpus {path} is cut short after line {lineno} ({e}); re-download or re-compress it") \
+            from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, zlib.error) as e:
         raise ConfigError(f"--corpus {path} is not UTF-8 text ({e}); pass a .jsonl or .jsonl.gz file") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"--corpus {path} line {lineno}: not valid JSON ({e.msg}); give one JSON object a line") \

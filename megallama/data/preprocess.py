@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import zlib
 
 import numpy as np
 
@@ -35,18 +36,44 @@ def _open_text(path: str):
     return gzip.GzipFile(fileobj=raw, mode="rb"), raw, isize if isize >= size else size * 3
 
 
-def _read_chunks(stream, chunk_lines: int):
-    """Yield (first line number, [raw lines]) chunks."""
-    chunk, start = [], 1
-    for lineno, line in enumerate(stream, 1):
-        if not chunk:
-            start = lineno
-        chunk.append(line)
-        if len(chunk) == chunk_lines:
-            yield start, chunk
-            chunk = []
+def _read_chunks(stream, chunk_lines: int, path: str = "input"):
+    """Yield (first line number, [raw lines]) chunks. A broken .gz is one ConfigError with the last good line (the
+    pool re-raises it in order, after the chunks before it)."""
+    chunk, start, lineno = [], 1, 0
+    try:
+        for lineno, line in enumerate(stream, 1):
+            if not chunk:
+                start = lineno
+            chunk.append(line)
+            if len(chunk) == chunk_lines:
+                yield start, chunk
+                chunk = []
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        if lineno == 0 and "Not a gzipped file" in str(e):
+            raise ConfigError(f"{path} is named .gz but is not gzip data ({e}); gzip it, or drop the .gz from its "
+                              "name if it is plain jsonl") from None
+        what = "is cut short" if isinstance(e, EOFError) else "is corrupt"
+        raise ConfigError(f"{path} {what} after line {lineno} ({e}); re-download or re-compress it") from None
     if chunk:
         yield start, chunk
+
+
+def _unencodable(tok, key: str, texts: list, linenos: list):
+    """(line number, why) of the first text the tokenizer fails on, or None. Only run after a batch failed, so the
+    common path pays nothing."""
+    for text, lineno in zip(texts, linenos):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # json.loads lets "\ud800" through; no tokenizer can take it
+            return lineno, (f"its {key!r} value holds {text[e.start]!r}, a lone UTF-16 surrogate (an escape like "
+                            "\\ud800 without its pair), which is not valid Unicode; fix or remove that line")
+        try:
+            tok.encode(text)
+        except Exception as e:  # noqa: BLE001 (whatever the tokenizer library raises)
+            why = (str(e).splitlines() or [""])[0]
+            return lineno, (f"tokenizer '{tok.name}' cannot encode its {key!r} value ({type(e).__name__}: {why}); "
+                            "fix or remove that line")
+    return None
 
 
 _worker_state: dict = {}
@@ -75,6 +102,7 @@ def _encode_chunk(job):
     tok, keys, eod = _worker_state["tokenizer"], _worker_state["json_keys"], _worker_state["append_eod"]
     caller = _worker_state.get("caller", "preprocess")
     texts = {k: [] for k in keys}
+    linenos = []
     n_bytes = 0
     for i, raw in enumerate(lines):
         lineno = start + i
@@ -93,9 +121,16 @@ def _encode_chunk(job):
             if not isinstance(doc[k], str):
                 return "error", lineno, f"{k!r} is {type(doc[k]).__name__}, expected a string"
             texts[k].append(doc[k])
+        linenos.append(lineno)
     out = {}
     for k in keys:
-        ids = tok.encode_batch(texts[k])
+        try:
+            ids = tok.encode_batch(texts[k])
+        except Exception:
+            bad = _unencodable(tok, k, texts[k], linenos)
+            if bad is None:
+                raise
+            return ("error",) + bad
         # an empty text stays an empty document (no eod, as in Megatron) so that the keys' files stay row-aligned;
         # one key has nothing to align with and drops it
         out[k] = [np.asarray(d + [tok.eod] if eod and d else d, dtype=np.int64) for d in ids if d or len(keys) > 1]
@@ -139,7 +174,7 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
     pool = None
     counts = {k: [0, 0] for k in json_keys}  # documents, tokens
     try:
-        chunks = _read_chunks(stream, chunk_lines)
+        chunks = _read_chunks(stream, chunk_lines, input)
         if workers > 1:
             ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
             pool = ctx.Pool(workers, initializer=_init_worker,
