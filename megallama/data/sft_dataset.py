@@ -9,7 +9,9 @@ rendered as Meta's Llama 3 format::
 and only the assistant contents and their closing ``<|eot_id|>`` are trained on. Tokenizers that have Llama 3's
 special tokens (the tiktoken ranks file, HF tokenizer.json of Llama 3) use them; others (the bundled BPE, Llama 2)
 get ``bos``/``eos`` for begin-of-text/end-of-turn and the header markers as plain text, so a checkpoint pretrained
-with that tokenizer fine-tunes without resizing its vocabulary.
+with that tokenizer fine-tunes without resizing its vocabulary. A tokenizer without a bos (GPT-2, Qwen) starts each
+conversation at its first header, as those models' own chat formats do; one without an eos cannot end a turn and is
+refused.
 
 Samples are ``seq_length + 1`` tokens: one conversation padded (``packing=False``), or several whole conversations
 packed first-fit in a shuffled order, with ``position_ids`` restarting at each conversation and ``document_ids``
@@ -22,6 +24,7 @@ import gzip
 import json
 import os
 import warnings
+import zlib
 from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
@@ -52,9 +55,14 @@ class ChatTemplate:
         if self.native:
             self.bos, self.start_header, self.end_header, self.eot = (ids[s] for s in self.SPECIALS)
         else:  # text markers; one-token begin/end so generation can stop on eos
-            self.bos, self.eot = tokenizer.bos_id, tokenizer.eos_id
+            self.bos, self.eot = _token_id(tokenizer.bos_id), _token_id(tokenizer.eos_id)
             self.start_header, self.end_header = None, None
-        self.pad_id = getattr(tokenizer, "pad_id", tokenizer.eos_id)
+            if self.eot is None:
+                raise ConfigError(f"tokenizer '{getattr(tokenizer, 'name', tokenizer)}' has no end-of-text token, "
+                                  "which the chat template ends every turn with; fine-tune with a tokenizer that has "
+                                  "an eos (or Llama 3's <|eot_id|>)")
+        pad = _token_id(getattr(tokenizer, "pad_id", None))
+        self.pad_id = self.eot if pad is None else pad
 
     @staticmethod
     def _special_id(tok, s: str) -> Optional[int]:
@@ -75,7 +83,8 @@ class ChatTemplate:
     def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = False
                       ) -> Tuple[List[int], List[int]]:
         """(tokens, mask): mask is 1 on the tokens an assistant message contributes (content + end of turn)."""
-        tokens, mask = [self.bos], [0]
+        tokens = [] if self.bos is None else [self.bos]  # no bos (GPT-2, Qwen): the first header starts it
+        mask = [0] * len(tokens)
         for m in messages:
             h = self.header(m["role"])
             body = self.tokenizer.encode(m["content"].strip()) + [self.eot]
@@ -89,8 +98,31 @@ class ChatTemplate:
         return tokens, mask
 
 
-def _open(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _token_id(i) -> Optional[int]:
+    """A special token's id, or None where the tokenizer has none (HF: None; sentencepiece: -1)."""
+    return None if i is None or int(i) < 0 else int(i)
+
+
+def _lines(path: str):
+    """(line number, text) of a jsonl or jsonl.gz; bytes that are not UTF-8 and a truncated or corrupt gzip are one
+    ConfigError each, naming the file and line (they raised UnicodeDecodeError / EOFError)."""
+    lineno = 0
+    try:
+        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    except OSError as e:
+        raise ConfigError(f"chat data {path} cannot be read ({e.strerror}); check the path and its permissions"
+                          ) from None
+    with f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ConfigError(f"{path} line {lineno} is not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                      f"{e.start + 1}); re-save the file as UTF-8") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ConfigError(f"{path} is a truncated or corrupt gzip file (it breaks off after line {lineno}: "
+                              f"{e}); re-create or re-download it") from None
 
 
 def read_chat_jsonl(path: str) -> List[List[dict]]:
@@ -99,24 +131,29 @@ def read_chat_jsonl(path: str) -> List[List[dict]]:
         raise ConfigError(f"chat data {path} does not exist; pass --data-path with a .jsonl of "
                           '{"messages": [{"role": ..., "content": ...}]} lines')
     out = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise ConfigError(f'{where} has no "messages" list; each line must be {{"messages": [{{"role": '
+                              f'..., "content": ...}}, ...]}}')
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ConfigError(f"{where}: every message needs a role in {', '.join(ROLES)} and a string "
+                                  f"content, got {str(m)[:80]}")
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise ConfigError(f'{where} has no "messages" list; each line must be {{"messages": [{{"role": '
-                                  f'..., "content": ...}}, ...]}}')
-            for m in msgs:
-                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise ConfigError(f"{where}: every message needs a role in {', '.join(ROLES)} and a string "
-                                      f"content, got {str(m)[:80]}")
-            out.append(msgs)
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone "\udXXX" escape: no character, no token
+                raise ConfigError(f"{where}: a {m['role']} content holds an unpaired surrogate escape "
+                                  f"({m['content'][e.start]!r}); write the character itself or its full "
+                                  f"surrogate pair") from None
+        out.append(msgs)
     if not out:
         raise ConfigError(f"{path} holds no conversations; give at least one line")
     return out

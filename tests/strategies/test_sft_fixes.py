@@ -1,0 +1,118 @@
+"""SFT data from a user-testing pass: bad chat files and tokenizers without a bos are one ConfigError line (were
+UnicodeDecodeError, a pybind cast error, EOFError, a TypeError and an IndexError inside the model); packing is
+first-fit as documented; later epochs are shuffled anew, the sample at an index independent of the run's history."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from megallama.data.sft_dataset import (ChatTemplate, SFTDataset, build_sft_datasets, get_bundled_chat_path,
+                                        read_chat_jsonl, tokenize_conversations)
+from megallama.data.tokenizer import build_tokenizer
+from megallama.errors import ConfigError
+
+CHAT = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
+LINE = json.dumps({"messages": CHAT})
+
+
+def _one_line(excinfo, *parts):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and all(p in msg for p in parts), msg
+
+
+# ------------------------------------------------------------------ (6) bad chat files
+def test_invalid_utf8_names_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes((LINE + "\n").encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(ConfigError) as e:
+        read_chat_jsonl(str(p))
+    _one_line(e, f"{p} line 2 is not UTF-8", "0xe9", "re-save the file as UTF-8")
+
+
+def test_lone_surrogate_escape_names_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(LINE + "\n" + '{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}\n')
+    with pytest.raises(ConfigError) as e:
+        read_chat_jsonl(str(p))
+    _one_line(e, f"{p} line 2", "unpaired surrogate")
+    p.write_text('{"messages": [{"role": "user", "content": "ok \\ud83d\\ude00"}, ' + LINE[14:] + "\n")
+    assert read_chat_jsonl(str(p))[0][0]["content"] == "ok \U0001F600"  # a full pair is a character
+
+
+def test_truncated_gzip_is_one_line(tmp_path):
+    data = gzip.compress(("\n".join([LINE] * 200) + "\n").encode())
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError) as e:
+        read_chat_jsonl(str(p))
+    _one_line(e, str(p), "truncated or corrupt gzip", "re-create")
+    p.write_bytes(b"not gzip at all\n")
+    with pytest.raises(ConfigError, match="truncated or corrupt gzip"):
+        read_chat_jsonl(str(p))
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (LINE + "\n").encode())
+    assert read_chat_jsonl(str(p)) == [CHAT]
+
+
+# ------------------------------------------------------------------ (6) tokenizers without a bos
+def _gpt2_style(tmp_path):
+    """A byte-level BPE tokenizer.json whose only special token is <|endoftext|> (GPT-2, Qwen): no bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    texts = [m["content"] for m in CHAT] * 20 + ["<|start_header_id|>user<|end_header_id|>"] * 5
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.save(str(tmp_path / "tokenizer.json"))
+    return str(tmp_path / "tokenizer.json")
+
+
+def _sentencepiece(tmp_path, **ids):
+    import sentencepiece as spm
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join([m["content"] for m in CHAT] * 50 + ["user assistant header id"] * 20))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", minloglevel=2, **ids)
+    return str(tmp_path / "sp.model")
+
+
+def test_tokenizer_without_bos_starts_at_the_first_header(tmp_path):
+    """GPT-2/Qwen style tokenizer.json (bos None) and a sentencepiece model with bos_id=-1: the conversation starts
+    at its first header (Qwen's own chat format has no bos), never with None or -1 as a token."""
+    hf = build_tokenizer("hf", _gpt2_style(tmp_path))
+    sp = build_tokenizer("sentencepiece", _sentencepiece(tmp_path, bos_id=-1, eos_id=1, unk_id=0))
+    for tok in (hf, sp):
+        assert tok.bos_id in (None, -1)
+        tpl = ChatTemplate(tok)
+        tokens, mask = tpl.encode_dialog(CHAT)
+        assert tpl.bos is None and tokens[:len(tpl.header("user"))] == tpl.header("user")
+        assert min(tokens) >= 0 and tokens[-1] == tok.eos_id and len(mask) == len(tokens)
+        assert tok.decode([t for t, m in zip(tokens, mask) if m][:-1]) == "2 plus 2 is 4."
+        train, _ = build_sft_datasets(None, tok, 128, split="100,0,0", packing=True)
+        assert int(train[0]["input_ids"].min()) >= 0 and train[0]["loss_mask"].sum() > 0
+
+
+def test_tokenizer_without_eos_is_one_line(tmp_path):
+    sp = build_tokenizer("sentencepiece", _sentencepiece(tmp_path, bos_id=1, eos_id=-1, unk_id=0))
+    with pytest.raises(ConfigError) as e:
+        ChatTemplate(sp)
+    _one_line(e, "has no end-of-text token", "tokenizer that has an eos")
+
+
+def test_finetune_with_a_bos_less_hf_tokenizer_trains(tmp_path, one_thread):
+    """finetune_llama.py --tokenizer-type hf --tokenizer-model <GPT-2 style tokenizer.json> crashed with a TypeError."""
+    import finetune_llama
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    argv = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size",
+            "2", "--global-batch-size", "2", "--train-iters", "2", "--device", "cpu", "--no-progress-bar",
+            "--no-fused-kernels", "--split", "100,0,0", "--tokenizer-type", "hf", "--tokenizer-model",
+            _gpt2_style(tmp_path)]
+    out = pretrain(finetune_llama.prepare_finetune_args(parse_args(argv, world_size=1)))
+    assert sorted(out["losses"]) == [1, 2] and all(np.isfinite(v) for v in out["losses"].values())
