@@ -46,6 +46,9 @@ def check_run_flags(args) -> None:
     for name in ("log_interval", "eval_iters", "exit_interval", "tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
+        raise ConfigError(f"fp16 loss scaling needs --min-loss-scale > 0, --loss-scale-window >= 1 and --hysteresis "
+                          f">= 1; got {args.min_loss_scale:g}, {args.loss_scale_window}, {args.hysteresis}")
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:

@@ -79,6 +79,10 @@ def _add_training(p):
                         "Adam states live in the optimizer either way)")
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic scale's floor")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="fp16: clean steps before the dynamic scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflowing steps before the scale halves")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)

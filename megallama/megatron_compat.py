@@ -21,13 +21,17 @@ from megallama.errors import ConfigError
 # --no-create-attention-mask-in-dataloader: the model masks causally itself (no mask tensor is loaded either way);
 # --cross-entropy-loss-fusion: the head fuses logits and cross-entropy; --accumulate-allreduce-grads-in-fp32: main_grad
 # is fp32, accumulated and reduced so; --no-query-key-layer-scaling: Llama here has no such scaling; --manual-gc:
-# Python's collector is a host-side performance choice.
+# Python's collector is a host-side performance choice; --no-async-tensor-model-parallel-allreduce and the
+# --mmap-bin-files pair pick implementations; batch-size is always on TensorBoard; a non-finite loss or gradient is
+# always caught (the step is skipped, and --max-skipped-iters in a row stop the run).
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
              "--log-throughput", "--no-create-attention-mask-in-dataloader", "--cross-entropy-loss-fusion",
              "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling", "--manual-gc",
-             "--no-manual-gc-eval")
+             "--no-manual-gc-eval", "--no-async-tensor-model-parallel-allreduce", "--mmap-bin-files",
+             "--no-mmap-bin-files", "--log-batch-size-to-tensorboard", "--check-for-nan-in-loss-and-grad",
+             "--no-check-for-nan-in-loss-and-grad")
 # flag -> (the one value a Llama here has, why)
 _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "position_embedding_type": ("rope", "Llama's positions are rotary here"),
@@ -37,7 +41,13 @@ _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "ckpt_format": ("torch_dist", "megallama saves one sharded checkpoint format that any layout loads (as "
                                         "Megatron's torch_dist)")}
 # Megatron behaviour megallama does not have: flag -> what it does instead
-_REFUSED = {"grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
+_REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optimizer states natively: pass "
+                               "--zero-stage 3 instead",
+            "tp_comm_overlap": "it needs Transformer Engine's userbuffers; megallama overlaps tensor-parallel "
+                               "communication with --sequence-parallel's collectives only",
+            "deterministic_mode": "megallama's attention backward kernels accumulate with atomics; run fp32 on CPU "
+                                  "for bit-exact comparisons",
+            "grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
             "decoupled_lr": "megallama trains every parameter, embedding and output layer too, at one --lr",
             "decoupled_min_lr": "megallama decays every parameter to one --min-lr"}
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
@@ -65,8 +75,10 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                              "--kv-channels hidden/heads, --normalization RMSNorm, --position-embedding-type rope, "
                              "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
                              "torch_dist (any other value is refused); --recompute-activations = "
-                             "--recompute-granularity selective. Refused: --grad-reduce-in-bf16 (gradients reduce in "
-                             "fp32), --decoupled-lr/--decoupled-min-lr (one LR)")
+                             "--recompute-granularity selective. --data-impl mmap, --timing-log-level 0, "
+                             "--num-dataset-builder-threads (implementation). Refused: --grad-reduce-in-bf16 "
+                             "(gradients reduce in fp32), --decoupled-lr/--decoupled-min-lr (one LR), "
+                             "--use-torch-fsdp2 (use --zero-stage 3), --tp-comm-overlap, --deterministic-mode")
     for flag in _RESTATED:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--normalization", default=None, help=argparse.SUPPRESS)
@@ -87,7 +99,11 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="torch_dist (megallama's sharded format; the others are refused)")
     g.add_argument("--recompute-activations", action=_RecomputeActivations,
                    help="= --recompute-granularity selective")
-    g.add_argument("--grad-reduce-in-bf16", action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--grad-reduce-in-bf16", "--use-torch-fsdp2", "--tp-comm-overlap", "--deterministic-mode"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--data-impl", choices=["mmap"], default=None, help=argparse.SUPPRESS)
+    g.add_argument("--num-dataset-builder-threads", type=int, default=1, help=argparse.SUPPRESS)
+    g.add_argument("--timing-log-level", type=int, choices=[0], default=0, help=argparse.SUPPRESS)
     for flag in ("--decoupled-lr", "--decoupled-min-lr"):
         g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "none"], default=None,

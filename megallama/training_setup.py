@@ -273,6 +273,8 @@ def setup_model_and_optimizer(args, device):
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
                           bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args),
                           loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+                          min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+                          hysteresis=args.hysteresis,
                           log_num_zeros_in_grad=getattr(args, "log_num_zeros_in_grad", False))
     optimizer = get_megatron_optimizer(cfg, wrapped)
     attach_gradient_compression(wrapped, optimizer, compression)

@@ -142,3 +142,33 @@ def test_checkpoint_flags(tmp_path, capsys):
     with pytest.raises(ConfigError, match=re.escape(f"no checkpoint in {tmp_path / 'none'} "
                                                     "(--exit-on-missing-checkpoint)")):
         pretrain(_args(base + ["--load", str(tmp_path / "none"), "--exit-on-missing-checkpoint"]))
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--use-torch-fsdp2"], "pass --zero-stage 3 instead"),
+    (["--tp-comm-overlap"], "--tp-comm-overlap is not supported: it needs Transformer Engine's userbuffers"),
+    (["--deterministic-mode"], "--deterministic-mode is not supported"),
+])
+def test_other_implementations_are_one_line(extra, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        _args(TINY + extra)
+
+
+def test_implementation_flags_are_accepted_and_fp16_scaling_flags_reach_the_scaler(monkeypatch):
+    _args(TINY + ["--data-impl", "mmap", "--timing-log-level", "0", "--num-dataset-builder-threads", "4",
+                  "--no-async-tensor-model-parallel-allreduce", "--no-mmap-bin-files", "--log-batch-size-to-tensorboard",
+                  "--no-check-for-nan-in-loss-and-grad"])
+    import megallama.training as tr
+    setup, seen = tr.setup_model_and_optimizer, []
+
+    def spy(args, device):
+        chunks, opt = setup(args, device)
+        seen.append(opt.grad_scaler)
+        return chunks, opt
+    monkeypatch.setattr(tr, "setup_model_and_optimizer", spy)
+    pretrain(_args(TINY + ["--fp16", "--mock-data", "--train-iters", "1", "--hysteresis", "3", "--min-loss-scale", "4",
+                           "--loss-scale-window", "7", "--initial-loss-scale", "256"]))
+    s = seen[0]
+    assert (s.hysteresis, s.min_scale, s.growth_interval, float(s.scale)) == (3, 4.0, 7, 256.0)
+    with pytest.raises(ConfigError, match="--hysteresis >= 1"):
+        _args(TINY + ["--hysteresis", "0"])
