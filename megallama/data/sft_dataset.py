@@ -14,9 +14,11 @@ conversation at its first header, as those models' own chat formats do; one with
 refused.
 
 Samples are ``seq_length + 1`` tokens: one conversation padded (``packing=False``), or several whole conversations
-packed first-fit in a shuffled order, with ``position_ids`` restarting at each conversation and ``document_ids``
-telling the attention where documents end. The loss is normalised by the number of answer tokens in the whole
-global batch (all micro-batches, all data-parallel ranks): ``wrap_iterator`` attaches that count to each batch.
+packed first-fit in a shuffled order (each into the first sample with room), with ``position_ids`` restarting at
+each conversation and ``document_ids`` telling the attention where documents end. ``ds[i]`` past the first epoch
+reads the same samples in a new order per epoch, a function of (seed, i) alone, so resuming stays exact. The loss
+is normalised by the number of answer tokens in the whole global batch (all micro-batches, all data-parallel
+ranks): ``wrap_iterator`` attaches that count to each batch.
 """
 from __future__ import annotations
 
@@ -160,11 +162,12 @@ def read_chat_jsonl(path: str) -> List[List[dict]]:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Fixed samples built from tokenized conversations ((tokens, mask) pairs)."""
+    """Fixed samples built from tokenized conversations ((tokens, mask) pairs). ``len`` is ``num_samples`` if given
+    (as GPTDataset: the samples a run reads), else one epoch; ``ds[i]`` works for any i >= 0."""
 
     def __init__(self, conversations: List[Tuple[np.ndarray, np.ndarray]], seq_length: int, pad_id: int,
-                 packing: bool = False, seed: int = 1234, name: str = "train"):
-        self.seq_length, self.pad_id, self.packing, self.name = seq_length, pad_id, packing, name
+                 packing: bool = False, seed: int = 1234, name: str = "train", num_samples: Optional[int] = None):
+        self.seq_length, self.pad_id, self.packing, self.name, self.seed = seq_length, pad_id, packing, name, seed
         n = seq_length + 1
         convs, truncated, dropped = [], 0, 0
         for toks, mask in conversations:
@@ -183,21 +186,32 @@ class SFTDataset(torch.utils.data.Dataset):
         self.convs = convs
         self.samples: List[List[int]] = []
         if packing:
-            cur, used = [], 0
-            for i in order:
-                ln = len(convs[i][0])
-                if cur and used + ln > n:
-                    self.samples.append(cur)
-                    cur, used = [], 0
-                cur.append(int(i))
-                used += ln
-            if cur:
-                self.samples.append(cur)
+            bins = first_fit([len(convs[i][0]) for i in order], n)
+            self.samples = [[int(order[p]) for p in b] for b in bins]
         else:
             self.samples = [[int(i)] for i in order]
+        self.samples_per_epoch = len(self.samples)
+        self.num_samples = self.samples_per_epoch if num_samples is None else int(num_samples)
+        self._perm: Tuple[int, Optional[np.ndarray]] = (0, None)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.num_samples
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def sample_conversations(self, idx: int) -> List[int]:
+        """The conversations of sample ``idx``: epoch 0 in the built order, each later epoch a permutation of the
+        same samples seeded by (seed, epoch), so a sample never depends on what was read before it."""
+        if idx < 0:
+            raise IndexError(f"sample index {idx} < 0")
+        epoch, k = divmod(int(idx), self.samples_per_epoch)
+        if epoch:
+            if self._perm[0] != epoch:
+                rng = np.random.RandomState([self.seed & 0xFFFFFFFF, epoch])
+                self._perm = (epoch, rng.permutation(self.samples_per_epoch))
+            k = int(self._perm[1][k])
+        return self.samples[k]
 
     @property
     def num_answer_tokens(self) -> int:
@@ -209,10 +223,8 @@ class SFTDataset(torch.utils.data.Dataset):
         mask = np.zeros(n, dtype=np.float32)
         pos = np.zeros(n, dtype=np.int64)
         doc = np.zeros(n, dtype=np.int64)
-        if not 0 <= idx < len(self.samples):
-            raise IndexError(f"sample {idx} out of range ({len(self.samples)} samples)")
         at = 0
-        for j, i in enumerate(self.samples[idx]):
+        for j, i in enumerate(self.sample_conversations(idx)):
             t, m = self.convs[i]
             toks[at:at + len(t)], mask[at:at + len(t)] = t, m
             pos[at:at + len(t)] = np.arange(len(t))
@@ -230,6 +242,30 @@ class SFTDataset(torch.utils.data.Dataset):
     def wrap_iterator(self, iterator, num_microbatches: int):
         """The training loop's hook: attach the global answer-token count of each iteration's batches."""
         return GlobalTokenCountIterator(iterator, num_microbatches)
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Positions of ``lengths`` (each <= capacity) grouped into bins: each goes into the first bin with room, else a
+    new one. A max-tree over the bins' free space finds that bin in O(log n), so n items take O(n log n)."""
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [capacity] * (2 * size)  # leaves: a bin's free space (unopened bins: all of it); inner: max of children
+    bins: List[List[int]] = []
+    for pos, ln in enumerate(lengths):
+        node = 1
+        while node < size:  # the leftmost leaf with room
+            node = 2 * node if free[2 * node] >= ln else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(pos)
+        free[node] -= ln
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
 
 
 class GlobalTokenCountIterator:
@@ -271,9 +307,11 @@ def tokenize_conversations(conversations: List[List[dict]], template: ChatTempla
 
 
 def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: int = 1234, split="98,2,0",
-                       packing: bool = False):
+                       packing: bool = False, num_train_samples: Optional[int] = None):
     """(train, valid) SFT datasets from a chat jsonl (default: the bundled sample). valid is None when its split is
-    empty. Conversations are split by contiguous ranges (as pretraining documents) before shuffling."""
+    empty. Conversations are split by contiguous ranges (as pretraining documents) before shuffling.
+    ``num_train_samples``: the train set's length (the samples the run reads, later epochs reshuffled); default one
+    epoch."""
     from megallama.data.gpt_dataset import split_document_ranges
     path = path or get_bundled_chat_path()
     template = ChatTemplate(tokenizer)
@@ -282,7 +320,8 @@ def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: in
     if ranges[0][1] <= ranges[0][0]:
         raise ConfigError(f"--split {split} leaves no training conversations out of {len(convs)}; give the first "
                           f"weight more")
-    train = SFTDataset(convs[ranges[0][0]:ranges[0][1]], seq_length, template.pad_id, packing, seed, "train")
+    train = SFTDataset(convs[ranges[0][0]:ranges[0][1]], seq_length, template.pad_id, packing, seed, "train",
+                       num_train_samples)
     valid = None
     if ranges[1][1] > ranges[1][0]:
         try:
