@@ -1,4 +1,6 @@
-"""Warmup then cosine/linear/constant/inverse-square-root/WSD decay, a function of the number of *applied* updates.
+"""Warmup then cosine/linear/constant/inverse-square-root/WSD decay, a function of the number of *applied* updates;
+and Megatron's weight-decay schedule (--weight-decay-incr-style constant|linear|cosine from --start-weight-decay to
+--end-weight-decay over --train-iters), applied to the groups that decay (``wd_mult``).
 
 An iteration whose update was skipped (fp16 overflow, non-finite gradients) does not advance the schedule, as in
 Megatron (its scheduler steps only when ``update_successful``); the count of such iterations is the only state,
@@ -15,11 +17,16 @@ from megallama.errors import ConfigError
 _LABELS = {"max_lr": "--lr", "min_lr": "--min-lr (default --lr/10)", "init_lr": "--lr-warmup-init",
            "warmup_iters": "--lr-warmup-iters (default 10% of --train-iters, at most 2000)",
            "decay_iters": "--lr-decay-iters (default --train-iters)", "decay_style": "--lr-decay-style",
-           "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style"}
+           "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style",
+           "start_wd": "--start-weight-decay (default --weight-decay)",
+           "end_wd": "--end-weight-decay (default --weight-decay)", "wd_incr_iters": "--train-iters",
+           "wd_incr_style": "--weight-decay-incr-style"}
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 # settings added after the first checkpoints: an older checkpoint without them had these values
-_DEFAULTS = {"init_lr": 0.0, "wsd_decay_iters": None, "wsd_decay_style": "exponential"}
+_DEFAULTS = {"init_lr": 0.0, "wsd_decay_iters": None, "wsd_decay_style": "exponential", "start_wd": None,
+             "end_wd": None, "wd_incr_iters": None, "wd_incr_style": "constant"}
+WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
 def default_warmup_iters(train_iters: int) -> int:
@@ -35,10 +42,15 @@ def settings_from_args(args: dict) -> Optional[dict]:
     warmup, fraction = args.get("lr_warmup_iters"), args.get("lr_warmup_fraction")
     if warmup is None:  # Megatron's --lr-warmup-fraction is a fraction of the decay iterations
         warmup = fraction * decay if fraction is not None else default_warmup_iters(args["train_iters"])
+    style = args.get("weight_decay_incr_style") or "constant"  # constant: the optimizer keeps --weight-decay
+    varied = style != "constant"
     return dict(max_lr=args["lr"], min_lr=args["min_lr"], init_lr=args.get("lr_warmup_init") or 0.0,
                 warmup_iters=warmup, decay_iters=decay, decay_style=args.get("lr_decay_style", "cosine"),
                 wsd_decay_iters=args.get("lr_wsd_decay_iters"),
-                wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential")
+                wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential",
+                start_wd=args.get("start_weight_decay") if varied else None,
+                end_wd=args.get("end_weight_decay") if varied else None,
+                wd_incr_iters=args["train_iters"] if varied else None, wd_incr_style=style)
 
 
 def check_schedule_flags(args) -> None:
@@ -48,6 +60,15 @@ def check_schedule_flags(args) -> None:
             raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters both set the warmup; pass one")
         if not 0.0 <= args.lr_warmup_fraction <= 1.0:
             raise ConfigError(f"--lr-warmup-fraction {args.lr_warmup_fraction} is not in [0, 1]")
+    style = getattr(args, "weight_decay_incr_style", "constant")
+    start, end = getattr(args, "start_weight_decay", None), getattr(args, "end_weight_decay", None)
+    if style == "constant" and (start is not None or end is not None):  # Megatron asserts the same
+        raise ConfigError("--start-weight-decay/--end-weight-decay need --weight-decay-incr-style linear or cosine "
+                          "(constant uses --weight-decay)")
+    if style != "constant" and (start is None or end is None):
+        raise ConfigError(f"--weight-decay-incr-style {style} needs --start-weight-decay and --end-weight-decay")
+    if style != "constant" and min(start, end) < 0:
+        raise ConfigError(f"weight decay must be >= 0, got --start-weight-decay {start} --end-weight-decay {end}")
     wsd_iters = getattr(args, "lr_wsd_decay_iters", None)
     if args.lr_decay_style == "WSD" and wsd_iters is None:
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (how many of the last iterations anneal)")
@@ -60,7 +81,8 @@ def check_schedule_flags(args) -> None:
 class OptimizerParamScheduler:
     def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
                  decay_style: str = "cosine", init_lr: float = 0.0, wsd_decay_iters: Optional[int] = None,
-                 wsd_decay_style: str = "exponential"):
+                 wsd_decay_style: str = "exponential", start_wd: Optional[float] = None,
+                 end_wd: Optional[float] = None, wd_incr_iters: Optional[int] = None, wd_incr_style: str = "constant"):
         if decay_style not in DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {decay_style} is not one of {', '.join(DECAY_STYLES)}")
         if wsd_decay_style not in WSD_DECAY_STYLES:
@@ -68,6 +90,11 @@ class OptimizerParamScheduler:
         self.optimizer, self.max_lr, self.min_lr, self.init_lr = optimizer, max_lr, min_lr, init_lr
         self.warmup_iters, self.decay_iters, self.decay_style = warmup_iters, max(1, decay_iters), decay_style
         self.wsd_decay_iters, self.wsd_decay_style = wsd_decay_iters, wsd_decay_style
+        self.start_wd, self.end_wd, self.wd_incr_iters, self.wd_incr_style = start_wd, end_wd, wd_incr_iters, \
+            wd_incr_style
+        if wd_incr_style != "constant" and (start_wd is None or end_wd is None or not wd_incr_iters):
+            raise ConfigError(f"--weight-decay-incr-style {wd_incr_style} needs --start-weight-decay and "
+                              "--end-weight-decay")
         self.skipped_iters = 0  # iterations whose update was skipped: they do not advance the schedule
         if decay_style != "constant" and warmup_iters > self.decay_iters:  # Megatron asserts warmup < decay
             raise ConfigError(f"the LR warmup ({warmup_iters:g} iterations) is longer than the decay "
@@ -108,11 +135,25 @@ class OptimizerParamScheduler:
             coeff = _wsd_coeff(self.wsd_decay_style, (iteration - anneal_start) / self.wsd_decay_iters)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
+    def get_wd(self, iteration: int) -> Optional[float]:
+        """Weight decay of the ``iteration``-th applied update; None: constant (the optimizer's own)."""
+        if self.wd_incr_style == "constant":
+            return None
+        if iteration >= self.wd_incr_iters:
+            return self.end_wd
+        r = iteration / self.wd_incr_iters
+        coeff = r if self.wd_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - r)) + 1.0)
+        return self.start_wd + coeff * (self.end_wd - self.start_wd)
+
     def step(self, iteration: int) -> float:
-        """Set and return the LR of iteration ``iteration`` (0-based), counting only the applied updates."""
+        """Set and return the LR of iteration ``iteration`` (0-based), counting only the applied updates; set the
+        weight decay of the decaying groups when it is scheduled."""
         lr = self.get_lr(iteration - self.skipped_iters)
+        wd = self.get_wd(iteration - self.skipped_iters)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+            if wd is not None:
+                group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         return lr
 
     def skip(self) -> None:
@@ -122,7 +163,9 @@ class OptimizerParamScheduler:
     def settings(self) -> dict:
         return dict(max_lr=self.max_lr, min_lr=self.min_lr, init_lr=self.init_lr, warmup_iters=self.warmup_iters,
                     decay_iters=self.decay_iters, decay_style=self.decay_style,
-                    wsd_decay_iters=self.wsd_decay_iters, wsd_decay_style=self.wsd_decay_style)
+                    wsd_decay_iters=self.wsd_decay_iters, wsd_decay_style=self.wsd_decay_style,
+                    start_wd=self.start_wd, end_wd=self.end_wd, wd_incr_iters=self.wd_incr_iters,
+                    wd_incr_style=self.wd_incr_style)
 
     def state_dict(self) -> dict:
         return dict(self.settings(), skipped_iters=self.skipped_iters)

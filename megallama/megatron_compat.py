@@ -125,6 +125,10 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
                    help="timeout of the process group's collectives")
     g.add_argument("--data-cache-path", dest="data_cache_dir", default=None, help="= --data-cache-dir")
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant",
+                   help="weight decay from --start-weight-decay to --end-weight-decay over --train-iters")
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
     g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single",
                    help="single: the training samples in order (default); cyclic: every pass in a fresh order")
     g.add_argument("--reset-position-ids", action="store_true", help="positions restart after each eod")

@@ -143,3 +143,48 @@ def test_exit_interval_stops_at_each_multiple_so_relaunches_go_on(tmp_path):
     argv = MOCK + ["--train-iters", "7", "--save", ck, "--load", ck, "--exit-interval", "3"]
     stops = [pretrain(parse_args(argv, world_size=1))["iteration"] for _ in range(3)]
     assert stops == [3, 6, 7]
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_schedule_is_megatrons(style, monkeypatch):
+    """--weight-decay-incr-style: Megatron's formula over --train-iters, on the decaying group only (norms and other
+    1-D parameters keep 0), and unchanged weight decay without it."""
+    s = _sched(["--train-iters", "10", "--weight-decay-incr-style", style, "--start-weight-decay", "0.0",
+                "--end-weight-decay", "0.2"])
+    for i, r in ((0, 0.0), (5, 0.5), (8, 0.8)):
+        coeff = r if style == "linear" else 0.5 * (math.cos(math.pi * (1 - r)) + 1)
+        assert s.get_wd(i) == pytest.approx(0.2 * coeff)
+    assert s.get_wd(10) == s.get_wd(50) == 0.2
+    import megallama.training as tr
+    setup, seen = tr.setup_model_and_optimizer, []
+
+    def spy(args, device):
+        chunks, opt = setup(args, device)
+        step = opt.step
+
+        def record():
+            seen.append([(g["weight_decay"], len(g["params"])) for g in opt.param_groups])
+            return step()
+        opt.step = record
+        return chunks, opt
+    monkeypatch.setattr(tr, "setup_model_and_optimizer", spy)
+    pretrain(parse_args(MOCK + ["--train-iters", "4", "--weight-decay-incr-style", style, "--start-weight-decay",
+                                "0.1", "--end-weight-decay", "0.3"], world_size=1))
+    ref = OptimizerParamScheduler(_Opt(), 3e-3, 3e-4, 0, 4, start_wd=0.1, end_wd=0.3, wd_incr_iters=4,
+                                  wd_incr_style=style)
+    assert [g[0][0] for g in seen] == pytest.approx([ref.get_wd(i) for i in range(4)])
+    assert all(g[1][0] == 0.0 for g in seen) and seen[0][1][1] > 0  # the no-decay group
+    seen.clear()
+    pretrain(parse_args(MOCK + ["--train-iters", "2", "--weight-decay", "0.05"], world_size=1))
+    assert [g[0][0] for g in seen] == [0.05, 0.05]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--weight-decay-incr-style", "linear"], "needs --start-weight-decay and --end-weight-decay"),
+    (["--start-weight-decay", "0.1", "--end-weight-decay", "0.2"], "need --weight-decay-incr-style linear or cosine"),
+    (["--weight-decay-incr-style", "cosine", "--start-weight-decay", "-1", "--end-weight-decay", "0.2"],
+     "weight decay must be >= 0"),
+])
+def test_weight_decay_schedule_errors(argv, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_args(TINY + ["--train-iters", "10"] + argv, world_size=1)

@@ -81,8 +81,8 @@ class DistributedOptimizer:
             fused = self.device.type == "cuda"
         kw = dict(fused=True) if fused else dict(foreach=True)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": config.weight_decay, "wd_mult": 1.0},  # the schedule scales wd_mult
+             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **kw)
         self._fused = fused
         self.grad_scaler = None
