@@ -6,9 +6,12 @@
 
 writes data/corpus_text_document.bin/.idx (one ``_<key>_document`` pair per --json-keys key), to be passed as
 ``--data-path data/corpus_text_document``. With several keys, document i of every pair comes from line i (an empty
-text is an empty document, as in Megatron); with one, empty texts are skipped. A malformed line is reported with its line number (exit 2) and nothing is
-written or overwritten; existing outputs are replaced only with ``--overwrite``. Importable: ``from tools.preprocess_data import preprocess_jsonl`` (or from
-``megallama.data.preprocess``).
+text is an empty document, as in Megatron); with one, empty texts are skipped. Next to each pair,
+``<prefix>.tokenizer-info.json`` records the tokenizer (name and content fingerprint): training on the pair with
+another tokenizer is refused (Megatron's format has no such field; a pair without the record is checked by token-id
+range only). A malformed line is reported with its line number (exit 2) and nothing is written or overwritten;
+existing outputs are replaced only with ``--overwrite``. Importable: ``from tools.preprocess_data import
+preprocess_jsonl`` (or from ``megallama.data.preprocess``).
 """
 from __future__ import annotations
 
@@ -51,8 +54,13 @@ def main(argv=None) -> int:
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers} must be at least 1")
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        preprocess_jsonl(args.input, args.output_prefix, tok, workers=args.workers, json_keys=tuple(args.json_keys),
-                         append_eod=args.append_eod, progress=not args.no_progress_bar, overwrite=args.overwrite)
+        prefixes = preprocess_jsonl(args.input, args.output_prefix, tok, workers=args.workers,
+                                    json_keys=tuple(args.json_keys), append_eod=args.append_eod,
+                                    progress=not args.no_progress_bar, overwrite=args.overwrite)
+        # after the work, so that an error stays the only line; training with another tokenizer is refused
+        print(f"tokenized with {tok.name} ({tok.vocab_size} tokens: --tokenizer-type {args.tokenizer_type}"
+              + (f" --tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "")
+              + f"), recorded in {', '.join(p + '.tokenizer-info.json' for p in prefixes.values())}", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

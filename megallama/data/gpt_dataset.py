@@ -17,12 +17,12 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from megallama.data.indexed_dataset import IndexedDataset
+from megallama.data.indexed_dataset import IndexedDataset, read_tokenizer_info
 from megallama.data.samplers import MegatronPretrainingSampler, build_data_iterator, collate  # noqa: F401
 from megallama.data.tokenizer import file_sha256
 from megallama.errors import ConfigError
 
-_CACHE_FORMAT = "megallama-gpt-cache-v1"
+_CACHE_FORMAT = "megallama-gpt-cache-v2"  # v2: a tokenizer record; HF special-token text is plain
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _SPLIT_NAMES = ("train", "valid", "test")
 
@@ -217,12 +217,31 @@ def _resolve_prefix(data: str, tokenizer, cache_dir, progress: bool) -> str:
 
 
 def _check_vocab(indexed: IndexedDataset, tokenizer) -> None:
+    """Refuse data made with another tokenizer: by its tokenizer record when preprocess wrote one (ids of another
+    tokenizer are wrong even below the vocabulary size), else (Megatron's data) by the largest token id."""
+    info = read_tokenizer_info(indexed.prefix)
+    run = getattr(tokenizer, "fingerprint", None)
+    if info is not None and run:
+        if info["fingerprint"] != run:
+            raise ConfigError(_other_tokenizer(indexed.prefix, info, tokenizer))
+        return
     if indexed.num_tokens == 0 or indexed.num_tokens > 200_000_000:  # a full scan of huge data is not worth it
         return
     top = int(np.frombuffer(indexed._bin, dtype=indexed.dtype, count=indexed.num_tokens).max())
     if top >= tokenizer.vocab_size:
         raise ConfigError(f"{indexed.prefix} holds token id {top} but tokenizer '{tokenizer.name}' has only "
                           f"{tokenizer.vocab_size} tokens; preprocess the data with the same tokenizer")
+
+
+def _other_tokenizer(prefix: str, info: dict, tokenizer) -> str:
+    made, run = str(info.get("name")), str(getattr(tokenizer, "name", "?"))
+    if made == run:  # same name, other file (e.g. a retrained tokenizer): the fingerprints tell them apart
+        made, run = f"{made} [{info['fingerprint'][:20]}]", f"{run} [{tokenizer.fingerprint[:20]}]"
+    flags = f"--tokenizer-type {info.get('tokenizer_type')}"
+    if info.get("tokenizer_model"):
+        flags += f" --tokenizer-model {info['tokenizer_model']}"
+    return (f"{prefix} was tokenized with '{made}' but this run uses '{run}'; re-run tools/preprocess_data.py with "
+            f"this run's tokenizer, or train with the one it was made with ({flags})")
 
 
 def build_pretraining_datasets(data: str, tokenizer, seq_length: int, seed: int, split="98,2,0",

@@ -16,6 +16,7 @@ one sequence.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 from typing import Iterable
@@ -30,6 +31,7 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6
                8: np.uint16}
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+TOKENIZER_INFO_FORMAT = "megallama-tokenizer-info-v1"
 
 
 def get_bin_path(prefix: str) -> str:
@@ -38,6 +40,40 @@ def get_bin_path(prefix: str) -> str:
 
 def get_idx_path(prefix: str) -> str:
     return prefix + ".idx"
+
+
+def get_tokenizer_info_path(prefix: str) -> str:
+    """megallama's sidecar next to a .bin/.idx pair: which tokenizer made it (Megatron's format has no such field,
+    and ids from another tokenizer train silently while they stay below its vocabulary size)."""
+    return prefix + ".tokenizer-info.json"
+
+
+def tokenizer_info(tokenizer, **extra) -> dict | None:
+    """The sidecar's content for ``tokenizer``; None for an object without a fingerprint (nothing to compare)."""
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if not fingerprint:
+        return None
+    kind, model = getattr(tokenizer, "_build_args", (getattr(tokenizer, "tokenizer_type", None), None))
+    return {"format": TOKENIZER_INFO_FORMAT, "name": getattr(tokenizer, "name", str(kind)),
+            "fingerprint": fingerprint, "vocab_size": getattr(tokenizer, "vocab_size", None),
+            "tokenizer_type": kind, "tokenizer_model": os.path.abspath(model) if model else None, **extra}
+
+
+def read_tokenizer_info(prefix: str) -> dict | None:
+    """The sidecar of ``prefix``, or None when it has none (made by Megatron or an older megallama)."""
+    path = get_tokenizer_info_path(prefix)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        if not isinstance(info, dict) or not isinstance(info.get("fingerprint"), str):
+            raise ValueError("no 'fingerprint' string")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a tokenizer record of tools/preprocess_data.py ({str(e).splitlines()[0]});"
+                          f" re-run tools/preprocess_data.py, or delete it to fall back to the token-id range check")\
+            from None
+    return info
 
 
 def optimal_dtype(vocab_size: int | None):

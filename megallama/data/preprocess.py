@@ -17,7 +17,8 @@ import zlib
 
 import numpy as np
 
-from megallama.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path, optimal_dtype
+from megallama.data.indexed_dataset import (IndexedDatasetBuilder, get_bin_path, get_idx_path,
+                                            get_tokenizer_info_path, optimal_dtype, tokenizer_info)
 from megallama.errors import ConfigError
 from megallama.progress import ProgressBar
 
@@ -145,7 +146,8 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1, json_keys=("text",),
                      append_eod: bool = True, progress: bool = True, chunk_lines: int = _CHUNK_LINES,
                      dtype=None, overwrite: bool = False, caller: str = "preprocess") -> dict:
-    """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key.
+    """Tokenize a .jsonl (or .jsonl.gz) file into ``<output_prefix>_<key>_document.bin/.idx`` for each json key,
+    each with a ``.tokenizer-info.json`` naming the tokenizer, so that training with another one is refused.
     Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
     no documents at all, leaving existing outputs untouched, and before any work when an output exists and
     ``overwrite`` is off. With one key, empty texts are skipped; with several, an empty text is an empty document
@@ -196,15 +198,24 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
         for k, (_, n_tokens) in counts.items():
             if n_tokens == 0:
                 raise ConfigError(f"{input} holds no non-empty {k!r} texts; give it at least one document")
+        info = {k: tokenizer_info(tokenizer, json_key=k, append_eod=append_eod) for k in prefixes}
         for k, p in prefixes.items():
             builders[k].finalize(get_idx_path(p) + tag)
+            if info[k] is not None:
+                with open(get_tokenizer_info_path(p) + tag, "w", encoding="utf-8") as f:
+                    json.dump(info[k], f, indent=1)
         for k, p in prefixes.items():  # .bin before .idx: a reader that sees the new .idx sees its .bin
             os.replace(get_bin_path(p) + tag, get_bin_path(p))
             os.replace(get_idx_path(p) + tag, get_idx_path(p))
+            # the tokenizer record last: cut off before it, new data is checked against the old record or by id range
+            if info[k] is not None:
+                os.replace(get_tokenizer_info_path(p) + tag, get_tokenizer_info_path(p))
+            elif os.path.exists(get_tokenizer_info_path(p)):  # the replaced data's record
+                os.remove(get_tokenizer_info_path(p))
     except BaseException:
         for k, p in prefixes.items():
             builders[k].data_file.close()
-            for f in (get_bin_path(p) + tag, get_idx_path(p) + tag):
+            for f in (get_bin_path(p) + tag, get_idx_path(p) + tag, get_tokenizer_info_path(p) + tag):
                 if os.path.exists(f):
                     os.remove(f)
         raise

@@ -108,7 +108,8 @@ def test_jsonl_is_tokenized_once_and_cached(tmp_path, bundled_tokenizer):
     cache = str(tmp_path / "cache")
     tr, va = build_pretraining_datasets(src, bundled_tokenizer, 16, 1234, "90,10,0", cache, progress=False)
     files = sorted(os.listdir(cache))
-    assert len(files) == 2 and files[0].startswith("c-") and files[0].endswith("_text_document.bin")
+    assert len(files) == 3 and files[0].startswith("c-") and files[0].endswith("_text_document.bin")
+    assert files[2].endswith("_text_document.tokenizer-info.json")  # the tokenizer record preprocess writes
     stamp = os.stat(os.path.join(cache, files[0])).st_mtime_ns
     tr2, _ = build_pretraining_datasets(src, bundled_tokenizer, 16, 1234, "90,10,0", cache, progress=False)
     assert os.stat(os.path.join(cache, files[0])).st_mtime_ns == stamp  # reused
@@ -116,7 +117,7 @@ def test_jsonl_is_tokenized_once_and_cached(tmp_path, bundled_tokenizer):
     assert bundled_tokenizer.eod in torch.cat([tr[i]["input_ids"] for i in range(len(tr))])  # docs end with eod
     write_jsonl(tmp_path / "c.jsonl", TEXTS * 5)  # edited file -> a new cache entry
     build_pretraining_datasets(src, bundled_tokenizer, 16, 1234, "90,10,0", cache, progress=False)
-    assert len(os.listdir(cache)) == 4
+    assert len(os.listdir(cache)) == 6
     prefix = os.path.join(cache, files[0][: -len(".bin")])  # a .bin/.idx prefix works as data too
     tr3, _ = build_pretraining_datasets(prefix, bundled_tokenizer, 16, 1234, "90,10,0", progress=False)
     assert torch.equal(tr3[5]["input_ids"], tr[5]["input_ids"])
@@ -162,4 +163,4 @@ def test_distributed_ranks_share_one_cache(tmp_path):
     from dist_utils import run_distributed
     src = write_jsonl(tmp_path / "d.jsonl", TEXTS * 4)
     out = run_distributed(_build_on_rank, 2, src, str(tmp_path / "cache"))
-    assert out[0] == out[1] and len(out[0][1]) == 2
+    assert out[0] == out[1] and len(out[0][1]) == 3

@@ -73,7 +73,8 @@ def test_malformed_line_reports_line_number_and_writes_nothing(tmp_path, capsys)
     after = {ext: open(f"{out}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")}
     assert after == before  # not overwritten
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl", "out_text_document.bin",
-                                           "out_text_document.idx"]  # no temp files left
+                                           "out_text_document.idx", "out_text_document.tokenizer-info.json"]
+    # (no temp files left)
     (tmp_path / "nokey.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
     assert main(["--input", str(tmp_path / "nokey.jsonl"), "--output-prefix", str(tmp_path / "n")]) == 2
     assert "line 2: no 'text' key (keys: body); pass --json-keys" in capsys.readouterr().err
