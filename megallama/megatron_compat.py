@@ -120,6 +120,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    "fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="on resume, start the RNG states from --seed")
     g.add_argument("--no-save-optim", action="store_true", help="save weights without optimizer states")
+    g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration of the --load run instead of "
+                   "the newest")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="--load with no checkpoint in it is an error (instead of starting from scratch)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,

@@ -199,6 +199,13 @@ def check_save_dir(args) -> None:
         return
     load, finetune = getattr(args, "load", None), getattr(args, "finetune", False)
     if load and _inside(load, save) and not finetune:
+        step = getattr(args, "ckpt_step", None)
+        start = step if step is not None else iteration_of(load)
+        later = [i for i in list_iterations(save) if start is not None and i > start]
+        if later:  # the resumed run would save its own iterations over these (and move the tracker back)
+            raise ConfigError(f"resuming {save} from iteration {start} would overwrite its later checkpoints "
+                              f"(iterations {', '.join(map(str, later))}); pass another --save directory, or move "
+                              "those iterations away first")
         return
     fix = f"drop --finetune and pass --load {save} to resume it" if load and finetune and _inside(load, save) \
         else f"pass --load {save} to resume it"

@@ -254,6 +254,9 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
     optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``. ``quiet``:
     no "loaded weights" line (the caller says what it loaded). ``scheduler``: its settings are checked against the
     checkpoint's (a resume must not change the LR schedule silently; a finetune starts a fresh one)."""
+    step = getattr(args, "ckpt_step", None)
+    if step is not None:  # Megatron's --ckpt-step: that iteration of the --load run, and no other
+        load = _ckpt_step_dir(load, step)
     candidates = _bcast(F.resolve_load_dir(load) if _rank() == 0 else None)
     named = candidates == [load]
     bad = []
@@ -293,6 +296,17 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
                           "the flag to start from scratch")
     _say(f"no checkpoint in {load}; starting from scratch")
     return 0, 0
+
+
+def _ckpt_step_dir(load: str, step: int) -> str:
+    if F.iteration_of(load) is not None:
+        load = os.path.dirname(os.path.normpath(load))
+    ckpt = F.checkpoint_dir(load, step)
+    if not os.path.isdir(ckpt):
+        have = F.list_iterations(load)
+        raise ConfigError(f"--ckpt-step {step}: {load} has no iteration {step} (it has "
+                          f"{', '.join(map(str, have)) if have else 'none'}); pass one of those")
+    return ckpt
 
 
 def _saved_scheduler(common: dict) -> Optional[dict]:

@@ -77,7 +77,8 @@ def test_scheduler_check_names_each_setting_and_both_flags():
     assert settings_from_args({"lr": 1e-3, "min_lr": 1e-4, "train_iters": 50, "lr_warmup_iters": None,
                                "lr_decay_iters": None, "lr_decay_style": "cosine"}) == \
         dict(max_lr=1e-3, min_lr=1e-4, init_lr=0.0, warmup_iters=5, decay_iters=50, decay_style="cosine",
-             wsd_decay_iters=None, wsd_decay_style="exponential")
+             wsd_decay_iters=None, wsd_decay_style="exponential", start_wd=None, end_wd=None, wd_incr_iters=None,
+             wd_incr_style="constant")
     assert settings_from_args({"model_config": {}}) is None
 
 
@@ -112,3 +113,20 @@ def test_finetune_script_refuses_a_save_dir_holding_a_run_unless_it_resumes_it(t
                                                         world_size=1))
     args = finetune_llama.prepare_finetune_args(parse_args(sft + ["--load", ck], world_size=1))
     assert args.load == ck and args.pretrained_checkpoint == pre
+
+
+def test_ckpt_step_loads_that_iteration_and_never_overwrites_later_ones(tmp_path):
+    """Megatron's --ckpt-step picks an older iteration of the --load run. Saving the resumed run into the same
+    directory would write over the later checkpoints: refused in one line (so is --load of an older iter_* there);
+    into another directory it trains on from that iteration."""
+    ck, other = str(tmp_path / "run"), str(tmp_path / "other")
+    full = _run(["--train-iters", "4", "--save", ck, "--save-interval", "2"])["losses"]
+    before = sorted(os.listdir(ck))
+    for flags in (["--load", ck, "--ckpt-step", "2"], ["--load", os.path.join(ck, "iter_0000002")]):
+        with pytest.raises(ConfigError, match="would overwrite its later checkpoints \\(iterations 4\\)"):
+            _run(["--train-iters", "4", "--save", ck] + flags)
+    assert sorted(os.listdir(ck)) == before
+    resumed = _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "2", "--save", other])["losses"]
+    assert resumed == {3: full[3], 4: full[4]}
+    with pytest.raises(ConfigError, match="--ckpt-step 3: .* has no iteration 3 \\(it has 2, 4\\)"):
+        _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "3"])
