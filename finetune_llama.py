@@ -14,6 +14,10 @@ Same flags and training loop as ``pretrain_llama.py``; what differs is the data 
   ``--use-checkpoint-args`` its shape;
 * strategy: ``standard`` fine-tunes everything, ``lora`` adapters on a frozen base (``--save-adapter`` writes
   them in PEFT's layout), ``moe``/``hybrid`` upcycle the dense MLPs into experts.
+
+``--dry-run`` prints this run's resolved flags (chat data, the pretrained model's tokenizer) and per-GPU memory
+estimate, as ``megallama train --dry-run`` does for pretraining (``--gpus``/``--nodes`` plan a launch); it builds,
+converts and writes nothing.
 """
 import os
 import sys
@@ -87,7 +91,7 @@ def prepare_finetune_args(args):
         if not os.path.exists(args.pretrained_checkpoint):
             raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "
                               "checkpoint directory or an HF model folder")
-        if is_hf_model_dir(args.pretrained_checkpoint):
+        if is_hf_model_dir(args.pretrained_checkpoint) and not args.dry_run:  # a plan reads the folder as it is
             args.pretrained_checkpoint = convert_hf_once(args.pretrained_checkpoint, args.save or os.getcwd())
         if args.mock_data:
             pass  # random ids: no tokenizer to follow or match
@@ -98,14 +102,22 @@ def prepare_finetune_args(args):
     return args
 
 
+def _saved_args(pretrained: str) -> dict:
+    """The pretrained model's saved arguments; an HF folder not converted yet (--dry-run) as its conversion records
+    them."""
+    if is_hf_model_dir(pretrained):
+        return {"converted_from": os.path.abspath(pretrained)}
+    from megallama.checkpointing.full import open_checkpoint
+    return open_checkpoint(pretrained, verify=False)[1].get("args", {})
+
+
 def _check_named_tokenizer(args) -> None:
     """Tokenizer flags given: refuse one that is not the pretrained model's, whose ids would mean other words to it
     (generation's ``check_tokenizer``: the recorded fingerprint, else the vocabulary size)."""
-    from megallama.checkpointing.full import open_checkpoint
     from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
     from megallama.generation_cli import check_tokenizer
     from megallama.initialize import print_rank_0
-    saved = open_checkpoint(args.pretrained_checkpoint, verify=False)[1].get("args", {})
+    saved = _saved_args(args.pretrained_checkpoint)
     if "model_config" not in saved:
         return
     tokenizer = build_tokenizer(args.tokenizer_type or "bundled", args.tokenizer_model)
@@ -126,20 +138,40 @@ def _check_named_tokenizer(args) -> None:
 def _use_checkpoint_tokenizer(args) -> None:
     """No tokenizer named: the pretrained model's (an HF folder's tokenizer.json, or the run's), not the bundled
     one, whose ids mean other words to the model."""
-    from megallama.checkpointing.full import open_checkpoint
     from megallama.data.tokenizer import checkpoint_tokenizer
     from megallama.initialize import print_rank_0
-    saved = open_checkpoint(args.pretrained_checkpoint, verify=False)[1].get("args", {})
+    saved = _saved_args(args.pretrained_checkpoint)
     args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(saved)
     if args.tokenizer_type or args.tokenizer_model:
         print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} (the pretrained checkpoint's; "
                      "--tokenizer-type/--tokenizer-model override it)")
 
 
+def dry_run(argv) -> None:
+    """Print the fine-tuning run's resolved configuration and memory estimate for ``--gpus`` x ``--nodes``
+    (default one process), as ``megallama train --dry-run`` does; the pretraining command would show another
+    run (no chat data, the bundled tokenizer)."""
+    from megallama.arguments import parse_args
+    from megallama.autoconfig_args import follow_tokenizer
+    from megallama.cli import _world
+    from megallama.memory_advice import format_table
+    from megallama.memory_args import estimate_for_args
+    gpus, nodes = _world(argv)
+    args = prepare_finetune_args(parse_args(argv, world_size=gpus * nodes))
+    vocab = follow_tokenizer(args)
+    lines = ["resolved configuration:"] + [f"  {k:40s} {getattr(args, k)}" for k in sorted(vars(args))
+                                          if k != "model_config"]
+    print("\n".join(lines + [f"  model_config {args.model_config.to_dict()}", f"  {vocab}", ""]))
+    print(format_table(estimate_for_args(args, gpus, nodes)))
+
+
 def main(argv=None) -> int:
     from megallama.arguments import parse_args
     from megallama.initialize import run_script
     from megallama.training import pretrain
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dry-run" in argv:
+        return run_script(lambda: dry_run(argv))
     return run_script(lambda: pretrain(prepare_finetune_args(parse_args(argv))))
 
 

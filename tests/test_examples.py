@@ -52,7 +52,6 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
     ("multi_node.sh", {"NNODES": "2"}, ["--model", "llama3_8b", "--tensor-model-parallel-size", "8"],
      "16 GPUs = tp 8 x pp 1 x dp 2"),
     ("pretrain_tiny_cpu.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
-    ("finetune_lora.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
 ])
 def test_launcher_dry_run_resolves_and_fits_80_gib(script, env, args, expect):
     """Every launcher's DRY_RUN=1: its flags resolve for the job's GPUs (one process) and the estimate fits."""
@@ -60,6 +59,32 @@ def test_launcher_dry_run_resolves_and_fits_80_gib(script, env, args, expect):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resolved configuration:" in r.stdout and expect in r.stdout, r.stdout[-3000:]
     assert _total_gib(r.stdout) < 0.95 * 80
+
+
+def test_finetune_launcher_dry_run_resolves_the_finetuning_step(tmp_path):
+    """DRY_RUN=1 bash finetune_lora.sh ran the pretraining command (chat_template False, the pretraining corpus) and
+    never looked for the base checkpoint: now it is one line naming the command that creates it, and with the base
+    there the fine-tuning step's own flags resolve (chat data, LoRA, the base's tokenizer)."""
+    missing = _bash("finetune_lora.sh", DRY_RUN="1", BASE=str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr[-2000:]
+    assert f"base checkpoint {tmp_path / 'none'} does not exist; create it with: python pretrain_llama.py" \
+        in missing.stderr and "resolved configuration" not in missing.stdout
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    base = str(tmp_path / "base")  # the script's shape, one mock step
+    pretrain(parse_args(["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "256",
+                         "--ffn-hidden-size", "704", "--num-attention-heads", "8", "--num-query-groups", "4",
+                         "--device", "cpu", "--mock-data", "--seq-length", "16", "--micro-batch-size", "1",
+                         "--global-batch-size", "1", "--train-iters", "1", "--save", base, "--no-progress-bar",
+                         "--no-fused-kernels"],
+                        world_size=1))
+    r = _bash("finetune_lora.sh", "--save", str(tmp_path / "lora"), DRY_RUN="1", BASE=base)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for key, value in (("chat_template", "True"), ("pretrained_checkpoint", base), ("strategy", "lora"),
+                       ("sft_packing", "True"), ("dry_run", "True")):
+        assert re.search(rf"^  {key}\s+{re.escape(value)}$", r.stdout, re.M), (key, r.stdout[-3000:])
+    assert "1 GPUs = tp 1 x pp 1 x dp 1" in r.stdout and _total_gib(r.stdout) < 0.95 * 80
+    assert not os.path.exists(tmp_path / "lora")  # a plan writes nothing
 
 
 def test_moe_launcher_counts_experts_per_expert_parallel_rank():

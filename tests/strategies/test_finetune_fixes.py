@@ -108,3 +108,16 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused(tmp_path, one_thread)
     assert "hf:tok.json" in msg and "trained with tokenizer bundled" in msg and "drop --tokenizer-type" in msg, msg
     assert "\n" not in msg
     assert _pretrained(sft + ["--tokenizer-type", "bundled"]) == ck
+
+
+# ------------------------------------------------------------------ (13) --dry-run plans the fine-tuning run
+def test_dry_run_resolves_the_finetuning_flags_and_converts_nothing(tmp_path, monkeypatch, capsys):
+    import finetune_llama
+    monkeypatch.chdir(tmp_path)
+    _export(tmp_path / "model", 1)
+    rc = finetune_llama.main(["--pretrained-checkpoint", "model", "--use-checkpoint-args", "--mock-data", "--device",
+                              "cpu", "--seq-length", "64", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "resolved configuration:" in out and "1 GPUs = tp 1 x pp 1 x dp 1" in out, out[-2000:]
+    assert "'num_layers': 1, 'hidden_size': 32" in out and " chat_template                            True" in out
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # the HF folder was read, not converted
