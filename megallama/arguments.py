@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
+from megallama.batch_rampup import setup_rampup
 from megallama.megatron_compat import add_megatron_args, apply_shape_flags, check_model_flags, samples_to_iters
 
 
@@ -331,6 +332,7 @@ def _derive(args, world_size: int):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     samples_to_iters(args)
+    setup_rampup(args)
     check_schedule_flags(args)
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler contradict each "

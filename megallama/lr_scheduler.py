@@ -156,9 +156,10 @@ class OptimizerParamScheduler:
                 group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         return lr
 
-    def skip(self) -> None:
-        """The update of the iteration just run was skipped: the next one gets its LR."""
-        self.skipped_iters += 1
+    def skip(self, iterations: float = 1.0) -> None:
+        """The update of the iteration just run was skipped: the next one gets its LR (``iterations``: its share of
+        a full global batch, under --rampup-batch-size)."""
+        self.skipped_iters += iterations
 
     def settings(self) -> dict:
         return dict(max_lr=self.max_lr, min_lr=self.min_lr, init_lr=self.init_lr, warmup_iters=self.warmup_iters,
@@ -176,7 +177,7 @@ class OptimizerParamScheduler:
         count of skipped updates is progress, not a setting: it is always restored."""
         if not saved:
             return
-        self.skipped_iters = int(saved.get("skipped_iters", 0))
+        self.skipped_iters = saved.get("skipped_iters", 0)
         if override:
             return
         saved = {**_DEFAULTS, **saved}

@@ -120,6 +120,9 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    "fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="on resume, start the RNG states from --seed")
     g.add_argument("--no-save-optim", action="store_true", help="save weights without optimizer states")
+    g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
+                   metavar=("START", "INCREMENT", "SAMPLES"), help="grow the global batch from START by INCREMENT "
+                   "over the first SAMPLES samples (with --train-samples)")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration of the --load run instead of "
                    "the newest")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",

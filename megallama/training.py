@@ -177,26 +177,32 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         exit_signal = ExitSignalHandler()
     profiler = StepProfiler(getattr(args, "profile_step", None), device, enabled=is_rank_0(), printer=print_rank_0)
     t_last, last_logged = time.time(), start_iter  # interval timer: training time since the last logged step
+    ramp = getattr(args, "batch_rampup", None)  # --rampup-batch-size: this iteration's batch from `consumed`
+    consumed_at_log = consumed
+    per_microbatch = args.micro_batch_size * ps.get_data_parallel_world_size()
     for iteration in range(start_iter, end_iter):
         profiler.begin(iteration + 1)
-        lr = scheduler.step(iteration)
+        gbs = ramp.global_batch(consumed) if ramp else args.global_batch_size
+        num_microbatches = gbs // per_microbatch
+        # the schedule's position: applied updates, in global batches of samples under a ramp (Megatron's samples)
+        lr = scheduler.step(consumed / args.global_batch_size if ramp else iteration)
         optimizer.zero_grad()
         for m in model_chunks:
             if hasattr(m, "zero_grad_buffer"):
                 m.zero_grad_buffer()
         # MoE aux losses get the gradient scale the schedule gives the LM loss (1/microbatches, x fp16 scale)
-        set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / args.num_microbatches)
-        losses = forward_backward(forward_step, data_iter, model_chunks, args.num_microbatches, local_seq,
+        set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / num_microbatches)
+        losses = forward_backward(forward_step, data_iter, model_chunks, num_microbatches, local_seq,
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
         finalize_model_grads(model_chunks, args)
         ok, grad_norm, num_zeros = optimizer.step()
-        consumed += args.global_batch_size
+        consumed += gbs
         loss = _global_mean_loss(losses, device)
         profiler.end(iteration + 1)
         step = iteration + 1
         if not ok:
-            scheduler.skip()  # a skipped update does not advance the LR schedule (Megatron's)
+            scheduler.skip(gbs / args.global_batch_size)  # a skipped update does not advance it (Megatron's)
         if not ok or not math.isfinite(loss):
             skipped_in_row += 1
             total_skipped += 1
@@ -221,7 +227,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         if tb_now:
             logger.scalars_with_samples(step, consumed, {
                 "learning-rate": lr if args.log_learning_rate_to_tensorboard else None,
-                "batch-size": args.global_batch_size, "lm loss": loss if math.isfinite(loss) else None,
+                "batch-size": gbs, "lm loss": loss if math.isfinite(loss) else None,
                 "loss-scale": float(optimizer.get_loss_scale()) if args.log_loss_scale_to_tensorboard else None,
                 "world-size": world if args.log_world_size_to_tensorboard else None,
                 "grad-norm": float(grad_norm) if grad_norm is not None else None, "num-zeros": num_zeros,
@@ -232,13 +238,16 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.time()  # per step since the last log: the last line may follow fewer than log_interval
-            dt, t_last, last_logged = (now - t_last) / (step - last_logged), now, step
+            steps_done = step - last_logged
+            dt, t_last, last_logged = (now - t_last) / steps_done, now, step
             times[step] = dt
-            tps = tokens_per_iter / dt
+            # tokens of the interval's steps (each gbs x seq; under a ramp the batches differ)
+            tps = (consumed - consumed_at_log) * args.seq_length / (dt * steps_done)
+            consumed_at_log = consumed
             mean_loss = interval_loss / interval_steps if interval_steps else loss
             interval_loss, interval_steps = 0.0, 0
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
-                    "global batch size": args.global_batch_size, "lm loss": mean_loss,
+                    "global batch size": gbs, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
                     "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,
                     "params norm": params_norm,
