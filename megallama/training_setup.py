@@ -73,6 +73,8 @@ def build_data(args):
                                           packing=getattr(args, "sft_packing", False))
         if args.train_iters is None:
             args.train_iters = iters_for_epochs(args, len(train))
+        # sized for the run: each epoch past the first in its own order (the sampler would wrap to the first)
+        train.num_samples = max(len(train), args.train_iters * args.global_batch_size)
         return tokenizer, train, valid
     from megallama.data.blended_dataset import build_blended_datasets
     from megallama.data.gpt_dataset import build_pretraining_datasets

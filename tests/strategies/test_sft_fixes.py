@@ -173,3 +173,23 @@ def test_later_epochs_are_reshuffled_and_independent_of_history():
     assert len(one) == one.samples_per_epoch == len(list(one))  # iterating reads one epoch, not forever
     train, _ = build_sft_datasets(get_bundled_chat_path(), tok, 256, split="100,0,0", num_train_samples=5000)
     assert len(train) == 5000 and train.samples_per_epoch == 2000 and len(list(train)) == 5000
+
+
+def test_a_multi_epoch_run_reads_each_epoch_in_its_own_order():
+    """build_data sizes the chat train set for the whole run, so the sampler reads epoch 2 in its own order instead
+    of wrapping to epoch 1's."""
+    import torch
+
+    from megallama.arguments import parse_args
+    from megallama.training_setup import build_data
+    argv = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "32", "--ffn-hidden-size", "64",
+            "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size",
+            "8", "--epochs", "2", "--device", "cpu", "--split", "100,0,0"]
+    args = parse_args(argv, world_size=1)
+    args.chat_template = True
+    _, train, _ = build_data(args)
+    per_epoch = train.samples_per_epoch
+    assert len(train) >= 2 * per_epoch - 8 and args.train_iters * 8 == len(train)
+    first = [train[i]["input_ids"] for i in range(4)]
+    second = [train[per_epoch + i]["input_ids"] for i in range(4)]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
