@@ -39,6 +39,12 @@ FORMAT = "megallama.zero.v1"
 _STATES = ("exp_avg", "exp_avg_sq")
 
 
+def _is_chimera(chunk) -> bool:
+    while not hasattr(chunk, "pipeline_schedule") and isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return getattr(chunk, "pipeline_schedule", None) == "chimera"
+
+
 class DistributedOptimizer:
     def __init__(self, config: OptimizerConfig, model_chunks: Sequence):
         self.config = config.validate()
@@ -71,7 +77,8 @@ class DistributedOptimizer:
                     off += pc.numel
                 else:
                     pc.master = pc.model_view
-                pc.in_norm = clip_grads.counts_in_norm(pc.param)
+                # Chimera's replica chunk holds another stage's part: that stage counts it
+                pc.in_norm = clip_grads.counts_in_norm(pc.param) and not (ci > 0 and _is_chimera(ddp))
             self.pieces += pieces
         self._separate_masters = bool(self._masters_buffers)
         decay = [pc.master for pc in self.pieces if len(pc.shape) >= 2]

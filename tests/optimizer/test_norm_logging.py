@@ -44,3 +44,28 @@ def test_params_norm_and_zeros_count_each_element_once():
             z, n = got[name][step]
             assert z == zeros, (name, step, z, zeros)
             assert abs(n - norm) <= 1e-5 * norm, (name, step, n, norm)
+
+
+def _chimera(rank, world, argv):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    out = pretrain(parse_args(argv + ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "chimera"],
+                              world_size=world))
+    return out["losses"], out["grad_norms"], _logged(["--pipeline-model-parallel-size", "2", "--pipeline-schedule",
+                                                      "chimera"] + argv[len(ARGV):], world)
+
+
+def test_chimera_counts_its_replica_chunk_once():
+    """Chimera keeps a replica of another stage's layers: the grad norm (and so clipping, here active at 0.5),
+    the params norm and the zero count take each element once, as one process does (they were sqrt(2), and 2x)."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    argv = ARGV + ["--clip-grad", "0.5", "--train-iters", "3", "--micro-batch-size", "1", "--global-batch-size", "4"]
+    ref = pretrain(parse_args(argv, world_size=1))
+    ref_logged = _logged(argv[len(ARGV):], 1)
+    losses, norms, logged = run_distributed(_chimera, 2, argv)[0]
+    assert all(n > 0.5 for n in ref["grad_norms"].values())  # clipping acts on every step
+    for i in (1, 2, 3):
+        assert abs(norms[i] - ref["grad_norms"][i]) <= 1e-5 * ref["grad_norms"][i], (i, norms, ref["grad_norms"])
+        assert abs(losses[i] - ref["losses"][i]) <= 1e-5 * ref["losses"][i]
+        assert logged[i][0] == ref_logged[i][0] and abs(logged[i][1] - ref_logged[i][1]) <= 1e-5 * ref_logged[i][1]
