@@ -234,13 +234,15 @@ def apply_training_strategy(chunks, args) -> None:
         as_saved = argparse.Namespace(**vars(args))
         as_saved.model_config = args.model_config.replace(num_experts=saved.get("num_experts", 0) or 0)
         load_checkpoint(pretrained, chunks, None, as_saved, finetune=True)
+    upcycle = bool(getattr(args, "moe_upcycle", False) or pretrained)  # experts start as copies of the dense MLP
     if active and not (pretrained and saved_moe):
-        apply_strategy(chunks, strategy, seed=args.seed,
-                       upcycle=bool(getattr(args, "moe_upcycle", False) or pretrained))
+        apply_strategy(chunks, strategy, seed=args.seed, upcycle=upcycle)
     if active:
         n, total = trainable_parameter_count(chunks), sum(p.numel() for m in chunks for p in m.parameters())
-        print_rank_0(f"strategy {strategy.name}: rank 0 trains {_human(n)} of {_human(total)} parameters "
-                     f"({strategy.parameters})")
+        shown = dict(strategy.parameters)
+        if "upcycle" in shown:  # what was done, not the flag's default
+            shown["upcycle"] = upcycle and not (pretrained and saved_moe)
+        print_rank_0(f"strategy {strategy.name}: rank 0 trains {_human(n)} of {_human(total)} parameters ({shown})")
 
 
 def configure_recompute(model, args) -> None:
