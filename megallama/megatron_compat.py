@@ -107,7 +107,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     for flag in ("--decoupled-lr", "--decoupled-min-lr"):
         g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "none"], default=None,
-                   help="aux_loss (the default) or none (--moe-aux-loss-coeff 0)")
+                   help="aux_loss (the default: per micro-batch, as Megatron's) or none (--moe-aux-loss-coeff 0); "
+                   "Megatron's global_aux_loss is not offered")
     g.add_argument("--rotary-base", dest="rope_theta", type=float, default=None, help="= --rope-theta")
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling")
     g.add_argument("--rope-scaling-factor", type=float, default=None, help="with --use-rope-scaling (default 8)")
@@ -120,6 +121,16 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    "fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="on resume, start the RNG states from --seed")
     g.add_argument("--no-save-optim", action="store_true", help="save weights without optimizer states")
+    g.add_argument("--profile", action="store_true", help="profile iterations [--profile-step-start, "
+                   "--profile-step-end) on --profile-ranks: an Nsight Systems range, or a torch.profiler trace")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    g.add_argument("--use-pytorch-profiler", action="store_true", help="with --profile: a torch.profiler trace "
+                   "in --tensorboard-dir")
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="record the CUDA allocator's history and dump it to --memory-snapshot-path each log line")
+    g.add_argument("--memory-snapshot-path", default="snapshot.pickle")
     g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
                    metavar=("START", "INCREMENT", "SAMPLES"), help="grow the global batch from START by INCREMENT "
                    "over the first SAMPLES samples (with --train-samples)")
@@ -170,6 +181,8 @@ def check_model_flags(args) -> None:
         raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}")
     if args.distributed_timeout_minutes <= 0:
         raise ConfigError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
+    from megallama.megatron_profiler import check_profile_flags
+    check_profile_flags(args)
     if args.moe_router_load_balancing_type == "none":
         args.moe_aux_loss_coeff = 0.0
 

@@ -16,20 +16,21 @@ import torch.distributed as dist
 
 from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint, save_checkpoint
 from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
-from megallama.errors import ConfigError
-from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
+from megallama.errors import ConfigError
+from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
                                memory_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
+from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.optimizer.compression import compression_report, format_compression_report
 from megallama.optimizer.distributed import finish_param_sync
-from megallama.progress import ProgressBar
 from megallama.profiling import StepProfiler
-from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
+from megallama.progress import ProgressBar
 from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
                                       given_data, setup_model_and_optimizer)
 
@@ -176,12 +177,14 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         from megallama.checkpointing.signals import ExitSignalHandler
         exit_signal = ExitSignalHandler()
     profiler = StepProfiler(getattr(args, "profile_step", None), device, enabled=is_rank_0(), printer=print_rank_0)
+    mprof = MegatronProfiler(args, device, dist.get_rank() if dist.is_initialized() else 0)  # --profile
     t_last, last_logged = time.time(), start_iter  # interval timer: training time since the last logged step
     ramp = getattr(args, "batch_rampup", None)  # --rampup-batch-size: this iteration's batch from `consumed`
     consumed_at_log = consumed
     per_microbatch = args.micro_batch_size * ps.get_data_parallel_world_size()
     for iteration in range(start_iter, end_iter):
         profiler.begin(iteration + 1)
+        mprof.begin(iteration)
         gbs = ramp.global_batch(consumed) if ramp else args.global_batch_size
         num_microbatches = gbs // per_microbatch
         # the schedule's position: applied updates, in global batches of samples under a ramp (Megatron's samples)
@@ -221,6 +224,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             with open(args.loss_log, "a") as f:
                 f.write(f"{step} {loss!r}\n")
         log_now = step % args.log_interval == 0 or step == end_iter
+        mprof.end(iteration, log_now)
         tb_now = bool((args.tensorboard_dir or args.wandb_project) and step % args.tensorboard_log_interval == 0)
         # a collective: every rank takes it at the same steps (args are the same everywhere)
         params_norm = optimizer.params_norm() if args.log_params_norm and (log_now or tb_now) else None
@@ -300,6 +304,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter, stopped_early = step, True
             break
+    mprof.close()
     finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
     validates = args.eval_interval or getattr(args, "valid_data_path", None)  # a validation corpus is for using
     if not stopped_early and end_iter == args.train_iters > start_iter and validates \
