@@ -82,7 +82,7 @@ def model_split(cfg: ModelConfig, strategy: str = "standard", lora_rank: int = 8
 
 
 def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = None,
-                 schedule: str = "1f1b") -> List[int]:
+                 schedule: str = "1f1b", last_stage_layers: Optional[int] = None) -> List[int]:
     """Decoder layers on each pipeline stage, split as the pipeline builds it (pipeline/partition.py): balanced by
     cost, so the stages with the embedding and the output head get fewer; interleaved cuts equal chunks."""
     if pp == 1:
@@ -91,7 +91,7 @@ def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = 
         return [cfg.num_layers // pp] * pp
     from megallama.pipeline.partition import costs_from_config, partition_layers
     parts = partition_layers(cfg.num_layers, pp, costs=costs_from_config(cfg),
-                             first_stage_num_layers=first_stage_layers)
+                             first_stage_num_layers=first_stage_layers, last_stage_num_layers=last_stage_layers)
     return [len(part) for part in parts]
 
 
@@ -250,7 +250,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           pipeline_schedule: str = "1f1b", virtual_pipeline_stages: int = 1,
                           mixed_precision_mode: str = "params", fused_kernels: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
-                          first_stage_layers: Optional[int] = None, bucket_size: int = 40_000_000,
+                          first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
+                          bucket_size: int = 40_000_000,
                           overlap_grad_reduce: bool = False, optimizer: str = "fused",
                           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_topk: Optional[int] = None,
                           p_bytes: Optional[float] = None, g_bytes: Optional[float] = None,
@@ -302,7 +303,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     p, g, k = precision_bytes(precision, mixed_precision_mode)
     pkg = (p if p_bytes is None else p_bytes, g if g_bytes is None else g_bytes, k if k_bytes is None else k_bytes)
     x = am.Shape.of(cfg, batch_size, seq, tp, sequence_parallel, cp)
-    layers = stage_layers(cfg, pp, first_stage_layers, pipeline_schedule)
+    layers = stage_layers(cfg, pp, first_stage_layers, pipeline_schedule, last_stage_layers)
     v = virtual_pipeline_stages if pipeline_schedule == "interleaved" else 1
     stages = {}
     for s in range(pp):  # the split is uneven: any stage can be the fullest
@@ -351,6 +352,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                     virtual_pipeline_stages=virtual_pipeline_stages, mixed_precision_mode=mixed_precision_mode,
                     fused_kernels=fused_kernels, head=head, recompute_method=recompute_method,
                     recompute_num_layers=recompute_num_layers, first_stage_layers=first_stage_layers,
+                    last_stage_layers=last_stage_layers,
                     bucket_size=bucket_size, overlap_grad_reduce=overlap_grad_reduce, optimizer=optimizer,
                     lora_targets=lora_targets, moe_topk=moe_topk, p_bytes=p_bytes, g_bytes=g_bytes, k_bytes=k_bytes,
                     model_config=model_config, device=device)

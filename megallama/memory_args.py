@@ -17,7 +17,8 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                     args.pipeline_schedule, global_batch_size=args.global_batch_size,
                                     micro_batch_size=args.micro_batch_size, data_parallel_size=args.data_parallel_size,
                                     num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-                                    first_stage_num_layers=args.decoder_first_pipeline_num_layers)
+                                    first_stage_num_layers=args.decoder_first_pipeline_num_layers,
+                                    last_stage_num_layers=args.decoder_last_pipeline_num_layers)
     return estimate_requirements(args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
                                  sequence_length=args.seq_length, num_gpus=num_gpus, num_nodes=num_nodes,
                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
@@ -30,6 +31,7 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                  fused_kernels=not args.no_fused_kernels, recompute_method=args.recompute_method,
                                  recompute_num_layers=args.recompute_num_layers,
                                  first_stage_layers=args.decoder_first_pipeline_num_layers,
+                                 last_stage_layers=args.decoder_last_pipeline_num_layers,
                                  bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
                                  gpu_memory_gb=gpu_memory_gb or args.gpu_memory_gb or detect_gpu_memory_gb(),
                                  recommend=recommend, **strategy_from_args(args).estimate_kw())

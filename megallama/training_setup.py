@@ -184,7 +184,8 @@ def build_model_chunks(args, device):
         chunks = build_pp(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
                           sequence_parallel=args.sequence_parallel, schedule=args.pipeline_schedule,
                           num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
-                          first_stage_num_layers=args.decoder_first_pipeline_num_layers)
+                          first_stage_num_layers=args.decoder_first_pipeline_num_layers,
+                          last_stage_num_layers=args.decoder_last_pipeline_num_layers)
     else:
         from megallama.model import build_model
         chunks = [build_model(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,

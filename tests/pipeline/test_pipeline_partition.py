@@ -100,3 +100,26 @@ def test_model_parts_per_schedule():
     assert sizes(model_parts(cfg, 2, "interleaved", num_layers_per_virtual_stage=2)) == [2, 2, 2, 2]
     assert len(model_parts(cfg, 4, "chimera")) == 4  # Chimera: p parts, each held twice
     assert sum(sizes(model_parts(cfg, 4, "1f1b"))) == 8
+
+
+def test_account_for_embedding_and_loss_pins_the_end_stages():
+    """Megatron's --account-for-embedding/loss-in-pipeline-split: the embedding (loss) counts as a layer of the
+    first (last) stage, which gets one decoder layer fewer; the memory estimate follows the same split."""
+    from megallama.arguments import parse_args
+    from megallama.errors import ConfigError
+    from megallama.memory import stage_layers
+    base = ["--model", "tiny_llama3_50m", "--num-layers", "6", "--device", "cpu", "--pipeline-model-parallel-size",
+            "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--train-iters", "1"]
+    a = parse_args(base + ["--num-layers", "7", "--account-for-embedding-in-pipeline-split"], world_size=2)
+    assert (a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers) == (3, None)
+    a = parse_args(base + ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"],
+                   world_size=2)
+    assert (a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers) == (3, 3)
+    a = parse_args(base + ["--num-layers", "7", "--account-for-loss-in-pipeline-split"], world_size=2)
+    assert stage_layers(a.model_config, 2, a.decoder_first_pipeline_num_layers, "1f1b",
+                        a.decoder_last_pipeline_num_layers) == [4, 3]
+    with pytest.raises(ConfigError, match="do not split evenly over 2 pipeline stages"):
+        parse_args(base + ["--account-for-embedding-in-pipeline-split"], world_size=2)
+    with pytest.raises(ConfigError, match="both place layers; pass one"):
+        parse_args(base + ["--num-layers", "7", "--account-for-embedding-in-pipeline-split",
+                           "--decoder-first-pipeline-num-layers", "2"], world_size=2)
