@@ -23,7 +23,9 @@ from megallama.errors import ConfigError
 # is fp32, accumulated and reduced so; --no-query-key-layer-scaling: Llama here has no such scaling; --manual-gc:
 # Python's collector is a host-side performance choice; --no-async-tensor-model-parallel-allreduce and the
 # --mmap-bin-files pair pick implementations; batch-size is always on TensorBoard; a non-finite loss or gradient is
-# always caught (the step is skipped, and --max-skipped-iters in a row stop the run).
+# always caught (the step is skipped, and --max-skipped-iters in a row stop the run); weights are initialised
+# from the seed the same way on any device and layout (--use-cpu-initialization, --no-initialization: a loaded
+# checkpoint replaces them either way); --no-persist-layer-norm picks Apex's kernel.
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
@@ -31,7 +33,8 @@ _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddi
              "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling", "--manual-gc",
              "--no-manual-gc-eval", "--no-async-tensor-model-parallel-allreduce", "--mmap-bin-files",
              "--no-mmap-bin-files", "--log-batch-size-to-tensorboard", "--check-for-nan-in-loss-and-grad",
-             "--no-check-for-nan-in-loss-and-grad")
+             "--no-check-for-nan-in-loss-and-grad", "--use-cpu-initialization", "--no-persist-layer-norm",
+             "--no-initialization")
 # flag -> (the one value a Llama here has, why)
 _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "position_embedding_type": ("rope", "Llama's positions are rotary here"),

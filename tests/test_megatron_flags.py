@@ -157,7 +157,8 @@ def test_other_implementations_are_one_line(extra, says):
 def test_implementation_flags_are_accepted_and_fp16_scaling_flags_reach_the_scaler(monkeypatch):
     _args(TINY + ["--data-impl", "mmap", "--timing-log-level", "0", "--num-dataset-builder-threads", "4",
                   "--no-async-tensor-model-parallel-allreduce", "--no-mmap-bin-files", "--log-batch-size-to-tensorboard",
-                  "--no-check-for-nan-in-loss-and-grad"])
+                  "--no-check-for-nan-in-loss-and-grad", "--use-cpu-initialization", "--no-persist-layer-norm",
+                  "--no-initialization"])
     import megallama.training as tr
     setup, seen = tr.setup_model_and_optimizer, []
 
