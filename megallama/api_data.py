@@ -11,7 +11,6 @@ copy of the inputs, which is refused); a label of -100 (HF's ignore index) masks
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -43,15 +42,7 @@ class UserDataset(torch.utils.data.Dataset):
         self.seq_length, self.vocab_size, self.name = seq_length, vocab_size, name
         self.shuffle = False  # a DataLoader(shuffle=True): trained with --dataloader-type cyclic
         if isinstance(source, torch.utils.data.DataLoader):
-            self.shuffle = isinstance(source.sampler, torch.utils.data.RandomSampler)
-            if not isinstance(source.sampler, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)):
-                warnings.warn(f"the {name} DataLoader's {type(source.sampler).__name__} is not used: megallama "
-                              "splits the samples over data-parallel ranks itself (in order, or shuffled each "
-                              "pass for shuffle=True)")
-            ds = source.dataset
-            if hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and \
-                    not isinstance(ds, torch.utils.data.IterableDataset):
-                source = ds
+            source = self._sampled(source, name)
         if isinstance(source, dict):  # one batch: {"input_ids": [b, s], ...}
             self.items = _samples_of(source)
         elif isinstance(source, (list, tuple)):  # held in memory already: split its batched items
@@ -65,6 +56,30 @@ class UserDataset(torch.utils.data.Dataset):
         if len(self.items) == 0:
             raise ConfigError(f"the {name} data holds no samples; give at least one sequence of "
                               f"{seq_length + 1} tokens")
+
+    def _sampled(self, loader, name: str):
+        """The samples a DataLoader's sampler reads: in order, shuffled each pass (RandomSampler,
+        DistributedSampler(shuffle=True)), or a SubsetRandomSampler's subset (its train/validation split). megallama
+        splits them over data-parallel ranks itself; a sampler that would read other samples is refused."""
+        data = torch.utils.data
+        sampler = loader.sampler
+        if type(loader.batch_sampler) not in (data.BatchSampler, type(None)):
+            raise ConfigError(f"the {name} DataLoader's {type(loader.batch_sampler).__name__} chooses its own "
+                              "batches, which megallama would not follow; pass the dataset or a plain DataLoader")
+        ds = loader.dataset
+        if isinstance(sampler, data.SubsetRandomSampler):
+            self.shuffle = True
+            return data.Subset(ds, list(sampler.indices))
+        if isinstance(sampler, data.DistributedSampler):
+            self.shuffle = bool(sampler.shuffle)
+        elif isinstance(sampler, data.RandomSampler):
+            self.shuffle = True
+        elif not isinstance(sampler, data.SequentialSampler):
+            raise ConfigError(f"the {name} DataLoader's {type(sampler).__name__} picks samples megallama would not "
+                              "read the same way; pass the dataset (or a Subset of it) with shuffle=True/False")
+        if isinstance(ds, data.IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            return loader  # its batches, as they come
+        return ds
 
     def __len__(self) -> int:
         return len(self.items)

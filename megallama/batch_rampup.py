@@ -61,6 +61,11 @@ def setup_rampup(args):
     if getattr(args, "chat_template", False) or getattr(args, "calculate_per_token_loss", False):
         raise ConfigError("--rampup-batch-size does not combine with per-token loss normalisation (chat data, "
                           "--calculate-per-token-loss); drop one")
+    for iters, samples in (("lr_decay_iters", "lr_decay_samples"), ("lr_warmup_iters", "lr_warmup_samples"),
+                           ("lr_wsd_decay_iters", "lr_wsd_decay_samples")):
+        if getattr(args, iters, None) is not None and getattr(args, samples, None) is None:  # given as iterations
+            raise ConfigError(f"--{iters.replace('_', '-')} counts iterations, whose batches a ramp changes; give "
+                              f"--{samples.replace('_', '-')} instead (Megatron's sample-based schedule)")
     per = args.micro_batch_size * args.data_parallel_size
     ramp = BatchSizeRampup(*values, args.global_batch_size, per)
     from megallama.pipeline.schedules import check_schedule_args, normalize_schedule_name

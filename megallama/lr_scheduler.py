@@ -50,7 +50,15 @@ def settings_from_args(args: dict) -> Optional[dict]:
                 wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential",
                 start_wd=args.get("start_weight_decay") if varied else None,
                 end_wd=args.get("end_weight_decay") if varied else None,
-                wd_incr_iters=args["train_iters"] if varied else None, wd_incr_style=style)
+                wd_incr_iters=_run_span(args) if varied else None, wd_incr_style=style)
+
+
+def _run_span(args: dict) -> float:
+    """The run's length in the schedule's unit: iterations, or under --rampup-batch-size (whose iterations are not
+    global batches) the samples in global batches, as Megatron's sample-based weight-decay increment."""
+    if args.get("rampup_batch_size"):
+        return args["train_samples"] / args["global_batch_size"]
+    return args["train_iters"]
 
 
 def check_schedule_flags(args) -> None:

@@ -184,6 +184,8 @@ def check_model_flags(args) -> None:
         raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}")
     if args.distributed_timeout_minutes <= 0:
         raise ConfigError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
+    if args.ckpt_step is not None and not args.load:
+        raise ConfigError(f"--ckpt-step {args.ckpt_step} picks an iteration of the --load run; give --load")
     from megallama.megatron_profiler import check_profile_flags
     check_profile_flags(args)
     if args.moe_router_load_balancing_type == "none":

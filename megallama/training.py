@@ -99,12 +99,16 @@ def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_ste
 def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, consumed, where,
               tag="validation") -> float:
     # Megatron's: each validation reads the next --eval-iters batches (consumed_valid_samples goes on across
-    # evaluations and is saved with the checkpoint's args); the test set is read once, from its start
-    consumed = args.consumed_valid_samples if tag == "validation" else 0
-    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, consumed)
+    # evaluations and is saved with the checkpoint's args) of a validation set sized for the run; one that is not
+    # (a user's dataset) is read from its start each time, so that evaluations stay comparable. The test set is
+    # read once, from its start.
+    per_eval = args.eval_iters * args.global_batch_size
+    continues = tag == "validation" and len(valid_ds) >= args.consumed_valid_samples + per_eval
+    read_from = args.consumed_valid_samples if continues else 0
+    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, read_from)
     if tag == "validation":
-        args.consumed_valid_samples += args.eval_iters * args.global_batch_size
-    ppl = math.exp(min(vloss, 50))
+        args.consumed_valid_samples += per_eval
+    ppl = math.exp(min(vloss, 20))  # Megatron's clamp
     print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.6E} |")
     logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
                                                  f"lm loss {tag} ppl": ppl if args.log_validation_ppl_to_tensorboard
@@ -188,7 +192,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         gbs = ramp.global_batch(consumed) if ramp else args.global_batch_size
         num_microbatches = gbs // per_microbatch
         # the schedule's position: applied updates, in global batches of samples under a ramp (Megatron's samples)
-        lr = scheduler.step(consumed / args.global_batch_size if ramp else iteration)
+        # (the samples consumed after this update, as Megatron's counts; = iteration at a constant batch)
+        lr = scheduler.step((consumed + gbs) / args.global_batch_size - 1 if ramp else iteration)
         optimizer.zero_grad()
         for m in model_chunks:
             if hasattr(m, "zero_grad_buffer"):
@@ -234,7 +239,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                 "batch-size": gbs, "lm loss": loss if math.isfinite(loss) else None,
                 "loss-scale": float(optimizer.get_loss_scale()) if args.log_loss_scale_to_tensorboard else None,
                 "world-size": world if args.log_world_size_to_tensorboard else None,
-                "grad-norm": float(grad_norm) if grad_norm is not None else None, "num-zeros": num_zeros,
+                "grad-norm": float(grad_norm) if grad_norm is not None and ok else None, "num-zeros": num_zeros,
                 "params-norm": params_norm})
             if args.log_memory_to_tensorboard:
                 logger.scalars(step, memory_scalars(device))

@@ -44,14 +44,29 @@ def test_batches_grow_and_read_the_sample_stream_in_order(capsys):
 
 def test_lr_follows_the_samples_consumed(monkeypatch):
     """Warmup of 32 samples and linear decay to 60: the LR of each update is the schedule at the samples consumed
-    before it, in global batches of 16."""
+    after it (Megatron's count), in global batches of 16 (so a batch of 4 warms up a quarter as much as one of 16);
+    --lr-*-iters, which count iterations a ramp resizes, are refused."""
     from megallama.lr_scheduler import OptimizerParamScheduler
     seen = []
     real = OptimizerParamScheduler.step
     monkeypatch.setattr(OptimizerParamScheduler, "step", lambda self, i: seen.append(real(self, i)) or seen[-1])
     _run(RAMP + ["--lr-warmup-samples", "32", "--lr-decay-style", "linear"])
     ref = OptimizerParamScheduler(None, 1e-2, 1e-3, 2.0, 60 / 16, "linear")
-    assert seen == pytest.approx([ref.get_lr(c / 16) for c in (0, 4, 8, 16, 28, 44)])
+    assert seen == pytest.approx([ref.get_lr(c / 16 - 1) for c in (4, 8, 16, 28, 44, 60)])
+    assert seen[0] == pytest.approx(1e-2 * 4 / 32)
+    with pytest.raises(ConfigError, match="--lr-decay-iters counts iterations"):
+        parse_args(RAMP + ["--lr-decay-iters", "6"], world_size=1)
+    with pytest.raises(ConfigError, match="--lr-warmup-iters counts iterations"):
+        parse_args(RAMP + ["--lr-warmup-iters", "1"], world_size=1)
+
+
+def test_weight_decay_spans_the_samples():
+    """The weight-decay increment runs over the run's samples (Megatron's), not the ramp's larger iteration count."""
+    from megallama.lr_scheduler import OptimizerParamScheduler
+    a = parse_args(RAMP + ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0",
+                           "--end-weight-decay", "1"], world_size=1)
+    s = OptimizerParamScheduler.from_args(None, a)
+    assert s.wd_incr_iters == pytest.approx(60 / 16) and s.get_wd(44 / 16) == pytest.approx(44 / 60)
 
 
 def test_resume_mid_ramp_is_exact(tmp_path):

@@ -53,3 +53,13 @@ def test_workers_read_the_same_batches():
     plain = _run([], None)
     workers = _run(["--num-workers", "2"], None)
     assert workers["losses"] == plain["losses"] and workers["valid_losses"] == plain["valid_losses"]
+
+
+def test_a_validation_set_smaller_than_the_run_is_read_from_its_start_each_time():
+    """A user's validation set is not sized for the run: continuing through it would wrap into other, partly
+    repeated subsets, so each evaluation reads it from the start and the losses stay comparable."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    log = []
+    pretrain(parse_args(ARGV, world_size=1), datasets=(Recorded(40, 0, None), Recorded(12, 1, log)))
+    assert log == list(range(8)) * 3

@@ -189,10 +189,39 @@ def _inside(path: str, root: str) -> bool:
     return path == root or os.path.dirname(path) == root
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_overwrite_ok(args) -> bool:
+    """A --save-adapter folder's adapter may be replaced by the run it belongs to: one that resumes its checkpoint
+    (the rule --save follows)."""
+    load = getattr(args, "load", None) if args is not None else None
+    return bool(load) and not getattr(args, "finetune", False) and holds_checkpoint(load)
+
+
+def check_adapter_dir(path: str, overwrite_ok: bool) -> None:
+    """Refuse a --save-adapter target whose files would be lost: a file, a folder holding anything but an adapter,
+    or (unless ``overwrite_ok``) another run's adapter. Read-only."""
+    if os.path.isfile(path):
+        raise ConfigError(f"--save-adapter {path} is a file; pass a directory for the adapter")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    other = sorted(n for n in os.listdir(path) if n not in ADAPTER_FILES)
+    if other:
+        raise ConfigError(f"--save-adapter {path} holds other files ({', '.join(other[:3])}); pass a new or empty "
+                          "directory for the adapter")
+    if not overwrite_ok:
+        raise ConfigError(f"--save-adapter {path} already holds an adapter; pass a new directory, or move it away "
+                          "first (a run resumed with --load replaces its own)")
+
+
 def check_save_dir(args) -> None:
     """Refuse a --save directory that already holds a run unless --load resumes that run: the new run would write
     its iter_* over the old ones and reset the tracker. Read-only, so it runs before anything is built or written;
-    ``--load X --save X`` (Megatron's auto-resume) passes, also while X is empty or not there yet."""
+    ``--load X --save X`` (Megatron's auto-resume) passes, also while X is empty or not there yet. The
+    --save-adapter folder follows the same rule (``check_adapter_dir``)."""
+    if getattr(args, "save_adapter", None):
+        check_adapter_dir(args.save_adapter, adapter_overwrite_ok(args))
     save = getattr(args, "save", None)
     last = last_saved_iteration(save) if save and os.path.isdir(save) else None
     if last is None:
@@ -200,6 +229,8 @@ def check_save_dir(args) -> None:
     load, finetune = getattr(args, "load", None), getattr(args, "finetune", False)
     if load and _inside(load, save) and not finetune:
         step = getattr(args, "ckpt_step", None)
+        if step is not None and step not in list_iterations(save):
+            return  # load_checkpoint says which iterations there are
         start = step if step is not None else iteration_of(load)
         later = [i for i in list_iterations(save) if start is not None and i > start]
         if later:  # the resumed run would save its own iterations over these (and move the tracker back)
@@ -253,11 +284,19 @@ def resolve_load_dir(load: str) -> List[str]:
     ``load`` may name one checkpoint (a directory with common.pt/manifest.json): then only that one. Otherwise it is
     a run directory: its ``iter_*`` directories newest first, starting from the tracker's iteration when it names one
     (later ones were never published as latest)."""
+    if os.path.isfile(load):
+        raise ConfigError(f"--load {load} is a file; pass the checkpoint directory that holds it "
+                          f"({os.path.dirname(os.path.abspath(load))}) or its run directory")
     if not os.path.isdir(load):
         raise ConfigError(f"--load directory {load} does not exist; check the path")
     if os.path.exists(os.path.join(load, COMMON)) or os.path.exists(os.path.join(load, MANIFEST)):
         return [load]
     iters = list_iterations(load)
+    from megallama.checkpointing.hf_config import is_hf_model_dir
+    if not iters and is_hf_model_dir(load):  # training it would start from random weights
+        raise ConfigError(f"{load} is an HF model folder, not a megallama checkpoint; convert it with "
+                          f"tools/convert_checkpoint.py hf-to-megallama --hf-dir {load} --output DIR (then --load DIR), "
+                          f"or fine-tune from it with finetune_llama.py --pretrained-checkpoint {load}")
     tracked = read_tracker(load)
     if tracked is not None and tracked in iters:
         iters = [i for i in iters if i <= tracked]

@@ -60,6 +60,11 @@ class DocumentMaskedDataset(torch.utils.data.Dataset):
         sample.update(fields)
         return sample
 
+    def __getattr__(self, name):  # the wrapped dataset's attributes (samples_per_epoch, ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
     def wrap_iterator(self, iterator, num_microbatches: int):
         if not self.per_token:
             return iterator
@@ -74,7 +79,8 @@ def apply_document_flags(args, tokenizer, *datasets):
         return datasets
     given = [f"--{k.replace('_', '-')}" for k in FLAGS[:3] if getattr(args, k, False)]
     if tokenizer is None and given:
-        raise ConfigError(f"{' '.join(given)} need the tokenizer's eod, which --mock-data and datasets passed to "
-                          f"pretrain() have none of; train on a corpus (--data-path) or drop them")
+        raise ConfigError(f"{' '.join(given)} {'needs' if len(given) == 1 else 'need'} the tokenizer's eod, "
+                          "which --mock-data and your own datasets (the Python API's dataloaders) do not give; "
+                          "train on a corpus (--data-path) or drop it")
     eod = tokenizer.eod if tokenizer is not None else None
     return tuple(None if d is None else DocumentMaskedDataset(d, eod, args) for d in datasets)

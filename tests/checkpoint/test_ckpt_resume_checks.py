@@ -128,5 +128,8 @@ def test_ckpt_step_loads_that_iteration_and_never_overwrites_later_ones(tmp_path
     assert sorted(os.listdir(ck)) == before
     resumed = _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "2", "--save", other])["losses"]
     assert resumed == {3: full[3], 4: full[4]}
-    with pytest.raises(ConfigError, match="--ckpt-step 3: .* has no iteration 3 \\(it has 2, 4\\)"):
-        _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "3"])
+    for save in ([], ["--save", ck]):  # also where --save holds later iterations: the missing one is the news
+        with pytest.raises(ConfigError, match="--ckpt-step 3: .* has no iteration 3 \\(it has 2, 4\\)"):
+            _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "3"] + save)
+    with pytest.raises(ConfigError, match="--ckpt-step 2 picks an iteration of the --load run; give --load"):
+        _run(["--train-iters", "4", "--ckpt-step", "2"])

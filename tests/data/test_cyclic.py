@@ -1,13 +1,12 @@
 """--dataloader-type cyclic (and the API's DataLoader(shuffle=True)): each pass over the training samples in a new
 order, the same for any dp size and across a resume."""
-import warnings
-
 import pytest
 import torch
 
 from dist_utils import run_distributed
 
 from megallama.data.cyclic import EpochShuffledDataset
+from megallama.errors import ConfigError
 
 
 class Recorded(torch.utils.data.Dataset):
@@ -33,6 +32,28 @@ def test_each_pass_is_a_new_permutation():
     assert len({tuple(p) for p in passes}) == 3 and passes[0] != list(range(10))
     again = EpochShuffledDataset(list(range(10)), seed=3, num_samples=25)
     assert [again[i] for i in (27, 5, 13)] == [passes[2][7], passes[0][5], passes[1][3]]  # any order of reads
+    longer = EpochShuffledDataset(list(range(10)), seed=3, num_samples=45)  # a resume with more iterations
+    assert [longer[i] for i in range(30)] == [x for p in passes for x in p]
+
+
+def test_passes_follow_the_corpus_epochs():
+    """Over a GPT dataset the passes are its corpus epochs (ds[i] past one epoch is the next epoch), whatever
+    length the run gives it: a longer run reads the same samples first."""
+    class Corpus:  # a GPTDataset's shape: samples_per_epoch, and ds[i] defined past one epoch
+        samples_per_epoch = 6
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return i
+    short, long = EpochShuffledDataset(Corpus(12), 1, 12), EpochShuffledDataset(Corpus(30), 1, 30)
+    assert [short[i] for i in range(12)] == [long[i] for i in range(12)]
+    assert sorted(short[i] for i in range(6)) == list(range(6)) and sorted(short[i] for i in range(6, 12)) == \
+        list(range(6, 12))
 
 
 ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -73,8 +94,11 @@ def test_api_dataloader_shuffle_means_cyclic():
     ds = Recorded(8)
     assert UserDataset(torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True), 16, 256).shuffle
     assert not UserDataset(torch.utils.data.DataLoader(ds, batch_size=2), 16, 256).shuffle
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
+    with pytest.raises(ConfigError, match="WeightedRandomSampler picks samples"):
         UserDataset(torch.utils.data.DataLoader(ds, sampler=torch.utils.data.WeightedRandomSampler([1.0] * 8, 8)),
                     16, 256)
-    assert any("WeightedRandomSampler" in str(x.message) for x in w)
+    split = UserDataset(torch.utils.data.DataLoader(ds, sampler=torch.utils.data.SubsetRandomSampler([5, 1, 6])),
+                        16, 256)  # a train/validation split by sampler: that subset, shuffled
+    assert split.shuffle and len(split) == 3
+    assert torch.equal(split[0]["input_ids"], ds[5]["input_ids"]) and torch.equal(split[2]["input_ids"],
+                                                                                   ds[6]["input_ids"])
