@@ -181,16 +181,18 @@ def trainable_parameter_count(model_chunks) -> int:
 PEFT_PREFIX = "base_model.model."
 
 
-def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConfig] = None) -> Optional[str]:
+def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConfig] = None,
+                 overwrite: Optional[bool] = None) -> Optional[str]:
     """Write the LoRA adapters as full tensors in PEFT's layout (``adapter_config.json`` +
     ``adapter_model.safetensors``, names ``base_model.model.<param>``): a few MB instead of the whole model.
-    Collective over tp and pp (every rank calls it); global rank 0 writes. Returns the weights file on rank 0."""
-    import json
-    import os
+    Collective over tp and pp (every rank calls it); global rank 0 writes. Returns the weights file on rank 0.
 
-    import torch
+    Written into a temporary folder renamed into place, so a crash leaves the old adapter (or none), never half of
+    one. An existing adapter is replaced only by the run it belongs to (``overwrite``; default: this run resumes its
+    checkpoint, as ``--save`` allows): another run's is refused (``files.check_adapter_dir``)."""
     import torch.distributed as dist
 
+    from megallama.checkpointing.files import adapter_overwrite_ok, check_adapter_dir
     from megallama.model.lora import gather_lora_state_dict
     if lora_cfg is None:
         lora_cfg = strategy_from_args(args).lora_config()
@@ -199,21 +201,67 @@ def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConf
     tensors = gather_lora_state_dict(model_chunks)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    os.makedirs(path, exist_ok=True)
+    check_adapter_dir(path, adapter_overwrite_ok(args) if overwrite is None else overwrite)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
            "lora_dropout": lora_cfg.dropout, "target_modules": list(lora_cfg.target_modules), "bias": "none",
-           "base_model_name_or_path": getattr(args, "model", None) if args is not None else None}
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+           "base_model_name_or_path": base_model_name(args)}
     named = {PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}
+    return _write_adapter(path, cfg, named)
+
+
+def _write_adapter(path: str, cfg: dict, named: dict) -> str:
+    import json
+    import os
+    import shutil
+
+    import torch
+
+    from megallama.checkpointing.files import publish
+    tmp = f"{os.path.normpath(path)}.tmp{os.getpid()}"
     try:
-        from safetensors.torch import save_file
-        out = os.path.join(path, "adapter_model.safetensors")
-        save_file(named, out)
-    except ImportError:
-        out = os.path.join(path, "adapter_model.bin")
-        torch.save(named, out)
-    return out
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            from safetensors.torch import save_file
+            fname = "adapter_model.safetensors"
+            save_file(named, os.path.join(tmp, fname))
+        except ImportError:
+            fname = "adapter_model.bin"
+            torch.save(named, os.path.join(tmp, fname))
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        publish(tmp, path)  # the old adapter (if any) is replaced only once the new one is complete
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"could not write the adapter to {path} ({e.strerror or e}); free space or pass another "
+                          "--save-adapter directory") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.join(path, fname)
+
+
+def base_model_name(args) -> Optional[str]:
+    """PEFT's ``base_model_name_or_path``: the checkpoint the adapters were trained on (the HF folder it was
+    converted from, when it was), else the model preset's name."""
+    import os
+    if args is None:
+        return None
+    base = getattr(args, "pretrained_checkpoint", None) or \
+        (getattr(args, "load", None) if getattr(args, "finetune", False) else None)
+    if not base:
+        return getattr(args, "model", None)
+    try:
+        from megallama.checkpointing.full import open_checkpoint
+        _, common, reader = open_checkpoint(base, verify=False)
+        reader.close()
+        return common.get("args", {}).get("converted_from") or os.path.abspath(base)
+    except ConfigError:
+        return os.path.abspath(base)
 
 
 def load_adapter(path: str, model_chunks, strict: bool = True) -> int:

@@ -107,7 +107,27 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
 
     args = {"model": cfg.name, "model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
             "hf_token_ids": {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}}  # written back on export
+    args.update(folder_tokenizer(hf_dir, hf.get("bos_token_id")))
     return write_full_checkpoint(output, tensors(), args, iteration=0, max_file_bytes=max_file_bytes)
+
+
+def folder_tokenizer(hf_dir: str, bos_token_id: Optional[int] = None) -> dict:
+    """The tokenizer flags of a folder that has no tokenizer.json but a ``tokenizer.model`` (what an export of a
+    sentencepiece run writes, and Llama 1/2's releases): sentencepiece, or a Llama 3 tiktoken ranks file (text lines
+    "<base64> <rank>"). An HF tokenizer.json is found from ``converted_from`` as before (nothing recorded). A folder
+    whose bos is the tokenizer's eod (an export of a megallama run) keeps that run's prompt convention."""
+    from megallama.data.tokenizer import build_tokenizer
+    model = os.path.join(os.path.abspath(hf_dir), "tokenizer.model")
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) or not os.path.isfile(model):
+        return {}
+    with open(model, "rb") as f:
+        head = f.read(4096).split(b"\n")[0]
+    ranks = re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.strip()) is not None
+    out = {"tokenizer_type": "llama3" if ranks else "sentencepiece", "tokenizer_model": model}
+    tok = build_tokenizer(out["tokenizer_type"], model)
+    if bos_token_id is not None and bos_token_id == tok.eod != tok.bos_id:
+        out["inherited_prompt_prefix"] = "eod"
+    return out
 
 
 # ---------------------------------------------------------------- megallama -> HF
@@ -179,6 +199,7 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model_config_to_hf_config(cfg, out_dtype, ids), f, indent=2, sort_keys=True)
         notes.append(said)
+        notes.append(f"exported iteration {int(common.get('iteration', 0))} ({ckpt})")
         if adapted:
             notes.append(f"merged the LoRA adapters of {len(adapted)} weights (scaling alpha/r = {lora.scaling:g})")
         if os.path.exists(output):

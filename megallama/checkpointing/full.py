@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -67,7 +68,8 @@ def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Te
 
 
 def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardReader]:
-    """(directory, common dict, reader) of the newest good checkpoint under ``load`` (or the one it names)."""
+    """(directory, common dict, reader) of the newest good checkpoint under ``load`` (or the one it names). Each bad
+    one passed over is a warning line (as training's load says), so a tool never uses an older iteration unsaid."""
     candidates = F.resolve_load_dir(load)
     if not candidates:
         raise ConfigError(f"{load} holds no checkpoint (no iter_* directory); check the path")
@@ -79,8 +81,16 @@ def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardRea
         if reason is None:
             common = load_common(ckpt)
             return ckpt, common, ShardReader(ckpt, common["index"])
+        if len(candidates) > 1:
+            _warn(f"skipping checkpoint {ckpt}: {reason}")
         reasons.append(f"{os.path.basename(ckpt)}: {reason}")
     raise ConfigError(f"no usable checkpoint in {load} ({'; '.join(reasons)}); restore a good one")
+
+
+def _warn(msg: str) -> None:
+    """On one rank only (generation and fine-tuning open a checkpoint on every rank)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def model_tensor_names(common: dict) -> list:

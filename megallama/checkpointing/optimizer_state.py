@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from megallama.checkpointing.state import TIED_COPY, canonical_name, is_replica_chunk, local_piece, unwrap, writes
+from megallama.errors import ConfigError
 
 PREFIX = "optimizer"
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -103,7 +104,10 @@ def load_optimizer_states(optimizer, model_chunks, read: ReadFn, scalars: dict, 
             for k in ("master",) + (_MOMENTS if step > 0 else ()):
                 if not read(state_name(k, cname), local, p):
                     if k != "master" or not read(cname, local, p):  # fp32 models: the weights are the master
-                        raise KeyError(state_name(k, cname))
+                        raise ConfigError(f"it holds no optimizer state {state_name(k, cname)}: this run trains "
+                                          "parameters the saved run did not (another --strategy, --lora-* or "
+                                          "frozen set?); pass the flags it was trained with, or --no-load-optim to "
+                                          "go on with a fresh optimizer")
                 entry[k] = local.reshape(-1)[e["start"]:e["end"]].clone()
             pieces[key] = entry
         state = dict(own, step=step, pieces=pieces)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpointing import files as F
+from megallama.checkpointing.compat import BEHAVIOUR_KEYS, SHAPE_KEYS, check_compatible, unused_message  # noqa: F401
 from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
                                                      skip_on_save, state_name)
 from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes
@@ -31,9 +32,6 @@ from megallama.mpu import parallel_state as ps
 from megallama.optimizer.compression import compression_state, load_compression_state
 
 FORMAT_VERSION = 2
-SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
-              "tie_word_embeddings", "num_experts")
-BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "norm_eps")
 
 
 # ---------------------------------------------------------------- collectives that work without a process group
@@ -207,33 +205,34 @@ def load_common(ckpt: str) -> dict:
                           "earlier iteration") from None
 
 
-def check_compatible(common: dict, args, ckpt: str) -> None:
-    saved = common.get("args", {}).get("model_config", {})
-    now = args.model_config.to_dict()
-    for k in SHAPE_KEYS:
-        if k in saved and saved.get(k) != now.get(k):
-            hint = (" (a vocabulary padded for another tensor-parallel size or --make-vocab-size-divisible-by? pass "
-                    f"--vocab-size {saved.get(k)} or the same padding flags)") if k == "vocab_size" else ""
-            raise ConfigError(f"checkpoint {ckpt} is for a different model ({common['args'].get('model')}: {k}="
-                              f"{saved.get(k)}, this run has {now.get(k)}){hint}; load a checkpoint of the same "
-                              "model")
-    for k in BEHAVIOUR_KEYS:
-        if k in saved and saved.get(k) != now.get(k):
-            _warn(f"checkpoint {ckpt} was trained with {k}={saved.get(k)}, this run uses {now.get(k)}")
-
-
-def _model_plan(model_chunks, reader: ShardReader, ckpt: str):
-    plan = []
+def _model_plan(model_chunks, reader: ShardReader, ckpt: str, common: dict, pretrained: bool = False):
+    """What to read for each model tensor of this rank; refused (on every rank alike) when the checkpoint lacks one
+    of them, or holds model tensors no rank has a place for (a LoRA run's adapters, experts: they would be dropped
+    without a word)."""
+    plan, missing, used = [], [], set()
     for ci, name, t, p in named_model_tensors(model_chunks):
         cname = canonical_name(name)
+        used.add(cname)
         if cname not in reader:
-            if any(k in cname for k in (".lora_", ".experts.", ".router.")):  # a strategy adds these to dense weights
-                raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}: it holds a model without this run's "
-                                  "LoRA adapters / experts; to add them to its weights pass it as "
-                                  "--pretrained-checkpoint (--load resumes a run of this strategy)")
-            raise ConfigError(f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a "
-                              "checkpoint of this model")
+            missing.append(cname)
+            continue
         plan.append((ci, name, cname, t, local_piece(t, p)))
+    everywhere = set().union(*(set(u) for u in _all_gather(sorted(used))))
+    unused = [n for n in common["index"] if "/" not in n and n not in everywhere]
+    err = None
+    if unused:
+        err = unused_message(ckpt, unused, common.get("args", {}), pretrained)
+    elif missing:
+        cname = missing[0]
+        if any(k in cname for k in (".lora_", ".experts.", ".router.")):  # a strategy adds these to dense weights
+            err = (f"checkpoint {ckpt} has no tensor {cname}: it holds a model without this run's LoRA adapters / "
+                   "experts; to add them to its weights pass it as --pretrained-checkpoint (--load resumes a run of "
+                   "this strategy)")
+        else:
+            err = f"checkpoint {ckpt} has no tensor {cname}; it is of another model — load a checkpoint of this model"
+    err = _first_error(err)
+    if err:
+        raise ConfigError(err)
     return plan
 
 
@@ -251,7 +250,8 @@ def _needed_files(reader: ShardReader, plan, optim_keys, rng_file: Optional[str]
 def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = False, quiet: bool = False,
                     scheduler=None) -> Tuple[int, int]:
     """Load the newest good checkpoint under ``load`` (or the one ``load`` names) into this rank's chunks and
-    optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none or with ``finetune``. ``quiet``:
+    optimizer. Returns (iteration, consumed_samples); (0, 0) when there is none (an error with ``finetune``: random
+    weights are never what a fine-tuning meant) or with ``finetune``. ``quiet``:
     no "loaded weights" line (the caller says what it loaded). ``scheduler``: its settings are checked against the
     checkpoint's (a resume must not change the LR schedule silently; a finetune starts a fresh one)."""
     step = getattr(args, "ckpt_step", None)
@@ -264,9 +264,14 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
         reason = _bcast(F.quick_check(ckpt) if _rank() == 0 else None)
         if reason is None:
             common = load_common(ckpt)
-            check_compatible(common, args, ckpt)
+            check_compatible(common, args, ckpt, finetune=finetune)
             reader = ShardReader(ckpt, common["index"])
-            plan = _model_plan(model_chunks, reader, ckpt)
+            pretrained = finetune and getattr(args, "pretrained_checkpoint", None) == load
+            try:
+                plan = _model_plan(model_chunks, reader, ckpt, common, pretrained)
+            except ConfigError:
+                reader.close()
+                raise
             same_layout = common.get("layout") == current_layout()
             no_optim = bool(getattr(args, "no_load_optim", False)) and not finetune
             keys = [] if finetune or no_optim else saved_keys(common["index"])
@@ -291,6 +296,9 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
     if bad:
         raise ConfigError(f"no usable checkpoint in {load} ({len(bad)} bad: {', '.join(map(os.path.basename, bad))})"
                           "; remove --load to start afresh or restore a good checkpoint")
+    if finetune:  # fine-tuning random weights is never what was meant
+        raise ConfigError(f"no checkpoint in {load} to fine-tune from (--finetune); check the --load path, or drop "
+                          "--finetune to train from scratch")
     if getattr(args, "exit_on_missing_checkpoint", False):
         raise ConfigError(f"no checkpoint in {load} (--exit-on-missing-checkpoint); check the --load path, or drop "
                           "the flag to start from scratch")
@@ -351,7 +359,15 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
         reader.read_into(saved_name, out, local_piece(out, param))
         return True
 
-    load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)
+    err = None
+    try:
+        load_optimizer_states(optimizer, model_chunks, read, dict(common.get("optimizer_scalars", {})), keys)
+    except ConfigError as e:  # a rank's missing state: every rank stops alike (no one waits in a collective)
+        err = f"checkpoint {ckpt} cannot resume this run's optimizer: {e}"
+    err = _first_error(err)
+    if err:
+        reader.close()
+        raise ConfigError(err)
     return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, "compression")
 
 
@@ -365,8 +381,9 @@ def _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, compression
     elif no_rng:
         _say("--no-load-rng: RNG states start from the seed")
     else:
-        _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): weights and optimizer "
-             "resharded; RNG states start from the seed")
+        what = "weights and optimizer" if compression_key else "weights"  # --no-load-optim: the optimizer is fresh
+        _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): {what} resharded; RNG "
+             "states start from the seed")
     msg = load_compression_state(model_chunks, saved_comp)
     if msg:
         _say(msg)

@@ -229,7 +229,7 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     cases = [(["hf-to-megallama", "--hf-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")], "config.json"),
              (["hf-to-megallama", "--hf-dir", str(bad), "--output", str(tmp_path / "o2")], "yarn"),
              (["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "meg")], "not empty"),
-             (["megallama-to-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "o3")], "no checkpoint")]
+             (["megallama-to-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "o3")], "is an HF model folder")]
     capsys.readouterr()
     for argv, needle in cases:
         code = conv.main(argv)
