@@ -116,14 +116,11 @@ def folder_tokenizer(hf_dir: str, bos_token_id: Optional[int] = None) -> dict:
     sentencepiece run writes, and Llama 1/2's releases): sentencepiece, or a Llama 3 tiktoken ranks file (text lines
     "<base64> <rank>"). An HF tokenizer.json is found from ``converted_from`` as before (nothing recorded). A folder
     whose bos is the tokenizer's eod (an export of a megallama run) keeps that run's prompt convention."""
-    from megallama.data.tokenizer import build_tokenizer
+    from megallama.data.tokenizer import build_tokenizer, tokenizer_model_kind
     model = os.path.join(os.path.abspath(hf_dir), "tokenizer.model")
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) or not os.path.isfile(model):
         return {}
-    with open(model, "rb") as f:
-        head = f.read(4096).split(b"\n")[0]
-    ranks = re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.strip()) is not None
-    out = {"tokenizer_type": "llama3" if ranks else "sentencepiece", "tokenizer_model": model}
+    out = {"tokenizer_type": tokenizer_model_kind(model), "tokenizer_model": model}
     tok = build_tokenizer(out["tokenizer_type"], model)
     if bos_token_id is not None and bos_token_id == tok.eod != tok.bos_id:
         out["inherited_prompt_prefix"] = "eod"

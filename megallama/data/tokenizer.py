@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from typing import Optional, Tuple
 
 from megallama.errors import ConfigError
@@ -249,11 +250,22 @@ def checkpoint_tokenizer(saved_args: dict) -> Tuple[Optional[str], Optional[str]
     t, path = saved_args.get("tokenizer_type"), saved_args.get("tokenizer_model")
     hf_dir = saved_args.get("converted_from")
     if hf_dir and t is None and path is None:
-        if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-            raise ConfigError(f"this checkpoint was converted from {hf_dir}, which has no tokenizer.json; pass the "
-                              "model's tokenizer with --tokenizer-type/--tokenizer-model")
-        return "hf", hf_dir
+        if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+            return "hf", hf_dir
+        model = os.path.join(hf_dir, "tokenizer.model")  # an export of a sentencepiece run, Llama 1/2/3 releases
+        if os.path.isfile(model):
+            return tokenizer_model_kind(model), model
+        raise ConfigError(f"this checkpoint was converted from {hf_dir}, which has no tokenizer.json or "
+                          "tokenizer.model; pass the model's tokenizer with --tokenizer-type/--tokenizer-model")
     return t, path
+
+
+def tokenizer_model_kind(path: str) -> str:
+    """A ``tokenizer.model``'s kind: "llama3" for a tiktoken ranks file (text lines "<base64> <rank>"), else
+    "sentencepiece"."""
+    with open(path, "rb") as f:
+        head = f.read(4096).split(b"\n")[0]
+    return "llama3" if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.strip()) else "sentencepiece"
 
 
 # Megatron-LM's --tokenizer-type spellings, so its command lines work unchanged

@@ -119,3 +119,18 @@ def test_wrong_file_kind(tmp_path):
         build_tokenizer("sentencepiece", str(tmp_path / "bad.model"))
     with pytest.raises(ConfigError, match="line 1 is not 'base64-token rank'"):
         build_tokenizer("llama3", str(tmp_path / "bad.model"))
+
+
+def test_a_converted_folder_with_only_tokenizer_model_names_it(tmp_path):
+    """An HF folder exported from a sentencepiece run has tokenizer.model, no tokenizer.json: a checkpoint converted
+    from it (or a fine-tune reading it) takes that file as its tokenizer."""
+    import shutil
+
+    from megallama.data import get_bundled_tokenizer_path
+    from megallama.data.tokenizer import checkpoint_tokenizer
+    shutil.copy(get_bundled_tokenizer_path(), tmp_path / "tokenizer.model")
+    assert checkpoint_tokenizer({"converted_from": str(tmp_path)}) == ("sentencepiece",
+                                                                       str(tmp_path / "tokenizer.model"))
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(ConfigError, match="has no tokenizer.json or tokenizer.model"):
+        checkpoint_tokenizer({"converted_from": str(tmp_path)})
