@@ -1,24 +1,9 @@
 """Validation reads on (Megatron's consumed_valid_samples): each evaluation takes the next --eval-iters global
 batches, a resumed run continues after the ones read before the save, and the test set is read from its start.
 --num-workers reads the same batches through DataLoader workers."""
-import torch
+from recorded_data import Recorded
 
 N = 64  # validation samples: room for 4 evaluations of 2 x 4 without wrapping
-
-
-class Recorded(torch.utils.data.Dataset):
-    def __init__(self, n, seed, log):
-        g = torch.Generator().manual_seed(seed)
-        self.tokens, self.log = torch.randint(0, 256, (n, 17), generator=g), log
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        if self.log is not None:
-            self.log.append(i)
-        t = self.tokens[i]
-        return {"input_ids": t[:-1], "labels": t[1:], "loss_mask": torch.ones(16)}
 
 
 ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",

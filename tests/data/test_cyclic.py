@@ -4,24 +4,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from recorded_data import Recorded
 
 from megallama.data.cyclic import EpochShuffledDataset
 from megallama.errors import ConfigError
 
 
-class Recorded(torch.utils.data.Dataset):
-    def __init__(self, n, log=None):
-        g = torch.Generator().manual_seed(0)
-        self.tokens, self.log = torch.randint(0, 256, (n, 17), generator=g), log
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, i):
-        if self.log is not None:
-            self.log.append(i)
-        t = self.tokens[i]
-        return {"input_ids": t[:-1], "labels": t[1:], "loss_mask": torch.ones(16)}
 
 
 def test_each_pass_is_a_new_permutation():
@@ -65,7 +53,7 @@ ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "64"
 def _run(extra=(), log=None, world=1):
     from megallama.arguments import parse_args
     from megallama.training import pretrain
-    return pretrain(parse_args(ARGV + list(extra), world_size=world), datasets=(Recorded(8, log), None))
+    return pretrain(parse_args(ARGV + list(extra), world_size=world), datasets=(Recorded(8, log=log), None))
 
 
 def test_training_reads_every_pass_shuffled_and_resumes_exactly(tmp_path):
