@@ -9,10 +9,13 @@ over ``parallel_state.get_expert_model_parallel_group()`` and moves tokens with 
 
 Auxiliary losses never touch the returned LM loss: they are attached to the layer's output with
 ``_AttachAuxLoss`` (Megatron's ``MoEAuxLossAutoScaler``) so their gradient flows in the same backward on any
-pipeline stage. Their routing statistics (tokens per expert, token count) are all-reduced over the data-parallel
-(and context-parallel, and under SP tensor-parallel) ranks, so the loss of a dp/ep layout equals the one-process
-loss over the whole batch: rank r adds ``dp * coeff * E / (T^2 k) * sum_e count_e * sum_{t on r} p_te`` and
-the dp gradient average turns that into the global formula.
+pipeline stage. The load-balancing loss is Megatron's default ``aux_loss``: one per micro-batch, its routing
+statistics (tokens per expert, token count) reduced over exactly the ranks that hold pieces of that micro-batch's
+tokens (tensor-parallel under sequence parallelism, context-parallel), never over dp or ep, whose ranks hold other
+micro-batches. So the loss does not depend on the data-parallel size: any dp/ep/tp/cp layout with the same
+micro-batch size and global batch equals the one-process run (a resume under another dp size continues the curve).
+Megatron's ``global_aux_loss`` (statistics of the whole global batch) is not offered: the gradient of micro-batch
+i needs the counts of micro-batches not yet run, which Megatron only approximates with a running average.
 
 Expert parameters carry ``expert_parallel = True`` and ``allreduce = False``: their gradient is already summed
 over the ep group by the all-to-all backward, so the data-parallel reduction must run over
@@ -124,7 +127,9 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 # ---------------------------------------------------------------- statistics for logging
 class MoEStats:
-    """Per-layer tokens per expert (global counts) and aux/z loss values, accumulated between ``report`` calls.
+    """Per-layer tokens per expert and aux/z losses of each micro-batch, accumulated between ``report`` calls and
+    summed over the pp and dp ranks there: the mean aux/z loss over every micro-batch and the tokens of the whole
+    global batches, the single-process values whatever the layout.
 
     The sums stay on the device (one [E + 3] tensor a layer): ``record`` runs in every MoE layer's forward, and a
     host copy there would synchronise the GPU once per layer; ``report`` (at the log interval) reads them. It is
@@ -150,8 +155,9 @@ class MoEStats:
     def report(self, reset: bool = True) -> dict:
         """{"aux_loss", "z_loss" (means over layers and calls), "tokens_per_expert" {layer: list},
         "max_load" (largest expert share / uniform share, worst layer)}; empty when nothing was recorded.
-        Covers the layers of every pipeline stage: every pp rank must call it at the same step."""
-        rows = self._rows_of_all_stages()
+        Covers every pipeline stage's layers and every dp rank's micro-batches: all ranks must call it at the same
+        step."""
+        rows = self._rows_of_all_ranks()
         if reset:
             self.reset()
         if not rows:
@@ -163,26 +169,31 @@ class MoEStats:
         out["max_load"] = max(float(t.max() / t.mean().clamp_min(1e-9)) for t in tokens.values())
         return out
 
-    def _rows_of_all_stages(self) -> Dict[int, torch.Tensor]:
-        """{layer: host row}, the other pipeline stages' layers summed in (Megatron's
-        reduce_aux_losses_tracker_across_ranks). Only over pp: the counts are already global over dp/cp/tp/ep, and
-        each layer lives on one stage, so the sum never counts a layer twice."""
+    def _rows_of_all_ranks(self) -> Dict[int, torch.Tensor]:
+        """{layer: host row}, summed over pp (other stages' layers, Megatron's reduce_aux_losses_tracker_across_ranks)
+        and dp (other micro-batches; the ep ranks are dp ranks). Not over tp/cp: their ranks record the same
+        micro-batch statistics (reduced in the forward). Each layer lives on one stage: no layer counts twice."""
         layers = sorted(self.sums)
-        group = ps.get_pipeline_model_parallel_group() if dist.is_initialized() else None
-        if group is None or dist.get_world_size(group) == 1:  # one host copy for all layers
+        groups = []
+        if dist.is_initialized():
+            groups = [g for g in (ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group())
+                      if g is not None and dist.get_world_size(g) > 1]
+        if not groups:  # one host copy for all layers
             return dict(zip(layers, torch.stack([self.sums[l] for l in layers]).cpu())) if layers else {}
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(groups[0]) == "nccl" else "cpu"
         # a stage without MoE layers knows neither the layer count nor E: agree on the table's shape first
         shape = torch.tensor([max(layers) + 1 if layers else 0, self.sums[layers[0]].numel() if layers else 0],
                              device=device)
-        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+        for g in groups:
+            dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=g)
         n, width = shape.tolist()
         if n == 0:
             return {}
         table = torch.zeros(n, width, dtype=torch.float64, device=device)
         for l in layers:
             table[l] = self.sums[l].to(device)
-        dist.all_reduce(table, group=group)
+        for g in groups:
+            dist.all_reduce(table, group=g)
         table = table.cpu()
         return {l: table[l] for l in range(n) if table[l, -1] > 0}  # calls > 0: an MoE layer that ran
 
@@ -292,27 +303,41 @@ class MoELayer(nn.Module):
                                       moe.ffn_hidden_size or config.ffn_hidden_size, config.init_method_std, out_std,
                                       device, dtype)
 
-    # ---- auxiliary losses from globally reduced statistics
+    # ---- auxiliary losses of one micro-batch
+    def _token_split_group(self):
+        """The ranks holding other pieces of this micro-batch's tokens: tp under sequence parallelism (without it
+        tp ranks hold the same tokens) and cp. Not ep: it carves dp, each ep rank routes its own micro-batch."""
+        sp, cp = self.sequence_parallel, ps.get_context_parallel_world_size() > 1
+        if not dist.is_initialized() or not (sp or cp):
+            return None
+        if sp and cp:
+            return ps.get_tensor_and_context_parallel_group()
+        return ps.get_tensor_model_parallel_group() if sp else ps.get_context_parallel_group()
+
     def _aux_losses(self, logits, probs, top_i):
+        """Load-balancing + z loss of this micro-batch (Megatron's ``aux_loss``), this rank's share of it.
+
+        Counts and token totals are summed over the micro-batch's token-split ranks (not differentiated); the
+        differentiable sums (router probabilities, logsumexp^2) stay local, so the shares add up to the loss:
+        tp shares are summed by the sequence-parallel gradient all-reduce, cp shares are averaged by the dp x cp
+        gradient mean (hence the factor cp, as ``cp_mean_loss`` gives the LM loss)."""
         E, k = self.num_experts, self.topk
         counts = expert_counts(top_i, E).to(torch.float32)
         lse2 = torch.logsumexp(logits, dim=-1).square().sum()
         # the token count as a device fill: a host-to-device copy of it would synchronise the GPU in every layer
         n = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)
         stats = torch.cat([counts, probs.detach().sum(0), n, lse2.detach()[None]])
-        dp = ps.get_data_parallel_world_size(with_context_parallel=True)
-        if dist.is_initialized():
-            if dp > 1:
-                dist.all_reduce(stats, group=ps.get_data_parallel_group(with_context_parallel=True))
-            if self.sequence_parallel:
-                dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())
-        counts_g, psum_g, n_g, lse2_g = stats[:E], stats[E:2 * E], stats[2 * E], stats[2 * E + 1]
+        group = self._token_split_group()
+        if group is not None:
+            dist.all_reduce(stats, group=group)
+        counts_mb, psum_mb, n_mb, lse2_mb = stats[:E], stats[E:2 * E], stats[2 * E], stats[2 * E + 1]
         c, zc = self.moe.aux_loss_coeff, self.moe.z_loss_coeff
-        aux = dp * load_balancing_loss(probs.sum(0), counts_g, n_g, k, c)
-        zl = dp * zc * lse2 / n_g
+        cp = ps.get_context_parallel_world_size()
+        aux = cp * load_balancing_loss(probs.sum(0), counts_mb, n_mb, k, c)
+        zl = cp * zc * lse2 / n_mb
         if torch.is_grad_enabled():
-            _STATS.record(self.layer_number, counts_g, load_balancing_loss(psum_g, counts_g, n_g, k, c),
-                          zc * lse2_g / n_g)
+            _STATS.record(self.layer_number, counts_mb, load_balancing_loss(psum_mb, counts_mb, n_mb, k, c),
+                          zc * lse2_mb / n_mb)
         return aux + zl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ def test_upcycled_moe_equals_dense_model():
 
 
 # ------------------------------------------------------------------ expert parallelism == one process
-LAYOUTS = [  # (tp, ep, sequence_parallel) on 4 ranks: dp = 4 / tp
+LAYOUTS = [  # (tp, ep, sequence_parallel) on 4 ranks: dp = 4 / tp, one micro-batch of 4 / dp samples per rank
     (1, 2, False),  # dp 4, ep 2, expert-data-parallel 2
     (1, 4, False),  # every rank one expert
     (2, 2, False),  # tp 2 x ep 2
@@ -161,6 +161,7 @@ GLOBAL_BATCH = 4
 def _ep_worker(rank, world, layouts):
     from megallama.mpu.sequence_parallel import allreduce_sequence_parallel_gradients
     ids, labels = batch(GLOBAL_BATCH)
+    set_aux_loss_scale(1.0)  # one micro-batch per rank
     out = []
     for tp, ep, sp in layouts:
         ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
@@ -178,15 +179,25 @@ def _ep_worker(rank, world, layouts):
     return out
 
 
-def test_expert_parallel_equals_single_process():
+def _reference(micro_batch):
+    """One process, the same micro-batches as the dp ranks (aux loss per micro-batch): mean loss, params, grads."""
     ids, labels = batch(GLOBAL_BATCH)
     ref = _moe_model()
-    loss = ref(ids, labels=labels).mean()
+    num = GLOBAL_BATCH // micro_batch
+    set_aux_loss_scale(1.0 / num)
+    loss = sum(ref(ids[i * micro_batch:(i + 1) * micro_batch], labels=labels[i * micro_batch:(i + 1) * micro_batch])
+               .mean() for i in range(num)) / num
     loss.backward()
-    ref_state = full_params_and_grads(ref)
+    set_aux_loss_scale(1.0)
+    return float(loss), full_params_and_grads(ref)
+
+
+def test_expert_parallel_equals_single_process():
+    refs = {dp: _reference(GLOBAL_BATCH // dp) for dp in (2, 4)}
     results = run_distributed(_ep_worker, 4, LAYOUTS)
     for (tp, ep, sp), (dist_loss, state) in zip(LAYOUTS, results[0]):
-        assert abs(dist_loss - float(loss)) / float(loss) < 1e-5, (tp, ep, sp, dist_loss, float(loss))
+        loss, ref_state = refs[4 // tp]
+        assert abs(dist_loss - loss) / loss < 1e-5, (tp, ep, sp, dist_loss, loss)
         assert set(state) == set(ref_state)
         for k, v in ref_state.items():
             err = rel_err(torch.from_numpy(state[k]), torch.from_numpy(v))
