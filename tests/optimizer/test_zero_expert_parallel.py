@@ -1,8 +1,8 @@
 """ZeRO with expert-parallel MoE layers (4 gloo ranks, ep = 2: dp 4, expert-dp 2): expert params (``allreduce =
 False``) are reduced over the expert-data-parallel group in buckets of their own and sharded over it, the rest over
 dp; the grad norm counts each expert once. Checked against single-process torch AdamW on the whole model, fed the
-same microbatches (each microbatch round across the dp ranks is one reference microbatch: the MoE aux loss uses
-its global routing statistics)."""
+same microbatches (the MoE aux loss is one per micro-batch, so the reference runs the dp ranks' micro-batches one by
+one, with the aux gradient scale 1 / micro-batches that the training loop sets)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,6 +10,7 @@ import torch.distributed as dist
 from dist_utils import rel_err, run_distributed
 from megallama.errors import ConfigError
 from megallama.model import build_model
+from megallama.model.moe import set_aux_loss_scale
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
 from megallama.strategies import TrainingStrategy, apply_strategy
@@ -32,15 +33,15 @@ def _reference():
                             eps=OPT["adam_eps"], foreach=False)
     losses, norms = [], []
     dp = 4
-    per, mb = GLOBAL_BATCH // dp, GLOBAL_BATCH // dp // M
+    mb = GLOBAL_BATCH // dp // M
+    set_aux_loss_scale(1.0 / (dp * M))
     for step in range(STEPS):
         x, y = batch(step)
         total = 0.0
-        for i in range(M):  # the MoE aux loss uses statistics of one microbatch across all dp ranks
-            idx = torch.cat([torch.arange(r * per + i * mb, r * per + (i + 1) * mb) for r in range(dp)])
-            loss = model(x[idx], labels=y[idx]).mean()
-            (loss / M).backward()
-            total += loss.item() / M
+        for i in range(dp * M):  # rank r's micro-batch j is sample block r * M + j: the global order
+            loss = model(x[i * mb:(i + 1) * mb], labels=y[i * mb:(i + 1) * mb]).mean()
+            (loss / (dp * M)).backward()
+            total += loss.item() / (dp * M)
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), OPT["clip_grad"])))
         opt.step()
         opt.zero_grad()
@@ -64,6 +65,7 @@ def _run(stage):
                                   overlap_param_gather=True)
     assert ddp.expert_comm is not None and ddp.expert_comm.size == 2
     opt = get_megatron_optimizer(OptimizerConfig(**OPT), [ddp])
+    set_aux_loss_scale(1.0 / M)  # as the training loop: the aux losses' share of each micro-batch's gradient
     losses, norms = train(ddp, opt, 0, STEPS, M)
     ddp.finish_param_sync()  # the last step's overlapped all-gathers (read the params only after them)
     params = {n: _full(p) for n, p in model.named_parameters()}
