@@ -191,8 +191,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         mprof.begin(iteration)
         gbs = ramp.global_batch(consumed) if ramp else args.global_batch_size
         num_microbatches = gbs // per_microbatch
-        # the schedule's position: applied updates, in global batches of samples under a ramp (Megatron's samples)
-        # (the samples consumed after this update, as Megatron's counts; = iteration at a constant batch)
+        # the schedule's position: under a ramp, the samples consumed after this update (Megatron's count) in
+        # global batches, minus one; at a constant batch that is the iteration
         lr = scheduler.step((consumed + gbs) / args.global_batch_size - 1 if ramp else iteration)
         optimizer.zero_grad()
         for m in model_chunks:
