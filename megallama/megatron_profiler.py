@@ -8,8 +8,6 @@ one iteration) is in profiling.py.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megallama.errors import ConfigError
@@ -17,9 +15,8 @@ from megallama.errors import ConfigError
 
 def check_profile_flags(args) -> None:
     if not args.profile:
-        for flag in ("use_pytorch_profiler",):
-            if getattr(args, flag):
-                raise ConfigError(f"--{flag.replace('_', '-')} needs --profile")
+        if args.use_pytorch_profiler:
+            raise ConfigError("--use-pytorch-profiler needs --profile")
         return
     start, end = args.profile_step_start, args.profile_step_end
     if not 0 <= start < end:
@@ -71,10 +68,10 @@ class MegatronProfiler:
         if self.memory and log_now:
             self.dump_memory()
 
-    def dump_memory(self, path: Optional[str] = None) -> None:
+    def dump_memory(self) -> None:
         import pickle
         from megallama.checkpointing.files import atomic_write_bytes
-        atomic_write_bytes(path or self.args.memory_snapshot_path, pickle.dumps(torch.cuda.memory._snapshot()))
+        atomic_write_bytes(self.args.memory_snapshot_path, pickle.dumps(torch.cuda.memory._snapshot()))
 
     def close(self) -> None:
         if self._torch_prof is not None:

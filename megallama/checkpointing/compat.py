@@ -22,7 +22,7 @@ _MOE_MODEL = (("num_experts", "--num-experts"), ("topk", "--moe-router-topk"), (
 # training-only knobs (regularisation, auxiliary loss terms): the model is the same -> a warning, as Megatron allows
 _LORA_TRAINING = (("dropout", "--lora-dropout"),)
 _MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"))
-_MARKERS = (".lora_", ".experts.", ".router.")  # tensors a strategy adds to a dense model
+STRATEGY_MARKERS = (".lora_", ".experts.", ".router.")  # tensors a strategy adds to a dense model
 
 
 def _warn(msg: str) -> None:
@@ -124,7 +124,7 @@ def unused_message(ckpt: str, unused: List[str], saved_args: dict, pretrained: b
         return (f"{head}: --pretrained-checkpoint starts from base weights and would drop its LoRA adapters; merge "
                 f"them first (tools/convert_checkpoint.py megallama-to-hf --load {ckpt} --output DIR) and fine-tune "
                 "from DIR (finetune_llama.py --pretrained-checkpoint DIR)")
-    if any(m in n for n in unused for m in _MARKERS):
+    if any(m in n for n in unused for m in STRATEGY_MARKERS):
         run = f"it was trained with {flags}" if flags else "it was trained with another --strategy"
         return (f"{head}: {run}; pass the same strategy flags to resume or fine-tune it (loading it without them "
                 "would drop those tensors)")

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpointing import files as F
-from megallama.checkpointing.compat import BEHAVIOUR_KEYS, SHAPE_KEYS, check_compatible, unused_message  # noqa: F401
+from megallama.checkpointing.compat import (BEHAVIOUR_KEYS, SHAPE_KEYS, STRATEGY_MARKERS,  # noqa: F401
+                                            check_compatible, unused_message)
 from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
                                                      skip_on_save, state_name)
 from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes
@@ -224,7 +225,7 @@ def _model_plan(model_chunks, reader: ShardReader, ckpt: str, common: dict, pret
         err = unused_message(ckpt, unused, common.get("args", {}), pretrained)
     elif missing:
         cname = missing[0]
-        if any(k in cname for k in (".lora_", ".experts.", ".router.")):  # a strategy adds these to dense weights
+        if any(k in cname for k in STRATEGY_MARKERS):  # a strategy adds these to dense weights
             err = (f"checkpoint {ckpt} has no tensor {cname}: it holds a model without this run's LoRA adapters / "
                    "experts; to add them to its weights pass it as --pretrained-checkpoint (--load resumes a run of "
                    "this strategy)")

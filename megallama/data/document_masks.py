@@ -13,7 +13,8 @@ import torch
 
 from megallama.errors import ConfigError
 
-FLAGS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss", "calculate_per_token_loss")
+DOCUMENT_FLAGS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")  # these need the eod
+FLAGS = DOCUMENT_FLAGS + ("calculate_per_token_loss",)
 
 
 def document_fields(input_ids: torch.Tensor, eod: int, reset_position_ids: bool, reset_attention_mask: bool,
@@ -44,7 +45,7 @@ class DocumentMaskedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, eod: int, args):
         self.dataset, self.eod = dataset, eod
-        self.flags = {k: bool(getattr(args, k, False)) for k in FLAGS[:3]}
+        self.flags = {k: bool(getattr(args, k, False)) for k in DOCUMENT_FLAGS}
         self.per_token = bool(getattr(args, "calculate_per_token_loss", False))
 
     def __len__(self):
@@ -77,7 +78,7 @@ def apply_document_flags(args, tokenizer, *datasets):
     counts per token already)."""
     if not any(getattr(args, k, False) for k in FLAGS) or getattr(args, "chat_template", False):
         return datasets
-    given = [f"--{k.replace('_', '-')}" for k in FLAGS[:3] if getattr(args, k, False)]
+    given = [f"--{k.replace('_', '-')}" for k in DOCUMENT_FLAGS if getattr(args, k, False)]
     if tokenizer is None and given:
         raise ConfigError(f"{' '.join(given)} {'needs' if len(given) == 1 else 'need'} the tokenizer's eod, "
                           "which --mock-data and your own datasets (the Python API's dataloaders) do not give; "
