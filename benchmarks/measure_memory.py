@@ -153,7 +153,7 @@ def measure(argv, steps: int = 3, device: str = None) -> dict:
     args = parse_args(list(argv) + extra, world_size=world)
     _extension.set_fused_kernels(not args.no_fused_kernels)
     try:  # routing statistics are process-global; a previous configuration's expert count must not leak in
-        from megallama.model.moe import get_moe_stats
+        from megallama.model.moe_stats import get_moe_stats
         get_moe_stats().reset()
     except ImportError:
         pass

@@ -24,7 +24,8 @@ from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_toke
                                memory_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
-from megallama.model.moe import format_moe_stats, get_moe_stats, set_aux_loss_scale
+from megallama.model.moe import set_aux_loss_scale
+from megallama.model.moe_stats import format_moe_stats, get_moe_stats
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.optimizer.compression import compression_report, format_compression_report
@@ -319,7 +320,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     test_loss = None
     if test_ds is not None and not stopped_early and end_iter == args.train_iters > start_iter:
         test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
-                              end_iter, consumed, f"the end of training (iteration {end_iter}) on the test data", "test")
+                              end_iter, consumed, f"the end of training (iteration {end_iter}) on the test data",
+                              "test")
     if exit_signal is not None:
         exit_signal.release()
     if getattr(args, "save_adapter", None):

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from dist_utils import rel_err, run_distributed
 from megallama.errors import ConfigError
 from megallama.model import build_model
-from megallama.model.moe import (MoEConfig, MoELayer, get_moe_stats, load_balancing_loss, moe_layer_ids,
-                                 set_aux_loss_scale, topk_routing, z_loss)
+from megallama.model.moe import (MoEConfig, MoELayer, load_balancing_loss, moe_layer_ids, set_aux_loss_scale,
+                                 topk_routing, z_loss)
 from megallama.model.moe_dispatch import grouped_matmul, sort_by_expert
+from megallama.model.moe_stats import get_moe_stats
 from megallama.mpu import parallel_state as ps
 from megallama.strategies import TrainingStrategy, apply_strategy
 from strat_helpers import TINY, batch, full_params_and_grads
@@ -247,7 +248,7 @@ def test_strategy_flags_one_line_errors():
 def _loop_moe_reports(rank, world, argv):
     """``pretrain``'s MoE reports (one per log line) on this rank."""
     from megallama.arguments import parse_args
-    from megallama.model.moe import MoEStats
+    from megallama.model.moe_stats import MoEStats
     from megallama.training import pretrain
     reports, report = [], MoEStats.report
     MoEStats.report = lambda self, reset=True: reports.append(report(self, reset)) or reports[-1]

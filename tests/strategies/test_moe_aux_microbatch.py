@@ -122,7 +122,7 @@ LOOP = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32"
 def _loop(rank, world, argv):
     """``pretrain``'s losses and MoE reports (one per log line) on this rank."""
     from megallama.arguments import parse_args
-    from megallama.model.moe import MoEStats
+    from megallama.model.moe_stats import MoEStats
     from megallama.training import pretrain
     reports, report = [], MoEStats.report
     MoEStats.report = lambda self, reset=True: reports.append(report(self, reset)) or reports[-1]
