@@ -10,11 +10,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megallama.batch_rampup import setup_rampup
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
-from megallama.batch_rampup import setup_rampup
-from megallama.megatron_compat import add_megatron_args, apply_shape_flags, check_model_flags, samples_to_iters
+from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
+                                       check_model_flags, samples_to_iters)
 
 
 def _add_model(p):
@@ -125,10 +126,6 @@ def _add_parallel(p):
                    help="layers per model chunk: implies --pipeline-schedule interleaved (Megatron)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
-                   help="split the layers as if the embedding were one more layer on the first stage (Megatron's)")
-    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
-                   help="split the layers as if the output layer and loss were one more layer on the last stage")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
@@ -363,30 +360,7 @@ def _derive_pipeline(args) -> None:
                               "per stage); pick a value dividing the layers per stage")
         args.pipeline_schedule = "interleaved"
     args.pipeline_schedule = args.pipeline_schedule or "1f1b"
-    _account_for_embedding_and_loss(args, pp, layers)
-
-
-def _account_for_embedding_and_loss(args, pp: int, layers: int) -> None:
-    """Megatron's --account-for-embedding/loss-in-pipeline-split: the embedding (loss) counts as one more layer of
-    the first (last) stage, so that stage gets one decoder layer fewer: pinned first/last stage layers here."""
-    e, last = int(args.account_for_embedding_in_pipeline_split), int(args.account_for_loss_in_pipeline_split)
-    if not (e or last) or pp == 1:
-        return
-    flags = " and ".join(f for f, on in (("--account-for-embedding-in-pipeline-split", e),
-                                         ("--account-for-loss-in-pipeline-split", last)) if on)
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise ConfigError(f"{flags} with virtual pipeline stages is not supported here; drop one of them")
-    if args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None:
-        raise ConfigError(f"{flags} and --decoder-first/last-pipeline-num-layers both place layers; pass one")
-    total = layers + e + last
-    if total % pp or total // pp < 2:
-        raise ConfigError(f"{flags}: {layers} layers + {e + last} do not split evenly over {pp} pipeline stages "
-                          "with at least one decoder layer each; change --num-layers or the pipeline size")
-    per = total // pp
-    if e:
-        args.decoder_first_pipeline_num_layers = per - 1
-    if last:
-        args.decoder_last_pipeline_num_layers = per - 1
+    account_for_embedding_and_loss(args, pp, layers)
 
 
 def _derive_strategy(args) -> None:

@@ -7,7 +7,8 @@ iteration counts at the (constant) global batch. And flags with their own behavi
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
 ``--distributed-timeout-minutes`` (initialize), ``--reset-position-ids``, ``--reset-attention-mask``,
-``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py). Flags whose Megatron behaviour
+``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
+``--account-for-embedding/loss-in-pipeline-split`` (pinned end-stage layers, here). Flags whose Megatron behaviour
 megallama does not have (``--grad-reduce-in-bf16``, ``--decoupled-lr``, a non-``torch_dist`` ``--ckpt-format``) are
 one error line saying what megallama does instead.
 """
@@ -134,6 +135,10 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--record-memory-history", action="store_true",
                    help="record the CUDA allocator's history and dump it to --memory-snapshot-path each log line")
     g.add_argument("--memory-snapshot-path", default="snapshot.pickle")
+    g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="split the layers as if the embedding were one more layer on the first stage")
+    g.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="split the layers as if the output layer and loss were one more layer on the last stage")
     g.add_argument("--rampup-batch-size", type=int, nargs=3, default=None,
                    metavar=("START", "INCREMENT", "SAMPLES"), help="grow the global batch from START by INCREMENT "
                    "over the first SAMPLES samples (with --train-samples)")
@@ -245,3 +250,26 @@ def samples_to_iters(args) -> None:
             args.train_iters = n // gbs
         else:
             setattr(args, iters, n / gbs)
+
+
+def account_for_embedding_and_loss(args, pp: int, layers: int) -> None:
+    """Megatron's --account-for-embedding/loss-in-pipeline-split: the embedding (loss) counts as one more layer of
+    the first (last) stage, so that stage gets one decoder layer fewer: pinned first/last stage layers here."""
+    e, last = int(args.account_for_embedding_in_pipeline_split), int(args.account_for_loss_in_pipeline_split)
+    if not (e or last) or pp == 1:
+        return
+    flags = " and ".join(f for f, on in (("--account-for-embedding-in-pipeline-split", e),
+                                         ("--account-for-loss-in-pipeline-split", last)) if on)
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ConfigError(f"{flags} with virtual pipeline stages is not supported here; drop one of them")
+    if args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None:
+        raise ConfigError(f"{flags} and --decoder-first/last-pipeline-num-layers both place layers; pass one")
+    total = layers + e + last
+    if total % pp or total // pp < 2:
+        raise ConfigError(f"{flags}: {layers} layers + {e + last} do not split evenly over {pp} pipeline stages "
+                          "with at least one decoder layer each; change --num-layers or the pipeline size")
+    per = total // pp
+    if e:
+        args.decoder_first_pipeline_num_layers = per - 1
+    if last:
+        args.decoder_last_pipeline_num_layers = per - 1
