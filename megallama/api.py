@@ -47,6 +47,7 @@ class TrainingConfig:
     train_iters: Optional[int] = None
     sequence_length: Optional[int] = None
     mixed_precision: Optional[str] = None  # bf16 / fp16 / fp32; default bf16 on GPU, fp32 on CPU
+    fp8_format: Optional[str] = None  # Megatron's --fp8-format: "hybrid" or "e4m3" (decoder linears; needs bf16)
     weight_decay: float = 0.1
     gradient_clipping: float = 1.0
     warmup_iters: Optional[int] = None
@@ -74,7 +75,7 @@ class TrainingConfig:
                           ("--train-iters", self.train_iters), ("--epochs", self.epochs),
                           ("--seq-length", self.sequence_length), ("--lr-warmup-iters", self.warmup_iters),
                           ("--save", self.save_dir), ("--save-interval", self.save_interval),
-                          ("--eval-interval", self.eval_interval)):
+                          ("--eval-interval", self.eval_interval), ("--fp8-format", self.fp8_format)):
             if val is not None:
                 argv += [flag, str(val)]
         return argv
@@ -152,6 +153,7 @@ class ConfigurationFactory:
 
 
 def _strategy_argv(strategy: TrainingStrategy) -> List[str]:
+    from megallama.moe_args import moe_strategy_argv
     p = strategy.parameters
     argv = ["--strategy", strategy.name]
     flags = {"lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
@@ -168,6 +170,7 @@ def _strategy_argv(strategy: TrainingStrategy) -> List[str]:
         argv += ["--moe-layers", ",".join(str(i) for i in p["moe_layers"])]
     if p.get("upcycle"):
         argv.append("--moe-upcycle")
+    argv += moe_strategy_argv(p)  # Megatron's router, capacity and shared-expert flags
     if strategy.uses_moe and not p.get("num_experts"):
         argv += ["--num-experts", "8"]
     return argv

@@ -43,9 +43,14 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")
     if args.distributed_backend == "nccl" and device == "cpu":
         raise ConfigError("--distributed-backend nccl needs CUDA devices; use gloo with --device cpu")
-    for name in ("log_interval", "eval_iters", "exit_interval", "tensorboard_log_interval", "tensorboard_queue_size"):
+    for name in ("log_interval", "tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.exit_interval is not None and args.exit_interval < 0:
+        raise ConfigError(f"--exit-interval must be >= 0 (0: off), got {args.exit_interval}")
+    args.exit_interval = args.exit_interval or None  # Megatron's 0 is off
+    if args.eval_iters < 1:  # Megatron's: no validation and no test evaluation (its -1 and 0 alike)
+        args.eval_iters, args.eval_interval = 0, None
     if args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
         raise ConfigError(f"fp16 loss scaling needs --min-loss-scale > 0, --loss-scale-window >= 1 and --hysteresis "
                           f">= 1; got {args.min_loss_scale:g}, {args.loss_scale_window}, {args.hysteresis}")

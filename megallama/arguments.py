@@ -11,11 +11,16 @@ import sys
 from typing import Optional, Sequence
 
 from megallama.batch_rampup import setup_rampup
+from megallama.checkpoint_args import add_async_save_args, check_checkpoint_flags
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
+from megallama.fp8_args import add_fp8_args, check_fp8_flags
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
                                        check_model_flags, samples_to_iters)
+from megallama.megatron_defaults import apply_megatron_defaults, given_dests
+from megallama.moe_args import add_moe_args
+from megallama.progress_log import add_progress_log_args
 
 
 def _add_model(p):
@@ -237,13 +242,15 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
-    for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args):
+    for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
+                add_moe_args, add_async_save_args, add_progress_log_args):
         add(p)
     return p
 
 
 def _derive(args, world_size: int):
     from megallama.argument_checks import check_run_flags
+    apply_megatron_defaults(args)
     check_run_flags(args)
     if args.mixed_precision in ("bfloat16", "bf16"):
         args.bf16 = True
@@ -339,6 +346,8 @@ def _derive(args, world_size: int):
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler contradict each "
                           "other; pass at most one")
+    check_fp8_flags(args)
+    check_checkpoint_flags(args)
     return args
 
 
@@ -385,6 +394,7 @@ def _derive_strategy(args) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.given_flags = given_dests(argv)  # a Megatron launch line takes Megatron's defaults
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.world_size = world_size

@@ -64,6 +64,8 @@ def _run_span(args: dict) -> float:
 def check_schedule_flags(args) -> None:
     """One error line per contradiction, before anything is built (Megatron asserts most of these)."""
     if getattr(args, "lr_warmup_fraction", None) is not None:
+        if args.lr_warmup_iters == 0:  # Megatron's default value: the fraction sets the warmup
+            args.lr_warmup_iters = None
         if args.lr_warmup_iters is not None:
             raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters both set the warmup; pass one")
         if not 0.0 <= args.lr_warmup_fraction <= 1.0:

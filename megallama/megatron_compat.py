@@ -26,7 +26,10 @@ from megallama.errors import ConfigError
 # --mmap-bin-files pair pick implementations; batch-size is always on TensorBoard; a non-finite loss or gradient is
 # always caught (the step is skipped, and --max-skipped-iters in a row stop the run); weights are initialised
 # from the seed the same way on any device and layout (--use-cpu-initialization, --no-initialization: a loaded
-# checkpoint replaces them either way); --no-persist-layer-norm picks Apex's kernel.
+# checkpoint replaces them either way); --no-persist-layer-norm picks Apex's kernel; --use-legacy-models picks
+# Megatron's older model code (the same Llama); --apply-layernorm-1p stores the norm weight as 1 + w, a
+# reparametrisation that trains the same (norm weights start at 1 and, as in Megatron, are not weight-decayed);
+# --no-save-rng leaves out RNG states a Llama here never draws from while training (no dropout).
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
@@ -35,7 +38,7 @@ _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddi
              "--no-manual-gc-eval", "--no-async-tensor-model-parallel-allreduce", "--mmap-bin-files",
              "--no-mmap-bin-files", "--log-batch-size-to-tensorboard", "--check-for-nan-in-loss-and-grad",
              "--no-check-for-nan-in-loss-and-grad", "--use-cpu-initialization", "--no-persist-layer-norm",
-             "--no-initialization")
+             "--no-initialization", "--use-legacy-models", "--apply-layernorm-1p", "--no-save-rng")
 # flag -> (the one value a Llama here has, why)
 _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "position_embedding_type": ("rope", "Llama's positions are rotary here"),
@@ -53,7 +56,11 @@ _REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optim
                                   "for bit-exact comparisons",
             "grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
             "decoupled_lr": "megallama trains every parameter, embedding and output layer too, at one --lr",
-            "decoupled_min_lr": "megallama decays every parameter to one --min-lr"}
+            "decoupled_min_lr": "megallama decays every parameter to one --min-lr",
+            "optimizer": "megallama trains with Adam (AdamW, Megatron's adam); pass --optimizer adam or drop it",
+            "rerun_mode": "megallama skips an iteration whose loss or gradient is not finite (--max-skipped-iters "
+                          "in a row stop the run) instead of rerunning it; pass --rerun-mode disabled"}
+_ACCEPTED = {"optimizer": "adam", "rerun_mode": "disabled"}  # the one value of these that restates megallama
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 
@@ -67,7 +74,7 @@ class _RecomputeActivations(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, True)
-        if namespace.recompute_granularity is None:
+        if getattr(namespace, "recompute_granularity", None) is None:
             namespace.recompute_granularity = "selective"
 
 
@@ -78,8 +85,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                              "(megallama's own kernels, dispatcher and memory handling either way); "
                              "--kv-channels hidden/heads, --normalization RMSNorm, --position-embedding-type rope, "
                              "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
-                             "torch_dist (any other value is refused); --recompute-activations = "
-                             "--recompute-granularity selective. --data-impl mmap, --timing-log-level 0, "
+                             "torch_dist or torch (any other value is refused); --recompute-activations = "
+                             "--recompute-granularity selective. --data-impl mmap, --timing-log-level, "
                              "--num-dataset-builder-threads (implementation). Refused: --grad-reduce-in-bf16 "
                              "(gradients reduce in fp32), --decoupled-lr/--decoupled-min-lr (one LR), "
                              "--use-torch-fsdp2 (use --zero-stage 3), --tp-comm-overlap, --deterministic-mode")
@@ -100,19 +107,26 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-channels", type=int, default=None, help="= hidden-size / num-attention-heads (the head "
                    "dimension here; another value is refused)")
     g.add_argument("--ckpt-format", choices=["torch", "torch_dist", "torch_dcp", "zarr", "fsdp_dtensor"],
-                   default=None, help="torch_dist (megallama's sharded format; the others are refused)")
+                   default=None, help="torch_dist or torch (megallama's sharded format either way; the others are "
+                   "refused)")
     g.add_argument("--recompute-activations", action=_RecomputeActivations,
                    help="= --recompute-granularity selective")
     for flag in ("--grad-reduce-in-bf16", "--use-torch-fsdp2", "--tp-comm-overlap", "--deterministic-mode"):
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--data-impl", choices=["mmap"], default=None, help=argparse.SUPPRESS)
     g.add_argument("--num-dataset-builder-threads", type=int, default=1, help=argparse.SUPPRESS)
-    g.add_argument("--timing-log-level", type=int, choices=[0], default=0, help=argparse.SUPPRESS)
+    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=0, help=argparse.SUPPRESS)
+    g.add_argument("--optimizer", choices=["adam", "sgd", "muon", "dist_muon"], default=None,
+                   help="adam (AdamW, the only optimizer here)")
+    g.add_argument("--rerun-mode", choices=["disabled", "validate_results", "report_stats"], default=None,
+                   help="disabled (a non-finite step is skipped here; nothing is rerun)")
+    g.add_argument("--tiktoken-pattern", choices=["v1", "v2", "cl100k"], default=None, help=argparse.SUPPRESS)
     for flag in ("--decoupled-lr", "--decoupled-min-lr"):
         g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "none"], default=None,
-                   help="aux_loss (the default: per micro-batch, as Megatron's) or none (--moe-aux-loss-coeff 0); "
-                   "Megatron's global_aux_loss is not offered")
+    g.add_argument("--moe-router-load-balancing-type", default=None,
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
+                   help="aux_loss (default: per micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the "
+                   "dp ranks and the step's micro-batches, as Megatron's) or none (--moe-aux-loss-coeff 0)")
     g.add_argument("--rotary-base", dest="rope_theta", type=float, default=None, help="= --rope-theta")
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling")
     g.add_argument("--rope-scaling-factor", type=float, default=None, help="with --use-rope-scaling (default 8)")
@@ -165,6 +179,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
 
 def check_model_flags(args) -> None:
     """Before the model config is built: refuse a flag asking for another model than a Llama."""
+    if args.ckpt_format == "torch":  # Megatron's per-rank files or its sharded ones: megallama writes its own format,
+        args.ckpt_format = "torch_dist"  # which any layout loads, for either
     for name, (value, why) in _FIXED.items():
         given = getattr(args, name, None)
         if given is not None and given != value:
@@ -174,8 +190,15 @@ def check_model_flags(args) -> None:
                               f"{flag} {given} is not supported: {why}; pass {flag} {value} or drop it")
     for name, instead in _REFUSED.items():
         given = getattr(args, name, None)
-        if given is not None and given is not False:  # --decoupled-lr 0 too
-            raise ConfigError(f"--{name.replace('_', '-')} is not supported: {instead}; drop it")
+        if given is not None and given is not False and given != _ACCEPTED.get(name):  # --decoupled-lr 0 too
+            value = f" {given}" if name in _ACCEPTED else ""
+            raise ConfigError(f"--{name.replace('_', '-')}{value} is not supported: {instead}"
+                              + ("" if name in _ACCEPTED else "; drop it"))
+    if args.tiktoken_pattern is not None and (args.tokenizer_type or "").lower() == "tiktokenizer":
+        raise ConfigError("--tokenizer-type TikTokenizer with --tiktoken-pattern is Megatron's own JSON-vocabulary "
+                          "tokenizer, which megallama does not read; for Llama 3's tokenizer.model pass "
+                          "--tokenizer-type Llama3Tokenizer and drop --tiktoken-pattern")
+
     if args.recompute_activations and (args.activation_checkpointing or args.recompute_granularity != "selective"):
         other = "--activation-checkpointing" if args.activation_checkpointing else \
             f"--recompute-granularity {args.recompute_granularity}"

@@ -19,11 +19,12 @@ import torch.nn as nn
 from megallama.errors import ConfigError
 from megallama.model.lora import LORA_TARGETS, LoRAConfig, apply_lora
 from megallama.model.moe import MoEConfig, MoELayer, moe_layer_ids
+from megallama.moe_args import STRATEGY_KEYS as _MOE_FLAG_KEYS, moe_config_fields, strategy_params
 
 STRATEGIES = ("standard", "moe", "lora", "hybrid")
 _KNOWN = {"num_experts", "experts_per_token", "moe_router_topk", "moe_layers", "moe_layer_freq", "moe_aux_loss_coeff",
           "moe_z_loss_coeff", "moe_capacity_factor", "moe_ffn_hidden_size", "upcycle", "lora_rank", "lora_alpha",
-          "lora_dropout", "target_modules"}
+          "lora_dropout", "target_modules"} | _MOE_FLAG_KEYS
 
 
 @dataclass
@@ -82,8 +83,8 @@ class TrainingStrategy:
                         ffn_hidden_size=p.get("moe_ffn_hidden_size"),
                         aux_loss_coeff=float(p.get("moe_aux_loss_coeff", 1e-2)),
                         z_loss_coeff=float(p.get("moe_z_loss_coeff", 0.0)),
-                        capacity_factor=p.get("moe_capacity_factor"),
-                        layers=moe_layer_ids(num_layers, layers, int(p.get("moe_layer_freq", 1))))
+                        layers=moe_layer_ids(num_layers, layers, int(p.get("moe_layer_freq", 1))),
+                        **moe_config_fields(p))
         return cfg.validate(num_layers)
 
     def lora_config(self) -> Optional[LoRAConfig]:
@@ -119,7 +120,7 @@ def strategy_from_args(args) -> TrainingStrategy:
                  moe_aux_loss_coeff=g("moe_aux_loss_coeff", 1e-2), moe_z_loss_coeff=g("moe_z_loss_coeff", 0.0),
                  moe_capacity_factor=g("moe_capacity_factor"), moe_ffn_hidden_size=g("moe_ffn_hidden_size"),
                  moe_layers=_parse_layers(g("moe_layers")), moe_layer_freq=g("moe_layer_freq", 1),
-                 upcycle=bool(g("moe_upcycle", False)))
+                 upcycle=bool(g("moe_upcycle", False)), **strategy_params(args))
     if name in ("lora", "hybrid"):
         p.update(lora_rank=g("lora_rank", 8), lora_dropout=g("lora_dropout", 0.0),
                  target_modules=g("lora_target_modules"))

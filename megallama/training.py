@@ -14,7 +14,9 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint, save_checkpoint
+from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint
+from megallama.checkpointing.async_save import abandon_async_save
+from megallama.checkpointing.run_saver import RunSaver
 from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
@@ -31,6 +33,7 @@ from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_ra
 from megallama.optimizer.compression import compression_report, format_compression_report
 from megallama.optimizer.distributed import finish_param_sync
 from megallama.profiling import StepProfiler
+from megallama.progress_log import ProgressLog
 from megallama.progress import ProgressBar
 from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
                                       given_data, setup_model_and_optimizer)
@@ -132,7 +135,10 @@ def pretrain(args, datasets=None) -> dict:
     args.run_start_time = time.time()  # --exit-duration-in-mins counts from here (setup and loading included)
     progress = RunProgress(args.save)
     with report_interrupt(progress):
-        return _pretrain(args, datasets, progress)
+        try:
+            return _pretrain(args, datasets, progress)
+        finally:  # a run stopped by an error: its --async-save in flight is dropped unpublished (no-op otherwise)
+            abandon_async_save()
 
 
 def _pretrain(args, datasets, progress: RunProgress) -> dict:
@@ -169,6 +175,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
+    progress_log = ProgressLog(args, consumed, flops_tok, dist.get_rank() if dist.is_initialized() else 0)
+    saver = RunSaver(args, model_chunks, optimizer, scheduler, progress, progress_log)  # sync or --async-save
     world = dist.get_world_size() if dist.is_initialized() else 1
     history, grad_norms, times, valid_losses, skipped_in_row, total_skipped = {}, {}, {}, {}, 0, 0
     interval_loss, interval_steps = 0.0, 0  # the log line's loss: mean over the interval's applied updates
@@ -279,6 +287,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             if args.log_timers_to_tensorboard:
                 logger.scalars(step, {"iteration-time": dt, "throughput": tps * flops_tok / world / 1e12})
         bar.update(step, f"loss {loss:.4f}")
+        saver.poll(device)  # --async-save: publish the save in flight once every rank has written it
         do_eval = bool(args.eval_interval and valid_ds is not None and step % args.eval_interval == 0)
         out_of_time = getattr(args, "exit_duration_in_mins", None) is not None and any_rank(
             time.time() - args.run_start_time > 60 * args.exit_duration_in_mins, device)
@@ -289,10 +298,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             valid_losses[step] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, step, consumed, f"iteration {step}")
         if do_save:
-            path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
-                                   scheduler=scheduler)
-            print_rank_0(f"saved checkpoint to {path}")
-            saved = progress.saved = step
+            path = saver.save(step, consumed, wait=out_of_time or step == end_iter)
+            saved = step
         if t_pause is not None:
             t_last += _sync_time(device) - t_pause
         if out_of_time:
@@ -304,15 +311,16 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             break
         if exit_signal is not None and exit_signal.should_exit(device):  # SIGTERM: save this iteration, exit
             if saved != step:
-                path = save_checkpoint(args.save, step, model_chunks, optimizer, args, consumed, args.keep_last,
-                                       scheduler=scheduler)
-                progress.saved = step
+                path = saver.save(step, consumed)
+            saver.finish()  # --async-save: published before the line says so
             print_rank_0(f"SIGTERM received: checkpoint {path} saved at iteration {step}; exiting")
             end_iter, stopped_early = step, True
             break
     mprof.close()
+    saver.finish()  # --async-save: the save in flight is published before the run returns
     finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
-    validates = args.eval_interval or getattr(args, "valid_data_path", None)  # a validation corpus is for using
+    # a validation corpus is for using; --eval-iters 0 evaluates nothing (Megatron's)
+    validates = args.eval_iters > 0 and (args.eval_interval or getattr(args, "valid_data_path", None))
     if not stopped_early and end_iter == args.train_iters > start_iter and validates \
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,

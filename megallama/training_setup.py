@@ -131,6 +131,8 @@ def build_test_data(args, tokenizer):
     share)."""
     from megallama.data.gpt_dataset import build_dataset_from_path, build_test_split, parse_split
     n = args.eval_iters * args.global_batch_size
+    if n == 0:  # --eval-iters 0: Megatron evaluates nothing, the test data neither
+        return None
     if getattr(args, "test_data_path", None):
         return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed,
                                        args.data_cache_dir, n, "test", 2)
@@ -191,6 +193,8 @@ def build_model_chunks(args, device):
         chunks = [build_model(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
                               sequence_parallel=args.sequence_parallel)]
     apply_training_strategy(chunks, args)
+    from megallama.fp8_args import apply_fp8
+    apply_fp8(chunks, args)  # --fp8-format: the decoder's linears
     for m in chunks:
         if args.recompute_granularity:
             configure_recompute(m, args)

@@ -18,11 +18,16 @@ BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "norm_eps")
 # (config field, flag): a resume that changes one computes another function of the same tensors -> refused
 _LORA_MODEL = (("rank", "--lora-rank"), ("alpha", "--lora-alpha"), ("target_modules", "--lora-target-modules"))
 _MOE_MODEL = (("num_experts", "--num-experts"), ("topk", "--moe-router-topk"), ("layers", "--moe-layers"),
-              ("ffn_hidden_size", "--moe-ffn-hidden-size"), ("capacity_factor", "--moe-capacity-factor"))
+              ("ffn_hidden_size", "--moe-ffn-hidden-size"), ("capacity_factor", "--moe-capacity-factor"),
+              ("drop_policy", "--moe-token-drop-policy"),
+              ("shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
+              ("router_pre_softmax", "--moe-router-pre-softmax"), ("score_function", "--moe-router-score-function"),
+              ("topk_scaling_factor", "--moe-router-topk-scaling-factor"))
 # training-only knobs (regularisation, auxiliary loss terms): the model is the same -> a warning, as Megatron allows
 _LORA_TRAINING = (("dropout", "--lora-dropout"),)
-_MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"))
-STRATEGY_MARKERS = (".lora_", ".experts.", ".router.")  # tensors a strategy adds to a dense model
+_MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"),
+                 ("load_balancing_type", "--moe-router-load-balancing-type"), ("router_dtype", "--moe-router-dtype"))
+STRATEGY_MARKERS = (".lora_", ".experts.", ".router.", ".shared_experts.")  # tensors a strategy adds to a dense model
 
 
 def _warn(msg: str) -> None:

@@ -57,9 +57,41 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+class _WriteAll:
+    """torch.save's sink: writes every byte or raises the OSError (ENOSPC, EFBIG, EIO...). Given a path, torch.save
+    reports a full disk as a RuntimeError ("unexpected pos 704 vs 598") that names no cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        view, done = memoryview(data).cast("B"), 0
+        try:
+            while done < len(view):
+                done += self.f.write(view[done:])
+        except OSError as e:
+            self.error = e
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        sink = _WriteAll(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """The directory is not fsynced per file: publish() fsyncs once the whole checkpoint is renamed into place."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    _atomic_write(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """save_checkpoint / load_checkpoint: what the training loop calls.
 
-Save: every rank writes ``rank_XXXXX.pt`` (the tensors it owns, by name, plus its RNG states and gradient-compression
-state) into
+Save (its phases are in save_request.py; async_save.py runs the writing in the background): every rank writes
+``rank_XXXXX.pt`` (the tensors it owns, by name, plus its RNG states and gradient-compression state) into
 ``iter_N.tmp``; rank 0 merges the ranks' piece lists into the index in ``common.pt`` (with args, iteration,
 consumed samples, layout, optimizer scalars), writes the manifest, renames the directory and updates the tracker.
 Any rank's write failure (a full disk, a read-only directory) is agreed on by all ranks, the temporary directory is
@@ -13,7 +13,6 @@ a bad one named directly is an error); each rank reads its slices of every tenso
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Optional, Tuple
 
@@ -23,14 +22,12 @@ import torch.distributed as dist
 from megallama.checkpointing import files as F
 from megallama.checkpointing.compat import (BEHAVIOUR_KEYS, SHAPE_KEYS, STRATEGY_MARKERS,  # noqa: F401
                                             check_compatible, unused_message)
-from megallama.checkpointing.optimizer_state import (load_optimizer_states, optimizer_entries, saved_keys,
-                                                     skip_on_save, state_name)
-from megallama.checkpointing.sharded import ShardReader, dtype_name, merge_indexes
-from megallama.checkpointing.state import (canonical_name, get_rng_state, is_replica_chunk, is_zero3, local_piece,
-                                           named_model_tensors, set_rng_state, writes)
+from megallama.checkpointing.optimizer_state import load_optimizer_states, saved_keys, state_name
+from megallama.checkpointing.sharded import ShardReader
+from megallama.checkpointing.state import canonical_name, is_zero3, local_piece, named_model_tensors, set_rng_state
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.optimizer.compression import compression_state, load_compression_state
+from megallama.optimizer.compression import load_compression_state
 
 FORMAT_VERSION = 2
 
@@ -113,85 +110,15 @@ def check_writable(save: str) -> None:
 # ---------------------------------------------------------------- save
 def save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, consumed_samples: int,
                     keep_last: Optional[int] = None, extra: Optional[dict] = None, scheduler=None) -> str:
-    final = F.checkpoint_dir(save, iteration)
-    tmp = final + ".tmp"
-    err = None
-    if _rank() == 0:
-        try:
-            os.makedirs(save, exist_ok=True)
-            F.remove_stale_tmp(save, keep=tmp)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            os.makedirs(tmp)
-        except OSError as e:
-            err = f"{e.strerror or e}"
-    _raise_save_error(_first_error(err), final, tmp)
-
-    fname = f"rank_{_rank():05d}.pt"
-    tensors, index = {}, {}
-
-    def add(name, t, piece):
-        tensors[name] = t.detach().to("cpu", copy=True)
-        index[name] = {"shape": piece.shape, "dtype": dtype_name(t), "pieces": [piece.to_dict(fname)]}
-
-    for ci, name, t, p in named_model_tensors(model_chunks):
-        if not skip_on_save(name) and not is_replica_chunk(model_chunks, ci) and writes(t if p is None else p):
-            add(name, t, local_piece(t, p))
-    entries, scalars = optimizer_entries(optimizer, model_chunks)
-    if getattr(args, "no_save_optim", False):  # Megatron's --no-save-optim: weights (and RNG) only
-        entries, scalars = [], {}
-    for name, t, piece in entries:
-        add(name, t, piece)
-
-    err, desc = None, None
-    try:
-        obj = {"tensors": tensors, "rng": get_rng_state()}
-        comp = None if getattr(args, "no_save_compression_state", False) else compression_state(model_chunks)
-        if comp is not None:  # per-rank error memories etc., restored like the RNG state (same layout only)
-            obj["compression"] = comp
-        F.atomic_torch_save(obj, os.path.join(tmp, fname))
-        desc = F.describe_file(os.path.join(tmp, fname))
-    except OSError as e:
-        err = f"{e.strerror or e}"
-    del tensors
-    parts = _all_gather((index, {fname: desc}, err))
-    _raise_save_error(next((p[2] for p in parts if p[2]), None), final, tmp)
-
-    err = None
-    if _rank() == 0:
-        try:
-            common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples,
-                      "args": args_to_dict(args) if args is not None else {}, "layout": current_layout(),
-                      "zero_stage": getattr(args, "zero_stage", 0) if args is not None else 0,
-                      "index": merge_indexes(p[0] for p in parts), "optimizer_scalars": scalars,
-                      "extra": extra or {}}
-            if scheduler is not None:
-                common["opt_param_scheduler"] = scheduler.state_dict()
-            F.atomic_torch_save(common, os.path.join(tmp, F.COMMON))
-            manifest = {k: v for p in parts for k, v in p[1].items()}
-            manifest[F.COMMON] = F.describe_file(os.path.join(tmp, F.COMMON))
-            F.write_manifest(tmp, manifest)
-            F.publish(tmp, final)
-            F.write_tracker(save, iteration)
-        except OSError as e:
-            err = f"{e.strerror or e}"
-    _raise_save_error(_bcast(err), final, tmp)
-    if _rank() == 0 and keep_last:
-        F.prune(save, keep_last, protect=iteration)
-    if _on():
-        dist.barrier()
-    return final
-
-
-def _raise_save_error(err: Optional[str], final: str, tmp: str) -> None:
-    if not err:
-        return
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if _on():
-        dist.barrier()
-    raise ConfigError(f"could not write checkpoint {final} ({err}); earlier checkpoints are kept — free space or "
-                      "point --save at a writable disk")
+    """Write and publish the checkpoint of ``iteration`` (collective), the three phases of save_request back to back;
+    a save still in flight (--async-save) is published first."""
+    from megallama.checkpointing.async_save import finalize_async_save
+    from megallama.checkpointing.save_request import SaveRequest
+    finalize_async_save()
+    req = SaveRequest.begin(save, iteration, model_chunks, optimizer, args, consumed_samples, keep_last, extra,
+                            scheduler)
+    req.write()
+    return req.publish()
 
 
 # ---------------------------------------------------------------- load
@@ -255,6 +182,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
     weights are never what a fine-tuning meant) or with ``finetune``. ``quiet``:
     no "loaded weights" line (the caller says what it loaded). ``scheduler``: its settings are checked against the
     checkpoint's (a resume must not change the LR schedule silently; a finetune starts a fresh one)."""
+    from megallama.checkpointing.async_save import finalize_async_save
+    finalize_async_save()  # --async-save: a save in flight is published before anything is read
     step = getattr(args, "ckpt_step", None)
     if step is not None:  # Megatron's --ckpt-step: that iteration of the --load run, and no other
         load = _ckpt_step_dir(load, step)

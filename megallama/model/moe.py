@@ -1,21 +1,21 @@
-"""Mixture-of-experts feed-forward: top-k softmax router, load-balancing and z losses, grouped SwiGLU experts,
-expert parallelism, optional capacity factor.
+"""Mixture-of-experts feed-forward: top-k router, load-balancing and z losses, grouped SwiGLU experts, an optional
+shared expert, expert parallelism, optional expert capacity.
 
 ``MoELayer`` is a drop-in for ``LlamaMLP`` (same input/output layout, incl. [b, s/tp, h] under sequence
 parallelism). Tensor parallelism shards every expert like the dense MLP (gate/up by output, down by input
 features) and wraps the expert computation in the same conjugate mappings. Expert parallelism splits the experts
-over ``parallel_state.get_expert_model_parallel_group()`` and moves tokens with all-to-all
-(``moe_dispatch``).
+over ``parallel_state.get_expert_model_parallel_group()`` and moves tokens with all-to-all (``moe_dispatch``).
+Routing options are in ``moe_router``, the auxiliary losses (``aux_loss``, ``seq_aux_loss``, ``global_aux_loss``)
+and how they reach the gradient in ``moe_aux_loss``.
 
-Auxiliary losses never touch the returned LM loss: they are attached to the layer's output with
-``_AttachAuxLoss`` (Megatron's ``MoEAuxLossAutoScaler``) so their gradient flows in the same backward on any
-pipeline stage. The load-balancing loss is Megatron's default ``aux_loss``: one per micro-batch, its routing
-statistics (tokens per expert, token count) reduced over exactly the ranks that hold pieces of that micro-batch's
-tokens (tensor-parallel under sequence parallelism, context-parallel), never over dp or ep, whose ranks hold other
-micro-batches. So the loss does not depend on the data-parallel size: any dp/ep/tp/cp layout with the same
-micro-batch size and global batch equals the one-process run (a resume under another dp size continues the curve).
-Megatron's ``global_aux_loss`` (statistics of the whole global batch) is not offered: the gradient of micro-batch
-i needs the counts of micro-batches not yet run, which Megatron only approximates with a running average.
+``--moe-shared-expert-intermediate-size`` adds a dense SwiGLU MLP of that size which every token goes through
+(``shared_experts``, a ``LlamaMLP``: tensor-parallel like the dense MLP, data-parallel like every dense weight),
+its output added to the routed experts' (Megatron's ``SharedExpertMLP`` without the gate).
+
+Expert capacity (``--moe-expert-capacity-factor``) is ``ceil(cf * T * k / E)`` over the T tokens of the micro-batch
+this rank routes: gathered over tp under sequence parallelism (Megatron counts each tp rank's s/tp slice, so its
+drops change with tp; here they do not), this rank's piece of the sequence under cp (as Megatron). Each expert keeps
+its assignments in ``--moe-token-drop-policy`` order (``moe_dispatch.drop_preference``).
 
 Expert parameters carry ``expert_parallel = True`` and ``allreduce = False``: their gradient is already summed
 over the ep group by the all-to-all backward, so the data-parallel reduction must run over
@@ -30,14 +30,15 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megallama.errors import ConfigError
 from megallama.mpu import mappings
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.random import _name_seed
-from megallama.model.moe_dispatch import expert_counts, grouped_matmul, sort_by_expert
-from megallama.model.moe_stats import get_moe_stats
+from megallama.model.moe_aux_loss import (LOAD_BALANCING_TYPES, GlobalTokenTracker, attach_aux_loss,  # noqa: F401
+                                          aux_losses, load_balancing_loss, set_aux_loss_scale, z_loss)
+from megallama.model.moe_dispatch import drop_preference, grouped_matmul, padded_slots, sort_by_expert
+from megallama.model.moe_router import ROUTER_DTYPES, SCORE_FUNCTIONS, TopKRouter, topk_routing  # noqa: F401
 from megallama.ops import swiglu
 
 
@@ -49,8 +50,21 @@ class MoEConfig:
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: float = 0.0
     capacity_factor: Optional[float] = None  # None: no token dropping
-    norm_topk_prob: bool = True  # renormalise the k chosen probabilities (Mixtral); k = 1 keeps p (Switch)
+    norm_topk_prob: bool = True  # softmax over the k chosen logits (default); False: --moe-router-pre-softmax
     layers: Optional[List[int]] = None  # global decoder-layer indices that are sparse; None: every layer
+    score_function: str = "softmax"  # or sigmoid
+    topk_scaling_factor: Optional[float] = None
+    router_dtype: str = "fp32"  # or fp64
+    load_balancing_type: str = "aux_loss"  # seq_aux_loss, global_aux_loss, none
+    drop_policy: str = "probs"  # or position
+    pad_to_capacity: bool = False
+    shared_expert_intermediate_size: Optional[int] = None
+    shared_expert_overlap: bool = False  # accepted: one stream here, the output is the same
+
+    @property
+    def router_pre_softmax(self) -> bool:
+        """Megatron's --moe-router-pre-softmax (checkpoint compatibility names it so)."""
+        return not self.norm_topk_prob
 
     def validate(self, num_layers: Optional[int] = None) -> "MoEConfig":
         if self.num_experts < 1:
@@ -59,7 +73,29 @@ class MoEConfig:
             raise ConfigError(f"--moe-router-topk {self.topk} must be between 1 and --num-experts "
                               f"{self.num_experts}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ConfigError(f"--moe-capacity-factor must be positive, got {self.capacity_factor}")
+            raise ConfigError(f"--moe-expert-capacity-factor must be positive (negative: no dropping), got "
+                              f"{self.capacity_factor}")
+        choices = {"score_function": SCORE_FUNCTIONS, "router_dtype": tuple(ROUTER_DTYPES),
+                   "load_balancing_type": LOAD_BALANCING_TYPES, "drop_policy": ("probs", "position")}
+        flags = {"score_function": "--moe-router-score-function", "router_dtype": "--moe-router-dtype",
+                 "load_balancing_type": "--moe-router-load-balancing-type", "drop_policy": "--moe-token-drop-policy"}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{flags[key]} {getattr(self, key)} is not one of {', '.join(allowed)}")
+        if not self.norm_topk_prob and self.score_function != "softmax":
+            raise ConfigError("--moe-router-pre-softmax applies to --moe-router-score-function softmax only; drop it "
+                              "(sigmoid scores are taken per expert, before the top-k, anyway)")
+        if self.topk_scaling_factor is not None and self.topk_scaling_factor <= 0:
+            raise ConfigError(f"--moe-router-topk-scaling-factor must be positive, got {self.topk_scaling_factor}")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor; add it or drop "
+                              "the padding")
+        if self.shared_expert_intermediate_size is not None and self.shared_expert_intermediate_size <= 0:
+            raise ConfigError(f"--moe-shared-expert-intermediate-size must be positive, got "
+                              f"{self.shared_expert_intermediate_size}")
+        if self.shared_expert_overlap and not self.shared_expert_intermediate_size:
+            raise ConfigError("--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size (there is no "
+                              "shared expert to overlap)")
         if num_layers is not None and self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad:
@@ -77,71 +113,7 @@ def moe_layer_ids(num_layers: int, layers: Optional[Sequence[int]] = None, freq:
     return [i for i in range(num_layers) if i % freq == 0]
 
 
-# ---------------------------------------------------------------- routing
-def topk_routing(logits: torch.Tensor, k: int, norm_topk_prob: bool = True):
-    """logits [T, E] (fp32) -> (probs [T, E], top_p [T, k], top_i [T, k])."""
-    probs = torch.softmax(logits, dim=-1)
-    top_p, top_i = torch.topk(probs, k, dim=-1)
-    if k > 1 and norm_topk_prob:
-        top_p = top_p / top_p.sum(-1, keepdim=True)
-    return probs, top_p, top_i
-
-
-def load_balancing_loss(probs_sum: torch.Tensor, tokens_per_expert: torch.Tensor, num_tokens, topk: int,
-                        coeff: float) -> torch.Tensor:
-    """Switch/GShard loss ``coeff * E * sum_e f_e * P_e`` with f_e = tokens_per_expert / (T k) (fraction of the
-    T*k assignments) and P_e = probs_sum / T (mean router probability). Equals ``coeff`` for a uniform router."""
-    E = probs_sum.shape[-1]
-    # a tensor count stays on the device: float() would synchronise the GPU in every MoE layer's forward
-    n = num_tokens.to(torch.float32) if isinstance(num_tokens, torch.Tensor) else float(num_tokens)
-    return coeff * E / (n * n * topk) * (tokens_per_expert * probs_sum).sum()
-
-
-def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
-    """ST-MoE router z-loss: coeff * mean_t logsumexp(logits_t)^2."""
-    return coeff * torch.logsumexp(logits, dim=-1).square().mean()
-
-
-_AUX_GRAD_SCALE = 1.0
-
-
-def set_aux_loss_scale(scale: float) -> None:
-    """Gradient scale of the attached aux losses: 1/num_microbatches (times the fp16 loss scale), matching what
-    the schedule applies to the LM loss."""
-    global _AUX_GRAD_SCALE
-    _AUX_GRAD_SCALE = float(scale)
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``out``; in backward feeds ``aux`` the gradient ``_AUX_GRAD_SCALE``."""
-
-    @staticmethod
-    def forward(ctx, out, aux):
-        ctx.save_for_backward(aux)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (aux,) = ctx.saved_tensors
-        return g, torch.full_like(aux, _AUX_GRAD_SCALE)
-
-
 # ---------------------------------------------------------------- modules
-class TopKRouter(nn.Module):
-    """Linear gate [E, h], replicated over tp and ep; computed in fp32."""
-
-    def __init__(self, hidden_size: int, num_experts: int, init_std: float, sequence_parallel: bool, device=None,
-                 dtype=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
-        self.weight.init_std = init_std
-        self.weight.sequence_parallel = sequence_parallel  # sees only this rank's tokens under SP
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
-
-
 class GroupedExperts(nn.Module):
     """This rank's experts as stacked SwiGLU weights [E_local, f/tp, h] (gate, up) and [E_local, h, f/tp] (down)."""
 
@@ -193,13 +165,13 @@ class GroupedExperts(nn.Module):
 
 class MoELayer(nn.Module):
     """Sparse SwiGLU FFN: route each token to ``topk`` of ``num_experts`` experts, weight their outputs by the
-    router probabilities. Input/output layout as ``LlamaMLP``."""
+    router probabilities (plus the shared expert, if any). Input/output layout as ``LlamaMLP``."""
 
     def __init__(self, config, moe: MoEConfig, layer_number: int, sequence_parallel: bool = False, device=None,
                  dtype=None):
         super().__init__()
         moe.validate()
-        ep = ps.get_expert_model_parallel_world_size()
+        ep, tp = ps.get_expert_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
         if moe.num_experts % ep:
             raise ConfigError(f"--num-experts {moe.num_experts} is not divisible by --expert-model-parallel-size "
                               f"{ep}; pick an expert-parallel size dividing the number of experts")
@@ -207,56 +179,32 @@ class MoELayer(nn.Module):
         self.num_experts, self.topk = moe.num_experts, moe.topk
         self.num_local_experts = moe.num_experts // ep
         self.hidden_size = config.hidden_size
-        self.sequence_parallel = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+        self.sequence_parallel = sequence_parallel and tp > 1
         out_std = config.init_method_std / (2.0 * config.num_layers) ** 0.5
         self.router = TopKRouter(config.hidden_size, moe.num_experts, config.init_method_std, self.sequence_parallel,
-                                 device, dtype)
+                                 device, dtype, router_dtype=moe.router_dtype)
         self.experts = GroupedExperts(self.num_local_experts, config.hidden_size,
                                       moe.ffn_hidden_size or config.ffn_hidden_size, config.init_method_std, out_std,
                                       device, dtype)
-
-    # ---- auxiliary losses of one micro-batch
-    def _token_split_group(self):
-        """The ranks holding other pieces of this micro-batch's tokens: tp under sequence parallelism (without it
-        tp ranks hold the same tokens) and cp. Not ep: it carves dp, each ep rank routes its own micro-batch."""
-        sp, cp = self.sequence_parallel, ps.get_context_parallel_world_size() > 1
-        if not dist.is_initialized() or not (sp or cp):
-            return None
-        if sp and cp:
-            return ps.get_tensor_and_context_parallel_group()
-        return ps.get_tensor_model_parallel_group() if sp else ps.get_context_parallel_group()
-
-    def _aux_losses(self, logits, probs, top_i):
-        """Load-balancing + z loss of this micro-batch (Megatron's ``aux_loss``), this rank's share of it.
-
-        Counts and token totals are summed over the micro-batch's token-split ranks (not differentiated); the
-        differentiable sums (router probabilities, logsumexp^2) stay local, so the shares add up to the loss:
-        tp shares are summed by the sequence-parallel gradient all-reduce, cp shares are averaged by the dp x cp
-        gradient mean (hence the factor cp, as ``cp_mean_loss`` gives the LM loss)."""
-        E, k = self.num_experts, self.topk
-        counts = expert_counts(top_i, E).to(torch.float32)
-        lse2 = torch.logsumexp(logits, dim=-1).square().sum()
-        # the token count as a device fill: a host-to-device copy of it would synchronise the GPU in every layer
-        n = torch.full((1,), logits.shape[0], dtype=torch.float32, device=logits.device)
-        stats = torch.cat([counts, probs.detach().sum(0), n, lse2.detach()[None]])
-        group = self._token_split_group()
-        if group is not None:
-            dist.all_reduce(stats, group=group)
-        counts_mb, psum_mb, n_mb, lse2_mb = stats[:E], stats[E:2 * E], stats[2 * E], stats[2 * E + 1]
-        c, zc = self.moe.aux_loss_coeff, self.moe.z_loss_coeff
-        cp = ps.get_context_parallel_world_size()
-        aux = cp * load_balancing_loss(probs.sum(0), counts_mb, n_mb, k, c)
-        zl = cp * zc * lse2 / n_mb
-        if torch.is_grad_enabled():
-            get_moe_stats().record(self.layer_number, counts_mb,
-                                   load_balancing_loss(psum_mb, counts_mb, n_mb, k, c), zc * lse2_mb / n_mb)
-        return aux + zl
+        self.shared_experts = None
+        if moe.shared_expert_intermediate_size:
+            from megallama.model.mlp import LlamaMLP
+            if moe.shared_expert_intermediate_size % tp:
+                raise ConfigError(f"--moe-shared-expert-intermediate-size {moe.shared_expert_intermediate_size} is "
+                                  f"not divisible by the tensor-parallel size {tp}; choose a size divisible by it")
+            self.shared_experts = LlamaMLP(config, self.sequence_parallel, device, dtype,
+                                           ffn_hidden_size=moe.shared_expert_intermediate_size)
+        self.global_tokens = GlobalTokenTracker()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, h = x.shape, self.hidden_size
+        shape, h, moe = x.shape, self.hidden_size, self.moe
         logits = self.router(x.reshape(-1, h))
-        probs, top_p, top_i = topk_routing(logits, self.topk, self.moe.norm_topk_prob)
-        aux = self._aux_losses(logits, probs, top_i) if torch.is_grad_enabled() else None
+        scores, top_p, top_i = topk_routing(logits, self.topk, moe.norm_topk_prob, moe.score_function,
+                                            moe.topk_scaling_factor)
+        aux = None
+        if torch.is_grad_enabled():
+            aux = aux_losses(moe, self.layer_number, logits, scores, top_i, shape[0], self.sequence_parallel,
+                             self.global_tokens)
         if self.sequence_parallel:  # route locally, compute experts on the gathered sequence (as the dense MLP)
             b = shape[0]
             x_full = mappings.gather_from_sequence_parallel_region(x, True).reshape(-1, h)
@@ -266,26 +214,45 @@ class MoELayer(nn.Module):
         else:
             x_full = mappings.copy_to_tensor_model_parallel_region(x.reshape(-1, h))
             top_p = mappings.copy_to_tensor_model_parallel_region(top_p)
-        y = self._experts(x_full, top_p, top_i)
+        y = self._experts(x_full, top_p, top_i, shape[0])
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y.view(shape[0], -1, h))
         else:
             y = mappings.reduce_from_tensor_model_parallel_region(y)
         y = y.reshape(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
         if aux is not None and aux.requires_grad:
-            y = _AttachAuxLoss.apply(y, aux)
+            y = attach_aux_loss(y, aux)
         return y
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         cf = self.moe.capacity_factor
         return None if cf is None else max(1, math.ceil(cf * num_tokens * self.topk / self.num_experts))
 
-    def _experts(self, x, top_p, top_i):
+    def _dispatch(self, top_p, top_i, batch):
+        """(order, counts): kept (token, choice) assignments sorted by expert and rows per expert, capacity and
+        drop policy applied."""
+        T = top_i.shape[0]
+        cap = self.capacity(T)
+        pref = drop_preference(top_p, batch, self.moe.drop_policy) if cap is not None and cap < T else None
+        return sort_by_expert(top_i.reshape(-1), self.num_experts, cap if pref is not None else None, pref)
+
+    def _experts(self, x, top_p, top_i, batch):
         """Dispatch -> (all-to-all) -> grouped experts -> (all-to-all) -> probability-weighted combine."""
         T, k = x.shape[0], self.topk
-        order, counts = sort_by_expert(top_i.reshape(-1), self.num_experts, self.capacity(T))
+        order, counts = self._dispatch(top_p, top_i, batch)
         tok = order // k
         x_perm = x[tok]
+        w = top_p.reshape(-1)[order]
+        if self.moe.pad_to_capacity:  # every expert gets exactly min(capacity, T) rows; the padding weighs 0
+            size = min(self.capacity(T), T)
+            slots = padded_slots(counts, size)
+            rows = self.num_experts * size
+            x_perm = x_perm.new_zeros(rows, x.shape[-1]).index_copy(0, slots, x_perm)
+            tok = tok.new_zeros(rows).index_copy(0, slots, tok)
+            w = w.new_zeros(rows).index_copy(0, slots, w)
+            counts = torch.full_like(counts, size)
         ep = ps.get_expert_model_parallel_world_size()
         if ep == 1:
             out = self.experts(x_perm, counts)
@@ -304,14 +271,16 @@ class MoELayer(nn.Module):
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=perm.device)
             out = mappings.all_to_all(out[inv], group, send_splits, recv_splits)
-        w = top_p.reshape(-1)[order].to(out.dtype)
-        return out.new_zeros(T, out.shape[-1]).index_add(0, tok, out * w[:, None])
+        return out.new_zeros(T, out.shape[-1]).index_add(0, tok, out * w.to(out.dtype)[:, None])
 
     @torch.no_grad()
     def init_weights(self, prefix: str, seed: int) -> None:
         from megallama.mpu.random import init_parameter
         init_parameter(self.router.weight, f"{prefix}.router.weight", seed, self.router.weight.init_std)
         self.experts.init_weights(f"{prefix}.experts", seed)
+        if self.shared_experts is not None:  # named as in the model: any tp split draws the same full weights
+            for name, p in self.shared_experts.named_parameters():
+                init_parameter(p, f"{prefix}.shared_experts.{name}", seed, p.init_std)
 
     @torch.no_grad()
     def upcycle_from(self, dense) -> None:

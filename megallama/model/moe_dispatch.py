@@ -75,11 +75,16 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, capacity: Optional[int] = None):
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, capacity: Optional[int] = None,
+                   preference: Optional[torch.Tensor] = None):
     """expert_ids: [N] (flattened token-major (token, choice) assignments). Returns (order, counts): ``order`` the
-    kept assignment indices sorted by expert (stable, so token order within an expert: first come, first kept),
-    ``counts`` [num_experts] kept rows per expert. With ``capacity`` each expert keeps at most that many rows."""
-    order = torch.argsort(expert_ids, stable=True)
+    kept assignment indices sorted by expert, ``counts`` [num_experts] kept rows per expert. Within an expert the
+    rows follow ``preference`` (a permutation of the N assignments, most wanted first; default their own order),
+    and with ``capacity`` each expert keeps the first ``capacity`` of them."""
+    if preference is None:
+        order = torch.argsort(expert_ids, stable=True)
+    else:
+        order = preference[torch.argsort(expert_ids[preference], stable=True)]
     counts = expert_counts(expert_ids, num_experts)
     if capacity is not None:
         sorted_e = expert_ids[order]
@@ -88,3 +93,27 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, capacity: Optiona
         order = order[pos < capacity]
         counts = counts.clamp(max=capacity)
     return order, counts
+
+
+def drop_preference(top_p: torch.Tensor, batch: int, policy: str) -> torch.Tensor:
+    """The order in which an over-full expert keeps its assignments (Megatron's ``--moe-token-drop-policy``).
+    top_p: [b*s, k] weights of tokens laid out [b, s]. ``position``: earliest first in Megatron's [s, b] token order
+    (sequence position, then sample), so the last positions are dropped; ``probs``: highest weight first, ties in
+    that position order."""
+    n, k = top_p.shape
+    by_position = torch.arange(n * k, device=top_p.device).view(batch, n // batch, k).transpose(0, 1).reshape(-1)
+    if policy == "position":
+        return by_position
+    if policy != "probs":
+        raise ValueError(f"unknown token drop policy {policy!r}; use probs or position")
+    p = top_p.detach().reshape(-1)[by_position]
+    return by_position[torch.argsort(-p, stable=True)]
+
+
+def padded_slots(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """Where each row of groups sorted by id goes when every group is padded to ``size`` rows: group e's rows to
+    [e*size, e*size + counts[e]) (Megatron's ``--moe-pad-expert-input-to-capacity``)."""
+    n = int(counts.sum())
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n)
+    starts = torch.cumsum(counts, 0) - counts
+    return group * size + torch.arange(n, device=counts.device) - starts[group]

@@ -36,26 +36,37 @@ def set_gradient_accumulation_fusion(enabled: bool, allow_cpu: bool = False) -> 
     _enabled, _allow_cpu = bool(enabled), bool(allow_cpu)
 
 
-def main_grad_target(param: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``param.main_grad`` when ``g^T x`` can be summed into it by the GEMM itself, else None."""
+def fusable_main_grad(param: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """``param.main_grad`` when a weight-gradient GEMM on ``device`` may sum into it (the checks every GEMM path
+    shares: ``main_grad_target`` here, the fp8 GEMMs of ``mpu.fp8_linear``), else None."""
     if not _enabled or param is None or torch.compiler.is_compiling():  # a traced backward would drop the mark
         return None
     if not getattr(param, "allow_grad_accum_fusion", True):  # used twice in the graph (a tied embedding)
         return None
     target = getattr(param, "main_grad", None)
-    if target is None or target.dtype != torch.float32 or not target.is_contiguous() or \
-            g.dtype not in (torch.bfloat16, torch.float16) or x.dtype != g.dtype:
+    if target is None or target.dtype != torch.float32 or not target.is_contiguous():
         return None
-    if g.device.type != "cuda" and not _allow_cpu:
+    return target if device.type == "cuda" or _allow_cpu else None
+
+
+def main_grad_target(param: Optional[torch.Tensor], g: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``param.main_grad`` when ``g^T x`` can be summed into it by the GEMM itself, else None."""
+    target = fusable_main_grad(param, g.device)
+    if target is None or g.dtype not in (torch.bfloat16, torch.float16) or x.dtype != g.dtype:
         return None
     return target if gemm_accum_path(target, g, x) == "fused" else None
+
+
+def added_to_main_grad(param: torch.Tensor) -> torch.Tensor:
+    """Mark ``param``'s gradient as already in ``main_grad``; returns the placeholder autograd hands the weight."""
+    param.grad_added_to_main_grad = True
+    return torch.empty_like(param)
 
 
 def accumulate_weight_grad(param: torch.Tensor, target: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``target += g^T x`` (flattened over tokens); returns the placeholder gradient autograd hands the weight."""
     gemm_accum_fp32_(target, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
-    param.grad_added_to_main_grad = True
-    return torch.empty_like(param)
+    return added_to_main_grad(param)
 
 
 def take_grad_added_to_main_grad(param: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings, weight_grad_store
+from megallama.mpu.fp8_linear import fp8_column_parallel_linears, fp8_row_parallel_gemm
 from megallama.mpu.grad_accum_fusion import accumulate_weight_grad, main_grad_target
 
 
@@ -155,19 +156,26 @@ class _RowParallelGEMM(torch.autograd.Function):
         return grad_input, grad_weight, None
 
 
-def row_parallel_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` without the reduction over tp, casting both to the autocast dtype if one is active."""
+def row_parallel_gemm(x: torch.Tensor, weight: torch.Tensor, fp8=None) -> torch.Tensor:
+    """``F.linear(x, weight)`` without the reduction over tp, casting both to the autocast dtype if one is active
+    (``fp8``: an ``Fp8Recipe``, the GEMMs in fp8 instead, see mpu.fp8_linear)."""
+    if fp8 is not None:
+        return fp8_row_parallel_gemm(x, weight, fp8)
     x, w = autocast_copies(x, weight)
     return _RowParallelGEMM.apply(x, w, (weight,))
 
 
-def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequence_parallel: bool = False):
+def column_parallel_linear_forward(x: torch.Tensor, weights, biases=None, sequence_parallel: bool = False,
+                                   fp8=None):
     """``tuple(linear(enter_tp_region(x), w_i, b_i))`` with one input collective and one grad reduction in all.
 
-    ``x`` is the replicated input, or this rank's [b, s/tp, h] sequence shard when ``sequence_parallel``."""
+    ``x`` is the replicated input, or this rank's [b, s/tp, h] sequence shard when ``sequence_parallel``.
+    ``fp8``: an ``Fp8Recipe``, the GEMMs in fp8 (mpu.fp8_linear)."""
     weights = tuple(weights)
     biases = tuple(biases) if biases is not None else (None,) * len(weights)
     sp = sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
+    if fp8 is not None:
+        return fp8_column_parallel_linears(x, weights, biases, sp, fp8)
     x, *copies = autocast_copies(x, *weights, *biases)
     return _ColumnParallelLinears.apply(x, sp, len(weights), weights, *copies)  # weights: the leaves behind copies
 
@@ -178,15 +186,16 @@ def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
 
     A layer carrying an unmerged adapter (``adapter_forward(x)`` / ``base_weight``, as LoRA's layers do) runs its
     base weight in the shared GEMM and adds ``adapter_forward(x)`` on the same input layout."""
-    sp = layers[0].sequence_parallel
-    if any(layer.sequence_parallel != sp or layer.gather_output for layer in layers):
-        raise ValueError("column_parallel_linears needs layers with the same sequence_parallel and no gather_output")
+    sp, fp8 = layers[0].sequence_parallel, layers[0].fp8
+    if any(layer.sequence_parallel != sp or layer.gather_output or layer.fp8 != fp8 for layer in layers):
+        raise ValueError("column_parallel_linears needs layers with the same sequence_parallel and fp8 recipe, and "
+                         "no gather_output")
     adapters = [None if getattr(layer, "merged", True) else getattr(layer, "adapter_forward", None)
                 for layer in layers]
     weights = [layer.weight if a is None else layer.base_weight for layer, a in zip(layers, adapters)]
     if any(a is not None for a in adapters):  # one autocast copy of x for the GEMMs and every adapter
         (x,) = autocast_copies(x)
-    outs = column_parallel_linear_forward(x, weights, [layer.bias for layer in layers], sp)
+    outs = column_parallel_linear_forward(x, weights, [layer.bias for layer in layers], sp, fp8)
     return tuple(y if a is None else y + a(x).to(y.dtype) for y, a in zip(outs, adapters))
 
 
@@ -195,6 +204,8 @@ class ColumnParallelLinear(nn.Module):
 
     Under sequence parallelism the input is this rank's [b, s/tp, h] shard and is all-gathered here; several
     layers reading the same input should go through ``column_parallel_linears`` to share that collective."""
+
+    fp8 = None  # an ``Fp8Recipe`` runs the GEMMs in fp8 (set by ``mpu.fp8.enable_fp8`` on decoder layers)
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
                  sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None):
@@ -216,7 +227,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``weight`` overrides the own weight (a tied output layer passes the embedding table)."""
         w = self.weight if weight is None else weight
-        (y,) = column_parallel_linear_forward(x, (w,), (self.bias,), self.sequence_parallel)
+        (y,) = column_parallel_linear_forward(x, (w,), (self.bias,), self.sequence_parallel, self.fp8)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y)
         return y
@@ -227,6 +238,8 @@ class ColumnParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     """Y = X A with A split by rows (input features); partial outputs are summed over tp."""
+
+    fp8 = None  # as ColumnParallelLinear's
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, input_is_parallel: bool = True,
                  sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None):
@@ -248,7 +261,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        y = row_parallel_gemm(x, self.weight)
+        y = row_parallel_gemm(x, self.weight, self.fp8)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:

@@ -80,6 +80,8 @@ def test_optimizer_state_missing_is_a_config_error():
     ("lora", ["--strategy", "lora", "--lora-rank", "8"], "--lora-rank 4, this run has 8"),
     ("moe", ["--strategy", "moe", "--num-experts", "4", "--moe-router-topk", "1"], "--moe-router-topk 2, this run"),
     ("moe", MOE + ["--moe-capacity-factor", "1.5"], "--moe-capacity-factor (unset), this run has 1.5"),
+    ("moe", MOE + ["--moe-shared-expert-intermediate-size", "32"],
+     "--moe-shared-expert-intermediate-size (unset), this run has 32"),
 ])
 def test_resume_with_other_strategy_settings_is_refused(runs, tmp_path, capsys, run, flags, needle):
     line = _one_error(BASE + flags + ["--load", runs[run]], tmp_path, capsys, runs[run])

@@ -54,3 +54,25 @@ def full_params_and_grads(model, grads=True):
         if grads and p.grad is not None:
             out[name + ".grad"] = full_tensor(p, reduced_grad(p)).numpy()
     return out
+
+
+def reduce_like_ddp(model, loss: torch.Tensor, ep: int) -> tuple:
+    """After a dp x cp x ep rank's backward: the gradient reductions of the DDP wrapper (SP grads over tp; mean over
+    dp x cp; experts summed over expert-dp and scaled by 1/dp) and the mean loss. Returns (loss, full grads on
+    rank 0 else None)."""
+    from megallama.mpu import allreduce_sequence_parallel_gradients
+    allreduce_sequence_parallel_gradients(model)
+    dp, cp = ps.get_data_parallel_world_size(), ps.get_context_parallel_world_size()
+    dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    for p in model.parameters():
+        if ep > 1 and getattr(p, "expert_parallel", False):
+            if ps.get_expert_data_parallel_world_size() > 1:
+                dist.all_reduce(p.grad, group=ps.get_expert_data_parallel_group())
+            p.grad /= dp
+        elif dp * cp > 1:
+            dist.all_reduce(p.grad, group=dp_cp)
+            p.grad /= dp * cp
+    if dp * cp > 1:
+        dist.all_reduce(loss, group=dp_cp)
+    grads = {n: full_tensor(p, p.grad).numpy() for n, p in model.named_parameters()}
+    return float(loss) / (dp * cp), grads if dist.get_rank() == 0 else None

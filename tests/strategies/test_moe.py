@@ -90,15 +90,16 @@ def test_sort_by_expert_and_capacity_keep_first_tokens():
 
 
 def _naive_moe(layer, x, capacity=None):
-    """Token-by-token reference: route, run each chosen expert's SwiGLU, weight by the probability."""
-    h = x.shape[-1]
+    """Token-by-token reference: route, run each chosen expert's SwiGLU, weight by the probability; an expert
+    over capacity drops the latest tokens in Megatron's [s, b] order (--moe-token-drop-policy position)."""
+    B, S, h = x.shape
     xs = x.reshape(-1, h)
     logits = F.linear(xs, layer.router.weight)
     _, top_p, top_i = topk_routing(logits, layer.topk)
     seen = [0] * layer.num_experts
     out = torch.zeros_like(xs)
     ex = layer.experts
-    for t in range(xs.shape[0]):
+    for t in [b * S + s for s in range(S) for b in range(B)]:
         for j in range(layer.topk):
             e = int(top_i[t, j])
             seen[e] += 1
@@ -112,7 +113,7 @@ def _naive_moe(layer, x, capacity=None):
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_moe_layer_equals_token_by_token_reference(capacity_factor):
     torch.manual_seed(1)
-    cfg = MoEConfig(num_experts=4, topk=2, capacity_factor=capacity_factor)
+    cfg = MoEConfig(num_experts=4, topk=2, capacity_factor=capacity_factor, drop_policy="position")
     layer = MoELayer(TINY, cfg, 0)
     layer.init_weights("l", 3)
     x = torch.randn(2, 6, TINY.hidden_size)

@@ -7,16 +7,14 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from dist_utils import rel_err, run_distributed
 from megallama.model import build_model
 from megallama.model.moe import set_aux_loss_scale
-from megallama.mpu import allreduce_sequence_parallel_gradients
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
 from megallama.strategies import TrainingStrategy, apply_strategy
-from strat_helpers import TINY, full_tensor
+from strat_helpers import TINY, full_tensor, reduce_like_ddp
 
 MOE = {"num_experts": 4, "experts_per_token": 2, "moe_aux_loss_coeff": 1.0, "moe_z_loss_coeff": 1e-2}
 GLOBAL_BATCH, MBS, SEQ, SEED = 8, 2, 16, 7
@@ -66,20 +64,7 @@ def _layouts_worker(rank, world, layouts):
         m = _model(sequence_parallel=sp)
         dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         loss = _step(m, _microbatches(r * (M // dp), M // dp))
-        allreduce_sequence_parallel_gradients(m)
-        dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
-        for p in m.parameters():  # DDP's reduction: mean over dp x cp; under ep experts sum over expert-dp, / dp
-            if ep > 1 and getattr(p, "expert_parallel", False):
-                if ps.get_expert_data_parallel_world_size() > 1:
-                    dist.all_reduce(p.grad, group=ps.get_expert_data_parallel_group())
-                p.grad /= dp
-            elif dp * cp > 1:
-                dist.all_reduce(p.grad, group=dp_cp)
-                p.grad /= dp * cp
-        if dp * cp > 1:
-            dist.all_reduce(loss, group=dp_cp)
-        grads = {n: full_tensor(p, p.grad).numpy() for n, p in m.named_parameters()}
-        out.append((float(loss) / (dp * cp), grads if rank == 0 else None))
+        out.append(reduce_like_ddp(m, loss, ep))
         ps.destroy_model_parallel()
     return out
 

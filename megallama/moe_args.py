@@ -1,0 +1,95 @@
+"""Megatron-LM's MoE router, capacity and shared-expert flags (registered by arguments.py), and their way into the
+strategy's parameters (``strategies.strategy_from_args``) and back to a command line (``api``).
+
+Capacity: ``--moe-expert-capacity-factor`` is Megatron's (drop policy ``probs`` unless ``--moe-token-drop-policy``
+says otherwise; a negative factor means no dropping, as Megatron). megallama's earlier ``--moe-capacity-factor``
+is the same capacity with the drop policy ``position`` by default (its documented first-come-first-kept), so its
+runs keep their meaning; pass one of the two.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List
+
+from megallama.errors import ConfigError
+
+# strategy parameter -> flag (value flags), then the store_true ones
+_VALUE_FLAGS = {"moe_expert_capacity_factor": "--moe-expert-capacity-factor",
+                "moe_token_drop_policy": "--moe-token-drop-policy",
+                "moe_router_topk_scaling_factor": "--moe-router-topk-scaling-factor",
+                "moe_router_dtype": "--moe-router-dtype", "moe_router_score_function": "--moe-router-score-function",
+                "moe_router_load_balancing_type": "--moe-router-load-balancing-type",
+                "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size"}
+_SWITCHES = {"moe_pad_expert_input_to_capacity": "--moe-pad-expert-input-to-capacity",
+             "moe_router_pre_softmax": "--moe-router-pre-softmax",
+             "moe_shared_expert_overlap": "--moe-shared-expert-overlap"}
+STRATEGY_KEYS = frozenset(_VALUE_FLAGS) | frozenset(_SWITCHES)
+
+
+def add_moe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE (Megatron-LM's router, capacity and shared-expert flags)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="FFN size of a shared SwiGLU expert every token goes through, added to the routed output")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="accepted: the shared expert runs in the same stream here (same output)")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k (default: softmax over the k chosen logits)")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+                   help="multiply the chosen experts' weights by this")
+    g.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None,
+                   help="dtype of the router logits and probabilities (default fp32)")
+    g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
+                   help="softmax (default) or sigmoid (top-k weights renormalised, DeepSeek-V3)")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="each expert keeps at most ceil(factor * tokens * topk / experts) assignments per micro-batch "
+                   "(negative or unset: no dropping)")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default=None,
+                   help="which assignments an over-full expert drops: the lowest weights (probs, default) or the "
+                   "last sequence positions (position)")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="every expert computes exactly its capacity of rows (zero-weight padding): static shapes")
+
+
+def strategy_params(args) -> dict:
+    """The MoE strategy parameters these flags set (only those given)."""
+    out = {k: getattr(args, k, None) for k in _VALUE_FLAGS}
+    out.update({k: True for k in _SWITCHES if getattr(args, k, False)})
+    legacy = getattr(args, "moe_capacity_factor", None)
+    if legacy is not None and out.get("moe_expert_capacity_factor") is not None:
+        raise ConfigError("--moe-capacity-factor and --moe-expert-capacity-factor both set the expert capacity; "
+                          "pass one (--moe-expert-capacity-factor is Megatron's)")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def moe_config_fields(p: dict) -> dict:
+    """MoEConfig fields from strategy parameters (``moe_capacity_factor`` is megallama's earlier capacity flag)."""
+    cf, policy = p.get("moe_expert_capacity_factor"), p.get("moe_token_drop_policy")
+    legacy = p.get("moe_capacity_factor")
+    if cf is not None and legacy is not None:
+        raise ConfigError("moe_capacity_factor and moe_expert_capacity_factor both set the expert capacity; pass one")
+    if cf is not None and cf < 0:  # Megatron: a negative factor is no capacity
+        cf = None
+    if legacy is not None:
+        cf, policy = legacy, policy or "position"
+    if policy is not None and cf is None:
+        raise ConfigError(f"--moe-token-drop-policy {policy} needs --moe-expert-capacity-factor (without a capacity "
+                          "no token is dropped); add it or drop the policy")
+    fields = dict(capacity_factor=cf, drop_policy=policy or "probs",
+                  pad_to_capacity=bool(p.get("moe_pad_expert_input_to_capacity", False)),
+                  norm_topk_prob=not p.get("moe_router_pre_softmax", False),
+                  topk_scaling_factor=p.get("moe_router_topk_scaling_factor"),
+                  router_dtype=p.get("moe_router_dtype") or "fp32",
+                  score_function=p.get("moe_router_score_function") or "softmax",
+                  load_balancing_type=p.get("moe_router_load_balancing_type") or "aux_loss",
+                  shared_expert_intermediate_size=p.get("moe_shared_expert_intermediate_size"),
+                  shared_expert_overlap=bool(p.get("moe_shared_expert_overlap", False)))
+    return fields
+
+
+def moe_strategy_argv(p: dict) -> List[str]:
+    """These parameters of a ``TrainingStrategy`` as command-line flags (api.py's launch)."""
+    argv = []
+    for key, flag in _VALUE_FLAGS.items():
+        if p.get(key) is not None:
+            argv += [flag, str(p[key])]
+    return argv + [flag for key, flag in _SWITCHES.items() if p.get(key)]
