@@ -11,14 +11,39 @@ backward with the forward's scale (the same bits; no fp8 weight copy is kept ali
 sequence parallelism the input is quantised on its [b, s/tp, h] shard (amax MAX over tp) and the fp8 bytes are
 all-gathered: half the traffic of a bf16 gather, as Transformer Engine does. The scales never leave the device (no
 host sync). Like the 16-bit Functions, weight gradients are deferrable to a zero-bubble schedule's W pass.
+
+Each phase (forward; input gradient; weight gradients) is one pure function of tensors. On CUDA it runs as one
+``torch.compile`` graph: eager, its ~30 small ops per call (amaxes, casts, scale reciprocals, the transposed copies
+cuBLASLt's fp8 layout needs) cost more host time than the GEMMs take on the GPU, and the casts fuse with the
+transposes. The tensor-parallel reductions of the input gradient stay outside, overlapped with the weight GEMMs.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from megallama.mpu import mappings, weight_grad_store
 from megallama.mpu.fp8 import E4M3, Fp8Recipe, amax, amax_to_scale, quantize, scaled_mm, tp_amax
 from megallama.mpu.grad_accum_fusion import added_to_main_grad, fusable_main_grad
+
+_GRAPHS: dict = {}  # phase function -> its torch.compile wrapper, or False once compiling it failed
+
+
+def _run(fn, cuda: bool, *args):
+    """``fn(*args)``; on CUDA as one compiled graph (eager on CPU, inside an outer --compile, or if compiling
+    fails: slower, the same numbers)."""
+    if not cuda or torch.compiler.is_compiling() or _GRAPHS.get(fn) is False:
+        return fn(*args)
+    graph = _GRAPHS.get(fn)
+    if graph is None:
+        graph = _GRAPHS[fn] = torch.compile(fn, dynamic=False)
+    try:
+        return graph(*args)
+    except Exception as err:  # noqa: BLE001 - no triton/compiler here: stay correct, only slower
+        warnings.warn(f"fp8: compiled GEMM phase unavailable ({type(err).__name__}: {err}); running it eagerly")
+        _GRAPHS[fn] = False
+        return fn(*args)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,52 +63,84 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _weight_grad(param, g8, g_scale, x8, x_scale, fuse: bool) -> torch.Tensor:
-    """``g^T x`` from fp8 ``g8`` [tokens, out] and ``x8`` [tokens, in]: summed in fp32 into ``main_grad`` where
-    gradient-accumulation fusion applies (a placeholder is returned then), else in the parameter's dtype."""
-    target = fusable_main_grad(param, g8.device) if fuse else None
-    out_dtype = torch.float32 if target is not None else param.dtype
-    dw = scaled_mm(_flat(g8).t(), _flat(x8), g_scale, x_scale, out_dtype)
-    if target is None:
-        return dw
-    target.add_(dw)
-    return added_to_main_grad(param)
+# ---------------------------------------------------------------- the three phases (pure: compiled on CUDA)
+def _forward(x, weights, margin: int, sequence_parallel: bool, out_dtype):
+    """Outputs of ``x @ w^T`` for each weight, the fp8 input and the scales (weights', then the input's). Every
+    operand here is either split over tp (weight shards, an SP or row-parallel input) or replicated, so the MAX
+    over tp is the whole tensor's amax."""
+    n = len(weights)
+    scales = amax_to_scale(tp_amax(torch.stack([amax(w) for w in weights] + [amax(x)])), E4M3, margin)
+    x8 = quantize(x, scales[n], E4M3)
+    total8 = _gather(x8) if sequence_parallel else x8
+    outs = [scaled_mm(_flat(total8), quantize(w, scales[i], E4M3).t(), scales[n], scales[i], out_dtype,
+                      fast_accum=True).view(*total8.shape[:-1], w.shape[0]) for i, w in enumerate(weights)]
+    return outs, x8, scales
 
 
-def _defer(params, g8s, g_scales, x8, x_scale, sequence_parallel: bool) -> bool:
-    """Queue the weight gradients for ZB's W pass when a capture is on (see ``layers._defer_weight_grads``)."""
-    if not weight_grad_store.deferring() or not all(p.is_leaf for p in params):
-        return False
+def _input_grad(grads, weights, w_scales, margin: int, grad_dtype, tp_split: bool, out_dtype, need_input: bool):
+    """The output gradients in fp8 with their scales (MAX over tp when they are split over it), and the summed
+    ``g @ W`` (None unless ``need_input``)."""
+    amaxes = torch.stack([amax(g) for g in grads])
+    scales = amax_to_scale(tp_amax(amaxes) if tp_split else amaxes, grad_dtype, margin)
+    g8s = [quantize(g, scales[j], grad_dtype) for j, g in enumerate(grads)]
+    grad_input = None
+    if need_input:
+        for g8, s, w, ws in zip(g8s, scales, weights, w_scales):
+            gi = scaled_mm(_flat(g8), quantize(w, ws, E4M3), s, ws, out_dtype)
+            grad_input = gi if grad_input is None else grad_input + gi
+    return g8s, scales, grad_input
 
+
+def _weight_grads(g8s, g_scales, x8, x_scale, out_dtypes):
+    """``g^T x`` per weight, in its ``out_dtypes`` entry (fp32 when it is summed into ``main_grad``)."""
+    return [scaled_mm(_flat(g8).t(), _flat(x8), s, x_scale, dt) for g8, s, dt in zip(g8s, g_scales, out_dtypes)]
+
+
+def _apply_weight_grads(params, g8s, g_scales, x8, x_scale, fuse: bool) -> list:
+    """Weight gradients for autograd: summed in fp32 into ``main_grad`` where gradient-accumulation fusion applies
+    (autograd gets a placeholder), else in the parameter's dtype."""
+    targets = [fusable_main_grad(p, x8.device) if fuse else None for p in params]
+    dtypes = [torch.float32 if t is not None else p.dtype for p, t in zip(params, targets)]
+    dws = _run(_weight_grads, x8.is_cuda, g8s, g_scales, x8, x_scale, dtypes)
+    out = []
+    for p, t, dw in zip(params, targets, dws):
+        if t is None:
+            out.append(dw)
+        else:
+            t.add_(dw)
+            out.append(added_to_main_grad(p))
+    return out
+
+
+def _deferring(params) -> bool:
+    """Whether a zero-bubble W-pass capture takes these weights' gradients (see ``layers._defer_weight_grads``)."""
+    return bool(params) and weight_grad_store.deferring() and all(p.is_leaf for p in params)
+
+
+def _defer(params, g8s, g_scales, x8, x_scale, sequence_parallel: bool) -> None:
+    """Queue the weight gradients for the W pass."""
     def work():
         total = _gather(x8) if sequence_parallel else x8
-        return [(p, _weight_grad(p, g8, s, total, x_scale, fuse=False)) for p, g8, s in zip(params, g8s, g_scales)]
+        return list(zip(params, _apply_weight_grads(params, g8s, g_scales, total, x_scale, fuse=False)))
     weight_grad_store.defer(work)
-    return True
 
 
+# ---------------------------------------------------------------- autograd
 class _Fp8ColumnParallelLinears(torch.autograd.Function):
     """Several column-parallel weights reading one input (q/k/v, gate/up), in fp8: one input amax, cast and
     (SP) all-gather for all of them; one backward reduction of the summed input gradient."""
 
     @staticmethod
     def forward(ctx, x, recipe: Fp8Recipe, sequence_parallel: bool, out_dtype, *weights):
-        n = len(weights)
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: its GEMMs are skipped
         with torch.autocast(x.device.type, enabled=False):  # no fp32 copies for the norms
-            # weight shards split the output dim; the input is an SP shard or replicated (the MAX is then a no-op)
-            amaxes = tp_amax(torch.stack([amax(w) for w in weights] + [amax(x)]))
-            scales = amax_to_scale(amaxes, E4M3, recipe.margin)
-            x8 = quantize(x, scales[n], E4M3)
-            total8 = _gather(x8) if sequence_parallel else x8
-            outs = tuple(scaled_mm(_flat(total8), quantize(w, scales[i], E4M3).t(), scales[n], scales[i], out_dtype,
-                                   fast_accum=True).view(*total8.shape[:-1], w.shape[0])
-                         for i, w in enumerate(weights))
+            outs, x8, scales = _run(_forward, x.is_cuda, x, list(weights), recipe.margin, sequence_parallel,
+                                    out_dtype)
         wgrad = any(ctx.needs_input_grad[4:])
         ctx.save_for_backward(x8 if wgrad else None, scales, *weights)
         ctx.recipe, ctx.sequence_parallel, ctx.out_dtype = recipe, sequence_parallel, out_dtype
         ctx.x_meta = (x.shape, x.dtype, x.device)
-        return outs
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -94,39 +151,41 @@ class _Fp8ColumnParallelLinears(torch.autograd.Function):
     def _backward(ctx, *grads):
         x8, scales, *weights = ctx.saved_tensors
         n, sp, recipe = len(weights), ctx.sequence_parallel, ctx.recipe
+        shape, dtype, device = ctx.x_meta
         used = [i for i, g in enumerate(grads) if g is not None]
         need_w = [i for i in used if ctx.needs_input_grad[4 + i]]
-        grad_input, work, gather, g8, g_scales = None, None, None, {}, {}
-        if used:  # output grads are sharded over tp like the weights
-            gs = amax_to_scale(tp_amax(torch.stack([amax(grads[i]) for i in used])), recipe.grad_dtype, recipe.margin)
-            for j, i in enumerate(used):
-                g_scales[i] = gs[j]
-                g8[i] = quantize(grads[i], gs[j], recipe.grad_dtype)
-        deferred = bool(need_w) and _defer([weights[i] for i in need_w], [g8[i] for i in need_w],
-                                           [g_scales[i] for i in need_w], x8, scales[n], sp)
-        if sp and need_w and not deferred:
-            gather = _gather(x8, async_op=True)
-        if ctx.needs_input_grad[0]:
-            shape, dtype, device = ctx.x_meta
-            for i in used:
-                gi = scaled_mm(_flat(g8[i]), quantize(weights[i], scales[i], E4M3), g_scales[i], scales[i],
-                               ctx.out_dtype)
-                grad_input = gi if grad_input is None else grad_input.add_(gi)
-            if grad_input is None:  # no output was used (same on every tp rank): nothing to reduce
-                grad_input = torch.zeros(shape, dtype=dtype, device=device)
+        if not used:  # no output was used (same on every tp rank): nothing to reduce
+            zero = torch.zeros(shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+            return (zero, None, None, None) + (None,) * n
+        params = [weights[i] for i in need_w]
+        deferred = _deferring(params)
+        gather = _gather(x8, async_op=True) if sp and params and not deferred else None  # under the dgrad GEMMs
+        # output grads are split over tp like the weights
+        g8s, g_scales, grad_input = _run(_input_grad, device.type == "cuda", [grads[i] for i in used],
+                                         [weights[i] for i in used], [scales[i] for i in used], recipe.margin,
+                                         recipe.grad_dtype, True, ctx.out_dtype, ctx.needs_input_grad[0])
+        g8 = dict(zip(used, g8s))
+        gs = dict(zip(used, g_scales))
+        if deferred:
+            _defer(params, [g8[i] for i in need_w], [gs[i] for i in need_w], x8, scales[n], sp)
+        work = None
+        if grad_input is not None:
+            grad_input = grad_input.view(*g8s[0].shape[:-1], shape[-1])
+            if sp:
+                grad_input, work = mappings.reduce_scatter_along_dim(grad_input, mappings.SEQ_DIM, async_op=True)
             else:
-                grad_input = grad_input.view(*g8[used[0]].shape[:-1], shape[-1])
-                if sp:
-                    grad_input, work = mappings.reduce_scatter_along_dim(grad_input, mappings.SEQ_DIM, async_op=True)
-                else:
-                    grad_input, work = mappings.all_reduce(grad_input, async_op=True)
-        total8 = gather.wait().view(x8.dtype) if gather is not None else x8
-        wgrads = [_weight_grad(weights[i], g8[i], g_scales[i], total8, scales[n], fuse=True)
-                  if i in need_w and not deferred else None for i in range(n)]
+                grad_input, work = mappings.all_reduce(grad_input, async_op=True)
+        wgrads = [None] * n
+        if need_w and not deferred:
+            total8 = gather.wait().view(x8.dtype) if gather is not None else x8
+            dws = _apply_weight_grads(params, [g8[i] for i in need_w], [gs[i] for i in need_w], total8, scales[n],
+                                      fuse=True)
+            for i, dw in zip(need_w, dws):
+                wgrads[i] = dw
         if work is not None:
             work.wait()
         if grad_input is not None:
-            grad_input = grad_input.to(ctx.x_meta[1])
+            grad_input = grad_input.to(dtype)
         return (grad_input, None, None, None, *wgrads)
 
 
@@ -137,13 +196,10 @@ class _Fp8RowParallelGEMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, recipe: Fp8Recipe, out_dtype):
         with torch.autocast(x.device.type, enabled=False):
-            scales = amax_to_scale(tp_amax(torch.stack([amax(x), amax(w)])), E4M3, recipe.margin)
-            x8 = quantize(x, scales[0], E4M3)
-            y = scaled_mm(_flat(x8), quantize(w, scales[1], E4M3).t(), scales[0], scales[1], out_dtype,
-                          fast_accum=True)
+            (y,), x8, scales = _run(_forward, x.is_cuda, x, [w], recipe.margin, False, out_dtype)
         ctx.save_for_backward(x8 if ctx.needs_input_grad[1] else None, scales, w)
         ctx.recipe, ctx.out_dtype, ctx.x_dtype = recipe, out_dtype, x.dtype
-        return y.view(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -153,15 +209,16 @@ class _Fp8RowParallelGEMM(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g):
         x8, scales, w = ctx.saved_tensors
-        dt = ctx.recipe.grad_dtype
-        g_scale = amax_to_scale(amax(g), dt, ctx.recipe.margin)
-        g8 = quantize(g, g_scale, dt)
-        grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_input = scaled_mm(_flat(g8), quantize(w, scales[1], E4M3), g_scale, scales[1], ctx.out_dtype)
+        recipe = ctx.recipe
+        (g8,), (g_scale,), grad_input = _run(_input_grad, g.is_cuda, [g], [w], [scales[0]], recipe.margin,
+                                             recipe.grad_dtype, False, ctx.out_dtype, ctx.needs_input_grad[0])
+        if grad_input is not None:
             grad_input = grad_input.view(*g.shape[:-1], w.shape[1]).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1] and not _defer([w], [g8], [g_scale], x8, scales[0], False):
-            grad_weight = _weight_grad(w, g8, g_scale, x8, scales[0], fuse=True)
+        grad_weight = None
+        if ctx.needs_input_grad[1] and _deferring([w]):
+            _defer([w], [g8], [g_scale], x8, scales[1], False)
+        elif ctx.needs_input_grad[1]:
+            (grad_weight,) = _apply_weight_grads([w], [g8], [g_scale], x8, scales[1], fuse=True)
         return grad_input, grad_weight, None, None
 
 
