@@ -5,8 +5,9 @@
    o/down row layers; fp8 includes the amaxes, casts and the three GEMMs) at Llama 3 8B and Llama 3.2 1B layer
    shapes, tokens = --tokens; bf16 weights, no ``main_grad`` (the same for both);
 2. a training step of --step-model (default ``llama3_2_1b``; ``--step-model llama3_8b --step-layers 4`` for 8B
-   shapes on one GPU) through ``pretrain`` (benchmarks/megallama_step.py, mock data), bf16 and fp8, eager and
-   --compile: ms per step, tokens/s, the fp8/bf16 speed ratio and the loss after --steps steps.
+   shapes on one GPU) through ``pretrain`` (benchmarks/megallama_step.py, mock data), bf16 and fp8 (tensorwise and
+   delayed recipes), eager and --compile: ms per step, tokens/s, the fp8/bf16 speed ratio and the loss after
+   --steps steps.
 
     python benchmarks/bench_fp8.py [--tokens 8192] [--steps 20] [--seq 4096] [--mbs 2] [--skip-step | --skip-layers]
                                    [--json out]
@@ -106,14 +107,15 @@ def step_rows(a):
             str(a.mbs), "--global-batch-size", str(a.mbs), "--train-iters", str(a.steps), "--seed", "1234"]
     base += ["--num-layers", str(a.step_layers)] if a.step_layers else []
     for compiled in (False, True):
-        for fp8 in (False, True):
-            argv = base + (["--compile"] if compiled else []) + (["--fp8-format", "hybrid"] if fp8 else [])
+        for fp8 in (None, "tensorwise", "delayed"):
+            argv = base + (["--compile"] if compiled else []) + (["--fp8-format", "hybrid", "--fp8-recipe", fp8]
+                                                                 if fp8 else [])
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(HERE),
                                                                             os.environ.get("PYTHONPATH")])))
             proc = subprocess.run([sys.executable, os.path.join(HERE, "megallama_step.py")] + argv,
                                   capture_output=True, text=True, env=env)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-            row = dict(mode="compile" if compiled else "eager", precision="fp8 hybrid" if fp8 else "bf16")
+            row = dict(mode="compile" if compiled else "eager", precision=f"fp8 hybrid {fp8}" if fp8 else "bf16")
             if proc.returncode or line is None:
                 row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             else:

@@ -9,6 +9,7 @@ and optimizer-step peaks, and the model states left between steps); on CPU a dis
 (``megallama.memory_tracker.LiveBytes``) counts the same bytes, which is how the tests run this script.
 
   python benchmarks/measure_memory.py --preset validation --out mem.jsonl          # one GPU
+  python benchmarks/measure_memory.py --preset features --out mem.jsonl            # fp8, MoE shared/padded experts
   torchrun --nproc_per_node 2 benchmarks/measure_memory.py --preset two-gpu       # ZeRO-0/1 with dp 2, tp 2 + SP
   python benchmarks/measure_memory.py --config "--model tiny_llama3_150m --micro-batch-size 4 --seq-length 2048 --bf16"
 
@@ -34,6 +35,13 @@ import torch.distributed as dist  # noqa: E402
 _1B = ["--model", "llama3_2_1b"]
 _150M = ["--model", "tiny_llama3_150m"]
 PRESETS = {
+    "features": [  # one GPU: fp8 linears (against the same run in bf16), MoE with a shared expert padded to capacity
+        _1B + ["--micro-batch-size", "2", "--seq-length", "2048", "--fp8-format", "hybrid"],
+        _1B + ["--micro-batch-size", "2", "--seq-length", "2048"],
+        _150M + ["--micro-batch-size", "4", "--seq-length", "2048", "--num-experts", "8",
+                 "--moe-shared-expert-intermediate-size", "1024", "--moe-expert-capacity-factor", "1.25",
+                 "--moe-pad-expert-input-to-capacity"],
+    ],
     "validation": [  # one GPU: two models, two batch sizes, recompute none / selective / full, ZeRO-0 and 1
         _150M + ["--micro-batch-size", "2", "--seq-length", "2048"],
         _150M + ["--micro-batch-size", "8", "--seq-length", "2048"],
@@ -117,20 +125,19 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     params_dtype = getattr(args, "params_dtype", "fp32")
     mode = "autocast" if params_dtype == "fp32" or (params_dtype == "auto" and precision == "fp32") else "params"
+    from megallama.memory_args import feature_kw  # strategy as built (--num-experts alone: moe), MoE options, fp8
     est = estimate_requirements(
         args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
         sequence_length=args.seq_length, num_gpus=world, tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size, zero_stage=args.zero_stage,
         recompute=args.recompute_granularity or "none",
-        precision=precision, mixed_precision_mode=mode, strategy=args.strategy,
-        lora_rank=args.lora_rank or 8, num_experts=args.num_experts,
-        lora_targets=tuple(args.lora_target_modules.split(",")) if getattr(args, "lora_target_modules", None)
-        else ("q_proj", "k_proj", "v_proj", "o_proj"), sequence_parallel=args.sequence_parallel,
+        precision=precision, mixed_precision_mode=mode, num_experts=args.num_experts,
+        sequence_parallel=args.sequence_parallel,
         pipeline_schedule=args.pipeline_schedule, virtual_pipeline_stages=v,
         num_microbatches=args.num_microbatches, fused_kernels=fused, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
         overlap_grad_reduce=args.overlap_grad_reduce, optimizer="fused" if device.type == "cuda" else "foreach",
-        device=device.type, recommend=False)
+        device=device.type, recommend=False, **feature_kw(args))
     b = est["breakdown_bytes"]
     alloc = sum(v for k, v in b.items() if k != "overhead") - (WORKSPACE_BYTES if device.type == "cpu" else 0)
     return {"peak_allocated": alloc, "model_states": b["weights"] + b["grads"] + b["optimizer"],

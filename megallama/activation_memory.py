@@ -12,6 +12,7 @@ One decoder layer keeps (no recompute):
   attention    q, k after RoPE, v, out: e*S*(h/t)*(2 + 2g/a); logsumexp 4*b*(a/t)*s (flash / cuDNN / CPU flash)
   SwiGLU       fused: gate, up + the product (down_proj's input) 3*e*S*F/t; reference adds silu(gate): 4*e*S*F/t
   weight casts autocast only: each matmul saves its bf16 weight copy, e*(layer matmul params)/t per microbatch
+fp8 (--fp8-format): the linears keep 1-byte inputs and no weight casts (``layer_saved``). MoE layers: moe_memory.py.
 RoPE saves only its cos/sin tables (shared by all layers). Selective recompute checkpoints the norms (keeping
 their input r*Sn*h) and SwiGLU (gate, up); full recompute keeps each checkpointed chunk's input r*Sn*h and rebuilds
 one chunk in backward. Every parallel linear casts its input and weight with ``.to()`` just outside its own
@@ -47,17 +48,20 @@ class Numerics:
     r: int
     cast: bool
     fused: bool = True
+    fp8: bool = False  # --fp8-format: the decoder's linears save their inputs in fp8 (1 byte), no weight casts
 
     @staticmethod
-    def of(precision: str, mode: str = "params", fused: bool = True) -> "Numerics":
+    def of(precision: str, mode: str = "params", fused: bool = True, fp8: bool = False) -> "Numerics":
         if precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"precision '{precision}' is not one of bf16, fp16, fp32; pick one of those")
         if mode not in MODES:
             raise ConfigError(f"mixed-precision mode '{mode}' is not one of {', '.join(MODES)}; pick one of those")
+        if fp8 and precision != "bf16":
+            raise ConfigError(f"fp8 needs bf16 (the fp8 GEMMs write bf16), got precision '{precision}'; use bf16")
         e = 4 if precision == "fp32" else 2
         if mode == "autocast":
-            return Numerics(e=e, r=4, cast=e < 4, fused=fused)
-        return Numerics(e=e, r=e, cast=False, fused=fused)
+            return Numerics(e=e, r=4, cast=e < 4, fused=fused, fp8=fp8)
+        return Numerics(e=e, r=e, cast=False, fused=fused, fp8=fp8)
 
 
 @dataclass(frozen=True)
@@ -115,42 +119,28 @@ def swiglu_saved(x: Shape, n: Numerics, selective: bool = False) -> int:
 
 
 def layer_saved(x: Shape, n: Numerics, recompute: str = "none") -> Dict[str, int]:
-    """Bytes one decoder layer keeps for backward, by component (weight casts listed apart)."""
+    """Bytes one decoder layer keeps for backward, by component (weight casts listed apart).
+
+    fp8 (mpu/fp8_linear.py): each linear saves its input quantised (1 byte; the [b, s/tp, h] shard under SP, the
+    gather is redone in backward), its fp32 scales and the weight itself (a parameter: no cast, no fp8 copy). So
+    q/k/v and gate/up keep 1*Sn*h instead of the 16-bit input; down_proj an fp8 copy of the SwiGLU product, which
+    is then freed; o_proj an fp8 copy of the attention output, which attention keeps anyway."""
     sel = recompute == "selective"
     attn = 2 * n.e * x.S * (x.h // x.t) + 2 * n.e * x.S * (x.g // x.t) * x.d + 4 * x.b * (x.a // x.t) * x.s
+    if not n.fp8:
+        return {"norms": 2 * (n.r * x.Sn * x.h if sel else norm_saved(x, n)),
+                "linear_inputs": 2 * (n.e if n.cast else n.r) * x.Sn * x.h,
+                "attention": attn, "mlp": swiglu_saved(x, n, sel),
+                "weight_casts": n.e * x.layer_matmul_params if n.cast else 0}
+    Fl = x.F // x.t
     return {"norms": 2 * (n.r * x.Sn * x.h if sel else norm_saved(x, n)),
-            "linear_inputs": 2 * (n.e if n.cast else n.r) * x.Sn * x.h,
-            "attention": attn, "mlp": swiglu_saved(x, n, sel),
-            "weight_casts": n.e * x.layer_matmul_params if n.cast else 0}
+            "linear_inputs": 2 * x.Sn * x.h + x.S * (x.h // x.t) + 4 * (4 + 3 + 2 + 2),  # + o's input, the scales
+            "attention": attn, "mlp": swiglu_saved(x, n, sel) - n.e * x.S * Fl + x.S * Fl,
+            "weight_casts": 0}
 
 
 def layer_bytes(x: Shape, n: Numerics, recompute: str = "none") -> int:
     return sum(layer_saved(x, n, recompute).values())
-
-
-@dataclass(frozen=True)
-class MoEShape:
-    """This rank's experts (E/ep), the router's top-k and the per-expert FFN size (model/moe.py)."""
-    num_experts: int
-    local_experts: int
-    topk: int
-    ffn: int
-
-
-def moe_layer_saved(x: Shape, n: Numerics, moe: MoEShape, recompute: str = "none") -> Dict[str, int]:
-    """A decoder layer whose MLP is ``MoELayer``: the router keeps its fp32 input, logits and probabilities, the
-    top-k indices / weights and the sort order; the experts keep the permuted tokens (cast), gate, up and the
-    SwiGLU product of S*k rows, their stacked weight copies; the combine keeps the expert outputs and weights.
-    Balanced routing is assumed (each rank's experts see S*k rows; capacity drops ignored)."""
-    out = layer_saved(x, n, recompute)
-    Sk, Fl, E = x.S * moe.topk, moe.ffn // x.t, moe.num_experts
-    out["linear_inputs"] //= 2  # only q/k/v go through column_parallel_linears
-    out["mlp"] = (4 * x.Sn * x.h + 8 * x.S * E + 8 * x.S + (8 + 4 + 8 + 8) * Sk  # router, routing, order, tok
-                  + (3 if n.fused else 4) * n.e * Sk * Fl  # gate, up, (silu), product
-                  + (n.e if n.cast else n.r) * Sk * x.h + 2 * n.e * Sk * x.h + n.e * Sk)  # x_perm, outputs, w
-    casts = n.e * x.layer_matmul_params - 3 * n.e * x.ffn_weight if n.cast else 0
-    out["weight_casts"] = casts + (3 * n.e * moe.local_experts * x.h * Fl if n.cast else 0)
-    return out
 
 
 def embedding_saved(x: Shape) -> int:
@@ -211,14 +201,14 @@ def head_backward_transient(x: Shape, n: Numerics, head: str = "fused", trainabl
     return n.e * x.S * vloc if n.e < 4 else 0  # the fp32 softmax grad cast back to the logits dtype
 
 
-def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe: "MoEShape" = None) -> int:
+def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe=None) -> int:
     """Bytes above the layer's saved set while its MLP runs backward (the largest part of a Llama layer):
     the residual grad, then the max of down_proj's (input grad + weight grad + fp32 upcast), SwiGLU's (two grads
     while the product is freed) and gate/up's (input grads + both weight grads).
-    For an MoE layer the same with S*k rows and the stacked expert weights."""
+    For an MoE layer the same with the experts' rows (``MoEShape.rows``) and their stacked weights."""
     c, W, eF = (4 if n.cast else 0), x.ffn_weight, n.e * x.S * (x.F // x.t)
     if moe is not None:
-        W, eF = moe.local_experts * x.h * (moe.ffn // x.t), n.e * x.S * moe.topk * (moe.ffn // x.t)
+        W, eF = moe.local_experts * x.h * (moe.ffn // x.t), n.e * moe.rows(x.S) * (moe.ffn // x.t)
     G = n.r * x.Sn * x.h
     gy = (n.e * x.S * x.h if x.sp else n.e * x.Sn * x.h if n.r != n.e else 0)
     mlp_saved = swiglu_saved(x, n, recompute == "selective") + (n.e * W if n.cast else 0)
@@ -230,7 +220,7 @@ def layer_backward_workspace(x: Shape, n: Numerics, recompute: str = "none", moe
         2 * eF - (n.e * W if n.cast else 0) + (eF if recompute == "selective" and not n.fused else 0),  # SwiGLU
         # gate/up backward: two input grads in, input-grad GEMMs and both weight grads out (+ SP re-gather)
         -mlp_saved - (n.e * W if n.cast else 0) + 2 * eF + 2 * n.e * x.S * x.h + 2 * n.e * W
-        + (n.e * (x.S + x.Sn) * x.h if x.sp else 0),
+        + ((1 if n.fp8 else n.e) * (x.S + x.Sn) * x.h if x.sp else 0),
     ]  # under autocast the fp32 casts of its grads run after the node frees its saved bf16 copies: below this
     return G + max(cand)
 
@@ -241,12 +231,14 @@ def wgrad_queue_layer(x: Shape, n: Numerics, moe: bool = False) -> Dict[str, int
     sharing one and gate/up another, and its output gradient in the compute dtype, o's and down's a whole [S, h]
     before the tp reduction); 'grads', the weight gradients W makes, all of them before it accumulates any
     (fp32 under autocast). An MoE layer's experts take their gradients in B: only attention's GEMMs queue.
+    fp8: the queued inputs and output gradients are fp8 (1 byte each).
     Checked on CPU against the live-bytes peak of pp 2 training steps (tests/test_memory.py), not yet on GPU."""
-    lin = (n.e if n.cast else n.r) * x.Sn * x.h
-    attn = lin + 2 * n.e * x.S * (x.h // x.t) + 2 * n.e * x.S * (x.g // x.t) * x.d + n.e * x.S * x.h
+    q = 1 if n.fp8 else n.e
+    lin = (1 if n.fp8 else n.e if n.cast else n.r) * x.Sn * x.h
+    attn = lin + 2 * q * x.S * (x.h // x.t) + 2 * q * x.S * (x.g // x.t) * x.d + q * x.S * x.h
     weights = x.qkv_params + x.h * x.h // x.t
     if not moe:
-        attn += lin + 3 * n.e * x.S * (x.F // x.t) + n.e * x.S * x.h
+        attn += lin + 3 * q * x.S * (x.F // x.t) + q * x.S * x.h
         weights += 3 * x.ffn_weight
     return {"queued": attn, "grads": (4 if n.cast else n.e) * weights}
 
@@ -263,7 +255,7 @@ def recompute_chunks(num_layers: int, method: str, k: int):
 def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str = "none", in_flight: int = 1,
                           pre_process: bool = True, post_process: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
-                          others_hold_ends: bool = True, extra: Dict[str, int] = None, moe: MoEShape = None,
+                          others_hold_ends: bool = True, extra: Dict[str, int] = None, moe=None,
                           moe_layers: int = 0, device: str = "cuda", head_trainable: bool = True,
                           wgrad_queued: int = None) -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
@@ -271,7 +263,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
     chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
     ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
-    MoE layers shaped by ``moe``. ``head_trainable=False``: a frozen output weight (LoRA) gets no gradient.
+    MoE layers shaped by ``moe`` (a ``moe_memory.MoEShape``). ``head_trainable=False``: a frozen output weight
+    (LoRA) gets no gradient.
     ``wgrad_queued``: ZB-H1 with the B/W split, this many microbatches' W pending (``wgrad_queue_layer``) while
     ``in_flight`` are held whole; while a W runs, one fewer is whole and one more is queued (None: grads in B).
 
@@ -284,7 +277,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     rec = "selective" if recompute == "selective" else "none"
     parts = layer_saved(x, n, rec)
     if moe is not None and moe_layers:  # the per-layer average over dense and MoE layers
-        mp = moe_layer_saved(x, n, moe, rec)
+        mp = moe.layer_saved(x, n, rec)
         parts = {k: (parts[k] * (num_layers - moe_layers) + mp[k] * moe_layers) // num_layers for k in parts}
     casts_layer = parts["weight_casts"]
     whole = sum(parts.values())

@@ -20,6 +20,7 @@ from megallama.megatron_compat import (account_for_embedding_and_loss, add_megat
                                        check_model_flags, samples_to_iters)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
 from megallama.moe_args import add_moe_args
+from megallama.optimizer_args import add_optimizer_args
 from megallama.progress_log import add_progress_log_args
 
 
@@ -243,7 +244,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
-                add_moe_args, add_async_save_args, add_progress_log_args):
+                add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args):
         add(p)
     return p
 

@@ -21,6 +21,7 @@ from megallama.pipeline.partition import costs_from_config
 from megallama.pipeline.simulate import theoretical_bubble_fraction
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
+MOE_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")  # estimator arguments that change Ψ
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
 
 
@@ -133,7 +134,8 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     if explain:
         text = explanation(vocab(plan["tp"] if plan else 1), num_gpus, gpu_memory_gb, seq, precision, plan, rows,
                            strategy, estimate_kw.get("mixed_precision_mode", "params"), estimate_kw.get("lora_rank", 8),
-                           estimate_kw.get("lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
+                           estimate_kw.get("lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           {k: estimate_kw[k] for k in MOE_SIZES if estimate_kw.get(k)})
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
                                       gpus_per_node, safety_margin, dict(estimate_kw, tokenizer_vocab=tokenizer_vocab,
@@ -147,11 +149,11 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
 
 def model_states_line(cfg: ModelConfig, num_gpus: int, precision: str, strategy: str = "standard",
                       mode: str = "params", lora_rank: int = 8,
-                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None) -> str:
     """The estimator's bytes per parameter for this strategy (a frozen base keeps weights only) and the model
-    states per GPU when fully sharded (ZeRO-3 over every GPU)."""
+    states per GPU when fully sharded (ZeRO-3 over every GPU). ``moe_sizes``: ``MOE_SIZES`` given."""
     p, g, k = precision_bytes(precision, mode)
-    trainable, experts, frozen = model_split(cfg, strategy, lora_rank, lora_targets)
+    trainable, experts, frozen = model_split(cfg, strategy, lora_rank, lora_targets, **(moe_sizes or {}))
     floor = ((p + g + k) * (trainable + experts) + p * frozen) / num_gpus / GiB
     text = f"{p + g + k} bytes/param ({p} weights + {g} grads + {k} optimizer)"
     if frozen:
@@ -163,11 +165,11 @@ def model_states_line(cfg: ModelConfig, num_gpus: int, precision: str, strategy:
 
 def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
                 plan: Optional[dict], rows: List[dict], strategy: str = "standard", mode: str = "params",
-                lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> str:
-    total = sum(model_split(cfg, strategy, lora_rank, lora_targets))
+                lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None) -> str:
+    total = sum(model_split(cfg, strategy, lora_rank, lora_targets, **(moe_sizes or {})))
     lines = [f"auto-configuration for {cfg.name} ({total / 1e9:.2f}B params) on {num_gpus} GPUs of "
              f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}, {strategy}:",
-             model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets)]
+             model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets, moe_sizes)]
     if plan is None:
         if not rows:
             lines.append("  no layout is valid for this model and GPU count (tp must divide heads, kv heads and "

@@ -35,7 +35,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     """Choose the layout and write it into ``args`` (``args.auto_layout`` the plan); returns the world size it
     planned for (ConfigError when nothing fits)."""
     from megallama.autoconfig import choose_layout, detect_gpu_memory_gb, vocab_config
-    from megallama.strategies import strategy_from_args
+    from megallama.memory_args import feature_kw
     fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
                                                  ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
                                                  ("context-parallel-size", args.context_parallel_size),
@@ -54,7 +54,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     recompute = args.recompute_granularity
     vocab, multiple = tokenizer_vocab(args), getattr(args, "make_vocab_size_divisible_by", None) or 1
     quiet = contextlib.nullcontext() if rank0 else contextlib.redirect_stdout(io.StringIO())
-    strategy = strategy_from_args(args).estimate_kw()  # the model config already holds the experts
+    strategy = feature_kw(args)  # the model config already holds the experts
     if args.pipeline_schedule not in (None, "interleaved"):  # interleaved: chunks depend on the pp, priced as 1F1B
         strategy["pipeline_schedule"] = args.pipeline_schedule
     with quiet:  # choose_layout prints its reasons itself when nothing fits

@@ -10,7 +10,10 @@ TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorB
 (CUDA). megallama's own: "tokens-per-second" and "mfu" per --log-interval, "comm/*" (gradient compression), "moe/*".
 
 Throughput figures follow the project's convention: FLOPs/token = 6 * (matmul params incl. the output layer)
-+ 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s).
++ 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s). fp8 runs
+(--fp8-format) count the same FLOPs against the same bf16 peak, as Megatron does: its "throughput per GPU
+(TFLOP/s/GPU)" divides the same num_floating_point_operations by time whatever the GEMM precision, and names no
+peak; so an fp8 run's MFU compares with a bf16 run's directly (its fp8 GEMMs' own ceiling is twice that peak).
 """
 from __future__ import annotations
 
@@ -34,10 +37,16 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
-def flops_per_token(cfg, seq_length: int) -> float:
+def flops_per_token(cfg, seq_length: int, moe=None) -> float:
+    """``moe`` (a MoEConfig): its sparse layers count the FFNs a token runs through, as Megatron's
+    num_floating_point_operations: top-k experts of the expert FFN size plus the shared expert (no router GEMM)."""
     h, L, f = cfg.hidden_size, cfg.num_layers, cfg.ffn_hidden_size
     kv = cfg.num_query_groups * cfg.head_dim
-    matmul = L * (2 * h * h + 2 * h * kv + 3 * h * f) + cfg.vocab_size * h
+    ffn = L * f
+    if moe is not None:
+        sparse = len(moe.layers) if moe.layers is not None else L
+        ffn += sparse * (moe.topk * (moe.ffn_hidden_size or f) + (moe.shared_expert_intermediate_size or 0) - f)
+    matmul = L * (2 * h * h + 2 * h * kv) + 3 * h * ffn + cfg.vocab_size * h
     return 6.0 * matmul + 12.0 * L * h * seq_length
 
 
@@ -106,7 +115,8 @@ def memory_scalars(device: torch.device) -> dict:
 def format_log_line(iteration: int, train_iters: int, values: dict) -> str:
     parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
     for key, fmt in (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
-                     ("learning rate", "{:.6E}"), ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
+                     ("learning rate", "{:.6E}"), ("decoupled learning rate", "{:.6E}"),
+                     ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
                      ("loss scale", "{:.1f}"), ("grad norm", "{:.6E}"), ("num zeros", "{:d}"),
                      ("params norm", "{:.6E}"), ("tokens per second", "{:.1f}"),
                      ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"), ("skipped iterations", "{:3d}")):

@@ -7,6 +7,12 @@ Megatron (its scheduler steps only when ``update_successful``); the count of suc
 saved with the checkpoint. A resume also needs the same *settings*: a checkpoint records them and
 ``load_state_dict`` refuses a run whose settings differ unless told which to use (Megatron's ``_check_and_set``,
 with its two flags).
+
+Megatron's ``--decoupled-lr``/``--decoupled-min-lr``: the input embedding and the output layer (parameters marked
+``is_embedding_or_output_parameter``, both copies of a tied pair under pipeline parallelism) sit in optimizer groups
+marked ``is_decoupled_lr`` that follow the same schedule (warmup from ``--lr-warmup-init``, decay style, iterations)
+between their own peak and floor; the floor defaults to ``--min-lr``. They are schedule settings like the others:
+a resume that changes them needs one of the two flags.
 """
 import math
 from typing import Optional
@@ -20,12 +26,14 @@ _LABELS = {"max_lr": "--lr", "min_lr": "--min-lr (default --lr/10)", "init_lr": 
            "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style",
            "start_wd": "--start-weight-decay (default --weight-decay)",
            "end_wd": "--end-weight-decay (default --weight-decay)", "wd_incr_iters": "--train-iters",
-           "wd_incr_style": "--weight-decay-incr-style"}
+           "wd_incr_style": "--weight-decay-incr-style", "decoupled_lr": "--decoupled-lr",
+           "decoupled_min_lr": "--decoupled-min-lr (default --min-lr)"}
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 # settings added after the first checkpoints: an older checkpoint without them had these values
 _DEFAULTS = {"init_lr": 0.0, "wsd_decay_iters": None, "wsd_decay_style": "exponential", "start_wd": None,
-             "end_wd": None, "wd_incr_iters": None, "wd_incr_style": "constant"}
+             "end_wd": None, "wd_incr_iters": None, "wd_incr_style": "constant", "decoupled_lr": None,
+             "decoupled_min_lr": None}
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
@@ -43,6 +51,7 @@ def settings_from_args(args: dict) -> Optional[dict]:
     if warmup is None:  # Megatron's --lr-warmup-fraction is a fraction of the decay iterations
         warmup = fraction * decay if fraction is not None else default_warmup_iters(args["train_iters"])
     style = args.get("weight_decay_incr_style") or "constant"  # constant: the optimizer keeps --weight-decay
+    decoupled = args.get("decoupled_lr")
     varied = style != "constant"
     return dict(max_lr=args["lr"], min_lr=args["min_lr"], init_lr=args.get("lr_warmup_init") or 0.0,
                 warmup_iters=warmup, decay_iters=decay, decay_style=args.get("lr_decay_style", "cosine"),
@@ -50,7 +59,13 @@ def settings_from_args(args: dict) -> Optional[dict]:
                 wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential",
                 start_wd=args.get("start_weight_decay") if varied else None,
                 end_wd=args.get("end_weight_decay") if varied else None,
-                wd_incr_iters=_run_span(args) if varied else None, wd_incr_style=style)
+                wd_incr_iters=_run_span(args) if varied else None, wd_incr_style=style,
+                decoupled_lr=decoupled, decoupled_min_lr=_decoupled_min_lr(args) if decoupled is not None else None)
+
+
+def _decoupled_min_lr(args: dict) -> float:
+    """Megatron's: --decoupled-min-lr, else --min-lr."""
+    return args["min_lr"] if args.get("decoupled_min_lr") is None else args["decoupled_min_lr"]
 
 
 def _run_span(args: dict) -> float:
@@ -92,7 +107,8 @@ class OptimizerParamScheduler:
     def __init__(self, optimizer, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
                  decay_style: str = "cosine", init_lr: float = 0.0, wsd_decay_iters: Optional[int] = None,
                  wsd_decay_style: str = "exponential", start_wd: Optional[float] = None,
-                 end_wd: Optional[float] = None, wd_incr_iters: Optional[int] = None, wd_incr_style: str = "constant"):
+                 end_wd: Optional[float] = None, wd_incr_iters: Optional[int] = None, wd_incr_style: str = "constant",
+                 decoupled_lr: Optional[float] = None, decoupled_min_lr: Optional[float] = None):
         if decay_style not in DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {decay_style} is not one of {', '.join(DECAY_STYLES)}")
         if wsd_decay_style not in WSD_DECAY_STYLES:
@@ -105,6 +121,10 @@ class OptimizerParamScheduler:
         if wd_incr_style != "constant" and (start_wd is None or end_wd is None or not wd_incr_iters):
             raise ConfigError(f"--weight-decay-incr-style {wd_incr_style} needs --start-weight-decay and "
                               "--end-weight-decay")
+        # the embedding/output groups' peak and floor (None: the optimizer has no such groups)
+        self.decoupled_lr = decoupled_lr
+        self.decoupled_min_lr = min_lr if decoupled_min_lr is None and decoupled_lr is not None else decoupled_min_lr
+        self.last_decoupled_lr = None  # what step() gave those groups last (the log line's "decoupled learning rate")
         self.skipped_iters = 0  # iterations whose update was skipped: they do not advance the schedule
         if decay_style != "constant" and warmup_iters > self.decay_iters:  # Megatron asserts warmup < decay
             raise ConfigError(f"the LR warmup ({warmup_iters:g} iterations) is longer than the decay "
@@ -121,18 +141,20 @@ class OptimizerParamScheduler:
     def from_args(cls, optimizer, args) -> "OptimizerParamScheduler":
         return cls(optimizer, **settings_from_args(vars(args)))
 
-    def get_lr(self, iteration: int) -> float:
-        """LR of the ``iteration``-th *applied* update (0-based)."""
+    def get_lr(self, iteration: int, decoupled: bool = False) -> float:
+        """LR of the ``iteration``-th *applied* update (0-based); ``decoupled``: of the embedding/output groups (the
+        same shape between --decoupled-lr and --decoupled-min-lr, as Megatron's per-group max_lr/min_lr)."""
+        max_lr, min_lr = (self.decoupled_lr, self.decoupled_min_lr) if decoupled else (self.max_lr, self.min_lr)
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
             # capped: a warmup of whole samples may end inside an iteration (Megatron's --lr-warmup-samples)
-            return self.init_lr + (self.max_lr - self.init_lr) * min(1.0, (iteration + 1) / self.warmup_iters)
+            return self.init_lr + (max_lr - self.init_lr) * min(1.0, (iteration + 1) / self.warmup_iters)
         if self.decay_style == "constant":
-            return self.max_lr
+            return max_lr
         if iteration >= self.decay_iters:
-            return self.min_lr
+            return min_lr
         if self.decay_style == "inverse-square-root":
-            lr = self.max_lr * math.sqrt(max(self.warmup_iters, 1)) / math.sqrt(max(iteration, 1))
-            return max(self.min_lr, lr)
+            lr = max_lr * math.sqrt(max(self.warmup_iters, 1)) / math.sqrt(max(iteration, 1))
+            return max(min_lr, lr)
         progress = (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
             coeff = 1.0 - progress
@@ -141,9 +163,9 @@ class OptimizerParamScheduler:
         else:  # WSD: stable at --lr, then anneal over the last --lr-wsd-decay-iters
             anneal_start = self.decay_iters - self.wsd_decay_iters
             if iteration < anneal_start:
-                return self.max_lr
+                return max_lr
             coeff = _wsd_coeff(self.wsd_decay_style, (iteration - anneal_start) / self.wsd_decay_iters)
-        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+        return min_lr + coeff * (max_lr - min_lr)
 
     def get_wd(self, iteration: int) -> Optional[float]:
         """Weight decay of the ``iteration``-th applied update; None: constant (the optimizer's own)."""
@@ -158,10 +180,12 @@ class OptimizerParamScheduler:
     def step(self, iteration: int) -> float:
         """Set and return the LR of iteration ``iteration`` (0-based), counting only the applied updates; set the
         weight decay of the decaying groups when it is scheduled."""
-        lr = self.get_lr(iteration - self.skipped_iters)
-        wd = self.get_wd(iteration - self.skipped_iters)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+        applied = iteration - self.skipped_iters
+        lr, wd = self.get_lr(applied), self.get_wd(applied)
+        self.last_decoupled_lr = self.get_lr(applied, decoupled=True) if self.decoupled_lr is not None else None
+        for group in self.optimizer.param_groups:  # (a resume that keeps a schedule without them: the main LR)
+            own = self.last_decoupled_lr if group.get("is_decoupled_lr") and self.decoupled_lr is not None else lr
+            group["lr"] = own * group.get("lr_mult", 1.0)
             if wd is not None:
                 group["weight_decay"] = wd * group.get("wd_mult", 1.0)
         return lr
@@ -176,7 +200,8 @@ class OptimizerParamScheduler:
                     decay_iters=self.decay_iters, decay_style=self.decay_style,
                     wsd_decay_iters=self.wsd_decay_iters, wsd_decay_style=self.wsd_decay_style,
                     start_wd=self.start_wd, end_wd=self.end_wd, wd_incr_iters=self.wd_incr_iters,
-                    wd_incr_style=self.wd_incr_style)
+                    wd_incr_style=self.wd_incr_style, decoupled_lr=self.decoupled_lr,
+                    decoupled_min_lr=self.decoupled_min_lr)
 
     def state_dict(self) -> dict:
         return dict(self.settings(), skipped_iters=self.skipped_iters)
@@ -198,6 +223,10 @@ class OptimizerParamScheduler:
             raise ConfigError(f"resuming would change the LR schedule ({what}); pass --override-opt-param-scheduler "
                               "to use this run's values or --use-checkpoint-opt-param-scheduler to keep the "
                               "checkpoint's")
+        if use_checkpoint and saved["decoupled_lr"] is not None and self.decoupled_lr is None:
+            raise ConfigError(f"the checkpoint's LR schedule gives the embedding and output layer --decoupled-lr "
+                              f"{saved['decoupled_lr']:g}, which needs their own optimizer groups: pass --decoupled-lr "
+                              f"{saved['decoupled_lr']:g} --decoupled-min-lr {saved['decoupled_min_lr']:g}")
         for k, (a, _) in diff.items():
             setattr(self, k, a)
 

@@ -8,9 +8,10 @@ iteration counts at the (constant) global batch. And flags with their own behavi
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
 ``--distributed-timeout-minutes`` (initialize), ``--reset-position-ids``, ``--reset-attention-mask``,
 ``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
-``--account-for-embedding/loss-in-pipeline-split`` (pinned end-stage layers, here). Flags whose Megatron behaviour
-megallama does not have (``--grad-reduce-in-bf16``, ``--decoupled-lr``, a non-``torch_dist`` ``--ckpt-format``) are
-one error line saying what megallama does instead.
+``--account-for-embedding/loss-in-pipeline-split`` (pinned end-stage layers, here); ``--decoupled-lr`` and
+``--grad-reduce-in-bf16`` live in optimizer_args.py. Flags whose Megatron behaviour megallama does not have
+(``--use-torch-fsdp2``, a non-``torch_dist`` ``--ckpt-format`` ...) are one error line saying what megallama does
+instead.
 """
 from __future__ import annotations
 
@@ -54,9 +55,6 @@ _REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optim
                                "communication with --sequence-parallel's collectives only",
             "deterministic_mode": "megallama's attention backward kernels accumulate with atomics; run fp32 on CPU "
                                   "for bit-exact comparisons",
-            "grad_reduce_in_bf16": "megallama reduces gradients in fp32 (main_grad)",
-            "decoupled_lr": "megallama trains every parameter, embedding and output layer too, at one --lr",
-            "decoupled_min_lr": "megallama decays every parameter to one --min-lr",
             "optimizer": "megallama trains with Adam (AdamW, Megatron's adam); pass --optimizer adam or drop it",
             "rerun_mode": "megallama skips an iteration whose loss or gradient is not finite (--max-skipped-iters "
                           "in a row stop the run) instead of rerunning it; pass --rerun-mode disabled"}
@@ -87,9 +85,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                              "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
                              "torch_dist or torch (any other value is refused); --recompute-activations = "
                              "--recompute-granularity selective. --data-impl mmap, --timing-log-level, "
-                             "--num-dataset-builder-threads (implementation). Refused: --grad-reduce-in-bf16 "
-                             "(gradients reduce in fp32), --decoupled-lr/--decoupled-min-lr (one LR), "
-                             "--use-torch-fsdp2 (use --zero-stage 3), --tp-comm-overlap, --deterministic-mode")
+                             "--num-dataset-builder-threads (implementation). Refused: --use-torch-fsdp2 (use "
+                             "--zero-stage 3), --tp-comm-overlap, --deterministic-mode")
     for flag in _RESTATED:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--normalization", default=None, help=argparse.SUPPRESS)
@@ -111,7 +108,7 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    "refused)")
     g.add_argument("--recompute-activations", action=_RecomputeActivations,
                    help="= --recompute-granularity selective")
-    for flag in ("--grad-reduce-in-bf16", "--use-torch-fsdp2", "--tp-comm-overlap", "--deterministic-mode"):
+    for flag in ("--use-torch-fsdp2", "--tp-comm-overlap", "--deterministic-mode"):
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--data-impl", choices=["mmap"], default=None, help=argparse.SUPPRESS)
     g.add_argument("--num-dataset-builder-threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -121,8 +118,6 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rerun-mode", choices=["disabled", "validate_results", "report_stats"], default=None,
                    help="disabled (a non-finite step is skipped here; nothing is rerun)")
     g.add_argument("--tiktoken-pattern", choices=["v1", "v2", "cl100k"], default=None, help=argparse.SUPPRESS)
-    for flag in ("--decoupled-lr", "--decoupled-min-lr"):
-        g.add_argument(flag, type=float, default=None, help=argparse.SUPPRESS)
     g.add_argument("--moe-router-load-balancing-type", default=None,
                    choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"],
                    help="aux_loss (default: per micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the "
@@ -190,10 +185,12 @@ def check_model_flags(args) -> None:
                               f"{flag} {given} is not supported: {why}; pass {flag} {value} or drop it")
     for name, instead in _REFUSED.items():
         given = getattr(args, name, None)
-        if given is not None and given is not False and given != _ACCEPTED.get(name):  # --decoupled-lr 0 too
+        if given is not None and given is not False and given != _ACCEPTED.get(name):
             value = f" {given}" if name in _ACCEPTED else ""
             raise ConfigError(f"--{name.replace('_', '-')}{value} is not supported: {instead}"
                               + ("" if name in _ACCEPTED else "; drop it"))
+    from megallama.optimizer_args import check_optimizer_flags
+    check_optimizer_flags(args)
     if args.tiktoken_pattern is not None and (args.tokenizer_type or "").lower() == "tiktokenizer":
         raise ConfigError("--tokenizer-type TikTokenizer with --tiktoken-pattern is Megatron's own JSON-vocabulary "
                           "tokenizer, which megallama does not read; for Llama 3's tokenizer.model pass "

@@ -11,7 +11,8 @@ int(8h/3/64)*64, tied embeddings, norm epsilon 1e-5, init std 0.02, and in train
 multiple of 128 x tp, evaluation of ``--eval-iters`` 100 batches every ``--eval-interval`` 1000 iterations, a log
 line every 100 and ``--split 969,30,1`` over a ``--data-path``. Megatron defaults that ask for another model than a
 Llama (LayerNorm, GeLU, biases, dropout 0.1, learned positions) are named in one warning line: a Llama here has
-RMSNorm, SwiGLU, no biases, no dropout and RoPE.
+RMSNorm, SwiGLU, no biases, no dropout and RoPE. With ``--use-checkpoint-args`` the model is the checkpoint's (as
+Megatron reads it from there): the line needs no shape flags and only the training defaults apply.
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def apply_megatron_defaults(args) -> None:
     if not is_megatron_line(args):
         return
     given = args.given_flags
-    missing = [f for f in REQUIRED if f not in given]
+    # --use-checkpoint-args: the checkpoint's (or HF folder's) config is the model, as Megatron reads its args from it
+    from_checkpoint = bool(getattr(args, "use_checkpoint_args", False))
+    missing = [] if from_checkpoint else [f for f in REQUIRED if f not in given]
     if missing:
         flags = ", ".join("--" + f.replace("_", "-") for f in missing)
         raise ConfigError(f"this Megatron command line (Megatron's model flags, no --model) does not give {flags}, "
@@ -69,11 +72,12 @@ def apply_megatron_defaults(args) -> None:
         raise ConfigError(f"--num-query-groups {groups} without --group-query-attention: Megatron ignores it and "
                           f"trains multi-head attention ({heads} groups); add --group-query-attention for "
                           "grouped-query attention, or drop --num-query-groups")
-    args.num_query_groups = (groups or 1) if args.group_query_attention else heads
-    if "ffn_hidden_size" not in given:  # Megatron's --swiglu size, a multiple of 64
-        args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
-    if "untie_embeddings_and_output_weights" not in given:
-        args.untie_embeddings_and_output_weights = False  # tied, as Megatron's default
+    if not from_checkpoint:
+        args.num_query_groups = (groups or 1) if args.group_query_attention else heads
+        if "ffn_hidden_size" not in given:  # Megatron's --swiglu size, a multiple of 64
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
+        if "untie_embeddings_and_output_weights" not in given:
+            args.untie_embeddings_and_output_weights = False  # tied, as Megatron's default
     for dest, value in TRAINING.items():
         if dest not in given:
             setattr(args, dest, value)

@@ -117,7 +117,13 @@ def format_table(res: dict) -> str:
             f"{' (+sp)' if lay['sequence_parallel'] else ''}, ZeRO-{lay['zero_stage']}, micro-batch "
             f"{lay['micro_batch_size']} x {lay['num_microbatches']} microbatches (global {lay['global_batch_size']}), "
             f"seq {lay['sequence_length']}, recompute {lay['recompute']}, {lay['precision']} "
-            f"({lay['mixed_precision_mode']}), {lay['strategy']}")
+            f"({lay['mixed_precision_mode']}{', fp8 ' + lay['fp8_format'] if lay.get('fp8_format') else ''}), "
+            f"{lay['strategy']}")
+    moe = lay.get("moe")
+    if moe:
+        head += (f", experts of FFN {moe['ffn_hidden_size']} computing {moe['expert_rows']} rows a micro-batch"
+                 + (f" + a shared expert of FFN {moe['shared_expert_intermediate_size']}"
+                    if moe["shared_expert_intermediate_size"] else ""))
     if lay["pp"] > 1:
         head += f", {lay['pipeline_schedule']} holding {lay['in_flight']} in flight"
         if lay.get("wgrad_queued"):
@@ -137,6 +143,9 @@ def format_table(res: dict) -> str:
                  f"{res['peak_allocated_gb']:.2f} GiB in the {res['peak_phase']} phase)")
     verdict = "fits" if res["fits"] else "does NOT fit"
     lines.append(f"{'GPU memory':14s} {res['gpu_memory_gb']:9.2f}  {verdict}")
+    if res.get("host_pinned_gb_per_gpu"):
+        lines.append(f"{'host (pinned)':14s} {res['host_pinned_gb_per_gpu']:9.2f}  per GPU process: --async-save's "
+                     "page-locked copy of its checkpoint, kept between saves")
     if res["recommendations"]:
         lines.append("")
         lines += [f"* {r}" for r in res["recommendations"]]

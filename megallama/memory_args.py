@@ -1,5 +1,6 @@
 """The memory estimate of a parsed command line: what ``cli train --dry-run``, the loop's ``--dry-run`` and the
-Python API print, all from the same resolved flags (precision, microbatches, strategy and experts, ep, schedule)."""
+Python API print, all from the same resolved flags (precision, microbatches, strategy and experts, ep, schedule,
+the MoE options, fp8, --async-save)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +13,6 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
     from megallama.autoconfig import detect_gpu_memory_gb
     from megallama.memory import estimate_requirements
     from megallama.pipeline.partition import validate_pipeline_config
-    from megallama.strategies import strategy_from_args
     pipe = validate_pipeline_config(args.model_config.num_layers, args.pipeline_model_parallel_size,
                                     args.pipeline_schedule, global_batch_size=args.global_batch_size,
                                     micro_batch_size=args.micro_batch_size, data_parallel_size=args.data_parallel_size,
@@ -34,4 +34,21 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                  last_stage_layers=args.decoder_last_pipeline_num_layers,
                                  bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
                                  gpu_memory_gb=gpu_memory_gb or args.gpu_memory_gb or detect_gpu_memory_gb(),
-                                 recommend=recommend, **strategy_from_args(args).estimate_kw())
+                                 recommend=recommend, **feature_kw(args))
+
+
+def feature_kw(args) -> dict:
+    """``estimate_requirements``'s strategy and feature arguments of a parsed command line (also used by
+    --auto-configure and benchmarks/measure_memory.py): LoRA, the MoE options as the built layers resolve them
+    (``MoEConfig``), --fp8-format, --async-save and --grad-reduce-in-bf16."""
+    from megallama.strategies import strategy_from_args
+    strategy = strategy_from_args(args)
+    kw = strategy.estimate_kw()
+    moe = strategy.moe_config(args.model_config.num_layers)
+    if moe is not None:
+        kw.update(moe_ffn_hidden_size=moe.ffn_hidden_size, moe_expert_capacity_factor=moe.capacity_factor,
+                  moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+                  moe_pad_expert_input_to_capacity=moe.pad_to_capacity)
+    if getattr(args, "grad_reduce_in_bf16", False):  # the gradient buffer is bf16 (Megatron's grad_reduce_in_fp32 off)
+        kw["g_bytes"] = 2
+    return dict(kw, fp8_format=getattr(args, "fp8", None), async_save=bool(getattr(args, "async_save", False)))

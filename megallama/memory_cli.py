@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--num-experts", type=int, default=None)
     p.add_argument("--moe-router-topk", type=int, default=None)
+    p.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="FFN size of each expert (default: dense)")
+    p.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="FFN size of the shared expert every token goes through")
+    p.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="expert capacity ceil(factor * tokens * topk / experts) (negative: none)")
+    p.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="every expert computes exactly its capacity of rows")
+    p.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                   help="decoder linears in fp8 (1-byte saved inputs); needs bf16")
+    p.add_argument("--async-save", action="store_true", help="report the pinned host buffers of --async-save")
     p.add_argument("--gpu-memory", "--gpu-memory-gb", dest="gpu_memory", type=float, default=80.0,
                    help="GiB per GPU (default 80)")
     p.add_argument("--overlap-grad-reduce", action="store_true")
@@ -100,7 +110,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     check_recompute_flags(rec)  # the training flags' rule; fills in uniform / 1
     args.recompute_method, args.recompute_num_layers = rec.recompute_method, rec.recompute_num_layers
     kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
-              fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused")
+              fused_kernels=not args.no_fused_kernels, head="unfused" if args.unfused_head else "fused",
+              moe_ffn_hidden_size=args.moe_ffn_hidden_size, fp8_format=args.fp8_format, async_save=args.async_save,
+              moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+              moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+              moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity)
     cfg = _model_config(args)
     if args.auto_configure:
         from megallama.autoconfig import choose_layout

@@ -93,3 +93,9 @@ def moe_strategy_argv(p: dict) -> List[str]:
         if p.get(key) is not None:
             argv += [flag, str(p[key])]
     return argv + [flag for key, flag in _SWITCHES.items() if p.get(key)]
+
+
+def moe_flops_config(args):
+    """The run's MoEConfig (None for a dense model), for the FLOPs of the log line's MFU and --log-progress."""
+    from megallama.strategies import strategy_from_args
+    return strategy_from_args(args).moe_config(args.model_config.num_layers)

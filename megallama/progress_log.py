@@ -10,9 +10,12 @@ tools reading Megatron's file read this one::
 
 Job ID is ``$SLURM_JOB_ID``. Job throughput counts this job's FLOPs since it started; cumulative throughput counts
 from the first "Starting job" of the latest run of jobs with this GPU count, read back from the file (as Megatron's
-``get_start_time_from_progress_log``; an async save counts once its "Saved async checkpoint" line confirms it).
+``get_start_time_from_progress_log``; an async save counts once its "Saved async checkpoint" line confirms it). When
+this job starts that run of jobs (a --save directory new to the run it resumes), the FLOPs it resumed from count as
+done before it, where Megatron's file-only reading counts them as this job's (``--load other_run --save new_dir``
+would report the other run's FLOPs over this job's time).
 FLOPs are the consumed tokens times megallama's FLOPs per token (6 x matmul parameters + 12 x layers x hidden x
-sequence), as in the MFU of the log line.
+sequence; for MoE the experts a token goes through, as Megatron counts them), as in the MFU of the log line.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ class ProgressLog:
         now, flops = time.time(), self._flops(consumed_samples)
         job = (flops - self.job_start_flops) / (max(now - self.job_start, 1e-9) * 1e12 * self.world)
         t0, flops0 = cumulative_start(self.path, self.world) or (self.job_start, self.job_start_flops)
+        if t0 >= int(self.job_start):  # this job starts the run of jobs (a new --save dir resuming another run's
+            flops0 = self.job_start_flops  # checkpoint, or a new GPU count): the FLOPs it resumed from are not its
         cumulative = (flops - flops0) / (max(now - t0, 1e-9) * 1e12 * self.world)
         self._append(f"{_SAVES[1] if async_save else _SAVES[0]}\tIteration: {iteration}\t"
                      f"Job throughput: {job:.1f} TFLOP/s/GPU\tCumulative throughput: {cumulative:.1f} TFLOP/s/GPU\t"

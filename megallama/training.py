@@ -28,8 +28,10 @@ from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
 from megallama.model.moe_stats import format_moe_stats, get_moe_stats
+from megallama.moe_args import moe_flops_config
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
+from megallama.mpu.fp8_delayed import update_fp8_scales
 from megallama.optimizer.compression import compression_report, format_compression_report
 from megallama.optimizer.distributed import finish_param_sync
 from megallama.profiling import StepProfiler
@@ -174,7 +176,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     logger = TrainingLogger(args, enabled=is_rank_0())
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
-    flops_tok, peak = flops_per_token(args.model_config, args.seq_length), device_peak_flops(device)
+    flops_tok, peak = flops_per_token(args.model_config, args.seq_length, moe_flops_config(args)), \
+        device_peak_flops(device)
     progress_log = ProgressLog(args, consumed, flops_tok, dist.get_rank() if dist.is_initialized() else 0)
     saver = RunSaver(args, model_chunks, optimizer, scheduler, progress, progress_log)  # sync or --async-save
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -213,6 +216,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
         finalize_model_grads(model_chunks, args)
+        update_fp8_scales(model_chunks)  # --fp8-recipe delayed: this step's amaxes into the histories, next scales
         ok, grad_norm, num_zeros = optimizer.step()
         consumed += gbs
         loss = _global_mean_loss(losses, device)
@@ -265,6 +269,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             mean_loss = interval_loss / interval_steps if interval_steps else loss
             interval_loss, interval_steps = 0.0, 0
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
+                    "decoupled learning rate": scheduler.last_decoupled_lr,  # Megatron's, with --decoupled-lr
                     "global batch size": gbs, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
                     "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,

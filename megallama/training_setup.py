@@ -277,14 +277,18 @@ def setup_model_and_optimizer(args, device):
         return chunks, None
     wrapped = [DistributedDataParallel(m, zero_stage=args.zero_stage, bucket_size=args.bucket_size,
                                        overlap_grad_reduce=args.overlap_grad_reduce,
-                                       overlap_param_gather=args.overlap_param_gather) for m in chunks]
+                                       overlap_param_gather=args.overlap_param_gather,
+                                       grad_reduce_in_fp32=not getattr(args, "grad_reduce_in_bf16", False))
+               for m in chunks]
     cfg = OptimizerConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
                           bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args),
                           loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
                           min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
                           hysteresis=args.hysteresis,
-                          log_num_zeros_in_grad=getattr(args, "log_num_zeros_in_grad", False))
+                          log_num_zeros_in_grad=getattr(args, "log_num_zeros_in_grad", False),
+                          decoupled_lr=getattr(args, "decoupled_lr", None),
+                          decoupled_min_lr=getattr(args, "decoupled_min_lr", None))
     optimizer = get_megatron_optimizer(cfg, wrapped)
     attach_gradient_compression(wrapped, optimizer, compression)
     return wrapped, optimizer

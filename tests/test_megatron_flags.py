@@ -78,9 +78,6 @@ def test_sample_counts_may_be_fractional_iterations_for_the_schedule():
     (["--ckpt-format", "zarr"], "--ckpt-format zarr is not supported: megallama saves one sharded checkpoint "
                                 "format that any layout loads (as Megatron's torch_dist); pass --ckpt-format "
                                 "torch_dist or drop it"),
-    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 is not supported: megallama reduces gradients in fp32"),
-    (["--decoupled-lr", "5e-4"], "--decoupled-lr is not supported: megallama trains every parameter, embedding and "
-                                 "output layer too, at one --lr; drop it"),
     (["--recompute-activations", "--recompute-granularity", "full"],
      "--recompute-activations (= --recompute-granularity selective) contradicts --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-activations"], "contradicts --recompute-granularity full"),
@@ -187,8 +184,9 @@ SCRIPTS = {
         --hidden-dropout 0.0 --swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p
         --untie-embeddings-and-output-weights --disable-bias-linear
         --micro-batch-size 1 --global-batch-size 4 --train-samples 12 --lr-decay-samples 12 --lr-warmup-samples 4
-        --lr 0.00015 --min-lr 0.00001 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9
-        --adam-beta2 0.95 --bf16 --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc
+        --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5 --lr-decay-style cosine
+        --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16 --grad-reduce-in-bf16
+        --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc
         --empty-unused-memory-level 1 --exit-duration-in-mins 235
         --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
         --tensor-model-parallel-size 2 --context-parallel-size 1 --sequence-parallel
@@ -291,6 +289,8 @@ def test_real_megatron_llama_scripts_are_accepted(name, tmp_path, capsys):
               "gpt3_175b_as_llama": dict(rope_theta=10000.0, num_query_groups=4, tie_word_embeddings=True,
                                          ffn_hidden_size=128, init_method_std=0.006)}[name]
     assert {k: getattr(cfg, k) for k in expect} == expect
+    if name == "train_llama3_8b_h100_fp8":  # embedding/output LR and bf16 reduction, as Megatron runs them
+        assert (a.decoupled_lr, a.decoupled_min_lr, a.grad_reduce_in_bf16) == (5e-4, 4.5e-5, True)
     if name == "train_llama3":  # --eval-iters -1: Megatron evaluates nothing; --ckpt-format torch: our format
         assert (a.eval_iters, a.eval_interval, a.ckpt_format, a.lr_warmup_iters) == (0, None, "torch_dist", 0)
         assert a.split == "99990,8,2"
@@ -303,8 +303,6 @@ def test_real_megatron_llama_scripts_are_accepted(name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,says", [
-    (["--decoupled-lr", "5.0e-4", "--decoupled-min-lr", "4.5e-5"], "--decoupled-lr is not supported"),
-    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 is not supported: megallama reduces gradients in fp32"),
     (["--deterministic-mode"], "--deterministic-mode is not supported"),
     (["--use-torch-fsdp2"], "pass --zero-stage 3 instead"),
     (["--optimizer", "sgd"], "--optimizer sgd is not supported: megallama trains with Adam (AdamW, Megatron's "

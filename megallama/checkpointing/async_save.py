@@ -30,7 +30,7 @@ from megallama.checkpointing.save_request import SaveRequest
 from megallama.checkpointing.signals import any_rank
 
 _IN_FLIGHT: Optional[Tuple[SaveRequest, threading.Thread]] = None
-_PINNED: Dict[str, torch.Tensor] = {}  # page-locked host buffers by tensor name, reused by every async save
+_PINNED: Dict[str, torch.Tensor] = {}  # page-locked host buffers by tensor name, reused by a run's async saves
 
 
 def async_save_checkpoint(save: str, iteration: int, model_chunks, optimizer, args, consumed_samples: int,
@@ -81,6 +81,14 @@ def abandon_async_save() -> None:
     if _IN_FLIGHT is not None:
         _IN_FLIGHT[1].join()
         _IN_FLIGHT = None
+    release_pinned()
+
+
+def release_pinned() -> None:
+    """The run is over: its page-locked buffers (the size of this rank's checkpoint) go back to the OS. Kept, they
+    would stay locked in RAM for as long as the process lives (an API user's next run, a notebook, a sweep)."""
+    if _IN_FLIGHT is None:
+        _PINNED.clear()
 
 
 def _device() -> torch.device:

@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpointing.async_save import async_save_checkpoint, finalize_async_save, in_flight
+from megallama.checkpointing.async_save import (async_save_checkpoint, finalize_async_save, in_flight,
+                                                 release_pinned)
 from megallama.checkpointing.save_load import _say, save_checkpoint
 
 
@@ -53,8 +54,12 @@ class RunSaver:
             finalize_async_save(blocking=False, device=device)
 
     def finish(self) -> None:
-        """Publish the async save in flight, waiting for its writers (the end of training, an exit)."""
-        finalize_async_save()
+        """Publish the async save in flight, waiting for its writers (the end of training, an exit); then no save
+        follows, and the pinned host buffers are released."""
+        try:
+            finalize_async_save()
+        finally:
+            release_pinned()
 
     def _published(self, step: int, path: Optional[str] = None) -> None:
         if self.progress is not None:

@@ -265,6 +265,10 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
                 zero3_sd.setdefault(ci, {})[name] = t
     for ci, sd in zero3_sd.items():  # the wrapper keeps its dp shard of the full tensors
         model_chunks[ci].load_state_dict(sd)
+    from megallama.checkpointing.fp8_state import load_fp8_state  # --fp8-recipe delayed: amax histories
+    fp8_note = load_fp8_state(model_chunks, reader)
+    if fp8_note:
+        _say(fp8_note)
     iteration = int(common["iteration"])
     if finetune or not keys:
         if optimizer is not None and hasattr(optimizer, "reload_model_params"):

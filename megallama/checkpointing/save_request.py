@@ -115,6 +115,9 @@ class SaveRequest:
             entries, scalars = [], {}
         for name, t, piece in entries:
             add(name, t, piece)
+        from megallama.checkpointing.fp8_state import fp8_state_entries  # --fp8-recipe delayed: amax histories
+        for name, t, piece in fp8_state_entries(model_chunks):
+            add(name, t, piece)
         req.payload = {"tensors": tensors, "rng": copy.tree("rng", get_rng_state())}
         comp = None if getattr(args, "no_save_compression_state", False) else compression_state(model_chunks)
         if comp is not None:  # per-rank error memories etc., restored like the RNG state (same layout only)

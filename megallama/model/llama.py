@@ -153,6 +153,11 @@ class LlamaForCausalLM(nn.Module):
             self.output_weight.partition_dim = 0
             self.output_weight.init_std = config.init_method_std
             self.output_weight.shared_embedding = True
+        # Megatron's mark for --decoupled-lr: the input embedding and the output layer (each copy of a tied pair)
+        ends = [getattr(self.model, "embed_tokens", None), getattr(self, "lm_head", None)]
+        for p in [m.weight for m in ends if m is not None] + [getattr(self, "output_weight", None)]:
+            if p is not None:
+                p.is_embedding_or_output_parameter = True
 
     # ---------- weights ----------
     def output_layer_weight(self) -> torch.Tensor:

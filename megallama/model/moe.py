@@ -12,10 +12,10 @@ and how they reach the gradient in ``moe_aux_loss``.
 (``shared_experts``, a ``LlamaMLP``: tensor-parallel like the dense MLP, data-parallel like every dense weight),
 its output added to the routed experts' (Megatron's ``SharedExpertMLP`` without the gate).
 
-Expert capacity (``--moe-expert-capacity-factor``) is ``ceil(cf * T * k / E)`` over the T tokens of the micro-batch
-this rank routes: gathered over tp under sequence parallelism (Megatron counts each tp rank's s/tp slice, so its
-drops change with tp; here they do not), this rank's piece of the sequence under cp (as Megatron). Each expert keeps
-its assignments in ``--moe-token-drop-policy`` order (``moe_dispatch.drop_preference``).
+Expert capacity (``--moe-expert-capacity-factor``) is Megatron's ``ceil((T * k / E) * cf)`` over the T tokens of
+the micro-batch this rank routes: gathered over tp under sequence parallelism (Megatron counts each tp rank's s/tp
+slice, so its drops change with tp; here they do not), this rank's piece of the sequence under cp (as Megatron).
+Each expert keeps its assignments in ``--moe-token-drop-policy`` order (``moe_dispatch.drop_preference``).
 
 Expert parameters carry ``expert_parallel = True`` and ``allreduce = False``: their gradient is already summed
 over the ep group by the all-to-all backward, so the data-parallel reduction must run over
@@ -227,8 +227,10 @@ class MoELayer(nn.Module):
         return y
 
     def capacity(self, num_tokens: int) -> Optional[int]:
+        """Megatron's ``get_capacity(T * k, E, cf)``, in its order of operations: ``cf * T * k / E`` rounds
+        differently (cf 1.1, T 50, k 6, E 2: 166 instead of Megatron's 165) and would drop other tokens."""
         cf = self.moe.capacity_factor
-        return None if cf is None else max(1, math.ceil(cf * num_tokens * self.topk / self.num_experts))
+        return None if cf is None else max(1, math.ceil((num_tokens * self.topk / self.num_experts) * cf))
 
     def _dispatch(self, top_p, top_i, batch):
         """(order, counts): kept (token, choice) assignments sorted by expert and rows per expert, capacity and

@@ -14,6 +14,8 @@ differ in which tokens the statistics cover:
   probabilities. So it is layout-independent over tp and cp, but not over dp (ep ranks are dp ranks): a run with
   D data-parallel ranks equals one process whose micro-batch j joins the D ranks' j-th micro-batches, at
   ``coeff / D`` (the D per-rank shares of the joint loss are averaged, as every gradient over dp, not summed).
+* ``none``: no load-balancing loss, whatever ``aux_loss_coeff`` says (the command line also zeroes it; a
+  ``TrainingStrategy`` or ``MoEConfig`` built in Python need not); the z-loss stays.
 
 Gradients never touch the returned LM loss: the sum is attached to the layer's output with ``_AttachAuxLoss``
 (Megatron's ``MoEAuxLossAutoScaler``), fed ``_AUX_GRAD_SCALE`` (1/micro-batches, x the fp16 loss scale) in
@@ -147,6 +149,8 @@ def aux_losses(moe, layer_number: int, logits, scores, top_i, batch: int, sequen
     counts_mb, psum_mb, n_mb, lse2_mb = stats[:m].view(groups, E), stats[m:2 * m].view(groups, E), stats[2 * m], \
         stats[2 * m + 1]
     c, zc, cp = moe.aux_loss_coeff, moe.z_loss_coeff, ps.get_context_parallel_world_size()
+    if kind == "none":  # no load-balancing term, whatever the coefficient (the z-loss stays)
+        c = 0.0
     if kind == "global_aux_loss":
         key = stats[:2 * m + 1]
         if _in_backward():  # a recompute: the average its forward used, no collective

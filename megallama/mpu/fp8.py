@@ -6,9 +6,14 @@ dynamic Float8Linear). Activations and weights use e4m3; gradients e5m2 under ``
 e4m3 under ``e4m3``. ``torch._scaled_mm`` multiplies two fp8 operands with their dequantisation scales
 (``1/scale``) and writes bf16/fp32, so nothing here depends on Transformer Engine or torchao.
 
-Tensor parallelism: a tensor sharded over the tp group (a weight shard, a row-parallel input, a sequence-parallel
-activation, a column-parallel output gradient) must be scaled by the amax of the *whole* tensor, or tp 2 would
-quantise differently from tp 1: ``tp_amax`` all-reduces (MAX) the local amaxes, all of a layer's in one call.
+Tensor and context parallelism: a tensor split over tp or cp ranks (a weight shard, a row-parallel input, a
+sequence-parallel activation, a column-parallel output gradient; under cp every activation and output gradient, as
+each cp rank holds a slice of the sequence) must be scaled by the amax of the *whole* tensor, or tp 2 / cp 2 would
+quantise differently from one process: ``reduce_amax`` all-reduces (MAX) the local amaxes over the tp x cp group
+(the cp group for tensors replicated over tp), all of a layer's in one call.
+
+Delayed scaling (``--fp8-recipe delayed``, Megatron's default) takes the scales from an amax history instead:
+``mpu.fp8_delayed``.
 """
 from __future__ import annotations
 
@@ -30,19 +35,40 @@ _EPS = 1e-12  # amax floor: an all-zero tensor gets a finite scale (its fp8 imag
 ALIGN = 16  # cuBLASLt's fp8 rule: both dims of the second operand and the inner dim are multiples of 16
 
 
+RECIPES = ("delayed", "tensorwise")
+AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+
+
 @dataclass(frozen=True)
 class Fp8Recipe:
-    """What a linear needs to run in fp8 (hashable: torch.compile treats it as a constant)."""
+    """What a linear needs to run in fp8 (hashable: torch.compile treats it as a constant). ``recipe``:
+    tensorwise (current scaling) or delayed (scales from an amax history of ``amax_history_len`` steps, reduced
+    by ``amax_compute_algo``: Transformer Engine's DelayedScaling)."""
     format: str = "hybrid"
     margin: int = 0
+    recipe: str = "tensorwise"
+    amax_history_len: int = 1
+    amax_compute_algo: str = "most_recent"
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"fp8 format {self.format!r} is not one of {FORMATS}; use --fp8-format hybrid or e4m3")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"fp8 recipe {self.recipe!r} is not one of {RECIPES}; use --fp8-recipe delayed or "
+                              "tensorwise")
+        if self.amax_compute_algo not in AMAX_COMPUTE_ALGOS:
+            raise ConfigError(f"--fp8-amax-compute-algo {self.amax_compute_algo!r} is not one of "
+                              f"{AMAX_COMPUTE_ALGOS}")
+        if self.amax_history_len < 1:
+            raise ConfigError(f"--fp8-amax-history-len must be >= 1, got {self.amax_history_len}")
 
     @property
     def grad_dtype(self) -> torch.dtype:
         return E5M2 if self.format == "hybrid" else E4M3
+
+    @property
+    def delayed(self) -> bool:
+        return self.recipe == "delayed"
 
 
 def amax(t: torch.Tensor) -> torch.Tensor:
@@ -51,12 +77,18 @@ def amax(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, float("inf")).float()
 
 
-def tp_amax(amaxes: torch.Tensor) -> torch.Tensor:
-    """The element-wise MAX of ``amaxes`` over the tp group (the amaxes of tensors sharded over it)."""
-    n = ps.get_tensor_model_parallel_world_size()
-    if n == 1:
+def reduce_amax(amaxes: torch.Tensor, split_over_tp: bool = True) -> torch.Tensor:
+    """The element-wise MAX of ``amaxes`` over the ranks that hold parts of these tensors: tp x cp (a tensor
+    split over tp, or replicated over it: the MAX of equal values is that value), or cp alone when
+    ``split_over_tp`` is False (a tensor replicated over tp: no tp collective)."""
+    tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+    if cp > 1:
+        group = ps.get_tensor_and_context_parallel_group() if split_over_tp and tp > 1 else \
+            ps.get_context_parallel_group()
+    elif tp > 1 and split_over_tp:
+        group = ps.get_tensor_model_parallel_group()
+    else:
         return amaxes
-    group = ps.get_tensor_model_parallel_group()
     if torch.compiler.is_compiling():
         return funcol.all_reduce(amaxes, "max", group)
     dist.all_reduce(amaxes, op=dist.ReduceOp.MAX, group=group)
@@ -124,7 +156,10 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
                                 use_fast_accum=fast_accum and a.is_cuda)
     # CPU: torch's fp8 GEMM is a scalar loop there (20 ms for 64x64x128). The same math through an fp32 GEMM: the
     # products of fp8 values are exact in fp32, the sum is fp32, the dequantisation scales apply to the result.
-    return (torch.mm(a.float(), b.float()) * (a_scale.reciprocal() * b_scale.reciprocal())).to(out_dtype)
+    # An fp64 output sums in fp64, where sums of fp8 products are (nearly always) exact whatever their order: the
+    # layout-equivalence tests run so, and no summation order can flip a later fp8 rounding.
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    return (torch.mm(a.to(acc), b.to(acc)) * (a_scale.reciprocal() * b_scale.reciprocal()).to(acc)).to(out_dtype)
 
 
 def check_linear_shape(weight: torch.Tensor, name: str = "linear") -> None:
@@ -138,7 +173,9 @@ def check_linear_shape(weight: torch.Tensor, name: str = "linear") -> None:
 def enable_fp8(module: torch.nn.Module, recipe: Optional[Fp8Recipe]) -> int:
     """Run every Column/RowParallelLinear inside ``module`` in fp8 (``recipe``) or, with None, in the compute
     dtype again; returns how many. Pass the decoder layers only: the embedding and the output layer stay 16-bit,
-    as in Transformer Engine and torchtitan."""
+    as in Transformer Engine and torchtitan. A delayed recipe gives each linear a fresh ``fp8_delayed.Fp8Meta``
+    (on the module and on its weight, which is what the GEMM functions see)."""
+    from megallama.mpu.fp8_delayed import Fp8Meta
     from megallama.mpu.layers import ColumnParallelLinear, RowParallelLinear
     count = 0
     for name, m in module.named_modules():
@@ -146,5 +183,6 @@ def enable_fp8(module: torch.nn.Module, recipe: Optional[Fp8Recipe]) -> int:
             if recipe is not None:
                 check_linear_shape(m.weight, name)
             m.fp8 = recipe
+            m.fp8_meta = m.weight.fp8_meta = Fp8Meta(recipe, m.weight.device) if recipe and recipe.delayed else None
             count += 1
     return count

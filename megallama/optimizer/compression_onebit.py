@@ -112,8 +112,8 @@ def install_onebit_adam(dist_optimizer, freeze_step: int, refresh: bool = True) 
     if isinstance(old, OneBitAdamW):
         old.freeze_step, old.refresh = freeze_step, refresh
         return old
-    groups = [{k: v for k, v in g.items() if k in ("params", "lr", "betas", "eps", "weight_decay", "wd_mult")}
-              for g in old.param_groups]
+    keep = ("params", "lr", "betas", "eps", "weight_decay", "wd_mult", "is_decoupled_lr")
+    groups = [{k: v for k, v in g.items() if k in keep} for g in old.param_groups]
     new = OneBitAdamW(groups, freeze_step=freeze_step, refresh=refresh)
     for p, st in old.state.items():
         if st:

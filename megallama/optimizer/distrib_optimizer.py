@@ -4,15 +4,21 @@ Each rank optimizes its *pieces* (``DDP.optimizer_pieces``): whole parameters at
 in its dp shard at stages 1-3. Master weights are fp32: for fp32 models they *are* the model storage (the param
 buffer at stages 1-2, the param shard at stage 3, the params at stage 0), for bf16/fp16 models they are a separate
 fp32 flat buffer copied back after each step. The update is ``torch.optim.AdamW`` (fused on CUDA, foreach
-otherwise) over the piece tensors, in two groups: weight decay for >= 2-D parameters, none for norms and biases.
+otherwise) over the piece tensors, in two groups: weight decay for >= 2-D parameters, none for norms and biases;
+with ``decoupled_lr`` (Megatron's --decoupled-lr) two more, the same split of the pieces whose parameter is marked
+``is_embedding_or_output_parameter`` (``is_decoupled_lr``: the scheduler gives them their own LR). Each rank's
+groups hold its own pieces, so they are right at any ZeRO stage (a piece cut by a shard boundary stays in its
+parameter's group) and on any pipeline stage (a stage without embedding or output layer has empty decoupled
+groups, so every rank has the same groups).
 
 Step: unscale (fp16) -> global norm over shards and model-parallel ranks -> skip if not finite (the dynamic loss
 scale backs off) -> clip -> AdamW -> copy masters to the model -> all-gather params (stages 1-2).
 
-Memory per rank with Ψ parameters and N dp ranks, p bytes/param, g = 4 (fp32 grads), K bytes of optimizer state
-per param: fp32 model p = 4, K = 8 (Adam m and v; the master is the model copy itself); bf16/fp16 model p = 2,
-K = 12 (fp32 master + m + v). Stage 0 (p+g+K)Ψ, 1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N, plus bucket padding
-(< dp*64 elements a bucket) and transient buffers: stage 2/3 staging (up to 3 buckets), stage 3 two gathered units.
+Memory per rank with Ψ parameters and N dp ranks, p bytes/param, g = 4 (fp32 grads; 2 for a bf16 model with
+--grad-reduce-in-bf16), K bytes of optimizer state per param: fp32 model p = 4, K = 8 (Adam m and v; the master
+is the model copy itself); bf16/fp16 model p = 2, K = 12 (fp32 master + m + v). Stage 0 (p+g+K)Ψ,
+1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N, plus bucket padding (< dp*64 elements a bucket) and transient
+buffers: stage 2/3 staging (up to 3 buckets), stage 3 two gathered units.
 
 Checkpoints: ``state_dict()`` is this rank's shard *in parameter space* (name, element range, master, exp_avg,
 exp_avg_sq), so ``load_state_dict`` accepts the state dicts of all dp ranks of a run with any dp size and stage
@@ -81,16 +87,12 @@ class DistributedOptimizer:
                 pc.in_norm = clip_grads.counts_in_norm(pc.param) and not (ci > 0 and _is_chimera(ddp))
             self.pieces += pieces
         self._separate_masters = bool(self._masters_buffers)
-        decay = [pc.master for pc in self.pieces if len(pc.shape) >= 2]
-        no_decay = [pc.master for pc in self.pieces if len(pc.shape) < 2]
         fused = config.use_fused
         if fused is None:
             fused = self.device.type == "cuda"
         kw = dict(fused=True) if fused else dict(foreach=True)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay, "wd_mult": 1.0},  # the schedule scales wd_mult
-             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}],
-            lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **kw)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.pieces, config), lr=config.lr,
+                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **kw)
         self._fused = fused
         self.grad_scaler = None
         if config.fp16:
@@ -254,7 +256,9 @@ class DistributedOptimizer:
             else:
                 self.optimizer.state.pop(pc.master, None)
         self.num_steps = step
-        for g, saved in zip(self.optimizer.param_groups, states[0]["param_groups"]):
+        saved_groups = {_group_key(g): g for g in states[0]["param_groups"]}  # by kind, not position
+        for g in self.optimizer.param_groups:
+            saved = saved_groups.get(_group_key(g), {})
             g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps")})
         if self.grad_scaler is not None and states[0].get("grad_scaler"):
             self.grad_scaler.load_state_dict(states[0]["grad_scaler"])
@@ -278,6 +282,25 @@ class DistributedOptimizer:
                 if k in st:
                     add(k, st[k])
         return out
+
+
+def _param_groups(pieces, config: OptimizerConfig) -> List[dict]:
+    """Megatron's groups: weight decay for >= 2-D parameters (the schedule scales ``wd_mult``), none for norms and
+    biases; with ``decoupled_lr`` the embedding/output layer's pieces in two more, whatever their decay."""
+    decoupled = config.decoupled_lr is not None
+    ends = {id(pc) for pc in pieces if decoupled and getattr(pc.param, "is_embedding_or_output_parameter", False)}
+    groups = []
+    for own_lr in ((False, True) if decoupled else (False,)):
+        for decay in (True, False):
+            groups.append({"params": [pc.master for pc in pieces
+                                      if (len(pc.shape) >= 2) == decay and (id(pc) in ends) == own_lr],
+                           "weight_decay": config.weight_decay if decay else 0.0, "wd_mult": float(decay),
+                           "is_decoupled_lr": own_lr, "lr": config.decoupled_lr if own_lr else config.lr})
+    return groups
+
+
+def _group_key(group: dict) -> tuple:
+    return group.get("wd_mult"), bool(group.get("is_decoupled_lr", False))
 
 
 def _index_pieces(states: Sequence[dict]) -> Dict[str, List[dict]]:

@@ -14,6 +14,10 @@ Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others
 bucket collectives start asynchronously from the hooks as soon as a bucket's gradients are complete, so they overlap
 the rest of backward; ``finish_grad_sync`` launches what is left and waits. Averaging over dp happens inside the
 collective on NCCL (``ReduceOp.AVG``), as a pre-scaling by 1/dp on gloo; in the grad dtype (fp32 by default).
+``grad_reduce_in_fp32=False`` (``--grad-reduce-in-bf16``) is Megatron's: the buffer (and stage 2/3 staging) takes the
+bf16 params' dtype, so microbatch sums and every collective are bf16, and the optimizer upcasts its shard. Not bf16
+copies of an fp32 buffer per collective: this halves gradient memory (2 bytes a parameter) where copies would add
+up to half of it in flight, needs no cast kernels, and gives Megatron's numerics under its flag.
 
 Sums over other groups (sequence-parallel norm weights over tp, the tied embedding over the embedding group) go
 through ``all_reduce_param_grads(params, group)`` *after* ``finish_grad_sync``: it works at every stage, whereas
@@ -156,6 +160,7 @@ class DistributedDataParallel(nn.Module):
                 p.main_grad = self.grad_buffer[s:e].view(self.shapes[p])
 
         self.is_last_microbatch = True
+        self.grad_reduce_bytes = 0  # bytes handed to the dp gradient collectives (bf16 buffers: half of fp32's)
         self._pieces = None
         self._handles: List = []  # stage 0/1 async collectives
         self._grads_dirty = False
@@ -257,9 +262,11 @@ class DistributedDataParallel(nn.Module):
         if b.comm.group is None:
             pass
         elif self.zero_stage == 0:
+            self.grad_reduce_bytes += data.numel() * data.element_size()
             h = dist.all_reduce(data, op=op, group=b.comm.group, async_op=async_op)
         else:
             lo = b.comm.rank * b.shard_size
+            self.grad_reduce_bytes += data.numel() * data.element_size()
             h = reduce_scatter_tensor(data[lo:lo + b.shard_size], data, op=op, group=b.comm.group,
                                       async_op=async_op)
         b.launched = True

@@ -83,6 +83,7 @@ class GradShardReducer:
         h = None
         overlap = self.ddp.overlap_grad_reduce
         if b.comm.group is not None:
+            self.ddp.grad_reduce_bytes += st.numel() * st.element_size()
             h = reduce_scatter_tensor(st[lo:lo + b.shard_size], st, op=op, group=b.comm.group, async_op=overlap)
         if h is not None and overlap:
             self.pending.append((h, b, st))

@@ -28,6 +28,8 @@ class OptimizerConfig:
     hysteresis: int = 2  # overflows tolerated before the scale halves
     use_fused: Optional[bool] = None  # fused AdamW kernel; None = on CUDA when available, foreach otherwise
     log_num_zeros_in_grad: bool = False
+    decoupled_lr: Optional[float] = None  # the embedding/output layer's peak LR: groups of their own (Megatron's)
+    decoupled_min_lr: Optional[float] = None  # their floor (default min_lr); the scheduler owns both values
 
     def validate(self) -> "OptimizerConfig":
         if self.bf16 and self.fp16:

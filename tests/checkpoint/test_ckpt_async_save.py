@@ -183,6 +183,37 @@ def test_killed_before_finalization_leaves_the_previous_checkpoint(tmp_path):
         "iter_0000002", "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
 
 
+def test_saves_faster_than_the_writer_and_the_end_of_the_run_leave_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A save every iteration from a writer slower than an iteration (each save waits for the previous writer), the
+    last one right at the end: every checkpoint is published, no writer thread outlives the run, and the pinned
+    buffer pool (page-locked RAM on a GPU host) is emptied rather than kept for the life of the process."""
+    import threading
+    import time
+
+    from megallama.arguments import parse_args
+    from megallama.checkpointing import async_save
+    from megallama.checkpointing import save_request
+    from megallama.training import pretrain
+
+    write = save_request.F.atomic_torch_save
+
+    def slow_writer(obj, path):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        write(obj, path)
+
+    monkeypatch.setattr(save_request.F, "atomic_torch_save", slow_writer)
+    ck = str(tmp_path / "ck")
+    async_save._PINNED["stale"] = torch.empty(4)  # what a CUDA run's snapshots leave (CPU runs pin nothing)
+    pretrain(parse_args(TINY + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "3",
+                                "--save", ck, "--save-interval", "1", "--async-save"], world_size=1))
+    assert capsys.readouterr().out.count("ms of it waiting for the previous save") >= 1  # 2 unless a step took 0.5 s
+    assert F.read_tracker(ck) == 3 and F.list_iterations(ck) == [1, 2, 3]
+    assert all(F.quick_check(F.checkpoint_dir(ck, i)) is None for i in (1, 2, 3))
+    assert async_save.in_flight() is None and async_save._PINNED == {}
+    assert not [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]
+
+
 def test_async_save_without_save_is_one_error_line(capsys):
     import pretrain_llama
     assert pretrain_llama.main(TINY + ["--async-save"]) == 2
@@ -204,6 +235,8 @@ def test_async_save_on_a_gpu_publishes_checkpoints_that_resume(tmp_path):
                                             "--global-batch-size", "4", "--save", ck, "--save-interval", "1",
                                             "--async-save"]
     pretrain(parse_args(argv + ["--train-iters", "6", "--exit-interval", "4"], world_size=1))
+    from megallama.checkpointing import async_save
+    assert async_save._PINNED == {}  # the run's page-locked buffers are released when it ends
     assert F.read_tracker(ck) == 4 and F.list_iterations(ck) == [1, 2, 3, 4]
     assert all(F.quick_check(F.checkpoint_dir(ck, i)) is None for i in (1, 2, 3, 4))
     out = pretrain(parse_args(argv + ["--train-iters", "6", "--load", ck], world_size=1))

@@ -78,7 +78,7 @@ def test_scheduler_check_names_each_setting_and_both_flags():
                                "lr_decay_iters": None, "lr_decay_style": "cosine"}) == \
         dict(max_lr=1e-3, min_lr=1e-4, init_lr=0.0, warmup_iters=5, decay_iters=50, decay_style="cosine",
              wsd_decay_iters=None, wsd_decay_style="exponential", start_wd=None, end_wd=None, wd_incr_iters=None,
-             wd_incr_style="constant")
+             wd_incr_style="constant", decoupled_lr=None, decoupled_min_lr=None)
     assert settings_from_args({"model_config": {}}) is None
 
 

@@ -74,9 +74,43 @@ def test_throughputs_count_this_job_and_the_run_of_jobs_with_this_gpu_count(tmp_
     assert path.read_text().count("\n") == 9
 
 
+def test_a_job_resuming_another_directorys_run_counts_only_its_own_flops(tmp_path):
+    """--load other_run --save new_dir: the new progress file starts with this job, which resumed 3e16 FLOPs done
+    elsewhere; its cumulative throughput is its own (Megatron's reading of the file alone counted the 3e16 in too:
+    2.5x here)."""
+    now = int(time.time())
+    args = SimpleNamespace(log_progress=True, save=str(tmp_path), world_size=2, seq_length=1000,
+                           run_start_time=now - 100)
+    log = ProgressLog(args, consumed_samples=30_000, flops_per_token=1e9, rank=0)
+    log.saved(40, consumed_samples=80_000)  # 5e16 FLOPs in this job's 100 s
+    fields = dict(f.split(": ", 1) for f in (tmp_path / "progress.txt").read_text().splitlines()[-1].split("\t")[4:])
+    for key in ("Job throughput", "Cumulative throughput"):
+        assert float(fields[key].split()[0]) == pytest.approx(5e16 / (100 * 2e12), rel=0.02), fields
+
+
 def test_log_progress_without_save_is_one_error_line(capsys):
     import pretrain_llama
     assert pretrain_llama.main(TINY + ["--log-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --log-progress writes into the --save directory, but no --save was given; add --save DIR or drop "
         "--log-progress"]
+
+
+def test_flops_of_a_moe_run_are_megatrons_routed_and_shared_experts(tmp_path):
+    """A MoE run's FLOPs (progress.txt, the summary, the log line's MFU) are Megatron's num_floating_point_operations:
+    a sparse layer's FFN is top-k experts of --moe-ffn-hidden-size plus the shared expert, a dense layer's the dense
+    FFN (the count was the dense model's whatever the experts)."""
+    ck = str(tmp_path / "ck")
+    args = parse_args(TINY + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+                              "--log-progress", "--save", ck, "--strategy", "moe", "--num-experts", "4",
+                              "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96", "--moe-layers", "1",
+                              "--moe-shared-expert-intermediate-size", "32"], world_size=1)
+    out = pretrain(args)
+    cfg, s = args.model_config, args.seq_length
+    h, L, n, g, V = cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads, cfg.num_query_groups, cfg.vocab_size
+    mlp = 1.5 * (cfg.ffn_hidden_size * (L - 1) + 96 * 2 * 1 + 32 * 1) / h  # 1 dense layer, 1 sparse (2 of 4 routed)
+    megatron = 12 * h * h * (L * (1 + g / n + s / h) + mlp + V / (2 * h))  # per token
+    assert out["flops_per_token"] == pytest.approx(megatron, rel=1e-12)
+    assert out["flops_per_token"] > 1.15 * flops_per_token(cfg, s)  # the dense model's count: 14 % short
+    saved = open(os.path.join(ck, "progress.txt")).read().splitlines()[-1].split("\t")
+    assert saved[7] == f"Floating-point operations: {2 * s * megatron:.2e}", saved

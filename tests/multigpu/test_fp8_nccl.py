@@ -3,7 +3,9 @@ whose tensor-parallel amax reduction is a traced functional all-reduce (MAX), a 
 never take. tp 2 with and without sequence parallelism quantises exactly as tp 1 (the MAX gives every rank the
 whole tensor's scale); what differs is the bf16 rounding of the split GEMMs' sums, so the bound is bf16-level:
 losses within 5e-3 relative and gradient norms within 2e-2 over 3 AdamW steps (a rank scaling by its own shard's
-amax was off by ~1e-1 in the CPU test). Also ``--compile`` of the whole model at tp 2 + SP against eager."""
+amax was off by ~1e-1 in the CPU test). Also ``--compile`` of the whole model at tp 2 + SP against eager. Both
+recipes: tensorwise, and delayed (amax histories reduced over NCCL once per step; under --compile the autograd
+Functions with their in-place amax records are traced by dynamo)."""
 import os
 import sys
 
@@ -27,18 +29,24 @@ def _close(got, ref, loss_tol=5e-3, norm_tol=2e-2):
         assert abs(norms[step] - ref_norms[step]) <= norm_tol * ref_norms[step], (step, norms, ref_norms)
 
 
+RECIPES = {"tensorwise": ["--fp8-recipe", "tensorwise"],
+           "delayed": ["--fp8-recipe", "delayed", "--fp8-amax-history-len", "4", "--fp8-amax-compute-algo", "max"]}
+
+
 @pytest.fixture(scope="module")
 def one_gpu():
-    return run_distributed(_losses, 1, FP8, backend="nccl")[0]
+    return {r: run_distributed(_losses, 1, FP8 + flags, backend="nccl")[0] for r, flags in RECIPES.items()}
 
 
+@pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("layout", [["--sequence-parallel"], []], ids=["tp2_sp", "tp2"])
-def test_fp8_tp2_equals_one_gpu(one_gpu, layout):
-    _close(run_distributed(_losses, 2, FP8 + ["--tensor-model-parallel-size", "2"] + layout, backend="nccl")[0],
-           one_gpu)
+def test_fp8_tp2_equals_one_gpu(one_gpu, layout, recipe):
+    argv = FP8 + RECIPES[recipe] + ["--tensor-model-parallel-size", "2"] + layout
+    _close(run_distributed(_losses, 2, argv, backend="nccl")[0], one_gpu[recipe])
 
 
-def test_fp8_tp2_sp_compiled_equals_eager():
-    argv = FP8 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_fp8_tp2_sp_compiled_equals_eager(recipe):
+    argv = FP8 + RECIPES[recipe] + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     eager = run_distributed(_losses, 2, argv, backend="nccl")[0]
     _close(run_distributed(_losses, 2, argv + ["--compile"], backend="nccl")[0], eager)

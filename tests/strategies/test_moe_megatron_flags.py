@@ -103,6 +103,19 @@ def test_capacity_drops_by_policy_and_padding_changes_nothing(policy):
     assert torch.equal(y0, y1) and all(rel_err(a, b) < 1e-6 for a, b in zip(g0, g1))
 
 
+def test_capacity_is_megatrons_get_capacity_to_the_last_token():
+    """Megatron's ceil((T*k / E) * cf): 1.1 * 120 * 6 / 8 is 99.0 but (120 * 6 / 8) * 1.1 is 99.00000000000001, so
+    Megatron's experts keep 100 assignments; the other order kept 99 and dropped a token Megatron keeps."""
+    cfg = MoEConfig(num_experts=8, topk=6, capacity_factor=1.1, pad_to_capacity=True, aux_loss_coeff=0.0)
+    layer = MoELayer(TINY, cfg, 0)
+    layer.init_weights("l", 3)
+    rows = []
+    layer.experts.register_forward_hook(lambda m, args, out: rows.append(args[1].tolist()))
+    with torch.no_grad():
+        layer(torch.randn(2, 60, TINY.hidden_size))
+    assert layer.capacity(120) == math.ceil((120 * 6 / 8) * 1.1) == 100 and rows == [[100] * 8]
+
+
 # ------------------------------------------------------------------ shared expert
 def test_shared_expert_is_added_to_the_routed_output():
     torch.manual_seed(3)
@@ -156,6 +169,22 @@ def test_seq_aux_loss_gradient_is_the_mean_of_per_sequence_losses():
     (gref,) = torch.autograd.grad(ref, layer.router.weight)
     assert rel_err(g, gref) < 1e-10
     assert math.isclose(get_moe_stats().report()["aux_loss"], float(ref.detach()), rel_tol=1e-9)
+
+
+def test_load_balancing_type_none_adds_no_load_balancing_loss():
+    """``none`` in a MoEConfig (or a TrainingStrategy) built in Python, whose aux_loss_coeff keeps its default: the
+    router gets the z-loss's gradient only (it got the aux loss's too)."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, TINY.hidden_size)
+    grads = {}
+    for kind, coeff in (("none", 1e-2), ("aux_loss", 0.0)):
+        layer = MoELayer(TINY, MoEConfig(num_experts=4, topk=2, aux_loss_coeff=coeff, z_loss_coeff=1e-3,
+                                         load_balancing_type=kind), 0)
+        layer.init_weights("l", 1)
+        get_moe_stats().reset()
+        grads[kind] = _router_grad(layer, [x], 1.0)
+        assert get_moe_stats().report()["aux_loss"] == 0.0, kind
+    assert grads["none"].abs().sum() > 0 and torch.equal(grads["none"], grads["aux_loss"])
 
 
 @pytest.mark.parametrize("recompute", [False, True])

@@ -1,0 +1,149 @@
+"""One pipeline stage's memory by category: its parameters' model states, the activations of the microbatches its
+schedule holds (activation_memory.py, moe_memory.py), ZeRO buffers and the optimizer step's temporaries.
+``memory.estimate_requirements`` takes the fullest stage."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from megallama import activation_memory as am
+from megallama.config import ModelConfig
+from megallama.memory_states import (checkpoint_bytes, layer_params, lora_params, num_moe_layers, split_states_bytes,
+                                     trainable_split)
+from megallama.moe_memory import MoEShape, moe_layer_params
+
+WORKSPACE_BYTES = 64 * 2 ** 20  # cuBLAS / cuBLASLt workspaces, allocated through the caching allocator
+
+
+def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = None,
+                 schedule: str = "1f1b", last_stage_layers: Optional[int] = None) -> List[int]:
+    """Decoder layers on each pipeline stage, split as the pipeline builds it (pipeline/partition.py): balanced by
+    cost, so the stages with the embedding and the output head get fewer; interleaved cuts equal chunks."""
+    if pp == 1:
+        return [cfg.num_layers]
+    if schedule == "interleaved":
+        return [cfg.num_layers // pp] * pp
+    from megallama.pipeline.partition import costs_from_config, partition_layers
+    parts = partition_layers(cfg.num_layers, pp, costs=costs_from_config(cfg),
+                             first_stage_num_layers=first_stage_layers, last_stage_num_layers=last_stage_layers)
+    return [len(part) for part in parts]
+
+
+def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> int:
+    """Microbatches (interleaved: model-chunk forwards) whose activations a stage holds at its peak."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved":
+        return min(m * v, 2 * (pp - stage - 1) + (v - 1) * pp + 1)
+    if schedule == "chimera":  # two pipelines in opposite directions: about pp microbatches of one stage's layers
+        return min(m, pp)
+    return min(pp - stage, m)
+
+
+def _zb_h1(pp: int, stage: int, m: int, zero: int, strategy: str, inflight: int):
+    """(whole, W-queued) microbatches of a ZB-H1 stage at its F/B peak (pipeline/schedules.py ``_zb_h1_orders``:
+    1F1B's order, a forward waits while min(pp, m) are not yet W'd): 1F1B's min(pp - stage, m) whole, the rest
+    of min(pp, m) queued. A LoRA base is frozen: nothing queues (B frees all). ZeRO-3 splits by re-running the
+    backward in W (pipeline/runner.py): graphs live until W, min(pp, m) whole, except on the head's stage."""
+    if strategy in ("lora", "hybrid"):
+        return inflight, None
+    if zero == 3:
+        return (inflight if stage == pp - 1 else min(pp, m)), None
+    return inflight, min(pp, m) - inflight
+
+
+def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, schedule, m, v, strategy,
+                 lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda",
+                 moe: Optional[MoEShape] = None):
+    """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category. ``moe``: the MoE layers'
+    shape (None: a dense model, or a strategy that builds none)."""
+    pre, post = stage == 0, stage == pp - 1
+    lp = layer_params(cfg, tp)
+    h, vloc = cfg.hidden_size, cfg.vocab_size // tp
+    chunks = 2 if schedule == "chimera" and pp > 1 else 1  # Chimera keeps stages i and pp-1-i
+    n_layers = layers[stage] * chunks
+    mlp = lp["mlp"]
+    expert_params = moe_dense = 0
+    if moe is not None:  # routers and shared experts: dense weights of the MoE layers (hybrid trains them)
+        frac = min(1.0, num_moe_layers(cfg) / L)
+        mp = moe_layer_params(cfg, moe, tp)
+        expert_params = int(n_layers * frac * mp["experts"])
+        moe_dense = int(n_layers * frac * (mp["router"] + mp["dense"]))
+        dense_mlp = int(n_layers * (1 - frac) * mlp)
+    else:
+        dense_mlp = n_layers * mlp
+    dense = n_layers * (lp["attn"] + lp["norms"]) + dense_mlp
+    if pre or (chunks == 2):
+        dense += vloc * h
+    if post or (chunks == 2):
+        dense += h + (0 if (cfg.tie_word_embeddings and pp == 1) else vloc * h)
+    p, n = pkg[0], dp * cp
+    adapters = n_layers * lora_params(cfg, lora_rank, lora_targets, tp) if strategy in ("lora", "hybrid") else 0
+    split = trainable_split(strategy, dense, expert_params, adapters, moe_dense)
+    st = split_states_bytes(split, zero, n, ep, pkg)
+    local_params = dense + expert_params + moe_dense
+    # activations
+    inflight, queued = _in_flight(schedule, pp, stage, m, v), None
+    if schedule == "zb-h1" and pp > 1:
+        inflight, queued = _zb_h1(pp, stage, m, zero, strategy, inflight)
+    per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else \
+        layers[stage] if chunks == 2 else n_layers
+    n_moe = round(per_chunk_layers * num_moe_layers(cfg) / L) if moe is not None else 0
+    # ZeRO buffers by phase. Stage 2: one fp32 staging bucket in backward (up to three with overlap). Stage 3:
+    # each unit (a layer; the embedding / untied head) is a bucket, gathered (p bytes) just before its use and
+    # freed after, the next one prefetched; the root (a tied or shared output weight) stays gathered all step.
+    trainable_local = split[0] + split[1]
+    extra = {}
+    if zero >= 2 and n > 1:
+        k = 3 if overlap else 1
+        unit = lp["attn"] + lp["norms"] + (sum(mp.values()) if moe is not None else lp["mlp"])
+        if zero == 2:
+            staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
+            extra = {"head backward": staging, "layer backward": staging}
+        else:
+            tied_root = cfg.tie_word_embeddings or (post and pp > 1)
+            root = vloc * h if tied_root else 0
+            head_unit = 0 if (tied_root or not post) else vloc * h
+            extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
+                     "head backward": p * (root + head_unit) + 4 * head_unit,
+                     "layer backward": p * (root + 2 * unit) + 4 * k * unit}
+    act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
+                                   others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
+                                   moe_layers=n_moe, device=device,
+                                   head_trainable=strategy not in ("lora", "hybrid"), wgrad_queued=queued)
+    if strategy in ("lora", "hybrid") and recompute != "full":
+        # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
+        # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept
+        # only for weight gradients unless an adapter reads it), on the first stage the first layer's input norm
+        dense_layers = n_layers - n_moe * (n_layers // max(1, per_chunk_layers))
+        lin = (num.e if num.cast else num.r) * x.Sn * h
+        delta = n_layers * len(lora_targets) * num.e * x.S * lora_rank - \
+            (0 if "down_proj" in lora_targets else dense_layers * num.e * x.S * (cfg.ffn_hidden_size // tp)) - \
+            (0 if {"gate_proj", "up_proj"} & set(lora_targets) else dense_layers * lin) - \
+            (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else n_layers * lin)
+        first = 0  # the first layer's input needs no gradient: its input norm keeps nothing
+        if pre:
+            norm = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h  # selective: the input only
+            first = norm
+            if not {"q_proj", "k_proj", "v_proj"} & set(lora_targets):  # nor does its attention (q, k, v, lse) ...
+                first += am.layer_saved(x, num)["attention"] - \
+                    (num.e * x.S * (h // tp) if "o_proj" in lora_targets else 0)  # ... but o_proj's adapter's input
+                first += num.e * (x.qkv_params if num.cast else 0)  # no q/k/v input grad: their casts are not kept
+                if "o_proj" not in lora_targets:  # nothing in its attention trains: the MLP's input norm keeps nothing
+                    first += norm + num.e * (h * h // tp if num.cast else 0)
+        delta = delta * inflight - first
+        act["activations"] += delta
+        act["total"] += delta
+    buffers = WORKSPACE_BYTES + act["buffers"]
+    step = WORKSPACE_BYTES
+    if optimizer == "foreach":  # torch's foreach AdamW: one fp32 temporary as large as the params it updates
+        step += 4 * trainable_local / (n if zero >= 1 else 1)
+    out = {"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
+           "activations": act["activations"], "logits": act["logits"], "weight_casts": act["weight_casts"],
+           "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "wgrad_queued": queued or 0,
+           "params": local_params, "checkpoint": checkpoint_bytes(local_params, st["optimizer"], p),
+           "layers": n_layers, "fwd_bwd": act["total"] + WORKSPACE_BYTES, "step": step}
+    if step > out["fwd_bwd"]:  # the optimizer step, after the activations are freed, is the peak
+        out.update(activations=0, logits=0, weight_casts=0, buffers=step, phase="optimizer step")
+    return out
