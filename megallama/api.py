@@ -48,6 +48,7 @@ class TrainingConfig:
     sequence_length: Optional[int] = None
     mixed_precision: Optional[str] = None  # bf16 / fp16 / fp32; default bf16 on GPU, fp32 on CPU
     fp8_format: Optional[str] = None  # Megatron's --fp8-format: "hybrid" or "e4m3" (decoder linears; needs bf16)
+    fp8_recipe: Optional[str] = None  # Megatron's --fp8-recipe: "delayed" (its default) or "tensorwise" (here's)
     weight_decay: float = 0.1
     gradient_clipping: float = 1.0
     warmup_iters: Optional[int] = None
@@ -75,7 +76,8 @@ class TrainingConfig:
                           ("--train-iters", self.train_iters), ("--epochs", self.epochs),
                           ("--seq-length", self.sequence_length), ("--lr-warmup-iters", self.warmup_iters),
                           ("--save", self.save_dir), ("--save-interval", self.save_interval),
-                          ("--eval-interval", self.eval_interval), ("--fp8-format", self.fp8_format)):
+                          ("--eval-interval", self.eval_interval), ("--fp8-format", self.fp8_format),
+                          ("--fp8-recipe", self.fp8_recipe)):
             if val is not None:
                 argv += [flag, str(val)]
         return argv

@@ -65,6 +65,13 @@ def check_fp8_flags(args) -> None:
     if getattr(args, "fp8", None) is None:
         if args.fp8_param_gather:
             raise ConfigError("--fp8-param-gather needs --fp8-format (and is not supported here); drop it")
+        given = [flag for flag, v in (("--fp8-recipe", args.fp8_recipe), ("--fp8-amax-history-len",
+                                      args.fp8_amax_history_len), ("--fp8-amax-compute-algo",
+                                      args.fp8_amax_compute_algo), ("--fp8-margin", args.fp8_margin or None))
+                 if v is not None]
+        if given:  # Megatron ignores them without a format; here a flag does something or is refused
+            raise ConfigError(f"{given[0]} configures fp8, but no --fp8-format was given (the run would be plain "
+                              "16-bit); add --fp8-format hybrid or drop it")
         return
     if not args.bf16:
         raise ConfigError(f"--fp8-format {args.fp8} needs --bf16 (the GEMMs write bf16 and the rest of the model "

@@ -34,6 +34,8 @@ def test_fp8_training_tracks_bf16(tmp_path):
     (["--fp8-format", "hybrid"], "--fp8-format hybrid needs --bf16"),
     (["--fp8-format", "e4m3", "--fp16"], "--fp8-format e4m3 needs --bf16"),
     (["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "0"], "--fp8-amax-history-len must be >= 1"),
+    (["--bf16", "--fp8-recipe", "delayed"], "--fp8-recipe configures fp8, but no --fp8-format was given"),
+    (["--bf16", "--fp8-margin", "1"], "--fp8-margin configures fp8, but no --fp8-format"),
     (["--bf16", "--fp8-format", "hybrid", "--fp8-param-gather"], "--fp8-param-gather is not supported"),
     (["--bf16", "--fp8-param-gather"], "--fp8-param-gather needs --fp8-format"),
     (["--bf16", "--fp8-format", "hybrid", "--fp8-margin", "-1"], "--fp8-margin must be >= 0"),
@@ -100,5 +102,42 @@ def test_python_api_training_config_passes_fp8_format():
     from megallama.api import TrainingConfig
     argv = TrainingConfig(mixed_precision="bf16", fp8_format="hybrid").to_argv()
     assert parse_args(TINY + argv, world_size=1).fp8 == "hybrid"
+    delayed = TrainingConfig(mixed_precision="bf16", fp8_format="hybrid", fp8_recipe="delayed").to_argv()
+    assert fp8_recipe_from_args(parse_args(TINY + delayed, world_size=1)).recipe == "delayed"
     with pytest.raises(ConfigError, match="--fp8-format e4m3 needs --bf16"):
         parse_args(TINY + TrainingConfig(mixed_precision="fp32", fp8_format="e4m3").to_argv(), world_size=1)
+
+
+def _chimera_fp8_scales(rank, world, argv):
+    """This rank's delayed-scaling scales after each step, by (pipeline part, linear name)."""
+    import megallama.training as tr
+    from megallama.mpu.fp8_delayed import named_fp8_metas
+    from megallama.pipeline.model_chunks import unwrap_model
+    update, seen = tr.update_fp8_scales, {}
+
+    def spy(chunks):
+        n = update(chunks)
+        for ci, name, meta in named_fp8_metas(chunks):
+            seen.setdefault((unwrap_model(chunks[ci]).pipeline_part, name), []).append(meta.scale.tolist())
+        return n
+    tr.update_fp8_scales = spy
+    pretrain(parse_args(list(argv), world_size=world))
+    return seen
+
+
+def test_delayed_fp8_chimera_replicas_keep_one_history():
+    """Chimera's two copies of a part (stage s's down chunk, stage p-1-s's up chunk) each see half of the
+    microbatches; their amaxes are MAXed like their grads are summed, so both cast with the same scales (before:
+    each its own half's, and a resume gave both the owner's). Parts are 0..3 for 2 stages x 2 directions."""
+    from dist_utils import run_distributed
+    argv = TINY + ["--num-layers", "4", "--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                   "--fp8-amax-history-len", "4", "--mock-data", "--vocab-size", "256", "--global-batch-size", "8",
+                   "--train-iters", "2", "--pipeline-model-parallel-size", "2", "--pipeline-schedule", "chimera"]
+    out = run_distributed(_chimera_fp8_scales, 2, argv)
+    copies = {}
+    for seen in out.values():
+        for key, scales in seen.items():
+            copies.setdefault(key, []).append(torch.tensor(scales))  # floats: tensors from an exited rank can fail
+    assert len(copies) == 14 * 2 and all(len(c) == 2 for c in copies.values())
+    for key, (a, b) in copies.items():
+        assert torch.equal(a, b), key

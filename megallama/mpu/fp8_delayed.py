@@ -5,10 +5,11 @@ Each fp8 linear keeps, per tensor role (its input, its weight, its output gradie
 cast: the amax is read in the same pass as the cast) and records the tensor's amax; once per training step
 ``update_fp8_scales`` (the loop calls it after the gradients are reduced) takes, in one all-reduce, the MAX of the
 recorded amaxes over the amax reduction group (data x tensor x context parallel, Megatron's
-``get_amax_reduction_group``: every rank then holds the same histories and scales, so the run does not depend on
-the layout), pushes it into the history and computes the next scale: ``fp8_max / amax / 2**margin`` with amax the
-history's ``max`` or ``most_recent`` entry; an amax of 0 or inf/NaN keeps the previous scale. The first step runs
-with scale 1 (TE's initial scale). Nothing here syncs with the host.
+``get_amax_reduction_group``; Chimera's two copies of a part MAX theirs too: every rank then holds the same
+histories and scales, so the run does not depend on the layout), pushes it into the history and computes the next
+scale: ``fp8_max / amax / 2**margin`` with amax the history's ``max`` or ``most_recent`` entry; an amax of 0 or
+inf/NaN keeps the previous scale. The first step runs with scale 1 (TE's initial scale). Nothing here syncs with
+the host.
 
 One step, not one microbatch: TE rolls the history at each ``fp8_autocast`` exit, which under Megatron is each
 microbatch's forward (and each backward). Here the scales stay fixed for a whole optimizer step and the history
@@ -28,6 +29,7 @@ from megallama.mpu import parallel_state as ps
 from megallama.mpu.fp8 import E4M3, Fp8Recipe
 
 INPUT, WEIGHT, GRAD = 0, 1, 2  # the roles, in that order in every [..., 3] tensor below
+_REPLICA_TAG = (1 << 30) + (1 << 28)  # p2p tags of the Chimera amax exchange (pipeline.finalize's grads: 1 << 30)
 
 
 class Fp8Meta:
@@ -85,6 +87,31 @@ def _reduce_max(t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
 
 
+def _max_chimera_replicas(model_chunks, amax: torch.Tensor) -> None:
+    """Chimera: stage s's chunk 0 and stage p-1-s's chunk 1 are copies of one part that each see half of the
+    microbatches; MAX their amaxes (as their grads are summed) so both copies keep the same histories and scales,
+    those of the one-process run (a checkpoint holds the owner's copy only). A no-op for other schedules."""
+    from megallama.pipeline.model_chunks import unwrap_model
+    from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank
+    if len(model_chunks) != 2 or getattr(unwrap_model(model_chunks[0]), "pipeline_schedule", None) != "chimera":
+        return
+    k0 = sum(1 for ci, _, _ in named_fp8_metas(model_chunks) if ci == 0)
+    mine = [amax[:k0], amax[k0:]]
+    p, s = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if p - 1 - s == s:  # odd p: the middle stage holds both copies
+        torch.maximum(mine[0], mine[1], out=mine[0])
+        mine[1].copy_(mine[0])
+        return
+    recv = [torch.empty_like(t) for t in mine]  # my chunk 0 pairs with the peer's chunk 1, and the reverse
+    peer, tag = stage_rank(p - 1 - s), _REPLICA_TAG
+    ops = [P2POp(True, mine[0], peer, tag + 2 * s), P2POp(True, mine[1], peer, tag + 2 * s + 1),
+           P2POp(False, recv[1], peer, tag + 2 * (p - 1 - s)), P2POp(False, recv[0], peer, tag + 2 * (p - 1 - s) + 1)]
+    for w in batch_send_recv(ops, ps.get_pipeline_model_parallel_group()):
+        w.wait()
+    for t, r in zip(mine, recv):
+        torch.maximum(t, r, out=t)
+
+
 @torch.no_grad()
 def update_fp8_scales(model_chunks) -> int:
     """Once per training step, on every rank: reduce this step's amaxes, push them into the histories, compute
@@ -95,6 +122,7 @@ def update_fp8_scales(model_chunks) -> int:
     recipe = metas[0].recipe
     amax = torch.stack([m.amax for m in metas])  # [k, 3]: one collective for the whole model
     _reduce_max(amax)
+    _max_chimera_replicas(model_chunks, amax)
     old = torch.stack([m.amax_history for m in metas])  # [k, len, 3]
     history = torch.cat([amax[:, None], old[:, :-1]], 1)
     scales = scales_from_history(history, torch.stack([m.scale for m in metas]), recipe)
