@@ -49,6 +49,10 @@ class TrainingConfig:
     mixed_precision: Optional[str] = None  # bf16 / fp16 / fp32; default bf16 on GPU, fp32 on CPU
     fp8_format: Optional[str] = None  # Megatron's --fp8-format: "hybrid" or "e4m3" (decoder linears; needs bf16)
     fp8_recipe: Optional[str] = None  # Megatron's --fp8-recipe: "delayed" (its default) or "tensorwise" (here's)
+    decoupled_lr: Optional[float] = None  # Megatron's --decoupled-lr: the embedding and output layer's peak LR
+    decoupled_min_lr: Optional[float] = None  # ... and its floor (default: the run's min LR)
+    grad_reduce_in_bf16: bool = False  # Megatron's --grad-reduce-in-bf16: a bf16 gradient buffer (needs bf16)
+    async_save: bool = False  # Megatron's --async-save: checkpoints written in the background (needs save_dir)
     weight_decay: float = 0.1
     gradient_clipping: float = 1.0
     warmup_iters: Optional[int] = None
@@ -77,9 +81,12 @@ class TrainingConfig:
                           ("--seq-length", self.sequence_length), ("--lr-warmup-iters", self.warmup_iters),
                           ("--save", self.save_dir), ("--save-interval", self.save_interval),
                           ("--eval-interval", self.eval_interval), ("--fp8-format", self.fp8_format),
-                          ("--fp8-recipe", self.fp8_recipe)):
+                          ("--fp8-recipe", self.fp8_recipe), ("--decoupled-lr", self.decoupled_lr),
+                          ("--decoupled-min-lr", self.decoupled_min_lr)):
             if val is not None:
                 argv += [flag, str(val)]
+        argv += [flag for flag, on in (("--grad-reduce-in-bf16", self.grad_reduce_in_bf16),
+                                       ("--async-save", self.async_save)) if on]
         return argv
 
 

@@ -142,3 +142,18 @@ UNTIED = ["--untie-embeddings-and-output-weights"]
 ], ids=["pp2_tied", "dp2_zero1", "dp2_zero3_overlap"])
 def test_decoupled_lr_layouts_match_single_process(world, base, extra):
     assert_layout_matches_single_process(base, world, extra)
+
+
+def test_python_api_training_config_passes_megatrons_optimizer_and_save_flags(tmp_path):
+    """TrainingConfig carries --decoupled-lr/--decoupled-min-lr, --grad-reduce-in-bf16 and --async-save to the
+    same parser (and its one-line refusals) as the command line."""
+    from megallama.api import TrainingConfig
+    cfg = TrainingConfig(mixed_precision="bf16", decoupled_lr=1e-2, decoupled_min_lr=1e-3, grad_reduce_in_bf16=True,
+                         async_save=True, save_dir=str(tmp_path))
+    args = parse_args(TINY + cfg.to_argv(), world_size=1)
+    assert (args.decoupled_lr, args.decoupled_min_lr, args.grad_reduce_in_bf16, args.async_save) == \
+        (1e-2, 1e-3, True, True)
+    plain = parse_args(TINY + TrainingConfig(mixed_precision="bf16").to_argv(), world_size=1)
+    assert (plain.decoupled_lr, plain.grad_reduce_in_bf16, plain.async_save) == (None, False, False)
+    with pytest.raises(ConfigError, match="--grad-reduce-in-bf16"):
+        parse_args(TINY + TrainingConfig(mixed_precision="fp32", grad_reduce_in_bf16=True).to_argv(), world_size=1)
