@@ -111,3 +111,11 @@ def is_rank_0() -> bool:
 def print_rank_0(*a, **kw) -> None:
     if is_rank_0():
         print(*a, **kw, flush=True)
+
+
+def warn_rank_0(msg: str) -> None:
+    """``warning: msg`` on stderr from one rank, before the process group exists too (argument parsing, opening a
+    checkpoint for generation or conversion on every rank): torchrun's RANK then."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -17,11 +17,10 @@ Megatron reads it from there): the line needs no shape flags and only the traini
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Optional, Sequence
 
 from megallama.errors import ConfigError
+from megallama.initialize import warn_rank_0 as _warn
 
 # dests of Megatron's model-description flags: any of them, without --model, makes a Megatron launch line
 MODEL_FLAGS = ("swiglu", "disable_bias_linear", "normalization", "position_embedding_type",
@@ -48,11 +47,6 @@ def given_dests(argv: Optional[Sequence[str]]) -> list:
 def is_megatron_line(args) -> bool:
     given = getattr(args, "given_flags", None)
     return given is not None and "model" not in given and any(f in given for f in MODEL_FLAGS)
-
-
-def _warn(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def apply_megatron_defaults(args) -> None:

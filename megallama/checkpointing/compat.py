@@ -7,10 +7,10 @@ experts — would be dropped without a word).
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
 from megallama.errors import ConfigError
+from megallama.initialize import warn_rank_0 as _warn
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
               "tie_word_embeddings", "num_experts")
@@ -28,12 +28,6 @@ _LORA_TRAINING = (("dropout", "--lora-dropout"),)
 _MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"),
                  ("load_balancing_type", "--moe-router-load-balancing-type"), ("router_dtype", "--moe-router-dtype"))
 STRATEGY_MARKERS = (".lora_", ".experts.", ".router.", ".shared_experts.")  # tensors a strategy adds to a dense model
-
-
-def _warn(msg: str) -> None:
-    from megallama.checkpointing.save_load import _rank
-    if _rank() == 0:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def check_compatible(common: dict, args, ckpt: str, finetune: bool = False) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Tuple
 
 import torch
 
@@ -18,6 +17,7 @@ from megallama.checkpointing import files as F
 from megallama.checkpointing.save_load import FORMAT_VERSION, load_common
 from megallama.checkpointing.sharded import ShardReader, dtype_name, whole
 from megallama.errors import ConfigError
+from megallama.initialize import warn_rank_0 as _warn
 
 
 def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Tensor]], args: dict,
@@ -85,12 +85,6 @@ def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardRea
             _warn(f"skipping checkpoint {ckpt}: {reason}")
         reasons.append(f"{os.path.basename(ckpt)}: {reason}")
     raise ConfigError(f"no usable checkpoint in {load} ({'; '.join(reasons)}); restore a good one")
-
-
-def _warn(msg: str) -> None:
-    """On one rank only (generation and fine-tuning open a checkpoint on every rank)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def model_tensor_names(common: dict) -> list:

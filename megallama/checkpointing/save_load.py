@@ -13,7 +13,6 @@ a bad one named directly is an error); each rank reads its slices of every tenso
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +25,7 @@ from megallama.checkpointing.optimizer_state import load_optimizer_states, saved
 from megallama.checkpointing.sharded import ShardReader
 from megallama.checkpointing.state import canonical_name, is_zero3, local_piece, named_model_tensors, set_rng_state
 from megallama.errors import ConfigError
+from megallama.initialize import warn_rank_0 as _warn
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer.compression import load_compression_state
 
@@ -63,11 +63,6 @@ def _bcast(obj):
 
 def _first_error(err: Optional[str]) -> Optional[str]:
     return next((e for e in _all_gather(err) if e), None)
-
-
-def _warn(msg: str) -> None:
-    if _rank() == 0:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _say(msg: str) -> None:
