@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 from megallama.batch_rampup import setup_rampup
@@ -298,9 +297,8 @@ def _derive(args, world_size: int):
     args.zero_stage = args.zero_stage or 0
     _derive_pipeline(args)
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:  # Megatron: a warning, then off
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("warning: --sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off",
-                  file=sys.stderr, flush=True)
+        from megallama.initialize import warn_rank_0
+        warn_rank_0("--sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off")
         args.sequence_parallel = False
     if args.context_parallel_size > 1:
         from megallama.mpu.context_parallel import check_sequence_length

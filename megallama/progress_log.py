@@ -44,7 +44,8 @@ def cumulative_start(path: str, world_size: int) -> Optional[Tuple[float, float]
     progress file; None when it has no such job."""
     start, latest, pending = None, 0.0, {}
     try:
-        lines = open(path).read().splitlines()
+        with open(path) as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -80,6 +81,8 @@ class ProgressLog:
         self.job_start = getattr(args, "run_start_time", None) or time.time()
         self.job_start_flops = self._flops(consumed_samples)
         self._append("Starting job", when=self.job_start)
+        # lines this job appends later cannot move the start of its run of jobs: read the file once, not per save
+        self.run_start = cumulative_start(self.path, self.world) if self.enabled else None
 
     def _flops(self, consumed_samples: int) -> float:
         return float(consumed_samples) * self.seq_length * self.flops_per_token
@@ -98,7 +101,7 @@ class ProgressLog:
             return
         now, flops = time.time(), self._flops(consumed_samples)
         job = (flops - self.job_start_flops) / (max(now - self.job_start, 1e-9) * 1e12 * self.world)
-        t0, flops0 = cumulative_start(self.path, self.world) or (self.job_start, self.job_start_flops)
+        t0, flops0 = self.run_start or (self.job_start, self.job_start_flops)
         if t0 >= int(self.job_start):  # this job starts the run of jobs (a new --save dir resuming another run's
             flops0 = self.job_start_flops  # checkpoint, or a new GPU count): the FLOPs it resumed from are not its
         cumulative = (flops - flops0) / (max(now - t0, 1e-9) * 1e12 * self.world)
