@@ -80,17 +80,20 @@ def convert_hf_once(hf_dir: str, cache_root: str) -> str:
 def prepare_finetune_args(args):
     """Chat data on, and the pretrained weights resolved (HF folders converted)."""
     args.chat_template = True
+    from megallama.checkpointing import check_save_dir
+    # before an HF folder is converted into --save: a run there is resumed (--load) or kept. Before --load X
+    # --finetune becomes --pretrained-checkpoint X, so that --load X --finetune --save X is told to drop --finetune
+    # (as pretraining is) rather than to pass the --load it already has
+    check_save_dir(args)
     if args.finetune and args.load and not args.pretrained_checkpoint:
         args.pretrained_checkpoint, args.load = args.load, None
-    from megallama.checkpointing import check_save_dir
-    check_save_dir(args)  # before an HF folder is converted into --save: a run there is resumed (--load) or kept
     if not args.pretrained_checkpoint and not args.load:
         from megallama.initialize import print_rank_0
         print_rank_0("warning: no --pretrained-checkpoint (or --load): fine-tuning randomly initialised weights")
+    if args.pretrained_checkpoint and not os.path.exists(args.pretrained_checkpoint) and _resumes(args):
+        _resume_without_pretrained(args)
     if args.pretrained_checkpoint:
-        if not os.path.exists(args.pretrained_checkpoint):
-            raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint} does not exist; pass a megallama "
-                              "checkpoint directory or an HF model folder")
+        _check_pretrained_path(args.pretrained_checkpoint)
         if is_hf_model_dir(args.pretrained_checkpoint) and not args.dry_run:  # a plan reads the folder as it is
             args.pretrained_checkpoint = convert_hf_once(args.pretrained_checkpoint, args.save or os.getcwd())
         if args.mock_data:
@@ -100,6 +103,47 @@ def prepare_finetune_args(args):
         else:
             _check_named_tokenizer(args)
     return args
+
+
+def _check_pretrained_path(path: str) -> None:
+    """One line naming --pretrained-checkpoint (the checkpoint reader's own errors name --load) for a path that is
+    missing, a file, or a --save-adapter folder (adapters alone, without the weights they adapt)."""
+    fix = "pass a megallama checkpoint directory or an HF model folder"
+    if not os.path.exists(path):
+        raise ConfigError(f"--pretrained-checkpoint {path} does not exist; {fix}")
+    if os.path.isfile(path):
+        raise ConfigError(f"--pretrained-checkpoint {path} is a file; {fix} (the one that holds it)")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ConfigError(f"--pretrained-checkpoint {path} holds LoRA adapters only (--save-adapter), not model "
+                          "weights; pass the base model (base_model_name_or_path in its adapter_config.json) or the "
+                          "LoRA run merged (tools/convert_checkpoint.py megallama-to-hf)")
+
+
+def _resumes(args) -> bool:
+    """--load names this run's own checkpoint (not a --finetune start): every weight comes from it."""
+    from megallama.checkpointing.files import holds_checkpoint
+    return bool(args.load) and not args.finetune and holds_checkpoint(args.load)
+
+
+def _resume_without_pretrained(args) -> None:
+    """A resume reads no pretrained weight (the run's checkpoint holds them all, as Megatron's --pretrained-checkpoint
+    is read only when --load has none), so a base deleted or moved since the start (cleaned off scratch, a node
+    without it) is not needed: what the run took from it, the tokenizer and prompt convention, is in the run's own
+    checkpoint, and the adapters keep its path as their base model."""
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer import checkpoint_tokenizer
+    from megallama.data.tokenizer_export import auto_prompt_prefix
+    from megallama.initialize import print_rank_0
+    _, common, reader = open_checkpoint(args.load, verify=False)
+    reader.close()
+    own = common.get("args", {})
+    print_rank_0(f"--pretrained-checkpoint {args.pretrained_checkpoint} is not there; not needed to resume "
+                 f"{args.load}, whose checkpoint holds every weight")
+    args.adapter_base_model = own.get("adapter_base_model") or os.path.abspath(args.pretrained_checkpoint)
+    args.inherited_prompt_prefix = auto_prompt_prefix(own)
+    args.pretrained_checkpoint = None
+    if args.tokenizer_type is None and args.tokenizer_model is None and not args.mock_data:
+        args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(own)
 
 
 def _saved_args(pretrained: str) -> dict:
@@ -147,6 +191,21 @@ def _use_checkpoint_tokenizer(args) -> None:
                      "--tokenizer-type/--tokenizer-model override it)")
 
 
+def check_pretrained_shape(args) -> None:
+    """Refuse, as the run's load would, a pretrained model of another shape than the planned one (a plan that
+    printed a memory table for a model the checkpoint cannot fill would pass where the run fails). Its experts do
+    not count: the run builds the strategy's own around the loaded weights."""
+    import argparse
+
+    from megallama.checkpointing import model_config_from_checkpoint
+    from megallama.checkpointing.compat import check_compatible
+    saved = model_config_from_checkpoint(args.pretrained_checkpoint).to_dict()
+    as_saved = argparse.Namespace(**vars(args))
+    as_saved.model_config = args.model_config.replace(num_experts=saved.get("num_experts") or 0)
+    common = {"args": {"model": saved.get("name"), "model_config": saved}}
+    check_compatible(common, as_saved, args.pretrained_checkpoint, finetune=True)
+
+
 def dry_run(argv) -> None:
     """Print the fine-tuning run's resolved configuration and memory estimate for ``--gpus`` x ``--nodes``
     (default one process), as ``megallama train --dry-run`` does; the pretraining command would show another
@@ -159,6 +218,8 @@ def dry_run(argv) -> None:
     gpus, nodes = _world(argv)
     args = prepare_finetune_args(parse_args(argv, world_size=gpus * nodes))
     vocab = follow_tokenizer(args)
+    if args.pretrained_checkpoint:
+        check_pretrained_shape(args)
     lines = ["resolved configuration:"] + [f"  {k:40s} {getattr(args, k)}" for k in sorted(vars(args))
                                           if k != "model_config"]
     print("\n".join(lines + [f"  model_config {args.model_config.to_dict()}", f"  {vocab}", ""]))

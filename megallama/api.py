@@ -138,6 +138,9 @@ class ConfigurationFactory:
     def create_tensor_parallel_config(num_gpus: Optional[int] = None, tensor_parallel_size: Optional[int] = None,
                                       sequence_parallel: bool = True, **kw) -> DistributedConfig:
         tp = tensor_parallel_size or num_gpus or 1
+        if num_gpus and num_gpus % tp:  # the rest was dropped: a layout of fewer GPUs than asked
+            raise ConfigError(f"num_gpus {num_gpus} is not a multiple of tensor_parallel_size {tp}; pick a tp "
+                              "dividing the GPU count")
         dp = max(1, (num_gpus or tp) // tp)
         return DistributedConfig(tensor_parallel_size=tp, data_parallel_size=dp, sequence_parallel=sequence_parallel,
                                  **kw)
@@ -363,6 +366,8 @@ def create_llama3_70b_orchestrator(num_gpus: int = 8, strategy="standard", instr
 def create_llama3_405b_orchestrator(num_gpus: int = 64, strategy="standard", **kw) -> LlamaTrainingOrchestrator:
     """The seed says 64 GPUs give tp 8 x pp 8 x ZeRO-3; with dp = 1 that shards nothing and 405B needs
     > 100 GiB/GPU of model states: auto-configuration explains that and names a GPU count that fits."""
+    if num_gpus > 8 and num_gpus % 8:  # 12 GPUs planned as one node of 8
+        raise ConfigError(f"num_gpus {num_gpus} is not whole nodes of 8 GPUs; pass a multiple of 8")
     return LlamaTrainingOrchestrator("llama3_405b", strategy, num_gpus=min(num_gpus, 8),
                                      num_nodes=max(1, num_gpus // 8), **kw)
 

@@ -16,7 +16,7 @@ from megallama.errors import ConfigError
 from megallama.fp8_args import add_fp8_args, check_fp8_flags
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
-                                       check_model_flags, samples_to_iters)
+                                       check_model_flags, samples_to_iters, virtual_stages_to_layers)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
 from megallama.moe_args import add_moe_args
 from megallama.optimizer_args import add_optimizer_args
@@ -353,8 +353,9 @@ def _derive(args, world_size: int):
 def _derive_pipeline(args) -> None:
     """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (as in Megatron) and must split
     every stage's layers into whole chunks; it is never dropped silently."""
-    n, pp, layers = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size, \
-        args.model_config.num_layers
+    pp, layers = args.pipeline_model_parallel_size, args.model_config.num_layers
+    virtual_stages_to_layers(args, pp, layers)
+    n = args.num_layers_per_virtual_pipeline_stage
     if n is not None:
         flag = f"--num-layers-per-virtual-pipeline-stage {n}"
         if args.pipeline_schedule not in (None, "interleaved"):
@@ -384,8 +385,9 @@ def _derive_strategy(args) -> None:
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:
         raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
                           f"{args.expert_model_parallel_size}; pick an expert-parallel size dividing it")
-    from megallama.strategies import strategy_from_args
+    from megallama.strategies import check_save_adapter, strategy_from_args
     strategy = strategy_from_args(args)  # validates every strategy parameter (ConfigError on bad values)
+    check_save_adapter(args)  # at the start, not after the whole run
     if strategy.uses_lora:
         strategy.lora_config()
     args.chat_template = getattr(args, "chat_template", False) or args.model.endswith("_instruct")

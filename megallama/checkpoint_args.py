@@ -29,10 +29,44 @@ def add_async_save_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-ckpt-format", choices=["torch_dist"], default=None, help=argparse.SUPPRESS)
 
 
+# --use-checkpoint-args: shape flag (dest) -> the ModelConfig field the checkpoint gives it
+_SHAPE_FIELDS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+                 "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+                 "max_position_embeddings": "max_position_embeddings", "rope_theta": "rope_theta",
+                 "norm_epsilon": "norm_eps"}
+
+
 def check_checkpoint_flags(args) -> None:
-    """Flags that write into --save do nothing without it: one error line rather than a silently ignored flag."""
+    """Flags that write into --save do nothing without it: one error line rather than a silently ignored flag.
+    Then the shape flags a --use-checkpoint-args line also gives, against the checkpoint's model."""
     for flag, on in (("--async-save", getattr(args, "async_save", False)),
                      ("--log-progress", getattr(args, "log_progress", False))):
         if on and not getattr(args, "save", None):
             raise ConfigError(f"{flag} writes into the --save directory, but no --save was given; add --save DIR "
                               f"or drop {flag}")
+    if getattr(args, "use_checkpoint_args", False):
+        apply_checkpoint_model_flags(args)
+
+
+def apply_checkpoint_model_flags(args) -> None:
+    """--use-checkpoint-args: the model is the checkpoint's (``args.model_config`` by now). A shape flag the line
+    gives as well must agree with it: Megatron's command-line value would win and the load then fail, so a
+    contradiction is one line here rather than a flag silently dropped. --kv-channels is checked and
+    --use-rope-scaling applied against the checkpoint's model, not the one the flags alone describe."""
+    cfg, given = args.model_config, set(getattr(args, "given_flags", None) or ())
+    typed = [(dest, getattr(args, dest), getattr(cfg, field)) for dest, field in _SHAPE_FIELDS.items()
+             if dest in given and getattr(args, dest, None) is not None]
+    if "untie_embeddings_and_output_weights" in given and args.untie_embeddings_and_output_weights:
+        typed.append(("untie_embeddings_and_output_weights", True, not cfg.tie_word_embeddings))
+    for dest, value, saved in typed:
+        if value != saved:
+            flag = "--" + dest.replace("_", "-")
+            has = "tied embeddings" if dest == "untie_embeddings_and_output_weights" else flag[2:] + _shown(saved)
+            raise ConfigError(f"{flag}{_shown(value)} contradicts the checkpoint's model ({has}), which "
+                              f"--use-checkpoint-args trains; drop {flag}, or drop --use-checkpoint-args")
+    from megallama.megatron_compat import apply_shape_flags
+    args.model_config = apply_shape_flags(args, cfg, checkpoint_config=True)
+
+
+def _shown(value) -> str:
+    return "" if value is True else f" {value:g}" if isinstance(value, float) else f" {value}"

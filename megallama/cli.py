@@ -135,6 +135,7 @@ def benchmark(argv: List[str]) -> int:
     p.add_argument("--save-results", default=None)
     p.add_argument("--megallama-args", default="", help="extra training flags, e.g. '--num-layers 2'")
     a = p.parse_args(argv)  # a mistyped flag (--batch-size for --batch-sizes) is an error, not ignored
+    check_results_path(a.save_results)
     bench = PerformanceBenchmark(a.model, a.batch_sizes, a.seq_length, a.gpus, a.steps,
                                  extra_args=a.megallama_args.split(), device="cpu")
     rows = bench.run_comprehensive_benchmark()
@@ -143,6 +144,16 @@ def benchmark(argv: List[str]) -> int:
         with open(a.save_results, "w") as fh:
             json.dump({"card": "cpu", "model": a.model, "rows": rows}, fh, indent=1)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def check_results_path(path: Optional[str], flag: str = "--save-results") -> None:
+    """An output file is checked before the benchmark runs, not when its results are written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    why = "is a directory" if os.path.isdir(path) else None if os.path.isdir(folder) else f"{folder} does not exist"
+    if why:
+        raise ConfigError(f"{flag} {path}: {why}; name a file in an existing folder")
 
 
 def validate_env(argv: List[str]) -> int:

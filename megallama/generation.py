@@ -134,9 +134,10 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab
     limit = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest + cfg.max_new_tokens > limit:
+        fix = f"shorten the prompt to fewer than {limit} tokens" if longest >= limit else \
+            f"ask for at most {limit - longest} new tokens"
         raise ConfigError(f"prompt ({longest} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = "
-                          f"{longest + cfg.max_new_tokens} exceeds the model's context of {limit} tokens; ask for "
-                          "fewer new tokens")
+                          f"{longest + cfg.max_new_tokens} exceeds the model's context of {limit} tokens; {fix}")
     device = model.output_layer_weight().device
     mode = _resolve_mode(model, decode_mode, device)
     gen = torch.Generator().manual_seed(cfg.seed)

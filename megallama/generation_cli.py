@@ -23,7 +23,8 @@ from typing import Optional
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megallama generate", description=__doc__.split("\n\n")[0])
+    from megallama.arguments import _OneLineErrors  # a mistyped flag is one line, not the 13-line usage first
+    p = _OneLineErrors(prog="megallama generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint directory (a run's --save directory or one iter_*)")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt a line")
@@ -105,6 +106,21 @@ def check_tokenizer(tokenizer, saved: dict, model_vocab: int) -> Optional[str]:
     return None
 
 
+def check_world(world: int, model_config) -> None:
+    """Generation splits the model tensor-parallel over every rank of the launch; the training check's advice
+    (--tensor-model-parallel-size) names a flag generation does not have, so a size that does not divide the model
+    is refused here in terms of the launch."""
+    from megallama.errors import ConfigError
+    from megallama.mpu.parallel_state import validate_model_shapes
+    try:
+        validate_model_shapes(world, model_config)
+    except ConfigError as e:
+        what = str(e).split("; ")[0].split(" does not divide the ")[-1]
+        raise ConfigError(f"generation runs tensor parallel over all {world} processes of the launch, and {world} "
+                          f"does not divide the {what}; launch a number of processes that does (torchrun "
+                          "--nproc_per_node), or one process") from None
+
+
 class LoadedModel:
     """What ``load_for_generation`` returns: the model (this rank's tensor-parallel shard), its tokenizer, the
     checkpoint directory and its saved arguments."""
@@ -122,6 +138,8 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
     from megallama.errors import ConfigError
     from megallama.initialize import initialize_megatron
     from megallama.training_setup import build_model_chunks, build_tokenizer_from_args
+    if device is not None and str(device).split(":")[0] not in ("cpu", "cuda"):  # the rest ran on the CPU unsaid
+        raise ConfigError(f"--device {device} is not supported; use cpu or cuda (cuda:N)")
     ckpt, common, reader = open_checkpoint(load, verify=False)
     reader.close()
     if "model_config" not in common.get("args", {}):
@@ -129,6 +147,7 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
     opts = argparse.Namespace(device=device, dtype=dtype, tokenizer_type=tokenizer_type,
                               tokenizer_model=tokenizer_model, seed=seed, no_fused_kernels=no_fused_kernels)
     args = run_args(opts, common["args"], int(os.environ.get("WORLD_SIZE", "1")))
+    check_world(args.world_size, args.model_config)
     dev = initialize_megatron(args)
     tokenizer = build_tokenizer_from_args(args)
     warning = check_tokenizer(tokenizer, common["args"], args.model_config.vocab_size)

@@ -1,6 +1,10 @@
 """Training logs: one Megatron-style line per interval, TensorBoard and (optional) W&B scalars (the progress bar is
 megallama/progress.py).
 
+The log line and the validation report carry Megatron's labels and number formats (format_log_line,
+format_validation_lines), so that a parser written for Megatron's logs reads these; megallama's own fields
+("tokens per second", "MFU", "mem GiB") are extra "label: value |" pairs in the same shape.
+
 TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorBoard: every
 ``--tensorboard-log-interval`` iterations "learning-rate", "batch-size", "lm loss" (that iteration's), "loss-scale",
 "grad-norm", "num-zeros"/"params-norm" (when logged), "world-size" (--log-world-size-to-tensorboard), each also
@@ -112,15 +116,32 @@ def memory_scalars(device: torch.device) -> dict:
             "mem-allocated-count": stats["allocation.all.current"]}
 
 
+# the log line's fields in Megatron's order and formats (its parsers read them); megallama's own (tokens per second,
+# MFU, mem GiB) sit before the skip counts, which print under Megatron's labels
+_LOG_FIELDS = (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
+               ("throughput per GPU (TFLOP/s/GPU)", "{:.1f}"), ("learning rate", "{:.6E}"),
+               ("decoupled learning rate", "{:.6E}"), ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
+               ("loss scale", "{:.1f}"), ("grad norm", "{:.3f}"), ("num zeros", "{:.1f}"), ("params norm", "{:.3f}"),
+               ("tokens per second", "{:.1f}"), ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"),
+               ("skipped iterations", "{:3d}"), ("nan iterations", "{:3d}"))
+_LABELS = {"skipped iterations": "number of skipped iterations", "nan iterations": "number of nan iterations"}
+
+
 def format_log_line(iteration: int, train_iters: int, values: dict) -> str:
+    """Megatron's training log line. Norms are fixed-point as there (``{:.3f}``): a parser's ``[0-9.]+`` would
+    read an E-notation "6.0E-01" as 6.0."""
     parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
-    for key, fmt in (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
-                     ("learning rate", "{:.6E}"), ("decoupled learning rate", "{:.6E}"),
-                     ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
-                     ("loss scale", "{:.1f}"), ("grad norm", "{:.6E}"), ("num zeros", "{:d}"),
-                     ("params norm", "{:.6E}"), ("tokens per second", "{:.1f}"),
-                     ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"), ("skipped iterations", "{:3d}")):
+    for key, fmt in _LOG_FIELDS:
         v = values.get(key)
         if v is not None:
-            parts.append(f"{key}: {fmt.format(v)}")
+            parts.append(f"{_LABELS.get(key, key)}: {fmt.format(v)}")
     return " | ".join(parts) + " |"
+
+
+def format_validation_lines(where: str, loss: float, ppl: float) -> str:
+    """Megatron's validation report (its evaluate_and_print_results), framed by dashes: ``where`` is "iteration N"
+    during training, "iteration N on validation set" / "on test set" at its end. "lm loss value" keeps a
+    training-loss parser's "lm loss: " off the validation losses."""
+    line = f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+    rule = "-" * (len(line) + 1)
+    return f"{rule}\n{line}\n{rule}"

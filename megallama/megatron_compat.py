@@ -6,7 +6,8 @@ error line when they ask for another model. Aliases: ``--rotary-base`` is ``--ro
 iteration counts at the (constant) global batch. And flags with their own behaviour, read where it happens:
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
 ``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
-``--distributed-timeout-minutes`` (initialize), ``--reset-position-ids``, ``--reset-attention-mask``,
+``--distributed-timeout-minutes`` (initialize), ``--log-throughput`` (the training log line), ``--local-rank``
+(torch.distributed.launch's; the device follows LOCAL_RANK), ``--reset-position-ids``, ``--reset-attention-mask``,
 ``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
 ``--account-for-embedding/loss-in-pipeline-split`` (pinned end-stage layers, here); ``--decoupled-lr`` and
 ``--grad-reduce-in-bf16`` live in optimizer_args.py. Flags whose Megatron behaviour megallama does not have
@@ -34,7 +35,7 @@ from megallama.errors import ConfigError
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
-             "--log-throughput", "--no-create-attention-mask-in-dataloader", "--cross-entropy-loss-fusion",
+             "--no-create-attention-mask-in-dataloader", "--cross-entropy-loss-fusion",
              "--accumulate-allreduce-grads-in-fp32", "--no-query-key-layer-scaling", "--manual-gc",
              "--no-manual-gc-eval", "--no-async-tensor-model-parallel-allreduce", "--mmap-bin-files",
              "--no-mmap-bin-files", "--log-batch-size-to-tensorboard", "--check-for-nan-in-loss-and-grad",
@@ -123,6 +124,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    help="aux_loss (default: per micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the "
                    "dp ranks and the step's micro-batches, as Megatron's) or none (--moe-aux-loss-coeff 0)")
     g.add_argument("--rotary-base", dest="rope_theta", type=float, default=None, help="= --rope-theta")
+    g.add_argument("--log-throughput", action="store_true", help="the log line's 'throughput per GPU "
+                   "(TFLOP/s/GPU)' (Megatron's: model FLOPs per second per GPU, as logging.flops_per_token counts)")
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling")
     g.add_argument("--rope-scaling-factor", type=float, default=None, help="with --use-rope-scaling (default 8)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
@@ -157,7 +160,15 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    help="--load with no checkpoint in it is an error (instead of starting from scratch)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
                    help="timeout of the process group's collectives")
+    # python -m torch.distributed.launch (Megatron's older launch scripts) appends --local-rank=N; it also sets
+    # LOCAL_RANK, which is what picks the device here (as under torchrun)
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                   help="accepted from torch.distributed.launch; the device follows LOCAL_RANK")
     g.add_argument("--data-cache-path", dest="data_cache_dir", default=None, help="= --data-cache-dir")
+    g.add_argument("--ddp-bucket-size", dest="bucket_size", type=int, default=argparse.SUPPRESS,
+                   help="= --bucket-size (elements per gradient bucket)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="model chunks per pipeline stage: --num-layers-per-virtual-pipeline-stage layers/(pp x this)")
     g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant",
                    help="weight decay from --start-weight-decay to --end-weight-decay over --train-iters")
     g.add_argument("--start-weight-decay", type=float, default=None)
@@ -227,10 +238,13 @@ def check_kv_channels(args, cfg) -> None:
                           f"pass --kv-channels {cfg.head_dim} or drop it")
 
 
-def apply_shape_flags(args, cfg):
+def apply_shape_flags(args, cfg, checkpoint_config: bool = False):
     """The resolved model config under Megatron's shape flags (arguments._derive calls this as soon as the shape
     is known): --kv-channels checked against it, then --use-rope-scaling, Llama 3.1's scaling on a model that has
-    none (or another factor)."""
+    none (or another factor). Under --use-checkpoint-args the flags' config is about to be replaced by the
+    checkpoint's: they apply to that one (``checkpoint_config``, from checkpoint_args.check_checkpoint_flags)."""
+    if getattr(args, "use_checkpoint_args", False) and not checkpoint_config:
+        return cfg
     check_kv_channels(args, cfg)
     if not args.use_rope_scaling:
         return cfg
@@ -270,6 +284,25 @@ def samples_to_iters(args) -> None:
             args.train_iters = n // gbs
         else:
             setattr(args, iters, n / gbs)
+
+
+def virtual_stages_to_layers(args, pp: int, layers: int) -> None:
+    """Megatron's newer spelling of interleaving, --num-virtual-stages-per-pipeline-rank V: V model chunks per
+    stage, i.e. --num-layers-per-virtual-pipeline-stage layers / (pp x V)."""
+    v = getattr(args, "num_virtual_stages_per_pipeline_rank", None)
+    if v is None:
+        return
+    flag = f"--num-virtual-stages-per-pipeline-rank {v}"
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ConfigError(f"{flag} and --num-layers-per-virtual-pipeline-stage both set the interleaving; pass one")
+    if v > 1 and pp < 2:
+        raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1 (got {pp}); drop it or raise the "
+                          "pipeline size")
+    if v < 1 or layers % (pp * v):
+        raise ConfigError(f"{flag} does not split {layers} layers into {pp} stages x {v} chunks; pick a value "
+                          "that divides the layers per stage")
+    if v > 1:
+        args.num_layers_per_virtual_pipeline_stage = layers // (pp * v)
 
 
 def account_for_embedding_and_loss(args, pp: int, layers: int) -> None:

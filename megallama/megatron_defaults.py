@@ -81,7 +81,7 @@ def apply_megatron_defaults(args) -> None:
         args.split = "969,30,1"
     if "eval_interval" not in given and _has_validation(args):
         args.eval_interval = 1000
-    _warn_other_model(args, given)
+    _warn_other_model(args, given, from_checkpoint)
 
 
 def _has_validation(args) -> bool:
@@ -94,16 +94,18 @@ def _has_validation(args) -> bool:
     return parse_split(args.split)[1] > 0
 
 
-def _warn_other_model(args, given) -> None:
-    """Megatron's defaults that build another model than a Llama, which the line leaves in place: one line."""
+def _warn_other_model(args, given, from_checkpoint: bool = False) -> None:
+    """Megatron's defaults that build another model than a Llama, which the line leaves in place: one line. With
+    --use-checkpoint-args Megatron takes the normalization, MLP, biases and positions from the checkpoint (only
+    the dropouts keep its defaults), so only those are named."""
     rope = args.position_embedding_type == "rope" or args.use_rotary_position_embeddings
     other = [f"--{flag} (Megatron's default: {what})" for flag, what, left in (
-        ("normalization RMSNorm", "LayerNorm", "normalization" not in given),
-        ("swiglu", "a GeLU MLP", not args.swiglu),
-        ("disable-bias-linear", "biases", not args.disable_bias_linear),
+        ("normalization RMSNorm", "LayerNorm", "normalization" not in given and not from_checkpoint),
+        ("swiglu", "a GeLU MLP", not args.swiglu and not from_checkpoint),
+        ("disable-bias-linear", "biases", not args.disable_bias_linear and not from_checkpoint),
         ("attention-dropout 0.0", "0.1", "attention_dropout" not in given),
         ("hidden-dropout 0.0", "0.1", "hidden_dropout" not in given),
-        ("position-embedding-type rope", "learned absolute positions", not rope)) if left]
+        ("position-embedding-type rope", "learned absolute positions", not rope and not from_checkpoint)) if left]
     if other:
         _warn("this Megatron command line leaves out " + ", ".join(other) + "; megallama trains a Llama (RMSNorm, "
               "SwiGLU, no biases, no dropout, RoPE) as if they were given: add them to say so")

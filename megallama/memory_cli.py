@@ -11,6 +11,8 @@ with a one-line message on a bad or unknown flag.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from typing import Optional, Sequence
@@ -47,15 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--context-parallel-size", "--cp", dest="cp", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1)
-    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--zero-stage", type=int, default=None, help="default 0; searched by --auto-configure unless given")
     p.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--recompute-granularity", choices=["none", "selective", "full"], default=None,
+                   help="default none; searched by --auto-configure unless given")
     p.add_argument("--activation-checkpointing", action="store_true", help="alias of --recompute-granularity full")
     p.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="full recompute only")
     p.add_argument("--recompute-num-layers", type=int, default=None, help="full recompute only")
-    p.add_argument("--pipeline-schedule", choices=list(SCHEDULES), default="1f1b")
+    p.add_argument("--pipeline-schedule", choices=list(SCHEDULES), default=None,
+                   help="default 1f1b; interleaved when --num-layers-per-virtual-pipeline-stage is given")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    p.add_argument("--account-for-embedding-in-pipeline-split", action="store_true")
+    p.add_argument("--account-for-loss-in-pipeline-split", action="store_true")
     p.add_argument("--mixed-precision", "--precision", dest="precision", default="bf16",
                    choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"])
     p.add_argument("--bf16", action="store_true")
@@ -96,14 +104,54 @@ def _precision(args) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(args.precision, args.precision)
 
 
+def _pipeline(args, cfg) -> argparse.Namespace:
+    """The schedule, virtual chunks and pinned stage sizes as the training flags resolve them (arguments.py's rules:
+    --num-layers-per-virtual-pipeline-stage implies interleaved, interleaved needs it, the split is checked)."""
+    from megallama.arguments import _derive_pipeline
+    from megallama.pipeline.partition import validate_pipeline_config
+    pipe = argparse.Namespace(
+        model_config=cfg, pipeline_model_parallel_size=args.pp, pipeline_schedule=args.pipeline_schedule,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split)
+    _derive_pipeline(pipe)
+    args.pipeline_schedule = pipe.pipeline_schedule
+    pipe.num_chunks = validate_pipeline_config(
+        cfg.num_layers, args.pp, pipe.pipeline_schedule,
+        num_layers_per_virtual_stage=pipe.num_layers_per_virtual_pipeline_stage,
+        first_stage_num_layers=pipe.decoder_first_pipeline_num_layers,
+        last_stage_num_layers=pipe.decoder_last_pipeline_num_layers)["num_chunks"]
+    return pipe
+
+
+def _fixed_for_auto_configure(args, zero: int, recompute: str) -> dict:
+    """What the user fixed stays fixed (ZeRO stage, recompute, schedule), as ``train --auto-configure`` keeps it; a
+    parallel size given with it is a contradiction, not silently replaced."""
+    sizes = (("--tensor-model-parallel-size", args.tp), ("--pipeline-model-parallel-size", args.pp),
+             ("--context-parallel-size", args.cp), ("--expert-model-parallel-size", args.ep))
+    fixed = [f"{flag} {val}" for flag, val in sizes if val != 1]
+    if fixed:
+        raise ConfigError(f"--auto-configure chooses the layout itself but {fixed[0]} was given; drop one of them")
+    kw = {}
+    if args.zero_stage is not None or args.use_distributed_optimizer:
+        kw["zero_stages"] = (zero,)
+    if args.recompute_granularity is not None or args.activation_checkpointing:
+        kw["recomputes"] = (recompute,)
+    if args.pipeline_schedule not in (None, "interleaved"):  # interleaved: chunks depend on the pp (as train)
+        kw["pipeline_schedule"] = args.pipeline_schedule
+    return kw
+
+
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     from megallama.memory import estimate_requirements
     args = build_parser().parse_args(argv)
     if args.gpus is None:
         model_parallel = args.tp * args.pp * args.cp
         args.gpus = 1 if args.auto_configure else max(1, model_parallel // max(1, args.nodes))
-    zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage
-    recompute = "full" if args.activation_checkpointing else args.recompute_granularity
+    zero = 1 if args.use_distributed_optimizer and not args.zero_stage else args.zero_stage or 0
+    recompute = "full" if args.activation_checkpointing else args.recompute_granularity or "none"
     from megallama.argument_checks import check_recompute_flags
     rec = argparse.Namespace(recompute_granularity=recompute, recompute_method=args.recompute_method,
                              recompute_num_layers=args.recompute_num_layers)
@@ -118,15 +166,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = _model_config(args)
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
-        plan = choose_layout(cfg, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
-                             args.batch_size, args.global_batch_size, _precision(args), args.strategy,
-                             gpus_per_node=args.gpus, **kw)
+        kw.update(_fixed_for_auto_configure(args, zero, recompute))
+        said = io.StringIO()  # choose_layout prints why nothing fits: kept out of --json's stdout, put in the JSON
+        with contextlib.redirect_stdout(said) if args.json else contextlib.nullcontext():
+            plan = choose_layout(cfg, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
+                                 args.batch_size, args.global_batch_size, _precision(args), args.strategy,
+                                 gpus_per_node=args.gpus, **kw)
         if plan is None:
-            return {"plan": None}
+            return {"plan": None, "explanation": said.getvalue().rstrip("\n")} if args.json else {"plan": None}
         return {"plan": {k: v for k, v in plan.items() if k not in ("estimate",)}, "estimate": plan["estimate"]}
-    v = 1
-    if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
-        v = max(1, cfg.num_layers // (args.pp * args.num_layers_per_virtual_pipeline_stage))
+    pipe = _pipeline(args, cfg)
     est = estimate_requirements(args.model, model_config=cfg, batch_size=args.batch_size or 1,
                                 sequence_length=args.seq_length,
                                 num_gpus=args.gpus, num_nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp,
@@ -135,7 +184,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 moe_topk=args.moe_router_topk, gpu_memory_gb=args.gpu_memory,
                                 global_batch_size=args.global_batch_size, num_microbatches=args.num_microbatches,
                                 sequence_parallel=args.sequence_parallel, pipeline_schedule=args.pipeline_schedule,
-                                virtual_pipeline_stages=v, recompute_method=args.recompute_method,
+                                virtual_pipeline_stages=pipe.num_chunks, recompute_method=args.recompute_method,
+                                first_stage_layers=pipe.decoder_first_pipeline_num_layers,
+                                last_stage_layers=pipe.decoder_last_pipeline_num_layers,
                                 recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
                                 overlap_grad_reduce=args.overlap_grad_reduce, **kw)
     return {"estimate": est, "json": args.json}

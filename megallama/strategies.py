@@ -97,8 +97,12 @@ class TrainingStrategy:
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         if targets == ["all"]:
             targets = list(LORA_TARGETS)
-        return LoRAConfig(rank=rank, alpha=float(p.get("lora_alpha", 2 * rank)),
-                          dropout=float(p.get("lora_dropout", 0.0)), target_modules=list(targets)).validate()
+        alpha = float(p.get("lora_alpha", 2 * rank))
+        if alpha == 0:  # scaling alpha/r = 0: the adapters add nothing and get no gradient, so nothing would train
+            raise ConfigError("--lora-alpha 0 scales the adapters' update to zero, so they would never train; pass a "
+                              f"positive alpha (default 2 x --lora-rank = {2 * rank})")
+        return LoRAConfig(rank=rank, alpha=alpha, dropout=float(p.get("lora_dropout", 0.0)),
+                          target_modules=list(dict.fromkeys(targets))).validate()  # q_proj,q_proj: one adapter
 
 
 def _parse_layers(v) -> Optional[List[int]]:
@@ -127,6 +131,15 @@ def strategy_from_args(args) -> TrainingStrategy:
         if g("lora_alpha") is not None:
             p["lora_alpha"] = g("lora_alpha")
     return TrainingStrategy(name, {k: v for k, v in p.items() if v is not None})
+
+
+def check_save_adapter(args) -> None:
+    """--save-adapter is written after the last step: without adapters it failed only then, after the whole run.
+    Refused at the start instead (arguments.parse_args calls this)."""
+    if getattr(args, "save_adapter", None) and not strategy_from_args(args).uses_lora:
+        raise ConfigError(f"--save-adapter {args.save_adapter} needs --strategy lora or hybrid (--strategy "
+                          f"{getattr(args, 'strategy', None) or 'standard'} trains no adapters); add --strategy lora "
+                          "or drop --save-adapter")
 
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int, upcycle: bool = False) -> List[int]:
@@ -194,12 +207,11 @@ def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConf
     import torch.distributed as dist
 
     from megallama.checkpointing.files import adapter_overwrite_ok, check_adapter_dir
-    from megallama.model.lora import gather_lora_state_dict
     if lora_cfg is None:
         lora_cfg = strategy_from_args(args).lora_config()
     if lora_cfg is None:
         raise ConfigError("--save-adapter needs --strategy lora or hybrid (the model has no adapters)")
-    tensors = gather_lora_state_dict(model_chunks)
+    tensors = gather_adapters(model_chunks)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     check_adapter_dir(path, adapter_overwrite_ok(args) if overwrite is None else overwrite)
@@ -208,6 +220,30 @@ def save_adapter(path: str, model_chunks, args=None, lora_cfg: Optional[LoRAConf
            "base_model_name_or_path": base_model_name(args)}
     named = {PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}
     return _write_adapter(path, cfg, named)
+
+
+def gather_adapters(model_chunks) -> dict:
+    """``gather_lora_state_dict`` of chunks that may be ZeRO-3 wrappers. Such a wrapper leaves each parameter an
+    empty placeholder between uses (its dp shard lives in the wrapper), so the adapters would be written as 0-element
+    tensors; their whole tp-local values come from the wrapper's ``state_dict`` (collective over dp) and stand in for
+    the placeholders while they are gathered over tp and pp."""
+    from megallama.model.lora import gather_lora_state_dict
+    from megallama.optimizer.distributed import is_zero3
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    placeholders = []
+    try:
+        for chunk in chunks:
+            if not is_zero3(chunk):
+                continue
+            whole = chunk.state_dict()
+            for name, p in chunk.module.named_parameters():
+                if getattr(p, "lora", False):
+                    placeholders.append((p, p.data))
+                    p.data = whole[name]
+        return gather_lora_state_dict(chunks)
+    finally:
+        for p, data in placeholders:
+            p.data = data
 
 
 def _write_adapter(path: str, cfg: dict, named: dict) -> str:
@@ -252,6 +288,8 @@ def base_model_name(args) -> Optional[str]:
     import os
     if args is None:
         return None
+    if getattr(args, "adapter_base_model", None):  # a resume whose base is gone (finetune_llama.py) names it
+        return args.adapter_base_model
     base = getattr(args, "pretrained_checkpoint", None) or \
         (getattr(args, "load", None) if getattr(args, "finetune", False) else None)
     if not base:

@@ -23,7 +23,7 @@ from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
 from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
-                               memory_scalars)
+                               format_validation_lines, memory_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
@@ -115,7 +115,7 @@ def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_st
     if tag == "validation":
         args.consumed_valid_samples += per_eval
     ppl = math.exp(min(vloss, 20))  # Megatron's clamp
-    print_rank_0(f"validation at {where} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.6E} |")
+    print_rank_0(format_validation_lines(where, vloss, ppl))
     logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
                                                  f"lm loss {tag} ppl": ppl if args.log_validation_ppl_to_tensorboard
                                                  else None})
@@ -181,7 +181,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     progress_log = ProgressLog(args, consumed, flops_tok, dist.get_rank() if dist.is_initialized() else 0)
     saver = RunSaver(args, model_chunks, optimizer, scheduler, progress, progress_log)  # sync or --async-save
     world = dist.get_world_size() if dist.is_initialized() else 1
-    history, grad_norms, times, valid_losses, skipped_in_row, total_skipped = {}, {}, {}, {}, 0, 0
+    history, grad_norms, times, valid_losses, skipped_in_row = {}, {}, {}, {}, 0
+    interval_skipped, interval_nan = 0, 0  # Megatron's counts: per log interval
     interval_loss, interval_steps = 0.0, 0  # the log line's loss: mean over the interval's applied updates
     end_iter = args.train_iters
     if args.exit_interval:  # Megatron's: stop (and save) at the next multiple of it, so a relaunch goes on
@@ -226,7 +227,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             scheduler.skip(gbs / args.global_batch_size)  # a skipped update does not advance it (Megatron's)
         if not ok or not math.isfinite(loss):
             skipped_in_row += 1
-            total_skipped += 1
+            interval_skipped, interval_nan = interval_skipped + 1, interval_nan + (not math.isfinite(loss))
             print_rank_0(f"iteration {step}: skipped (non-finite loss or gradient: loss {loss}, grad norm {grad_norm})")
             if skipped_in_row >= args.max_skipped_iters:
                 raise ConfigError(f"{skipped_in_row} iterations in a row had non-finite loss or gradients (last at "
@@ -277,7 +278,9 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                     "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
                     "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                    "skipped iterations": total_skipped}
+                    "throughput per GPU (TFLOP/s/GPU)": tps * flops_tok / world / 1e12 if args.log_throughput else None,
+                    "skipped iterations": interval_skipped, "nan iterations": interval_nan}
+            interval_skipped, interval_nan = 0, 0
             moe = get_moe_stats().report()  # tokens/expert histogram and aux losses since the last log
             comm = compression_report(model_chunks)  # gradient compression: bytes sent since the last log
             print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
@@ -329,11 +332,11 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     if not stopped_early and end_iter == args.train_iters > start_iter and validates \
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
         valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
-                                           logger, end_iter, consumed, f"the end of training (iteration {end_iter})")
+                                           logger, end_iter, consumed, f"iteration {end_iter} on validation set")
     test_loss = None
     if test_ds is not None and not stopped_early and end_iter == args.train_iters > start_iter:
         test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
-                              end_iter, consumed, f"the end of training (iteration {end_iter}) on the test data",
+                              end_iter, consumed, f"iteration {end_iter} on test set",
                               "test")
     if exit_signal is not None:
         exit_signal.release()

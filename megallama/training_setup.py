@@ -21,10 +21,31 @@ def _human(n: float) -> str:
 
 
 def build_tokenizer_from_args(args):
-    """--tokenizer-type / --tokenizer-model; neither: the bundled tokenizer; a model file alone: sentencepiece."""
+    """--tokenizer-type / --tokenizer-model; neither: the tokenizer of the checkpoint --load resumes or fine-tunes,
+    else the bundled one; a model file alone: sentencepiece."""
     from megallama.data.tokenizer import build_tokenizer
+    if args.tokenizer_type is None and args.tokenizer_model is None:
+        _use_loaded_checkpoint_tokenizer(args)
     tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
     return build_tokenizer(tok_type, args.tokenizer_model)
+
+
+def _use_loaded_checkpoint_tokenizer(args) -> None:
+    """A resume or --finetune that names no tokenizer takes the checkpoint's (an imported HF model: its folder's),
+    not the bundled one, whose ids would mean other words to the loaded model (Megatron's --use-checkpoint-args
+    takes the tokenizer flags from the checkpoint too)."""
+    from megallama.checkpointing.files import holds_checkpoint
+    load = getattr(args, "load", None)
+    if not load or getattr(args, "pretrained_checkpoint", None) or not holds_checkpoint(load):
+        return
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer import checkpoint_tokenizer
+    _, common, reader = open_checkpoint(load, verify=False)
+    reader.close()
+    args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(common.get("args", {}))
+    if args.tokenizer_type or args.tokenizer_model:
+        print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} (the --load checkpoint's; "
+                     "--tokenizer-type/--tokenizer-model override it)")
 
 
 def build_data(args):
@@ -44,7 +65,7 @@ def build_data(args):
     elif tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "
                           f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")
-    print_rank_0(f"model: {args.model} architecture with vocabulary {cfg.vocab_size} "
+    print_rank_0(f"model: {cfg.name or args.model} architecture with vocabulary {cfg.vocab_size} "
                  f"({tokenizer.name + ' tokenizer' if tokenizer else 'mock data'}): "
                  f"{_human(cfg.num_params())} parameters ({_human(cfg.num_params(include_embedding=False))} "
                  f"without embeddings), {cfg.num_layers} layers, hidden {cfg.hidden_size}")
@@ -59,11 +80,6 @@ def build_data(args):
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
     if _per_split_paths(args):
         return (tokenizer,) + _per_split_data(args, tokenizer)
-    if args.eval_interval:
-        from megallama.data.gpt_dataset import parse_split
-        if parse_split(args.split)[1] == 0:
-            raise ConfigError(f"--eval-interval {args.eval_interval} evaluates on the validation split, but --split "
-                              f"{args.split} gives it nothing; give it a share (like 98,2,0) or drop --eval-interval")
     blend = getattr(args, "data_blend", None)
     if blend and getattr(args, "chat_template", False):
         raise ConfigError("--data-path blends are for pretraining corpora; fine-tuning takes one chat jsonl")

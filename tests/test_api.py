@@ -38,7 +38,7 @@ def test_quick_start_trains_on_user_dataloaders(capsys):
     assert "layout: 1 GPUs = tp 1 x pp 1 x dp 1" in text and "category" in text
     out = orch.launch_training(_loader(), _loader(8, seed=1))
     _finite(out, 2)
-    assert "validation at iteration 2" in capsys.readouterr().out
+    assert "validation loss at iteration 2 |" in capsys.readouterr().out
 
 
 def test_tiny_orchestrator_mock_data_and_bad_size():
@@ -290,3 +290,13 @@ def test_a_model_config_trains_that_model():
     assert (args.model_config.num_layers, args.model_config.vocab_size) == (1, 256)
     with pytest.raises(ConfigError, match="num_experts differ"):
         megallama.create_distributed_trainer(ModelConfig(num_experts=4), megallama.TrainingConfig(train_iters=1))
+
+
+def test_factories_refuse_gpu_counts_they_would_partly_drop():
+    """create_tensor_parallel_config(num_gpus=8, tensor_parallel_size=3) made a 6-GPU layout and
+    create_llama3_405b_orchestrator(num_gpus=12) planned for 8 GPUs, both without a word."""
+    with pytest.raises(ConfigError, match="num_gpus 8 is not a multiple of tensor_parallel_size 3"):
+        megallama.ConfigurationFactory.create_tensor_parallel_config(num_gpus=8, tensor_parallel_size=3)
+    assert megallama.ConfigurationFactory.create_tensor_parallel_config(8, tensor_parallel_size=2).world_size == 8
+    with pytest.raises(ConfigError, match="num_gpus 12 is not whole nodes of 8 GPUs"):
+        megallama.create_llama3_405b_orchestrator(num_gpus=12)

@@ -117,3 +117,13 @@ def test_cli_flag_mistakes_are_one_line_and_help_is_help(tmp_path):
     assert r.returncode == 0 and "--path" in r.stdout and "environment ready" not in r.stdout
     from megallama.environment import validate_environment
     assert not [w for w in validate_environment(str(tmp_path / "new" / "run"))["warnings"] if "disk" in w]
+
+
+def test_benchmark_checks_its_results_file_before_running(tmp_path, capsys):
+    """A --save-results in a missing folder was a FileNotFoundError traceback after the whole benchmark ran."""
+    from megallama.cli import main
+    for path, says in ((tmp_path / "no" / "b.json", f"{tmp_path / 'no'} does not exist"),
+                       (tmp_path, "is a directory")):
+        assert main(["benchmark", "--model", "tiny_llama3_50m", "--steps", "1000", "--save-results", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --save-results {path}: {says}; name a file in an existing folder\n", err

@@ -71,12 +71,12 @@ def test_finetune_launcher_dry_run_resolves_the_finetuning_step(tmp_path):
         in missing.stderr and "resolved configuration" not in missing.stdout
     from megallama.arguments import parse_args
     from megallama.training import pretrain
-    base = str(tmp_path / "base")  # the script's shape, one mock step
+    base = str(tmp_path / "base")  # the script's shape and step 1's vocabulary (the bundled tokenizer's), one mock step
     pretrain(parse_args(["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "256",
                          "--ffn-hidden-size", "704", "--num-attention-heads", "8", "--num-query-groups", "4",
-                         "--device", "cpu", "--mock-data", "--seq-length", "16", "--micro-batch-size", "1",
-                         "--global-batch-size", "1", "--train-iters", "1", "--save", base, "--no-progress-bar",
-                         "--no-fused-kernels"],
+                         "--vocab-size", "8192", "--device", "cpu", "--mock-data", "--seq-length", "16",
+                         "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--save", base,
+                         "--no-progress-bar", "--no-fused-kernels"],
                         world_size=1))
     r = _bash("finetune_lora.sh", "--save", str(tmp_path / "lora"), DRY_RUN="1", BASE=base)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -118,7 +118,7 @@ def test_example_trains_its_tiny_override_on_cpu(example):
     if example == "train_with_moe":
         assert "tokens/expert L1:" in out and "moe aux loss" in out
     if example == "custom_data_loading":
-        assert "validation at iteration 3" in out and "windows of 65 tokens" in out
+        assert "validation loss at iteration 3 |" in out and "windows of 65 tokens" in out
 
 
 def test_multi_node_example_joins_from_slurm_variables():

@@ -152,8 +152,10 @@ def test_bad_sampling_settings_are_config_errors():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0)):
         with pytest.raises(ConfigError):
             generate(model, [[1, 2]], SamplingConfig(**bad))
-    with pytest.raises(ConfigError, match="exceeds the model's context of 64"):
+    with pytest.raises(ConfigError, match="exceeds the model's context of 64 tokens; ask for at most 4 new tokens"):
         generate(model, [[1] * 3, [1] * 60], SamplingConfig(max_new_tokens=5))
+    with pytest.raises(ConfigError, match="shorten the prompt to fewer than 64 tokens"):  # not 'fewer new tokens'
+        generate(model, [[1] * 64], SamplingConfig(max_new_tokens=1))
     with pytest.raises(ConfigError, match="--batch-size 0 must be >= 1"):
         generate(model, [[1, 2]], SamplingConfig(), batch_size=0)
 
@@ -343,3 +345,31 @@ def test_generate_text_takes_one_string_as_one_prompt(monkeypatch):
     loaded = LoadedModel(None, _Tok(300), "ck", {"args": {}}, None)
     assert generate_text(loaded, "The module", SamplingConfig(max_new_tokens=2)) == ["FG"]
     assert len(seen[0]) == 1 and len(seen[0][0]) == 1 + len("The module")
+
+
+def test_a_launch_that_cannot_split_the_model_names_the_launch():
+    """torchrun --nproc_per_node 3 on 8 heads: the error told the user to pass --tensor-model-parallel-size, a flag
+    generation does not take (it splits over every rank of the launch)."""
+    from megallama.generation_cli import check_world
+    check_world(2, GQA)
+    with pytest.raises(ConfigError) as e:
+        check_world(3, GQA)
+    msg = str(e.value)
+    assert "all 3 processes" in msg and "attention heads 8" in msg and "--nproc_per_node" in msg, msg
+    assert "--tensor-model-parallel-size" not in msg
+
+
+def test_a_mistyped_generate_flag_is_one_line(capsys):
+    """argparse printed the 13-line usage before the mistake; the training flags' parser already says it in one."""
+    from megallama.generation_cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--load", "x", "--promt", "hi"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: unrecognized arguments: --promt hi; see --help for the flags\n", err
+
+
+def test_an_unsupported_device_is_refused():
+    """--device mps (or xpu) generated on the CPU without a word."""
+    from megallama.generation_cli import load_for_generation
+    with pytest.raises(ConfigError, match="--device mps is not supported; use cpu or cuda"):
+        load_for_generation("no-such-checkpoint", device="mps")

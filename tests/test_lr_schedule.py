@@ -117,7 +117,7 @@ def test_log_line_loss_is_the_interval_mean_and_validation_runs_at_the_end(capsy
         assert logged[step] == pytest.approx(mean, rel=1e-5), (step, logged[step], mean)
     assert logged[6] != pytest.approx(h[6], rel=1e-5)  # the mean, not the interval's last loss
     assert sorted(out["valid_losses"]) == [3, 6, 7]  # every 3, and once more at the end
-    assert "validation at the end of training (iteration 7)" in text
+    assert "validation loss at iteration 7 on validation set" in text
     again = pretrain(parse_args(MOCK + ["--train-iters", "6", "--eval-interval", "3", "--eval-iters", "1"],
                                 world_size=1))
     assert sorted(again["valid_losses"]) == [3, 6]  # the last iteration was evaluated already: not twice

@@ -362,3 +362,46 @@ def test_zero_eval_iters_and_exit_interval_are_off_and_warmup_zero_defers_to_the
     for flags in (["--apply-layernorm-1p", "--no-save-rng", "--use-legacy-models", "--optimizer", "adam",
                    "--rerun-mode", "disabled", "--tiktoken-pattern", "v2", "--timing-log-level", "2"],):
         _args(TINY + flags)  # restate megallama (see megatron_compat._RESTATED)
+
+
+def test_the_log_lines_read_with_a_megatron_log_parser():
+    from megallama.logging import format_log_line, format_validation_lines
+    line = format_log_line(3, 10, {"consumed samples": 24, "elapsed time per iteration (ms)": 123.4,
+                                   "throughput per GPU (TFLOP/s/GPU)": 12.34, "learning rate": 3e-4,
+                                   "global batch size": 8, "lm loss": 5.5, "grad norm": 0.6001809, "num zeros": 7,
+                                   "params norm": 12.3456, "skipped iterations": 1, "nan iterations": 0})
+    assert line.startswith("iteration        3/      10 | consumed samples:           24 | elapsed time per "
+                           "iteration (ms): 123.4 | throughput per GPU (TFLOP/s/GPU): 12.3 | learning rate: "
+                           "3.000000E-04 |")
+    # Megatron's fixed-point norms: an E-notation 6.001809E-01 read as 6.001809 by "[0-9.]+"
+    assert re.search(r"grad norm: ([0-9.]+) \|", line).group(1) == "0.600"
+    assert "params norm: 12.346 |" in line and "num zeros: 7.0 |" in line
+    assert line.endswith("| number of skipped iterations:   1 | number of nan iterations:   0 |")
+    report = format_validation_lines("iteration 4 on validation set", 5.25, 190.566)
+    rule, text, rule2 = report.split("\n")
+    assert text == " validation loss at iteration 4 on validation set | lm loss value: 5.250000E+00 | lm loss PPL: " \
+                   "1.905660E+02 | " and rule == rule2 == "-" * (len(text) + 1)
+    assert "lm loss: " not in report  # a training-loss parser does not pick up validation losses
+
+
+def test_torch_distributed_launch_and_log_throughput_flags():
+    # python -m torch.distributed.launch appends --local-rank=N (refused as unrecognized before)
+    assert _args(TINY + ["--local-rank=1"]).local_rank == 1
+    assert _args(TINY + ["--local_rank", "0", "--log-throughput"]).log_throughput
+
+
+def test_newer_megatron_spellings_of_interleaving_and_bucket_size():
+    """--num-virtual-stages-per-pipeline-rank V is --num-layers-per-virtual-pipeline-stage layers/(pp x V);
+    --ddp-bucket-size is --bucket-size."""
+    line = TINY + ["--num-layers", "8", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
+                   "--global-batch-size", "4"]
+    args = parse_args(line + ["--num-virtual-stages-per-pipeline-rank", "2", "--ddp-bucket-size", "1000"],
+                      world_size=2)
+    assert (args.num_layers_per_virtual_pipeline_stage, args.pipeline_schedule, args.bucket_size) == \
+        (2, "interleaved", 1000)
+    assert parse_args(line, world_size=2).bucket_size == 40_000_000
+    for extra, says in ((["--num-virtual-stages-per-pipeline-rank", "3"], "does not split 8 layers into 2 stages"),
+                        (["--num-virtual-stages-per-pipeline-rank", "2", "--num-layers-per-virtual-pipeline-stage",
+                          "2"], "pass one")):
+        with pytest.raises(ConfigError, match=says):
+            parse_args(line + extra, world_size=2)

@@ -389,3 +389,51 @@ def test_estimates_against_stored_gpu_measurements():
                                           fused=r["estimate"]["fused_kernels"])
         err = est["peak_allocated"] / r["measured"]["peak_allocated"] - 1
         assert abs(err) < 0.05, (r["argv"], r["device"], err)
+
+
+def test_cli_virtual_stages_follow_the_training_flags(capsys):
+    """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (it was priced as 1F1B), a split it
+    cannot make names the flag (it was floored to another v), and interleaved without it is refused, as training
+    refuses them; Megatron's pinned first/last stage sizes are taken."""
+    from megallama.memory_cli import main, run
+    base = ["--model", "llama3_405b", "--tp", "8", "--pp", "14", "--gpus", "8", "--nodes", "28", "--seq-length",
+            "8192", "--sequence-parallel", "--zero-stage", "1", "--recompute-granularity", "full",
+            "--global-batch-size", "512"]
+    implied = run(base + ["--num-layers-per-virtual-pipeline-stage", "3"])["estimate"]
+    named = run(base + ["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-schedule", "interleaved"])
+    assert implied["layout"]["pipeline_schedule"] == "interleaved"
+    assert implied["memory_per_gpu_gb"] == named["estimate"]["memory_per_gpu_gb"]
+    for extra, needle in ((["--num-layers-per-virtual-pipeline-stage", "4"], "does not split 126 layers over 14"),
+                          (["--pipeline-schedule", "interleaved"], "needs --num-layers-per-virtual-pipeline-stage"),
+                          (["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-schedule", "gpipe"],
+                           "needs the interleaved schedule")):
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
+    pinned = run(["--model", "llama3_8b", "--pp", "4", "--decoder-first-pipeline-num-layers", "11"])["estimate"]
+    assert pinned["stages"][0]["allocated_gb"] > run(["--model", "llama3_8b", "--pp", "4"])["estimate"]["stages"][0][
+        "allocated_gb"]
+
+
+def test_cli_auto_configure_json_stays_json_when_nothing_fits(capsys):
+    """The reasons were printed before the JSON (stdout no longer parsed); they are now a field of it."""
+    from megallama.memory_cli import main
+    assert main(["--model", "llama3_405b", "--gpus", "8", "--auto-configure", "--seq-length", "8192", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["plan"] is None and "NO layout fits" in data["explanation"]
+
+
+def test_cli_auto_configure_keeps_what_the_user_fixed(capsys):
+    """--zero-stage, --recompute-granularity (or their aliases) were replaced by the search's choice and --tp 2
+    was dropped without a word; train --auto-configure keeps the first two and refuses the third."""
+    from megallama.memory_cli import main, run
+    base = ["--model", "llama3_70b", "--gpus", "8", "--nodes", "8", "--seq-length", "8192", "--auto-configure"]
+    for fixed in (["--zero-stage", "1", "--recompute-granularity", "full"],
+                  ["--use-distributed-optimizer", "--activation-checkpointing"]):
+        plan = run(base + fixed)["plan"]
+        assert (plan["zero_stage"], plan["recompute"]) == (1, "full"), plan
+    capsys.readouterr()
+    assert main(base + ["--tp", "2"]) == 2
+    assert capsys.readouterr().err == ("error: --auto-configure chooses the layout itself but "
+                                       "--tensor-model-parallel-size 2 was given; drop one of them\n")

@@ -65,12 +65,20 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="write a PNG bar chart of tok/s here (needs matplotlib)")
     a = p.parse_args(argv)
     import torch
+    from megallama.cli import check_results_path
     from megallama.config import get_model_config
+    from megallama.errors import ConfigError
     from megallama.logging import device_peak_flops, flops_per_token
     if not torch.cuda.is_available():
         print("error: tools/benchmark.py measures GPU training; no CUDA device is visible", file=sys.stderr)
         return 2
-    cfg = get_model_config(a.model)
+    try:  # before any measurement: not a traceback after the whole benchmark
+        cfg = get_model_config(a.model)
+        check_results_path(a.save_results)
+        check_results_path(a.plot, "--plot")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     peak = a.peak_tflops * 1e12 if a.peak_tflops else device_peak_flops(torch.device("cuda"))
     mm = measured_matmul_tflops() * 1e12
     fpt = flops_per_token(cfg, a.seq_length)

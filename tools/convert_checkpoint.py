@@ -55,6 +55,14 @@ def check_names(names, cfg: ModelConfig, source: str) -> None:
         raise ConfigError(f"{source} has tensors megallama's Llama does not (first: {unknown[0]}); not convertible")
 
 
+def refuse_existing(output: str) -> None:
+    """Nothing is written over: an output that is a file or a non-empty directory is refused."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a file; pick a new directory")
+    if os.path.isdir(output) and os.listdir(output):
+        raise ConfigError(f"--output {output} exists and is not empty; pick a new directory")
+
+
 def _natural(name: str):
     m = _LAYER_RE.match(name)
     return (1, int(m.group(1)), name) if m else ((0 if name == "model.embed_tokens.weight" else 2), 0, name)
@@ -83,6 +91,7 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, max_file_bytes: int = 2 << 30) -> str:
     from safetensors import safe_open
     from megallama.checkpointing.full import write_full_checkpoint
+    refuse_existing(output)
     hf = read_hf_config(hf_dir)
     cfg = hf_config_to_model_config(hf, model_name or os.path.basename(os.path.normpath(hf_dir)))
     where = _hf_weight_files(hf_dir)
@@ -140,6 +149,7 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     from megallama.data.tokenizer_export import export_tokenizer
     from megallama.strategies import strategy_from_args
     notes = notes if notes is not None else []
+    refuse_existing(output)  # before reading a 405B checkpoint, not after
     ckpt, common, reader = open_checkpoint(load)
     cfg_dict = common.get("args", {}).get("model_config")
     if not cfg_dict:
@@ -161,6 +171,7 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     try:
         if tokenizer_type is not None or tokenizer_model is not None:
             saved = _with_tokenizer(saved, tokenizer_type, tokenizer_model, cfg.vocab_size, notes)
+        too_big = None if tokenizer_type or tokenizer_model else _tokenizer_too_big(saved, cfg.vocab_size)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -189,6 +200,8 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         try:
+            if too_big:
+                raise ConfigError(too_big)
             bos, eos, said = export_tokenizer(saved, tmp)
         except ConfigError as e:  # the weights still export (a tokenizer path of another machine, say)
             bos, eos, said = None, None, f"tokenizer: not written ({e})"
@@ -199,9 +212,8 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
         notes.append(f"exported iteration {int(common.get('iteration', 0))} ({ckpt})")
         if adapted:
             notes.append(f"merged the LoRA adapters of {len(adapted)} weights (scaling alpha/r = {lora.scaling:g})")
+        refuse_existing(output)  # written meanwhile
         if os.path.exists(output):
-            if os.listdir(output):
-                raise ConfigError(f"--output {output} exists and is not empty; pick a new directory")
             os.rmdir(output)
         os.replace(tmp, output)
     except OSError as e:
@@ -214,6 +226,21 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     finally:
         reader.close()
     return output
+
+
+def _tokenizer_too_big(saved: dict, model_vocab: int) -> Optional[str]:
+    """Why the run's tokenizer cannot go with this model (its ids would index past the embedding), or None: a
+    --mock-data run records no tokenizer, and the bundled one is larger than a small test vocabulary."""
+    from megallama.data.tokenizer_export import run_tokenizer
+    try:
+        tok = run_tokenizer(saved)
+    except ConfigError:
+        return None  # export_tokenizer says why it cannot write it
+    if tok.vocab_size <= model_vocab:
+        return None
+    return (f"the run's tokenizer '{tok.name}' has {tok.vocab_size} tokens but the model only {model_vocab}"
+            f"{' (the run trained on --mock-data)' if saved.get('mock_data') else ''}; name the model's tokenizer "
+            "with --tokenizer-type/--tokenizer-model")
 
 
 def _with_tokenizer(saved: dict, tokenizer_type, tokenizer_model, model_vocab: int, notes: list) -> dict:
@@ -261,13 +288,11 @@ def main(argv=None) -> int:
     try:
         dtype = _DTYPES[args.dtype] if args.dtype else None
         if args.direction == "hf-to-megallama":
-            if os.path.isdir(args.output) and os.listdir(args.output):
-                raise ConfigError(f"--output {args.output} exists and is not empty; pick a new directory")
             out = hf_to_megallama(args.hf_dir, args.output, args.model_name, dtype, _size(args.max_file_size))
-            cfg = ModelConfig.from_dict(torch.load(os.path.join(out, "common.pt"), weights_only=True)["args"]
-                                        ["model_config"])
-            print(f"wrote {out}\ntrain from it with: --load {args.output} --use-checkpoint-args [--finetune]\n"
-                  f"(or name the shape yourself: {flags_for(cfg)})")
+            saved = torch.load(os.path.join(out, "common.pt"), weights_only=True)["args"]
+            cfg = ModelConfig.from_dict(saved["model_config"])
+            print(f"wrote {out}\ntrain from it with: --load {args.output} --use-checkpoint-args [--finetune]"
+                  f"{tokenizer_flags(saved)}\n(or name the shape yourself: {flags_for(cfg)})")
         else:
             notes = []
             out = megallama_to_hf(args.load, args.output, dtype, _size(args.max_shard_size), notes,
@@ -277,6 +302,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def tokenizer_flags(saved: dict) -> str:
+    """The model's own tokenizer as training flags: pretrain_llama.py tokenizes with the bundled tokenizer unless
+    told (finetune_llama.py --pretrained-checkpoint finds it itself)."""
+    from megallama.data.tokenizer import checkpoint_tokenizer
+    try:
+        t, path = checkpoint_tokenizer(saved)
+    except ConfigError:
+        return " --tokenizer-type ... --tokenizer-model ... (the folder has no tokenizer: name the model's)"
+    return f" --tokenizer-type {t} --tokenizer-model {path}" if t else ""
 
 
 def flags_for(cfg: ModelConfig) -> str:

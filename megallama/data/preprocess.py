@@ -158,6 +158,12 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
         raise ConfigError(f"data file not found: {input}; pass an existing .jsonl file (one {{\"text\": ...}} per line)")
     if not json_keys:
         raise ConfigError("--json-keys is empty; name at least one key, e.g. --json-keys text")
+    twice = sorted({k for k in json_keys if list(json_keys).count(k) > 1})
+    if twice:  # one file per key: a repeated key would hold every document twice
+        raise ConfigError(f"--json-keys names {twice[0]!r} more than once; name each key once")
+    if not os.path.basename(output_prefix):
+        raise ConfigError(f"--output-prefix {output_prefix} names a folder, not a file prefix; add one, e.g. "
+                          f"{os.path.join(output_prefix, 'corpus')}")
     dtype = dtype or optimal_dtype(tokenizer.vocab_size)
     prefixes = {k: output_prefix_for(output_prefix, k) for k in json_keys}
     out_dir = os.path.dirname(os.path.abspath(output_prefix))

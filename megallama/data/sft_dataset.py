@@ -181,6 +181,9 @@ class SFTDataset(torch.utils.data.Dataset):
             warnings.warn(f"{name}: {truncated} conversations truncated to {n} tokens, {dropped} without answer "
                           f"tokens dropped; raise --seq-length to keep more")
         if not convs:
+            if not any(m[1:].sum() for _, m in conversations):  # none to truncate: a longer sequence won't help
+                raise ConfigError(f"no {name} conversation has an assistant turn, and only assistant answers are "
+                                  "trained on; add assistant messages to the chat data")
             raise ConfigError(f"no {name} conversation has an assistant answer within --seq-length {seq_length}")
         order = np.random.RandomState(seed).permutation(len(convs))
         self.convs = convs

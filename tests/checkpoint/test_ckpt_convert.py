@@ -304,3 +304,50 @@ def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
     from megallama.checkpointing.full import open_checkpoint
     from megallama.data.tokenizer_export import auto_prompt_prefix
     assert auto_prompt_prefix(open_checkpoint(sft, verify=False)[1]["args"]) == "bos"
+
+
+def test_an_existing_output_is_refused_before_any_work(tmp_path):
+    """Both directions, from Python too: a non-empty directory or a file as output is refused before the source is
+    read (not after a 405B export was written beside it), and an existing run is never written into."""
+    hf = _hf_model(HF_CASES["gqa_untied"])
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest_checkpointed_iteration.txt").write_text("100")
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((run, "not empty"), (tmp_path / "file", "is a file")):
+        with pytest.raises(ConfigError, match=needle):
+            conv.hf_to_megallama(str(tmp_path / "hf"), str(out))
+        with pytest.raises(ConfigError, match=needle):  # the missing --load is not even looked at
+            conv.megallama_to_hf(str(tmp_path / "no_such_run"), str(out))
+    assert sorted(os.listdir(run)) == ["latest_checkpointed_iteration.txt"]
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "100"
+
+
+def test_export_does_not_write_a_tokenizer_larger_than_the_model(tmp_path):
+    """A --mock-data run records no tokenizer: the bundled one (8192 tokens) is not written beside a 256-token
+    embedding (HF would index past it); the weights still export and the line says why."""
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=256, max_position_embeddings=64)
+    save_checkpoint(str(tmp_path / "run"), 1, [build_model(cfg, seed=1)], None,
+                    SimpleNamespace(model="custom", model_config=cfg, mock_data=True), consumed_samples=1)
+    notes = []
+    conv.megallama_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), notes=notes)
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert any(n.startswith("tokenizer: not written") and "8192 tokens but the model only 256" in n for n in notes)
+
+
+def test_import_hint_names_the_models_tokenizer(tmp_path, capsys):
+    """The printed 'train from it with' line carries the folder's tokenizer: pretrain_llama.py without tokenizer
+    flags tokenizes with the bundled one, whose ids mean other words to an imported model."""
+    hf = _hf_model(HF_CASES["gqa_untied"])
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert conv.main(["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "m1")]) == 0
+    assert "(the folder has no tokenizer: name the model's)" in capsys.readouterr().out
+    import shutil
+    from megallama.data.tokenizer import build_tokenizer
+    model_file = str(tmp_path / "hf" / "tokenizer.model")
+    shutil.copy(build_tokenizer("bundled").path, model_file)  # a sentencepiece model, as Llama 2's releases
+    assert conv.main(["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "m2")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.endswith(f"--finetune] --tokenizer-type sentencepiece --tokenizer-model {model_file}"), line

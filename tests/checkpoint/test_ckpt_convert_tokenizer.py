@@ -73,13 +73,10 @@ def test_hf_generate_on_the_export_equals_generate_py_greedy(tmp_path, monkeypat
         assert len(hf_new) >= 3 and list(mine) == hf_new, prompt
 
 
-def test_scratch_hf_tokenizer_run_exports_eod_first(tmp_path, monkeypatch):
-    """A run trained from scratch with --tokenizer-type hf, whose tokenizer.json prepends <s>: its documents
-    followed an eod, so the export's tokenizer starts a text with the eod, as tools/generate.py does, and HF greedy
-    decoding gives megallama's tokens (the <s> context the model never saw would change them)."""
+def _bpe_tokenizer(tmp_path):
+    """A 300-token byte-level BPE tokenizer.json (HF's format) trained on the test corpus, in tmp_path/tok."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    from megallama.data.tokenizer import build_tokenizer
     t = tokenizers.Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
@@ -91,7 +88,35 @@ def test_scratch_hf_tokenizer_run_exports_eod_first(tmp_path, monkeypatch):
     t.save(str(tmp_path / "tok" / "tokenizer.json"))
     json.dump({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"},
               open(tmp_path / "tok" / "tokenizer_config.json", "w"))
-    run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", str(tmp_path / "tok"))
+    return str(tmp_path / "tok")
+
+
+def test_resume_without_tokenizer_flags_takes_the_checkpoints(tmp_path, capsys):
+    """A resume (or --finetune) that names no tokenizer reads the data with the checkpoint's, not the bundled one,
+    whose ids mean other words to the model (before: the 8192-token bundled tokenizer, refused here only because
+    the vocabulary sizes differ; silent where they agree)."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", _bpe_tokenizer(tmp_path), "--train-iters",
+                 "2")
+    capsys.readouterr()
+    out = pretrain(parse_args(["--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                               "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "4",
+                               "--global-batch-size", "4", "--train-iters", "3", "--device", "cpu",
+                               "--no-progress-bar", "--no-fused-kernels", "--data-path", corpus(tmp_path / "c.jsonl"),
+                               "--data-cache-dir", str(tmp_path / "cache"), "--load", run, "--split", "100,0,0",
+                               "--use-checkpoint-opt-param-scheduler"], world_size=1))
+    assert sorted(out["losses"]) == [3]
+    text = capsys.readouterr().out
+    assert f"tokenizer: hf {tmp_path / 'tok'} (the --load checkpoint's" in text and "(hf:tok tokenizer)" in text
+
+
+def test_scratch_hf_tokenizer_run_exports_eod_first(tmp_path, monkeypatch):
+    """A run trained from scratch with --tokenizer-type hf, whose tokenizer.json prepends <s>: its documents
+    followed an eod, so the export's tokenizer starts a text with the eod, as tools/generate.py does, and HF greedy
+    decoding gives megallama's tokens (the <s> context the model never saw would change them)."""
+    from megallama.data.tokenizer import build_tokenizer
+    run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", _bpe_tokenizer(tmp_path))
     conv.megallama_to_hf(run, str(tmp_path / "hf"))
     tok = build_tokenizer("hf", str(tmp_path / "tok"))
     config = json.load(open(tmp_path / "hf" / "config.json"))

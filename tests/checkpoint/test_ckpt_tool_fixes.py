@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_checkpoint as conv  # noqa: E402
 
-BASE = TINY + ["--micro-batch-size", "2", "--global-batch-size", "4"]
+# the bundled tokenizer's 8192 tokens fit the embedding, so an export writes it (a larger tokenizer is not written)
+BASE = TINY + ["--micro-batch-size", "2", "--global-batch-size", "4", "--vocab-size", "8192"]
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_each_split_comes_from_its_own_corpus(corpora, capsys):
     one = _run(["--data-path", corpora["train"], "--split", "100,0,0"], corpora)
     assert per_split["losses"] == one["losses"]  # the whole train corpus, in --split 100,0,0's order
     assert sorted(per_split["valid_losses"]) == [2, 4] and per_split["test_loss"] is not None
-    m = re.search(r"validation at the end of training \(iteration 4\) on the test data \| lm loss: ([0-9.E+-]+)", out)
+    m = re.search(r"validation loss at iteration 4 on test set \| lm loss value: ([0-9.E+-]+)", out)
     assert m and float(m.group(1)) == pytest.approx(per_split["test_loss"], rel=1e-6)
     on_train = _run(["--train-data-path", corpora["train"], "--valid-data-path", corpora["train"],
                      "--eval-interval", "2"], corpora)
@@ -71,5 +71,5 @@ def test_given_validation_and_test_data_are_used(corpora, capsys):
     assert sorted(out["valid_losses"]) == [4] and out["test_loss"] is None
     split = _run(["--data-path", corpora["train"], "--split", "80,10,10"], corpora)
     assert split["test_loss"] is not None and split["valid_losses"] == {}
-    assert "on the test data" in capsys.readouterr().out
+    assert "on test set" in capsys.readouterr().out
     assert _run(["--data-path", corpora["train"], "--split", "90,10,0"], corpora)["test_loss"] is None

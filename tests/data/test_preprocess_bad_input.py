@@ -99,3 +99,16 @@ def test_any_tokenizer_failure_names_the_line(tmp_path):
         preprocess_jsonl(str(src), str(tmp_path / "o"), _Fussy(), progress=False)
     assert str(e.value) == (f"{src} line 3: tokenizer 'fussy' cannot encode its 'text' value (RuntimeError: cannot "
                             "handle this); fix or remove that line")
+
+
+def test_repeated_json_key_or_a_folder_prefix_is_one_line(tmp_path, capsys):
+    """--json-keys text text wrote every document twice into one file; --output-prefix DIR/ wrote DIR/_text_document
+    (a hidden-looking name nobody asked for). Both are refused before any work."""
+    src = tmp_path / "two.jsonl"
+    src.write_text('{"text": "a b", "title": "t"}\n{"text": "c d", "title": "u"}\n')
+    rc, err = _run(capsys, "--input", str(src), "--output-prefix", str(tmp_path / "o"), "--json-keys", "text",
+                   "title", "text")
+    assert rc == 2 and err == "error: --json-keys names 'text' more than once; name each key once"
+    rc, err = _run(capsys, "--input", str(src), "--output-prefix", str(tmp_path) + os.sep)
+    assert rc == 2 and err.startswith(f"error: --output-prefix {tmp_path}{os.sep} names a folder, not a file prefix")
+    assert sorted(os.listdir(tmp_path)) == ["two.jsonl"]

@@ -121,3 +121,53 @@ def test_dry_run_resolves_the_finetuning_flags_and_converts_nothing(tmp_path, mo
     assert rc == 0 and "resolved configuration:" in out and "1 GPUs = tp 1 x pp 1 x dp 1" in out, out[-2000:]
     assert "'num_layers': 1, 'hidden_size': 32" in out and " chat_template                            True" in out
     assert sorted(os.listdir(tmp_path)) == ["model"]  # the HF folder was read, not converted
+
+
+# ------------------------------------------------------------------ --load X --finetune --save X
+def test_finetune_from_the_save_dir_itself_is_told_to_drop_finetune(tmp_path, one_thread):
+    """--load X --finetune became --pretrained-checkpoint X before the --save check, which then told the user to
+    'pass --load X', the flag already given: now it names --finetune as what keeps the run from resuming."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    run = str(tmp_path / "run")
+    pretrain(parse_args(TINY + ["--mock-data", "--train-iters", "1", "--save", run], world_size=1))
+    with pytest.raises(ConfigError, match=f"drop --finetune and pass --load {run} to resume it"):
+        _pretrained(TINY + ["--mock-data", "--load", run, "--finetune", "--save", run])
+    assert _pretrained(TINY + ["--mock-data", "--load", run, "--finetune", "--save", str(tmp_path / "new")]) == run
+
+
+def test_dry_run_refuses_a_pretrained_model_of_another_shape(tmp_path, monkeypatch, capsys):
+    """The plan printed a memory table for 2 layers over a 1-layer checkpoint (examples/finetune_lora.sh with
+    another BASE): the run then failed on its first load. Now the plan fails the same way."""
+    import finetune_llama
+    monkeypatch.chdir(tmp_path)
+    _export(tmp_path / "model", 1)
+    flags = ["--pretrained-checkpoint", "model", "--model", "tiny_llama3_50m", "--hidden-size", "32",
+             "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size",
+             "256", "--untie-embeddings-and-output-weights", "--mock-data", "--device", "cpu", "--seq-length", "64",
+             "--dry-run"]
+    assert finetune_llama.main(flags + ["--num-layers", "1"]) == 0
+    capsys.readouterr()
+    assert finetune_llama.main(flags + ["--num-layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint model is for a different model") and "num_layers=1, this run has 2" \
+        in err and err.count("\n") == 1, err
+
+
+def test_save_adapter_without_adapters_is_refused_before_training(tmp_path):
+    """--save-adapter without --strategy lora trained the whole run and failed when writing the adapter at the end."""
+    with pytest.raises(ConfigError, match="--save-adapter .* needs --strategy lora or hybrid"):
+        _pretrained(TINY + ["--mock-data", "--save-adapter", str(tmp_path / "adapter")])
+    assert _pretrained(TINY + ["--mock-data", "--strategy", "lora", "--save-adapter", str(tmp_path / "a")]) is None
+
+
+def test_a_file_or_an_adapter_folder_as_pretrained_checkpoint_names_the_flag(tmp_path):
+    """A rank file was refused as '--load X is a file' (a flag not given) and an adapter folder as 'holds no
+    checkpoint'; each now names --pretrained-checkpoint and what to pass."""
+    (tmp_path / "rank_00000.pt").write_bytes(b"")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"--pretrained-checkpoint .*rank_00000.pt is a file"):
+        _pretrained(TINY + ["--mock-data", "--pretrained-checkpoint", str(tmp_path / "rank_00000.pt")])
+    with pytest.raises(ConfigError, match="holds LoRA adapters only .* pass the base model"):
+        _pretrained(TINY + ["--mock-data", "--pretrained-checkpoint", str(tmp_path / "adapter")])

@@ -122,6 +122,16 @@ def test_bad_lora_config():
         apply_lora(m, LoRAConfig(rank=2, target_modules=["o_proj"]))
 
 
+def test_zero_alpha_is_refused_and_repeated_targets_are_one():
+    """--lora-alpha 0 trained for the whole run with a zero update and zero gradients; q_proj,q_proj was recorded
+    twice (a resume naming q_proj once was refused as another model)."""
+    with pytest.raises(ConfigError, match="--lora-alpha 0 .* never train"):
+        TrainingStrategy("lora", {"lora_rank": 4, "lora_alpha": 0}).lora_config()
+    cfg = TrainingStrategy("lora", {"target_modules": "q_proj,v_proj,q_proj"}).lora_config()
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert TrainingStrategy("lora", {"lora_rank": 4, "lora_alpha": -4}).lora_config().scaling == -1.0  # legal
+
+
 def test_lora_dropout_applies_in_training_only():
     m = _lora_model(dict(ALL, lora_dropout=0.5))
     o = m.model.layers["0"].self_attn.o_proj
@@ -164,3 +174,26 @@ def test_lora_tp2_equals_tp1():
         for k, v in adapters.items():
             assert rel_err(torch.from_numpy(v), torch.from_numpy(ref_state[k])) < 1e-6
     assert sum(k.endswith("lora_A.weight.grad") for k in ref_state) == 14
+
+
+# ------------------------------------------------------------------ --save-adapter under ZeRO-3
+def _zero3_adapter_worker(rank, world, path):
+    from megallama.optimizer.distributed import DistributedDataParallel
+    from megallama.strategies import save_adapter
+    ps.initialize_model_parallel()  # dp 2
+    ddp = DistributedDataParallel(_lora_model(), zero_stage=3)
+    save_adapter(path, [ddp], lora_cfg=LoRAConfig(rank=4, alpha=8, target_modules=list(LORA_TARGETS)),
+                 overwrite=False)
+    return {n: tuple(p.shape) for n, p in ddp.module.named_parameters() if ".lora_" in n}
+
+
+def test_save_adapter_under_zero3_writes_whole_adapters(tmp_path):
+    """ZeRO-3 leaves each parameter an empty placeholder between uses: --save-adapter wrote 0-element tensors."""
+    from safetensors.torch import load_file
+    shapes = run_distributed(_zero3_adapter_worker, 2, str(tmp_path / "adapter"))[0]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    ref = gather_lora_state_dict([_lora_model()])
+    assert len(saved) == len(ref) == 28
+    for k, v in ref.items():
+        assert torch.equal(saved["base_model.model." + k], v), k
+    assert all(s == (0,) for s in shapes.values())  # the placeholders are left as the wrapper keeps them

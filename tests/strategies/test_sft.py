@@ -227,3 +227,13 @@ def test_resumed_finetune_does_not_reload_the_pretrained_weights(tmp_path, capsy
     assert "resumed from" in log and f"loaded weights from {ck}" not in log, log
     assert {**first, **rest} == full
 
+    # the base deleted or moved since the start: the resume needs nothing of it (it was refused as missing)
+    shutil.rmtree(tmp_path / "sft" / "iter_0000004")
+    (tmp_path / "sft" / "latest_checkpointed_iteration.txt").write_text("2")
+    os.rename(ck, str(tmp_path / "moved"))
+    adapter = str(tmp_path / "adapter")
+    rest, log = finetune("--save-adapter", adapter)
+    assert f"--pretrained-checkpoint {ck} is not there; not needed to resume" in log, log
+    assert {**first, **rest} == full
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == ck  # still the base the adapters were trained on

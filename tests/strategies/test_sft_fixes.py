@@ -52,6 +52,18 @@ def test_truncated_gzip_is_one_line(tmp_path):
         read_chat_jsonl(str(p))
 
 
+def test_chat_data_without_assistant_turns_says_so(tmp_path):
+    """Only user turns: the error said no answer fits 'within --seq-length 64', and a longer one does not help."""
+    p = tmp_path / "users.jsonl"
+    p.write_text(json.dumps({"messages": CHAT[:1]}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        build_sft_datasets(str(p), build_tokenizer("bundled"), 64, split="100,0,0")
+    _one_line(e, "no train conversation has an assistant turn", "add assistant messages")
+    p.write_text(LINE + "\n")
+    with pytest.raises(ConfigError, match="within --seq-length 4"):  # answers there, cut off: as before
+        build_sft_datasets(str(p), build_tokenizer("bundled"), 4, split="100,0,0")
+
+
 def test_utf8_bom_is_accepted(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + (LINE + "\n").encode())
