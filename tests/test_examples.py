@@ -71,7 +71,7 @@ def test_finetune_launcher_dry_run_resolves_the_finetuning_step(tmp_path):
         in missing.stderr and "resolved configuration" not in missing.stdout
     from megallama.arguments import parse_args
     from megallama.training import pretrain
-    base = str(tmp_path / "base")  # the script's shape and step 1's vocabulary (the bundled tokenizer's), one mock step
+    base = str(tmp_path / "base")  # the script's shape and the bundled tokenizer's vocabulary, one mock step
     pretrain(parse_args(["--model", "tiny_llama3_50m", "--num-layers", "4", "--hidden-size", "256",
                          "--ffn-hidden-size", "704", "--num-attention-heads", "8", "--num-query-groups", "4",
                          "--vocab-size", "8192", "--device", "cpu", "--mock-data", "--seq-length", "16",

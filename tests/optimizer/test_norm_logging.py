@@ -14,7 +14,9 @@ ARGV = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64"
         "--untie-embeddings-and-output-weights", "--log-params-norm", "--log-num-zeros-in-grad"]
 LAYOUTS = {"tp2_dp2_zero1": ["--tensor-model-parallel-size", "2", "--zero-stage", "1"],
            "pp2_dp2": ["--pipeline-model-parallel-size", "2"]}
-LINE = re.compile(r"iteration\s+(\d+)/.*\| num zeros: (\d+) \| params norm: ([0-9.E+-]+) \|")
+# Megatron's formats: num zeros "{:.1f}", params norm "{:.3f}" (so the logged norms agree to the printed digits)
+LINE = re.compile(r"iteration\s+(\d+)/.*\| num zeros: ([0-9.]+) \| params norm: ([0-9.]+) \|")
+PRINTED = 1.5e-3
 
 
 def _logged(argv, world):
@@ -23,7 +25,7 @@ def _logged(argv, world):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         pretrain(parse_args(ARGV + argv, world_size=world))
-    return {int(i): (int(z), float(n)) for i, z, n in LINE.findall(buf.getvalue())}
+    return {int(i): (int(float(z)), float(n)) for i, z, n in LINE.findall(buf.getvalue())}
 
 
 def _parallel(rank, world):
@@ -43,7 +45,7 @@ def test_params_norm_and_zeros_count_each_element_once():
         for step, (zeros, norm) in ref.items():
             z, n = got[name][step]
             assert z == zeros, (name, step, z, zeros)
-            assert abs(n - norm) <= 1e-5 * norm, (name, step, n, norm)
+            assert abs(n - norm) <= PRINTED, (name, step, n, norm)
 
 
 def _chimera(rank, world, argv):
@@ -68,4 +70,4 @@ def test_chimera_counts_its_replica_chunk_once():
     for i in (1, 2, 3):
         assert abs(norms[i] - ref["grad_norms"][i]) <= 1e-5 * ref["grad_norms"][i], (i, norms, ref["grad_norms"])
         assert abs(losses[i] - ref["losses"][i]) <= 1e-5 * ref["losses"][i]
-        assert logged[i][0] == ref_logged[i][0] and abs(logged[i][1] - ref_logged[i][1]) <= 1e-5 * ref_logged[i][1]
+        assert logged[i][0] == ref_logged[i][0] and abs(logged[i][1] - ref_logged[i][1]) <= PRINTED
