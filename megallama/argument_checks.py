@@ -58,8 +58,9 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         raise ConfigError(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        raise ConfigError(f"--eval-interval must be >= 1, got {args.eval_interval} (leave it out for no evaluation)")
+    if args.eval_interval is not None and args.eval_interval < 0:
+        raise ConfigError(f"--eval-interval must be >= 0 (0: no evaluation), got {args.eval_interval}")
+    args.eval_interval = args.eval_interval or None  # Megatron's 0 is off
     if args.loss_log and os.path.isdir(args.loss_log):
         raise ConfigError(f"--loss-log {args.loss_log} is a directory; pass a file path")
     if args.tensorboard_dir and os.path.exists(args.tensorboard_dir) and not os.path.isdir(args.tensorboard_dir):

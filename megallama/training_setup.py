@@ -306,7 +306,10 @@ def setup_model_and_optimizer(args, device):
                           decoupled_lr=getattr(args, "decoupled_lr", None),
                           decoupled_min_lr=getattr(args, "decoupled_min_lr", None))
     optimizer = get_megatron_optimizer(cfg, wrapped)
-    attach_gradient_compression(wrapped, optimizer, compression)
+    if not attach_gradient_compression(wrapped, optimizer, compression) and compression.method != "none":
+        from megallama.initialize import warn_rank_0
+        warn_rank_0(f"--gradient-compression {compression.method} has nothing to compress at data-parallel size 1 "
+                    "(no data-parallel gradient reduction); it is ignored")
     return wrapped, optimizer
 
 

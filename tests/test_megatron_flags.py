@@ -351,11 +351,13 @@ def test_a_megatron_line_takes_megatrons_defaults_for_what_it_leaves_out(capsys)
 
 
 def test_zero_eval_iters_and_exit_interval_are_off_and_warmup_zero_defers_to_the_fraction(tmp_path):
-    """Megatron: --eval-iters 0 (or -1) evaluates nothing, the test split neither; --exit-interval 0 never exits;
+    """Megatron: --eval-iters 0 (or -1) evaluates nothing, the test split neither; --exit-interval 0 never exits,
+    --eval-interval 0 never evaluates;
     --lr-warmup-iters 0 is its default, so a --lr-warmup-fraction sets the warmup."""
     from megallama.training_setup import build_test_data
     a = _args(TINY + ["--eval-interval", "2", "--eval-iters", "0", "--split", "90,5,5", "--exit-interval", "0"])
     assert (a.eval_interval, a.eval_iters, a.exit_interval) == (None, 0, None)
+    assert _args(TINY + ["--eval-interval", "0", "--split", "90,5,5"]).eval_interval is None  # 0 is off
     assert build_test_data(a, None) is None  # no dataset built: 0 samples are not a test set
     s = _args(TINY + ["--train-iters", "20", "--lr-warmup-iters", "0", "--lr-warmup-fraction", "0.25"])
     assert (s.lr_warmup_iters, s.lr_warmup_fraction) == (None, 0.25)

@@ -202,7 +202,9 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             keys = [] if finetune or no_optim else saved_keys(common["index"])
             manifest = F.read_manifest(ckpt) or {}
             no_rng = bool(getattr(args, "no_load_rng", False))
-            rng_file = f"rank_{_rank():05d}.pt" if same_layout and not finetune and not no_rng else None
+            # this rank's file: its RNG states and its compressors' error memories (kept under --no-load-rng)
+            rng_file = f"rank_{_rank():05d}.pt" if same_layout and not finetune and not (no_rng and no_optim) \
+                else None
             rng_file = rng_file if rng_file in manifest else None
             reason = _first_error(F.check_files(ckpt, manifest, _needed_files(reader, plan, keys, rng_file)))
         if reason is not None:
@@ -301,19 +303,19 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
 
 
 def _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, compression_key) -> Tuple[int, int]:
-    """This rank's RNG states (and, with the optimizer, the compressors' error memories) from its own file."""
-    saved_comp = None
-    if rng_file:
-        obj = reader.load_object(rng_file)
-        set_rng_state(obj["rng"])
-        saved_comp = obj.get(compression_key) if compression_key else None
-    elif no_rng:
+    """This rank's RNG states (not under --no-load-rng) and, with the optimizer, the compressors' error memories
+    (under --no-load-rng too: they are optimizer state) from its own file."""
+    obj = reader.load_object(rng_file) if rng_file else {}
+    saved_comp = obj.get(compression_key) if compression_key else None
+    if no_rng:
         _say("--no-load-rng: RNG states start from the seed")
+    elif rng_file:
+        set_rng_state(obj["rng"])
     else:
         what = "weights and optimizer" if compression_key else "weights"  # --no-load-optim: the optimizer is fresh
         _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): {what} resharded; RNG "
              "states start from the seed")
-    msg = load_compression_state(model_chunks, saved_comp)
+    msg = load_compression_state(model_chunks, saved_comp, None if compression_key else "--no-load-optim")
     if msg:
         _say(msg)
     reader.close()

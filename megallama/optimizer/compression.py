@@ -361,9 +361,9 @@ def compression_state(model_chunks) -> Optional[list]:
     return [c.state_dict() if c is not None else None for c in comps] if any(comps) else None
 
 
-def load_compression_state(model_chunks, saved: Optional[Sequence]) -> Optional[str]:
-    """Restore what ``compression_state`` saved (None: not saved, or saved without a layout match). Returns what
-    happened, for the log, or None when no chunk compresses."""
+def load_compression_state(model_chunks, saved: Optional[Sequence], skipped: Optional[str] = None) -> Optional[str]:
+    """Restore what ``compression_state`` saved (None: not saved, or saved without a layout match; ``skipped``: the
+    flag that left it unread). Returns what happened, for the log, or None when no chunk compresses."""
     comps = _compressors(model_chunks)
     if not any(comps):
         return None
@@ -375,6 +375,8 @@ def load_compression_state(model_chunks, saved: Optional[Sequence]) -> Optional[
     for c in comps:  # a partial restore must not mix with fresh state
         if c is not None:
             c.reset_state()
+    if skipped:
+        return f"gradient compression state starts afresh ({skipped})"
     return ("gradient compression state starts afresh (the checkpoint has none for this layout and these "
             "compression flags)")
 

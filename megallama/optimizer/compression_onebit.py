@@ -9,24 +9,30 @@ then freezes the variance v so that the momentum is the only state that changes,
   signs plus one fp32 scale per chunk (csrc 1-bit kernel) in DeepSpeed's two stages: all-to-all of
   segments with worker error feedback, each rank averages its segment and re-compresses it with server error
   feedback, all-gather. About 2(N-1)/N x n/8 bytes per rank against 2(N-1)/N x 4n for a fp32 all-reduce.
-* the hook hands the optimizer the averaged momentum D u_avg in the gradient buffer (linear in the local ones, so
-  the tp / embedding-group sums after the dp average stay right; the logged grad norm and the clip apply to it),
-  and ``OneBitAdamW`` takes it as its ``exp_avg`` and keeps v frozen.
+* the hook hands the optimizer the averaged momentum D u_avg in the gradient buffer (the logged grad norm and the
+  clip apply to it), and ``OneBitAdamW`` takes it as its ``exp_avg`` and keeps v frozen. A weight whose copies'
+  gradients the loop adds up after the dp average (R copies: sequence-parallel norms over tp, a tied embedding split
+  over pipeline stages, Chimera's replicas; ``summed_copies``) has each copy's compressor keep its own share of the
+  momentum, starting from exp_avg / R, so that the sum of the R shares is the momentum, not R times its old part.
+* D is floored per parameter at ``DENOM_FLOOR`` x its RMS over the whole parameter (a tp-sharded one's mean is taken
+  over its tp shards, so tp 2 floors what tp 1 floors), written back into the optimizer's v: a coordinate whose
+  v is ~0 at the freeze (an embedding row unseen in the warm-up) would otherwise take a step of m / eps.
 * a frozen v goes stale as the gradient scale drifts (frozen for good at step 10 of 100, the tiny test model ended
   19% worse, with the identity compressor); as in 0/1 Adam, steps ``warmup + 2^j`` are exact and update v,
   catching up the skipped updates (v <- beta2^k v + (1 - beta2^k) g^2 after k steps; without the catch-up +27%
   instead of +16% at a 5% warm-up). Their number grows as log2 of the run length. Freezing inside the LR warm-up
   is the costly case (5% warm-up +16%, 10% = the LR warm-up +1.4%): keep the warm-up >= the LR warm-up.
-* D is floored per parameter at ``DENOM_FLOOR`` x its RMS (written back into the optimizer's v): a coordinate whose
-  v is ~0 at the freeze (an embedding row unseen in the warm-up) would otherwise take a step of m / eps.
 """
 from __future__ import annotations
 
 import math
+from typing import Dict, List, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megallama.errors import ConfigError
+from megallama.mpu import parallel_state as ps
 from megallama.ops import compression as kernels
 from megallama.optimizer.compression import GradientCompressor
 
@@ -123,6 +129,51 @@ def install_onebit_adam(dist_optimizer, freeze_step: int, refresh: bool = True) 
     return new
 
 
+def _unwrap(module):
+    """The model inside DDP/ZeRO wrappers (the one that knows its pipeline stage and schedule)."""
+    while hasattr(module, "module") and not hasattr(module, "set_input_tensor"):
+        module = module.module
+    return module
+
+
+def summed_copies(ddp) -> Dict[torch.nn.Parameter, int]:
+    """For each of ``ddp``'s parameters whose gradient the training loop adds up over R > 1 copies after the dp
+    average (training_setup.finalize_model_grads): R. Sequence-parallel weights over the tp ranks, every weight of a
+    Chimera chunk with its mirror replica, the tied embedding / output pair over the embedding group at pp > 1."""
+    module = _unwrap(ddp.module)
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    chimera = 2 if pp > 1 and getattr(module, "pipeline_schedule", None) == "chimera" else 1
+    tied = set()
+    if pp > 1 and getattr(module, "share_embeddings", False):
+        if getattr(module, "pre_process", False):
+            tied.add(module.model.embed_tokens.weight)
+        if hasattr(module, "output_weight"):
+            tied.add(module.output_weight)
+    embd = len(ps.get_embedding_ranks()) if tied else 1
+    out = {}
+    for p in ddp.layout.index:
+        r = chimera * (tp if getattr(p, "sequence_parallel", False) else 1) * (embd if p in tied else 1)
+        if r > 1:
+            out[p] = r
+    return out
+
+
+def _floor_means(params: List[torch.nn.Parameter], v: torch.Tensor, views: List[Tuple[int, int]]) -> List[float]:
+    """Each parameter's mean of ``v`` (its bucket segment ``views[i]`` = (offset, numel)) over the whole parameter:
+    at tp > 1 a tp-sharded one's sum and count are added up over its shards (one all-reduce per bucket)."""
+    means = [float(v[off:off + n].mean()) if n else 0.0 for off, n in views]
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    sharded = [i for i, p in enumerate(params) if getattr(p, "tensor_model_parallel", False)]
+    if tp > 1 and sharded:
+        stats = torch.tensor([[float(v[views[i][0]:views[i][0] + views[i][1]].double().sum()), views[i][1]]
+                              for i in sharded], dtype=torch.float64, device=v.device)
+        dist.all_reduce(stats, group=ps.get_tensor_model_parallel_group())
+        for i, (total, count) in zip(sharded, stats.tolist()):
+            means[i] = total / max(count, 1.0)
+    return means
+
+
 class OneBitCompressor(GradientCompressor):
     reset_after_exact = True  # after a warm-up/refresh step the optimizer's m and v are new: read them again
 
@@ -130,7 +181,16 @@ class OneBitCompressor(GradientCompressor):
         if optimizer is None or not hasattr(optimizer, "pieces"):
             raise ConfigError("1-bit Adam compresses the optimizer's momentum: attach it with the "
                               "DistributedOptimizer (attach_gradient_compression(chunks, optimizer, config))")
+        self.copies = summed_copies(ddp)
         super().__init__(ddp, config, optimizer)
+
+    def signature(self) -> dict:
+        """A momentum saved as shares of R copies is only valid where the same weights have R copies."""
+        sig = super().signature()
+        if self.copies:
+            idx = self.ddp.layout.index
+            sig["summed_copies"] = sorted([idx[p][0], r] for p, r in self.copies.items())
+        return sig
 
     def exact_step(self, step: int) -> bool:
         return is_exact_step(step, self.config.warmup_steps, self.config.variance_refresh)
@@ -161,10 +221,13 @@ class OneBitCompressor(GradientCompressor):
                     mine[1, a - lo:a - lo + pc.numel].copy_(st["exp_avg_sq"])
         mv = self.all_gather(mine).transpose(0, 1).reshape(2, n) if sharded else mine
         m, v = mv[0].clone(), mv[1].clone()
-        for off, shape in self.param_views(bucket):
-            seg = v[off:off + math.prod(shape)]
-            if seg.numel():
-                seg.clamp_(min=DENOM_FLOOR ** 2 * float(seg.mean()))
+        params = sorted(bucket.params, key=lambda p: self.ddp.layout.index[p][0])
+        views = [(self.ddp.layout.index[p][0] - bucket.offset, self.ddp.shapes[p].numel()) for p in params]
+        for (off, k), mean in zip(views, _floor_means(params, v, views)):
+            v[off:off + k].clamp_(min=DENOM_FLOOR ** 2 * mean)
+        for p, (off, k) in zip(params, views):  # this copy's share of a momentum its copies' sum makes
+            if p in self.copies:
+                m[off:off + k].div_(self.copies[p])
         for pc, a in pieces:  # the optimizer freezes the floored variance too
             st = opt.optimizer.state.get(pc.master, {})
             if "exp_avg_sq" in st:

@@ -82,3 +82,47 @@ def test_compressed_resume_with_virtual_pipeline_chunks_is_bit_exact(tmp_path):
                                                      "--micro-batch-size", "1"])
     bad = failures(res[0])
     assert not bad, bad
+
+
+def _resume_flags(rank, world, tmp):
+    """top-k saved at SAVE_AT and resumed with --no-load-rng, then with --no-load-optim."""
+    from megallama.arguments import parse_args
+    from megallama.mpu import parallel_state as ps
+    from megallama.training import pretrain
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+            "--num-query-groups", "2", "--vocab-size", "256", "--seq-length", "16", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", str(T), "--lr", "1e-2", "--lr-warmup-iters", "1",
+            "--mock-data", "--no-progress-bar", "--device", "cpu", "--no-fused-kernels"] + METHODS["topk"]
+    out = []
+    ck = f"{tmp}/iter_{SAVE_AT:07d}"
+    for extra in (["--save", tmp, "--save-interval", str(SAVE_AT)], ["--load", ck, "--no-load-rng"],
+                  ["--load", ck, "--no-load-optim"]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            out.append((pretrain(parse_args(argv + extra, world_size=world))["losses"], buf.getvalue()))
+        ps.destroy_model_parallel()
+    return out
+
+
+def test_no_load_rng_keeps_the_compression_state(tmp_path):
+    """--no-load-rng (RNG states only, as in Megatron) also left the compressors' error memories unread, so the
+    resumed curve left the uninterrupted one, and the log blamed the checkpoint; --no-load-optim's fresh start now
+    names the flag."""
+    (ref, _), (resumed, log), (_, no_optim_log) = run_distributed(_resume_flags, 2, str(tmp_path / "ck"))[0]
+    assert "gradient compression state restored" in log, log
+    assert sorted(resumed) == list(range(SAVE_AT + 1, T + 1))
+    assert all(resumed[s] == ref[s] for s in resumed), (resumed, ref)
+    assert "gradient compression state starts afresh (--no-load-optim)" in no_optim_log, no_optim_log
+
+
+def test_compression_at_data_parallel_size_one_is_said_to_do_nothing(capsys):
+    """tp x pp filling every GPU leaves dp 1: nothing is reduced over data parallelism, so the compression flag
+    does nothing; that is a warning line, not silence."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    pretrain(parse_args(["--num-layers", "1", "--hidden-size", "64", "--ffn-hidden-size", "128",
+                         "--num-attention-heads", "4", "--vocab-size", "256", "--seq-length", "16", "--train-iters",
+                         "1", "--mock-data", "--no-progress-bar", "--device", "cpu", "--gradient-compression",
+                         "powersgd"], world_size=1))
+    assert "warning: --gradient-compression powersgd has nothing to compress at data-parallel size 1" in \
+        capsys.readouterr().err
