@@ -18,7 +18,7 @@ from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedul
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
                                        check_model_flags, samples_to_iters, virtual_stages_to_layers)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
-from megallama.moe_args import add_moe_args
+from megallama.moe_args import add_moe_args, check_moe_flags
 from megallama.optimizer_args import add_optimizer_args
 from megallama.progress_log import add_progress_log_args
 
@@ -374,6 +374,7 @@ def _derive_pipeline(args) -> None:
 
 def _derive_strategy(args) -> None:
     """Strategy flags: defaults (--strategy moe means 8 experts) and one-line errors for contradictions."""
+    check_moe_flags(args)
     moe = args.strategy in ("moe", "hybrid")
     if moe and not args.num_experts:
         args.num_experts = 8

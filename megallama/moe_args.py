@@ -24,6 +24,9 @@ _SWITCHES = {"moe_pad_expert_input_to_capacity": "--moe-pad-expert-input-to-capa
              "moe_router_pre_softmax": "--moe-router-pre-softmax",
              "moe_shared_expert_overlap": "--moe-shared-expert-overlap"}
 STRATEGY_KEYS = frozenset(_VALUE_FLAGS) | frozenset(_SWITCHES)
+# every flag that only shapes experts (arguments.py's and the ones above), for check_moe_flags
+_MOE_ONLY = ("moe_router_topk", "moe_aux_loss_coeff", "moe_layer_freq", "moe_layers", "moe_z_loss_coeff",
+             "moe_capacity_factor", "moe_ffn_hidden_size", "moe_upcycle") + tuple(_VALUE_FLAGS) + tuple(_SWITCHES)
 
 
 def add_moe_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +51,22 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
                    "last sequence positions (position)")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                    help="every expert computes exactly its capacity of rows (zero-weight padding): static shapes")
+
+
+def check_moe_flags(args) -> None:
+    """Before --strategy moe's default of 8 experts: --num-experts below 1 is refused (it became 8 silently), and so
+    is a MoE flag on a dense model (it was ignored silently; --expert-model-parallel-size already was refused).
+    A --use-checkpoint-args run may take its experts from the checkpoint, so its MoE flags are left to the load."""
+    given = set(getattr(args, "given_flags", None) or ())
+    if "num_experts" in given and args.num_experts is not None and args.num_experts < 1:
+        raise ConfigError(f"--num-experts must be >= 1, got {args.num_experts}; drop it for a dense model")
+    if args.num_experts or args.strategy in ("moe", "hybrid") or getattr(args, "use_checkpoint_args", False):
+        return
+    flags = ["--" + d.replace("_", "-") for d in _MOE_ONLY if d in given]
+    if flags:
+        raise ConfigError(f"{', '.join(flags)} configure{'s' if len(flags) == 1 else ''} MoE experts, but the model "
+                          "has none; add --num-experts N (or --strategy moe), or drop "
+                          f"{'it' if len(flags) == 1 else 'them'}")
 
 
 def strategy_params(args) -> dict:

@@ -263,7 +263,7 @@ def apply_training_strategy(chunks, args) -> None:
         shown = dict(strategy.parameters)
         if "upcycle" in shown:  # what was done, not the flag's default
             shown["upcycle"] = upcycle and not (pretrained and saved_moe)
-        print_rank_0(f"strategy {strategy.name}: rank 0 trains {_human(n)} of {_human(total)} parameters ({shown})")
+        print_rank_0(f"strategy {strategy.memory_kind}: rank 0 trains {_human(n)} of {_human(total)} parameters ({shown})")
 
 
 def configure_recompute(model, args) -> None:

@@ -287,6 +287,12 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def upcycle_from(self, dense) -> None:
         """Sparse upcycling: every expert starts as a copy of the dense MLP (``LlamaMLP``, same tp shards)."""
+        tp = ps.get_tensor_model_parallel_world_size()
+        dense_f, expert_f = dense.gate_proj.weight.shape[0] * tp, self.experts.gate_proj.shape[1] * tp
+        if dense_f != expert_f:  # a copy needs the same shape: refuse here, not in a broadcast traceback
+            raise ConfigError(f"upcycling (--moe-upcycle, or MoE from a dense --pretrained-checkpoint) copies the "
+                              f"dense MLP (FFN size {dense_f}) into every expert, but --moe-ffn-hidden-size is "
+                              f"{expert_f}; drop --moe-ffn-hidden-size (or set it to {dense_f}) or drop --moe-upcycle")
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(self.experts, name).copy_(getattr(dense, name).weight.unsqueeze(0).expand_as(
                 getattr(self.experts, name)))

@@ -150,6 +150,28 @@ def test_upcycled_moe_equals_dense_model():
         assert rel_err(moe(ids, labels=labels), dense(ids, labels=labels)) < 1e-5
 
 
+def test_upcycling_into_experts_of_another_ffn_size_is_one_error_line():
+    """--moe-ffn-hidden-size other than the dense FFN size with --moe-upcycle was a broadcast RuntimeError."""
+    moe = build_model(TINY, seed=5)
+    params = {"num_experts": 4, "moe_ffn_hidden_size": TINY.ffn_hidden_size // 2, "upcycle": True}
+    with pytest.raises(ConfigError, match="--moe-ffn-hidden-size is"):
+        apply_strategy([moe], TrainingStrategy("moe", params), seed=5)
+
+
+def test_moe_flags_without_experts_and_zero_experts_are_refused():
+    """--num-experts 0 with --strategy moe became 8 experts, and MoE flags on a dense model were ignored, silently
+    (--expert-model-parallel-size alone was refused)."""
+    from megallama.arguments import parse_args
+    line = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--micro-batch-size", "1"]
+    for extra, says in ((["--strategy", "moe", "--num-experts", "0"], "--num-experts must be >= 1, got 0"),
+                        (["--moe-router-topk", "1"], "--moe-router-topk configures MoE experts, but the model has"),
+                        (["--moe-expert-capacity-factor", "1.0", "--moe-upcycle"], "configure MoE experts")):
+        with pytest.raises(ConfigError, match=says):
+            parse_args(line + extra, world_size=1)
+    assert parse_args(line + ["--num-experts", "4", "--moe-router-topk", "1"], world_size=1).moe_router_topk == 1
+    assert parse_args(line + ["--strategy", "moe"], world_size=1).num_experts == 8
+
+
 # ------------------------------------------------------------------ expert parallelism == one process
 LAYOUTS = [  # (tp, ep, sequence_parallel) on 4 ranks: dp = 4 / tp, one micro-batch of 4 / dp samples per rank
     (1, 2, False),  # dp 4, ep 2, expert-data-parallel 2
