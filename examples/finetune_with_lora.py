@@ -24,7 +24,8 @@ def main() -> int:
                         "folder (required for the real model)")
     parser.add_argument("--save-adapter", default="checkpoints/llama3_70b_lora/adapter")
     args = parser.parse_args()
-    if not args.tiny and not (args.pretrained_checkpoint and args.tokenizer_model):
+    # --dry-run only plans (no weights read), so it runs without the base checkpoint and tokenizer
+    if not args.tiny and not args.dry_run and not (args.pretrained_checkpoint and args.tokenizer_model):
         raise ConfigError("fine-tuning the real model needs --pretrained-checkpoint and --tokenizer-model (its "
                           "Llama 3 tokenizer.model); or run --tiny")
     lora_strategy = megallama.TrainingStrategy(name="lora", parameters={

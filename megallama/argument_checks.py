@@ -38,6 +38,8 @@ def check_run_flags(args) -> None:
                 raise ConfigError(f"--{split}-data-path takes one corpus here (got {len(paths)} values); to blend "
                                   "corpora use --data-path with weights and --split")
             setattr(args, f"{split}_data_path", paths[0])
+    if isinstance(args.lora_target_modules, list):  # "q_proj v_proj" (PEFT users' spelling) or "q_proj,v_proj"
+        args.lora_target_modules = ",".join(args.lora_target_modules)
     device = args.device
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")

@@ -109,8 +109,8 @@ def _add_training(p):
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha (update = alpha/r B A x; "
                    "default 2r)")
     g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-target-modules", default=None, help="comma list of q_proj,k_proj,v_proj,o_proj,"
-                   "gate_proj,up_proj,down_proj or 'all' (default q_proj,k_proj,v_proj,o_proj)")
+    g.add_argument("--lora-target-modules", nargs="+", default=None, help="q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj (comma or space separated) or 'all' (default q_proj,k_proj,v_proj,o_proj)")
     g.add_argument("--pretrained-checkpoint", default=None, help="fine-tuning: load these weights (a megallama "
                    "checkpoint of any layout) before the strategy adds adapters/experts; --load resumes this run")
     g.add_argument("--save-adapter", default=None, help="LoRA: write the adapters (full tensors, PEFT names) "

@@ -229,6 +229,27 @@ def _resumes(args) -> bool:
     return bool(load) and not getattr(args, "finetune", False) and holds_checkpoint(load)
 
 
+def _inherit_lineage(args) -> dict:
+    """A model fine-tuned from a converted HF one keeps its prompt convention (bos) and HF's token ids (the export
+    writes them back): taken from --pretrained-checkpoint, from Megatron's --load X --finetune, or, on a resume whose
+    launch names neither, from the run's own checkpoint. Returns the source's saved arguments ({}: none)."""
+    from megallama.checkpointing.files import holds_checkpoint
+    from megallama.checkpointing.full import open_checkpoint
+    from megallama.data.tokenizer_export import auto_prompt_prefix
+    pretrained, load = getattr(args, "pretrained_checkpoint", None), getattr(args, "load", None)
+    source = pretrained or (load if load and holds_checkpoint(load) else None)
+    if not source:
+        return {}
+    _, common, reader = open_checkpoint(source, verify=False)
+    reader.close()
+    saved = common.get("args", {})
+    if pretrained or getattr(args, "finetune", False) or "inherited_prompt_prefix" in saved:
+        args.inherited_prompt_prefix = auto_prompt_prefix(saved)
+    if saved.get("hf_token_ids"):
+        args.hf_token_ids = dict(saved["hf_token_ids"])
+    return saved
+
+
 def apply_training_strategy(chunks, args) -> None:
     """Fine-tuning weights first (--pretrained-checkpoint, any layout), then the strategy (MoE layers, LoRA
     adapters, frozen base): adapters and upcycled experts start from the pretrained weights."""
@@ -237,12 +258,7 @@ def apply_training_strategy(chunks, args) -> None:
     active = strategy.name != "standard" or strategy.uses_moe
     pretrained = getattr(args, "pretrained_checkpoint", None)
     saved_moe = False
-    if pretrained:
-        from megallama.checkpointing.full import open_checkpoint
-        from megallama.data.tokenizer_export import auto_prompt_prefix
-        saved_args = open_checkpoint(pretrained, verify=False)[1].get("args", {})
-        # a model fine-tuned from a converted HF one keeps its prompt convention (bos), resumed launches too
-        args.inherited_prompt_prefix = auto_prompt_prefix(saved_args)
+    saved_args = _inherit_lineage(args)
     if pretrained and _resumes(args):  # the run's own checkpoint replaces every weight: don't read them twice
         pretrained = None
     if pretrained:

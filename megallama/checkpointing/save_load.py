@@ -87,6 +87,8 @@ def args_to_dict(args) -> dict:
             out[k] = v
         elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
             out[k] = list(v)
+        elif isinstance(v, dict) and all(isinstance(x, (int, float, str, bool)) for x in v.values()):
+            out[k] = dict(v)  # hf_token_ids
     return out
 
 

@@ -178,8 +178,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 continue
             convs.append((toks, mask))
         if (truncated or dropped) and (not dist.is_initialized() or dist.get_rank() == 0):  # every rank builds it
-            warnings.warn(f"{name}: {truncated} conversations truncated to {n} tokens, {dropped} without answer "
-                          f"tokens dropped; raise --seq-length to keep more")
+            warnings.warn(f"{name}: {truncated} conversations truncated to --seq-length {seq_length} (+1 label "
+                          f"token), {dropped} without answer tokens dropped; raise --seq-length to keep more")
         if not convs:
             if not any(m[1:].sum() for _, m in conversations):  # none to truncate: a longer sequence won't help
                 raise ConfigError(f"no {name} conversation has an assistant turn, and only assistant answers are "

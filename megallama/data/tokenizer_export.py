@@ -64,7 +64,7 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
         shutil.copy(model_file, os.path.join(out_dir, "tokenizer.model"))
         sp = tok.sp
         cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": bos is not None and bos >= 0,
-               "add_eos_token": False, "legacy": False, "model_max_length": int(saved_args.get("seq_length") or 4096)}
+               "add_eos_token": False, "legacy": False, "model_max_length": _max_length(saved_args)}
         for key, i in (("bos_token", bos), ("eos_token", eos), ("unk_token", sp.unk_id())):
             if i is not None and i >= 0:
                 cfg[key] = sp.id_to_piece(i)
@@ -96,3 +96,8 @@ def _eod_first_tokenizer_json(tok, src: str, out_dir: str) -> str:
         json.dump(cfg, f, indent=2, sort_keys=True)
     return piece
 
+
+def _max_length(saved_args: dict) -> int:
+    """The run's sequence length; a converted model (no run, no seq_length): its context, not a made-up 4096."""
+    ctx = (saved_args.get("model_config") or {}).get("max_position_embeddings")
+    return int(saved_args.get("seq_length") or ctx or 4096)

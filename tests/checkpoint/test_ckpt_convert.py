@@ -251,8 +251,8 @@ def test_train_from_converted_hf_checkpoint(tmp_path, mode):
     argv = ["--load", str(tmp_path / "meg"), "--use-checkpoint-args", "--mock-data", "--seq-length", "32",
             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-3",
             "--device", "cpu", "--no-progress-bar", "--no-fused-kernels"]
-    if mode == "--finetune":
-        argv.append("--finetune")
+    if mode == "--finetune":  # Megatron's way to start from a model: it keeps the HF lineage as
+        argv += ["--finetune", "--save", str(tmp_path / "ft")]  # --pretrained-checkpoint does (bos, token ids)
     args = parse_args(argv, world_size=1)
     assert args.model_config.tie_word_embeddings and args.model_config.rope_scaling.factor == 32.0
     out = pretrain(args)
@@ -265,6 +265,10 @@ def test_train_from_converted_hf_checkpoint(tmp_path, mode):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), labels.reshape(-1)).item()
     assert abs(out["losses"][1] - ref) <= 1e-5 * ref, (out["losses"][1], ref)
     assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
+    if mode == "--finetune":
+        saved = open_checkpoint(str(tmp_path / "ft"), verify=False)[1]["args"]
+        converted = open_checkpoint(str(tmp_path / "meg"), verify=False)[1]["args"]
+        assert saved["inherited_prompt_prefix"] == "bos" and saved["hf_token_ids"] == converted["hf_token_ids"]
 
 
 def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):

@@ -197,3 +197,13 @@ def test_save_adapter_under_zero3_writes_whole_adapters(tmp_path):
     for k, v in ref.items():
         assert torch.equal(saved["base_model.model." + k], v), k
     assert all(s == (0,) for s in shapes.values())  # the placeholders are left as the wrapper keeps them
+
+
+def test_target_modules_take_peft_spacing_too():
+    """PEFT users write --lora-target-modules q_proj v_proj (space separated); it was 'unrecognized arguments'."""
+    from megallama.arguments import parse_args
+    from megallama.strategies import strategy_from_args
+    line = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--micro-batch-size", "1", "--strategy", "lora"]
+    for spelling in (["q_proj", "v_proj"], ["q_proj,v_proj"], ["q_proj,", "v_proj"]):
+        args = parse_args(line + ["--lora-target-modules"] + spelling, world_size=1)
+        assert strategy_from_args(args).lora_config().target_modules == ["q_proj", "v_proj"], spelling
