@@ -12,6 +12,7 @@ mistake prints one line and exits 2.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from typing import List, Optional, Sequence
@@ -137,7 +138,7 @@ def benchmark(argv: List[str]) -> int:
     a = p.parse_args(argv)  # a mistyped flag (--batch-size for --batch-sizes) is an error, not ignored
     check_results_path(a.save_results)
     bench = PerformanceBenchmark(a.model, a.batch_sizes, a.seq_length, a.gpus, a.steps,
-                                 extra_args=a.megallama_args.split(), device="cpu")
+                                 extra_args=shlex.split(a.megallama_args), device="cpu")
     rows = bench.run_comprehensive_benchmark()
     bench.print_summary()
     if a.save_results:

@@ -24,6 +24,10 @@ def read_hf_config(hf_dir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
+        from megallama.checkpointing.files import holds_checkpoint
+        if holds_checkpoint(hf_dir):  # the other direction's input
+            raise ConfigError(f"{hf_dir} is a megallama checkpoint, not an HF model folder; convert it with "
+                              "megallama-to-hf --load " + hf_dir) from None
         raise ConfigError(f"{path} is missing; an HF checkpoint directory needs its config.json") from None
     except ValueError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); fix or re-download it") from None

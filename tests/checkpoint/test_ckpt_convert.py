@@ -229,13 +229,15 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     cases = [(["hf-to-megallama", "--hf-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")], "config.json"),
              (["hf-to-megallama", "--hf-dir", str(bad), "--output", str(tmp_path / "o2")], "yarn"),
              (["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "meg")], "not empty"),
-             (["megallama-to-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "o3")], "is an HF model folder")]
+             (["megallama-to-hf", "--load", str(tmp_path / "hf"), "--output", str(tmp_path / "o3")], "is an HF model folder"),
+             (["hf-to-megallama", "--hf-dir", str(tmp_path / "meg"), "--output", str(tmp_path / "o4")],
+              "is a megallama checkpoint, not an HF model folder; convert it with megallama-to-hf")]
     capsys.readouterr()
     for argv, needle in cases:
         code = conv.main(argv)
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
-    assert not any(os.path.exists(tmp_path / o) for o in ("o1", "o2", "o3"))
+    assert not any(os.path.exists(tmp_path / o) for o in ("o1", "o2", "o3", "o4"))
 
 
 @pytest.mark.parametrize("mode", ["--load", "--finetune"])
