@@ -18,7 +18,7 @@ from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedul
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
                                        check_model_flags, samples_to_iters, virtual_stages_to_layers)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
-from megallama.moe_args import add_moe_args, check_moe_flags
+from megallama.moe_args import add_moe_args, check_moe_flags, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
 from megallama.progress_log import add_progress_log_args
 
@@ -147,7 +147,7 @@ def _add_parallel(p):
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.01)
-    g.add_argument("--moe-layer-freq", type=int, default=1)
+    g.add_argument("--moe-layer-freq", type=moe_layer_freq_type, default=1, help="N or a 0/1 pattern ([0]*1+[1]*27)")
     g.add_argument("--moe-layers", default=None, help="comma list of 0-based sparse layer indices (overrides "
                    "--moe-layer-freq)")
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)

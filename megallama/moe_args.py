@@ -9,6 +9,7 @@ runs keep their meaning; pass one of the two.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import List
 
 from megallama.errors import ConfigError
@@ -51,6 +52,27 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
                    "last sequence positions (position)")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                    help="every expert computes exactly its capacity of rows (zero-weight padding): static shapes")
+
+
+_PATTERN_TERM = re.compile(r"\[\s*((?:[01]\s*,\s*)*[01])?\s*,?\s*\](?:\s*\*\s*(\d+))?")
+
+
+def moe_layer_freq_type(value: str):
+    """Megatron's --moe-layer-freq: N (every N-th layer is MoE, from layer 0) or a per-layer 0/1 pattern such as
+    ``([0]*1+[1]*27)`` or ``[0,1,1]`` (1: MoE), read without eval: a sum of ``[0/1 list]`` or ``[...]*count``."""
+    text = value.strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    body = text[1:-1] if text.startswith("(") and text.endswith(")") else text
+    out = []
+    for term in body.split("+"):
+        m = _PATTERN_TERM.fullmatch(term.strip())
+        if m is None:
+            raise argparse.ArgumentTypeError(f"{value!r} is neither an integer nor a 0/1 layer pattern such as "
+                                             "([0]*1+[1]*27)")
+        items = [int(x) for x in re.findall(r"[01]", m.group(1) or "")]
+        out += items * int(m.group(2) or 1)
+    return out
 
 
 def check_moe_flags(args) -> None:

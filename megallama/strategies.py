@@ -83,7 +83,7 @@ class TrainingStrategy:
                         ffn_hidden_size=p.get("moe_ffn_hidden_size"),
                         aux_loss_coeff=float(p.get("moe_aux_loss_coeff", 1e-2)),
                         z_loss_coeff=float(p.get("moe_z_loss_coeff", 0.0)),
-                        layers=moe_layer_ids(num_layers, layers, int(p.get("moe_layer_freq", 1))),
+                        layers=moe_layer_ids(num_layers, layers, _freq(p.get("moe_layer_freq", 1))),
                         **moe_config_fields(p))
         return cfg.validate(num_layers)
 
@@ -103,6 +103,14 @@ class TrainingStrategy:
                               f"positive alpha (default 2 x --lora-rank = {2 * rank})")
         return LoRAConfig(rank=rank, alpha=alpha, dropout=float(p.get("lora_dropout", 0.0)),
                           target_modules=list(dict.fromkeys(targets))).validate()  # q_proj,q_proj: one adapter
+
+
+def _freq(v):
+    """--moe-layer-freq: an int, or Megatron's per-layer 0/1 pattern (a list; "[0, 1]" from a TrainingConfig)."""
+    if isinstance(v, str):
+        from megallama.moe_args import moe_layer_freq_type
+        v = moe_layer_freq_type(v)
+    return list(v) if isinstance(v, (list, tuple)) else int(v)
 
 
 def _parse_layers(v) -> Optional[List[int]]:

@@ -104,10 +104,16 @@ class MoEConfig:
         return self
 
 
-def moe_layer_ids(num_layers: int, layers: Optional[Sequence[int]] = None, freq: int = 1) -> List[int]:
-    """Sparse layers: an explicit list of global indices, else every ``freq``-th (Megatron's --moe-layer-freq)."""
+def moe_layer_ids(num_layers: int, layers: Optional[Sequence[int]] = None, freq=1) -> List[int]:
+    """Sparse layers: an explicit list of global indices, else every ``freq``-th (Megatron's --moe-layer-freq), or
+    where Megatron's 0/1 pattern (a list, one entry per layer) has a 1."""
     if layers is not None:
         return sorted(set(int(i) for i in layers))
+    if isinstance(freq, (list, tuple)):
+        if len(freq) != num_layers or any(v not in (0, 1) for v in freq):
+            raise ConfigError(f"--moe-layer-freq's pattern has {len(freq)} entries for {num_layers} layers (each 0 "
+                              "or 1); give one 0/1 per layer, such as ([0]*1+[1]*N)")
+        return [i for i, v in enumerate(freq) if v]
     if freq < 1:
         raise ConfigError(f"--moe-layer-freq must be >= 1, got {freq}")
     return [i for i in range(num_layers) if i % freq == 0]

@@ -298,3 +298,18 @@ def test_pipeline_stages_report_every_moe_layer(moe_layers, one_thread):
             assert got["tokens_per_expert"] == want["tokens_per_expert"], (rank, got, want)
             for key in ("aux_loss", "z_loss", "max_load"):
                 assert math.isclose(got[key], want[key], rel_tol=1e-5), (rank, key, got[key], want[key])
+
+
+def test_megatron_moe_layer_freq_pattern():
+    """Megatron's DeepSeek/Qwen scripts give --moe-layer-freq as a 0/1 pattern, "([0]*1+[1]*3)": layer 0 dense, the
+    rest MoE (it was 'invalid int value'); an int keeps its every-N-th meaning, a pattern of the wrong length is one
+    error line."""
+    from megallama.arguments import parse_args
+    line = ["--model", "tiny_llama3_50m", "--num-layers", "4", "--micro-batch-size", "1", "--num-experts", "4"]
+    for freq, ids in (("([0]*1+[1]*3)", [1, 2, 3]), ("[1,0,1,0]", [0, 2]), ("2", [0, 2]), ("[0, 1]*2", [1, 3])):
+        args = parse_args(line + ["--moe-layer-freq", freq], world_size=1)
+        assert args.model_config.moe_layers == ids, (freq, args.model_config.moe_layers)
+    with pytest.raises(ConfigError, match="pattern has 3 entries for 4 layers"):
+        parse_args(line + ["--moe-layer-freq", "([0]*1+[1]*2)"], world_size=1)
+    with pytest.raises(SystemExit):
+        parse_args(line + ["--moe-layer-freq", "__import__('os')"], world_size=1)
