@@ -81,6 +81,7 @@ def prepare_finetune_args(args):
     """Chat data on, and the pretrained weights resolved (HF folders converted)."""
     args.chat_template = True
     from megallama.checkpointing import check_save_dir
+    from megallama.training_setup import adopt_checkpoint_tokenizer, resumes_run
     # before an HF folder is converted into --save: a run there is resumed (--load) or kept. Before --load X
     # --finetune becomes --pretrained-checkpoint X, so that --load X --finetune --save X is told to drop --finetune
     # (as pretraining is) rather than to pass the --load it already has
@@ -90,7 +91,7 @@ def prepare_finetune_args(args):
     if not args.pretrained_checkpoint and not args.load:
         from megallama.initialize import print_rank_0
         print_rank_0("warning: no --pretrained-checkpoint (or --load): fine-tuning randomly initialised weights")
-    if args.pretrained_checkpoint and not os.path.exists(args.pretrained_checkpoint) and _resumes(args):
+    if args.pretrained_checkpoint and not os.path.exists(args.pretrained_checkpoint) and resumes_run(args):
         _resume_without_pretrained(args)
     if args.pretrained_checkpoint:
         _check_pretrained_path(args.pretrained_checkpoint)
@@ -99,7 +100,7 @@ def prepare_finetune_args(args):
         if args.mock_data:
             pass  # random ids: no tokenizer to follow or match
         elif args.tokenizer_type is None and args.tokenizer_model is None:
-            _use_checkpoint_tokenizer(args)
+            adopt_checkpoint_tokenizer(args, _saved_args(args.pretrained_checkpoint), "the pretrained checkpoint's")
         else:
             _check_named_tokenizer(args)
     return args
@@ -119,24 +120,16 @@ def _check_pretrained_path(path: str) -> None:
                           "LoRA run merged (tools/convert_checkpoint.py megallama-to-hf)")
 
 
-def _resumes(args) -> bool:
-    """--load names this run's own checkpoint (not a --finetune start): every weight comes from it."""
-    from megallama.checkpointing.files import holds_checkpoint
-    return bool(args.load) and not args.finetune and holds_checkpoint(args.load)
-
-
 def _resume_without_pretrained(args) -> None:
     """A resume reads no pretrained weight (the run's checkpoint holds them all, as Megatron's --pretrained-checkpoint
     is read only when --load has none), so a base deleted or moved since the start (cleaned off scratch, a node
     without it) is not needed: what the run took from it, the tokenizer and prompt convention, is in the run's own
     checkpoint, and the adapters keep its path as their base model."""
-    from megallama.checkpointing.full import open_checkpoint
+    from megallama.checkpointing.full import saved_args
     from megallama.data.tokenizer import checkpoint_tokenizer
     from megallama.data.tokenizer_export import auto_prompt_prefix
     from megallama.initialize import print_rank_0
-    _, common, reader = open_checkpoint(args.load, verify=False)
-    reader.close()
-    own = common.get("args", {})
+    own = saved_args(args.load)
     print_rank_0(f"--pretrained-checkpoint {args.pretrained_checkpoint} is not there; not needed to resume "
                  f"{args.load}, whose checkpoint holds every weight")
     args.adapter_base_model = own.get("adapter_base_model") or os.path.abspath(args.pretrained_checkpoint)
@@ -151,8 +144,8 @@ def _saved_args(pretrained: str) -> dict:
     them."""
     if is_hf_model_dir(pretrained):
         return {"converted_from": os.path.abspath(pretrained)}
-    from megallama.checkpointing.full import open_checkpoint
-    return open_checkpoint(pretrained, verify=False)[1].get("args", {})
+    from megallama.checkpointing.full import saved_args
+    return saved_args(pretrained)
 
 
 def _check_named_tokenizer(args) -> None:
@@ -177,18 +170,6 @@ def _check_named_tokenizer(args) -> None:
                           ) from None
     if warning:
         print_rank_0(f"warning: {warning}")
-
-
-def _use_checkpoint_tokenizer(args) -> None:
-    """No tokenizer named: the pretrained model's (an HF folder's tokenizer.json, or the run's), not the bundled
-    one, whose ids mean other words to the model."""
-    from megallama.data.tokenizer import checkpoint_tokenizer
-    from megallama.initialize import print_rank_0
-    saved = _saved_args(args.pretrained_checkpoint)
-    args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(saved)
-    if args.tokenizer_type or args.tokenizer_model:
-        print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} (the pretrained checkpoint's; "
-                     "--tokenizer-type/--tokenizer-model override it)")
 
 
 def check_pretrained_shape(args) -> None:

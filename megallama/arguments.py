@@ -18,7 +18,7 @@ from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedul
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
                                        check_model_flags, samples_to_iters, virtual_stages_to_layers)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
-from megallama.moe_args import add_moe_args, check_moe_flags, moe_layer_freq_type
+from megallama.moe_args import add_moe_args, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
 from megallama.progress_log import add_progress_log_args
 
@@ -269,9 +269,9 @@ def _derive(args, world_size: int):
                      rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
     if args.untie_embeddings_and_output_weights:
         overrides["tie_word_embeddings"] = False
-    _derive_strategy(args)
-    from megallama.strategies import strategy_from_args  # the experts (validated against the model) go in the config
-    args.model_config = strategy_from_args(args).model_config(get_model_config(args.model, **overrides))
+    from megallama.strategies import derive_strategy_flags
+    strategy = derive_strategy_flags(args)  # the experts (validated against the model) go in the config
+    args.model_config = strategy.model_config(get_model_config(args.model, **overrides))
     args.model_config = apply_shape_flags(args, args.model_config)
     if args.use_checkpoint_args:
         pretrained = getattr(args, "pretrained_checkpoint", None)
@@ -370,28 +370,6 @@ def _derive_pipeline(args) -> None:
         args.pipeline_schedule = "interleaved"
     args.pipeline_schedule = args.pipeline_schedule or "1f1b"
     account_for_embedding_and_loss(args, pp, layers)
-
-
-def _derive_strategy(args) -> None:
-    """Strategy flags: defaults (--strategy moe means 8 experts) and one-line errors for contradictions."""
-    check_moe_flags(args)
-    moe = args.strategy in ("moe", "hybrid")
-    if moe and not args.num_experts:
-        args.num_experts = 8
-    if args.lora_rank is not None and args.strategy not in ("lora", "hybrid"):
-        raise ConfigError(f"--lora-rank {args.lora_rank} needs --strategy lora or hybrid (got {args.strategy})")
-    if args.expert_model_parallel_size > 1 and not args.num_experts:
-        raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; add "
-                          "--strategy moe or --num-experts N")
-    if args.num_experts and args.num_experts % args.expert_model_parallel_size:
-        raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
-                          f"{args.expert_model_parallel_size}; pick an expert-parallel size dividing it")
-    from megallama.strategies import check_save_adapter, strategy_from_args
-    strategy = strategy_from_args(args)  # validates every strategy parameter (ConfigError on bad values)
-    check_save_adapter(args)  # at the start, not after the whole run
-    if strategy.uses_lora:
-        strategy.lora_config()
-    args.chat_template = getattr(args, "chat_template", False) or args.model.endswith("_instruct")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

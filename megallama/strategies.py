@@ -19,7 +19,8 @@ import torch.nn as nn
 from megallama.errors import ConfigError
 from megallama.model.lora import LORA_TARGETS, LoRAConfig, apply_lora
 from megallama.model.moe import MoEConfig, MoELayer, moe_layer_ids
-from megallama.moe_args import STRATEGY_KEYS as _MOE_FLAG_KEYS, moe_config_fields, strategy_params
+from megallama.moe_args import STRATEGY_KEYS as _MOE_FLAG_KEYS, check_moe_flags, moe_config_fields, \
+    moe_layer_freq_type, strategy_params
 
 STRATEGIES = ("standard", "moe", "lora", "hybrid")
 _KNOWN = {"num_experts", "experts_per_token", "moe_router_topk", "moe_layers", "moe_layer_freq", "moe_aux_loss_coeff",
@@ -106,9 +107,9 @@ class TrainingStrategy:
 
 
 def _freq(v):
-    """--moe-layer-freq: an int, or Megatron's per-layer 0/1 pattern (a list; "[0, 1]" from a TrainingConfig)."""
+    """--moe-layer-freq: an int, or Megatron's per-layer 0/1 pattern (a list; a TrainingStrategy's parameters may
+    spell it as the flag's text)."""
     if isinstance(v, str):
-        from megallama.moe_args import moe_layer_freq_type
         v = moe_layer_freq_type(v)
     return list(v) if isinstance(v, (list, tuple)) else int(v)
 
@@ -141,13 +142,29 @@ def strategy_from_args(args) -> TrainingStrategy:
     return TrainingStrategy(name, {k: v for k, v in p.items() if v is not None})
 
 
-def check_save_adapter(args) -> None:
-    """--save-adapter is written after the last step: without adapters it failed only then, after the whole run.
-    Refused at the start instead (arguments.parse_args calls this)."""
-    if getattr(args, "save_adapter", None) and not strategy_from_args(args).uses_lora:
+def derive_strategy_flags(args) -> TrainingStrategy:
+    """arguments.parse_args's strategy flags: defaults (--strategy moe means 8 experts) and one-line errors for
+    contradictions; returns the run's strategy, every parameter validated."""
+    check_moe_flags(args)
+    if args.strategy in ("moe", "hybrid") and not args.num_experts:
+        args.num_experts = 8
+    if args.lora_rank is not None and args.strategy not in ("lora", "hybrid"):
+        raise ConfigError(f"--lora-rank {args.lora_rank} needs --strategy lora or hybrid (got {args.strategy})")
+    if args.expert_model_parallel_size > 1 and not args.num_experts:
+        raise ConfigError(f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; add "
+                          "--strategy moe or --num-experts N")
+    if args.num_experts and args.num_experts % args.expert_model_parallel_size:
+        raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+                          f"{args.expert_model_parallel_size}; pick an expert-parallel size dividing it")
+    strategy = strategy_from_args(args)  # validates every strategy parameter (ConfigError on bad values)
+    if args.save_adapter and not strategy.uses_lora:  # written after the last step: refused now, not after the run
         raise ConfigError(f"--save-adapter {args.save_adapter} needs --strategy lora or hybrid (--strategy "
-                          f"{getattr(args, 'strategy', None) or 'standard'} trains no adapters); add --strategy lora "
-                          "or drop --save-adapter")
+                          f"{args.strategy or 'standard'} trains no adapters); add --strategy lora or drop "
+                          "--save-adapter")
+    if strategy.uses_lora:
+        strategy.lora_config()
+    args.chat_template = getattr(args, "chat_template", False) or args.model.endswith("_instruct")
+    return strategy
 
 
 def convert_to_moe(model: nn.Module, cfg: MoEConfig, seed: int, upcycle: bool = False) -> List[int]:
@@ -303,10 +320,8 @@ def base_model_name(args) -> Optional[str]:
     if not base:
         return getattr(args, "model", None)
     try:
-        from megallama.checkpointing.full import open_checkpoint
-        _, common, reader = open_checkpoint(base, verify=False)
-        reader.close()
-        return common.get("args", {}).get("converted_from") or os.path.abspath(base)
+        from megallama.checkpointing.full import saved_args
+        return saved_args(base).get("converted_from") or os.path.abspath(base)
     except ConfigError:
         return os.path.abspath(base)
 

@@ -31,20 +31,23 @@ def build_tokenizer_from_args(args):
 
 
 def _use_loaded_checkpoint_tokenizer(args) -> None:
-    """A resume or --finetune that names no tokenizer takes the checkpoint's (an imported HF model: its folder's),
-    not the bundled one, whose ids would mean other words to the loaded model (Megatron's --use-checkpoint-args
-    takes the tokenizer flags from the checkpoint too)."""
+    """A resume or --finetune that names no tokenizer takes the checkpoint's (Megatron's --use-checkpoint-args
+    takes the tokenizer flags from the checkpoint too); finetune_llama.py's --pretrained-checkpoint did already."""
     from megallama.checkpointing.files import holds_checkpoint
     load = getattr(args, "load", None)
     if not load or getattr(args, "pretrained_checkpoint", None) or not holds_checkpoint(load):
         return
-    from megallama.checkpointing.full import open_checkpoint
+    from megallama.checkpointing.full import saved_args
+    adopt_checkpoint_tokenizer(args, saved_args(load), "the --load checkpoint's")
+
+
+def adopt_checkpoint_tokenizer(args, saved: dict, whose: str) -> None:
+    """No tokenizer named: the one a checkpoint's saved arguments record (an imported HF model: its folder's), not
+    the bundled one, whose ids would mean other words to the model; said in one line."""
     from megallama.data.tokenizer import checkpoint_tokenizer
-    _, common, reader = open_checkpoint(load, verify=False)
-    reader.close()
-    args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(common.get("args", {}))
+    args.tokenizer_type, args.tokenizer_model = checkpoint_tokenizer(saved)
     if args.tokenizer_type or args.tokenizer_model:
-        print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} (the --load checkpoint's; "
+        print_rank_0(f"tokenizer: {args.tokenizer_type} {args.tokenizer_model or ''} ({whose}; "
                      "--tokenizer-type/--tokenizer-model override it)")
 
 
@@ -222,7 +225,7 @@ def build_model_chunks(args, device):
     return chunks
 
 
-def _resumes(args) -> bool:
+def resumes_run(args) -> bool:
     """--load names a checkpoint of this run to resume (not a --finetune start)."""
     from megallama.checkpointing.files import holds_checkpoint
     load = getattr(args, "load", None)
@@ -234,15 +237,13 @@ def _inherit_lineage(args) -> dict:
     writes them back): taken from --pretrained-checkpoint, from Megatron's --load X --finetune, or, on a resume whose
     launch names neither, from the run's own checkpoint. Returns the source's saved arguments ({}: none)."""
     from megallama.checkpointing.files import holds_checkpoint
-    from megallama.checkpointing.full import open_checkpoint
+    from megallama.checkpointing.full import saved_args
     from megallama.data.tokenizer_export import auto_prompt_prefix
     pretrained, load = getattr(args, "pretrained_checkpoint", None), getattr(args, "load", None)
     source = pretrained or (load if load and holds_checkpoint(load) else None)
     if not source:
         return {}
-    _, common, reader = open_checkpoint(source, verify=False)
-    reader.close()
-    saved = common.get("args", {})
+    saved = saved_args(source)
     if pretrained or getattr(args, "finetune", False) or "inherited_prompt_prefix" in saved:
         args.inherited_prompt_prefix = auto_prompt_prefix(saved)
     if saved.get("hf_token_ids"):
@@ -259,7 +260,7 @@ def apply_training_strategy(chunks, args) -> None:
     pretrained = getattr(args, "pretrained_checkpoint", None)
     saved_moe = False
     saved_args = _inherit_lineage(args)
-    if pretrained and _resumes(args):  # the run's own checkpoint replaces every weight: don't read them twice
+    if pretrained and resumes_run(args):  # the run's own checkpoint replaces every weight: don't read them twice
         pretrained = None
     if pretrained:
         import argparse
@@ -279,7 +280,8 @@ def apply_training_strategy(chunks, args) -> None:
         shown = dict(strategy.parameters)
         if "upcycle" in shown:  # what was done, not the flag's default
             shown["upcycle"] = upcycle and not (pretrained and saved_moe)
-        print_rank_0(f"strategy {strategy.memory_kind}: rank 0 trains {_human(n)} of {_human(total)} parameters ({shown})")
+        print_rank_0(f"strategy {strategy.memory_kind}: rank 0 trains {_human(n)} of {_human(total)} parameters "
+                     f"({shown})")
 
 
 def configure_recompute(model, args) -> None:

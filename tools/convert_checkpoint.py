@@ -305,8 +305,8 @@ def main(argv=None) -> int:
 
 
 def tokenizer_flags(saved: dict) -> str:
-    """The model's own tokenizer as training flags: pretrain_llama.py tokenizes with the bundled tokenizer unless
-    told (finetune_llama.py --pretrained-checkpoint finds it itself)."""
+    """The model's own tokenizer as training flags, named in the hint so that the command says what it trains with
+    (a --load without them takes the same one from the checkpoint; a folder without a tokenizer needs them)."""
     from megallama.data.tokenizer import checkpoint_tokenizer
     try:
         t, path = checkpoint_tokenizer(saved)

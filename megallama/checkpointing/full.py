@@ -87,6 +87,14 @@ def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardRea
     raise ConfigError(f"no usable checkpoint in {load} ({'; '.join(reasons)}); restore a good one")
 
 
+def saved_args(load: str) -> dict:
+    """The arguments the newest good checkpoint under ``load`` (or the one it names) was saved with; no shard is
+    read and the reader is closed."""
+    _, common, reader = open_checkpoint(load, verify=False)
+    reader.close()
+    return common.get("args", {})
+
+
 def model_tensor_names(common: dict) -> list:
     return [n for n in common["index"] if "/" not in n]
 
@@ -98,7 +106,8 @@ def model_config_from_checkpoint(load: str):
     from megallama.checkpointing.hf_config import hf_config_to_model_config, is_hf_model_dir, read_hf_config
     if os.path.isdir(load) and is_hf_model_dir(load):
         return hf_config_to_model_config(read_hf_config(load), os.path.basename(os.path.normpath(load)))
-    ckpt, common, _ = open_checkpoint(load, verify=False)
+    ckpt, common, reader = open_checkpoint(load, verify=False)
+    reader.close()
     cfg = common.get("args", {}).get("model_config")
     if not cfg:
         raise ConfigError(f"checkpoint {ckpt} records no model config; pass the model flags instead of "
