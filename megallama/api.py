@@ -249,11 +249,11 @@ class LlamaTrainingOrchestrator:
                                  num_nodes=self.num_nodes)
 
     # ---------------------------------------------------------------- resolved flags
-    def argv(self) -> List[str]:
+    def argv(self, training_config: Optional[TrainingConfig] = None) -> List[str]:
         argv = ["--model", self.model_variant]
         for key, val in self.model_overrides.items():
             argv += [_SHAPE_FLAGS[key], str(val)]
-        argv += self.training_config.to_argv() + self.distributed_config.to_argv() + _strategy_argv(self.strategy)
+        argv += (training_config or self.training_config).to_argv() + self.distributed_config.to_argv() + _strategy_argv(self.strategy)
         if self.training_config.sequence_length is None:
             argv += ["--seq-length", str(self.sequence_length)]
         if self.distributed_config.num_microbatches and self.training_config.batch_size is None:
@@ -262,13 +262,14 @@ class LlamaTrainingOrchestrator:
                      str((dc.microbatch_size or 1) * dc.data_parallel_size * dc.num_microbatches)]
         return argv + self.extra_args
 
-    def build_args(self, world_size: Optional[int] = None, extra: Optional[List[str]] = None):
+    def build_args(self, world_size: Optional[int] = None, extra: Optional[List[str]] = None,
+                   training_config: Optional[TrainingConfig] = None):
         from megallama.arguments import parse_args
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                return parse_args(self.argv() + list(extra or []), world_size=world)
+                return parse_args(self.argv(training_config) + list(extra or []), world_size=world)
         except SystemExit as e:  # argparse's usage text and exit are for a command line, not a library call
             msg = (err.getvalue().strip().splitlines() or [f"exit {e.code}"])[-1].replace("megallama: error: ", "")
             raise ConfigError(f"bad flags in extra_args ({msg}); see python pretrain_llama.py --help") from None
@@ -315,9 +316,11 @@ class LlamaTrainingOrchestrator:
                               f"{self.distributed_config.world_size // max(1, self.num_nodes)}")
         extra = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
                  for k, v in flags.items() if v is not False and v is not None]
-        if train_iters:
+        run = None
+        if train_iters:  # the call's length replaces the config's (--train-iters and --epochs exclude each other)
             extra += ["--train-iters", str(train_iters)]
-        args = self.build_args(world, extra)
+            run = replace(self.training_config, train_iters=None, epochs=None)
+        args = self.build_args(world, extra, run)
         from megallama.training import pretrain
         if train_dataloader is None:
             return pretrain(args)

@@ -31,13 +31,6 @@ def check_run_flags(args) -> None:
             from megallama.data.blended_dataset import parse_data_blend
             args.data_blend = parse_data_blend(args.data_path)
         args.data_path = " ".join(args.data_path)
-    for split in ("train", "valid", "test"):  # Megatron's per-split paths may blend; here each is one corpus
-        paths = getattr(args, f"{split}_data_path", None)
-        if isinstance(paths, list):
-            if len(paths) > 1:
-                raise ConfigError(f"--{split}-data-path takes one corpus here (got {len(paths)} values); to blend "
-                                  "corpora use --data-path with weights and --split")
-            setattr(args, f"{split}_data_path", paths[0])
     if isinstance(args.lora_target_modules, list):  # "q_proj v_proj" (PEFT users' spelling) or "q_proj,v_proj"
         args.lora_target_modules = ",".join(args.lora_target_modules)
     device = args.device
@@ -71,3 +64,17 @@ def check_run_flags(args) -> None:
         raise ConfigError("--epochs counts passes over a dataset and --mock-data has none; give --train-iters")
     if args.tokenizer_model and os.path.exists(args.tokenizer_model):  # saved in checkpoints: must not depend on cwd
         args.tokenizer_model = os.path.abspath(args.tokenizer_model)
+
+
+def check_context_parallel(args) -> None:
+    """--context-parallel-size > 1, once the model and tp are known: the zig-zag sequence split, and for
+    --cp-comm-type a2a (Ulysses) the heads per tp rank that the all-to-all spreads over the cp ranks; one line
+    before any model is built (it was found at the first forward)."""
+    from megallama.mpu.context_parallel import check_sequence_length
+    cp, tp = args.context_parallel_size, args.tensor_model_parallel_size
+    check_sequence_length(args.seq_length, cp)
+    heads = args.model_config.num_attention_heads
+    if args.cp_comm_type == "a2a" and heads % tp == 0 and (heads // tp) % cp:
+        raise ConfigError(f"--cp-comm-type a2a needs the {heads // tp} attention heads per tensor-parallel rank "
+                          f"({heads}/{tp}) to be divisible by --context-parallel-size {cp}; use --cp-comm-type p2p "
+                          "(ring attention, any head count) or another context-parallel size")

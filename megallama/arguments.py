@@ -10,7 +10,7 @@ import os
 from typing import Optional, Sequence
 
 from megallama.batch_rampup import setup_rampup
-from megallama.checkpoint_args import add_async_save_args, check_checkpoint_flags
+from megallama.checkpoint_args import add_async_save_args, check_checkpoint_flags, checkpoint_seq_length
 from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.fp8_args import add_fp8_args, check_fp8_flags
@@ -18,9 +18,11 @@ from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedul
 from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
                                        check_model_flags, samples_to_iters, virtual_stages_to_layers)
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
+from megallama.megatron_loop_flags import add_loop_args, check_loop_flags
 from megallama.moe_args import add_moe_args, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
 from megallama.progress_log import add_progress_log_args
+from megallama.timers import add_timing_args
 
 
 def _add_model(p):
@@ -93,6 +95,8 @@ def _add_training(p):
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=None, help="selective: core_attn moe_act layernorm mlp "
+                   "moe shared_experts (default: the norms and the dense SwiGLU; megallama/model/recompute.py)")
     g.add_argument("--activation-checkpointing", action="store_true", help="seed alias of --recompute-granularity full")
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive iterations skipped for NaN/inf")
@@ -177,9 +181,12 @@ def _add_data(p):
                         "weights (Megatron's '0.3 web 0.7 code'), blend; default: the bundled corpus")
     g.add_argument("--mock-data", action="store_true", help="random tokens (for speed tests)")
     for split in ("train", "valid", "test"):
-        g.add_argument(f"--{split}-data-path", default=None, nargs="+", help=f"the {split} corpus whole (instead of "
-                       "--data-path and --split)" + ("; evaluated once at the end of training" if split == "test"
-                                                     else ""))
+        g.add_argument(f"--{split}-data-path", default=None, nargs="+", help=f"the {split} corpus "
+                       "or blend, whole (instead of --data-path and --split)" + (
+                           "; evaluated once at the end of training" if split == "test" else ""))
+    g.add_argument("--data-args-path", default=None, help="a file holding the --data-path value (a long blend)")
+    g.add_argument("--per-split-data-args-path", default=None,
+                   help='a JSON file {"train": [...], "valid": [...], "test": [...]} of the per-split data paths')
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--tokenizer-type", default=None,
                    help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")
@@ -243,13 +250,14 @@ class _OneLineErrors(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
-                add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args):
+                add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
+                add_timing_args):
         add(p)
     return p
 
 
 def _derive(args, world_size: int):
-    from megallama.argument_checks import check_run_flags
+    from megallama.argument_checks import check_context_parallel, check_run_flags
     apply_megatron_defaults(args)
     check_run_flags(args)
     if args.mixed_precision in ("bfloat16", "bf16"):
@@ -283,6 +291,8 @@ def _derive(args, world_size: int):
         from megallama.checkpointing import model_config_from_checkpoint
         args.model_config = model_config_from_checkpoint(source)
         args.vocab_size = args.model_config.vocab_size  # the checkpoint's vocabulary, not the tokenizer's
+        if args.seq_length is None:  # Megatron's load_args_from_checkpoint: the checkpoint's, unless typed
+            args.seq_length = checkpoint_seq_length(source)
     ctx = args.model_config.max_position_embeddings
     if args.seq_length is None:
         args.seq_length = min(ctx, 2048)
@@ -301,8 +311,7 @@ def _derive(args, world_size: int):
         warn_rank_0("--sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off")
         args.sequence_parallel = False
     if args.context_parallel_size > 1:
-        from megallama.mpu.context_parallel import check_sequence_length
-        check_sequence_length(args.seq_length, args.context_parallel_size)
+        check_context_parallel(args)
     # Batch sizes: global = micro * dp * num_microbatches.
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if args.gpus is not None and args.gpus * args.nodes != world_size and (world_size > 1 or not args.dry_run):
@@ -347,6 +356,7 @@ def _derive(args, world_size: int):
                           "other; pass at most one")
     check_fp8_flags(args)
     check_checkpoint_flags(args)
+    check_loop_flags(args)
     return args
 
 

@@ -70,3 +70,14 @@ def apply_checkpoint_model_flags(args) -> None:
 
 def _shown(value) -> str:
     return "" if value is True else f" {value:g}" if isinstance(value, float) else f" {value}"
+
+
+def checkpoint_seq_length(source: str):
+    """--use-checkpoint-args without --seq-length: the sequence length the checkpoint was trained at (Megatron's
+    load_args_from_checkpoint sets it unless typed; a typed one may differ, e.g. to fine-tune at a longer context
+    within max_position_embeddings). None for an HF model folder, which records none."""
+    from megallama.checkpointing.files import holds_checkpoint
+    if not holds_checkpoint(source):
+        return None
+    from megallama.checkpointing.full import saved_args
+    return saved_args(source).get("seq_length")

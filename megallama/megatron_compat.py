@@ -85,7 +85,7 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                              "--kv-channels hidden/heads, --normalization RMSNorm, --position-embedding-type rope, "
                              "--rotary-percent 1.0, --attention-dropout 0, --hidden-dropout 0, --ckpt-format "
                              "torch_dist or torch (any other value is refused); --recompute-activations = "
-                             "--recompute-granularity selective. --data-impl mmap, --timing-log-level, "
+                             "--recompute-granularity selective. --data-impl mmap, "
                              "--num-dataset-builder-threads (implementation). Refused: --use-torch-fsdp2 (use "
                              "--zero-stage 3), --tp-comm-overlap, --deterministic-mode")
     for flag in _RESTATED:
@@ -113,7 +113,6 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--data-impl", choices=["mmap"], default=None, help=argparse.SUPPRESS)
     g.add_argument("--num-dataset-builder-threads", type=int, default=1, help=argparse.SUPPRESS)
-    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=0, help=argparse.SUPPRESS)
     g.add_argument("--optimizer", choices=["adam", "sgd", "muon", "dist_muon"], default=None,
                    help="adam (AdamW, the only optimizer here)")
     g.add_argument("--rerun-mode", choices=["disabled", "validate_results", "report_stats"], default=None,

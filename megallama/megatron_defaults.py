@@ -86,10 +86,12 @@ def apply_megatron_defaults(args) -> None:
 
 def _has_validation(args) -> bool:
     """Megatron validates every --eval-interval when there is validation data; without any it does not."""
-    if args.mock_data or args.valid_data_path:
+    if args.mock_data:
         return True
-    if args.train_data_path:
-        return False
+    from megallama.data.data_args import data_blend_per_split
+    per_split = data_blend_per_split(args)  # --train/--valid/--test-data-path or --per-split-data-args-path
+    if per_split is not None:
+        return per_split["valid"] is not None
     from megallama.data.gpt_dataset import parse_split
     return parse_split(args.split)[1] > 0
 

@@ -37,6 +37,7 @@ from megallama.optimizer.distributed import finish_param_sync
 from megallama.profiling import StepProfiler
 from megallama.progress_log import ProgressLog
 from megallama.progress import ProgressBar
+from megallama.timers import Timers, timed_iterator
 from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
                                       given_data, setup_model_and_optimizer)
 
@@ -122,6 +123,26 @@ def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_st
     return vloss
 
 
+def _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger, iteration,
+                   consumed) -> dict:
+    """--skip-train (Megatron's): no training step; the loaded checkpoint (or, without --load, the initial model)
+    is evaluated on the validation and the test data, and nothing is saved or written to TensorBoard."""
+    print_rank_0("skipping training (--skip-train is on) ...")
+    valid_losses, test_loss = {}, None
+    if valid_ds is not None and args.eval_iters > 0:
+        valid_losses[iteration] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
+                                            logger, iteration, consumed, f"iteration {iteration} on validation set")
+    if test_ds is not None:
+        test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger, iteration,
+                              consumed, f"iteration {iteration} on test set", "test")
+    if not valid_losses and test_loss is None:
+        print_rank_0("--skip-train: there is no validation or test data to evaluate (see --split, --valid-data-path, "
+                     "--test-data-path, --eval-iters); nothing done")
+    logger.close()
+    return {"losses": {}, "grad_norms": {}, "iteration_time": {}, "iteration": iteration,
+            "valid_losses": valid_losses, "test_loss": test_loss, "consumed_samples": consumed}
+
+
 def _sync_time(device) -> float:
     """Wall time after the queued GPU work: a timer edge must not move training kernels into eval/save time."""
     if device.type == "cuda":
@@ -173,7 +194,14 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     forward_backward = get_forward_backward(args)
     local_seq = args.seq_length // args.context_parallel_size
     forward_step = make_forward_step(args, device)
-    logger = TrainingLogger(args, enabled=is_rank_0())
+    skip_train = getattr(args, "skip_train", False)
+    logger = TrainingLogger(args, enabled=is_rank_0() and not skip_train)  # Megatron's: no events then
+    if skip_train:
+        return _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
+                              start_iter, consumed)
+    timers = Timers.from_args(args, device)
+    if timers.log_level >= 2:
+        data_iter = timed_iterator(data_iter, timers)
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length, moe_flops_config(args)), \
@@ -213,12 +241,16 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                 m.zero_grad_buffer()
         # MoE aux losses get the gradient scale the schedule gives the LM loss (1/microbatches, x fp16 scale)
         set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / num_microbatches)
+        timers.start("forward-backward")
         losses = forward_backward(forward_step, data_iter, model_chunks, num_microbatches, local_seq,
                                   args.micro_batch_size, forward_only=False,
                                   grad_scale_func=optimizer.scale_loss if args.fp16 else None)
-        finalize_model_grads(model_chunks, args)
+        timers.stop("forward-backward")
+        finalize_model_grads(model_chunks, args, timers=timers)
         update_fp8_scales(model_chunks)  # --fp8-recipe delayed: this step's amaxes into the histories, next scales
+        timers.start("optimizer")
         ok, grad_norm, num_zeros = optimizer.step()
+        timers.stop("optimizer")
         consumed += gbs
         loss = _global_mean_loss(losses, device)
         profiler.end(iteration + 1)
@@ -285,6 +317,11 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             comm = compression_report(model_chunks)  # gradient compression: bytes sent since the last log
             print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
                          + (" " + format_compression_report(comm) if comm else ""))
+            timing, timer_max = timers.log(steps_done)  # a collective: --timing-log-level's phases
+            if timing:
+                print_rank_0(timing)
+            if args.log_timers_to_tensorboard:
+                logger.scalars(step, {f"{name}-time": ms for name, ms in timer_max.items()})
             if comm:
                 logger.scalars(step, {"comm/grad_bytes_per_step": comm["bytes_per_step"],
                                       "comm/compression_ratio": comm["compression_ratio"]})

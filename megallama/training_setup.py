@@ -81,6 +81,8 @@ def build_data(args):
         n = (args.train_iters or 1) * args.global_batch_size
         train = MockGPTDataset(cfg.vocab_size, args.seq_length, max(n, 1), args.seed)
         return tokenizer, train, MockGPTDataset(cfg.vocab_size, args.seq_length, 64, args.seed + 1)
+    from megallama.data.data_args import resolve_data_args
+    resolve_data_args(args)  # --data-args-path, the per-split blends, and Megatron's rules on mixing them
     if _per_split_paths(args):
         return (tokenizer,) + _per_split_data(args, tokenizer)
     blend = getattr(args, "data_blend", None)
@@ -112,7 +114,8 @@ def build_data(args):
 
 
 def _per_split_paths(args) -> bool:
-    return any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test"))
+    return bool(getattr(args, "per_split_data_args_path", None)) or \
+        any(getattr(args, f"{k}_data_path", None) for k in ("train", "valid", "test"))
 
 
 def _num_valid_samples(args):
@@ -123,40 +126,38 @@ def _num_valid_samples(args):
 
 
 def _per_split_data(args, tokenizer):
-    """(train, valid) from --train-data-path / --valid-data-path: whole corpora, no --split (Megatron's
-    per-split paths). The test corpus is built by ``build_test_data``."""
-    from megallama.data.gpt_dataset import build_dataset_from_path
-    if args.data_path or getattr(args, "data_blend", None):
-        raise ConfigError("pass --data-path (split by --split) or --train-data-path/--valid-data-path/"
-                          "--test-data-path, not both")
-    if not args.train_data_path:
-        raise ConfigError("--valid-data-path/--test-data-path need --train-data-path (the corpus to train on)")
+    """(train, valid) from the per-split blends (--train-data-path / --valid-data-path, or
+    --per-split-data-args-path): whole corpora, no --split (Megatron's per-split paths), each split a blend as
+    --data-path's is. The test blend is built by ``build_test_data``."""
+    from megallama.data.blended_dataset import build_corpora_blend
     if getattr(args, "chat_template", False):
         raise ConfigError("chat fine-tuning takes its data from --data-path (split by --split)")
+    blends = args.data_blend_per_split
 
-    def build(path, n, name, salt):
-        return build_dataset_from_path(path, tokenizer, args.seq_length, args.seed, args.data_cache_dir, n, name,
-                                       salt)
+    def build(split, n, salt):
+        return build_corpora_blend(blends[split], tokenizer, args.seq_length, args.seed, args.data_cache_dir, n,
+                                   split, salt)
     if args.train_iters is None:  # --epochs: size one epoch first
-        args.train_iters = iters_for_epochs(args, len(build(args.train_data_path, None, "train", 0)))
-    train = build(args.train_data_path, args.train_iters * args.global_batch_size, "train", 0)
-    valid = build(args.valid_data_path, _num_valid_samples(args), "valid", 1) if args.valid_data_path else None
+        args.train_iters = iters_for_epochs(args, len(build("train", None, 0)))
+    train = build("train", args.train_iters * args.global_batch_size, 0)
+    valid = build("valid", _num_valid_samples(args), 1) if blends["valid"] else None
     return train, valid
 
 
 def build_test_data(args, tokenizer):
-    """The test set, evaluated once at the end of training (Megatron's): --test-data-path, or the third --split
-    share of the pretraining corpus (of each corpus of a blend); None when there is none (chat data keeps no test
-    share)."""
-    from megallama.data.gpt_dataset import build_dataset_from_path, build_test_split, parse_split
+    """The test set, evaluated once at the end of training (Megatron's): the --test-data-path blend, or the third
+    --split share of the pretraining corpus (of each corpus of a blend); None when there is none (chat data keeps no
+    test share)."""
+    from megallama.data.gpt_dataset import build_test_split, parse_split
     n = args.eval_iters * args.global_batch_size
     if n == 0:  # --eval-iters 0: Megatron evaluates nothing, the test data neither
         return None
-    if getattr(args, "test_data_path", None):
-        return build_dataset_from_path(args.test_data_path, tokenizer, args.seq_length, args.seed,
-                                       args.data_cache_dir, n, "test", 2)
-    if args.mock_data or getattr(args, "train_data_path", None) or getattr(args, "chat_template", False) \
-            or parse_split(args.split)[2] == 0:
+    per_split = getattr(args, "data_blend_per_split", None)
+    if per_split is not None:
+        from megallama.data.blended_dataset import build_corpora_blend
+        return build_corpora_blend(per_split["test"], tokenizer, args.seq_length, args.seed, args.data_cache_dir, n,
+                                   "test", 2) if per_split["test"] else None
+    if args.mock_data or getattr(args, "chat_template", False) or parse_split(args.split)[2] == 0:
         return None
     if getattr(args, "data_blend", None):
         from megallama.data.blended_dataset import build_blended_test_dataset
@@ -351,17 +352,30 @@ def get_forward_backward(args):
     return forward_backward_no_pipelining
 
 
-def finalize_model_grads(model_chunks, args) -> None:
+def finalize_model_grads(model_chunks, args, timers=None) -> None:
     """After the last backward (Megatron's order): finish each chunk's data-parallel reduction, then the sums the
     layout owes, on the dp-reduced grads whatever the ZeRO stage: sequence-parallel norm weights over tp, Chimera's
     replica pairs, and the tied embedding/output copies over the embedding group. All are linear, so they commute
-    with the dp average."""
+    with the dp average. ``timers``: Megatron's timers of these three phases (--timing-log-level 1)."""
     from megallama.mpu.sequence_parallel import sequence_parallel_params
+    from megallama.timers import Timers
+    timers = timers or Timers(0, "minmax", False, None)
+    timers.start("all-grads-sync")
     for m in model_chunks:
         m.finish_grad_sync()
+    timers.stop("all-grads-sync")
+    timers.start("layernorm-grads-all-reduce")
     if ps.get_tensor_model_parallel_world_size() > 1 and args.sequence_parallel:
         for m in model_chunks:
             m.all_reduce_param_grads(sequence_parallel_params(m.module), ps.get_tensor_model_parallel_group())
+    timers.stop("layernorm-grads-all-reduce")
+    timers.start("embedding-grads-all-reduce")
+    _sum_pipeline_copies(model_chunks, args)
+    timers.stop("embedding-grads-all-reduce")
+
+
+def _sum_pipeline_copies(model_chunks, args) -> None:
+    """Chimera's replica pairs and the tied embedding/output copies (pipeline parallelism only)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return
     from megallama.pipeline.finalize import sync_chimera_replica_gradients

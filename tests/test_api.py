@@ -300,3 +300,15 @@ def test_factories_refuse_gpu_counts_they_would_partly_drop():
     assert megallama.ConfigurationFactory.create_tensor_parallel_config(8, tensor_parallel_size=2).world_size == 8
     with pytest.raises(ConfigError, match="num_gpus 12 is not whole nodes of 8 GPUs"):
         megallama.create_llama3_405b_orchestrator(num_gpus=12)
+
+
+def test_call_length_replaces_the_configs_epochs_and_both_in_a_config_are_refused():
+    """launch_training(train_iters=N) is the call's run length: it replaces TrainingConfig.epochs (the parser refuses
+    --train-iters with --epochs); a config that sets both is one error."""
+    orch = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", "standard", num_gpus=1, model_overrides=TINY,
+                                               training_config=_cfg(train_iters=None, epochs=1))
+    _finite(orch.launch_training(_loader(n=8), train_iters=3), 3)
+    both = megallama.LlamaTrainingOrchestrator("tiny_llama3_50m", "standard", num_gpus=1, model_overrides=TINY,
+                                               training_config=_cfg(epochs=1))
+    with pytest.raises(ConfigError, match="--train-iters 2 and --epochs 1 both set the run's length"):
+        both.launch_training(_loader(n=8))

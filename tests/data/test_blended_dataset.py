@@ -13,7 +13,7 @@ from megallama.errors import ConfigError
 def test_parse_weights_paths_and_errors():
     assert parse_data_blend(["0.3", "a", "0.7", "b"]) == [(0.3, "a"), (0.7, "b")]
     assert parse_data_blend(["2", "a", "6", "b"]) == [(0.25, "a"), (0.75, "b")]
-    assert parse_data_blend(["a", "b"]) == [(0.5, "a"), (0.5, "b")]
+    assert parse_data_blend(["a", "b"]) == [(None, "a"), (None, "b")]  # Megatron's: weighted by size
     with pytest.raises(ConfigError, match="neither paths nor weight-path pairs"):
         parse_data_blend(["0.3", "a", "b"])
     with pytest.raises(ConfigError, match="weights must be positive"):
@@ -50,6 +50,22 @@ def test_blend_samples_come_from_their_corpora(tmp_path, bundled_tokenizer):
     assert len(got[0]) == 10 and len(got[1]) == 30
     assert all(np.array_equal(x, pa[k]["input_ids"]) for k, x in enumerate(got[0]))
     assert all(np.array_equal(x, pb[k]["input_ids"]) for k, x in enumerate(got[1]))
+
+
+def test_paths_without_weights_blend_by_size(tmp_path, bundled_tokenizer):
+    """Megatron's ``--data-path a b``: each corpus's split weighted by its length, so one epoch of the train blend
+    is one epoch of each corpus's train split (the valid blend likewise), each sample once."""
+    a = write_jsonl(tmp_path / "a.jsonl", TEXTS)
+    b = write_jsonl(tmp_path / "b.jsonl", [t.upper() for t in TEXTS * 3])
+    kw = dict(tokenizer=bundled_tokenizer, seq_length=16, seed=3, split="80,20,0", cache_dir=str(tmp_path / "c"))
+    train, valid = build_blended_datasets(parse_data_blend([a, b]), num_train_samples=None, **kw)
+    rest = {k: v for k, v in kw.items() if k != "seed"}
+    (ta, va), (tb, vb) = (build_pretraining_datasets(p, seed=3 + 7919 * d, progress=False, **rest)
+                          for d, p in enumerate((a, b)))
+    for blend, parts in ((train, (ta, tb)), (valid, (va, vb))):
+        assert len(blend) == sum(len(p) for p in parts)
+        for d, part in enumerate(parts):
+            assert np.array_equal(np.sort(blend.sample[blend.corpus == d]), np.arange(len(part)))
 
 
 def test_pretrain_on_a_blend_from_the_command_line(tmp_path):

@@ -56,8 +56,8 @@ def test_each_split_comes_from_its_own_corpus(corpora, capsys):
     (["--data-path", "{train}", "--valid-data-path", "{valid}"], "pass --data-path (split by --split) or"),
     (["--valid-data-path", "{valid}"], "--valid-data-path/--test-data-path need --train-data-path"),
     (["--mock-data", "--train-data-path", "{train}"], "--mock-data makes random tokens"),
-    (["--train-data-path", "0.5", "{train}", "0.5", "{valid}"], "--train-data-path takes one corpus here (got 4 "
-                                                                  "values); to blend corpora use --data-path"),
+    (["--per-split-data-args-path", "{valid}", "--data-path", "{train}"], "pass --data-path (split by --split) or "
+                                                                          "--per-split-data-args-path, not both"),
 ])
 def test_mixing_the_two_ways_is_one_line(corpora, argv, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
