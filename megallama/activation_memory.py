@@ -139,6 +139,47 @@ def layer_saved(x: Shape, n: Numerics, recompute: str = "none") -> Dict[str, int
             "weight_casts": 0}
 
 
+def modules_saved(parts: Dict[str, int], x: Shape, n: Numerics, modules, moe=None) -> Dict[str, int]:
+    """A layer's kept bytes under selective recompute of Megatron's ``--recompute-modules`` (model/recompute.py),
+    from its no-recompute ``parts`` (``layer_saved`` or, with ``moe`` (a ``MoEShape``), ``moe_layer_saved``):
+    layernorm keeps the norms' inputs and frees their outputs (the q/k/v, gate/up and shared-expert inputs unless
+    those are autocast or fp8 copies); core_attn frees the logsumexp (q, k, v are its checkpoint's inputs, and its
+    output is o_proj's input either way); mlp / moe keep only the MLP's input (the norm output) and no weight casts;
+    moe_act frees the experts' SwiGLU product; shared_experts the shared expert's SwiGLU set and weight casts.
+    Checked byte for byte on CPU against the saved tensors (tests/test_memory_recompute_modules.py)."""
+    mods, out = set(modules), dict(parts)
+    own_input = not (n.cast or n.fp8)  # a linear keeps the norm output itself, not a copy of it
+    norm_out = n.r * x.Sn * x.h
+    if moe is None:
+        half = parts["linear_inputs"] // 2  # q/k/v's input
+    else:  # as moe_layer_saved: the shared expert's input is counted unless the router keeps it (fp32)
+        shared_in = (n.e if n.cast else n.r) * x.Sn * x.h if moe.shared and (n.cast or n.r < 4) else 0
+        half = parts["linear_inputs"] - shared_in
+    mlp_in = parts["linear_inputs"] - half  # gate/up's input, or the shared expert's
+    if "layernorm" in mods:
+        out["norms"] = 2 * norm_out
+        half, mlp_in = (0, 0) if own_input else (half, mlp_in)
+    if "core_attn" in mods:
+        out["attention"] -= 4 * x.b * (x.a // x.t) * x.s
+    shared_casts = n.e * 3 * x.h * (moe.shared // x.t) if moe is not None and n.cast else 0
+    if ("mlp" in mods and moe is None) or ("moe" in mods and moe is not None):
+        out["mlp"], mlp_in = 0, (0 if "layernorm" in mods else norm_out)
+        attn_casts = n.e * (x.qkv_params + x.h * x.h // x.t) if n.cast else 0
+        out["weight_casts"] = attn_casts if moe is not None or n.cast else parts["weight_casts"]
+    elif moe is not None:
+        if "layernorm" in mods and n.r == 4:  # the router's fp32 input is the norm output itself: freed too
+            out["mlp"] -= 4 * x.Sn * x.h
+        if "moe_act" in mods:  # the product (and the reference SwiGLU's silu(gate)): only gate and up are kept
+            out["mlp"] -= (1 if n.fused else 2) * n.e * moe.rows(x.S) * (moe.ffn // x.t)
+        if "shared_experts" in mods and moe.shared:
+            sh = Shape(x.b, x.s, x.h, moe.shared, x.a, x.g, x.V, x.t, x.sp)
+            out["mlp"] -= swiglu_saved(sh, n)
+            out["weight_casts"] -= shared_casts
+            mlp_in = 0 if n.cast else mlp_in  # its checkpoint keeps the norm output: fp32, the router's input
+    out["linear_inputs"] = half + mlp_in
+    return out
+
+
 def layer_bytes(x: Shape, n: Numerics, recompute: str = "none") -> int:
     return sum(layer_saved(x, n, recompute).values())
 
@@ -257,7 +298,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
                           others_hold_ends: bool = True, extra: Dict[str, int] = None, moe=None,
                           moe_layers: int = 0, device: str = "cuda", head_trainable: bool = True,
-                          wgrad_queued: int = None) -> Dict[str, int]:
+                          wgrad_queued: int = None, recompute_modules=None) -> Dict[str, int]:
     """Peak activation bytes of one pipeline stage holding ``in_flight`` microbatches (1F1B steady state: the
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
@@ -265,6 +306,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
     MoE layers shaped by ``moe`` (a ``moe_memory.MoEShape``). ``head_trainable=False``: a frozen output weight
     (LoRA) gets no gradient.
+    ``recompute_modules``: under selective, Megatron's --recompute-modules (``modules_saved``; None: megallama's
+    default selective); the largest layer's recomputed bytes are rebuilt during its backward.
     ``wgrad_queued``: ZB-H1 with the B/W split, this many microbatches' W pending (``wgrad_queue_layer``) while
     ``in_flight`` are held whole; while a W runs, one fewer is whole and one more is queued (None: grads in B).
 
@@ -275,9 +318,19 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     if head not in HEADS:
         raise ConfigError(f"head '{head}' is not one of {', '.join(HEADS)}; pick one of those")
     rec = "selective" if recompute == "selective" else "none"
-    parts = layer_saved(x, n, rec)
+    by_module = rec == "selective" and recompute_modules is not None
+    parts = layer_saved(x, n, "none" if by_module else rec)
+    rebuilt = 0  # bytes a selective module recomputes during its layer's backward (the largest layer's)
+    if by_module:
+        kept = modules_saved(parts, x, n, recompute_modules)
+        rebuilt = sum(parts.values()) - sum(kept.values()) if moe_layers < num_layers else 0
+        parts = kept
     if moe is not None and moe_layers:  # the per-layer average over dense and MoE layers
-        mp = moe.layer_saved(x, n, rec)
+        mp = moe.layer_saved(x, n, "none" if by_module else rec)
+        if by_module:
+            kept = modules_saved(mp, x, n, recompute_modules, moe)
+            rebuilt = max(rebuilt, sum(mp.values()) - sum(kept.values()))
+            mp = kept
         parts = {k: (parts[k] * (num_layers - moe_layers) + mp[k] * moe_layers) // num_layers for k in parts}
     casts_layer = parts["weight_casts"]
     whole = sum(parts.values())
@@ -286,7 +339,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         layers = n_chunks * n.r * x.Sn * x.h + stored * (whole - casts_layer)
         casts, recomputed = stored * casts_layer, per_chunk * whole
     else:
-        layers, casts, recomputed, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, 0, 0
+        layers, casts, recomputed, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, rebuilt, 0
     misc = rope_tables(x) + (embedding_saved(x) if pre_process else 0)
     if not post_process:  # the stage's output is kept for its backward (p2p)
         misc += n.r * x.Sn * x.h

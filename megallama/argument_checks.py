@@ -21,6 +21,8 @@ def check_recompute_flags(args) -> None:
         raise ConfigError(f"--recompute-num-layers must be >= 1, got {args.recompute_num_layers}")
     args.recompute_method = args.recompute_method or "uniform"
     args.recompute_num_layers = args.recompute_num_layers or 1
+    from megallama.model.recompute import check_recompute_modules_args
+    check_recompute_modules_args(args)
 
 
 def check_run_flags(args) -> None:

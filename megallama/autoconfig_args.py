@@ -119,6 +119,8 @@ def layout_flags(args) -> list:
         flags.append("--sequence-parallel")
     if args.recompute_granularity:
         flags += ["--recompute-granularity", args.recompute_granularity]
+        if getattr(args, "recompute_modules", None):
+            flags += ["--recompute-modules", *args.recompute_modules]
     return flags
 
 

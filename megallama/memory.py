@@ -58,7 +58,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           moe_shared_expert_intermediate_size: Optional[int] = None,
                           moe_expert_capacity_factor: Optional[float] = None,
                           moe_pad_expert_input_to_capacity: bool = False, fp8_format: Optional[str] = None,
-                          async_save: bool = False, **aliases) -> dict:
+                          async_save: bool = False, recompute_modules=None, **aliases) -> dict:
     """Per-GPU memory of training ``model_variant`` with this layout; see the module docstring.
 
     ``batch_size`` is the micro-batch per GPU; ``num_gpus`` is per node (world = num_gpus * num_nodes, as the
@@ -66,6 +66,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     compute dtype, fp32 masters) or 'autocast' (--params-dtype fp32). Seed aliases: tensor_parallel_size,
     pipeline_parallel_size, micro_batch_size, activation_checkpointing=True (-> recompute 'full'),
     use_flash_attention (always on). ``device`` 'cpu' models the eager CPU code paths (for tests on CPU).
+    ``recompute_modules``: Megatron's --recompute-modules under recompute 'selective' (None: megallama's default).
     MoE (Megatron's flags): ``moe_ffn_hidden_size`` per expert, ``moe_shared_expert_intermediate_size``,
     ``moe_expert_capacity_factor`` (negative: none), ``moe_pad_expert_input_to_capacity``. ``fp8_format``
     ('hybrid' / 'e4m3', needs bf16): the decoder linears in fp8. ``async_save``: pinned host checkpoint buffers."""
@@ -117,7 +118,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
         st = stage_memory(cfg, x, num, layers, s, cfg.num_layers, pp, tp, dp, cp, ep, zero_stage, recompute,
                           pipeline_schedule, num_microbatches, v, strategy, lora_rank, list(lora_targets), pkg, head,
                           recompute_method, recompute_num_layers, bucket_size, overlap_grad_reduce, optimizer,
-                          device, moe)
+                          device, moe, recompute_modules=recompute_modules)
         keys = ("weights", "grads", "optimizer", "activations", "logits", "weight_casts", "buffers")
         st["allocated"] = sum(st[key] for key in keys)
         stages[s] = st
@@ -145,6 +146,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                    "cp": cp, "ep": ep, "zero_stage": zero_stage, "micro_batch_size": batch_size,
                    "num_microbatches": num_microbatches, "global_batch_size": global_batch_size,
                    "sequence_length": seq, "sequence_parallel": x.sp, "recompute": recompute,
+                   "recompute_modules": None if recompute_modules is None else list(recompute_modules),
                    "precision": precision, "mixed_precision_mode": mixed_precision_mode, "strategy": strategy,
                    "pipeline_schedule": pipeline_schedule if pp > 1 else "none", "in_flight": st["in_flight"],
                    "wgrad_queued": st["wgrad_queued"], "layers_on_worst_stage": st["layers"],
@@ -174,7 +176,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                     moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
                     moe_expert_capacity_factor=moe_expert_capacity_factor,
                     moe_pad_expert_input_to_capacity=moe_pad_expert_input_to_capacity, fp8_format=fp8_format,
-                    async_save=async_save)
+                    async_save=async_save, recompute_modules=recompute_modules)
         result["recommendations"] = recommendations(result, args, cfg)
     else:
         result["recommendations"] = []

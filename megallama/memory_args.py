@@ -30,6 +30,7 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                  mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
                                  fused_kernels=not args.no_fused_kernels, recompute_method=args.recompute_method,
                                  recompute_num_layers=args.recompute_num_layers,
+                                 recompute_modules=getattr(args, "recompute_modules", None),
                                  first_stage_layers=args.decoder_first_pipeline_num_layers,
                                  last_stage_layers=args.decoder_last_pipeline_num_layers,
                                  bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,

@@ -55,7 +55,7 @@ def _zb_h1(pp: int, stage: int, m: int, zero: int, strategy: str, inflight: int)
 
 def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, schedule, m, v, strategy,
                  lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda",
-                 moe: Optional[MoEShape] = None):
+                 moe: Optional[MoEShape] = None, recompute_modules=None):
     """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category. ``moe``: the MoE layers'
     shape (None: a dense model, or a strategy that builds none)."""
     pre, post = stage == 0, stage == pp - 1
@@ -111,7 +111,8 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
                                    others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
                                    moe_layers=n_moe, device=device,
-                                   head_trainable=strategy not in ("lora", "hybrid"), wgrad_queued=queued)
+                                   head_trainable=strategy not in ("lora", "hybrid"), wgrad_queued=queued,
+                                   recompute_modules=recompute_modules)
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
         # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept

@@ -23,7 +23,9 @@ _VALUE_FLAGS = {"moe_expert_capacity_factor": "--moe-expert-capacity-factor",
                 "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size"}
 _SWITCHES = {"moe_pad_expert_input_to_capacity": "--moe-pad-expert-input-to-capacity",
              "moe_router_pre_softmax": "--moe-router-pre-softmax",
-             "moe_shared_expert_overlap": "--moe-shared-expert-overlap"}
+             "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
+             "moe_shared_expert_gate": "--moe-shared-expert-gate",
+             "moe_upcycle_shared_expert": "--moe-upcycle-shared-expert"}
 STRATEGY_KEYS = frozenset(_VALUE_FLAGS) | frozenset(_SWITCHES)
 # every flag that only shapes experts (arguments.py's and the ones above), for check_moe_flags
 _MOE_ONLY = ("moe_router_topk", "moe_aux_loss_coeff", "moe_layer_freq", "moe_layers", "moe_z_loss_coeff",
@@ -36,6 +38,11 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
                    help="FFN size of a shared SwiGLU expert every token goes through, added to the routed output")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="accepted: the shared expert runs in the same stream here (same output)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared expert's output by sigmoid(x . w), a learned [1, h] gate (Qwen2-MoE)")
+    g.add_argument("--moe-upcycle-shared-expert", action="store_true",
+                   help="upcycling also copies the dense MLP into the shared expert (default: fresh init, as "
+                   "Megatron); needs --moe-shared-expert-intermediate-size equal to the dense FFN size")
     g.add_argument("--moe-router-pre-softmax", action="store_true",
                    help="softmax over all experts before the top-k (default: softmax over the k chosen logits)")
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
@@ -82,6 +89,10 @@ def check_moe_flags(args) -> None:
     given = set(getattr(args, "given_flags", None) or ())
     if "num_experts" in given and args.num_experts is not None and args.num_experts < 1:
         raise ConfigError(f"--num-experts must be >= 1, got {args.num_experts}; drop it for a dense model")
+    upcycles = getattr(args, "moe_upcycle", False) or getattr(args, "pretrained_checkpoint", None)
+    if getattr(args, "moe_upcycle_shared_expert", False) and not upcycles:
+        raise ConfigError("--moe-upcycle-shared-expert applies to upcycling; add --moe-upcycle (or a dense "
+                          "--pretrained-checkpoint) or drop it")
     if args.num_experts or args.strategy in ("moe", "hybrid") or getattr(args, "use_checkpoint_args", False):
         return
     flags = ["--" + d.replace("_", "-") for d in _MOE_ONLY if d in given]
@@ -123,7 +134,9 @@ def moe_config_fields(p: dict) -> dict:
                   score_function=p.get("moe_router_score_function") or "softmax",
                   load_balancing_type=p.get("moe_router_load_balancing_type") or "aux_loss",
                   shared_expert_intermediate_size=p.get("moe_shared_expert_intermediate_size"),
-                  shared_expert_overlap=bool(p.get("moe_shared_expert_overlap", False)))
+                  shared_expert_overlap=bool(p.get("moe_shared_expert_overlap", False)),
+                  shared_expert_gate=bool(p.get("moe_shared_expert_gate", False)),
+                  upcycle_shared_expert=bool(p.get("moe_upcycle_shared_expert", False)))
     return fields
 
 

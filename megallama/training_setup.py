@@ -287,17 +287,16 @@ def apply_training_strategy(chunks, args) -> None:
 
 def configure_recompute(model, args) -> None:
     """full: checkpoint whole layers (uniform chunks or the first N, Megatron's methods); selective: recompute
-    the norms and the SwiGLU activation, keep the matmul outputs (flash attention stores no score matrix)."""
+    what --recompute-modules names (default: the norms and the SwiGLU activation; the matmul outputs are kept,
+    flash attention stores no score matrix)."""
     inner = model.model
     if args.recompute_granularity == "full":
         inner.recompute_granularity = "full"
         inner.recompute_method = args.recompute_method
         inner.recompute_num_layers = args.recompute_num_layers
-    else:
-        for layer in inner.layers.values():
-            layer.recompute_norm = True
-            if hasattr(layer.mlp, "recompute_activation"):
-                layer.mlp.recompute_activation = True
+    else:  # --recompute-modules, or megallama's default (the norms and the dense SwiGLU)
+        from megallama.model.recompute import apply_selective_recompute
+        apply_selective_recompute(model, getattr(args, "recompute_modules", None))
 
 
 def setup_model_and_optimizer(args, device):

@@ -56,6 +56,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
         self.v_proj = ColumnParallelLinear(h, config.num_query_groups * d, init_std=config.init_method_std, **kw)
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, h, init_std=out_std, **kw)
+        self.recompute_core_attention = False  # --recompute-modules core_attn (model/recompute.py)
 
     def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
         """x: [b, s, h] (replicated) or [b, s/tp, h] under SP; returns the same layout. ``kv_cache``
@@ -68,11 +69,18 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both
         if kv_cache is not None:
             out = kv_cache.attention(self.layer_number, q, k, v)
-        elif ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
-            from megallama.model.context_parallel import context_parallel_attention
-            out = context_parallel_attention(q, k, v, document_ids=document_ids)
-        elif isinstance(document_ids, PackedDocuments):  # CUDA: flash attention per document
-            out = varlen_attention(q, k, v, document_ids)
+        elif self.recompute_core_attention and torch.is_grad_enabled():
+            from megallama.model.recompute import checkpointed
+            out = checkpointed(lambda q_, k_, v_: self._core(q_, k_, v_, document_ids), q, k, v)
         else:
-            out = core_attention(q, k, v, document_ids=document_ids)
+            out = self._core(q, k, v, document_ids)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+    @staticmethod
+    def _core(q, k, v, document_ids):
+        if ps.get_context_parallel_world_size() > 1:  # sequence sharded over cp: ring / all-to-all attention
+            from megallama.model.context_parallel import context_parallel_attention
+            return context_parallel_attention(q, k, v, document_ids=document_ids)
+        if isinstance(document_ids, PackedDocuments):  # CUDA: flash attention per document
+            return varlen_attention(q, k, v, document_ids)
+        return core_attention(q, k, v, document_ids=document_ids)

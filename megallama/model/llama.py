@@ -36,20 +36,45 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_number, sequence_parallel, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, sequence_parallel, device, dtype)
         self.mlp = mlp if mlp is not None else LlamaMLP(config, sequence_parallel, device, dtype)
+        # selective recompute (model/recompute.py): the norms checkpointed (default) or their outputs discarded
+        # (--recompute-modules layernorm); the whole MLP / MoE layer checkpointed (mlp, moe)
         self.recompute_norm = False
+        self.discard_norm_output = False
+        self.recompute_mlp = False
 
     def _norm(self, norm, x):
-        if self.recompute_norm and x.requires_grad:
+        """(normed x, the CheckpointWithoutOutput to release after the sublayer, or None)."""
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return norm(x), None
+        if self.discard_norm_output:
+            from megallama.model.recompute import CheckpointWithoutOutput
+            ck = CheckpointWithoutOutput()
+            return ck.checkpoint(norm, x), ck
+        if self.recompute_norm:
             from torch.utils.checkpoint import checkpoint
-            return checkpoint(norm, x, use_reentrant=False)
-        return norm(x)
+            return checkpoint(norm, x, use_reentrant=False), None
+        return norm(x), None
+
+    def _mlp(self, x):
+        if self.recompute_mlp and torch.is_grad_enabled():
+            from megallama.model.recompute import checkpointed
+            return checkpointed(self.mlp, x)
+        return self.mlp(x)
 
     def forward(self, x, cos, sin, document_ids=None, kv_cache=None):
         kw = {} if document_ids is None else {"document_ids": document_ids}  # packed sequences (SFT)
         if kv_cache is not None:  # decoding (megallama.generation)
             kw["kv_cache"] = kv_cache
-        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, **kw)
-        return x + self.mlp(self._norm(self.post_attention_layernorm, x))
+        normed, ck = self._norm(self.input_layernorm, x)
+        out = self.self_attn(normed, cos, sin, **kw)
+        if ck is not None:
+            ck.discard_output_and_register_recompute(out)
+        x = x + out
+        normed, ck = self._norm(self.post_attention_layernorm, x)
+        out = self._mlp(normed)
+        if ck is not None:
+            ck.discard_output_and_register_recompute(out)
+        return x + out
 
 
 class LlamaModel(nn.Module):

@@ -10,7 +10,8 @@ and how they reach the gradient in ``moe_aux_loss``.
 
 ``--moe-shared-expert-intermediate-size`` adds a dense SwiGLU MLP of that size which every token goes through
 (``shared_experts``, a ``LlamaMLP``: tensor-parallel like the dense MLP, data-parallel like every dense weight),
-its output added to the routed experts' (Megatron's ``SharedExpertMLP`` without the gate).
+its output added to the routed experts' (Megatron's ``SharedExpertMLP``; ``--moe-shared-expert-gate`` scales it by
+a per-token sigmoid gate, ``shared_experts.py``).
 
 Expert capacity (``--moe-expert-capacity-factor``) is Megatron's ``ceil((T * k / E) * cf)`` over the T tokens of
 the micro-batch this rank routes: gathered over tp under sequence parallelism (Megatron counts each tp rank's s/tp
@@ -60,6 +61,8 @@ class MoEConfig:
     pad_to_capacity: bool = False
     shared_expert_intermediate_size: Optional[int] = None
     shared_expert_overlap: bool = False  # accepted: one stream here, the output is the same
+    shared_expert_gate: bool = False  # --moe-shared-expert-gate: sigmoid(x . w) times the shared expert's output
+    upcycle_shared_expert: bool = False  # upcycling also copies the dense MLP into the shared expert
 
     @property
     def router_pre_softmax(self) -> bool:
@@ -96,6 +99,10 @@ class MoEConfig:
         if self.shared_expert_overlap and not self.shared_expert_intermediate_size:
             raise ConfigError("--moe-shared-expert-overlap needs --moe-shared-expert-intermediate-size (there is no "
                               "shared expert to overlap)")
+        if (self.shared_expert_gate or self.upcycle_shared_expert) and not self.shared_expert_intermediate_size:
+            flag = "--moe-shared-expert-gate" if self.shared_expert_gate else "--moe-upcycle-shared-expert"
+            raise ConfigError(f"{flag} needs --moe-shared-expert-intermediate-size (there is no shared expert); add "
+                              f"it or drop {flag}")
         if num_layers is not None and self.layers is not None:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad:
@@ -139,6 +146,7 @@ class GroupedExperts(nn.Module):
             p.tensor_model_parallel, p.partition_dim = tp > 1, dim
             p.expert_parallel, p.allreduce, p.expert_partition_dim = True, False, 0
             p.init_std = std
+        self.recompute_activation = False  # --recompute-modules moe_act: the SwiGLU output is rebuilt in backward
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, h] rows grouped by local expert (``counts`` rows each) -> [N, h] (partial sums under tp)."""
@@ -149,8 +157,14 @@ class GroupedExperts(nn.Module):
         else:
             ws = tuple(w.to(x.dtype) for w in ws)
         with torch.autocast(x.device.type, enabled=False):
-            act = swiglu(grouped_matmul(x, ws[0], counts), grouped_matmul(x, ws[1], counts))
-            return grouped_matmul(act, ws[2], counts)
+            gate, up = grouped_matmul(x, ws[0], counts), grouped_matmul(x, ws[1], counts)
+            if not (self.recompute_activation and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+                return grouped_matmul(swiglu(gate, up), ws[2], counts)
+            from megallama.model.recompute import CheckpointWithoutOutput
+            ck = CheckpointWithoutOutput()
+            out = grouped_matmul(ck.checkpoint(swiglu, gate, up), ws[2], counts)
+            ck.discard_output_and_register_recompute(out)
+            return out
 
     @torch.no_grad()
     def init_weights(self, prefix: str, seed: int) -> None:
@@ -194,13 +208,15 @@ class MoELayer(nn.Module):
                                       device, dtype)
         self.shared_experts = None
         if moe.shared_expert_intermediate_size:
-            from megallama.model.mlp import LlamaMLP
+            from megallama.model.shared_experts import SharedExpertMLP
             if moe.shared_expert_intermediate_size % tp:
                 raise ConfigError(f"--moe-shared-expert-intermediate-size {moe.shared_expert_intermediate_size} is "
                                   f"not divisible by the tensor-parallel size {tp}; choose a size divisible by it")
-            self.shared_experts = LlamaMLP(config, self.sequence_parallel, device, dtype,
-                                           ffn_hidden_size=moe.shared_expert_intermediate_size)
+            self.shared_experts = SharedExpertMLP(config, self.sequence_parallel, device, dtype,
+                                                  ffn_hidden_size=moe.shared_expert_intermediate_size,
+                                                  gate=moe.shared_expert_gate)
         self.global_tokens = GlobalTokenTracker()
+        self.recompute_shared_experts = False  # --recompute-modules shared_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, h, moe = x.shape, self.hidden_size, self.moe
@@ -226,7 +242,10 @@ class MoELayer(nn.Module):
         else:
             y = mappings.reduce_from_tensor_model_parallel_region(y)
         y = y.reshape(shape)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and self.recompute_shared_experts and torch.is_grad_enabled():
+            from megallama.model.recompute import checkpointed
+            y = y + checkpointed(self.shared_experts, x)
+        elif self.shared_experts is not None:
             y = y + self.shared_experts(x)
         if aux is not None and aux.requires_grad:
             y = attach_aux_loss(y, aux)
@@ -292,13 +311,25 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def upcycle_from(self, dense) -> None:
-        """Sparse upcycling: every expert starts as a copy of the dense MLP (``LlamaMLP``, same tp shards)."""
+        """Sparse upcycling: every expert starts as a copy of the dense MLP (``LlamaMLP``, same tp shards).
+
+        The shared expert keeps its fresh init, as Megatron's ``upcycle_state_dict`` leaves it (it copies the dense
+        ``mlp.linear_fc1/fc2`` into the routed experts only): with the routed weights summing to 1, the routed
+        output already equals the dense MLP's, and a copy in the shared expert too would double the FFN output.
+        ``--moe-upcycle-shared-expert`` copies it all the same (same FFN size needed)."""
         tp = ps.get_tensor_model_parallel_world_size()
         dense_f, expert_f = dense.gate_proj.weight.shape[0] * tp, self.experts.gate_proj.shape[1] * tp
         if dense_f != expert_f:  # a copy needs the same shape: refuse here, not in a broadcast traceback
             raise ConfigError(f"upcycling (--moe-upcycle, or MoE from a dense --pretrained-checkpoint) copies the "
                               f"dense MLP (FFN size {dense_f}) into every expert, but --moe-ffn-hidden-size is "
                               f"{expert_f}; drop --moe-ffn-hidden-size (or set it to {dense_f}) or drop --moe-upcycle")
+        shared_f = self.moe.shared_expert_intermediate_size
+        if self.moe.upcycle_shared_expert and shared_f != dense_f:
+            raise ConfigError(f"--moe-upcycle-shared-expert copies the dense MLP (FFN size {dense_f}) into the shared "
+                              f"expert, but --moe-shared-expert-intermediate-size is {shared_f}; set it to {dense_f} "
+                              "or drop --moe-upcycle-shared-expert (the shared expert then starts fresh)")
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(self.experts, name).copy_(getattr(dense, name).weight.unsqueeze(0).expand_as(
                 getattr(self.experts, name)))
+            if self.moe.upcycle_shared_expert:
+                getattr(self.shared_experts, name).weight.copy_(getattr(dense, name).weight)
