@@ -41,14 +41,25 @@ def check_compatible(common: dict, args, ckpt: str, finetune: bool = False) -> N
                     f"--vocab-size {saved.get(k)} or the same padding flags)") if k == "vocab_size" else ""
             if k == "num_experts" and saved.get(k) and strategy_flags(common.get("args", {})):
                 hint = f" (a mixture-of-experts run: pass its {strategy_flags(common['args'])})"
+            if k == "tie_word_embeddings":
+                hint = _tie_hint(bool(saved.get(k)), args)
             raise ConfigError(f"checkpoint {ckpt} is for a different model ({common['args'].get('model')}: {k}="
-                              f"{saved.get(k)}, this run has {now.get(k)}){hint}; load a checkpoint of the same "
-                              "model")
+                              f"{saved.get(k)}, this run has {now.get(k)}){hint}{', or' if hint else ';'} load a "
+                              "checkpoint of the same model")
     for k in BEHAVIOUR_KEYS:
         if k in saved and saved.get(k) != now.get(k):
             _warn(f"checkpoint {ckpt} was trained with {k}={saved.get(k)}, this run uses {now.get(k)}")
     if not finetune:
         check_strategy(common.get("args", {}), args, ckpt, now.get("num_layers"))
+
+
+def _tie_hint(saved_tied: bool, args) -> str:
+    """The flag to fix a tied/untied mismatch: it is easy to drop from a launch line rewritten for another layout."""
+    if not saved_tied:
+        return " (its output layer is a separate tensor: pass --untie-embeddings-and-output-weights)"
+    if getattr(args, "untie_embeddings_and_output_weights", None):
+        return " (its output layer is the input embedding: drop --untie-embeddings-and-output-weights)"
+    return " (its output layer is the input embedding, this --model unties them: pass --use-checkpoint-args)"
 
 
 def _strategy(args):

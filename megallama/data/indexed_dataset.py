@@ -105,7 +105,8 @@ class IndexedDatasetBuilder:
 
     def __init__(self, bin_path: str, dtype=np.int32):
         if np.dtype(dtype) not in _CODE_OF:
-            raise ValueError(f"unsupported token dtype {dtype}; use one of {sorted(str(np.dtype(d)) for d in _CODE_OF)}")
+            raise ValueError(f"unsupported token dtype {dtype}; use one of "
+                             f"{sorted(str(np.dtype(d)) for d in _CODE_OF)}")
         self.dtype = np.dtype(dtype)
         self.data_file = open(bin_path, "wb")
         self.sequence_lengths: list[int] = []

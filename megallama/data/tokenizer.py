@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 from megallama.errors import ConfigError
 
-TOKENIZER_TYPES = ("bundled", "sentencepiece", "llama2", "llama3", "tiktoken", "hf")
+TOKENIZER_TYPES = ("bundled", "sentencepiece", "llama2", "llama3", "tiktoken", "hf", "null")
 
 # Meta's Llama 3 pre-tokenizer pattern and special tokens (meta-llama/llama3, llama/tokenizer.py).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -62,7 +62,10 @@ class _Tokenizer:
     def eod(self) -> int:
         return self.eos_id
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """``add_special_tokens``: what the tokenizer file itself puts around a text (only an HF tokenizer.json's
+        post-processor does: Megatron's HuggingFaceTokenizer data starts with its bos); nothing for the others,
+        as for Megatron's sentencepiece and tiktoken tokenizers."""
         return [self.encode(t) for t in texts]
 
     def __repr__(self) -> str:
@@ -89,7 +92,7 @@ class SentencePieceTokenizer(_Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=1)
 
     def decode(self, ids) -> str:
@@ -193,7 +196,9 @@ class HFTokenizer(_Tokenizer):
         # must not forge an end of text or a chat turn. Control tokens come from ids (ChatTemplate: token_to_id).
         # Not saved by to_str(), so an exported tokenizer.json is unchanged.
         self.tok.encode_special_tokens = True
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # the embedding must hold the largest id: a hand-edited file may leave gaps (Megatron counts tokens instead)
+        self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True),
+                              max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
         named = self._config_tokens(os.path.dirname(file))
         self.bos_id = self._find(named.get("bos_token"), _HF_BOS)
         self.eos_id = self._find(named.get("eos_token"), _HF_EOS)
@@ -228,19 +233,49 @@ class HFTokenizer(_Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None = None):
-    """The tokenizer for ``--tokenizer-type`` / ``--tokenizer-model``. "bundled" needs no file (ours ships in the
-    package); "sentencepiece"/"llama2" take a .model, "llama3"/"tiktoken" a tiktoken ranks file, "hf" a
-    tokenizer.json or its folder. Bad input raises ConfigError naming the value and the fix."""
-    tok = _build(tokenizer_type, tokenizer_model)
-    tok._build_args = (tokenizer_type, tokenizer_model)
+class NullTokenizer(_Tokenizer):
+    """Megatron's NullTokenizer: a text is its token ids, space separated ("12 7 300"); ``vocab_size`` ids plus the
+    eod, which is ``vocab_size`` itself (so the vocabulary is one larger, as in Megatron). For corpora tokenized
+    elsewhere and for benchmarks."""
+
+    def __init__(self, vocab_size: int):
+        self.tokenizer_type, self.path, self._ids = "null", None, int(vocab_size)
+        self.vocab_size = self._ids + 1
+        self.eos_id = self.pad_id = self._ids
+        self.bos_id = None  # Megatron's has none
+        self.name = f"null-{self._ids}"
+        self.fingerprint = f"null:{self._ids}"
+
+    def __reduce__(self):
+        return build_tokenizer, ("null", None, self._ids)
+
+    def encode(self, text: str) -> list[int]:
+        ids = [int(x) for x in text.split(" ")]  # Megatron's split: one space between ids
+        bad = [i for i in ids if not 0 <= i < self._ids]
+        if bad:
+            raise ValueError(f"id {bad[0]} is outside [0, {self._ids}) (--vocab-size {self._ids})")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None = None,
+                    vocab_size: int | None = None):
+    """The tokenizer for ``--tokenizer-type`` / ``--tokenizer-model`` (Megatron's type names work too). "bundled"
+    needs no file (ours ships in the package); "sentencepiece"/"llama2" take a .model, "llama3"/"tiktoken" a tiktoken
+    ranks file, "hf" a tokenizer.json or its folder, "null" (NullTokenizer) no file but ``vocab_size``. Bad input
+    raises ConfigError naming the value and the fix."""
+    tok = _build(tokenizer_type, tokenizer_model, vocab_size)
+    if not isinstance(tok, NullTokenizer):
+        tok._build_args = (tokenizer_type, tokenizer_model)
     return tok
 
 
@@ -268,32 +303,72 @@ def tokenizer_model_kind(path: str) -> str:
     return "llama3" if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head.strip()) else "sentencepiece"
 
 
-# Megatron-LM's --tokenizer-type spellings, so its command lines work unchanged
+# Megatron-LM's --tokenizer-type spellings, so its command lines work unchanged. Megatron's preprocess_data.py
+# (megatron.core.tokenizers) encodes with all three sentencepiece types alike: no bos, eod = the model's eos.
 _MEGATRON_NAMES = {"llama2tokenizer": "llama2", "llama3tokenizer": "llama3", "tiktokenizer": "tiktoken",
                    "sentencepiecetokenizer": "sentencepiece", "gptsentencepiecetokenizer": "sentencepiece",
-                   "huggingfacetokenizer": "hf"}
+                   "huggingfacetokenizer": "hf", "nulltokenizer": "null"}
+# Megatron types with no counterpart here -> the fix
+_MEGATRON_REFUSED = {
+    "gpt2bpetokenizer": "save the GPT-2 vocab.json/merges.txt as a tokenizer.json (transformers' "
+                        "GPT2TokenizerFast.save_pretrained) and pass --tokenizer-type HuggingFaceTokenizer "
+                        "--tokenizer-model <that folder>",
+    "bertwordpiecelowercase": "BERT tokenizers are for BERT/T5 models; a Llama takes Llama2Tokenizer, "
+                              "Llama3Tokenizer or HuggingFaceTokenizer",
+    "bertwordpiececase": "BERT tokenizers are for BERT/T5 models; a Llama takes Llama2Tokenizer, Llama3Tokenizer or "
+                         "HuggingFaceTokenizer",
+    "multimodaltokenizer": "megallama trains text-only Llamas; pass HuggingFaceTokenizer with the model's folder",
+    "nullmultimodaltokenizer": "megallama trains text-only Llamas; pass NullTokenizer",
+    "sfttokenizer": "chat data is tokenized by finetune_llama.py (the chat template of the tokenizer); pass "
+                    "HuggingFaceTokenizer, Llama3Tokenizer or Llama2Tokenizer",
+}
 
 
-def _build(tokenizer_type: str, tokenizer_model: str | None):
-    t = (tokenizer_type or "bundled").lower()
-    t = _MEGATRON_NAMES.get(t, t)
+def _looks_like_megatron_tiktoken_json(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).lstrip()[:1] in (b"[", b"{")
+
+
+def _build(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None):
+    spelled = tokenizer_type or "bundled"
+    t = _MEGATRON_NAMES.get(spelled.lower(), spelled.lower())
+    if t in _MEGATRON_REFUSED:
+        raise ConfigError(f"--tokenizer-type {spelled} is not supported; {_MEGATRON_REFUSED[t]}")
+    if t == "null":
+        if vocab_size is None or vocab_size < 1:
+            raise ConfigError(f"--tokenizer-type {spelled} needs its vocabulary size (tools/preprocess_data.py "
+                              "--vocab-size N: ids 0..N-1, the eod is N, as in Megatron)")
+        if tokenizer_model is not None:
+            raise ConfigError(f"--tokenizer-type {spelled} reads ids from the text and takes no --tokenizer-model; "
+                              "drop it")
+        return NullTokenizer(vocab_size)
+    if vocab_size is not None:
+        raise ConfigError(f"--vocab-size is read by NullTokenizer only; --tokenizer-type {spelled} takes its "
+                          "vocabulary from --tokenizer-model: drop --vocab-size")
     if t == "bundled":
         from megallama.data import get_bundled_tokenizer_path
         path = tokenizer_model or get_bundled_tokenizer_path()
-        _require_file(path, t, "sentencepiece .model file")
+        _require_file(path, spelled, "sentencepiece .model file")
         tok = SentencePieceTokenizer(path, "bundled")
         tok.name = f"bundled-bpe-{tok.vocab_size}" if tokenizer_model is None else tok.name
         return tok
     if t in ("sentencepiece", "llama2"):
-        return SentencePieceTokenizer(_require_file(tokenizer_model, t, "sentencepiece .model file"), t)
+        return SentencePieceTokenizer(_require_file(tokenizer_model, spelled, "sentencepiece .model file"), t)
     if t in ("llama3", "tiktoken"):
-        return Llama3Tokenizer(_require_file(tokenizer_model, t, "tiktoken ranks file such as Llama 3's "
-                                                                 "tokenizer.model"), t)
+        path = _require_file(tokenizer_model, spelled, "tiktoken ranks file such as Llama 3's tokenizer.model")
+        if _looks_like_megatron_tiktoken_json(path):
+            raise ConfigError(f"{path} is a JSON vocabulary (Megatron's own TikTokenizer format), which megallama "
+                              "does not read; --tokenizer-type TikTokenizer/Llama3Tokenizer here take Meta's Llama 3 "
+                              "tokenizer.model (base64-token rank lines), HuggingFaceTokenizer a tokenizer.json")
+        return Llama3Tokenizer(path, t)
     if t == "hf":
         if tokenizer_model is None:
-            raise ConfigError("--tokenizer-type hf needs --tokenizer-model PATH (a tokenizer.json or its folder)")
+            raise ConfigError(f"--tokenizer-type {spelled} needs --tokenizer-model PATH (a tokenizer.json or its "
+                              "folder)")
         if not os.path.exists(tokenizer_model):
             raise ConfigError(f"tokenizer model file not found: {tokenizer_model}; pass --tokenizer-model with a "
                               f"tokenizer.json or a folder holding one (no network: it is never downloaded)")
         return HFTokenizer(tokenizer_model, t)
-    raise ConfigError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
+    raise ConfigError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)} "
+                      f"(or Megatron's Llama2Tokenizer, GPTSentencePieceTokenizer, SentencePieceTokenizer, "
+                      f"HuggingFaceTokenizer, TikTokenizer, NullTokenizer)")

@@ -17,12 +17,14 @@ AdamW 1-bit Adam (every coordinate's sign, every step) is the one that keeps up 
   compression_powersgd.py.
 * ``topk``: the k = ratio * n largest entries of gradient + error (csrc top-k kernel, the same share of each of
   N owner chunks), sent as (fp32 value, int32 index) pairs by all-gather or, where that sends fewer bytes (dense
-  messages, many ranks, always at ZeRO-1), reduce-scattered to the chunks' owners: see TopKCompressor.
+  messages, many ranks, always at ZeRO-1), reduce-scattered to the chunks' owners: see compression_topk.py.
 * ``onebit``: 1-bit Adam with 0/1 Adam's variance refresh, see compression_onebit.py.
 
 Bytes are counted as one rank sends them in bandwidth-optimal collectives (all-reduce 2(N-1)/N of the buffer,
 all-gather (N-1) x its part, all-to-all and reduce-scatter (N-1)/N); the ratio is to what DDP sends for the same
 bucket (all-reduce at stage 0, reduce-scatter at stage 1, so at ZeRO-1 a compressed all-reduce saves half as much).
+MoE expert buckets (ep > 1) are reduced exact over the expert-data-parallel group, never by the hook: the start-up
+log says so, their bytes count in the report, and 1-bit Adam steps them with plain AdamW.
 Not supported: ZeRO-2/3 (only a gradient shard is kept; a whole-gradient error buffer per rank would cost more than
 the sharding saves, so ZeRO-1 is the stage to compress at) and --fp16 (a changing loss scale corrupts the
 error memories). The compressor state (error memories, PowerSGD's Q, 1-bit's momentum and frozen denominator) is
@@ -32,17 +34,15 @@ rank 4 bytes per local parameter (1-bit about 12), which ``--no-save-compression
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
 from megallama.ops import compression as kernels
-from megallama.optimizer.param_and_grad_buffer import ALIGN, all_gather_into_tensor
+from megallama.optimizer.param_and_grad_buffer import all_gather_into_tensor
 
 METHODS = ("none", "powersgd", "onebit", "topk")
 
@@ -105,6 +105,12 @@ def zero_stage_error(method: str, stage: int) -> ConfigError:
                        "sharding gradients; use --zero-stage 1 (optimizer state sharded, compressed gradients)")
 
 
+def compressed_bucket(bucket) -> bool:
+    """Whether the comm hook reduces ``bucket`` (DistributedDataParallel._launch_allreduce's rule): every dense
+    bucket; MoE expert buckets under expert parallelism go exact over the expert-data-parallel group."""
+    return not bucket.comm.expert
+
+
 def collective_bytes(kind: str, nbytes: float, world: int) -> float:
     """Bytes one rank sends in a bandwidth-optimal (ring) collective; ``nbytes``: its buffer (all_gather: its part)."""
     if world <= 1:
@@ -150,6 +156,10 @@ class GradientCompressor:
         self.ddp, self.config, self.optimizer = ddp, config, optimizer
         self.group, self.world = ddp.dp_group, ddp.dp_size
         self.stats = CommStats()
+        # MoE expert buckets (ep > 1) are reduced exact over the expert-data-parallel group: the hook never sees
+        # them, but their bytes are part of what a step sends (and of what plain DDP would send).
+        self.exact_bytes = sum(collective_bytes(ddp_collective(ddp), b.numel * ddp.grad_buffer.element_size(),
+                                                b.comm.size) for b in ddp.layout.buckets if not compressed_bucket(b))
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -162,7 +172,10 @@ class GradientCompressor:
         """Average ``data`` (this rank's bucket gradient) over dp in place; False: an exact step, DDP does it."""
         baseline = collective_bytes(ddp_collective(self.ddp), bucket.numel * data.element_size(), self.world)
         self.stats.baseline += baseline
-        self.stats.steps += bucket.index == 0
+        if bucket.index == 0:
+            self.stats.steps += 1
+            self.stats.sent += self.exact_bytes
+            self.stats.baseline += self.exact_bytes
         # The step count decides exact vs compressed; the optimizer's counts successful steps only.
         step = self.optimizer.num_steps if self.optimizer is not None else self._calls.get(bucket.index, 0)
         self._calls[bucket.index] = self._calls.get(bucket.index, 0) + 1
@@ -207,6 +220,16 @@ class GradientCompressor:
         self._calls, self._last_step = dict(sd["calls"]), dict(sd["last_step"])
         return True
 
+    def num_compressed(self) -> int:
+        """How many of this chunk's parameters the compressed messages carry (the rest go exact)."""
+        return sum(len(b.params) for b in self.ddp.layout.buckets if compressed_bucket(b))
+
+    def summary(self, comps: Sequence["GradientCompressor"]) -> str:
+        n = sum(c.num_compressed() for c in comps)
+        if self.config.method == "topk":
+            return f"the top {self.config.topk_ratio:g} of every bucket's entries ({n} parameters)"
+        return f"1-bit momentum ({n} parameters)"
+
     def init_state(self, bucket, data: torch.Tensor) -> dict:
         raise NotImplementedError
 
@@ -239,73 +262,6 @@ class GradientCompressor:
                       for p in bucket.params)
 
 
-@functools.lru_cache(maxsize=None)
-def topk_layout(numel_unpadded: int, numel: int, k: int, world: int) -> Tuple[int, int, Tuple[int, ...]]:
-    """(c, kc, counts): the bucket is cut into ``world`` owner chunks of ``c`` elements, the ZeRO-1 shard size (so
-    the chunks are the shards at stage 1, and the same at stage 0, where the last ones may be short or empty); top-k
-    keeps the same share of each, its ``kc`` = k c / n largest entries (``counts[j]`` of chunk j when shorter).
-    Fixed per bucket, so cached here rather than in the compressor's checkpointed state."""
-    c = -(-numel_unpadded // (world * ALIGN)) * ALIGN
-    kc = min(c, -(-k * c // numel_unpadded))
-    return c, kc, tuple(min(kc, max(0, min(numel, (j + 1) * c) - j * c)) for j in range(world))
-
-
-def topk_transport_bytes(numel_unpadded: int, numel: int, k: int, world: int, zero_stage: int) -> Dict[str, float]:
-    """Bytes one rank sends per step by each top-k transport (see TopKCompressor)."""
-    c, kc, counts = topk_layout(numel_unpadded, numel, k, world)
-    scatter = collective_bytes("all_to_all", 8 * world * kc, world)
-    if zero_stage == 0:
-        scatter += collective_bytes("all_gather", 4 * c, world)
-    return {"all_gather": collective_bytes("all_gather", 8 * sum(counts), world), "reduce_scatter": scatter}
-
-
-class TopKCompressor(GradientCompressor):
-    """Top-k with error feedback: the largest entries of gradient + error, the same share k / n of each of the
-    bucket's world owner chunks (``topk_layout``), sent as (fp32 value, int32 index) pairs by whichever transport
-    sends fewer bytes for the bucket (``topk_transport_bytes``):
-
-    * all-gather: every rank's pairs go to every rank, which sums all of them, (N-1) x 8k bytes. Cheapest for
-      small k on few ranks, but it grows with N.
-    * reduce-scatter: each chunk's pairs go to its owner only (all-to-all, (N-1)/N x 8k), which sums them into its
-      chunk of the average; at stage 0 the owners then all-gather their dense chunks ((N-1)/N x 4n). At ZeRO-1 the
-      chunks are the shards the optimizer reads, so that second phase is not needed: like DDP's own
-      reduce-scatter, only this rank's shard holds the average afterwards.
-
-    Both transports give the same average (the same pairs, summed in rank order)."""
-
-    def init_state(self, bucket, data):
-        k = max(1, math.ceil(self.config.topk_ratio * bucket.numel_unpadded))
-        return {"k": min(k, bucket.numel_unpadded), "error": torch.zeros(bucket.numel, device=data.device)}
-
-    def transport(self, bucket, k: int) -> str:
-        costs = topk_transport_bytes(bucket.numel_unpadded, bucket.numel, k, self.world, self.ddp.zero_stage)
-        return "reduce_scatter" if costs["reduce_scatter"] < costs["all_gather"] else "all_gather"
-
-    def compress(self, bucket, data, st):
-        c, kc, counts = topk_layout(bucket.numel_unpadded, bucket.numel, st["k"], self.world)
-        msg = torch.zeros((self.world, 2, kc), dtype=torch.int32, device=data.device)  # chunk j's (value bits, index)
-        for j, n in enumerate(counts):  # short chunks padded with (0.0, 0), which adds nothing
-            if n:
-                values, indices = kernels.topk_pack(data[j * c:j * c + c], st["error"][j * c:j * c + c], n)
-                msg[j, 0, :n], msg[j, 1, :n] = values.view(torch.int32), indices
-        if self.transport(bucket, st["k"]) == "all_gather":
-            pairs = torch.cat([torch.stack([msg[j, 0, :n], msg[j, 1, :n] + j * c]) for j, n in enumerate(counts) if n],
-                              dim=1)
-            got = self.all_gather(pairs)  # [world, 2, sum(counts)]
-            data.copy_(kernels.topk_unpack(got[:, 0].contiguous().view(torch.float32), got[:, 1].contiguous(),
-                                           bucket.numel, 1.0 / self.world))
-            return
-        got = self.all_to_all(msg.view(self.world, -1)).view(self.world, 2, kc)  # row i: rank i's pairs for my chunk
-        mine = kernels.topk_unpack(got[:, 0].contiguous().view(torch.float32), got[:, 1].contiguous(), c,
-                                   1.0 / self.world)
-        if self.ddp.zero_stage == 0:
-            data.copy_(self.all_gather(mine).view(-1)[:bucket.numel])
-        else:  # ZeRO-1: this rank's shard of the average, where DDP's reduce-scatter leaves it
-            assert c == bucket.shard_size, (c, bucket.shard_size)
-            lo = bucket.comm.rank * c
-            data[lo:lo + c].copy_(mine)
-
-
 def _compressor_class(method: str):
     if method == "onebit":
         from megallama.optimizer.compression_onebit import OneBitCompressor
@@ -313,6 +269,7 @@ def _compressor_class(method: str):
     if method == "powersgd":
         from megallama.optimizer.compression_powersgd import PowerSGDCompressor
         return PowerSGDCompressor
+    from megallama.optimizer.compression_topk import TopKCompressor
     return TopKCompressor
 
 
@@ -336,7 +293,31 @@ def attach_gradient_compression(model_chunks, optimizer, config: CompressionConf
         comp = cls(ddp, config, optimizer)
         ddp.register_comm_hook(comp)
         comps.append(comp)
+    from megallama.initialize import print_rank_0, warn_rank_0
+    for line in describe(comps):
+        print_rank_0(line)
+    if config.method == "powersgd" and not any(c.num_compressed() for c in comps):
+        warn_rank_0(f"--gradient-compression powersgd at --gradient-compression-rank {config.rank} compresses none "
+                    f"of the gradients (at that rank no matrix shrinks {config.min_compression_rate:g}x: small "
+                    "matrices, LoRA adapters) and sends them all exact; lower --gradient-compression-rank or use "
+                    "--gradient-compression topk/onebit")
     return comps
+
+
+def describe(comps: Sequence[GradientCompressor]) -> List[str]:
+    """What the log says once at start-up: which gradients are compressed and which go exact (this rank)."""
+    c = comps[0].config
+    exact = f"exact for the first {c.warmup_steps} optimizer steps" + (
+        f" and at steps {c.warmup_steps} + 2^j (variance refresh)" if c.method == "onebit" and c.variance_refresh
+        else "")
+    lines = [f"gradient compression {c.method}: {exact}, then {comps[0].summary(comps)}"]
+    experts = [comp.ddp.shapes[p].numel() for comp in comps for b in comp.ddp.layout.buckets
+               if not compressed_bucket(b) for p in b.params]
+    if experts:
+        lines.append(f"gradient compression {c.method}: the {len(experts)} MoE expert parameters ({sum(experts)} "
+                     "elements) are reduced exact over the expert-data-parallel group (not compressed)"
+                     + ("; 1-bit Adam steps them with plain AdamW" if c.method == "onebit" else ""))
+    return lines
 
 
 def _map_tensors(obj, fn):
@@ -377,8 +358,30 @@ def load_compression_state(model_chunks, saved: Optional[Sequence], skipped: Opt
             c.reset_state()
     if skipped:
         return f"gradient compression state starts afresh ({skipped})"
-    return ("gradient compression state starts afresh (the checkpoint has none for this layout and these "
-            "compression flags)")
+    return f"gradient compression state starts afresh ({_why_not_restored(comps, saved)})"
+
+
+_SIGNATURE_FLAGS = {"method": "--gradient-compression", "rank": "--gradient-compression-rank",
+                    "topk_ratio": "--topk-ratio", "world": "data-parallel size"}
+
+
+def _why_not_restored(comps, saved) -> str:
+    """The first difference between the saved compressor signatures and this run's, in the user's words (the
+    state is per dp rank: under another dp size its error memories belong to no rank here)."""
+    if saved is None:
+        return "the checkpoint has none: saved without compression or with --no-save-compression-state"
+    if len(saved) != len(comps) or any((c is None) != (sd is None) for c, sd in zip(comps, saved)):
+        return f"saved for {len(saved)} model chunks, this run has {len(comps)}"
+    for c, sd in zip(comps, saved):
+        if c is None:
+            continue
+        old, new = sd.get("signature", {}), c.signature()
+        for key, name in _SIGNATURE_FLAGS.items():
+            if old.get(key) != new.get(key):
+                return f"saved at {name} {old.get(key)}, this run has {new.get(key)}"
+        if old != new:
+            return "saved under another bucket layout (--bucket-size, model shape or parallel layout)"
+    return "the checkpoint has none for this layout and these compression flags"
 
 
 def compression_report(model_chunks, reset: bool = True) -> Optional[dict]:

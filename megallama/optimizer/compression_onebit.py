@@ -16,7 +16,10 @@ then freezes the variance v so that the momentum is the only state that changes,
   momentum, starting from exp_avg / R, so that the sum of the R shares is the momentum, not R times its old part.
 * D is floored per parameter at ``DENOM_FLOOR`` x its RMS over the whole parameter (a tp-sharded one's mean is taken
   over its tp shards, so tp 2 floors what tp 1 floors), written back into the optimizer's v: a coordinate whose
-  v is ~0 at the freeze (an embedding row unseen in the warm-up) would otherwise take a step of m / eps.
+  v is ~0 at the freeze (an embedding row unseen in the warm-up) would otherwise take a step of m / eps. A parameter
+  whose v is 0 throughout (no gradient in the warm-up: LoRA's A while B is still 0 at a 1-step warm-up, an expert
+  no token reached) is floored at the mean of the bucket's other parameters' means: with D = eps its entries'
+  huge m / D set the 1-bit scale of every chunk they share, and one compressed step blew the adapters up.
 * a frozen v goes stale as the gradient scale drifts (frozen for good at step 10 of 100, the tiny test model ended
   19% worse, with the identity compressor); as in 0/1 Adam, steps ``warmup + 2^j`` are exact and update v,
   catching up the skipped updates (v <- beta2^k v + (1 - beta2^k) g^2 after k steps; without the catch-up +27%
@@ -69,6 +72,9 @@ class OneBitAdamW(torch.optim.Optimizer):
             raise ValueError(f"freeze_step {freeze_step} must be >= 1: the variance needs warm-up steps")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.freeze_step, self.refresh = freeze_step, refresh
+        # Params whose gradient is reduced exact every step (MoE experts at ep > 1: no comm hook runs on their
+        # buckets): their "gradient" is never a momentum, so they take plain AdamW steps throughout.
+        self.exact_params = set()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,21 +87,21 @@ class OneBitAdamW(torch.optim.Optimizer):
                                          exp_avg_sq=torch.zeros_like(p))
             by_step = {}  # DistributedOptimizer steps all pieces together: normally one count per group
             for p in params:
-                by_step.setdefault(int(self.state[p]["step"]), []).append(p)
-            for done, ps in by_step.items():
-                self._update(ps, done, group)
+                by_step.setdefault((int(self.state[p]["step"]), p in self.exact_params), []).append(p)
+            for (done, always_exact), ps in by_step.items():
+                self._update(ps, done, group, always_exact)
         return loss
 
-    def _update(self, params, done: int, group) -> None:
+    def _update(self, params, done: int, group, always_exact: bool = False) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         grads = [p.grad for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
         t = done + 1
-        if is_exact_step(done, self.freeze_step, self.refresh):
+        if always_exact or is_exact_step(done, self.freeze_step, self.refresh):
             torch._foreach_lerp_(m, grads, 1 - beta1)
-            k = t - variance_steps(done, self.freeze_step, self.refresh)  # 1 in the warm-up
+            k = 1 if always_exact else t - variance_steps(done, self.freeze_step, self.refresh)  # 1 in the warm-up
             torch._foreach_mul_(v, beta2 ** k)
             torch._foreach_addcmul_(v, grads, grads, 1 - beta2 ** k)
         else:
@@ -103,7 +109,7 @@ class OneBitAdamW(torch.optim.Optimizer):
         for p in params:
             self.state[p]["step"] += 1
         bc1 = 1 - beta1 ** t
-        bc2 = 1 - beta2 ** variance_steps(t, self.freeze_step, self.refresh)
+        bc2 = 1 - beta2 ** (t if always_exact else variance_steps(t, self.freeze_step, self.refresh))
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         denom = torch._foreach_sqrt(v)
@@ -113,10 +119,13 @@ class OneBitAdamW(torch.optim.Optimizer):
 
 
 def install_onebit_adam(dist_optimizer, freeze_step: int, refresh: bool = True) -> OneBitAdamW:
-    """Swap a DistributedOptimizer's AdamW for OneBitAdamW with the same groups, hyperparameters and state."""
+    """Swap a DistributedOptimizer's AdamW for OneBitAdamW with the same groups, hyperparameters and state. The
+    pieces of expert buckets (reduced exact over the expert-data-parallel group, never by the comm hook) are marked
+    ``exact_params``: their gradient is a gradient on every step, not the averaged momentum."""
     old = dist_optimizer.optimizer
+    exact = {pc.master for pc in dist_optimizer.pieces if pc.comm is not None and pc.comm.expert}
     if isinstance(old, OneBitAdamW):
-        old.freeze_step, old.refresh = freeze_step, refresh
+        old.freeze_step, old.refresh, old.exact_params = freeze_step, refresh, exact
         return old
     keep = ("params", "lr", "betas", "eps", "weight_decay", "wd_mult", "is_decoupled_lr")
     groups = [{k: v for k, v in g.items() if k in keep} for g in old.param_groups]
@@ -125,6 +134,7 @@ def install_onebit_adam(dist_optimizer, freeze_step: int, refresh: bool = True) 
         if st:
             new.state[p] = {"step": torch.tensor(float(st["step"])), "exp_avg": st["exp_avg"],
                             "exp_avg_sq": st["exp_avg_sq"]}
+    new.exact_params = exact
     dist_optimizer.optimizer = new
     return new
 
@@ -223,8 +233,11 @@ class OneBitCompressor(GradientCompressor):
         m, v = mv[0].clone(), mv[1].clone()
         params = sorted(bucket.params, key=lambda p: self.ddp.layout.index[p][0])
         views = [(self.ddp.layout.index[p][0] - bucket.offset, self.ddp.shapes[p].numel()) for p in params]
-        for (off, k), mean in zip(views, _floor_means(params, v, views)):
-            v[off:off + k].clamp_(min=DENOM_FLOOR ** 2 * mean)
+        means = _floor_means(params, v, views)
+        seen = [x for x in means if x > 0]
+        unseen = sum(seen) / len(seen) if seen else 0.0  # a parameter with no gradient in the warm-up: see above
+        for (off, k), mean in zip(views, means):
+            v[off:off + k].clamp_(min=DENOM_FLOOR ** 2 * (mean if mean > 0 else unseen))
         for p, (off, k) in zip(params, views):  # this copy's share of a momentum its copies' sum makes
             if p in self.copies:
                 m[off:off + k].div_(self.copies[p])

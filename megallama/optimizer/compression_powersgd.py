@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megallama.optimizer.compression import GradientCompressor
+from megallama.optimizer.compression import GradientCompressor, compressed_bucket
 
 
 def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
@@ -54,7 +54,10 @@ def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
 
 
 class PowerSGDCompressor(GradientCompressor):
-    def init_state(self, bucket, data):
+    def plan(self, bucket) -> Tuple[Dict[tuple, List[int]], List[Tuple[int, int]]]:
+        """The bucket's matrices sent as rank-r products, by (rows, cols, r): their offsets; and the (offset,
+        numel) of the tensors sent exact: 1-D, or not shrunk ``min_compression_rate``-fold at rank r (a rank at
+        or above a matrix's smaller dimension never is: it is sent as it is, the rank is not clamped)."""
         groups: Dict[tuple, List[int]] = {}
         dense = []
         for off, shape in self.param_views(bucket):
@@ -66,6 +69,21 @@ class PowerSGDCompressor(GradientCompressor):
                 groups.setdefault((rows, cols, r), []).append(off)
             elif n:
                 dense.append((off, n))
+        return groups, dense
+
+    def num_compressed(self) -> int:
+        return sum(len(offs) for b in self.ddp.layout.buckets if compressed_bucket(b)
+                   for offs in self.plan(b)[0].values())
+
+    def summary(self, comps) -> str:
+        n = sum(c.num_compressed() for c in comps)
+        total = sum(len(b.params) for c in comps for b in c.ddp.layout.buckets if compressed_bucket(b))
+        c = self.config
+        return (f"rank-{c.rank} products for {n} of {total} parameters (1-D ones and matrices rank {c.rank} would "
+                f"not shrink {c.min_compression_rate:g}x are sent exact)")
+
+    def init_state(self, bucket, data):
+        groups, dense = self.plan(bucket)
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + bucket.index)
         out = []
         for (rows, cols, r), offs in sorted(groups.items()):

@@ -56,7 +56,9 @@ def _case(name, tmp, ck, monkeypatch):
     if name == "seq_longer_than_context":
         return ["--max-position-embeddings", "16"], "context"
     if name == "checkpoint_of_untied_model":
-        return ["--load", ck, "--untie-embeddings-and-output-weights"], "tie_word_embeddings"
+        return ["--load", ck, "--untie-embeddings-and-output-weights"], \
+            "tie_word_embeddings=True, this run has False) (its output layer is the input embedding: drop " \
+            "--untie-embeddings-and-output-weights)"
     if name == "vocab_of_converted_checkpoint":  # --use-checkpoint-args: the tokenizer has more tokens
         from megallama.checkpointing import open_checkpoint
         from megallama.checkpointing.full import write_full_checkpoint

@@ -22,9 +22,9 @@ import torch
 from compression_harness import GLOBAL_BATCH, batch, make, train
 from dist_utils import run_distributed
 from megallama.errors import ConfigError
-from megallama.optimizer.compression import (CompressionConfig, TopKCompressor, collective_bytes, config_from_args,
-                                             topk_transport_bytes)
+from megallama.optimizer.compression import CompressionConfig, collective_bytes, config_from_args
 from megallama.optimizer.compression_onebit import is_exact_step
+from megallama.optimizer.compression_topk import topk_transport_bytes
 
 STEPS, TOL = 100, 0.03
 RUNS = {"none": CompressionConfig(),

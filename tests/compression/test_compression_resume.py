@@ -126,3 +126,29 @@ def test_compression_at_data_parallel_size_one_is_said_to_do_nothing(capsys):
                          "powersgd"], world_size=1))
     assert "warning: --gradient-compression powersgd has nothing to compress at data-parallel size 1" in \
         capsys.readouterr().err
+
+
+def _afresh_reasons(rank, world):
+    import copy
+    from compression_harness import make
+    from megallama.optimizer.compression import CompressionConfig, compression_state, load_compression_state
+    ddp, _, _ = make(0, CompressionConfig("topk", topk_ratio=0.1, warmup_steps=0))
+    saved = compression_state([ddp])
+    out = [load_compression_state([ddp], saved)]
+    for key, value in (("world", 4), ("topk_ratio", 0.2), ("buckets", [[0, 8]])):
+        other = copy.deepcopy(saved)
+        other[0]["signature"][key] = value
+        out.append(load_compression_state([ddp], other))
+    out.append(load_compression_state([ddp], None))
+    return out
+
+
+def test_a_fresh_start_says_why():
+    """A resume at another data-parallel size (the error memories are per dp rank: they belong to no rank of the
+    new layout) starts the compressor afresh, and the line now names the difference instead of 'this layout'."""
+    same, world, ratio, buckets, none = run_distributed(_afresh_reasons, 2)[0]
+    assert same == "gradient compression state restored"
+    assert world == "gradient compression state starts afresh (saved at data-parallel size 4, this run has 2)"
+    assert ratio == "gradient compression state starts afresh (saved at --topk-ratio 0.2, this run has 0.1)"
+    assert "another bucket layout (--bucket-size" in buckets, buckets
+    assert "saved without compression or with --no-save-compression-state" in none, none

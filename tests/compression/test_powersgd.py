@@ -91,3 +91,30 @@ def test_full_rank_powersgd_trains_like_uncompressed():
         assert compressed == matrices  # every matrix went through PowerSGD
         for a, b in zip(plain, full):
             assert abs(a - b) <= 1e-5 * abs(a), (rank, plain, full)
+
+
+def _startup_lines(rank, world):
+    import contextlib
+    import io
+    out = {}
+    for r in (4, 1000):
+        so, se = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+            make(0, CompressionConfig("powersgd", rank=r, warmup_steps=3))
+        out[r] = (so.getvalue(), se.getvalue())
+    return out
+
+
+def test_a_rank_that_compresses_nothing_is_said():
+    """--gradient-compression-rank at or above the matrices' sizes (or LoRA adapters of rank <= r) sent every
+    gradient exact and logged a 1.0x ratio without a word: now a start-up line says what is compressed, and a
+    warning what is not."""
+    out = run_distributed(_startup_lines, 2)[0]
+    log, err = out[4]
+    assert "gradient compression powersgd: exact for the first 3 optimizer steps, then rank-4 products for 16 of " \
+        "21 parameters" in log, log
+    assert "warning" not in err, err
+    log, err = out[1000]
+    assert "rank-1000 products for 0 of 21 parameters" in log, log
+    assert "warning: --gradient-compression powersgd at --gradient-compression-rank 1000 compresses none of the " \
+        "gradients" in err, err

@@ -1,4 +1,4 @@
-"""Top-k's two transports (megallama/optimizer/compression.py, TopKCompressor): the all-gather of every rank's
+"""Top-k's two transports (megallama/optimizer/compression_topk.py): the all-gather of every rank's
 pairs and the reduce-scatter to the owner chunks (then an all-gather of the dense chunks at stage 0, nothing more at
 ZeRO-1) send the same pairs and give the same training, on 4 gloo ranks; each step's bytes are the chosen
 transport's, and the choice is the cheaper one."""
@@ -9,7 +9,8 @@ import torch
 
 from compression_harness import make, train
 from dist_utils import run_distributed
-from megallama.optimizer.compression import CompressionConfig, TopKCompressor, topk_layout, topk_transport_bytes
+from megallama.optimizer.compression import CompressionConfig
+from megallama.optimizer.compression_topk import TopKCompressor, topk_layout, topk_transport_bytes
 
 STEPS = 8
 CFG = CompressionConfig("topk", topk_ratio=0.3, warmup_steps=0)  # exact steps would sum in another order
