@@ -344,13 +344,22 @@ def load_adapter(path: str, model_chunks, strict: bool = True) -> int:
                           "--save-adapter wrote")
     full = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    n = 0
+    from megallama.checkpointing.state import unwrap
+    n, taken, adapters = 0, set(), set()
     for m in chunks:
-        m = getattr(m, "module", m)
-        have = {k: v for k, v in full.items() if k in dict(m.named_parameters())}
+        m = unwrap(m)
+        params = dict(m.named_parameters())
+        have = {k: v for k, v in full.items() if k in params}
         n += load_lora_state_dict(m, have, strict=False)
+        taken |= set(have)
+        adapters |= {k for k, p in params.items() if getattr(p, "lora", False)}
     from megallama.mpu import parallel_state as ps
-    if strict and ps.get_pipeline_model_parallel_world_size() == 1 and n != len(full):
-        raise ConfigError(f"{path} holds {len(full)} adapter tensors but this model took {n}; use the same "
-                          "--lora-target-modules and model")
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # each stage holds its own layers: compare the unions
+        import torch.distributed as dist
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, (sorted(taken), sorted(adapters)), group=ps.get_pipeline_model_parallel_group())
+        taken, adapters = (set().union(*(set(s[i]) for s in stages)) for i in (0, 1))
+    if strict and not (len(taken) == len(full) == len(adapters)):
+        raise ConfigError(f"{path} holds {len(full)} adapter tensors, this model has {len(adapters)} and took "
+                          f"{len(taken)} of them; use the same --lora-target-modules and model")
     return n

@@ -27,6 +27,10 @@ def build_tokenizer_from_args(args):
     if args.tokenizer_type is None and args.tokenizer_model is None:
         _use_loaded_checkpoint_tokenizer(args)
     tok_type = args.tokenizer_type or ("bundled" if args.tokenizer_model is None else "sentencepiece")
+    if tok_type.lower() in ("null", "nulltokenizer"):  # Megatron's: --vocab-size V is the tokenizer's (eod = V),
+        tokenizer = build_tokenizer(tok_type, None, vocab_size=args.vocab_size)  # the model's V + 1, padded
+        args.vocab_size = None
+        return tokenizer
     return build_tokenizer(tok_type, args.tokenizer_model)
 
 

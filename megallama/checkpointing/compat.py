@@ -22,7 +22,8 @@ _MOE_MODEL = (("num_experts", "--num-experts"), ("topk", "--moe-router-topk"), (
               ("drop_policy", "--moe-token-drop-policy"),
               ("shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
               ("router_pre_softmax", "--moe-router-pre-softmax"), ("score_function", "--moe-router-score-function"),
-              ("topk_scaling_factor", "--moe-router-topk-scaling-factor"))
+              ("topk_scaling_factor", "--moe-router-topk-scaling-factor"),
+              ("shared_expert_gate", "--moe-shared-expert-gate"))
 # training-only knobs (regularisation, auxiliary loss terms): the model is the same -> a warning, as Megatron allows
 _LORA_TRAINING = (("dropout", "--lora-dropout"),)
 _MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"),
@@ -96,12 +97,17 @@ def check_strategy(saved_args: dict, args, ckpt: str, num_layers: Optional[int])
                 a, b = sorted(a), sorted(b)
             if a == b:
                 continue
-            said = f"checkpoint {ckpt} was trained with {flag} {_show(a) if a is not None else '(unset)'}, this " \
-                   f"run has {_show(b) if b is not None else '(unset)'}"
+            if isinstance(a, bool) or isinstance(b, bool):  # a switch: on or off, no value to spell
+                said = f"checkpoint {ckpt} was trained {'with' if a else 'without'} {flag}, this run " \
+                       f"{'has it' if b else 'does not'}"
+                keep = f"{'pass' if a else 'drop'} {flag}"
+            else:
+                said = f"checkpoint {ckpt} was trained with {flag} {_show(a) if a is not None else '(unset)'}, " \
+                       f"this run has {_show(b) if b is not None else '(unset)'}"
+                keep = f"pass {flag} {_show(a)}" if a is not None else f"drop {flag}"
             if (key, flag) in training_keys:
                 _warn(said)
                 continue
-            keep = f"pass {flag} {_show(a)}" if a is not None else f"drop {flag}"
             raise ConfigError(f"{said}: resuming would change the model; {keep} to resume it, or --finetune to "
                               "start a new run from its weights with the new setting")
 
@@ -113,14 +119,16 @@ def strategy_flags(saved_args: dict) -> str:
     for key, flag in (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha"),
                       ("lora_target_modules", "--lora-target-modules"), ("num_experts", "--num-experts"),
                       ("moe_router_topk", "--moe-router-topk"), ("moe_layers", "--moe-layers"),
-                      ("moe_layer_freq", "--moe-layer-freq"), ("moe_ffn_hidden_size", "--moe-ffn-hidden-size")):
+                      ("moe_layer_freq", "--moe-layer-freq"), ("moe_ffn_hidden_size", "--moe-ffn-hidden-size"),
+                      ("moe_shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
+                      ("moe_shared_expert_gate", "--moe-shared-expert-gate")):
         v = saved_args.get(key)
         if v is None or (key.startswith("moe_") and not saved_args.get("num_experts")) or \
                 (key.startswith("lora_") and name not in ("lora", "hybrid")):
             continue
-        if (key, v) in (("moe_router_topk", 2), ("moe_layer_freq", 1)):  # defaults: nothing to say
+        if (key, v) in (("moe_router_topk", 2), ("moe_layer_freq", 1)) or v is False:  # defaults: nothing to say
             continue
-        out.append(f"{flag} {_show(v)}")
+        out.append(flag if v is True else f"{flag} {_show(v)}")
     return " ".join(out)
 
 

@@ -204,3 +204,44 @@ def test_adapter_saved_at_tp1_loads_into_tp2(tmp_path):
     for rank, (n, full) in run_distributed(_load_adapter_worker, 2, str(tmp_path / "adapter")).items():
         assert n == len(want) and sorted(full) == sorted(want), rank
         assert all(torch.equal(full[k], want[k]) for k in want), rank
+
+
+def _pp_adapter_worker(rank, world, path):
+    from megallama.config import ModelConfig
+    from megallama.errors import ConfigError
+    from megallama.model import build_model
+    from megallama.mpu import parallel_state as ps
+    from megallama.strategies import TrainingStrategy, apply_strategy, load_adapter
+    ps.initialize_model_parallel(1, 2)
+    stage = ps.get_pipeline_model_parallel_rank()
+    m = build_model(ModelConfig(**_CFG), seed=5, layer_ids=[stage], pre_process=stage == 0, post_process=stage == 1)
+    apply_strategy([m], TrainingStrategy("lora", {"lora_rank": 4, "target_modules": "all"}), seed=5)
+    try:
+        return load_adapter(path, [m])
+    except ConfigError as e:
+        return str(e)
+
+
+def test_adapter_missing_tensors_is_refused_under_pipeline_parallel(tmp_path):
+    """Each pp stage takes its own layers' tensors; the union over the stages must be the whole adapter (the
+    per-rank count was not checked at pp > 1, so a partial load passed silently)."""
+    from safetensors.torch import load_file, save_file
+    from dist_utils import run_distributed
+    from megallama.strategies import TrainingStrategy, save_adapter
+    cfg = TrainingStrategy("lora", {"lora_rank": 4, "target_modules": "all"}).lora_config()
+    save_adapter(str(tmp_path / "whole"), [_lora_model(seed=7)], None, lora_cfg=cfg, overwrite=False)
+    got = run_distributed(_pp_adapter_worker, 2, str(tmp_path / "whole"))
+    assert got[0] + got[1] == 2 * 7 * 2, got  # 2 layers x 7 modules x (A, B), one layer per stage
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in os.listdir(tmp_path / "whole"):
+        (part / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    whole = load_file(str(part / "adapter_model.safetensors"))
+    missing = dict(whole)
+    del missing[sorted(k for k in whole if "layers.1." in k)[0]]  # one of stage 1's tensors gone
+    stray = dict(whole, **{"base_model.model.model.layers.7.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})
+    for tensors, took in ((missing, "27 adapter tensors, this model has 28 and took 27"),
+                          (stray, "29 adapter tensors, this model has 28 and took 28")):
+        save_file(tensors, str(part / "adapter_model.safetensors"))
+        got = run_distributed(_pp_adapter_worker, 2, str(part))
+        assert all(isinstance(v, str) and took in v for v in got.values()), got

@@ -95,6 +95,23 @@ def test_null_tokenizer_ids_eod_and_dtype(tmp_path, capsys, vocab, code):
         assert f.read(18)[17] == code
 
 
+def test_null_tokenizer_data_trains_with_megatrons_vocab_size(tmp_path, capsys):
+    """pretrain --tokenizer-type NullTokenizer --vocab-size V (Megatron's): V is the tokenizer's, the model's
+    vocabulary is V + 1 (the eod), and the run trains on the preprocessed ids."""
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    src = write_jsonl(tmp_path / "in.jsonl", [" ".join(str((7 * i + j) % 50) for j in range(40)) for i in range(40)])
+    assert _run(capsys, "--input", src, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+                "--vocab-size", "50", "--append-eod")[0] == 0
+    args = parse_args(["--model", "tiny_llama3_50m", "--num-layers", "1", "--hidden-size", "32", "--ffn-hidden-size",
+                       "64", "--num-attention-heads", "2", "--num-query-groups", "1", "--seq-length", "16",
+                       "--micro-batch-size", "2", "--train-iters", "2", "--no-progress-bar", "--device", "cpu",
+                       "--data-path", str(tmp_path / "o_text_document"), "--tokenizer-type", "NullTokenizer",
+                       "--vocab-size", "50"], world_size=1)
+    out = pretrain(args)
+    assert args.model_config.vocab_size == 51 and sorted(out["losses"]) == [1, 2]
+
+
 def test_null_tokenizer_bad_ids_name_the_line(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", ["1 2", "7 500"])
     rc, err = _run(capsys, "--input", src, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type",

@@ -163,3 +163,20 @@ def test_qwen2_moe_has_no_hf_mapping_here_and_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="model_type 'qwen2_moe' is not Llama; only LlamaForCausalLM converts"):
         hf_config_to_model_config({"model_type": "qwen2_moe", "hidden_size": 64, "num_experts": 4,
                                    "shared_expert_intermediate_size": 128})
+
+
+def test_resuming_a_gated_checkpoint_without_the_gate_names_the_flag(tmp_path):
+    """The gate is part of the model: a resume without it is refused in one line that names the switch (no value)."""
+    import subprocess
+    import sys
+    root = __file__.rsplit("/tests/", 1)[0]
+    base = [sys.executable, f"{root}/pretrain_llama.py", "--model", "tiny_llama3_50m", "--num-layers", "2",
+            "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups",
+            "2", "--seq-length", "32", "--micro-batch-size", "2", "--mock-data", "--no-progress-bar", "--device",
+            "cpu", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "64", "--train-iters", "2",
+            "--save", str(tmp_path)]
+    subprocess.run(base + ["--moe-shared-expert-gate"], check=True, capture_output=True)
+    out = subprocess.run(base + ["--load", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "was trained with --moe-shared-expert-gate, this run does not: resuming would change the model; pass " \
+           "--moe-shared-expert-gate to resume it" in out.stderr + out.stdout, out.stderr[-500:]
