@@ -10,6 +10,7 @@ and optimizer-step peaks, and the model states left between steps); on CPU a dis
 
   python benchmarks/measure_memory.py --preset validation --out mem.jsonl          # one GPU
   python benchmarks/measure_memory.py --preset features --out mem.jsonl            # fp8, MoE shared/padded experts
+  python benchmarks/measure_memory.py --preset recompute-modules --out mem.jsonl   # --recompute-modules
   torchrun --nproc_per_node 2 benchmarks/measure_memory.py --preset two-gpu       # ZeRO-0/1 with dp 2, tp 2 + SP
   python benchmarks/measure_memory.py --config "--model tiny_llama3_150m --micro-batch-size 4 --seq-length 2048 --bf16"
 
@@ -41,6 +42,18 @@ PRESETS = {
         _150M + ["--micro-batch-size", "4", "--seq-length", "2048", "--num-experts", "8",
                  "--moe-shared-expert-intermediate-size", "1024", "--moe-expert-capacity-factor", "1.25",
                  "--moe-pad-expert-input-to-capacity"],
+    ],
+    "recompute-modules": [  # one GPU: Megatron's --recompute-modules, dense and MoE with a gated shared expert
+        _1B + ["--micro-batch-size", "4", "--seq-length", "2048", "--recompute-granularity", "selective",
+               "--recompute-modules", "core_attn"],
+        _1B + ["--micro-batch-size", "4", "--seq-length", "2048", "--recompute-granularity", "selective",
+               "--recompute-modules", "layernorm", "mlp"],
+        _150M + ["--micro-batch-size", "4", "--seq-length", "2048", "--num-experts", "8",
+                 "--moe-shared-expert-intermediate-size", "1024", "--moe-shared-expert-gate",
+                 "--recompute-granularity", "selective", "--recompute-modules", "moe_act", "shared_experts",
+                 "layernorm"],
+        _150M + ["--micro-batch-size", "4", "--seq-length", "2048", "--num-experts", "8",
+                 "--recompute-granularity", "selective", "--recompute-modules", "moe"],
     ],
     "validation": [  # one GPU: two models, two batch sizes, recompute none / selective / full, ZeRO-0 and 1
         _150M + ["--micro-batch-size", "2", "--seq-length", "2048"],
@@ -135,7 +148,8 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
         sequence_parallel=args.sequence_parallel,
         pipeline_schedule=args.pipeline_schedule, virtual_pipeline_stages=v,
         num_microbatches=args.num_microbatches, fused_kernels=fused, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
+        recompute_num_layers=args.recompute_num_layers, recompute_modules=getattr(args, "recompute_modules", None),
+        bucket_size=args.bucket_size,
         overlap_grad_reduce=args.overlap_grad_reduce, optimizer="fused" if device.type == "cuda" else "foreach",
         device=device.type, recommend=False, **feature_kw(args))
     b = est["breakdown_bytes"]
