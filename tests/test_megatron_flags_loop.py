@@ -2,7 +2,6 @@
 Megatron's per-phase report, the overlap flags map onto what megallama does (or are one error line), the run's
 length is set once, --use-checkpoint-args takes the checkpoint's --seq-length, and Ulysses' head count is checked
 before any model is built."""
-import json
 import os
 import re
 
@@ -13,6 +12,7 @@ from megallama.arguments import parse_args
 from megallama.errors import ConfigError
 from megallama.timers import TIMERS_TO_LOG, Timers
 from megallama.training import pretrain
+from test_training import _corpus as training_corpus
 
 TINY = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "2",
@@ -23,13 +23,8 @@ def _args(argv, world_size=1):
     return parse_args(argv, world_size=world_size)
 
 
-def _corpus(tmp_path, n=120):
-    path = tmp_path / "docs.jsonl"
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums".split()
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(40))}) + "\n")
-    return str(path)
+def _corpus(tmp_path):
+    return training_corpus(tmp_path, 120)
 
 
 def test_skip_train_evaluates_the_loaded_checkpoint_and_exits(tmp_path, capsys):

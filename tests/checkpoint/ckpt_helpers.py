@@ -115,3 +115,17 @@ def snapshot(*roots):
                 p = os.path.join(d, name)
                 snap[p] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return snap
+
+
+def ok(r):
+    """A finished run that must have succeeded: its output tails on failure."""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def close(got, ref, steps, tol):
+    """{step: loss} logs: the same steps, each loss within ``tol`` relative of the reference's."""
+    assert sorted(got) == list(steps), sorted(got)
+    for s in steps:
+        a, b = float(got[s]), float(ref[s])
+        assert abs(a - b) <= tol * abs(b), (s, a, b)

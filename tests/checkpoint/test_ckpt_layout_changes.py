@@ -15,22 +15,17 @@ import pytest
 import torch
 
 import pretrain_llama
-from ckpt_helpers import REPO, TINY, env, losses, run
+from ckpt_helpers import REPO, TINY, close, env, losses, ok, run
 
 # 4 layers: pp4 holds one per stage, and the first and last stages hold the two copies of the tied embedding
 ARGS = TINY + ["--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6"]
 
 
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+_ok = ok
 
 
 def _close(got, ref, steps):
-    assert sorted(got) == list(steps), sorted(got)
-    for s in steps:
-        a, b = float(got[s]), float(ref[s])
-        assert abs(a - b) <= 1e-6 * abs(b), (s, a, b)
+    close(got, ref, steps, 1e-6)
 
 
 def _straight_and_resumed(tmp_path, saved, loads):

@@ -7,23 +7,18 @@ import sys
 import pytest
 import torch
 
-from ckpt_helpers import REPO, TINY, losses, run
+from ckpt_helpers import REPO, TINY, close, losses, ok, run
 
 # Untied: the loop does not yet all-reduce the tied embedding/output copies across pipeline stages
 # (pipeline.allreduce_embedding_gradients is not called by training_setup.finalize_model_grads).
 ARGS = TINY + ["--untie-embeddings-and-output-weights", "--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6"]
 
 
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+_ok = ok
 
 
 def _close(got, ref, steps):
-    assert sorted(got) == list(steps), sorted(got)
-    for s in steps:
-        a, b = float(got[s]), float(ref[s])
-        assert abs(a - b) <= 1e-5 * abs(b), (s, a, b)
+    close(got, ref, steps, 1e-5)
 
 
 def _hf_export_matches(src, tmp_path, ref):
