@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-checkpointing", action="store_true", help="alias of --recompute-granularity full")
     p.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="full recompute only")
     p.add_argument("--recompute-num-layers", type=int, default=None, help="full recompute only")
+    p.add_argument("--recompute-modules", nargs="*", default=None, help="selective only: Megatron's modules "
+                   "(core_attn mlp moe moe_act layernorm shared_experts; default: the norms and the SwiGLU)")
     p.add_argument("--pipeline-schedule", choices=list(SCHEDULES), default=None,
                    help="default 1f1b; interleaved when --num-layers-per-virtual-pipeline-stage is given")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
@@ -154,7 +156,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     recompute = "full" if args.activation_checkpointing else args.recompute_granularity or "none"
     from megallama.argument_checks import check_recompute_flags
     rec = argparse.Namespace(recompute_granularity=recompute, recompute_method=args.recompute_method,
-                             recompute_num_layers=args.recompute_num_layers)
+                             recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules)
     check_recompute_flags(rec)  # the training flags' rule; fills in uniform / 1
     args.recompute_method, args.recompute_num_layers = rec.recompute_method, rec.recompute_num_layers
     kw = dict(mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
@@ -188,6 +190,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 first_stage_layers=pipe.decoder_first_pipeline_num_layers,
                                 last_stage_layers=pipe.decoder_last_pipeline_num_layers,
                                 recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
+                                recompute_modules=rec.recompute_modules,
                                 overlap_grad_reduce=args.overlap_grad_reduce, **kw)
     return {"estimate": est, "json": args.json}
 

@@ -102,3 +102,19 @@ def test_default_selective_is_unchanged_and_the_flag_reaches_the_estimate():
     mlp = estimate_for_args(parse_args(line + ["--recompute-modules", "mlp"]), 1, recommend=False)
     assert mlp["layout"]["recompute_modules"] == ["mlp"]
     assert mlp["breakdown_bytes"]["activations"] < plain["breakdown_bytes"]["activations"]
+
+
+def test_estimate_memory_cli_takes_recompute_modules(capsys):
+    """tools/estimate_memory.py prices --recompute-modules as training does (it ignored the flag: unknown)."""
+    import json
+    from megallama.memory_cli import main
+    base = ["--model", "llama3_2_1b", "--batch-size", "4", "--seq-length", "2048", "--recompute-granularity",
+            "selective", "--json"]
+    got = {}
+    for mods in ([], ["--recompute-modules", "layernorm", "mlp"]):
+        assert main(base + mods) == 0
+        got[bool(mods)] = json.loads(capsys.readouterr().out)
+    assert got[True]["layout"]["recompute_modules"] == ["layernorm", "mlp"]
+    assert got[True]["peak_allocated_gb"] < 0.85 * got[False]["peak_allocated_gb"]
+    assert main(["--model", "llama3_2_1b", "--recompute-modules", "mlp"]) != 0
+    assert "add --recompute-granularity selective" in capsys.readouterr().err
