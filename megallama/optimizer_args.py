@@ -4,6 +4,13 @@
 schedule between their own peak and floor (``lr_scheduler``; the optimizer gives them groups of their own).
 ``--grad-reduce-in-bf16``: a ``--bf16`` model's gradient buffer stays bf16, so the data-parallel reduction moves
 half the bytes (``optimizer/distributed.py`` says why it is done as Megatron does it).
+
+Megatron's other optimizer flags, so that a Megatron launch script gets one line per flag rather than argparse's
+"unrecognized arguments": ``--use-precision-aware-optimizer`` with fp32 ``--main-grads-dtype``/``--main-params-dtype``/
+``--exp-avg-dtype``/``--exp-avg-sq-dtype`` and ``--apply-wd-to-qk-layernorm`` restate megallama (fp32 masters and
+Adam moments; a Llama here has no qk layernorm); lower-precision states, CPU offload, SGD's momentum and Xavier
+initialisation are refused, each naming what megallama does instead. ``--adam-beta1/2``, ``--adam-eps``,
+``--weight-decay`` and ``--clip-grad`` are checked here, before the model is built, with the flag's name.
 """
 from __future__ import annotations
 
@@ -22,10 +29,83 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="with --bf16: keep the gradient buffer in bf16 and reduce it over data-parallel ranks in "
                         "bf16 (half the bytes; Megatron's flag), instead of fp32 main_grad")
+    m = p.add_argument_group("Megatron's optimizer state, offload and init flags", "accepted where they restate "
+                             "megallama (fp32 master weights and Adam moments, no qk layernorm), else refused")
+    m.add_argument("--use-precision-aware-optimizer", action="store_true",
+                   help="accepted with fp32 state dtypes (what megallama keeps); lower precisions are refused")
+    for flag, choices in _STATE_DTYPE_FLAGS:
+        m.add_argument(flag, choices=choices, default=None, help="fp32 only (megallama's master weights, gradients "
+                       "and Adam moments are fp32)")
+    m.add_argument("--apply-wd-to-qk-layernorm", action="store_true", help="accepted: a Llama here has no qk "
+                   "layernorm (weight decay skips 1-D parameters and biases, as Megatron's default)")
+    m.add_argument("--no-weight-decay-cond-type", choices=["apply_wd_to_qk_layernorm"], default=None,
+                   help="= --apply-wd-to-qk-layernorm (Megatron's deprecated spelling)")
+    for flag in ("--optimizer-cpu-offload", "--use-torch-optimizer-for-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d",
+                 "--init-method-xavier-uniform"):
+        m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--optimizer-offload-fraction", type=float, default=None, help=argparse.SUPPRESS)
+    m.add_argument("--no-pin-cpu-grads", dest="pin_cpu_grads", action="store_false", help=argparse.SUPPRESS)
+    m.add_argument("--no-pin-cpu-params", dest="pin_cpu_params", action="store_false", help=argparse.SUPPRESS)
+    m.add_argument("--sgd-momentum", type=float, default=None, help=argparse.SUPPRESS)
+
+
+_STATE_DTYPE_FLAGS = (("--main-grads-dtype", ["fp32", "bf16"]), ("--main-params-dtype", ["fp32", "fp16"]),
+                      ("--exp-avg-dtype", ["fp32", "fp16", "bf16", "fp8"]),
+                      ("--exp-avg-sq-dtype", ["fp32", "fp16", "bf16", "fp8"]))
+_OFFLOAD = ("megallama keeps the optimizer states on the training device; shard them over the data-parallel ranks "
+            "with --zero-stage 1, 2 or 3 (--use-distributed-optimizer) instead; drop it")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_megatron_optimizer_flags(args) -> None:
+    """Megatron's optimizer-state, offload, SGD and init flags: accepted where they restate megallama, else one
+    line saying what megallama does instead."""
+    for flag, _ in _STATE_DTYPE_FLAGS:
+        v = getattr(args, _dest(flag), None)
+        if v not in (None, "fp32"):
+            why = ("megallama's main grads are fp32 (a bf16 gradient buffer and reduction is --grad-reduce-in-bf16)"
+                   if flag == "--main-grads-dtype" else "megallama keeps master weights and Adam moments in fp32 (the "
+                   "precision-aware optimizer's default); for less optimizer memory shard them with --zero-stage")
+            raise ConfigError(f"{flag} {v} is not supported: {why}; pass {flag} fp32 or drop it")
+    offload = [f for f in ("--optimizer-cpu-offload", "--use-torch-optimizer-for-cpu-offload",
+                           "--overlap-cpu-optimizer-d2h-h2d") if getattr(args, _dest(f), False)]
+    offload += [f"--optimizer-offload-fraction {args.optimizer_offload_fraction:g}"] \
+        if getattr(args, "optimizer_offload_fraction", None) is not None else []
+    offload += [f"--no-pin-cpu-{what}" for what in ("grads", "params") if getattr(args, f"pin_cpu_{what}", True)
+                is False]
+    if offload:
+        raise ConfigError(f"{offload[0]} is not supported: {_OFFLOAD}")
+    if getattr(args, "sgd_momentum", None) is not None:
+        raise ConfigError(f"--sgd-momentum {args.sgd_momentum:g} is not supported: it is the momentum of Megatron's "
+                          "--optimizer sgd, and megallama trains with Adam (AdamW); drop it")
+    if getattr(args, "init_method_xavier_uniform", False):
+        raise ConfigError("--init-method-xavier-uniform is not supported: megallama initialises weights from a normal "
+                          "of std --init-method-std (output projections / sqrt(2 x layers), Megatron's default); "
+                          "drop it")
+
+
+def check_optimizer_values(args) -> None:
+    """The Adam and clipping hyperparameters, with the flag's name, before the model is built (torch's and the
+    optimizer's own checks would only fire after it)."""
+    for flag in ("--adam-beta1", "--adam-beta2"):
+        v = getattr(args, _dest(flag), None)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ConfigError(f"{flag} {v:g} must be in [0, 1); fix {flag}")
+    checks = (("--adam-eps", lambda v: v > 0, "> 0"), ("--weight-decay", lambda v: v >= 0, ">= 0"),
+              ("--clip-grad", lambda v: v >= 0, ">= 0 (0 turns clipping off, as in Megatron)"))
+    for flag, ok, want in checks:
+        v = getattr(args, _dest(flag), None)
+        if v is not None and not ok(v):
+            raise ConfigError(f"{flag} {v:g} must be {want}; fix {flag}")
 
 
 def check_optimizer_flags(args) -> None:
     """One error line per contradiction, once --bf16/--fp16 are resolved (before the LR defaults are)."""
+    check_megatron_optimizer_flags(args)
+    check_optimizer_values(args)
     lr, low = getattr(args, "decoupled_lr", None), getattr(args, "decoupled_min_lr", None)
     if low is not None and lr is None:  # Megatron ignores it alone; here a flag does something or is refused
         raise ConfigError(f"--decoupled-min-lr {low:g} needs --decoupled-lr (the embedding/output layer's peak LR); "
