@@ -220,6 +220,7 @@ def _add_logging(p):
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--wandb-entity", default=None)
     g.add_argument("--no-progress-bar", action="store_true")
     g.add_argument("--save", default=None,
                    help="checkpoint directory: saved every --save-interval steps and at the end")

@@ -9,9 +9,11 @@ TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorB
 ``--tensorboard-log-interval`` iterations "learning-rate", "batch-size", "lm loss" (that iteration's), "loss-scale",
 "grad-norm", "num-zeros"/"params-norm" (when logged), "world-size" (--log-world-size-to-tensorboard), each also
 "<tag> vs samples" against consumed samples; "lm loss validation" (and "... ppl" with
---log-validation-ppl-to-tensorboard) and "lm loss test" when evaluated; "iteration-time" (s) and "throughput"
-(TFLOP/s per GPU) per --log-interval with --log-timers-to-tensorboard; "mem-*-bytes" with --log-memory-to-tensorboard
-(CUDA). megallama's own: "tokens-per-second" and "mfu" per --log-interval, "comm/*" (gradient compression), "moe/*".
+--log-validation-ppl-to-tensorboard) and "lm loss test" when evaluated; "iteration-time" (s), "throughput"
+(TFLOP/s per GPU) and the timers' "<name>-time" (s per iteration, as Megatron's timers.write) per --log-interval with
+--log-timers-to-tensorboard; "mem-*-bytes" with --log-memory-to-tensorboard (CUDA); MoE's "load_balancing_loss" (or
+its seq_/global_ variant) and "z_loss" per --log-interval. megallama's own: "tokens-per-second" and "mfu" per
+--log-interval, "comm/*" (gradient compression), "moe/max_load". The last rank writes them, as Megatron's.
 
 Throughput figures follow the project's convention: FLOPs/token = 6 * (matmul params incl. the output layer)
 + 12 * layers * hidden * seq; MFU is against the card's dense bf16 peak (H100 SXM: 989 TFLOP/s). fp8 runs
@@ -21,11 +23,15 @@ peak; so an fp8 run's MFU compares with a bf16 run's directly (its fp8 GEMMs' ow
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+
+from megallama.errors import ConfigError
 
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                 "A10": 125.0, "4090": 165.0}
@@ -54,11 +60,31 @@ def flops_per_token(cfg, seq_length: int, moe=None) -> float:
     return 6.0 * matmul + 12.0 * L * h * seq_length
 
 
+def is_last_rank() -> bool:
+    """Megatron's writer of TensorBoard and W&B: the last rank (a last pipeline stage). (Its log line is printed by
+    that rank too; megallama's by rank 0, every rank holding the same values.)"""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def wandb_dir(args) -> str:
+    """--wandb-save-dir, else Megatron's <--save>/wandb, else next to the TensorBoard events (or here)."""
+    if args.wandb_save_dir:
+        return args.wandb_save_dir
+    return os.path.join(args.save, "wandb") if getattr(args, "save", None) else (args.tensorboard_dir or ".")
+
+
 class TrainingLogger:
+    """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere. --wandb-project without wandb
+    installed is refused on every rank (before a long run that would log nowhere); a W&B that does not start stops
+    the run with one line, as Megatron's does."""
+
     def __init__(self, args, enabled: bool):
         self.enabled = enabled
         self.writer = None
         self.wandb = None
+        if args.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"--wandb-project {args.wandb_project} needs wandb, which is not installed: "
+                              "pip install wandb (or drop --wandb-project)")
         if not enabled:
             return
         if args.tensorboard_dir:
@@ -66,17 +92,26 @@ class TrainingLogger:
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir,
                                         max_queue=getattr(args, "tensorboard_queue_size", 1000))
         if args.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("warning: --wandb-project given but wandb is not installed (pip install megallama[wandb]); "
-                      "logging to TensorBoard only", file=sys.stderr)
-            else:
-                os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
-                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                                        dir=args.wandb_save_dir or args.tensorboard_dir or ".",
-                                        config={k: v for k, v in vars(args).items()
-                                                if isinstance(v, (int, float, str, bool, type(None)))})
+            self.wandb = self._start_wandb(args)
+
+    @staticmethod
+    def _start_wandb(args):
+        import wandb
+        os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+        try:
+            save_dir = wandb_dir(args)
+            os.makedirs(save_dir, exist_ok=True)
+            return wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=save_dir,
+                              entity=getattr(args, "wandb_entity", None),
+                              config={k: v for k, v in vars(args).items()
+                                      if isinstance(v, (int, float, str, bool, type(None)))})
+        except Exception as e:  # noqa: BLE001 - wandb's errors are many; each is one line for the user
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            msg = (f"wandb did not start ({why}); fix it, set WANDB_MODE=offline (no network needed), "
+                   "or drop --wandb-project")
+            if dist.is_initialized() and dist.get_rank() != 0:  # run_script prints a ConfigError from rank 0 only
+                print(f"error: {msg}", file=sys.stderr, flush=True)
+            raise ConfigError(msg) from None
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -114,6 +149,37 @@ def memory_scalars(device: torch.device) -> dict:
             "mem-allocated-bytes": stats["allocated_bytes.all.current"],
             "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
             "mem-allocated-count": stats["allocation.all.current"]}
+
+
+_LOAD_BALANCING_TAGS = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                        "global_aux_loss": "global_load_balancing_loss"}
+
+
+def moe_scalars(moe_config, report: dict) -> dict:
+    """Megatron's MoE tags (its track_moe_metrics): the load-balancing loss named by its type, "z_loss" when the
+    z-loss is on, each the mean over layers and micro-batches *without* its coefficient (Megatron's tracker divides
+    it out); and megallama's "moe/max_load". ``report`` holds the losses with their coefficients (moe_stats)."""
+    out = {"moe/max_load": report["max_load"]}
+    tag = _LOAD_BALANCING_TAGS.get(moe_config.load_balancing_type)
+    if tag and moe_config.aux_loss_coeff > 0:
+        out[tag] = report["aux_loss"] / moe_config.aux_loss_coeff
+    if moe_config.z_loss_coeff > 0:
+        out["z_loss"] = report["z_loss"] / moe_config.z_loss_coeff
+    return out
+
+
+def memory_report(device: torch.device, iteration: int) -> Optional[str]:
+    """Megatron's report_memory line, ``[Rank N] (after N iterations) memory (MB) | allocated: ... | max allocated:
+    ... | reserved: ... | max reserved: ...`` (its plain float formats); None on CPU (no allocator counters)."""
+    if device.type != "cuda":
+        return None
+    mb = 1024.0 * 1024.0
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return (f"[Rank {rank}] (after {iteration} iterations) memory (MB)"
+            f" | allocated: {torch.cuda.memory_allocated(device) / mb}"
+            f" | max allocated: {torch.cuda.max_memory_allocated(device) / mb}"
+            f" | reserved: {torch.cuda.memory_reserved(device) / mb}"
+            f" | max reserved: {torch.cuda.max_memory_reserved(device) / mb}")
 
 
 # the log line's fields in Megatron's order and formats (its parsers read them); megallama's own (tokens per second,

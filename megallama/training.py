@@ -21,9 +21,9 @@ from megallama.checkpointing.signals import RunProgress, any_rank, report_interr
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
-from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0
+from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, warn_rank_0
 from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
-                               format_validation_lines, memory_scalars)
+                               format_validation_lines, is_last_rank, memory_report, memory_scalars, moe_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
@@ -195,7 +195,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     local_seq = args.seq_length // args.context_parallel_size
     forward_step = make_forward_step(args, device)
     skip_train = getattr(args, "skip_train", False)
-    logger = TrainingLogger(args, enabled=is_rank_0() and not skip_train)  # Megatron's: no events then
+    # Megatron's: the last rank writes the events (none with --skip-train)
+    logger = TrainingLogger(args, enabled=is_last_rank() and not skip_train)
     if skip_train:
         return _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
                               start_iter, consumed)
@@ -204,8 +205,12 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         data_iter = timed_iterator(data_iter, timers)
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
-    flops_tok, peak = flops_per_token(args.model_config, args.seq_length, moe_flops_config(args)), \
-        device_peak_flops(device)
+    moe_cfg = moe_flops_config(args)
+    flops_tok, peak = flops_per_token(args.model_config, args.seq_length, moe_cfg), device_peak_flops(device)
+    report_memory_flag = True  # Megatron's: the memory report at the first logged steps (CUDA)
+    if args.log_memory_to_tensorboard and device.type != "cuda":
+        warn_rank_0("--log-memory-to-tensorboard writes the CUDA allocator's counters; on CPU there are none, so "
+                    "no mem-* tags are written")
     progress_log = ProgressLog(args, consumed, flops_tok, dist.get_rank() if dist.is_initialized() else 0)
     saver = RunSaver(args, model_chunks, optimizer, scheduler, progress, progress_log)  # sync or --async-save
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -304,7 +309,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
                     "decoupled learning rate": scheduler.last_decoupled_lr,  # Megatron's, with --decoupled-lr
                     "global batch size": gbs, "lm loss": mean_loss,
-                    "loss scale": float(optimizer.get_loss_scale()) if args.fp16 else None,
+                    "loss scale": float(optimizer.get_loss_scale()),  # Megatron's: always (1.0 without fp16)
                     "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,
                     "params norm": params_norm,
                     "tokens per second": tps,
@@ -317,17 +322,21 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             comm = compression_report(model_chunks)  # gradient compression: bytes sent since the last log
             print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
                          + (" " + format_compression_report(comm) if comm else ""))
+            if report_memory_flag and (line := memory_report(device, step)) is not None \
+                    and ps.get_data_parallel_rank() == 0:  # Megatron's report_memory, after the first steps
+                print(line, flush=True)
+            report_memory_flag = report_memory_flag and step <= start_iter + 1
             timing, timer_max = timers.log(steps_done)  # a collective: --timing-log-level's phases
             if timing:
                 print_rank_0(timing)
             if args.log_timers_to_tensorboard:
-                logger.scalars(step, {f"{name}-time": ms for name, ms in timer_max.items()})
+                # Megatron's timers.write: seconds per iteration (its printed report is in ms)
+                logger.scalars(step, {f"{name}-time": ms / 1e3 for name, ms in timer_max.items()})
             if comm:
                 logger.scalars(step, {"comm/grad_bytes_per_step": comm["bytes_per_step"],
                                       "comm/compression_ratio": comm["compression_ratio"]})
             if moe:
-                logger.scalars(step, {"moe/aux_loss": moe["aux_loss"], "moe/z_loss": moe["z_loss"],
-                                      "moe/max_load": moe["max_load"]})
+                logger.scalars(step, moe_scalars(moe_cfg, moe))
             logger.scalars(step, {"tokens-per-second": tps, "mfu": vals["MFU"]})
             if args.log_timers_to_tensorboard:
                 logger.scalars(step, {"iteration-time": dt, "throughput": tps * flops_tok / world / 1e12})

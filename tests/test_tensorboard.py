@@ -1,7 +1,8 @@
 """TensorBoard events carry Megatron's tag names and values: per --tensorboard-log-interval iteration the
 iteration's loss, learning rate, grad norm and friends, each also "vs samples"; validation and test losses; timers
-per --log-interval. Under pp 2 the events (written by rank 0, a first stage) hold the single process's values, and
-the params-norm collective is taken by every rank."""
+per --log-interval. Under pp 2 the events (written by the last rank, as Megatron's; rank 0 prints the log line)
+hold the single process's values, and the params-norm collective is taken by every rank. A resumed run's events go
+on from the step it resumed at; MoE aux losses carry Megatron's names and values."""
 import json
 import math
 import os
@@ -78,16 +79,59 @@ def test_tensorboard_log_interval_and_switches(tmp_path):
 
 
 def _pp2(rank, world, folder):
-    out = _run(folder, ["--pipeline-model-parallel-size", "2"], world=world)
-    return out["losses"] if rank == 0 else None
+    import contextlib
+    import io
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        _run(folder, ["--pipeline-model-parallel-size", "2"], world=world)
+    return os.getpid(), text.getvalue()
 
 
 def test_pipeline_run_writes_the_single_process_values(tmp_path):
     ref = _run(tmp_path / "one")
-    run_distributed(_pp2, 2, str(tmp_path / "pp2"))
+    outs = run_distributed(_pp2, 2, str(tmp_path / "pp2"))
+    (pid0, out0), (pid1, out1) = outs[0], outs[1]
+    files = os.listdir(tmp_path / "pp2")  # events.out.tfevents.<time>.<host>.<pid>.<n>: Megatron's last rank writes
+    assert len(files) == 1 and f".{pid1}." in files[0] and f".{pid0}." not in files[0], files
+    assert out0.count("lm loss:") == 2 and out0.count("validation loss at") == 3  # printed once (rank 0)
+    assert "lm loss:" not in out1 and "validation loss at" not in out1
     one, pp2 = _events(tmp_path / "one"), _events(tmp_path / "pp2")
     for tag in ("lm loss", "grad-norm", "params-norm", "num-zeros", "lm loss validation", "lm loss test"):
         assert [s for s, _ in pp2[tag]] == [s for s, _ in one[tag]], tag
         assert [v for _, v in pp2[tag]] == pytest.approx([v for _, v in one[tag]], rel=1e-5), tag
     assert [v for _, v in pp2["world-size"]] == [2] * 6
     assert ref["losses"]
+
+
+def test_timer_tags_are_seconds_per_iteration_as_megatrons_timers_write(tmp_path):
+    _run(tmp_path / "tb", ["--timing-log-level", "1"])
+    ev = _events(tmp_path / "tb")
+    for (s, fb), (s2, it) in zip(ev["forward-backward-time"], ev["iteration-time"]):
+        assert s == s2 and 0 < fb < it < 60, (s, fb, it)  # in ms the forward-backward would exceed the iteration
+
+
+def test_resumed_run_goes_on_from_its_step_without_duplicates(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    _run(tmp_path / "tb", ["--save", ckpt, "--exit-interval", "3", "--eval-interval", "0"])
+    _run(tmp_path / "tb", ["--save", ckpt, "--load", ckpt, "--eval-interval", "0"])
+    ev = _events(tmp_path / "tb")
+    assert [s for s, _ in ev["lm loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in ev["lm loss vs samples"]] == [4, 8, 12, 16, 20, 24]
+    assert [s for s, _ in ev["iteration-time"]] == [3, 6]
+
+
+def test_moe_aux_losses_carry_megatrons_names_and_values(tmp_path):
+    from megallama.logging import moe_scalars
+    from megallama.model.moe import MoEConfig
+    report = {"aux_loss": 0.0125, "z_loss": 0.004, "max_load": 1.5}
+    cfg = MoEConfig(num_experts=4, topk=2, aux_loss_coeff=1e-2, z_loss_coeff=1e-3)
+    assert moe_scalars(cfg, report) == {"load_balancing_loss": pytest.approx(1.25), "z_loss": pytest.approx(4.0),
+                                        "moe/max_load": 1.5}  # Megatron's tracker divides the coefficients out
+    cfg = MoEConfig(num_experts=4, topk=2, aux_loss_coeff=1e-2, load_balancing_type="seq_aux_loss")
+    assert set(moe_scalars(cfg, report)) == {"seq_load_balancing_loss", "moe/max_load"}  # no z-loss: no tag
+    _run(tmp_path / "tb", ["--strategy", "moe", "--num-experts", "4", "--moe-router-topk", "2",
+                           "--moe-z-loss-coeff", "1e-3", "--eval-interval", "0"])
+    ev = _events(tmp_path / "tb")
+    assert [s for s, _ in ev["load_balancing_loss"]] == [3, 6] and [s for s, _ in ev["z_loss"]] == [3, 6]
+    assert all(0.5 < v < 4 for _, v in ev["load_balancing_loss"])  # ~1 for a balanced router, as Megatron's
+    assert not [t for t in ev if t in ("moe/aux_loss", "moe/z_loss")]

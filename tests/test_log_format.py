@@ -1,0 +1,45 @@
+"""The training log as Megatron's training_log prints it: "loss scale" on every line (1.0 without fp16), a
+--log-interval beyond the run still gives the last step's line, and the memory report is Megatron's report_memory
+line (CUDA; none on CPU)."""
+import re
+
+import torch
+
+from test_tensorboard import _run
+
+
+def _log_lines(text):
+    return [ln for ln in text.splitlines() if re.match(r"iteration\s+\d+/", ln)]
+
+
+def test_every_log_line_has_megatrons_loss_scale_in_its_place(tmp_path, capsys):
+    _run(tmp_path / "tb", ["--eval-interval", "0"])
+    lines = _log_lines(capsys.readouterr().out)
+    assert len(lines) == 2
+    for ln in lines:
+        assert re.search(r"\| lm loss: [0-9.E+-]+ \| loss scale: 1\.0 \| grad norm: [0-9.]+ \|", ln), ln
+
+
+def test_log_interval_beyond_the_run_logs_the_last_step(tmp_path, capsys):
+    _run(tmp_path / "tb", ["--log-interval", "100", "--eval-interval", "0"])
+    (line,) = _log_lines(capsys.readouterr().out)
+    assert line.startswith("iteration        6/       6 | consumed samples:           24 |")
+
+
+def test_memory_report_is_megatrons_line_and_none_on_cpu(monkeypatch):
+    from megallama.logging import memory_report
+    assert memory_report(torch.device("cpu"), 2) is None
+    for name, mb in (("memory_allocated", 1.5), ("max_memory_allocated", 2.0), ("memory_reserved", 4.0),
+                     ("max_memory_reserved", 8.25)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, mb=mb: int(mb * 2**20))
+    assert memory_report(torch.device("cuda", 0), 2) == (
+        "[Rank 0] (after 2 iterations) memory (MB) | allocated: 1.5 | max allocated: 2.0 | reserved: 4.0 | "
+        "max reserved: 8.25")
+
+
+def test_log_memory_to_tensorboard_on_cpu_says_there_is_nothing_to_write(tmp_path, capsys):
+    from test_tensorboard import _events
+    _run(tmp_path / "tb", ["--log-memory-to-tensorboard", "--eval-interval", "0"])
+    assert "--log-memory-to-tensorboard writes the CUDA allocator's counters; on CPU there are none" in \
+        capsys.readouterr().err
+    assert not [t for t in _events(tmp_path / "tb") if t.startswith("mem-")]
