@@ -35,11 +35,6 @@ def check_run_flags(args) -> None:
         args.data_path = " ".join(args.data_path)
     if isinstance(args.lora_target_modules, list):  # "q_proj v_proj" (PEFT users' spelling) or "q_proj,v_proj"
         args.lora_target_modules = ",".join(args.lora_target_modules)
-    if getattr(args, "wandb_project", None):  # before any model is built (the logger checks again, for the API)
-        import importlib.util
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError(f"--wandb-project {args.wandb_project} needs wandb, which is not installed: "
-                              "pip install wandb (or drop --wandb-project)")
     device = args.device
     if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device {device} is not cpu, cuda or cuda:N; pick one of those")

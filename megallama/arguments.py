@@ -267,6 +267,9 @@ def _derive(args, world_size: int):
         args.fp16 = True
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+    if args.mixed_precision in ("float32", "fp32") and (args.bf16 or args.fp16):
+        raise ConfigError(f"--mixed-precision {args.mixed_precision} and --{'bf16' if args.bf16 else 'fp16'} "
+                          "contradict each other; pick one")
     if args.activation_checkpointing and args.recompute_granularity is None:
         args.recompute_granularity = "full"
     if args.use_distributed_optimizer and args.zero_stage is None:

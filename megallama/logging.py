@@ -73,6 +73,14 @@ def wandb_dir(args) -> str:
     return os.path.join(args.save, "wandb") if getattr(args, "save", None) else (args.tensorboard_dir or ".")
 
 
+def check_wandb_installed(args) -> None:
+    """--wandb-project without wandb: one line on every rank, before a long run that would log nowhere (a launch
+    line is still parsed without it: dry runs and estimates need no wandb)."""
+    if getattr(args, "wandb_project", None) and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"--wandb-project {args.wandb_project} needs wandb, which is not installed: "
+                          "pip install wandb (or drop --wandb-project)")
+
+
 class TrainingLogger:
     """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere. --wandb-project without wandb
     installed is refused on every rank (before a long run that would log nowhere); a W&B that does not start stops
@@ -82,9 +90,7 @@ class TrainingLogger:
         self.enabled = enabled
         self.writer = None
         self.wandb = None
-        if args.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ConfigError(f"--wandb-project {args.wandb_project} needs wandb, which is not installed: "
-                              "pip install wandb (or drop --wandb-project)")
+        check_wandb_installed(args)
         if not enabled:
             return
         if args.tensorboard_dir:

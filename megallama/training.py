@@ -22,8 +22,9 @@ from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, warn_rank_0
-from megallama.logging import (TrainingLogger, device_peak_flops, flops_per_token, format_log_line,
-                               format_validation_lines, is_last_rank, memory_report, memory_scalars, moe_scalars)
+from megallama.logging import (TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
+                               format_log_line, format_validation_lines, is_last_rank, memory_report, memory_scalars,
+                               moe_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
@@ -168,6 +169,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     device = initialize_megatron(args)
     if args.save:
         check_writable(args.save)
+    if not args.dry_run:
+        check_wandb_installed(args)
     tokenizer, train_ds, valid_ds = build_data(args) if datasets is None else (None, *given_data(args, datasets))
     test_ds = build_test_data(args, tokenizer) if tokenizer is not None else None
     train_ds, valid_ds, test_ds = apply_document_flags(args, tokenizer, train_ds, valid_ds, test_ds)
@@ -263,7 +266,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         if not ok:
             scheduler.skip(gbs / args.global_batch_size)  # a skipped update does not advance it (Megatron's)
         if not ok or not math.isfinite(loss):
-            skipped_in_row += 1
+            # fp16's dynamic scale backing off from 2^32 (Megatron's) skips ~17 steps by design: not a divergence
+            skipped_in_row += not getattr(optimizer, "skipped_for_loss_scale", False) or not math.isfinite(loss)
             interval_skipped, interval_nan = interval_skipped + 1, interval_nan + (not math.isfinite(loss))
             print_rank_0(f"iteration {step}: skipped (non-finite loss or gradient: loss {loss}, grad norm {grad_norm})")
             if skipped_in_row >= args.max_skipped_iters:

@@ -111,3 +111,9 @@ def test_ulysses_head_count_is_checked_before_any_model_is_built():
                                                     "--context-parallel-size 4; use --cp-comm-type p2p")):
         _args(line, world_size=8)
     assert _args(line[:-1] + ["p2p"], world_size=8).cp_comm_type == "p2p"
+
+
+def test_fp32_mixed_precision_with_bf16_is_refused():
+    """--mixed-precision fp32 --bf16 trained bf16 silently."""
+    with pytest.raises(ConfigError, match="--mixed-precision fp32 and --bf16 contradict each other"):
+        _args(TINY + ["--mixed-precision", "fp32", "--bf16"])

@@ -111,8 +111,7 @@ def load_optimizer_states(optimizer, model_chunks, read: ReadFn, scalars: dict, 
                 entry[k] = local.reshape(-1)[e["start"]:e["end"]].clone()
             pieces[key] = entry
         state = dict(own, step=step, pieces=pieces)
-        if scalars.get("grad_scaler") is not None:
-            state["grad_scaler"] = scalars["grad_scaler"]
+        state["grad_scaler"] = scalars.get("grad_scaler")  # None: a bf16/fp32 checkpoint (fp16 says it starts afresh)
         optimizer.load_state_dict(state)
         return
     names = {p: n for chunk in params for n, p in chunk.items()}

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
+from megallama.initialize import warn_rank_0
 from megallama.mpu import parallel_state as ps
 from megallama.optimizer import clip_grads
 from megallama.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
@@ -100,6 +101,7 @@ class DistributedOptimizer:
                 config.initial_loss_scale, config.min_loss_scale, growth_interval=config.loss_scale_window,
                 hysteresis=config.hysteresis)
         self.num_steps = 0
+        self.skipped_for_loss_scale = False  # the last step: skipped for an fp16 overflow above --min-loss-scale
 
     # ------------------------------------------------------------------ the Megatron optimizer interface
     @property
@@ -130,13 +132,19 @@ class DistributedOptimizer:
     def step(self):
         """Returns (update_successful, grad_norm, num_zeros_in_grad); call after every chunk's finish_grad_sync."""
         grads = self._prepare_grads()
-        if self.grad_scaler is not None and grads:
-            torch._foreach_mul_(grads, float(self.grad_scaler.inv_scale))
+        local_inf = self._unscale_and_check(grads)
         counted = [pc.master.grad for pc in self._norm_pieces()]
-        norm = clip_grads.global_norm(clip_grads.sum_of_squares(counted, self.device), self.dp_group)
+        local_sq = clip_grads.sum_of_squares(counted, self.device)
+        if local_inf is not None:  # a non-finite grad the norm skips: the norm's one all-reduce takes it everywhere
+            local_sq.masked_fill_(local_inf > 0, math.inf)
+        norm = clip_grads.global_norm(local_sq, self.dp_group)
         found_inf = not math.isfinite(norm)
-        if self.grad_scaler is not None:
-            self.grad_scaler.update(found_inf)
+        scaler = self.grad_scaler
+        # an overflow the dynamic scale can still back off from is its search (Megatron skips on, whatever the count)
+        self.skipped_for_loss_scale = found_inf and isinstance(scaler, DynamicGradScaler) \
+            and float(scaler.scale) > scaler.min_scale
+        if scaler is not None:
+            scaler.update(found_inf)
         num_zeros = self._count_zeros(counted) if self.config.log_num_zeros_in_grad else None
         if found_inf:
             for pc in self.pieces:
@@ -151,6 +159,25 @@ class DistributedOptimizer:
             pc.master.grad = None
         self._copy_masters_to_model()
         return True, norm, num_zeros
+
+    def _unscale_and_check(self, grads: List[torch.Tensor]):
+        """Unscale (fp16) and find non-finite grads in pieces the norm skips on this rank (a norm weight on tp rank
+        > 0, the tied output copy, a dp-replicated grad): an inf there must skip the step on every rank, as
+        Megatron's found_inf does, or this rank alone would step into NaN. fp16 checks every grad (fused with the
+        unscale, Megatron's ``_amp_foreach_non_finite_check_and_unscale_``); bf16/fp32 only the uncounted,
+        non-replicated ones (the norm covers the rest; replicated grads are the dp all-reduce's, equal everywhere).
+        Returns a 1-element flag tensor (no host sync; the norm's is the step's one), or None when nothing was
+        checked."""
+        if self.grad_scaler is not None:
+            checked, inv = grads, self.grad_scaler.inv_scale
+        else:
+            checked, inv = [pc.master.grad for pc in self.pieces if not pc.in_norm and not pc.replicated], None
+        if not checked:
+            return None
+        found = torch.zeros(1, dtype=torch.float32, device=self.device)
+        inv = torch.ones(1, device=self.device) if inv is None else inv.reshape(1).to(self.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, found, inv)
+        return found
 
     def _count_zeros(self, grads) -> int:
         """Zero entries of the gradients the norm counts, over the world (each entry once, as the norm)."""
@@ -260,10 +287,24 @@ class DistributedOptimizer:
         for g in self.optimizer.param_groups:
             saved = saved_groups.get(_group_key(g), {})
             g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps")})
-        if self.grad_scaler is not None and states[0].get("grad_scaler"):
-            self.grad_scaler.load_state_dict(states[0]["grad_scaler"])
+        self._load_grad_scaler(states[0])
         self._copy_masters_to_model()
         finish_param_sync(self.chunks)
+
+    def _load_grad_scaler(self, state: dict) -> None:
+        """The dynamic scale and its counters, exactly; across fp16 <-> bf16/fp32 one warning says what is lost
+        (Megatron's two warnings). A constant scaler keeps --loss-scale (grad_scaler.py)."""
+        saved = state.get("grad_scaler")
+        if self.grad_scaler is None:
+            if saved and "growth_tracker" in saved:
+                warn_rank_0(f"the checkpoint's fp16 loss scale ({saved['scale']:g}) is dropped: this run is not "
+                            "--fp16 and needs none")
+            return
+        if saved:
+            self.grad_scaler.load_state_dict(saved)
+        elif "grad_scaler" in state and isinstance(self.grad_scaler, DynamicGradScaler):
+            warn_rank_0("the checkpoint has no fp16 loss-scale state (a bf16/fp32 run): dynamic loss scaling starts "
+                        f"afresh at --initial-loss-scale {float(self.grad_scaler.scale):g}")
 
     # ------------------------------------------------------------------ accounting
     def memory_footprint(self) -> Dict[str, int]:

@@ -2,6 +2,11 @@
 
 The dynamic scaler halves the scale after ``hysteresis`` overflowing steps (each such step is skipped) and doubles
 it after ``growth_interval`` clean steps, so the scale tracks the largest value that does not overflow fp16.
+Megatron's semantics to the step: the hysteresis count is restored only when the scale grows, so after the first
+``hysteresis`` overflows every further one halves until the next growth; the floor is ``min_scale``.
+
+Checkpoints: the dynamic scale and both counters resume exactly; a constant scale is the command line's
+(``--loss-scale``), so a resume with another value (or from a dynamic run) uses the new one, as Megatron's does.
 """
 from __future__ import annotations
 
@@ -24,20 +29,21 @@ class ConstantGradScaler:
         pass
 
     def state_dict(self) -> dict:
-        return {"scale": float(self._scale)}
+        return {"scale": float(self._scale)}  # for the record: a constant scale loads from the command line
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32)
+        pass
 
 
 class DynamicGradScaler(ConstantGradScaler):
     def __init__(self, initial_scale: float = 2.0 ** 16, min_scale: float = 1.0, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 1000, hysteresis: int = 2):
         super().__init__(initial_scale)
-        if min_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1 \
-                or hysteresis < 1:
-            raise ValueError(f"bad dynamic loss-scale settings: min {min_scale}, growth {growth_factor}, backoff "
-                             f"{backoff_factor}, interval {growth_interval}, hysteresis {hysteresis}")
+        if not 0 < min_scale <= initial_scale or growth_factor <= 1 or not 0 < backoff_factor < 1 \
+                or growth_interval < 1 or hysteresis < 1:
+            raise ValueError(f"bad dynamic loss-scale settings: initial {initial_scale}, min {min_scale}, growth "
+                             f"{growth_factor}, backoff {backoff_factor}, interval {growth_interval}, hysteresis "
+                             f"{hysteresis}")
         self.min_scale, self.growth_factor, self.backoff_factor = float(min_scale), growth_factor, backoff_factor
         self.growth_interval, self.hysteresis = growth_interval, hysteresis
         self._growth_tracker = 0
@@ -61,6 +67,6 @@ class DynamicGradScaler(ConstantGradScaler):
                 "hysteresis_tracker": self._hysteresis_tracker}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32)
         self._growth_tracker = int(state.get("growth_tracker", 0))
         self._hysteresis_tracker = int(state.get("hysteresis_tracker", self.hysteresis))

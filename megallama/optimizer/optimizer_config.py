@@ -50,4 +50,23 @@ class OptimizerConfig:
             raise ConfigError(f"loss_scale {self.loss_scale} must be > 0 (or None for dynamic); fix --loss-scale")
         if self.initial_loss_scale <= 0:
             raise ConfigError(f"initial_loss_scale {self.initial_loss_scale} must be > 0; fix --initial-loss-scale")
+        if self.params_dtype == torch.float16 and not self.fp16:
+            raise ConfigError("--params-dtype fp16 needs --fp16: without its loss scaling the fp16 weight gradients "
+                              "underflow; add --fp16, or keep the parameters in bf16 or fp32")
+        if self.loss_scale is not None and self.loss_scale != 1 and not self.fp16:
+            raise ConfigError(f"--loss-scale {self.loss_scale:g} applies to --fp16 only: bf16 and fp32 train "
+                              "unscaled here (Megatron would scale them by it too); add --fp16 or drop --loss-scale")
+        if self.fp16 and self.loss_scale is None:
+            self._validate_dynamic_loss_scale()
         return self
+
+    def _validate_dynamic_loss_scale(self) -> None:
+        """Megatron's DynamicGradScaler asserts; a flag's name here instead (the Python API skips the CLI checks)."""
+        if self.min_loss_scale <= 0 or self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ConfigError(f"fp16 loss scaling needs --min-loss-scale > 0, --loss-scale-window >= 1 and "
+                              f"--hysteresis >= 1; got {self.min_loss_scale:g}, {self.loss_scale_window}, "
+                              f"{self.hysteresis}")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ConfigError(f"--min-loss-scale {self.min_loss_scale:g} is above --initial-loss-scale "
+                              f"{self.initial_loss_scale:g}, so a back-off would raise the scale; pass a "
+                              "--min-loss-scale no larger than --initial-loss-scale")
