@@ -69,14 +69,26 @@ def check_run_flags(args) -> None:
 
 
 def check_context_parallel(args) -> None:
-    """--context-parallel-size > 1, once the model and tp are known: the zig-zag sequence split, and for
-    --cp-comm-type a2a (Ulysses) the heads per tp rank that the all-to-all spreads over the cp ranks; one line
-    before any model is built (it was found at the first forward)."""
+    """--context-parallel-size > 1, once the model and tp are known: the zig-zag sequence split, one --cp-comm-type
+    for all layers, for a2a (Ulysses) the heads per tp rank that the all-to-all spreads over the cp ranks, for
+    a2a+p2p the --hierarchical-context-parallel-sizes; one line before any model is built (it was found at the
+    first forward)."""
+    from megallama.model.context_parallel import single_comm_type
     from megallama.mpu.context_parallel import check_sequence_length
     cp, tp = args.context_parallel_size, args.tensor_model_parallel_size
     check_sequence_length(args.seq_length, cp)
+    comm = args.cp_comm_type = single_comm_type(args.cp_comm_type)
+    sizes = getattr(args, "hierarchical_context_parallel_sizes", None)
+    if comm != "a2a+p2p" and sizes is not None:
+        raise ConfigError(f"--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p, not {comm}; drop it "
+                          "or use a2a+p2p")
+    if comm == "a2a+p2p" and (sizes is None or len(sizes) != 2 or min(sizes) < 2 or sizes[0] * sizes[1] != cp):
+        raise ConfigError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B (a2a size, p2p "
+                          f"size), both >= 2, with A x B = --context-parallel-size {cp}; got {sizes}")
     heads = args.model_config.num_attention_heads
-    if args.cp_comm_type == "a2a" and heads % tp == 0 and (heads // tp) % cp:
-        raise ConfigError(f"--cp-comm-type a2a needs the {heads // tp} attention heads per tensor-parallel rank "
-                          f"({heads}/{tp}) to be divisible by --context-parallel-size {cp}; use --cp-comm-type p2p "
-                          "(ring attention, any head count) or another context-parallel size")
+    a2a = {"a2a": cp, "a2a+p2p": sizes[0] if sizes else cp}.get(comm)
+    if a2a and heads % tp == 0 and (heads // tp) % a2a:
+        what = f"--context-parallel-size {cp}" if comm == "a2a" else f"the a2a size {a2a}"
+        raise ConfigError(f"--cp-comm-type {comm} needs the {heads // tp} attention heads per tensor-parallel rank "
+                          f"({heads}/{tp}) to be divisible by {what}; use --cp-comm-type p2p or allgather "
+                          "(any head count) or another context-parallel size")

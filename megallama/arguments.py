@@ -21,6 +21,7 @@ from megallama.megatron_defaults import apply_megatron_defaults, given_dests
 from megallama.megatron_loop_flags import add_loop_args, check_loop_flags
 from megallama.moe_args import add_moe_args, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
+from megallama.pipeline.megatron_flags import add_pipeline_args, apply_pipeline_layout, check_pipeline_split
 from megallama.progress_log import add_progress_log_args
 from megallama.timers import add_timing_args
 
@@ -137,8 +138,10 @@ def _add_parallel(p):
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--cp-comm-type", choices=["p2p", "a2a"], default="p2p",
-                   help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp %% cp == 0)")
+    g.add_argument("--cp-comm-type", nargs="+", choices=["p2p", "a2a", "allgather", "a2a+p2p"], default="p2p",
+                   help="context parallelism: p2p = ring attention, a2a = Ulysses all-to-all (heads/tp %% cp == 0), "
+                   "allgather = K/V all-gather, a2a+p2p = a2a inside --hierarchical-context-parallel-sizes groups, "
+                   "p2p across; one type for all layers")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
                 add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
-                add_timing_args):
+                add_timing_args, add_pipeline_args):
         add(p)
     return p
 
@@ -368,6 +371,7 @@ def _derive_pipeline(args) -> None:
     """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (as in Megatron) and must split
     every stage's layers into whole chunks; it is never dropped silently."""
     pp, layers = args.pipeline_model_parallel_size, args.model_config.num_layers
+    apply_pipeline_layout(args)
     virtual_stages_to_layers(args, pp, layers)
     n = args.num_layers_per_virtual_pipeline_stage
     if n is not None:
@@ -384,6 +388,7 @@ def _derive_pipeline(args) -> None:
         args.pipeline_schedule = "interleaved"
     args.pipeline_schedule = args.pipeline_schedule or "1f1b"
     account_for_embedding_and_loss(args, pp, layers)
+    check_pipeline_split(args)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

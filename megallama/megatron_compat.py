@@ -123,6 +123,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                    help="aux_loss (default: per micro-batch), seq_aux_loss (per sequence), global_aux_loss (over the "
                    "dp ranks and the step's micro-batches, as Megatron's) or none (--moe-aux-loss-coeff 0)")
     g.add_argument("--rotary-base", dest="rope_theta", type=float, default=None, help="= --rope-theta")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="A B: a2a over A adjacent cp ranks, p2p across them (--cp-comm-type a2a+p2p; A x B = cp)")
     g.add_argument("--log-throughput", action="store_true", help="the log line's 'throughput per GPU "
                    "(TFLOP/s/GPU)' (Megatron's: model FLOPs per second per GPU, as logging.flops_per_token counts)")
     g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.1's RoPE frequency scaling")

@@ -203,7 +203,7 @@ def build_model_chunks(args, device):
     from megallama.ops import set_fused_kernels
     set_fused_kernels(not args.no_fused_kernels)
     set_gradient_accumulation_fusion(not getattr(args, "no_gradient_accumulation_fusion", False))
-    set_context_parallel_comm_type(args.cp_comm_type)
+    set_context_parallel_comm_type(args.cp_comm_type, getattr(args, "hierarchical_context_parallel_sizes", None))
     cfg = args.model_config
     if args.pipeline_model_parallel_size > 1:
         from megallama.pipeline import build_model_chunks as build_pp

@@ -1,4 +1,5 @@
-"""Attention over a sequence sharded across the context-parallel group: ring attention (p2p) or Ulysses (a2a).
+"""Attention over a sequence sharded across the context-parallel group: ring attention (p2p), Ulysses (a2a), the
+K/V all-gather (allgather) or Ulysses inside groups and the ring across them (a2a+p2p), as Megatron's --cp-comm-type.
 
 Each cp rank holds zig-zag chunks ``r`` and ``2cp-1-r`` of the sequence (``mpu.context_parallel``). Ring: K/V
 (kv heads only: GQA-aware) travel around the cp group while each rank attends its queries to the block in hand;
@@ -13,6 +14,12 @@ zig-zag every step costs every rank the same (``c`` = chunk length):
 Backward runs the ring again; dK/dV accumulate (fp32) on a buffer that travels with the K/V and reaches its owner
 after the last step. Ulysses swaps the sequence shard for a head shard with one all-to-all, runs ordinary attention
 over the full sequence, and swaps back; it needs the (tp-local) heads divisible by cp.
+All-gather (Llama 3, TE's ``AttnFuncWithCPAndKVAllGather``): every rank gathers the K/V (kv heads) of the whole
+sequence, each of its two query chunks ``j`` attends to chunks ``< j`` in full and to chunk ``j`` causally, and in
+backward the K/V are gathered again and dK/dV (fp32) reduce-scattered home: one layer's gathered K/V live only
+during its attention. a2a+p2p (``--hierarchical-context-parallel-sizes a b``): Ulysses over ``a`` adjacent cp ranks
+turns their zig-zag chunks into the zig-zag chunks of a ``2b``-chunk split, which the ring then runs over the ``b``
+ranks with the same index in their a2a group.
 Packed sequences (``document_ids``): the blocks also mask out pairs from different documents.
 """
 from __future__ import annotations
@@ -28,16 +35,38 @@ from megallama.model.block_attention import block_attention_backward, block_atte
 from megallama.mpu import context_parallel as cpc
 from megallama.mpu import parallel_state as ps
 
-COMM_TYPES = ("p2p", "a2a")
+COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
 _COMM_TYPE = "p2p"
+_HIERARCHICAL_GROUPS = None  # (a2a group, p2p group) of a2a+p2p
 
 
-def set_context_parallel_comm_type(comm_type: str) -> None:
-    """``p2p`` (ring attention, any head count) or ``a2a`` (Ulysses all-to-all, heads per tp rank % cp == 0)."""
-    global _COMM_TYPE
+def single_comm_type(value) -> str:
+    """--cp-comm-type as one string: Megatron's per-layer list is accepted when all its entries agree."""
+    if isinstance(value, str):
+        return value
+    if len(set(value)) != 1:
+        raise ConfigError(f"per-layer --cp-comm-type lists ({' '.join(value)}) are not supported; give one of "
+                          "p2p, a2a, allgather or a2a+p2p for all layers")
+    return value[0]
+
+
+def set_context_parallel_comm_type(comm_type, hierarchical_sizes=None) -> None:
+    """``p2p`` (ring attention, any head count), ``a2a`` (Ulysses all-to-all, heads per tp rank % cp == 0),
+    ``allgather`` (K/V all-gather, any head count) or ``a2a+p2p`` (with ``hierarchical_sizes`` [a2a, p2p], whose
+    product is cp; after ``initialize_model_parallel``, on every rank: it creates the sub-groups)."""
+    global _COMM_TYPE, _HIERARCHICAL_GROUPS
+    comm_type = single_comm_type(comm_type)
     if comm_type not in COMM_TYPES:
-        raise ConfigError(f"context-parallel communication {comm_type!r} is not one of {COMM_TYPES}; fix --cp-comm-type")
-    _COMM_TYPE = comm_type
+        raise ConfigError(f"context-parallel communication {comm_type!r} is not one of {COMM_TYPES}; "
+                          "fix --cp-comm-type")
+    _COMM_TYPE, _HIERARCHICAL_GROUPS = comm_type, None
+    if comm_type == "a2a+p2p":
+        cp = ps.get_context_parallel_world_size()
+        sizes = hierarchical_sizes
+        if sizes is None or len(sizes) != 2 or min(sizes) < 2 or math.prod(sizes) != cp:
+            raise ConfigError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B (a2a size, "
+                              f"p2p size), both >= 2, with A x B = --context-parallel-size {cp}; got {sizes}")
+        _HIERARCHICAL_GROUPS = cpc.new_hierarchical_groups(sizes[0])
 
 
 def get_context_parallel_comm_type() -> str:
@@ -61,6 +90,12 @@ def _ring_steps(ring, kv, docs_all, n: int, r: int):
         yield src, kv, (None if docs_all is None else docs_all[src])
         if pending is not None:
             kv = pending.wait()
+
+
+def _check_two_chunks(q):
+    if q.shape[1] % 2:
+        raise ConfigError(f"local sequence length {q.shape[1]} is odd; context parallelism needs 2 equal chunks "
+                          "per rank (--seq-length divisible by 2 x --context-parallel-size)")
 
 
 class _ZigZagRingAttention(torch.autograd.Function):
@@ -126,22 +161,87 @@ class _ZigZagRingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
+def _zigzag_attention(function, gather_docs, q, k, v, document_ids, scale, backend, group) -> torch.Tensor:
+    """Shared by the ring and the all-gather: [b, s, h, d] in and out, the documents gathered as ``function``
+    reads them."""
+    group = group if group is not None else ps.get_context_parallel_group()
+    _check_two_chunks(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    docs = None
+    if document_ids is not None:
+        document_ids = document_ids.to(q.device)
+        docs = gather_docs(document_ids, group)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    return function.apply(qh, kh, vh, document_ids, docs, scale, group, backend).transpose(1, 2)
+
+
 def ring_attention(q, k, v, document_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None,
                    backend: str = "auto", group=None) -> torch.Tensor:
     """Zig-zag ring attention. q: [b, 2c, hq, d], k/v: [b, 2c, hkv, d] (this rank's chunks ``r``, ``2cp-1-r``),
     ``document_ids`` [b, 2c] the local slice -> [b, 2c, hq, d]."""
-    group = group if group is not None else ps.get_context_parallel_group()
-    if q.shape[1] % 2:
-        raise ConfigError(f"local sequence length {q.shape[1]} is odd; context parallelism needs 2 equal chunks "
-                          "per rank (--seq-length divisible by 2 x --context-parallel-size)")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    docs_all = None
-    if document_ids is not None:
-        document_ids = document_ids.to(q.device)
-        docs_all = cpc.all_gather_cp(document_ids)
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    out = _ZigZagRingAttention.apply(qh, kh, vh, document_ids, docs_all, scale, group, backend)
-    return out.transpose(1, 2)
+    return _zigzag_attention(_ZigZagRingAttention, cpc.all_gather_cp, q, k, v, document_ids, scale, backend, group)
+
+
+def _rows(x, sl):
+    return None if x is None else x[:, sl]
+
+
+def _query_chunks(n: int, r: int, c: int):
+    """Per local query chunk: its slice of the local sequence and its (key slice, causal) blocks of the gathered
+    natural-order K/V: the earlier chunks in full (none for chunk 0), its own chunk causally."""
+    for half, j in enumerate((r, 2 * n - 1 - r)):
+        blocks = ([(slice(0, j * c), False)] if j else []) + [(slice(j * c, (j + 1) * c), True)]
+        yield slice(half * c, (half + 1) * c), blocks
+
+
+class _AllGatherKVAttention(torch.autograd.Function):
+    """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's zig-zag chunks), ``docs`` [b, 2cp*c] (natural order)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, doc, docs, scale, group, backend):
+        n, r, c = dist.get_world_size(group), dist.get_rank(group), q.shape[2] // 2
+        outs, lses = [], []
+        with _no_autocast(q.device.type):
+            kv = cpc.gather_zigzag(torch.stack((k, v)), dim=3, group=group)  # [2, b, hkv, 2cp*c, d]
+            for qs, blocks in _query_chunks(n, r, c):
+                out = lse = None
+                for ks, causal in blocks:
+                    o, l = block_attention_forward(q[:, :, qs], kv[0, :, :, ks], kv[1, :, :, ks], causal,
+                                                   _allowed(_rows(doc, qs), _rows(docs, ks)), scale, backend)
+                    out, lse = (o.float(), l) if out is None else merge_blocks(out, lse, o, l)
+                outs.append(out)
+                lses.append(lse)
+        out = torch.cat(outs, dim=2).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2), doc, docs)
+        ctx.scale, ctx.group, ctx.backend, ctx.n, ctx.r = scale, group, backend, n, r
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, doc, docs = ctx.saved_tensors
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        with _no_autocast(q.device.type):
+            kv = cpc.gather_zigzag(torch.stack((k, v)), dim=3, group=ctx.group)
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            for qs, blocks in _query_chunks(ctx.n, ctx.r, q.shape[2] // 2):
+                for ks, causal in blocks:
+                    dq_b, dk_b, dv_b = block_attention_backward(
+                        dout[:, :, qs], q[:, :, qs], kv[0, :, :, ks], kv[1, :, :, ks], out[:, :, qs],
+                        lse[:, :, qs].contiguous(), causal, _allowed(_rows(doc, qs), _rows(docs, ks)),
+                        ctx.scale, ctx.backend)
+                    dq[:, :, qs] += dq_b
+                    dkv[0, :, :, ks] += dk_b
+                    dkv[1, :, :, ks] += dv_b
+            dkv = cpc.reduce_scatter_zigzag(dkv, dim=3, group=ctx.group)  # summed over the ranks' queries
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+
+
+def allgather_attention(q, k, v, document_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                        backend: str = "auto", group=None) -> torch.Tensor:
+    """K/V all-gather context parallelism: q [b, 2c, hq, d], k/v [b, 2c, hkv, d] (this rank's zig-zag chunks),
+    ``document_ids`` [b, 2c] the local slice -> [b, 2c, hq, d]."""
+    return _zigzag_attention(_AllGatherKVAttention, lambda d, g: cpc.gather_zigzag(d, dim=1, group=g), q, k, v,
+                             document_ids, scale, backend, group)
 
 
 def _expand_kv_for_ulysses(k, v, hq: int, cp: int):
@@ -176,10 +276,40 @@ def ulysses_attention(q, k, v, document_ids: Optional[torch.Tensor] = None) -> t
     return cpc.heads_to_seq(out.index_select(1, inv))
 
 
+def _inner_to_outer_zigzag(n: int, c: int, device) -> torch.Tensor:
+    """Positions, in the a2a output (the ``n`` inner ranks' chunks ``(i, 2cp-1-i)`` in rank order), of the outer
+    ring's zig-zag layout: the inner ranks' early chunks in rank order, then their late chunks in reverse."""
+    early = [torch.arange(2 * i * c, (2 * i + 1) * c, device=device) for i in range(n)]
+    late = [torch.arange((2 * i + 1) * c, (2 * i + 2) * c, device=device) for i in reversed(range(n))]
+    return torch.cat(early + late)
+
+
+def hierarchical_attention(q, k, v, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a2a+p2p: Ulysses over the a2a group, the zig-zag ring over the p2p group, Ulysses back (bshd layout)."""
+    a2a, p2p = _HIERARCHICAL_GROUPS
+    n, hq = dist.get_world_size(a2a), q.shape[2]
+    if hq % n:
+        raise ConfigError(f"--cp-comm-type a2a+p2p needs the {hq} attention heads per tensor-parallel rank to be "
+                          f"divisible by the a2a size {n} of --hierarchical-context-parallel-sizes; use p2p")
+    k, v = _expand_kv_for_ulysses(k, v, hq, n)
+    perm = _inner_to_outer_zigzag(n, q.shape[1] // 2, q.device)
+    qf, kf, vf = (cpc.seq_to_heads(t, a2a).index_select(1, perm) for t in (q, k, v))
+    docs = None
+    if document_ids is not None:
+        gathered = cpc.all_gather_cp(document_ids.to(q.device), a2a)  # [n, b, 2c]
+        docs = gathered.transpose(0, 1).reshape(q.shape[0], -1).index_select(1, perm)
+    out = ring_attention(qf, kf, vf, docs, group=p2p)
+    return cpc.heads_to_seq(out.index_select(1, torch.argsort(perm)), a2a)
+
+
 def context_parallel_attention(q, k, v, document_ids: Optional[torch.Tensor] = None,
                                comm_type: Optional[str] = None) -> torch.Tensor:
     """Causal GQA attention of this cp rank's zig-zag chunks (bshd layout, like ``core_attention``)."""
     comm_type = comm_type or _COMM_TYPE
     if comm_type == "a2a":
         return ulysses_attention(q, k, v, document_ids)
+    if comm_type == "allgather":
+        return allgather_attention(q, k, v, document_ids)
+    if comm_type == "a2a+p2p":
+        return hierarchical_attention(q, k, v, document_ids)
     return ring_attention(q, k, v, document_ids)

@@ -1,4 +1,5 @@
-"""Context parallelism, the communication half: zig-zag sequence sharding, the K/V ring, the Ulysses all-to-all.
+"""Context parallelism, the communication half: zig-zag sequence sharding, the K/V ring, the Ulysses all-to-all,
+the K/V all-gather (and its reduce-scatter), the hierarchical (a2a inside, p2p across) sub-groups.
 
 The sequence of every sample is cut into ``2*cp`` equal chunks and cp rank ``r`` holds chunks ``r`` and
 ``2*cp-1-r`` (zig-zag): under a causal mask every rank then has the same amount of attention work (an early chunk
@@ -10,6 +11,7 @@ token count of the whole sequence (all cp ranks): :func:`cp_mean_loss`.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict
 
 import torch
@@ -17,7 +19,7 @@ import torch.distributed as dist
 
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.mpu.mappings import all_to_all
+from megallama.mpu.mappings import _ALL_GATHER, _REDUCE_SCATTER, all_to_all
 
 
 def _cp_group(group=None):
@@ -114,21 +116,71 @@ class RingExchange:
         return _Exchange(dist.batch_isend_irecv(ops), recv)
 
 
-def all_gather_cp(x: torch.Tensor) -> torch.Tensor:
+def all_gather_cp(x: torch.Tensor, group=None) -> torch.Tensor:
     """[cp, *x.shape]: every cp rank's ``x`` (no autograd; for index tensors such as document ids)."""
-    cp = ps.get_context_parallel_world_size()
+    cp = ps.get_context_parallel_world_size() if group is None else dist.get_world_size(group)
+    group = _cp_group(group)
     if cp == 1:
         return x.unsqueeze(0)
     out = torch.empty((cp,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=ps.get_context_parallel_group())
+    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=group)
     return out
+
+
+# ---------------------------------------------------------------- the K/V all-gather (Llama 3's variant)
+def _rank_major_order(seq_len: int, cp: int, device) -> torch.Tensor:
+    """Natural positions of the ranks' local sequences concatenated in rank order."""
+    return torch.cat([zigzag_indices(seq_len, cp, r, device) for r in range(cp)])
+
+
+def gather_zigzag(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """The cp ranks' zig-zag shares of ``x`` (split along ``dim``) all-gathered into natural sequence order.
+    No autograd: the all-gather attention calls it in forward and again in backward, so the gathered K/V live
+    during one layer's attention only."""
+    group = _cp_group(group)
+    n, dim = dist.get_world_size(group), dim % x.dim()
+    x = x.contiguous()
+    buf = torch.empty((n,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    _ALL_GATHER(buf.flatten(0, 1), x, group=group)
+    rank_major = buf.movedim(0, dim).flatten(dim, dim + 1)
+    return rank_major.index_select(dim, zigzag_to_natural(rank_major.shape[dim], n, device=x.device))
+
+
+def reduce_scatter_zigzag(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """Adjoint of :func:`gather_zigzag`: ``x`` (natural order, full sequence) summed over the cp ranks, each
+    keeping its zig-zag share (dK/dV of the all-gather attention)."""
+    group = _cp_group(group)
+    n, dim = dist.get_world_size(group), dim % x.dim()
+    rank_major = x.index_select(dim, _rank_major_order(x.shape[dim], n, x.device))
+    chunks = rank_major.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()
+    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
+    _REDUCE_SCATTER(out, chunks.flatten(0, 1), group=group)
+    return out
+
+
+# ---------------------------------------------------------------- hierarchical cp: a2a inside, p2p across
+def new_hierarchical_groups(inner: int):
+    """(a2a group, p2p group) of this rank for ``--hierarchical-context-parallel-sizes inner outer``, Megatron's
+    layout: ``inner`` adjacent cp ranks form an a2a group, the cp ranks with the same index inside theirs form a
+    p2p group. Every rank creates every group (``new_group`` is collective), in the same order."""
+    grid, me = ps._grid(), dist.get_rank()
+    a2a = p2p = None
+    for pp, dp, tp in itertools.product(range(grid.pp), range(grid.dp), range(grid.tp)):
+        cp_ranks = [grid.rank_of(pp, dp, c, tp) for c in range(grid.cp)]
+        for ranks in (cp_ranks[i:i + inner] for i in range(0, grid.cp, inner)):
+            group = dist.new_group(ranks)
+            a2a = group if me in ranks else a2a
+        for ranks in (cp_ranks[i::inner] for i in range(inner)):
+            group = dist.new_group(ranks)
+            p2p = group if me in ranks else p2p
+    return a2a, p2p
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all
 def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
     """[b, s/cp, h, d] (this rank's tokens, all heads) -> [b, s, h/cp, d] (all ranks' tokens in rank order,
     this rank's block of heads). Differentiable; the backward is :func:`heads_to_seq`."""
-    cp = ps.get_context_parallel_world_size()
+    cp = dist.get_world_size(_cp_group(group))
     b, s, h, d = x.shape
     if h % cp:
         raise ConfigError(f"all-to-all context parallelism needs the {h} heads per rank to be divisible "
@@ -139,7 +191,7 @@ def seq_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
 
 def heads_to_seq(x: torch.Tensor, group=None) -> torch.Tensor:
     """Inverse of :func:`seq_to_heads`: [b, s, h/cp, d] -> [b, s/cp, h, d]."""
-    cp = ps.get_context_parallel_world_size()
+    cp = dist.get_world_size(_cp_group(group))
     b, S, h, d = x.shape
     y = all_to_all(x.reshape(b, cp, S // cp, h, d).permute(1, 0, 2, 3, 4), _cp_group(group))  # [src heads, b, s, h, d]
     return y.permute(1, 2, 0, 3, 4).reshape(b, S // cp, cp * h, d)

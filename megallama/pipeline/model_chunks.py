@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 
 from megallama.config import ModelConfig
+from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.pipeline.partition import costs_from_config, partition_layers, virtual_chunks
 from megallama.pipeline.schedules import chunk_parts, normalize_schedule_name
@@ -24,6 +25,10 @@ def model_parts(config: ModelConfig, num_stages: int, schedule: str, num_layers_
     name = normalize_schedule_name(schedule)
     L = config.num_layers
     if name == "interleaved" and num_stages > 1:
+        pinned = [f for f, n in (("first", first_stage_num_layers), ("last", last_stage_num_layers)) if n is not None]
+        if pinned:  # Megatron refuses them with --num-layers-per-virtual-pipeline-stage too; never drop them
+            raise ConfigError(f"--decoder-{pinned[0]}-pipeline-num-layers cannot be combined with the interleaved "
+                              "schedule (its virtual stages are equal chunks here); drop one of them")
         v = virtual_chunks(L, num_stages, num_layers_per_virtual_stage)
         n = L // (num_stages * v)
         return [list(range(k * n, (k + 1) * n)) for k in range(num_stages * v)]

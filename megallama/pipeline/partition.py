@@ -112,8 +112,9 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
         raise ConfigError(f"pipeline stages ({num_stages}) and virtual chunks ({num_chunks}) must be >= 1")
     if num_layers < P:
         what = f"{num_stages} pipeline stages" + (f" x {num_chunks} virtual chunks" if num_chunks > 1 else "")
+        fix = " (or raise --num-layers-per-virtual-pipeline-stage)" if num_chunks > 1 else " or raise --num-layers"
         raise ConfigError(f"cannot split {num_layers} layers over {what}: every part needs at least one layer; "
-                          "lower --pipeline-model-parallel-size (or raise --num-layers-per-virtual-pipeline-stage)")
+                          f"lower --pipeline-model-parallel-size{fix}")
     pinned = {}
     for name, val, k in (("first", first_stage_num_layers, 0), ("last", last_stage_num_layers, P - 1)):
         if val is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megallama.config import ModelConfig
 from megallama.model import build_model
 from megallama.model.context_parallel import set_context_parallel_comm_type
 from megallama.mpu import allreduce_sequence_parallel_gradients
 from megallama.mpu import parallel_state as ps
-from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank
+from megallama.mpu.context_parallel import cp_mean_loss, get_batch_on_this_cp_rank, zigzag_indices
 
 # 4 heads, 2 kv heads (GQA), head_dim 16; seq 32 = 8 zig-zag chunks of 4 at cp=4.
 CFG = ModelConfig(name="cp-tiny", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
@@ -69,11 +70,11 @@ def gather_tp(t: torch.Tensor, param) -> torch.Tensor:
 
 
 def cp_run(tp: int, cp: int, comm_type: str = "p2p", sequence_parallel: bool = False, documents: bool = False,
-           recompute: bool = False, cfg: ModelConfig = CFG) -> dict:
+           recompute: bool = False, cfg: ModelConfig = CFG, hierarchical=None) -> dict:
     """This rank's share of the batch through the cp model; grads averaged over cp as the DDP does (dp x cp),
     the loss averaged over cp for logging."""
     ps.initialize_model_parallel(tp, 1, context_parallel_size=cp)
-    set_context_parallel_comm_type(comm_type)
+    set_context_parallel_comm_type(comm_type, hierarchical)
     try:
         batch = get_batch_on_this_cp_rank(make_batch(0, documents))
         model = build_model(cfg, seed=SEED, sequence_parallel=sequence_parallel)
@@ -117,10 +118,11 @@ def reference_training(steps: int) -> list:
     return losses, {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def zero_training(zero_stage: int, cp: int, steps: int):
+def zero_training(zero_stage: int, cp: int, steps: int, comm_type: str = "p2p", hierarchical=None):
     """dp x cp ranks with our DDP (default group: dp x cp) and distributed optimizer."""
     from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_megatron_optimizer
     ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    set_context_parallel_comm_type(comm_type, hierarchical)
     try:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         ddp = DistributedDataParallel(build_model(CFG, seed=SEED), zero_stage=zero_stage)
@@ -143,4 +145,56 @@ def zero_training(zero_stage: int, cp: int, steps: int):
             losses.append(val.item() / (dp * cp))
         return losses, {k: v.detach().numpy() for k, v in ddp.state_dict().items()}
     finally:
+        set_context_parallel_comm_type("p2p")
         ps.destroy_model_parallel()
+
+
+def attention_errors(rank: int, world: int, variants: dict):
+    """Each of ``variants`` ({name: fn(q, k, v, document_ids=)}) on this rank's zig-zag chunks of a GQA batch,
+    with and without packed documents, against full causal attention in fp64: ({(name, documents): the largest
+    relative error of the output and the q/k/v gradients}, (q, k, v, this rank's indices))."""
+    from dist_utils import rel_err
+    b, s, hq, hkv, d = 2, 16, 4, 2, 8
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(b, s, h, d, generator=g) for h in (hq, hkv, hkv))
+    dout = torch.randn(b, s, hq, d, generator=g)
+    docs = torch.tensor([[0] * 3 + [1] * 9 + [2] * 4, [0] * 11 + [1] * 5])
+    idx = zigzag_indices(s, world, rank)
+    out = {}
+    for documents in (False, True):
+        qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
+        same = docs[:, :, None] == docs[:, None, :]
+        mask = torch.ones(s, s, dtype=torch.bool).tril() & same if documents else \
+            torch.ones(s, s, dtype=torch.bool).tril()[None]
+        ref = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.repeat_interleave(2, 2).transpose(1, 2),
+                                             vr.repeat_interleave(2, 2).transpose(1, 2),
+                                             attn_mask=mask[:, None]).transpose(1, 2)
+        ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
+        for name, fn in variants.items():
+            ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
+            o = fn(ql, kl, vl, document_ids=docs[:, idx] if documents else None)
+            o.backward(dout[:, idx])
+            errs = [rel_err(o, ref[:, idx])] + [rel_err(t.grad, rg[:, idx]) for t, rg in zip((ql, kl, vl), ref_grads)]
+            out[(name, documents)] = max(errs)
+    return out, (q, k, v, idx)
+
+
+def assert_same_as_one_process(got: dict, ref: dict, rank: int) -> None:
+    """A cp run's {"loss", "grads"} against the one-process oracle's, to TOL (relative; relative norm)."""
+    from dist_utils import rel_err
+    assert abs(got["loss"] - ref["loss"]) / abs(ref["loss"]) < TOL, (rank, got["loss"], ref["loss"])
+    assert set(got["grads"]) == set(ref["grads"])
+    for pname, g in ref["grads"].items():
+        e = rel_err(torch.from_numpy(got["grads"][pname]), torch.from_numpy(g))
+        assert e < TOL, (rank, pname, e)
+
+
+def assert_training_same_as_one_process(got, ref, rank: int) -> None:
+    """(losses, params) of a cp training run against ``reference_training``'s, to TOL."""
+    from dist_utils import rel_err
+    (losses, params), (ref_losses, ref_params) = got, ref
+    for step, (l, rl) in enumerate(zip(losses, ref_losses)):
+        assert abs(l - rl) / abs(rl) < TOL, (rank, step, l, rl)
+    for pname, p in ref_params.items():
+        e = rel_err(torch.from_numpy(params[pname]), torch.from_numpy(p))
+        assert e < TOL, (rank, pname, e)

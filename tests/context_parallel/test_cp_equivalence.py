@@ -12,11 +12,9 @@ Two spawns (2 and 4 ranks) run every layout in turn, on a tiny GQA Llama (4 head
 """
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import cp_harness as H
-from dist_utils import rel_err, run_distributed
+from dist_utils import run_distributed
 from megallama.errors import ConfigError
 from megallama.model.context_parallel import ring_attention, ulysses_attention
 from megallama.mpu import parallel_state as ps
@@ -44,31 +42,10 @@ def _attention_cases(rank, world):
     ps.initialize_model_parallel(1, 1, context_parallel_size=world)
     out = {}
     try:
-        b, s, hq, hkv, d = 2, 16, 4, 2, 8
-        g = torch.Generator().manual_seed(9)
-        q, k, v = (torch.randn(b, s, h, d, generator=g) for h in (hq, hkv, hkv))
-        dout = torch.randn(b, s, hq, d, generator=g)
-        docs = torch.tensor([[0] * 3 + [1] * 9 + [2] * 4, [0] * 11 + [1] * 5])
-        idx = zigzag_indices(s, world, rank)
-        for documents in (False, True):
-            qr, kr, vr = (t.clone().double().requires_grad_() for t in (q, k, v))
-            same = docs[:, :, None] == docs[:, None, :]
-            mask = torch.ones(s, s, dtype=torch.bool).tril() & same if documents else \
-                torch.ones(s, s, dtype=torch.bool).tril()[None]
-            ref = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.repeat_interleave(2, 2).transpose(1, 2),
-                                                 vr.repeat_interleave(2, 2).transpose(1, 2),
-                                                 attn_mask=mask[:, None]).transpose(1, 2)
-            ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
-            variants = {"ring_math": lambda *a, **kw: ring_attention(*a, backend="math", **kw),
-                        "ring_sdpa_cpu": lambda *a, **kw: ring_attention(*a, backend="sdpa_cpu", **kw),
-                        "ulysses": ulysses_attention}
-            for name, fn in variants.items():
-                ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
-                o = fn(ql, kl, vl, document_ids=docs[:, idx] if documents else None)
-                o.backward(dout[:, idx])
-                errs = [rel_err(o, ref[:, idx])] + [rel_err(t.grad, rg[:, idx])
-                                                     for t, rg in zip((ql, kl, vl), ref_grads)]
-                out[(name, documents)] = max(errs)
+        variants = {"ring_math": lambda *a, **kw: ring_attention(*a, backend="math", **kw),
+                    "ring_sdpa_cpu": lambda *a, **kw: ring_attention(*a, backend="sdpa_cpu", **kw),
+                    "ulysses": ulysses_attention}
+        out, (q, k, v, idx) = H.attention_errors(rank, world, variants)
         if world == 4:  # 2 heads cannot be split over 4 ranks: a one-line error naming the fix
             try:
                 ulysses_attention(q[:, idx, :2], k[:, idx], v[:, idx])
@@ -107,11 +84,6 @@ def runs():
 
 
 @pytest.fixture(scope="module")
-def references():
-    return {docs: H.reference(docs) for docs in (False, True)}
-
-
-@pytest.fixture(scope="module")
 def reference_training():
     return H.reference_training(STEPS)
 
@@ -133,21 +105,10 @@ def test_model_loss_and_grads_equal_one_process(runs, references, name):
     world, docs = MODEL_CASES[name][0], MODEL_CASES[name][5]
     ref = references[docs]
     for rank, res in runs[world].items():
-        got = res["model"][name]
-        assert abs(got["loss"] - ref["loss"]) / abs(ref["loss"]) < TOL, (rank, got["loss"], ref["loss"])
-        assert set(got["grads"]) == set(ref["grads"])
-        for pname, g in ref["grads"].items():
-            e = rel_err(torch.from_numpy(got["grads"][pname]), torch.from_numpy(g))
-            assert e < TOL, (rank, pname, e)
+        H.assert_same_as_one_process(res["model"][name], ref, rank)
 
 
 @pytest.mark.parametrize("stage", ZERO_STAGES)
 def test_zero_training_over_dp_x_cp_equals_one_process(runs, reference_training, stage):
-    ref_losses, ref_params = reference_training
     for rank, res in runs[4].items():
-        losses, params = res["zero"][stage]
-        for step, (l, rl) in enumerate(zip(losses, ref_losses)):
-            assert abs(l - rl) / abs(rl) < TOL, (rank, step, l, rl)
-        for name, p in ref_params.items():
-            e = rel_err(torch.from_numpy(params[name]), torch.from_numpy(p))
-            assert e < TOL, (rank, name, e)
+        H.assert_training_same_as_one_process(res["zero"][stage], reference_training, rank)

@@ -61,7 +61,7 @@ def test_auto_backend_on_cuda():
 
 
 def _ring_check(rank, world):
-    from megallama.model.context_parallel import ring_attention
+    from megallama.model.context_parallel import allgather_attention, ring_attention
     from megallama.mpu import parallel_state as ps
     from megallama.mpu.context_parallel import zigzag_indices
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -79,14 +79,15 @@ def _ring_check(rank, world):
             enable_gqa=True).transpose(1, 2)
         ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.float())
         idx = zigzag_indices(s, world, rank, device=dev)
-        ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
-        out = ring_attention(ql, kl, vl)
-        out.backward(dout[:, idx])
-        for name, a, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
-                              (ref,) + tuple(ref_grads)):
-            e = rel_err(a, r[:, idx])
-            if e > tol:
-                errors.append(f"rank {rank} {dtype} {name}: rel err {e:.2e}")
+        for variant, fn in (("ring", ring_attention), ("allgather", allgather_attention)):
+            ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
+            out = fn(ql, kl, vl)
+            out.backward(dout[:, idx])
+            for name, a, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
+                                  (ref,) + tuple(ref_grads)):
+                e = rel_err(a, r[:, idx])
+                if e > tol:
+                    errors.append(f"rank {rank} {variant} {dtype} {name}: rel err {e:.2e}")
     ps.destroy_model_parallel()
     return errors
 

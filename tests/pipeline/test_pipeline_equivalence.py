@@ -31,13 +31,17 @@ class Case:
     forward_only: bool = False
     zero_stage: Optional[int] = None  # wrap the chunks in the project's DDP/ZeRO (grads checked in its shards)
     overlap: bool = False  # DDP's overlap_grad_reduce: buckets reduce as soon as their last grads arrive
+    first: Optional[int] = None  # uneven stages: --decoder-first/last-pipeline-num-layers (what Megatron's
+    last: Optional[int] = None  # --account-for-embedding/loss-in-pipeline-split and a layout become)
 
     @property
     def id(self):
         return (f"{self.schedule}-pp{self.pp}" + (f"-tp{self.tp}" if self.tp > 1 else "") + ("-sp" if self.sp else "")
                 + ("-tied" if self.tied else "") + (f"-{self.step}" if self.step != "per_token" else "")
                 + ("-eval" if self.forward_only else "") + (f"-zero{self.zero_stage}" if self.zero_stage is not None
-                                                             else "") + ("-overlap" if self.overlap else ""))
+                                                             else "") + ("-overlap" if self.overlap else "")
+                + (f"-L{self.layers}" if self.first or self.last else "")
+                + (f"-first{self.first}" if self.first else "") + (f"-last{self.last}" if self.last else ""))
 
 
 def _run_cases(rank, world, cases):
@@ -49,7 +53,8 @@ def _run_cases(rank, world, cases):
             layout = (case.tp, case.pp)
         cfg = tiny_config(case.layers, case.tied)
         chunks = build_model_chunks(cfg, seed=SEED, sequence_parallel=case.sp, schedule=case.schedule,
-                                    num_layers_per_virtual_stage=case.layers_per_virtual_stage)
+                                    num_layers_per_virtual_stage=case.layers_per_virtual_stage,
+                                    first_stage_num_layers=case.first, last_stage_num_layers=case.last)
         dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         M = case.microbatches
         data = iter(make_batches(M * dp, cfg.vocab_size)[dpr * M:(dpr + 1) * M])
@@ -78,7 +83,10 @@ def _run_cases(rank, world, cases):
 
 TWO = [Case("1f1b", 2), Case("gpipe", 2, tied=True), Case("interleaved", 2, tied=True, layers_per_virtual_stage=1),
        Case("chimera", 2, tied=True), Case("chimera", 2), Case("zb-h1", 2), Case("1f1b", 2, tied=True, step="fused"),
-       Case("interleaved", 2, layers_per_virtual_stage=1, microbatches=3, forward_only=True)]
+       Case("interleaved", 2, layers_per_virtual_stage=1, microbatches=3, forward_only=True),
+       # uneven stages, every non-interleaved schedule (interleaved cuts equal chunks)
+       Case("1f1b", 2, layers=5, first=1), Case("gpipe", 2, tied=True, first=3), Case("zb-h1", 2, layers=5, last=1),
+       Case("chimera", 2, layers=5, tied=True, first=2)]
 FOUR = [Case("1f1b", 4, layers=8, microbatches=6, tied=True), Case("gpipe", 4, layers=8, microbatches=6),
         Case("interleaved", 4, layers=8, microbatches=6, tied=True, layers_per_virtual_stage=1),
         Case("chimera", 4, layers=8, microbatches=6, tied=True), Case("zb-h1", 4, layers=8, microbatches=6),
@@ -90,7 +98,12 @@ FOUR = [Case("1f1b", 4, layers=8, microbatches=6, tied=True), Case("gpipe", 4, l
         Case("chimera", 2, tied=True, zero_stage=3),
         # ZB-H1's last B and last W both reduce (the grads B gives, then the queued weight grads)
         Case("zb-h1", 2, tied=True, zero_stage=0, overlap=True), Case("zb-h1", 2, zero_stage=1, overlap=True),
-        Case("zb-h1", 2, tied=True, zero_stage=3, overlap=True)]
+        Case("zb-h1", 2, tied=True, zero_stage=3, overlap=True),
+        # uneven stages at pp 4 ([1, 3, 3, 1]: both ends accounted for; [3, ...]; [..., 3]; 7 layers, [1, 2, 2, 2])
+        Case("1f1b", 4, layers=8, microbatches=6, tied=True, first=1, last=1),
+        Case("zb-h1", 4, layers=8, microbatches=6, first=3), Case("chimera", 4, layers=8, microbatches=6, tied=True,
+                                                                   last=3),
+        Case("gpipe", 4, layers=7, microbatches=6, first=1)]
 
 
 @pytest.fixture(scope="module")
