@@ -209,6 +209,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     bar = ProgressBar(args.train_iters, start_iter, enabled=is_rank_0() and not args.no_progress_bar)
     tokens_per_iter = args.global_batch_size * args.seq_length
     moe_cfg = moe_flops_config(args)
+    get_moe_stats().reset()  # nothing another run in this process (a test, the API) left in the MoE tally
     flops_tok, peak = flops_per_token(args.model_config, args.seq_length, moe_cfg), device_peak_flops(device)
     report_memory_flag = True  # Megatron's: the memory report at the first logged steps (CUDA)
     if args.log_memory_to_tensorboard and device.type != "cuda":
@@ -339,7 +340,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             if comm:
                 logger.scalars(step, {"comm/grad_bytes_per_step": comm["bytes_per_step"],
                                       "comm/compression_ratio": comm["compression_ratio"]})
-            if moe:
+            if moe and moe_cfg is not None:
                 logger.scalars(step, moe_scalars(moe_cfg, moe))
             logger.scalars(step, {"tokens-per-second": tps, "mfu": vals["MFU"]})
             if args.log_timers_to_tensorboard:

@@ -43,3 +43,13 @@ def test_log_memory_to_tensorboard_on_cpu_says_there_is_nothing_to_write(tmp_pat
     assert "--log-memory-to-tensorboard writes the CUDA allocator's counters; on CPU there are none" in \
         capsys.readouterr().err
     assert not [t for t in _events(tmp_path / "tb") if t.startswith("mem-")]
+
+
+def test_a_dense_run_after_moe_work_in_the_same_process_logs_no_moe(tmp_path, capsys):
+    """The MoE tally is process-wide: what a MoE model left in it (a test, an API call) was reported, and crashed
+    the TensorBoard tags, in the next dense run's first log line."""
+    from megallama.model.moe_stats import get_moe_stats
+    get_moe_stats().record(0, torch.tensor([3.0, 5.0]), torch.tensor(0.1), torch.tensor(0.0))
+    _run(tmp_path / "tb", ["--eval-interval", "0"])
+    lines = _log_lines(capsys.readouterr().out)
+    assert lines and not any("moe" in ln for ln in lines)
