@@ -82,15 +82,14 @@ def check_wandb_installed(args) -> None:
 
 
 class TrainingLogger:
-    """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere. --wandb-project without wandb
-    installed is refused on every rank (before a long run that would log nowhere); a W&B that does not start stops
-    the run with one line, as Megatron's does."""
+    """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere. A missing wandb is refused
+    before (``check_wandb_installed``, every rank, before the data and model are built); a W&B that does not start
+    stops the run with one line, as Megatron's does."""
 
     def __init__(self, args, enabled: bool):
         self.enabled = enabled
         self.writer = None
         self.wandb = None
-        check_wandb_installed(args)
         if not enabled:
             return
         if args.tensorboard_dir:

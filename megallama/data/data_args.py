@@ -121,10 +121,5 @@ def _read(path: str, flag: str) -> str:
 
 def corpus_exists(data: str) -> bool:
     """What the dataset builders open: a (jsonl) file, or a .bin/.idx prefix (or either file of the pair)."""
-    from megallama.data.indexed_dataset import IndexedDataset
-    if os.path.isfile(data) and not data.endswith((".bin", ".idx")):
-        return True
-    for suffix in (".bin", ".idx"):
-        if data.endswith(suffix) and IndexedDataset.exists(data[: -len(suffix)]):
-            return True
-    return IndexedDataset.exists(data)
+    from megallama.data.gpt_dataset import existing_prefix
+    return (os.path.isfile(data) and not data.endswith((".bin", ".idx"))) or existing_prefix(data) is not None

@@ -202,14 +202,20 @@ def tokenize_jsonl_cached(path: str, tokenizer, cache_dir: str | None = None, wo
     return prefix
 
 
-def _resolve_prefix(data: str, tokenizer, cache_dir, progress: bool) -> str:
-    if data.endswith(_JSONL_SUFFIXES):
-        return tokenize_jsonl_cached(data, tokenizer, cache_dir, progress=progress)
+def existing_prefix(data: str) -> str | None:
+    """The .bin/.idx prefix ``data`` names (the prefix itself or either file of the pair); None when there is none."""
     for suffix in (".bin", ".idx"):
         if data.endswith(suffix) and IndexedDataset.exists(data[: -len(suffix)]):
             return data[: -len(suffix)]
-    if IndexedDataset.exists(data):
-        return data
+    return data if IndexedDataset.exists(data) else None
+
+
+def _resolve_prefix(data: str, tokenizer, cache_dir, progress: bool) -> str:
+    if data.endswith(_JSONL_SUFFIXES):
+        return tokenize_jsonl_cached(data, tokenizer, cache_dir, progress=progress)
+    prefix = existing_prefix(data)
+    if prefix is not None:
+        return prefix
     if os.path.isfile(data):  # a jsonl under another name
         return tokenize_jsonl_cached(data, tokenizer, cache_dir, progress=progress)
     raise ConfigError(f"data not found: {data}; pass an existing .jsonl file or the prefix of a .bin/.idx pair "

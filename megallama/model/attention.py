@@ -69,7 +69,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both
         if kv_cache is not None:
             out = kv_cache.attention(self.layer_number, q, k, v)
-        elif self.recompute_core_attention and torch.is_grad_enabled():
+        elif self.recompute_core_attention:
             from megallama.model.recompute import checkpointed
             out = checkpointed(lambda q_, k_, v_: self._core(q_, k_, v_, document_ids), q, k, v)
         else:

@@ -51,12 +51,12 @@ class LlamaDecoderLayer(nn.Module):
             ck = CheckpointWithoutOutput()
             return ck.checkpoint(norm, x), ck
         if self.recompute_norm:
-            from torch.utils.checkpoint import checkpoint
-            return checkpoint(norm, x, use_reentrant=False), None
+            from megallama.model.recompute import checkpointed
+            return checkpointed(norm, x), None
         return norm(x), None
 
     def _mlp(self, x):
-        if self.recompute_mlp and torch.is_grad_enabled():
+        if self.recompute_mlp:
             from megallama.model.recompute import checkpointed
             return checkpointed(self.mlp, x)
         return self.mlp(x)

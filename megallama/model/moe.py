@@ -242,11 +242,9 @@ class MoELayer(nn.Module):
         else:
             y = mappings.reduce_from_tensor_model_parallel_region(y)
         y = y.reshape(shape)
-        if self.shared_experts is not None and self.recompute_shared_experts and torch.is_grad_enabled():
+        if self.shared_experts is not None:
             from megallama.model.recompute import checkpointed
-            y = y + checkpointed(self.shared_experts, x)
-        elif self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + (checkpointed(self.shared_experts, x) if self.recompute_shared_experts else self.shared_experts(x))
         if aux is not None and aux.requires_grad:
             y = attach_aux_loss(y, aux)
         return y

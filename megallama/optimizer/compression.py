@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from megallama.errors import ConfigError
 from megallama.ops import compression as kernels
+from megallama.optimizer.distributed import hook_reduces
 from megallama.optimizer.param_and_grad_buffer import all_gather_into_tensor
 
 METHODS = ("none", "powersgd", "onebit", "topk")
@@ -105,12 +106,6 @@ def zero_stage_error(method: str, stage: int) -> ConfigError:
                        "sharding gradients; use --zero-stage 1 (optimizer state sharded, compressed gradients)")
 
 
-def compressed_bucket(bucket) -> bool:
-    """Whether the comm hook reduces ``bucket`` (DistributedDataParallel._launch_allreduce's rule): every dense
-    bucket; MoE expert buckets under expert parallelism go exact over the expert-data-parallel group."""
-    return not bucket.comm.expert
-
-
 def collective_bytes(kind: str, nbytes: float, world: int) -> float:
     """Bytes one rank sends in a bandwidth-optimal (ring) collective; ``nbytes``: its buffer (all_gather: its part)."""
     if world <= 1:
@@ -159,7 +154,7 @@ class GradientCompressor:
         # MoE expert buckets (ep > 1) are reduced exact over the expert-data-parallel group: the hook never sees
         # them, but their bytes are part of what a step sends (and of what plain DDP would send).
         self.exact_bytes = sum(collective_bytes(ddp_collective(ddp), b.numel * ddp.grad_buffer.element_size(),
-                                                b.comm.size) for b in ddp.layout.buckets if not compressed_bucket(b))
+                                                b.comm.size) for b in ddp.layout.buckets if not hook_reduces(b))
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -222,7 +217,7 @@ class GradientCompressor:
 
     def num_compressed(self) -> int:
         """How many of this chunk's parameters the compressed messages carry (the rest go exact)."""
-        return sum(len(b.params) for b in self.ddp.layout.buckets if compressed_bucket(b))
+        return sum(len(b.params) for b in self.ddp.layout.buckets if hook_reduces(b))
 
     def summary(self, comps: Sequence["GradientCompressor"]) -> str:
         n = sum(c.num_compressed() for c in comps)
@@ -312,7 +307,7 @@ def describe(comps: Sequence[GradientCompressor]) -> List[str]:
         else "")
     lines = [f"gradient compression {c.method}: {exact}, then {comps[0].summary(comps)}"]
     experts = [comp.ddp.shapes[p].numel() for comp in comps for b in comp.ddp.layout.buckets
-               if not compressed_bucket(b) for p in b.params]
+               if not hook_reduces(b) for p in b.params]
     if experts:
         lines.append(f"gradient compression {c.method}: the {len(experts)} MoE expert parameters ({sum(experts)} "
                      "elements) are reduced exact over the expert-data-parallel group (not compressed)"

@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megallama.optimizer.compression import GradientCompressor, compressed_bucket
+from megallama.optimizer.compression import GradientCompressor
+from megallama.optimizer.distributed import hook_reduces
 
 
 def powersgd_round(mats: Sequence[torch.Tensor], qs: Sequence[torch.Tensor],
@@ -72,12 +73,12 @@ class PowerSGDCompressor(GradientCompressor):
         return groups, dense
 
     def num_compressed(self) -> int:
-        return sum(len(offs) for b in self.ddp.layout.buckets if compressed_bucket(b)
+        return sum(len(offs) for b in self.ddp.layout.buckets if hook_reduces(b)
                    for offs in self.plan(b)[0].values())
 
     def summary(self, comps) -> str:
         n = sum(c.num_compressed() for c in comps)
-        total = sum(len(b.params) for c in comps for b in c.ddp.layout.buckets if compressed_bucket(b))
+        total = sum(len(b.params) for c in comps for b in c.ddp.layout.buckets if hook_reduces(b))
         c = self.config
         return (f"rank-{c.rank} products for {n} of {total} parameters (1-D ones and matrices rank {c.rank} would "
                 f"not shrink {c.min_compression_rate:g}x are sent exact)")

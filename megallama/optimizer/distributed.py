@@ -79,6 +79,12 @@ def finish_param_sync(model_chunks) -> None:
             chunk.finish_param_sync()
 
 
+def hook_reduces(bucket) -> bool:
+    """Whether a registered comm hook (gradient compression) reduces ``bucket``: every dense bucket; MoE expert
+    buckets under expert parallelism go exact over the expert-data-parallel group."""
+    return not bucket.comm.expert
+
+
 class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, zero_stage: int = 0, data_parallel_group=None,
                  bucket_size: Optional[int] = 40_000_000, overlap_grad_reduce: bool = False,
@@ -254,7 +260,7 @@ class DistributedDataParallel(nn.Module):
 
     def _launch_allreduce(self, b, async_op: bool) -> None:
         data = self.grad_buffer[b.offset:b.offset + b.numel]
-        if self.comm_hook is not None and not b.comm.expert and self._run_comm_hook(b, data, async_op):
+        if self.comm_hook is not None and hook_reduces(b) and self._run_comm_hook(b, data, async_op):
             b.launched = True
             return
         op = prepare_average(data, b.comm)
