@@ -53,7 +53,7 @@ def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Te
                 flush()
         flush()
         common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": 0, "args": args,
-                  "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1, "vpp": 1}, "zero_stage": 0,
+                  "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1, "vpp": 1, "ep": 1}, "zero_stage": 0,
                   "index": index, "optimizer_scalars": {}, "extra": {}}
         F.atomic_torch_save(common, os.path.join(tmp, F.COMMON))
         manifest[F.COMMON] = F.describe_file(os.path.join(tmp, F.COMMON))

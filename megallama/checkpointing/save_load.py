@@ -74,7 +74,14 @@ def current_layout() -> dict:
     return {"world_size": _world(), "tp": ps.get_tensor_model_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
             "cp": ps.get_context_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1}
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "ep": ps.get_expert_model_parallel_world_size()}
+
+
+def is_same_layout(saved: Optional[dict]) -> bool:
+    """Whether this run has the layout a checkpoint was saved with, so that each rank may take its own RNG and
+    compression file. A checkpoint written before ``ep`` was recorded is taken as ep 1."""
+    return saved is not None and {"ep": 1, **saved} == current_layout()
 
 
 def args_to_dict(args) -> dict:
@@ -199,7 +206,7 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             except ConfigError:
                 reader.close()
                 raise
-            same_layout = common.get("layout") == current_layout()
+            same_layout = is_same_layout(common.get("layout"))
             no_optim = bool(getattr(args, "no_load_optim", False)) and not finetune
             keys = [] if finetune or no_optim else saved_keys(common["index"])
             manifest = F.read_manifest(ckpt) or {}

@@ -153,8 +153,8 @@ def test_expert_parallel_boxes(tmp_path):
 
 def test_expert_parallel_training_resume(tmp_path):
     """The loop with ep=2 and ZeRO-2: expert weights and their Adam states (sharded over the expert-dp group)
-    resume bit-exact on ep=2 and load into one process (whose next loss depends only on the loaded weights;
-    later steps differ by the MoE layouts' own ~1e-5)."""
+    resume bit-exact on ep=2 and load into one process and into ep=1 on the same two ranks, which is a layout change
+    (whose next loss depends only on the loaded weights; later steps differ by the MoE layouts' own ~1e-5)."""
     args = TINY + ["--num-experts", "4", "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "4"]
     ck, log = str(tmp_path / "ck"), str(tmp_path / "ep.log")
     ep = ["--expert-model-parallel-size", "2", "--zero-stage", "2"]
@@ -162,9 +162,15 @@ def test_expert_parallel_training_resume(tmp_path):
     ref = losses(log)
     src = os.path.join(ck, "iter_0000002")
     log2 = str(tmp_path / "ep_resumed.log")
-    _ok(run(args + ep + ["--load", src, "--loss-log", log2], 2))
-    assert losses(log2) == {3: ref[3], 4: ref[4]}
+    r = _ok(run(args + ep + ["--load", src, "--loss-log", log2], 2))
+    assert losses(log2) == {3: ref[3], 4: ref[4]} and "layout changed" not in r.stdout
     log3 = str(tmp_path / "single.log")
     _ok(run(args + ["--load", src, "--loss-log", log3], 1))
     got = float(losses(log3)[3])
+    assert abs(got - float(ref[3])) <= 1e-6 * float(ref[3]), (got, ref[3])
+    # ep 2 -> ep 1 on the same two ranks: every other layout number is unchanged, and the ep change is still one
+    log4 = str(tmp_path / "ep1.log")
+    r = _ok(run(args + ["--zero-stage", "2", "--load", src, "--loss-log", log4], 2))
+    assert "layout changed since the save" in r.stdout and "'ep': 2" in r.stdout, r.stdout
+    got = float(losses(log4)[3])
     assert abs(got - float(ref[3])) <= 1e-6 * float(ref[3]), (got, ref[3])
