@@ -47,8 +47,8 @@ def initialize_megatron(args) -> torch.device:
     minutes = getattr(args, "distributed_timeout_minutes", 30.0)  # the world group and every subgroup
     dev = initialize_distributed(args.distributed_backend, args.device, minutes)
     if dist.is_initialized():
-        vpp = None
-        if args.num_layers_per_virtual_pipeline_stage:
+        vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)  # set by derive_pipeline
+        if vpp is None and args.num_layers_per_virtual_pipeline_stage:
             per_stage = args.model_config.num_layers // args.pipeline_model_parallel_size
             vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
         ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -108,8 +108,22 @@ def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def is_last_rank() -> bool:
+    """Megatron's: the last rank, a last pipeline stage (it has the loss): it prints the training log and writes
+    TensorBoard and W&B."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
 def print_rank_0(*a, **kw) -> None:
+    """One-time messages (start-up, configuration, saves): rank 0's, as Megatron's."""
     if is_rank_0():
+        print(*a, **kw, flush=True)
+
+
+def print_rank_last(*a, **kw) -> None:
+    """The per-iteration log (training line, validation report, timers): the last rank's, as Megatron's, so that
+    under pipeline parallelism it comes from a stage that holds the loss."""
+    if is_last_rank():
         print(*a, **kw, flush=True)
 
 

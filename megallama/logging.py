@@ -2,8 +2,10 @@
 megallama/progress.py).
 
 The log line and the validation report carry Megatron's labels and number formats (format_log_line,
-format_validation_lines), so that a parser written for Megatron's logs reads these; megallama's own fields
-("tokens per second", "MFU", "mem GiB") are extra "label: value |" pairs in the same shape.
+format_validation_lines) and are printed by the last rank (Megatron's print_rank_last: under pipeline parallelism a
+stage that holds the loss), the log line after Megatron's `` [YYYY-mm-dd HH:MM:SS]`` timestamp, so that a parser
+written for Megatron's logs reads these; megallama's own fields ("tokens per second", "MFU", "mem GiB": the last
+rank's peak) are extra "label: value |" pairs in the same shape.
 
 TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorBoard: every
 ``--tensorboard-log-interval`` iterations "learning-rate", "batch-size", "lm loss" (that iteration's), "loss-scale",
@@ -26,12 +28,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from datetime import datetime
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
+from megallama.initialize import is_last_rank
 
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                 "A10": 125.0, "4090": 165.0}
@@ -60,12 +64,6 @@ def flops_per_token(cfg, seq_length: int, moe=None) -> float:
     return 6.0 * matmul + 12.0 * L * h * seq_length
 
 
-def is_last_rank() -> bool:
-    """Megatron's writer of TensorBoard and W&B: the last rank (a last pipeline stage). (Its log line is printed by
-    that rank too; megallama's by rank 0, every rank holding the same values.)"""
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-
-
 def wandb_dir(args) -> str:
     """--wandb-save-dir, else Megatron's <--save>/wandb, else next to the TensorBoard events (or here)."""
     if args.wandb_save_dir:
@@ -81,23 +79,59 @@ def check_wandb_installed(args) -> None:
                           "pip install wandb (or drop --wandb-project)")
 
 
-class TrainingLogger:
-    """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere. A missing wandb is refused
-    before (``check_wandb_installed``, every rank, before the data and model are built); a W&B that does not start
-    stops the run with one line, as Megatron's does."""
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
-    def __init__(self, args, enabled: bool):
-        self.enabled = enabled
+
+def _from_last_rank(error: Optional[str]) -> Optional[str]:
+    """The last rank's start-up error (None: started) on every rank: one broadcast, so that all stop together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    box = [error]
+    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+    return box[0]
+
+
+class TrainingLogger:
+    """TensorBoard and W&B writers of the last rank (Megatron's); a no-op elsewhere and when not ``enabled`` (the
+    same on every rank: off under --skip-train).
+
+    No failure of theirs leaves ranks waiting in a collective. A missing wandb is refused before
+    (``check_wandb_installed``, every rank). A writer that does not start on the last rank (wandb.init raising: no
+    network, a bad entity; an events folder that cannot be made) is broadcast to every rank, and each raises the
+    same ConfigError (the scripts: one line from rank 0, exit 2 on every rank); without the broadcast the other ranks
+    would wait in the first step's collectives for a rank that has gone. W&B failing mid-run (wandb.log or finish
+    raising) costs the run nothing: one warning line from the last rank and no W&B from then on (TensorBoard goes
+    on), where a propagated exception would stop the last rank alone."""
+
+    def __init__(self, args, enabled: bool = True):
+        self.enabled = enabled and is_last_rank()
         self.writer = None
         self.wandb = None
-        if not enabled:
+        if not enabled or not (args.tensorboard_dir or args.wandb_project):
             return
-        if args.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir,
-                                        max_queue=getattr(args, "tensorboard_queue_size", 1000))
-        if args.wandb_project:
-            self.wandb = self._start_wandb(args)
+        error = None
+        if self.enabled:
+            try:
+                if args.tensorboard_dir:
+                    self.writer = self._start_tensorboard(args)
+                if args.wandb_project:
+                    self.wandb = self._start_wandb(args)
+            except ConfigError as e:
+                error = str(e)
+        error = _from_last_rank(error)
+        if error is not None:
+            self.close()
+            raise ConfigError(error)
+
+    @staticmethod
+    def _start_tensorboard(args):
+        from torch.utils.tensorboard import SummaryWriter
+        try:
+            return SummaryWriter(log_dir=args.tensorboard_dir, max_queue=getattr(args, "tensorboard_queue_size", 1000))
+        except OSError as e:
+            raise ConfigError(f"--tensorboard-dir {args.tensorboard_dir}: cannot write the events there "
+                              f"({_first_line(e)}); pass a writable directory") from None
 
     @staticmethod
     def _start_wandb(args):
@@ -111,12 +145,13 @@ class TrainingLogger:
                               config={k: v for k, v in vars(args).items()
                                       if isinstance(v, (int, float, str, bool, type(None)))})
         except Exception as e:  # noqa: BLE001 - wandb's errors are many; each is one line for the user
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            msg = (f"wandb did not start ({why}); fix it, set WANDB_MODE=offline (no network needed), "
-                   "or drop --wandb-project")
-            if dist.is_initialized() and dist.get_rank() != 0:  # run_script prints a ConfigError from rank 0 only
-                print(f"error: {msg}", file=sys.stderr, flush=True)
-            raise ConfigError(msg) from None
+            raise ConfigError(f"wandb did not start ({_first_line(e)}); fix it, set WANDB_MODE=offline (no network "
+                              "needed), or drop --wandb-project") from None
+
+    def _wandb_failed(self, what: str, e: Exception) -> None:
+        self.wandb = None
+        print(f"warning: wandb {what} failed ({_first_line(e)}); training goes on without W&B"
+              + (" (TensorBoard is still written)" if self.writer is not None else ""), file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -126,7 +161,10 @@ class TrainingLogger:
                 if v is not None:
                     self.writer.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+            try:
+                self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+            except Exception as e:  # noqa: BLE001 - see the class docstring
+                self._wandb_failed("log", e)
 
     def scalars_with_samples(self, step: int, consumed: int, values: dict) -> None:
         """Each value at the iteration, and (TensorBoard only: W&B has its own axes) as "<tag> vs samples" at the
@@ -142,7 +180,10 @@ class TrainingLogger:
             self.writer.flush()
             self.writer.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001 - the run is done; its W&B record is what failed
+                self._wandb_failed("finish", e)
 
 
 def memory_scalars(device: torch.device) -> dict:
@@ -198,10 +239,12 @@ _LOG_FIELDS = (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)
 _LABELS = {"skipped iterations": "number of skipped iterations", "nan iterations": "number of nan iterations"}
 
 
-def format_log_line(iteration: int, train_iters: int, values: dict) -> str:
-    """Megatron's training log line. Norms are fixed-point as there (``{:.3f}``): a parser's ``[0-9.]+`` would
-    read an E-notation "6.0E-01" as 6.0."""
-    parts = [f"iteration {iteration:8d}/{train_iters:8d}"]
+def format_log_line(iteration: int, train_iters: int, values: dict, now: Optional[datetime] = None) -> str:
+    """Megatron's training log line, from its `` [2024-05-01 12:00:00] iteration ...`` timestamp (wall clock,
+    ``now``). Norms are fixed-point as there (``{:.3f}``): a parser's ``[0-9.]+`` would read an E-notation
+    "6.0E-01" as 6.0."""
+    stamp = (now or datetime.now()).strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f" [{stamp}] iteration {iteration:8d}/{train_iters:8d}"]
     for key, fmt in _LOG_FIELDS:
         v = values.get(key)
         if v is not None:

@@ -21,9 +21,9 @@ from megallama.checkpointing.signals import RunProgress, any_rank, report_interr
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
-from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, warn_rank_0
+from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, print_rank_last, warn_rank_0
 from megallama.logging import (TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
-                               format_log_line, format_validation_lines, is_last_rank, memory_report, memory_scalars,
+                               format_log_line, format_validation_lines, memory_report, memory_scalars,
                                moe_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
@@ -117,7 +117,7 @@ def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_st
     if tag == "validation":
         args.consumed_valid_samples += per_eval
     ppl = math.exp(min(vloss, 20))  # Megatron's clamp
-    print_rank_0(format_validation_lines(where, vloss, ppl))
+    print_rank_last(format_validation_lines(where, vloss, ppl))  # Megatron's evaluate_and_print_results
     logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
                                                  f"lm loss {tag} ppl": ppl if args.log_validation_ppl_to_tensorboard
                                                  else None})
@@ -198,8 +198,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     local_seq = args.seq_length // args.context_parallel_size
     forward_step = make_forward_step(args, device)
     skip_train = getattr(args, "skip_train", False)
-    # Megatron's: the last rank writes the events (none with --skip-train)
-    logger = TrainingLogger(args, enabled=is_last_rank() and not skip_train)
+    # Megatron's: the last rank writes the events (none with --skip-train); a collective when they are asked for
+    logger = TrainingLogger(args, enabled=not skip_train)
     if skip_train:
         return _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
                               start_iter, consumed)
@@ -270,7 +270,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             # fp16's dynamic scale backing off from 2^32 (Megatron's) skips ~17 steps by design: not a divergence
             skipped_in_row += not getattr(optimizer, "skipped_for_loss_scale", False) or not math.isfinite(loss)
             interval_skipped, interval_nan = interval_skipped + 1, interval_nan + (not math.isfinite(loss))
-            print_rank_0(f"iteration {step}: skipped (non-finite loss or gradient: loss {loss}, grad norm {grad_norm})")
+            print_rank_last(f"iteration {step}: skipped (non-finite loss or gradient: loss {loss}, grad norm "
+                            f"{grad_norm})")
             if skipped_in_row >= args.max_skipped_iters:
                 raise ConfigError(f"{skipped_in_row} iterations in a row had non-finite loss or gradients (last at "
                                   f"{step}); lower --lr, use --bf16, or raise --max-skipped-iters")
@@ -325,15 +326,16 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             interval_skipped, interval_nan = 0, 0
             moe = get_moe_stats().report()  # tokens/expert histogram and aux losses since the last log
             comm = compression_report(model_chunks)  # gradient compression: bytes sent since the last log
-            print_rank_0(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
-                         + (" " + format_compression_report(comm) if comm else ""))
+            # Megatron's print_rank_last: the last stage has every value (loss, norms, MoE: reduced over all ranks)
+            print_rank_last(format_log_line(step, args.train_iters, vals) + (" " + format_moe_stats(moe) if moe else "")
+                            + (" " + format_compression_report(comm) if comm else ""))
             if report_memory_flag and (line := memory_report(device, step)) is not None \
                     and ps.get_data_parallel_rank() == 0:  # Megatron's report_memory, after the first steps
                 print(line, flush=True)
             report_memory_flag = report_memory_flag and step <= start_iter + 1
             timing, timer_max = timers.log(steps_done)  # a collective: --timing-log-level's phases
             if timing:
-                print_rank_0(timing)
+                print_rank_last(timing)
             if args.log_timers_to_tensorboard:
                 # Megatron's timers.write: seconds per iteration (its printed report is in ms)
                 logger.scalars(step, {f"{name}-time": ms / 1e3 for name, ms in timer_max.items()})

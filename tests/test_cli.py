@@ -41,7 +41,7 @@ def test_train_runs_on_cpu_and_relaunches_through_torchrun():
               "--device", "cpu", "--no-progress-bar", "--gpus", "2", timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     loss = lambda out: [ln.split("lm loss:")[1].split("|")[0].strip() for ln in out.splitlines()  # noqa: E731
-                        if ln.lstrip().startswith("iteration") and "lm loss:" in ln]
+                        if "] iteration " in ln and "lm loss:" in ln]
     assert len(loss(one.stdout)) == 2 and loss(two.stdout) and "world=2" in two.stdout
 
 

@@ -9,7 +9,7 @@ from test_tensorboard import _run
 
 
 def _log_lines(text):
-    return [ln for ln in text.splitlines() if re.match(r"iteration\s+\d+/", ln)]
+    return [ln for ln in text.splitlines() if re.match(r" \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration\s+\d+/", ln)]
 
 
 def test_every_log_line_has_megatrons_loss_scale_in_its_place(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_every_log_line_has_megatrons_loss_scale_in_its_place(tmp_path, capsys):
 def test_log_interval_beyond_the_run_logs_the_last_step(tmp_path, capsys):
     _run(tmp_path / "tb", ["--log-interval", "100", "--eval-interval", "0"])
     (line,) = _log_lines(capsys.readouterr().out)
-    assert line.startswith("iteration        6/       6 | consumed samples:           24 |")
+    assert line.split("] ", 1)[1].startswith("iteration        6/       6 | consumed samples:           24 |")
 
 
 def test_memory_report_is_megatrons_line_and_none_on_cpu(monkeypatch):

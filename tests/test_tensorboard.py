@@ -1,11 +1,14 @@
 """TensorBoard events carry Megatron's tag names and values: per --tensorboard-log-interval iteration the
 iteration's loss, learning rate, grad norm and friends, each also "vs samples"; validation and test losses; timers
-per --log-interval. Under pp 2 the events (written by the last rank, as Megatron's; rank 0 prints the log line)
+per --log-interval. Under pp 2 the events and the log lines (the last rank's, as Megatron's: a stage with the loss)
 hold the single process's values, and the params-norm collective is taken by every rank. A resumed run's events go
 on from the step it resumed at; MoE aux losses carry Megatron's names and values."""
+import contextlib
+import io
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -29,14 +32,20 @@ def _events(folder):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _run(folder, extra=(), world=1):
-    from megallama.arguments import parse_args
-    from megallama.training import pretrain
+def write_corpus(folder) -> str:
+    """The runs' jsonl, next to ``folder`` (written once: before spawning ranks that share it)."""
     corpus = os.path.join(os.path.dirname(str(folder)), "corpus.jsonl")
     if not os.path.exists(corpus):
         with open(corpus, "w") as f:
             for i in range(40):
                 f.write(json.dumps({"text": " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(30))}) + "\n")
+    return corpus
+
+
+def _run(folder, extra=(), world=1):
+    from megallama.arguments import parse_args
+    from megallama.training import pretrain
+    corpus = write_corpus(folder)
     return pretrain(parse_args(ARGV + ["--tensorboard-dir", str(folder), "--data-path", corpus, "--data-cache-dir",
                                        os.path.join(os.path.dirname(str(folder)), "cache"), *extra],
                                world_size=world))
@@ -79,22 +88,32 @@ def test_tensorboard_log_interval_and_switches(tmp_path):
 
 
 def _pp2(rank, world, folder):
-    import contextlib
-    import io
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         _run(folder, ["--pipeline-model-parallel-size", "2"], world=world)
     return os.getpid(), text.getvalue()
 
 
+def _printed(out):
+    """The log lines' loss, loss scale, grad norm, num zeros and params norm, and the validation losses."""
+    lines = re.findall(r"lm loss: ([0-9.E+-]+) \| loss scale: ([0-9.]+) \| grad norm: ([0-9.]+) \| num zeros: "
+                       r"([0-9.]+) \| params norm: ([0-9.]+) \|", out)
+    return [float(v) for line in lines for v in line] + [float(v) for v in re.findall(r"lm loss value: (\S+) ", out)]
+
+
 def test_pipeline_run_writes_the_single_process_values(tmp_path):
-    ref = _run(tmp_path / "one")
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ref = _run(tmp_path / "one")
     outs = run_distributed(_pp2, 2, str(tmp_path / "pp2"))
     (pid0, out0), (pid1, out1) = outs[0], outs[1]
     files = os.listdir(tmp_path / "pp2")  # events.out.tfevents.<time>.<host>.<pid>.<n>: Megatron's last rank writes
     assert len(files) == 1 and f".{pid1}." in files[0] and f".{pid0}." not in files[0], files
-    assert out0.count("lm loss:") == 2 and out0.count("validation loss at") == 3  # printed once (rank 0)
-    assert "lm loss:" not in out1 and "validation loss at" not in out1
+    assert out1.count("lm loss:") == 2 and out1.count("validation loss at") == 3  # printed once (the last rank)
+    assert "lm loss:" not in out0 and "validation loss at" not in out0
+    # the last stage prints every value of the log line as one process does (to the printed digits)
+    assert len(_printed(out1)) == 2 * 5 + 3 and _printed(out1) == pytest.approx(_printed(text.getvalue()),
+                                                                                rel=1e-5, abs=1.5e-3)
     one, pp2 = _events(tmp_path / "one"), _events(tmp_path / "pp2")
     for tag in ("lm loss", "grad-norm", "params-norm", "num-zeros", "lm loss validation", "lm loss test"):
         assert [s for s, _ in pp2[tag]] == [s for s, _ in one[tag]], tag

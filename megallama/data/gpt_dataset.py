@@ -166,6 +166,25 @@ def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"{stem}-{key}")
 
 
+def _adds_special_tokens(tokenizer) -> bool:
+    """An HF tokenizer.json's own special tokens (Llama 3's bos) start each document, as in Megatron's
+    HuggingFaceTokenizer data and tools/preprocess_data.py's by default; the other tokenizers add none there."""
+    from megallama.data.tokenizer import HFTokenizer
+    return isinstance(tokenizer, HFTokenizer)
+
+
+def _cache_is_current(prefix: str, special: bool) -> bool:
+    """A cache made with other encode options is rebuilt, never reused: its tokenizer record says how it was made
+    (an HF cache of megallama before the bos fix has no "add_special_tokens": its documents lack the bos)."""
+    if not IndexedDataset.exists(prefix):
+        return False
+    try:
+        info = read_tokenizer_info(prefix)
+    except ConfigError:  # an unreadable record (cut off mid-write): ours to rebuild
+        return False
+    return bool((info or {}).get("add_special_tokens", False)) == special
+
+
 def _dist_info():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -175,22 +194,26 @@ def _dist_info():
 
 def tokenize_jsonl_cached(path: str, tokenizer, cache_dir: str | None = None, workers: int = 1,
                           progress: bool = True) -> str:
-    """Tokenize a jsonl once into cache_dir and return the .bin/.idx prefix; later calls reuse it. Collective under
-    torch.distributed (every rank must call it): local rank 0 builds, the others wait at a barrier."""
+    """Tokenize a jsonl once into cache_dir and return the .bin/.idx prefix; later calls reuse it. The same bytes
+    as ``tools/preprocess_data.py --append-eod`` with the same tokenizer (an HF tokenizer.json's bos included).
+    Collective under torch.distributed (every rank must call it): local rank 0 builds, the others wait at a
+    barrier."""
     from megallama.data.preprocess import output_prefix_for, preprocess_jsonl
     if not os.path.isfile(path):
         raise ConfigError(f"data file not found: {path}; pass an existing .jsonl file or a .bin/.idx prefix")
     cache_dir = cache_dir or os.path.join(os.getcwd(), "data_cache")
     base = _jsonl_cache_prefix(path, tokenizer, cache_dir)
     prefix = output_prefix_for(base, "text")
+    special = _adds_special_tokens(tokenizer)
     dist, builder = _dist_info()
     error = None
-    if builder and not IndexedDataset.exists(prefix):
+    if builder and not _cache_is_current(prefix, special):
         try:
             os.makedirs(cache_dir, exist_ok=True)
             preprocess_jsonl(path, base, tokenizer, workers=workers, json_keys=("text",), append_eod=True,
-                             progress=progress, overwrite=True,  # our cache: a half-written pair is rebuilt
-                             caller="pretrain")  # its errors name pretraining's fixes, not --json-keys
+                             progress=progress, overwrite=True,  # our cache: a half-written or stale pair is rebuilt
+                             caller="pretrain",  # its errors name pretraining's fixes, not --json-keys
+                             add_special_tokens=special)
         except Exception as e:  # reach the barrier first, so the other ranks do not hang
             error = e
     if dist is not None:
