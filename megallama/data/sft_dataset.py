@@ -6,7 +6,8 @@ rendered as Meta's Llama 3 format::
     <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n{content}<|eot_id|>...
 
-and only the assistant contents and their closing ``<|eot_id|>`` are trained on. Tokenizers that have Llama 3's
+and only the assistant contents and their closing ``<|eot_id|>`` are trained on (a conversation with an empty
+answer is skipped, counted in one warning). Tokenizers that have Llama 3's
 special tokens (the tiktoken ranks file, HF tokenizer.json of Llama 3) use them; others (the bundled BPE, Llama 2)
 get ``bos``/``eos`` for begin-of-text/end-of-turn and the header markers as plain text, so a checkpoint pretrained
 with that tokenizer fine-tunes without resizing its vocabulary. A tokenizer without a bos (GPT-2, Qwen) starts each
@@ -100,6 +101,30 @@ class ChatTemplate:
         return tokens, mask
 
 
+def own_chat_template(tokenizer) -> Optional[str]:
+    """The chat template an HF tokenizer folder ships (tokenizer_config.json's ``chat_template``, or a
+    chat_template.jinja / chat_template.json beside it), else None."""
+    path = getattr(tokenizer, "path", None)
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                tpl = json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(tpl, str):
+            return tpl
+    return None
+
+
 def _token_id(i) -> Optional[int]:
     """A special token's id, or None where the tokenizer has none (HF: None; sentencepiece: -1)."""
     return None if i is None or int(i) < 0 else int(i)
@@ -132,7 +157,7 @@ def read_chat_jsonl(path: str) -> List[List[dict]]:
     if not os.path.isfile(path):
         raise ConfigError(f"chat data {path} does not exist; pass --data-path with a .jsonl of "
                           '{"messages": [{"role": ..., "content": ...}]} lines')
-    out = []
+    out, empty = [], []
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -155,10 +180,25 @@ def read_chat_jsonl(path: str) -> List[List[dict]]:
                 raise ConfigError(f"{where}: a {m['role']} content holds an unpaired surrogate escape "
                                   f"({m['content'][e.start]!r}); write the character itself or its full "
                                   f"surrogate pair") from None
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
+            empty.append(lineno)  # trained on, it would teach the model to end its turn at once
+            continue
         out.append(msgs)
+    if empty and not out:
+        raise ConfigError(f"every conversation of {path} has an empty assistant answer (lines {empty[0]}..."
+                          f"{empty[-1]}); fill in the answers")
+    if empty:
+        _warn_rank0(f"{path}: skipped {len(empty)} conversations with an empty assistant answer (first at line "
+                    f"{empty[0]}), which would train the model to end its turn at once; fill them in or drop them")
     if not out:
         raise ConfigError(f"{path} holds no conversations; give at least one line")
     return out
+
+
+def _warn_rank0(msg: str) -> None:
+    """Every rank reads the data; one warning is enough."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        warnings.warn(msg, stacklevel=3)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -177,9 +217,9 @@ class SFTDataset(torch.utils.data.Dataset):
                 dropped += 1
                 continue
             convs.append((toks, mask))
-        if (truncated or dropped) and (not dist.is_initialized() or dist.get_rank() == 0):  # every rank builds it
-            warnings.warn(f"{name}: {truncated} conversations truncated to --seq-length {seq_length} (+1 label "
-                          f"token), {dropped} without answer tokens dropped; raise --seq-length to keep more")
+        if truncated or dropped:
+            _warn_rank0(f"{name}: {truncated} conversations truncated to --seq-length {seq_length} (+1 label "
+                        f"token), {dropped} without answer tokens dropped; raise --seq-length to keep more")
         if not convs:
             if not any(m[1:].sum() for _, m in conversations):  # none to truncate: a longer sequence won't help
                 raise ConfigError(f"no {name} conversation has an assistant turn, and only assistant answers are "
@@ -318,6 +358,12 @@ def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: in
     from megallama.data.gpt_dataset import split_document_ranges
     path = path or get_bundled_chat_path()
     template = ChatTemplate(tokenizer)
+    own = own_chat_template(tokenizer)
+    if own and "<|start_header_id|>" not in own:  # e.g. Llama 2's [INST] or ChatML: another format than ours
+        _warn_rank0(f"tokenizer '{getattr(tokenizer, 'name', tokenizer)}' ships a chat template that is not Llama "
+                    "3's; fine-tuning formats chats as Llama 3's (the model learns that format), so prompt the "
+                    "result with tools/generate.py --chat, or put Llama 3's template in the exported "
+                    "tokenizer_config.json")
     convs = tokenize_conversations(read_chat_jsonl(path), template)
     ranges = split_document_ranges(len(convs), split)
     if ranges[0][1] <= ranges[0][0]:
