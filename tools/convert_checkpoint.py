@@ -142,11 +142,12 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
                     tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None) -> str:
     """Write an HF folder; a LoRA run's adapters are merged into their weights, the run's tokenizer (or the one
     ``tokenizer_type``/``tokenizer_model`` name) is written beside them (``megallama.data.tokenizer_export``);
-    config.json's token ids are those an imported HF model came with, else the tokenizer's. ``notes`` collects
-    what was done, for the CLI."""
+    config.json's token ids are those an imported HF model came with, else the tokenizer's; a run fine-tuned on
+    chats gets their ``chat_template`` and its end-of-turn token among the eos ids. ``notes`` collects what was
+    done, for the CLI."""
     from safetensors.torch import save_file
     from megallama.checkpointing.full import model_tensor_names, open_checkpoint
-    from megallama.data.tokenizer_export import export_tokenizer
+    from megallama.data.tokenizer_export import export_chat_template, export_tokenizer
     from megallama.strategies import strategy_from_args
     notes = notes if notes is not None else []
     refuse_existing(output)  # before reading a 405B checkpoint, not after
@@ -206,9 +207,14 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
         except ConfigError as e:  # the weights still export (a tokenizer path of another machine, say)
             bos, eos, said = None, None, f"tokenizer: not written ({e})"
         ids = dict({"bos_token_id": bos, "eos_token_id": eos}, **saved.get("hf_token_ids", {}))
+        end_of_turn, chat_said = export_chat_template(saved, tmp)
+        if end_of_turn is not None:  # HF generate and vLLM stop there, as Meta's Instruct configs list it
+            old = ids["eos_token_id"]
+            old = [] if old is None else list(old) if isinstance(old, (list, tuple)) else [old]
+            ids["eos_token_id"] = old + [end_of_turn] if end_of_turn not in old else old
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model_config_to_hf_config(cfg, out_dtype, ids), f, indent=2, sort_keys=True)
-        notes.append(said)
+        notes.extend([said] + ([chat_said] if chat_said else []))
         notes.append(f"exported iteration {int(common.get('iteration', 0))} ({ckpt})")
         if adapted:
             notes.append(f"merged the LoRA adapters of {len(adapted)} weights (scaling alpha/r = {lora.scaling:g})")

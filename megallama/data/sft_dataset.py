@@ -362,8 +362,8 @@ def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: in
     if own and "<|start_header_id|>" not in own:  # e.g. Llama 2's [INST] or ChatML: another format than ours
         _warn_rank0(f"tokenizer '{getattr(tokenizer, 'name', tokenizer)}' ships a chat template that is not Llama "
                     "3's; fine-tuning formats chats as Llama 3's (the model learns that format), so prompt the "
-                    "result with tools/generate.py --chat, or put Llama 3's template in the exported "
-                    "tokenizer_config.json")
+                    "result with tools/generate.py --chat, or export it with tools/convert_checkpoint.py megallama-to-hf "
+                    "(which writes the Llama 3 template it trained on)")
     convs = tokenize_conversations(read_chat_jsonl(path), template)
     ranges = split_document_ranges(len(convs), split)
     if ranges[0][1] <= ranges[0][0]:

@@ -10,6 +10,9 @@ repositories ship the matching tokenizer.json).
 The written tokenizer starts a text with the token ``tools/generate.py`` puts before a prompt (``prompt_token``):
 a megallama run's documents follow an eod and have no bos, so it prepends the eod (as HF's bos_token); an imported
 HF model keeps its bos. So HF ``generate`` on the exported folder sees the context megallama's generation sees.
+
+A run that trained on chat data also gets a ``chat_template`` (``export_chat_template``) that renders, token for
+token, what ``sft_dataset.ChatTemplate`` trained on and ``tools/generate.py --chat`` prompts with.
 """
 from __future__ import annotations
 
@@ -19,8 +22,23 @@ import shutil
 from typing import Optional, Tuple
 
 from megallama.data.tokenizer import build_tokenizer, checkpoint_tokenizer
+from megallama.errors import ConfigError
 
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Meta's Llama 3 Instruct template (meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json), with its quoted
+# pieces as fields: filled with Llama 3's special tokens and bos_token it is Meta's text to the character.
+_LLAMA3_TEMPLATE = ("{{% set loop_messages = messages %}}{{% for message in loop_messages %}}{{% set content = "
+                    "{start} + message['role'] + {end}+ {content} + {eot} %}}{first}{{{{ content }}}}{{% endfor %}}"
+                    "{{% if add_generation_prompt %}}{{{{ {prompt} }}}}{{% endif %}}")
+_FIRST = "{{% if loop.index0 == 0 %}}{{% set content = {bos} + content %}}{{% endif %}}"
+# conversations the written template is checked on: system or not, several turns, spaces to trim, an empty turn
+_PROBES = (
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is 12 plus 30?\n"},
+      {"role": "assistant", "content": "It is 42."}, {"role": "user", "content": "And  café  times 2?"}], True),
+    ([{"role": "user", "content": "Hello there"}], True),
+    ([{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": "Ok.\nDone"}], False),
+    ([{"role": "system", "content": ""}, {"role": "user", "content": "x"}], True),
+)
 
 
 def auto_prompt_prefix(saved_args: dict) -> str:
@@ -74,6 +92,128 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
         return bos, eos, f"tokenizer: {model_file} (sentencepiece, as tokenizer.model for HF's LlamaTokenizer{first})"
     return bos, eos, (f"tokenizer: not written ({t} ranks files have no HF reader; use the tokenizer.json of the "
                       "model's HF release)")
+
+
+def trained_on_chat(saved_args: dict) -> bool:
+    """Whether the run fine-tuned on chat data: finetune_llama.py and *_instruct models record ``chat_template``;
+    a --mock-data run read random ids, not chats."""
+    return bool(saved_args.get("chat_template")) and not saved_args.get("mock_data")
+
+
+def export_chat_template(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Optional[str]]:
+    """Put the chat format the run trained on into ``out_dir``'s tokenizer_config.json (HF's ``chat_template``,
+    which ``apply_chat_template`` and vLLM use); returns (its end-of-turn id where that is not the eos, for
+    config.json's stop ids; a line saying what was done), (None, None) when nothing was to do.
+
+    Written only for a run that trained on chat data (``trained_on_chat``): a base model gets none, as Meta ships
+    chat templates with Instruct models only (an imported model's own files are still copied as they are). A
+    source tokenizer's template is kept when it renders the same ids as megallama's on a few conversations;
+    otherwise megallama's replaces it. Checked with transformers where it is installed."""
+    from megallama.data.sft_dataset import ChatTemplate, own_chat_template
+    cfg_file = os.path.join(out_dir, "tokenizer_config.json")
+    if not trained_on_chat(saved_args) or not os.path.isfile(cfg_file):
+        return None, None
+    tok = run_tokenizer(saved_args)
+    try:
+        chat = ChatTemplate(tok)
+    except ConfigError as e:
+        return None, f"chat_template: not written ({e})"
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    bos_token = cfg.get("bos_token")
+    bos_token = bos_token.get("content") if isinstance(bos_token, dict) else bos_token
+    source = cfg.get("chat_template") or own_chat_template(tok)
+    source = source if isinstance(source, str) else None
+    check, unchecked = _hf_check(out_dir, chat)
+    candidates = [megallama_chat_template(tok, bos_token, sep) for sep in _separators(tok)]
+    ours, wrong = candidates[0], None
+    if check is not None:  # the first whose ids are megallama's; none: the likeliest, with a warning
+        wrongs = [check(tpl) for tpl in candidates]
+        ours, wrong = next(((t, w) for t, w in zip(candidates, wrongs) if w is None), (candidates[0], wrongs[0]))
+    if source is not None and (source == ours or (check is not None and check(source) is None)):
+        cfg["chat_template"] = source
+        said = "chat_template: the source tokenizer's, which renders what the run trained on"
+    else:
+        cfg["chat_template"] = ours
+        said = ("chat_template: " + ("Llama 3's" if chat.native else "Llama 3's layout with text markers") +
+                ", as the run trained on" +
+                (" (replacing the source tokenizer's, which renders another format)" if source else ""))
+        if wrong is not None:
+            said += f"; warning: HF's tokenizer encodes it differently ({wrong}); tools/generate.py --chat is exact"
+    if check is None:
+        said += f" (not checked: {unchecked})"
+    with open(cfg_file, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    return (chat.eot if chat.eot != tok.eos_id else None), said
+
+
+def megallama_chat_template(tok, bos_token: Optional[str] = None, sep: str = "") -> str:
+    """Jinja rendering ``ChatTemplate(tok).encode_dialog``: Meta's Llama 3 template where the tokenizer has Llama 3's
+    special tokens, else the same layout with bos/eos and the header markers as text. ``bos_token``: the exported
+    tokenizer's (used by name when it is the template's begin token, as Meta's does). ``sep``: put before each text
+    piece, where megallama's tokenizer gave each its own start (sentencepiece's dummy prefix)."""
+    from megallama.data.sft_dataset import ChatTemplate
+    chat = ChatTemplate(tok)
+    begin, start, end, eot = ChatTemplate.SPECIALS
+    if not chat.native:
+        begin = None if chat.bos is None else _piece(tok, chat.bos)
+        eot = _piece(tok, chat.eot)
+    content = "message['content'] | trim"
+    if sep:  # an empty content is no tokens, so no separator
+        content = f"({_quote(sep)} + {content} if {content} else '')"
+    bos = "bos_token" if begin is not None and begin == bos_token else _quote(begin or "")
+    return _LLAMA3_TEMPLATE.format(start=_quote(sep + start), end=_quote(end + "\n\n"), content=content,
+                                   eot=_quote(eot), first=_FIRST.format(bos=bos) if begin is not None else "",
+                                   prompt=_quote(f"{sep}{start}assistant{end}\n\n"))
+
+
+def _separators(tok) -> list:
+    """What may stand between the template's pieces, the likelier first: a space where the tokenizer starts every
+    encoded text with one (sentencepiece's dummy prefix: megallama encodes header and content apart)."""
+    sp = getattr(tok, "sp", None)
+    prefixed = sp is not None and sp.id_to_piece(tok.encode("a")[0]).startswith("\u2581")
+    return [" ", ""] if prefixed else ["", " "]
+
+
+def _hf_check(out_dir: str, chat):
+    """(check, None): check(template) is None, or where HF's ids first differ from megallama's on ``_PROBES``,
+    through transformers on the exported folder; (None, why) where that cannot be done."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None, "transformers is not installed"
+    try:
+        hf = AutoTokenizer.from_pretrained(out_dir)
+    except Exception as e:  # a folder this transformers cannot read: the template goes unchecked, with a note
+        return None, f"transformers cannot read the folder: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+    def check(template: str) -> Optional[str]:
+        for messages, gen in _PROBES:
+            want = chat.encode_dialog(messages, add_generation_prompt=gen)[0]
+            try:
+                got = list(hf.apply_chat_template(messages, chat_template=template, tokenize=True,
+                                                  add_generation_prompt=gen, return_dict=False))
+            except Exception as e:  # a template that does not render (raise_exception, a bad role)
+                return f"it does not render: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            if got != want:
+                i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                return f"token {i} of a {len(want)}-token conversation"
+        return None
+    return check, None
+
+
+def _piece(tok, i: int) -> str:
+    """The text of token ``i`` as the exported tokenizer spells it."""
+    if getattr(tok, "sp", None) is not None:
+        return tok.sp.id_to_piece(i)
+    if getattr(tok, "tok", None) is not None:
+        return tok.tok.id_to_token(i)
+    return tok.decode([i])
+
+
+def _quote(text: str) -> str:
+    """A Jinja string literal (Jinja's own escapes; the template text keeps \\n as Meta's does)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def _eod_first_tokenizer_json(tok, src: str, out_dir: str) -> str:
