@@ -73,11 +73,11 @@ def run_one(cfg: CompressionConfig, args, text, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(CFG, device=device, seed=1)
     ddp = DistributedDataParallel(model, zero_stage=args.zero_stage, data_parallel_group=dist.group.WORLD)
-    opt = get_megatron_optimizer(OptimizerConfig(lr=args.lr, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                                                 clip_grad=1.0), [ddp])
-    if args.optimizer == "sgd":  # the optimizer of the PowerSGD and DGC papers, in place of AdamW (same groups)
-        opt.optimizer = torch.optim.SGD([{"params": g["params"]} for g in opt.optimizer.param_groups], lr=args.lr,
-                                        momentum=0.9)
+    # sgd: the optimizer of the PowerSGD and DGC papers (momentum 0.9, no weight decay), in place of AdamW
+    sgd = args.optimizer == "sgd"
+    opt = get_megatron_optimizer(OptimizerConfig(lr=args.lr, weight_decay=0.0 if sgd else 0.1, adam_beta1=0.9,
+                                                 adam_beta2=0.95, clip_grad=1.0, optimizer="sgd" if sgd else "adam",
+                                                 sgd_momentum=0.9), [ddp])
     attach_gradient_compression([ddp], opt, cfg)
     sched = OptimizerParamScheduler(opt, args.lr, args.lr / 10, args.steps // 10, args.steps, "cosine")
     per = args.global_batch // world

@@ -131,10 +131,9 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
     from megallama.ops import _extension
     if fused is None:
         fused = not args.no_fused_kernels and _extension.use_fused(torch.empty(1, device=device))
-    v = 1
-    if args.pipeline_schedule == "interleaved" and args.num_layers_per_virtual_pipeline_stage:
-        v = args.model_config.num_layers // (args.pipeline_model_parallel_size *
-                                             args.num_layers_per_virtual_pipeline_stage)
+    # the parsed split (megatron_flags.derive_pipeline): uneven layouts and account-for flags included
+    v = (getattr(args, "virtual_pipeline_model_parallel_size", None) or 1) \
+        if args.pipeline_schedule == "interleaved" else 1
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     params_dtype = getattr(args, "params_dtype", "fp32")
     mode = "autocast" if params_dtype == "fp32" or (params_dtype == "auto" and precision == "fp32") else "params"
@@ -149,7 +148,8 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
         pipeline_schedule=args.pipeline_schedule, virtual_pipeline_stages=v,
         num_microbatches=args.num_microbatches, fused_kernels=fused, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, recompute_modules=getattr(args, "recompute_modules", None),
-        bucket_size=args.bucket_size,
+        microbatch_group_size=getattr(args, "microbatch_group_size_per_vp_stage", None),
+        pipeline_layer_counts=getattr(args, "pipeline_layer_counts", None), bucket_size=args.bucket_size,
         overlap_grad_reduce=args.overlap_grad_reduce, optimizer="fused" if device.type == "cuda" else "foreach",
         device=device.type, recommend=False, **feature_kw(args))
     b = est["breakdown_bytes"]

@@ -303,7 +303,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     others are held whole while one runs its head forward, head backward or a layer's backward). Interleaved
     schedules pass model-chunk forwards as ``in_flight`` and ``others_hold_ends=False``: only one of them is the
     chunk with the embedding / head. ``extra``: bytes other parts hold in a given phase (ZeRO-3 gathered units,
-    ZeRO-2/3 gradient staging), by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
+    ZeRO-2/3 gradient staging; 'attention backward': context parallelism's attention buffers, a phase of its own),
+    by phase name, reported under 'buffers'. ``moe_layers`` of the ``num_layers`` are
     MoE layers shaped by ``moe`` (a ``moe_memory.MoEShape``). ``head_trainable=False``: a frozen output weight
     (LoRA) gets no gradient.
     ``recompute_modules``: under selective, Megatron's --recompute-modules (``modules_saved``; None: megallama's
@@ -341,8 +342,9 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     else:
         layers, casts, recomputed, per_chunk = num_layers * (whole - casts_layer), num_layers * casts_layer, rebuilt, 0
     misc = rope_tables(x) + (embedding_saved(x) if pre_process else 0)
-    if not post_process:  # the stage's output is kept for its backward (p2p)
-        misc += n.r * x.Sn * x.h
+    # a stage's output lives until its send is over, not until its backward (pipeline/deallocate.py): one, the
+    # latest microbatch's, whatever the phase and however many microbatches are in flight
+    sent = 0 if post_process else n.r * x.Sn * x.h
     hs = head_saved(x, n, head, head_trainable) if post_process else {"final_norm": 0, "head": 0}
     held = layers + casts + misc + hs["final_norm"] + hs["head"]  # one microbatch after its forward
     ws = layer_backward_workspace(x, n, recompute, moe if moe_layers else None)
@@ -350,6 +352,10 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     lb, hf, hb, fe = (ex.get(k, 0) for k in ("layer backward", "head forward", "head backward", "forward end"))
     phases = {"layer backward": (held - hs["final_norm"] - hs["head"] + recomputed + ws + lb, 0,
                                  per_chunk * casts_layer, lb)}
+    if ex.get("attention backward"):  # cp attention's buffers (cp_memory.py) beside the residual grad, not the MLP's
+        ab = ex["attention backward"] + lb
+        phases["attention backward"] = (held - hs["final_norm"] - hs["head"] + recomputed + n.r * x.Sn * x.h + ab,
+                                        0, per_chunk * casts_layer, ab)
     if post_process:
         fwd = head_forward_transient(x, n, head, device)
         phases["head forward"] = (held + fwd + hf, hs["head"] + fwd, 0, hf)
@@ -361,6 +367,7 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         _queue_wgrads(phases, x, n, num_layers, wgrad_queued, moe_layers, head if post_process else None,
                       misc + (layers + casts) // max(1, num_layers) + recomputed + ws + lb,
                       max(1, per_chunk), casts)
+    phases = {k: (cur + sent, *rest) for k, (cur, *rest) in phases.items()}
     phase = max(phases, key=lambda k: phases[k][0])
     current, logits, extra_casts, buffers = phases[phase]
     other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \

@@ -15,13 +15,12 @@ from megallama.config import get_model_config, list_models
 from megallama.errors import ConfigError
 from megallama.fp8_args import add_fp8_args, check_fp8_flags
 from megallama.lr_scheduler import DECAY_STYLES, WSD_DECAY_STYLES, check_schedule_flags
-from megallama.megatron_compat import (account_for_embedding_and_loss, add_megatron_args, apply_shape_flags,
-                                       check_model_flags, samples_to_iters, virtual_stages_to_layers)
+from megallama.megatron_compat import add_megatron_args, apply_shape_flags, check_model_flags, samples_to_iters
 from megallama.megatron_defaults import apply_megatron_defaults, given_dests
 from megallama.megatron_loop_flags import add_loop_args, check_loop_flags
 from megallama.moe_args import add_moe_args, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
-from megallama.pipeline.megatron_flags import add_pipeline_args, apply_pipeline_layout, check_pipeline_split
+from megallama.pipeline.megatron_flags import add_pipeline_args, derive_pipeline
 from megallama.progress_log import add_progress_log_args
 from megallama.timers import add_timing_args
 
@@ -312,7 +311,7 @@ def _derive(args, world_size: int):
         from megallama.autoconfig_args import apply_auto_configure
         world_size = args.world_size = apply_auto_configure(args, world_size)
     args.zero_stage = args.zero_stage or 0
-    _derive_pipeline(args)
+    derive_pipeline(args)  # the split of the layers over the (virtual) stages
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:  # Megatron: a warning, then off
         from megallama.initialize import warn_rank_0
         warn_rank_0("--sequence-parallel has no effect with --tensor-model-parallel-size 1; turned off")
@@ -365,30 +364,6 @@ def _derive(args, world_size: int):
     check_checkpoint_flags(args)
     check_loop_flags(args)
     return args
-
-
-def _derive_pipeline(args) -> None:
-    """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (as in Megatron) and must split
-    every stage's layers into whole chunks; it is never dropped silently."""
-    pp, layers = args.pipeline_model_parallel_size, args.model_config.num_layers
-    apply_pipeline_layout(args)
-    virtual_stages_to_layers(args, pp, layers)
-    n = args.num_layers_per_virtual_pipeline_stage
-    if n is not None:
-        flag = f"--num-layers-per-virtual-pipeline-stage {n}"
-        if args.pipeline_schedule not in (None, "interleaved"):
-            raise ConfigError(f"{flag} needs the interleaved schedule, but --pipeline-schedule {args.pipeline_schedule}"
-                              " was given; drop one of the two")
-        if pp < 2:
-            raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1 (got {pp}); drop it or raise the "
-                              "pipeline size")
-        if n < 1 or layers % (pp * n):
-            raise ConfigError(f"{flag} does not split {layers} layers over {pp} pipeline stages ({layers / pp:g} "
-                              "per stage); pick a value dividing the layers per stage")
-        args.pipeline_schedule = "interleaved"
-    args.pipeline_schedule = args.pipeline_schedule or "1f1b"
-    account_for_embedding_and_loss(args, pp, layers)
-    check_pipeline_split(args)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:

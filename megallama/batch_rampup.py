@@ -69,8 +69,7 @@ def setup_rampup(args):
     per = args.micro_batch_size * args.data_parallel_size
     ramp = BatchSizeRampup(*values, args.global_batch_size, per)
     from megallama.pipeline.schedules import check_schedule_args, normalize_schedule_name
-    pp, n = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
-    v = args.model_config.num_layers // (pp * n) if n else 1
+    pp, v = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1  # derive_pipeline's
     for gbs in ramp.batch_sizes():
         check_schedule_args(normalize_schedule_name(args.pipeline_schedule), pp, gbs // per, v)
     args.train_iters = ramp.train_iters(args.train_samples)

@@ -9,7 +9,7 @@ iteration counts at the (constant) global batch. And flags with their own behavi
 ``--distributed-timeout-minutes`` (initialize), ``--log-throughput`` (the training log line), ``--local-rank``
 (torch.distributed.launch's; the device follows LOCAL_RANK), ``--reset-position-ids``, ``--reset-attention-mask``,
 ``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
-``--account-for-embedding/loss-in-pipeline-split`` (pinned end-stage layers, here); ``--decoupled-lr`` and
+``--account-for-embedding/loss-in-pipeline-split`` (pipeline/megatron_flags.py); ``--decoupled-lr`` and
 ``--grad-reduce-in-bf16`` live in optimizer_args.py. Flags whose Megatron behaviour megallama does not have
 (``--use-torch-fsdp2``, a non-``torch_dist`` ``--ckpt-format`` ...) are one error line saying what megallama does
 instead.
@@ -56,10 +56,10 @@ _REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optim
                                "communication with --sequence-parallel's collectives only",
             "deterministic_mode": "megallama's attention backward kernels accumulate with atomics; run fp32 on CPU "
                                   "for bit-exact comparisons",
-            "optimizer": "megallama trains with Adam (AdamW, Megatron's adam); pass --optimizer adam or drop it",
+            "optimizer": "megallama trains with adam (AdamW) or sgd (with --sgd-momentum); pass one of them",
             "rerun_mode": "megallama skips an iteration whose loss or gradient is not finite (--max-skipped-iters "
                           "in a row stop the run) instead of rerunning it; pass --rerun-mode disabled"}
-_ACCEPTED = {"optimizer": "adam", "rerun_mode": "disabled"}  # the one value of these that restates megallama
+_ACCEPTED = {"optimizer": ("adam", "sgd"), "rerun_mode": ("disabled",)}  # the values of these megallama has
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 
@@ -114,7 +114,7 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-impl", choices=["mmap"], default=None, help=argparse.SUPPRESS)
     g.add_argument("--num-dataset-builder-threads", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--optimizer", choices=["adam", "sgd", "muon", "dist_muon"], default=None,
-                   help="adam (AdamW, the only optimizer here)")
+                   help="adam (AdamW, the default) or sgd (torch's SGD with --sgd-momentum, L2 weight decay)")
     g.add_argument("--rerun-mode", choices=["disabled", "validate_results", "report_stats"], default=None,
                    help="disabled (a non-finite step is skipped here; nothing is rerun)")
     g.add_argument("--tiktoken-pattern", choices=["v1", "v2", "cl100k"], default=None, help=argparse.SUPPRESS)
@@ -197,7 +197,7 @@ def check_model_flags(args) -> None:
                               f"{flag} {given} is not supported: {why}; pass {flag} {value} or drop it")
     for name, instead in _REFUSED.items():
         given = getattr(args, name, None)
-        if given is not None and given is not False and given != _ACCEPTED.get(name):
+        if given is not None and given is not False and given not in _ACCEPTED.get(name, ()):
             value = f" {given}" if name in _ACCEPTED else ""
             raise ConfigError(f"--{name.replace('_', '-')}{value} is not supported: {instead}"
                               + ("" if name in _ACCEPTED else "; drop it"))
@@ -285,45 +285,3 @@ def samples_to_iters(args) -> None:
             args.train_iters = n // gbs
         else:
             setattr(args, iters, n / gbs)
-
-
-def virtual_stages_to_layers(args, pp: int, layers: int) -> None:
-    """Megatron's newer spelling of interleaving, --num-virtual-stages-per-pipeline-rank V: V model chunks per
-    stage, i.e. --num-layers-per-virtual-pipeline-stage layers / (pp x V)."""
-    v = getattr(args, "num_virtual_stages_per_pipeline_rank", None)
-    if v is None:
-        return
-    flag = f"--num-virtual-stages-per-pipeline-rank {v}"
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise ConfigError(f"{flag} and --num-layers-per-virtual-pipeline-stage both set the interleaving; pass one")
-    if v > 1 and pp < 2:
-        raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1 (got {pp}); drop it or raise the "
-                          "pipeline size")
-    if v < 1 or layers % (pp * v):
-        raise ConfigError(f"{flag} does not split {layers} layers into {pp} stages x {v} chunks; pick a value "
-                          "that divides the layers per stage")
-    if v > 1:
-        args.num_layers_per_virtual_pipeline_stage = layers // (pp * v)
-
-
-def account_for_embedding_and_loss(args, pp: int, layers: int) -> None:
-    """Megatron's --account-for-embedding/loss-in-pipeline-split: the embedding (loss) counts as one more layer of
-    the first (last) stage, so that stage gets one decoder layer fewer: pinned first/last stage layers here."""
-    e, last = int(args.account_for_embedding_in_pipeline_split), int(args.account_for_loss_in_pipeline_split)
-    if not (e or last) or pp == 1:
-        return
-    flags = " and ".join(f for f, on in (("--account-for-embedding-in-pipeline-split", e),
-                                         ("--account-for-loss-in-pipeline-split", last)) if on)
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise ConfigError(f"{flags} with virtual pipeline stages is not supported here; drop one of them")
-    if args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None:
-        raise ConfigError(f"{flags} and --decoder-first/last-pipeline-num-layers both place layers; pass one")
-    total = layers + e + last
-    if total % pp or total // pp < 2:
-        raise ConfigError(f"{flags}: {layers} layers + {e + last} do not split evenly over {pp} pipeline stages "
-                          "with at least one decoder layer each; change --num-layers or the pipeline size")
-    per = total // pp
-    if e:
-        args.decoder_first_pipeline_num_layers = per - 1
-    if last:
-        args.decoder_last_pipeline_num_layers = per - 1

@@ -49,7 +49,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           mixed_precision_mode: str = "params", fused_kernels: bool = True, head: str = "fused",
                           recompute_method: str = "uniform", recompute_num_layers: int = 1,
                           first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
-                          bucket_size: int = 40_000_000,
+                          pipeline_layer_counts=None, bucket_size: int = 40_000_000,
                           overlap_grad_reduce: bool = False, optimizer: str = "fused",
                           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_topk: Optional[int] = None,
                           p_bytes: Optional[float] = None, g_bytes: Optional[float] = None,
@@ -58,7 +58,9 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           moe_shared_expert_intermediate_size: Optional[int] = None,
                           moe_expert_capacity_factor: Optional[float] = None,
                           moe_pad_expert_input_to_capacity: bool = False, fp8_format: Optional[str] = None,
-                          async_save: bool = False, recompute_modules=None, **aliases) -> dict:
+                          async_save: bool = False, recompute_modules=None, cp_comm_type: str = "p2p",
+                          microbatch_group_size: Optional[int] = None,
+                          hierarchical_context_parallel_sizes=None, **aliases) -> dict:
     """Per-GPU memory of training ``model_variant`` with this layout; see the module docstring.
 
     ``batch_size`` is the micro-batch per GPU; ``num_gpus`` is per node (world = num_gpus * num_nodes, as the
@@ -69,7 +71,10 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     ``recompute_modules``: Megatron's --recompute-modules under recompute 'selective' (None: megallama's default).
     MoE (Megatron's flags): ``moe_ffn_hidden_size`` per expert, ``moe_shared_expert_intermediate_size``,
     ``moe_expert_capacity_factor`` (negative: none), ``moe_pad_expert_input_to_capacity``. ``fp8_format``
-    ('hybrid' / 'e4m3', needs bf16): the decoder linears in fp8. ``async_save``: pinned host checkpoint buffers."""
+    ('hybrid' / 'e4m3', needs bf16): the decoder linears in fp8. ``async_save``: pinned host checkpoint buffers.
+    ``cp_comm_type`` (Megatron's --cp-comm-type; a2a+p2p with ``hierarchical_context_parallel_sizes``): the
+    buffers context-parallel attention holds in backward (cp_memory.py). ``microbatch_group_size``: the
+    interleaved schedule's --microbatch-group-size-per-virtual-pipeline-stage (None: pp), its warm-up depth."""
     for name, target in (("tensor_parallel_size", "tp"), ("pipeline_parallel_size", "pp"),
                          ("micro_batch_size", "batch_size"), ("context_parallel_size", "cp"),
                          ("expert_parallel_size", "ep")):
@@ -94,7 +99,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     seq = sequence_length or min(cfg.max_position_embeddings, 2048)
     world = num_gpus * num_nodes
     _check(cfg, world, tp, pp, cp, ep, batch_size, seq, recompute, strategy, pipeline_schedule,
-           virtual_pipeline_stages, zero_stage, optimizer, sequence_parallel)
+           virtual_pipeline_stages, zero_stage, optimizer, sequence_parallel, pipeline_layer_counts)
     moe = _check_features(cfg, tp, ep, strategy, precision, moe_ffn_hidden_size, moe_shared_expert_intermediate_size,
                           moe_expert_capacity_factor, moe_pad_expert_input_to_capacity, fp8_format)
     dp = world // (tp * pp * cp)
@@ -111,14 +116,18 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     p, g, k = precision_bytes(precision, mixed_precision_mode)
     pkg = (p if p_bytes is None else p_bytes, g if g_bytes is None else g_bytes, k if k_bytes is None else k_bytes)
     x = am.Shape.of(cfg, batch_size, seq, tp, sequence_parallel, cp)
-    layers = stage_layers(cfg, pp, first_stage_layers, pipeline_schedule, last_stage_layers)
+    layers = stage_layers(cfg, pp, first_stage_layers, pipeline_schedule, last_stage_layers, pipeline_layer_counts)
     v = virtual_pipeline_stages if pipeline_schedule == "interleaved" else 1
+    counts = pipeline_layer_counts if pipeline_layer_counts is not None and pp > 1 else None
     stages = {}
     for s in range(pp):  # the split is uneven: any stage can be the fullest
         st = stage_memory(cfg, x, num, layers, s, cfg.num_layers, pp, tp, dp, cp, ep, zero_stage, recompute,
                           pipeline_schedule, num_microbatches, v, strategy, lora_rank, list(lora_targets), pkg, head,
                           recompute_method, recompute_num_layers, bucket_size, overlap_grad_reduce, optimizer,
-                          device, moe, recompute_modules=recompute_modules)
+                          device, moe, recompute_modules=recompute_modules, cp_comm_type=cp_comm_type,
+                          microbatch_group_size=microbatch_group_size,
+                          hierarchical_cp_sizes=hierarchical_context_parallel_sizes,
+                          chunk_layers=max(counts[s::pp]) if counts is not None else None)
         keys = ("weights", "grads", "optimizer", "activations", "logits", "weight_casts", "buffers")
         st["allocated"] = sum(st[key] for key in keys)
         stages[s] = st
@@ -151,7 +160,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                    "pipeline_schedule": pipeline_schedule if pp > 1 else "none", "in_flight": st["in_flight"],
                    "wgrad_queued": st["wgrad_queued"], "layers_on_worst_stage": st["layers"],
                    "fused_kernels": fused_kernels, "head": head, "fp8_format": fp8_format,
-                   "async_save": async_save, "moe": None if moe is None else {
+                   "async_save": async_save, "cp_comm_type": cp_comm_type if cp > 1 else None,
+                   "moe": None if moe is None else {
                        "ffn_hidden_size": moe.ffn, "shared_expert_intermediate_size": moe.shared or None,
                        "capacity_factor": moe.capacity_factor, "pad_to_capacity": moe.pad,
                        "expert_rows": moe.rows(x.S)}},
@@ -169,21 +179,23 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                     virtual_pipeline_stages=virtual_pipeline_stages, mixed_precision_mode=mixed_precision_mode,
                     fused_kernels=fused_kernels, head=head, recompute_method=recompute_method,
                     recompute_num_layers=recompute_num_layers, first_stage_layers=first_stage_layers,
-                    last_stage_layers=last_stage_layers,
+                    last_stage_layers=last_stage_layers, pipeline_layer_counts=pipeline_layer_counts,
                     bucket_size=bucket_size, overlap_grad_reduce=overlap_grad_reduce, optimizer=optimizer,
                     lora_targets=lora_targets, moe_topk=moe_topk, p_bytes=p_bytes, g_bytes=g_bytes, k_bytes=k_bytes,
                     model_config=model_config, device=device, moe_ffn_hidden_size=moe_ffn_hidden_size,
                     moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
                     moe_expert_capacity_factor=moe_expert_capacity_factor,
                     moe_pad_expert_input_to_capacity=moe_pad_expert_input_to_capacity, fp8_format=fp8_format,
-                    async_save=async_save, recompute_modules=recompute_modules)
+                    async_save=async_save, recompute_modules=recompute_modules, cp_comm_type=cp_comm_type,
+                    microbatch_group_size=microbatch_group_size,
+                    hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes)
         result["recommendations"] = recommendations(result, args, cfg)
     else:
         result["recommendations"] = []
     return result
 
 
-def _check(cfg, world, tp, pp, cp, ep, b, seq, recompute, strategy, schedule, v, zero, optimizer, sp):
+def _check(cfg, world, tp, pp, cp, ep, b, seq, recompute, strategy, schedule, v, zero, optimizer, sp, counts=None):
     for name, val in (("--gpus x --nodes", world), ("--tensor-model-parallel-size", tp),
                       ("--pipeline-model-parallel-size", pp), ("--context-parallel-size", cp),
                       ("--expert-model-parallel-size", ep), ("--micro-batch-size", b), ("--seq-length", seq)):
@@ -213,7 +225,11 @@ def _check(cfg, world, tp, pp, cp, ep, b, seq, recompute, strategy, schedule, v,
         raise ConfigError(f"{cfg.num_experts} experts are not divisible by ep {ep}; choose ep dividing it")
     if schedule not in SCHEDULES:
         raise ConfigError(f"pipeline schedule '{schedule}' is not one of {', '.join(SCHEDULES)}; pick one of those")
-    if schedule == "interleaved" and pp > 1 and (cfg.num_layers % (pp * v)):
+    if counts is not None and pp > 1 and (len(counts) != pp * (v if schedule == "interleaved" else 1)
+                                          or sum(counts) != cfg.num_layers):
+        raise ConfigError(f"pipeline layer counts {list(counts)} are not {pp} x {v} stages of {cfg.num_layers} "
+                          "layers; give one count per (virtual) stage")
+    if schedule == "interleaved" and pp > 1 and counts is None and (cfg.num_layers % (pp * v)):
         raise ConfigError(f"{cfg.num_layers} layers do not split into pp {pp} x {v} virtual stages; choose "
                           "--num-layers-per-virtual-pipeline-stage dividing the layers per stage")
     if optimizer not in ("fused", "foreach"):

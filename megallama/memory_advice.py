@@ -43,7 +43,7 @@ def _candidates(res: dict, args: dict, cfg) -> List[tuple]:
         t *= 2
     p = pp * 2
     while p <= cfg.num_layers and world % (tp * p * cp) == 0:
-        out.append((f"--pipeline-model-parallel-size {p}", {"pp": p}))
+        out.append((f"--pipeline-model-parallel-size {p}", {"pp": p, "pipeline_layer_counts": None}))
         p *= 2
     if args.get("head") == "unfused":
         out.append(("the fused output layer + cross-entropy (chunked logits)", {"head": "fused"}))
@@ -129,7 +129,7 @@ def format_table(res: dict) -> str:
         if lay.get("wgrad_queued"):
             head += f" + {lay['wgrad_queued']} awaiting W"
     rows = [("weights", "parameters on this GPU"), ("grads", "fp32 gradient buffer (or its shard)"),
-            ("optimizer", "Adam m, v (+ fp32 master for bf16 params)"),
+            ("optimizer", "Adam m, v or SGD momentum (+ fp32 master for bf16 params)"),
             ("activations", "saved for backward: layers, embedding, final norm"),
             ("logits", "output layer + cross-entropy working set"),
             ("weight_casts", "autocast's bf16 weight copies held for backward"),

@@ -18,7 +18,8 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                     micro_batch_size=args.micro_batch_size, data_parallel_size=args.data_parallel_size,
                                     num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
                                     first_stage_num_layers=args.decoder_first_pipeline_num_layers,
-                                    last_stage_num_layers=args.decoder_last_pipeline_num_layers)
+                                    last_stage_num_layers=args.decoder_last_pipeline_num_layers,
+                                    layer_counts=getattr(args, "pipeline_layer_counts", None))
     return estimate_requirements(args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
                                  sequence_length=args.seq_length, num_gpus=num_gpus, num_nodes=num_nodes,
                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
@@ -31,8 +32,10 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                  fused_kernels=not args.no_fused_kernels, recompute_method=args.recompute_method,
                                  recompute_num_layers=args.recompute_num_layers,
                                  recompute_modules=getattr(args, "recompute_modules", None),
+                                 microbatch_group_size=getattr(args, "microbatch_group_size_per_vp_stage", None),
                                  first_stage_layers=args.decoder_first_pipeline_num_layers,
                                  last_stage_layers=args.decoder_last_pipeline_num_layers,
+                                 pipeline_layer_counts=getattr(args, "pipeline_layer_counts", None),
                                  bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
                                  gpu_memory_gb=gpu_memory_gb or args.gpu_memory_gb or detect_gpu_memory_gb(),
                                  recommend=recommend, **feature_kw(args))
@@ -41,7 +44,8 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
 def feature_kw(args) -> dict:
     """``estimate_requirements``'s strategy and feature arguments of a parsed command line (also used by
     --auto-configure and benchmarks/measure_memory.py): LoRA, the MoE options as the built layers resolve them
-    (``MoEConfig``), --fp8-format, --async-save and --grad-reduce-in-bf16."""
+    (``MoEConfig``), --fp8-format, --async-save, --grad-reduce-in-bf16, --optimizer sgd and, at cp > 1,
+    --cp-comm-type (with --hierarchical-context-parallel-sizes)."""
     from megallama.strategies import strategy_from_args
     strategy = strategy_from_args(args)
     kw = strategy.estimate_kw()
@@ -50,6 +54,19 @@ def feature_kw(args) -> dict:
         kw.update(moe_ffn_hidden_size=moe.ffn_hidden_size, moe_expert_capacity_factor=moe.capacity_factor,
                   moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
                   moe_pad_expert_input_to_capacity=moe.pad_to_capacity)
+    if getattr(args, "optimizer", None) == "sgd":  # one fp32 state (momentum) instead of Adam's two
+        kw["k_bytes"] = sgd_k_bytes(args.bf16 or args.fp16, args.params_dtype, getattr(args, "sgd_momentum", 0.9))
     if getattr(args, "grad_reduce_in_bf16", False):  # the gradient buffer is bf16 (Megatron's grad_reduce_in_fp32 off)
         kw["g_bytes"] = 2
+    if getattr(args, "context_parallel_size", 1) > 1:  # checked into one string by argument_checks at cp > 1
+        kw.update(cp_comm_type=args.cp_comm_type,
+                  hierarchical_context_parallel_sizes=getattr(args, "hierarchical_context_parallel_sizes", None))
     return dict(kw, fp8_format=getattr(args, "fp8", None), async_save=bool(getattr(args, "async_save", False)))
+
+
+def sgd_k_bytes(half: bool, params_dtype: str, momentum) -> int:
+    """K of --optimizer sgd: the fp32 master when the parameters are 16-bit, plus the momentum buffer."""
+    from megallama.memory_states import optimizer_states, precision_bytes
+    precision = "bf16" if half else "fp32"
+    mode = "autocast" if params_dtype == "fp32" else "params"
+    return precision_bytes(precision, mode, optimizer_states("sgd", 0.9 if momentum is None else momentum))[2]

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", "--tensor-parallel", "--tp", dest="tp", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
     p.add_argument("--context-parallel-size", "--cp", dest="cp", type=int, default=1)
+    p.add_argument("--cp-comm-type", choices=["p2p", "a2a", "allgather", "a2a+p2p"], default="p2p",
+                   help="context-parallel attention (its backward buffers are priced): ring, Ulysses, K/V all-gather")
+    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=None, metavar=("A2A", "P2P"),
+                   help="with --cp-comm-type a2a+p2p")
     p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1)
     p.add_argument("--zero-stage", type=int, default=None, help="default 0; searched by --auto-configure unless given")
     p.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-schedule", choices=list(SCHEDULES), default=None,
                    help="default 1f1b; interleaved when --num-layers-per-virtual-pipeline-stage is given")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
+    p.add_argument("--pipeline-model-parallel-layout", default=None, help="Megatron's layout string, e.g. "
+                   "'E|(tt|)*63,L' (the training flag's rules)")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     p.add_argument("--account-for-embedding-in-pipeline-split", action="store_true")
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: parameters in the compute dtype with fp32 masters (the loop's default); fp32: fp32 "
                         "parameters with autocast")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="sgd keeps one fp32 state per parameter (momentum) instead of Adam's two")
+    p.add_argument("--sgd-momentum", type=float, default=0.9, help="with --optimizer sgd: 0 keeps no state")
     p.add_argument("--no-fused-kernels", action="store_true")
     p.add_argument("--unfused-head", action="store_true", help="logits + cross-entropy instead of the fused head")
     p.add_argument("--strategy", choices=["standard", "lora", "moe", "hybrid"], default="standard")
@@ -109,22 +119,25 @@ def _precision(args) -> str:
 def _pipeline(args, cfg) -> argparse.Namespace:
     """The schedule, virtual chunks and pinned stage sizes as the training flags resolve them (arguments.py's rules:
     --num-layers-per-virtual-pipeline-stage implies interleaved, interleaved needs it, the split is checked)."""
-    from megallama.arguments import _derive_pipeline
+    from megallama.pipeline.megatron_flags import derive_pipeline
     from megallama.pipeline.partition import validate_pipeline_config
     pipe = argparse.Namespace(
         model_config=cfg, pipeline_model_parallel_size=args.pp, pipeline_schedule=args.pipeline_schedule,
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        num_virtual_stages_per_pipeline_rank=args.num_virtual_stages_per_pipeline_rank,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split)
-    _derive_pipeline(pipe)
+    derive_pipeline(pipe)
     args.pipeline_schedule = pipe.pipeline_schedule
     pipe.num_chunks = validate_pipeline_config(
         cfg.num_layers, args.pp, pipe.pipeline_schedule,
         num_layers_per_virtual_stage=pipe.num_layers_per_virtual_pipeline_stage,
         first_stage_num_layers=pipe.decoder_first_pipeline_num_layers,
-        last_stage_num_layers=pipe.decoder_last_pipeline_num_layers)["num_chunks"]
+        last_stage_num_layers=pipe.decoder_last_pipeline_num_layers,
+        layer_counts=getattr(pipe, "pipeline_layer_counts", None))["num_chunks"]
     return pipe
 
 
@@ -165,6 +178,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
               moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
               moe_expert_capacity_factor=args.moe_expert_capacity_factor,
               moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity)
+    if args.optimizer == "sgd":
+        from megallama.memory_args import sgd_k_bytes
+        kw["k_bytes"] = sgd_k_bytes(_precision(args) != "fp32", args.params_dtype, args.sgd_momentum)
     cfg = _model_config(args)
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
@@ -189,9 +205,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 virtual_pipeline_stages=pipe.num_chunks, recompute_method=args.recompute_method,
                                 first_stage_layers=pipe.decoder_first_pipeline_num_layers,
                                 last_stage_layers=pipe.decoder_last_pipeline_num_layers,
+                                pipeline_layer_counts=getattr(pipe, "pipeline_layer_counts", None),
                                 recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
                                 recompute_modules=rec.recompute_modules,
-                                overlap_grad_reduce=args.overlap_grad_reduce, **kw)
+                                overlap_grad_reduce=args.overlap_grad_reduce, cp_comm_type=args.cp_comm_type,
+                                hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes, **kw)
     return {"estimate": est, "json": args.json}
 
 

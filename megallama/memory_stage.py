@@ -3,10 +3,11 @@ schedule holds (activation_memory.py, moe_memory.py), ZeRO buffers and the optim
 ``memory.estimate_requirements`` takes the fullest stage."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from megallama import activation_memory as am
 from megallama.config import ModelConfig
+from megallama.cp_memory import cp_attention_backward_bytes
 from megallama.memory_states import (checkpoint_bytes, layer_params, lora_params, num_moe_layers, split_states_bytes,
                                      trainable_split)
 from megallama.moe_memory import MoEShape, moe_layer_params
@@ -15,11 +16,16 @@ WORKSPACE_BYTES = 64 * 2 ** 20  # cuBLAS / cuBLASLt workspaces, allocated throug
 
 
 def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = None,
-                 schedule: str = "1f1b", last_stage_layers: Optional[int] = None) -> List[int]:
+                 schedule: str = "1f1b", last_stage_layers: Optional[int] = None,
+                 layer_counts: Optional[Sequence[int]] = None) -> List[int]:
     """Decoder layers on each pipeline stage, split as the pipeline builds it (pipeline/partition.py): balanced by
-    cost, so the stages with the embedding and the output head get fewer; interleaved cuts equal chunks."""
+    cost, so the stages with the embedding and the output head get fewer; interleaved cuts equal chunks.
+    ``layer_counts``: the split the flags resolved to (``args.pipeline_layer_counts``: per model part, uneven
+    virtual stages included), summed per rank."""
     if pp == 1:
         return [cfg.num_layers]
+    if layer_counts is not None:
+        return [sum(layer_counts[r::pp]) for r in range(pp)]
     if schedule == "interleaved":
         return [cfg.num_layers // pp] * pp
     from megallama.pipeline.partition import costs_from_config, partition_layers
@@ -28,14 +34,15 @@ def stage_layers(cfg: ModelConfig, pp: int, first_stage_layers: Optional[int] = 
     return [len(part) for part in parts]
 
 
-def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int) -> int:
-    """Microbatches (interleaved: model-chunk forwards) whose activations a stage holds at its peak."""
+def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int, group: Optional[int] = None) -> int:
+    """Microbatches (interleaved: model-chunk forwards) whose activations a stage holds at its peak; interleaved
+    warms up with (v - 1) groups of ``group`` (--microbatch-group-size-per-virtual-pipeline-stage, default pp)."""
     if pp == 1:
         return 1
     if schedule == "gpipe":
         return m
     if schedule == "interleaved":
-        return min(m * v, 2 * (pp - stage - 1) + (v - 1) * pp + 1)
+        return min(m * v, 2 * (pp - stage - 1) + (v - 1) * (group or pp) + 1)
     if schedule == "chimera":  # two pipelines in opposite directions: about pp microbatches of one stage's layers
         return min(m, pp)
     return min(pp - stage, m)
@@ -55,9 +62,13 @@ def _zb_h1(pp: int, stage: int, m: int, zero: int, strategy: str, inflight: int)
 
 def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recompute, schedule, m, v, strategy,
                  lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda",
-                 moe: Optional[MoEShape] = None, recompute_modules=None):
+                 moe: Optional[MoEShape] = None, recompute_modules=None, chunk_layers: Optional[int] = None,
+                 cp_comm_type: str = "p2p", hierarchical_cp_sizes: Optional[Sequence[int]] = None,
+                 microbatch_group_size: Optional[int] = None):
     """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category. ``moe``: the MoE layers'
-    shape (None: a dense model, or a strategy that builds none)."""
+    shape (None: a dense model, or a strategy that builds none). ``chunk_layers``: the stage's largest virtual
+    chunk where they differ (activations are priced per chunk forward in flight). ``cp_comm_type`` (and
+    ``hierarchical_cp_sizes`` for a2a+p2p): whose buffers the attention backward holds at cp > 1 (cp_memory.py)."""
     pre, post = stage == 0, stage == pp - 1
     lp = layer_params(cfg, tp)
     h, vloc = cfg.hidden_size, cfg.vocab_size // tp
@@ -84,10 +95,10 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     st = split_states_bytes(split, zero, n, ep, pkg)
     local_params = dense + expert_params + moe_dense
     # activations
-    inflight, queued = _in_flight(schedule, pp, stage, m, v), None
+    inflight, queued = _in_flight(schedule, pp, stage, m, v, microbatch_group_size), None
     if schedule == "zb-h1" and pp > 1:
         inflight, queued = _zb_h1(pp, stage, m, zero, strategy, inflight)
-    per_chunk_layers = max(1, layers[stage] // v) if schedule == "interleaved" else \
+    per_chunk_layers = max(1, chunk_layers or layers[stage] // v) if schedule == "interleaved" else \
         layers[stage] if chunks == 2 else n_layers
     n_moe = round(per_chunk_layers * num_moe_layers(cfg) / L) if moe is not None else 0
     # ZeRO buffers by phase. Stage 2: one fp32 staging bucket in backward (up to three with overlap). Stage 3:
@@ -108,6 +119,10 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
             extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
                      "head backward": p * (root + head_unit) + 4 * head_unit,
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
+    if cp > 1:
+        extra["attention backward"] = cp_attention_backward_bytes(
+            x.b, x.s, cfg.num_attention_heads // tp, cfg.num_query_groups // tp, cfg.head_dim, num.e, cp,
+            cp_comm_type, hierarchical_cp_sizes)
     act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
                                    others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
                                    moe_layers=n_moe, device=device,

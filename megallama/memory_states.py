@@ -3,8 +3,10 @@
 ZeRO with p bytes/param, g bytes/grad, K bytes of optimizer state and N = dp*cp: stage 0 (p+g+K)Ψ,
 1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N. Ours (megallama/optimizer): fp32 grads always (g = 4); with fp32
 params and autocast (--params-dtype fp32) p = 4, K = 8 (Adam m, v; the master is the model); with bf16/fp16
-parameters (mode 'params', the loop's default) p = 2, K = 12 (fp32 master + m + v). fp8 (--fp8-format) changes
-none of this: the weights stay 16-bit and no fp8 copy of them outlives a GEMM (mpu/fp8_linear.py).
+parameters (mode 'params', the loop's default) p = 2, K = 12 (fp32 master + m + v). --optimizer sgd keeps one fp32
+state (the momentum) instead of Adam's two: K = 4 and 8 (none at --sgd-momentum 0: K = 0 and 4). fp8
+(--fp8-format) changes none of this: the weights stay 16-bit and no fp8 copy of them outlives a GEMM
+(mpu/fp8_linear.py).
 """
 from __future__ import annotations
 
@@ -24,11 +26,21 @@ def model_states_bytes(num_params: float, zero_stage: int, dp: int, p: float, g:
             "optimizer": k * num_params / (n if zero_stage >= 1 else 1)}
 
 
-def precision_bytes(precision: str, mode: str):
-    """(p, g, K) of our training for a precision and mixed-precision mode."""
+def precision_bytes(precision: str, mode: str, states: int = 2):
+    """(p, g, K) of our training for a precision and mixed-precision mode; ``states``: the optimizer's fp32 states
+    per parameter (``optimizer_states``)."""
     if precision == "fp32" or mode == "autocast":
-        return 4, 4, 8
-    return 2, 4, 12
+        return 4, 4, 4 * states
+    return 2, 4, 4 + 4 * states
+
+
+def optimizer_states(optimizer: str = "adam", sgd_momentum: float = 0.9) -> int:
+    """fp32 states per parameter: Adam's m and v; SGD's momentum buffer (none without momentum)."""
+    if optimizer == "sgd":
+        return 1 if sgd_momentum else 0
+    if optimizer != "adam":
+        raise ConfigError(f"optimizer '{optimizer}' is not adam or sgd; fix --optimizer")
+    return 2
 
 
 def trainable_split(strategy: str, dense: float, experts: float, adapters: float, moe_dense: float = 0):

@@ -1,15 +1,20 @@
-"""Megatron-LM's optimizer flags for the embedding/output LR and the gradient reduction dtype, and their checks.
+"""Megatron-LM's optimizer flags for the embedding/output LR, the gradient reduction dtype and SGD, and their checks.
 
 ``--decoupled-lr LR`` / ``--decoupled-min-lr LR``: the input embedding and the output layer train on the run's LR
 schedule between their own peak and floor (``lr_scheduler``; the optimizer gives them groups of their own).
 ``--grad-reduce-in-bf16``: a ``--bf16`` model's gradient buffer stays bf16, so the data-parallel reduction moves
 half the bytes (``optimizer/distributed.py`` says why it is done as Megatron does it).
 
+``--optimizer sgd`` with ``--sgd-momentum M`` (default 0.9, Megatron's): torch's SGD, L2 weight decay
+(optimizer/torch_optimizer.py). As in Megatron the Adam flags are accepted with it and do nothing (launch scripts
+carry them whatever the optimizer); ``--sgd-momentum`` without ``--optimizer sgd`` is refused, since it would do
+nothing that its user surely meant, and so is 1-bit Adam's compression with SGD.
+
 Megatron's other optimizer flags, so that a Megatron launch script gets one line per flag rather than argparse's
 "unrecognized arguments": ``--use-precision-aware-optimizer`` with fp32 ``--main-grads-dtype``/``--main-params-dtype``/
 ``--exp-avg-dtype``/``--exp-avg-sq-dtype`` and ``--apply-wd-to-qk-layernorm`` restate megallama (fp32 masters and
-Adam moments; a Llama here has no qk layernorm); lower-precision states, CPU offload, SGD's momentum and Xavier
-initialisation are refused, each naming what megallama does instead. ``--adam-beta1/2``, ``--adam-eps``,
+Adam moments; a Llama here has no qk layernorm); lower-precision states, CPU offload and Xavier initialisation are
+refused, each naming what megallama does instead. ``--adam-beta1/2``, ``--adam-eps``,
 ``--weight-decay`` and ``--clip-grad`` are checked here, before the model is built, with the flag's name.
 """
 from __future__ import annotations
@@ -46,7 +51,8 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--optimizer-offload-fraction", type=float, default=None, help=argparse.SUPPRESS)
     m.add_argument("--no-pin-cpu-grads", dest="pin_cpu_grads", action="store_false", help=argparse.SUPPRESS)
     m.add_argument("--no-pin-cpu-params", dest="pin_cpu_params", action="store_false", help=argparse.SUPPRESS)
-    m.add_argument("--sgd-momentum", type=float, default=None, help=argparse.SUPPRESS)
+    m.add_argument("--sgd-momentum", type=float, default=None,
+                   help="with --optimizer sgd: its momentum (default 0.9, as Megatron's; 0: plain SGD)")
 
 
 _STATE_DTYPE_FLAGS = (("--main-grads-dtype", ["fp32", "bf16"]), ("--main-params-dtype", ["fp32", "fp16"]),
@@ -78,13 +84,30 @@ def check_megatron_optimizer_flags(args) -> None:
                 is False]
     if offload:
         raise ConfigError(f"{offload[0]} is not supported: {_OFFLOAD}")
-    if getattr(args, "sgd_momentum", None) is not None:
-        raise ConfigError(f"--sgd-momentum {args.sgd_momentum:g} is not supported: it is the momentum of Megatron's "
-                          "--optimizer sgd, and megallama trains with Adam (AdamW); drop it")
+    check_sgd_flags(args)
     if getattr(args, "init_method_xavier_uniform", False):
         raise ConfigError("--init-method-xavier-uniform is not supported: megallama initialises weights from a normal "
                           "of std --init-method-std (output projections / sqrt(2 x layers), Megatron's default); "
                           "drop it")
+
+
+def check_sgd_flags(args) -> None:
+    """``--optimizer`` resolved (adam unless given) and ``--sgd-momentum`` to its default under sgd; momentum without
+    SGD, or SGD under 1-bit Adam's compression, is one line."""
+    args.optimizer = getattr(args, "optimizer", None) or "adam"
+    momentum = getattr(args, "sgd_momentum", None)
+    if args.optimizer != "sgd":
+        if momentum is not None:
+            raise ConfigError(f"--sgd-momentum {momentum:g} is the momentum of --optimizer sgd, but this run trains "
+                              f"with --optimizer {args.optimizer} (AdamW); add --optimizer sgd or drop --sgd-momentum")
+        return
+    if momentum is None:
+        args.sgd_momentum = momentum = 0.9
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"--sgd-momentum {momentum:g} must be in [0, 1); fix --sgd-momentum")
+    if getattr(args, "gradient_compression", None) == "onebit":
+        raise ConfigError("--gradient-compression onebit is 1-bit Adam (it compresses Adam's momentum and freezes its "
+                          "variance) and cannot drive --optimizer sgd; pass --gradient-compression powersgd or topk")
 
 
 def check_optimizer_values(args) -> None:

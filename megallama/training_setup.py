@@ -211,7 +211,8 @@ def build_model_chunks(args, device):
                           sequence_parallel=args.sequence_parallel, schedule=args.pipeline_schedule,
                           num_layers_per_virtual_stage=args.num_layers_per_virtual_pipeline_stage,
                           first_stage_num_layers=args.decoder_first_pipeline_num_layers,
-                          last_stage_num_layers=args.decoder_last_pipeline_num_layers)
+                          last_stage_num_layers=args.decoder_last_pipeline_num_layers,
+                          layer_counts=getattr(args, "pipeline_layer_counts", None))
     else:
         from megallama.model import build_model
         chunks = [build_model(cfg, device=device, dtype=_params_dtype(args), seed=args.seed,
@@ -320,6 +321,8 @@ def setup_model_and_optimizer(args, device):
                for m in chunks]
     cfg = OptimizerConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
                           adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+                          optimizer=getattr(args, "optimizer", None) or "adam",
+                          sgd_momentum=0.9 if getattr(args, "sgd_momentum", None) is None else args.sgd_momentum,
                           bf16=args.bf16, fp16=args.fp16, params_dtype=_params_dtype(args),
                           loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
                           min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
@@ -350,7 +353,9 @@ def dry_run_report(args) -> str:
 def get_forward_backward(args):
     if args.pipeline_model_parallel_size > 1:
         from megallama.pipeline import get_forward_backward_func
-        return get_forward_backward_func(args.pipeline_model_parallel_size, args.pipeline_schedule)
+        return get_forward_backward_func(args.pipeline_model_parallel_size, args.pipeline_schedule,
+                                         microbatch_group_size=getattr(args, "microbatch_group_size_per_vp_stage",
+                                                                       None))
     from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
     return forward_backward_no_pipelining
 

@@ -3,6 +3,7 @@ mean there (same losses, bit for bit, as the megallama spelling), a flag asking 
 line, and the checkpoint flags (--no-load-optim, --no-load-rng, --no-save-optim, --exit-on-missing-checkpoint)
 do what Megatron's do."""
 import re
+from datetime import datetime
 
 import pytest
 
@@ -305,8 +306,8 @@ def test_real_megatron_llama_scripts_are_accepted(name, tmp_path, capsys):
 @pytest.mark.parametrize("extra,says", [
     (["--deterministic-mode"], "--deterministic-mode is not supported"),
     (["--use-torch-fsdp2"], "pass --zero-stage 3 instead"),
-    (["--optimizer", "sgd"], "--optimizer sgd is not supported: megallama trains with Adam (AdamW, Megatron's "
-                             "adam); pass --optimizer adam or drop it"),
+    (["--optimizer", "muon"], "--optimizer muon is not supported: megallama trains with adam (AdamW) or sgd (with "
+                              "--sgd-momentum); pass one of them"),
     (["--rerun-mode", "validate_results"], "--rerun-mode validate_results is not supported: megallama skips an "
                                            "iteration whose loss or gradient is not finite"),
     (["--tokenizer-type", "TikTokenizer"], "Megatron's own JSON-vocabulary tokenizer, which megallama does not read"),
@@ -371,8 +372,11 @@ def test_the_log_lines_read_with_a_megatron_log_parser():
     line = format_log_line(3, 10, {"consumed samples": 24, "elapsed time per iteration (ms)": 123.4,
                                    "throughput per GPU (TFLOP/s/GPU)": 12.34, "learning rate": 3e-4,
                                    "global batch size": 8, "lm loss": 5.5, "grad norm": 0.6001809, "num zeros": 7,
-                                   "params norm": 12.3456, "skipped iterations": 1, "nan iterations": 0})
-    assert line.startswith("iteration        3/      10 | consumed samples:           24 | elapsed time per "
+                                   "params norm": 12.3456, "skipped iterations": 1, "nan iterations": 0},
+                           now=datetime(2024, 5, 1, 12, 0, 7))
+    # Megatron's training_log: f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]" + " iteration {:8d}/{:8d} |"
+    assert line.startswith(" [2024-05-01 12:00:07] iteration        3/      10 | consumed samples:           24 | "
+                           "elapsed time per "
                            "iteration (ms): 123.4 | throughput per GPU (TFLOP/s/GPU): 12.3 | learning rate: "
                            "3.000000E-04 |")
     # Megatron's fixed-point norms: an E-notation 6.001809E-01 read as 6.001809 by "[0-9.]+"

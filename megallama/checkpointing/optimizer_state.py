@@ -1,6 +1,7 @@
 """Optimizer state by parameter name, so it reshards like the weights.
 
-Per-parameter states (Adam's ``exp_avg``/``exp_avg_sq``, and the fp32 ``master`` when the model is bf16/fp16) are
+Per-parameter states (Adam's ``exp_avg``/``exp_avg_sq`` or SGD's ``momentum_buffer``: the optimizer's
+``state_keys``; and the fp32 ``master`` when the model is bf16/fp16) are
 saved as ``optimizer/<key>/<param name>``: pieces of the tp-local parameter's shape, or for ZeRO the element range
 of it that a dp rank owns (``Piece.flat``). They load into any tp/pp/dp/ZeRO layout through the same index as the
 weights. Step count and loss-scaler state are plain values in ``common.pt``.
@@ -21,7 +22,11 @@ from megallama.checkpointing.state import TIED_COPY, canonical_name, is_replica_
 from megallama.errors import ConfigError
 
 PREFIX = "optimizer"
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+_MOMENTS = ("exp_avg", "exp_avg_sq")  # what an optimizer that does not name its ``state_keys`` keeps (AdamW)
+
+
+def _state_keys(optimizer) -> tuple:
+    return tuple(getattr(optimizer, "state_keys", _MOMENTS))
 
 
 def state_name(key: str, param_name: str) -> str:
@@ -62,7 +67,7 @@ def optimizer_entries(optimizer, model_chunks) -> Tuple[list, dict]:
                 continue
             box = local_piece(None, p, shape=e["shape"])
             entire = e["start"] == 0 and e["end"] == e["numel"]
-            for k in _MOMENTS + (("master",) if p.dtype != torch.float32 else ()):
+            for k in _state_keys(optimizer) + (("master",) if p.dtype != torch.float32 else ()):
                 if k in e:
                     out.append((state_name(k, name), e[k].view(e["shape"]) if entire else e[k],
                                 box if entire else box.with_flat(e["start"], e["end"])))
@@ -83,6 +88,15 @@ def optimizer_entries(optimizer, model_chunks) -> Tuple[list, dict]:
     return out, scalars
 
 
+def _other_optimizer(optimizer, k: str, saved) -> ConfigError:
+    """The checkpoint holds none of state ``k`` for any parameter: another --optimizer (or --sgd-momentum 0)."""
+    from megallama.optimizer.torch_optimizer import describe
+    kept = ", ".join(x for x in saved if x != "master") or "no state but the weights"
+    return ConfigError(f"it holds no '{k}' for this run's {describe(optimizer.config)}, only {kept}: it was saved "
+                       "with another --optimizer or --sgd-momentum; pass the ones it was trained with, or "
+                       "--no-load-optim to go on with a fresh optimizer")
+
+
 ReadFn = Callable[[str, torch.Tensor, torch.nn.Parameter], bool]
 
 
@@ -101,8 +115,10 @@ def load_optimizer_states(optimizer, model_chunks, read: ReadFn, scalars: dict, 
             p, cname = params[int(ci)][name], canonical_name(name)
             entry = {k: v for k, v in e.items() if k in ("start", "end", "numel", "shape", "ep_rank")}
             local = torch.empty(e["shape"], dtype=torch.float32)
-            for k in ("master",) + (_MOMENTS if step > 0 else ()):
+            for k in ("master",) + (_state_keys(optimizer) if step > 0 else ()):
                 if not read(state_name(k, cname), local, p):
+                    if k != "master" and k not in keys:
+                        raise _other_optimizer(optimizer, k, keys)
                     if k != "master" or not read(cname, local, p):  # fp32 models: the weights are the master
                         raise ConfigError(f"it holds no optimizer state {state_name(k, cname)}: this run trains "
                                           "parameters the saved run did not (another --strategy, --lora-* or "

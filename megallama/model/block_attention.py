@@ -4,13 +4,16 @@ block's backward with the *merged* output and logsumexp, which gives the exact g
 backward does for its tiles).
 
 Layout [b, heads, seq, head_dim]; GQA: q has ``g`` heads per kv head (head ``i`` uses kv head ``i // g``).
-``causal`` is SDPA's top-left-aligned causal mask; ``allowed`` ([b, sq, sk] bool, True = attend) adds any other
-mask (documents of packed sequences). Returns lse [b, hq, sq] in fp32 (-inf on rows that see nothing).
+``causal`` is flash attention's bottom-right-aligned causal mask (the queries are the last ``sq`` positions of the
+``sk`` keys, sq <= sk: the all-gather's query chunk against the keys up to it, in one call; for square blocks the
+same as SDPA's top-left mask); ``allowed`` ([b, sq, sk] bool, True = attend) adds any other mask (documents of
+packed sequences). Returns lse [b, hq, sq] in fp32 (-inf on rows that see nothing).
 
 Backends: ``math`` (exact, any device, fp32 math: the CPU path and the oracle), ``sdpa_cpu`` (torch's CPU flash
 kernel), ``flash`` and ``efficient`` (torch's CUDA flash / memory-efficient kernels; the latter takes masks and
 fp32). ``auto`` picks flash on CUDA for bf16/fp16 without a mask, efficient for the rest on CUDA, math on CPU.
-The environment variable ``MEGALLAMA_CP_ATTENTION`` overrides ``auto``.
+The environment variable ``MEGALLAMA_CP_ATTENTION`` overrides ``auto``. The flash kernel takes GQA's K/V as they
+are (its backward sums the query heads' dK/dV itself); the others get K/V repeated to the query heads.
 """
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ def _default_scale(q, scale):
 def _mask(allowed, causal, sq, sk, device):
     """[b or 1, sq, sk] bool of the allowed (query, key) pairs, or None for no mask at all."""
     m = None
-    if causal:
-        m = torch.ones(sq, sk, dtype=torch.bool, device=device).tril().unsqueeze(0)
+    if causal:  # bottom-right: query i is position sk - sq + i
+        m = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq).unsqueeze(0)
     if allowed is not None:
         m = allowed if m is None else (allowed & m)
     return m
@@ -113,50 +116,60 @@ def _fold(dk, dv, hkv):
     return dk.view(b, hkv, hq // hkv, sk, d).sum(2), dv.view(b, hkv, hq // hkv, sk, d).sum(2)
 
 
-def _additive(m, hq, sq, sk, dtype, align: int = 1):
-    """Float bias [b, hq, sq, sk] (0 / -inf) from a bool mask; rows padded to ``align`` elements (mem-efficient
-    kernels need aligned strides), then sliced."""
+def _additive(m, b, hq, sq, sk, dtype, align: int = 1):
+    """Float bias [b, hq, sq, sk] (0 / -inf) from a bool mask [b or 1, sq, sk]; rows padded to ``align`` elements
+    (mem-efficient kernels need aligned strides), then sliced. The batch is expanded too: the mem-efficient
+    kernel checks the bias's batch size (a causal-only mask has one)."""
     skp = -(-sk // align) * align
     bias = torch.zeros(m.shape[0], 1, sq, skp, dtype=dtype, device=m.device)[..., :sk]
     bias.masked_fill_(~m[:, None], float("-inf"))
-    return bias.expand(m.shape[0], hq, sq, sk)
+    return bias.expand(b, hq, sq, sk)
+
+
+def _bias(allowed, causal, q, sk, align: int = 1):
+    """The float mask the CPU-flash and memory-efficient kernels take, or None when their own causal flag (top-left:
+    square blocks only) or no mask says it all."""
+    hq, sq = q.shape[1], q.shape[2]
+    if allowed is None and (not causal or sq == sk):
+        return None
+    return _additive(_mask(allowed, causal, sq, sk, q.device), q.shape[0], hq, sq, sk, q.dtype, align)
 
 
 def _kernel_forward(backend, q, k, v, causal, allowed, scale):
-    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
-    ke, ve = _expand(k, v, hq)
-    if backend == "sdpa_cpu":
-        bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype)
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, ke, ve, 0.0, causal and allowed is None, attn_mask=bias, scale=scale)
-        return out, lse.float()
-    if backend == "flash":
+    hq, sk = q.shape[1], k.shape[2]
+    if backend == "flash":  # GQA as is; its causal is bottom-right
         if allowed is not None:
             raise ValueError("the flash backend takes no mask; use 'efficient' for document masks")
-        out, lse = aten._scaled_dot_product_flash_attention(q, ke, ve, 0.0, causal, False, scale=scale)[:2]
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out, lse.float()
-    bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype, 16)
+    ke, ve = _expand(k, v, hq)
+    if backend == "sdpa_cpu":
+        bias = _bias(allowed, causal, q, sk)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, ke, ve, 0.0, causal and bias is None, attn_mask=bias, scale=scale)
+        return out, lse.float()
+    bias = _bias(allowed, causal, q, sk, 16)
     out, lse = aten._scaled_dot_product_efficient_attention(
-        q, ke, ve, bias, True, 0.0, causal and allowed is None, scale=scale)[:2]
-    return out, lse[..., :sq].float()  # the kernel pads lse rows to a multiple of 32
+        q, ke, ve, bias, True, 0.0, causal and bias is None, scale=scale)[:2]
+    return out, lse[..., :q.shape[2]].float()  # the kernel pads lse rows to a multiple of 32
 
 
 def _kernel_backward(backend, dout, q, k, v, out, lse, causal, allowed, scale):
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    ke, ve = _expand(k, v, hq)
     dout, out = dout.to(q.dtype).contiguous(), out.to(q.dtype).contiguous()
     lse = lse.float().contiguous()
-    if backend == "sdpa_cpu":
-        bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, ke, ve, out, lse, 0.0, causal and allowed is None, attn_mask=bias, scale=scale)
-    elif backend == "flash":  # dense (not varlen): no cumulative lengths (None = undefined, as forward gives)
+    if backend == "flash":  # dense (not varlen): no cumulative lengths (None = undefined, as forward gives)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, ke, ve, out, lse, None, None, sq, sk, 0.0, causal, _NO_RNG, _NO_RNG, scale=scale)
+            dout, q, k, v, out, lse, None, None, sq, sk, 0.0, causal, _NO_RNG, _NO_RNG, scale=scale)
+        return dq.float(), dk.float(), dv.float()  # dK/dV already per kv head
+    ke, ve = _expand(k, v, hq)
+    if backend == "sdpa_cpu":
+        bias = _bias(allowed, causal, q, sk)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, ke, ve, out, lse, 0.0, causal and bias is None, attn_mask=bias, scale=scale)
     else:
-        bias = None if allowed is None else _additive(_mask(allowed, causal, sq, sk, q.device), hq, sq, sk, q.dtype,
-                                                      16)
+        bias = _bias(allowed, causal, q, sk, 16)
         pad = -(-sq // 32) * 32 - sq
         lse = F.pad(lse, (0, pad)).contiguous() if pad else lse
         # The kernel reads ``out`` as [b, sq, hq, d] contiguous (its o_strideM is hq * d whatever the strides), the
@@ -164,7 +177,7 @@ def _kernel_backward(backend, dout, q, k, v, out, lse, causal, allowed, scale):
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             dout, q, ke, ve, bias, out, lse, _NO_RNG, _NO_RNG, 0.0, [True, True, True, False],
-            causal and allowed is None, scale=scale)
+            causal and bias is None, scale=scale)
     dk, dv = _fold(dk.float(), dv.float(), hkv)
     return dq.float(), dk, dv
 

@@ -15,11 +15,12 @@ Backward runs the ring again; dK/dV accumulate (fp32) on a buffer that travels w
 after the last step. Ulysses swaps the sequence shard for a head shard with one all-to-all, runs ordinary attention
 over the full sequence, and swaps back; it needs the (tp-local) heads divisible by cp.
 All-gather (Llama 3, TE's ``AttnFuncWithCPAndKVAllGather``): every rank gathers the K/V (kv heads) of the whole
-sequence, each of its two query chunks ``j`` attends to chunks ``< j`` in full and to chunk ``j`` causally, and in
-backward the K/V are gathered again and dK/dV (fp32) reduce-scattered home: one layer's gathered K/V live only
-during its attention. a2a+p2p (``--hierarchical-context-parallel-sizes a b``): Ulysses over ``a`` adjacent cp ranks
-turns their zig-zag chunks into the zig-zag chunks of a ``2b``-chunk split, which the ring then runs over the ``b``
-ranks with the same index in their a2a group.
+sequence and each of its two query chunks ``j`` attends to the keys up to its own end in one bottom-right causal
+block; in backward the K/V are gathered again (as TE: the gathered K/V live only during one layer's attention) and
+dK/dV, summed in fp32 over the two chunks, are reduce-scattered home in the gradients' dtype (bf16 under --bf16).
+a2a+p2p (``--hierarchical-context-parallel-sizes a b``): Ulysses over ``a`` adjacent cp ranks turns their zig-zag
+chunks into the zig-zag chunks of a ``2b``-chunk split, which the ring then runs over the ``b`` ranks with the same
+index in their a2a group (sub-groups registered with the grid: ``destroy_model_parallel`` drops them).
 Packed sequences (``document_ids``): the blocks also mask out pairs from different documents.
 """
 from __future__ import annotations
@@ -36,8 +37,7 @@ from megallama.mpu import context_parallel as cpc
 from megallama.mpu import parallel_state as ps
 
 COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
-_COMM_TYPE = "p2p"
-_HIERARCHICAL_GROUPS = None  # (a2a group, p2p group) of a2a+p2p
+_COMM_TYPE = "p2p"  # the a2a+p2p sub-groups live with the grid's groups (mpu.context_parallel)
 
 
 def single_comm_type(value) -> str:
@@ -54,19 +54,19 @@ def set_context_parallel_comm_type(comm_type, hierarchical_sizes=None) -> None:
     """``p2p`` (ring attention, any head count), ``a2a`` (Ulysses all-to-all, heads per tp rank % cp == 0),
     ``allgather`` (K/V all-gather, any head count) or ``a2a+p2p`` (with ``hierarchical_sizes`` [a2a, p2p], whose
     product is cp; after ``initialize_model_parallel``, on every rank: it creates the sub-groups)."""
-    global _COMM_TYPE, _HIERARCHICAL_GROUPS
+    global _COMM_TYPE
     comm_type = single_comm_type(comm_type)
     if comm_type not in COMM_TYPES:
         raise ConfigError(f"context-parallel communication {comm_type!r} is not one of {COMM_TYPES}; "
                           "fix --cp-comm-type")
-    _COMM_TYPE, _HIERARCHICAL_GROUPS = comm_type, None
+    _COMM_TYPE = comm_type
     if comm_type == "a2a+p2p":
         cp = ps.get_context_parallel_world_size()
         sizes = hierarchical_sizes
         if sizes is None or len(sizes) != 2 or min(sizes) < 2 or math.prod(sizes) != cp:
             raise ConfigError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B (a2a size, "
                               f"p2p size), both >= 2, with A x B = --context-parallel-size {cp}; got {sizes}")
-        _HIERARCHICAL_GROUPS = cpc.new_hierarchical_groups(sizes[0])
+        cpc.new_hierarchical_groups(sizes[0])
 
 
 def get_context_parallel_comm_type() -> str:
@@ -187,15 +187,19 @@ def _rows(x, sl):
 
 
 def _query_chunks(n: int, r: int, c: int):
-    """Per local query chunk: its slice of the local sequence and its (key slice, causal) blocks of the gathered
-    natural-order K/V: the earlier chunks in full (none for chunk 0), its own chunk causally."""
+    """Per local query chunk ``j`` (``r``, then ``2n-1-r``): its slice of the local sequence and the length of the
+    natural-order key prefix it attends to, ``(j+1)c``: one bottom-right causal block (TE's per-chunk K/V range)."""
     for half, j in enumerate((r, 2 * n - 1 - r)):
-        blocks = ([(slice(0, j * c), False)] if j else []) + [(slice(j * c, (j + 1) * c), True)]
-        yield slice(half * c, (half + 1) * c), blocks
+        yield slice(half * c, (half + 1) * c), (j + 1) * c
 
 
 class _AllGatherKVAttention(torch.autograd.Function):
-    """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's zig-zag chunks), ``docs`` [b, 2cp*c] (natural order)."""
+    """q [b, hq, 2c, d], k/v [b, hkv, 2c, d] (this rank's zig-zag chunks), ``docs`` [b, 2cp*c] (natural order).
+
+    As TE's ``AttnFuncWithCPAndKVAllGather``: forward gathers the K/V and runs one kernel per query chunk; only the
+    local K/V are saved (the gathered ones are freed after the forward and gathered again in backward, so they
+    never outlive one layer's attention); dK/dV add up over this rank's two chunks in fp32 and are reduce-scattered
+    home in the gradients' dtype (TE's choice: an activation gradient, like SP's reduce-scatter in bf16)."""
 
     @staticmethod
     def forward(ctx, q, k, v, doc, docs, scale, group, backend):
@@ -203,14 +207,11 @@ class _AllGatherKVAttention(torch.autograd.Function):
         outs, lses = [], []
         with _no_autocast(q.device.type):
             kv = cpc.gather_zigzag(torch.stack((k, v)), dim=3, group=group)  # [2, b, hkv, 2cp*c, d]
-            for qs, blocks in _query_chunks(n, r, c):
-                out = lse = None
-                for ks, causal in blocks:
-                    o, l = block_attention_forward(q[:, :, qs], kv[0, :, :, ks], kv[1, :, :, ks], causal,
-                                                   _allowed(_rows(doc, qs), _rows(docs, ks)), scale, backend)
-                    out, lse = (o.float(), l) if out is None else merge_blocks(out, lse, o, l)
-                outs.append(out)
-                lses.append(lse)
+            for qs, keys in _query_chunks(n, r, c):
+                o, l = block_attention_forward(q[:, :, qs], kv[0, :, :, :keys], kv[1, :, :, :keys], True,
+                                               _allowed(_rows(doc, qs), _rows(docs, slice(0, keys))), scale, backend)
+                outs.append(o)
+                lses.append(l)
         out = torch.cat(outs, dim=2).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, torch.cat(lses, dim=2), doc, docs)
         ctx.scale, ctx.group, ctx.backend, ctx.n, ctx.r = scale, group, backend, n, r
@@ -219,21 +220,21 @@ class _AllGatherKVAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, doc, docs = ctx.saved_tensors
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dqs = []
         with _no_autocast(q.device.type):
             kv = cpc.gather_zigzag(torch.stack((k, v)), dim=3, group=ctx.group)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            for qs, blocks in _query_chunks(ctx.n, ctx.r, q.shape[2] // 2):
-                for ks, causal in blocks:
-                    dq_b, dk_b, dv_b = block_attention_backward(
-                        dout[:, :, qs], q[:, :, qs], kv[0, :, :, ks], kv[1, :, :, ks], out[:, :, qs],
-                        lse[:, :, qs].contiguous(), causal, _allowed(_rows(doc, qs), _rows(docs, ks)),
-                        ctx.scale, ctx.backend)
-                    dq[:, :, qs] += dq_b
-                    dkv[0, :, :, ks] += dk_b
-                    dkv[1, :, :, ks] += dv_b
-            dkv = cpc.reduce_scatter_zigzag(dkv, dim=3, group=ctx.group)  # summed over the ranks' queries
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+            for qs, keys in _query_chunks(ctx.n, ctx.r, q.shape[2] // 2):
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    dout[:, :, qs], q[:, :, qs], kv[0, :, :, :keys], kv[1, :, :, :keys], out[:, :, qs],
+                    lse[:, :, qs].contiguous(), True, _allowed(_rows(doc, qs), _rows(docs, slice(0, keys))),
+                    ctx.scale, ctx.backend)
+                dqs.append(dq_b)
+                dkv[0, :, :, :keys] += dk_b
+                dkv[1, :, :, :keys] += dv_b
+            del kv
+            dkv = cpc.reduce_scatter_zigzag(dkv.to(k.dtype), dim=3, group=ctx.group)  # summed over the ranks
+        return torch.cat(dqs, dim=2).to(q.dtype), dkv[0], dkv[1], None, None, None, None, None
 
 
 def allgather_attention(q, k, v, document_ids: Optional[torch.Tensor] = None, scale: Optional[float] = None,
@@ -286,7 +287,7 @@ def _inner_to_outer_zigzag(n: int, c: int, device) -> torch.Tensor:
 
 def hierarchical_attention(q, k, v, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a2a+p2p: Ulysses over the a2a group, the zig-zag ring over the p2p group, Ulysses back (bshd layout)."""
-    a2a, p2p = _HIERARCHICAL_GROUPS
+    a2a, p2p = cpc.get_hierarchical_context_parallel_groups()
     n, hq = dist.get_world_size(a2a), q.shape[2]
     if hq % n:
         raise ConfigError(f"--cp-comm-type a2a+p2p needs the {hq} attention heads per tensor-parallel rank to be "

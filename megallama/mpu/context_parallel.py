@@ -159,10 +159,15 @@ def reduce_scatter_zigzag(x: torch.Tensor, dim: int, group=None) -> torch.Tensor
 
 
 # ---------------------------------------------------------------- hierarchical cp: a2a inside, p2p across
+_HCP_A2A, _HCP_P2P = "hcp_a2a", "hcp_p2p"  # their names among parallel_state's groups
+
+
 def new_hierarchical_groups(inner: int):
     """(a2a group, p2p group) of this rank for ``--hierarchical-context-parallel-sizes inner outer``, Megatron's
     layout: ``inner`` adjacent cp ranks form an a2a group, the cp ranks with the same index inside theirs form a
-    p2p group. Every rank creates every group (``new_group`` is collective), in the same order."""
+    p2p group. Every rank creates every group (``new_group`` is collective), in the same order. They are
+    registered with the grid's groups, so ``destroy_model_parallel`` drops them with the rest (a rebuilt grid
+    never runs on a previous grid's sub-groups)."""
     grid, me = ps._grid(), dist.get_rank()
     a2a = p2p = None
     for pp, dp, tp in itertools.product(range(grid.pp), range(grid.dp), range(grid.tp)):
@@ -173,7 +178,23 @@ def new_hierarchical_groups(inner: int):
         for ranks in (cp_ranks[i::inner] for i in range(inner)):
             group = dist.new_group(ranks)
             p2p = group if me in ranks else p2p
+    ps._GROUPS[_HCP_A2A], ps._GROUPS[_HCP_P2P] = a2a, p2p
+    ps._RANKS[_HCP_A2A], ps._RANKS[_HCP_P2P] = dist.get_process_group_ranks(a2a), dist.get_process_group_ranks(p2p)
     return a2a, p2p
+
+
+def get_hierarchical_context_parallel_groups(check_initialized: bool = True):
+    """[a2a group, p2p group] of a2a+p2p (Megatron's getter): built by ``set_context_parallel_comm_type('a2a+p2p',
+    sizes)`` after ``initialize_model_parallel``, dropped by ``destroy_model_parallel``. Missing: RuntimeError, or
+    None with ``check_initialized=False``."""
+    a2a, p2p = ps._group(_HCP_A2A), ps._group(_HCP_P2P)
+    if a2a is None or p2p is None:
+        if check_initialized:
+            raise RuntimeError("hierarchical context-parallel groups are not initialized (destroy_model_parallel "
+                               "drops them); call set_context_parallel_comm_type('a2a+p2p', [a2a, p2p]) after "
+                               "initialize_model_parallel")
+        return None
+    return [a2a, p2p]
 
 
 # ---------------------------------------------------------------- Ulysses all-to-all

@@ -151,6 +151,9 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
 
 
 def destroy_model_parallel() -> None:
+    """Forget the grid and every group of it, the a2a+p2p sub-groups that ``set_context_parallel_comm_type``
+    registers here included (Megatron's: the references go; torch keeps the communicators until
+    ``destroy_process_group``). Getters then answer as before ``initialize_model_parallel``."""
     global _GRID, _VPP_RANK
     _GRID, _VPP_RANK = None, None
     _GROUPS.clear()

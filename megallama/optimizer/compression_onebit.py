@@ -122,6 +122,9 @@ def install_onebit_adam(dist_optimizer, freeze_step: int, refresh: bool = True) 
     """Swap a DistributedOptimizer's AdamW for OneBitAdamW with the same groups, hyperparameters and state. The
     pieces of expert buckets (reduced exact over the expert-data-parallel group, never by the comm hook) are marked
     ``exact_params``: their gradient is a gradient on every step, not the averaged momentum."""
+    if getattr(dist_optimizer.config, "optimizer", "adam") != "adam":
+        raise ConfigError(f"--gradient-compression onebit is 1-bit Adam and cannot drive --optimizer "
+                          f"{dist_optimizer.config.optimizer}; pass --gradient-compression powersgd or topk")
     old = dist_optimizer.optimizer
     exact = {pc.master for pc in dist_optimizer.pieces if pc.comm is not None and pc.comm.expert}
     if isinstance(old, OneBitAdamW):

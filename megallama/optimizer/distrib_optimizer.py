@@ -1,10 +1,11 @@
-"""The (ZeRO-sharded) mixed-precision AdamW over ``DistributedDataParallel`` chunks.
+"""The (ZeRO-sharded) mixed-precision AdamW or SGD over ``DistributedDataParallel`` chunks.
 
 Each rank optimizes its *pieces* (``DDP.optimizer_pieces``): whole parameters at stage 0, the parts of parameters
 in its dp shard at stages 1-3. Master weights are fp32: for fp32 models they *are* the model storage (the param
 buffer at stages 1-2, the param shard at stage 3, the params at stage 0), for bf16/fp16 models they are a separate
-fp32 flat buffer copied back after each step. The update is ``torch.optim.AdamW`` (fused on CUDA, foreach
-otherwise) over the piece tensors, in two groups: weight decay for >= 2-D parameters, none for norms and biases;
+fp32 flat buffer copied back after each step. The update is ``torch.optim.AdamW`` or, with ``--optimizer sgd``,
+``torch.optim.SGD`` with momentum (torch_optimizer.py; fused on CUDA, foreach otherwise) over the piece tensors, in
+two groups: weight decay for >= 2-D parameters, none for norms and biases;
 with ``decoupled_lr`` (Megatron's --decoupled-lr) two more, the same split of the pieces whose parameter is marked
 ``is_embedding_or_output_parameter`` (``is_decoupled_lr``: the scheduler gives them their own LR). Each rank's
 groups hold its own pieces, so they are right at any ZeRO stage (a piece cut by a shard boundary stays in its
@@ -12,18 +13,20 @@ parameter's group) and on any pipeline stage (a stage without embedding or outpu
 groups, so every rank has the same groups).
 
 Step: unscale (fp16) -> global norm over shards and model-parallel ranks -> skip if not finite (the dynamic loss
-scale backs off) -> clip -> AdamW -> copy masters to the model -> all-gather params (stages 1-2).
+scale backs off) -> clip -> AdamW / SGD -> copy masters to the model -> all-gather params (stages 1-2).
 
 Memory per rank with Ψ parameters and N dp ranks, p bytes/param, g = 4 (fp32 grads; 2 for a bf16 model with
 --grad-reduce-in-bf16), K bytes of optimizer state per param: fp32 model p = 4, K = 8 (Adam m and v; the master
-is the model copy itself); bf16/fp16 model p = 2, K = 12 (fp32 master + m + v). Stage 0 (p+g+K)Ψ,
-1 (p+g)Ψ + KΨ/N, 2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N, plus bucket padding (< dp*64 elements a bucket) and transient
-buffers: stage 2/3 staging (up to 3 buckets), stage 3 two gathered units.
+is the model copy itself); bf16/fp16 model p = 2, K = 12 (fp32 master + m + v); SGD keeps one state (the
+momentum) instead of two: K = 4 and 8 (0 and 4 at momentum 0). Stage 0 (p+g+K)Ψ, 1 (p+g)Ψ + KΨ/N,
+2 pΨ + (g+K)Ψ/N, 3 (p+g+K)Ψ/N, plus bucket padding (< dp*64 elements a bucket) and transient buffers: stage 2/3
+staging (up to 3 buckets), stage 3 two gathered units.
 
-Checkpoints: ``state_dict()`` is this rank's shard *in parameter space* (name, element range, master, exp_avg,
-exp_avg_sq), so ``load_state_dict`` accepts the state dicts of all dp ranks of a run with any dp size and stage
-(pass them as a list) and picks the ranges it owns; ``gather_full_state_dict()`` assembles the whole state on every
-dp rank (collective), which loads into any layout as well.
+Checkpoints: ``state_dict()`` is this rank's shard *in parameter space* (name, element range, master and the
+optimizer's ``state_keys``: exp_avg, exp_avg_sq or momentum_buffer), so ``load_state_dict`` accepts the state dicts
+of all dp ranks of a run with any dp size and stage (pass them as a list) and picks the ranges it owns;
+``gather_full_state_dict()`` assembles the whole state on every dp rank (collective), which loads into any layout
+as well.
 """
 from __future__ import annotations
 
@@ -41,9 +44,9 @@ from megallama.optimizer import clip_grads
 from megallama.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megallama.optimizer.distributed import finish_param_sync
 from megallama.optimizer.optimizer_config import OptimizerConfig
+from megallama.optimizer.torch_optimizer import build_torch_optimizer, describe, set_state, state_keys
 
 FORMAT = "megallama.zero.v1"
-_STATES = ("exp_avg", "exp_avg_sq")
 
 
 def _is_chimera(chunk) -> bool:
@@ -91,9 +94,8 @@ class DistributedOptimizer:
         fused = config.use_fused
         if fused is None:
             fused = self.device.type == "cuda"
-        kw = dict(fused=True) if fused else dict(foreach=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.pieces, config), lr=config.lr,
-                                           betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, **kw)
+        self.optimizer = build_torch_optimizer(_param_groups(self.pieces, config), config, fused)
+        self.state_keys = state_keys(config)  # the per-element states saved and loaded besides the master
         self._fused = fused
         self.grad_scaler = None
         if config.fp16:
@@ -220,7 +222,7 @@ class DistributedOptimizer:
             st = self.optimizer.state.get(pc.master, {})
             entry = {"start": pc.param_start, "end": pc.param_end, "numel": int(torch.Size(pc.shape).numel()),
                      "shape": list(pc.shape), "master": pc.master.detach().to("cpu", copy=True)}
-            for k in _STATES:
+            for k in self.state_keys:
                 if k in st:
                     entry[k] = st[k].detach().to("cpu", copy=True)
             if pc.comm is not None and pc.comm.expert:  # local expert names repeat on every ep rank
@@ -248,7 +250,7 @@ class DistributedOptimizer:
                 by_ep.setdefault(e.get("ep_rank"), []).append(e)
             for ep, group in by_ep.items():
                 k = key if ep is None else f"{key}@ep{ep}"
-                full[k] = _assemble(key, group, 0, numel, with_states=own["step"] > 0)
+                full[k] = _assemble(key, group, 0, numel, self.state_keys if own["step"] > 0 else ())
                 full[k].update(start=0, end=numel, numel=numel, shape=shape)
                 if ep is not None:
                     full[k]["ep_rank"] = ep
@@ -272,21 +274,19 @@ class DistributedOptimizer:
             if not entries:
                 raise ConfigError(f"optimizer state has no entry for {pc.key}; the checkpoint is for a different "
                                   "model or pipeline layout")
-            got = _assemble(pc.key, entries, pc.param_start, pc.param_end, with_states=step > 0)
+            keys = self.state_keys if step > 0 else ()
+            got = _assemble(pc.key, entries, pc.param_start, pc.param_end, keys, describe(self.config))
             pc.master.copy_(got["master"].to(pc.master.device))
-            if step > 0:
-                st = self.optimizer.state[pc.master]
-                st["step"] = (torch.tensor(float(step), dtype=torch.float32, device=self.device) if self._fused
-                              else torch.tensor(float(step), dtype=torch.float32))
-                for k in _STATES:
-                    st[k] = got[k].to(device=pc.master.device, dtype=pc.master.dtype).clone()
+            if keys:
+                set_state(self.optimizer, pc.master, got, step, keys, self._fused)
             else:
                 self.optimizer.state.pop(pc.master, None)
         self.num_steps = step
         saved_groups = {_group_key(g): g for g in states[0]["param_groups"]}  # by kind, not position
         for g in self.optimizer.param_groups:
             saved = saved_groups.get(_group_key(g), {})
-            g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps")})
+            g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps", "momentum")
+                      and k in g})
         self._load_grad_scaler(states[0])
         self._copy_masters_to_model()
         finish_param_sync(self.chunks)
@@ -308,8 +308,9 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------------ accounting
     def memory_footprint(self) -> Dict[str, int]:
-        """Bytes of optimizer-owned tensors on this rank: separate fp32 masters and Adam moments."""
-        seen, out = set(), {"master": 0, "exp_avg": 0, "exp_avg_sq": 0}
+        """Bytes of optimizer-owned tensors on this rank: separate fp32 masters and the states (Adam's moments or
+        SGD's momentum), by name."""
+        seen, out = set(), dict.fromkeys(("master",) + self.state_keys, 0)
 
         def add(kind, t):
             s = t.untyped_storage()
@@ -319,7 +320,7 @@ class DistributedOptimizer:
         for buf in self._masters_buffers:
             add("master", buf)
         for st in self.optimizer.state.values():
-            for k in _STATES:
+            for k in self.state_keys:
                 if k in st:
                     add(k, st[k])
         return out
@@ -352,9 +353,9 @@ def _index_pieces(states: Sequence[dict]) -> Dict[str, List[dict]]:
     return index
 
 
-def _assemble(key: str, entries: List[dict], start: int, end: int, with_states: bool) -> dict:
-    """Elements [start, end) of one parameter's master and moments, stitched from overlapping saved pieces."""
-    names = ("master",) + (_STATES if with_states else ())
+def _assemble(key: str, entries: List[dict], start: int, end: int, states=(), optimizer: str = "") -> dict:
+    """Elements [start, end) of one parameter's master and ``states``, stitched from overlapping saved pieces."""
+    names = ("master",) + tuple(states)
     out = {k: torch.zeros(end - start, dtype=torch.float32) for k in names}
     covered = torch.zeros(end - start, dtype=torch.bool)
     for e in entries:
@@ -363,7 +364,11 @@ def _assemble(key: str, entries: List[dict], start: int, end: int, with_states: 
             continue
         for k in names:
             if k not in e:
-                raise ConfigError(f"optimizer state for {key} lacks '{k}'; the checkpoint is incomplete")
+                other = [n for n in e if n not in names and torch.is_tensor(e[n]) and e[n].dim() == 1]
+                raise ConfigError(f"optimizer state for {key} lacks '{k}'" + (
+                    f" (it holds {', '.join(other)}: saved by another optimizer than this run's {optimizer}; pass "
+                    "the --optimizer it was trained with)" if other and optimizer else
+                    "; the checkpoint is incomplete"))
             out[k][a - start:z - start] = e[k][a - e["start"]:z - e["start"]].float()
         covered[a - start:z - start] = True
     if not bool(covered.all()):

@@ -11,12 +11,14 @@ from megallama.errors import ConfigError
 
 @dataclass
 class OptimizerConfig:
+    optimizer: str = "adam"  # Megatron's --optimizer: adam (AdamW) or sgd (torch.optim.SGD; torch_optimizer.py)
     lr: float = 3e-4
     min_lr: float = 0.0  # used by the LR scheduler, kept here so one object describes the optimizer
     weight_decay: float = 0.01  # applied to >= 2-D parameters only (not norms or biases)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9  # Megatron's --sgd-momentum (its default); 0: plain SGD, no state
     clip_grad: float = 1.0  # global grad-norm clipping; 0 disables
     bf16: bool = False
     fp16: bool = False
@@ -34,6 +36,10 @@ class OptimizerConfig:
     def validate(self) -> "OptimizerConfig":
         if self.bf16 and self.fp16:
             raise ConfigError("both bf16 and fp16 are set; pick one of --bf16 / --fp16")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer '{self.optimizer}' is not adam or sgd; fix --optimizer")
+        if not 0.0 <= self.sgd_momentum < 1.0:
+            raise ConfigError(f"sgd_momentum {self.sgd_momentum:g} must be in [0, 1); fix --sgd-momentum")
         if not self.lr >= 0:
             raise ConfigError(f"learning rate {self.lr} must be >= 0; pass a non-negative --lr")
         if self.clip_grad is not None and self.clip_grad < 0:

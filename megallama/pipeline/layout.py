@@ -3,8 +3,10 @@
 Stages are separated by ``|`` in model order (stage k = virtual stage k // pp of pipeline rank k % pp, megallama's
 part numbering too); ``E`` is the embedding, ``t`` a decoder layer, ``L`` the output layer and loss, ``m`` an MTP
 layer; ``X*n`` and ``(...)*n`` repeat, commas are cosmetic: ``"Et*3|(tt|)*29,m|L"``. megallama places the
-embedding on the first part and the loss on the last one always, so a layout is its decoder-layer count per part;
-``parse_layout`` checks it as Megatron's ``PipelineParallelLayerLayout`` does, in one error line each.
+embedding on the first part and the loss on the last one always, so a layout is its decoder-layer count per part,
+any counts, virtual stages included (``"Ett|t|t|tttL"``: pp 2, rank 0 holds [2, 1], rank 1 [1, 3]); the first
+(last) part may hold the embedding (loss) alone, as in ``"E|(tt|)*7,L"``. ``parse_layout`` checks it as
+Megatron's ``PipelineParallelLayerLayout`` does, in one error line each.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def parse_layout(layout: str, pipeline_model_parallel_size: int, num_layers: int
         raise ConfigError(f"{FLAG} '{layout}' places {flat.count('t')} decoder layers (t) but the model has "
                           f"{num_layers}; make them match (or set --num-layers {flat.count('t')})")
     counts = [s.count("t") for s in stages]
-    if 0 in counts:
-        k = counts.index(0)
-        raise ConfigError(f"{FLAG} '{layout}': stage {k} ('{stages[k]}') holds no decoder layer, which megallama's "
-                          "pipeline does not build; give every stage at least one t")
+    empty = [k for k, s in enumerate(stages) if not s]
+    if empty:  # Megatron fills it with an identity; megallama builds no stage without a layer, embedding or loss
+        raise ConfigError(f"{FLAG} '{layout}': stage {empty[0]} is empty (no t, E or L), which megallama's pipeline "
+                          "does not build; give every stage at least one t (the first may be E alone, the last L)")
     return counts

@@ -8,7 +8,8 @@ import torch
 from megallama.config import ModelConfig
 from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
-from megallama.pipeline.partition import costs_from_config, partition_layers, virtual_chunks
+from megallama.pipeline.partition import (costs_from_config, megatron_split, partition_layers, parts_of,
+                                          virtual_chunks)
 from megallama.pipeline.schedules import chunk_parts, normalize_schedule_name
 
 
@@ -20,18 +21,28 @@ def unwrap_model(model):
 
 
 def model_parts(config: ModelConfig, num_stages: int, schedule: str, num_layers_per_virtual_stage=None,
-                first_stage_num_layers=None, last_stage_num_layers=None, seq_length=None) -> List[List[int]]:
-    """Layer ids of every model part for ``schedule`` (cost-balanced unless the virtual stage size fixes them)."""
+                first_stage_num_layers=None, last_stage_num_layers=None, seq_length=None, *, layer_counts=None,
+                num_virtual_stages=None) -> List[List[int]]:
+    """Layer ids of every model part for ``schedule``. ``layer_counts``: decoder layers per part as the flags
+    resolved them (a layout string, Megatron's uneven virtual stages), taken as given. Otherwise interleaved cuts
+    ``num_virtual_stages`` (or L / (p x ``num_layers_per_virtual_stage``)) chunks per rank, equal unless the
+    first/last rank is pinned (Megatron's rule, ``megatron_split``); one chunk per rank is balanced by cost."""
     name = normalize_schedule_name(schedule)
     L = config.num_layers
+    if layer_counts is not None:
+        return parts_of(layer_counts, L, num_stages)
     if name == "interleaved" and num_stages > 1:
-        pinned = [f for f, n in (("first", first_stage_num_layers), ("last", last_stage_num_layers)) if n is not None]
-        if pinned:  # Megatron refuses them with --num-layers-per-virtual-pipeline-stage too; never drop them
-            raise ConfigError(f"--decoder-{pinned[0]}-pipeline-num-layers cannot be combined with the interleaved "
-                              "schedule (its virtual stages are equal chunks here); drop one of them")
-        v = virtual_chunks(L, num_stages, num_layers_per_virtual_stage)
-        n = L // (num_stages * v)
-        return [list(range(k * n, (k + 1) * n)) for k in range(num_stages * v)]
+        pinned = first_stage_num_layers is not None or last_stage_num_layers is not None
+        if pinned and num_virtual_stages is None:  # Megatron's rule: the chunk size is no longer one number
+            raise ConfigError("--decoder-first/last-pipeline-num-layers with the interleaved schedule take "
+                              "--num-virtual-stages-per-pipeline-rank (as in Megatron), not "
+                              "--num-layers-per-virtual-pipeline-stage; pass that instead")
+        v = num_virtual_stages or virtual_chunks(L, num_stages, num_layers_per_virtual_stage)
+        if not pinned and L % (num_stages * v):
+            raise ConfigError(f"--num-virtual-stages-per-pipeline-rank {v} does not split {L} layers into "
+                              f"{num_stages} stages x {v} chunks; pick a value that divides the layers per stage")
+        return parts_of(megatron_split(L, num_stages, v, first=first_stage_num_layers,
+                                       last=last_stage_num_layers), L, num_stages)
     return partition_layers(L, num_stages, 1, costs=costs_from_config(config, seq_length),
                             first_stage_num_layers=first_stage_num_layers, last_stage_num_layers=last_stage_num_layers)
 
@@ -39,15 +50,18 @@ def model_parts(config: ModelConfig, num_stages: int, schedule: str, num_layers_
 def build_model_chunks(config: ModelConfig, *, device="cpu", dtype=torch.float32, seed: int = 1234,
                        sequence_parallel: bool = False, schedule: str = "1f1b",
                        num_layers_per_virtual_stage: Optional[int] = None, first_stage_num_layers: Optional[int] = None,
-                       last_stage_num_layers: Optional[int] = None, init: bool = True) -> list:
+                       last_stage_num_layers: Optional[int] = None, init: bool = True, layer_counts=None,
+                       num_virtual_stages: Optional[int] = None) -> list:
     """This rank's chunks, in the order the schedule names them: one for GPipe/1F1B/ZB-H1, ``v`` for interleaved
     (chunk c = part c * p + stage), two for Chimera (this stage's part and the mirror stage's part, a replica
     kept in sync by ``allreduce_embedding_gradients``). Weights are layout-independent (same seed, same
-    weights), so every replica starts identical."""
+    weights), so every replica starts identical. ``layer_counts`` / ``num_virtual_stages``: see ``model_parts``;
+    a chunk may hold no decoder layer (the embedding or the loss alone)."""
     from megallama.model import build_model
     name = normalize_schedule_name(schedule)
     p, s = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    parts = model_parts(config, p, name, num_layers_per_virtual_stage, first_stage_num_layers, last_stage_num_layers)
+    parts = model_parts(config, p, name, num_layers_per_virtual_stage, first_stage_num_layers, last_stage_num_layers,
+                        layer_counts=layer_counts, num_virtual_stages=num_virtual_stages)
     v = len(parts) // p
     if p == 1:
         mine = [0]

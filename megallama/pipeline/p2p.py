@@ -76,6 +76,12 @@ def warm_up_group(group, peers: Sequence[int] = ()) -> None:
         connected.update(new)
 
 
+def sends_report_completion(group=None) -> bool:
+    """Whether a send's work says when its transfer is over without being waited on: NCCL's do (their CUDA
+    events); gloo's ``is_completed`` stays False until ``wait()``."""
+    return _backend(group) == "nccl"
+
+
 def batch_send_recv(ops: Sequence[P2POp], group=None, use_batch: Optional[bool] = None) -> List:
     """Post ``ops`` (in this order) and return one work per op (waiting on any of a coalesced batch's works
     waits for the whole batch)."""

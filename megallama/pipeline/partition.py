@@ -7,7 +7,9 @@ layers; a MoE layer costs more than a dense one (its top-k expert MLPs), so spar
 the most expensive part (every part keeps at least one layer); among the optimal splits the spare layers go to
 the later parts, since early stages hold more activations in flight under 1F1B.
 ``first_stage_num_layers`` / ``last_stage_num_layers`` pin the ends (Megatron's
-``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``); the rest is balanced.
+``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``); the rest is balanced. With
+virtual stages, and with ``--account-for-embedding/loss-in-pipeline-split``, the split is Megatron-core's own
+(``megatron_split``), so a Megatron launch line builds the same stages here.
 """
 from __future__ import annotations
 
@@ -119,9 +121,9 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
     for name, val, k in (("first", first_stage_num_layers, 0), ("last", last_stage_num_layers, P - 1)):
         if val is None:
             continue
-        if num_chunks > 1:
-            raise ConfigError(f"--decoder-{name}-pipeline-num-layers cannot be combined with virtual pipeline "
-                              "stages; drop one of them")
+        if num_chunks > 1:  # Megatron's rule: the pin is the whole rank's layers, spread over its chunks
+            return parts_of(megatron_split(num_layers, num_stages, num_chunks, first=first_stage_num_layers,
+                                           last=last_stage_num_layers), num_layers, num_stages)
         if P == 1:
             raise ConfigError(f"--decoder-{name}-pipeline-num-layers needs --pipeline-model-parallel-size > 1")
         if val < 1:
@@ -152,6 +154,70 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
     return parts
 
 
+def parts_of(counts, num_layers: int, num_stages: int) -> List[List[int]]:
+    """Global layer ids of each part from its decoder-layer count (a part may hold none: the embedding or the loss
+    alone, Megatron's "E|" / "|L"). Checkpoints name layers by these global ids, so any split loads any other."""
+    counts = [int(c) for c in counts]
+    if len(counts) % num_stages or not counts or min(counts) < 0 or sum(counts) != num_layers:
+        raise ConfigError(f"layer counts {counts} do not split {num_layers} layers over a multiple of {num_stages} "
+                          "pipeline stages; give pp x (virtual stages per rank) counts summing to --num-layers")
+    empty = [k for k, c in enumerate(counts) if c == 0 and 0 < k < len(counts) - 1]
+    if empty:
+        raise ConfigError(f"stage {empty[0]} of {counts} holds neither a decoder layer nor the embedding or the loss; "
+                          "give it at least one layer")
+    parts, start = [], 0
+    for c in counts:
+        parts.append(list(range(start, start + c)))
+        start += c
+    return parts
+
+
+def megatron_split(num_layers: int, num_stages: int, num_chunks: int = 1, *, first: Optional[int] = None,
+                   last: Optional[int] = None, embedding: bool = False, loss: bool = False) -> List[int]:
+    """Decoder layers of each part (part k = chunk * stages + rank), as Megatron-core's ``get_num_layers_to_build``.
+
+    ``first`` / ``last`` (--decoder-first/last-pipeline-num-layers) are the layers of the whole first / last
+    pipeline *rank*, spread evenly over its ``num_chunks`` virtual stages (so a multiple of them); the other ranks
+    share the rest evenly. 8 layers, pp 2, 2 chunks, first 2, last 6: rank 0 holds [1, 1], rank 1 [3, 3], i.e.
+    parts [1, 3, 1, 3]. ``embedding`` / ``loss`` (--account-for-embedding/loss-in-pipeline-split) count the
+    embedding / the loss as a layer: L + e + l splits evenly over every (rank, chunk), then the model's first part
+    builds one decoder layer fewer (the last part too, for the loss), none at all when a part holds one layer:
+    126 layers, pp 8, 8 chunks -> 128 / 64 = 2 a part, [1, 2, ..., 2, 1]."""
+    p, v, P = num_stages, num_chunks, num_stages * num_chunks
+    pins = {k: n for k, n in (("first", first), ("last", last)) if n is not None}
+    if pins and (embedding or loss):
+        raise ConfigError("--account-for-embedding/loss-in-pipeline-split and --decoder-first/last-pipeline-num-"
+                          "layers both place layers; pass one (Megatron refuses the pair too)")
+    if embedding or loss:
+        e, l = int(embedding), int(loss)
+        flags = " and ".join(f"--account-for-{n}-in-pipeline-split" for n, on in (("embedding", e), ("loss", l)) if on)
+        total = num_layers + e + l
+        if total % P or total // P < 1:
+            where = f"{p} pipeline stages" + (f" x {v} virtual stages" if v > 1 else "")
+            raise ConfigError(f"{flags}: {num_layers} layers + {e + l} do not split evenly over {where}; change "
+                              "--num-layers or the pipeline size (or give --pipeline-model-parallel-layout)")
+        counts = [total // P] * P
+        counts[0] -= e
+        counts[-1] -= l
+        return counts
+    for name, n in pins.items():
+        flag = f"--decoder-{name}-pipeline-num-layers {n}"
+        if p == 1:
+            raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1")
+        if n < 1 or n % v:
+            raise ConfigError(f"{flag} must be a positive multiple of the {v} virtual stages per rank (Megatron "
+                              "spreads the first/last rank's layers evenly over its virtual stages); change it or "
+                              "give --pipeline-model-parallel-layout")
+    middle, rest = p - len(pins), num_layers - sum(pins.values())
+    if (middle == 0 and rest) or (middle and (rest < middle * v or rest % (middle * v))):
+        raise ConfigError(f"pinned first/last stage layers {sorted(pins.values())} leave {rest} layers for "
+                          f"{middle} other stages x {v} virtual stages, which must split evenly (at least one layer "
+                          "each, all layers used); change --decoder-first/last-pipeline-num-layers")
+    per_rank = [pins["first"] if r == 0 and "first" in pins else pins["last"] if r == p - 1 and "last" in pins
+                else rest // middle for r in range(p)]
+    return [per_rank[k % p] // v for k in range(P)]
+
+
 def virtual_chunks(num_layers: int, num_stages: int, num_layers_per_virtual_stage: Optional[int]) -> int:
     """``v`` from ``--num-layers-per-virtual-pipeline-stage`` (Megatron: L / (p * n), exact)."""
     n = num_layers_per_virtual_stage
@@ -179,15 +245,20 @@ def validate_pipeline_config(num_layers: int, pipeline_model_parallel_size: int,
                              global_batch_size: Optional[int] = None, micro_batch_size: int = 1,
                              data_parallel_size: int = 1, num_layers_per_virtual_stage: Optional[int] = None,
                              first_stage_num_layers: Optional[int] = None,
-                             last_stage_num_layers: Optional[int] = None) -> dict:
-    """Every layout check in one place, before any process group exists. Returns {num_microbatches, num_chunks,
-    parts}."""
+                             last_stage_num_layers: Optional[int] = None, layer_counts=None) -> dict:
+    """Every layout check in one place, before any process group exists. ``layer_counts``: the split the flags
+    resolved to (``args.pipeline_layer_counts``, any uneven virtual stages), taken as given. Returns
+    {num_microbatches, num_chunks, parts}."""
     from megallama.pipeline.schedules import check_schedule_args, normalize_schedule_name
     name = normalize_schedule_name(schedule)
     p = pipeline_model_parallel_size
-    v = virtual_chunks(num_layers, p, num_layers_per_virtual_stage) if name == "interleaved" and p > 1 else 1
-    parts = partition_layers(num_layers, p, v, first_stage_num_layers=first_stage_num_layers,
-                             last_stage_num_layers=last_stage_num_layers)
+    if layer_counts is not None and p > 1:
+        parts = parts_of(layer_counts, num_layers, p)
+        v = len(parts) // p
+    else:
+        v = virtual_chunks(num_layers, p, num_layers_per_virtual_stage) if name == "interleaved" and p > 1 else 1
+        parts = partition_layers(num_layers, p, v, first_stage_num_layers=first_stage_num_layers,
+                                 last_stage_num_layers=last_stage_num_layers)
     m = None
     if global_batch_size is not None:
         m = num_microbatches(global_batch_size, micro_batch_size, data_parallel_size)

@@ -88,8 +88,8 @@ def build_stage_program(sched: PipelineSchedule, stage: int) -> List[Step]:
 
 @functools.lru_cache(maxsize=256)
 def stage_program(name: str, num_stages: int, num_microbatches: int, num_chunks: int, stage: int,
-                  forward_only: bool) -> Tuple[PipelineSchedule, List[Step]]:
-    sched = build_schedule(name, num_stages, num_microbatches, num_chunks)
+                  forward_only: bool, group_size: Optional[int] = None) -> Tuple[PipelineSchedule, List[Step]]:
+    sched = build_schedule(name, num_stages, num_microbatches, num_chunks, group_size)
     if forward_only:
         sched = sched.forward_only()
     return sched, build_stage_program(sched, stage)

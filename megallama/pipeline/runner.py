@@ -5,7 +5,11 @@ Same contract as ``forward_backward_no_pipelining`` (Megatron's ``forward_backwa
 after the first the runner hands the received hidden state to the chunk with ``set_input_tensor`` before
 calling it. Each microbatch's loss is divided by the number of microbatches. Returns the loss dicts in
 microbatch order on the last stage (Chimera's upward losses are sent there), [] elsewhere. ``runner.stats``
-keeps the last call's op intervals and the peak number of microbatch-chunks whose activations were held.
+keeps the last call's op intervals, the peak number of microbatch-chunks whose activations were held and the
+peak bytes of the outputs held for their backwards.
+
+An output sent to another stage is deallocated once handed to the send (``deallocate.py``, Megatron's
+--deallocate-pipeline-outputs): only the send buffer holds its storage then, until the transfer is over.
 """
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu import weight_grad_store
 from megallama.optimizer.distributed import is_zero3
+from megallama.pipeline.deallocate import backward_from, deallocate_output
 from megallama.pipeline.model_chunks import unwrap_model
 from megallama.pipeline.no_pipelining import forward_backward_no_pipelining, maybe_no_sync
-from megallama.pipeline.p2p import P2POp, batch_send_recv, stage_rank, tensor_shape, warm_up_group
+from megallama.pipeline.p2p import (P2POp, batch_send_recv, sends_report_completion, stage_rank, tensor_shape,
+                                    warm_up_group)
 from megallama.pipeline.plan import consumed_message, produced_message, stage_program
 from megallama.pipeline.schedules import B, F, W, normalize_schedule_name
 
@@ -75,9 +81,12 @@ class _MicrobatchData:
 class PipelineRunner:
     """``get_forward_backward_func(p, name)`` returns one of these; call it like the no-pipelining function."""
 
-    def __init__(self, schedule: str, time_ops: bool = False):
+    def __init__(self, schedule: str, time_ops: bool = False, microbatch_group_size: Optional[int] = None,
+                 deallocate_outputs: bool = True):
         self.schedule = normalize_schedule_name(schedule)
         self.time_ops = time_ops  # synchronise the compute stream around each op so stats hold device time
+        self.group_size = microbatch_group_size  # interleaved: microbatches per group (None: pp)
+        self.deallocate_outputs = deallocate_outputs  # False keeps every output whole until its backward
         self.stats: dict = {}
 
     def __call__(self, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
@@ -94,30 +103,34 @@ class PipelineRunner:
             raise ConfigError(f"schedule '{self.schedule}' runs {want} model chunk(s) per stage, got {len(chunks)}; "
                               "build them with megallama.pipeline.build_model_chunks for the same schedule")
         run = _StageRun(self.schedule, chunks, num_microbatches, v, forward_only, grad_scale_func,
-                        seq_length, micro_batch_size, self.time_ops)
+                        seq_length, micro_batch_size, self.time_ops, self.group_size, self.deallocate_outputs)
         losses = run.execute(forward_step_func, data_iterator)
         self.stats = run.stats()
         return losses
 
 
 def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: str = "1f1b", *,
-                              time_ops: bool = False):
+                              time_ops: bool = False, microbatch_group_size: Optional[int] = None,
+                              deallocate_outputs: bool = True):
     """The forward/backward function for a layout: no pipelining for pp = 1, else a runner for ``schedule``
     (gpipe, 1f1b, interleaved, chimera, zb-h1). ``time_ops`` makes ``runner.stats`` hold device time per op on
     CUDA: it synchronises the compute stream after each receive and each op; use it to profile, not to train.
-    CPU ops are timed by the clock."""
+    CPU ops are timed by the clock. ``microbatch_group_size``: Megatron's
+    --microbatch-group-size-per-virtual-pipeline-stage (interleaved; None: pp). ``deallocate_outputs=False``
+    keeps sent outputs whole until their backward (to compare; the results are the same)."""
     name = normalize_schedule_name(schedule)
     if pipeline_model_parallel_size <= 1:
         return forward_backward_no_pipelining
-    return PipelineRunner(name, time_ops)
+    return PipelineRunner(name, time_ops, microbatch_group_size, deallocate_outputs)
 
 
 class _StageRun:
     def __init__(self, name, chunks, num_microbatches, v, forward_only, grad_scale_func, seq_length,
-                 micro_batch_size, time_ops=False):
+                 micro_batch_size, time_ops=False, group_size=None, deallocate=True):
         self.stage = ps.get_pipeline_model_parallel_rank()
         p = ps.get_pipeline_model_parallel_world_size()
-        self.sched, self.program = stage_program(name, p, num_microbatches, v, self.stage, forward_only)
+        self.sched, self.program = stage_program(name, p, num_microbatches, v, self.stage, forward_only, group_size)
+        self.deallocate = deallocate
         self.chunks, self.inner = chunks, [unwrap_model(c) for c in chunks]
         self.parts = [self.sched.part_of(self.stage, c) for c in range(len(chunks))]
         for c, m in enumerate(self.inner):
@@ -135,6 +148,7 @@ class _StageRun:
         cfg = self.inner[0].config
         self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
         self.group = ps.get_pipeline_model_parallel_group()
+        self.poll_sends = sends_report_completion(self.group)
         self.inputs: Dict[tuple, Optional[torch.Tensor]] = {}
         self.outputs: Dict[tuple, torch.Tensor] = {}
         self.out_grads: Dict[tuple, Optional[torch.Tensor]] = {}  # W by recomputation: B's output grads
@@ -145,6 +159,7 @@ class _StageRun:
         self.sends: List[tuple] = []
         self.losses: Dict[int, dict] = {}
         self.held = self.peak = 0
+        self.out_bytes = self.out_bytes_peak = 0  # storage bytes of the outputs held for their backwards
         self.intervals: List[tuple] = []
         # Stages 0-1 of DDP reduce on the last op giving a chunk's grads and run the others under no_sync: under a
         # B/W split both the last B (the grads B gives) and the last W (the rest) of each chunk.
@@ -168,10 +183,21 @@ class _StageRun:
         work.wait()
         return buf
 
+    def _reap_sends(self) -> None:
+        """Before each compute, let go of the send buffers whose transfer is over (a deallocated output's storage
+        goes with its buffer). NCCL's works tell when they are done; gloo's only once waited, and waiting for
+        the sends posted so far cannot deadlock: the plan finishes even when every batch blocks until its peers
+        have posted their halves (``tests/pipeline/test_pipeline_schedules.py`` checks that)."""
+        if self.poll_sends:
+            self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
+            return
+        for w, _ in self.sends:
+            w.wait()
+        self.sends = []
+
     def _post(self, ops) -> None:
         if not ops:
             return
-        self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
         p2p = []
         for is_send, msg in ops:
             if is_send:
@@ -212,12 +238,17 @@ class _StageRun:
                 raise ConfigError(f"stage {self.stage} produced a hidden state of shape {tuple(out.shape)} but the "
                                   f"pipeline buffers are {self.shape} (micro_batch_size, seq_length, hidden); pass "
                                   "the seq_length and micro_batch_size the data has")
-            self._deliver(produced_message(self.sched, self.stage, a), out)
+            msg = produced_message(self.sched, self.stage, a)
+            self._deliver(msg, out)
             if self.forward_only:
                 return
+            if self.deallocate and msg.dst != self.stage:  # a chunk feeding one here reads the same storage
+                deallocate_output(out)
         self.inputs[(m, c)], self.outputs[(m, c)] = x, out
         self.held += 1
         self.peak = max(self.peak, self.held)
+        self.out_bytes += out.untyped_storage().nbytes()
+        self.out_bytes_peak = max(self.out_bytes_peak, self.out_bytes)
 
     def _defers(self, chunk: int) -> bool:
         """ZB's B/W split: B runs the whole backward with the linear layers' weight-grad GEMMs queued
@@ -239,16 +270,17 @@ class _StageRun:
         grad = received.to(out.dtype) if received is not None else None
         if self._defers(c):  # the whole backward, its linear layers' weight-grad GEMMs queued for W
             with self._grad_ctx(a), weight_grad_store.capture() as pending:
-                torch.autograd.backward(out, grad)
+                backward_from(out, grad)
             self.deferred[(m, c)] = pending
+            self.out_bytes -= out.untyped_storage().nbytes()
             del self.inputs[(m, c)], self.outputs[(m, c)]  # the graph is freed; W needs only what B queued
         elif self._recomputes(c):  # input grads only; W runs the backward again for the weight grads
             if x is not None:
-                torch.autograd.backward(out, grad, inputs=[x], retain_graph=True)
+                backward_from(out, grad, inputs=[x], retain_graph=True)
             self.out_grads[(m, c)] = grad
         else:
             with self._grad_ctx(a):
-                torch.autograd.backward(out, grad)
+                backward_from(out, grad)
             self._release(m, c)
         if self.parts[c] > 0:
             self._deliver(produced_message(self.sched, self.stage, a), x.grad)
@@ -265,12 +297,14 @@ class _StageRun:
         out, grad = self.outputs[(m, c)], self.out_grads.pop((m, c))
         params = [q for q in self.inner[c].parameters() if q.requires_grad]
         with self._grad_ctx(a):
-            torch.autograd.backward(out, grad, inputs=params)
+            backward_from(out, grad, inputs=params)
         self._release(m, c)
 
     def _release(self, m, c) -> None:
         self.inputs.pop((m, c), None)
-        self.outputs.pop((m, c), None)
+        out = self.outputs.pop((m, c), None)
+        if out is not None:
+            self.out_bytes -= out.untyped_storage().nbytes()
         self.held -= 1
 
     # ---------- the loop ----------
@@ -286,6 +320,7 @@ class _StageRun:
                 a = step.compute
                 if a is None:
                     continue
+                self._reap_sends()
                 if vpp:
                     ps.set_virtual_pipeline_model_parallel_rank(a.chunk)
                 need = consumed_message(self.sched, self.stage, a) if a.kind != W else None
@@ -342,4 +377,5 @@ class _StageRun:
 
     def stats(self) -> dict:
         return {"schedule": self.sched.name, "stage": self.stage, "peak_in_flight": self.peak,
-                "intervals": list(self.intervals), "start": self.t_start, "end": self.t_end}
+                "peak_output_bytes": self.out_bytes_peak, "intervals": list(self.intervals),
+                "start": self.t_start, "end": self.t_end}

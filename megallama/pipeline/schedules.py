@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from megallama.errors import ConfigError
 
@@ -106,17 +106,29 @@ def one_f_one_b(num_stages: int, num_microbatches: int, stage: int) -> List[Acti
     return acts + [Action(B, i) for i in range(num_microbatches - warmup, num_microbatches)]
 
 
-def interleaved_1f1b(num_stages: int, num_microbatches: int, stage: int, num_chunks: int) -> List[Action]:
-    """Megatron's interleaved order: microbatches in groups of p run chunk 0, then chunk 1, ...; backwards
-    walk the chunks in reverse. Warm-up (p - stage - 1) * 2 + (v - 1) * p forwards. The bubble reaches
-    (p-1)/(v*m+p-1) when m is a multiple of p; otherwise the short last group leaves it near 1F1B's."""
+def schedule_table(num_microbatches: int, num_chunks: int, group_size: int) -> List[Tuple[int, int]]:
+    """Megatron's ``get_schedule_table``: (microbatch, chunk) of each forward in order, groups of ``group_size``
+    microbatches per chunk, the last group taking what is left (p=2 N=3 m=5 v=2: microbatches 0 1 2 0 1 2 3 4 3 4
+    on chunks 0 0 0 1 1 1 0 0 1 1)."""
+    m, n, table = num_microbatches, group_size, []
+    for lo in range(0, m, n):
+        hi = m if lo + n >= m else lo + n
+        table += [(i, c) for c in range(num_chunks) for i in range(lo, hi)]
+    return table
+
+
+def interleaved_1f1b(num_stages: int, num_microbatches: int, stage: int, num_chunks: int,
+                     group_size: Optional[int] = None) -> List[Action]:
+    """Megatron's interleaved order (``get_schedule_table``): microbatches in groups of N (``group_size``,
+    --microbatch-group-size-per-virtual-pipeline-stage, default p) run chunk 0, then chunk 1, ...; the last group
+    takes what is left; backwards walk the chunks in reverse. Warm-up (p - stage - 1) * 2 + (v - 1) * N forwards.
+    The bubble reaches (p-1)/(v*m+p-1) when m is a multiple of N; otherwise the short last group leaves it near
+    1F1B's. A larger N holds more microbatches in flight (the warm-up) and sends fewer times between chunks."""
     p, m, v = num_stages, num_microbatches, num_chunks
-    table = []
-    for lo in range(0, m, p):
-        hi = m if lo + p >= m else lo + p
-        table += [(i, c) for c in range(v) for i in range(lo, hi)]
+    n = group_size or p
+    table = schedule_table(m, v, n)
     total = m * v
-    warmup = min((p - stage - 1) * 2 + (v - 1) * p, total)
+    warmup = min((p - stage - 1) * 2 + (v - 1) * n, total)
     fwd = [Action(F, i, c) for i, c in table]
     bwd = [Action(B, i, v - 1 - c) for i, c in table]
     acts = fwd[:warmup]
@@ -227,7 +239,8 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int, stage: int) -> List[A
 
 
 # ---------------------------------------------------------------- the schedule object
-def check_schedule_args(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> str:
+def check_schedule_args(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1,
+                        group_size: Optional[int] = None) -> str:
     name = normalize_schedule_name(name)
     if num_stages < 1:
         raise ConfigError(f"pipeline size must be >= 1, got {num_stages}")
@@ -242,34 +255,63 @@ def check_schedule_args(name: str, num_stages: int, num_microbatches: int, num_c
         raise ConfigError(f"the interleaved schedule needs at least as many microbatches as pipeline stages "
                           f"({num_microbatches} < {num_stages}); raise --global-batch-size or lower "
                           "--micro-batch-size")
+    check_microbatch_group(name, num_stages, num_microbatches, group_size)
     return name
 
 
+def check_microbatch_group(name: str, num_stages: int, num_microbatches: Optional[int],
+                           group_size: Optional[int]) -> None:
+    """Megatron's checks of --microbatch-group-size-per-virtual-pipeline-stage N (its interleaved schedule's
+    ValueError and RuntimeError, as one ConfigError line each): p <= N <= m, and m % N is 0 or >= p. N = p is
+    Megatron's default and megallama's order; there a short last group is allowed when it cannot deadlock
+    (``build_schedule``). ``num_microbatches`` None: the checks that need no batch size."""
+    p, n, m = num_stages, group_size, num_microbatches
+    flag = f"--microbatch-group-size-per-virtual-pipeline-stage {n}"
+    if n is None or n == p or p == 1:
+        return
+    if normalize_schedule_name(name) != "interleaved":
+        raise ConfigError(f"{flag} groups microbatches per virtual stage of the interleaved schedule, not "
+                          f"'{name}'; drop it (or pass {p}) or use --pipeline-schedule interleaved")
+    if n < p or (m is not None and n > m):
+        raise ConfigError(f"{flag}: the number of contiguous micro-batches in a virtual pipeline stage should range "
+                          f"in [PP={p}, M={m if m is not None else 'number of microbatches'}] (Megatron's check); "
+                          f"pass a value in that range")
+    if m is not None and 0 < m % n < p:
+        raise ConfigError(f"{flag}: the remainder of M={m} (the total micro-batches) divided by N={n} should be 0, "
+                          f"or larger than or equal to the pipeline-parallel size {p}, but it is {m % n} (Megatron's "
+                          f"check: a short last group leaves dependency bubbles); use a number of microbatches that is "
+                          f"a multiple of {n} (--global-batch-size / (micro batch x dp)) or another group size")
+
+
 @functools.lru_cache(maxsize=128)
-def build_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> PipelineSchedule:
-    """Every stage's action list for ``name``; ``num_chunks`` is ``v`` for interleaved (ignored otherwise)."""
+def build_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1,
+                   group_size: Optional[int] = None) -> PipelineSchedule:
+    """Every stage's action list for ``name``; ``num_chunks`` is ``v`` for interleaved (ignored otherwise);
+    ``group_size``: interleaved's microbatches per group (N; None: p, Megatron's default)."""
     name = normalize_schedule_name(name)
     v = num_chunks if name == "interleaved" else 1
-    name = check_schedule_args(name, num_stages, num_microbatches, v)
+    name = check_schedule_args(name, num_stages, num_microbatches, v, group_size)
     p, m = num_stages, num_microbatches
+    n = group_size if name == "interleaved" and group_size not in (None, p) else None
     gen = {"gpipe": gpipe, "1f1b": one_f_one_b, "chimera": chimera, "zb-h1": zero_bubble_h1}
     if name == "interleaved":
-        acts = [interleaved_1f1b(p, m, s, v) for s in range(p)]
+        acts = [interleaved_1f1b(p, m, s, v, n) for s in range(p)]
     else:
         acts = [gen[name](p, m, s) for s in range(p)]
     chunks = 2 if name == "chimera" else v
     parts = p * v
     sched = PipelineSchedule(name, p, m, chunks, parts, tuple(tuple(a) for a in acts), _paths(name, p, m, v),
                              split_backward=name == "zb-h1")
-    if name == "interleaved" and m % p:
-        # Megatron's warm-up count assumes full groups of p microbatches; a short last group can close a
-        # dependency cycle (e.g. p=4, v=3, m=5). Keep the layouts where it does not.
+    if name == "interleaved" and m % (n or p):
+        # Megatron's warm-up count assumes full groups; a short last group can close a dependency cycle
+        # (e.g. p=4, v=3, m=5). Keep the layouts where it does not.
         from megallama.pipeline.simulate import ScheduleDeadlock, simulate
         try:
             simulate(sched)
         except ScheduleDeadlock:
             raise ConfigError(f"the interleaved schedule with {p} stages and {v} chunks per stage cannot run {m} "
-                              f"microbatches; use a multiple of {p} (--global-batch-size / (micro batch x dp))")
+                              f"microbatches{f' in groups of {n}' if n else ''}; use a multiple of {n or p} "
+                              "(--global-batch-size / (micro batch x dp))")
     return sched
 
 

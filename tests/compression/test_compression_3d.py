@@ -49,7 +49,7 @@ def _train(rank, world):
 
 
 def test_lossless_compression_trains_like_uncompressed_under_tp_and_pp():
-    res = run_distributed(_train, 4)[0]
+    res = run_distributed(_train, 4)[3]  # the last rank prints the log line (Megatron's print_rank_last)
     for layout in LAYOUTS:
         ref = res[layout, "none"][0]
         assert sorted(ref) == list(range(1, T + 1))
@@ -137,7 +137,7 @@ def test_onebit_momentum_is_layout_independent():
     times the momentum (pp 2: 3e-3 off dp 4 after one compressed step). And its variance floor, a parameter's mean
     of v, was taken per tp shard (tp 2: 2e-5 off by step 6). Each copy now keeps its share of the momentum and the
     floor is the whole parameter's; with an exact transport every layout trains the dp 4 curve."""
-    res = run_distributed(_onebit_exact_transport, 4)[0]
+    res = run_distributed(_onebit_exact_transport, 4)[3]  # the last rank prints the log line
     ref = res["dp4"][0]
     assert sorted(ref) == list(range(1, T + 1))
     for name, (losses, log) in res.items():

@@ -50,6 +50,27 @@ def test_block_attention_matches_sdpa(backend, causal, documents, hkv):
         assert rel_err(got, want) < TOL, (name, rel_err(got, want))
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa_cpu"])
+@pytest.mark.parametrize("documents", [False, True])
+def test_causal_block_with_fewer_queries_is_bottom_right(backend, documents):
+    """The all-gather's call: the last ``sq`` queries against all ``S`` keys, causal, equal the same rows of full
+    causal attention (flash attention's bottom-right alignment; SDPA's top-left mask would see fewer keys)."""
+    q, k, v, allowed = _inputs(seed=5)
+    allowed = allowed if documents else None
+    dout = torch.randn(B, HQ, S, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    dout[:, :, :S - 5] = 0  # only the last 5 rows take part: their gradients are the block's
+    ref = _reference(q, k, v, True, allowed, dout)
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    rows = slice(S - 5, S)
+    mask = None if allowed is None else allowed[:, rows]
+    out, lse = block_attention_forward(qf[:, :, rows], kf, vf, True, mask, backend=backend)
+    dq, dk, dv = block_attention_backward(dout[:, :, rows].float(), qf[:, :, rows], kf, vf, out, lse, True, mask,
+                                          backend=backend)
+    for name, got, want in (("out", out, ref[0][:, :, rows]), ("dq", dq, ref[1][:, :, rows]), ("dk", dk, ref[2]),
+                            ("dv", dv, ref[3])):
+        assert rel_err(got, want) < TOL, (name, rel_err(got, want))
+
+
 def test_merged_blocks_give_full_attention_and_gradients():
     """Split the keys into three blocks (one causal diagonal-free split, as the ring's steps are): merging the
     blocks' (out, lse) and summing each block's backward taken with the merged (out, lse) is the full attention."""

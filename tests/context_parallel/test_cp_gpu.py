@@ -1,6 +1,7 @@
 """CUDA block attention (torch's flash and memory-efficient kernels with logsumexp) against the exact math
-backend, forward and backward with the merged-(out, lse) contract the ring relies on; 2 GPUs: ring attention over
-NCCL against full attention on one GPU. Skipped without CUDA (the CPU suite covers the logic)."""
+backend, forward and backward with the merged-(out, lse) contract the ring relies on, GQA (flash: K/V as they are),
+and the all-gather's bottom-right causal block (20 queries ending at the 40th key); 2 GPUs: ring and all-gather
+attention over NCCL against full attention on one GPU. Skipped without CUDA (the CPU suite covers the logic)."""
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def _docs(sq, sk, device):
     ("flash", torch.bfloat16, False, 2e-2), ("efficient", torch.bfloat16, False, 2e-2),
     ("efficient", torch.bfloat16, True, 2e-2), ("efficient", torch.float32, False, 1e-4),
     ("efficient", torch.float32, True, 1e-4)])
-@pytest.mark.parametrize("causal,sq,sk", [(True, 40, 40), (False, 40, 20), (False, 20, 40)])
+@pytest.mark.parametrize("causal,sq,sk", [(True, 40, 40), (False, 40, 20), (False, 20, 40), (True, 20, 40)])
 def test_cuda_block_attention_matches_math(backend, dtype, masked, tol, causal, sq, sk):
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")

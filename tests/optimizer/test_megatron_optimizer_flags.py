@@ -26,9 +26,9 @@ REFUSED = {  # flags -> what the one error line must name (besides the flag itse
     ("--overlap-cpu-optimizer-d2h-h2d",): "--zero-stage",
     ("--no-pin-cpu-grads",): "--zero-stage",
     ("--no-pin-cpu-params",): "--zero-stage",
-    ("--sgd-momentum", "0.9"): "Adam",
+    ("--sgd-momentum", "0.9"): "--optimizer sgd",
     ("--init-method-xavier-uniform",): "--init-method-std",
-    ("--optimizer", "sgd"): "Adam",
+    ("--optimizer", "muon"): "adam (AdamW) or sgd",
     ("--adam-beta1", "1.0"): "[0, 1)",
     ("--adam-beta2", "-0.1"): "[0, 1)",
     ("--adam-eps", "0"): "> 0",
@@ -50,7 +50,8 @@ def test_refused_with_one_line_naming_the_flag_and_the_alternative(flags):
     ["--use-precision-aware-optimizer", "--main-grads-dtype", "fp32", "--main-params-dtype", "fp32",
      "--exp-avg-dtype", "fp32", "--exp-avg-sq-dtype", "fp32"],
     ["--apply-wd-to-qk-layernorm"], ["--no-weight-decay-cond-type", "apply_wd_to_qk_layernorm"],
-    ["--optimizer", "adam"], ["--clip-grad", "0"], ["--adam-beta1", "0"], ["--weight-decay", "0"]],
+    ["--optimizer", "adam"], ["--optimizer", "sgd"], ["--optimizer", "sgd", "--sgd-momentum", "0.5"],
+    ["--clip-grad", "0"], ["--adam-beta1", "0"], ["--weight-decay", "0"]],
     ids=lambda f: " ".join(f))
 def test_restating_values_are_accepted(flags):
     args = parse_args(TINY + flags, world_size=1)

@@ -67,7 +67,9 @@ def test_moe_layers_cost_more_and_the_split_follows():
 def test_first_and_last_stage_overrides():
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5)) == [5, 9, 9, 9]
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5, last_stage_num_layers=3)) == [5, 12, 12, 3]
-    with pytest.raises(ConfigError, match="virtual pipeline"):
+    # with virtual stages, Megatron's rule: the pin is the first rank's layers, spread evenly over its chunks
+    assert sizes(partition_layers(32, 4, 2, first_stage_num_layers=2)) == [1, 5, 5, 5, 1, 5, 5, 5]
+    with pytest.raises(ConfigError, match="positive multiple of the 2 virtual stages"):
         partition_layers(32, 4, 2, first_stage_num_layers=5)
     with pytest.raises(ConfigError, match="leave"):
         partition_layers(8, 4, first_stage_num_layers=6)
@@ -111,13 +113,12 @@ def test_account_for_embedding_and_loss_pins_the_end_stages():
     base = ["--model", "tiny_llama3_50m", "--num-layers", "6", "--device", "cpu", "--pipeline-model-parallel-size",
             "2", "--global-batch-size", "4", "--micro-batch-size", "1", "--train-iters", "1"]
     a = parse_args(base + ["--num-layers", "7", "--account-for-embedding-in-pipeline-split"], world_size=2)
-    assert (a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers) == (3, None)
+    assert a.pipeline_layer_counts == [3, 4]
     a = parse_args(base + ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"],
                    world_size=2)
-    assert (a.decoder_first_pipeline_num_layers, a.decoder_last_pipeline_num_layers) == (3, 3)
+    assert a.pipeline_layer_counts == [3, 3]
     a = parse_args(base + ["--num-layers", "7", "--account-for-loss-in-pipeline-split"], world_size=2)
-    assert stage_layers(a.model_config, 2, a.decoder_first_pipeline_num_layers, "1f1b",
-                        a.decoder_last_pipeline_num_layers) == [4, 3]
+    assert stage_layers(a.model_config, 2, layer_counts=a.pipeline_layer_counts) == [4, 3]
     with pytest.raises(ConfigError, match="do not split evenly over 2 pipeline stages"):
         parse_args(base + ["--account-for-embedding-in-pipeline-split"], world_size=2)
     with pytest.raises(ConfigError, match="both place layers; pass one"):

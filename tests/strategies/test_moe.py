@@ -243,7 +243,7 @@ def test_tiny_moe_trains_on_bundled_corpus_and_logs_histogram(tmp_path, capsys, 
     losses = [out["losses"][i] for i in sorted(out["losses"])]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     log = capsys.readouterr().out
-    lines = [l for l in log.splitlines() if l.startswith("iteration") and "tokens/expert" in l]
+    lines = [l for l in log.splitlines() if "] iteration " in l and "tokens/expert" in l]
     assert len(lines) == 2 and "L1:[" in lines[-1] and "L0:[" not in lines[-1] and "moe aux loss" in lines[-1]
     hist = [int(x) for x in lines[-1].split("L1:[")[1].split("]")[0].split(",")]
     assert sum(hist) == 10 * 4 * 32 * 2  # 10 iterations x 4 samples x 32 tokens x top-2
