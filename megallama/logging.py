@@ -4,8 +4,9 @@ megallama/progress.py).
 The log line and the validation report carry Megatron's labels and number formats (format_log_line,
 format_validation_lines) and are printed by the last rank (Megatron's print_rank_last: under pipeline parallelism a
 stage that holds the loss), the log line after Megatron's `` [YYYY-mm-dd HH:MM:SS]`` timestamp, so that a parser
-written for Megatron's logs reads these; megallama's own fields ("tokens per second", "MFU", "mem GiB": the last
-rank's peak) are extra "label: value |" pairs in the same shape.
+written for Megatron's logs reads these; megallama's own fields ("tokens per second", "MFU", "mem GiB (max over
+ranks)": the largest peak allocation of any rank, CUDA only, which under 1F1B is usually stage 0's, not the printing
+last rank's; per-rank figures are Megatron's memory report lines) are extra "label: value |" pairs in the same shape.
 
 TensorBoard tags are Megatron's, so runs of both sit side by side in one TensorBoard: every
 ``--tensorboard-log-interval`` iterations "learning-rate", "batch-size", "lm loss" (that iteration's), "loss-scale",
@@ -228,13 +229,25 @@ def memory_report(device: torch.device, iteration: int) -> Optional[str]:
             f" | max reserved: {torch.cuda.max_memory_reserved(device) / mb}")
 
 
+def max_over_ranks(value: Optional[float], device: torch.device) -> Optional[float]:
+    """The largest ``value`` over all ranks: one all-reduce of one float, so a line printed by the last rank shows
+    the worst rank. A collective: every rank calls it at the same (log) steps; ``None`` (a field that is off, the
+    same on every rank) returns None without communicating."""
+    if value is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 # the log line's fields in Megatron's order and formats (its parsers read them); megallama's own (tokens per second,
 # MFU, mem GiB) sit before the skip counts, which print under Megatron's labels
+MEM_FIELD = "mem GiB (max over ranks)"
 _LOG_FIELDS = (("consumed samples", "{:12d}"), ("elapsed time per iteration (ms)", "{:.1f}"),
                ("throughput per GPU (TFLOP/s/GPU)", "{:.1f}"), ("learning rate", "{:.6E}"),
                ("decoupled learning rate", "{:.6E}"), ("global batch size", "{:5d}"), ("lm loss", "{:.6E}"),
                ("loss scale", "{:.1f}"), ("grad norm", "{:.3f}"), ("num zeros", "{:.1f}"), ("params norm", "{:.3f}"),
-               ("tokens per second", "{:.1f}"), ("MFU", "{:.1%}"), ("mem GiB", "{:.2f}"),
+               ("tokens per second", "{:.1f}"), ("MFU", "{:.1%}"), (MEM_FIELD, "{:.2f}"),
                ("skipped iterations", "{:3d}"), ("nan iterations", "{:3d}"))
 _LABELS = {"skipped iterations": "number of skipped iterations", "nan iterations": "number of nan iterations"}
 

@@ -22,9 +22,9 @@ from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, print_rank_last, warn_rank_0
-from megallama.logging import (TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
-                               format_log_line, format_validation_lines, memory_report, memory_scalars,
-                               moe_scalars)
+from megallama.logging import (MEM_FIELD, TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
+                               format_log_line, format_validation_lines, max_over_ranks, memory_report,
+                               memory_scalars, moe_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
@@ -320,7 +320,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                     "params norm": params_norm,
                     "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,
-                    "mem GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                    MEM_FIELD: max_over_ranks(  # a collective, at log steps and on CUDA only (None on CPU)
+                        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None, device),
                     "throughput per GPU (TFLOP/s/GPU)": tps * flops_tok / world / 1e12 if args.log_throughput else None,
                     "skipped iterations": interval_skipped, "nan iterations": interval_nan}
             interval_skipped, interval_nan = 0, 0

@@ -4,8 +4,13 @@
     python tools/pipeline_timeline.py --schedule interleaved --stages 4 --microbatches 8 --chunks 2
     python tools/pipeline_timeline.py --schedule chimera --stages 4 --microbatches 4 --png chimera.png
     python tools/pipeline_timeline.py --compare --stages 4 --microbatches 8   # bubble of every schedule
+    python tools/pipeline_timeline.py --pipeline-model-parallel-size 2 --microbatches 8 \\
+        --pipeline-model-parallel-layout 'Et|ttt|t|tL' --microbatch-group-size-per-virtual-pipeline-stage 4
 
-Costs default to backward = 2 x forward (``--backward-cost``); ``--png`` needs matplotlib.
+Costs default to backward = 2 x forward (``--backward-cost``); ``--png`` needs matplotlib. The training script's
+split flags take the same values here: a layout (``Ett|t|tt|tttL``, E-only / L-only stages) makes each part cost
+its decoder layers, ``--model`` adds the embedding and output-layer costs (the partitioner's ``costs_from_config``)
+and, without a layout, splits the layers as training does; with neither, every part costs the same.
 """
 import argparse
 import os
@@ -14,39 +19,94 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megallama.errors import ConfigError  # noqa: E402
-from megallama.pipeline.schedules import SCHEDULES, build_schedule  # noqa: E402
-from megallama.pipeline.simulate import simulate, theoretical_bubble_fraction  # noqa: E402
+from megallama.pipeline.layout import FLAG as LAYOUT_FLAG  # noqa: E402
+from megallama.pipeline.layout import _unroll, parse_layout  # noqa: E402
+from megallama.pipeline.partition import StageCosts  # noqa: E402
+from megallama.pipeline.schedules import SCHEDULES, build_schedule, normalize_schedule_name  # noqa: E402
+from megallama.pipeline.simulate import part_weights, simulate, theoretical_bubble_fraction  # noqa: E402
 from megallama.pipeline.timeline import render_png, render_text  # noqa: E402
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(SCHEDULES)}")
-    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--schedule", "--pipeline-schedule", dest="schedule", default=None,
+                    help=f"one of {', '.join(SCHEDULES)}; default 1f1b, interleaved for a layout with virtual stages")
+    ap.add_argument("--stages", "--pipeline-model-parallel-size", dest="stages", type=int, default=4)
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--chunks", type=int, default=2, help="virtual chunks per stage (interleaved)")
+    ap.add_argument("--chunks", "--num-virtual-stages-per-pipeline-rank", dest="chunks", type=int, default=None,
+                    help="virtual chunks per stage (interleaved; default 2, or the layout's)")
+    ap.add_argument(LAYOUT_FLAG, dest="layout", default=None, help="the training script's layout, e.g. 'Ett|t|tt|tttL' "
+                    "(stages beyond --stages are virtual stages): each part costs its decoder layers")
+    ap.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", dest="group_size", type=int, default=None,
+                    help="interleaved: N microbatches per virtual stage group (default: the stages)")
+    ap.add_argument("--model", default=None, help="a named model (megallama.config): adds the embedding and output "
+                    "layer costs; without a layout, the split training builds")
+    ap.add_argument("--num-layers", type=int, default=None, help="override the model's (or the layout's) layers")
+    ap.add_argument("--seq-length", type=int, default=None, help="with --model: count attention scores in the costs")
     ap.add_argument("--forward-cost", type=float, default=1.0)
     ap.add_argument("--backward-cost", type=float, default=2.0, help="full backward; zb-h1 splits it B + W")
     ap.add_argument("--weight-grad-cost", type=float, default=1.0, help="W's share of the backward (zb-h1)")
     ap.add_argument("--png", help="also write a PNG timeline here (matplotlib)")
     ap.add_argument("--compare", action="store_true", help="print the bubble of every schedule instead")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _split(a, cfg):
+    """(layer counts per part or None, virtual chunks from the layout or None)."""
+    if a.layout is None:
+        return None, None
+    layers = a.num_layers or (cfg.num_layers if cfg else _unroll(a.layout.replace(",", "")).count("t"))
+    counts = parse_layout(a.layout, a.stages, layers)
+    return counts, len(counts) // a.stages
+
+
+def _plan(a, name, cfg, counts, layout_v):
+    """(schedule, part weights or None, group size) for one schedule name."""
+    name = normalize_schedule_name(name)
+    if layout_v is not None and (layout_v > 1) != (name == "interleaved"):
+        raise ConfigError(f"{LAYOUT_FLAG} '{a.layout}' lists {layout_v} stage(s) per rank, which schedule '{name}' "
+                          "does not run (interleaved needs virtual stages, the others one stage per rank)")
+    v = layout_v or ((a.chunks or 2) if name == "interleaved" else 1)
+    n = a.group_size if name == "interleaved" else None
+    sched = build_schedule(name, a.stages, a.microbatches, v, n)
+    costs = None
+    if cfg is not None:
+        from megallama.pipeline.partition import costs_from_config
+        costs = costs_from_config(cfg, a.seq_length)
+        if counts is None and a.stages > 1:
+            from megallama.pipeline.model_chunks import model_parts
+            counts = [len(p) for p in model_parts(cfg, a.stages, name, seq_length=a.seq_length,
+                                                  num_virtual_stages=v if v > 1 else None)]
+    if counts is None:
+        return sched, None, n
+    return sched, part_weights(counts, costs or StageCosts()), n
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
     costs = {"F": a.forward_cost, "B": a.backward_cost, "W": a.weight_grad_cost}
     try:
+        cfg = None
+        if a.model:
+            from megallama.config import get_model_config
+            cfg = get_model_config(a.model, num_layers=a.num_layers)
+        counts, layout_v = _split(a, cfg)
         if a.compare:
             print(f"{'schedule':12s} {'bubble':>8s} {'theory':>8s}  peak activations per stage")
             for name in SCHEDULES:
-                v = a.chunks if name == "interleaved" else 1
-                tl = simulate(build_schedule(name, a.stages, a.microbatches, v), costs)
-                th = theoretical_bubble_fraction(name, a.stages, a.microbatches, v)
+                if layout_v is not None and (layout_v > 1) != (name == "interleaved"):
+                    continue  # the layout's stages per rank fit interleaved only, or only the others
+                sched, weights, _ = _plan(a, name, cfg, counts, layout_v)
+                tl = simulate(sched, costs, weights)
+                th = theoretical_bubble_fraction(name, a.stages, a.microbatches, sched.num_chunks)
                 print(f"{name:12s} {tl.bubble_fraction():8.3f} {th:8.3f}  {tl.peak_in_flight}")
             return 0
-        v = a.chunks if a.schedule.lower().startswith("interleaved") else 1
-        sched = build_schedule(a.schedule, a.stages, a.microbatches, v)
-        print(render_text(sched, costs))
+        default = "interleaved" if (layout_v or 1) > 1 else "1f1b"
+        sched, weights, n = _plan(a, a.schedule or default, cfg, counts, layout_v)
+        print(render_text(sched, costs, part_costs=weights, group_size=n))
         if a.png:
             try:
-                print(f"wrote {render_png(sched, a.png, costs)}")
+                print(f"wrote {render_png(sched, a.png, costs, weights)}")
             except ImportError:
                 print("--png needs matplotlib (pip install matplotlib); the text timeline is above", file=sys.stderr)
                 return 2

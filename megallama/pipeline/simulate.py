@@ -4,12 +4,17 @@ Dependencies: F(m, k) needs F(m, k-1); B(m, k) needs F(m, k) and B(m, k+1); W(m,
 its actions in order, each as soon as the previous one ended and its inputs exist (communication is free).
 If no stage can move while work is left the schedule deadlocks and ``ScheduleDeadlock`` says where.
 The bubble fraction is idle / (stages x makespan): (p-1)/(m+p-1) for 1F1B, (p-1)/(v*m+p-1) interleaved.
+
+Parts may cost differently (``part_costs``): an uneven split (``args.pipeline_layer_counts``, a layout such as
+``Ett|t|tt|tttL``, an E-only or L-only stage) leaves idle time the even formulas do not see, so the bubble of such a
+run comes from ``part_weights`` (decoder layers, plus the embedding / head in the partitioner's cost units).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from megallama.pipeline.partition import StageCosts
 from megallama.pipeline.schedules import B, F, W, Action, PipelineSchedule
 
 # Full backward = 2 forwards; a split backward's input-grad part and weight-grad part cost one each.
@@ -27,6 +32,7 @@ class Timeline:
     makespan: float
     peak_in_flight: List[int]  # per stage: most microbatch-chunks whose activations are held at once
     op_cost: Dict[str, float] = field(default_factory=dict)
+    part_cost: Optional[List[Dict[str, float]]] = None  # per model part, when the parts differ
 
     @property
     def busy(self) -> List[float]:
@@ -51,9 +57,38 @@ def _op_costs(sched: PipelineSchedule, costs: Optional[Dict[str, float]]) -> Dic
     return {F: c[F], B: c[B], W: 0.0}
 
 
-def simulate(sched: PipelineSchedule, costs: Optional[Dict[str, float]] = None) -> Timeline:
-    """``costs``: seconds (or units) per F / full B / W of one chunk; missing keys take ``DEFAULT_COSTS``."""
+def part_weights(layer_counts: Sequence[int], costs: Optional[StageCosts] = None) -> List[float]:
+    """Relative cost of each model part (in model order) in decoder-layer units: its layers (each its own cost
+    for MoE), the embedding on part 0 and the output layer and loss on the last (``costs_from_config``); without
+    ``costs`` a part weighs its layer count, so an E-only or L-only part costs nothing."""
+    c, out, start = costs or StageCosts(), [], 0
+    for k, n in enumerate(layer_counts):
+        w = sum(c.layer_cost(i) for i in range(start, start + n))
+        out.append(w + (c.embedding if k == 0 else 0.0) + (c.head if k == len(layer_counts) - 1 else 0.0))
+        start += n
+    return out
+
+
+def _part_op_costs(sched: PipelineSchedule, cost: Dict[str, float],
+                   part_costs: Optional[Sequence[Union[float, Dict[str, float]]]]) -> Optional[List[Dict[str, float]]]:
+    if part_costs is None:
+        return None
+    if len(part_costs) != sched.num_parts:
+        raise ValueError(f"{len(part_costs)} part costs for a schedule of {sched.num_parts} model parts; give one per "
+                         "part, in model order")
+    out = []
+    for pc in part_costs:
+        out.append(_op_costs(sched, pc) if isinstance(pc, dict) else {k: v * float(pc) for k, v in cost.items()})
+    return out
+
+
+def simulate(sched: PipelineSchedule, costs: Optional[Dict[str, float]] = None,
+             part_costs: Optional[Sequence[Union[float, Dict[str, float]]]] = None) -> Timeline:
+    """``costs``: seconds (or units) per F / full B / W of one chunk; missing keys take ``DEFAULT_COSTS``.
+    ``part_costs``: one entry per model part (model order): a float scales ``costs`` for that part (e.g.
+    ``part_weights(layer_counts)``), a dict is that part's own F / full B / W costs (measured ones)."""
     cost = _op_costs(sched, costs)
+    per_part = _part_op_costs(sched, cost, part_costs)
     p, K = sched.num_stages, sched.num_parts
     end: Dict[Tuple[str, int, int], float] = {}
     pos, clock = [0] * p, [0.0] * p
@@ -77,7 +112,7 @@ def simulate(sched: PipelineSchedule, costs: Optional[Dict[str, float]] = None) 
                 if any(d not in end for d in deps):
                     break
                 start = max([clock[s]] + [end[d] for d in deps])
-                finish = start + cost[a.kind]
+                finish = start + (per_part[k] if per_part else cost)[a.kind]
                 end[(a.kind, a.microbatch, k)] = finish
                 clock[s] = finish
                 intervals[s].append((start, finish, a))
@@ -90,7 +125,7 @@ def simulate(sched: PipelineSchedule, costs: Optional[Dict[str, float]] = None) 
             stuck = {s: str(sched.actions[s][pos[s]]) for s in range(p) if pos[s] < len(sched.actions[s])}
             raise ScheduleDeadlock(f"{sched.name}: every stage waits; next actions {stuck}")
     makespan = max(clock) - min((st[0][0] for st in intervals if st), default=0.0)
-    return Timeline(sched, intervals, makespan, peak, cost)
+    return Timeline(sched, intervals, makespan, peak, cost, per_part)
 
 
 def theoretical_bubble_fraction(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> float:
