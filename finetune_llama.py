@@ -4,7 +4,9 @@
 
 Same flags and training loop as ``pretrain_llama.py``; what differs is the data and the start:
 
-* data: a jsonl of ``{"messages": [{"role", "content"}, ...]}`` in the Llama 3 chat template, loss only on the
+* data: a jsonl of ``{"messages": [{"role", "content"}, ...]}`` rows (or ShareGPT ``conversations``, TRL
+  ``prompt``/``completion``, ``prompt``/``response``, Alpaca ``instruction``/``input``/``output``) in Meta's Llama 3
+  or Llama 2 chat format (``--chat-template``; auto: the tokenizer's, a resume: the run's), loss only on the
   assistant answers, normalised by the answer tokens of the whole global batch (default: the bundled sample);
   one padded conversation per sample, or ``--sft-packing``;
 * start: ``--pretrained-checkpoint`` is a megallama checkpoint of any layout, or an HF model folder
@@ -93,6 +95,7 @@ def prepare_finetune_args(args):
         print_rank_0("warning: no --pretrained-checkpoint (or --load): fine-tuning randomly initialised weights")
     if args.pretrained_checkpoint and not os.path.exists(args.pretrained_checkpoint) and resumes_run(args):
         _resume_without_pretrained(args)
+    _follow_chat_format(args)
     if args.pretrained_checkpoint:
         _check_pretrained_path(args.pretrained_checkpoint)
         if is_hf_model_dir(args.pretrained_checkpoint) and not args.dry_run:  # a plan reads the folder as it is
@@ -104,6 +107,35 @@ def prepare_finetune_args(args):
         else:
             _check_named_tokenizer(args)
     return args
+
+
+def _follow_chat_format(args) -> None:
+    """The chat template of the checkpoint a run continues: a resume keeps its run's (another one is refused: the
+    run would switch formats midway); a fine-tune of a chat-trained checkpoint takes its unless --chat-template says
+    otherwise, which is warned about (the model unlearns the format it answers in)."""
+    from megallama.checkpointing.files import holds_checkpoint
+    from megallama.data.chat_templates import saved_chat_format
+    from megallama.initialize import print_rank_0
+    from megallama.training_setup import resumes_run
+    if args.mock_data:
+        return
+    resume = resumes_run(args)
+    source = args.load if resume else args.pretrained_checkpoint
+    if not source or not holds_checkpoint(source):
+        return
+    theirs = saved_chat_format(_saved_args(source))
+    if theirs is None or args.chat_format == theirs:
+        return
+    if args.chat_format == "auto":
+        args.chat_format = theirs
+        print_rank_0(f"chat template: {theirs}, as {source} trained with (--chat-template overrides it)")
+    elif resume:
+        raise ConfigError(f"--chat-template {args.chat_format}, but the run in --load {source} trained with "
+                          f"{theirs}; drop --chat-template to resume in {theirs}, or fine-tune into a new --save "
+                          f"with --pretrained-checkpoint {source} to switch formats")
+    else:
+        print_rank_0(f"warning: --chat-template {args.chat_format}, but {source} was chat-trained with {theirs}: "
+                     f"the model learns the new format (drop --chat-template to keep {theirs})")
 
 
 def _check_pretrained_path(path: str) -> None:

@@ -121,6 +121,10 @@ def _add_training(p):
                    "here at the end of training")
     g.add_argument("--sft-packing", action="store_true", help="chat data: pack several conversations per sample "
                    "(document-masked attention, positions restart) instead of one padded conversation")
+    g.add_argument("--chat-template", dest="chat_format", choices=["auto", "llama3", "llama2"], default="auto",
+                   help="chat data: Meta's Llama 3 or Llama 2 chat format (auto: the format the tokenizer ships or "
+                   "implies, else llama3; a resume: the run's). Saved with the checkpoint for generate --chat and the "
+                   "HF export")
 
 
 def _add_parallel(p):

@@ -11,8 +11,9 @@ SamplingConfig(max_new_tokens=40))``.
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
 hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The
 ranks of a torchrun launch split the model tensor-parallel. Prompts run in batches of ``--batch-size``, left-padded
-to the batch's longest. ``--chat`` wraps each prompt as a user turn of the Llama 3 chat template and stops at the end
-of the assistant's turn.
+to the batch's longest. ``--chat`` wraps each prompt as a user turn of the chat template the run trained with (Llama 3
+or Llama 2, recorded in the checkpoint; a model that never trained on chats: the one its tokenizer names) and stops
+at the end of the assistant's turn (<|eot_id|>, Llama 2's </s>).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="checkpoint directory (a run's --save directory or one iter_*)")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt a line")
-    p.add_argument("--chat", action="store_true", help="Llama 3 chat template: the prompt is the user's turn")
+    p.add_argument("--chat", action="store_true", help="chat template: the prompt is the user's turn")
+    p.add_argument("--chat-template", choices=["auto", "llama3", "llama2"], default="auto",
+                   help="with --chat; auto: the one the checkpoint trained with, else the tokenizer's")
     p.add_argument("--prompt-prefix", choices=["auto", "bos", "eod", "none"], default="auto",
                    help="token before a plain prompt. auto: bos for a converted HF model; eod for a megallama run")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -159,20 +162,28 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
     return LoadedModel(model, tokenizer, ckpt, common, args)
 
 
+def chat_template_of(loaded: LoadedModel, chat_template: str = "auto"):
+    """The chat template to prompt with: the one the checkpoint's run trained with (``chat_format``; older chat
+    runs: llama3), else (auto) the tokenizer's; ``chat_template`` names one instead."""
+    from megallama.data.chat_templates import build_chat_template, resolve_chat_format, saved_chat_format
+    name = saved_chat_format(loaded.common["args"]) if chat_template in (None, "auto") else None
+    return build_chat_template(name or resolve_chat_format(chat_template, loaded.tokenizer)[0], loaded.tokenizer)
+
+
 def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
-                  decode_mode: str = "auto", batch_size: Optional[int] = None):
+                  decode_mode: str = "auto", batch_size: Optional[int] = None, chat_template: str = "auto"):
     """Completions (strings) of ``prompts`` (a list; a str is one prompt). ``chat``: each prompt is a user turn of
-    the Llama 3 chat template and the answer stops at its end of turn. ``batch_size``: prompts decoded together
-    (None: all). ``prompt_prefix`` (plain prompts): bos, eod, none, or auto (bos for a converted HF model; eod for
-    a megallama run, whose pretraining documents follow an eod and have no bos)."""
-    from megallama.data.sft_dataset import ChatTemplate
+    the run's chat template (``chat_template_of``; ``chat_template`` names another) and the answer stops at its end
+    of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix`` (plain prompts): bos, eod,
+    none, or auto (bos for a converted HF model; eod for a megallama run, whose pretraining documents follow an eod
+    and have no bos)."""
     from megallama.generation import generate
     if isinstance(prompts, str):  # one prompt, not one per character
         prompts = [prompts]
     tok = loaded.tokenizer
     stop = [tok.eos_id]
     if chat:
-        template = ChatTemplate(tok)
+        template = chat_template_of(loaded, chat_template)
         ids = [template.encode_dialog([{"role": "user", "content": p}], add_generation_prompt=True)[0]
                for p in prompts]
         stop.append(template.eot)
@@ -217,8 +228,10 @@ def main(argv=None) -> int:
                 for p in loaded.model.parameters())  # tp shards count tp times, replicated norms once
         print_rank_0(f"loaded {loaded.checkpoint} (iteration {loaded.common.get('iteration', 0)}): {n:,} parameters, "
                      f"tokenizer {loaded.tokenizer.name}, tensor parallel {tp}")
+        if opts.chat:
+            print_rank_0(f"chat template: {chat_template_of(loaded, opts.chat_template).name}")
         texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,
-                              opts.batch_size)
+                              opts.batch_size, opts.chat_template)
         for p, text in zip(prompts, texts):
             print_rank_0(f"--- prompt: {p}\n{text}")
     return run_script(body)

@@ -95,7 +95,9 @@ def build_data(args):
     if getattr(args, "chat_template", False):  # *_instruct models and finetune_llama.py: chat SFT data
         from megallama.data.sft_dataset import build_sft_datasets
         train, valid = build_sft_datasets(args.data_path, tokenizer, args.seq_length, args.seed, args.split,
-                                          packing=getattr(args, "sft_packing", False))
+                                          packing=getattr(args, "sft_packing", False),
+                                          chat_format=getattr(args, "chat_format", "auto"))
+        args.chat_format = train.chat_format  # the one used, saved with the checkpoint
         if args.train_iters is None:
             args.train_iters = iters_for_epochs(args, len(train))
         # sized for the run: each epoch past the first in its own order (the sampler would wrap to the first)

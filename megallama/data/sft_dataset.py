@@ -1,18 +1,13 @@
-"""Instruction fine-tuning data: Llama 3 chat template, loss masks on assistant answers, padding or packing.
+"""Instruction fine-tuning data: chat template, loss masks on assistant answers, padding or packing.
 
-A jsonl line is ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``. Each conversation is
-rendered as Meta's Llama 3 format::
-
-    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
-    <|start_header_id|>assistant<|end_header_id|>\\n\\n{content}<|eot_id|>...
-
-and only the assistant contents and their closing ``<|eot_id|>`` are trained on (a conversation with an empty
-answer is skipped, counted in one warning). Tokenizers that have Llama 3's
-special tokens (the tiktoken ranks file, HF tokenizer.json of Llama 3) use them; others (the bundled BPE, Llama 2)
-get ``bos``/``eos`` for begin-of-text/end-of-turn and the header markers as plain text, so a checkpoint pretrained
-with that tokenizer fine-tunes without resizing its vocabulary. A tokenizer without a bos (GPT-2, Qwen) starts each
-conversation at its first header, as those models' own chat formats do; one without an eos cannot end a turn and is
-refused.
+A chat jsonl holds ``messages`` rows, or ShareGPT, TRL prompt/completion, prompt/response or Alpaca rows
+(``sft_formats``), all read as message lists. Each conversation is rendered in the ``--chat-template``
+(``chat_templates``: Meta's Llama 3 or Llama 2 format; auto: the one the tokenizer names), and only the assistant
+contents and their end-of-turn token (``<|eot_id|>``, Llama 2's ``</s>``) are trained on (a conversation with an
+empty answer is skipped, counted in one warning). Llama 3's format uses Llama 3's special tokens where the tokenizer
+has them; others (the bundled BPE) get ``bos``/``eos`` and the header markers as plain text, so a checkpoint
+pretrained with that tokenizer fine-tunes without resizing its vocabulary. A tokenizer without an eos cannot end a
+turn and is refused.
 
 Samples are ``seq_length + 1`` tokens: one conversation padded (``packing=False``), or several whole conversations
 packed first-fit in a shuffled order (each into the first sample with room), with ``position_ids`` restarting at
@@ -23,11 +18,8 @@ ranks): ``wrap_iterator`` attaches that count to each batch.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import warnings
-import zlib
 from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,170 +27,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megallama.data.chat_templates import (ChatTemplate, Llama2ChatTemplate, build_chat_template,  # noqa: F401
+                                           own_chat_template, resolve_chat_format, template_format)
+from megallama.data.sft_formats import ROLES, print_rank0, read_chat_jsonl, read_chat_rows  # noqa: F401
+from megallama.data.sft_formats import warn_rank0 as _warn_rank0
 from megallama.errors import ConfigError
 
-ROLES = ("system", "user", "assistant", "ipython", "tool")
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def get_bundled_chat_path() -> str:
     """A small bundled chat jsonl (synthetic arithmetic / word tasks; tools/make_chat_sample.py)."""
     return os.path.join(_ASSETS, "chat_sample.jsonl.gz")
-
-
-class ChatTemplate:
-    """Llama 3 chat format on any tokenizer with ``encode``/``bos_id``/``eos_id``."""
-
-    SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        ids = {s: self._special_id(tokenizer, s) for s in self.SPECIALS}
-        self.native = all(v is not None for v in ids.values())
-        if self.native:
-            self.bos, self.start_header, self.end_header, self.eot = (ids[s] for s in self.SPECIALS)
-        else:  # text markers; one-token begin/end so generation can stop on eos
-            self.bos, self.eot = _token_id(tokenizer.bos_id), _token_id(tokenizer.eos_id)
-            self.start_header, self.end_header = None, None
-            if self.eot is None:
-                raise ConfigError(f"tokenizer '{getattr(tokenizer, 'name', tokenizer)}' has no end-of-text token, "
-                                  "which the chat template ends every turn with; fine-tune with a tokenizer that has "
-                                  "an eos (or Llama 3's <|eot_id|>)")
-        pad = _token_id(getattr(tokenizer, "pad_id", None))
-        self.pad_id = self.eot if pad is None else pad
-
-    @staticmethod
-    def _special_id(tok, s: str) -> Optional[int]:
-        specials = getattr(tok, "special_tokens", None)
-        if isinstance(specials, dict) and s in specials:
-            return specials[s]
-        inner = getattr(tok, "tok", None)  # HF tokenizers.Tokenizer
-        if inner is not None and hasattr(inner, "token_to_id"):
-            return inner.token_to_id(s)
-        return None
-
-    def header(self, role: str) -> List[int]:
-        if self.native:
-            return [self.start_header] + self.tokenizer.encode(role) + [self.end_header] + \
-                self.tokenizer.encode("\n\n")
-        return self.tokenizer.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
-
-    def encode_dialog(self, messages: Sequence[dict], add_generation_prompt: bool = False
-                      ) -> Tuple[List[int], List[int]]:
-        """(tokens, mask): mask is 1 on the tokens an assistant message contributes (content + end of turn)."""
-        tokens = [] if self.bos is None else [self.bos]  # no bos (GPT-2, Qwen): the first header starts it
-        mask = [0] * len(tokens)
-        for m in messages:
-            h = self.header(m["role"])
-            body = self.tokenizer.encode(m["content"].strip()) + [self.eot]
-            tokens += h + body
-            train = 1 if m["role"] == "assistant" else 0
-            mask += [0] * len(h) + [train] * len(body)
-        if add_generation_prompt:
-            h = self.header("assistant")
-            tokens += h
-            mask += [0] * len(h)
-        return tokens, mask
-
-
-def own_chat_template(tokenizer) -> Optional[str]:
-    """The chat template an HF tokenizer folder ships (tokenizer_config.json's ``chat_template``, or a
-    chat_template.jinja / chat_template.json beside it), else None."""
-    path = getattr(tokenizer, "path", None)
-    if not isinstance(path, str) or not os.path.exists(path):
-        return None
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    jinja = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                tpl = json.load(f).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
-        if isinstance(tpl, str):
-            return tpl
-    return None
-
-
-def _token_id(i) -> Optional[int]:
-    """A special token's id, or None where the tokenizer has none (HF: None; sentencepiece: -1)."""
-    return None if i is None or int(i) < 0 else int(i)
-
-
-def _lines(path: str):
-    """(line number, text) of a jsonl or jsonl.gz; bytes that are not UTF-8 and a truncated or corrupt gzip are one
-    ConfigError each, naming the file and line (they raised UnicodeDecodeError / EOFError)."""
-    lineno = 0
-    try:
-        f = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-    except OSError as e:
-        raise ConfigError(f"chat data {path} cannot be read ({e.strerror}); check the path and its permissions"
-                          ) from None
-    with f:
-        try:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ConfigError(f"{path} line {lineno} is not UTF-8 (byte {raw[e.start]:#04x} at column "
-                                      f"{e.start + 1}); re-save the file as UTF-8") from None
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise ConfigError(f"{path} is a truncated or corrupt gzip file (it breaks off after line {lineno}: "
-                              f"{e}); re-create or re-download it") from None
-
-
-def read_chat_jsonl(path: str) -> List[List[dict]]:
-    """Conversations of a jsonl file; a malformed line raises ConfigError naming the file and line."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"chat data {path} does not exist; pass --data-path with a .jsonl of "
-                          '{"messages": [{"role": ..., "content": ...}]} lines')
-    out, empty = [], []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
-        msgs = obj.get("messages") if isinstance(obj, dict) else None
-        if not isinstance(msgs, list) or not msgs:
-            raise ConfigError(f'{where} has no "messages" list; each line must be {{"messages": [{{"role": '
-                              f'..., "content": ...}}, ...]}}')
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ConfigError(f"{where}: every message needs a role in {', '.join(ROLES)} and a string "
-                                  f"content, got {str(m)[:80]}")
-            try:
-                m["content"].encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone "\udXXX" escape: no character, no token
-                raise ConfigError(f"{where}: a {m['role']} content holds an unpaired surrogate escape "
-                                  f"({m['content'][e.start]!r}); write the character itself or its full "
-                                  f"surrogate pair") from None
-        if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
-            empty.append(lineno)  # trained on, it would teach the model to end its turn at once
-            continue
-        out.append(msgs)
-    if empty and not out:
-        raise ConfigError(f"every conversation of {path} has an empty assistant answer (lines {empty[0]}..."
-                          f"{empty[-1]}); fill in the answers")
-    if empty:
-        _warn_rank0(f"{path}: skipped {len(empty)} conversations with an empty assistant answer (first at line "
-                    f"{empty[0]}), which would train the model to end its turn at once; fill them in or drop them")
-    if not out:
-        raise ConfigError(f"{path} holds no conversations; give at least one line")
-    return out
-
-
-def _warn_rank0(msg: str) -> None:
-    """Every rank reads the data; one warning is enough."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        warnings.warn(msg, stacklevel=3)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -341,30 +181,50 @@ class GlobalTokenCountIterator:
         return self.buffer.popleft()
 
 
-def tokenize_conversations(conversations: List[List[dict]], template: ChatTemplate):
+def tokenize_conversations(conversations: List[List[dict]], template, where: Optional[Sequence[str]] = None):
+    """(tokens, mask) arrays per conversation; ``where`` names each one's file line in a template's refusal (Llama
+    2's role order)."""
     out = []
-    for msgs in conversations:
-        t, m = template.encode_dialog(msgs)
+    for i, msgs in enumerate(conversations):
+        try:
+            t, m = template.encode_dialog(msgs)
+        except ConfigError as e:
+            raise ConfigError(f"{where[i]}: {e}" if where else str(e)) from None
         out.append((np.asarray(t, dtype=np.int64), np.asarray(m, dtype=np.int64)))
     return out
 
 
+_NAMES = {"llama3": "Llama 3", "llama2": "Llama 2"}
+
+
+def chat_template_for(tokenizer, chat_format: Optional[str] = "auto"):
+    """The template to train with (``--chat-template``; auto: the tokenizer's), said in one start-up line; a
+    tokenizer that ships another format than the one used is warned about (the model learns the one used)."""
+    name, why = resolve_chat_format(chat_format, tokenizer)
+    template = build_chat_template(name, tokenizer)
+    tok_name = getattr(tokenizer, "name", tokenizer)
+    print_rank0(f"chat template: {name} ({why}{'' if why == '--chat-template' else '; --chat-template overrides it'})"
+                f", tokenizer {tok_name}")
+    own = own_chat_template(tokenizer)
+    if own and template_format(own) != name:  # e.g. ChatML, or Llama 2's [INST] under --chat-template llama3
+        _warn_rank0(f"tokenizer '{tok_name}' ships a chat template that is not {_NAMES[name]}'s; fine-tuning "
+                    f"formats chats as {_NAMES[name]}'s (the model learns that format), so prompt the result with "
+                    "tools/generate.py --chat, or export it with tools/convert_checkpoint.py megallama-to-hf (which "
+                    f"writes the {_NAMES[name]} template it trained on)")
+    return template
+
+
 def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: int = 1234, split="98,2,0",
-                       packing: bool = False, num_train_samples: Optional[int] = None):
+                       packing: bool = False, num_train_samples: Optional[int] = None, chat_format: str = "auto"):
     """(train, valid) SFT datasets from a chat jsonl (default: the bundled sample). valid is None when its split is
     empty. Conversations are split by contiguous ranges (as pretraining documents) before shuffling.
     ``num_train_samples``: the train set's length (the samples the run reads, later epochs reshuffled); default one
-    epoch."""
+    epoch. ``chat_format``: ``--chat-template``; the one used is ``train.chat_format`` (saved with the run)."""
     from megallama.data.gpt_dataset import split_document_ranges
     path = path or get_bundled_chat_path()
-    template = ChatTemplate(tokenizer)
-    own = own_chat_template(tokenizer)
-    if own and "<|start_header_id|>" not in own:  # e.g. Llama 2's [INST] or ChatML: another format than ours
-        _warn_rank0(f"tokenizer '{getattr(tokenizer, 'name', tokenizer)}' ships a chat template that is not Llama "
-                    "3's; fine-tuning formats chats as Llama 3's (the model learns that format), so prompt the "
-                    "result with tools/generate.py --chat, or export it with tools/convert_checkpoint.py megallama-to-hf "
-                    "(which writes the Llama 3 template it trained on)")
-    convs = tokenize_conversations(read_chat_jsonl(path), template)
+    template = chat_template_for(tokenizer, chat_format)
+    rows = read_chat_rows(path)[1]
+    convs = tokenize_conversations([m for _, m in rows], template, [f"{path} line {n}" for n, _ in rows])
     ranges = split_document_ranges(len(convs), split)
     if ranges[0][1] <= ranges[0][0]:
         raise ConfigError(f"--split {split} leaves no training conversations out of {len(convs)}; give the first "
@@ -378,4 +238,5 @@ def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: in
                                "valid")
         except ConfigError as e:
             warnings.warn(f"no validation set: {e}")
+    train.chat_format = template.name
     return train, valid

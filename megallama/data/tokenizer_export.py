@@ -11,8 +11,9 @@ The written tokenizer starts a text with the token ``tools/generate.py`` puts be
 a megallama run's documents follow an eod and have no bos, so it prepends the eod (as HF's bos_token); an imported
 HF model keeps its bos. So HF ``generate`` on the exported folder sees the context megallama's generation sees.
 
-A run that trained on chat data also gets a ``chat_template`` (``export_chat_template``) that renders, token for
-token, what ``sft_dataset.ChatTemplate`` trained on and ``tools/generate.py --chat`` prompts with.
+A run that trained on chat data also gets a ``chat_template`` (``export_chat_template``) in the format it trained with
+(Llama 3's or Llama 2's, its saved ``chat_format``) that renders, token for token, what ``chat_templates`` trained on
+and ``tools/generate.py --chat`` prompts with.
 """
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ _LLAMA3_TEMPLATE = ("{{% set loop_messages = messages %}}{{% for message in loop
                     "{start} + message['role'] + {end}+ {content} + {eot} %}}{first}{{{{ content }}}}{{% endfor %}}"
                     "{{% if add_generation_prompt %}}{{{{ {prompt} }}}}{{% endif %}}")
 _FIRST = "{{% if loop.index0 == 0 %}}{{% set content = {bos} + content %}}{{% endif %}}"
+# Meta's Llama 2 chat template (meta-llama/Llama-2-7b-chat-hf, tokenizer_config.json), its begin/end tokens and the
+# text after them as fields: with bos_token, eos_token and no separator it is Meta's text to the character.
+_LLAMA2_TEMPLATE = (
+    "{{% if messages[0]['role'] == 'system' %}}{{% set loop_messages = messages[1:] %}}{{% set system_message = "
+    "messages[0]['content'] %}}{{% else %}}{{% set loop_messages = messages %}}{{% set system_message = false %}}"
+    "{{% endif %}}{{% for message in loop_messages %}}{{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}}"
+    "{{{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}}}{{% endif %}}"
+    "{{% if loop.index0 == 0 and system_message != false %}}{{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}}{{% else %}}{{% set content = message['content'] %}}{{% endif %}}"
+    "{{% if message['role'] == 'user' %}}{{{{ {bos} + {inst} + content.strip() + ' [/INST]' }}}}"
+    "{{% elif message['role'] == 'assistant' %}}{{{{ ' '  + content.strip() + ' ' + {eos} }}}}{{% endif %}}{{% endfor %}}")
 # conversations the written template is checked on: system or not, several turns, spaces to trim, an empty turn
 _PROBES = (
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is 12 plus 30?\n"},
@@ -109,13 +121,14 @@ def export_chat_template(saved_args: dict, out_dir: str) -> Tuple[Optional[int],
     chat templates with Instruct models only (an imported model's own files are still copied as they are). A
     source tokenizer's template is kept when it renders the same ids as megallama's on a few conversations;
     otherwise megallama's replaces it. Checked with transformers where it is installed."""
-    from megallama.data.sft_dataset import ChatTemplate, own_chat_template
+    from megallama.data.chat_templates import build_chat_template, own_chat_template, saved_chat_format
     cfg_file = os.path.join(out_dir, "tokenizer_config.json")
     if not trained_on_chat(saved_args) or not os.path.isfile(cfg_file):
         return None, None
     tok = run_tokenizer(saved_args)
+    fmt = saved_chat_format(saved_args)
     try:
-        chat = ChatTemplate(tok)
+        chat = build_chat_template(fmt, tok)
     except ConfigError as e:
         return None, f"chat_template: not written ({e})"
     with open(cfg_file, encoding="utf-8") as f:
@@ -125,7 +138,10 @@ def export_chat_template(saved_args: dict, out_dir: str) -> Tuple[Optional[int],
     source = cfg.get("chat_template") or own_chat_template(tok)
     source = source if isinstance(source, str) else None
     check, unchecked = _hf_check(out_dir, chat)
-    candidates = [megallama_chat_template(tok, bos_token, sep) for sep in _separators(tok)]
+    eos_token = cfg.get("eos_token")
+    eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+    candidates = [llama2_chat_template(tok, bos_token, eos_token, sep) if fmt == "llama2" else
+                  megallama_chat_template(tok, bos_token, sep) for sep in _separators(tok)]
     ours, wrong = candidates[0], None
     if check is not None:  # the first whose ids are megallama's; none: the likeliest, with a warning
         wrongs = [check(tpl) for tpl in candidates]
@@ -135,7 +151,8 @@ def export_chat_template(saved_args: dict, out_dir: str) -> Tuple[Optional[int],
         said = "chat_template: the source tokenizer's, which renders what the run trained on"
     else:
         cfg["chat_template"] = ours
-        said = ("chat_template: " + ("Llama 3's" if chat.native else "Llama 3's layout with text markers") +
+        said = ("chat_template: " + ("Llama 2's" if fmt == "llama2" else "Llama 3's" if chat.native else
+                                     "Llama 3's layout with text markers") +
                 ", as the run trained on" +
                 (" (replacing the source tokenizer's, which renders another format)" if source else ""))
         if wrong is not None:
@@ -165,6 +182,20 @@ def megallama_chat_template(tok, bos_token: Optional[str] = None, sep: str = "")
     return _LLAMA3_TEMPLATE.format(start=_quote(sep + start), end=_quote(end + "\n\n"), content=content,
                                    eot=_quote(eot), first=_FIRST.format(bos=bos) if begin is not None else "",
                                    prompt=_quote(f"{sep}{start}assistant{end}\n\n"))
+
+
+def llama2_chat_template(tok, bos_token: Optional[str] = None, eos_token: Optional[str] = None, sep: str = "") -> str:
+    """Jinja rendering ``Llama2ChatTemplate(tok).encode_dialog``: Meta's Llama-2-chat template, with the exported
+    tokenizer's ``bos_token``/``eos_token`` by name where they are the template's begin/end tokens. ``sep``: put
+    after the begin token, where megallama's tokenizer gave each turn its own start (sentencepiece's dummy
+    prefix)."""
+    from megallama.data.chat_templates import Llama2ChatTemplate
+    chat = Llama2ChatTemplate(tok)
+    begin = None if chat.bos is None else _piece(tok, chat.bos)
+    end = _piece(tok, chat.eot)
+    bos = "bos_token" if begin is not None and begin == bos_token else _quote(begin or "")
+    eos = "eos_token" if end == eos_token else _quote(end)
+    return _LLAMA2_TEMPLATE.format(bos=bos, eos=eos, inst=_quote(sep + "[INST] "))
 
 
 def _separators(tok) -> list:

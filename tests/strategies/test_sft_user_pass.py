@@ -96,8 +96,8 @@ def test_a_tokenizer_shipping_another_chat_format_is_warned_about(tmp_path):
     data = _jsonl(tmp_path / "c.jsonl", bundled_rows)
     llama2 = _llama3_like(tmp_path / "l2", ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>",
                                                               "chat_template": LLAMA2_TEMPLATE})
-    with pytest.warns(UserWarning, match="ships a chat template that is not Llama 3's"):
-        build_sft_datasets(data, build_tokenizer("hf", llama2), 256, split="100,0,0")
+    with pytest.warns(UserWarning, match="ships a chat template that is not Llama 3's"):  # auto would pick llama2
+        build_sft_datasets(data, build_tokenizer("hf", llama2), 256, split="100,0,0", chat_format="llama3")
     llama3 = _llama3_like(tmp_path / "l3", config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
                                                     "chat_template": LLAMA3_TEMPLATE})
     with warnings.catch_warnings():
