@@ -22,6 +22,7 @@ from megallama.pipeline.simulate import theoretical_bubble_fraction
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
 MOE_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")  # estimator arguments that change Ψ
+STATE_BYTES = ("p_bytes", "g_bytes", "k_bytes")  # estimator overrides of (p, g, K): --optimizer sgd, bf16 grads
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
 
 
@@ -135,7 +136,8 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
         text = explanation(vocab(plan["tp"] if plan else 1), num_gpus, gpu_memory_gb, seq, precision, plan, rows,
                            strategy, estimate_kw.get("mixed_precision_mode", "params"), estimate_kw.get("lora_rank", 8),
                            estimate_kw.get("lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                           {k: estimate_kw[k] for k in MOE_SIZES if estimate_kw.get(k)})
+                           {k: estimate_kw[k] for k in MOE_SIZES if estimate_kw.get(k)},
+                           {k: estimate_kw[k] for k in STATE_BYTES if estimate_kw.get(k) is not None})
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
                                       gpus_per_node, safety_margin, dict(estimate_kw, tokenizer_vocab=tokenizer_vocab,
@@ -149,10 +151,14 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
 
 def model_states_line(cfg: ModelConfig, num_gpus: int, precision: str, strategy: str = "standard",
                       mode: str = "params", lora_rank: int = 8,
-                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None) -> str:
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None,
+                      state_bytes=None) -> str:
     """The estimator's bytes per parameter for this strategy (a frozen base keeps weights only) and the model
-    states per GPU when fully sharded (ZeRO-3 over every GPU). ``moe_sizes``: ``MOE_SIZES`` given."""
+    states per GPU when fully sharded (ZeRO-3 over every GPU). ``moe_sizes``: ``MOE_SIZES`` given;
+    ``state_bytes``: ``STATE_BYTES`` given (SGD's K, --grad-reduce-in-bf16's g), as the estimate prices them."""
     p, g, k = precision_bytes(precision, mode)
+    over = state_bytes or {}
+    p, g, k = over.get("p_bytes", p), over.get("g_bytes", g), over.get("k_bytes", k)
     trainable, experts, frozen = model_split(cfg, strategy, lora_rank, lora_targets, **(moe_sizes or {}))
     floor = ((p + g + k) * (trainable + experts) + p * frozen) / num_gpus / GiB
     text = f"{p + g + k} bytes/param ({p} weights + {g} grads + {k} optimizer)"
@@ -165,11 +171,13 @@ def model_states_line(cfg: ModelConfig, num_gpus: int, precision: str, strategy:
 
 def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int, precision: str,
                 plan: Optional[dict], rows: List[dict], strategy: str = "standard", mode: str = "params",
-                lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None) -> str:
+                lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None,
+                state_bytes=None) -> str:
     total = sum(model_split(cfg, strategy, lora_rank, lora_targets, **(moe_sizes or {})))
     lines = [f"auto-configuration for {cfg.name} ({total / 1e9:.2f}B params) on {num_gpus} GPUs of "
              f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}, {strategy}:",
-             model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets, moe_sizes)]
+             model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets, moe_sizes,
+                               state_bytes)]
     if plan is None:
         if not rows:
             lines.append("  no layout is valid for this model and GPU count (tp must divide heads, kv heads and "

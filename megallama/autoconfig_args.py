@@ -35,7 +35,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     """Choose the layout and write it into ``args`` (``args.auto_layout`` the plan); returns the world size it
     planned for (ConfigError when nothing fits)."""
     from megallama.autoconfig import choose_layout, detect_gpu_memory_gb, vocab_config
-    from megallama.memory_args import feature_kw
+    from megallama.memory_args import feature_kw, priced_device
     fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
                                                  ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
                                                  ("context-parallel-size", args.context_parallel_size),
@@ -48,7 +48,6 @@ def apply_auto_configure(args, world_size: int) -> int:
         raise ConfigError(f"--auto-configure planned for {world} GPUs (--gpus x --nodes) but {world_size} process "
                           f"runs; launch with torchrun --nproc_per_node {args.gpus}, or add --dry-run to only plan")
     memory = args.gpu_memory_gb or detect_gpu_memory_gb()
-    on_cpu = args.device == "cpu" or (args.device is None and not _cuda())
     global_batch = args.global_batch_size or args.batch_size_alias
     rank0 = int(os.environ.get("RANK", "0")) == 0
     recompute = args.recompute_granularity
@@ -63,7 +62,7 @@ def apply_auto_configure(args, world_size: int) -> int:
                              zero_stages=(args.zero_stage,) if args.zero_stage is not None else (0, 1, 2, 3),
                              recomputes=(recompute,) if recompute else ("none", "selective", "full"),
                              mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
-                             fused_kernels=not args.no_fused_kernels, device="cpu" if on_cpu else "cuda",
+                             fused_kernels=not args.no_fused_kernels, device=priced_device(args, args.dry_run),
                              tokenizer_vocab=vocab, vocab_multiple=multiple, **strategy)
     if plan is None:
         raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "

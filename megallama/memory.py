@@ -112,6 +112,9 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
         else:
             num_microbatches = 1 if pp == 1 else 4 * pp
     global_batch_size = batch_size * dp * num_microbatches
+    if microbatch_group_size is not None and pp > 1:  # Megatron's checks, as the schedule makes them
+        from megallama.pipeline.schedules import check_microbatch_group
+        check_microbatch_group(pipeline_schedule, pp, num_microbatches, microbatch_group_size)
     num = am.Numerics.of(precision, mixed_precision_mode, fused_kernels, fp8=fp8_format is not None)
     p, g, k = precision_bytes(precision, mixed_precision_mode)
     pkg = (p if p_bytes is None else p_bytes, g if g_bytes is None else g_bytes, k if k_bytes is None else k_bytes)

@@ -8,6 +8,13 @@ from __future__ import annotations
 from typing import List
 
 
+# what stays when the layout is re-chosen on more GPUs: the run's model, optimizer and features (not its layout)
+_SAME_RUN = ("num_experts", "moe_topk", "lora_rank", "lora_targets", "mixed_precision_mode", "fused_kernels", "head",
+             "optimizer", "p_bytes", "g_bytes", "k_bytes", "device", "moe_ffn_hidden_size",
+             "moe_shared_expert_intermediate_size", "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
+             "fp8_format")
+
+
 def _try(args: dict, **change) -> dict:
     from megallama.memory import estimate_requirements
     return estimate_requirements(**{**args, **change, "recommend": False})
@@ -96,7 +103,8 @@ def recommendations(res: dict, args: dict, cfg) -> List[str]:
             plan = choose_layout(model, world * mult, gpu_memory_gb=res["gpu_memory_gb"],
                                  sequence_length=lay["sequence_length"],
                                  micro_batch_size=lay["micro_batch_size"], precision=lay["precision"],
-                                 strategy=lay["strategy"], gpus_per_node=min(8, world * mult), explain=False)
+                                 strategy=lay["strategy"], gpus_per_node=min(8, world * mult), explain=False,
+                                 **{k: args[k] for k in _SAME_RUN if args.get(k) is not None})
             if plan is not None:
                 desc = (f"{'on these ' if mult == 1 else f'with {world * mult} '}GPUs use tp {plan['tp']} pp "
                         f"{plan['pp']} dp {plan['dp']} ZeRO-{plan['zero_stage']} recompute {plan['recompute']} "

@@ -38,7 +38,21 @@ def estimate_for_args(args, num_gpus: int, num_nodes: int = 1, gpu_memory_gb: Op
                                  pipeline_layer_counts=getattr(args, "pipeline_layer_counts", None),
                                  bucket_size=args.bucket_size, overlap_grad_reduce=args.overlap_grad_reduce,
                                  gpu_memory_gb=gpu_memory_gb or args.gpu_memory_gb or detect_gpu_memory_gb(),
-                                 recommend=recommend, **feature_kw(args))
+                                 device=priced_device(args, planning=True), recommend=recommend,
+                                 **feature_kw(args))
+
+
+def priced_device(args, planning: bool) -> str:
+    """Whose code paths an estimate prices ('cpu' or 'cuda'), one rule for the --dry-run table and --auto-configure:
+    the --device given; else a plan (``planning``: --dry-run, which may run where no GPU is) is for a GPU run; else
+    the device this run will use."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        return "cpu" if str(device).startswith("cpu") else "cuda"
+    if planning:
+        return "cuda"
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def feature_kw(args) -> dict:

@@ -25,9 +25,14 @@ _SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
 
 
 def _model_config(args):
-    """--model with the shape overrides given (as the training flags resolve it)."""
+    """--model with the shape overrides given and the strategy's experts, as the training flags resolve them
+    (``strategies.strategy_from_args``: --num-experts alone makes a MoE model, --strategy moe has 8 experts, LoRA
+    rank 8); returns (config, the estimator's strategy arguments)."""
     from megallama.config import get_model_config
-    return get_model_config(args.model, **{name: getattr(args, name) for name in _SHAPE})
+    from megallama.strategies import strategy_from_args
+    strategy = strategy_from_args(args)
+    cfg = strategy.model_config(get_model_config(args.model, **{name: getattr(args, name) for name in _SHAPE}))
+    return cfg, strategy.estimate_kw()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-layout", default=None, help="Megatron's layout string, e.g. "
                    "'E|(tt|)*63,L' (the training flag's rules)")
+    p.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", dest="microbatch_group_size_per_vp_stage",
+                   type=int, default=None, help="interleaved: microbatches per group (default pp); its warm-up depth")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     p.add_argument("--account-for-embedding-in-pipeline-split", action="store_true")
@@ -82,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters with autocast")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="sgd keeps one fp32 state per parameter (momentum) instead of Adam's two")
-    p.add_argument("--sgd-momentum", type=float, default=0.9, help="with --optimizer sgd: 0 keeps no state")
+    p.add_argument("--sgd-momentum", type=float, default=None,
+                   help="with --optimizer sgd (default 0.9, as training): 0 keeps no state")
     p.add_argument("--no-fused-kernels", action="store_true")
     p.add_argument("--unfused-head", action="store_true", help="logits + cross-entropy instead of the fused head")
     p.add_argument("--strategy", choices=["standard", "lora", "moe", "hybrid"], default="standard")
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--num-experts", type=int, default=None)
-    p.add_argument("--moe-router-topk", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 8, as training)")
+    p.add_argument("--num-experts", type=int, default=None, help="as training: alone it makes a MoE model; "
+                   "--strategy moe without it has 8")
+    p.add_argument("--moe-router-topk", type=int, default=None, help="experts per token (default 2)")
     p.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="FFN size of each expert (default: dense)")
     p.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
                    help="FFN size of the shared expert every token goes through")
@@ -128,6 +137,7 @@ def _pipeline(args, cfg) -> argparse.Namespace:
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_vp_stage,
         account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split)
     derive_pipeline(pipe)
@@ -161,7 +171,12 @@ def _fixed_for_auto_configure(args, zero: int, recompute: str) -> dict:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     from megallama.memory import estimate_requirements
+    from megallama.optimizer_args import check_sgd_flags
     args = build_parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be a positive integer, got {args.batch_size}")
+    args.gradient_compression = None
+    check_sgd_flags(args)  # the training flags' rules: --sgd-momentum needs --optimizer sgd, in [0, 1)
     if args.gpus is None:
         model_parallel = args.tp * args.pp * args.cp
         args.gpus = 1 if args.auto_configure else max(1, model_parallel // max(1, args.nodes))
@@ -181,14 +196,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.optimizer == "sgd":
         from megallama.memory_args import sgd_k_bytes
         kw["k_bytes"] = sgd_k_bytes(_precision(args) != "fp32", args.params_dtype, args.sgd_momentum)
-    cfg = _model_config(args)
+    cfg, strategy = _model_config(args)
+    kw.update({k: v for k, v in strategy.items() if k != "strategy"})
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
         kw.update(_fixed_for_auto_configure(args, zero, recompute))
         said = io.StringIO()  # choose_layout prints why nothing fits: kept out of --json's stdout, put in the JSON
         with contextlib.redirect_stdout(said) if args.json else contextlib.nullcontext():
             plan = choose_layout(cfg, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
-                                 args.batch_size, args.global_batch_size, _precision(args), args.strategy,
+                                 args.batch_size, args.global_batch_size, _precision(args), strategy["strategy"],
                                  gpus_per_node=args.gpus, **kw)
         if plan is None:
             return {"plan": None, "explanation": said.getvalue().rstrip("\n")} if args.json else {"plan": None}
@@ -198,8 +214,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 sequence_length=args.seq_length,
                                 num_gpus=args.gpus, num_nodes=args.nodes, tp=args.tp, pp=args.pp, cp=args.cp,
                                 ep=args.ep, zero_stage=zero, recompute=recompute, precision=_precision(args),
-                                strategy=args.strategy, lora_rank=args.lora_rank, num_experts=args.num_experts,
-                                moe_topk=args.moe_router_topk, gpu_memory_gb=args.gpu_memory,
+                                strategy=strategy["strategy"], gpu_memory_gb=args.gpu_memory,
                                 global_batch_size=args.global_batch_size, num_microbatches=args.num_microbatches,
                                 sequence_parallel=args.sequence_parallel, pipeline_schedule=args.pipeline_schedule,
                                 virtual_pipeline_stages=pipe.num_chunks, recompute_method=args.recompute_method,
@@ -208,6 +223,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                 pipeline_layer_counts=getattr(pipe, "pipeline_layer_counts", None),
                                 recompute_num_layers=args.recompute_num_layers, bucket_size=args.bucket_size,
                                 recompute_modules=rec.recompute_modules,
+                                microbatch_group_size=args.microbatch_group_size_per_vp_stage,
                                 overlap_grad_reduce=args.overlap_grad_reduce, cp_comm_type=args.cp_comm_type,
                                 hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes, **kw)
     return {"estimate": est, "json": args.json}

@@ -1,4 +1,4 @@
-"""The memory estimator: ZeRO's Table 1, activation bytes re-measured on CPU, the API and the CLI.
+"""The memory estimator: ZeRO's Table 1, activation bytes re-measured on CPU, the API (the CLI: test_memory_routes).
 
 Activation formulas are checked two ways on tiny models: (1) the bytes autograd saves (``saved_tensors_hooks``,
 distinct storages, parameters excluded) must equal ``activation_memory`` exactly, for every precision mode,
@@ -278,23 +278,6 @@ def test_bad_input_raises_config_error(kw, fragment):
         estimate_requirements(**kw)
 
 
-def test_cli_table_json_and_errors():
-    tool = os.path.join(ROOT, "tools", "estimate_memory.py")
-    out = subprocess.run([sys.executable, tool, "--model", "llama2_7b", "--batch-size", "16", "--gpus", "4"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "does NOT fit" in out.stdout and "activations" in out.stdout
-    out = subprocess.run([sys.executable, tool, "--model", "tiny_llama3_50m", "--seq-length", "256", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    data = json.loads(out.stdout)
-    assert data["fits"] and data["layout"]["sequence_length"] == 256
-    out = subprocess.run([sys.executable, tool, "--model", "llama3_8b", "--tensor-model-parallel-size", "8",
-                          "--json"], capture_output=True, text=True, timeout=120)  # --gpus defaults to tp x pp x cp
-    assert out.returncode == 0 and json.loads(out.stdout)["layout"]["world_size"] == 8, out.stderr
-    out = subprocess.run([sys.executable, tool, "--model", "llama3_8b", "--tp", "3"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
-
-
 def test_cli_unknown_flag_is_one_line_and_the_shape_can_be_overridden():
     tool = os.path.join(ROOT, "tools", "estimate_memory.py")
     for cmd in ([tool], ["-m", "megallama.cli", "estimate-memory"]):
@@ -389,51 +372,3 @@ def test_estimates_against_stored_gpu_measurements():
                                           fused=r["estimate"]["fused_kernels"])
         err = est["peak_allocated"] / r["measured"]["peak_allocated"] - 1
         assert abs(err) < 0.05, (r["argv"], r["device"], err)
-
-
-def test_cli_virtual_stages_follow_the_training_flags(capsys):
-    """--num-layers-per-virtual-pipeline-stage implies the interleaved schedule (it was priced as 1F1B), a split it
-    cannot make names the flag (it was floored to another v), and interleaved without it is refused, as training
-    refuses them; Megatron's pinned first/last stage sizes are taken."""
-    from megallama.memory_cli import main, run
-    base = ["--model", "llama3_405b", "--tp", "8", "--pp", "14", "--gpus", "8", "--nodes", "28", "--seq-length",
-            "8192", "--sequence-parallel", "--zero-stage", "1", "--recompute-granularity", "full",
-            "--global-batch-size", "512"]
-    implied = run(base + ["--num-layers-per-virtual-pipeline-stage", "3"])["estimate"]
-    named = run(base + ["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-schedule", "interleaved"])
-    assert implied["layout"]["pipeline_schedule"] == "interleaved"
-    assert implied["memory_per_gpu_gb"] == named["estimate"]["memory_per_gpu_gb"]
-    for extra, needle in ((["--num-layers-per-virtual-pipeline-stage", "4"], "does not split 126 layers over 14"),
-                          (["--pipeline-schedule", "interleaved"], "needs --num-layers-per-virtual-pipeline-stage"),
-                          (["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-schedule", "gpipe"],
-                           "needs the interleaved schedule")):
-        capsys.readouterr()
-        assert main(base + extra) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
-    pinned = run(["--model", "llama3_8b", "--pp", "4", "--decoder-first-pipeline-num-layers", "11"])["estimate"]
-    assert pinned["stages"][0]["allocated_gb"] > run(["--model", "llama3_8b", "--pp", "4"])["estimate"]["stages"][0][
-        "allocated_gb"]
-
-
-def test_cli_auto_configure_json_stays_json_when_nothing_fits(capsys):
-    """The reasons were printed before the JSON (stdout no longer parsed); they are now a field of it."""
-    from megallama.memory_cli import main
-    assert main(["--model", "llama3_405b", "--gpus", "8", "--auto-configure", "--seq-length", "8192", "--json"]) == 1
-    data = json.loads(capsys.readouterr().out)
-    assert data["plan"] is None and "NO layout fits" in data["explanation"]
-
-
-def test_cli_auto_configure_keeps_what_the_user_fixed(capsys):
-    """--zero-stage, --recompute-granularity (or their aliases) were replaced by the search's choice and --tp 2
-    was dropped without a word; train --auto-configure keeps the first two and refuses the third."""
-    from megallama.memory_cli import main, run
-    base = ["--model", "llama3_70b", "--gpus", "8", "--nodes", "8", "--seq-length", "8192", "--auto-configure"]
-    for fixed in (["--zero-stage", "1", "--recompute-granularity", "full"],
-                  ["--use-distributed-optimizer", "--activation-checkpointing"]):
-        plan = run(base + fixed)["plan"]
-        assert (plan["zero_stage"], plan["recompute"]) == (1, "full"), plan
-    capsys.readouterr()
-    assert main(base + ["--tp", "2"]) == 2
-    assert capsys.readouterr().err == ("error: --auto-configure chooses the layout itself but "
-                                       "--tensor-model-parallel-size 2 was given; drop one of them\n")
