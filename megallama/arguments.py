@@ -329,8 +329,9 @@ def _derive(args, world_size: int):
                           f"{world_size}; launch with torchrun --nproc_per_node {args.gpus} (or megallama train "
                           f"--gpus {args.gpus}, which does), or add --dry-run to only plan")
     if world_size % (tp * pp * cp):
+        plan = f" (a --dry-run plans --gpus x --nodes GPUs: pass --gpus {tp * pp * cp})" if args.dry_run else ""
         raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; launch a multiple "
-                          f"of {tp * pp * cp} processes or change the parallel sizes")
+                          f"of {tp * pp * cp} processes or change the parallel sizes{plan}")
     dp = world_size // (tp * pp * cp)
     args.data_parallel_size = dp
     if args.global_batch_size is None and args.batch_size_alias is not None:

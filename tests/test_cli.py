@@ -26,6 +26,23 @@ def test_dry_run_with_the_seed_flags_prints_configuration_and_estimate():
     assert "GPU memory" in r.stdout and "lora" in r.stdout
 
 
+def test_pretrain_script_dry_run_plans_a_multi_gpu_launch_from_one_process():
+    """``python pretrain_llama.py --tensor-model-parallel-size 8 --gpus 8 --dry-run`` on a laptop: the plan, as
+    ``megallama train --dry-run`` prints it (it stopped at "world size 1 is not divisible by tp*pp*cp")."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_llama.py"), "--model",  # noqa
+                                     "llama3_8b", "--tensor-model-parallel-size", "8", *a, "--dry-run"],
+                                    capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = run("--gpus", "8")
+    assert r.returncode == 0, r.stderr
+    assert "resolved configuration:" in r.stdout and "GPU memory" in r.stdout
+    assert r.stdout == cli("train", "--model", "llama3_8b", "--tensor-model-parallel-size", "8", "--gpus", "8",
+                           "--dry-run").stdout
+    r = run()
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("pass --gpus 8)"), r.stderr
+
+
 def test_dry_run_of_405b_on_64_gpus_does_not_build_anything():
     r = cli("train", "--model", "llama3_405b", "--gpus", "8", "--nodes", "8", "--zero-stage", "3",
             "--tensor-parallel", "8", "--pipeline-parallel", "8", "--activation-checkpointing", "--dry-run")
