@@ -10,11 +10,11 @@ collective accounting, see megallama/optimizer/compression.py) over the whole ru
 only, and the ratio to DDP. ``--json`` keeps every per-step loss.
 
 Findings (benchmarks/RESULTS.md, gradient compression): 1-bit Adam and PowerSGD rank 16 end within ~1% of
-uncompressed; PowerSGD rank 4 and top-k 10% fall behind (+9%, +5% at 300 steps), by delay rather than by a defect:
+uncompressed; PowerSGD rank 4 and top-k 10% fall behind (+8.8%, +5.3% at 300 steps, session 16), by delay rather than by a defect:
 full-rank PowerSGD equals uncompressed, the gap closes as the message grows (rank 8 +4.3%, 16 +1.0%, 32 +0.1%)
 and widens when the run learns faster per step (a 4x larger batch); even the exact best rank-4 approximation (SVD)
 every step ends +6%, so rank 4 is short of rank, not of a better power iteration. Under SGD with momentum
-(``--optimizer sgd --lr 0.1``, the papers' setting) the same run has PowerSGD rank 4 at +1.4% and top-k 10% at -0.4%:
+(``--optimizer sgd --lr 0.1``, the papers' setting) the same run has PowerSGD rank 4 at +1.8% and top-k 10% at +0.6%:
 the gap is AdamW's, which moves every coordinate at about the same speed, so what waits in the error costs more.
 
     nice -n 10 python benchmarks/compression_convergence.py --world 4 --steps 300   # CPU, spawns gloo ranks
