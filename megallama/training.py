@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import List
 
 import torch
 import torch.distributed as dist
@@ -21,9 +20,10 @@ from megallama.checkpointing.signals import RunProgress, any_rank, report_interr
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
+from megallama.evaluation import evaluate_only, global_mean_loss, validate
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, print_rank_last, warn_rank_0
 from megallama.logging import (MEM_FIELD, TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
-                               format_log_line, format_validation_lines, max_over_ranks, memory_report,
+                               format_log_line, max_over_ranks, memory_report,
                                memory_scalars, moe_scalars)
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
@@ -68,80 +68,6 @@ def make_forward_step(args, device):
             return loss, {"lm loss": loss.detach()}
         return output, loss_func
     return forward_step
-
-
-def _global_mean_loss(losses: List[dict], device) -> float:
-    """Average of the microbatch losses, on every rank (last pipeline stage holds them, dp ranks average)."""
-    val = torch.zeros(2, device=device, dtype=torch.float64)
-    if losses:
-        val[0] = torch.stack([d["lm loss"].double() for d in losses]).sum()
-        val[1] = len(losses)
-    if dist.is_initialized():
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.all_reduce(val, group=ps.get_pipeline_model_parallel_group())
-        if ps.get_data_parallel_world_size(True) > 1:
-            dist.all_reduce(val, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return float(val[0] / val[1].clamp_min(1))
-
-
-def evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, consumed_samples: int = 0) -> float:
-    """Mean loss over --eval-iters global batches of ``valid_ds``, read after its first ``consumed_samples``."""
-    from megallama.data.gpt_dataset import build_data_iterator
-    it = build_data_iterator(valid_ds, args.micro_batch_size, consumed_samples, ps.get_data_parallel_rank(),
-                             ps.get_data_parallel_world_size(), args.num_workers)
-    if hasattr(valid_ds, "wrap_iterator"):  # dataset hook (SFT: global token counts)
-        it = valid_ds.wrap_iterator(it, args.num_microbatches)
-    for m in model_chunks:
-        m.eval()
-    losses = []
-    with torch.no_grad():
-        for _ in range(args.eval_iters):
-            losses += forward_backward(forward_step, it, model_chunks, args.num_microbatches,
-                                       args.seq_length // args.context_parallel_size,
-                                       args.micro_batch_size, forward_only=True)
-    for m in model_chunks:
-        m.train()
-    return _global_mean_loss(losses, device)
-
-
-def _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step, logger, step, consumed, where,
-              tag="validation") -> float:
-    # Megatron's: each validation reads the next --eval-iters batches (consumed_valid_samples goes on across
-    # evaluations and is saved with the checkpoint's args) of a validation set sized for the run; one that is not
-    # (a user's dataset) is read from its start each time, so that evaluations stay comparable. The test set is
-    # read once, from its start.
-    per_eval = args.eval_iters * args.global_batch_size
-    continues = tag == "validation" and len(valid_ds) >= args.consumed_valid_samples + per_eval
-    read_from = args.consumed_valid_samples if continues else 0
-    vloss = evaluate(args, device, model_chunks, valid_ds, forward_backward, forward_step, read_from)
-    if tag == "validation":
-        args.consumed_valid_samples += per_eval
-    ppl = math.exp(min(vloss, 20))  # Megatron's clamp
-    print_rank_last(format_validation_lines(where, vloss, ppl))  # Megatron's evaluate_and_print_results
-    logger.scalars_with_samples(step, consumed, {f"lm loss {tag}": vloss,
-                                                 f"lm loss {tag} ppl": ppl if args.log_validation_ppl_to_tensorboard
-                                                 else None})
-    return vloss
-
-
-def _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger, iteration,
-                   consumed) -> dict:
-    """--skip-train (Megatron's): no training step; the loaded checkpoint (or, without --load, the initial model)
-    is evaluated on the validation and the test data, and nothing is saved or written to TensorBoard."""
-    print_rank_0("skipping training (--skip-train is on) ...")
-    valid_losses, test_loss = {}, None
-    if valid_ds is not None and args.eval_iters > 0:
-        valid_losses[iteration] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
-                                            logger, iteration, consumed, f"iteration {iteration} on validation set")
-    if test_ds is not None:
-        test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger, iteration,
-                              consumed, f"iteration {iteration} on test set", "test")
-    if not valid_losses and test_loss is None:
-        print_rank_0("--skip-train: there is no validation or test data to evaluate (see --split, --valid-data-path, "
-                     "--test-data-path, --eval-iters); nothing done")
-    logger.close()
-    return {"losses": {}, "grad_norms": {}, "iteration_time": {}, "iteration": iteration,
-            "valid_losses": valid_losses, "test_loss": test_loss, "consumed_samples": consumed}
 
 
 def _sync_time(device) -> float:
@@ -201,7 +127,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     # Megatron's: the last rank writes the events (none with --skip-train); a collective when they are asked for
     logger = TrainingLogger(args, enabled=not skip_train)
     if skip_train:
-        return _evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
+        return evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
                               start_iter, consumed)
     timers = Timers.from_args(args, device)
     if timers.log_level >= 2:
@@ -261,7 +187,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         ok, grad_norm, num_zeros = optimizer.step()
         timers.stop("optimizer")
         consumed += gbs
-        loss = _global_mean_loss(losses, device)
+        loss = global_mean_loss(losses, device)
         profiler.end(iteration + 1)
         step = iteration + 1
         if not ok:
@@ -357,7 +283,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                                       or out_of_time))
         t_pause = _sync_time(device) if do_eval or do_save else None  # they stop the interval timer (Megatron's)
         if do_eval:
-            valid_losses[step] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
+            valid_losses[step] = validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, step, consumed, f"iteration {step}")
         if do_save:
             path = saver.save(step, consumed, wait=out_of_time or step == end_iter)
@@ -385,11 +311,11 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     validates = args.eval_iters > 0 and (args.eval_interval or getattr(args, "valid_data_path", None))
     if not stopped_early and end_iter == args.train_iters > start_iter and validates \
             and valid_ds is not None and end_iter not in valid_losses:  # Megatron's validation at the end
-        valid_losses[end_iter] = _validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
+        valid_losses[end_iter] = validate(args, device, model_chunks, valid_ds, forward_backward, forward_step,
                                            logger, end_iter, consumed, f"iteration {end_iter} on validation set")
     test_loss = None
     if test_ds is not None and not stopped_early and end_iter == args.train_iters > start_iter:
-        test_loss = _validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
+        test_loss = validate(args, device, model_chunks, test_ds, forward_backward, forward_step, logger,
                               end_iter, consumed, f"iteration {end_iter} on test set",
                               "test")
     if exit_signal is not None:
