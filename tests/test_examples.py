@@ -29,17 +29,19 @@ def _total_gib(stdout):
 def test_405b_launcher_resolves_and_fits_80_gib():
     r = _bash("pretrain_llama3_405b.sh", DRY_RUN="1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "224 GPUs = tp 8 x pp 14 x dp 2" in r.stdout and "ZeRO-1" in r.stdout and "recompute full" in r.stdout
+    assert "256 GPUs = tp 8 x pp 8 x dp 4" in r.stdout and "ZeRO-1" in r.stdout and "recompute full" in r.stdout
     assert "'rope_scaling': {'factor': 8.0" in r.stdout and _total_gib(r.stdout) < 0.95 * 80
-    bad = _bash("pretrain_llama3_405b.sh", DRY_RUN="1", NNODES="32")  # 256 GPUs hold no whole 112-GPU replica
-    assert bad.returncode == 2 and "not divisible by tp*pp*cp = 8*14*1" in bad.stderr, bad.stderr[-2000:]
+    # Megatron-core's split: embedding and loss counted as layers, 8 x 8 chunks of [1, 2, ..., 2, 1] decoder layers
+    assert re.search(r"pipeline_layer_counts\s+\[1, (2, ){62}1\]", r.stdout), r.stdout[:3000]
+    bad = _bash("pretrain_llama3_405b.sh", DRY_RUN="1", NNODES="28")  # 224 GPUs hold no whole 64-GPU replica
+    assert bad.returncode == 2 and "not divisible by tp*pp*cp = 8*8*1" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_slurm_script_takes_the_rendezvous_from_slurm():
-    r = _bash("slurm_pretrain.sbatch", DRY_RUN="1", SLURM_JOB_NUM_NODES="56", SLURM_JOB_ID="4242")
+    r = _bash("slurm_pretrain.sbatch", DRY_RUN="1", SLURM_JOB_NUM_NODES="64", SLURM_JOB_ID="4242")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"world_size\s+448", r.stdout) and "448 GPUs = tp 8 x pp 14 x dp 4" in r.stdout
-    assert _total_gib(r.stdout) < _total_gib(_bash("pretrain_llama3_405b.sh", DRY_RUN="1").stdout)  # ZeRO-1 over 4
+    assert re.search(r"world_size\s+512", r.stdout) and "512 GPUs = tp 8 x pp 8 x dp 8" in r.stdout
+    assert _total_gib(r.stdout) < _total_gib(_bash("pretrain_llama3_405b.sh", DRY_RUN="1").stdout)  # ZeRO-1 over 8
     outside = _bash("slurm_pretrain.sbatch")
     assert outside.returncode != 0 and "run through sbatch" in outside.stderr
 
