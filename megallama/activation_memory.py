@@ -313,7 +313,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     ``in_flight`` are held whole; while a W runs, one fewer is whole and one more is queued (None: grads in B).
 
     Returns the peak split into 'activations' (layers, embedding, final norm, tables), 'weight_casts',
-    'logits' (the head's saved tensors and transients), and the 'phase' the peak is in."""
+    'logits' (the head's saved tensors and transients), and the 'phase' the peak is in; 'other_per_microbatch'
+    and 'casts_per_microbatch' are what each of the other held microbatches adds (memory_stage's uneven chunks)."""
     if recompute not in RECOMPUTE:
         raise ConfigError(f"recompute '{recompute}' is not one of {', '.join(RECOMPUTE)}; pick one of those")
     if head not in HEADS:
@@ -373,10 +374,10 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
     other = held if others_hold_ends else held - hs["final_norm"] - hs["head"] - \
         (embedding_saved(x) if pre_process else 0)
     total = (in_flight - 1) * other + current
-    casts = in_flight * casts + extra_casts
+    one_casts, casts = casts, in_flight * casts + extra_casts
     return {"total": total, "logits": logits, "weight_casts": casts, "buffers": buffers,
             "activations": total - logits - casts - buffers, "phase": phase, "held_per_microbatch": held,
-            "layer_bytes": whole}
+            "layer_bytes": whole, "other_per_microbatch": other, "casts_per_microbatch": one_casts}
 
 
 def _queue_wgrads(phases, x, n, num_layers, queued, moe_layers, head, late_base, per_chunk, casts) -> None:

@@ -244,6 +244,7 @@ class LlamaTrainingOrchestrator:
         p = self.plan
         return DistributedConfig(tensor_parallel_size=p["tp"], pipeline_parallel_size=p["pp"],
                                  data_parallel_size=p["dp"], zero_stage=p["zero_stage"],
+                                 expert_parallel_size=p.get("ep", 1),
                                  sequence_parallel=p["sequence_parallel"], recompute=p["recompute"],
                                  microbatch_size=p["micro_batch_size"], num_microbatches=p["num_microbatches"],
                                  num_nodes=self.num_nodes)

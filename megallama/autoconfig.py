@@ -5,7 +5,9 @@ modelled throughput wins (deterministically: ties go to less parallelism). The t
 simple and stated: pipeline bubble (p-1)/(m+p-1) and stage balance (the slowest stage, the output layer counted
 by its matmul size, sets the pace), recompute costs 1/3 of a step (full) or 3% (selective),
 tensor parallelism loses 4% per doubling and may not leave a node, ZeRO-3 loses 10% to its extra all-gathers,
-micro-batches under 4096 tokens lose GPU efficiency. ``choose_layout`` returns None when nothing fits, and
+micro-batches under 4096 tokens lose GPU efficiency. MoE models also search expert parallelism (ep dividing the
+experts and dp, as the grid requires): the estimate shards the experts and their states over it, and its
+all-to-all (``A2A_COST``) is charged per MoE layer share. ``choose_layout`` returns None when nothing fits, and
 ``explain`` says why (model states alone: 18 bytes per trained parameter with bf16 params, fp32 grads, masters
 and Adam; a frozen LoRA base keeps its 2 bytes of weights only).
 """
@@ -17,6 +19,7 @@ from typing import List, Optional, Union
 from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
 from megallama.memory import GiB, estimate_requirements, model_split, precision_bytes, stage_layers
+from megallama.memory_states import num_moe_layers
 from megallama.pipeline.partition import costs_from_config
 from megallama.pipeline.simulate import theoretical_bubble_fraction
 
@@ -24,6 +27,9 @@ RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
 MOE_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")  # estimator arguments that change Ψ
 STATE_BYTES = ("p_bytes", "g_bytes", "k_bytes")  # estimator overrides of (p, g, K): --optimizer sgd, bf16 grads
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
+# Expert parallelism's all-to-all (dispatch + combine, forward and backward): the share (ep-1)/ep of the routed
+# tokens that leave the rank costs this fraction of a step (all layers MoE), over NVLink / across nodes.
+A2A_COST = {"node": 0.10, "network": 0.30}
 
 
 def _divisors(n: int) -> List[int]:
@@ -42,14 +48,25 @@ def stage_balance(cfg: ModelConfig, pp: int) -> float:
     return sum(work) / pp / max(work)
 
 
+def a2a_cost(ep: int, moe_share: float, span_gpus: int, gpus_per_node: int) -> float:
+    """Fraction of a step added by ep's all-to-all: ``A2A_COST`` x (ep-1)/ep x the share of MoE layers; the
+    network rate once the expert group's ``span_gpus`` (tp x ep consecutive ranks) leave a node."""
+    if ep <= 1:
+        return 0.0
+    return A2A_COST["node" if span_gpus <= gpus_per_node else "network"] * (ep - 1) / ep * moe_share
+
+
 def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro_batch: int, seq: int,
-                     num_microbatches: int, balance: float = 1.0, schedule: str = "1f1b") -> float:
-    """Relative tokens/s per GPU of a layout (1.0 = ideal); only comparisons between layouts mean anything."""
+                     num_microbatches: int, balance: float = 1.0, schedule: str = "1f1b",
+                     a2a: float = 0.0) -> float:
+    """Relative tokens/s per GPU of a layout (1.0 = ideal); only comparisons between layouts mean anything.
+    ``a2a``: expert parallelism's all-to-all as a fraction of a step (``a2a_cost``)."""
     bubble = theoretical_bubble_fraction(schedule, pp, num_microbatches) if pp > 1 else 0.0
     tp_eff = 1.0 - 0.04 * math.log2(tp)
     tokens = micro_batch * seq
     mb_eff = min(1.0, 0.85 + 0.05 * math.log2(max(tokens, 256) / 512)) if tokens < 4096 else 1.0
-    return (1 - bubble) * balance * tp_eff * ZERO_EFF[zero if dp > 1 else 0] * mb_eff / (1 + RECOMPUTE_COST[recompute])
+    return (1 - bubble) * balance * tp_eff * ZERO_EFF[zero if dp > 1 else 0] * mb_eff / \
+        (1 + RECOMPUTE_COST[recompute] + a2a)
 
 
 def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], multiple: int = 1) -> ModelConfig:
@@ -61,8 +78,16 @@ def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], mult
     return cfg.replace(vocab_size=-(-tokenizer_vocab // step) * step)
 
 
+def _expert_sizes(cfg: ModelConfig, strategy: str, dp: int) -> List[int]:
+    """ep values to try: 1 for a dense model (or a strategy that builds no experts); else every ep dividing both
+    the experts and dp (parallel_state.validate_grid; strategies.derive_strategy_flags)."""
+    if not cfg.num_experts or strategy not in ("moe", "hybrid"):
+        return [1]
+    return [ep for ep in _divisors(dp) if cfg.num_experts % ep == 0]
+
+
 def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches, zero_stages, recomputes,
-                vocab=vocab_config):
+                vocab=vocab_config, strategy: str = "standard"):
     for tp in (1, 2, 4, 8):
         if tp > gpus_per_node or world % tp or any(n % tp for n in (cfg.num_attention_heads, cfg.num_query_groups,
                                                                     vocab(tp).vocab_size, cfg.ffn_hidden_size)):
@@ -71,12 +96,13 @@ def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches,
             if pp > cfg.num_layers:
                 break
             dp = world // (tp * pp)
-            for zero in zero_stages:
-                if zero > 0 and dp == 1:
-                    continue
-                for rec in recomputes:
-                    for mb in micro_batches:
-                        yield tp, pp, dp, zero, rec, mb
+            for ep in _expert_sizes(cfg, strategy, dp):
+                for zero in zero_stages:
+                    if zero > 0 and dp == 1:
+                        continue
+                    for rec in recomputes:
+                        for mb in micro_batches:
+                            yield tp, pp, dp, ep, zero, rec, mb
 
 
 def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: float = 80.0,
@@ -85,8 +111,9 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
                   gpus_per_node: int = 8, zero_stages=(0, 1, 2, 3), safety_margin: float = 0.05,
                   explain: bool = True, recomputes=("none", "selective", "full"), tokenizer_vocab: Optional[int] = None,
                   vocab_multiple: int = 1, **estimate_kw) -> Optional[dict]:
-    """The best layout that fits, as a dict (tp, pp, dp, zero_stage, recompute, micro_batch_size,
-    num_microbatches, sequence_parallel, score, estimate, explanation), or None if none does.
+    """The best layout that fits, as a dict (tp, pp, dp, ep, zero_stage, recompute, micro_batch_size,
+    num_microbatches, sequence_parallel, score, a2a, estimate, explanation), or None if none does. ep > 1 only
+    for a MoE model (strategy moe / hybrid, the experts in ``model``); 'a2a' is its scored all-to-all share.
 
     ``micro_batch_size`` fixes the micro-batch (else 1..32 are tried); ``global_batch_size`` fixes the number of
     microbatches (else 4 per pipeline stage, as the seed advises); ``zero_stages`` and ``recomputes`` limit the
@@ -103,8 +130,9 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
     per_node = num_gpus // nodes
     rows, schedule = [], estimate_kw.get("pipeline_schedule", "1f1b")
     vocab = lambda tp: vocab_config(cfg, tp, tokenizer_vocab, vocab_multiple)  # noqa: E731
-    layouts = _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes, vocab)
-    for tp, pp, dp, zero, rec, mb in layouts:
+    layouts = _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes, vocab, strategy)
+    moe_share = num_moe_layers(cfg) / cfg.num_layers if cfg.num_experts else 0.0
+    for tp, pp, dp, ep, zero, rec, mb in layouts:
         if global_batch_size is not None:
             if global_batch_size % (mb * dp):
                 continue
@@ -114,22 +142,24 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
         try:
             est = estimate_requirements(model_config=vocab(tp), model_variant=cfg.name, batch_size=mb,
                                         sequence_length=seq, num_gpus=per_node, num_nodes=nodes, tp=tp, pp=pp,
-                                        zero_stage=zero, recompute=rec, precision=precision, strategy=strategy,
+                                        ep=ep, zero_stage=zero, recompute=rec, precision=precision, strategy=strategy,
                                         gpu_memory_gb=gpu_memory_gb, num_microbatches=m,
                                         sequence_parallel=tp > 1, recommend=False, **estimate_kw)
         except ConfigError:
             continue
-        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp), schedule)
-        rows.append({"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "recompute": rec, "micro_batch_size": mb,
-                     "num_microbatches": m, "sequence_parallel": tp > 1, "score": score, "estimate": est})
+        a2a = a2a_cost(ep, moe_share, tp * ep, gpus_per_node)
+        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp), schedule, a2a)
+        rows.append({"tp": tp, "pp": pp, "dp": dp, "ep": ep, "zero_stage": zero, "recompute": rec,
+                     "micro_batch_size": mb, "num_microbatches": m, "sequence_parallel": tp > 1, "score": score,
+                     "a2a": a2a, "estimate": est})
     cap = gpu_memory_gb * (1 - safety_margin)
     for r in rows:
         r["fits"] = r["estimate"]["memory_per_gpu_gb"] <= cap
     fitting = [r for r in rows if r["fits"]]
-    # best score; ties: less tp, less pp, lower ZeRO, less recompute, larger micro-batch
+    # best score; ties: less tp, less pp, less ep, lower ZeRO, less recompute, larger micro-batch
     order = {"none": 0, "selective": 1, "full": 2}
-    key = lambda r: (-round(r["score"], 6), r["tp"], r["pp"], r["zero_stage"], order[r["recompute"]],  # noqa: E731
-                     -r["micro_batch_size"])
+    key = lambda r: (-round(r["score"], 6), r["tp"], r["pp"], r["ep"], r["zero_stage"],  # noqa: E731
+                     order[r["recompute"]], -r["micro_batch_size"])
     fitting.sort(key=key)
     plan = fitting[0] if fitting else None
     if explain:
@@ -185,14 +215,14 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
             return "\n".join(lines)
         best = min(rows, key=lambda r: r["estimate"]["memory_per_gpu_gb"])
         e = best["estimate"]
-        lines.append(f"  NO layout fits: the smallest is tp {best['tp']} pp {best['pp']} dp {best['dp']} "
+        lines.append(f"  NO layout fits: the smallest is tp {best['tp']} pp {best['pp']} dp {best['dp']}{_ep(best)} "
                      f"ZeRO-{best['zero_stage']} recompute {best['recompute']} micro-batch "
                      f"{best['micro_batch_size']} at {e['memory_per_gpu_gb']:.1f} GiB per GPU (model states "
                      f"{e['model_states_gb']:.1f} GiB)")
         return "\n".join(lines)
     e = plan["estimate"]
     lines.append(f"  chosen: tp {plan['tp']}{' + sequence parallel' if plan['sequence_parallel'] else ''}, pp "
-                 f"{plan['pp']}, dp {plan['dp']}, ZeRO-{plan['zero_stage']}, recompute {plan['recompute']}, "
+                 f"{plan['pp']}, dp {plan['dp']}{_ep(plan)}, ZeRO-{plan['zero_stage']}, recompute {plan['recompute']}, "
                  f"micro-batch {plan['micro_batch_size']} x {plan['num_microbatches']} microbatches")
     lines.append(f"  memory: {e['memory_per_gpu_gb']:.1f} GiB per GPU (model states {e['model_states_gb']:.1f}, "
                  f"activations+logits {e['breakdown_gb']['activations'] + e['breakdown_gb']['logits']:.1f}), "
@@ -203,6 +233,8 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
     if plan["pp"] > 1:
         bubble = theoretical_bubble_fraction(e["layout"]["pipeline_schedule"], plan["pp"], plan["num_microbatches"])
         why.append(f"pp {plan['pp']} splits the layers (bubble {bubble:.0%})")
+    if plan["ep"] > 1:
+        why.append(f"ep {plan['ep']} shards the experts (their all-to-all scored at {plan['a2a']:.0%} of a step)")
     if plan["zero_stage"]:
         what = {1: "optimizer states", 2: "optimizer states and grads", 3: "all model states"}[plan["zero_stage"]]
         why.append(f"ZeRO-{plan['zero_stage']} shards {what} over dp {plan['dp']}")
@@ -213,8 +245,8 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
     better = sorted((r for r in rows if not r["fits"] and r["score"] > plan["score"]),
                     key=lambda r: r["estimate"]["memory_per_gpu_gb"])[:3]
     for r in better:
-        lines.append(f"  faster but too big: tp {r['tp']} pp {r['pp']} dp {r['dp']} ZeRO-{r['zero_stage']} recompute "
-                     f"{r['recompute']} micro-batch {r['micro_batch_size']}: "
+        lines.append(f"  faster but too big: tp {r['tp']} pp {r['pp']} dp {r['dp']}{_ep(r)} ZeRO-{r['zero_stage']} "
+                     f"recompute {r['recompute']} micro-batch {r['micro_batch_size']}: "
                      f"{r['estimate']['memory_per_gpu_gb']:.1f} GiB")
     return "\n".join(lines)
 
@@ -227,10 +259,15 @@ def _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, s
                              strategy=strategy, gpus_per_node=gpus_per_node, safety_margin=margin, explain=False,
                              **estimate_kw)
         if plan is not None:
-            return (f"  {num_gpus * mult} GPUs would fit: tp {plan['tp']} pp {plan['pp']} dp {plan['dp']} "
+            return (f"  {num_gpus * mult} GPUs would fit: tp {plan['tp']} pp {plan['pp']} dp {plan['dp']}"
+                    f"{_ep(plan)} "
                     f"ZeRO-{plan['zero_stage']} recompute {plan['recompute']} micro-batch {plan['micro_batch_size']} "
                     f"at {plan['estimate']['memory_per_gpu_gb']:.1f} GiB per GPU")
     return f"  nothing fits on up to {16 * num_gpus} GPUs: shorten the sequence or use LoRA"
+
+
+def _ep(row: dict) -> str:
+    return f" ep {row['ep']}" if row.get("ep", 1) > 1 else ""
 
 
 def detect_gpu_memory_gb(default: float = 80.0) -> float:

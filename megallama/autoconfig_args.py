@@ -1,10 +1,10 @@
 """``--auto-configure`` for the scripts: ``autoconfig.choose_layout`` fills in the layout flags of parsed args.
 
-It picks tp / pp / dp, the ZeRO stage, recompute and the micro-batch for the model, the world size (the launched
-one, or ``--gpus`` x ``--nodes`` when planning from one process, e.g. with ``--dry-run``) and the GPU memory
-(``--gpu-memory-gb``, else the visible device's), prints the choice with its reasons on rank 0, and leaves
-the rest of argument checking to ``arguments._derive`` as if the user had typed the flags. What the user fixed
-(micro-batch, global batch, ZeRO stage, recompute) stays fixed; tp / pp / cp / ep given together with
+It picks tp / pp / dp (and ep for a MoE model), the ZeRO stage, recompute and the micro-batch for the model, the
+world size (the launched one, or ``--gpus`` x ``--nodes`` when planning from one process, e.g. with ``--dry-run``)
+and the GPU memory (``--gpu-memory-gb``, else the visible device's), prints the choice with its reasons on rank 0,
+and leaves the rest of argument checking to ``arguments._derive`` as if the user had typed the flags. What the
+user fixed (micro-batch, global batch, ZeRO stage, recompute) stays fixed; tp / pp / cp / ep given together with
 ``--auto-configure`` are a contradiction and a one-line error.
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ def apply_auto_configure(args, world_size: int) -> int:
         raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "
                           f"{memory:.0f} GiB (reasons above); add GPUs, shorten --seq-length or use --strategy lora")
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = plan["tp"], plan["pp"]
+    args.expert_model_parallel_size = plan["ep"]
     args.model_config = vocab_config(args.model_config, plan["tp"], vocab, multiple)  # as build_data will resize it
     args.zero_stage, args.micro_batch_size = plan["zero_stage"], plan["micro_batch_size"]
     args.recompute_granularity = None if plan["recompute"] == "none" else plan["recompute"]
@@ -114,6 +115,8 @@ def layout_flags(args) -> list:
     flags = ["--tensor-model-parallel-size", str(args.tensor_model_parallel_size), "--pipeline-model-parallel-size",
              str(args.pipeline_model_parallel_size), "--zero-stage", str(args.zero_stage), "--micro-batch-size",
              str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size)]
+    if args.expert_model_parallel_size > 1:
+        flags += ["--expert-model-parallel-size", str(args.expert_model_parallel_size)]
     if args.sequence_parallel:
         flags.append("--sequence-parallel")
     if args.recompute_granularity:

@@ -130,7 +130,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           device, moe, recompute_modules=recompute_modules, cp_comm_type=cp_comm_type,
                           microbatch_group_size=microbatch_group_size,
                           hierarchical_cp_sizes=hierarchical_context_parallel_sizes,
-                          chunk_layers=max(counts[s::pp]) if counts is not None else None)
+                          chunk_layers=max(counts[s::pp]) if counts is not None else None,
+                          chunk_counts=counts[s::pp] if counts is not None else None)
         keys = ("weights", "grads", "optimizer", "activations", "logits", "weight_casts", "buffers")
         st["allocated"] = sum(st[key] for key in keys)
         stages[s] = st
@@ -169,7 +170,7 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                        "capacity_factor": moe.capacity_factor, "pad_to_capacity": moe.pad,
                        "expert_rows": moe.rows(x.S)}},
         "stages": {s: {"allocated_gb": d["allocated"] / GiB, "phase": d["phase"], "in_flight": d["in_flight"],
-                       "wgrad_queued": d["wgrad_queued"]}
+                       "wgrad_queued": d["wgrad_queued"], "held_layers": d["held_layers"]}
                    for s, d in stages.items()},
     }
     if recommend:

@@ -96,7 +96,7 @@ def recommendations(res: dict, args: dict, cfg) -> List[str]:
     for desc, est in (fitting or sorted(tried, key=lambda t: t[1]["memory_per_gpu_gb"])[:3]):
         notes.append(_fmt(desc, est))
     if not fitting:
-        from megallama.autoconfig import choose_layout
+        from megallama.autoconfig import _ep, choose_layout
         world = lay["world_size"]
         for mult in (1, 2, 4, 8, 16):
             model = args["model_variant"] if args.get("model_config") is None else args["model_config"]
@@ -107,8 +107,8 @@ def recommendations(res: dict, args: dict, cfg) -> List[str]:
                                  **{k: args[k] for k in _SAME_RUN if args.get(k) is not None})
             if plan is not None:
                 desc = (f"{'on these ' if mult == 1 else f'with {world * mult} '}GPUs use tp {plan['tp']} pp "
-                        f"{plan['pp']} dp {plan['dp']} ZeRO-{plan['zero_stage']} recompute {plan['recompute']} "
-                        f"micro-batch {plan['micro_batch_size']}")
+                        f"{plan['pp']} dp {plan['dp']}{_ep(plan)} ZeRO-{plan['zero_stage']} recompute "
+                        f"{plan['recompute']} micro-batch {plan['micro_batch_size']}")
                 notes.append(f"{desc}: {plan['estimate']['memory_per_gpu_gb']:.1f} GiB per GPU (fits)")
                 break
         else:
@@ -136,7 +136,8 @@ def format_table(res: dict) -> str:
         head += f", {lay['pipeline_schedule']} holding {lay['in_flight']} in flight"
         if lay.get("wgrad_queued"):
             head += f" + {lay['wgrad_queued']} awaiting W"
-    rows = [("weights", "parameters on this GPU"), ("grads", "fp32 gradient buffer (or its shard)"),
+    rows = [("weights", "parameters on this GPU"),
+            ("grads", "gradient buffer or its shard (fp32; bf16 with --grad-reduce-in-bf16)"),
             ("optimizer", "Adam m, v or SGD momentum (+ fp32 master for bf16 params)"),
             ("activations", "saved for backward: layers, embedding, final norm"),
             ("logits", "output layer + cross-entropy working set"),

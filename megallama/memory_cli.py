@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sgd keeps one fp32 state per parameter (momentum) instead of Adam's two")
     p.add_argument("--sgd-momentum", type=float, default=None,
                    help="with --optimizer sgd (default 0.9, as training): 0 keeps no state")
+    p.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="as training: a bf16 gradient buffer (2 bytes/param of grads instead of fp32's 4); needs bf16")
     p.add_argument("--no-fused-kernels", action="store_true")
     p.add_argument("--unfused-head", action="store_true", help="logits + cross-entropy instead of the fused head")
     p.add_argument("--strategy", choices=["standard", "lora", "moe", "hybrid"], default="standard")
@@ -196,6 +198,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.optimizer == "sgd":
         from megallama.memory_args import sgd_k_bytes
         kw["k_bytes"] = sgd_k_bytes(_precision(args) != "fp32", args.params_dtype, args.sgd_momentum)
+    if args.grad_reduce_in_bf16:  # the training flag's rules (bf16, bf16 params), then its g bytes (feature_kw's)
+        from megallama.optimizer_args import check_optimizer_flags
+        check_optimizer_flags(argparse.Namespace(bf16=_precision(args) == "bf16", params_dtype=args.params_dtype,
+                                                 grad_reduce_in_bf16=True, gradient_compression=None))
+        kw["g_bytes"] = 2
     cfg, strategy = _model_config(args)
     kw.update({k: v for k, v in strategy.items() if k != "strategy"})
     if args.auto_configure:

@@ -48,6 +48,44 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int, group: Option
     return min(pp - stage, m)
 
 
+def held_chunks_peak(pp: int, stage: int, m: int, v: int, group: Optional[int], price) -> tuple:
+    """The worst moment of ``stage`` under the interleaved order (pipeline/schedules.py, the runner's own): walking
+    its actions, a chunk forward is held from its F through its B; at each action ``price(active, others)`` (local
+    chunk indices: the one running, the other held ones) is what the stage holds. Returns (price, active, others)
+    of the max, so uneven virtual chunks are priced each at its own layers rather than all at the largest."""
+    from megallama.pipeline.schedules import F, build_schedule
+    held, best = [], None
+    for a in build_schedule("interleaved", pp, m, v, group).actions[stage]:
+        if a.kind == F:
+            held.append(a.chunk)
+        others = list(held)
+        others.remove(a.chunk)
+        value = price(a.chunk, others)
+        if best is None or value > best[0]:
+            best = (value, a.chunk, tuple(others))
+        if a.kind != F:
+            held.remove(a.chunk)
+    return best
+
+
+def _uneven_chunks_peak(chunk_counts, stage, pp, m, v, group, L, moe_layers_total, moe, pre, post, peak_kw):
+    """``stage_activation_peak`` of a rank whose virtual chunks hold different layer counts: each chunk priced on
+    its own (the embedding / head only on the chunk that has it), combined at the schedule's worst moment."""
+    one = []
+    for k, n in enumerate(chunk_counts):
+        n_moe = round(n * moe_layers_total / L) if moe is not None else 0
+        one.append(am.stage_activation_peak(num_layers=n, in_flight=1, pre_process=pre and k == 0,
+                                            post_process=post and k == v - 1, moe_layers=n_moe, moe=moe, **peak_kw))
+    _, a, others = held_chunks_peak(pp, stage, m, v, group, lambda a, o: one[a]["total"] + sum(
+        one[c]["other_per_microbatch"] for c in o))
+    act = dict(one[a])
+    act["total"] += sum(one[c]["other_per_microbatch"] for c in others)
+    act["weight_casts"] += sum(one[c]["casts_per_microbatch"] for c in others)
+    act["activations"] = act["total"] - act["logits"] - act["weight_casts"] - act["buffers"]
+    act["held_layers"] = chunk_counts[a] + sum(chunk_counts[c] for c in others)
+    return act, 1 + len(others)
+
+
 def _zb_h1(pp: int, stage: int, m: int, zero: int, strategy: str, inflight: int):
     """(whole, W-queued) microbatches of a ZB-H1 stage at its F/B peak (pipeline/schedules.py ``_zb_h1_orders``:
     1F1B's order, a forward waits while min(pp, m) are not yet W'd): 1F1B's min(pp - stage, m) whole, the rest
@@ -64,10 +102,12 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
                  lora_rank, lora_targets, pkg, head, method, k_layers, bucket, overlap, optimizer, device="cuda",
                  moe: Optional[MoEShape] = None, recompute_modules=None, chunk_layers: Optional[int] = None,
                  cp_comm_type: str = "p2p", hierarchical_cp_sizes: Optional[Sequence[int]] = None,
-                 microbatch_group_size: Optional[int] = None):
+                 microbatch_group_size: Optional[int] = None, chunk_counts: Optional[Sequence[int]] = None):
     """Memory of one pipeline stage (pipeline rank ``stage``) in bytes, by category. ``moe``: the MoE layers'
     shape (None: a dense model, or a strategy that builds none). ``chunk_layers``: the stage's largest virtual
-    chunk where they differ (activations are priced per chunk forward in flight). ``cp_comm_type`` (and
+    chunk where they differ; ``chunk_counts``: its chunks' layers (chunk order), which, when they differ under
+    the interleaved schedule, price each held chunk forward at its own layers (``held_chunks_peak``), else every
+    chunk forward in flight is priced at the largest. ``cp_comm_type`` (and
     ``hierarchical_cp_sizes`` for a2a+p2p): whose buffers the attention backward holds at cp > 1 (cp_memory.py)."""
     pre, post = stage == 0, stage == pp - 1
     lp = layer_params(cfg, tp)
@@ -123,11 +163,17 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
         extra["attention backward"] = cp_attention_backward_bytes(
             x.b, x.s, cfg.num_attention_heads // tp, cfg.num_query_groups // tp, cfg.head_dim, num.e, cp,
             cp_comm_type, hierarchical_cp_sizes)
-    act = am.stage_activation_peak(x, num, per_chunk_layers, recompute, inflight, pre, post, head, method, k_layers,
-                                   others_hold_ends=schedule not in ("interleaved", "chimera"), extra=extra, moe=moe,
-                                   moe_layers=n_moe, device=device,
-                                   head_trainable=strategy not in ("lora", "hybrid"), wgrad_queued=queued,
-                                   recompute_modules=recompute_modules)
+    peak_kw = dict(x=x, n=num, recompute=recompute, head=head, recompute_method=method,
+                   recompute_num_layers=k_layers, others_hold_ends=schedule not in ("interleaved", "chimera"),
+                   extra=extra, device=device, head_trainable=strategy not in ("lora", "hybrid"),
+                   recompute_modules=recompute_modules)
+    if schedule == "interleaved" and pp > 1 and chunk_counts is not None and len(set(chunk_counts)) > 1:
+        act, inflight = _uneven_chunks_peak(list(chunk_counts), stage, pp, m, v, microbatch_group_size, L,
+                                            num_moe_layers(cfg), moe, pre, post, peak_kw)
+    else:
+        act = am.stage_activation_peak(num_layers=per_chunk_layers, in_flight=inflight, pre_process=pre,
+                                       post_process=post, moe=moe, moe_layers=n_moe, wgrad_queued=queued, **peak_kw)
+        act["held_layers"] = inflight * per_chunk_layers
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
         # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept
@@ -158,6 +204,7 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     out = {"weights": st["weights"], "grads": st["grads"], "optimizer": st["optimizer"],
            "activations": act["activations"], "logits": act["logits"], "weight_casts": act["weight_casts"],
            "buffers": buffers, "phase": act["phase"], "in_flight": inflight, "wgrad_queued": queued or 0,
+           "held_layers": act["held_layers"],
            "params": local_params, "checkpoint": checkpoint_bytes(local_params, st["optimizer"], p),
            "layers": n_layers, "fwd_bwd": act["total"] + WORKSPACE_BYTES, "step": step}
     if step > out["fwd_bwd"]:  # the optimizer step, after the activations are freed, is the peak

@@ -312,3 +312,13 @@ def test_call_length_replaces_the_configs_epochs_and_both_in_a_config_are_refuse
                                                training_config=_cfg(epochs=1))
     with pytest.raises(ConfigError, match="--train-iters 2 and --epochs 1 both set the run's length"):
         both.launch_training(_loader(n=8))
+
+
+def test_auto_configured_moe_plan_keeps_its_expert_parallel_size(capsys):
+    """The orchestrator runs the plan --auto-configure chose, ep included (it built ep 1 whatever the plan said)."""
+    moe = megallama.TrainingStrategy(name="moe", parameters={"num_experts": 80, "experts_per_token": 2})
+    orch = megallama.LlamaTrainingOrchestrator("llama3_8b", moe, num_gpus=8, gpu_memory_gb=80, sequence_length=4096,
+                                               model_overrides={"num_layers": 2})
+    assert orch.plan["ep"] > 1 and orch.distributed_config.expert_parallel_size == orch.plan["ep"]
+    argv = orch.argv()
+    assert argv[argv.index("--expert-model-parallel-size") + 1] == str(orch.plan["ep"])
