@@ -94,6 +94,7 @@ def run_script(body) -> int:
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
             print(f"error: {e}", file=sys.stderr)
+        _record_for_torchrun(e)
         return 2
     except KeyboardInterrupt as e:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -102,6 +103,19 @@ def run_script(body) -> int:
     finally:
         shutdown_distributed()
     return 0
+
+
+def _record_for_torchrun(e: Exception) -> None:
+    """A mistake only some ranks make (e.g. one stage's modules) would leave no line when rank 0 is not among
+    them: under torchrun each rank writes its error to TORCHELASTIC_ERROR_FILE, and torchrun's failure summary
+    names the first failing rank with its message (what ``@record`` does), without a line per rank on stderr."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(e)
+    except Exception:  # the summary is a courtesy: never turn a user mistake into a crash
+        pass
 
 
 def is_rank_0() -> bool:
