@@ -132,7 +132,7 @@ def test_iteration_time_is_per_step_and_excludes_eval_and_save(tmp_path, monkeyp
             return result
         return fn
     monkeypatch.setattr(tr, "finalize_model_grads", step_takes_1s)
-    monkeypatch.setattr(tr, "evaluate", pause(100.0, 1.0))
+    monkeypatch.setattr("megallama.evaluation.evaluate", pause(100.0, 1.0))
     monkeypatch.setattr("megallama.checkpointing.run_saver.save_checkpoint", pause(50.0, "ck"))
     argv = TINY + ["--mock-data", "--vocab-size", "256", "--global-batch-size", "2", "--train-iters", str(iters),
                    "--log-interval", "4", "--eval-interval", "3", "--save", str(tmp_path / "ck"),
