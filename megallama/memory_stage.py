@@ -48,14 +48,16 @@ def _in_flight(schedule: str, pp: int, stage: int, m: int, v: int, group: Option
     return min(pp - stage, m)
 
 
-def held_chunks_peak(pp: int, stage: int, m: int, v: int, group: Optional[int], price) -> tuple:
-    """The worst moment of ``stage`` under the interleaved order (pipeline/schedules.py, the runner's own): walking
-    its actions, a chunk forward is held from its F through its B; at each action ``price(active, others)`` (local
-    chunk indices: the one running, the other held ones) is what the stage holds. Returns (price, active, others)
-    of the max, so uneven virtual chunks are priced each at its own layers rather than all at the largest."""
+def held_chunks_peak(pp: int, stage: int, m: int, v: int, group: Optional[int], price,
+                     schedule: str = "interleaved") -> tuple:
+    """The worst moment of ``stage`` under the interleaved (or Chimera) order (pipeline/schedules.py, the runner's
+    own): walking its actions, a chunk forward is held from its F through its B; at each action
+    ``price(active, others)`` (local chunk indices: the one running, the other held ones) is what the stage holds.
+    Returns (price, active, others) of the max, so uneven chunks are priced each at its own layers rather than all
+    at the largest."""
     from megallama.pipeline.schedules import F, build_schedule
     held, best = [], None
-    for a in build_schedule("interleaved", pp, m, v, group).actions[stage]:
+    for a in build_schedule(schedule, pp, m, v, group).actions[stage]:
         if a.kind == F:
             held.append(a.chunk)
         others = list(held)
@@ -68,21 +70,28 @@ def held_chunks_peak(pp: int, stage: int, m: int, v: int, group: Optional[int], 
     return best
 
 
-def _uneven_chunks_peak(chunk_counts, stage, pp, m, v, group, L, moe_layers_total, moe, pre, post, peak_kw):
-    """``stage_activation_peak`` of a rank whose virtual chunks hold different layer counts: each chunk priced on
-    its own (the embedding / head only on the chunk that has it), combined at the schedule's worst moment."""
+def _uneven_chunks_peak(chunk_counts, stage, pp, m, v, group, L, moe_layers_total, moe, pre, post, peak_kw,
+                        schedule="interleaved"):
+    """``stage_activation_peak`` of a rank whose chunks hold different layer counts: each chunk priced on its own
+    (the embedding / head only on the chunk that has it: interleaved's first / last, Chimera's parts 0 / pp-1),
+    combined at the schedule's worst moment."""
+    from megallama.pipeline.schedules import chunk_parts
+    parts = chunk_parts(schedule, pp, stage, v)
     one = []
     for k, n in enumerate(chunk_counts):
         n_moe = round(n * moe_layers_total / L) if moe is not None else 0
-        one.append(am.stage_activation_peak(num_layers=n, in_flight=1, pre_process=pre and k == 0,
-                                            post_process=post and k == v - 1, moe_layers=n_moe, moe=moe, **peak_kw))
+        ends = (parts[k] == 0, parts[k] == pp - 1) if schedule == "chimera" else (pre and k == 0, post and k == v - 1)
+        one.append(am.stage_activation_peak(num_layers=n, in_flight=1, pre_process=ends[0], post_process=ends[1],
+                                            moe_layers=n_moe, moe=moe, **peak_kw))
     _, a, others = held_chunks_peak(pp, stage, m, v, group, lambda a, o: one[a]["total"] + sum(
-        one[c]["other_per_microbatch"] for c in o))
+        one[c]["other_per_microbatch"] for c in o), schedule)
     act = dict(one[a])
     act["total"] += sum(one[c]["other_per_microbatch"] for c in others)
     act["weight_casts"] += sum(one[c]["casts_per_microbatch"] for c in others)
     act["activations"] = act["total"] - act["logits"] - act["weight_casts"] - act["buffers"]
     act["held_layers"] = chunk_counts[a] + sum(chunk_counts[c] for c in others)
+    act["held_moe_layers"] = sum(round(chunk_counts[c] * moe_layers_total / L) if moe is not None else 0
+                                 for c in (a, *others))
     return act, 1 + len(others)
 
 
@@ -107,13 +116,14 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     shape (None: a dense model, or a strategy that builds none). ``chunk_layers``: the stage's largest virtual
     chunk where they differ; ``chunk_counts``: its chunks' layers (chunk order), which, when they differ under
     the interleaved schedule, price each held chunk forward at its own layers (``held_chunks_peak``), else every
-    chunk forward in flight is priced at the largest. ``cp_comm_type`` (and
+    chunk forward in flight is priced at the largest; Chimera's mirror chunk (stage pp-1-s's part) is priced at
+    ``layers[pp-1-s]``, the same walk where the two differ. ``cp_comm_type`` (and
     ``hierarchical_cp_sizes`` for a2a+p2p): whose buffers the attention backward holds at cp > 1 (cp_memory.py)."""
     pre, post = stage == 0, stage == pp - 1
     lp = layer_params(cfg, tp)
     h, vloc = cfg.hidden_size, cfg.vocab_size // tp
     chunks = 2 if schedule == "chimera" and pp > 1 else 1  # Chimera keeps stages i and pp-1-i
-    n_layers = layers[stage] * chunks
+    n_layers = layers[stage] + (layers[pp - 1 - stage] if chunks == 2 else 0)
     mlp = lp["mlp"]
     expert_params = moe_dense = 0
     if moe is not None:  # routers and shared experts: dense weights of the MoE layers (hybrid trains them)
@@ -170,20 +180,25 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     if schedule == "interleaved" and pp > 1 and chunk_counts is not None and len(set(chunk_counts)) > 1:
         act, inflight = _uneven_chunks_peak(list(chunk_counts), stage, pp, m, v, microbatch_group_size, L,
                                             num_moe_layers(cfg), moe, pre, post, peak_kw)
+    elif chunks == 2 and layers[stage] != layers[pp - 1 - stage]:  # Chimera's two directions, each at its own
+        act, inflight = _uneven_chunks_peak([layers[stage], layers[pp - 1 - stage]], stage, pp, m, 2, None, L,
+                                            num_moe_layers(cfg), moe, pre, post, peak_kw, schedule="chimera")
     else:
         act = am.stage_activation_peak(num_layers=per_chunk_layers, in_flight=inflight, pre_process=pre,
                                        post_process=post, moe=moe, moe_layers=n_moe, wgrad_queued=queued, **peak_kw)
-        act["held_layers"] = inflight * per_chunk_layers
+        act["held_layers"], act["held_moe_layers"] = inflight * per_chunk_layers, inflight * n_moe
     if strategy in ("lora", "hybrid") and recompute != "full":
         # + the rank-r intermediates; - what frozen weights need not keep: a frozen down_proj's input (the SwiGLU
         # product; MoE layers' experts train under hybrid), the input of a frozen gate/up or q/k/v GEMM (kept
-        # only for weight gradients unless an adapter reads it), on the first stage the first layer's input norm
-        dense_layers = n_layers - n_moe * (n_layers // max(1, per_chunk_layers))
+        # only for weight gradients unless an adapter reads it), on the first stage the first layer's input norm.
+        # Per layer the activations hold (interleaved / Chimera: each chunk forward its own chunk's layers only)
+        held = act["held_layers"]
+        dense_layers = held - act["held_moe_layers"]
         lin = (num.e if num.cast else num.r) * x.Sn * h
-        delta = n_layers * len(lora_targets) * num.e * x.S * lora_rank - \
+        delta = held * len(lora_targets) * num.e * x.S * lora_rank - \
             (0 if "down_proj" in lora_targets else dense_layers * num.e * x.S * (cfg.ffn_hidden_size // tp)) - \
             (0 if {"gate_proj", "up_proj"} & set(lora_targets) else dense_layers * lin) - \
-            (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else n_layers * lin)
+            (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else held * lin)
         first = 0  # the first layer's input needs no gradient: its input norm keeps nothing
         if pre:
             norm = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h  # selective: the input only
@@ -194,7 +209,7 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
                 first += num.e * (x.qkv_params if num.cast else 0)  # no q/k/v input grad: their casts are not kept
                 if "o_proj" not in lora_targets:  # nothing in its attention trains: the MLP's input norm keeps nothing
                     first += norm + num.e * (h * h // tp if num.cast else 0)
-        delta = delta * inflight - first
+        delta -= first
         act["activations"] += delta
         act["total"] += delta
     buffers = WORKSPACE_BYTES + act["buffers"]
