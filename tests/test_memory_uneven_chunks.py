@@ -10,7 +10,8 @@ from megallama.memory import WORKSPACE_BYTES, estimate_requirements
 from megallama.pipeline.schedules import build_schedule
 
 from dist_utils import run_distributed
-from test_memory import TINY, _measure
+from test_memory import TINY
+from test_memory_zb_h1 import _zb_worker
 
 SMALL = ModelConfig(num_layers=8, hidden_size=256, ffn_hidden_size=704, num_attention_heads=4, num_query_groups=2,
                     vocab_size=512)
@@ -110,24 +111,8 @@ def test_even_counts_and_405b_account_for_split():
 
 
 def _stage_worker(rank, world, configs):
-    """Per rank: the measured peak against this stage's own estimate (as test_memory_zb_h1)."""
-    from megallama import memory
-    out = []
-    for argv in configs:
-        seen = {}
-        orig = memory.estimate_requirements
-
-        def spy(*a, **k):
-            seen.update(orig(*a, **k))
-            return seen
-        memory.estimate_requirements = spy
-        try:
-            rec = _measure(argv)
-        finally:
-            memory.estimate_requirements = orig
-        est = seen["stages"][rank]["allocated_gb"] * memory.GiB - memory.WORKSPACE_BYTES
-        out.append((est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][rank]["held_layers"]))
-    return out
+    """Per rank: the measured peak against this stage's own estimate and its held layers."""
+    return _zb_worker(rank, world, configs, "held_layers")
 
 
 def test_uneven_chunks_training_step_two_ranks():

@@ -11,8 +11,9 @@ from megallama.memory import estimate_requirements
 from test_memory import ROOT, TINY, _measure
 
 
-def _zb_worker(rank, world, configs):
-    """Per rank (= pipeline stage): the measured peak and the estimate of this stage (not the busiest one)."""
+def _zb_worker(rank, world, configs, field="wgrad_queued"):
+    """Per rank (= pipeline stage): the measured peak against this stage's estimate (not the busiest one's), with
+    the stage's ``field`` of the estimate."""
     from megallama import memory
     out = []
     for argv in configs:
@@ -28,7 +29,7 @@ def _zb_worker(rank, world, configs):
         finally:
             memory.estimate_requirements = orig
         est = seen["stages"][rank]["allocated_gb"] * memory.GiB - memory.WORKSPACE_BYTES  # as estimate_for on CPU
-        out.append((est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][rank]["wgrad_queued"]))
+        out.append((est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][rank][field]))
     return out
 
 
