@@ -128,7 +128,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
     logger = TrainingLogger(args, enabled=not skip_train)
     if skip_train:
         return evaluate_only(args, device, model_chunks, valid_ds, test_ds, forward_backward, forward_step, logger,
-                              start_iter, consumed)
+                             start_iter, consumed)
     timers = Timers.from_args(args, device)
     if timers.log_level >= 2:
         data_iter = timed_iterator(data_iter, timers)

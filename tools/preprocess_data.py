@@ -29,9 +29,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megallama.data.preprocess import preprocess_jsonl  # noqa: E402
+from megallama.data.preprocess import adds_special_tokens, preprocess_jsonl  # noqa: E402
 from megallama.data.sentence_split import SentenceSplitter  # noqa: E402
-from megallama.data.tokenizer import TOKENIZER_TYPES, HFTokenizer, build_tokenizer  # noqa: E402
+from megallama.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
 __all__ = ["preprocess_jsonl", "main"]
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_size=args.vocab_size)
         splitter = SentenceSplitter(args.lang or "english", args.keep_newlines) if args.split_sentences else None
         # Megatron's HuggingFaceTokenizer encodes with the tokenizer.json's post-processor: Llama 3's adds its bos
-        special = isinstance(tok, HFTokenizer) and not args.tokenizer_hf_no_include_special_tokens
+        special = adds_special_tokens(tok) and not args.tokenizer_hf_no_include_special_tokens
         prefixes = preprocess_jsonl(args.input, args.output_prefix, tok, workers=args.workers,
                                     json_keys=tuple(args.json_keys), append_eod=args.append_eod,
                                     progress=not args.no_progress_bar, overwrite=args.overwrite,

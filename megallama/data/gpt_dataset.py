@@ -166,13 +166,6 @@ def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"{stem}-{key}")
 
 
-def _adds_special_tokens(tokenizer) -> bool:
-    """An HF tokenizer.json's own special tokens (Llama 3's bos) start each document, as in Megatron's
-    HuggingFaceTokenizer data and tools/preprocess_data.py's by default; the other tokenizers add none there."""
-    from megallama.data.tokenizer import HFTokenizer
-    return isinstance(tokenizer, HFTokenizer)
-
-
 def _cache_is_current(prefix: str, special: bool) -> bool:
     """A cache made with other encode options is rebuilt, never reused: its tokenizer record says how it was made
     (an HF cache of megallama before the bos fix has no "add_special_tokens": its documents lack the bos)."""
@@ -198,13 +191,13 @@ def tokenize_jsonl_cached(path: str, tokenizer, cache_dir: str | None = None, wo
     as ``tools/preprocess_data.py --append-eod`` with the same tokenizer (an HF tokenizer.json's bos included).
     Collective under torch.distributed (every rank must call it): local rank 0 builds, the others wait at a
     barrier."""
-    from megallama.data.preprocess import output_prefix_for, preprocess_jsonl
+    from megallama.data.preprocess import adds_special_tokens, output_prefix_for, preprocess_jsonl
     if not os.path.isfile(path):
         raise ConfigError(f"data file not found: {path}; pass an existing .jsonl file or a .bin/.idx prefix")
     cache_dir = cache_dir or os.path.join(os.getcwd(), "data_cache")
     base = _jsonl_cache_prefix(path, tokenizer, cache_dir)
     prefix = output_prefix_for(base, "text")
-    special = _adds_special_tokens(tokenizer)
+    special = adds_special_tokens(tokenizer)
     dist, builder = _dist_info()
     error = None
     if builder and not _cache_is_current(prefix, special):

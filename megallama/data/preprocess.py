@@ -81,6 +81,14 @@ def _unencodable(tok, key: str, texts: list, linenos: list):
 _worker_state: dict = {}
 
 
+def adds_special_tokens(tokenizer) -> bool:
+    """Whether documents start with the tokenizer's own special tokens: an HF tokenizer.json's (Llama 3's bos), as
+    Megatron's HuggingFaceTokenizer encodes them; the other tokenizers add none. The one rule of
+    tools/preprocess_data.py and the --data-path jsonl cache, so both routes give the same bytes."""
+    from megallama.data.tokenizer import HFTokenizer
+    return isinstance(tokenizer, HFTokenizer)
+
+
 def _init_worker(tokenizer, json_keys, append_eod, caller="preprocess", add_special_tokens=False, splitter=None):
     _worker_state.update(tokenizer=tokenizer, json_keys=json_keys, append_eod=append_eod, caller=caller,
                          add_special_tokens=add_special_tokens,
