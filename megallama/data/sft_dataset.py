@@ -51,15 +51,17 @@ class SFTDataset(torch.utils.data.Dataset):
         n = seq_length + 1
         convs, truncated, dropped = [], 0, 0
         for toks, mask in conversations:
-            if len(toks) > n:
-                toks, mask, truncated = toks[:n], mask[:n], truncated + 1
+            cut = len(toks) > n
+            if cut:
+                toks, mask = toks[:n], mask[:n]
             if mask[1:].sum() == 0:  # nothing left to learn (no answer, or answer truncated away)
                 dropped += 1
                 continue
+            truncated += cut  # counted once: a conversation cut and then dropped is only "dropped"
             convs.append((toks, mask))
         if truncated or dropped:
             _warn_rank0(f"{name}: {truncated} conversations truncated to --seq-length {seq_length} (+1 label "
-                        f"token), {dropped} without answer tokens dropped; raise --seq-length to keep more")
+                        f"token) and kept, {dropped} without answer tokens dropped; raise --seq-length to keep more")
         if not convs:
             if not any(m[1:].sum() for _, m in conversations):  # none to truncate: a longer sequence won't help
                 raise ConfigError(f"no {name} conversation has an assistant turn, and only assistant answers are "
