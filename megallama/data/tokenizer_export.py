@@ -4,8 +4,8 @@ An imported HF model's ``tokenizer.json`` is copied with its configs; a run trai
 ``--tokenizer-type hf`` gets it rewritten to start a text with the eod (below).
 A sentencepiece ``.model`` (the bundled tokenizer, Llama 1/2) becomes ``tokenizer.model`` for HF's
 ``LlamaTokenizer``, which gives the same ids as sentencepiece except on runs of spaces at the start of a text
-(HF's normalisation). Llama 3's tiktoken ranks file has no HF reader of its own: it is not written (Meta's HF
-repositories ship the matching tokenizer.json).
+(HF's normalisation). Llama 3's tiktoken ranks file, which HF cannot read, becomes a byte-level BPE tokenizer.json
+(``tiktoken_to_hf``) that gives tiktoken's ids.
 
 The written tokenizer starts a text with the token ``tools/generate.py`` puts before a prompt (``prompt_token``):
 a megallama run's documents follow an eod and have no bos, so it prepends the eod (as HF's bos_token); an imported
@@ -102,8 +102,11 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
             json.dump(cfg, f, indent=2, sort_keys=True)
         first = f", which starts a text with {cfg['bos_token']} as tools/generate.py does" if "bos_token" in cfg else ""
         return bos, eos, f"tokenizer: {model_file} (sentencepiece, as tokenizer.model for HF's LlamaTokenizer{first})"
-    return bos, eos, (f"tokenizer: not written ({t} ranks files have no HF reader; use the tokenizer.json of the "
-                      "model's HF release)")
+    if t in ("llama3", "tiktoken"):
+        piece = _tiktoken_tokenizer_json(saved_args, tok, bos, out_dir)
+        return bos, eos, (f"tokenizer: {tok.path} (tiktoken ranks, as a byte-level BPE tokenizer.json, which starts a "
+                          f"text with {piece} as tools/generate.py does)")
+    return bos, eos, f"tokenizer: not written ({t} has no HF form)"
 
 
 def trained_on_chat(saved_args: dict) -> bool:
@@ -266,6 +269,25 @@ def _eod_first_tokenizer_json(tok, src: str, out_dir: str) -> str:
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
     return piece
+
+
+def _tiktoken_tokenizer_json(saved_args: dict, tok, bos: int, out_dir: str) -> str:
+    """Write a Llama 3 tiktoken ranks file as tokenizer.json (starting a text with ``bos``) and the configs
+    PreTrainedTokenizerFast reads; returns the bos token's text. ``clean_up_tokenization_spaces`` is off so decode
+    gives the text back, as tiktoken's does."""
+    from megallama.data.tiktoken_to_hf import tiktoken_to_hf
+    hf = tiktoken_to_hf(tok.path, tok.special_tokens, first_token=bos)
+    hf.save(os.path.join(out_dir, "tokenizer.json"))
+    names = {i: name for name, i in tok.special_tokens.items()}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names[bos], "eos_token": names[tok.eos_id],
+           "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+           "model_max_length": _max_length(saved_args),
+           "model_input_names": ["input_ids", "attention_mask"]}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": names[bos], "eos_token": names[tok.eos_id]}, f, indent=2, sort_keys=True)
+    return names[bos]
 
 
 def _max_length(saved_args: dict) -> int:
