@@ -15,7 +15,9 @@ Same flags and training loop as ``pretrain_llama.py``; what differs is the data 
   its tokenizer (an HF folder's tokenizer.json, or the run's) unless ``--tokenizer-*`` name one, and with
   ``--use-checkpoint-args`` its shape;
 * strategy: ``standard`` fine-tunes everything, ``lora`` adapters on a frozen base (``--save-adapter`` writes
-  them in PEFT's layout), ``moe``/``hybrid`` upcycle the dense MLPs into experts.
+  them in PEFT's layout; ``--load-adapter DIR`` starts them from such a folder, its rank/alpha/targets taken for
+  unset --lora-* flags; a resume of this run loads its own checkpoint's adapters instead), ``moe``/``hybrid``
+  upcycle the dense MLPs into experts.
 
 ``--dry-run`` prints this run's resolved flags (chat data, the pretrained model's tokenizer) and per-GPU memory
 estimate, as ``megallama train --dry-run`` does for pretraining (``--gpus``/``--nodes`` plan a launch); it builds,

@@ -119,6 +119,12 @@ def _add_training(p):
                    "checkpoint of any layout) before the strategy adds adapters/experts; --load resumes this run")
     g.add_argument("--save-adapter", default=None, help="LoRA: write the adapters (full tensors, PEFT names) "
                    "here at the end of training")
+    g.add_argument("--load-adapter", default=None, metavar="DIR", help="LoRA: start the adapters from this PEFT "
+                   "folder (adapter_config.json + adapter_model.safetensors/.bin, as --save-adapter or HF peft write "
+                   "it) instead of a fresh init, on the base model loaded as usual (--pretrained-checkpoint). "
+                   "--lora-rank/--lora-alpha/--lora-target-modules left unset take the adapter's; given ones must "
+                   "match it. A resume wins: when --load holds this run's checkpoint, its adapters (trained further "
+                   "than the folder's) are loaded and the folder is not read")
     g.add_argument("--sft-packing", action="store_true", help="chat data: pack several conversations per sample "
                    "(document-masked attention, positions restart) instead of one padded conversation")
     g.add_argument("--chat-template", dest="chat_format", choices=["auto", "llama3", "llama2"], default="auto",

@@ -3,6 +3,7 @@ strategy (LoRA, MoE) are read from the checkpoint.
 
     python tools/generate.py --load checkpoints/tiny --prompt "The module" --max-new-tokens 40
     python tools/generate.py --load runs/sft --chat --prompt "How do I open a file?" --greedy
+    python tools/generate.py --load ckpt/base --load-adapter runs/sft_adapter --prompt "..."  # base + LoRA folder
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
 
 From Python: ``loaded = load_for_generation("checkpoints/tiny")`` then ``generate_text(loaded, ["The module"],
@@ -27,6 +28,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     from megallama.arguments import _OneLineErrors  # a mistyped flag is one line, not the 13-line usage first
     p = _OneLineErrors(prog="megallama generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint directory (a run's --save directory or one iter_*)")
+    p.add_argument("--load-adapter", default=None, metavar="DIR", help="a LoRA adapter folder (--save-adapter's or "
+                   "HF peft's) applied to the --load model, which is then its base: the output equals the fine-tuned "
+                   "run's")
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt a line")
     p.add_argument("--chat", action="store_true", help="chat template: the prompt is the user's turn")
@@ -74,7 +78,8 @@ def run_args(opts, saved: dict, world: int):
     args.__dict__.update(
         world_size=world, tensor_model_parallel_size=world, pipeline_model_parallel_size=1, context_parallel_size=1,
         expert_model_parallel_size=1, num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
-        compile=False, recompute_granularity=None, pretrained_checkpoint=None, moe_upcycle=False, dry_run=False,
+        compile=False, recompute_granularity=None, pretrained_checkpoint=None, load_adapter=None, moe_upcycle=False,
+        dry_run=False,
         device=device, bf16=dtype == "bf16", fp16=dtype == "fp16", params_dtype=dtype, seed=opts.seed,
         no_fused_kernels=opts.no_fused_kernels, distributed_backend=None)
     return args
@@ -133,9 +138,11 @@ class LoadedModel:
 
 
 def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_type=None, tokenizer_model=None,
-                        seed: int = 1234, no_fused_kernels: bool = False) -> LoadedModel:
+                        seed: int = 1234, no_fused_kernels: bool = False, adapter: Optional[str] = None
+                        ) -> LoadedModel:
     """Rebuild a checkpoint's model (its strategy included) on this process group's ranks, tensor parallel over
-    all of them, and load its weights: ``load`` is a run's --save directory or one iter_* directory."""
+    all of them, and load its weights: ``load`` is a run's --save directory or one iter_* directory. ``adapter``:
+    a LoRA adapter folder added to that model (``adapter_args.apply_adapter_for_generation``)."""
     from megallama.checkpointing import load_checkpoint
     from megallama.checkpointing.full import open_checkpoint
     from megallama.errors import ConfigError
@@ -143,6 +150,9 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
     from megallama.training_setup import build_model_chunks, build_tokenizer_from_args
     if device is not None and str(device).split(":")[0] not in ("cpu", "cuda"):  # the rest ran on the CPU unsaid
         raise ConfigError(f"--device {device} is not supported; use cpu or cuda (cuda:N)")
+    if adapter is not None:  # a bad folder is one line before the model is read
+        from megallama.adapter_args import read_adapter_config
+        read_adapter_config(adapter)
     ckpt, common, reader = open_checkpoint(load, verify=False)
     reader.close()
     if "model_config" not in common.get("args", {}):
@@ -159,6 +169,9 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
         print_rank_0(f"warning: {warning}")
     model = build_model_chunks(args, dev)[0]
     load_checkpoint(ckpt, [model], None, args, finetune=True, quiet=True)
+    if adapter is not None:
+        from megallama.adapter_args import apply_adapter_for_generation
+        apply_adapter_for_generation(model, adapter, args, seed)
     return LoadedModel(model, tokenizer, ckpt, common, args)
 
 
@@ -222,12 +235,14 @@ def main(argv=None) -> int:
         cfg = SamplingConfig(opts.max_new_tokens, 0.0 if opts.greedy else opts.temperature, opts.top_k, opts.top_p,
                              opts.seed).validate()  # before anything is loaded
         loaded = load_for_generation(opts.load, opts.device, opts.dtype, opts.tokenizer_type, opts.tokenizer_model,
-                                     opts.seed, opts.no_fused_kernels)
+                                     opts.seed, opts.no_fused_kernels, opts.load_adapter)
         tp = loaded.args.tensor_model_parallel_size
         n = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
                 for p in loaded.model.parameters())  # tp shards count tp times, replicated norms once
         print_rank_0(f"loaded {loaded.checkpoint} (iteration {loaded.common.get('iteration', 0)}): {n:,} parameters, "
                      f"tokenizer {loaded.tokenizer.name}, tensor parallel {tp}")
+        if opts.load_adapter:
+            print_rank_0(f"LoRA adapter {opts.load_adapter} applied")
         if opts.chat:
             print_rank_0(f"chat template: {chat_template_of(loaded, opts.chat_template).name}")
         texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,

@@ -156,6 +156,9 @@ def derive_strategy_flags(args) -> TrainingStrategy:
     if args.num_experts and args.num_experts % args.expert_model_parallel_size:
         raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
                           f"{args.expert_model_parallel_size}; pick an expert-parallel size dividing it")
+    if getattr(args, "load_adapter", None):  # unset LoRA flags take the adapter's values; others must match it
+        from megallama.adapter_args import adopt_adapter_flags
+        adopt_adapter_flags(args)
     strategy = strategy_from_args(args)  # validates every strategy parameter (ConfigError on bad values)
     if args.save_adapter and not strategy.uses_lora:  # written after the last step: refused now, not after the run
         raise ConfigError(f"--save-adapter {args.save_adapter} needs --strategy lora or hybrid (--strategy "
@@ -345,20 +348,27 @@ def load_adapter(path: str, model_chunks, strict: bool = True) -> int:
     full = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in raw.items()}
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     from megallama.checkpointing.state import unwrap
-    n, taken, adapters = 0, set(), set()
+    n, taken, adapters, err = 0, set(), set(), None
     for m in chunks:
         m = unwrap(m)
         params = dict(m.named_parameters())
         have = {k: v for k, v in full.items() if k in params}
-        n += load_lora_state_dict(m, have, strict=False)
+        try:
+            n += load_lora_state_dict(m, have, strict=False)
+        except ConfigError as e:  # a shape mismatch: said after the stages compared notes, so none waits alone
+            err = err or str(e)
         taken |= set(have)
         adapters |= {k for k, p in params.items() if getattr(p, "lora", False)}
     from megallama.mpu import parallel_state as ps
     if ps.get_pipeline_model_parallel_world_size() > 1:  # each stage holds its own layers: compare the unions
         import torch.distributed as dist
         stages = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(stages, (sorted(taken), sorted(adapters)), group=ps.get_pipeline_model_parallel_group())
+        dist.all_gather_object(stages, (sorted(taken), sorted(adapters), err),
+                               group=ps.get_pipeline_model_parallel_group())
         taken, adapters = (set().union(*(set(s[i]) for s in stages)) for i in (0, 1))
+        err = next((s[2] for s in stages if s[2]), None)
+    if err:
+        raise ConfigError(err)
     if strict and not (len(taken) == len(full) == len(adapters)):
         raise ConfigError(f"{path} holds {len(full)} adapter tensors, this model has {len(adapters)} and took "
                           f"{len(taken)} of them; use the same --lora-target-modules and model")

@@ -283,6 +283,8 @@ def apply_training_strategy(chunks, args) -> None:
     upcycle = bool(getattr(args, "moe_upcycle", False) or pretrained)  # experts start as copies of the dense MLP
     if active and not (pretrained and saved_moe):
         apply_strategy(chunks, strategy, seed=args.seed, upcycle=upcycle)
+    from megallama.adapter_args import load_adapter_from_args
+    load_adapter_from_args(chunks, args)  # --load-adapter: the adapters start from a saved folder's tensors
     if active:
         n, total = trainable_parameter_count(chunks), sum(p.numel() for m in chunks for p in m.parameters())
         shown = dict(strategy.parameters)
