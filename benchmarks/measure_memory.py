@@ -141,7 +141,8 @@ def estimate_for(args, device, world: int, fused=None) -> dict:
     est = estimate_requirements(
         args.model, model_config=args.model_config, batch_size=args.micro_batch_size,
         sequence_length=args.seq_length, num_gpus=world, tp=args.tensor_model_parallel_size,
-        pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size, zero_stage=args.zero_stage,
+        pp=args.pipeline_model_parallel_size, cp=args.context_parallel_size, ep=args.expert_model_parallel_size,
+        zero_stage=args.zero_stage,
         recompute=args.recompute_granularity or "none",
         precision=precision, mixed_precision_mode=mode, num_experts=args.num_experts,
         sequence_parallel=args.sequence_parallel,

@@ -117,12 +117,17 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     chunk where they differ; ``chunk_counts``: its chunks' layers (chunk order), which, when they differ under
     the interleaved schedule, price each held chunk forward at its own layers (``held_chunks_peak``), else every
     chunk forward in flight is priced at the largest; Chimera's mirror chunk (stage pp-1-s's part) is priced at
-    ``layers[pp-1-s]``, the same walk where the two differ. ``cp_comm_type`` (and
+    ``layers[pp-1-s]`` by the same walk, with that part's ends (ranks 0 and pp-1 hold the embedding and the head
+    both; middle ranks neither). ``cp_comm_type`` (and
     ``hierarchical_cp_sizes`` for a2a+p2p): whose buffers the attention backward holds at cp > 1 (cp_memory.py)."""
     pre, post = stage == 0, stage == pp - 1
     lp = layer_params(cfg, tp)
     h, vloc = cfg.hidden_size, cfg.vocab_size // tp
     chunks = 2 if schedule == "chimera" and pp > 1 else 1  # Chimera keeps stages i and pp-1-i
+    # the embedding lives on part 0, the head on part pp-1: under Chimera both on ranks 0 and pp-1 (each holds the
+    # other direction's end as its mirror chunk), neither on the middle ranks
+    has_embedding = stage in (0, pp - 1) if chunks == 2 else pre
+    has_head = has_embedding if chunks == 2 else post
     n_layers = layers[stage] + (layers[pp - 1 - stage] if chunks == 2 else 0)
     mlp = lp["mlp"]
     expert_params = moe_dense = 0
@@ -135,9 +140,9 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     else:
         dense_mlp = n_layers * mlp
     dense = n_layers * (lp["attn"] + lp["norms"]) + dense_mlp
-    if pre or (chunks == 2):
+    if has_embedding:
         dense += vloc * h
-    if post or (chunks == 2):
+    if has_head:
         dense += h + (0 if (cfg.tie_word_embeddings and pp == 1) else vloc * h)
     p, n = pkg[0], dp * cp
     adapters = n_layers * lora_params(cfg, lora_rank, lora_targets, tp) if strategy in ("lora", "hybrid") else 0
@@ -163,9 +168,9 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
             staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
             extra = {"head backward": staging, "layer backward": staging}
         else:
-            tied_root = cfg.tie_word_embeddings or (post and pp > 1)
+            tied_root = cfg.tie_word_embeddings or (has_head and pp > 1)
             root = vloc * h if tied_root else 0
-            head_unit = 0 if (tied_root or not post) else vloc * h
+            head_unit = 0 if (tied_root or not has_head) else vloc * h
             extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
                      "head backward": p * (root + head_unit) + 4 * head_unit,
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
@@ -180,7 +185,7 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
     if schedule == "interleaved" and pp > 1 and chunk_counts is not None and len(set(chunk_counts)) > 1:
         act, inflight = _uneven_chunks_peak(list(chunk_counts), stage, pp, m, v, microbatch_group_size, L,
                                             num_moe_layers(cfg), moe, pre, post, peak_kw)
-    elif chunks == 2 and layers[stage] != layers[pp - 1 - stage]:  # Chimera's two directions, each at its own
+    elif chunks == 2:  # Chimera's two directions, each chunk at its own layers and ends (the mirror's too)
         act, inflight = _uneven_chunks_peak([layers[stage], layers[pp - 1 - stage]], stage, pp, m, 2, None, L,
                                             num_moe_layers(cfg), moe, pre, post, peak_kw, schedule="chimera")
     else:
