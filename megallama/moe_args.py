@@ -20,12 +20,15 @@ _VALUE_FLAGS = {"moe_expert_capacity_factor": "--moe-expert-capacity-factor",
                 "moe_router_topk_scaling_factor": "--moe-router-topk-scaling-factor",
                 "moe_router_dtype": "--moe-router-dtype", "moe_router_score_function": "--moe-router-score-function",
                 "moe_router_load_balancing_type": "--moe-router-load-balancing-type",
-                "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size"}
+                "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size",
+                "moe_router_num_groups": "--moe-router-num-groups", "moe_router_group_topk": "--moe-router-group-topk",
+                "moe_router_bias_update_rate": "--moe-router-bias-update-rate"}
 _SWITCHES = {"moe_pad_expert_input_to_capacity": "--moe-pad-expert-input-to-capacity",
              "moe_router_pre_softmax": "--moe-router-pre-softmax",
              "moe_shared_expert_overlap": "--moe-shared-expert-overlap",
              "moe_shared_expert_gate": "--moe-shared-expert-gate",
-             "moe_upcycle_shared_expert": "--moe-upcycle-shared-expert"}
+             "moe_upcycle_shared_expert": "--moe-upcycle-shared-expert",
+             "moe_router_enable_expert_bias": "--moe-router-enable-expert-bias"}
 STRATEGY_KEYS = frozenset(_VALUE_FLAGS) | frozenset(_SWITCHES)
 # every flag that only shapes experts (arguments.py's and the ones above), for check_moe_flags
 _MOE_ONLY = ("moe_router_topk", "moe_aux_loss_coeff", "moe_layer_freq", "moe_layers", "moe_z_loss_coeff",
@@ -51,6 +54,17 @@ def add_moe_args(p: argparse.ArgumentParser) -> None:
                    help="dtype of the router logits and probabilities (default fp32)")
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default=None,
                    help="softmax (default) or sigmoid (top-k weights renormalised, DeepSeek-V3)")
+    g.add_argument("--moe-router-num-groups", type=int, default=None,
+                   help="device-limited routing: split the experts into this many equal groups (with "
+                   "--moe-router-group-topk)")
+    g.add_argument("--moe-router-group-topk", type=int, default=None,
+                   help="each token picks its experts among its best this-many groups, a group scoring the sum of "
+                   "its top topk/group-topk scores (Megatron's group_limited_topk)")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the sigmoid scores to "
+                   "choose experts only, moves by the update rate against each expert's load after every step")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=None,
+                   help="step of the expert bias per update (default 1e-3, as Megatron)")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="each expert keeps at most ceil(factor * tokens * topk / experts) assignments per micro-batch "
                    "(negative or unset: no dropping)")
@@ -136,7 +150,10 @@ def moe_config_fields(p: dict) -> dict:
                   shared_expert_intermediate_size=p.get("moe_shared_expert_intermediate_size"),
                   shared_expert_overlap=bool(p.get("moe_shared_expert_overlap", False)),
                   shared_expert_gate=bool(p.get("moe_shared_expert_gate", False)),
-                  upcycle_shared_expert=bool(p.get("moe_upcycle_shared_expert", False)))
+                  upcycle_shared_expert=bool(p.get("moe_upcycle_shared_expert", False)),
+                  num_groups=p.get("moe_router_num_groups"), group_topk=p.get("moe_router_group_topk"),
+                  enable_expert_bias=bool(p.get("moe_router_enable_expert_bias", False)),
+                  bias_update_rate=p.get("moe_router_bias_update_rate"))
     return fields
 
 

@@ -28,6 +28,7 @@ from megallama.logging import (MEM_FIELD, TrainingLogger, check_wandb_installed,
 from megallama.lr_scheduler import OptimizerParamScheduler
 from megallama.megatron_profiler import MegatronProfiler
 from megallama.model.moe import set_aux_loss_scale
+from megallama.model.moe_expert_bias import update_expert_bias
 from megallama.model.moe_stats import format_moe_stats, get_moe_stats
 from megallama.moe_args import moe_flops_config
 from megallama.mpu import parallel_state as ps
@@ -186,6 +187,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         timers.start("optimizer")
         ok, grad_norm, num_zeros = optimizer.step()
         timers.stop("optimizer")
+        update_expert_bias(model_chunks)  # --moe-router-enable-expert-bias: the step's global loads move the bias
         consumed += gbs
         loss = global_mean_loss(losses, device)
         profiler.end(iteration + 1)

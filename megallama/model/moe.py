@@ -39,7 +39,8 @@ from megallama.mpu.random import _name_seed
 from megallama.model.moe_aux_loss import (LOAD_BALANCING_TYPES, GlobalTokenTracker, attach_aux_loss,  # noqa: F401
                                           aux_losses, load_balancing_loss, set_aux_loss_scale, z_loss)
 from megallama.model.moe_dispatch import drop_preference, grouped_matmul, padded_slots, sort_by_expert
-from megallama.model.moe_router import ROUTER_DTYPES, SCORE_FUNCTIONS, TopKRouter, topk_routing  # noqa: F401
+from megallama.model.moe_router import (ROUTER_DTYPES, SCORE_FUNCTIONS, TopKRouter, check_router_options,  # noqa: F401
+                                        topk_routing)
 from megallama.ops import swiglu
 
 
@@ -63,6 +64,10 @@ class MoEConfig:
     shared_expert_overlap: bool = False  # accepted: one stream here, the output is the same
     shared_expert_gate: bool = False  # --moe-shared-expert-gate: sigmoid(x . w) times the shared expert's output
     upcycle_shared_expert: bool = False  # upcycling also copies the dense MLP into the shared expert
+    num_groups: Optional[int] = None  # --moe-router-num-groups: device-limited routing (moe_router)
+    group_topk: Optional[int] = None  # --moe-router-group-topk
+    enable_expert_bias: bool = False  # --moe-router-enable-expert-bias: aux-loss-free balancing (moe_expert_bias)
+    bias_update_rate: Optional[float] = None  # --moe-router-bias-update-rate (None: Megatron's 1e-3)
 
     @property
     def router_pre_softmax(self) -> bool:
@@ -93,6 +98,7 @@ class MoEConfig:
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ConfigError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor; add it or drop "
                               "the padding")
+        check_router_options(self)
         if self.shared_expert_intermediate_size is not None and self.shared_expert_intermediate_size <= 0:
             raise ConfigError(f"--moe-shared-expert-intermediate-size must be positive, got "
                               f"{self.shared_expert_intermediate_size}")
@@ -202,7 +208,7 @@ class MoELayer(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         out_std = config.init_method_std / (2.0 * config.num_layers) ** 0.5
         self.router = TopKRouter(config.hidden_size, moe.num_experts, config.init_method_std, self.sequence_parallel,
-                                 device, dtype, router_dtype=moe.router_dtype)
+                                 device, dtype, router_dtype=moe.router_dtype, moe=moe)
         self.experts = GroupedExperts(self.num_local_experts, config.hidden_size,
                                       moe.ffn_hidden_size or config.ffn_hidden_size, config.init_method_std, out_std,
                                       device, dtype)
@@ -221,8 +227,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, h, moe = x.shape, self.hidden_size, self.moe
         logits = self.router(x.reshape(-1, h))
-        scores, top_p, top_i = topk_routing(logits, self.topk, moe.norm_topk_prob, moe.score_function,
-                                            moe.topk_scaling_factor)
+        scores, top_p, top_i = self.router.route(logits, self.topk)
         aux = None
         if torch.is_grad_enabled():
             aux = aux_losses(moe, self.layer_number, logits, scores, top_i, shape[0], self.sequence_parallel,
