@@ -23,11 +23,13 @@ _MOE_MODEL = (("num_experts", "--num-experts"), ("topk", "--moe-router-topk"), (
               ("shared_expert_intermediate_size", "--moe-shared-expert-intermediate-size"),
               ("router_pre_softmax", "--moe-router-pre-softmax"), ("score_function", "--moe-router-score-function"),
               ("topk_scaling_factor", "--moe-router-topk-scaling-factor"),
-              ("shared_expert_gate", "--moe-shared-expert-gate"))
+              ("shared_expert_gate", "--moe-shared-expert-gate"), ("num_groups", "--moe-router-num-groups"),
+              ("group_topk", "--moe-router-group-topk"), ("enable_expert_bias", "--moe-router-enable-expert-bias"))
 # training-only knobs (regularisation, auxiliary loss terms): the model is the same -> a warning, as Megatron allows
 _LORA_TRAINING = (("dropout", "--lora-dropout"),)
 _MOE_TRAINING = (("aux_loss_coeff", "--moe-aux-loss-coeff"), ("z_loss_coeff", "--moe-z-loss-coeff"),
-                 ("load_balancing_type", "--moe-router-load-balancing-type"), ("router_dtype", "--moe-router-dtype"))
+                 ("load_balancing_type", "--moe-router-load-balancing-type"), ("router_dtype", "--moe-router-dtype"),
+                 ("bias_update_rate", "--moe-router-bias-update-rate"))
 STRATEGY_MARKERS = (".lora_", ".experts.", ".router.", ".shared_experts.")  # tensors a strategy adds to a dense model
 
 
