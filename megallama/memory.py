@@ -102,9 +102,6 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
            virtual_pipeline_stages, zero_stage, optimizer, sequence_parallel, pipeline_layer_counts)
     moe = _check_features(cfg, tp, ep, strategy, precision, moe_ffn_hidden_size, moe_shared_expert_intermediate_size,
                           moe_expert_capacity_factor, moe_pad_expert_input_to_capacity, fp8_format)
-    if moe is not None and ep > 1 and zero_stage == 3:  # as DDP refuses it (optimizer/distributed.py)
-        raise ConfigError("ZeRO stage 3 does not support expert-parallel MoE layers yet (a layer's dense and expert "
-                          "params are sharded over different groups); use --zero-stage 2")
     dp = world // (tp * pp * cp)
     if num_microbatches is None:
         if global_batch_size is not None:

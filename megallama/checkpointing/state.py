@@ -83,7 +83,7 @@ def writes(param, replicated_over_dp: bool = True) -> bool:
     if not replicated_over_dp:
         return True
     if is_expert(param):
-        return ps.get_expert_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+        return ps.get_expert_data_parallel_rank() == 0  # expert-dp spans dp x cp / ep: one copy per ep rank
     return ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
 

@@ -11,8 +11,8 @@ differ in which tokens the statistics cover:
 * ``global_aux_loss``: counts summed over the data-parallel ranks too (Megatron's tp x dp x cp group) and averaged
   over the step's micro-batches so far (Megatron's ``global_tokens_per_expert / ga_steps``, reset every step); T is
   the token count of the dp ranks' micro-batches together, while each rank differentiates only its own tokens'
-  probabilities. So it is layout-independent over tp and cp, but not over dp (ep ranks are dp ranks): a run with
-  D data-parallel ranks equals one process whose micro-batch j joins the D ranks' j-th micro-batches, at
+  probabilities. So it is layout-independent over tp, cp and ep (which only splits the experts), but not over dp:
+  a run with D data-parallel ranks equals one process whose micro-batch j joins the D ranks' j-th micro-batches, at
   ``coeff / D`` (the D per-rank shares of the joint loss are averaged, as every gradient over dp, not summed).
 * ``none``: no load-balancing loss, whatever ``aux_loss_coeff`` says (the command line also zeroes it; a
   ``TrainingStrategy`` or ``MoEConfig`` built in Python need not); the z-loss stays.
@@ -119,7 +119,8 @@ class GlobalTokenTracker:
 
 def token_split_group(sequence_parallel: bool):
     """The ranks holding other pieces of this micro-batch's tokens: tp under sequence parallelism (without it tp
-    ranks hold the same tokens) and cp. Not ep: it carves dp, each ep rank routes its own micro-batch."""
+    ranks hold the same tokens) and cp. Not ep: it carves dp x cp, each ep rank routes its own tokens (its cp piece
+    of its own micro-batch), whose other pieces are on its cp peers."""
     cp = ps.get_context_parallel_world_size() > 1
     if not dist.is_initialized() or not (sequence_parallel or cp):
         return None

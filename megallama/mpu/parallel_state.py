@@ -2,9 +2,12 @@
 
 Grid order, outer to inner: pp, dp, cp, tp, so tensor-parallel ranks are adjacent and share a node's NVLink:
 ``rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``.
-Expert parallelism carves the data-parallel dimension: ep consecutive dp ranks form an expert group, and the
-expert-data-parallel group strides across them (as Megatron does). Every getter answers sensibly before
-``initialize_model_parallel`` (a world of one), so single-process code needs no process group at all.
+Expert parallelism carves the data x context-parallel ranks (Megatron-core's rule: expert tp x ep x expert-dp =
+tp x cp x dp): ep consecutive ranks of dp x cp (index ``dp_rank * cp + cp_rank``) form an expert group, and the
+expert-data-parallel group strides across them. MoE routes per token, so an expert group may hold pieces of one
+sequence (cp) as well as other micro-batches (dp); the expert-dp group is exactly the ranks holding the same experts.
+Every getter answers sensibly before ``initialize_model_parallel`` (a world of one), so single-process code needs no
+process group at all.
 """
 from __future__ import annotations
 
@@ -88,9 +91,9 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
     dp = world_size // mp
     if model_config is not None:
         validate_model_shapes(tp, model_config)
-    if dp % ep:
-        raise ConfigError(f"expert parallel size {ep} must divide the data-parallel size {dp} "
-                          f"(world {world_size} / tp*pp*cp {mp})")
+    if (dp * cp) % ep:
+        raise ConfigError(f"expert parallel size {ep} must divide data-parallel x context-parallel size {dp * cp} "
+                          f"(dp {dp} = world {world_size} / tp*pp*cp {mp}, cp {cp}); choose an ep dividing {dp * cp}")
     return dp
 
 
@@ -136,8 +139,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     build("dp_cp", lambda p, d, c, t: (p, t))
     build("mp", lambda p, d, c, t: (d, c))  # tp x pp: the ranks that hold one model replica
     build("tp_cp", lambda p, d, c, t: (p, d))
-    build("ep", lambda p, d, c, t: (p, d // g.ep, c, t))
-    build("edp", lambda p, d, c, t: (p, d % g.ep, c, t))
+    build("ep", lambda p, d, c, t: (p, (d * g.cp + c) // g.ep, t))  # ep carved from dp x cp (Megatron)
+    build("edp", lambda p, d, c, t: (p, (d * g.cp + c) % g.ep, t))
     # Embedding group: first and last pipeline stage share tied embedding / output weights.
     buckets = {}
     for c in all_coords:
@@ -270,16 +273,17 @@ def get_expert_model_parallel_world_size() -> int:
 
 
 def get_expert_model_parallel_rank() -> int:
-    return _my_coords()[1] % _grid().ep
+    return get_data_parallel_rank(with_context_parallel=True) % _grid().ep
 
 
 def get_expert_data_parallel_world_size() -> int:
+    """The ranks holding the same experts: dp x cp / ep (their expert gradients are reduced together)."""
     g = _grid()
-    return g.dp // g.ep
+    return g.dp * g.cp // g.ep
 
 
 def get_expert_data_parallel_rank() -> int:
-    return _my_coords()[1] // _grid().ep
+    return get_data_parallel_rank(with_context_parallel=True) // _grid().ep
 
 
 def get_virtual_pipeline_model_parallel_world_size() -> Optional[int]:

@@ -8,7 +8,8 @@ Every stage keeps gradients in one contiguous buffer laid out by ``BufferLayout`
 * stage 2: only this rank's gradient shard is kept: each microbatch's gradients are copied into a bucket-sized
   staging buffer as backward produces them and reduce-scattered into the shard when the bucket is complete
   (DeepSpeed's scheme, since full gradients are never kept; ``grad_shard_reducer.GradShardReducer``).
-* stage 3: stage 2 plus parameters sharded per unit (``zero3.Zero3Params``).
+* stage 3: stage 2 plus parameters sharded per unit (``zero3.Zero3Params``); under expert parallelism a MoE
+  layer's experts over the expert-data-parallel group, its dense params over dp x cp.
 
 Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others); with ``overlap_grad_reduce`` the
 bucket collectives start asynchronously from the hooks as soon as a bucket's gradients are complete, so they overlap
@@ -104,28 +105,23 @@ class DistributedDataParallel(nn.Module):
         self.dp_size, self.dp_group, self.dp_rank = self.comm.size, self.comm.group, self.comm.rank
 
         params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
+        if not params and any(True for _ in module.parameters()):  # an empty pipeline stage holds none at all
             raise ConfigError("the model has no trainable parameters; nothing for DDP/ZeRO to do")
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise ConfigError(f"trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; build the model "
                               "with one --params-dtype")
-        self.param_dtype = params[0].dtype
+        self.param_dtype = params[0].dtype if params else getattr(module, "params_dtype", torch.float32)
         self.grad_dtype = torch.float32 if grad_reduce_in_fp32 else self.param_dtype
-        self.device = params[0].device
+        self.device = params[0].device if params else next(module.buffers(), torch.empty(0)).device
         self.param_names = {p: n for n, p in module.named_parameters()}
         self.shapes = {p: p.shape for p in params}
 
-        # MoE expert params (``allreduce = False``) under expert parallelism: reduced over the expert-dp group.
+        # MoE expert params (``allreduce = False``) under expert parallelism: reduced over the expert-dp group (the
+        # dp x cp ranks holding the same experts), averaged over dp x cp like the dense ones.
         expert = [p for p in params if getattr(p, "allreduce", True) is False]
         self.expert_comm = None
         if expert and ps.get_expert_model_parallel_world_size() > 1 and data_parallel_group is None:
-            if zero_stage == 3:
-                raise ConfigError("ZeRO stage 3 does not support expert-parallel MoE layers yet (a layer's dense and "
-                                  "expert params are sharded over different groups); use --zero-stage 2")
-            if ps.get_context_parallel_world_size() > 1:
-                raise ConfigError("expert parallelism with context parallelism is not supported by DDP/ZeRO; use "
-                                  "--context-parallel-size 1 with --expert-model-parallel-size > 1")
             self.expert_comm = Comm.of(ps.get_expert_data_parallel_group(), self.dp_size, expert=True)
         else:
             expert = []
@@ -133,10 +129,9 @@ class DistributedDataParallel(nn.Module):
 
         self.zero3 = None
         if zero_stage == 3:
-            from megallama.optimizer.zero3 import build_units
+            from megallama.optimizer.zero3 import build_units, unit_buckets
             units, root = build_units(module, params)
-            bucket_params = ([root.params] if root is not None else []) + [u.params for u in reversed(units)]
-            buckets = [(bp, self.comm) for bp in bucket_params]
+            buckets = unit_buckets(units, root, set(expert), self.comm, self.expert_comm)
         else:
             shared = lambda p: self.dp_size > 1 and needs_own_bucket(module, p)  # noqa: E731
             buckets = [(bp, self.comm) for part in split_tp_replicated(dense)

@@ -2,8 +2,10 @@
 
 A *unit* is a decoder layer, the embedding, the final norm or the output head; parameters used outside their own
 module (the tied embedding on a single stage, the ``output_weight`` copy on a last pipeline stage) form the *root*
-unit, gathered for the whole forward. Each unit is one bucket of the DDP layout, so its shard is one slice of the
-persistent ``shard`` buffer (this is also where the optimizer writes, in place for fp32 params).
+unit, gathered for the whole forward. Each unit is one bucket of the DDP layout (two under expert parallelism: a
+MoE layer's expert params are sharded over the expert-data-parallel group, its dense params over dp x cp, so each
+kind is gathered and reduce-scattered over its own group, into one unit-sized tensor), so its shard is a slice of
+the persistent ``shard`` buffer (this is also where the optimizer writes, in place for fp32 params).
 
 * forward: a pre-hook waits for the unit's all-gather and starts the next unit's (prefetch, async); a post-hook
   frees the unit and wraps its outputs in ``_PreBackward``, whose backward re-gathers the unit (and prefetches the
@@ -35,9 +37,11 @@ def _in_backward() -> bool:
 class Unit:
     def __init__(self, index: int, name: str, module: Optional[nn.Module], params: List[nn.Parameter]):
         self.index, self.name, self.module, self.params = index, name, module, params
-        self.bucket = None
-        self.full: Optional[torch.Tensor] = None  # the gathered bucket while live
-        self.handle = None  # async all-gather in flight
+        self.buckets = []  # adjacent in the layout: dense, then (expert parallelism) expert
+        self.offset = self.numel = 0  # the buckets' range in the flat layout
+        self.full: Optional[torch.Tensor] = None  # the gathered buckets while live
+        self.handles = []  # async all-gathers in flight
+        self.reduced = set()  # buckets reduce-scattered in this backward
 
     def __repr__(self):
         return f"Unit({self.name}, {sum(p.numel() for p in self.params)} params)"
@@ -91,6 +95,16 @@ def build_units(module: nn.Module, params: List[nn.Parameter]) -> Tuple[List[Uni
     return units, root
 
 
+def unit_buckets(units: List[Unit], root: Optional[Unit], expert: set, dense_comm, expert_comm) -> list:
+    """The layout's (params, comm) buckets, root first then the units in backward order: a unit's dense params
+    over dp (x cp), then its expert params (``expert``) over the expert-dp group in a bucket right after."""
+    out = []
+    for u in ([root] if root is not None else []) + list(reversed(units)):
+        out.append(([p for p in u.params if p not in expert], dense_comm))
+        out.append(([p for p in u.params if p in expert], expert_comm))
+    return out
+
+
 class _PreBackward(torch.autograd.Function):
     """Identity whose backward gathers ``unit`` before the unit's own backward needs its weights."""
 
@@ -122,9 +136,13 @@ class Zero3Params:
         self.ddp, self.units, self.root = ddp, units, root
         self.layout, self.dp, self.rank, self.group = ddp.layout, ddp.dp_size, ddp.dp_rank, ddp.dp_group
         self.all_units = ([root] if root is not None else []) + list(units)
+        self.bucket_unit = {}
         for u in self.all_units:
-            u.bucket = self.layout.bucket_of(u.params[0])
-        self.bucket_unit = {u.bucket.index: u for u in self.all_units}
+            u.buckets = sorted({self.layout.bucket_of(p).index: self.layout.bucket_of(p) for p in u.params}.values(),
+                               key=lambda b: b.index)
+            u.offset = u.buckets[0].offset
+            u.numel = u.buckets[-1].offset + u.buckets[-1].numel - u.offset
+            self.bucket_unit.update((b.index, u) for b in u.buckets)
         dtype, device = ddp.param_dtype, ddp.device
         self.shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
         self._empty = torch.empty(0, dtype=dtype, device=device)
@@ -164,23 +182,33 @@ class Zero3Params:
         if self.dp == 1:
             return
         if u.full is None:
-            b = u.bucket
-            full = torch.empty(b.numel, dtype=self.shard.dtype, device=self.shard.device)
-            h = all_gather_into_tensor(full, self.shard[b.shard_offset:b.shard_offset + b.shard_size],
-                                       group=self.group, async_op=async_op)
-            u.full, u.handle = full, h
+            full = torch.empty(u.numel, dtype=self.shard.dtype, device=self.shard.device)
+            for b in u.buckets:  # each over its own group (expert buckets: expert-dp, maybe of one rank)
+                out = full[b.offset - u.offset:b.offset - u.offset + b.numel]
+                mine = self.shard[b.shard_offset:b.shard_offset + b.shard_size]
+                if b.comm.group is None:
+                    out.copy_(mine)
+                    continue
+                h = all_gather_into_tensor(out, mine, group=b.comm.group, async_op=async_op)
+                if h is not None:
+                    u.handles.append(h)
+            u.full = full
             self._by_ptr[full.untyped_storage().data_ptr()] = u
-            self._point_params(u, full, b.offset)
-        if not async_op and u.handle is not None:
-            u.handle.wait()
-            u.handle = None
+            self._point_params(u, full, u.offset)
+        if not async_op:
+            self._wait(u)
+
+    @staticmethod
+    def _wait(u: Unit) -> None:
+        for h in u.handles:
+            h.wait()
+        u.handles = []
 
     def release(self, u: Unit) -> None:
+        u.reduced.clear()
         if self.dp == 1 or u.full is None:
             return
-        if u.handle is not None:
-            u.handle.wait()
-            u.handle = None
+        self._wait(u)
         self._by_ptr.pop(u.full.untyped_storage().data_ptr(), None)
         for p in u.params:
             p.data = self._empty
@@ -191,10 +219,13 @@ class Zero3Params:
             self.release(u)
 
     def on_bucket_reduced(self, bucket) -> None:
-        """All grads of the unit were reduce-scattered in this backward: its weights are no longer needed."""
+        """All grads of the unit (all its buckets) were reduce-scattered in this backward: its weights are no longer
+        needed."""
         u = self.bucket_unit.get(bucket.index)
         if u is not None:
-            self.release(u)
+            u.reduced.add(bucket.index)
+            if len(u.reduced) == len(u.buckets):
+                self.release(u)
 
     # ---------------------------------------------------------------- hooks
     def _prefetch(self, i: int) -> None:
