@@ -385,7 +385,8 @@ def _queue_wgrads(phases, x, n, num_layers, queued, moe_layers, head, late_base,
     its first layer (chunk) whole and the other layers' queue; W holds one more queue and the grads it makes,
     one fewer microbatch whole (its casts too). An unfused head's output GEMM queues its input and logits grad."""
     dense, moe = wgrad_queue_layer(x, n), wgrad_queue_layer(x, n, moe=True)
-    layer = {k: (dense[k] * (num_layers - moe_layers) + moe[k] * moe_layers) // num_layers for k in dense}
+    layer = {k: (dense[k] * (num_layers - moe_layers) + moe[k] * moe_layers) // max(num_layers, 1)  # 0: empty stage
+             for k in dense}
     head_q = (n.e if n.cast else n.r) * x.Sn * x.h + n.e * x.S * (x.V // x.t) if head == "unfused" else 0
     head_g = (4 if n.cast else n.e) * (x.V // x.t) * x.h if head == "unfused" else 0
     one = num_layers * layer["queued"] + head_q

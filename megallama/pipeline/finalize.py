@@ -63,15 +63,17 @@ def sync_chimera_replica_gradients(model_chunks) -> None:
     if p - 1 - s == s:  # odd p: the middle stage holds both copies of its part
         _sum_in_place(*mine)
         return
-    flat = [torch.cat(gs) for gs in mine]
+    flat = [torch.cat(gs) if gs else torch.empty(0) for gs in mine]  # an empty stage's part: nothing to add
     recv = [torch.empty_like(f) for f in flat]
     peer = stage_rank(p - 1 - s)
     # My chunk 0 (part s) pairs with the peer's chunk 1, my chunk 1 with its chunk 0. Each side sends chunk 0
-    # then 1 and receives in that same order, so NCCL's per-peer ordering matches them too.
+    # then 1 and receives in that same order, so NCCL's per-peer ordering matches them too. A part that is an
+    # empty stage is empty on both copies, so both sides leave its pair out.
     ops = [P2POp(True, flat[0], peer, _REPLICA_TAG + 2 * s), P2POp(True, flat[1], peer, _REPLICA_TAG + 2 * s + 1),
            P2POp(False, recv[1], peer, _REPLICA_TAG + 2 * (p - 1 - s)),
            P2POp(False, recv[0], peer, _REPLICA_TAG + 2 * (p - 1 - s) + 1)]
-    for w in batch_send_recv(ops, ps.get_pipeline_model_parallel_group()):
+    ops = [op for op in ops if op.tensor.numel()]
+    for w in batch_send_recv(ops, ps.get_pipeline_model_parallel_group()) if ops else ():
         w.wait()
     for c in range(2):
         off = 0

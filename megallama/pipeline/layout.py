@@ -5,8 +5,10 @@ part numbering too); ``E`` is the embedding, ``t`` a decoder layer, ``L`` the ou
 layer; ``X*n`` and ``(...)*n`` repeat, commas are cosmetic: ``"Et*3|(tt|)*29,m|L"``. megallama places the
 embedding on the first part and the loss on the last one always, so a layout is its decoder-layer count per part,
 any counts, virtual stages included (``"Ett|t|t|tttL"``: pp 2, rank 0 holds [2, 1], rank 1 [1, 3]); the first
-(last) part may hold the embedding (loss) alone, as in ``"E|(tt|)*7,L"``. ``parse_layout`` checks it as
-Megatron's ``PipelineParallelLayerLayout`` does, in one error line each.
+(last) part may hold the embedding (loss) alone, as in ``"E|(tt|)*7,L"``, and a part between them may hold nothing
+(Megatron: "it is legal to have empty stages, e.g., E||t|L"): it passes its input on unchanged, forward and
+backward, and a rank whose parts are all empty holds no parameters. ``parse_layout`` checks it as Megatron's
+``PipelineParallelLayerLayout`` does, in one error line each.
 """
 from __future__ import annotations
 
@@ -42,12 +44,11 @@ def parse_layout(layout: str, pipeline_model_parallel_size: int, num_layers: int
     if flat.count("E") != 1 or flat.count("L") != 1 or not flat.startswith("E") or not flat.endswith("L"):
         raise ConfigError(f"{FLAG} '{layout}' must start with the embedding E and end with the loss L, once each "
                           "(e.g. 'Ett|tt|ttL')")
+    if not stages[0].startswith("E") or not stages[-1].endswith("L"):  # Megatron's rule too
+        where = "first" if not stages[0].startswith("E") else "last"
+        raise ConfigError(f"{FLAG} '{layout}': the {where} stage is empty, but the embedding E opens the first stage "
+                          "and the loss L closes the last one; only stages between them may be empty (e.g. 'Et||tL')")
     if flat.count("t") != num_layers:
         raise ConfigError(f"{FLAG} '{layout}' places {flat.count('t')} decoder layers (t) but the model has "
                           f"{num_layers}; make them match (or set --num-layers {flat.count('t')})")
-    counts = [s.count("t") for s in stages]
-    empty = [k for k, s in enumerate(stages) if not s]
-    if empty:  # Megatron fills it with an identity; megallama builds no stage without a layer, embedding or loss
-        raise ConfigError(f"{FLAG} '{layout}': stage {empty[0]} is empty (no t, E or L), which megallama's pipeline "
-                          "does not build; give every stage at least one t (the first may be E alone, the last L)")
-    return counts
+    return [s.count("t") for s in stages]

@@ -24,7 +24,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline (Megatron's flags)")
     g.add_argument(LAYOUT_FLAG, default=None, help="what each (virtual) stage holds, e.g. 'Ett|tt|tt|ttL' "
                    "(E embedding, t decoder layer, L loss, | between stages, X*n / (...)*n repeat); stages beyond "
-                   "pp are virtual stages (interleaved); any counts, and E or L alone on the first or last stage")
+                   "pp are virtual stages (interleaved); any counts, E or L alone on the first or last stage, and "
+                   "empty stages between them ('Et||tL'), which pass the hidden state on unchanged")
     g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", dest="microbatch_group_size_per_vp_stage",
                    type=int, default=None, help="the interleaved schedule runs groups of N microbatches through "
                    "each virtual stage (Megatron's knob: pp <= N <= microbatches, their count a multiple of N or "
@@ -149,10 +150,10 @@ def check_pipeline_split(args) -> None:
     if pp == 1:
         return
     args.pipeline_layer_counts = counts = _layer_counts(args)
-    if getattr(args, "strategy", None) in ("lora", "hybrid") and 0 in counts:  # frozen E/L: nothing to train there
+    if getattr(args, "strategy", None) in ("lora", "hybrid") and 0 in counts:  # frozen E/L or empty: nothing to train
         raise ConfigError(f"--strategy {args.strategy} trains adapters of decoder layers only, and pipeline stage "
                           f"{counts.index(0)} of the split {counts} holds no decoder layer (only the frozen embedding "
-                          "or output layer); give every (virtual) stage at least one layer")
+                          "or output layer, or nothing: an empty stage); give every (virtual) stage at least one layer")
 
 
 def _layer_counts(args) -> list:

@@ -56,7 +56,8 @@ def build_model_chunks(config: ModelConfig, *, device="cpu", dtype=torch.float32
     (chunk c = part c * p + stage), two for Chimera (this stage's part and the mirror stage's part, a replica
     kept in sync by ``allreduce_embedding_gradients``). Weights are layout-independent (same seed, same
     weights), so every replica starts identical. ``layer_counts`` / ``num_virtual_stages``: see ``model_parts``;
-    a chunk may hold no decoder layer (the embedding or the loss alone)."""
+    a chunk may hold no decoder layer (the embedding or the loss alone), or nothing at all: an empty stage, whose
+    forward returns its input (autograd then hands the output grad straight back as the input grad)."""
     from megallama.model import build_model
     name = normalize_schedule_name(schedule)
     p, s = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
@@ -73,6 +74,7 @@ def build_model_chunks(config: ModelConfig, *, device="cpu", dtype=torch.float32
         m = build_model(config, device=device, dtype=dtype, seed=seed, layer_ids=parts[k], pre_process=k == 0,
                         post_process=k == K - 1, sequence_parallel=sequence_parallel, init=init)
         m.pipeline_part = k
+        m.params_dtype = dtype  # what an empty stage (no parameters) receives and sends its hidden state in
         m.pipeline_schedule = name if p > 1 else "none"
         chunks.append(m)
     return chunks

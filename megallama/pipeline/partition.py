@@ -156,15 +156,12 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
 
 def parts_of(counts, num_layers: int, num_stages: int) -> List[List[int]]:
     """Global layer ids of each part from its decoder-layer count (a part may hold none: the embedding or the loss
-    alone, Megatron's "E|" / "|L"). Checkpoints name layers by these global ids, so any split loads any other."""
+    alone, Megatron's "E|" / "|L", or nothing, an empty stage "||" that passes its input on). Checkpoints name layers
+    by these global ids, so any split loads any other."""
     counts = [int(c) for c in counts]
     if len(counts) % num_stages or not counts or min(counts) < 0 or sum(counts) != num_layers:
         raise ConfigError(f"layer counts {counts} do not split {num_layers} layers over a multiple of {num_stages} "
                           "pipeline stages; give pp x (virtual stages per rank) counts summing to --num-layers")
-    empty = [k for k, c in enumerate(counts) if c == 0 and 0 < k < len(counts) - 1]
-    if empty:
-        raise ConfigError(f"stage {empty[0]} of {counts} holds neither a decoder layer nor the embedding or the loss; "
-                          "give it at least one layer")
     parts, start = [], 0
     for c in counts:
         parts.append(list(range(start, start + c)))

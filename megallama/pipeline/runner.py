@@ -124,6 +124,16 @@ def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: s
     return PipelineRunner(name, time_ops, microbatch_group_size, deallocate_outputs)
 
 
+def _dtype_and_device(inner) -> tuple:
+    """What this rank's hidden states travel in: its parameters' dtype and device; a rank whose chunks are all empty
+    stages (Megatron's "E||L") holds none, so the dtype it was built for (``params_dtype``) and its buffers' device."""
+    ref = next((q for m in inner for q in m.parameters() if q.is_floating_point()), None)
+    if ref is not None:
+        return ref.dtype, ref.device
+    buf = next((b for m in inner for b in m.buffers()), None)
+    return getattr(inner[0], "params_dtype", torch.float32), buf.device if buf is not None else torch.device("cpu")
+
+
 class _StageRun:
     def __init__(self, name, chunks, num_microbatches, v, forward_only, grad_scale_func, seq_length,
                  micro_batch_size, time_ops=False, group_size=None, deallocate=True):
@@ -140,10 +150,10 @@ class _StageRun:
                                   "there; build the chunks for the same schedule")
         self.M, self.K = num_microbatches, self.sched.num_parts
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
-        ref = next(q for q in self.inner[0].parameters() if q.is_floating_point())
-        self.dtype, self.device = ref.dtype, ref.device
+        self.dtype, self.device = _dtype_and_device(self.inner)
         # The compute stream, not the device: a device-wide sync would also wait for receives posted ahead
-        self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) if time_ops and ref.is_cuda \
+        self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) if time_ops and \
+            self.device.type == "cuda" \
             else (lambda: None)
         cfg = self.inner[0].config
         self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
@@ -296,6 +306,9 @@ class _StageRun:
             return
         out, grad = self.outputs[(m, c)], self.out_grads.pop((m, c))
         params = [q for q in self.inner[c].parameters() if q.requires_grad]
+        if not params:  # an empty stage: B passed the grad on; with no inputs the engine would redo that
+            self._release(m, c)
+            return
         with self._grad_ctx(a):
             backward_from(out, grad, inputs=params)
         self._release(m, c)

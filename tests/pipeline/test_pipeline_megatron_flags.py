@@ -29,7 +29,7 @@ def test_parse_layout_follows_megatron_grammar():
     assert parse_layout("Et*3|t*3L", 2, 6) == [3, 3]
     for bad, msg in (("Et|tmL", "MTP"), ("Et|tt|tL", "not a multiple"), ("tE|tttL", "start with the embedding"),
                      ("Et|tx|ttL|t", "unknown layer character"), ("Ett|tt", "end with the loss"),
-                     ("Ett|tt||L", "stage 2 is empty"), ("Ett|tL", "places 3 decoder layers")):
+                     ("Ett|tt|L|", "the last stage is empty"), ("Ett|tL", "places 3 decoder layers")):
         with pytest.raises(ConfigError, match=msg):
             parse_layout(bad, 2, 4)
 

@@ -54,7 +54,9 @@ CASES = [
 
 
 def _run_cases(rank, world, cases):
-    ps.initialize_model_parallel(1, 2)
+    """Every case on ``world`` ranks, all of them pipeline stages (pp = world); returns {case name: what collect
+    gives, plus the global layer ids of each chunk}. test_empty_stages.py runs it at pp 3 and 4 too."""
+    ps.initialize_model_parallel(1, world)
     out = {}
     for case in cases:
         cfg = tiny_config(case.layers, case.tied)
@@ -63,7 +65,7 @@ def _run_cases(rank, world, cases):
                                     layer_counts=case.counts)
         M = case.microbatches
         data = iter(make_batches(M, cfg.vocab_size))
-        fb = get_forward_backward_func(2, case.schedule)
+        fb = get_forward_backward_func(world, case.schedule)
         layers = [sorted(int(i) for i in c.model.layers.keys()) for c in chunks]
         if case.zero_stage is not None:
             from megallama.optimizer import DistributedDataParallel
@@ -121,6 +123,7 @@ def parse(layers, pp, *extra):
 
 @pytest.mark.parametrize("layers, pp, extra, counts", [
     (7, 2, ["--pipeline-model-parallel-layout", "Ett|t|t|tttL"], [2, 1, 1, 3]),
+    (6, 2, ["--pipeline-model-parallel-layout", "Ett||t|tttL"], [2, 0, 1, 3]),  # an empty virtual stage
     (5, 2, ["--pipeline-model-parallel-layout", "E|tt|ttt|L"], [0, 2, 3, 0]),
     (6, 4, ["--pipeline-model-parallel-layout", "Et|ttt|t|tL"], [1, 3, 1, 1]),  # was refused: not cost-balanced
     (8, 2, ["--num-virtual-stages-per-pipeline-rank", "2", "--decoder-first-pipeline-num-layers", "2",
@@ -166,7 +169,7 @@ def test_llama31_405b_splits():
      "6 layers \\+ 1 do not split evenly over 2 pipeline stages x 2 virtual stages"),
     (7, 2, ["--num-virtual-stages-per-pipeline-rank", "2", "--account-for-loss-in-pipeline-split",
             "--decoder-first-pipeline-num-layers", "2"], "both place layers; pass one"),
-    (6, 2, ["--pipeline-model-parallel-layout", "Ett||t|tttL"], "stage 1 is empty"),
+    (6, 2, ["--pipeline-model-parallel-layout", "|Ett|t|tttL"], "the first stage is empty"),
     (7, 2, ["--pipeline-model-parallel-layout", "Ett|t|t|tttL", "--pipeline-schedule", "1f1b"],
      "only --pipeline-schedule interleaved runs"),
 ])
