@@ -27,6 +27,13 @@ def planned_world_size(args, world_size: int) -> int:
     return args.gpus * args.nodes
 
 
+def _zero_stages(args) -> tuple:
+    """The ZeRO stages to search: the one given, else all; --overlap-param-gather needs a distributed optimizer."""
+    if args.zero_stage is not None:
+        return (args.zero_stage,)
+    return (1, 2, 3) if getattr(args, "overlap_param_gather", False) else (0, 1, 2, 3)
+
+
 def _gpus_per_node(args, world: int) -> int:
     return args.gpus or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world, 8)
 
@@ -59,7 +66,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     with quiet:  # choose_layout prints its reasons itself when nothing fits
         plan = choose_layout(args.model_config, world, memory, args.seq_length, args.micro_batch_size, global_batch,
                              _precision(args), strategy.pop("strategy"), gpus_per_node=_gpus_per_node(args, world),
-                             zero_stages=(args.zero_stage,) if args.zero_stage is not None else (0, 1, 2, 3),
+                             zero_stages=_zero_stages(args),
                              recomputes=(recompute,) if recompute else ("none", "selective", "full"),
                              mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
                              fused_kernels=not args.no_fused_kernels, device=priced_device(args, args.dry_run),

@@ -31,7 +31,8 @@ from megallama.errors import ConfigError
 # checkpoint replaces them either way); --no-persist-layer-norm picks Apex's kernel; --use-legacy-models picks
 # Megatron's older model code (the same Llama); --apply-layernorm-1p stores the norm weight as 1 + w, a
 # reparametrisation that trains the same (norm weights start at 1 and, as in Megatron, are not weight-decayed);
-# --no-save-rng leaves out RNG states a Llama here never draws from while training (no dropout).
+# --no-save-rng leaves out RNG states a Llama here never draws from while training (no dropout); --no-bias-gelu-fusion
+# opts out of a GeLU a Llama does not have (SwiGLU; Megatron's checkpoint converters pass it with the other opt-outs).
 _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--use-mcore-models", "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-flash-attn",
              "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--moe-grouped-gemm",
@@ -40,7 +41,8 @@ _RESTATED = ("--swiglu", "--disable-bias-linear", "--use-rotary-position-embeddi
              "--no-manual-gc-eval", "--no-async-tensor-model-parallel-allreduce", "--mmap-bin-files",
              "--no-mmap-bin-files", "--log-batch-size-to-tensorboard", "--check-for-nan-in-loss-and-grad",
              "--no-check-for-nan-in-loss-and-grad", "--use-cpu-initialization", "--no-persist-layer-norm",
-             "--no-initialization", "--use-legacy-models", "--apply-layernorm-1p", "--no-save-rng")
+             "--no-initialization", "--use-legacy-models", "--apply-layernorm-1p", "--no-save-rng",
+             "--no-bias-gelu-fusion")
 # flag -> (the one value a Llama here has, why)
 _FIXED = {"normalization": ("RMSNorm", "Llama normalises with RMSNorm here"),
           "position_embedding_type": ("rope", "Llama's positions are rotary here"),

@@ -111,3 +111,12 @@ def _warn_other_model(args, given, from_checkpoint: bool = False) -> None:
     if other:
         _warn("this Megatron command line leaves out " + ", ".join(other) + "; megallama trains a Llama (RMSNorm, "
               "SwiGLU, no biases, no dropout, RoPE) as if they were given: add them to say so")
+
+
+def model_label(args, cfg) -> str:
+    """The model line's name. A Megatron launch line (its model flags, no --model) gives the whole shape itself:
+    naming the default --model there would claim a model that was never asked for. With --use-checkpoint-args the
+    model is the checkpoint's, under its own name."""
+    if is_megatron_line(args) and not getattr(args, "use_checkpoint_args", False):
+        return "Llama architecture from the Megatron flags"
+    return f"{cfg.name or args.model} architecture"

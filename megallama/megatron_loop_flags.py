@@ -6,7 +6,8 @@ does, which is fixed: its pipeline runner posts every stage's sends and receives
 when a compute needs it (Megatron's overlapped p2p, for every schedule), each stage launches its gradient reduction
 as its own last backward makes buckets ready (Megatron's ``--no-align-grad-reduce``), and ``--overlap-param-gather``
 launches every bucket's all-gather at the end of the optimizer step (what Megatron's
-``--overlap-param-gather-with-optimizer-step`` asks for). A flag that asks for something else is one error line.
+``--overlap-param-gather-with-optimizer-step`` asks for); like Megatron's, it needs the distributed optimizer. A flag
+that asks for something else is one error line.
 """
 from __future__ import annotations
 
@@ -45,5 +46,8 @@ def check_loop_flags(args) -> None:
                               f"--use-distributed-optimizer (or --zero-stage 1/2; got {args.zero_stage})")
         if not args.overlap_param_gather:
             raise ConfigError(f"{flag} needs --overlap-param-gather (as in Megatron); add it")
+    if args.overlap_param_gather and args.zero_stage == 0:  # Megatron asserts it; it did nothing here
+        raise ConfigError("--overlap-param-gather needs the distributed optimizer (ZeRO stage 0 has no parameter "
+                          "all-gather to overlap): add --use-distributed-optimizer or --zero-stage 1-3, or drop it")
     from megallama.timers import check_timing_flags
     check_timing_flags(args)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from megallama.errors import ConfigError
+from megallama.megatron_defaults import model_label
 from megallama.initialize import print_rank_0
 from megallama.mpu import parallel_state as ps
 from megallama.ops import fused_kernels_enabled, load_fused_kernels
@@ -72,7 +73,7 @@ def build_data(args):
     elif tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but --vocab-size is "
                           f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")
-    print_rank_0(f"model: {cfg.name or args.model} architecture with vocabulary {cfg.vocab_size} "
+    print_rank_0(f"model: {model_label(args, cfg)} with vocabulary {cfg.vocab_size} "
                  f"({tokenizer.name + ' tokenizer' if tokenizer else 'mock data'}): "
                  f"{_human(cfg.num_params())} parameters ({_human(cfg.num_params(include_embedding=False))} "
                  f"without embeddings), {cfg.num_layers} layers, hidden {cfg.hidden_size}")

@@ -156,6 +156,11 @@ def test_implementation_flags_are_accepted_and_fp16_scaling_flags_reach_the_scal
                   "--no-async-tensor-model-parallel-allreduce", "--no-mmap-bin-files", "--log-batch-size-to-tensorboard",
                   "--no-check-for-nan-in-loss-and-grad", "--use-cpu-initialization", "--no-persist-layer-norm",
                   "--no-initialization"])
+    # Megatron's fusion opt-outs (its checkpoint converters pass --no-bias-gelu-fusion: a Llama has no GeLU)
+    a = _args(TINY + ["--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+                      "--no-rope-fusion", "--no-masked-softmax-fusion", "--no-persist-layer-norm",
+                      "--no-gradient-accumulation-fusion"])
+    assert a.no_gradient_accumulation_fusion  # the one with its own behaviour (mpu.grad_accum_fusion)
     import megallama.training as tr
     setup, seen = tr.setup_model_and_optimizer, []
 
@@ -199,6 +204,25 @@ def test_a_megatron_line_takes_megatrons_defaults_for_what_it_leaves_out(capsys)
     with pytest.raises(ConfigError, match=re.escape("does not give --num-attention-heads, --max-position-embeddings, "
                                                     "which Megatron requires; add them, or pick a shape with --model")):
         _args(line[:4] + ["--swiglu"])
+
+
+def test_a_megatron_line_model_is_not_labelled_with_the_default_model(capsys):
+    """No --model: the shape is the Megatron flags', so the model line names no megallama model (it said
+    tiny_llama3_50m, the default --model, with the flags' shape); a named model keeps its name."""
+    from megallama.training_setup import build_data
+    line = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "256",
+            "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size",
+            "4", "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--position-embedding-type", "rope",
+            "--attention-dropout", "0", "--hidden-dropout", "0", "--mock-data", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "1024", "--train-iters", "2", "--lr", "1e-3", "--device", "cpu"]
+    capsys.readouterr()
+    build_data(_args(line))
+    out = capsys.readouterr().out
+    assert re.search(r"^model: Llama architecture from the Megatron flags with vocabulary 1024 \(mock data\): "
+                     r"[0-9.]+K parameters .*, 2 layers, hidden 128$", out, re.M), out
+    assert "tiny_llama3_50m" not in out
+    build_data(_args(["--model", "tiny_llama3_50m"] + line))
+    assert "model: tiny_llama3_50m architecture with vocabulary 1024 (mock data)" in capsys.readouterr().out
 
 
 def test_zero_eval_iters_and_exit_interval_are_off_and_warmup_zero_defers_to_the_fraction(tmp_path):

@@ -40,6 +40,13 @@ def test_skip_train_evaluates_the_loaded_checkpoint_and_exits(tmp_path, capsys):
     assert "skipping training (--skip-train is on)" in printed
     assert "iteration 3 on validation set" in printed and "iteration 3 on test set" in printed
     assert [d for d in os.listdir(ck) if d.startswith("iter_")] == ["iter_0000003"]  # nothing saved
+    # an eval-only run never steps the LR schedule: another one (--train-iters 5: decay over 5) is not refused, and
+    # evaluates as a run that keeps the checkpoint's schedule
+    other = data + ["--load", ck, "--skip-train", "--train-iters", "5"]
+    changed = pretrain(_args(other))
+    kept = pretrain(_args(other + ["--use-checkpoint-opt-param-scheduler"]))
+    assert (changed["valid_losses"], changed["test_loss"]) == (kept["valid_losses"], kept["test_loss"])
+    assert changed["test_loss"] == out["test_loss"] and changed["iteration"] == 3
     fresh = pretrain(_args(data + ["--skip-train"]))  # no --load: the initial model, as Megatron
     assert fresh["iteration"] == 0 and fresh["test_loss"] > trained["test_loss"]
 
@@ -64,6 +71,12 @@ def test_overlap_flags_map_onto_what_megallama_does():
         _args(TINY + ["--train-iters", "2", "--use-distributed-optimizer", flag])
     with pytest.raises(ConfigError, match=re.escape(f"{flag} needs the distributed optimizer's parameter all-gather")):
         _args(TINY + ["--train-iters", "2", "--overlap-param-gather", flag])
+    # Megatron asserts it: at ZeRO stage 0 there is no parameter all-gather to overlap (it was silently ignored)
+    for stage0 in ([], ["--zero-stage", "0"]):
+        with pytest.raises(ConfigError, match=re.escape("--overlap-param-gather needs the distributed optimizer")):
+            _args(TINY + ["--train-iters", "2", "--overlap-param-gather"] + stage0)
+    for zero in (["--use-distributed-optimizer"], ["--zero-stage", "2"], ["--zero-stage", "3"]):
+        assert _args(TINY + ["--train-iters", "2", "--overlap-param-gather"] + zero).overlap_param_gather
 
 
 def test_timers_reduce_over_the_ranks_in_megatron_format(monkeypatch):
@@ -117,3 +130,14 @@ def test_fp32_mixed_precision_with_bf16_is_refused():
     """--mixed-precision fp32 --bf16 trained bf16 silently."""
     with pytest.raises(ConfigError, match="--mixed-precision fp32 and --bf16 contradict each other"):
         _args(TINY + ["--mixed-precision", "fp32", "--bf16"])
+
+
+def test_auto_configure_with_overlap_param_gather_searches_only_distributed_optimizer_stages():
+    """--overlap-param-gather needs ZeRO >= 1: --auto-configure must not pick stage 0 and then refuse its own plan."""
+    from megallama.autoconfig_args import _zero_stages
+    a = _args(TINY + ["--train-iters", "2", "--use-distributed-optimizer", "--overlap-param-gather"])
+    assert _zero_stages(a) == (1,)
+    a.zero_stage = None
+    assert _zero_stages(a) == (1, 2, 3)
+    a.overlap_param_gather = False
+    assert _zero_stages(a) == (0, 1, 2, 3)

@@ -224,7 +224,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             continue
         if not finetune:  # Megatron's: validation goes on after the samples it had read
             args.consumed_valid_samples = int(common.get("args", {}).get("consumed_valid_samples") or 0)
-        if scheduler is not None and not finetune:
+        # an eval-only run (--skip-train) never steps the schedule: another --train-iters there changes nothing
+        if scheduler is not None and not finetune and not getattr(args, "skip_train", False):
             scheduler.load_state_dict(_saved_scheduler(common), getattr(args, "override_opt_param_scheduler", False),
                                       getattr(args, "use_checkpoint_opt_param_scheduler", False))
         return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet,
