@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import megallama
-from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, report, run_example, run_flags, \
+from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
     tiny_training_config, world_size
 from megallama.data.tokenizer import build_tokenizer
 from megallama.errors import ConfigError
@@ -58,7 +58,7 @@ def main() -> int:
         learning_rate=3e-4, epochs=1, warmup_iters=10, mixed_precision="bf16", eval_interval=50, log_interval=1)
     orchestrator = megallama.LlamaTrainingOrchestrator(
         model_variant="llama3_8b", num_gpus=world_size(), auto_configure=True, training_config=config,
-        model_overrides=dict(TINY_SHAPE, vocab_size=8192) if args.tiny else None)
+        model_overrides=model_overrides(args, "llama3_8b", vocab_size=8192))
     if args.dry_run:
         return dry_run(orchestrator)
     tokenizer = build_tokenizer("llama3" if args.tokenizer_model else "bundled", args.tokenizer_model)

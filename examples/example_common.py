@@ -52,6 +52,16 @@ def tiny_training_config(**overrides) -> megallama.TrainingConfig:
     return megallama.TrainingConfig(**base)
 
 
+def model_overrides(args, model_variant: str, **tiny_extra) -> dict:
+    """--tiny: the CPU shape; otherwise the model's own vocabulary, which ``run_flags`` keeps at launch
+    (--vocab-size), so that the plan prices the run that is launched (without it the API plans the bundled 8K
+    tokenizer's vocabulary)."""
+    if args.tiny:
+        return dict(TINY_SHAPE, **tiny_extra)
+    from megallama.config import get_model_config
+    return {"vocab_size": get_model_config(model_variant).vocab_size}
+
+
 def run_flags(args, vocab_size: int) -> dict:
     """Extra ``pretrain_llama.py`` flags for ``launch_training``/``fit``: CPU for --tiny; otherwise the data,
     the tokenizer and the model's own vocabulary (the bundled 8K tokenizer would otherwise shrink it)."""

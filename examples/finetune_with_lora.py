@@ -13,7 +13,7 @@ of any layout, or an HF model folder, converted once); the adapters are written 
 import sys
 
 import megallama
-from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, report, run_example, run_flags, \
+from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
     tiny_training_config, world_size
 from megallama.errors import ConfigError
 
@@ -39,7 +39,7 @@ def main() -> int:
         save_dir="checkpoints/llama3_70b_lora", save_interval=200, log_interval=1)
     orchestrator = megallama.create_llama3_70b_orchestrator(num_gpus=world_size(), strategy=lora_strategy,
                                                             instruct=True, training_config=config,
-                                                            model_overrides=TINY_SHAPE if args.tiny else None)
+                                                            model_overrides=model_overrides(args, "llama3_70b"))
     if args.dry_run:
         return dry_run(orchestrator)
     if is_rank_0():

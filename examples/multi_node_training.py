@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 import megallama
-from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, report, run_example, run_flags, \
+from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
     tiny_training_config
 from megallama.errors import ConfigError
 
@@ -63,7 +63,7 @@ def main() -> int:
         save_interval=100, log_interval=1)
     orchestrator = megallama.LlamaTrainingOrchestrator(
         model_variant="llama3_70b", training_strategy="standard", num_gpus=per_node, num_nodes=nodes,
-        auto_configure=True, training_config=config, model_overrides=TINY_SHAPE if args.tiny else None)
+        auto_configure=True, training_config=config, model_overrides=model_overrides(args, "llama3_70b"))
     if orchestrator.plan is None:
         raise ConfigError(f"no layout of llama3_70b fits {nodes} x {per_node} GPUs (reasons above); add nodes")
     if args.dry_run:

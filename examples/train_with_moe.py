@@ -12,7 +12,7 @@ line carries the aux loss and the tokens-per-expert histogram. Launch one proces
 import sys
 
 import megallama
-from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, report, run_example, run_flags, \
+from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
     tiny_training_config, world_size
 
 
@@ -30,7 +30,7 @@ def main() -> int:
         learning_rate=1e-3, train_iters=500, warmup_iters=50, mixed_precision="bf16", log_interval=10)
     orchestrator = megallama.LlamaTrainingOrchestrator(
         model_variant="tiny_llama3_150m", training_strategy=strategy, num_gpus=world_size(), auto_configure=True,
-        training_config=config, model_overrides=TINY_SHAPE if args.tiny else None)
+        training_config=config, model_overrides=model_overrides(args, "tiny_llama3_150m"))
     if args.dry_run:
         return dry_run(orchestrator)
     if is_rank_0():

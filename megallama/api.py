@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import List, Optional
 
-from megallama.autoconfig import detect_gpu_memory_gb
+from megallama.api_plan import gpu_memory_line, plan_vocab, planned_gpu_memory
 from megallama.config import ModelConfig, get_model_config
 from megallama.errors import ConfigError
 from megallama.memory import estimate_requirements  # noqa: F401  (re-exported face)
@@ -217,12 +217,13 @@ class LlamaTrainingOrchestrator:
                                                                  sequence_length=sequence_length)
         if sequence_length and training_config is not None:
             self.training_config = replace(self.training_config, sequence_length=sequence_length)
-        self.gpu_memory_gb = gpu_memory_gb or detect_gpu_memory_gb()
+        self.gpu_memory_gb, self.gpu_memory_source = planned_gpu_memory(gpu_memory_gb)
         self.extra_args = list(extra_args or [])
-        self.plan = self._planned = None
+        self.plan = self._planned = self._planned_vocab = None
         if distributed_config is not None:
             self.distributed_config = distributed_config
         elif auto_configure:
+            self.distributed_config = DistributedConfig()  # one process: the flags the tokenizer follows resolve
             self.distributed_config = self._auto_configure()
             self._planned = self.distributed_config  # the plan's explanation is printed while this layout stands
         else:
@@ -233,14 +234,24 @@ class LlamaTrainingOrchestrator:
         return self.training_config.sequence_length or min(self.model_config.max_position_embeddings, 2048)
 
     def _auto_configure(self) -> DistributedConfig:
-        from megallama.autoconfig import choose_layout
+        from megallama.autoconfig import choose_layout, vocab_config
         world, tc = self.num_gpus * self.num_nodes, self.training_config
         kw = self.strategy.estimate_kw()
+        try:  # the embedding the run builds: the flags' data follows its tokenizer (build_data), at every tp
+            vocab, multiple = plan_vocab(self.build_args(1))
+        except ConfigError:  # bad extra_args: said where the flags are resolved (estimate_memory, launch_training)
+            vocab, multiple = plan_vocab(None)
         self.plan = choose_layout(self.model_config, world, self.gpu_memory_gb, self.sequence_length,
                                   tc.micro_batch_size, tc.batch_size, tc.precision, kw.pop("strategy"),
-                                  gpus_per_node=self.num_gpus, explain=True, **kw)
+                                  gpus_per_node=self.num_gpus, explain=True, tokenizer_vocab=vocab,
+                                  vocab_multiple=multiple, **kw)
+        memory = "  " + gpu_memory_line(self.gpu_memory_gb, self.gpu_memory_source)  # as --auto-configure says it
         if self.plan is None:
+            print(memory)
             return DistributedConfig(data_parallel_size=world, num_nodes=self.num_nodes)
+        if vocab:  # the embedding the plan priced (build_data's padding at the plan's tp)
+            self._planned_vocab = vocab_config(self.model_config, self.plan["tp"], vocab, multiple).vocab_size
+        self.plan["explanation"] += "\n" + memory
         p = self.plan
         return DistributedConfig(tensor_parallel_size=p["tp"], pipeline_parallel_size=p["pp"],
                                  data_parallel_size=p["dp"], zero_stage=p["zero_stage"],
@@ -275,30 +286,51 @@ class LlamaTrainingOrchestrator:
             msg = (err.getvalue().strip().splitlines() or [f"exit {e.code}"])[-1].replace("megallama: error: ", "")
             raise ConfigError(f"bad flags in extra_args ({msg}); see python pretrain_llama.py --help") from None
 
+    def run_args(self):
+        """(flags, vocabulary line) of the run ``launch_training`` starts on the flags' data: its model with the
+        vocabulary the run builds (the tokenizer's, padded as build_data pads it), as ``cli train --dry-run``."""
+        from megallama.autoconfig_args import follow_tokenizer
+        args = self.build_args(self.distributed_config.world_size)
+        return args, follow_tokenizer(args)
+
     def estimate_memory(self) -> dict:
         """Per-GPU memory of the run ``launch_training`` starts: the estimate of its resolved flags (micro- and
-        global batch, precision, strategy with experts and ep, schedule), as ``cli train --dry-run`` prints it."""
+        global batch, precision, strategy with experts and ep, schedule, the tokenizer's vocabulary), as
+        ``cli train --dry-run`` prints it."""
+        return self._estimate(self.run_args()[0])
+
+    def _estimate(self, args) -> dict:
         from megallama.memory_args import estimate_for_args
         world = self.distributed_config.world_size
         nodes = self.num_nodes if self.num_nodes > 0 and world % self.num_nodes == 0 else 1
-        return estimate_for_args(self.build_args(world), world // nodes, nodes, self.gpu_memory_gb)
+        return estimate_for_args(args, world // nodes, nodes, self.gpu_memory_gb)
 
     def print_configuration(self) -> str:
         from megallama.memory import model_split
         from megallama.memory_advice import format_table
         dc, cfg = self.distributed_config, self.model_config
+        try:
+            args, vocab_line = self.run_args()
+            cfg = cfg.replace(vocab_size=args.model_config.vocab_size)  # the embedding the run builds
+        except ConfigError as e:
+            args, vocab_line, bad = None, f"vocabulary: {cfg.vocab_size} (the model's; flags unresolved)", e
         params = sum(model_split(cfg, **self.strategy.estimate_kw()))
         lines = [f"model: {self.model_variant} ({params / 1e9:.3f}B params, {cfg.num_layers} layers, hidden "
                  f"{cfg.hidden_size}, vocab {cfg.vocab_size})",
+                 vocab_line,
                  f"strategy: {self.strategy.name} {self.strategy.parameters or ''}".rstrip(),
                  f"layout: {dc.world_size} GPUs = tp {dc.tensor_parallel_size} x pp {dc.pipeline_parallel_size} x dp "
                  f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}, ZeRO-{dc.zero_stage}, "
                  f"recompute {dc.recompute}, schedule {dc.pipeline_schedule}",
                  "flags: " + " ".join(self.argv())]
         if self.plan is not None and "explanation" in self.plan and self.distributed_config == self._planned:
-            lines += ["", self.plan["explanation"]]
+            lines += ["", self.plan["explanation"]]  # ends with the GPU memory line
+        else:
+            lines.insert(4, gpu_memory_line(self.gpu_memory_gb, self.gpu_memory_source))
         try:
-            lines += ["", format_table(self.estimate_memory())]
+            if args is None:
+                raise bad
+            lines += ["", format_table(self._estimate(args))]
         except ConfigError as e:
             lines += ["", f"memory estimate unavailable: {e}"]
         text = "\n".join(lines)
@@ -326,7 +358,9 @@ class LlamaTrainingOrchestrator:
         if train_dataloader is None:
             return pretrain(args)
         from megallama.api_data import UserDataset
+        from megallama.api_plan import dataloader_vocab_note
         from megallama.training_setup import iters_for_epochs
+        dataloader_vocab_note(self._planned_vocab, args.model_config.vocab_size)
         train = UserDataset(train_dataloader, args.seq_length, args.model_config.vocab_size, "train")
         valid = None if val_dataloader is None else \
             UserDataset(val_dataloader, args.seq_length, args.model_config.vocab_size, "validation")

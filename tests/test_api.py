@@ -196,7 +196,7 @@ def test_moe_plan_and_estimate_count_the_experts_per_expert_parallel_rank():
 def test_lora_plan_explains_the_frozen_base_as_the_estimator_counts_it():
     lora = megallama.TrainingStrategy(name="lora", parameters={"lora_rank": 64, "target_modules": ["q_proj", "v_proj"]})
     o70 = megallama.create_llama3_70b_orchestrator(num_gpus=8, strategy=lora, training_config=megallama.TrainingConfig(
-        sequence_length=4096, mixed_precision="bf16"))
+        sequence_length=4096, mixed_precision="bf16"), model_overrides={"vocab_size": 128256})  # not the bundled 8K
     floor = megallama.estimate_requirements("llama3_70b", num_gpus=8, zero_stage=3, strategy="lora", lora_rank=64,
                                             lora_targets=("q_proj", "v_proj"), recommend=False)["model_states_gb"]
     assert floor < 20 and f"at best {floor:.1f} GiB per GPU when fully sharded" in o70.plan["explanation"]
@@ -322,3 +322,43 @@ def test_auto_configured_moe_plan_keeps_its_expert_parallel_size(capsys):
     assert orch.plan["ep"] > 1 and orch.distributed_config.expert_parallel_size == orch.plan["ep"]
     argv = orch.argv()
     assert argv[argv.index("--expert-model-parallel-size") + 1] == str(orch.plan["ep"])
+
+
+def test_quick_start_plans_the_model_and_device_its_run_trains(capsys):
+    """The plan priced Llama 3's 128,256-token vocabulary (36.0M params) while the run, on the bundled corpus,
+    trains the bundled 8,192-token tokenizer's 5.24M; and it planned '1 GPUs of 80 GiB' on a CPU box without
+    saying that GPU was assumed. Now plan, table and micro-batch are those of the built model, the device said."""
+    from megallama.model import build_model
+    from megallama.training_setup import build_data
+    orch = megallama.quick_start("tiny_llama3_50m", num_gpus=1, model_overrides={"num_layers": 2},
+                                 sequence_length=64)
+    text = capsys.readouterr().out
+    args = orch.build_args(1)
+    build_data(args)  # what launch_training's run does to the model: its embedding follows the tokenizer
+    built = sum(p.numel() for p in build_model(args.model_config, device="meta").parameters())
+    vocab = args.model_config.vocab_size
+    assert vocab == 8192 and orch.plan["estimate"]["num_params"] == built
+    est = orch.estimate_memory()
+    assert est["num_params"] == built and est["layout"]["micro_batch_size"] == orch.plan["micro_batch_size"]
+    assert f"vocab {vocab})" in text and f"vocabulary: {vocab} (the tokenizer's {vocab}" in text
+    assert f"{built / 1e6:.1f}M on the busiest GPU" in text
+    where = "the visible GPU" if torch.cuda.is_available() else "no GPU visible: assumed, this process would train on CPU"
+    assert f"GPU memory: {orch.gpu_memory_gb:.0f} GiB ({where}" in text
+    # a GPU named by the caller is priced and said so; the micro-batch follows its estimate
+    small = megallama.quick_start("tiny_llama3_50m", num_gpus=1, model_overrides={"num_layers": 2},
+                                  sequence_length=64, gpu_memory_gb=1)
+    assert "GPU memory: 1 GiB (gpu_memory_gb" in capsys.readouterr().out
+    assert small.plan["micro_batch_size"] < orch.plan["micro_batch_size"]
+    assert small.plan["estimate"]["memory_per_gpu_gb"] <= 0.95 and small.estimate_memory()["gpu_memory_gb"] == 1
+
+
+def test_user_dataloaders_keep_the_models_vocabulary_and_say_the_plan_priced_the_tokenizers(capsys):
+    """Dataloaders bring no tokenizer: the run keeps the variant's 128,256 tokens while the plan, made for the flags'
+    data, priced the bundled tokenizer's 8,192; launch_training says so rather than leaving the plan's figure."""
+    shape = {k: v for k, v in TINY.items() if k != "vocab_size"}
+    orch = megallama.quick_start("tiny_llama3_50m", num_gpus=1, model_overrides=shape, training_config=_cfg())
+    assert orch.plan["estimate"]["num_params"] == get_model_config("tiny_llama3_50m", **shape, vocab_size=8192).num_params()
+    capsys.readouterr()
+    _finite(orch.launch_training(_loader(n=8), train_iters=1), 1)
+    assert "the plan priced the tokenizer's vocabulary 8192; your dataloaders train the model's 128256" in \
+        capsys.readouterr().out
