@@ -201,8 +201,10 @@ def _add_data(p):
                    help='a JSON file {"train": [...], "valid": [...], "test": [...]} of the per-split data paths')
     g.add_argument("--split", default="98,2,0")
     g.add_argument("--tokenizer-type", default=None,
-                   help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf")
+                   help="bundled (default), sentencepiece/llama2, llama3/tiktoken, hf, GPT2BPETokenizer")
     g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
     g.add_argument("--data-cache-dir", default=None, help="where tokenized jsonl is cached (default ./data_cache)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank that read "
                    "ahead (Megatron's default is 2; 0 reads in the training process)")
@@ -271,8 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _derive(args, world_size: int):
     from megallama.argument_checks import check_context_parallel, check_run_flags
+    from megallama.data.gpt2_tokenizer import gpt2_flags_to_model
     apply_megatron_defaults(args)
     check_run_flags(args)
+    args.tokenizer_model = gpt2_flags_to_model(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                               args.merge_file)  # GPT2BPETokenizer's two files as one value
+    for k in ("vocab_file", "merge_file"):  # saved in checkpoints: must not depend on the cwd
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.mixed_precision in ("bfloat16", "bf16"):
         args.bf16 = True
     if args.mixed_precision in ("float16", "fp16"):

@@ -89,8 +89,9 @@ def check_tokenizer(tokenizer, saved: dict, model_vocab: int) -> Optional[str]:
     """Refuse (ConfigError) a tokenizer that is not the one the run trained with: its ids would mean other words to
     the model and generation prints fluent-looking garbage. Returns a warning line for a doubtful one, else None.
     A recorded ``tokenizer_fingerprint`` must match; without one, a run whose embedding followed the tokenizer
-    (``vocab_size`` None) padded it to ``ceil(tokens / tp) * tp``, so the tokenizer has more than
-    ``model_vocab - tp`` tokens. Converted HF models and runs with an explicit --vocab-size may pad further."""
+    (``vocab_size`` None) padded it to a multiple of tp x --make-vocab-size-divisible-by, so the tokenizer has
+    more than ``model_vocab`` minus that step tokens. Converted HF models and runs with an explicit --vocab-size may
+    pad further."""
     from megallama.errors import ConfigError
     fix = "pass the tokenizer it was trained with (--tokenizer-type/--tokenizer-model)"
     if tokenizer.vocab_size > model_vocab:
@@ -103,9 +104,10 @@ def check_tokenizer(tokenizer, saved: dict, model_vocab: int) -> Optional[str]:
         raise ConfigError(f"tokenizer '{tokenizer.name}' ({tokenizer.fingerprint}) is not the one this checkpoint "
                           f"was trained with ({recorded}); {fix}")
     tp = max(int(saved.get("tensor_model_parallel_size") or 1), 1)
+    step = tp * max(int(saved.get("make_vocab_size_divisible_by") or 1), 1)  # build_data's padding
     if "vocab_size" in saved and saved["vocab_size"] is None and not saved.get("converted_from") \
-            and tokenizer.vocab_size <= model_vocab - tp:
-        trained = f"{model_vocab - tp + 1}..{model_vocab}" if tp > 1 else f"{model_vocab}"
+            and tokenizer.vocab_size <= model_vocab - step:
+        trained = f"{model_vocab - step + 1}..{model_vocab}" if step > 1 else f"{model_vocab}"
         raise ConfigError(f"tokenizer '{tokenizer.name}' has {tokenizer.vocab_size} tokens but this run's embedding "
                           f"({model_vocab}, tensor parallel {tp}) followed a tokenizer of {trained} tokens; {fix}")
     if tokenizer.vocab_size < 0.9 * model_vocab:

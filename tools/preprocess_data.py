@@ -16,10 +16,10 @@ preprocess_jsonl`` (or from ``megallama.data.preprocess``).
 Megatron-LM's command lines run unchanged: its tokenizer names (Llama2Tokenizer, GPTSentencePieceTokenizer and
 SentencePieceTokenizer encode alike, with no bos, as its preprocess_data.py does; HuggingFaceTokenizer adds what the
 tokenizer.json's post-processor adds, e.g. Llama 3's <|begin_of_text|>, unless
---tokenizer-hf-no-include-special-tokens; NullTokenizer with --vocab-size), --split-sentences/--keep-newlines/--lang
-(with NLTK and its punkt data installed), --partitions/--keep-sequential-samples (Megatron's merged document order)
-and --log-interval. Flags with no counterpart here (--vocab-file, --merge-file, --tiktoken-pattern, GPT-2/BERT
-tokenizers) are refused in one line that names the alternative.
+--tokenizer-hf-no-include-special-tokens; NullTokenizer with --vocab-size; GPT2BPETokenizer with --vocab-file and
+--merge-file), --split-sentences/--keep-newlines/--lang (with NLTK and its punkt data installed),
+--partitions/--keep-sequential-samples (Megatron's merged document order) and --log-interval. Flags with no
+counterpart here (--tiktoken-pattern, BERT tokenizers) are refused in one line that names the alternative.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.data.gpt2_tokenizer import gpt2_flags_to_model  # noqa: E402
 from megallama.data.preprocess import adds_special_tokens, preprocess_jsonl  # noqa: E402
 from megallama.data.sentence_split import SentenceSplitter  # noqa: E402
 from megallama.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
@@ -51,13 +52,15 @@ def get_args(argv=None):
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="bundled", help=f"one of {', '.join(TOKENIZER_TYPES)}, or Megatron's "
                    "Llama2Tokenizer, GPTSentencePieceTokenizer, SentencePieceTokenizer, Llama3Tokenizer, "
-                   "TikTokenizer (Meta's Llama 3 tokenizer.model), HuggingFaceTokenizer, NullTokenizer")
+                   "TikTokenizer (Meta's Llama 3 tokenizer.model), HuggingFaceTokenizer, GPT2BPETokenizer, "
+                   "NullTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="tokenizer file (not needed for 'bundled')")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids 0..N-1, the eod is N")
     g.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_true", help="HuggingFaceTokenizer: "
                    "do not add the tokenizer.json's own special tokens (its bos) to each document")
-    for flag in ("--vocab-file", "--merge-file", "--tiktoken-pattern"):  # refused in main, with the alternative
-        g.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    g.add_argument("--tiktoken-pattern", default=None, help=argparse.SUPPRESS)  # refused in main, with the fix
     g.add_argument("--append-eod", action="store_true", help="end every document with the end-of-text token "
                                                              "(needed to pack documents for pretraining)")
     g = p.add_argument_group("output data")
@@ -75,12 +78,10 @@ def get_args(argv=None):
 
 
 def _check_megatron_flags(args) -> None:
-    """Megatron flags with no counterpart here: one line naming the alternative, before any work."""
-    if args.vocab_file is not None or args.merge_file is not None:
-        flag = "--vocab-file" if args.vocab_file is not None else "--merge-file"
-        raise ConfigError(f"{flag} is not supported (GPT-2/BERT vocabularies); save the tokenizer as a tokenizer.json "
-                          "(transformers' save_pretrained) and pass --tokenizer-type HuggingFaceTokenizer "
-                          "--tokenizer-model <that folder>")
+    """Megatron's flags checked before any work: GPT-2's --vocab-file/--merge-file become --tokenizer-model; those
+    with no counterpart here are one line naming the alternative."""
+    args.tokenizer_model = gpt2_flags_to_model(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                               args.merge_file)  # GPT2BPETokenizer's two files as one value
     if args.tiktoken_pattern is not None:
         raise ConfigError("--tiktoken-pattern selects Megatron's own JSON-vocabulary TikTokenizer, which megallama "
                           "does not read; for Llama 3's tokenizer.model pass --tokenizer-type Llama3Tokenizer and drop "
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
         first = tok.encode_batch([""], add_special_tokens=True)[0] if special else []
         starts = f"; each document starts with {tok.decode(first)!r}" if first else ""
         print(f"tokenized with {tok.name} ({tok.vocab_size} tokens: --tokenizer-type {args.tokenizer_type}"
-              + (f" --tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "")
+              + (f" --vocab-file {args.vocab_file} --merge-file {args.merge_file}" if args.vocab_file else
+                 f" --tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "")
               + f"{starts}), recorded in {', '.join(p + '.tokenizer-info.json' for p in prefixes.values())}",
               file=sys.stderr)
     except ConfigError as e:

@@ -1,5 +1,6 @@
 """Tokenizers, all from local files (no network ever): the bundled sentencepiece BPE, any Llama 1/2 style
-sentencepiece ``.model``, Llama 3's tiktoken ranks file with its 256 special tokens, and HF ``tokenizer.json``.
+sentencepiece ``.model``, Llama 3's tiktoken ranks file with its 256 special tokens, HF ``tokenizer.json``, and
+GPT-2's vocab.json + merges.txt (``gpt2_tokenizer.py``).
 
 Every tokenizer has the same small surface: ``vocab_size``, ``encode(text) -> list[int]`` (no bos/eos added: the
 data pipeline decides), ``decode(ids)``, ``bos_id``, ``eos_id`` (== ``eod``, what separates packed documents),
@@ -17,7 +18,7 @@ from typing import Optional, Tuple
 
 from megallama.errors import ConfigError
 
-TOKENIZER_TYPES = ("bundled", "sentencepiece", "llama2", "llama3", "tiktoken", "hf", "null")
+TOKENIZER_TYPES = ("bundled", "sentencepiece", "llama2", "llama3", "tiktoken", "hf", "gpt2", "null")
 
 # Meta's Llama 3 pre-tokenizer pattern and special tokens (meta-llama/llama3, llama/tokenizer.py).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -271,11 +272,12 @@ def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None
                     vocab_size: int | None = None):
     """The tokenizer for ``--tokenizer-type`` / ``--tokenizer-model`` (Megatron's type names work too). "bundled"
     needs no file (ours ships in the package); "sentencepiece"/"llama2" take a .model, "llama3"/"tiktoken" a tiktoken
-    ranks file, "hf" a tokenizer.json or its folder, "null" (NullTokenizer) no file but ``vocab_size``. Bad input
-    raises ConfigError naming the value and the fix."""
+    ranks file, "hf" a tokenizer.json or its folder, "gpt2" (GPT2BPETokenizer) ``VOCAB:MERGES`` (what
+    --vocab-file/--merge-file become), "null" (NullTokenizer) no file but ``vocab_size``. Bad input raises
+    ConfigError naming the value and the fix."""
     tok = _build(tokenizer_type, tokenizer_model, vocab_size)
-    if not isinstance(tok, NullTokenizer):
-        tok._build_args = (tokenizer_type, tokenizer_model)
+    if not isinstance(tok, NullTokenizer):  # gpt2: both paths absolute (data records abspath one value)
+        tok._build_args = (tokenizer_type, tok.path if tok.tokenizer_type == "gpt2" else tokenizer_model)
     return tok
 
 
@@ -307,12 +309,9 @@ def tokenizer_model_kind(path: str) -> str:
 # (megatron.core.tokenizers) encodes with all three sentencepiece types alike: no bos, eod = the model's eos.
 _MEGATRON_NAMES = {"llama2tokenizer": "llama2", "llama3tokenizer": "llama3", "tiktokenizer": "tiktoken",
                    "sentencepiecetokenizer": "sentencepiece", "gptsentencepiecetokenizer": "sentencepiece",
-                   "huggingfacetokenizer": "hf", "nulltokenizer": "null"}
+                   "huggingfacetokenizer": "hf", "gpt2bpetokenizer": "gpt2", "nulltokenizer": "null"}
 # Megatron types with no counterpart here -> the fix
 _MEGATRON_REFUSED = {
-    "gpt2bpetokenizer": "save the GPT-2 vocab.json/merges.txt as a tokenizer.json (transformers' "
-                        "GPT2TokenizerFast.save_pretrained) and pass --tokenizer-type HuggingFaceTokenizer "
-                        "--tokenizer-model <that folder>",
     "bertwordpiecelowercase": "BERT tokenizers are for BERT/T5 models; a Llama takes Llama2Tokenizer, "
                               "Llama3Tokenizer or HuggingFaceTokenizer",
     "bertwordpiececase": "BERT tokenizers are for BERT/T5 models; a Llama takes Llama2Tokenizer, Llama3Tokenizer or "
@@ -369,6 +368,10 @@ def _build(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | N
             raise ConfigError(f"tokenizer model file not found: {tokenizer_model}; pass --tokenizer-model with a "
                               f"tokenizer.json or a folder holding one (no network: it is never downloaded)")
         return HFTokenizer(tokenizer_model, t)
+    if t == "gpt2":
+        from megallama.data.gpt2_tokenizer import GPT2BPETokenizer, gpt2_flags_to_model, split_gpt2_model
+        model = gpt2_flags_to_model(spelled, tokenizer_model, None, None)  # None: says which flags it needs
+        return GPT2BPETokenizer(*split_gpt2_model(model, spelled), t)
     raise ConfigError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)} "
                       f"(or Megatron's Llama2Tokenizer, GPTSentencePieceTokenizer, SentencePieceTokenizer, "
-                      f"HuggingFaceTokenizer, TikTokenizer, NullTokenizer)")
+                      f"HuggingFaceTokenizer, TikTokenizer, GPT2BPETokenizer, NullTokenizer)")

@@ -1,7 +1,8 @@
 """The tokenizer of a run, written next to an HF export so ``AutoTokenizer.from_pretrained(folder)`` reads it.
 
 An imported HF model's ``tokenizer.json`` is copied with its configs; a run trained from scratch with
-``--tokenizer-type hf`` gets it rewritten to start a text with the eod (below).
+``--tokenizer-type hf`` gets it rewritten to start a text with the eod (below), as does a GPT2BPETokenizer run
+(its vocab.json/merges.txt written as one tokenizer.json).
 A sentencepiece ``.model`` (the bundled tokenizer, Llama 1/2) becomes ``tokenizer.model`` for HF's
 ``LlamaTokenizer``, which gives the same ids as sentencepiece except on runs of spaces at the start of a text
 (HF's normalisation). Llama 3's tiktoken ranks file, which HF cannot read, becomes a byte-level BPE tokenizer.json
@@ -89,6 +90,10 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
             return tok.bos_id, eos, f"tokenizer: {file} (tokenizer.json)"
         piece = _eod_first_tokenizer_json(tok, src, out_dir)
         return bos, eos, f"tokenizer: {file} (tokenizer.json, which starts a text with {piece} as tools/generate.py does)"
+    if t == "gpt2":  # its tokenizers object saved as tokenizer.json, the eod first as for an hf run
+        piece = _eod_first_tokenizer_json(tok, os.path.dirname(tok.vocab_file), out_dir)
+        return bos, eos, (f"tokenizer: {tok.vocab_file} + {tok.merge_file} (GPT-2 BPE, as a tokenizer.json, which "
+                          f"starts a text with {piece} as tools/generate.py does)")
     if t in ("bundled", "sentencepiece", "llama2"):
         model_file = tok.path
         shutil.copy(model_file, os.path.join(out_dir, "tokenizer.model"))

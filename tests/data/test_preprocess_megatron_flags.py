@@ -160,9 +160,9 @@ def test_log_interval_prints_megatron_lines(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,line", [
-    (["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json", "--merge-file", "m.txt"],
-     "error: --vocab-file is not supported (GPT-2/BERT vocabularies); save the tokenizer as a tokenizer.json"),
-    (["--tokenizer-type", "GPT2BPETokenizer"], "error: --tokenizer-type GPT2BPETokenizer is not supported; save"),
+    (["--tokenizer-type", "BertWordPieceCase", "--vocab-file", "v.txt"],
+     "error: --vocab-file is read by --tokenizer-type GPT2BPETokenizer only, not BertWordPieceCase"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], "error: --tokenizer-type GPT2BPETokenizer needs --vocab-file"),
     (["--tokenizer-type", "BertWordPieceLowerCase"], "error: --tokenizer-type BertWordPieceLowerCase is not supp"),
     (["--tokenizer-type", "TikTokenizer", "--tiktoken-pattern", "v2"],
      "error: --tiktoken-pattern selects Megatron's own JSON-vocabulary TikTokenizer"),

@@ -105,7 +105,8 @@ def test_hf_tokenizer_json(tmp_path):
     ("llama3", "/nonexistent/tokenizer.model", "not found: /nonexistent/tokenizer.model"),
     ("hf", "/nonexistent/tokenizer.json", "not found: /nonexistent/tokenizer.json"),
     ("llama3", None, "needs --tokenizer-model"),
-    ("gpt2", None, "unknown --tokenizer-type 'gpt2'"),
+    ("gpt2", None, "needs --vocab-file VOCAB.json and --merge-file MERGES.txt"),
+    ("bert", None, "unknown --tokenizer-type 'bert'"),
 ])
 def test_bad_tokenizer_input_is_one_clear_error(kind, model, match):
     with pytest.raises(ConfigError, match=match) as e:
