@@ -154,8 +154,10 @@ def _add_parallel(p):
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="Megatron alias of --zero-stage 1")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="start each gradient bucket's reduction "
+                   "(all-reduce, or reduce-scatter at ZeRO >= 1) as soon as backward completes it")
+    g.add_argument("--overlap-param-gather", action="store_true", help="ZeRO >= 1: all-gather the updated "
+                   "parameters asynchronously (ZeRO-3: prefetch the next unit's); needs the distributed optimizer")
     g.add_argument("--bucket-size", type=int, default=40_000_000)
     g.add_argument("--gpus", type=int, default=None, help="seed alias: expected world size (checked against torchrun)")
     g.add_argument("--nodes", type=int, default=1)
