@@ -6,8 +6,8 @@ weights are loaded) and before DDP/optimizer wrapping: it turns the chosen decod
 (fresh, layout-independent init, or upcycled copies of the dense MLP), adds LoRA adapters and freezes what the
 strategy does not train. Working on built chunks means it composes with any pipeline split.
 
-Trainable parameters per strategy: standard/moe everything; lora the adapters only; hybrid the adapters plus the
-MoE routers and experts.
+Trainable parameters per strategy: standard/moe everything; lora the adapters only (a pipeline stage without decoder
+layers holds none and trains nothing itself); hybrid the adapters plus the MoE routers and experts.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch.nn as nn
 
 from megallama.errors import ConfigError
-from megallama.model.lora import LORA_TARGETS, LoRAConfig, apply_lora
+from megallama.model.lora import LORA_TARGETS, LoRAConfig, apply_lora, no_match_message
 from megallama.model.moe import MoEConfig, MoELayer, moe_layer_ids
 from megallama.moe_args import STRATEGY_KEYS as _MOE_FLAG_KEYS, check_moe_flags, moe_config_fields, \
     moe_layer_freq_type, strategy_params
@@ -200,18 +200,33 @@ def apply_strategy(model_chunks: Sequence[nn.Module], strategy: TrainingStrategy
     moe_cfg = strategy.moe_config(chunks[0].config.num_layers)
     lora_cfg = strategy.lora_config()
     up = bool(strategy.parameters.get("upcycle", False)) if upcycle is None else upcycle
+    adapted = 0
     for m in chunks:
         if moe_cfg is not None:
             m.config.num_experts, m.config.moe_router_topk = moe_cfg.num_experts, moe_cfg.topk
             m.config.moe_layers = list(moe_cfg.layers)
             convert_to_moe(m, moe_cfg, seed, upcycle=up)
-        if lora_cfg is not None:
-            apply_lora(m, lora_cfg, seed, freeze_base=True)
+        if lora_cfg is not None:  # a stage without decoder layers (E or L alone, or empty) gets no adapters
+            adapted += len(apply_lora(m, lora_cfg, seed, freeze_base=True, require_match=False))
             if moe_cfg is not None:  # hybrid: routers and experts train fully
                 for layer in m.model.layers.values():
                     if isinstance(layer.mlp, MoELayer):
                         layer.mlp.requires_grad_(True)
+    if lora_cfg is not None and not _over_pipeline(adapted):
+        raise ConfigError(no_match_message(lora_cfg))
     return model_chunks
+
+
+def _over_pipeline(n: int) -> int:
+    """``n`` summed over the pipeline stages: a stage may hold no LoRA target, the model must hold one, and every
+    rank stops with the same line when none does (a typo'd --lora-target-modules). Collective over pp."""
+    from megallama.mpu import parallel_state as ps
+    if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return n
+    import torch.distributed as dist
+    counts = [0] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(counts, n, group=ps.get_pipeline_model_parallel_group())  # any backend, once per run
+    return sum(counts)
 
 
 def trainable_parameter_count(model_chunks) -> int:

@@ -208,9 +208,14 @@ def _adapt(layer: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return layer
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 1234, freeze_base: bool = True) -> List[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 1234, freeze_base: bool = True,
+               require_match: bool = True) -> List[str]:
     """Adapt every target projection of ``model`` (skips MoE experts, which are not Linear layers); initialise the
-    adapters layout-independently from (seed, name); freeze everything else. Returns the adapted module names."""
+    adapters layout-independently from (seed, name); freeze everything else. Returns the adapted module names.
+
+    ``require_match=False``: a pipeline stage may hold no target (only the embedding or the output layer, or
+    nothing); it gets no adapters and the caller checks that some stage matched (``strategies.apply_strategy``).
+    The frozen base is marked ``frozen_by_lora`` so that DDP takes a stage left with nothing to train."""
     cfg.validate()
     names = []
     for name, mod in list(model.named_modules()):
@@ -223,12 +228,18 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 1234, freeze_base:
                 p = getattr(mod, sub).weight
                 init_parameter(p, f"{name}.{sub}.weight", seed, p.init_std)
             names.append(name)
-    if not names:
-        raise ConfigError(f"no module of the model matches --lora-target-modules {','.join(cfg.target_modules)}")
+    if not names and require_match:
+        raise ConfigError(no_match_message(cfg))
     if freeze_base:
         for n, p in model.named_parameters():
             p.requires_grad_(bool(getattr(p, "lora", False)))
+        model.frozen_by_lora = True
     return names
+
+
+def no_match_message(cfg: LoRAConfig) -> str:
+    return (f"no module of the model matches --lora-target-modules {','.join(cfg.target_modules)} (MoE experts' "
+            "projections are not adapted); name projections of the dense layers, e.g. q_proj,k_proj,v_proj,o_proj")
 
 
 def lora_modules(model: nn.Module) -> Dict[str, _LoRAMixin]:

@@ -105,7 +105,9 @@ class DistributedDataParallel(nn.Module):
         self.dp_size, self.dp_group, self.dp_rank = self.comm.size, self.comm.group, self.comm.rank
 
         params = [p for p in module.parameters() if p.requires_grad]
-        if not params and any(True for _ in module.parameters()):  # an empty pipeline stage holds none at all
+        # an empty pipeline stage holds no parameters at all; a stage without decoder layers under LoRA holds only
+        # frozen ones (no adapters: apply_strategy checked that some stage has them)
+        if not params and any(True for _ in module.parameters()) and not getattr(module, "frozen_by_lora", False):
             raise ConfigError("the model has no trainable parameters; nothing for DDP/ZeRO to do")
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
@@ -113,7 +115,8 @@ class DistributedDataParallel(nn.Module):
                               "with one --params-dtype")
         self.param_dtype = params[0].dtype if params else getattr(module, "params_dtype", torch.float32)
         self.grad_dtype = torch.float32 if grad_reduce_in_fp32 else self.param_dtype
-        self.device = params[0].device if params else next(module.buffers(), torch.empty(0)).device
+        self.device = params[0].device if params else next(iter([*module.parameters(), *module.buffers()]),
+                                                            torch.empty(0)).device
         self.param_names = {p: n for n, p in module.named_parameters()}
         self.shapes = {p: p.shape for p in params}
 

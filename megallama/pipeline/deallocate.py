@@ -27,7 +27,10 @@ def deallocate_output(out: torch.Tensor) -> bool:
 def backward_from(out: torch.Tensor, grad: Optional[torch.Tensor], inputs=None, retain_graph: bool = False) -> None:
     """``torch.autograd.backward(out, grad, inputs=..., retain_graph=...)`` minus its check that ``grad`` has
     ``out``'s shape, which a deallocated output no longer has (Megatron's ``custom_backward``): the engine checks
-    ``grad`` against the shape the graph recorded. ``grad`` None: a scalar loss, which is never freed."""
+    ``grad`` against the shape the graph recorded. ``grad`` None: a scalar loss, which is never freed. A hidden
+    state needing no grad has no backward: the first stage holding only LoRA's frozen embedding trains nothing."""
+    if grad is not None and not out.requires_grad:
+        return
     if grad is None:
         torch.autograd.backward(out, inputs=inputs, retain_graph=retain_graph)
         return

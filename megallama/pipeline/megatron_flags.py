@@ -149,11 +149,8 @@ def check_pipeline_split(args) -> None:
                           "--defer-embedding-wgrad-compute, which megallama does not have; drop it")
     if pp == 1:
         return
-    args.pipeline_layer_counts = counts = _layer_counts(args)
-    if getattr(args, "strategy", None) in ("lora", "hybrid") and 0 in counts:  # frozen E/L or empty: nothing to train
-        raise ConfigError(f"--strategy {args.strategy} trains adapters of decoder layers only, and pipeline stage "
-                          f"{counts.index(0)} of the split {counts} holds no decoder layer (only the frozen embedding "
-                          "or output layer, or nothing: an empty stage); give every (virtual) stage at least one layer")
+    # a stage without decoder layers holds no LoRA adapters (strategies.apply_strategy): it trains nothing itself
+    args.pipeline_layer_counts = _layer_counts(args)
 
 
 def _layer_counts(args) -> list:
