@@ -357,6 +357,8 @@ def stage_activation_peak(x: Shape, n: Numerics, num_layers: int, recompute: str
         ab = ex["attention backward"] + lb
         phases["attention backward"] = (held - hs["final_norm"] - hs["head"] + recomputed + n.r * x.Sn * x.h + ab,
                                         0, per_chunk * casts_layer, ab)
+    if pre_process and ex.get("embedding backward"):  # ZeRO-3's embedding unit, after the layers' backward
+        phases["embedding backward"] = (misc + ex["embedding backward"], 0, 0, ex["embedding backward"])
     if post_process:
         fwd = head_forward_transient(x, n, head, device)
         phases["head forward"] = (held + fwd + hf, hs["head"] + fwd, 0, hf)

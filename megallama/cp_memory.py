@@ -13,8 +13,11 @@ e compute bytes. KV = 2*e*b*s*hk*d (this rank's K and V), Q = e*b*s*hq*d (its qu
   The gathered K/V are not kept from the forward (gathered again, as TE does), so nothing lasts past the layer.
 - a2a (Ulysses): the all-to-all's send and receive buffers and the sequence reorder of q, k and v (dq, dk, dv in
   backward): 3*(Q + KV') with KV' the K/V after repeating kv heads to a multiple of cp (hk % cp != 0).
-- a2a+p2p (sizes A x B): the a2a term over A ranks, then the ring's over B ranks on the a2a layout (the same bytes
-  per rank: A times the tokens, 1/A of the heads).
+- a2a+p2p (sizes A x B): the larger of the a2a term over A ranks and the ring's over B ranks on the a2a layout (the
+  same bytes per rank: A times the tokens, 1/A of the heads). Not their sum: the all-to-alls run before and after
+  the ring, whose backward reads the output grad already in the a2a layout (the sequence layout's is freed), and
+  its dq/dk/dv go through the reorder and all-to-all only once its buffers are gone (measured on 4 CPU ranks,
+  tests/test_memory_cp_a2a_p2p.py: the 2 x 2 backward holds what the ring alone holds).
 """
 from __future__ import annotations
 
@@ -70,4 +73,4 @@ def cp_attention_backward_bytes(b: int, s: int, hq: int, hk: int, d: int, e: int
         return ulysses(cp)
     a, _ = hierarchical_sizes
     hk_rep = _repeated_kv_heads(hk, hq, a)
-    return ulysses(a) + ring(2 * e * b * s * hk_rep * d, q, hq // hk_rep)
+    return max(ulysses(a), ring(2 * e * b * s * hk_rep * d, q, hq // hk_rep))

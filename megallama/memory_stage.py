@@ -168,12 +168,17 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
             staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
             extra = {"head backward": staging, "layer backward": staging}
         else:
-            tied_root = cfg.tie_word_embeddings or (has_head and pp > 1)
+            # the root (zero3.build_units: the weight compute_logits reads) stays gathered from the forward's end
+            # through the head's backward on the head's stage only; a first stage without the head (pp > 1) holds
+            # the embedding as its root, gathered only around the embedding, and a middle stage none
+            tied_root = has_head and (cfg.tie_word_embeddings or pp > 1)
             root = vloc * h if tied_root else 0
             head_unit = 0 if (tied_root or not has_head) else vloc * h
             extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * unit),
                      "head backward": p * (root + head_unit) + 4 * head_unit,
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
+            if has_embedding and not has_head:  # its backward, the microbatch's last: gathered weight, grad, staging
+                extra["embedding backward"] = (3 * p + 4) * vloc * h
     if cp > 1:
         extra["attention backward"] = cp_attention_backward_bytes(
             x.b, x.s, cfg.num_attention_heads // tp, cfg.num_query_groups // tp, cfg.head_dim, num.e, cp,
@@ -205,7 +210,7 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
             (0 if {"gate_proj", "up_proj"} & set(lora_targets) else dense_layers * lin) - \
             (0 if {"q_proj", "k_proj", "v_proj"} & set(lora_targets) else held * lin)
         first = 0  # the first layer's input needs no gradient: its input norm keeps nothing
-        if pre:
+        if has_embedding:  # the stage holding part 0 (Chimera: rank pp-1's mirror chunk too)
             norm = am.norm_saved(x, num) if recompute == "none" else num.r * x.Sn * h  # selective: the input only
             first = norm
             if not {"q_proj", "k_proj", "v_proj"} & set(lora_targets):  # nor does its attention (q, k, v, lse) ...
