@@ -1,8 +1,9 @@
 """The tokenizer of a run, written next to an HF export so ``AutoTokenizer.from_pretrained(folder)`` reads it.
 
-An imported HF model's ``tokenizer.json`` is copied with its configs; a run trained from scratch with
-``--tokenizer-type hf`` gets it rewritten to start a text with the eod (below), as does a GPT2BPETokenizer run
-(its vocab.json/merges.txt written as one tokenizer.json).
+An imported HF model's ``tokenizer.json`` is copied with its configs, and so is the tokenizer of a run trained
+from scratch with ``--tokenizer-type hf`` whose template starts a text with a bos (its documents began with it);
+one without gets it rewritten to start a text with the eod (below), as does a GPT2BPETokenizer run (its
+vocab.json/merges.txt written as one tokenizer.json).
 A sentencepiece ``.model`` (the bundled tokenizer, Llama 1/2) becomes ``tokenizer.model`` for HF's
 ``LlamaTokenizer``, which gives the same ids as sentencepiece except on runs of spaces at the start of a text
 (HF's normalisation). Llama 3's tiktoken ranks file, which HF cannot read, becomes a byte-level BPE tokenizer.json
@@ -56,9 +57,27 @@ _PROBES = (
 
 def auto_prompt_prefix(saved_args: dict) -> str:
     """What generation_cli's ``--prompt-prefix auto`` puts before a plain prompt: "bos" for a model converted from
-    HF or fine-tuned from one (``inherited_prompt_prefix``, set by training_setup from --pretrained-checkpoint),
-    "eod" for a megallama-pretrained run (whose documents follow an eod)."""
-    return saved_args.get("inherited_prompt_prefix") or ("bos" if saved_args.get("converted_from") else "eod")
+    HF or fine-tuned from one (``inherited_prompt_prefix``, set by training_setup from --pretrained-checkpoint) and
+    for a run whose documents began with their tokenizer's bos (``data_starts_with_bos``), "eod" for other
+    megallama-pretrained runs (whose documents follow an eod)."""
+    inherited = saved_args.get("inherited_prompt_prefix")
+    if inherited:
+        return inherited
+    return "bos" if saved_args.get("converted_from") or data_starts_with_bos(saved_args) else "eod"
+
+
+def data_starts_with_bos(saved_args: dict) -> bool:
+    """Whether the run's documents start with its tokenizer's bos: an HF tokenizer.json whose template puts one
+    first, which tools/preprocess_data.py and the jsonl cache keep (``preprocess.adds_special_tokens``), so the
+    model learned "bos document eod". A tokenizer that no longer loads here: False (the caller's own load says why)."""
+    from megallama.data.preprocess import adds_special_tokens
+    try:
+        tok = run_tokenizer(saved_args)
+    except (ConfigError, OSError, ValueError):
+        return False
+    if not adds_special_tokens(tok) or tok.bos_id is None:
+        return False
+    return tok.encode_batch(["a"], add_special_tokens=True)[0][:1] == [tok.bos_id]
 
 
 def prompt_token(saved_args: dict, tok) -> Optional[int]:

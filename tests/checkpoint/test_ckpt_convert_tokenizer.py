@@ -73,8 +73,9 @@ def test_hf_generate_on_the_export_equals_generate_py_greedy(tmp_path, monkeypat
         assert len(hf_new) >= 3 and list(mine) == hf_new, prompt
 
 
-def _bpe_tokenizer(tmp_path):
-    """A 300-token byte-level BPE tokenizer.json (HF's format) trained on the test corpus, in tmp_path/tok."""
+def _bpe_tokenizer(tmp_path, bos_first=True):
+    """A 300-token byte-level BPE tokenizer.json (HF's format) trained on the test corpus, in tmp_path/tok; its
+    template prepends <s> unless ``bos_first`` is False."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     t = tokenizers.Tokenizer(models.BPE())
@@ -83,7 +84,8 @@ def _bpe_tokenizer(tmp_path):
     text = [json.loads(line)["text"] for line in open(corpus(tmp_path / "words.jsonl"))]
     t.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    if bos_first:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     (tmp_path / "tok").mkdir()
     t.save(str(tmp_path / "tok" / "tokenizer.json"))
     json.dump({"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"},
@@ -111,12 +113,31 @@ def test_resume_without_tokenizer_flags_takes_the_checkpoints(tmp_path, capsys):
     assert f"tokenizer: hf {tmp_path / 'tok'} (the --load checkpoint's" in text and "(hf:tok tokenizer)" in text
 
 
-def test_scratch_hf_tokenizer_run_exports_eod_first(tmp_path, monkeypatch):
-    """A run trained from scratch with --tokenizer-type hf, whose tokenizer.json prepends <s>: its documents
-    followed an eod, so the export's tokenizer starts a text with the eod, as tools/generate.py does, and HF greedy
-    decoding gives megallama's tokens (the <s> context the model never saw would change them)."""
+def test_scratch_hf_tokenizer_run_keeps_its_bos_first(tmp_path, monkeypatch):
+    """A run trained from scratch with --tokenizer-type hf whose tokenizer.json prepends <s>: its documents began
+    with <s> (preprocess_data and the jsonl cache keep the tokenizer's special tokens), so tools/generate.py prompts
+    with <s> and the export keeps the tokenizer as it is; HF greedy decoding gives megallama's tokens. (Before, both
+    put the eod first: a context the model never saw after an eod-less document start.)"""
     from megallama.data.tokenizer import build_tokenizer
     run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", _bpe_tokenizer(tmp_path))
+    conv.megallama_to_hf(run, str(tmp_path / "hf"))
+    tok = build_tokenizer("hf", str(tmp_path / "tok"))
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 1)
+    assert open(tmp_path / "hf" / "tokenizer.json").read() == open(tmp_path / "tok" / "tokenizer.json").read()
+    prompts = [PROMPT, ""]
+    for prompt, mine in zip(prompts, _generate_py_greedy(run, prompts, monkeypatch)):
+        hf_ids, hf_new = _hf_greedy(tmp_path / "hf", prompt, 12)
+        assert hf_ids == [tok.bos_id] + tok.encode(prompt)
+        assert len(hf_new) >= 3 and list(mine) == hf_new, prompt
+
+
+def test_scratch_hf_tokenizer_without_bos_exports_eod_first(tmp_path, monkeypatch):
+    """The same with a tokenizer.json that adds no special token: documents follow an eod, so the export's
+    tokenizer starts a text with the eod, as tools/generate.py does, and HF greedy decoding gives megallama's
+    tokens."""
+    from megallama.data.tokenizer import build_tokenizer
+    run = _train(tmp_path, "--tokenizer-type", "hf", "--tokenizer-model", _bpe_tokenizer(tmp_path, bos_first=False))
     conv.megallama_to_hf(run, str(tmp_path / "hf"))
     tok = build_tokenizer("hf", str(tmp_path / "tok"))
     config = json.load(open(tmp_path / "hf" / "config.json"))
