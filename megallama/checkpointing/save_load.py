@@ -325,7 +325,10 @@ def _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, compression
         what = "weights and optimizer" if compression_key else "weights"  # --no-load-optim: the optimizer is fresh
         _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): {what} resharded; RNG "
              "states start from the seed")
-    msg = load_compression_state(model_chunks, saved_comp, None if compression_key else "--no-load-optim")
+    skipped = None if compression_key else "--no-load-optim"
+    if compression_key and not rng_file:  # its state is per data-parallel rank: no rank of this layout owns one
+        skipped = f"the layout changed since the save ({common.get('layout')} -> {current_layout()})"
+    msg = load_compression_state(model_chunks, saved_comp, skipped)
     if msg:
         _say(msg)
     reader.close()

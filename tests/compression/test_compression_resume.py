@@ -152,3 +152,30 @@ def test_a_fresh_start_says_why():
     assert ratio == "gradient compression state starts afresh (saved at --topk-ratio 0.2, this run has 0.1)"
     assert "another bucket layout (--bucket-size" in buckets, buckets
     assert "saved without compression or with --no-save-compression-state" in none, none
+
+
+def _layout_change(rank, world, tmp):
+    """top-k saved at dp 4 and resumed at tp 2 x dp 2: the log line of the resume."""
+    from megallama.arguments import parse_args
+    from megallama.mpu import parallel_state as ps
+    from megallama.training import pretrain
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+            "--num-query-groups", "2", "--vocab-size", "256", "--seq-length", "16", "--micro-batch-size", "2",
+            "--global-batch-size", "8", "--train-iters", str(SAVE_AT + 1), "--lr", "1e-2", "--mock-data",
+            "--no-progress-bar", "--device", "cpu", "--no-fused-kernels"] + METHODS["topk"]
+    logs = []
+    for extra in (["--save", tmp, "--save-interval", str(SAVE_AT)],
+                  ["--load", f"{tmp}/iter_{SAVE_AT:07d}", "--tensor-model-parallel-size", "2"]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            pretrain(parse_args(argv + extra, world_size=world))
+        ps.destroy_model_parallel()
+        logs.append(buf.getvalue())
+    return logs[1]
+
+
+def test_a_layout_change_says_so_not_that_the_checkpoint_has_no_state(tmp_path):
+    """dp 4 -> tp 2 x dp 2: no rank file matches, so the state is not read; the line named a flag the user never
+    passed ('saved without compression or with --no-save-compression-state') before."""
+    log = run_distributed(_layout_change, 4, str(tmp_path / "ck"))[0]
+    assert "gradient compression state starts afresh (the layout changed since the save" in log, log[-1500:]
