@@ -108,12 +108,18 @@ def run_script(body) -> int:
 def _record_for_torchrun(e: Exception) -> None:
     """A mistake only some ranks make (e.g. one stage's modules) would leave no line when rank 0 is not among
     them: under torchrun each rank writes its error to TORCHELASTIC_ERROR_FILE, and torchrun's failure summary
-    names the first failing rank with its message (what ``@record`` does), without a line per rank on stderr."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    names the first failing rank with its message (``@record``'s file format), without a line per rank on stderr.
+    Its "traceback" is the one line too: a user mistake is not a crash, and a Python stack would bury the message."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
         return
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(e)
+        import json
+        import time
+        line = f"{type(e).__name__}: {e}"
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
     except Exception:  # the summary is a courtesy: never turn a user mistake into a crash
         pass
 

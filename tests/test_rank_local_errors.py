@@ -32,3 +32,5 @@ def test_an_error_on_rank_1_alone_is_named_in_torchruns_summary(tmp_path):
     out = r.stdout + r.stderr
     assert "rank      : 1" in out and "ConfigError: stage 1 has no decoder layer; give every stage one" in out, out
     assert "error: stage 1" not in out  # rank 0 made no mistake: no line of its own
+    # the summary's traceback field is the one line, not the rank's Python stack (torchrun's own stack stays)
+    assert "traceback : ConfigError: stage 1 has no decoder layer" in out and "run_script" not in out, out
