@@ -12,8 +12,8 @@ from test_memory import ROOT, TINY, _measure
 
 
 def _zb_worker(rank, world, configs, field="wgrad_queued"):
-    """Per rank (= pipeline stage): the measured peak against this stage's estimate (not the busiest one's), with
-    the stage's ``field`` of the estimate."""
+    """Per rank: the measured peak against its pipeline stage's estimate (not the busiest one's), with the stage's
+    ``field`` of the estimate."""
     from megallama import memory
     out = []
     for argv in configs:
@@ -28,8 +28,10 @@ def _zb_worker(rank, world, configs, field="wgrad_queued"):
             rec = _measure(argv)
         finally:
             memory.estimate_requirements = orig
-        est = seen["stages"][rank]["allocated_gb"] * memory.GiB - memory.WORKSPACE_BYTES  # as estimate_for on CPU
-        out.append((est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][rank][field]))
+        from megallama.mpu import parallel_state as ps
+        stage = ps.get_pipeline_model_parallel_rank()  # = rank at dp 1
+        est = seen["stages"][stage]["allocated_gb"] * memory.GiB - memory.WORKSPACE_BYTES  # as estimate_for on CPU
+        out.append((est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][stage][field]))
     return out
 
 

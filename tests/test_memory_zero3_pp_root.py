@@ -9,7 +9,8 @@ from megallama.config import ModelConfig, get_model_config
 from megallama.memory import estimate_requirements
 
 from dist_utils import run_distributed
-from test_memory import TINY, _measure
+from test_memory import TINY
+from test_memory_zb_h1 import _zb_worker
 
 
 def test_roots_of_each_stage():
@@ -40,22 +41,9 @@ def test_middle_stages_price_no_root():
 
 
 def _worker(rank, world, argv):
-    from megallama import memory
     from megallama.mpu import parallel_state as ps
-    seen = {}
-    orig = memory.estimate_requirements
-
-    def spy(*a, **k):
-        seen.update(orig(*a, **k))
-        return seen
-    memory.estimate_requirements = spy
-    try:
-        rec = _measure(argv)
-    finally:
-        memory.estimate_requirements = orig
-    stage = ps.get_pipeline_model_parallel_rank()
-    est = seen["stages"][stage]["allocated_gb"] * memory.GiB - memory.WORKSPACE_BYTES  # as estimate_for on CPU
-    return stage, est / rec["measured"]["peak_allocated_this_rank"] - 1, seen["stages"][stage]["phase"]
+    (err, phase), = _zb_worker(rank, world, [argv], "phase")
+    return ps.get_pipeline_model_parallel_rank(), err, phase
 
 
 def test_pp2_dp2_zero3_every_rank():
