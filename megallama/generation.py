@@ -39,7 +39,8 @@ class SamplingConfig:
         if self.top_k < 0:
             raise ConfigError(f"--top-k {self.top_k} must be >= 0 (0 turns it off)")
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1] (1 turns it off)")
+            raise ConfigError(f"--top-p {self.top_p} must be in (0, 1] (1 turns it off; 0 is Megatron's 'off' but "
+                              "HF's 'greedy', so it is refused: pass 1, or --greedy)")
         return self
 
 

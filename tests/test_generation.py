@@ -152,6 +152,8 @@ def test_bad_sampling_settings_are_config_errors():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0)):
         with pytest.raises(ConfigError):
             generate(model, [[1, 2]], SamplingConfig(**bad))
+    with pytest.raises(ConfigError, match="0 is Megatron's 'off' but HF's 'greedy'"):  # says why, and the fix
+        generate(model, [[1, 2]], SamplingConfig(top_p=0.0))
     with pytest.raises(ConfigError, match="exceeds the model's context of 64 tokens; ask for at most 4 new tokens"):
         generate(model, [[1] * 3, [1] * 60], SamplingConfig(max_new_tokens=5))
     with pytest.raises(ConfigError, match="shorten the prompt to fewer than 64 tokens"):  # not 'fewer new tokens'
