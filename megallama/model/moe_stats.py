@@ -31,9 +31,9 @@ class MoEStats:
             return
         row = torch.cat([tokens.detach().double().reshape(-1), aux.detach().double().reshape(1),
                          z.detach().double().reshape(1), tokens.new_ones(1, dtype=torch.float64)])
-        if layer in self.sums:
+        if layer in self.sums and self.sums[layer].shape == row.shape:
             self.sums[layer].add_(row)
-        else:
+        else:  # first call, or another model's layer (another expert count) since the last report: start afresh
             self.sums[layer] = row
 
     def report(self, reset: bool = True) -> dict:

@@ -227,3 +227,16 @@ def test_auto_configure_accepts_the_flags():
                              "--moe-router-num-groups", "4", "--moe-router-group-topk", "2", "--auto-configure",
                              "--gpus", "2", "--dry-run", "--gpu-memory-gb", "80"], world_size=1)
     assert args.auto_layout["ep"] >= 1 and args.moe_router_enable_expert_bias
+
+
+def test_stats_of_another_models_layer_start_afresh():
+    """The per-process MoE statistics keep a row per layer number until the step's report; a layer of another model
+    with another expert count (a second model in one process: notebooks, tests) starts its row afresh instead of
+    failing to add 11 numbers to 7 (which the CI caught when an earlier test left a 4-expert row behind)."""
+    from megallama.model.moe_stats import MoEStats
+    stats = MoEStats()
+    one = torch.tensor(0.0)
+    stats.record(1, torch.ones(4), one, one)
+    stats.record(1, torch.ones(8), one, one)
+    stats.record(1, torch.ones(8), one, one)
+    assert stats.sums[1].shape == (11,) and stats.sums[1][:8].tolist() == [2.0] * 8
