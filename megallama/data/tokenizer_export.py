@@ -55,26 +55,27 @@ _PROBES = (
 )
 
 
-def auto_prompt_prefix(saved_args: dict) -> str:
+def auto_prompt_prefix(saved_args: dict, tok=None) -> str:
     """What generation_cli's ``--prompt-prefix auto`` puts before a plain prompt: "bos" for a model converted from
     HF or fine-tuned from one (``inherited_prompt_prefix``, set by training_setup from --pretrained-checkpoint) and
     for a run whose documents began with their tokenizer's bos (``data_starts_with_bos``), "eod" for other
-    megallama-pretrained runs (whose documents follow an eod)."""
+    megallama-pretrained runs (whose documents follow an eod). ``tok``: the run's tokenizer, when already built."""
     inherited = saved_args.get("inherited_prompt_prefix")
     if inherited:
         return inherited
-    return "bos" if saved_args.get("converted_from") or data_starts_with_bos(saved_args) else "eod"
+    return "bos" if saved_args.get("converted_from") or data_starts_with_bos(saved_args, tok) else "eod"
 
 
-def data_starts_with_bos(saved_args: dict) -> bool:
+def data_starts_with_bos(saved_args: dict, tok=None) -> bool:
     """Whether the run's documents start with its tokenizer's bos: an HF tokenizer.json whose template puts one
     first, which tools/preprocess_data.py and the jsonl cache keep (``preprocess.adds_special_tokens``), so the
     model learned "bos document eod". A tokenizer that no longer loads here: False (the caller's own load says why)."""
     from megallama.data.preprocess import adds_special_tokens
-    try:
-        tok = run_tokenizer(saved_args)
-    except (ConfigError, OSError, ValueError):
-        return False
+    if tok is None:
+        try:
+            tok = run_tokenizer(saved_args)
+        except (ConfigError, OSError, ValueError):
+            return False
     if not adds_special_tokens(tok) or tok.bos_id is None:
         return False
     return tok.encode_batch(["a"], add_special_tokens=True)[0][:1] == [tok.bos_id]
@@ -82,7 +83,7 @@ def data_starts_with_bos(saved_args: dict) -> bool:
 
 def prompt_token(saved_args: dict, tok) -> Optional[int]:
     """The token ``auto_prompt_prefix`` names, for this tokenizer."""
-    return tok.bos_id if auto_prompt_prefix(saved_args) == "bos" else tok.eod
+    return tok.bos_id if auto_prompt_prefix(saved_args, tok) == "bos" else tok.eod
 
 
 def run_tokenizer(saved_args: dict):
@@ -101,7 +102,7 @@ def export_tokenizer(saved_args: dict, out_dir: str) -> Tuple[Optional[int], Opt
     if t == "hf":
         src = path if os.path.isdir(path) else os.path.dirname(path)
         file = path if os.path.isfile(path) else os.path.join(src, "tokenizer.json")
-        if auto_prompt_prefix(saved_args) == "bos":  # an imported model's files, as they are (its own bos)
+        if auto_prompt_prefix(saved_args, tok) == "bos":  # an imported model's files, as they are (its own bos)
             for name in _HF_FILES[1:]:
                 if os.path.isfile(os.path.join(src, name)):
                     shutil.copy(os.path.join(src, name), os.path.join(out_dir, name))
