@@ -45,11 +45,13 @@ def _backward_bytes(rank, world):
 
 def test_hierarchical_backward_holds_the_ring_not_the_sum():
     got = run_distributed(_backward_bytes, 4)
-    for rank, b in got.items():
-        # within 10 %: a loaded box once measured more (the ring's next K/V buffer can be posted before the last is
-        # freed); the sum the estimator used to price is 17 % over, so this still tells max from sum
-        assert abs(b["a2a+p2p"] / b["ring"] - 1) < 0.10, (rank, b)
     # the estimator: the larger of Ulysses over 2 and the ring over 2 on the a2a layout (bf16)
     ulysses = cp_attention_backward_bytes(B, S, HQ, HK, D, 2, 2, "a2a")
     ring = cp_attention_backward_bytes(B, 2 * S, HQ // 2, HK // 2, D, 2, 2, "p2p")
+    for rank, b in got.items():
+        # the sum would hold the Ulysses part (a quarter or more of the ring here) on top of the ring: at most 10 % over tells
+        # max from sum. The peak moves with the timing of the ring's asynchronous K/V exchange: a buffer freed
+        # before the peak (about 10 % under, seen on a loaded 2-core box) or posted before the last is freed (over)
+        assert ulysses > 0.2 * b["ring"], (rank, b, ulysses)  # so the sum would be over 20 % above the ring
+        assert 0.85 < b["a2a+p2p"] / b["ring"] < 1.10, (rank, b)
     assert cp_attention_backward_bytes(B, S, HQ, HK, D, 2, 4, "a2a+p2p", [2, 2]) == max(ulysses, ring) == ring
