@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from megallama.api_config import cuda_visible
 from megallama.errors import ConfigError
 
 
@@ -27,7 +28,7 @@ def planned_gpu_memory(given: Optional[float]) -> Tuple[float, str]:
     """(GiB per GPU, where it came from). Without a GPU the plan is for a GPU run (as ``cli train --dry-run`` and
     --auto-configure plan), of an assumed 80 GiB: said so, since this process itself would train on CPU."""
     from megallama.autoconfig import detect_gpu_memory_gb
-    cuda = _cuda()
+    cuda = cuda_visible()
     if given:
         return float(given), "gpu_memory_gb" + ("" if cuda else "; no GPU visible here, this process would train "
                                                                   "on CPU")
@@ -50,7 +51,3 @@ def dataloader_vocab_note(planned: Optional[int], built: int) -> None:
         print_rank_0(f"note: the plan priced the tokenizer's vocabulary {planned}; your dataloaders train the "
                      f"model's {built} (pass model_overrides={{'vocab_size': {built}}} to plan for it)")
 
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
