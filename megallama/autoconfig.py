@@ -5,11 +5,12 @@ modelled throughput wins (deterministically: ties go to less parallelism). The t
 simple and stated: pipeline bubble (p-1)/(m+p-1) and stage balance (the slowest stage, the output layer counted
 by its matmul size, sets the pace), recompute costs 1/3 of a step (full) or 3% (selective),
 tensor parallelism loses 4% per doubling and may not leave a node, ZeRO-3 loses 10% to its extra all-gathers,
-micro-batches under 4096 tokens lose GPU efficiency. MoE models also search expert parallelism (ep dividing the
-experts and dp, as the grid requires): the estimate shards the experts and their states over it, and its
-all-to-all (``A2A_COST``) is charged per MoE layer share. ``choose_layout`` returns None when nothing fits, and
-``explain`` says why (model states alone: 18 bytes per trained parameter with bf16 params, fp32 grads, masters
-and Adam; a frozen LoRA base keeps its 2 bytes of weights only).
+micro-batches under 4096 tokens lose GPU efficiency. The context-parallel size is the user's (fixed, not
+searched). MoE models also search expert parallelism (ep dividing the experts and dp x cp, as the grid requires:
+expert groups are carved out of dp x cp, so ep may exceed dp at cp > 1): the estimate shards the experts and their
+states over it, and its all-to-all (``A2A_COST``) is charged per MoE layer share. ``choose_layout`` returns None
+when nothing fits, and ``explain`` says why (model states alone: 18 bytes per trained parameter with bf16 params,
+fp32 grads, masters and Adam; a frozen LoRA base keeps its 2 bytes of weights only).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
 # Expert parallelism's all-to-all (dispatch + combine, forward and backward): the share (ep-1)/ep of the routed
 # tokens that leave the rank costs this fraction of a step (all layers MoE), over NVLink / across nodes.
 A2A_COST = {"node": 0.10, "network": 0.30}
+TP_SIZES = (1, 2, 4, 8)
 
 
 def _divisors(n: int) -> List[int]:
@@ -78,27 +80,53 @@ def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], mult
     return cfg.replace(vocab_size=-(-tokenizer_vocab // step) * step)
 
 
-def _expert_sizes(cfg: ModelConfig, strategy: str, dp: int) -> List[int]:
+def _expert_sizes(cfg: ModelConfig, strategy: str, dp_cp: int) -> List[int]:
     """ep values to try: 1 for a dense model (or a strategy that builds no experts); else every ep dividing both
-    the experts and dp (parallel_state.validate_grid; strategies.derive_strategy_flags)."""
+    the experts and ``dp_cp`` = dp x cp, the ranks expert groups are carved from (parallel_state.validate_grid;
+    strategies.derive_strategy_flags)."""
     if not cfg.num_experts or strategy not in ("moe", "hybrid"):
         return [1]
-    return [ep for ep in _divisors(dp) if cfg.num_experts % ep == 0]
+    return [ep for ep in _divisors(dp_cp) if cfg.num_experts % ep == 0]
+
+
+def context_parallel_tps(cfg: ModelConfig, cp: int, seq: int, cp_comm_type: str = "p2p",
+                         hierarchical_sizes=None) -> tuple:
+    """The tp values training's context-parallel check (argument_checks.check_context_parallel: the zig-zag split,
+    the a2a heads per tp rank, the a2a+p2p sizes) accepts at this cp, so no plan is printed that the run refuses;
+    when it accepts none, its error at tp 1 (the user's cp or flags are at fault, not the search)."""
+    if cp == 1:
+        return TP_SIZES
+    from types import SimpleNamespace
+    from megallama.argument_checks import check_context_parallel
+    ok, first = [], None
+    for tp in TP_SIZES:
+        try:
+            check_context_parallel(SimpleNamespace(context_parallel_size=cp, tensor_model_parallel_size=tp,
+                                                   seq_length=seq, cp_comm_type=cp_comm_type, model_config=cfg,
+                                                   hierarchical_context_parallel_sizes=hierarchical_sizes))
+            ok.append(tp)
+        except ConfigError as e:
+            first = first or e
+    if not ok:
+        raise first
+    return tuple(ok)
 
 
 def _candidates(cfg: ModelConfig, world: int, gpus_per_node: int, micro_batches, zero_stages, recomputes,
-                vocab=vocab_config, strategy: str = "standard"):
-    for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or world % tp or any(n % tp for n in (cfg.num_attention_heads, cfg.num_query_groups,
-                                                                    vocab(tp).vocab_size, cfg.ffn_hidden_size)):
+                vocab=vocab_config, strategy: str = "standard", cp: int = 1, tps=TP_SIZES):
+    """(tp, pp, dp, ep, zero, recompute, micro-batch) to price at the fixed ``cp``; ``tps``: the tp values cp's
+    rules allow (``context_parallel_tps``)."""
+    for tp in tps:
+        if tp > gpus_per_node or world % (tp * cp) or any(n % tp for n in (
+                cfg.num_attention_heads, cfg.num_query_groups, vocab(tp).vocab_size, cfg.ffn_hidden_size)):
             continue
-        for pp in _divisors(world // tp):
+        for pp in _divisors(world // (tp * cp)):
             if pp > cfg.num_layers:
                 break
-            dp = world // (tp * pp)
-            for ep in _expert_sizes(cfg, strategy, dp):
+            dp = world // (tp * pp * cp)
+            for ep in _expert_sizes(cfg, strategy, dp * cp):
                 for zero in zero_stages:
-                    if zero > 0 and dp == 1:
+                    if zero > 0 and dp * cp == 1:  # ZeRO shards over dp x cp
                         continue
                     for rec in recomputes:
                         for mb in micro_batches:
@@ -110,27 +138,31 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
                   global_batch_size: Optional[int] = None, precision: str = "bf16", strategy: str = "standard",
                   gpus_per_node: int = 8, zero_stages=(0, 1, 2, 3), safety_margin: float = 0.05,
                   explain: bool = True, recomputes=("none", "selective", "full"), tokenizer_vocab: Optional[int] = None,
-                  vocab_multiple: int = 1, **estimate_kw) -> Optional[dict]:
-    """The best layout that fits, as a dict (tp, pp, dp, ep, zero_stage, recompute, micro_batch_size,
+                  vocab_multiple: int = 1, context_parallel_size: int = 1, **estimate_kw) -> Optional[dict]:
+    """The best layout that fits, as a dict (tp, pp, dp, cp, ep, zero_stage, recompute, micro_batch_size,
     num_microbatches, sequence_parallel, score, a2a, estimate, explanation), or None if none does. ep > 1 only
     for a MoE model (strategy moe / hybrid, the experts in ``model``); 'a2a' is its scored all-to-all share.
 
     ``micro_batch_size`` fixes the micro-batch (else 1..32 are tried); ``global_batch_size`` fixes the number of
     microbatches (else 4 per pipeline stage, as the seed advises); ``zero_stages`` and ``recomputes`` limit the
     search to what the user fixed; ``tokenizer_vocab``: the embedding follows a tokenizer (``vocab_config``);
-    ``pipeline_schedule`` in ``estimate_kw`` prices that schedule. A layout fits when its estimate leaves
-    ``safety_margin`` of the GPU free. With ``explain`` the reasoning is in plan['explanation'] (printed when
-    nothing fits)."""
+    ``pipeline_schedule`` in ``estimate_kw`` prices that schedule; ``context_parallel_size`` is kept as given
+    (checked with ``cp_comm_type`` / ``hierarchical_context_parallel_sizes`` of ``estimate_kw``, as training checks
+    them). A layout fits when its estimate leaves ``safety_margin`` of the GPU free. With ``explain`` the
+    reasoning is in plan['explanation'] (printed when nothing fits)."""
     cfg = model if isinstance(model, ModelConfig) else get_model_config(model)
     if num_gpus < 1:
         raise ConfigError(f"number of GPUs must be positive, got {num_gpus}")
     seq = sequence_length or min(cfg.max_position_embeddings, 2048)
+    cp = context_parallel_size
+    tps = context_parallel_tps(cfg, cp, seq, estimate_kw.get("cp_comm_type") or "p2p",
+                               estimate_kw.get("hierarchical_context_parallel_sizes"))
     mbs = [micro_batch_size] if micro_batch_size else [1, 2, 4, 8, 16, 32]
     nodes = max(1, num_gpus // gpus_per_node) if num_gpus % gpus_per_node == 0 else 1
     per_node = num_gpus // nodes
     rows, schedule = [], estimate_kw.get("pipeline_schedule", "1f1b")
     vocab = lambda tp: vocab_config(cfg, tp, tokenizer_vocab, vocab_multiple)  # noqa: E731
-    layouts = _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes, vocab, strategy)
+    layouts = _candidates(cfg, num_gpus, gpus_per_node, mbs, zero_stages, recomputes, vocab, strategy, cp, tps)
     moe_share = num_moe_layers(cfg) / cfg.num_layers if cfg.num_experts else 0.0
     for tp, pp, dp, ep, zero, rec, mb in layouts:
         if global_batch_size is not None:
@@ -142,14 +174,15 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
         try:
             est = estimate_requirements(model_config=vocab(tp), model_variant=cfg.name, batch_size=mb,
                                         sequence_length=seq, num_gpus=per_node, num_nodes=nodes, tp=tp, pp=pp,
-                                        ep=ep, zero_stage=zero, recompute=rec, precision=precision, strategy=strategy,
-                                        gpu_memory_gb=gpu_memory_gb, num_microbatches=m,
+                                        cp=cp, ep=ep, zero_stage=zero, recompute=rec, precision=precision,
+                                        strategy=strategy, gpu_memory_gb=gpu_memory_gb, num_microbatches=m,
                                         sequence_parallel=tp > 1, recommend=False, **estimate_kw)
         except ConfigError:
             continue
         a2a = a2a_cost(ep, moe_share, tp * ep, gpus_per_node)
-        score = throughput_score(tp, pp, dp, zero, rec, mb, seq, m, stage_balance(cfg, pp), schedule, a2a)
-        rows.append({"tp": tp, "pp": pp, "dp": dp, "ep": ep, "zero_stage": zero, "recompute": rec,
+        # ZeRO's efficiency follows the ranks it shards over (dp x cp); the fixed cp costs every layout alike
+        score = throughput_score(tp, pp, dp * cp, zero, rec, mb, seq, m, stage_balance(cfg, pp), schedule, a2a)
+        rows.append({"tp": tp, "pp": pp, "dp": dp, "cp": cp, "ep": ep, "zero_stage": zero, "recompute": rec,
                      "micro_batch_size": mb, "num_microbatches": m, "sequence_parallel": tp > 1, "score": score,
                      "a2a": a2a, "estimate": est})
     cap = gpu_memory_gb * (1 - safety_margin)
@@ -171,7 +204,8 @@ def choose_layout(model: Union[str, ModelConfig], num_gpus: int, gpu_memory_gb: 
         if plan is None and rows:
             text += "\n" + _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, strategy,
                                       gpus_per_node, safety_margin, dict(estimate_kw, tokenizer_vocab=tokenizer_vocab,
-                                                                         vocab_multiple=vocab_multiple))
+                                                                         vocab_multiple=vocab_multiple,
+                                                                         context_parallel_size=cp))
         if plan is not None:
             plan["explanation"] = text
         else:
@@ -234,10 +268,13 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
         bubble = theoretical_bubble_fraction(e["layout"]["pipeline_schedule"], plan["pp"], plan["num_microbatches"])
         why.append(f"pp {plan['pp']} splits the layers (bubble {bubble:.0%})")
     if plan["ep"] > 1:
-        why.append(f"ep {plan['ep']} shards the experts (their all-to-all scored at {plan['a2a']:.0%} of a step)")
+        span = " over dp x cp" if plan["ep"] > plan["dp"] else ""
+        why.append(f"ep {plan['ep']} shards the experts{span} (their all-to-all scored at {plan['a2a']:.0%} of a "
+                   "step)")
     if plan["zero_stage"]:
         what = {1: "optimizer states", 2: "optimizer states and grads", 3: "all model states"}[plan["zero_stage"]]
-        why.append(f"ZeRO-{plan['zero_stage']} shards {what} over dp {plan['dp']}")
+        over = f"dp x cp {plan['dp'] * plan['cp']}" if plan["cp"] > 1 else f"dp {plan['dp']}"
+        why.append(f"ZeRO-{plan['zero_stage']} shards {what} over {over}")
     if plan["recompute"] != "none":
         why.append(f"{plan['recompute']} recompute trades compute for activation memory")
     if why:
@@ -267,7 +304,9 @@ def _more_gpus(cfg, num_gpus, gpu_memory_gb, seq, micro_batch_size, precision, s
 
 
 def _ep(row: dict) -> str:
-    return f" ep {row['ep']}" if row.get("ep", 1) > 1 else ""
+    """The layout's cp and ep, where > 1 (after its dp)."""
+    cp = f" cp {row['cp']}" if row.get("cp", 1) > 1 else ""
+    return cp + (f" ep {row['ep']}" if row.get("ep", 1) > 1 else "")
 
 
 def detect_gpu_memory_gb(default: float = 80.0) -> float:

@@ -4,7 +4,8 @@ It picks tp / pp / dp (and ep for a MoE model), the ZeRO stage, recompute and th
 world size (the launched one, or ``--gpus`` x ``--nodes`` when planning from one process, e.g. with ``--dry-run``)
 and the GPU memory (``--gpu-memory-gb``, else the visible device's), prints the choice with its reasons on rank 0,
 and leaves the rest of argument checking to ``arguments._derive`` as if the user had typed the flags. What the
-user fixed (micro-batch, global batch, ZeRO stage, recompute) stays fixed; tp / pp / cp / ep given together with
+user fixed (micro-batch, global batch, ZeRO stage, recompute, the context-parallel size) stays fixed; with cp > 1
+a MoE model's ep is searched over dp x cp (training's rule), so it may exceed dp. tp / pp / ep given together with
 ``--auto-configure`` are a contradiction and a one-line error.
 """
 from __future__ import annotations
@@ -45,7 +46,6 @@ def apply_auto_configure(args, world_size: int) -> int:
     from megallama.memory_args import feature_kw, priced_device
     fixed = [f"--{flag} {val}" for flag, val in (("tensor-model-parallel-size", args.tensor_model_parallel_size),
                                                  ("pipeline-model-parallel-size", args.pipeline_model_parallel_size),
-                                                 ("context-parallel-size", args.context_parallel_size),
                                                  ("expert-model-parallel-size", args.expert_model_parallel_size))
              if val != 1]
     if fixed:
@@ -60,7 +60,10 @@ def apply_auto_configure(args, world_size: int) -> int:
     recompute = args.recompute_granularity
     vocab, multiple = tokenizer_vocab(args), getattr(args, "make_vocab_size_divisible_by", None) or 1
     quiet = contextlib.nullcontext() if rank0 else contextlib.redirect_stdout(io.StringIO())
-    strategy = feature_kw(args)  # the model config already holds the experts
+    if args.context_parallel_size > 1:  # as check_context_parallel will: one string (estimate and plan need it)
+        from megallama.model.context_parallel import single_comm_type
+        args.cp_comm_type = single_comm_type(args.cp_comm_type)
+    strategy = feature_kw(args)  # the model config already holds the experts (and cp's comm type at cp > 1)
     if args.pipeline_schedule not in (None, "interleaved"):  # interleaved: chunks depend on the pp, priced as 1F1B
         strategy["pipeline_schedule"] = args.pipeline_schedule
     with quiet:  # choose_layout prints its reasons itself when nothing fits
@@ -70,7 +73,8 @@ def apply_auto_configure(args, world_size: int) -> int:
                              recomputes=(recompute,) if recompute else ("none", "selective", "full"),
                              mixed_precision_mode="autocast" if args.params_dtype == "fp32" else "params",
                              fused_kernels=not args.no_fused_kernels, device=priced_device(args, args.dry_run),
-                             tokenizer_vocab=vocab, vocab_multiple=multiple, **strategy)
+                             tokenizer_vocab=vocab, vocab_multiple=multiple,
+                             context_parallel_size=args.context_parallel_size, **strategy)
     if plan is None:
         raise ConfigError(f"--auto-configure found no layout of {args.model} that fits {world} GPUs of "
                           f"{memory:.0f} GiB (reasons above); add GPUs, shorten --seq-length or use --strategy lora")
@@ -122,6 +126,8 @@ def layout_flags(args) -> list:
     flags = ["--tensor-model-parallel-size", str(args.tensor_model_parallel_size), "--pipeline-model-parallel-size",
              str(args.pipeline_model_parallel_size), "--zero-stage", str(args.zero_stage), "--micro-batch-size",
              str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size)]
+    if args.context_parallel_size > 1:
+        flags += ["--context-parallel-size", str(args.context_parallel_size)]
     if args.expert_model_parallel_size > 1:
         flags += ["--expert-model-parallel-size", str(args.expert_model_parallel_size)]
     if args.sequence_parallel:
