@@ -228,6 +228,9 @@ def _check(cfg, world, tp, pp, cp, ep, b, seq, recompute, strategy, schedule, v,
         raise ConfigError("strategy 'moe' needs num_experts (e.g. 8); pass --num-experts")
     if cfg.num_experts and cfg.num_experts % ep:
         raise ConfigError(f"{cfg.num_experts} experts are not divisible by ep {ep}; choose ep dividing it")
+    if (world // (tp * pp)) % ep:  # training's grid (validate_grid): expert groups are carved out of dp x cp
+        raise ConfigError(f"expert parallel size {ep} must divide data-parallel x context-parallel size "
+                          f"{world // (tp * pp)}; choose an ep dividing {world // (tp * pp)}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"pipeline schedule '{schedule}' is not one of {', '.join(SCHEDULES)}; pick one of those")
     if counts is not None and pp > 1 and (len(counts) != pp * (v if schedule == "interleaved" else 1)

@@ -272,6 +272,8 @@ def test_strategies_lora_and_moe():
     (dict(model_variant="nope"), "unknown model 'nope'"),
     (dict(model_variant="llama3_8b", bogus=1), "unknown arguments"),
     (dict(model_variant="llama3_8b", precision="int8"), "precision 'int8'"),
+    # training's grid carves expert groups out of dp x cp: ep 4 over 2 such ranks is refused there
+    (dict(model_variant="tiny_llama3_50m", strategy="moe", num_experts=8, ep=4, num_gpus=2), "must divide data-"),
 ])
 def test_bad_input_raises_config_error(kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
