@@ -273,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shape_overrides(args) -> dict:
+    """--model's fields the shape flags replace (None: kept); estimate-memory prices a launch line by the same."""
+    overrides = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+                     num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+                     max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
+                     rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
+    if args.untie_embeddings_and_output_weights:
+        overrides["tie_word_embeddings"] = False
+    return overrides
+
+
 def _derive(args, world_size: int):
     from megallama.argument_checks import check_context_parallel, check_run_flags
     from megallama.data.gpt2_tokenizer import gpt2_flags_to_model
@@ -297,15 +308,9 @@ def _derive(args, world_size: int):
     if args.use_distributed_optimizer and args.zero_stage is None:
         args.zero_stage = 1
     check_model_flags(args)
-    overrides = dict(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-                     num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                     max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
-                     rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
-    if args.untie_embeddings_and_output_weights:
-        overrides["tie_word_embeddings"] = False
     from megallama.strategies import derive_strategy_flags
     strategy = derive_strategy_flags(args)  # the experts (validated against the model) go in the config
-    args.model_config = strategy.model_config(get_model_config(args.model, **overrides))
+    args.model_config = strategy.model_config(get_model_config(args.model, **shape_overrides(args)))
     args.model_config = apply_shape_flags(args, args.model_config)
     if args.use_checkpoint_args:
         pretrained = getattr(args, "pretrained_checkpoint", None)

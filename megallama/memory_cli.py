@@ -5,8 +5,9 @@
   python tools/estimate_memory.py --model llama3_405b --gpus 8 --nodes 16 --auto-configure --seq-length 8192
 
 Flags use the Megatron names with the seed's aliases; ``--batch-size`` is the micro-batch per GPU; the training
-flags' shape overrides (``--num-layers`` ... ``--vocab-size``) estimate another shape of ``--model``. Exit status 2
-with a one-line message on a bad or unknown flag.
+flags' shape overrides (``--num-layers`` ... ``--vocab-size``) estimate another shape of ``--model``. The rest of a
+training launch line is read by the training parser (memory_launch_flags: ignored when it leaves memory alone,
+priced or refused when not). Exit status 2 with a one-line message on a bad or unknown flag.
 """
 from __future__ import annotations
 
@@ -21,24 +22,33 @@ from megallama.errors import ConfigError
 from megallama.memory import SCHEDULES
 
 
-_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size")
+_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+          "max_position_embeddings")
 
 
 def _model_config(args):
     """--model with the shape overrides given and the strategy's experts, as the training flags resolve them
     (``strategies.strategy_from_args``: --num-experts alone makes a MoE model, --strategy moe has 8 experts, LoRA
-    rank 8); returns (config, the estimator's strategy arguments)."""
+    rank 8); returns (config, the estimator's strategy arguments, the MoE ones as the built layers resolve them)."""
+    from megallama.arguments import shape_overrides
     from megallama.config import get_model_config
     from megallama.strategies import strategy_from_args
     strategy = strategy_from_args(args)
-    cfg = strategy.model_config(get_model_config(args.model, **{name: getattr(args, name) for name in _SHAPE}))
-    return cfg, strategy.estimate_kw()
+    cfg = strategy.model_config(get_model_config(args.model, **shape_overrides(args)))
+    kw = strategy.estimate_kw()
+    moe = strategy.moe_config(cfg.num_layers)
+    if moe is not None:  # memory_args.feature_kw's: --moe-capacity-factor (megallama's) prices as Megatron's does
+        kw.update(moe_ffn_hidden_size=moe.ffn_hidden_size, moe_expert_capacity_factor=moe.capacity_factor,
+                  moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+                  moe_pad_expert_input_to_capacity=moe.pad_to_capacity)
+    return cfg, kw
 
 
 def build_parser() -> argparse.ArgumentParser:
     from megallama.arguments import _OneLineErrors
     p = _OneLineErrors("estimate-memory", description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--model", "--model-variant", dest="model", default="llama3_8b")
+    p.add_argument("--model", "--model-variant", dest="model", default=None,
+                   help="default llama3_8b (a Megatron model line without it: training's default, as training)")
     for name in _SHAPE:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="override --model's shape")
     p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=None,
@@ -173,10 +183,13 @@ def _fixed_for_auto_configure(args, zero: int, recompute: str) -> dict:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     from megallama.memory import estimate_requirements
+    from megallama.memory_launch_flags import check_priced_model, priced_device_kw, read_launch_flags, tokenizer_vocab
     from megallama.optimizer_args import check_sgd_flags
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--micro-batch-size must be a positive integer, got {args.batch_size}")
+    launch = read_launch_flags(parser, args, rest, _precision(args))  # the training flags of a pasted launch line
     args.gradient_compression = None
     check_sgd_flags(args)  # the training flags' rules: --sgd-momentum needs --optimizer sgd, in [0, 1)
     if args.gpus is None:
@@ -204,10 +217,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                                  grad_reduce_in_bf16=True, gradient_compression=None))
         kw["g_bytes"] = 2
     cfg, strategy = _model_config(args)
-    kw.update({k: v for k, v in strategy.items() if k != "strategy"})
+    kw.update({k: v for k, v in strategy.items() if k != "strategy"}, **priced_device_kw(args, launch))
+    check_priced_model(args, cfg, launch)
+    vocab, multiple = tokenizer_vocab(args, launch)
     if args.auto_configure:
         from megallama.autoconfig import choose_layout
-        kw.update(_fixed_for_auto_configure(args, zero, recompute))
+        kw.update(_fixed_for_auto_configure(args, zero, recompute), tokenizer_vocab=vocab, vocab_multiple=multiple)
         said = io.StringIO()  # choose_layout prints why nothing fits: kept out of --json's stdout, put in the JSON
         with contextlib.redirect_stdout(said) if args.json else contextlib.nullcontext():
             plan = choose_layout(cfg, args.gpus * args.nodes, args.gpu_memory, args.seq_length,
@@ -216,6 +231,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if plan is None:
             return {"plan": None, "explanation": said.getvalue().rstrip("\n")} if args.json else {"plan": None}
         return {"plan": {k: v for k, v in plan.items() if k not in ("estimate",)}, "estimate": plan["estimate"]}
+    from megallama.autoconfig import vocab_config
+    cfg = vocab_config(cfg, args.tp, vocab, multiple)  # the embedding follows a named tokenizer, as build_data's
     pipe = _pipeline(args, cfg)
     est = estimate_requirements(args.model, model_config=cfg, batch_size=args.batch_size or 1,
                                 sequence_length=args.seq_length,
