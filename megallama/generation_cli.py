@@ -205,7 +205,7 @@ def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_
     else:
         if prompt_prefix == "auto":
             from megallama.data.tokenizer_export import auto_prompt_prefix
-            prompt_prefix = auto_prompt_prefix(loaded.common["args"])
+            prompt_prefix = auto_prompt_prefix(loaded.common["args"], tok)  # the tokenizer loaded with the model
         first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
         ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
     cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(stop))))  # the caller's config stays as given
