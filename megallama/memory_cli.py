@@ -164,14 +164,18 @@ def _pipeline(args, cfg) -> argparse.Namespace:
 
 
 def _fixed_for_auto_configure(args, zero: int, recompute: str) -> dict:
-    """What the user fixed stays fixed (ZeRO stage, recompute, schedule), as ``train --auto-configure`` keeps it; a
-    parallel size given with it is a contradiction, not silently replaced."""
+    """What the user fixed stays fixed (ZeRO stage, recompute, schedule, the context-parallel size and its comm
+    type), as ``train --auto-configure`` keeps it; tp / pp / ep given with it are a contradiction, not silently
+    replaced."""
     sizes = (("--tensor-model-parallel-size", args.tp), ("--pipeline-model-parallel-size", args.pp),
-             ("--context-parallel-size", args.cp), ("--expert-model-parallel-size", args.ep))
+             ("--expert-model-parallel-size", args.ep))
     fixed = [f"{flag} {val}" for flag, val in sizes if val != 1]
     if fixed:
         raise ConfigError(f"--auto-configure chooses the layout itself but {fixed[0]} was given; drop one of them")
     kw = {}
+    if args.cp > 1:  # kept, and ep searched over dp x cp (autoconfig_args does the same for train)
+        kw.update(context_parallel_size=args.cp, cp_comm_type=args.cp_comm_type,
+                  hierarchical_context_parallel_sizes=args.hierarchical_context_parallel_sizes)
     if args.zero_stage is not None or args.use_distributed_optimizer:
         kw["zero_stages"] = (zero,)
     if args.recompute_granularity is not None or args.activation_checkpointing:

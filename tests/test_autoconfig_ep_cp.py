@@ -90,3 +90,17 @@ def test_estimate_prices_ep_over_cp_as_ep_over_dp():
             assert over_cp["breakdown_bytes"][key] == over_dp["breakdown_bytes"][key], (zero, key)
         assert estimate_requirements(cp=4, ep=1, zero_stage=zero, **kw)["params_per_gpu"] - \
             over_cp["params_per_gpu"] == experts * 3 // 4
+
+
+def test_estimate_memory_tool_plans_as_training_does():
+    """tools/estimate_memory.py --auto-configure keeps --context-parallel-size too (it was refused there) and picks
+    training's plan for the same line."""
+    from megallama.memory_cli import run
+    line = ["--model", "llama3_8b", "--num-layers", "2", "--num-experts", "16", "--zero-stage", "0", "--bf16",
+            "--seq-length", "4096", "--gpu-memory-gb", "60", "--context-parallel-size", "4", "--gpus", "4"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        plan = run(line + ["--auto-configure"])["plan"]
+        trained = parse_args(MOE + ["--auto-configure", "--gpus", "4", "--dry-run"], world_size=1).auto_layout
+    assert (plan["dp"], plan["cp"], plan["ep"]) == (1, 4, 4)
+    assert {k: plan[k] for k in ("tp", "pp", "dp", "cp", "ep", "zero_stage", "recompute", "micro_batch_size")} == \
+        {k: trained[k] for k in ("tp", "pp", "dp", "cp", "ep", "zero_stage", "recompute", "micro_batch_size")}
