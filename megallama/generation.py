@@ -44,6 +44,25 @@ class SamplingConfig:
         return self
 
 
+def check_context(longest: int, max_new_tokens: int, limit: int) -> None:
+    """The KV cache holds the prompt and the new tokens, and positions end at the model's context: the longest
+    prompt's tokens + ``max_new_tokens`` must be <= it. The fix names the prompt length that fits at this
+    --max-new-tokens, and the new tokens that fit after this prompt."""
+    if longest + max_new_tokens <= limit:
+        return
+    room = limit - max_new_tokens  # the longest prompt that fits at this --max-new-tokens
+    shorten = f"shorten the prompt to fewer than {room + 1} tokens" if room >= 1 else \
+        f"lower --max-new-tokens below {limit} and shorten the prompt"
+    if longest >= limit:  # fewer new tokens alone cannot fit it
+        more = room >= 1 and max_new_tokens > 1
+        fix = shorten + (", or lower --max-new-tokens to leave it more room" if more else "")
+    else:
+        fix = f"ask for at most {limit - longest} new tokens" + (f", or {shorten}" if room >= 1 else "")
+    raise ConfigError(f"the longest prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) = "
+                      f"{longest + max_new_tokens} exceeds the model's context of {limit} tokens; {fix} (prompt "
+                      f"tokens + --max-new-tokens must be <= {limit})")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """[b, V] logits with the tokens outside top-k / the top-p nucleus set to -inf (at least one token kept)."""
     if top_k and top_k < logits.shape[-1]:
@@ -128,17 +147,13 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, vocab
     depends on the batch."""
     cfg.validate()
     _check_layout(model)
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        raise ConfigError("no prompts given; pass at least one prompt")
+    if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1")
-    limit = model.config.max_position_embeddings
-    longest = max(len(p) for p in prompts)
-    if longest + cfg.max_new_tokens > limit:
-        fix = f"shorten the prompt to fewer than {limit} tokens" if longest >= limit else \
-            f"ask for at most {limit - longest} new tokens"
-        raise ConfigError(f"prompt ({longest} tokens) + --max-new-tokens ({cfg.max_new_tokens}) = "
-                          f"{longest + cfg.max_new_tokens} exceeds the model's context of {limit} tokens; {fix}")
+    check_context(max(len(p) for p in prompts), cfg.max_new_tokens, model.config.max_position_embeddings)
     device = model.output_layer_weight().device
     mode = _resolve_mode(model, decode_mode, device)
     gen = torch.Generator().manual_seed(cfg.seed)

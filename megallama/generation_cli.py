@@ -3,18 +3,22 @@ strategy (LoRA, MoE) are read from the checkpoint.
 
     python tools/generate.py --load checkpoints/tiny --prompt "The module" --max-new-tokens 40
     python tools/generate.py --load runs/sft --chat --prompt "How do I open a file?" --greedy
+    python tools/generate.py --load runs/sft --chat --system-prompt "Be brief." --prompt "Name a color."
     python tools/generate.py --load ckpt/base --load-adapter runs/sft_adapter --prompt "..."  # base + LoRA folder
     torchrun --nproc_per_node 2 tools/generate.py --load ckpt/llama32_1b --prompt "..."   # tensor parallel 2
 
 From Python: ``loaded = load_for_generation("checkpoints/tiny")`` then ``generate_text(loaded, ["The module"],
-SamplingConfig(max_new_tokens=40))``.
+SamplingConfig(max_new_tokens=40))``; with ``chat=True`` a prompt may be a conversation, HF-style:
+``[[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]]``.
 
 Any megallama checkpoint loads (any training layout; an HF model after ``tools/convert_checkpoint.py
 hf-to-megallama``, with the tokenizer.json of the folder it came from unless ``--tokenizer-*`` say otherwise). The
 ranks of a torchrun launch split the model tensor-parallel. Prompts run in batches of ``--batch-size``, left-padded
-to the batch's longest. ``--chat`` wraps each prompt as a user turn of the chat template the run trained with (Llama 3
-or Llama 2, recorded in the checkpoint; a model that never trained on chats: the one its tokenizer names) and stops
-at the end of the assistant's turn (<|eot_id|>, Llama 2's </s>).
+to the batch's longest. ``--chat`` wraps each prompt as a user turn (after ``--system-prompt``'s system turn)
+of the chat template the run trained with (Llama 3 or Llama 2, recorded in the checkpoint; a model that never
+trained on chats: the one its tokenizer names, with a warning) and stops at the end of the assistant's turn
+(<|eot_id|>, Llama 2's </s>). ``--greedy`` with a sampling flag (--temperature, --top-k, --top-p) is refused: one
+of them would be ignored.
 """
 from __future__ import annotations
 
@@ -36,11 +40,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="chat template: the prompt is the user's turn")
     p.add_argument("--chat-template", choices=["auto", "llama3", "llama2"], default="auto",
                    help="with --chat; auto: the one the checkpoint trained with, else the tokenizer's")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT", help="with --chat: a system turn before each "
+                   "prompt (Llama 2 folds it into the first user turn)")
     p.add_argument("--prompt-prefix", choices=["auto", "bos", "eod", "none"], default="auto",
                    help="token before a plain prompt. auto: bos for a converted HF model; eod for a megallama run")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--greedy", action="store_true", help="argmax (the same as --temperature 0)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="argmax (the same as --temperature 0); refused with "
+                   "sampling flags")
+    p.add_argument("--temperature", type=float, default=None, help="default 1; 0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, default=1234)
@@ -185,33 +192,98 @@ def chat_template_of(loaded: LoadedModel, chat_template: str = "auto"):
     return build_chat_template(name or resolve_chat_format(chat_template, loaded.tokenizer)[0], loaded.tokenizer)
 
 
-def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
-                  decode_mode: str = "auto", batch_size: Optional[int] = None, chat_template: str = "auto"):
-    """Completions (strings) of ``prompts`` (a list; a str is one prompt). ``chat``: each prompt is a user turn of
-    the run's chat template (``chat_template_of``; ``chat_template`` names another) and the answer stops at its end
-    of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix`` (plain prompts): bos, eod,
-    none, or auto (bos for a converted HF model; eod for a megallama run, whose pretraining documents follow an eod
-    and have no bos)."""
-    from megallama.generation import generate
+def untrained_chat_warning(loaded: LoadedModel, chat_template: str = "auto") -> Optional[str]:
+    """--chat on a checkpoint that records no chat format (a pretraining run): auto then guesses the template from
+    the tokenizer, which the model never saw, so say so and how to pick one. None where the run trained on a
+    format, ``chat_template`` names one, or the tokenizer ships its own template."""
+    from megallama.data.chat_templates import own_chat_template, resolve_chat_format, saved_chat_format, \
+        template_format
+    if chat_template not in (None, "auto") or saved_chat_format(loaded.common["args"]) or \
+            template_format(own_chat_template(loaded.tokenizer)):
+        return None
+    name, why = resolve_chat_format("auto", loaded.tokenizer)
+    return (f"{loaded.checkpoint} was not trained on a chat format (none recorded), so the chat template is the "
+            f"tokenizer's default/guess, {name} ({why}); pass --chat-template llama3 or llama2 to pick one")
+
+
+def _dialog(prompt, i: int) -> list:
+    """A chat prompt as the template's messages: a str is one user turn; a list is HF-style message dicts (a
+    system prompt, earlier turns), as ``apply_chat_template`` takes them."""
+    from megallama.errors import ConfigError
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        return list(prompt)
+    raise ConfigError(f"chat prompt {i + 1} is {_describe(prompt)}; with chat a prompt is a str (one user turn) or "
+                      "a non-empty list of {'role': str, 'content': str} dicts (one conversation), and prompts a "
+                      "list of those")
+
+
+def _describe(prompt) -> str:
+    if isinstance(prompt, (list, tuple)):
+        return "an empty list" if not prompt else "a list with an item that is not a {'role', 'content'} dict"
+    return f"a {type(prompt).__name__}"
+
+
+def encode_prompts(loaded: LoadedModel, prompts, chat: bool = False, prompt_prefix: str = "auto",
+                   chat_template: str = "auto"):
+    """(token ids per prompt, stop ids): ``generate_text``'s prompts as the model reads them."""
+    from megallama.errors import ConfigError
     if isinstance(prompts, str):  # one prompt, not one per character
         prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ConfigError("no prompts given; pass a list of prompts (a str is one prompt)")
     tok = loaded.tokenizer
     stop = [tok.eos_id]
     if chat:
+        dialogs = [_dialog(p, i) for i, p in enumerate(prompts)]  # all checked before the template is built
         template = chat_template_of(loaded, chat_template)
-        ids = [template.encode_dialog([{"role": "user", "content": p}], add_generation_prompt=True)[0]
-               for p in prompts]
+        ids = [template.encode_dialog(d, add_generation_prompt=True)[0] for d in dialogs]
         stop.append(template.eot)
     else:
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                hint = "; a list of messages is a chat prompt: pass chat=True (--chat)" \
+                    if isinstance(p, (list, tuple)) else ""
+                raise ConfigError(f"prompt {i + 1} is a {type(p).__name__}, not a str{hint}")
         if prompt_prefix == "auto":
             from megallama.data.tokenizer_export import auto_prompt_prefix
             prompt_prefix = auto_prompt_prefix(loaded.common["args"], tok)  # the tokenizer loaded with the model
         first = {"bos": [tok.bos_id], "eod": [tok.eod], "none": []}[prompt_prefix]
         ids = [[t for t in first if t is not None] + tok.encode(p) for p in prompts]
-    cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(stop))))  # the caller's config stays as given
-    outs = generate(loaded.model, ids, cfg, vocab_size=tok.vocab_size, decode_mode=decode_mode,
+    return ids, tuple(sorted(set(stop)))
+
+
+def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_prefix: str = "auto",
+                  decode_mode: str = "auto", batch_size: Optional[int] = None, chat_template: str = "auto"):
+    """Completions (strings) of ``prompts`` (a list; a str is one prompt). ``chat``: each prompt is a user turn
+    (a str) or a conversation (a list of HF-style {"role", "content"} dicts: a system prompt, earlier turns) in the
+    run's chat template (``chat_template_of``; ``chat_template`` names another), and the answer stops at its end
+    of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix`` (plain prompts): bos, eod,
+    none, or auto (bos for a converted HF model; eod for a megallama run, whose pretraining documents follow an eod
+    and have no bos)."""
+    from megallama.generation import generate
+    ids, stop = encode_prompts(loaded, prompts, chat, prompt_prefix, chat_template)
+    cfg = dataclasses.replace(cfg, stop_ids=stop)  # the caller's config stays as given
+    outs = generate(loaded.model, ids, cfg, vocab_size=loaded.tokenizer.vocab_size, decode_mode=decode_mode,
                     batch_size=batch_size)
-    return [tok.decode(new) for new in outs]
+    return [loaded.tokenizer.decode(new) for new in outs]
+
+
+def check_flags(opts) -> None:
+    """Flags that would be silently ignored together are refused before anything loads."""
+    from megallama.errors import ConfigError
+    if opts.system_prompt is not None and not opts.chat:
+        raise ConfigError("--system-prompt is a chat turn; add --chat, or drop --system-prompt")
+    if opts.greedy:  # argmax reads no temperature, top-k or top-p: one of the two asks would be dropped
+        given = [f for f, v, off in (("--temperature", opts.temperature, (None, 0.0)), ("--top-k", opts.top_k, (0,)),
+                                     ("--top-p", opts.top_p, (1.0,))) if v not in off]
+        if given:
+            raise ConfigError(f"--greedy takes the most likely token, so {', '.join(given)} would be ignored; drop "
+                              f"--greedy to sample, or drop {' and '.join(given)}")
 
 
 def main(argv=None) -> int:
@@ -234,7 +306,9 @@ def main(argv=None) -> int:
             raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
         if opts.batch_size < 1:
             raise ConfigError(f"--batch-size {opts.batch_size} must be >= 1")
-        cfg = SamplingConfig(opts.max_new_tokens, 0.0 if opts.greedy else opts.temperature, opts.top_k, opts.top_p,
+        check_flags(opts)
+        temperature = 0.0 if opts.greedy else (1.0 if opts.temperature is None else opts.temperature)
+        cfg = SamplingConfig(opts.max_new_tokens, temperature, opts.top_k, opts.top_p,
                              opts.seed).validate()  # before anything is loaded
         loaded = load_for_generation(opts.load, opts.device, opts.dtype, opts.tokenizer_type, opts.tokenizer_model,
                                      opts.seed, opts.no_fused_kernels, opts.load_adapter)
@@ -247,7 +321,12 @@ def main(argv=None) -> int:
             print_rank_0(f"LoRA adapter {opts.load_adapter} applied")
         if opts.chat:
             print_rank_0(f"chat template: {chat_template_of(loaded, opts.chat_template).name}")
-        texts = generate_text(loaded, prompts, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,
+            warning = untrained_chat_warning(loaded, opts.chat_template)
+            if warning:
+                print_rank_0(f"warning: {warning}")
+        system = [] if opts.system_prompt is None else [{"role": "system", "content": opts.system_prompt}]
+        inputs = [system + [{"role": "user", "content": p}] for p in prompts] if opts.chat else prompts
+        texts = generate_text(loaded, inputs, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,
                               opts.batch_size, opts.chat_template)
         for p, text in zip(prompts, texts):
             print_rank_0(f"--- prompt: {p}\n{text}")
