@@ -63,10 +63,12 @@ def main() -> int:
         return dry_run(orchestrator)
     tokenizer = build_tokenizer("llama3" if args.tokenizer_model else "bundled", args.tokenizer_model)
     seq = orchestrator.sequence_length
-    # The loop samples a map-style dataset itself (its micro-batch, its data-parallel share, resumable order), so
-    # the DataLoaders' batch size does not matter; an iterable loader's batches are read once into memory.
-    train_dataloader = DataLoader(TextFileDataset(text, tokenizer, seq, "train"), batch_size=4, shuffle=True)
-    val_dataloader = DataLoader(TextFileDataset(text, tokenizer, seq, "valid"), batch_size=4)
+    # The loop samples a map-style dataset itself (its data-parallel share, resumable order); the train DataLoader's
+    # batch size is the micro-batch per rank, so it agrees with the config's; an iterable loader's batches are
+    # read once into memory.
+    micro = config.micro_batch_size
+    train_dataloader = DataLoader(TextFileDataset(text, tokenizer, seq, "train"), batch_size=micro, shuffle=True)
+    val_dataloader = DataLoader(TextFileDataset(text, tokenizer, seq, "valid"), batch_size=micro)
     if is_rank_0():
         print(f"{text}: {len(train_dataloader.dataset)} training and {len(val_dataloader.dataset)} validation "
               f"windows of {seq + 1} tokens ({tokenizer.name} tokenizer)", flush=True)

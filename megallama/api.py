@@ -88,6 +88,8 @@ class LlamaTrainingOrchestrator:
         self.gpu_memory_gb, self.gpu_memory_source = planned_gpu_memory(gpu_memory_gb)
         self.extra_args = list(extra_args or [])
         self.plan = self._planned = self._planned_vocab = None
+        # a micro-batch the user's layout fixed (a train DataLoader's batch_size must then agree: api_batch)
+        self.user_microbatch_size = distributed_config.microbatch_size if distributed_config is not None else None
         if distributed_config is not None:
             self.distributed_config = distributed_config
         elif auto_configure:
@@ -101,7 +103,12 @@ class LlamaTrainingOrchestrator:
     def sequence_length(self) -> int:
         return self.training_config.sequence_length or min(self.model_config.max_position_embeddings, 2048)
 
-    def _auto_configure(self) -> DistributedConfig:
+    @property
+    def auto_planned(self) -> bool:
+        """Whether the layout is auto-configuration's plan (a DataLoader's batch is then planned again)."""
+        return self._planned is not None and self.distributed_config == self._planned
+
+    def _auto_configure(self, micro_batch_size: Optional[int] = None) -> DistributedConfig:
         from megallama.autoconfig import choose_layout, vocab_config
         world, tc = self.num_gpus * self.num_nodes, self.training_config
         kw = self.strategy.estimate_kw()
@@ -110,7 +117,8 @@ class LlamaTrainingOrchestrator:
         except ConfigError:  # bad extra_args: said where the flags are resolved (estimate_memory, launch_training)
             vocab, multiple = plan_vocab(None)
         self.plan = choose_layout(self.model_config, world, self.gpu_memory_gb, self.sequence_length,
-                                  tc.micro_batch_size, tc.batch_size, tc.precision, kw.pop("strategy"),
+                                  micro_batch_size or tc.micro_batch_size, tc.batch_size, tc.precision,
+                                  kw.pop("strategy"),
                                   gpus_per_node=self.num_gpus, explain=True, tokenizer_vocab=vocab,
                                   vocab_multiple=multiple, **kw)
         memory = "  " + gpu_memory_line(self.gpu_memory_gb, self.gpu_memory_source)  # as --auto-configure says it
@@ -208,8 +216,9 @@ class LlamaTrainingOrchestrator:
     # ---------------------------------------------------------------- training
     def launch_training(self, train_dataloader=None, val_dataloader=None, train_iters: Optional[int] = None,
                         **flags) -> dict:
-        """Train with ``pretrain``; data: your dataloaders (see ``api_data``), else the flags' data (``--data-path``,
-        ``--mock-data``), else the bundled corpus. Returns pretrain's summary (losses per iteration, ...)."""
+        """Train with ``pretrain``; data: your dataloaders (see ``api_data``; the train DataLoader's batch size is the
+        micro-batch per rank: ``api_batch``), else the flags' data (``--data-path``, ``--mock-data``), else the
+        bundled corpus. Returns pretrain's summary (losses per iteration, ...)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != self.distributed_config.world_size:
             raise ConfigError(f"this layout needs {self.distributed_config.world_size} processes but {world} are "
@@ -225,19 +234,27 @@ class LlamaTrainingOrchestrator:
         from megallama.training import pretrain
         if train_dataloader is None:
             return pretrain(args)
+        from megallama.api_batch import batch_notes, follow_dataloader_batch, repeat_notes
         from megallama.api_data import UserDataset
         from megallama.api_plan import dataloader_vocab_note
         from megallama.training_setup import iters_for_epochs
-        dataloader_vocab_note(self._planned_vocab, args.model_config.vocab_size)
         train = UserDataset(train_dataloader, args.seq_length, args.model_config.vocab_size, "train")
+        before = None
+        if train.batch_size and follow_dataloader_batch(self, train.batch_size, extra):
+            before, args = args.micro_batch_size, self.build_args(world, extra, run)
+        dataloader_vocab_note(self._planned_vocab, args.model_config.vocab_size)
         valid = None if val_dataloader is None else \
             UserDataset(val_dataloader, args.seq_length, args.model_config.vocab_size, "validation")
+        epochs = None
         if args.train_iters is None or (self.training_config.epochs and not train_iters):
-            args.train_iters = iters_for_epochs(args, len(train), self.training_config.epochs or 1.0)
+            epochs = self.training_config.epochs or 1.0
+            args.train_iters = iters_for_epochs(args, len(train), epochs)
         if train.shuffle:
             args.dataloader_type = "cyclic"
         if valid is not None and not args.eval_interval:
             args.eval_interval = max(1, args.train_iters)
+        batch_notes(self, args, train, before)
+        repeat_notes(args, train, valid, epochs)
         return pretrain(args, datasets=(train, valid))
 
 

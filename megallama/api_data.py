@@ -2,7 +2,8 @@
 map-style datasets the training loop samples from (``{"input_ids", "labels", "loss_mask"}`` per sample).
 
 Accepted: a ``torch.utils.data.DataLoader`` (its map-style ``.dataset``, else its batches; ``shuffle=True`` trains
-each pass in a fresh order, Megatron's ``--dataloader-type cyclic``), any dataset with
+each pass in a fresh order, Megatron's ``--dataloader-type cyclic``; its batch size is kept as ``batch_size``, the
+run's micro-batch per rank, PyTorch's meaning of it: see ``api_batch``), any dataset with
 ``__len__``/``__getitem__``, or an iterable; items are token-id tensors/lists of ``seq`` or ``seq + 1`` tokens,
 ``[batch, ...]`` tensors, or dicts with ``input_ids`` (and optionally ``labels``, ``loss_mask``/``attention_mask``).
 ``seq + 1`` tokens are shifted into inputs and labels; ``seq`` tokens without labels predict the next token, the
@@ -11,7 +12,7 @@ copy of the inputs, which is refused); a label of -100 (HF's ignore index) masks
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,14 +36,42 @@ def _samples_of(item) -> List[Any]:
     return [item]
 
 
+def _loader_batch_size(loader) -> Optional[int]:
+    """Sequences per batch of a batching DataLoader (``batch_size``, or its ``BatchSampler``'s); None when it does
+    not batch (``batch_size=None``: its items are what the dataset yields)."""
+    if loader.batch_size is not None:
+        return int(loader.batch_size)
+    bs = loader.batch_sampler
+    return int(bs.batch_size) if isinstance(bs, torch.utils.data.BatchSampler) else None
+
+
+def _yielded_batch(sizes: List[int], name: str) -> Tuple[Optional[int], Optional[str]]:
+    """(batch size, note) of a DataLoader without automatic batching, from the sizes of the batches it yielded: one
+    size (a smaller last batch allowed) is its batch; single sequences leave the batch to megallama; mixed sizes
+    cannot be one micro-batch, said in the note."""
+    full = sizes[:-1] if len(sizes) > 1 and sizes[-1] < sizes[0] else sizes
+    if not full or max(full) == 1:
+        return None, None
+    if len(set(full)) == 1:
+        return full[0], None
+    return None, (f"note: the {name} DataLoader's batches hold {min(full)} to {max(full)} sequences; megallama "
+                  "trains fixed micro-batches of its samples instead (set TrainingConfig.micro_batch_size)")
+
+
 class UserDataset(torch.utils.data.Dataset):
     """Samples normalised to the loop's layout for ``seq_length`` and ``vocab_size``."""
 
     def __init__(self, source, seq_length: int, vocab_size: int, name: str = "train"):
         self.seq_length, self.vocab_size, self.name = seq_length, vocab_size, name
         self.shuffle = False  # a DataLoader(shuffle=True): trained with --dataloader-type cyclic
-        if isinstance(source, torch.utils.data.DataLoader):
-            source = self._sampled(source, name)
+        # sequences per batch its DataLoader yields (None: no DataLoader, or one yielding single sequences)
+        self.batch_size: Optional[int] = None
+        self.batch_note: Optional[str] = None  # a DataLoader whose batches differ in size: said, not followed
+        loader = source if isinstance(source, torch.utils.data.DataLoader) else None
+        self.from_loader = loader is not None
+        if loader is not None:
+            self.batch_size = _loader_batch_size(loader)
+            source = self._sampled(loader, name)
         if isinstance(source, dict):  # one batch: {"input_ids": [b, s], ...}
             self.items = _samples_of(source)
         elif isinstance(source, (list, tuple)):  # held in memory already: split its batched items
@@ -52,7 +81,10 @@ class UserDataset(torch.utils.data.Dataset):
         elif torch.is_tensor(source):
             self.items = _samples_of(source)
         else:
-            self.items = [s for item in source for s in _samples_of(item)]
+            split = [_samples_of(item) for item in source]
+            self.items = [s for item in split for s in item]
+            if source is loader and self.batch_size is None:  # no automatic batching: its items are the batches
+                self.batch_size, self.batch_note = _yielded_batch([len(b) for b in split], name)
         if len(self.items) == 0:
             raise ConfigError(f"the {name} data holds no samples; give at least one sequence of "
                               f"{seq_length + 1} tokens")
@@ -62,11 +94,14 @@ class UserDataset(torch.utils.data.Dataset):
         DistributedSampler(shuffle=True)), or a SubsetRandomSampler's subset (its train/validation split). megallama
         splits them over data-parallel ranks itself; a sampler that would read other samples is refused."""
         data = torch.utils.data
-        sampler = loader.sampler
         if type(loader.batch_sampler) not in (data.BatchSampler, type(None)):
             raise ConfigError(f"the {name} DataLoader's {type(loader.batch_sampler).__name__} chooses its own "
                               "batches, which megallama would not follow; pass the dataset or a plain DataLoader")
         ds = loader.dataset
+        if isinstance(ds, data.IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            return loader  # its batches, as they come (its sampler is only a placeholder)
+        # DataLoader(batch_sampler=BatchSampler(RandomSampler(ds), ...)): the order is its sampler's
+        sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
         if isinstance(sampler, data.SubsetRandomSampler):
             self.shuffle = True
             return data.Subset(ds, list(sampler.indices))
@@ -77,8 +112,8 @@ class UserDataset(torch.utils.data.Dataset):
         elif not isinstance(sampler, data.SequentialSampler):
             raise ConfigError(f"the {name} DataLoader's {type(sampler).__name__} picks samples megallama would not "
                               "read the same way; pass the dataset (or a Subset of it) with shuffle=True/False")
-        if isinstance(ds, data.IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
-            return loader  # its batches, as they come
+        if loader.batch_sampler is None and len(ds) and len(_samples_of(ds[0])) > 1:
+            return loader  # batch_size=None over a dataset of batches: its batches, in its sampler's order
         return ds
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_hea
 SEQ = 16
 
 
-def _loader(n=16, batch=4, seed=0):
+def _loader(n=16, batch=2, seed=0):  # batch: the micro-batch per rank, as _cfg and the configs here fix it
     g = torch.Generator().manual_seed(seed)
     return DataLoader(TensorDataset(torch.randint(0, 512, (n, SEQ + 1), generator=g)), batch_size=batch)
 
