@@ -111,7 +111,7 @@ def load_adapter_from_args(chunks, args) -> None:
         n = load_adapter(path, chunks)
     except ConfigError as e:
         raise ConfigError(f"--load-adapter {path}: {e}") from None
-    print_rank_0(f"LoRA adapters start from {path} (rank 0 loaded {n} tensors)")
+    print_rank_0(f"LoRA adapters start from {path} ({n} tensors loaded on global rank 0)")
 
 
 def apply_adapter_for_generation(model, path: str, args, seed: int = 1234) -> LoRAConfig:

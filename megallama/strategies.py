@@ -93,6 +93,8 @@ class TrainingStrategy:
             return None
         p = self.parameters
         rank = int(p.get("lora_rank", 8))
+        if rank < 1:  # before alpha, whose default (2 x rank) a zero rank also zeroes
+            raise ConfigError(f"--lora-rank {rank} gives the adapters no dimension; pass a rank >= 1 (default 8)")
         targets = p.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"]
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",") if t.strip()]

@@ -291,8 +291,11 @@ def apply_training_strategy(chunks, args) -> None:
         shown = dict(strategy.parameters)
         if "upcycle" in shown:  # what was done, not the flag's default
             shown["upcycle"] = upcycle and not (pretrained and saved_moe)
-        print_rank_0(f"strategy {strategy.memory_kind}: rank 0 trains {_human(n)} of {_human(total)} parameters "
-                     f"({shown})")
+        lora = strategy.lora_config()
+        if lora is not None and "lora_alpha" not in shown:  # the default (2 x rank), as the run uses it
+            shown["lora_alpha"] = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+        print_rank_0(f"strategy {strategy.memory_kind}: this process (global rank 0) trains {_human(n)} of its "
+                     f"{_human(total)} parameters ({shown})")
 
 
 def configure_recompute(model, args) -> None:
@@ -315,7 +318,8 @@ def setup_model_and_optimizer(args, device):
     compression = config_from_args(args)  # bad compression flags fail before anything is built
     chunks = build_model_chunks(args, device)
     n_local = sum(p.numel() for m in chunks for p in m.parameters())
-    print_rank_0(f"rank 0 holds {_human(n_local)} parameters ({ps.get_grid_summary()}, zero stage {args.zero_stage})")
+    print_rank_0(f"global rank 0 holds {_human(n_local)} parameters ({ps.get_grid_summary()}, zero stage "
+                 f"{args.zero_stage})")
     if args.dry_run:
         print_rank_0(dry_run_report(args))
         return chunks, None

@@ -19,7 +19,6 @@ ranks): ``wrap_iterator`` attaches that count to each batch.
 from __future__ import annotations
 
 import os
-import warnings
 from collections import deque
 from typing import List, Optional, Sequence, Tuple
 
@@ -49,24 +48,31 @@ class SFTDataset(torch.utils.data.Dataset):
                  packing: bool = False, seed: int = 1234, name: str = "train", num_samples: Optional[int] = None):
         self.seq_length, self.pad_id, self.packing, self.name, self.seed = seq_length, pad_id, packing, name, seed
         n = seq_length + 1
-        convs, truncated, dropped = [], 0, 0
+        convs, truncated, cut_away, no_answer = [], 0, 0, 0
         for toks, mask in conversations:
+            if mask[1:].sum() == 0:  # no assistant turn at all: a longer sequence would not help
+                no_answer += 1
+                continue
             cut = len(toks) > n
             if cut:
                 toks, mask = toks[:n], mask[:n]
-            if mask[1:].sum() == 0:  # nothing left to learn (no answer, or answer truncated away)
-                dropped += 1
+            if mask[1:].sum() == 0:  # its answer was truncated away
+                cut_away += 1
                 continue
             truncated += cut  # counted once: a conversation cut and then dropped is only "dropped"
             convs.append((toks, mask))
-        if truncated or dropped:
-            _warn_rank0(f"{name}: {truncated} conversations truncated to --seq-length {seq_length} (+1 label "
-                        f"token) and kept, {dropped} without answer tokens dropped; raise --seq-length to keep more")
         if not convs:
-            if not any(m[1:].sum() for _, m in conversations):  # none to truncate: a longer sequence won't help
+            if not cut_away:  # none to truncate: a longer sequence won't help
                 raise ConfigError(f"no {name} conversation has an assistant turn, and only assistant answers are "
                                   "trained on; add assistant messages to the chat data")
             raise ConfigError(f"no {name} conversation has an assistant answer within --seq-length {seq_length}")
+        if no_answer:
+            _warn_rank0(f"{name}: {no_answer} conversations without an assistant turn dropped (only assistant "
+                        "answers are trained on)")
+        said = ([f"{truncated} conversations truncated to --seq-length {seq_length} (+1 label token) and kept"]
+                if truncated else []) + ([f"{cut_away} dropped whose answer was truncated away"] if cut_away else [])
+        if said:
+            _warn_rank0(f"{name}: {', '.join(said)}; raise --seq-length to keep more")
         order = np.random.RandomState(seed).permutation(len(convs))
         self.convs = convs
         self.samples: List[List[int]] = []
@@ -239,6 +245,9 @@ def build_sft_datasets(path: Optional[str], tokenizer, seq_length: int, seed: in
             valid = SFTDataset(convs[ranges[1][0]:ranges[1][1]], seq_length, template.pad_id, packing, seed + 1,
                                "valid")
         except ConfigError as e:
-            warnings.warn(f"no validation set: {e}")
+            _warn_rank0(f"no validation set: {e}")
+    if packing and len(train.convs) > 1 and train.samples_per_epoch == len(train.convs):
+        print_rank0(f"note: --sft-packing packed nothing: no two of the {len(train.convs)} train conversations fit "
+                    f"one sequence of --seq-length {seq_length} (+1 label token); a longer --seq-length packs more")
     train.chat_format = template.name
     return train, valid

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import warnings
 import zlib
 from typing import List, Optional, Tuple
 
@@ -196,9 +195,10 @@ def _rank0() -> bool:
 
 
 def warn_rank0(msg: str) -> None:
-    """Every rank reads the data; one warning is enough."""
-    if _rank0():
-        warnings.warn(msg, stacklevel=3)
+    """Every rank reads the data; one ``warning:`` line is enough (the project's one-line form: ``warnings.warn``
+    echoed the calling source line under it)."""
+    from megallama.initialize import warn_rank_0
+    warn_rank_0(msg)
 
 
 def print_rank0(msg: str) -> None:

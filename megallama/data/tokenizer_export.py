@@ -316,6 +316,8 @@ def _tiktoken_tokenizer_json(saved_args: dict, tok, bos: int, out_dir: str) -> s
 
 
 def _max_length(saved_args: dict) -> int:
-    """The run's sequence length; a converted model (no run, no seq_length): its context, not a made-up 4096."""
+    """The model's context (config.json's max_position_embeddings), as HF's Llama tokenizers have it: the run's
+    --seq-length is only what it trained on, and as the limit it made HF warn (and users truncate) below the context.
+    A checkpoint recording no context: its seq_length, else 4096."""
     ctx = (saved_args.get("model_config") or {}).get("max_position_embeddings")
-    return int(saved_args.get("seq_length") or ctx or 4096)
+    return int(ctx or saved_args.get("seq_length") or 4096)

@@ -4,7 +4,6 @@
 warned about; a fine-tuned chat model greedy-decodes its answer deterministically and stops at <|eot_id|>."""
 import json
 import os
-import warnings
 
 import pytest
 
@@ -76,33 +75,31 @@ def test_llama3_template_is_byte_and_id_exact_against_hf_apply_chat_template(tmp
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
 
 
-def test_empty_assistant_answer_is_skipped_with_a_count(tmp_path):
+def test_empty_assistant_answer_is_skipped_with_a_count(tmp_path, capsys):
     ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  \n"}]}
     later = {"messages": ok["messages"] + [{"role": "user", "content": "more"}, {"role": "assistant", "content": ""}]}
     path = _jsonl(tmp_path / "c.jsonl", [ok, empty, ok, later])
-    with pytest.warns(UserWarning, match=r"skipped 2 conversations with an empty assistant answer \(first at "
-                                         r"line 2\)"):
-        convs = read_chat_jsonl(path)
+    convs = read_chat_jsonl(path)
+    assert "skipped 2 conversations with an empty assistant answer (first at line 2)" in capsys.readouterr().err
     assert convs == [ok["messages"], ok["messages"]]
     with pytest.raises(ConfigError) as e:
         read_chat_jsonl(_jsonl(tmp_path / "e.jsonl", [empty, later]))
     assert "\n" not in str(e.value) and "every conversation" in str(e.value) and "lines 1...2" in str(e.value)
 
 
-def test_a_tokenizer_shipping_another_chat_format_is_warned_about(tmp_path):
+def test_a_tokenizer_shipping_another_chat_format_is_warned_about(tmp_path, capsys):
     bundled_rows = [{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
                                   {"role": "assistant", "content": "2 plus 2 is 4."}]}] * 4
     data = _jsonl(tmp_path / "c.jsonl", bundled_rows)
     llama2 = _llama3_like(tmp_path / "l2", ["<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>",
                                                               "chat_template": LLAMA2_TEMPLATE})
-    with pytest.warns(UserWarning, match="ships a chat template that is not Llama 3's"):  # auto would pick llama2
-        build_sft_datasets(data, build_tokenizer("hf", llama2), 256, split="100,0,0", chat_format="llama3")
+    build_sft_datasets(data, build_tokenizer("hf", llama2), 256, split="100,0,0", chat_format="llama3")
+    assert "ships a chat template that is not Llama 3's" in capsys.readouterr().err  # auto would pick llama2
     llama3 = _llama3_like(tmp_path / "l3", config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
                                                     "chat_template": LLAMA3_TEMPLATE})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        build_sft_datasets(data, build_tokenizer("hf", llama3), 256, split="100,0,0")
+    build_sft_datasets(data, build_tokenizer("hf", llama3), 256, split="100,0,0")
+    assert "warning:" not in capsys.readouterr().err
 
 
 def test_finetuned_chat_model_decodes_its_answer_and_stops_at_eot(tmp_path, one_thread):
