@@ -5,8 +5,9 @@
         --tokenizer-type llama3 --tokenizer-model /path/to/tokenizer.model --append-eod --workers 4
 
 writes data/corpus_text_document.bin/.idx (one ``_<key>_document`` pair per --json-keys key), to be passed as
-``--data-path data/corpus_text_document``. With several keys, document i of every pair comes from line i (an empty
-text is an empty document, as in Megatron); with one, empty texts are skipped. Next to each pair,
+``--data-path data/corpus_text_document``. An empty text is an empty document (no sequence, no eod), as in
+Megatron, so document i of every pair comes from line i; training's --split counts only documents with tokens. Next
+to each pair,
 ``<prefix>.tokenizer-info.json`` records the tokenizer (name and content fingerprint): training on the pair with
 another tokenizer is refused (Megatron's format has no such field; a pair without the record is checked by token-id
 range only). A malformed line is reported with its line number (exit 2) and nothing is written or overwritten;

@@ -1,11 +1,12 @@
 """Pretraining samples packed from documents, Megatron-style, and the entry point the training loop calls.
 
 Documents (already ending in eod, see preprocess) are split into train/valid/test by contiguous document ranges
-(``--split 98,2,0``, Megatron's rounding). Within a split, each epoch is built on its own from (seed, split, epoch):
-shuffle the documents, lay them end to end, cut the stream into samples of ``seq_length + 1`` tokens that overlap by
-one token (sample k starts at token k * seq_length, so every token is an input exactly once per epoch; the last
-< seq_length tokens are dropped), then shuffle the samples. Epochs never depend on how many are asked for, so sample
-i is the same whatever the run length: that is what makes resuming and extending a run exact.
+(``--split 98,2,0``, Megatron's rounding, counting the documents that hold tokens: an empty one moves no boundary).
+Within a split, each epoch is built on its own from (seed, split, epoch): shuffle the documents, lay them end to
+end, cut the stream into samples of ``seq_length + 1`` tokens that overlap by one token (sample k starts at token k
+* seq_length, so every token is an input exactly once per epoch; the last < seq_length tokens are dropped), then
+shuffle the samples. Epochs never depend on how many are asked for, so sample i is the same whatever the run length:
+that is what makes resuming and extending a run exact.
 """
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def split_document_ranges(num_documents: int, split) -> list[tuple[int, int]]:
     diff = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def split_ranges(indexed: IndexedDataset, split) -> list[tuple[int, int]]:
+    """``split_document_ranges`` over the documents that hold tokens, as [start, end) ranges of all documents.
+    Megatron's GPT datasets split by sequence, so an empty document (zero sequences: an empty text) moves no
+    boundary; for data with one sequence per document this is Megatron's split exactly."""
+    di = np.asarray(indexed.document_indices, dtype=np.int64)
+    full = np.flatnonzero(np.diff(di) > 0)  # the documents with sequences
+    edge = np.append(full, len(di) - 1)  # the k-th full document's index; past the last: the end
+    return [(0 if a == 0 else int(edge[a]), int(edge[b])) for a, b in split_document_ranges(len(full), split)]
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -143,8 +154,8 @@ def build_test_split(data: str, tokenizer, seq_length: int, seed: int, split, ca
                      num_samples: int | None) -> GPTDataset | None:
     """The test share of ``--split`` (its third weight) of one corpus; None when it holds no documents."""
     indexed = IndexedDataset(_resolve_prefix(data, tokenizer, cache_dir, False))
-    lo, hi = split_document_ranges(indexed.num_documents, split)[2]
-    if hi <= lo:
+    lo, hi = split_ranges(indexed, split)[2]
+    if indexed.document_indices[hi] <= indexed.document_indices[lo]:
         return None
     try:
         return GPTDataset(indexed, (lo, hi), seq_length, seed, num_samples, "test", salt=2)
@@ -274,13 +285,14 @@ def build_pretraining_datasets(data: str, tokenizer, seq_length: int, seed: int,
     if not data:
         raise ConfigError("no data given; pass --data-path with a .jsonl file or a .bin/.idx prefix")
     indexed = _open_corpus(data, tokenizer, cache_dir, progress)
-    ranges = split_document_ranges(indexed.num_documents, split)
-    if ranges[0][1] <= ranges[0][0]:
+    ranges = split_ranges(indexed, split)
+    di = indexed.document_indices
+    if di[ranges[0][1]] <= di[ranges[0][0]]:
         raise ConfigError(f"--split {split} leaves no training documents out of {indexed.num_documents}; "
                           f"give the first weight more")
     train = GPTDataset(indexed, ranges[0], seq_length, seed, num_train_samples, "train", salt=0)
     valid = None
-    if ranges[1][1] > ranges[1][0]:
+    if di[ranges[1][1]] > di[ranges[1][0]]:
         try:
             valid = GPTDataset(indexed, ranges[1], seq_length, seed, num_valid_samples, "valid", salt=1)
         except ConfigError as e:  # too few validation tokens for one sample: train without eval rather than fail

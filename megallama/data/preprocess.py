@@ -172,10 +172,10 @@ def _encode_chunk(job):
                 lengths[-1] += 1
             docs.append((np.asarray(tokens, dtype=np.int64), lengths))
         out[k] = docs
-    # an empty text stays an empty document (no eod, as in Megatron) so that the keys' files stay row-aligned;
-    # one key has nothing to align with and drops it
-    keep = [n for n, (d, _) in enumerate(out[keys[0]]) if len(keys) > 1 or d.size]
-    return "ok", {k: [out[k][n] for n in keep] for k in keys}, n_bytes, [linenos[n] for n in keep]
+    # an empty text stays an empty document (zero sequences, no eod), as Megatron's builder writes it with one key or
+    # several; training's --split counts only documents that hold tokens (gpt_dataset.split_ranges), as Megatron's
+    # sequence split does, so empty documents change neither the splits nor the samples
+    return "ok", out, n_bytes, linenos
 
 
 def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> str:
@@ -206,9 +206,9 @@ def preprocess_jsonl(input: str, output_prefix: str, tokenizer, workers: int = 1
     each with a ``.tokenizer-info.json`` naming the tokenizer, so that training with another one is refused.
     Returns {key: dataset prefix}. Raises ConfigError (path and line number) on a missing file, a malformed line or
     no documents at all, leaving existing outputs untouched, and before any work when an output exists and
-    ``overwrite`` is off. With one key, empty texts are skipped; with several, an empty text is an empty document
-    (zero sequences, no eod: Megatron's layout, which its GPT datasets and ours skip), so that document i of every
-    key's file comes from line i. ``caller`` ("preprocess" or "pretrain") picks the fix that an
+    ``overwrite`` is off. An empty text is an empty document (zero sequences, no eod), byte for byte as Megatron's
+    preprocess_data.py writes it, with one key or several (document i of every key's file comes from line i; blank
+    lines are skipped). ``caller`` ("preprocess" or "pretrain") picks the fix that an
     error names: pretraining has no --json-keys. Megatron's options: ``partitions`` > 1 orders the documents as its
     merged partitions do (line i in partition i % partitions; in input order with ``keep_sequential_samples``),
     ``add_special_tokens`` lets an HF tokenizer.json add its own bos (Megatron's HuggingFaceTokenizer),

@@ -43,8 +43,8 @@ def test_keys_stay_row_aligned_when_a_text_is_empty(tmp_path, bundled_tokenizer,
     assert len(train) > 0 and valid is not None and len(valid) > 0
 
 
-def test_one_key_still_drops_empty_texts(tmp_path, bundled_tokenizer):
+def test_one_key_keeps_empty_texts_as_megatron(tmp_path, bundled_tokenizer):
     src = tmp_path / "one.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in ROWS))
     p = preprocess_jsonl(str(src), str(tmp_path / "one"), bundled_tokenizer, progress=False)["text"]
-    assert IndexedDataset(p).num_documents == sum(1 for t, _ in ROWS if t)
+    assert IndexedDataset(p).num_documents == len(ROWS) and len(IndexedDataset(p)) == sum(1 for t, _ in ROWS if t)
