@@ -85,8 +85,9 @@ class PerformanceBenchmark:
     def print_summary(self) -> str:
         if not self.results:
             raise ConfigError("no results yet; call run_comprehensive_benchmark() first")
+        unit = "CPU" if all(r.get("device") == "cpu" for r in self.results) else "GPU"  # what tok/s is per
         lines = [f"{self.model_variant}, sequence {self.sequence_length}:",
-                 f"{'impl':>12s} {'mbs':>4s} {'tok/s/GPU':>10s} {'step s':>8s} {'peak GiB':>9s}"]
+                 f"{'impl':>12s} {'mbs':>4s} {'tok/s/' + unit:>10s} {'step s':>8s} {'peak GiB':>9s}"]
         for r in self.results:
             impl = r.get("impl", "megallama")
             if "error" in r:
