@@ -35,6 +35,9 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(ga
                        r"input_layernorm|post_attention_layernorm)\.weight$")
 _TOP = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # config.json facts our ModelConfig does not hold
+# what tokenizer_export reads from an imported model's tokenizer folder: copied into the checkpoint with it
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_DIR = "tokenizer"  # inside the checkpoint (iter_0000000/tokenizer), recorded relative to it
 
 
 def check_names(names, cfg: ModelConfig, source: str) -> None:
@@ -82,16 +85,25 @@ def _hf_weight_files(hf_dir: str) -> Dict[str, str]:
     if not os.path.isfile(single):
         raise ConfigError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json; convert "
                           ".bin checkpoints to safetensors first")
-    from safetensors import safe_open
-    with safe_open(single, "pt") as f:
+    with _safe_open(single) as f:
         return {k: "model.safetensors" for k in f.keys()}
+
+
+def _safe_open(path: str):
+    """safetensors' reader, its errors on a damaged file (a cut download: "incomplete metadata") as one line."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as e:
+        raise ConfigError(f"{path} is corrupt or incomplete ({e}); re-download it") from None
 
 
 def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, max_file_bytes: int = 2 << 30) -> str:
-    from safetensors import safe_open
+    from safetensors import SafetensorError
     from megallama.checkpointing.full import write_full_checkpoint
     refuse_existing(output)
+    created = not os.path.exists(output)
     hf = read_hf_config(hf_dir)
     cfg = hf_config_to_model_config(hf, model_name or os.path.basename(os.path.normpath(hf_dir)))
     where = _hf_weight_files(hf_dir)
@@ -108,32 +120,49 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
                     path = os.path.join(hf_dir, file)
                     if not os.path.isfile(path):
                         raise ConfigError(f"{path} (listed in the index) is missing; the download is incomplete")
-                    handles[file] = safe_open(path, "pt")
-                t = handles[file].get_tensor(name)
+                    handles[file] = _safe_open(path)
+                try:
+                    t = handles[file].get_tensor(name)
+                except SafetensorError as e:
+                    raise ConfigError(f"{os.path.join(hf_dir, file)} is corrupt or incomplete ({e}); re-download "
+                                      "it") from None
                 yield name, (t.to(dtype) if dtype is not None else t)
         finally:
             handles.clear()
 
     args = {"model": cfg.name, "model_config": cfg.to_dict(), "converted_from": os.path.abspath(hf_dir),
             "hf_token_ids": {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}}  # written back on export
-    args.update(folder_tokenizer(hf_dir, hf.get("bos_token_id")))
-    return write_full_checkpoint(output, tensors(), args, iteration=0, max_file_bytes=max_file_bytes)
+    recorded, files = folder_tokenizer(hf_dir, hf.get("bos_token_id"))
+    args.update(recorded)
+    try:
+        return write_full_checkpoint(output, tensors(), args, iteration=0, max_file_bytes=max_file_bytes,
+                                     files=files)
+    except BaseException:  # what this run made, so that a re-run after fixing the input is not refused
+        from megallama.checkpointing.files import checkpoint_dir
+        shutil.rmtree(checkpoint_dir(output, 0) + ".tmp", ignore_errors=True)
+        if created and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)
+        raise
 
 
-def folder_tokenizer(hf_dir: str, bos_token_id: Optional[int] = None) -> dict:
-    """The tokenizer flags of a folder that has no tokenizer.json but a ``tokenizer.model`` (what an export of a
-    sentencepiece run writes, and Llama 1/2's releases): sentencepiece, or a Llama 3 tiktoken ranks file (text lines
-    "<base64> <rank>"). An HF tokenizer.json is found from ``converted_from`` as before (nothing recorded). A folder
-    whose bos is the tokenizer's eod (an export of a megallama run) keeps that run's prompt convention."""
+def folder_tokenizer(hf_dir: str, bos_token_id: Optional[int] = None) -> Tuple[dict, Dict[str, str]]:
+    """(arguments to record, {name in the checkpoint: file}) for the folder's tokenizer: its tokenizer.json, else a
+    ``tokenizer.model`` (what an export of a sentencepiece run writes, Llama 1/2's releases; or a Llama 3 tiktoken
+    ranks file), copied into the checkpoint with the configs the export reads, so that it outlives the folder
+    (``checkpoint_tokenizer`` reads it by ``tokenizer_files``). A tokenizer.model folder whose bos is the
+    tokenizer's eod (an export of a megallama run) keeps that run's prompt convention."""
     from megallama.data.tokenizer import build_tokenizer, tokenizer_model_kind
-    model = os.path.join(os.path.abspath(hf_dir), "tokenizer.model")
-    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")) or not os.path.isfile(model):
-        return {}
-    out = {"tokenizer_type": tokenizer_model_kind(model), "tokenizer_model": model}
-    tok = build_tokenizer(out["tokenizer_type"], model)
-    if bos_token_id is not None and bos_token_id == tok.eod != tok.bos_id:
-        out["inherited_prompt_prefix"] = "eod"
-    return out
+    present = [n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if "tokenizer.json" not in present and "tokenizer.model" not in present:
+        return {}, {}
+    out = {"tokenizer_files": TOKENIZER_DIR}
+    files = {f"{TOKENIZER_DIR}/{n}": os.path.join(os.path.abspath(hf_dir), n) for n in present}
+    if "tokenizer.json" not in present:
+        model = os.path.join(hf_dir, "tokenizer.model")
+        tok = build_tokenizer(tokenizer_model_kind(model), model)
+        if bos_token_id is not None and bos_token_id == tok.eod != tok.bos_id:
+            out["inherited_prompt_prefix"] = "eod"
+    return out, files
 
 
 # ---------------------------------------------------------------- megallama -> HF
@@ -152,6 +181,11 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     notes = notes if notes is not None else []
     refuse_existing(output)  # before reading a 405B checkpoint, not after
     ckpt, common, reader = open_checkpoint(load)
+    from megallama.checkpointing.files import tracker_gap
+    from megallama.initialize import warn_rank_0
+    gap = tracker_gap(load, ckpt)
+    if gap:
+        warn_rank_0(gap)
     cfg_dict = common.get("args", {}).get("model_config")
     if not cfg_dict:
         raise ConfigError(f"{ckpt} records no model config; it was not written by megallama")
@@ -256,6 +290,8 @@ def _with_tokenizer(saved: dict, tokenizer_type, tokenizer_model, model_vocab: i
     from megallama.generation_cli import check_tokenizer
     out = dict(saved, **{k: v for k, v in (("tokenizer_type", tokenizer_type), ("tokenizer_model", tokenizer_model))
                          if v is not None})
+    if tokenizer_model is None and (tokenizer_type or "").lower() == "bundled":  # ours ships in the package: the
+        out["tokenizer_model"] = None  # checkpoint's file (of another tokenizer, maybe gone) is not it
     warning = check_tokenizer(run_tokenizer(out), saved, model_vocab)
     if warning:
         notes.append(f"warning: {warning}")
@@ -295,7 +331,8 @@ def main(argv=None) -> int:
         dtype = _DTYPES[args.dtype] if args.dtype else None
         if args.direction == "hf-to-megallama":
             out = hf_to_megallama(args.hf_dir, args.output, args.model_name, dtype, _size(args.max_file_size))
-            saved = torch.load(os.path.join(out, "common.pt"), weights_only=True)["args"]
+            from megallama.checkpointing.full import saved_args
+            saved = saved_args(out)  # its tokenizer_files made absolute
             cfg = ModelConfig.from_dict(saved["model_config"])
             print(f"wrote {out}\ntrain from it with: --load {args.output} --use-checkpoint-args [--finetune]"
                   f"{tokenizer_flags(saved)}\n(or name the shape yourself: {flags_for(cfg)})")

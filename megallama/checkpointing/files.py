@@ -335,6 +335,19 @@ def resolve_load_dir(load: str) -> List[str]:
     return [checkpoint_dir(load, i) for i in reversed(iters)]
 
 
+def tracker_gap(load: str, ckpt: str) -> Optional[str]:
+    """Why ``ckpt`` is not the iteration ``load``'s tracker names, when that iteration's directory is missing (the
+    newest one present is used then, as ``resolve_load_dir`` orders them): said so that no reader uses another
+    iteration unsaid. None when the tracker's iteration is the one used, or ``load`` names one checkpoint."""
+    tracked = read_tracker(load) if os.path.isdir(load) else None
+    used = iteration_of(ckpt)
+    if tracked is None or used is None or used == tracked or tracked in list_iterations(load):
+        return None
+    missing = os.path.basename(checkpoint_dir(load, tracked))
+    return (f"{os.path.join(load, TRACKER)} names iteration {tracked}, but {missing} is missing; using iteration "
+            f"{used} ({ckpt}), the newest there")
+
+
 def iteration_of(ckpt: str) -> Optional[int]:
     m = _ITER_RE.match(os.path.basename(os.path.normpath(ckpt)))
     return int(m.group(1)) if m else None

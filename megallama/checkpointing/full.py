@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -21,8 +21,11 @@ from megallama.initialize import warn_rank_0 as _warn
 
 
 def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Tensor]], args: dict,
-                          iteration: int = 0, max_file_bytes: int = 2 << 30) -> str:
-    """Write full tensors (streamed: at most ``max_file_bytes`` held at once) as iteration ``iteration``."""
+                          iteration: int = 0, max_file_bytes: int = 2 << 30,
+                          files: Optional[Dict[str, str]] = None) -> str:
+    """Write full tensors (streamed: at most ``max_file_bytes`` held at once) as iteration ``iteration``. ``files``
+    ({name inside the checkpoint: source path}) are copied in and manifested with it (an imported model's tokenizer:
+    the checkpoint must not depend on the folder it came from)."""
     final = F.checkpoint_dir(save, iteration)
     tmp = final + ".tmp"
     try:
@@ -52,6 +55,10 @@ def write_full_checkpoint(save: str, named_tensors: Iterable[Tuple[str, torch.Te
             if size >= max_file_bytes:
                 flush()
         flush()
+        for name, src in (files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(tmp, name))
+            manifest[name] = F.describe_file(os.path.join(tmp, name))
         common = {"format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": 0, "args": args,
                   "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1, "vpp": 1, "ep": 1}, "zero_stage": 0,
                   "index": index, "optimizer_scalars": {}, "extra": {}}
@@ -80,11 +87,21 @@ def open_checkpoint(load: str, verify: bool = True) -> Tuple[str, dict, ShardRea
             reason = F.check_files(ckpt, F.read_manifest(ckpt))
         if reason is None:
             common = load_common(ckpt)
+            local_tokenizer(common.get("args", {}), ckpt)
             return ckpt, common, ShardReader(ckpt, common["index"])
         if len(candidates) > 1:
             _warn(f"skipping checkpoint {ckpt}: {reason}")
         reasons.append(f"{os.path.basename(ckpt)}: {reason}")
     raise ConfigError(f"no usable checkpoint in {load} ({'; '.join(reasons)}); restore a good one")
+
+
+def local_tokenizer(args: dict, ckpt: str) -> dict:
+    """``tokenizer_files`` (the tokenizer an HF import copied into its checkpoint) is recorded relative to the
+    checkpoint, so that the checkpoint can be moved; made absolute here, where the checkpoint's place is known."""
+    rel = args.get("tokenizer_files")
+    if rel and not os.path.isabs(rel):
+        args["tokenizer_files"] = os.path.join(os.path.abspath(ckpt), rel)
+    return args
 
 
 def saved_args(load: str) -> dict:

@@ -283,9 +283,14 @@ def build_tokenizer(tokenizer_type: str = "bundled", tokenizer_model: str | None
 
 def checkpoint_tokenizer(saved_args: dict) -> Tuple[Optional[str], Optional[str]]:
     """(--tokenizer-type, --tokenizer-model) a checkpoint was trained with, from its saved arguments; an HF model
-    imported by ``convert_checkpoint.py hf-to-megallama`` uses the tokenizer.json of the folder it came from."""
+    imported by ``convert_checkpoint.py hf-to-megallama`` uses the tokenizer.json (else tokenizer.model) it copied
+    into the checkpoint (``tokenizer_files``, made absolute by ``open_checkpoint``); older imports, which copied none,
+    that of the folder they came from."""
     t, path = saved_args.get("tokenizer_type"), saved_args.get("tokenizer_model")
     hf_dir = saved_args.get("converted_from")
+    own = saved_args.get("tokenizer_files")
+    if own and os.path.isabs(own) and os.path.isdir(own):
+        hf_dir = own
     if hf_dir and t is None and path is None:
         if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
             return "hf", hf_dir

@@ -297,7 +297,8 @@ def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
         return finetune_llama.prepare_finetune_args(parse_args(
             common + ["--pretrained-checkpoint", pretrained, "--save", save, "--load", save, *extra], world_size=1))
     args = finetune(str(tmp_path / "hf"), sft, "--exit-interval", "2")
-    assert (args.tokenizer_type, args.tokenizer_model) == ("hf", str(tmp_path / "hf"))
+    own = os.path.join(args.pretrained_checkpoint, "iter_0000000", "tokenizer")  # the conversion's copy of it
+    assert (args.tokenizer_type, args.tokenizer_model) == ("hf", own)
     assert args.model_config.rope_scaling.factor == 8.0 and args.model_config.num_layers == 2
     out = pretrain(args)
     assert out["iteration"] == 2 and math.isfinite(out["losses"][2])
@@ -305,7 +306,7 @@ def test_finetune_from_hf_folder_takes_its_shape_and_tokenizer(tmp_path):
     assert sorted(out["losses"]) == [3, 4]
     # the fine-tuned run's checkpoint records that tokenizer, so fine-tuning it in turn picks it up
     again = finetune(sft, str(tmp_path / "sft2"))
-    assert (again.tokenizer_type, again.tokenizer_model) == ("hf", str(tmp_path / "hf"))
+    assert (again.tokenizer_type, again.tokenizer_model) == ("hf", own)
     # and the HF model's prompt convention (bos, not a megallama run's eod), resumed launch included
     from megallama.checkpointing.full import open_checkpoint
     from megallama.data.tokenizer_export import auto_prompt_prefix
@@ -356,4 +357,5 @@ def test_import_hint_names_the_models_tokenizer(tmp_path, capsys):
     shutil.copy(build_tokenizer("bundled").path, model_file)  # a sentencepiece model, as Llama 2's releases
     assert conv.main(["hf-to-megallama", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "m2")]) == 0
     line = capsys.readouterr().out.splitlines()[1]
-    assert line.endswith(f"--finetune] --tokenizer-type sentencepiece --tokenizer-model {model_file}"), line
+    own = os.path.join(tmp_path, "m2", "iter_0000000", "tokenizer", "tokenizer.model")  # copied into the checkpoint
+    assert line.endswith(f"--finetune] --tokenizer-type sentencepiece --tokenizer-model {own}"), line
