@@ -46,6 +46,7 @@ def check_run_flags(args) -> None:
     if args.exit_interval is not None and args.exit_interval < 0:
         raise ConfigError(f"--exit-interval must be >= 0 (0: off), got {args.exit_interval}")
     args.exit_interval = args.exit_interval or None  # Megatron's 0 is off
+    _note_unused_eval_iters(args)
     if args.eval_iters < 1:  # Megatron's: no validation and no test evaluation (its -1 and 0 alike)
         args.eval_iters, args.eval_interval = 0, None
     if args.min_loss_scale <= 0 or args.loss_scale_window < 1 or args.hysteresis < 1:
@@ -66,6 +67,21 @@ def check_run_flags(args) -> None:
         raise ConfigError("--epochs counts passes over a dataset and --mock-data has none; give --train-iters")
     if args.tokenizer_model and os.path.exists(args.tokenizer_model):  # saved in checkpoints: must not depend on cwd
         args.tokenizer_model = os.path.abspath(args.tokenizer_model)
+
+
+def _note_unused_eval_iters(args) -> None:
+    """A typed --eval-iters that evaluates nothing, in one warning: a negative one (Megatron's reading: off, not
+    "the whole validation set"), or one without --eval-interval (megallama's default; Megatron's is 1000)."""
+    from megallama.initialize import warn_rank_0
+    if args.eval_iters < 0:
+        warn_rank_0(f"--eval-iters {args.eval_iters} evaluates nothing (below 1 is off, as in Megatron; it is not "
+                    "the whole validation set); pass a number of batches to evaluate")
+    given = getattr(args, "given_flags", None) or ()
+    if args.eval_iters > 0 and "eval_iters" in given and "eval_interval" not in given and not (
+            args.eval_interval or getattr(args, "valid_data_path", None) or getattr(args, "skip_train", False)):
+        warn_rank_0(f"--eval-iters {args.eval_iters} without --eval-interval evaluates nothing (megallama validates "
+                    "every --eval-interval iterations and at the end; Megatron's default is 1000); add "
+                    "--eval-interval N")
 
 
 def check_context_parallel(args) -> None:

@@ -195,6 +195,12 @@ class OptimizerParamScheduler:
         a full global batch, under --rampup-batch-size)."""
         self.skipped_iters += iterations
 
+    def start_afresh(self, position: float) -> None:
+        """Megatron's --no-load-optim loads no scheduler: a resume's schedule starts again from its first step at
+        the loaded ``position`` (global batches), kept as updates it does not count; saved, so a later resume of
+        this run goes on from where it is."""
+        self.skipped_iters = position
+
     def settings(self) -> dict:
         return dict(max_lr=self.max_lr, min_lr=self.min_lr, init_lr=self.init_lr, warmup_iters=self.warmup_iters,
                     decay_iters=self.decay_iters, decay_style=self.decay_style,

@@ -39,6 +39,7 @@ from megallama.optimizer.distributed import finish_param_sync
 from megallama.profiling import StepProfiler
 from megallama.progress_log import ProgressLog
 from megallama.progress import ProgressBar
+from megallama.run_bounds import check_load_dir, elapsed_text, exit_interval_line, nothing_to_train
 from megallama.timers import Timers, timed_iterator
 from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
                                       given_data, setup_model_and_optimizer)
@@ -83,6 +84,7 @@ def pretrain(args, datasets=None) -> dict:
     (train, valid) map-style datasets to train on instead of what ``build_data`` makes from the flags.
     Ctrl-C raises ``TrainingInterrupted`` (a KeyboardInterrupt) saying where the run stopped and what is saved."""
     check_save_dir(args)  # before anything is built or written: never train over another run's checkpoints
+    check_load_dir(args)
     args.run_start_time = time.time()  # --exit-duration-in-mins counts from here (setup and loading included)
     progress = RunProgress(args.save)
     with report_interrupt(progress):
@@ -116,6 +118,9 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         progress.done = start_iter
         if start_iter:
             print_rank_0(f"resumed from {args.load} at iteration {start_iter} ({consumed} samples consumed)")
+        if start_iter and getattr(args, "no_load_optim", False) and not args.finetune:  # no schedule was loaded
+            ramp_load = getattr(args, "batch_rampup", None)
+            scheduler.start_afresh(consumed / args.global_batch_size if ramp_load else start_iter)
     from megallama.data.gpt_dataset import build_data_iterator
     data_iter = build_data_iterator(train_ds, args.micro_batch_size, consumed, ps.get_data_parallel_rank(),
                                     ps.get_data_parallel_world_size(), args.num_workers)
@@ -144,6 +149,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                     "no mem-* tags are written")
     progress_log = ProgressLog(args, consumed, flops_tok, dist.get_rank() if dist.is_initialized() else 0)
     saver = RunSaver(args, model_chunks, optimizer, scheduler, progress, progress_log)  # sync or --async-save
+    nothing_to_train(args, start_iter, consumed, saver)
     world = dist.get_world_size() if dist.is_initialized() else 1
     history, grad_norms, times, valid_losses, skipped_in_row = {}, {}, {}, {}, 0
     interval_skipped, interval_nan = 0, 0  # Megatron's counts: per log interval
@@ -153,7 +159,7 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         end_iter = min(end_iter, (start_iter // args.exit_interval + 1) * args.exit_interval)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    exit_signal, saved, stopped_early = None, None, False
+    exit_signal, saved, stopped_early, path = None, None, False, None
     if args.save and getattr(args, "exit_signal_handler", None) is not False:  # on by default with --save
         from megallama.checkpointing.signals import ExitSignalHandler
         exit_signal = ExitSignalHandler()
@@ -293,8 +299,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         if t_pause is not None:
             t_last += _sync_time(device) - t_pause
         if out_of_time:
-            minutes = (time.time() - args.run_start_time) / 60
-            print_rank_0(f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached after {minutes:.1f} minutes"
+            took = elapsed_text(time.time() - args.run_start_time, args.exit_duration_in_mins)
+            print_rank_0(f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached after {took}"
                          f": stopping at iteration {step}" + (f", checkpoint {path} saved" if do_save else
                                                               " (no --save: nothing saved)"))
             end_iter, stopped_early = step, True
@@ -308,6 +314,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             break
     mprof.close()
     saver.finish()  # --async-save: the save in flight is published before the run returns
+    if not stopped_early and start_iter < end_iter < args.train_iters:  # --exit-interval stopped it
+        print_rank_0(exit_interval_line(args, end_iter, path if saved == end_iter else None))
     finish_param_sync(model_chunks)  # --overlap-param-gather: the last step's all-gathers; final on return
     # a validation corpus is for using; --eval-iters 0 evaluates nothing (Megatron's)
     validates = args.eval_iters > 0 and (args.eval_interval or getattr(args, "valid_data_path", None))

@@ -46,9 +46,12 @@ def check_compatible(common: dict, args, ckpt: str, finetune: bool = False) -> N
                 hint = f" (a mixture-of-experts run: pass its {strategy_flags(common['args'])})"
             if k == "tie_word_embeddings":
                 hint = _tie_hint(bool(saved.get(k)), args)
-            raise ConfigError(f"checkpoint {ckpt} is for a different model ({common['args'].get('model')}: {k}="
-                              f"{saved.get(k)}, this run has {now.get(k)}){hint}{', or' if hint else ';'} load a "
-                              "checkpoint of the same model")
+            flag = "--" + k.replace("_", "-")
+            fix = "load a checkpoint of the same model" if hint else (
+                f"pass --use-checkpoint-args to train the checkpoint's model (or its shape flags: {flag} "
+                f"{saved.get(k)} ...), or load a checkpoint of this run's model")
+            raise ConfigError(f"checkpoint {ckpt} is for a different model (its {k}={saved.get(k)}, this run has "
+                              f"{now.get(k)}){hint}{', or' if hint else ';'} {fix}")
     for k in BEHAVIOUR_KEYS:
         if k in saved and saved.get(k) != now.get(k):
             _warn(f"checkpoint {ckpt} was trained with {k}={saved.get(k)}, this run uses {now.get(k)}")

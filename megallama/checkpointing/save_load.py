@@ -222,10 +222,14 @@ def load_checkpoint(load: str, model_chunks, optimizer, args, finetune: bool = F
             _warn(f"skipping checkpoint {ckpt}: {reason}")
             bad.append(ckpt)
             continue
+        gap = F.tracker_gap(load, ckpt) if _rank() == 0 else None
+        if gap:  # the newest present is loaded, as before, but not unsaid (the export says it too)
+            _warn(gap)
         if not finetune:  # Megatron's: validation goes on after the samples it had read
             args.consumed_valid_samples = int(common.get("args", {}).get("consumed_valid_samples") or 0)
-        # an eval-only run (--skip-train) never steps the schedule: another --train-iters there changes nothing
-        if scheduler is not None and not finetune and not getattr(args, "skip_train", False):
+        # an eval-only run (--skip-train) never steps the schedule: another --train-iters there changes nothing;
+        # --no-load-optim loads no schedule (Megatron's): it starts afresh, nothing to compare
+        if scheduler is not None and not finetune and not no_optim and not getattr(args, "skip_train", False):
             scheduler.load_state_dict(_saved_scheduler(common), getattr(args, "override_opt_param_scheduler", False),
                                       getattr(args, "use_checkpoint_opt_param_scheduler", False))
         return _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, finetune, quiet,
@@ -282,7 +286,7 @@ def _apply(ckpt, common, reader, plan, model_chunks, optimizer, keys, rng_file, 
             optimizer.reload_model_params()  # fp32 master copies must follow the loaded weights
         if no_optim:  # Megatron's --no-load-optim: the run goes on (iteration, data, RNG) with a fresh optimizer
             _say(f"loaded weights from {ckpt} at iteration {iteration}; --no-load-optim: the optimizer starts "
-                 "afresh")
+                 "afresh, and so does the LR schedule (from its warmup, with this run's flags), as in Megatron")
             return _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, None)
         if not finetune and iteration > 0 and optimizer is not None:  # Megatron refuses: a fresh Adam is a choice
             reader.close()
