@@ -10,7 +10,8 @@ Same flags and training loop as ``pretrain_llama.py``; what differs is the data 
   assistant answers, normalised by the answer tokens of the whole global batch (default: the bundled sample);
   one padded conversation per sample, or ``--sft-packing``;
 * start: ``--pretrained-checkpoint`` is a megallama checkpoint of any layout, or an HF model folder
-  (config.json + safetensors; converted once next to ``--save``, again when its config or weights change);
+  (config.json + safetensors; converted once into ``pretrained_from_hf/`` under ``--save``, or under the working
+  directory without one, again when its config or weights change);
   ``--load X --finetune`` means the same;
   its tokenizer (an HF folder's tokenizer.json, or the run's) unless ``--tokenizer-*`` name one, and with
   ``--use-checkpoint-args`` its shape;
