@@ -167,7 +167,8 @@ def measure(argv, steps: int = 3, device: str = None) -> dict:
     from megallama.mpu import parallel_state as ps
     from megallama.ops import _extension
     from megallama.training import make_forward_step
-    from megallama.training_setup import finalize_model_grads, get_forward_backward, setup_model_and_optimizer
+    from megallama.finalize_model_grads import finalize_model_grads
+    from megallama.training_setup import get_forward_backward, setup_model_and_optimizer
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     extra = ["--mock-data", "--train-iters", str(steps)] + (["--device", device] if device else [])
     if "--fp16" not in argv and "--bf16" not in argv and "--mixed-precision" not in argv:

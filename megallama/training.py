@@ -21,6 +21,7 @@ from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
 from megallama.errors import ConfigError
 from megallama.evaluation import evaluate_only, global_mean_loss, validate
+from megallama.finalize_model_grads import finalize_model_grads
 from megallama.initialize import initialize_megatron, is_rank_0, print_rank_0, print_rank_last, warn_rank_0
 from megallama.logging import (MEM_FIELD, TrainingLogger, check_wandb_installed, device_peak_flops, flops_per_token,
                                format_log_line, max_over_ranks, memory_report,
@@ -41,8 +42,8 @@ from megallama.progress_log import ProgressLog
 from megallama.progress import ProgressBar
 from megallama.run_bounds import check_load_dir, elapsed_text, exit_interval_line, nothing_to_train
 from megallama.timers import Timers, timed_iterator
-from megallama.training_setup import (build_data, build_test_data, finalize_model_grads, get_forward_backward,
-                                      given_data, setup_model_and_optimizer)
+from megallama.training_setup import (build_data, build_test_data, get_forward_backward, given_data,
+                                      setup_model_and_optimizer)
 
 
 def _autocast(args, device):

@@ -209,7 +209,8 @@ def test_checkpoint_host_copy_is_what_a_save_copies(tmp_path):
     dev = initialize_megatron(args)
     chunks, optimizer = setup_model_and_optimizer(args, dev)
     from megallama.training import make_forward_step
-    from megallama.training_setup import finalize_model_grads, get_forward_backward
+    from megallama.finalize_model_grads import finalize_model_grads
+    from megallama.training_setup import get_forward_backward
     get_forward_backward(args)(make_forward_step(args, dev), measure_memory._batches(args, dev), chunks,
                                args.num_microbatches, args.seq_length, args.micro_batch_size, forward_only=False)
     finalize_model_grads(chunks, args)

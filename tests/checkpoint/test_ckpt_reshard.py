@@ -10,7 +10,7 @@ import torch
 from ckpt_helpers import REPO, TINY, close, losses, ok, run
 
 # Untied: the loop does not yet all-reduce the tied embedding/output copies across pipeline stages
-# (pipeline.allreduce_embedding_gradients is not called by training_setup.finalize_model_grads).
+# (pipeline.allreduce_embedding_gradients is not called by finalize_model_grads.finalize_model_grads).
 ARGS = TINY + ["--untie-embeddings-and-output-weights", "--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6"]
 
 
