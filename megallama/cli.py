@@ -99,7 +99,24 @@ def _wait(proc) -> int:
                 proc.terminate()
 
 
+def _asks_help(argv: Sequence[str]) -> bool:
+    flags = list(argv)[:list(argv).index("--")] if "--" in argv else list(argv)
+    return "-h" in flags or "--help" in flags
+
+
+def _help(build_parser, prog: str) -> int:
+    """A subcommand's --help under its own name: its parser is shared with a script and named for that
+    (``usage: megallama`` for ``megallama train``, ``usage: estimate-memory``)."""
+    p = build_parser()
+    p.prog = prog
+    p.print_help()
+    return 0
+
+
 def train(argv: List[str]) -> int:
+    if _asks_help(argv):  # before --dry-run or --gpus relaunch: help is printed, nothing runs
+        from megallama.arguments import build_parser
+        return _help(build_parser, "megallama train")
     if "--dry-run" in argv:
         return dry_run(argv)
     gpus, nodes = _world(argv)
@@ -127,7 +144,7 @@ def benchmark(argv: List[str]) -> int:
     import json
     from megallama.benchmarking import PerformanceBenchmark
     from megallama.arguments import _OneLineErrors
-    p = _OneLineErrors("benchmark", allow_abbrev=False)
+    p = _OneLineErrors("megallama benchmark", allow_abbrev=False)
     p.add_argument("--model", default="tiny_llama3_150m")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq-length", type=int, default=512)
@@ -160,7 +177,8 @@ def check_results_path(path: Optional[str], flag: str = "--save-results") -> Non
 def validate_env(argv: List[str]) -> int:
     from megallama.arguments import _OneLineErrors
     from megallama.environment import format_environment, validate_environment
-    p = _OneLineErrors("validate-env", description="torch / CUDA / NCCL / kernels / disk checks", allow_abbrev=False)
+    p = _OneLineErrors("megallama validate-env", description="torch / CUDA / NCCL / kernels / disk checks",
+                       allow_abbrev=False)
     p.add_argument("--path", default=None, help="the directory whose free disk space to check (e.g. --save)")
     report = validate_environment(p.parse_args(argv).path)
     print(format_environment(report))
@@ -181,8 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: unknown command '{cmd}'; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if cmd == "estimate-memory":
-        from megallama.memory_cli import main as estimate_main
-        return estimate_main(rest)
+        from megallama.memory_cli import build_parser, main as estimate_main
+        return _help(build_parser, "megallama estimate-memory") if _asks_help(rest) else estimate_main(rest)
     if cmd == "generate":
         from megallama.generation_cli import main as generate_main
         return generate_main(rest)

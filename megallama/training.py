@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megallama.checkpointing import check_save_dir, check_writable, load_checkpoint
 from megallama.checkpointing.async_save import abandon_async_save
 from megallama.checkpointing.run_saver import RunSaver
+from megallama.checkpointing.save_load import discard_new_save_dir
 from megallama.checkpointing.signals import RunProgress, any_rank, report_interrupt
 from megallama.data.cyclic import apply_dataloader_type
 from megallama.data.document_masks import apply_document_flags
@@ -93,6 +94,7 @@ def pretrain(args, datasets=None) -> dict:
             return _pretrain(args, datasets, progress)
         finally:  # a run stopped by an error: its --async-save in flight is dropped unpublished (no-op otherwise)
             abandon_async_save()
+            discard_new_save_dir(args.save)  # a refused run leaves no empty --save it made (check_writable)
 
 
 def _pretrain(args, datasets, progress: RunProgress) -> dict:

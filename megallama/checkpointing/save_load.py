@@ -99,8 +99,16 @@ def args_to_dict(args) -> dict:
     return out
 
 
+_made_save_dirs: dict = {}  # --save path -> the directories check_writable created for it (deepest last)
+
+
 def check_writable(save: str) -> None:
-    """Fail before training (not at the first save) when --save cannot be written."""
+    """Fail before training (not at the first save) when --save cannot be written. The directories it creates are
+    remembered, so that a run refused later leaves none of them behind (``discard_new_save_dir``)."""
+    made, at = [], os.path.abspath(save)
+    while not os.path.exists(at) and os.path.dirname(at) != at:
+        made.insert(0, at)
+        at = os.path.dirname(at)
     try:
         os.makedirs(save, exist_ok=True)
         probe = os.path.join(save, f".write_probe{os.getpid()}")
@@ -109,6 +117,18 @@ def check_writable(save: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--save directory {save} is not writable ({e.strerror}); pick a writable path") from None
+    finally:
+        _made_save_dirs[os.path.abspath(save)] = [d for d in made if os.path.isdir(d)]
+
+
+def discard_new_save_dir(save: Optional[str]) -> None:
+    """Remove the --save directories this process's ``check_writable`` created, while they are still empty (a run
+    refused after the check, or one that saved nothing): never one that existed before, never one holding a file."""
+    for d in reversed(_made_save_dirs.pop(os.path.abspath(save), []) if save else []):
+        try:
+            os.rmdir(d)  # only an empty directory: another rank's or run's files keep it
+        except OSError:
+            return
 
 
 # ---------------------------------------------------------------- save

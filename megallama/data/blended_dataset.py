@@ -102,6 +102,8 @@ def build_blended_datasets(blend: Sequence[Tuple[Optional[float], str]], tokeniz
     parts = [build_pretraining_datasets(path, tokenizer, seq_length, seed + 7919 * d, split, cache_dir)
              for d, (_, path) in enumerate(blend)]
     train = blend_datasets([t for t, _ in parts], weights, num_train_samples)
+    if num_train_samples is not None:  # the run's size (None: one epoch of the blend, to size --epochs)
+        note_part_epochs(train, [p for _, p in blend], seq_length)
     valid_parts = [(w, v) for w, (_, v) in zip(weights, parts) if v is not None]
     valid = None
     if valid_parts:
@@ -133,4 +135,14 @@ def build_corpora_blend(blend: Sequence[Tuple[Optional[float], str]], tokenizer,
         return build_dataset_from_path(blend[0][1], tokenizer, seq_length, seed, cache_dir, num_samples, name, salt)
     parts = [build_dataset_from_path(path, tokenizer, seq_length, seed + 7919 * d, cache_dir, None, name, salt)
              for d, (_, path) in enumerate(blend)]
-    return blend_datasets(parts, [w for w, _ in blend], num_samples)
+    out = blend_datasets(parts, [w for w, _ in blend], num_samples)
+    if name == "train" and num_samples is not None:
+        note_part_epochs(out, [p for _, p in blend], seq_length)
+    return out
+
+
+def note_part_epochs(blend: BlendedDataset, paths: Sequence[str], seq_length: int) -> None:
+    """The training blend's line per corpus whose share of the run's samples needs it more than once."""
+    from megallama.data.dataset_notes import note_epochs
+    for d, (part, path) in enumerate(zip(blend.datasets, paths)):
+        note_epochs(f"train split of {path}", part.samples_per_epoch, seq_length, int((blend.corpus == d).sum()))

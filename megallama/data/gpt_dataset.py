@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from megallama.data.dataset_notes import check_documents_end_in_eod, note_epochs, warn_once
 from megallama.data.indexed_dataset import IndexedDataset, read_tokenizer_info
 from megallama.data.samplers import MegatronPretrainingSampler, build_data_iterator, collate  # noqa: F401
 from megallama.data.tokenizer import file_sha256
@@ -137,16 +137,20 @@ def build_dataset_from_path(data: str, tokenizer, seq_length: int, seed: int, ca
     """A GPTDataset over every document of one corpus (Megatron's --train/--valid/--test-data-path, which take
     whole corpora instead of --split shares of one). Collective under torch.distributed."""
     indexed = _open_corpus(data, tokenizer, cache_dir, progress)
-    return GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
+    ds = GPTDataset(indexed, (0, indexed.num_documents), seq_length, seed, num_samples, name, salt=salt)
+    if name == "train":
+        note_epochs("train split", ds.samples_per_epoch, seq_length, num_samples)
+    return ds
 
 
 def _open_corpus(data: str, tokenizer, cache_dir: str | None, progress: bool) -> IndexedDataset:
     """The corpus (a jsonl tokenized once into the cache, or a .bin/.idx prefix), refused when empty or tokenized
-    with a larger vocabulary than ``tokenizer``'s."""
+    with a larger vocabulary than ``tokenizer``'s; a warning when its documents do not end in the eod."""
     indexed = IndexedDataset(_resolve_prefix(data, tokenizer, cache_dir, progress))
     if indexed.num_documents == 0 or indexed.num_tokens == 0:
         raise ConfigError(f"{data} holds no documents; give it at least one non-empty text")
     _check_vocab(indexed, tokenizer)
+    check_documents_end_in_eod(indexed, tokenizer)
     return indexed
 
 
@@ -160,7 +164,7 @@ def build_test_split(data: str, tokenizer, seq_length: int, seed: int, split, ca
     try:
         return GPTDataset(indexed, (lo, hi), seq_length, seed, num_samples, "test", salt=2)
     except ConfigError as e:  # too few test tokens for one sample
-        warnings.warn(f"no test set: {e}")
+        warn_once(f"no test set: {e}")
         return None
 
 
@@ -291,10 +295,11 @@ def build_pretraining_datasets(data: str, tokenizer, seq_length: int, seed: int,
         raise ConfigError(f"--split {split} leaves no training documents out of {indexed.num_documents}; "
                           f"give the first weight more")
     train = GPTDataset(indexed, ranges[0], seq_length, seed, num_train_samples, "train", salt=0)
+    note_epochs("train split", train.samples_per_epoch, seq_length, num_train_samples)
     valid = None
     if di[ranges[1][1]] > di[ranges[1][0]]:
         try:
             valid = GPTDataset(indexed, ranges[1], seq_length, seed, num_valid_samples, "valid", salt=1)
         except ConfigError as e:  # too few validation tokens for one sample: train without eval rather than fail
-            warnings.warn(f"no validation set: {e}")
+            warn_once(f"no validation set: {e}")
     return train, valid
