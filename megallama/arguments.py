@@ -265,7 +265,8 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineErrors("megallama", description="Megatron-style Llama pretraining", allow_abbrev=False)
+    # prog None: the script's own name in --help (pretrain_llama.py, finetune_llama.py; cli sets "megallama train")
+    p = _OneLineErrors(None, description="Megatron-style Llama pretraining", allow_abbrev=False)
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
                 add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
                 add_timing_args, add_pipeline_args):

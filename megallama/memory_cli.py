@@ -46,7 +46,7 @@ def _model_config(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from megallama.arguments import _OneLineErrors
-    p = _OneLineErrors("estimate-memory", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = _OneLineErrors(None, description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--model", "--model-variant", dest="model", default=None,
                    help="default llama3_8b (a Megatron model line without it: training's default, as training)")
     for name in _SHAPE:

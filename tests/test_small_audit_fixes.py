@@ -23,6 +23,16 @@ def test_each_subcommand_help_is_named_for_it(cmd, capsys):
     assert capsys.readouterr().out.startswith(f"usage: megallama {cmd} ")
 
 
+@pytest.mark.parametrize("script", ["pretrain_llama.py", "finetune_llama.py", "tools/estimate_memory.py"])
+def test_each_script_help_is_named_for_it(script):
+    """They shared the parser's fixed names ("usage: megallama", "usage: estimate-memory")."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: {os.path.basename(script)} "), out.stdout[:80]
+
+
 def test_a_refused_run_removes_only_the_empty_save_directory_it_made(tmp_path, one_thread):
     refused = TINY + ["--train-iters", "2", "--lr-warmup-iters", "20"]  # refused after --save is checked writable
     new = tmp_path / "new" / "ck"
