@@ -33,11 +33,8 @@ from megallama.errors import ConfigError
 
 # Must equal megallama.mpu.linear_cross_entropy._CHUNK_BYTES / _ROW_ALIGN (a test checks): logits bytes per head
 # chunk in the compute dtype, rows a multiple of 256 when the tokens take more than one chunk.
-FUSED_HEAD_CHUNK_BYTES = 512 * 2**20
-FUSED_HEAD_ROW_ALIGN = 256
-MODES = ("autocast", "params")
-RECOMPUTE = ("none", "selective", "full")
-HEADS = ("fused", "unfused")
+FUSED_HEAD_CHUNK_BYTES, FUSED_HEAD_ROW_ALIGN = 512 * 2**20, 256
+MODES, RECOMPUTE, HEADS = ("autocast", "params"), ("none", "selective", "full"), ("fused", "unfused")
 
 
 @dataclass(frozen=True)

@@ -265,8 +265,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # prog None: the script's own name in --help (pretrain_llama.py, finetune_llama.py; cli sets "megallama train")
-    p = _OneLineErrors(None, description="Megatron-style Llama pretraining", allow_abbrev=False)
+    p = _OneLineErrors(None, description="Megatron-style Llama pretraining", allow_abbrev=False)  # prog: the script
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
                 add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
                 add_timing_args, add_pipeline_args):
@@ -280,9 +279,7 @@ def shape_overrides(args) -> dict:
                      num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
                      max_position_embeddings=args.max_position_embeddings, vocab_size=args.vocab_size,
                      rope_theta=args.rope_theta, norm_eps=args.norm_epsilon, init_method_std=args.init_method_std)
-    if args.untie_embeddings_and_output_weights:
-        overrides["tie_word_embeddings"] = False
-    return overrides
+    return dict(overrides, tie_word_embeddings=False) if args.untie_embeddings_and_output_weights else overrides
 
 
 def _derive(args, world_size: int):
