@@ -65,6 +65,10 @@ def check_run_flags(args) -> None:
         raise ConfigError(f"--tensorboard-dir {args.tensorboard_dir} is a file; pass a directory")
     if args.mock_data and args.epochs is not None and args.train_iters is None:
         raise ConfigError("--epochs counts passes over a dataset and --mock-data has none; give --train-iters")
+    if args.mock_data and args.data_path:  # Megatron's mock dataset ignores the blend too: said, not silent
+        from megallama.initialize import warn_rank_0
+        given = args.data_path if isinstance(args.data_path, str) else " ".join(args.data_path)
+        warn_rank_0(f"--mock-data trains on random tokens: --data-path {given} is not read; drop one of the two")
     if args.tokenizer_model and os.path.exists(args.tokenizer_model):  # saved in checkpoints: must not depend on cwd
         args.tokenizer_model = os.path.abspath(args.tokenizer_model)
 

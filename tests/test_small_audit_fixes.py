@@ -47,3 +47,13 @@ def test_a_refused_run_removes_only_the_empty_save_directory_it_made(tmp_path, o
     ok = tmp_path / "ok"  # a run that saves keeps its directory
     pretrain(parse_args(TINY + ["--train-iters", "1", "--save", str(ok)], world_size=1))
     assert "latest_checkpointed_iteration.txt" in os.listdir(ok)
+
+
+def test_mock_data_says_that_the_data_path_is_not_read(capsys):
+    """--mock-data with --data-path trained on random tokens without a word (Megatron's mock dataset ignores the
+    blend too): one warning line names the path."""
+    parse_args(TINY + ["--train-iters", "1", "--data-path", "/tmp/nope.jsonl"], world_size=1)
+    err = capsys.readouterr().err
+    assert err.count("warning: --mock-data trains on random tokens: --data-path /tmp/nope.jsonl is not read") == 1
+    parse_args(TINY + ["--train-iters", "1"], world_size=1)
+    assert "--mock-data" not in capsys.readouterr().err
