@@ -20,7 +20,7 @@ from megallama.megatron_defaults import apply_megatron_defaults, given_dests
 from megallama.megatron_loop_flags import add_loop_args, check_loop_flags
 from megallama.moe_args import add_moe_args, moe_layer_freq_type
 from megallama.optimizer_args import add_optimizer_args
-from megallama.pipeline.megatron_flags import add_pipeline_args, derive_pipeline
+from megallama.pipeline.megatron_flags import add_pipeline_args, check_pipeline_microbatches, derive_pipeline
 from megallama.progress_log import add_progress_log_args
 from megallama.timers import add_timing_args
 
@@ -258,10 +258,12 @@ def _add_logging(p):
 
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line (argparse prints the ~80-line usage first, burying the mistake)."""
+    """A bad flag is one line, rank 0's, as any user mistake (argparse's ~80-line usage would bury it)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see --help for the flags\n")
+        from megallama.initialize import report_config_error
+        report_config_error(ConfigError(f"{message}; see --help for the flags"))
+        self.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +369,7 @@ def _derive(args, world_size: int):
                           f"{args.micro_batch_size} x data-parallel size {dp}; make it a multiple of "
                           f"{args.micro_batch_size * dp}")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    check_pipeline_microbatches(args)  # before any model is built
     if args.min_lr is None:
         args.min_lr = args.lr / 10
     if args.min_lr > args.lr:
@@ -393,7 +396,5 @@ def _derive(args, world_size: int):
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.given_flags = given_dests(argv)  # a Megatron launch line takes Megatron's defaults
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args.world_size = world_size
+    args.world_size = world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     return _derive(args, world_size)

@@ -88,35 +88,51 @@ def interrupted_line(e: KeyboardInterrupt) -> str:
 
 def run_script(body) -> int:
     """The scripts' ``main``: run ``body()``, print a user mistake as one line from rank 0 (exit 2), Ctrl-C as one
-    line (exit 130, no traceback), and always leave the process group cleanly."""
+    line (exit 130, no traceback), a collective that failed because another rank died or stalled as one line
+    (exit 1; any other exception keeps its traceback), and always leave the process group cleanly."""
     try:
         body()
     except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank sees the same mistake; say it once
-            print(f"error: {e}", file=sys.stderr)
-        _record_for_torchrun(e)
+        report_config_error(e)
         return 2
     except KeyboardInterrupt as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(interrupted_line(e), file=sys.stderr, flush=True)
         return 130
+    except RuntimeError as e:
+        from megallama.collective_errors import lost_contact_line
+        line = lost_contact_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)  # every survivor: rank 0 may be the one that died
+        _record_for_torchrun(e, line)
+        return 1
     finally:
         shutdown_distributed()
     return 0
 
 
-def _record_for_torchrun(e: Exception) -> None:
+def report_config_error(e: ConfigError) -> None:
+    """A user mistake as one line from rank 0 (every rank sees the same mistake; say it once), and in torchrun's
+    failure summary; the argument parser's errors too (``arguments._OneLineErrors``)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    _record_for_torchrun(e)
+
+
+def _record_for_torchrun(e: Exception, line: str | None = None) -> None:
     """A mistake only some ranks make (e.g. one stage's modules) would leave no line when rank 0 is not among
     them: under torchrun each rank writes its error to TORCHELASTIC_ERROR_FILE, and torchrun's failure summary
     names the first failing rank with its message (``@record``'s file format), without a line per rank on stderr.
-    Its "traceback" is the one line too: a user mistake is not a crash, and a Python stack would bury the message."""
+    Its "traceback" is the one line too: a user mistake is not a crash, and a Python stack would bury the message.
+    ``line``: what to show instead of ``Type: message``."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     try:
         import json
         import time
-        line = f"{type(e).__name__}: {e}"
+        line = line or f"{type(e).__name__}: {e}"
         with open(path, "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                                   "timestamp": str(int(time.time()))}}}, f)

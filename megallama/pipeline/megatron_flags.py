@@ -17,7 +17,7 @@ from megallama.errors import ConfigError
 from megallama.pipeline.layout import FLAG as LAYOUT_FLAG
 from megallama.pipeline.layout import parse_layout
 from megallama.pipeline.partition import megatron_split, parts_of
-from megallama.pipeline.schedules import check_microbatch_group
+from megallama.pipeline.schedules import check_microbatch_group, check_schedule_args
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,16 @@ def derive_pipeline(args) -> None:
     args.pipeline_schedule = args.pipeline_schedule or "1f1b"
     args.virtual_pipeline_model_parallel_size = v if (v or 1) > 1 else None
     check_pipeline_split(args)
+
+
+def check_pipeline_microbatches(args) -> None:
+    """The schedule's check of the number of microbatches (the interleaved schedule needs at least pp of them), run
+    once the batch sizes are known (``args.num_microbatches``) so that it stops the run before any model is built,
+    with the message building the schedule would give."""
+    pp = args.pipeline_model_parallel_size
+    if pp > 1:
+        check_schedule_args(args.pipeline_schedule, pp, args.num_microbatches,
+                            args.virtual_pipeline_model_parallel_size or 1)
 
 
 def apply_pipeline_layout(args) -> list:
