@@ -6,7 +6,8 @@ Llama 2 7B, sequence 4096, bf16, full recompute; tp 2 within a node and ZeRO-1 o
 about 32 GiB per GPU by megallama's estimator; at least 4 GPUs of 80 GiB). Launch one process per GPU:
 
   torchrun --nproc_per_node 8 examples/train_llama_7b.py --data-path corpus.jsonl --tokenizer-model llama2.model
-  python examples/train_llama_7b.py --tiny          # the same code on a 2-layer model, 3 steps on CPU
+  python examples/train_llama_7b.py --tiny          # the same code on a 2-layer model, 3 steps on CPU (tp 1)
+  torchrun --nproc-per-node 2 examples/train_llama_7b.py --tiny   # ... with tp 2, as the real run
 """
 import sys
 
@@ -18,7 +19,10 @@ from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, repor
 def main() -> int:
     args = example_parser(__doc__).parse_args()
     world = world_size()
-    tp = 1 if args.tiny else min(2, world)
+    tp = 2 if world % 2 == 0 else 1  # --tiny too: its shape (4 heads, 2 kv heads, ffn 176) splits in two
+    if tp == 1 and is_rank_0():
+        print(f"tensor parallel size 1: {world} process(es) cannot hold tp 2 (launch an even number, e.g. torchrun "
+              "--nproc-per-node 2)")
     model = megallama.create_llama_7b_parallel(tensor_parallel_size=tp, use_flash_attention=True,
                                                use_checkpointing=True, **(TINY_SHAPE if args.tiny else {}))
     if args.tiny:

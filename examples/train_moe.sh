@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A mixture-of-experts model: 8 experts, top-2 routing, every other layer sparse, on 4 GPUs; EP=2 splits the
 # experts over 2 GPUs (--expert-model-parallel-size 2: tokens move by all-to-all, expert grads are reduced over
-# the expert-data-parallel group; ZeRO stages 0-2).
+# the expert-data-parallel group; ZeRO stages 0-3).
 # Each log line carries the aux/z losses and the tokens-per-expert histogram of every sparse layer.
 # On CPU: python pretrain_llama.py --model tiny_llama3_50m --device cpu --strategy moe --num-experts 4 ...
 # DRY_RUN=1 resolves the flags for GPUS GPUs and prints the per-GPU memory estimate (one process, no GPU).

@@ -196,7 +196,9 @@ class LlamaTrainingOrchestrator:
                  vocab_line,
                  f"strategy: {self.strategy.name} {self.strategy.parameters or ''}".rstrip(),
                  f"layout: {dc.world_size} GPUs = tp {dc.tensor_parallel_size} x pp {dc.pipeline_parallel_size} x dp "
-                 f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}, ZeRO-{dc.zero_stage}, "
+                 f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}"
+                 f"{f', experts over ep {dc.expert_parallel_size}' if dc.expert_parallel_size > 1 else ''}, "
+                 f"ZeRO-{dc.zero_stage}, "
                  f"recompute {dc.recompute}, schedule {dc.pipeline_schedule}",
                  "flags: " + " ".join(self.argv())]
         if self.plan is not None and "explanation" in self.plan and self.distributed_config == self._planned:

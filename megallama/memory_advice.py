@@ -116,13 +116,18 @@ def recommendations(res: dict, args: dict, cfg) -> List[str]:
     return notes
 
 
+def _ep_part(lay: dict) -> str:
+    """Expert parallelism splits the experts over ep of the dp x cp ranks: not a factor of the world size."""
+    return f", experts over ep {lay['ep']}" if lay.get("ep", 1) > 1 else ""
+
+
 def format_table(res: dict) -> str:
     """The estimate as a table: one row per category, then the totals and the recommendations."""
     lay = res["layout"]
     head = (f"{res['model_variant']}: {res['num_params'] / 1e9:.2f}B params, {res['params_per_gpu'] / 1e6:.1f}M on the "
             f"busiest GPU (pipeline stage {res['worst_stage']})\n"
             f"layout: {lay['world_size']} GPUs = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} x cp {lay['cp']}"
-            f"{' (+sp)' if lay['sequence_parallel'] else ''}, ZeRO-{lay['zero_stage']}, micro-batch "
+            f"{' (+sp)' if lay['sequence_parallel'] else ''}{_ep_part(lay)}, ZeRO-{lay['zero_stage']}, micro-batch "
             f"{lay['micro_batch_size']} x {lay['num_microbatches']} microbatches (global {lay['global_batch_size']}), "
             f"seq {lay['sequence_length']}, recompute {lay['recompute']}, {lay['precision']} "
             f"({lay['mixed_precision_mode']}{', fp8 ' + lay['fp8_format'] if lay.get('fp8_format') else ''}), "

@@ -10,15 +10,8 @@ import torch
 from megallama.errors import ConfigError
 from megallama.megatron_defaults import model_label
 from megallama.initialize import print_rank_0
-from megallama.mpu import parallel_state as ps
 from megallama.ops import fused_kernels_enabled, load_fused_kernels
-
-
-def _human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
+from megallama.startup_lines import holds_line, human as _human, model_size_text
 
 
 def build_tokenizer_from_args(args):
@@ -75,8 +68,7 @@ def build_data(args):
                           f"{cfg.vocab_size}; raise --vocab-size or drop it to follow the tokenizer")
     print_rank_0(f"model: {model_label(args, cfg)} with vocabulary {cfg.vocab_size} "
                  f"({tokenizer.name + ' tokenizer' if tokenizer else 'mock data'}): "
-                 f"{_human(cfg.num_params())} parameters ({_human(cfg.num_params(include_embedding=False))} "
-                 f"without embeddings), {cfg.num_layers} layers, hidden {cfg.hidden_size}")
+                 f"{model_size_text(args, cfg)}, {cfg.num_layers} layers, hidden {cfg.hidden_size}")
     if args.train_iters is None and args.epochs is None:
         args.train_iters = 100
     if args.mock_data:
@@ -317,9 +309,7 @@ def setup_model_and_optimizer(args, device):
     from megallama.optimizer.compression import attach_gradient_compression, config_from_args
     compression = config_from_args(args)  # bad compression flags fail before anything is built
     chunks = build_model_chunks(args, device)
-    n_local = sum(p.numel() for m in chunks for p in m.parameters())
-    print_rank_0(f"global rank 0 holds {_human(n_local)} parameters ({ps.get_grid_summary()}, zero stage "
-                 f"{args.zero_stage})")
+    print_rank_0(holds_line(args, chunks))
     if args.dry_run:
         print_rank_0(dry_run_report(args))
         return chunks, None

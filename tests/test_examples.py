@@ -44,13 +44,18 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
     assert _total_gib(r.stdout) < _total_gib(_bash("pretrain_llama3_405b.sh", DRY_RUN="1").stdout)  # ZeRO-1 over 8
     outside = _bash("slurm_pretrain.sbatch")
     assert outside.returncode != 0 and "run through sbatch" in outside.stderr
+    # DRY_RUN=1 needs no SLURM (the header says so): the script's #SBATCH --nodes, or NNODES, said in the output
+    dry = _bash("slurm_pretrain.sbatch", DRY_RUN="1")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "dry run outside SLURM: 32 nodes" in dry.stdout and "256 GPUs = tp 8 x pp 8 x dp 4" in dry.stdout
+    assert "128 GPUs = tp 8 x pp 8 x dp 2" in _bash("slurm_pretrain.sbatch", DRY_RUN="1", NNODES="16").stdout
 
 
 @pytest.mark.parametrize("script,env,args,expect", [
     ("pretrain_llama3_8b.sh", {}, [], "8 GPUs = tp 8 x pp 1 x dp 1 x cp 1 (+sp), ZeRO-0, micro-batch 1 x 32 microbatches"),
     ("pretrain_llama3_8b.sh", {"LAYOUT": "3d"}, [], "8 GPUs = tp 2 x pp 2 x dp 2 x cp 1 (+sp), ZeRO-1"),
     ("pretrain_llama3_70b_3d.sh", {}, [], "32 GPUs = tp 8 x pp 4 x dp 1 x cp 1 (+sp), ZeRO-1"),
-    ("train_moe.sh", {"EP": "2"}, [], "4 GPUs = tp 1 x pp 1 x dp 4 x cp 1, ZeRO-0, micro-batch 8 x 2"),
+    ("train_moe.sh", {"EP": "2"}, [], "4 GPUs = tp 1 x pp 1 x dp 4 x cp 1, experts over ep 2, ZeRO-0, micro-batch 8"),
     ("multi_node.sh", {"NNODES": "2"}, ["--model", "llama3_8b", "--tensor-model-parallel-size", "8"],
      "16 GPUs = tp 8 x pp 1 x dp 2"),
     ("pretrain_tiny_cpu.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
@@ -119,8 +124,22 @@ def test_example_trains_its_tiny_override_on_cpu(example):
     _trained(out)
     if example == "train_with_moe":
         assert "tokens/expert L1:" in out and "moe aux loss" in out
+    if example == "train_llama_7b":  # one process cannot split tp 2: said
+        assert "tensor parallel size 1: 1 process(es) cannot hold tp 2" in out and " tp=1 " in out, out[-3000:]
     if example == "custom_data_loading":
         assert "validation loss at iteration 3 |" in out and "windows of 65 tokens" in out
+
+
+def test_llama_7b_tiny_runs_tensor_parallel_2_as_documented():
+    """README and the docstring: tp 2; --tiny is the same code, so two processes split the tiny model in two."""
+    from dist_utils import free_port
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), os.path.join(REPO, "examples", "train_llama_7b.py"), "--tiny"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert " tp=2 " in out and "tensor parallel size 1" not in out, out[-3000:]
+    _trained(out)
 
 
 def test_multi_node_example_joins_from_slurm_variables():

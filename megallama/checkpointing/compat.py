@@ -152,3 +152,11 @@ def unused_message(ckpt: str, unused: List[str], saved_args: dict, pretrained: b
         return (f"{head}: {run}; pass the same strategy flags to resume or fine-tune it (loading it without them "
                 "would drop those tensors)")
     return f"{head}: it is of another model or strategy; pass the flags it was trained with"
+
+
+def layout_change(common: dict, now: dict, model_chunks) -> str:
+    """'saved -> now' of a resume whose layout changed, the ZeRO stage included (this run's: its chunks' wrappers;
+    no optimizer loaded: unwrapped chunks, stage 0): a ZeRO-1 -> 0 change reshards the optimizer states too."""
+    stage = max((getattr(m, "zero_stage", 0) for m in model_chunks), default=0)
+    return f"{dict(common.get('layout') or {}, zero_stage=common.get('zero_stage', 0))} -> " \
+        f"{dict(now, zero_stage=stage)}"

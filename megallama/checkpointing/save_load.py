@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megallama.checkpointing import files as F
 from megallama.checkpointing.compat import (BEHAVIOUR_KEYS, SHAPE_KEYS, STRATEGY_MARKERS,  # noqa: F401
-                                            check_compatible, unused_message)
+                                            check_compatible, layout_change, unused_message)
 from megallama.checkpointing.optimizer_state import load_optimizer_states, saved_keys, state_name
 from megallama.checkpointing.sharded import ShardReader
 from megallama.checkpointing.state import canonical_name, is_zero3, local_piece, named_model_tensors, set_rng_state
@@ -347,11 +347,11 @@ def _apply_rng(ckpt, common, reader, model_chunks, rng_file, no_rng, compression
         set_rng_state(obj["rng"])
     else:
         what = "weights and optimizer" if compression_key else "weights"  # --no-load-optim: the optimizer is fresh
-        _say(f"layout changed since the save ({common.get('layout')} -> {current_layout()}): {what} resharded; RNG "
-             "states start from the seed")
+        _say(f"layout changed since the save ({layout_change(common, current_layout(), model_chunks)}): {what} "
+             "resharded; RNG states start from the seed")
     skipped = None if compression_key else "--no-load-optim"
     if compression_key and not rng_file:  # its state is per data-parallel rank: no rank of this layout owns one
-        skipped = f"the layout changed since the save ({common.get('layout')} -> {current_layout()})"
+        skipped = f"the layout changed since the save ({layout_change(common, current_layout(), model_chunks)})"
     msg = load_compression_state(model_chunks, saved_comp, skipped)
     if msg:
         _say(msg)
