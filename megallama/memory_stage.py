@@ -167,6 +167,9 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
         if zero == 2:
             staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
             extra = {"head backward": staging, "layer backward": staging}
+        elif strategy == "lora":  # a unit holds its layer's adapters only: the frozen base is neither sharded
+            unit = lora_params(cfg, lora_rank, lora_targets, tp)  # nor gathered, the embedding and head included
+            extra = {"forward end": 2 * p * unit, "layer backward": 2 * p * unit + 4 * k * unit}
         else:
             # the root (zero3.build_units: the weight compute_logits reads) stays gathered from the forward's end
             # through the head's backward on the head's stage only; a first stage without the head (pp > 1) holds

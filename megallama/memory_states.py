@@ -59,11 +59,13 @@ def trainable_split(strategy: str, dense: float, experts: float, adapters: float
 
 
 def split_states_bytes(split, zero_stage: int, n: int, ep: int, pkg) -> Dict[str, float]:
-    """Model states of a ``trainable_split`` over N = dp*cp ranks: frozen parameters keep weights only (sharded
-    by ZeRO-3); experts shard over the expert-data-parallel group (N/ep)."""
+    """Model states of a ``trainable_split`` over N = dp*cp ranks: frozen parameters keep weights only, whole on
+    every rank at every stage (ZeRO-3 shards what the optimizer updates: ``optimizer/distributed.py`` takes the
+    trainable parameters only, so a LoRA base is not sharded); experts shard over the expert-data-parallel group
+    (N/ep)."""
     trainable, experts, frozen = split
     st = model_states_bytes(trainable, zero_stage, n, *pkg)
-    st["weights"] += pkg[0] * frozen / (n if zero_stage >= 3 else 1)
+    st["weights"] += pkg[0] * frozen
     if experts:
         ex = model_states_bytes(experts, zero_stage, max(1, n // ep), *pkg)
         st = {key: st[key] + ex[key] for key in st}
