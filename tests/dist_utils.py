@@ -7,6 +7,7 @@ traceback) here. Values a rank returns come back through a queue as ``{rank: val
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -35,7 +36,7 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        queue.put((rank, "ok", _serialized(out)))
         code = 0
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
@@ -55,6 +56,15 @@ def _worker(rank, world_size, port, fn, args, queue, backend):
     os._exit(code)
 
 
+def _serialized(value) -> bytes:
+    """A rank's return value as bytes. Through the queue as they are, tensors travel as shared-memory file
+    descriptors that the parent fetches from this process's resource-sharer thread, which ``os._exit`` below may
+    kill first (seen in CI: ConnectionResetError in the parent's ``queue.get``); bytes need nothing of it."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, backend: str = "gloo"):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -67,7 +77,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, backend:
     for _ in range(world_size):
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)  # our own ranks' values
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
             break

@@ -152,9 +152,16 @@ def test_source_chat_template_kept_only_if_it_renders_the_same(tmp_path):
     # an imported Llama 3 keeps its bos: the written template is Meta's, to the character
     assert json.load(open(tmp_path / "hf" / "tokenizer_config.json"))["chat_template"] == META
 
-    cfg_file = os.path.join(tok_dir, "tokenizer_config.json")
-    cfg = json.load(open(cfg_file))
-    json.dump(dict(cfg, chat_template=EQUIVALENT), open(cfg_file, "w"))
+    # a source whose template renders the same: fine-tuned from it (the conversion copies the tokenizer into the
+    # checkpoint, so the source folder is read when the run starts, not at export)
+    second = tmp_path / "second"
+    second.mkdir()
+    tok_dir2 = _llama3_style_tokenizer(second / "base", chat_template=EQUIVALENT)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4)).save_pretrained(tok_dir2)
+    run = _finetune(second, "--pretrained-checkpoint", tok_dir2, "--use-checkpoint-args")
     notes = _export(run, tmp_path / "hf2")
     assert "chat_template: the source tokenizer's, which renders what the run trained on" in notes, notes
     assert json.load(open(tmp_path / "hf2" / "tokenizer_config.json"))["chat_template"] == EQUIVALENT
