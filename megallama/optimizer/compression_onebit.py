@@ -151,8 +151,8 @@ def _unwrap(module):
 
 def summed_copies(ddp) -> Dict[torch.nn.Parameter, int]:
     """For each of ``ddp``'s parameters whose gradient the training loop adds up over R > 1 copies after the dp
-    average (finalize_model_grads.finalize_model_grads): R. Sequence-parallel weights over the tp ranks, every weight of a
-    Chimera chunk with its mirror replica, the tied embedding / output pair over the embedding group at pp > 1."""
+    average (``finalize_model_grads``): R. Sequence-parallel weights over the tp ranks, every weight of a Chimera
+    chunk with its mirror replica, the tied embedding / output pair over the embedding group at pp > 1."""
     module = _unwrap(ddp.module)
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
