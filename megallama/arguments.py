@@ -265,6 +265,12 @@ class _OneLineErrors(argparse.ArgumentParser):
         report_config_error(ConfigError(f"{message}; see --help for the flags"))
         self.exit(2)
 
+    def print_help(self, file=None):
+        """--help under torchrun: rank 0 prints it, the other ranks exit 0 silently (not one copy per rank)."""
+        from megallama.initialize import launch_rank
+        if launch_rank() == 0:
+            super().print_help(file)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineErrors(None, description="Megatron-style Llama pretraining", allow_abbrev=False)  # prog: the script

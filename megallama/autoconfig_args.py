@@ -97,11 +97,19 @@ def apply_auto_configure(args, world_size: int) -> int:
 
 def tokenizer_vocab(args):
     """The tokenizer's vocabulary when the embedding will follow it (no --vocab-size, not --mock-data), as
-    training_setup.build_data resizes it; None otherwise. Loads the tokenizer only, tokenizes nothing."""
-    if args.vocab_size is not None or args.mock_data:
+    training_setup.build_data resizes it; None otherwise. Loads the tokenizer only, tokenizes nothing. NullTokenizer's
+    --vocab-size V is the tokenizer's, whose eod makes it V + 1: the embedding follows it too."""
+    import copy
+    null = is_null_tokenizer(args)
+    if (args.vocab_size is not None and not null) or args.mock_data:
         return None
     from megallama.training_setup import build_tokenizer_from_args
-    return build_tokenizer_from_args(args).vocab_size
+    return build_tokenizer_from_args(copy.copy(args) if null else args).vocab_size  # a copy: it clears --vocab-size
+
+
+def is_null_tokenizer(args) -> bool:
+    """--tokenizer-type NullTokenizer (or null): its --vocab-size is the tokenizer's, not the embedding's."""
+    return str(getattr(args, "tokenizer_type", None) or "").lower() in ("null", "nulltokenizer")
 
 
 def follow_tokenizer(args) -> str:

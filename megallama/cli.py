@@ -192,7 +192,9 @@ COMMANDS = {"train": train, "generate": None, "estimate-memory": None, "benchmar
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        from megallama.initialize import launch_rank
+        if launch_rank() == 0:  # under torchrun: once, not once per rank
+            print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

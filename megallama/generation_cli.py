@@ -144,6 +144,7 @@ class LoadedModel:
 
     def __init__(self, model, tokenizer, checkpoint: str, common: dict, args):
         self.model, self.tokenizer, self.checkpoint, self.common, self.args = model, tokenizer, checkpoint, common, args
+        self.chat_warned = False  # warn_untrained_chat's: said once per loaded model, not per generate_text call
 
 
 def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_type=None, tokenizer_model=None,
@@ -164,6 +165,11 @@ def load_for_generation(load: str, device=None, dtype: str = "auto", tokenizer_t
         read_adapter_config(adapter)
     ckpt, common, reader = open_checkpoint(load, verify=False)
     reader.close()
+    from megallama.checkpointing.files import tracker_gap
+    from megallama.initialize import warn_rank_0
+    gap = tracker_gap(load, ckpt)
+    if gap:  # the newest present is used, as training's --load and the HF export do, but not unsaid
+        warn_rank_0(gap)
     if "model_config" not in common.get("args", {}):
         raise ConfigError(f"checkpoint {ckpt} records no model configuration; it was not written by megallama")
     opts = argparse.Namespace(device=device, dtype=dtype, tokenizer_type=tokenizer_type,
@@ -204,6 +210,18 @@ def untrained_chat_warning(loaded: LoadedModel, chat_template: str = "auto") -> 
     name, why = resolve_chat_format("auto", loaded.tokenizer)
     return (f"{loaded.checkpoint} was not trained on a chat format (none recorded), so the chat template is the "
             f"tokenizer's default/guess, {name} ({why}); pass --chat-template llama3 or llama2 to pick one")
+
+
+def warn_untrained_chat(loaded: LoadedModel, chat_template: str = "auto") -> None:
+    """``untrained_chat_warning`` as a ``warning:`` line, once per loaded model: chat generation through the CLI and
+    the Python API alike (a template guessed for a model that never saw it is worth saying once, not per batch)."""
+    if getattr(loaded, "chat_warned", False):
+        return
+    warning = untrained_chat_warning(loaded, chat_template)
+    if warning:
+        from megallama.initialize import print_rank_0
+        print_rank_0(f"warning: {warning}")
+        loaded.chat_warned = True
 
 
 def _dialog(prompt, i: int) -> list:
@@ -262,11 +280,14 @@ def generate_text(loaded: LoadedModel, prompts, cfg, chat: bool = False, prompt_
     """Completions (strings) of ``prompts`` (a list; a str is one prompt). ``chat``: each prompt is a user turn
     (a str) or a conversation (a list of HF-style {"role", "content"} dicts: a system prompt, earlier turns) in the
     run's chat template (``chat_template_of``; ``chat_template`` names another), and the answer stops at its end
-    of turn. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix`` (plain prompts): bos, eod,
-    none, or auto (bos for a converted HF model; eod for a megallama run, whose pretraining documents follow an eod
-    and have no bos)."""
+    of turn; a checkpoint that trained on no chat format gets a warning (once per loaded model) that the template
+    is a guess, as ``--chat`` does. ``batch_size``: prompts decoded together (None: all). ``prompt_prefix`` (plain
+    prompts): bos, eod, none, or auto (bos for a converted HF model; eod for a megallama run, whose pretraining
+    documents follow an eod and have no bos)."""
     from megallama.generation import generate
     ids, stop = encode_prompts(loaded, prompts, chat, prompt_prefix, chat_template)
+    if chat:  # after the prompts are checked: a malformed one is its own error, not after a warning
+        warn_untrained_chat(loaded, chat_template)
     cfg = dataclasses.replace(cfg, stop_ids=stop)  # the caller's config stays as given
     outs = generate(loaded.model, ids, cfg, vocab_size=loaded.tokenizer.vocab_size, decode_mode=decode_mode,
                     batch_size=batch_size)
@@ -321,9 +342,7 @@ def main(argv=None) -> int:
             print_rank_0(f"LoRA adapter {opts.load_adapter} applied")
         if opts.chat:
             print_rank_0(f"chat template: {chat_template_of(loaded, opts.chat_template).name}")
-            warning = untrained_chat_warning(loaded, opts.chat_template)
-            if warning:
-                print_rank_0(f"warning: {warning}")
+            warn_untrained_chat(loaded, opts.chat_template)  # generate_text would too; said before the answers
         system = [] if opts.system_prompt is None else [{"role": "system", "content": opts.system_prompt}]
         inputs = [system + [{"role": "user", "content": p}] for p in prompts] if opts.chat else prompts
         texts = generate_text(loaded, inputs, cfg, opts.chat, opts.prompt_prefix, opts.decode_mode,

@@ -140,6 +140,12 @@ def _record_for_torchrun(e: Exception, line: str | None = None) -> None:
         pass
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun's environment says it (RANK, else LOCAL_RANK; 0 outside torchrun), for what
+    is said once before any process group exists (--help, the subcommand list)."""
+    return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
+
+
 def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -79,8 +79,11 @@ def _refuse(args, given: frozenset) -> None:
 
 def _follows_tokenizer(args, given: frozenset) -> bool:
     """The line names a tokenizer and the embedding follows it (no --vocab-size, not --mock-data): build_data's rule.
-    A line naming none keeps --model's vocabulary here (training would follow the bundled tokenizer)."""
-    return any(d in given for d in _TOKENIZER) and args.vocab_size is None and not args.mock_data
+    A line naming none keeps --model's vocabulary here (training would follow the bundled tokenizer). NullTokenizer's
+    --vocab-size is the tokenizer's (its eod adds one): followed too."""
+    from megallama.autoconfig_args import is_null_tokenizer
+    return any(d in given for d in _TOKENIZER) and (args.vocab_size is None or is_null_tokenizer(args)) and \
+        not args.mock_data
 
 
 def tokenizer_vocab(args, given: frozenset) -> Tuple[Optional[int], int]:

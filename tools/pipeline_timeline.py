@@ -12,7 +12,8 @@ split flags take the same values here: a layout (``Ett|t|tt|tttL``, E-only / L-o
 its decoder layers, ``--model`` adds the embedding and output-layer costs (the partitioner's ``costs_from_config``)
 and, without a layout, splits the layers as training does; with neither, every part costs the same. The vocabulary
 is the one training builds for the same flags: the tokenizer's (bundled by default, or --tokenizer-type/-model),
-padded to --tensor-model-parallel-size x --make-vocab-size-divisible-by, or --vocab-size.
+padded to --tensor-model-parallel-size x --make-vocab-size-divisible-by, or --vocab-size (NullTokenizer's
+--vocab-size V is its tokenizer's: V + 1 with the eod, padded, as training builds it).
 """
 import argparse
 import os
