@@ -125,6 +125,8 @@ class DistributedOptimizer:
     def _prepare_grads(self) -> List[torch.Tensor]:
         grads = []
         for pc in self.pieces:
+            if pc.chunk > 0 and _is_chimera(self.chunks[pc.chunk]):  # the runner marks user chunks after __init__;
+                pc.in_norm = False  # a Chimera replica is counted by its own stage
             g = pc.grad_view if pc.grad_view.dtype == torch.float32 else pc.grad_view.float()
             pc.master.grad = g
             grads.append(g)

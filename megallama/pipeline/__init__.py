@@ -1,6 +1,7 @@
 """Pipeline parallelism: pure schedules, one runner, stage partitioning.
 
-``get_forward_backward_func(pp, schedule)`` gives the function the training loop calls each step;
+``get_forward_backward_func(pp, schedule)`` gives the function the training loop calls each step (no arguments:
+the layout parallel_state holds, as Megatron-core reads it);
 ``build_model_chunks(config, schedule=...)`` gives this rank's model chunks; after backward (and after the
 data-parallel grad sync) ``allreduce_embedding_gradients(chunks)`` sums tied-embedding and Chimera replica grads.
 """

@@ -13,6 +13,7 @@ from typing import List
 
 import torch
 
+from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.mpu.coalesced import all_reduce_coalesced
 from megallama.pipeline.model_chunks import unwrap_model
@@ -30,9 +31,24 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad
 
 
+def _ties_embeddings(model) -> bool:
+    """megallama's ``config.tie_word_embeddings`` or Megatron-core's ``share_embeddings_and_output_weights``; a
+    user module that states neither ties nothing."""
+    inner = unwrap_model(model)
+    tied = getattr(getattr(inner, "config", None), "tie_word_embeddings", False)
+    return bool(getattr(inner, "share_embeddings_and_output_weights", tied))
+
+
 def _tied_params(model) -> List[torch.Tensor]:
     inner = unwrap_model(model)
-    tied = [inner.model.embed_tokens.weight] if inner.pre_process else []
+    if hasattr(inner, "shared_embedding_or_output_weight"):  # a Megatron-core stage module: None on middle stages
+        w = inner.shared_embedding_or_output_weight() if _ties_embeddings(inner) else None
+        return [w] if w is not None else []
+    embed = getattr(getattr(inner, "model", None), "embed_tokens", None)
+    if getattr(inner, "pre_process", False) and embed is None:
+        raise ConfigError(f"{type(inner).__name__} ties its embeddings but has neither model.embed_tokens nor "
+                          "shared_embedding_or_output_weight(); add the latter (Megatron-core's) to name the weight")
+    tied = [embed.weight] if getattr(inner, "pre_process", False) else []
     return tied + ([inner.output_weight] if hasattr(inner, "output_weight") else [])
 
 
@@ -54,7 +70,8 @@ def _sum_in_place(a: List[torch.Tensor], b: List[torch.Tensor]) -> None:
 
 
 def sync_chimera_replica_gradients(model_chunks) -> None:
-    """Add the mirror stage's grads to both chunks of a Chimera stage (a no-op for other schedules)."""
+    """Add the mirror stage's grads to both chunks of a Chimera stage (a no-op for other schedules). Chunks are
+    known Chimera by their ``pipeline_schedule``, set by ``build_model_chunks`` and by the runner on each call."""
     chunks = [unwrap_model(m) for m in model_chunks]
     if len(chunks) != 2 or getattr(chunks[0], "pipeline_schedule", None) != "chimera":
         return
@@ -86,9 +103,11 @@ def sync_chimera_replica_gradients(model_chunks) -> None:
 def allreduce_embedding_gradients(model_chunks) -> None:
     """Sum the tied embedding / output-layer grads over their copies (first and last stage), after summing
     Chimera's replicas (which hold both ends on the same ranks). Untied models and pp = 1 need nothing here.
-    Works on bare chunks and on DDP/ZeRO wrappers (through their optimizer pieces), after their dp reduction."""
+    Works on bare chunks and on DDP/ZeRO wrappers (through their optimizer pieces), after their dp reduction.
+    User stage modules: untied unless they set ``config.tie_word_embeddings`` or Megatron-core's
+    ``share_embeddings_and_output_weights`` (the weight: ``shared_embedding_or_output_weight()``)."""
     sync_chimera_replica_gradients(model_chunks)
-    if not model_chunks or not unwrap_model(model_chunks[0]).config.tie_word_embeddings:
+    if not model_chunks or not _ties_embeddings(model_chunks[0]):
         return
     per_chunk = [g for g in (_flat_grads(m, _tied_params(m)) for m in model_chunks if _tied_params(m)) if g]
     if len(per_chunk) == 2:  # both ends on this rank (Chimera): the replica sync already brought the others in

@@ -45,6 +45,29 @@ def tensor_shape(seq_length: Optional[int], micro_batch_size: Optional[int], hid
     return (micro_batch_size, seq_length, hidden_size)
 
 
+def buffer_dtype_and_device(inner) -> tuple:
+    """What this rank's hidden states travel in: its parameters' dtype and device; a rank whose chunks are all empty
+    stages (Megatron's "E||L") holds none, so the dtype it was built for (``params_dtype``) and its buffers' device."""
+    ref = next((q for m in inner for q in m.parameters() if q.is_floating_point()), None)
+    if ref is not None:
+        return ref.dtype, ref.device
+    buf = next((b for m in inner for b in m.buffers()), None)
+    return getattr(inner[0], "params_dtype", torch.float32), buf.device if buf is not None else torch.device("cpu")
+
+
+def buffer_shape(module, seq_length, micro_batch_size) -> tuple:
+    """The p2p buffers' shape, read from the model config as Megatron-core does (``config.hidden_size``); sequence
+    parallelism from the module (megallama's models) or its config, off when neither says."""
+    cfg = getattr(module, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if hidden is None:
+        raise ConfigError(f"pipeline model chunk {type(module).__name__} has no config.hidden_size, which sizes the "
+                          "stage-to-stage buffers; give it a config with hidden_size (Megatron-core's "
+                          "TransformerConfig, or e.g. module.config = types.SimpleNamespace(hidden_size=H))")
+    sp = getattr(module, "sequence_parallel", getattr(cfg, "sequence_parallel", False))
+    return tensor_shape(seq_length, micro_batch_size, hidden, bool(sp))
+
+
 def _backend(group) -> str:
     return dist.get_backend(group) if group is not None else dist.get_backend()
 

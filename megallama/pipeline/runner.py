@@ -1,12 +1,16 @@
 """One runner for every schedule: walks this stage's program (``plan.py``), doing the computes and the p2p.
 
 Same contract as ``forward_backward_no_pipelining`` (Megatron's ``forward_backward_func``): the user's
-``forward_step_func(data_iterator, model) -> (output, loss_func)`` knows nothing about pipelining; on stages
-after the first the runner hands the received hidden state to the chunk with ``set_input_tensor`` before
-calling it. Each microbatch's loss is divided by the number of microbatches. Returns the loss dicts in
-microbatch order on the last stage (Chimera's upward losses are sent there), [] elsewhere. ``runner.stats``
-keeps the last call's op intervals, the peak number of microbatch-chunks whose activations were held and the
-peak bytes of the outputs held for their backwards.
+``forward_step_func(data_iterator, model) -> (output, loss_func)`` knows nothing about pipelining; on chunks
+after the first part the runner calls ``set_input_tensor([hidden])`` (a one-element list, as Megatron-core
+does) before the step and ``set_input_tensor([None])`` after it. User stage modules need that method and
+``config.hidden_size`` (sizes the p2p buffers with seq_length and micro_batch_size, as Megatron-core's config
+does); ``sequence_parallel`` is read from the module or its config (default off). At pp > 1 the runner sets
+``pipeline_schedule`` on every chunk (as ``build_model_chunks`` does): Chimera's replica grad sum
+(``allreduce_embedding_gradients``) and the optimizer's norm read it. Each microbatch's loss is divided by the
+number of microbatches. Returns the loss dicts in microbatch order on the last stage (Chimera's upward losses
+are sent there), [] elsewhere. ``runner.stats`` keeps the last call's op intervals, the peak number of
+microbatch-chunks whose activations were held and the peak bytes of the outputs held for their backwards.
 
 An output sent to another stage is deallocated once handed to the send (``deallocate.py``, Megatron's
 --deallocate-pipeline-outputs): only the send buffer holds its storage then, until the transfer is over.
@@ -26,8 +30,8 @@ from megallama.optimizer.distributed import is_zero3
 from megallama.pipeline.deallocate import backward_from, deallocate_output
 from megallama.pipeline.model_chunks import unwrap_model
 from megallama.pipeline.no_pipelining import forward_backward_no_pipelining, maybe_no_sync
-from megallama.pipeline.p2p import (P2POp, batch_send_recv, sends_report_completion, stage_rank, tensor_shape,
-                                    warm_up_group)
+from megallama.pipeline.p2p import (P2POp, batch_send_recv, buffer_dtype_and_device, buffer_shape,
+                                    sends_report_completion, stage_rank, warm_up_group)
 from megallama.pipeline.plan import consumed_message, produced_message, stage_program
 from megallama.pipeline.schedules import B, F, W, normalize_schedule_name
 
@@ -102,6 +106,8 @@ class PipelineRunner:
         if len(chunks) != want:
             raise ConfigError(f"schedule '{self.schedule}' runs {want} model chunk(s) per stage, got {len(chunks)}; "
                               "build them with megallama.pipeline.build_model_chunks for the same schedule")
+        for c in chunks:  # finalize's replica sum and the optimizer's norm read it (user-built chunks too)
+            unwrap_model(c).pipeline_schedule = self.schedule
         run = _StageRun(self.schedule, chunks, num_microbatches, v, forward_only, grad_scale_func,
                         seq_length, micro_batch_size, self.time_ops, self.group_size, self.deallocate_outputs)
         losses = run.execute(forward_step_func, data_iterator)
@@ -109,29 +115,27 @@ class PipelineRunner:
         return losses
 
 
-def get_forward_backward_func(pipeline_model_parallel_size: int = 1, schedule: str = "1f1b", *,
-                              time_ops: bool = False, microbatch_group_size: Optional[int] = None,
+def get_forward_backward_func(pipeline_model_parallel_size: Optional[int] = None, schedule: Optional[str] = None,
+                              *, time_ops: bool = False, microbatch_group_size: Optional[int] = None,
                               deallocate_outputs: bool = True):
     """The forward/backward function for a layout: no pipelining for pp = 1, else a runner for ``schedule``
-    (gpipe, 1f1b, interleaved, chimera, zb-h1). ``time_ops`` makes ``runner.stats`` hold device time per op on
+    (gpipe, 1f1b, interleaved, chimera, zb-h1). Called with no arguments it reads the layout from parallel_state
+    as Megatron-core does: pp from the pipeline group, interleaved when a virtual pipeline size > 1 was set there,
+    else 1F1B. ``time_ops`` makes ``runner.stats`` hold device time per op on
     CUDA: it synchronises the compute stream after each receive and each op; use it to profile, not to train.
     CPU ops are timed by the clock. ``microbatch_group_size``: Megatron's
     --microbatch-group-size-per-virtual-pipeline-stage (interleaved; None: pp). ``deallocate_outputs=False``
     keeps sent outputs whole until their backward (to compare; the results are the same)."""
+    grid = ps.model_parallel_is_initialized()
+    if pipeline_model_parallel_size is None:
+        pipeline_model_parallel_size = ps.get_pipeline_model_parallel_world_size() if grid else 1
+    if schedule is None:
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size() if grid else None
+        schedule = "interleaved" if (vpp or 1) > 1 else "1f1b"
     name = normalize_schedule_name(schedule)
     if pipeline_model_parallel_size <= 1:
         return forward_backward_no_pipelining
     return PipelineRunner(name, time_ops, microbatch_group_size, deallocate_outputs)
-
-
-def _dtype_and_device(inner) -> tuple:
-    """What this rank's hidden states travel in: its parameters' dtype and device; a rank whose chunks are all empty
-    stages (Megatron's "E||L") holds none, so the dtype it was built for (``params_dtype``) and its buffers' device."""
-    ref = next((q for m in inner for q in m.parameters() if q.is_floating_point()), None)
-    if ref is not None:
-        return ref.dtype, ref.device
-    buf = next((b for m in inner for b in m.buffers()), None)
-    return getattr(inner[0], "params_dtype", torch.float32), buf.device if buf is not None else torch.device("cpu")
 
 
 class _StageRun:
@@ -148,15 +152,17 @@ class _StageRun:
             if k != self.parts[c]:
                 raise ConfigError(f"model chunk {c} holds part {k} but schedule '{name}' runs part {self.parts[c]} "
                                   "there; build the chunks for the same schedule")
+            if k > 0 and not callable(getattr(m, "set_input_tensor", None)):
+                raise ConfigError(f"model chunk {c} ({type(m).__name__}) runs part {k} but has no "
+                                  "set_input_tensor(input_tensor) to take the previous stage's hidden state (a "
+                                  "one-element list); add one, as Megatron-core stage modules have")
         self.M, self.K = num_microbatches, self.sched.num_parts
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
-        self.dtype, self.device = _dtype_and_device(self.inner)
+        self.dtype, self.device = buffer_dtype_and_device(self.inner)
         # The compute stream, not the device: a device-wide sync would also wait for receives posted ahead
-        self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) if time_ops and \
-            self.device.type == "cuda" \
-            else (lambda: None)
-        cfg = self.inner[0].config
-        self.shape = tensor_shape(seq_length, micro_batch_size, cfg.hidden_size, self.inner[0].sequence_parallel)
+        self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) \
+            if time_ops and self.device.type == "cuda" else (lambda: None)
+        self.shape = buffer_shape(self.inner[0], seq_length, micro_batch_size)
         self.group = ps.get_pipeline_model_parallel_group()
         self.poll_sends = sends_report_completion(self.group)
         self.inputs: Dict[tuple, Optional[torch.Tensor]] = {}
@@ -230,11 +236,11 @@ class _StageRun:
         x = None
         if received is not None:
             x = received.detach().requires_grad_(not self.forward_only and torch.is_grad_enabled())
-        if not inner.pre_process:
-            inner.set_input_tensor(x)
+        if k > 0:
+            inner.set_input_tensor([x])  # a list, as Megatron-core passes it
         out, loss_func = fwd_step(data.get(m, c), self.chunks[c])
-        if not inner.pre_process:
-            inner.set_input_tensor(None)
+        if k > 0:
+            inner.set_input_tensor([None])
         if k == self.K - 1:
             loss, reduced = loss_func(out)
             self.losses[m] = reduced
