@@ -4,7 +4,13 @@ Weights are stored as the local shard; each parameter carries ``tensor_model_par
 that initialisation (``megallama.mpu.random.init_parameter``), checkpoint resharding and HF conversion can
 rebuild the full tensor. With ``sequence_parallel`` the column layer all-gathers its [b, s/tp, h] input and the
 row layer reduce-scatters its output back to sequence shards.
+
+A layer reads the tp size once, when built (its shard shapes depend on it), and refuses to run under another one:
+build layers after ``initialize_model_parallel``. Constructors initialise the weight with N(0, init_std) as
+Megatron's do (``perform_initialization=False`` skips it; a meta-device weight is never touched, so
+``build_model``'s meta build followed by ``init_weights`` costs nothing extra).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -16,6 +22,7 @@ from megallama.mpu import parallel_state as ps
 from megallama.mpu import mappings, weight_grad_store
 from megallama.mpu.fp8_linear import fp8_column_parallel_linears, fp8_row_parallel_gemm
 from megallama.mpu.grad_accum_fusion import accumulate_weight_grad, main_grad_target
+from megallama.mpu.random import get_cuda_rng_tracker
 
 
 def set_tensor_model_parallel_attributes(param: nn.Parameter, is_parallel: bool, dim: int) -> None:
@@ -28,6 +35,42 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
         raise ConfigError(f"{what} {numerator} is not divisible by the tensor-parallel size {denominator}; "
                           "choose --tensor-model-parallel-size dividing it")
     return numerator // denominator
+
+
+def check_tensor_model_parallel_size(layer: nn.Module) -> None:
+    """A layer built under one tp size has that size's shard shapes: run under another, its forward would add
+    (or skip) the tp collectives around full-size weights and give silently wrong gradients."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    built = getattr(layer, "tensor_model_parallel_size", tp)
+    if built != tp:
+        raise ConfigError(f"{type(layer).__name__} was built with tensor-model-parallel size {built} but used with "
+                          f"{tp}: build layers after initialize_model_parallel")
+
+
+@torch.no_grad()
+def initialize_affine_weight(weight: torch.Tensor, std: float, partition_dim: int) -> None:
+    """Fill this rank's shard of a weight with N(0, std), Megatron's constructor init.
+
+    On CPU (Megatron's ``use_cpu_initialization`` path) the full fp32 master weight is drawn from the default
+    generator and sliced, so every tp gives the same full weight for the same seed. Elsewhere only the local shard
+    is drawn, under the tp-rank-specific "model-parallel-rng" stream when ``model_parallel_cuda_manual_seed`` set
+    one (Megatron's GPU path). A meta weight is left alone: nothing to fill, nothing to pay."""
+    if weight.is_meta:
+        return
+    tp = ps.get_tensor_model_parallel_world_size()
+    if weight.device.type == "cpu":
+        if tp == 1 and weight.dtype == torch.float32:
+            weight.normal_(0.0, std)  # the master weight itself: same values, no copy
+            return
+        shape = list(weight.shape)
+        shape[partition_dim] *= tp
+        master = torch.empty(shape, dtype=torch.float32).normal_(0.0, std)
+        weight.copy_(master.chunk(tp, partition_dim)[ps.get_tensor_model_parallel_rank()])
+        return
+    tracker = get_cuda_rng_tracker()
+    fork = tracker.fork() if "model-parallel-rng" in tracker.states else contextlib.nullcontext()
+    with fork:
+        weight.normal_(0.0, std)
 
 
 def autocast_copies(x: torch.Tensor, *tensors):
@@ -186,6 +229,8 @@ def column_parallel_linears(x: torch.Tensor, layers) -> tuple:
 
     A layer carrying an unmerged adapter (``adapter_forward(x)`` / ``base_weight``, as LoRA's layers do) runs its
     base weight in the shared GEMM and adds ``adapter_forward(x)`` on the same input layout."""
+    for layer in layers:
+        check_tensor_model_parallel_size(layer)
     sp, fp8 = layers[0].sequence_parallel, layers[0].fp8
     if any(layer.sequence_parallel != sp or layer.gather_output or layer.fp8 != fp8 for layer in layers):
         raise ValueError("column_parallel_linears needs layers with the same sequence_parallel and fp8 recipe, and "
@@ -208,15 +253,18 @@ class ColumnParallelLinear(nn.Module):
     fp8 = None  # an ``Fp8Recipe`` runs the GEMMs in fp8 (set by ``mpu.fp8.enable_fp8`` on decoder layers)
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
-                 sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None):
+                 sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None,
+                 perform_initialization: bool = True):
         super().__init__()
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp = self.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, tp, "output size")
         self.gather_output, self.sequence_parallel, self.init_std = gather_output, sequence_parallel, init_std
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, device=device, dtype=dtype))
         set_tensor_model_parallel_attributes(self.weight, tp > 1, 0)
         self.weight.init_std = init_std
+        if perform_initialization:
+            initialize_affine_weight(self.weight, init_std, 0)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, device=device, dtype=dtype))
             set_tensor_model_parallel_attributes(self.bias, tp > 1, 0)
@@ -226,6 +274,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``weight`` overrides the own weight (a tied output layer passes the embedding table)."""
+        check_tensor_model_parallel_size(self)
         w = self.weight if weight is None else weight
         (y,) = column_parallel_linear_forward(x, (w,), (self.bias,), self.sequence_parallel, self.fp8)
         if self.gather_output:
@@ -242,15 +291,18 @@ class RowParallelLinear(nn.Module):
     fp8 = None  # as ColumnParallelLinear's
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, input_is_parallel: bool = True,
-                 sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None):
+                 sequence_parallel: bool = False, init_std: float = 0.02, device=None, dtype=None,
+                 perform_initialization: bool = True):
         super().__init__()
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp = self.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, tp, "input size")
         self.input_is_parallel, self.sequence_parallel, self.init_std = input_is_parallel, sequence_parallel, init_std
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, device=device, dtype=dtype))
         set_tensor_model_parallel_attributes(self.weight, tp > 1, 1)
         self.weight.init_std = init_std
+        if perform_initialization:
+            initialize_affine_weight(self.weight, init_std, 1)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, device=device, dtype=dtype))
             self.bias.init_std = 0.0
@@ -259,6 +311,7 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor_model_parallel_size(self)
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
         y = row_parallel_gemm(x, self.weight, self.fp8)
@@ -278,24 +331,27 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; out-of-shard tokens give zeros, then all-reduce over tp."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02, sequence_parallel=False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, perform_initialization: bool = True):
         super().__init__()
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.tensor_model_parallel_size = tp
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.per_partition = divide(num_embeddings, tp, "vocabulary size")
         self.vocab_start = rank * self.per_partition
         self.vocab_end = self.vocab_start + self.per_partition
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.init_std = sequence_parallel, init_std
         self.weight = nn.Parameter(torch.empty(self.per_partition, embedding_dim, device=device, dtype=dtype))
         set_tensor_model_parallel_attributes(self.weight, tp > 1, 0)
         self.weight.init_std = init_std
+        if perform_initialization:
+            initialize_affine_weight(self.weight, init_std, 0)
         # tied to the output layer, its .grad sums the lookup's gradient and the head GEMM's: a fused head GEMM's
         # placeholder would hide the lookup's part (grad_accum_fusion)
         self.weight.allow_grad_accum_fusion = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        tp = ps.get_tensor_model_parallel_world_size()
-        if tp == 1:
+        check_tensor_model_parallel_size(self)
+        if self.tensor_model_parallel_size == 1:
             out = F.embedding(input_ids, self.weight)
             return mappings.scatter_to_sequence_parallel_region(out) if self.sequence_parallel else out
         mask = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)

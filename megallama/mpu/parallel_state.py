@@ -152,6 +152,20 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
         if rank in ranks:
             _GROUPS["embd"], _RANKS["embd"] = grp, ranks
 
+    def build_or_alias(name: str, key, *same_as):
+        """A group with the members of one built already (``same_as``: (name, whether equal)) is that group: no
+        extra communicator for a group nothing in megallama itself uses."""
+        for other, equal in same_as:
+            if equal:
+                _GROUPS[name], _RANKS[name] = _GROUPS[other], _RANKS[other]
+                return
+        build(name, key)
+
+    # Megatron's tensor-and-data groups (its fp8 amax / MoE reductions), for code written against megatron.core
+    build_or_alias("tp_dp", lambda p, d, c, t: (p, c), ("tp", g.dp == 1), ("dp", g.tp == 1))
+    build_or_alias("tp_dp_cp", lambda p, d, c, t: (p,), ("tp_dp", g.cp == 1), ("tp_cp", g.dp == 1),
+                   ("dp_cp", g.tp == 1))
+
 
 def destroy_model_parallel() -> None:
     """Forget the grid and every group of it, the a2a+p2p sub-groups that ``set_context_parallel_comm_type``
@@ -211,6 +225,11 @@ def get_tensor_and_context_parallel_group():
     return _group("tp_cp")
 
 
+def get_tensor_and_data_parallel_group(with_context_parallel: bool = False):
+    """The tp x dp ranks of my pipeline stage (and context-parallel rank, unless ``with_context_parallel``)."""
+    return _group("tp_dp_cp" if with_context_parallel else "tp_dp")
+
+
 # ---- ranks in groups ----
 def get_pipeline_model_parallel_ranks() -> List[int]:
     return _RANKS.get("pp", [0])
@@ -231,6 +250,34 @@ def get_embedding_ranks() -> List[int]:
 def get_tensor_model_parallel_src_rank() -> int:
     """Global rank of tp rank 0 in my tp group (broadcast source for data)."""
     return _RANKS.get("tp", [0])[0]
+
+
+def get_data_parallel_src_rank(with_context_parallel: bool = False) -> int:
+    """Global rank of dp rank 0 in my dp group (broadcast source for weights)."""
+    return get_data_parallel_global_ranks(with_context_parallel)[0]
+
+
+def get_pipeline_model_parallel_first_rank() -> int:
+    """Global rank of the first stage of my pipeline."""
+    return get_pipeline_model_parallel_ranks()[0]
+
+
+def get_pipeline_model_parallel_last_rank() -> int:
+    """Global rank of the last stage of my pipeline."""
+    return get_pipeline_model_parallel_ranks()[get_pipeline_model_parallel_world_size() - 1]
+
+
+def is_rank_in_embedding_group(ignore_virtual: bool = False) -> bool:
+    """Megatron-core's rule: a rank of the embedding group takes part when it holds the first (or last) virtual
+    stage of the model, unless ``ignore_virtual``."""
+    rank, ranks = _grid().rank, get_embedding_ranks()
+    if ignore_virtual or rank not in ranks:
+        return rank in ranks
+    if rank == ranks[0]:
+        return is_pipeline_first_stage(ignore_virtual=False)
+    if rank == ranks[-1]:
+        return is_pipeline_last_stage(ignore_virtual=False)
+    return True
 
 
 # ---- sizes and ranks ----
