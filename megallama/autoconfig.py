@@ -25,7 +25,7 @@ from megallama.pipeline.partition import costs_from_config
 from megallama.pipeline.simulate import theoretical_bubble_fraction
 
 RECOMPUTE_COST = {"none": 0.0, "selective": 0.03, "full": 1 / 3}
-MOE_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")  # estimator arguments that change Ψ
+MOE_SIZES = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")  # change Ψ
 STATE_BYTES = ("p_bytes", "g_bytes", "k_bytes")  # estimator overrides of (p, g, K): --optimizer sgd, bf16 grads
 ZERO_EFF = {0: 1.0, 1: 1.0, 2: 0.99, 3: 0.90}
 # Expert parallelism's all-to-all (dispatch + combine, forward and backward): the share (ep-1)/ep of the routed

@@ -57,9 +57,9 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                           device: str = "cuda", recommend: bool = True, moe_ffn_hidden_size: Optional[int] = None,
                           moe_shared_expert_intermediate_size: Optional[int] = None,
                           moe_expert_capacity_factor: Optional[float] = None,
-                          moe_pad_expert_input_to_capacity: bool = False, fp8_format: Optional[str] = None,
-                          async_save: bool = False, recompute_modules=None, cp_comm_type: str = "p2p",
-                          microbatch_group_size: Optional[int] = None,
+                          moe_pad_expert_input_to_capacity: bool = False, moe_shared_expert_gate: bool = False,
+                          fp8_format: Optional[str] = None, async_save: bool = False, recompute_modules=None,
+                          cp_comm_type: str = "p2p", microbatch_group_size: Optional[int] = None,
                           hierarchical_context_parallel_sizes=None, **aliases) -> dict:
     """Per-GPU memory of training ``model_variant`` with this layout; see the module docstring.
 
@@ -70,8 +70,9 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     use_flash_attention (always on). ``device`` 'cpu' models the eager CPU code paths (for tests on CPU).
     ``recompute_modules``: Megatron's --recompute-modules under recompute 'selective' (None: megallama's default).
     MoE (Megatron's flags): ``moe_ffn_hidden_size`` per expert, ``moe_shared_expert_intermediate_size``,
-    ``moe_expert_capacity_factor`` (negative: none), ``moe_pad_expert_input_to_capacity``. ``fp8_format``
-    ('hybrid' / 'e4m3', needs bf16): the decoder linears in fp8. ``async_save``: pinned host checkpoint buffers.
+    ``moe_expert_capacity_factor`` (negative: none), ``moe_pad_expert_input_to_capacity``, ``moe_shared_expert_gate``
+    (its h weights per layer count in ``num_params``). ``fp8_format`` ('hybrid' / 'e4m3', needs bf16): the decoder
+    linears in fp8. ``async_save``: pinned host checkpoint buffers.
     ``cp_comm_type`` (Megatron's --cp-comm-type; a2a+p2p with ``hierarchical_context_parallel_sizes``): the
     buffers context-parallel attention holds in backward (cp_memory.py). ``microbatch_group_size``: the
     interleaved schedule's --microbatch-group-size-per-virtual-pipeline-stage (None: pp), its warm-up depth."""
@@ -144,7 +145,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
     breakdown["overhead"] = int(overhead)
     result = {
         "model_variant": cfg.name, "num_params": int(sum(model_split(
-            cfg, strategy, lora_rank, lora_targets, moe_ffn_hidden_size, moe_shared_expert_intermediate_size))),
+            cfg, strategy, lora_rank, lora_targets, moe_ffn_hidden_size, moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate))),
         "params_per_gpu": int(st["params"]),
         "memory_per_gpu_gb": total / GiB, "peak_allocated_gb": st["allocated"] / GiB,
         "model_states_gb": (st["weights"] + st["grads"] + st["optimizer"]) / GiB,
@@ -190,7 +192,8 @@ def estimate_requirements(model_variant: str = "llama3_8b", batch_size: int = 1,
                     model_config=model_config, device=device, moe_ffn_hidden_size=moe_ffn_hidden_size,
                     moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
                     moe_expert_capacity_factor=moe_expert_capacity_factor,
-                    moe_pad_expert_input_to_capacity=moe_pad_expert_input_to_capacity, fp8_format=fp8_format,
+                    moe_pad_expert_input_to_capacity=moe_pad_expert_input_to_capacity,
+                    moe_shared_expert_gate=moe_shared_expert_gate, fp8_format=fp8_format,
                     async_save=async_save, recompute_modules=recompute_modules, cp_comm_type=cp_comm_type,
                     microbatch_group_size=microbatch_group_size,
                     hierarchical_context_parallel_sizes=hierarchical_context_parallel_sizes)

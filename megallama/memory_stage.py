@@ -167,9 +167,6 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
         if zero == 2:
             staging = 4 * min(trainable_local, k * min(bucket, trainable_local))
             extra = {"head backward": staging, "layer backward": staging}
-        elif strategy == "lora":  # a unit holds its layer's adapters only: the frozen base is neither sharded
-            unit = lora_params(cfg, lora_rank, lora_targets, tp)  # nor gathered, the embedding and head included
-            extra = {"forward end": 2 * p * unit, "layer backward": 2 * p * unit + 4 * k * unit}
         else:
             # the root (zero3.build_units: the weight compute_logits reads) stays gathered from the forward's end
             # through the head's backward on the head's stage only; a first stage without the head (pp > 1) holds
@@ -182,6 +179,11 @@ def stage_memory(cfg, x, num, layers, stage, L, pp, tp, dp, cp, ep, zero, recomp
                      "layer backward": p * (root + 2 * unit) + 4 * k * unit}
             if has_embedding and not has_head:  # its backward, the microbatch's last: gathered weight, grad, staging
                 extra["embedding backward"] = (3 * p + 4) * vloc * h
+            if strategy == "lora":  # a unit gathers its layer whole (the frozen base is sharded as the adapters
+                # are); only the adapters stage gradients; a frozen root is freed once the head's backward is done
+                a = lora_params(cfg, lora_rank, lora_targets, tp)
+                extra = {"head forward": p * (root + head_unit), "forward end": p * (root + 2 * (unit + a)),
+                         "head backward": p * (root + head_unit), "layer backward": p * 2 * (unit + a) + 4 * k * a}
     if cp > 1:
         extra["attention backward"] = cp_attention_backward_bytes(
             x.b, x.s, cfg.num_attention_heads // tp, cfg.num_query_groups // tp, cfg.head_dim, num.e, cp,

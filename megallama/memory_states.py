@@ -60,12 +60,11 @@ def trainable_split(strategy: str, dense: float, experts: float, adapters: float
 
 def split_states_bytes(split, zero_stage: int, n: int, ep: int, pkg) -> Dict[str, float]:
     """Model states of a ``trainable_split`` over N = dp*cp ranks: frozen parameters keep weights only, whole on
-    every rank at every stage (ZeRO-3 shards what the optimizer updates: ``optimizer/distributed.py`` takes the
-    trainable parameters only, so a LoRA base is not sharded); experts shard over the expert-data-parallel group
-    (N/ep)."""
+    every rank at stages 0-2 and sharded over N at stage 3 (``optimizer/zero3_flat.py`` shards a LoRA base as it
+    does the adapters); experts shard over the expert-data-parallel group (N/ep)."""
     trainable, experts, frozen = split
     st = model_states_bytes(trainable, zero_stage, n, *pkg)
-    st["weights"] += pkg[0] * frozen
+    st["weights"] += pkg[0] * frozen / (max(1, n) if zero_stage >= 3 else 1)
     if experts:
         ex = model_states_bytes(experts, zero_stage, max(1, n // ep), *pkg)
         st = {key: st[key] + ex[key] for key in st}
@@ -79,34 +78,56 @@ def layer_params(cfg: ModelConfig, tp: int) -> Dict[str, int]:
     return {"attn": attn, "mlp": 3 * h * cfg.ffn_hidden_size // tp, "norms": 2 * h}
 
 
-def lora_params(cfg: ModelConfig, rank: int, targets, tp: int) -> int:
-    h, kv = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim
+def lora_params(cfg: ModelConfig, rank: int, targets, tp: int, ffn: Optional[int] = None) -> int:
+    """One layer's adapters on a tp rank: rank x (the side its base layer keeps whole + the side it splits over
+    tp); column-parallel A [r, in] whole, B [out/tp, r]; row-parallel (o_proj, down_proj) A [r, in/tp], B [out, r].
+    ``ffn``: the layer's Linear MLP (an MoE layer's shared expert; 0: none, its MLP targets adapt nothing)."""
+    h, kv, f = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim, cfg.ffn_hidden_size if ffn is None else ffn
     dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, cfg.ffn_hidden_size), "up_proj": (h, cfg.ffn_hidden_size),
-            "down_proj": (cfg.ffn_hidden_size, h)}
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (h, f)}
     bad = [t for t in targets if t not in dims]
     if bad:
         raise ConfigError(f"LoRA target modules {bad} unknown; choose from {', '.join(dims)}")
-    return sum(rank * (dims[t][0] + dims[t][1] // tp) for t in targets)
+    return sum(rank * (dims[t][0] + dims[t][1] // tp) for t in targets if dims[t][1])
 
 
 def num_moe_layers(cfg: ModelConfig) -> int:
-    return len(cfg.moe_layers) if cfg.moe_layers else cfg.num_layers
+    return cfg.num_layers if cfg.moe_layers is None else len(cfg.moe_layers)  # [] (a 0-only pattern): none
+
+
+def param_counts(cfg: ModelConfig, strategy: str = "standard", lora_rank: int = 8,
+                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_ffn_hidden_size: Optional[int] = None,
+                 moe_shared_expert_intermediate_size: Optional[int] = None,
+                 moe_shared_expert_gate: bool = False) -> Dict[str, int]:
+    """The whole model (no tp/pp/ep split) as ``strategies.apply_strategy`` builds it: the one count behind the
+    start-up log's model line and the estimator's split, so the two cannot disagree. A MoE layer (``cfg``'s experts
+    and layers, under 'moe' and 'hybrid') swaps its MLP for the experts and 'moe_dense' (router, shared expert and
+    its gate); LoRA adapts every target projection, of a MoE layer's MLP only the shared expert (experts are not
+    Linear layers)."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    on = strategy in ("moe", "hybrid") and cfg.num_experts
+    moe_ids = (set(range(cfg.num_layers)) if cfg.moe_layers is None else set(cfg.moe_layers)) if on else set()
+    shared = (moe_shared_expert_intermediate_size or 0) if on else 0
+    n = len(moe_ids)
+    experts = n * cfg.num_experts * 3 * h * (moe_ffn_hidden_size or f)
+    moe_dense = n * (cfg.num_experts * h + 3 * h * shared + (h if shared and moe_shared_expert_gate else 0))
+    adapters = sum(lora_params(cfg, lora_rank, list(lora_targets), 1, shared if i in moe_ids else f)
+                   for i in range(cfg.num_layers)) if strategy in ("lora", "hybrid") else 0
+    swap = experts + moe_dense - n * 3 * h * f
+    return {"total": cfg.num_params() + swap + adapters, "without_embeddings": cfg.num_params(False) + swap + adapters,
+            "experts": experts, "moe_dense": moe_dense, "adapters": adapters, "moe_layers": n,
+            "num_experts": cfg.num_experts if n else 0}
 
 
 def model_split(cfg: ModelConfig, strategy: str = "standard", lora_rank: int = 8,
                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_ffn_hidden_size: Optional[int] = None,
-                moe_shared_expert_intermediate_size: Optional[int] = None):
-    """``trainable_split`` of the whole model (no tp/pp): a MoE layer's experts (of ``moe_ffn_hidden_size``,
-    default the dense FFN) are experts, its router and shared expert dense."""
-    moe_layers = num_moe_layers(cfg) if strategy in ("moe", "hybrid") and cfg.num_experts else 0
-    h, dense_mlp = cfg.hidden_size, layer_params(cfg, 1)["mlp"]
-    experts = moe_layers * cfg.num_experts * 3 * h * (moe_ffn_hidden_size or cfg.ffn_hidden_size)
-    shared = moe_layers * 3 * h * (moe_shared_expert_intermediate_size or 0)
-    adapters = cfg.num_layers * lora_params(cfg, lora_rank, list(lora_targets), 1) \
-        if strategy in ("lora", "hybrid") else 0
-    return trainable_split(strategy, cfg.num_params() - moe_layers * dense_mlp, experts, adapters,
-                           moe_layers * h * cfg.num_experts + shared)
+                moe_shared_expert_intermediate_size: Optional[int] = None, moe_shared_expert_gate: bool = False):
+    """``trainable_split`` of ``param_counts``: a MoE layer's experts are experts, its router and shared expert
+    dense."""
+    c = param_counts(cfg, strategy, lora_rank, lora_targets, moe_ffn_hidden_size,
+                     moe_shared_expert_intermediate_size, moe_shared_expert_gate)
+    return trainable_split(strategy, c["total"] - c["experts"] - c["moe_dense"] - c["adapters"], c["experts"],
+                           c["adapters"], c["moe_dense"])
 
 
 def checkpoint_bytes(local_params: float, optimizer_bytes: float, p: float) -> float:

@@ -18,32 +18,10 @@ def human(n: float) -> str:
 
 
 def built_param_counts(cfg, strategy) -> dict:
-    """The whole model's parameters as ``apply_strategy`` builds it (no tp/pp/ep split): each MoE layer's dense
-    MLP replaced by its router, experts and shared expert; LoRA's rank x (in + out) per adapted projection (MoE
-    experts are not adapted, a shared expert's projections are)."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    kv = cfg.num_query_groups * cfg.head_dim
-    moe = strategy.moe_config(cfg.num_layers)
-    moe_layers = set(range(cfg.num_layers) if moe is None or moe.layers is None else moe.layers) if moe else set()
-    experts = swap = 0
-    shared = 0
-    if moe is not None:
-        shared = moe.shared_expert_intermediate_size or 0
-        experts = len(moe_layers) * moe.num_experts * 3 * h * (moe.ffn_hidden_size or f)
-        per_layer = moe.num_experts * h + 3 * h * shared + (h if shared and moe.shared_expert_gate else 0)
-        swap = len(moe_layers) * (per_layer - 3 * h * f)
-    adapters = 0
-    lora = strategy.lora_config()
-    if lora is not None:
-        attn = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h}
-        for i in range(cfg.num_layers):
-            mlp_f = shared if i in moe_layers else f  # an MoE layer's only Linear MLP is its shared expert
-            for t in lora.target_modules:
-                adapters += lora.rank * (attn[t] if t in attn else (h + mlp_f if mlp_f else 0))
-    dense = cfg.num_params()
-    return {"total": dense + swap + experts + adapters, "without_embeddings": cfg.num_params(False) + swap + experts
-            + adapters, "experts": experts, "num_experts": moe.num_experts if moe else 0,
-            "moe_layers": len(moe_layers), "adapters": adapters}
+    """The whole model's parameters as ``apply_strategy`` builds it (no tp/pp/ep split): the estimator's
+    ``memory_states.param_counts`` of the strategy's experts and adapters, so the log and the estimate agree."""
+    from megallama.memory_states import param_counts
+    return param_counts(strategy.model_config(cfg), **strategy.estimate_kw())
 
 
 def model_size_text(args, cfg) -> str:
@@ -80,23 +58,23 @@ def layout_settings(args) -> str:
 
 
 def _zero3_shard(chunks) -> tuple:
-    """(stored, largest gathered unit) of this rank under ZeRO-3: each unit's trainable dense parameters sharded
-    over dp x cp, its experts over the expert-data-parallel group (``optimizer/zero3.py``'s buckets, padding
-    aside); frozen parameters (a LoRA base) are not sharded."""
+    """(stored, largest gathered unit) of this rank under ZeRO-3: each unit's dense parameters sharded over
+    dp x cp, its experts over the expert-data-parallel group (``optimizer/zero3.py``'s buckets, padding aside),
+    frozen ones (a LoRA base) as the trainable ones, in buckets of their own."""
     from megallama.optimizer.zero3 import build_units
     dp = ps.get_data_parallel_world_size(with_context_parallel=True)
     ep = ps.get_expert_model_parallel_world_size()
     edp = ps.get_expert_data_parallel_world_size() if ep > 1 else dp
     stored = largest = 0
     for m in chunks:
-        params = [p for p in m.parameters() if p.requires_grad]
-        stored += sum(p.numel() for p in m.parameters() if not p.requires_grad)
-        units, root = build_units(m, params)
+        units, root = build_units(m, [p for p in m.parameters() if p.requires_grad],
+                                  [p for p in m.parameters() if not p.requires_grad])
         for u in units + ([root] if root is not None else []):
-            ex = sum(p.numel() for p in u.params if ep > 1 and getattr(p, "allreduce", True) is False)
-            de = sum(p.numel() for p in u.params) - ex
-            stored += math.ceil(de / dp) + math.ceil(ex / edp)
-            largest = max(largest, de + ex)
+            for kind in (u.params, u.frozen):
+                ex = sum(p.numel() for p in kind if ep > 1 and getattr(p, "allreduce", True) is False)
+                stored += math.ceil((sum(p.numel() for p in kind) - ex) / dp) + math.ceil(ex / edp)
+            de = sum(p.numel() for p in u.params + u.frozen)
+            largest = max(largest, de)
     return stored, largest
 
 

@@ -65,6 +65,11 @@ class TrainingStrategy:
         kw = {"strategy": self.memory_kind}
         if lora is not None:
             kw.update(lora_rank=lora.rank, lora_targets=tuple(lora.target_modules))
+        if self.uses_moe:  # the expert sizes that change the count (memory_states.param_counts)
+            p = self.parameters
+            kw.update(moe_ffn_hidden_size=p.get("moe_ffn_hidden_size"),
+                      moe_shared_expert_intermediate_size=p.get("moe_shared_expert_intermediate_size"),
+                      moe_shared_expert_gate=bool(p.get("moe_shared_expert_gate", False)))
         return kw
 
     def model_config(self, cfg):
@@ -280,7 +285,7 @@ def gather_adapters(model_chunks) -> dict:
         for chunk in chunks:
             if not is_zero3(chunk):
                 continue
-            whole = chunk.state_dict()
+            whole = chunk.zero3.full_state_dict(keep=lambda p: getattr(p, "lora", False))  # not the base
             for name, p in chunk.module.named_parameters():
                 if getattr(p, "lora", False):
                     placeholders.append((p, p.data))

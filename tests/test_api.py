@@ -203,10 +203,13 @@ def test_lora_plan_explains_the_frozen_base_as_the_estimator_counts_it():
     floor = (18 * (trainable + experts) + 2 * frozen) / 8 / 2**30  # bf16 Adam states of the adapters, base weights
     assert floor < 20 and f"at best {floor:.1f} GiB per GPU when fully sharded" in o70.plan["explanation"]
     assert "2 bytes (weights only) for 70.55B frozen" in o70.plan["explanation"]
-    # ZeRO shards what the optimizer updates, not the frozen base: only tp x pp spreads it, as the plan does
-    zero3 = megallama.estimate_requirements("llama3_70b", num_gpus=8, zero_stage=3, strategy="lora", lora_rank=64,
-                                            lora_targets=("q_proj", "v_proj"), recommend=False)["model_states_gb"]
-    assert zero3 > 120 and o70.plan["tp"] * o70.plan["pp"] > 1
+    # ZeRO-3 shards the frozen base over dp as it does the adapters' states: dp 8 reaches that floor (ZeRO-1/2 keep
+    # the base whole on every rank: > 130 GiB at dp 8)
+    def states(stage):
+        return megallama.estimate_requirements("llama3_70b", num_gpus=8, zero_stage=stage, strategy="lora",
+                                               lora_rank=64, lora_targets=("q_proj", "v_proj"),
+                                               recommend=False)["model_states_gb"]
+    assert abs(states(3) / floor - 1) < 1e-3 and states(2) > 130
 
 
 def test_pretrain_trains_on_given_datasets_for_the_epochs_asked():

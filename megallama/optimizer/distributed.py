@@ -9,7 +9,7 @@ Every stage keeps gradients in one contiguous buffer laid out by ``BufferLayout`
   staging buffer as backward produces them and reduce-scattered into the shard when the bucket is complete
   (DeepSpeed's scheme, since full gradients are never kept; ``grad_shard_reducer.GradShardReducer``).
 * stage 3: stage 2 plus parameters sharded per unit (``zero3.Zero3Params``); under expert parallelism a MoE
-  layer's experts over the expert-data-parallel group, its dense params over dp x cp.
+  layer's experts over the expert-data-parallel group, its dense params over dp x cp; frozen ones (LoRA) alike.
 
 Stages 0-1 communicate only on the last microbatch (``no_sync`` marks the others); with ``overlap_grad_reduce`` the
 bucket collectives start asynchronously from the hooks as soon as a bucket's gradients are complete, so they overlap
@@ -118,11 +118,12 @@ class DistributedDataParallel(nn.Module):
         self.device = params[0].device if params else next(iter([*module.parameters(), *module.buffers()]),
                                                             torch.empty(0)).device
         self.param_names = {p: n for n, p in module.named_parameters()}
-        self.shapes = {p: p.shape for p in params}
+        frozen = [p for p in module.parameters() if not p.requires_grad] if zero_stage == 3 else []
+        self.shapes = {p: p.shape for p in params + frozen}
 
         # MoE expert params (``allreduce = False``) under expert parallelism: reduced over the expert-dp group (the
-        # dp x cp ranks holding the same experts), averaged over dp x cp like the dense ones.
-        expert = [p for p in params if getattr(p, "allreduce", True) is False]
+        # dp x cp ranks holding the same experts), averaged over dp x cp like the dense ones; ZeRO-3 frozen: sharded.
+        expert = [p for p in params + frozen if getattr(p, "allreduce", True) is False]
         self.expert_comm = None
         if expert and ps.get_expert_model_parallel_world_size() > 1 and data_parallel_group is None:
             self.expert_comm = Comm.of(ps.get_expert_data_parallel_group(), self.dp_size, expert=True)
@@ -133,7 +134,7 @@ class DistributedDataParallel(nn.Module):
         self.zero3 = None
         if zero_stage == 3:
             from megallama.optimizer.zero3 import build_units, unit_buckets
-            units, root = build_units(module, params)
+            units, root = build_units(module, params, frozen)
             buckets = unit_buckets(units, root, set(expert), self.comm, self.expert_comm)
         else:
             shared = lambda p: self.dp_size > 1 and needs_own_bucket(module, p)  # noqa: E731
@@ -155,7 +156,7 @@ class DistributedDataParallel(nn.Module):
                     p.data = self.param_buffer[s:e].view(self.shapes[p])
         if zero_stage == 3:
             from megallama.optimizer.zero3 import Zero3Params
-            self.zero3 = Zero3Params(self, units, root)
+            self.zero3 = Zero3Params(self, units, root, set(expert))
 
         n = self.layout.shard_numel if self.shard_grads else self.layout.numel
         self.grad_buffer = torch.zeros(n, dtype=self.grad_dtype, device=self.device)
@@ -389,8 +390,8 @@ class DistributedDataParallel(nn.Module):
     # ------------------------------------------------------------------ accounting
     def memory_footprint(self) -> dict:
         """Bytes held persistently by this rank for the model: parameter storage and gradient buffer."""
-        if self.zero3 is not None:
-            params = self.zero3.shard.untyped_storage().nbytes()
+        if self.zero3 is not None:  # trainable and frozen shards
+            params = sum(f.shard.untyped_storage().nbytes() for f in self.zero3.flats)
         elif self.param_buffer is not None:
             params = self.param_buffer.untyped_storage().nbytes()
         else:

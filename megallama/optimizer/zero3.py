@@ -5,13 +5,17 @@ module (the tied embedding on a single stage, the ``output_weight`` copy on a la
 unit, gathered for the whole forward. Each unit is one bucket of the DDP layout (two under expert parallelism: a
 MoE layer's expert params are sharded over the expert-data-parallel group, its dense params over dp x cp, so each
 kind is gathered and reduce-scattered over its own group, into one unit-sized tensor), so its shard is a slice of
-the persistent ``shard`` buffer (this is also where the optimizer writes, in place for fp32 params).
+the persistent ``shard`` buffer (this is also where the optimizer writes, in place for fp32 params). Frozen params
+(a LoRA base) are sharded the same way in a second flat buffer of their own, gathered and freed with the unit's
+trainable buckets, never reduced (``zero3_flat.py``).
 
 * forward: a pre-hook waits for the unit's all-gather and starts the next unit's (prefetch, async); a post-hook
   frees the unit and wraps its outputs in ``_PreBackward``, whose backward re-gathers the unit (and prefetches the
   one before it) just before the unit's backward runs.
 * backward: once every parameter of the unit has its gradient (DDP's hooks reduce-scatter the unit's bucket), the
-  unit is freed; anything left is freed at the end of backward.
+  unit is freed; anything left is freed at the end of backward. A unit holding frozen params also waits for the
+  gradient of its inputs (``_PostBackward``, applied by the pre-hook): a frozen GEMM or norm still needs its weight
+  after the last adapter's gradient arrived (backward runs the adapter branch first).
 * saved tensors: autograd saves views of the gathered weights (e.g. ``weight.t()`` for a matmul), which would keep
   every unit's full storage alive until backward. A ``saved_tensors_hooks`` pair replaces such a view by
   (unit, offset, size, stride) and rebuilds it from the re-gathered unit when backward needs it.
@@ -24,8 +28,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from megallama.errors import ConfigError
 from megallama.optimizer.param_and_grad_buffer import all_gather_into_tensor
+from megallama.optimizer.zero3_flat import Flat, Part, frozen_flat, full_state_dict, load_full_state_dict
 
 _TOKEN = object()
 
@@ -35,16 +39,23 @@ def _in_backward() -> bool:
 
 
 class Unit:
-    def __init__(self, index: int, name: str, module: Optional[nn.Module], params: List[nn.Parameter]):
-        self.index, self.name, self.module, self.params = index, name, module, params
-        self.buckets = []  # adjacent in the layout: dense, then (expert parallelism) expert
-        self.offset = self.numel = 0  # the buckets' range in the flat layout
-        self.full: Optional[torch.Tensor] = None  # the gathered buckets while live
+    def __init__(self, index: int, name: str, module: Optional[nn.Module], params: List[nn.Parameter],
+                 frozen: List[nn.Parameter] = ()):
+        self.index, self.name, self.module, self.params, self.frozen = index, name, module, params, list(frozen)
+        self.parts: List[Part] = []  # trainable, then frozen (``zero3_flat``)
+        self.buckets = []  # the trainable part's (DDP's layout): dense, then (expert parallelism) expert
         self.handles = []  # async all-gathers in flight
         self.reduced = set()  # buckets reduce-scattered in this backward
+        self.awaits_inputs = False  # frozen params: released once its inputs' gradient is computed ...
+        self.inputs_done = False  # ... which happened in this backward
+
+    @property
+    def full(self) -> Optional[torch.Tensor]:
+        """The first part's gathered storage (None while freed)."""
+        return self.parts[0].full if self.parts else None
 
     def __repr__(self):
-        return f"Unit({self.name}, {sum(p.numel() for p in self.params)} params)"
+        return f"Unit({self.name}, {sum(p.numel() for p in self.params)} params, {len(self.frozen)} frozen)"
 
 
 def params_used_outside_their_module(module: nn.Module) -> set:
@@ -59,11 +70,12 @@ def params_used_outside_their_module(module: nn.Module) -> set:
     return out
 
 
-def build_units(module: nn.Module, params: List[nn.Parameter]) -> Tuple[List[Unit], Optional[Unit]]:
+def build_units(module: nn.Module, params: List[nn.Parameter],
+                frozen: List[nn.Parameter] = ()) -> Tuple[List[Unit], Optional[Unit]]:
     """Units in forward order plus the root unit (None when empty). Llama: embedding, layers, norm, head (the
     head's weight is read by ``compute_logits``, so it is root); any other module: the children of every
-    ModuleList/ModuleDict, the rest in the root."""
-    trainable = set(params)
+    ModuleList/ModuleDict, the rest in the root. ``frozen`` params join their units as ``Unit.frozen``."""
+    trainable, fro = set(params), set(frozen)
     inner = getattr(module, "model", None)
     named: List[Tuple[str, nn.Module]] = []
     if inner is not None and hasattr(inner, "layers"):
@@ -79,29 +91,34 @@ def build_units(module: nn.Module, params: List[nn.Parameter]) -> Tuple[List[Uni
             if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
                 named += [(f"{name}.{k}" if name else k, c) for k, c in m.named_children()]
     shared = params_used_outside_their_module(module)
-    units, taken, root_params, root_modules = [], set(), [], []
+    units, taken, root_params, root_frozen, root_modules = [], set(), [], [], []
     for name, m in named:
         ps_ = [p for p in m.parameters() if p in trainable and p not in taken]
-        taken.update(ps_)
-        if any(p in shared for p in ps_):  # also used outside its own module: it joins the root
+        fs = [p for p in m.parameters() if p in fro and p not in taken]
+        taken.update(ps_ + fs)
+        if any(p in shared for p in ps_ + fs):  # also used outside its own module: it joins the root
             root_params += ps_
+            root_frozen += fs
             root_modules.append(m)
-        elif ps_:
-            units.append(Unit(len(units), name, m, ps_))
+        elif ps_ or fs:
+            units.append(Unit(len(units), name, m, ps_, fs))
     root_params += [p for p in params if p not in taken]
-    root = Unit(-1, "root", None, root_params) if root_params else None
+    root_frozen += [p for p in frozen if p not in taken]
+    root = Unit(-1, "root", None, root_params, root_frozen) if root_params or root_frozen else None
     if root is not None:
         root.modules = root_modules
     return units, root
 
 
-def unit_buckets(units: List[Unit], root: Optional[Unit], expert: set, dense_comm, expert_comm) -> list:
+def unit_buckets(units: List[Unit], root: Optional[Unit], expert: set, dense_comm, expert_comm,
+                 kind: str = "params") -> list:
     """The layout's (params, comm) buckets, root first then the units in backward order: a unit's dense params
-    over dp (x cp), then its expert params (``expert``) over the expert-dp group in a bucket right after."""
+    over dp (x cp), then its expert params (``expert``) over the expert-dp group in a bucket right after.
+    ``kind``: the units' trainable ``params`` (DDP's layout) or their ``frozen`` ones (the frozen layout)."""
     out = []
     for u in ([root] if root is not None else []) + list(reversed(units)):
-        out.append(([p for p in u.params if p not in expert], dense_comm))
-        out.append(([p for p in u.params if p in expert], expert_comm))
+        out.append(([p for p in getattr(u, kind) if p not in expert], dense_comm))
+        out.append(([p for p in getattr(u, kind) if p in expert], expert_comm))
     return out
 
 
@@ -119,6 +136,21 @@ class _PreBackward(torch.autograd.Function):
         return None, None, grad
 
 
+class _PostBackward(torch.autograd.Function):
+    """Identity on a unit's inputs whose backward runs once the unit's backward is done: frees a unit with frozen
+    params (their GEMMs and norms need the weights until then; no gradient of theirs says so)."""
+
+    @staticmethod
+    def forward(ctx, manager, unit, *xs):
+        ctx.manager, ctx.unit = manager, unit
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.manager.post_backward(ctx.unit)
+        return (None, None, *grads)
+
+
 def _map_tensors(out, fn):
     if isinstance(out, torch.Tensor):
         return fn(out)
@@ -130,35 +162,34 @@ def _map_tensors(out, fn):
 
 
 class Zero3Params:
-    """Owns the parameter shard of one DDP-wrapped module and the gather/free schedule."""
+    """Owns the parameter shards of one DDP-wrapped module (trainable and frozen) and the gather/free schedule."""
 
-    def __init__(self, ddp, units: List[Unit], root: Optional[Unit]):
+    def __init__(self, ddp, units: List[Unit], root: Optional[Unit], expert: set = frozenset()):
         self.ddp, self.units, self.root = ddp, units, root
         self.layout, self.dp, self.rank, self.group = ddp.layout, ddp.dp_size, ddp.dp_rank, ddp.dp_group
         self.all_units = ([root] if root is not None else []) + list(units)
+        dtype, device = ddp.param_dtype, ddp.device
+        self.flat = Flat(self.layout, ddp.shapes, dtype, device)
+        self.shard = self.flat.shard  # the optimizer's (trainable) shard
+        self.frozen = frozen_flat(units, root, expert, ddp.comm, ddp.expert_comm, device)
+        self.flats = [self.flat] + ([self.frozen] if self.frozen is not None else [])
+        self._dtypes = {f.shard.dtype for f in self.flats}
         self.bucket_unit = {}
         for u in self.all_units:
-            u.buckets = sorted({self.layout.bucket_of(p).index: self.layout.bucket_of(p) for p in u.params}.values(),
-                               key=lambda b: b.index)
-            u.offset = u.buckets[0].offset
-            u.numel = u.buckets[-1].offset + u.buckets[-1].numel - u.offset
+            u.parts = [Part(u, f, ps_) for f, ps_ in ((self.flat, u.params), (self.frozen, u.frozen)) if ps_]
+            u.buckets = u.parts[0].buckets if u.params else []
             self.bucket_unit.update((b.index, u) for b in u.buckets)
-        dtype, device = ddp.param_dtype, ddp.device
-        self.shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
-        self._empty = torch.empty(0, dtype=dtype, device=device)
         self._by_ptr = {}
-        with torch.no_grad():
-            for pc in self.layout.pieces():
-                flat = pc.param.data.view(-1)[pc.param_start:pc.param_end]
-                self.shard[pc.shard_start:pc.shard_start + pc.numel].copy_(flat)
-        if self.dp == 1:  # nothing to shard: params are permanent views of the (full) shard buffer
+        if self.dp == 1:  # nothing to shard: params are permanent views of the (full) shard buffers
             for u in self.all_units:
-                self._point_params(u, self.shard, 0)
+                for part in u.parts:
+                    part.point_params(part.flat.shard, 0)
             return
-        for p in ddp.layout.index:  # drop the full original storage
-            p.data = self._empty
+        for f in self.flats:  # drop the full original storage
+            for p in f.layout.index:
+                p.data = f.empty
         for u in units:
-            u.module.register_forward_pre_hook(lambda m, a, u=u: self._pre_forward(u))
+            u.module.register_forward_pre_hook(lambda m, a, u=u: self._pre_forward(u, a))
             u.module.register_forward_hook(lambda m, a, out, u=u: self._post_forward(u, out))
         # Llama: the root (output layer weight) is needed only after ``module.model`` ran (and, when tied on one
         # stage, by the embedding): gather it there, prefetched while the last unit runs. Otherwise: whole forward.
@@ -167,36 +198,37 @@ class Zero3Params:
         self.root_at_end = self.anchor is not None and getattr(ddp.module, "post_process", True)
         if self.anchor is not None:
             if self.root_at_end:
-                self.anchor.register_forward_hook(lambda m, a, out: self.gather(root))
+                self.anchor.register_forward_hook(lambda m, a, out: self._root_at_end(out))
             for m in root.modules:
                 m.register_forward_pre_hook(lambda m, a: self.gather(root))
                 m.register_forward_hook(lambda m, a, out: self._post_forward(root, out))
 
     # ---------------------------------------------------------------- gather / free
-    def _point_params(self, u: Unit, full: torch.Tensor, base: int) -> None:
-        for p in u.params:
-            s, e, _ = self.layout.index[p]
-            p.data = full[s - base:e - base].view(self.ddp.shapes[p])
-
-    def gather(self, u: Unit, async_op: bool = False) -> None:
+    def gather_part(self, part: Part, async_op: bool = False) -> None:
         if self.dp == 1:
             return
-        if u.full is None:
-            full = torch.empty(u.numel, dtype=self.shard.dtype, device=self.shard.device)
-            for b in u.buckets:  # each over its own group (expert buckets: expert-dp, maybe of one rank)
-                out = full[b.offset - u.offset:b.offset - u.offset + b.numel]
-                mine = self.shard[b.shard_offset:b.shard_offset + b.shard_size]
+        u = part.unit
+        if part.full is None:
+            shard = part.flat.shard
+            full = torch.empty(part.numel, dtype=shard.dtype, device=shard.device)
+            for b in part.buckets:  # each over its own group (expert buckets: expert-dp, maybe of one rank)
+                out = full[b.offset - part.offset:b.offset - part.offset + b.numel]
+                mine = shard[b.shard_offset:b.shard_offset + b.shard_size]
                 if b.comm.group is None:
                     out.copy_(mine)
                     continue
                 h = all_gather_into_tensor(out, mine, group=b.comm.group, async_op=async_op)
                 if h is not None:
                     u.handles.append(h)
-            u.full = full
-            self._by_ptr[full.untyped_storage().data_ptr()] = u
-            self._point_params(u, full, u.offset)
+            part.full = full
+            self._by_ptr[full.untyped_storage().data_ptr()] = part
+            part.point_params(full, part.offset)
         if not async_op:
             self._wait(u)
+
+    def gather(self, u: Unit, async_op: bool = False) -> None:
+        for part in u.parts:
+            self.gather_part(part, async_op)
 
     @staticmethod
     def _wait(u: Unit) -> None:
@@ -204,28 +236,40 @@ class Zero3Params:
             h.wait()
         u.handles = []
 
+    def release_part(self, part: Part) -> None:
+        if self.dp == 1 or part.full is None:
+            return
+        self._wait(part.unit)
+        self._by_ptr.pop(part.full.untyped_storage().data_ptr(), None)
+        for p in part.params:
+            p.data = part.flat.empty
+        part.full = None
+
     def release(self, u: Unit) -> None:
         u.reduced.clear()
-        if self.dp == 1 or u.full is None:
-            return
-        self._wait(u)
-        self._by_ptr.pop(u.full.untyped_storage().data_ptr(), None)
-        for p in u.params:
-            p.data = self._empty
-        u.full = None
+        u.inputs_done = False
+        for part in u.parts:
+            self.release_part(part)
 
     def release_all(self) -> None:
         for u in self.all_units:
             self.release(u)
 
+    def _release_if_done(self, u: Unit) -> None:
+        if len(u.reduced) == len(u.buckets) and (u.inputs_done or not u.awaits_inputs):
+            self.release(u)
+
     def on_bucket_reduced(self, bucket) -> None:
-        """All grads of the unit (all its buckets) were reduce-scattered in this backward: its weights are no longer
-        needed."""
+        """All grads of the unit (all its buckets) were reduce-scattered in this backward: its trainable weights are
+        no longer needed (nor its frozen ones once its inputs' gradient is done)."""
         u = self.bucket_unit.get(bucket.index)
         if u is not None:
             u.reduced.add(bucket.index)
-            if len(u.reduced) == len(u.buckets):
-                self.release(u)
+            self._release_if_done(u)
+
+    def post_backward(self, u: Unit) -> None:
+        u.inputs_done = True
+        self._release_if_done(u)
 
     # ---------------------------------------------------------------- hooks
     def _prefetch(self, i: int) -> None:
@@ -234,10 +278,31 @@ class Zero3Params:
         elif i == len(self.units) and self.root_at_end:
             self.gather(self.root, async_op=True)
 
-    def _pre_forward(self, u: Unit) -> None:
+    def _await_inputs(self, u: Unit, xs):
+        """Wrap the tensors of ``xs`` that need a gradient in ``_PostBackward(u)`` (units with frozen params)."""
+        idx = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor) and x.requires_grad]
+        u.awaits_inputs = bool(u.frozen) and torch.is_grad_enabled() and bool(idx)
+        if not u.awaits_inputs:
+            return None
+        xs = list(xs)
+        for i, y in zip(idx, _PostBackward.apply(self, u, *[xs[i] for i in idx])):
+            xs[i] = y
+        return xs
+
+    def _pre_forward(self, u: Unit, args):
         self.gather(u)
-        if not _in_backward():
-            self._prefetch(u.index + 1)
+        if _in_backward():
+            return None
+        self._prefetch(u.index + 1)
+        out = self._await_inputs(u, args)
+        return tuple(out) if out is not None else None
+
+    def _root_at_end(self, out):
+        self.gather(self.root)
+        if isinstance(out, torch.Tensor):
+            wrapped = self._await_inputs(self.root, [out])
+            return wrapped[0] if wrapped is not None else None
+        return None
 
     def _post_forward(self, u: Unit, out):
         if _in_backward():  # recomputation: backward is about to use the weights
@@ -253,21 +318,21 @@ class Zero3Params:
         self._prefetch(len(self.units) - 1 if u is self.root else u.index - 1)
 
     def _pack(self, t: torch.Tensor):
-        if t.dtype != self.shard.dtype or not self._by_ptr:
+        if t.dtype not in self._dtypes or not self._by_ptr:
             return t
         try:
-            u = self._by_ptr.get(t.untyped_storage().data_ptr())
+            part = self._by_ptr.get(t.untyped_storage().data_ptr())
         except (RuntimeError, NotImplementedError):
             return t
-        if u is None:
+        if part is None:
             return t
-        return (_TOKEN, u, t.storage_offset(), tuple(t.size()), tuple(t.stride()))
+        return (_TOKEN, part, t.storage_offset(), tuple(t.size()), tuple(t.stride()))
 
     def _unpack(self, x):
         if isinstance(x, tuple) and len(x) == 5 and x[0] is _TOKEN:
-            _, u, off, size, stride = x
-            self.gather(u)
-            return u.full.as_strided(size, stride, off)
+            _, part, off, size, stride = x
+            self.gather(part.unit)
+            return part.full.as_strided(size, stride, off)
         return x
 
     def forward(self, args, kwargs):
@@ -288,43 +353,9 @@ class Zero3Params:
         return out
 
     # ---------------------------------------------------------------- full state (checkpoints)
-    def full_state_dict(self) -> dict:
-        """Full parameters, unit by unit (collective over dp), plus the module's buffers."""
-        names = self.ddp.param_names
-        out = {}
-        for u in self.all_units:
-            was_live = u.full is not None
-            self.gather(u)
-            for p in u.params:
-                out[names[p]] = p.detach().clone()
-            if not was_live:
-                self.release(u)
-        sd = self.ddp.module.state_dict(keep_vars=True)
-        return {k: out[k] if k in out else v.detach() for k, v in sd.items()}
+    def full_state_dict(self, keep=None) -> dict:
+        """Full parameters (``keep``: only those it accepts), unit by unit (collective over dp), plus buffers."""
+        return full_state_dict(self, keep)
 
     def load_full_state_dict(self, state_dict: dict, strict: bool = True):
-        names = self.ddp.param_names
-        expected = set(self.ddp.module.state_dict(keep_vars=True).keys())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if strict and (missing or unexpected):
-            raise ConfigError(f"model state dict does not match: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-                              "load a checkpoint of the same model and parallel layout (tp/pp)")
-        with torch.no_grad():
-            for pc in self.layout.pieces():
-                name = names[pc.param]
-                if name not in state_dict:
-                    continue
-                src = state_dict[name]
-                if tuple(src.shape) != tuple(self.ddp.shapes[pc.param]):
-                    raise ConfigError(f"parameter {name} has shape {tuple(src.shape)} in the checkpoint but "
-                                      f"{tuple(self.ddp.shapes[pc.param])} here; the tp layout differs")
-                flat = src.reshape(-1)[pc.param_start:pc.param_end]
-                self.shard[pc.shard_start:pc.shard_start + pc.numel].copy_(flat)
-            live = [u for u in self.all_units if u.full is not None]
-            for u in live:
-                self.release(u)
-                self.gather(u)
-        params = set(names.values())
-        rest = {k: v for k, v in state_dict.items() if k not in params}
-        self.ddp.module.load_state_dict(rest, strict=False)
-        return None
+        return load_full_state_dict(self, state_dict, strict)
