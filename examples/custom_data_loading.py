@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import megallama
 from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
-    tiny_training_config, world_size
+    launch_shape, tiny_training_config
 from megallama.data.tokenizer import build_tokenizer
 from megallama.errors import ConfigError
 
@@ -47,20 +47,21 @@ class TextFileDataset(Dataset):
 
 
 def main() -> int:
-    parser = example_parser(__doc__)
+    parser = example_parser(__doc__, gpus=8)
     parser.add_argument("--text-file", default=None, help="the text to train on (default with --tiny: README.md)")
     args = parser.parse_args()
     text = args.text_file or (os.path.join(REPO, "README.md") if args.tiny else None)
     if text is None:
         raise ConfigError("give --text-file (plain UTF-8 text to train on), or run --tiny")
-    config = tiny_training_config(model_name="custom_data") if args.tiny else megallama.TrainingConfig(
+    nodes, gpus = launch_shape(args)
+    config = tiny_training_config(nodes * gpus, model_name="custom_data") if args.tiny else megallama.TrainingConfig(
         model_name="llama3_8b_custom_data", batch_size=64, micro_batch_size=1, sequence_length=2048,
         learning_rate=3e-4, epochs=1, warmup_iters=10, mixed_precision="bf16", eval_interval=50, log_interval=1)
     orchestrator = megallama.LlamaTrainingOrchestrator(
-        model_variant="llama3_8b", num_gpus=world_size(), auto_configure=True, training_config=config,
+        model_variant="llama3_8b", num_gpus=gpus, num_nodes=nodes, auto_configure=True, training_config=config,
         model_overrides=model_overrides(args, "llama3_8b", vocab_size=8192))
     if args.dry_run:
-        return dry_run(orchestrator)
+        return dry_run(orchestrator, args)
     tokenizer = build_tokenizer("llama3" if args.tokenizer_model else "bundled", args.tokenizer_model)
     seq = orchestrator.sequence_length
     # The loop samples a map-style dataset itself (its data-parallel share, resumable order); the train DataLoader's

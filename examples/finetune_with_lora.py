@@ -14,12 +14,12 @@ import sys
 
 import megallama
 from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
-    tiny_training_config, world_size
+    launch_shape, tiny_training_config
 from megallama.errors import ConfigError
 
 
 def main() -> int:
-    parser = example_parser(__doc__)
+    parser = example_parser(__doc__, gpus=8)
     parser.add_argument("--pretrained-checkpoint", default=None, help="base weights: megallama checkpoint or HF "
                         "folder (required for the real model)")
     parser.add_argument("--save-adapter", default="checkpoints/llama3_70b_lora/adapter")
@@ -33,15 +33,19 @@ def main() -> int:
         "lora_alpha": 16 if args.tiny else 128,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
     })
-    config = tiny_training_config(model_name="lora", sequence_length=128) if args.tiny else megallama.TrainingConfig(
-        model_name="llama3_70b_instruct_lora", batch_size=64, micro_batch_size=1, sequence_length=4096,
-        learning_rate=1e-4, epochs=1, warmup_iters=20, mixed_precision="bf16", eval_interval=100,
-        save_dir="checkpoints/llama3_70b_lora", save_interval=200, log_interval=1)
-    orchestrator = megallama.create_llama3_70b_orchestrator(num_gpus=world_size(), strategy=lora_strategy,
+    nodes, gpus = launch_shape(args)
+    if args.tiny:
+        config = tiny_training_config(nodes * gpus, model_name="lora", sequence_length=128)
+    else:
+        config = megallama.TrainingConfig(
+            model_name="llama3_70b_instruct_lora", batch_size=64, micro_batch_size=1, sequence_length=4096,
+            learning_rate=1e-4, epochs=1, warmup_iters=20, mixed_precision="bf16", eval_interval=100,
+            save_dir="checkpoints/llama3_70b_lora", save_interval=200, log_interval=1)
+    orchestrator = megallama.create_llama3_70b_orchestrator(num_gpus=gpus, num_nodes=nodes, strategy=lora_strategy,
                                                             instruct=True, training_config=config,
                                                             model_overrides=model_overrides(args, "llama3_70b"))
     if args.dry_run:
-        return dry_run(orchestrator)
+        return dry_run(orchestrator, args)
     if is_rank_0():
         orchestrator.print_configuration()
     flags = run_flags(args, orchestrator.model_config.vocab_size)

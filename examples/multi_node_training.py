@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 import megallama
-from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
-    tiny_training_config
+from example_common import dry_run, example_parser, is_rank_0, launch_shape, model_overrides, report, run_example, \
+    run_flags, tiny_training_config
 from megallama.errors import ConfigError
 
 
@@ -35,11 +35,14 @@ def first_host(nodelist: str) -> str:
     return m.group(1) + (m.group(2) or "")
 
 
-def rendezvous_from_env() -> tuple:
-    """(nodes, processes per node). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and the master
-    address; a SLURM task started by srun without torchrun gets them here from SLURM_PROCID, SLURM_NTASKS,
+def rendezvous_from_env(args) -> tuple:
+    """(nodes, processes per node). A one-process --dry-run plans the 4 x 8 launch (``--nodes`` / ``--gpus``:
+    another; ``example_common.launch_shape``). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and the
+    master address; a SLURM task started by srun without torchrun gets them here from SLURM_PROCID, SLURM_NTASKS,
     SLURM_LOCALID, SLURM_JOB_NODELIST (MASTER_PORT: given, else derived from the job id)."""
     env = os.environ
+    if args.dry_run and not any(k in env for k in ("WORLD_SIZE", "RANK", "SLURM_PROCID")):
+        return launch_shape(args)
     if "RANK" not in env and "SLURM_PROCID" in env:
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"],
                    LOCAL_WORLD_SIZE=env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or
@@ -55,9 +58,9 @@ def rendezvous_from_env() -> tuple:
 
 
 def main() -> int:
-    args = example_parser(__doc__).parse_args()
-    nodes, per_node = rendezvous_from_env()
-    config = tiny_training_config(model_name="multi_node") if args.tiny else megallama.TrainingConfig(
+    args = example_parser(__doc__, gpus=8, nodes=4).parse_args()
+    nodes, per_node = rendezvous_from_env(args)
+    config = tiny_training_config(nodes * per_node, model_name="multi_node") if args.tiny else megallama.TrainingConfig(
         model_name="llama3_70b", batch_size=256, micro_batch_size=1, sequence_length=8192, learning_rate=1.5e-4,
         train_iters=1000, warmup_iters=100, mixed_precision="bf16", save_dir="checkpoints/llama3_70b",
         save_interval=100, log_interval=1)
@@ -67,7 +70,7 @@ def main() -> int:
     if orchestrator.plan is None:
         raise ConfigError(f"no layout of llama3_70b fits {nodes} x {per_node} GPUs (reasons above); add nodes")
     if args.dry_run:
-        return dry_run(orchestrator)
+        return dry_run(orchestrator, args)
     if is_rank_0():
         print(f"rendezvous: {nodes} node(s) x {per_node} processes, master "
               f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '-')}", flush=True)

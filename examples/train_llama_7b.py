@@ -12,21 +12,21 @@ about 32 GiB per GPU by megallama's estimator; at least 4 GPUs of 80 GiB). Launc
 import sys
 
 import megallama
-from example_common import TINY_SHAPE, dry_run, example_parser, is_rank_0, report, run_example, run_flags, \
+from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
     tiny_training_config, world_size
 
 
 def main() -> int:
-    args = example_parser(__doc__).parse_args()
-    world = world_size()
+    args = example_parser(__doc__, gpus=8).parse_args()
+    world = world_size(args)  # --dry-run from one process: the 8-GPU run (--gpus N for another)
     tp = 2 if world % 2 == 0 else 1  # --tiny too: its shape (4 heads, 2 kv heads, ffn 176) splits in two
     if tp == 1 and is_rank_0():
         print(f"tensor parallel size 1: {world} process(es) cannot hold tp 2 (launch an even number, e.g. torchrun "
               "--nproc-per-node 2)")
     model = megallama.create_llama_7b_parallel(tensor_parallel_size=tp, use_flash_attention=True,
-                                               use_checkpointing=True, **(TINY_SHAPE if args.tiny else {}))
+                                               use_checkpointing=True, **model_overrides(args, "llama2_7b"))
     if args.tiny:
-        config = tiny_training_config(model_name="custom_llama_7b")
+        config = tiny_training_config(world, model_name="custom_llama_7b")
     else:
         config = megallama.TrainingConfig(model_name="custom_llama_7b", batch_size=256, micro_batch_size=1,
                                           sequence_length=4096, learning_rate=3e-4, train_iters=1000,
@@ -37,7 +37,7 @@ def main() -> int:
     trainer = megallama.create_distributed_trainer(model=model, config=config, distributed_config=distributed_config,
                                                    trainer_type="adaptive")
     if args.dry_run:
-        return dry_run(trainer.orchestrator)
+        return dry_run(trainer.orchestrator, args)
     if is_rank_0():
         trainer.orchestrator.print_configuration()
     return report(trainer.fit(**run_flags(args, model.config.vocab_size)))

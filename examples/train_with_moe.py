@@ -13,11 +13,12 @@ import sys
 
 import megallama
 from example_common import dry_run, example_parser, is_rank_0, model_overrides, report, run_example, run_flags, \
-    tiny_training_config, world_size
+    launch_shape, tiny_training_config
 
 
 def main() -> int:
-    args = example_parser(__doc__).parse_args()
+    args = example_parser(__doc__, gpus=4).parse_args()
+    nodes, gpus = launch_shape(args)
     strategy = megallama.TrainingStrategy(name="moe", parameters={
         "num_experts": 4 if args.tiny else 8,
         "experts_per_token": 2,
@@ -25,14 +26,14 @@ def main() -> int:
         "moe_aux_loss_coeff": 1e-2,
         "moe_z_loss_coeff": 1e-3,
     })
-    config = tiny_training_config(model_name="moe") if args.tiny else megallama.TrainingConfig(
+    config = tiny_training_config(nodes * gpus, model_name="moe") if args.tiny else megallama.TrainingConfig(
         model_name="tiny_llama3_150m_moe", batch_size=64, micro_batch_size=8, sequence_length=1024,
         learning_rate=1e-3, train_iters=500, warmup_iters=50, mixed_precision="bf16", log_interval=10)
     orchestrator = megallama.LlamaTrainingOrchestrator(
-        model_variant="tiny_llama3_150m", training_strategy=strategy, num_gpus=world_size(), auto_configure=True,
-        training_config=config, model_overrides=model_overrides(args, "tiny_llama3_150m"))
+        model_variant="tiny_llama3_150m", training_strategy=strategy, num_gpus=gpus, num_nodes=nodes,
+        auto_configure=True, training_config=config, model_overrides=model_overrides(args, "tiny_llama3_150m"))
     if args.dry_run:
-        return dry_run(orchestrator)
+        return dry_run(orchestrator, args)
     if is_rank_0():
         orchestrator.print_configuration()
     return report(orchestrator.launch_training(**run_flags(args, orchestrator.model_config.vocab_size)))

@@ -195,7 +195,8 @@ class LlamaTrainingOrchestrator:
                  f"{cfg.hidden_size}, vocab {cfg.vocab_size})",
                  vocab_line,
                  f"strategy: {self.strategy.name} {self.strategy.parameters or ''}".rstrip(),
-                 f"layout: {dc.world_size} GPUs = tp {dc.tensor_parallel_size} x pp {dc.pipeline_parallel_size} x dp "
+                 f"layout: {dc.world_size} GPU{'s' * (dc.world_size != 1)} = tp {dc.tensor_parallel_size} x pp "
+                 f"{dc.pipeline_parallel_size} x dp "
                  f"{dc.data_parallel_size}{' (+sp)' if dc.sequence_parallel else ''}"
                  f"{f', experts over ep {dc.expert_parallel_size}' if dc.expert_parallel_size > 1 else ''}, "
                  f"ZeRO-{dc.zero_stage}, "

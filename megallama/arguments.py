@@ -262,8 +262,17 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message):
         from megallama.initialize import report_config_error
-        report_config_error(ConfigError(f"{message}; see --help for the flags"))
+        report_config_error(ConfigError(f"{message}; {self._did_you_mean(message)}see --help for the flags"))
         self.exit(2)
+
+    def _did_you_mean(self, message: str) -> str:
+        """'did you mean --train-iters? ' for a mistyped flag (the closest option string), else ''."""
+        import difflib
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        typed = next((w.split("=")[0] for w in message.split()[2:] if w.startswith("--")), None)
+        close = difflib.get_close_matches(typed, list(self._option_string_actions), n=1) if typed else []
+        return f"did you mean {close[0]}? " if close else ""
 
     def print_help(self, file=None):
         """--help under torchrun: rank 0 prints it, the other ranks exit 0 silently (not one copy per rank)."""

@@ -81,6 +81,7 @@ def apply_auto_configure(args, world_size: int) -> int:
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = plan["tp"], plan["pp"]
     args.expert_model_parallel_size = plan["ep"]
     args.model_config = vocab_config(args.model_config, plan["tp"], vocab, multiple)  # as build_data will resize it
+    warning = vocabulary_warning(args, vocab) if args.dry_run else None  # a real run's build_data says it
     args.zero_stage, args.micro_batch_size = plan["zero_stage"], plan["micro_batch_size"]
     args.recompute_granularity = None if plan["recompute"] == "none" else plan["recompute"]
     args.sequence_parallel = plan["sequence_parallel"]
@@ -91,7 +92,7 @@ def apply_auto_configure(args, world_size: int) -> int:
         source = "--gpu-memory-gb" if args.gpu_memory_gb else "the visible GPU" if _cuda() else \
             "no GPU visible: assumed; set --gpu-memory-gb"
         print(f"{plan['explanation']}\n  GPU memory: {memory:.0f} GiB ({source})\n  flags: "
-              f"{' '.join(layout_flags(args))}", flush=True)
+              f"{' '.join(layout_flags(args))}" + (f"\n{warning}" if warning else ""), flush=True)
     return world
 
 
@@ -107,6 +108,27 @@ def tokenizer_vocab(args):
     return build_tokenizer_from_args(copy.copy(args) if null else args).vocab_size  # a copy: it clears --vocab-size
 
 
+def vocabulary_warning(args, vocab):
+    """A published model whose embedding follows the bundled tokenizer (none named): one line with both sizes, as
+    the dry run, the log and the estimate would otherwise price a smaller model than the name says without a word;
+    None otherwise (our tiny models are made for the bundled tokenizer). ``args.model_config``: already resized."""
+    from megallama.config import OFFICIAL_PARAM_COUNTS, get_model_config
+    from megallama.startup_lines import built_param_counts, human
+    from megallama.strategies import strategy_from_args
+    named = getattr(args, "tokenizer_type", None) not in (None, "bundled") or getattr(args, "tokenizer_model", None)
+    if vocab is None or named or args.model not in OFFICIAL_PARAM_COUNTS:
+        return None
+    own = get_model_config(args.model).vocab_size
+    if vocab == own:
+        return None
+    strategy = strategy_from_args(args)
+    built, full = (built_param_counts(c, strategy)["total"] for c in
+                   (args.model_config, args.model_config.replace(vocab_size=own)))
+    return (f"warning: {args.model}'s vocabulary is {own} but the embedding follows the bundled tokenizer's {vocab} "
+            f"({human(built)} params, not {human(full)}); pass --tokenizer-type/--tokenizer-model for the model's own "
+            f"tokenizer or --vocab-size {own}")
+
+
 def is_null_tokenizer(args) -> bool:
     """--tokenizer-type NullTokenizer (or null): its --vocab-size is the tokenizer's, not the embedding's."""
     return str(getattr(args, "tokenizer_type", None) or "").lower() in ("null", "nulltokenizer")
@@ -115,7 +137,8 @@ def is_null_tokenizer(args) -> bool:
 def follow_tokenizer(args) -> str:
     """A plan made before the data (``cli train --dry-run``): ``args.model_config`` with the vocabulary the run
     builds (``tokenizer_vocab`` padded to tp x --make-vocab-size-divisible-by, build_data's rule). Returns a line
-    saying where the vocabulary came from; a tokenizer missing on the planning machine keeps the model's."""
+    saying where the vocabulary came from (and ``vocabulary_warning``'s under it); a tokenizer missing on the
+    planning machine keeps the model's."""
     from megallama.autoconfig import vocab_config
     try:
         vocab = tokenizer_vocab(args)
@@ -126,7 +149,9 @@ def follow_tokenizer(args) -> str:
         return f"vocabulary: {args.model_config.vocab_size} ({given})"
     args.model_config = vocab_config(args.model_config, args.tensor_model_parallel_size, vocab,
                                      getattr(args, "make_vocab_size_divisible_by", None) or 1)
-    return f"vocabulary: {args.model_config.vocab_size} (the tokenizer's {vocab}, padded as the run will)"
+    line = f"vocabulary: {args.model_config.vocab_size} (the tokenizer's {vocab}, padded as the run will)"
+    warning = None if getattr(args, "auto_layout", None) and args.dry_run else vocabulary_warning(args, vocab)
+    return f"{line}\n{warning}" if warning else line  # --auto-configure --dry-run printed it with the plan
 
 
 def layout_flags(args) -> list:

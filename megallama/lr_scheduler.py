@@ -37,6 +37,13 @@ _DEFAULTS = {"init_lr": 0.0, "wsd_decay_iters": None, "wsd_decay_style": "expone
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
+def _shown(a, b) -> tuple:
+    """Two differing settings as the message prints them: floats as :g (3e-4's --lr/10 is 0.00030000000000000003),
+    unless that would print both alike."""
+    g = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return (g(a), g(b)) if g(a) != g(b) else (str(a), str(b))
+
+
 def default_warmup_iters(train_iters: int) -> int:
     return min(2000, train_iters // 10)
 
@@ -225,7 +232,8 @@ class OptimizerParamScheduler:
         now = self.settings()
         diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
         if diff and not use_checkpoint:
-            what = ", ".join(f"{_LABELS[k]} {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
+            what = ", ".join(f"{_LABELS[k]} {a} in the checkpoint, {b} now" for k, (a, b) in
+                             ((k, _shown(*ab)) for k, ab in diff.items()))
             raise ConfigError(f"resuming would change the LR schedule ({what}); pass --override-opt-param-scheduler "
                               "to use this run's values or --use-checkpoint-opt-param-scheduler to keep the "
                               "checkpoint's")

@@ -69,6 +69,11 @@ def build_data(args):
     print_rank_0(f"model: {model_label(args, cfg)} with vocabulary {cfg.vocab_size} "
                  f"({tokenizer.name + ' tokenizer' if tokenizer else 'mock data'}): "
                  f"{model_size_text(args, cfg)}, {cfg.num_layers} layers, hidden {cfg.hidden_size}")
+    if tokenizer is not None and args.vocab_size is None:  # a named model shrunk to the bundled tokenizer: said
+        from megallama.autoconfig_args import vocabulary_warning
+        warning = vocabulary_warning(args, tokenizer.vocab_size)
+        if warning:
+            print_rank_0(warning)
     if args.train_iters is None and args.epochs is None:
         args.train_iters = 100
     if args.mock_data:
@@ -196,7 +201,9 @@ def build_model_chunks(args, device):
     from megallama.model.context_parallel import set_context_parallel_comm_type
     from megallama.mpu.grad_accum_fusion import set_gradient_accumulation_fusion
     from megallama.ops import set_fused_kernels
-    set_fused_kernels(not args.no_fused_kernels)
+    set_fused_kernels(not args.no_fused_kernels)  # MEGALLAMA_FUSED_KERNELS=0 keeps them off
+    if fused_kernels_enabled():  # a first run's JIT build (minutes) here, not in iteration 1's time; loaded inside
+        load_fused_kernels()     # the first compiled call (--compile), they would also break its graph
     set_gradient_accumulation_fusion(not getattr(args, "no_gradient_accumulation_fusion", False))
     set_context_parallel_comm_type(args.cp_comm_type, getattr(args, "hierarchical_context_parallel_sizes", None))
     cfg = args.model_config
@@ -219,8 +226,6 @@ def build_model_chunks(args, device):
         if args.recompute_granularity:
             configure_recompute(m, args)
         if args.compile:  # regional: one compiled graph per layer keeps compile time flat in depth
-            if fused_kernels_enabled():  # loaded inside the first compiled call, they would break its graph
-                load_fused_kernels()
             for layer in m.model.layers.values():  # forward only: module hooks (ZeRO-3's gather / free) stay eager
                 layer.forward = torch.compile(layer.forward)
     return chunks

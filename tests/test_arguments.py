@@ -74,8 +74,8 @@ def test_an_unknown_flag_is_one_line_not_the_usage(capsys):
     with pytest.raises(SystemExit) as done:
         parse_args(TINY + ["--lr-warmup-fractio", "0.1"], world_size=1)  # a typo: no abbreviations
     err = capsys.readouterr().err
-    assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fractio 0.1; see --help for "
-                                            "the flags\n")
+    assert done.value.code == 2 and err == ("error: unrecognized arguments: --lr-warmup-fractio 0.1; did you mean "
+                                            "--lr-warmup-fraction? see --help for the flags\n")
 
 
 def test_recompute_method_and_layers_are_for_full_recompute_only():

@@ -54,7 +54,7 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
 @pytest.mark.parametrize("script,env,args,expect", [
     ("pretrain_llama3_8b.sh", {}, [], "8 GPUs = tp 8 x pp 1 x dp 1 x cp 1 (+sp), ZeRO-0, micro-batch 1 x 32 microbatches"),
     ("pretrain_llama3_8b.sh", {"LAYOUT": "3d"}, [], "8 GPUs = tp 2 x pp 2 x dp 2 x cp 1 (+sp), ZeRO-1"),
-    ("pretrain_llama3_70b_3d.sh", {}, [], "32 GPUs = tp 8 x pp 4 x dp 1 x cp 1 (+sp), ZeRO-1"),
+    ("pretrain_llama3_70b_3d.sh", {}, [], "64 GPUs = tp 8 x pp 4 x dp 2 x cp 1 (+sp), ZeRO-1"),
     ("train_moe.sh", {"EP": "2"}, [], "4 GPUs = tp 1 x pp 1 x dp 4 x cp 1, experts over ep 2, ZeRO-0, micro-batch 8"),
     ("multi_node.sh", {"NNODES": "2"}, ["--model", "llama3_8b", "--tensor-model-parallel-size", "8"],
      "16 GPUs = tp 8 x pp 1 x dp 2"),

@@ -367,7 +367,8 @@ def test_a_mistyped_generate_flag_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--load", "x", "--promt", "hi"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err == "error: unrecognized arguments: --promt hi; see --help for the flags\n", err
+    assert e.value.code == 2 and err == ("error: unrecognized arguments: --promt hi; did you mean --prompt? see --help "
+                                         "for the flags\n"), err
 
 
 def test_an_unsupported_device_is_refused():

@@ -89,18 +89,29 @@ def _hf_weight_files(hf_dir: str) -> Dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
+def require_safetensors():
+    """The safetensors package (HF's weight files), an optional extra: missing, one line naming it and the install,
+    raised before anything is read or written."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ConfigError("converting HF checkpoints needs the 'safetensors' package, which is not installed; "
+                          "pip install -e \".[hf]\" (megallama's hf extra) or pip install safetensors") from None
+    return safetensors
+
+
 def _safe_open(path: str):
     """safetensors' reader, its errors on a damaged file (a cut download: "incomplete metadata") as one line."""
-    from safetensors import SafetensorError, safe_open
+    st = require_safetensors()
     try:
-        return safe_open(path, "pt")
-    except SafetensorError as e:
+        return st.safe_open(path, "pt")
+    except st.SafetensorError as e:
         raise ConfigError(f"{path} is corrupt or incomplete ({e}); re-download it") from None
 
 
 def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, max_file_bytes: int = 2 << 30) -> str:
-    from safetensors import SafetensorError
+    SafetensorError = require_safetensors().SafetensorError
     from megallama.checkpointing.full import write_full_checkpoint
     refuse_existing(output)
     created = not os.path.exists(output)
@@ -174,7 +185,7 @@ def megallama_to_hf(load: str, output: str, dtype: Optional[torch.dtype] = None,
     config.json's token ids are those an imported HF model came with, else the tokenizer's; a run fine-tuned on
     chats gets their ``chat_template`` and its end-of-turn token among the eos ids. ``notes`` collects what was
     done, for the CLI."""
-    from safetensors.torch import save_file
+    save_file = require_safetensors().torch.save_file
     from megallama.checkpointing.full import model_tensor_names, open_checkpoint
     from megallama.data.tokenizer_export import export_chat_template, export_tokenizer
     from megallama.strategies import strategy_from_args

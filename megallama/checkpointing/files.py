@@ -267,8 +267,9 @@ def check_save_dir(args) -> None:
         later = [i for i in list_iterations(save) if start is not None and i > start]
         if later:  # the resumed run would save its own iterations over these (and move the tracker back)
             raise ConfigError(f"resuming {save} from iteration {start} would overwrite its later checkpoints "
-                              f"(iterations {', '.join(map(str, later))}); pass another --save directory, or move "
-                              "those iterations away first")
+                              f"(iteration{'s' if len(later) > 1 else ''} {', '.join(map(str, later))}); pass "
+                              f"another --save directory, or move {'those iterations' if len(later) > 1 else 'it'} "
+                              "away first")
         return
     fix = f"drop --finetune and pass --load {save} to resume it" if load and finetune and _inside(load, save) \
         else f"pass --load {save} to resume it"

@@ -3,17 +3,24 @@
 PyTorch references. Nothing here runs at import time: the first op call loads the library.
 
 Switches: ``MEGALLAMA_CPU_ARCH`` (default ``native``) sets the C++ target; ``MEGALLAMA_FUSED_KERNELS=0`` or
-``set_fused_kernels(False)`` (the ``--no-fused-kernels`` flag) forces the references; ``MEGALLAMA_JIT=0`` skips
-the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT library without its CUDA kernels;
-``MEGALLAMA_JIT_VERBOSE=1`` shows the compiler.
+``set_fused_kernels(False)`` (the ``--no-fused-kernels`` flag) forces the references (the variable wins over
+``set_fused_kernels(True)``); ``MEGALLAMA_JIT=0`` skips the JIT build; ``MEGALLAMA_BUILD_CUDA=0`` builds the JIT
+library without its CUDA kernels; ``MEGALLAMA_JIT_VERBOSE=1`` shows the compiler.
+
+The JIT cache is one folder per environment (``jit_name``): a venv and the system Python with the same torch
+used to rewrite each other's build.ninja and rebuild each other's library. A build announces itself in one line
+(minutes on a small CPU box), and a torch build lock left by a killed build is removed (``_exclusive_build``)
+rather than waited on forever.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -28,8 +35,9 @@ _state = {"enabled": os.environ.get("MEGALLAMA_FUSED_KERNELS", "1") != "0", "loa
 
 
 def set_fused_kernels(enabled: bool) -> None:
-    """Use the fused kernels (default) or force the PyTorch references (``--no-fused-kernels``)."""
-    _state["enabled"] = bool(enabled)
+    """Use the fused kernels (default) or force the PyTorch references (``--no-fused-kernels``). With
+    ``MEGALLAMA_FUSED_KERNELS=0`` they stay off: training calls this with its flag, which turned them back on."""
+    _state["enabled"] = bool(enabled) and os.environ.get("MEGALLAMA_FUSED_KERNELS", "1") != "0"
 
 
 def fused_kernels_enabled() -> bool:
@@ -78,8 +86,9 @@ def _host_cpu_tag() -> str:
     return "_" + hashlib.sha1(" ".join(sorted(flags.split())).encode()).hexdigest()[:8]
 
 
-def _jit_build() -> str:
-    from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
+def _jit_config() -> dict:
+    """What the JIT build compiles and with which flags (the cache name hashes it all)."""
+    from torch.utils.cpp_extension import CUDA_HOME
 
     sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
     if not sources:
@@ -95,9 +104,107 @@ def _jit_build() -> str:
         cflags += ["-DMEGALLAMA_WITH_CUDA"] + [f"-D{m}" for m in macros]
         ldflags += [f"-l{lib}" for lib in libs]
         kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-DMEGALLAMA_WITH_CUDA"]
-    name = ("megallama_C_cuda" if with_cuda else "megallama_C_cpu") + _host_cpu_tag()  # a cache per build kind
-    cpp_load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False,
-             verbose=os.environ.get("MEGALLAMA_JIT_VERBOSE") == "1", **kwargs)
+    return {"sources": sources, "extra_cflags": cflags, "extra_ldflags": ldflags, "with_cuda": with_cuda, **kwargs}
+
+
+def jit_name(config: dict | None = None) -> str:
+    """The JIT cache folder's name: build kind, CPU tag, and a hash of this environment (interpreter prefix and
+    version, the torch installation, the csrc/ folder) and the flags. Without the environment, two environments
+    with one torch version shared a folder, each rebuilding the other's library."""
+    config = config or _jit_config()
+    env = [sys.prefix, sys.version, os.path.dirname(torch.__file__), torch.__version__, _CSRC,
+           repr(sorted((k, v) for k, v in config.items() if k != "sources"))]
+    digest = hashlib.sha1("\0".join(env).encode()).hexdigest()[:8]
+    kind = "megallama_C_cuda" if config["with_cuda"] else "megallama_C_cpu"
+    return f"{kind}{_host_cpu_tag()}_{digest}"
+
+
+def _is_rank_0() -> bool:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(line: str) -> None:
+    print(f"megallama: {line}", flush=True)
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: str):
+    """Held around torch's build: an flock on ``megallama_build.pid`` (holding the pid, for the message). The
+    kernel releases an flock when its holder dies, so holding it proves no build of this folder is running on
+    this machine; a torch ``lock`` (a FileBaton: a bare file, no owner, never expires) found then was left by a
+    killed build, and is removed instead of waited on forever. A live build is waited for, as torch would."""
+    baton, pid_file = os.path.join(build_dir, "lock"), os.path.join(build_dir, "megallama_build.pid")
+    fd = os.open(pid_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if _flock(fd, pid_file, baton):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            if os.path.exists(baton):
+                _say(f"build lock {baton} is stale (left by an interrupted build; no build holds it): removed")
+                os.remove(baton)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _flock(fd: int, pid_file: str, baton: str) -> bool:
+    """Takes the flock, waiting (in one line, rank 0) for a live build; False where the filesystem has no flock:
+    torch's own wait then, said in one line when a lock is there."""
+    import fcntl
+
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if _is_rank_0():
+                with open(pid_file) as f:
+                    holder = f.read().strip() or "?"
+                _say(f"waiting for the fused-kernel build of pid {holder} ({baton}; a lock left by a killed build "
+                     "is removed once no build holds it)")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    except OSError as e:
+        if os.path.exists(baton):
+            _say(f"build lock {baton} exists and this filesystem cannot tell whether a build holds it ({e}); "
+                 "waiting: remove it if no build is running")
+        return False
+
+
+def _library_fresh(build_dir: str, name: str, sources: list) -> bool:
+    """The cached library is newer than every source and header: torch's ninja run is then a no-op."""
+    lib = os.path.join(build_dir, name + ".so")
+    inputs = sources + glob.glob(os.path.join(_CSRC, "*.h")) + glob.glob(os.path.join(_CSRC, "*.cuh"))
+    return os.path.exists(lib) and os.path.getmtime(lib) >= max(os.path.getmtime(p) for p in inputs)
+
+
+def _minutes_estimate(n_sources: int) -> int:
+    """About 10 CPU-minutes in all (297 s on 2 cores), spread over the cores ninja can use, one per source."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, round(10 / max(1, min(cores, n_sources))))
+
+
+def _jit_build() -> str:
+    from torch.utils.cpp_extension import _get_build_directory, load as cpp_load
+
+    config = _jit_config()
+    name, sources, with_cuda = jit_name(config), config["sources"], config["with_cuda"]
+    flags = {k: v for k, v in config.items() if k not in ("sources", "with_cuda")}
+    verbose = os.environ.get("MEGALLAMA_JIT_VERBOSE") == "1"
+    build_dir = _get_build_directory(name, verbose)
+    with _exclusive_build(build_dir):
+        fresh = _library_fresh(build_dir, name, sources)
+        if not fresh:  # one builder per folder and machine (the flock): its line is said once
+            extra = ", longer with the CUDA kernels" if with_cuda else ""
+            _say(f"compiling fused kernels for this environment (once; ~{_minutes_estimate(len(sources))} min on "
+                 f"CPU{extra}) -> {build_dir}; --no-fused-kernels skips them")
+        start = time.time()
+        cpp_load(name=name, sources=sources, is_python_module=False, verbose=verbose, build_directory=build_dir,
+                 **flags)
+        if not fresh:
+            _say(f"fused kernels compiled in {time.time() - start:.0f} s")
     return next((p for p in torch.ops.loaded_libraries if os.path.basename(p).startswith(name)), name)
 
 

@@ -123,7 +123,7 @@ def test_ckpt_step_loads_that_iteration_and_never_overwrites_later_ones(tmp_path
     full = _run(["--train-iters", "4", "--save", ck, "--save-interval", "2"])["losses"]
     before = sorted(os.listdir(ck))
     for flags in (["--load", ck, "--ckpt-step", "2"], ["--load", os.path.join(ck, "iter_0000002")]):
-        with pytest.raises(ConfigError, match="would overwrite its later checkpoints \\(iterations 4\\)"):
+        with pytest.raises(ConfigError, match="would overwrite its later checkpoints \\(iteration 4\\)"):
             _run(["--train-iters", "4", "--save", ck] + flags)
     assert sorted(os.listdir(ck)) == before
     resumed = _run(["--train-iters", "4", "--load", ck, "--ckpt-step", "2", "--save", other])["losses"]
