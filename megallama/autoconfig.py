@@ -238,7 +238,8 @@ def explanation(cfg: ModelConfig, num_gpus: int, gpu_memory_gb: float, seq: int,
                 lora_rank: int = 8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), moe_sizes=None,
                 state_bytes=None) -> str:
     total = sum(model_split(cfg, strategy, lora_rank, lora_targets, **(moe_sizes or {})))
-    lines = [f"auto-configuration for {cfg.name} ({total / 1e9:.2f}B params) on {num_gpus} GPUs of "
+    lines = [f"auto-configuration for {cfg.name} ({total / 1e9:.2f}B params) on {num_gpus} "
+             f"GPU{'s' * (num_gpus != 1)} of "
              f"{gpu_memory_gb:.0f} GiB, sequence {seq}, {precision}, {strategy}:",
              model_states_line(cfg, num_gpus, precision, strategy, mode, lora_rank, lora_targets, moe_sizes,
                                state_bytes)]

@@ -126,7 +126,8 @@ def format_table(res: dict) -> str:
     lay = res["layout"]
     head = (f"{res['model_variant']}: {res['num_params'] / 1e9:.2f}B params, {res['params_per_gpu'] / 1e6:.1f}M on the "
             f"busiest GPU (pipeline stage {res['worst_stage']})\n"
-            f"layout: {lay['world_size']} GPUs = tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} x cp {lay['cp']}"
+            f"layout: {lay['world_size']} GPU{'s' * (lay['world_size'] != 1)} = tp {lay['tp']} x pp {lay['pp']} "
+            f"x dp {lay['dp']} x cp {lay['cp']}"
             f"{' (+sp)' if lay['sequence_parallel'] else ''}{_ep_part(lay)}, ZeRO-{lay['zero_stage']}, micro-batch "
             f"{lay['micro_batch_size']} x {lay['num_microbatches']} microbatches (global {lay['global_batch_size']}), "
             f"seq {lay['sequence_length']}, recompute {lay['recompute']}, {lay['precision']} "

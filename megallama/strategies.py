@@ -360,7 +360,11 @@ def load_adapter(path: str, model_chunks, strict: bool = True) -> int:
     from megallama.model.lora import load_lora_state_dict
     st, binf = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
     if os.path.isfile(st):
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ConfigError(f"{st} needs the 'safetensors' package, which is not installed; pip install -e "
+                              "\".[hf]\" (megallama's hf extra) or pip install safetensors") from None
         raw = load_file(st)
     elif os.path.isfile(binf):
         raw = torch.load(binf, map_location="cpu", weights_only=True)

@@ -343,4 +343,5 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             "consumed_samples": consumed,
             "tokens_per_iteration": tokens_per_iter, "flops_per_token": flops_tok,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "num_params": sum(p.numel() for m in model_chunks for p in m.parameters())}
+            "num_params": sum(m.num_parameters() if hasattr(m, "num_parameters") else  # ZeRO-3: not the shards
+                              sum(p.numel() for p in m.parameters()) for m in model_chunks)}

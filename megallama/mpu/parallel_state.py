@@ -57,6 +57,15 @@ def model_parallel_is_initialized() -> bool:
     return _GRID is not None
 
 
+def check_initialized_for_world(what: str) -> None:
+    """Several ranks but no ``initialize_model_parallel``: the getters answer "world of one" (single-process use),
+    so ``what`` would reduce over nobody and every rank would silently train its own model."""
+    if _GRID is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(f"torch.distributed has {dist.get_world_size()} ranks but parallel_state is not "
+                          f"initialized: call megallama.mpu.parallel_state.initialize_model_parallel(...) before "
+                          f"{what}")
+
+
 def validate_model_shapes(tensor_model_parallel_size: int, model_config) -> None:
     """tp must divide the attention heads, the kv heads (query groups), the FFN size and the vocabulary.
 

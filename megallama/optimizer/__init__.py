@@ -1,7 +1,8 @@
 """Data parallelism and the optimizer: our own DDP with ZeRO stages 0-3, the sharded mixed-precision AdamW,
 grad clipping across shards and model-parallel ranks, fp16 loss scaling.
 
-    ddp = DistributedDataParallel(model, zero_stage=2, overlap_grad_reduce=True)   # one per model chunk
+    parallel_state.initialize_model_parallel(tp, pp)  # first: the groups below come from it (several ranks
+    ddp = DistributedDataParallel(model, zero_stage=2, overlap_grad_reduce=True)   # without it: an error)
     opt = get_megatron_optimizer(OptimizerConfig(lr=3e-4, clip_grad=1.0), [ddp])
     # each iteration:
     opt.zero_grad()                       # also zeroes every chunk's grad buffer

@@ -100,6 +100,7 @@ class DistributedDataParallel(nn.Module):
         self.overlap_grad_reduce, self.overlap_param_gather = overlap_grad_reduce, overlap_param_gather
         group = data_parallel_group
         if group is None:
+            ps.check_initialized_for_world("wrapping the model (or pass data_parallel_group)")
             group = ps.get_data_parallel_group(with_context_parallel=True)
         self.comm = Comm.of(group)
         self.dp_size, self.dp_group, self.dp_rank = self.comm.size, self.comm.group, self.comm.rank

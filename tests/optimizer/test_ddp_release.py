@@ -6,13 +6,14 @@ import gc
 import weakref
 
 import pytest
+import torch.distributed as dist
 
 from dist_utils import run_distributed
 from zero_harness import make, train
 
 
 def _released(rank, world, zero_stage):
-    ddp, opt = make(zero_stage)
+    ddp, opt = make(zero_stage, group=dist.group.WORLD)  # a real dp 2 (no parallel_state here)
     train(ddp, opt, 0, 2)  # hooks, buckets and optimizer states all in use
     refs = [weakref.ref(ddp), weakref.ref(next(ddp.module.parameters())), weakref.ref(opt)]
     del ddp, opt

@@ -118,7 +118,7 @@ def test_dry_run_resolves_the_finetuning_flags_and_converts_nothing(tmp_path, mo
     rc = finetune_llama.main(["--pretrained-checkpoint", "model", "--use-checkpoint-args", "--mock-data", "--device",
                               "cpu", "--seq-length", "64", "--dry-run"])
     out = capsys.readouterr().out
-    assert rc == 0 and "resolved configuration:" in out and "1 GPUs = tp 1 x pp 1 x dp 1" in out, out[-2000:]
+    assert rc == 0 and "resolved configuration:" in out and "1 GPU = tp 1 x pp 1 x dp 1" in out, out[-2000:]
     assert "'num_layers': 1, 'hidden_size': 32" in out and " chat_template                            True" in out
     assert sorted(os.listdir(tmp_path)) == ["model"]  # the HF folder was read, not converted
 
