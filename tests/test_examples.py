@@ -58,7 +58,7 @@ def test_slurm_script_takes_the_rendezvous_from_slurm():
     ("train_moe.sh", {"EP": "2"}, [], "4 GPUs = tp 1 x pp 1 x dp 4 x cp 1, experts over ep 2, ZeRO-0, micro-batch 8"),
     ("multi_node.sh", {"NNODES": "2"}, ["--model", "llama3_8b", "--tensor-model-parallel-size", "8"],
      "16 GPUs = tp 8 x pp 1 x dp 2"),
-    ("pretrain_tiny_cpu.sh", {}, [], "1 GPUs = tp 1 x pp 1 x dp 1"),
+    ("pretrain_tiny_cpu.sh", {}, [], "1 GPU = tp 1 x pp 1 x dp 1"),
 ])
 def test_launcher_dry_run_resolves_and_fits_80_gib(script, env, args, expect):
     """Every launcher's DRY_RUN=1: its flags resolve for the job's GPUs (one process) and the estimate fits."""
@@ -90,7 +90,7 @@ def test_finetune_launcher_dry_run_resolves_the_finetuning_step(tmp_path):
     for key, value in (("chat_template", "True"), ("pretrained_checkpoint", base), ("strategy", "lora"),
                        ("sft_packing", "True"), ("dry_run", "True")):
         assert re.search(rf"^  {key}\s+{re.escape(value)}$", r.stdout, re.M), (key, r.stdout[-3000:])
-    assert "1 GPUs = tp 1 x pp 1 x dp 1" in r.stdout and _total_gib(r.stdout) < 0.95 * 80
+    assert "1 GPU = tp 1 x pp 1 x dp 1" in r.stdout and _total_gib(r.stdout) < 0.95 * 80
     assert not os.path.exists(tmp_path / "lora")  # a plan writes nothing
 
 
