@@ -35,7 +35,7 @@ def test_quick_start_trains_on_user_dataloaders(capsys):
     orch = megallama.quick_start("tiny_llama3_50m", strategy="standard", num_gpus=1, model_overrides=TINY,
                                  training_config=_cfg())
     text = capsys.readouterr().out
-    assert "layout: 1 GPUs = tp 1 x pp 1 x dp 1" in text and "category" in text
+    assert "layout: 1 GPU = tp 1 x pp 1 x dp 1" in text and "category" in text
     out = orch.launch_training(_loader(), _loader(8, seed=1))
     _finite(out, 2)
     assert "validation loss at iteration 2 |" in capsys.readouterr().out
