@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from megallama import compile_disable
 from megallama.errors import ConfigError
 from megallama.megatron_defaults import model_label
 from megallama.initialize import print_rank_0
@@ -226,6 +227,7 @@ def build_model_chunks(args, device):
         if args.recompute_granularity:
             configure_recompute(m, args)
         if args.compile:  # regional: one compiled graph per layer keeps compile time flat in depth
+            compile_disable.resolve()
             for layer in m.model.layers.values():  # forward only: module hooks (ZeRO-3's gather / free) stay eager
                 layer.forward = torch.compile(layer.forward)
     return chunks

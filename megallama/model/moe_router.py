@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megallama import compile_disable
 from megallama.errors import ConfigError
 from megallama.model.moe_dispatch import expert_counts
 
@@ -150,7 +151,7 @@ class TopKRouter(nn.Module):
             self._count(top_i)
         return scores, top_p, top_i
 
-    @torch._dynamo.disable
+    @compile_disable.disable
     def _count(self, top_i: torch.Tensor) -> None:
         """Training forwards only: a recompute inside backward was counted in its forward already (Megatron counts
         the routing map of training forwards the same way)."""

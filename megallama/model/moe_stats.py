@@ -7,6 +7,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from megallama import compile_disable
 from megallama.mpu import parallel_state as ps
 
 
@@ -25,7 +26,7 @@ class MoEStats:
     def reset(self):
         self.sums: Dict[int, torch.Tensor] = {}  # [tokens per expert..., aux, z, calls] per layer
 
-    @torch._dynamo.disable
+    @compile_disable.disable
     def record(self, layer: int, tokens: torch.Tensor, aux: torch.Tensor, z: torch.Tensor):
         if torch._C._current_graph_task_id() != -1:  # a recompute inside backward: counted in its forward already
             return

@@ -11,16 +11,22 @@ against.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple, Optional
 
 import torch
 
-try:
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-    _PARAMS = inspect.signature(_varlen_attn).parameters
-except ImportError:  # torch < 2.10
-    _varlen_attn, _PARAMS = None, {}
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """(varlen_attn, its parameters), or (None, {}) before torch 2.10. Imported on first use on CUDA: the module
+    pulls in torch._dynamo (~3.5 s), which every CPU rank, test process and CLI call would otherwise pay."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, {}
+    return varlen_attn, inspect.signature(varlen_attn).parameters
 
 
 class PackedDocuments(NamedTuple):
@@ -41,8 +47,8 @@ def document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
 
 def varlen_supported(dtype: torch.dtype, head_dim: int) -> bool:
     """On CUDA: flash attention's dtypes and head sizes."""
-    return (_varlen_attn is not None and dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0
-            and head_dim <= 256)
+    return (dtype in (torch.bfloat16, torch.float16) and head_dim % 8 == 0 and head_dim <= 256
+            and _kernel()[0] is not None)
 
 
 def pack_documents(document_ids: Optional[torch.Tensor], hidden: torch.Tensor, head_dim: int):
@@ -62,12 +68,13 @@ def varlen_attention(q, k, v, docs: PackedDocuments) -> torch.Tensor:
     """q [b, s, hq, d], k/v [b, s, hkv, d] -> [b, s, hq, d]; causal within each document."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
-    kw = {"window_size": (-1, 0)} if "window_size" in _PARAMS else {"is_causal": True}
+    varlen_attn, params = _kernel()
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if hkv != hq:
-        if "enable_gqa" in _PARAMS:
+        if "enable_gqa" in params:
             kw["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
-    out = _varlen_attn(q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d),
+    out = varlen_attn(q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d),
                        docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, **kw)
     return out.reshape(b, s, hq, d)
