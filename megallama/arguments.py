@@ -9,6 +9,7 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megallama.arg_parser import OneLineErrorParser
 from megallama.batch_rampup import setup_rampup
 from megallama.checkpoint_args import add_async_save_args, check_checkpoint_flags, checkpoint_seq_length
 from megallama.config import get_model_config, list_models
@@ -257,32 +258,8 @@ def _add_logging(p):
                    help="save (with --save) and stop once the run has trained this many minutes (a job's time limit)")
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line, rank 0's, as any user mistake (argparse's ~80-line usage would bury it)."""
-
-    def error(self, message):
-        from megallama.initialize import report_config_error
-        report_config_error(ConfigError(f"{message}; {self._did_you_mean(message)}see --help for the flags"))
-        self.exit(2)
-
-    def _did_you_mean(self, message: str) -> str:
-        """'did you mean --train-iters? ' for a mistyped flag (the closest option string), else ''."""
-        import difflib
-        if not message.startswith("unrecognized arguments:"):
-            return ""
-        typed = next((w.split("=")[0] for w in message.split()[2:] if w.startswith("--")), None)
-        close = difflib.get_close_matches(typed, list(self._option_string_actions), n=1) if typed else []
-        return f"did you mean {close[0]}? " if close else ""
-
-    def print_help(self, file=None):
-        """--help under torchrun: rank 0 prints it, the other ranks exit 0 silently (not one copy per rank)."""
-        from megallama.initialize import launch_rank
-        if launch_rank() == 0:
-            super().print_help(file)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineErrors(None, description="Megatron-style Llama pretraining", allow_abbrev=False)  # prog: the script
+    p = OneLineErrorParser(None, description="Megatron-style Llama pretraining", )  # prog: the script
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
                 add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
                 add_timing_args, add_pipeline_args):

@@ -143,8 +143,8 @@ def benchmark(argv: List[str]) -> int:
         return subprocess.call([sys.executable, tool, *argv])
     import json
     from megallama.benchmarking import PerformanceBenchmark
-    from megallama.arguments import _OneLineErrors
-    p = _OneLineErrors("megallama benchmark", allow_abbrev=False)
+    from megallama.arg_parser import OneLineErrorParser
+    p = OneLineErrorParser("megallama benchmark")
     p.add_argument("--model", default="tiny_llama3_150m")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq-length", type=int, default=512)
@@ -175,9 +175,9 @@ def check_results_path(path: Optional[str], flag: str = "--save-results") -> Non
 
 
 def validate_env(argv: List[str]) -> int:
-    from megallama.arguments import _OneLineErrors
+    from megallama.arg_parser import OneLineErrorParser
     from megallama.environment import format_environment, validate_environment
-    p = _OneLineErrors("megallama validate-env", description="torch / CUDA / NCCL / kernels / disk checks",
+    p = OneLineErrorParser("megallama validate-env", description="torch / CUDA / NCCL / kernels / disk checks",
                        allow_abbrev=False)
     p.add_argument("--path", default=None, help="the directory whose free disk space to check (e.g. --save)")
     report = validate_environment(p.parse_args(argv).path)

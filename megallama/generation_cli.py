@@ -29,8 +29,8 @@ from typing import Optional
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    from megallama.arguments import _OneLineErrors  # a mistyped flag is one line, not the 13-line usage first
-    p = _OneLineErrors(prog="megallama generate", description=__doc__.split("\n\n")[0])
+    from megallama.arg_parser import OneLineErrorParser  # a mistyped flag is one line, not the 13-line usage first
+    p = OneLineErrorParser(prog="megallama generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint directory (a run's --save directory or one iter_*)")
     p.add_argument("--load-adapter", default=None, metavar="DIR", help="a LoRA adapter folder (--save-adapter's or "
                    "HF peft's) applied to the --load model, which is then its base: the output equals the fine-tuned "

@@ -114,7 +114,7 @@ def run_script(body) -> int:
 
 def report_config_error(e: ConfigError) -> None:
     """A user mistake as one line from rank 0 (every rank sees the same mistake; say it once), and in torchrun's
-    failure summary; the argument parser's errors too (``arguments._OneLineErrors``)."""
+    failure summary; the argument parser's errors too (``arg_parser.OneLineErrorParser``)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {e}", file=sys.stderr, flush=True)
     _record_for_torchrun(e)

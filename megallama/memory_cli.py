@@ -45,8 +45,8 @@ def _model_config(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megallama.arguments import _OneLineErrors
-    p = _OneLineErrors(None, description=__doc__.split("\n")[0], allow_abbrev=False)
+    from megallama.arg_parser import OneLineErrorParser
+    p = OneLineErrorParser(None, description=__doc__.split("\n")[0])
     p.add_argument("--model", "--model-variant", dest="model", default=None,
                    help="default llama3_8b (a Megatron model line without it: training's default, as training)")
     for name in _SHAPE:

@@ -21,6 +21,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
+
 
 def measured_matmul_tflops(n=8192, iters=20) -> float:
     import torch
@@ -62,7 +64,7 @@ def _device(flags: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny_llama3_150m", help="a named model (megallama.config.list_models())")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     p.add_argument("--seq-length", type=int, default=2048)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.checkpointing.hf_config import (hf_config_to_model_config, model_config_to_hf_config,  # noqa: E402,F401
                                                read_hf_config)
 from megallama.config import ModelConfig  # noqa: E402
@@ -318,7 +319,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("convert_checkpoint", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser("convert_checkpoint", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-megallama", help="HF directory (config.json + safetensors) -> megallama checkpoint")
     a.add_argument("--hf-dir", required=True)

@@ -3,7 +3,6 @@
 answers follow from the question (arithmetic, reversing, counting, sorting, capitals of words), so a tiny model's
 fine-tuning loss visibly falls within a few dozen steps. Deterministic, byte for byte:
 ``python tools/make_chat_sample.py --overwrite`` (an existing --output is refused without it)."""
-import argparse
 import gzip
 import io
 import json
@@ -13,6 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
@@ -56,7 +56,7 @@ def conversation(rng: random.Random) -> dict:
 
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = argparse.ArgumentParser(description=__doc__)
+    p = OneLineErrorParser(description=__doc__)
     p.add_argument("--output", default=os.path.join(here, "megallama", "assets", "chat_sample.jsonl.gz"),
                    help="default: the bundled sample (needs --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")

@@ -10,7 +10,6 @@ is how it was made (``python tools/make_corpus.py --overwrite``: an existing --o
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import glob
 import gzip
@@ -26,6 +25,7 @@ import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
@@ -170,7 +170,7 @@ def man_documents(rng: random.Random, budget: int, sections=("5", "7")) -> list[
 
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default=os.path.join(here, "..", "megallama", "assets", "corpus.jsonl.gz"),
                    help="default: the bundled corpus (needs --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output (refused otherwise)")

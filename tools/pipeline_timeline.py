@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 from megallama.pipeline.layout import FLAG as LAYOUT_FLAG  # noqa: E402
 from megallama.pipeline.layout import _unroll, parse_layout  # noqa: E402
@@ -31,7 +32,7 @@ from megallama.pipeline.timeline import render_png, render_text  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = OneLineErrorParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedule", "--pipeline-schedule", dest="schedule", default=None,
                     help=f"one of {', '.join(SCHEDULES)}; default 1f1b, interleaved for a layout with virtual stages")
     ap.add_argument("--stages", "--pipeline-model-parallel-size", dest="stages", type=int, default=4)

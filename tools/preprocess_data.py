@@ -30,6 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.data.gpt2_tokenizer import gpt2_flags_to_model  # noqa: E402
 from megallama.data.preprocess import adds_special_tokens, preprocess_jsonl  # noqa: E402
 from megallama.data.sentence_split import SentenceSplitter  # noqa: E402
@@ -40,7 +41,7 @@ __all__ = ["preprocess_jsonl", "main"]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="a .jsonl or .jsonl.gz file, one JSON object per line")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line (several: "

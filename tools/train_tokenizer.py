@@ -10,7 +10,6 @@ pieces <0x00>..<0xFF>. Training is single-threaded over a fixed input order, so 
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -21,6 +20,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megallama.arg_parser import OneLineErrorParser  # noqa: E402
 from megallama.data.output_files import atomic_write_bytes, check_output  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
 
@@ -99,7 +99,7 @@ def train(corpus: str, output: str, vocab_size: int = 8192, seed: int = 1234, ov
 
 def main(argv=None) -> int:
     assets = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "megallama", "assets")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.path.join(assets, "corpus.jsonl.gz"))
     p.add_argument("--output", default=os.path.join(assets, "tokenizer.model"),
                    help="default: the bundled tokenizer (needs --overwrite)")

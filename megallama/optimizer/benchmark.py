@@ -9,7 +9,6 @@ gloo (``--device cpu``) as a smoke test.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -18,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megallama.arg_parser import OneLineErrorParser
 from megallama.config import get_model_config
 from megallama.model import build_model
 from megallama.mpu import parallel_state as ps
@@ -25,7 +25,7 @@ from megallama.optimizer import DistributedDataParallel, OptimizerConfig, get_me
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineErrorParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama3_2_1b")
     p.add_argument("--num-layers", type=int, default=None, help="override the model's layer count")
     p.add_argument("--seq-length", type=int, default=2048)
