@@ -15,7 +15,10 @@ _LAYOUTS = ("bshd", "bhsd")
 
 def rope_frequencies(head_dim: int, theta: float, rope_scaling=None, device=None) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] in fp32; ``rope_scaling`` is a ``config.RopeScaling`` (Llama 3.1)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    if exponents.is_meta:  # a model built on meta: the shape is all (init computes the values); meta arithmetic
+        return exponents   # goes through torch._refs, which imports torch._dynamo (~2 s in every process)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))
     if rope_scaling is None:
         return inv_freq
     factor, low, high = rope_scaling.factor, rope_scaling.low_freq_factor, rope_scaling.high_freq_factor
