@@ -259,7 +259,7 @@ def _add_logging(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(None, description="Megatron-style Llama pretraining", )  # prog: the script
+    p = OneLineErrorParser(None, description="Megatron-style Llama pretraining")  # prog: the script
     for add in (_add_model, _add_training, _add_parallel, _add_data, _add_logging, add_megatron_args, add_fp8_args,
                 add_moe_args, add_async_save_args, add_progress_log_args, add_optimizer_args, add_loop_args,
                 add_timing_args, add_pipeline_args):

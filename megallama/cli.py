@@ -177,8 +177,7 @@ def check_results_path(path: Optional[str], flag: str = "--save-results") -> Non
 def validate_env(argv: List[str]) -> int:
     from megallama.arg_parser import OneLineErrorParser
     from megallama.environment import format_environment, validate_environment
-    p = OneLineErrorParser("megallama validate-env", description="torch / CUDA / NCCL / kernels / disk checks",
-                       allow_abbrev=False)
+    p = OneLineErrorParser("megallama validate-env", description="torch / CUDA / NCCL / kernels / disk checks")
     p.add_argument("--path", default=None, help="the directory whose free disk space to check (e.g. --save)")
     report = validate_environment(p.parse_args(argv).path)
     print(format_environment(report))

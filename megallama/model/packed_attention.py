@@ -76,5 +76,5 @@ def varlen_attention(q, k, v, docs: PackedDocuments) -> torch.Tensor:
         else:
             k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
     out = varlen_attn(q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d),
-                       docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, **kw)
+                      docs.cu_seqlens, docs.cu_seqlens, docs.max_len, docs.max_len, **kw)
     return out.reshape(b, s, hq, d)
