@@ -28,58 +28,15 @@ from megallama.mpu import parallel_state as ps
 from megallama.mpu import weight_grad_store
 from megallama.optimizer.distributed import is_zero3
 from megallama.pipeline.deallocate import backward_from, deallocate_output
+from megallama.pipeline.microbatch_data import MicrobatchData
 from megallama.pipeline.model_chunks import unwrap_model
-from megallama.pipeline.no_pipelining import forward_backward_no_pipelining, maybe_no_sync
+from megallama.pipeline.no_pipelining import check_megatron_keywords, forward_backward_no_pipelining, maybe_no_sync
 from megallama.pipeline.p2p import (P2POp, batch_send_recv, buffer_dtype_and_device, buffer_shape,
                                     sends_report_completion, stage_rank, warm_up_group)
 from megallama.pipeline.plan import consumed_message, produced_message, stage_program
 from megallama.pipeline.schedules import B, F, W, normalize_schedule_name
 
 _LOSS_TAG = (1 << 30) + (1 << 20)
-
-
-class _MicrobatchData:
-    """Hands microbatch ``m`` to whichever chunk forwards it, pulling each iterator exactly once per microbatch
-    in order (as the no-pipelining loop does), whatever order the schedule forwards them in. A list of iterators
-    means one per chunk (Megatron's interleaved convention)."""
-
-    def __init__(self, data_iterator, actions, num_chunks: int, num_microbatches: int):
-        per_chunk = isinstance(data_iterator, (list, tuple))
-        if per_chunk and len(data_iterator) != num_chunks:
-            raise ConfigError(f"got {len(data_iterator)} data iterators for {num_chunks} model chunks")
-        self.src_of = list(range(num_chunks)) if per_chunk else [0] * num_chunks
-        self.iters = list(data_iterator) if per_chunk else [data_iterator]
-        self.refs: List[Dict[int, int]] = [dict() for _ in self.iters]
-        for a in actions:
-            if a.kind == F:
-                r = self.refs[self.src_of[a.chunk]]
-                r[a.microbatch] = r.get(a.microbatch, 0) + 1
-        self.cache: List[Dict[int, object]] = [dict() for _ in self.iters]
-        self.pulled = [0] * len(self.iters)
-        self.m = num_microbatches
-
-    def _pull(self, i: int, upto: int) -> None:
-        while self.pulled[i] <= upto:
-            batch = next(self.iters[i])
-            if self.refs[i].get(self.pulled[i]):
-                self.cache[i][self.pulled[i]] = batch
-            self.pulled[i] += 1
-
-    def get(self, m: int, chunk: int):
-        i = self.src_of[chunk]
-        if self.iters[i] is None:
-            return None
-        self._pull(i, m)
-        batch = self.cache[i][m]
-        self.refs[i][m] -= 1
-        if not self.refs[i][m]:
-            del self.cache[i][m]
-        return iter([batch])
-
-    def drain(self) -> None:
-        for i, it in enumerate(self.iters):
-            if it is not None:
-                self._pull(i, self.m - 1)
 
 
 class PipelineRunner:
@@ -95,12 +52,21 @@ class PipelineRunner:
 
     def __call__(self, forward_step_func: Callable, data_iterator, model, num_microbatches: int,
                  seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None,
-                 forward_only: bool = False, grad_scale_func: Optional[Callable] = None) -> List[dict]:
+                 forward_only: bool = False, grad_scale_func: Optional[Callable] = None, *,
+                 decoder_seq_length: Optional[int] = None, collect_non_loss_data: bool = False,
+                 first_val_step: Optional[bool] = None) -> List:
+        """Megatron-core's keywords as ``forward_backward_no_pipelining`` takes them (its docstring says how)."""
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         p = ps.get_pipeline_model_parallel_world_size()
         if p == 1:
             return forward_backward_no_pipelining(forward_step_func, data_iterator, chunks, num_microbatches,
-                                                  seq_length, micro_batch_size, forward_only, grad_scale_func)
+                                                  seq_length, micro_batch_size, forward_only, grad_scale_func,
+                                                  decoder_seq_length=decoder_seq_length,
+                                                  collect_non_loss_data=collect_non_loss_data)
+        check_megatron_keywords(seq_length, decoder_seq_length, collect_non_loss_data, forward_only)
+        if collect_non_loss_data and self.schedule == "chimera":
+            raise ConfigError("collect_non_loss_data under chimera: half the microbatches end on stage 0 and only "
+                              "losses are sent on from there; evaluate with --pipeline-schedule 1f1b")
         v = len(chunks) if self.schedule == "interleaved" else 1
         want = 2 if self.schedule == "chimera" else v
         if len(chunks) != want:
@@ -109,7 +75,8 @@ class PipelineRunner:
         for c in chunks:  # finalize's replica sum and the optimizer's norm read it (user-built chunks too)
             unwrap_model(c).pipeline_schedule = self.schedule
         run = _StageRun(self.schedule, chunks, num_microbatches, v, forward_only, grad_scale_func,
-                        seq_length, micro_batch_size, self.time_ops, self.group_size, self.deallocate_outputs)
+                        seq_length, micro_batch_size, self.time_ops, self.group_size, self.deallocate_outputs,
+                        collect_non_loss_data)
         losses = run.execute(forward_step_func, data_iterator)
         self.stats = run.stats()
         return losses
@@ -140,7 +107,7 @@ def get_forward_backward_func(pipeline_model_parallel_size: Optional[int] = None
 
 class _StageRun:
     def __init__(self, name, chunks, num_microbatches, v, forward_only, grad_scale_func, seq_length,
-                 micro_batch_size, time_ops=False, group_size=None, deallocate=True):
+                 micro_batch_size, time_ops=False, group_size=None, deallocate=True, collect_non_loss_data=False):
         self.stage = ps.get_pipeline_model_parallel_rank()
         p = ps.get_pipeline_model_parallel_world_size()
         self.sched, self.program = stage_program(name, p, num_microbatches, v, self.stage, forward_only, group_size)
@@ -158,6 +125,7 @@ class _StageRun:
                                   "one-element list); add one, as Megatron-core stage modules have")
         self.M, self.K = num_microbatches, self.sched.num_parts
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
+        self.collect_non_loss_data = collect_non_loss_data  # forward only (checked): keep loss_func's data
         self.dtype, self.device = buffer_dtype_and_device(self.inner)
         # The compute stream, not the device: a device-wide sync would also wait for receives posted ahead
         self.sync = (lambda: torch.cuda.current_stream(self.device).synchronize()) \
@@ -242,6 +210,9 @@ class _StageRun:
         if k > 0:
             inner.set_input_tensor([None])
         if k == self.K - 1:
+            if self.collect_non_loss_data:
+                self.losses[m] = loss_func(out, non_loss_data=True)
+                return
             loss, reduced = loss_func(out)
             self.losses[m] = reduced
             if self.forward_only:
@@ -329,7 +300,7 @@ class _StageRun:
     # ---------- the loop ----------
     def execute(self, forward_step_func, data_iterator) -> List[dict]:
         warm_up_group(self.group, self.peers)
-        data = _MicrobatchData(data_iterator, self.sched.actions[self.stage], len(self.chunks), self.M)
+        data = MicrobatchData(data_iterator, self.sched.actions[self.stage], len(self.chunks), self.M)
         vpp = ps.get_virtual_pipeline_model_parallel_world_size()
         prev_vpp = ps.get_virtual_pipeline_model_parallel_rank()
         self.t_start = time.perf_counter()

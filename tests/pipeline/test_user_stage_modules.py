@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dist_utils import rel_err, run_distributed
+from megallama.errors import ConfigError
 from megallama.mpu import parallel_state as ps
 from megallama.pipeline import allreduce_embedding_gradients, get_forward_backward_func
 from megallama.pipeline.no_pipelining import forward_backward_no_pipelining
@@ -78,7 +79,9 @@ def _forward_step(data_iterator, model):
     x, y = next(data_iterator)
     out = model(x)
 
-    def loss_func(o):
+    def loss_func(o, non_loss_data=False):
+        if non_loss_data:  # Megatron-core's evaluate(collect_non_loss_data=True): any data, here the output
+            return o.detach().clone()
         loss = ((o - y) ** 2).mean()
         return loss, {"loss": loss.detach()}
     return out, loss_func
@@ -167,6 +170,21 @@ def _rank_cases(rank, world):
     out["tied"] = _case(lambda: one("1f1b", cls=TiedPart))
     out["chimera"] = _case(lambda: one("chimera", cls=DeclaredPart))
     out["chimera_ddp"] = _case(lambda: one("chimera", ddp=True, cls=DeclaredPart))
+    def megatron_keywords(schedule, **kw):
+        """Megatron-core's evaluate call: keywords only, forward only, the last stage's non-loss data back."""
+        grid()
+        _, chunks = _chunks(schedule, cls=DeclaredPart)
+        kw = {"forward_only": True, "collect_non_loss_data": True, "decoder_seq_length": None, "first_val_step": True,
+              **kw}
+        with torch.no_grad():
+            out = get_forward_backward_func(2, schedule)(forward_step_func=_forward_step, data_iterator=iter(_data()),
+                                                         model=chunks, num_microbatches=M, seq_length=S,
+                                                         micro_batch_size=B, **kw)
+        return {"data": out}
+
+    out["non_loss_data"] = _case(lambda: megatron_keywords("1f1b"))
+    out["non_loss_chimera"] = _case(lambda: megatron_keywords("chimera"))
+    out["decoder_seq_length"] = _case(lambda: megatron_keywords("1f1b", **{"decoder_seq_length": S + 1}))
     out["no_config"] = _case(lambda: missing(MegatronStylePart, config=False))
     out["no_set_input"] = _case(lambda: missing(NoSetInputPart))
     return out
@@ -221,6 +239,36 @@ def test_no_arg_get_forward_backward_func_reads_parallel_state(results):
     _check_grads(results, "noargs", 2)
     _check_grads(results, "noargs_vpp", 4)
     assert get_forward_backward_func() is forward_backward_no_pipelining  # no grid here: pp = 1
+
+
+def _chain_model():
+    return nn.Sequential(*[MegatronStylePart(w, b, True) for w, b in _weights(2)])
+
+
+def test_megatron_core_evaluate_keywords_collect_non_loss_data(results):
+    """Megatron's ``evaluate`` passes decoder_seq_length, collect_non_loss_data and first_val_step by keyword: the
+    last stage gets ``loss_func(output, non_loss_data=True)`` per microbatch in order, the first nothing."""
+    with torch.no_grad():
+        ref = [_chain_model()(x) for x, _ in _data()]
+    assert results[0]["non_loss_data"] == {"data": []}
+    got = results[1]["non_loss_data"]
+    assert "error" not in got, got["error"]
+    assert len(got["data"]) == M and all(rel_err(g, r) < 1e-6 for g, r in zip(got["data"], ref))
+    with torch.no_grad():
+        plain = forward_backward_no_pipelining(_forward_step, iter(_data()), [_chain_model()], M, S, B,
+                                               forward_only=True, collect_non_loss_data=True,
+                                               decoder_seq_length=S, first_val_step=False)
+    assert len(plain) == M and all(rel_err(g, r) < 1e-6 for g, r in zip(plain, ref))
+
+
+def test_megatron_core_keywords_this_pipeline_cannot_honour_are_one_clear_error(results):
+    for rank in (0, 1):
+        assert "ConfigError" in results[rank]["non_loss_chimera"]["error"]
+        assert "1f1b" in results[rank]["non_loss_chimera"]["error"]
+        assert "encoder-decoder" in results[rank]["decoder_seq_length"]["error"]
+    with pytest.raises(ConfigError, match="forward_only=True"):
+        forward_backward_no_pipelining(_forward_step, iter(_data()), [_chain_model()], M, S, B,
+                                       collect_non_loss_data=True)
 
 
 def test_missing_stage_attributes_raise_one_clear_error(results):
