@@ -248,7 +248,9 @@ class ColumnParallelLinear(nn.Module):
     """Y = X A with A split by columns (output features) over tp ranks.
 
     Under sequence parallelism the input is this rank's [b, s/tp, h] shard and is all-gathered here; several
-    layers reading the same input should go through ``column_parallel_linears`` to share that collective."""
+    layers reading the same input should go through ``column_parallel_linears`` to share that collective.
+    Returns the output tensor, bias added, as nn.Linear does: not Megatron-core's ``(output, output_bias)`` pair,
+    which ``out, _ = layer(x)`` would silently split along the batch here."""
 
     fp8 = None  # an ``Fp8Recipe`` runs the GEMMs in fp8 (set by ``mpu.fp8.enable_fp8`` on decoder layers)
 
@@ -286,7 +288,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """Y = X A with A split by rows (input features); partial outputs are summed over tp."""
+    """Y = X A with A split by rows (input features); partial outputs are summed over tp. Returns the output tensor
+    (bias added), not Megatron-core's ``(output, output_bias)``: see ``ColumnParallelLinear``."""
 
     fp8 = None  # as ColumnParallelLinear's
 
