@@ -16,6 +16,25 @@ def train_losses(rank, world, argv):
     return pretrain(parse_args(list(argv), world_size=world))["losses"]
 
 
+def pretrain_here(argv, finetune: bool = False) -> dict:
+    """``pretrain`` in this process on one intra-op thread (tiny models on a busy 2-core box), through
+    ``finetune_llama``'s preparation with ``finetune``; the grid is torn down after, for the next in-process run."""
+    import torch
+
+    from megallama.mpu import parallel_state as ps
+    args = parse_args(list(argv), world_size=1)
+    if finetune:
+        import finetune_llama
+        args = finetune_llama.prepare_finetune_args(args)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pretrain(args)
+    finally:
+        ps.destroy_model_parallel()
+        torch.set_num_threads(n)
+
+
 def reference_losses(base):
     key = tuple(base)
     if key not in _REFERENCE:

@@ -17,25 +17,13 @@ USER = {"role": "user", "content": "Name a color."}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A 2-step pretraining run (no chat format) and a 1-step LoRA SFT of it in Llama 2's chat format."""
-    import torch
-
-    import finetune_llama
-    from megallama.arguments import parse_args
-    from megallama.mpu import parallel_state as ps
-    from megallama.training import pretrain
+    from loop_harness import pretrain_here
     tmp = tmp_path_factory.mktemp("audit")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     base, sft = str(tmp / "base"), str(tmp / "sft")
-    pretrain(parse_args(SMALL + ["--train-iters", "2", "--save", base, "--data-cache-dir", str(tmp / "cache")],
-                        world_size=1))
-    ps.destroy_model_parallel()
-    pretrain(finetune_llama.prepare_finetune_args(parse_args(
-        SMALL + ["--pretrained-checkpoint", base, "--strategy", "lora", "--split", "100,0,0", "--chat-template",
-                 "llama2", "--train-iters", "1", "--save", sft, "--data-cache-dir", str(tmp / "cache")],
-        world_size=1)))
-    ps.destroy_model_parallel()
-    torch.set_num_threads(n)
+    pretrain_here(SMALL + ["--train-iters", "2", "--save", base, "--data-cache-dir", str(tmp / "cache")])
+    pretrain_here(SMALL + ["--pretrained-checkpoint", base, "--strategy", "lora", "--split", "100,0,0",
+                           "--chat-template", "llama2", "--train-iters", "1", "--save", sft, "--data-cache-dir",
+                           str(tmp / "cache")], finetune=True)
     return {"base": base, "sft": sft}
 
 

@@ -53,19 +53,11 @@ def test_cli_subcommands_print_help_on_rank_0_only(argv, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def gapped_run(tmp_path_factory):
     """A 2-iteration pretraining run (no chat format) saved at 1 and 2, iter 2 then removed: the tracker names it."""
-    import torch
-
-    from megallama.arguments import parse_args
-    from megallama.mpu import parallel_state as ps
-    from megallama.training import pretrain
+    from loop_harness import pretrain_here
     tmp = tmp_path_factory.mktemp("gap")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     ck = str(tmp / "ck")
-    pretrain(parse_args(SMALL + ["--train-iters", "2", "--save", ck, "--save-interval", "1", "--data-cache-dir",
-                                 str(tmp / "cache")], world_size=1))
-    ps.destroy_model_parallel()
-    torch.set_num_threads(n)
+    pretrain_here(SMALL + ["--train-iters", "2", "--save", ck, "--save-interval", "1", "--data-cache-dir",
+                           str(tmp / "cache")])
     shutil.rmtree(os.path.join(ck, "iter_0000002"))
     return ck
 

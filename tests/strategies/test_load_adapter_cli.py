@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from loop_harness import pretrain_here
 
 SMALL = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
          "--num-attention-heads", "4", "--num-query-groups", "2", "--micro-batch-size", "2", "--global-batch-size",
@@ -17,30 +18,21 @@ SMALL = ["--model", "tiny_llama3_50m", "--num-layers", "2", "--hidden-size", "32
 
 
 def _finetune(argv):
-    import finetune_llama
-    from megallama.arguments import parse_args
-    from megallama.training import pretrain
-    return pretrain(finetune_llama.prepare_finetune_args(parse_args(list(argv), world_size=1)))
+    return pretrain_here(argv, finetune=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A base checkpoint, and a 2-step LoRA fine-tune of it that saved its checkpoint and its adapter folder."""
-    from megallama.arguments import parse_args
-    from megallama.training import pretrain
     tmp = tmp_path_factory.mktemp("adapter")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = str(tmp / "base")
     # frozen weights large enough for the adapters to move the logits
-    pretrain(parse_args(SMALL + ["--mock-data", "--train-iters", "1", "--save", base, "--init-method-std", "0.2"],
-                        world_size=1))
+    pretrain_here(SMALL + ["--mock-data", "--train-iters", "1", "--save", base, "--init-method-std", "0.2"])
     lora = SMALL + ["--pretrained-checkpoint", base, "--strategy", "lora", "--split", "100,0,0", "--lr", "3e-2",
                     "--lr-warmup-iters", "0"]
     first = lora + ["--lora-rank", "4", "--lora-alpha", "16", "--lora-target-modules", "q_proj,v_proj,down_proj"]
     _finetune(first + ["--train-iters", "2", "--save", str(tmp / "ft"), "--save-interval", "2",
                        "--save-adapter", str(tmp / "adapter")])
-    torch.set_num_threads(n)
     return {"tmp": tmp, "base": base, "ft": str(tmp / "ft"), "adapter": str(tmp / "adapter"), "lora": lora,
             "first": first}
 
