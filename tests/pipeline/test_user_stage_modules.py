@@ -170,6 +170,7 @@ def _rank_cases(rank, world):
     out["tied"] = _case(lambda: one("1f1b", cls=TiedPart))
     out["chimera"] = _case(lambda: one("chimera", cls=DeclaredPart))
     out["chimera_ddp"] = _case(lambda: one("chimera", ddp=True, cls=DeclaredPart))
+
     def megatron_keywords(schedule, **kw):
         """Megatron-core's evaluate call: keywords only, forward only, the last stage's non-loss data back."""
         grid()
@@ -184,7 +185,7 @@ def _rank_cases(rank, world):
 
     out["non_loss_data"] = _case(lambda: megatron_keywords("1f1b"))
     out["non_loss_chimera"] = _case(lambda: megatron_keywords("chimera"))
-    out["decoder_seq_length"] = _case(lambda: megatron_keywords("1f1b", **{"decoder_seq_length": S + 1}))
+    out["decoder_seq_length"] = _case(lambda: megatron_keywords("1f1b", decoder_seq_length=S + 1))
     out["no_config"] = _case(lambda: missing(MegatronStylePart, config=False))
     out["no_set_input"] = _case(lambda: missing(NoSetInputPart))
     return out
