@@ -56,7 +56,9 @@ def initialize_megatron(args) -> torch.device:
                                      context_parallel_size=args.context_parallel_size,
                                      expert_model_parallel_size=args.expert_model_parallel_size,
                                      model_config=args.model_config,
-                                     timeout=timedelta(minutes=minutes))
+                                     timeout=timedelta(minutes=minutes),
+                                     create_gloo_process_groups=not getattr(args, "disable_gloo_process_groups",
+                                                                            False))
     set_seed(args.seed)
     return dev
 

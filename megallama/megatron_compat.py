@@ -5,10 +5,11 @@ implementation (fused kernels, flash attention, mcore models, Transformer Engine
 error line when they ask for another model. Aliases: ``--rotary-base`` is ``--rope-theta``, sample counts are
 iteration counts at the (constant) global batch. And flags with their own behaviour, read where it happens:
 ``--make-vocab-size-divisible-by`` (build_data), ``--use-rope-scaling`` (the model config), ``--no-load-optim``,
-``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing) and
-``--distributed-timeout-minutes`` (initialize), ``--log-throughput`` (the training log line), ``--local-rank``
-(torch.distributed.launch's; the device follows LOCAL_RANK), ``--reset-position-ids``, ``--reset-attention-mask``,
-``--eod-mask-loss`` and ``--calculate-per-token-loss`` (data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
+``--no-load-rng``, ``--no-save-optim``, ``--exit-on-missing-checkpoint`` (checkpointing),
+``--distributed-timeout-minutes`` and ``--disable-gloo-process-groups`` (initialize), ``--log-throughput`` (the
+training log line), ``--local-rank`` (torch.distributed.launch's; the device follows LOCAL_RANK),
+``--reset-position-ids``, ``--reset-attention-mask``, ``--eod-mask-loss`` and ``--calculate-per-token-loss``
+(data/document_masks.py), ``--dataloader-type`` (data/cyclic.py),
 ``--account-for-embedding/loss-in-pipeline-split`` (pipeline/megatron_flags.py); ``--decoupled-lr`` and
 ``--grad-reduce-in-bf16`` live in optimizer_args.py. Flags whose Megatron behaviour megallama does not have
 (``--use-torch-fsdp2``, a non-``torch_dist`` ``--ckpt-format`` ...) are one error line saying what megallama does
@@ -136,6 +137,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     for samples, iters in _SAMPLE_FLAGS:
         g.add_argument("--" + samples.replace("_", "-"), type=int, default=None,
                        help=f"= --{iters.replace('_', '-')} x --global-batch-size")
+    g.add_argument("--disable-gloo-process-groups", action="store_true", help="no gloo twins of the data-parallel "
+                   "groups (Megatron code's host-side collectives; megallama's own code does not use them)")
     g.add_argument("--no-load-optim", action="store_true", help="resume the weights, iteration and data, with a "
                    "fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true", help="on resume, start the RNG states from --seed")

@@ -24,7 +24,7 @@ MEGATRON = ["--model", "tiny_llama3_50m", "--group-query-attention", "--swiglu",
             "--use-flash-attn", "--no-bias-swiglu-fusion", "--no-rope-fusion", "--log-throughput",
             "--train-samples", "12", "--lr-warmup-samples", "4", "--lr-decay-samples", "12",
             "--lr-decay-style", "cosine", "--make-vocab-size-divisible-by", "128",
-            "--distributed-timeout-minutes", "10", "--tokenizer-type", "bundled",
+            "--distributed-timeout-minutes", "10", "--disable-gloo-process-groups", "--tokenizer-type", "bundled",
             # Megatron's own Llama-3 example: restating or implementation flags
             "--kv-channels", "16", "--attention-backend", "fused", "--no-create-attention-mask-in-dataloader",
             "--cross-entropy-loss-fusion", "--manual-gc", "--manual-gc-interval", "100",

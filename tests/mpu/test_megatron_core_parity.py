@@ -45,7 +45,7 @@ def _getters():
                 pp_last=ps.get_pipeline_model_parallel_last_rank(), in_embd=ps.is_rank_in_embedding_group(),
                 in_embd_iv=ps.is_rank_in_embedding_group(ignore_virtual=True),
                 tp_dp=dist.get_process_group_ranks(ps.get_tensor_and_data_parallel_group()),
-                tp_dp_cp=dist.get_process_group_ranks(ps.get_tensor_and_data_parallel_group(True)))
+                tp_dp_cp=dist.get_process_group_ranks(ps.get_tensor_and_data_parallel_group(with_context_parallel=True)))
 
 
 def _grid_job(rank, world):
