@@ -60,9 +60,11 @@ _REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optim
             "deterministic_mode": "megallama's attention backward kernels accumulate with atomics; run fp32 on CPU "
                                   "for bit-exact comparisons",
             "optimizer": "megallama trains with adam (AdamW) or sgd (with --sgd-momentum); pass one of them",
+            "num_distributed_optimizer_instances": "megallama's distributed optimizer is one instance over all dp x "
+                                                   "cp ranks; pass 1",
             "rerun_mode": "megallama skips an iteration whose loss or gradient is not finite (--max-skipped-iters "
                           "in a row stop the run) instead of rerunning it; pass --rerun-mode disabled"}
-_ACCEPTED = {"optimizer": ("adam", "sgd"), "rerun_mode": ("disabled",)}  # the values of these megallama has
+_ACCEPTED = {"optimizer": ("adam", "sgd"), "rerun_mode": ("disabled",), "num_distributed_optimizer_instances": (1,)}  # the values of these megallama has
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 
@@ -137,6 +139,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
     for samples, iters in _SAMPLE_FLAGS:
         g.add_argument("--" + samples.replace("_", "-"), type=int, default=None,
                        help=f"= --{iters.replace('_', '-')} x --global-batch-size")
+    g.add_argument("--num-distributed-optimizer-instances", type=int, default=None,
+                   help="1 (one distributed optimizer over dp x cp; more instances are refused)")
     g.add_argument("--disable-gloo-process-groups", action="store_true", help="no gloo twins of the data-parallel "
                    "groups (Megatron code's host-side collectives; megallama's own code does not use them)")
     g.add_argument("--no-load-optim", action="store_true", help="resume the weights, iteration and data, with a "

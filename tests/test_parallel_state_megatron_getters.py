@@ -60,6 +60,9 @@ def _getters(rank, world, tp, pp, cp, ep, create_gloo=True, force_twins=False):
            "group_ranks": [rank_size(ps.get_tensor_and_context_parallel_group()),
                            rank_size(ps.get_expert_tensor_and_model_parallel_group()),
                            rank_size(ps.get_expert_tensor_parallel_group())]}
+    def plain_dp_cp():
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
     if not create_gloo:
         try:
             ps.get_data_parallel_group_gloo()
@@ -68,6 +71,11 @@ def _getters(rank, world, tp, pp, cp, ep, create_gloo=True, force_twins=False):
         return out
     twins = {"dp": ps.get_data_parallel_group_gloo(), "dp_cp": ps.get_data_parallel_group_gloo(True),
              "edp": ps.get_expert_data_parallel_group_gloo()}
+    # one distributed-optimizer instance: Megatron's partial groups are the whole ones
+    out["partial"] = (ps.get_data_parallel_group(True, partial_data_parallel=True) is plain_dp_cp(),
+                      ps.get_data_parallel_world_size(True, True), ps.get_data_parallel_rank(True, True),
+                      ps.get_expert_data_parallel_group(partial_expert_data_parallel=True) is
+                      ps.get_expert_data_parallel_group())
     plain = {"dp": ps.get_data_parallel_group(), "dp_cp": ps.get_data_parallel_group(True),
              "edp": ps.get_expert_data_parallel_group()}
     for name, group in twins.items():
@@ -92,6 +100,7 @@ def test_megatron_getters_match_the_grid(tp, pp, cp, ep):
         assert o["ranks"] == o["group_ranks"], (r, o["ranks"], o["group_ranks"])
         assert all(o[k + "_own"] for k in ("dp", "dp_cp", "edp"))
         assert o["edp_sum"] == sum(w["edp"])
+        assert o["partial"] == (True, len(w["dp_cp"]), w["dp_cp"].index(r), True)
 
 
 def test_gloo_twins_built_as_on_nccl():
@@ -114,6 +123,16 @@ def _vp_stages(rank, world):
     ps.set_virtual_pipeline_model_parallel_rank(0)
     return [(ps.is_pipeline_first_stage(vp_stage=v), ps.is_pipeline_last_stage(vp_stage=v),
              ps.is_rank_in_embedding_group(vp_stage=v)) for v in (0, 1)]
+
+
+def test_partial_data_parallel_needs_context_parallel_and_one_optimizer_instance():
+    with pytest.raises(ConfigError, match="with_context_parallel=True"):
+        ps.get_data_parallel_group(partial_data_parallel=True)
+    from megallama.arguments import parse_args
+    with pytest.raises(ConfigError, match="num-distributed-optimizer-instances 2 is not supported.*pass 1"):
+        parse_args(["--model", "tiny_llama3_50m", "--num-distributed-optimizer-instances", "2"], world_size=1)
+    assert parse_args(["--model", "tiny_llama3_50m", "--num-distributed-optimizer-instances", "1"],
+                      world_size=1).num_distributed_optimizer_instances == 1
 
 
 def test_vp_stage_names_the_virtual_stage():

@@ -8,7 +8,9 @@ expert-data-parallel group strides across them. MoE routes per token, so an expe
 sequence (cp) as well as other micro-batches (dp); the expert-dp group is exactly the ranks holding the same experts.
 Every getter answers sensibly before ``initialize_model_parallel`` (a world of one), so single-process code needs no
 process group at all; the group getters take Megatron-core's ``check_initialized`` for its callers and, instead of
-asserting, answer None there. Expert tensor parallelism is the tensor-parallel group (experts are tp-sharded).
+asserting, answer None there. Expert tensor parallelism is the tensor-parallel group (experts are tp-sharded), and
+Megatron's "partial" data-parallel groups (one distributed-optimizer instance's ranks) are the whole ones: there is
+one instance.
 """
 from __future__ import annotations
 
@@ -105,8 +107,17 @@ def get_pipeline_model_parallel_group(check_initialized: bool = True):
     return _group("pp")
 
 
-def get_data_parallel_group(with_context_parallel: bool = False):
-    return _group("dp_cp" if with_context_parallel else "dp")
+def _dp_name(with_context_parallel: bool, partial_data_parallel: bool) -> str:
+    """Megatron's partial data-parallel group is one distributed-optimizer instance's ranks; there is one instance
+    here (--num-distributed-optimizer-instances 1), so it is the whole dp x cp group."""
+    if partial_data_parallel and not with_context_parallel:
+        raise ConfigError("partial_data_parallel=True needs with_context_parallel=True (Megatron-core's rule: a "
+                          "distributed-optimizer instance spans context parallelism)")
+    return "dp_cp" if with_context_parallel else "dp"
+
+
+def get_data_parallel_group(with_context_parallel: bool = False, partial_data_parallel: bool = False):
+    return _group(_dp_name(with_context_parallel, partial_data_parallel))
 
 
 def get_context_parallel_group(check_initialized: bool = True):
@@ -165,12 +176,12 @@ def _gloo(name: str):
     return _group(name + "_gloo")
 
 
-def get_data_parallel_group_gloo(with_context_parallel: bool = False):
+def get_data_parallel_group_gloo(with_context_parallel: bool = False, partial_data_parallel: bool = False):
     """The data-parallel ranks on gloo, for host-side collectives (Megatron's checkpoint and data code)."""
-    return _gloo("dp_cp" if with_context_parallel else "dp")
+    return _gloo(_dp_name(with_context_parallel, partial_data_parallel))
 
 
-def get_expert_data_parallel_group_gloo():
+def get_expert_data_parallel_group_gloo(partial_expert_data_parallel: bool = False):
     return _gloo("edp")
 
 
@@ -249,12 +260,14 @@ def get_pipeline_model_parallel_rank() -> int:
     return _my_coords()[0]
 
 
-def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+def get_data_parallel_world_size(with_context_parallel: bool = False, partial_data_parallel: bool = False) -> int:
+    _dp_name(with_context_parallel, partial_data_parallel)
     g = _grid()
     return g.dp * (g.cp if with_context_parallel else 1)
 
 
-def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+def get_data_parallel_rank(with_context_parallel: bool = False, partial_data_parallel: bool = False) -> int:
+    _dp_name(with_context_parallel, partial_data_parallel)
     _, d, c, _ = _my_coords()
     return d * _grid().cp + c if with_context_parallel else d
 
@@ -300,13 +313,13 @@ def get_expert_model_parallel_rank() -> int:
     return get_data_parallel_rank(with_context_parallel=True) % _grid().ep
 
 
-def get_expert_data_parallel_world_size() -> int:
+def get_expert_data_parallel_world_size(partial_expert_data_parallel: bool = False) -> int:
     """The ranks holding the same experts: dp x cp / ep (their expert gradients are reduced together)."""
     g = _grid()
     return g.dp * g.cp // g.ep
 
 
-def get_expert_data_parallel_rank() -> int:
+def get_expert_data_parallel_rank(partial_expert_data_parallel: bool = False) -> int:
     return get_data_parallel_rank(with_context_parallel=True) // _grid().ep
 
 
