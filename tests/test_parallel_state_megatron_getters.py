@@ -142,3 +142,53 @@ def test_vp_stage_names_the_virtual_stage():
     assert out[1] == [(False, False, False), (False, True, True)]
     ps.destroy_model_parallel()
     assert ps.get_data_parallel_group_gloo() is None  # a world of one, as every getter before initialization
+
+
+def _megatron_init(rank, world):
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from megallama.model.context_parallel import set_context_parallel_comm_type
+    ps.initialize_model_parallel(1, 1, context_parallel_size=4, hierarchical_context_parallel_sizes=[2, 2],
+                                 distributed_timeout_minutes=0.03, expert_tensor_parallel_size=1, order="tp-cp-ep-dp-pp",
+                                 num_distributed_optimizer_instances=1, use_sharp=False)
+    a2a, p2p = ps.get_hierarchical_context_parallel_groups()
+    set_context_parallel_comm_type("a2a+p2p", [2, 2])  # --cp-comm-type after Megatron's init: the same groups
+    same = ps.get_hierarchical_context_parallel_groups() == [a2a, p2p]
+    out = dict(a2a=dist.get_process_group_ranks(a2a), p2p=dist.get_process_group_ranks(p2p), same=same,
+               timeout=ps._grid().timeout == timedelta(minutes=0.03))
+    if rank == 1:
+        time.sleep(6)
+    t0 = time.time()
+    try:  # the a2a sub-group waits distributed_timeout_minutes (1.8 s), not torch's default
+        dist.all_reduce(torch.ones(1), group=a2a)
+        out["late"] = ("done", time.time() - t0)
+    except RuntimeError:
+        out["late"] = ("timed out", time.time() - t0)
+    set_context_parallel_comm_type("p2p")
+    return out
+
+
+def test_megatron_init_keywords_build_hierarchical_cp_groups_with_the_timeout():
+    out = run_distributed(_megatron_init, 4, timeout=120)
+    assert out[0]["a2a"] == [0, 1] and out[3]["a2a"] == [2, 3] and out[0]["p2p"] == [0, 2] and out[3]["p2p"] == [1, 3]
+    assert all(out[r]["same"] and out[r]["timeout"] for r in range(4))
+    status, waited = out[0]["late"]
+    assert status == "timed out" and waited < 5.0, out[0]
+
+
+@pytest.mark.parametrize("kw,says", [
+    (dict(order="tp-dp-pp"), "order='tp-dp-pp'.*tp-cp-ep-dp-pp"),
+    (dict(expert_tensor_parallel_size=1), "expert_tensor_parallel_size 1 .*pass None or 2"),
+    (dict(num_distributed_optimizer_instances=2), "one instance over dp x cp"),
+    (dict(hierarchical_context_parallel_sizes=[2, 3]), r"\[2, 3\] must be .*context_parallel_size 4"),
+    (dict(use_sharp=True), "SHARP")])
+def test_megatron_init_keywords_without_a_meaning_here_are_one_error(kw, says):
+    with pytest.raises(ConfigError, match=says):
+        ps.check_megatron_init_kwargs(2, 4, kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pipeline_model_parallel_split_rank'"):
+        ps.check_megatron_init_kwargs(2, 4, dict(pipeline_model_parallel_split_rank=1))
+    assert ps.check_megatron_init_kwargs(2, 4, dict(distributed_timeout_minutes=5, high_priority_stream_groups=[],
+                                                    hierarchical_context_parallel_sizes=[2, 2])) == (5, [2, 2])

@@ -167,16 +167,19 @@ def new_hierarchical_groups(inner: int):
     layout: ``inner`` adjacent cp ranks form an a2a group, the cp ranks with the same index inside theirs form a
     p2p group. Every rank creates every group (``new_group`` is collective), in the same order. They are
     registered with the grid's groups, so ``destroy_model_parallel`` drops them with the rest (a rebuilt grid
-    never runs on a previous grid's sub-groups)."""
+    never runs on a previous grid's sub-groups); asked again for the same ``inner`` (``initialize_model_parallel``'s
+    sizes, then --cp-comm-type a2a+p2p), the ones built are kept. They take the grid's timeout, as its groups do."""
     grid, me = ps._grid(), dist.get_rank()
+    if len(ps._RANKS.get(_HCP_A2A, ())) == inner and ps._group(_HCP_P2P) is not None:
+        return ps._group(_HCP_A2A), ps._group(_HCP_P2P)
     a2a = p2p = None
     for pp, dp, tp in itertools.product(range(grid.pp), range(grid.dp), range(grid.tp)):
         cp_ranks = [grid.rank_of(pp, dp, c, tp) for c in range(grid.cp)]
         for ranks in (cp_ranks[i:i + inner] for i in range(0, grid.cp, inner)):
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=grid.timeout)
             a2a = group if me in ranks else a2a
         for ranks in (cp_ranks[i::inner] for i in range(inner)):
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=grid.timeout)
             p2p = group if me in ranks else p2p
     ps._GROUPS[_HCP_A2A], ps._GROUPS[_HCP_P2P] = a2a, p2p
     ps._RANKS[_HCP_A2A], ps._RANKS[_HCP_P2P] = dist.get_process_group_ranks(a2a), dist.get_process_group_ranks(p2p)

@@ -43,3 +43,43 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
         raise ConfigError(f"expert parallel size {ep} must divide data-parallel x context-parallel size {dp * cp} "
                           f"(dp {dp} = world {world_size} / tp*pp*cp {mp}, cp {cp}); choose an ep dividing {dp * cp}")
     return dp
+
+
+# Megatron-core's initialize_model_parallel keywords megallama has no other value for: name -> (default, why)
+_MEGATRON_FIXED = {
+    "pipeline_model_parallel_comm_backend": (None, "pipeline sends use the world's backend"),
+    "use_sharp": (False, "SHARP is not set up here (NCCL_COLLNET_ENABLE is yours to set)"),
+    "sharp_enabled_group": (None, "SHARP is not set up here"),
+    "hybrid_context_parallel": (False, "context parallelism here splits every sequence over the whole cp group"),
+    "num_distributed_optimizer_instances": (1, "the distributed optimizer is one instance over dp x cp"),
+    "nccl_communicator_config_path": (None, "per-communicator NCCL settings are not read here"),
+    "order": ("tp-cp-ep-dp-pp", "the grid's order is Megatron's default, tp-cp-ep-dp-pp"),
+    "get_embedding_ranks": (None, "the embedding group is the first and last pipeline stage"),
+    "get_position_embedding_ranks": (None, "a Llama has no position embedding"),
+    "high_priority_stream_groups": (None, "communicators are made with NCCL's default priority"),
+    "create_all_gather_group": (False, "parameter all-gathers share the dp x cp group"),
+}
+
+
+def check_megatron_init_kwargs(tensor_model_parallel_size: int, context_parallel_size: int, kwargs: dict):
+    """Megatron-core's extra ``initialize_model_parallel`` keywords: returns (timeout minutes or None, hierarchical
+    cp sizes or None); a value megallama does not have is one ``ConfigError``, an unknown name a ``TypeError``."""
+    kwargs = dict(kwargs)
+    minutes = kwargs.pop("distributed_timeout_minutes", None)
+    hierarchical = kwargs.pop("hierarchical_context_parallel_sizes", None)
+    if hierarchical is not None and (len(hierarchical) != 2 or min(hierarchical) < 2
+                                     or hierarchical[0] * hierarchical[1] != context_parallel_size):
+        raise ConfigError(f"hierarchical_context_parallel_sizes {list(hierarchical)} must be [a2a size, p2p size], "
+                          f"both >= 2, with a product of context_parallel_size {context_parallel_size}")
+    etp = kwargs.pop("expert_tensor_parallel_size", None)
+    if etp not in (None, tensor_model_parallel_size):
+        raise ConfigError(f"expert_tensor_parallel_size {etp} is not supported: experts are sharded over the "
+                          f"tensor-parallel group here; pass None or {tensor_model_parallel_size}")
+    for name, value in kwargs.items():
+        if name not in _MEGATRON_FIXED:
+            raise TypeError(f"initialize_model_parallel() got an unexpected keyword argument {name!r}")
+        default, why = _MEGATRON_FIXED[name]
+        if value not in (default, [], ()) and not (name == "high_priority_stream_groups" and not value):
+            raise ConfigError(f"initialize_model_parallel({name}={value!r}) is not supported: {why}; pass "
+                              f"{default!r} or leave it out")
+    return minutes, hierarchical

@@ -14,13 +14,15 @@ one instance.
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megallama.errors import ConfigError
-from megallama.mpu.grid_validation import validate_grid, validate_model_shapes  # noqa: F401 (re-exported)
+from megallama.mpu.grid_validation import (check_megatron_init_kwargs, validate_grid,  # noqa: F401 (re-exported)
+                                           validate_model_shapes)
 from megallama.mpu.process_grid import Grid as _Grid, build_groups
 
 
@@ -51,13 +53,15 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
                               context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
                               backend: Optional[str] = None, model_config=None, timeout=None,
-                              create_gloo_process_groups: bool = True) -> None:
+                              create_gloo_process_groups: bool = True, **megatron_kwargs) -> None:
     """Build every group of the grid. ``torch.distributed`` must already be initialised (any backend).
     ``timeout`` (a timedelta; --distributed-timeout-minutes) applies to every group, as to the world group: a
     subgroup otherwise gets torch's default and a long collective in tp or dp dies at that instead.
     ``create_gloo_process_groups`` (Megatron-core's, on by default; --disable-gloo-process-groups): the CPU twins
     of the data-parallel groups that Megatron code reaches for host-side collectives; on a gloo world they are the
-    groups themselves.
+    groups themselves. Megatron-core's other keywords are taken where megallama has their meaning
+    (``distributed_timeout_minutes``, ``hierarchical_context_parallel_sizes``, ``expert_tensor_parallel_size`` =
+    tp, one distributed-optimizer instance, its default order); any other value is one ``ConfigError``.
 
     The layout (and ``model_config``'s heads / kv heads / FFN / vocab against tp, when given) is validated first:
     a bad one raises one ``ConfigError`` before any group is made."""
@@ -65,16 +69,24 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized; call megallama.initialize.initialize_distributed first")
     world, rank = dist.get_world_size(), dist.get_rank()
+    minutes, hierarchical = check_megatron_init_kwargs(tensor_model_parallel_size, context_parallel_size,
+                                                       megatron_kwargs)
+    if timeout is None and minutes is not None:
+        timeout = timedelta(minutes=minutes)
     dp = validate_grid(world, tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size,
                        expert_model_parallel_size, model_config=model_config)
     g = _Grid(tp=tensor_model_parallel_size, pp=pipeline_model_parallel_size, dp=dp, cp=context_parallel_size,
-              ep=expert_model_parallel_size, vpp=virtual_pipeline_model_parallel_size, rank=rank, world=world)
+              ep=expert_model_parallel_size, vpp=virtual_pipeline_model_parallel_size, rank=rank, world=world,
+              timeout=timeout)
     destroy_model_parallel()
     _GRID = g
     _VPP_RANK = 0 if virtual_pipeline_model_parallel_size else None
     groups, ranks = build_groups(g, backend, timeout, create_gloo_process_groups)
     _GROUPS.update(groups)
     _RANKS.update(ranks)
+    if hierarchical is not None:  # Megatron builds the a2a+p2p sub-groups here; --cp-comm-type picks them
+        from megallama.mpu.context_parallel import new_hierarchical_groups
+        new_hierarchical_groups(hierarchical[0])
 
 
 def destroy_model_parallel() -> None:
@@ -167,6 +179,12 @@ def get_expert_tensor_and_model_parallel_group(check_initialized: bool = True):
 
 def get_expert_tensor_model_pipeline_parallel_group(check_initialized: bool = True):
     return _group("etp_ep_pp")
+
+
+def get_hierarchical_context_parallel_groups(check_initialized: bool = True):
+    """[a2a group, p2p group] of --cp-comm-type a2a+p2p (``megallama.mpu.context_parallel`` builds them)."""
+    from megallama.mpu.context_parallel import get_hierarchical_context_parallel_groups as groups
+    return groups(check_initialized)
 
 
 def _gloo(name: str):

@@ -21,6 +21,7 @@ class Grid:
     vpp: Optional[int] = None  # virtual pipeline size (interleaved schedule)
     rank: int = 0
     world: int = 1
+    timeout: Optional[object] = None  # every group's (a timedelta; None: torch's default)
 
     def coords(self, rank: int):
         tp_rank = rank % self.tp
