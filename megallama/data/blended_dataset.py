@@ -55,12 +55,11 @@ def blend_datasets(parts: Sequence, weights: Sequence[Optional[float]], num_samp
     (Megatron's blend without weights). ``num_samples`` None: one epoch of the blend, as long as it takes to see
     every part's epoch at its weight (without weights: exactly the parts' epochs, each sample once)."""
     if any(w is None for w in weights):
-        total = sum(len(p) for p in parts)
-        weights = [len(p) / total for p in parts]
-        num_samples = total if num_samples is None else num_samples
-    elif num_samples is None:
-        num_samples = max(int(math.ceil(len(p) / w)) for p, w in zip(parts, weights))
-    return BlendedDataset(parts, weights, num_samples)
+        epoch = sum(len(p) for p in parts)
+        weights = [len(p) / epoch for p in parts]
+    else:
+        epoch = max(int(math.ceil(len(p) / w)) for p, w in zip(parts, weights))
+    return BlendedDataset(parts, weights, epoch if num_samples is None else num_samples, samples_per_epoch=epoch)
 
 
 def blend_index(weights: Sequence[float], num_samples: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -81,14 +80,23 @@ def blend_index(weights: Sequence[float], num_samples: int) -> Tuple[np.ndarray,
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    def __init__(self, datasets: Sequence, weights: Sequence[float], num_samples: int):
-        self.datasets, self.weights = list(datasets), list(weights)
-        self.corpus, self.sample = blend_index(self.weights, num_samples)
+    """``num_samples`` of the blend; readable beyond them (the index is prefix-stable, so it extends), which
+    ``--dataloader-type cyclic`` uses: it shuffles per ``samples_per_epoch`` (one epoch of the blend, a size
+    that does not depend on the run's length), so a longer or resumed run reads on in the same order."""
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float], num_samples: int,
+                 samples_per_epoch: Optional[int] = None):
+        self.datasets, self.weights, self.num_samples = list(datasets), list(weights), int(num_samples)
+        self.samples_per_epoch = int(samples_per_epoch or num_samples)
+        self.corpus, self.sample = blend_index(self.weights, self.num_samples)
 
     def __len__(self) -> int:
-        return len(self.corpus)
+        return self.num_samples
 
     def __getitem__(self, idx: int) -> dict:
+        idx = int(idx)
+        if idx >= len(self.corpus):
+            self.corpus, self.sample = blend_index(self.weights, max(idx + 1, 2 * len(self.corpus)))
         return self.datasets[int(self.corpus[idx])][int(self.sample[idx])]
 
 

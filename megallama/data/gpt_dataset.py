@@ -172,7 +172,8 @@ def _jsonl_cache_prefix(path: str, tokenizer, cache_dir: str) -> str:
     """Cache key: the file's size and content hash and the tokenizer's fingerprint (not the path or mtime: a copy of
     the same file reuses the cache, an edited one does not)."""
     key = hashlib.sha256("|".join([_CACHE_FORMAT, str(os.path.getsize(path)), file_sha256(path),
-                                   tokenizer.fingerprint, "eod"]).encode()).hexdigest()[:16]
+                                   tokenizer.fingerprint + getattr(tokenizer, "special_ids_key", ""),
+                                   "eod"]).encode()).hexdigest()[:16]
     stem = os.path.basename(path)
     for suf in _JSONL_SUFFIXES:
         if stem.endswith(suf):
@@ -261,6 +262,11 @@ def _check_vocab(indexed: IndexedDataset, tokenizer) -> None:
     if info is not None and run:
         if info["fingerprint"] != run:
             raise ConfigError(_other_tokenizer(indexed.prefix, info, tokenizer))
+        eod = info.get("eod_id")  # recorded since the HF tokenizer's eos can change with its tokenizer_config.json
+        if info.get("append_eod") and eod is not None and eod != tokenizer.eod:
+            raise ConfigError(f"{indexed.prefix} ends its documents with token {eod} but this run's tokenizer ends "
+                              f"text with {tokenizer.eod} (its eos_token); re-run tools/preprocess_data.py with this "
+                              f"run's tokenizer, or train with the one the data was made with")
         return
     if indexed.num_tokens == 0 or indexed.num_tokens > 200_000_000:  # a full scan of huge data is not worth it
         return

@@ -56,7 +56,8 @@ def tokenizer_info(tokenizer, **extra) -> dict | None:
     kind, model = getattr(tokenizer, "_build_args", (getattr(tokenizer, "tokenizer_type", None), None))
     return {"format": TOKENIZER_INFO_FORMAT, "name": getattr(tokenizer, "name", str(kind)),
             "fingerprint": fingerprint, "vocab_size": getattr(tokenizer, "vocab_size", None),
-            "tokenizer_type": kind, "tokenizer_model": os.path.abspath(model) if model else None, **extra}
+            "tokenizer_type": kind, "tokenizer_model": os.path.abspath(model) if model else None,
+            "eod_id": getattr(tokenizer, "eod", None), **extra}
 
 
 def read_tokenizer_info(prefix: str) -> dict | None:

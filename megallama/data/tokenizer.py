@@ -197,10 +197,15 @@ class HFTokenizer(_Tokenizer):
         # must not forge an end of text or a chat turn. Control tokens come from ids (ChatTemplate: token_to_id).
         # Not saved by to_str(), so an exported tokenizer.json is unchanged.
         self.tok.encode_special_tokens = True
+        # A saved truncation/padding (often left in Hub files) would cut documents and write pads into the data;
+        # transformers' AutoTokenizer, which Megatron reads it through, applies neither unless asked.
+        self.tok.no_truncation()
+        self.tok.no_padding()
         # the embedding must hold the largest id: a hand-edited file may leave gaps (Megatron counts tokens instead)
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True),
                               max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
-        named = self._config_tokens(os.path.dirname(file))
+        cfg = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+        named = self._config_tokens(cfg)
         self.bos_id = self._find(named.get("bos_token"), _HF_BOS)
         self.eos_id = self._find(named.get("eos_token"), _HF_EOS)
         if self.eos_id is None:
@@ -210,14 +215,23 @@ class HFTokenizer(_Tokenizer):
         self.pad_id = self.eos_id if pad is None else pad
         self.name = f"hf:{os.path.basename(os.path.abspath(path))}"
         self.fingerprint = f"hf:{file_sha256(file)}"
+        # eos/bos come from tokenizer_config.json too (Llama 3 base and Instruct share a tokenizer.json but not the
+        # eos): the jsonl cache key holds them, so a changed config tokenizes again
+        self.special_ids_key = f"bos={self.bos_id},eos={self.eos_id}"
 
     @staticmethod
-    def _config_tokens(folder: str) -> dict:
-        cfg = os.path.join(folder, "tokenizer_config.json")
+    def _config_tokens(cfg: str) -> dict:
         if not os.path.isfile(cfg):
             return {}
-        with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg} is not JSON ({str(e).splitlines()[0]}); fix or remove it (the tokenizer's "
+                              f"eos/bos/pad tokens are then looked up by name)") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cfg} is not a JSON object; fix or remove it (the tokenizer's eos/bos/pad tokens are "
+                              f"then looked up by name)")
         out = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             v = data.get(key)
