@@ -322,6 +322,7 @@ def resolve_load_dir(load: str) -> List[str]:
                           f"({os.path.dirname(os.path.abspath(load))}) or its run directory")
     if not os.path.isdir(load):
         raise ConfigError(f"--load directory {load} does not exist; check the path")
+    _refuse_megatron_layout(load)  # one of its iteration directories, named
     if os.path.exists(os.path.join(load, COMMON)) or os.path.exists(os.path.join(load, MANIFEST)):
         return [load]
     iters = list_iterations(load)
@@ -333,7 +334,26 @@ def resolve_load_dir(load: str) -> List[str]:
     tracked = read_tracker(load)
     if tracked is not None and tracked in iters:
         iters = [i for i in iters if i <= tracked]
-    return [checkpoint_dir(load, i) for i in reversed(iters)]
+    found = [checkpoint_dir(load, i) for i in reversed(iters)]
+    for ckpt in found[:1]:
+        _refuse_megatron_layout(ckpt)
+    return found
+
+
+def _refuse_megatron_layout(ckpt: str) -> None:
+    """A Megatron-LM checkpoint (same iter_NNNNNNN naming) would otherwise read as an incomplete save of ours."""
+    if os.path.exists(os.path.join(ckpt, MANIFEST)):
+        return
+    names = os.listdir(ckpt)
+    if any(n.startswith("mp_rank_") for n in names):
+        kind = "torch"
+    elif "metadata.json" in names and any(n.endswith(".distcp") for n in names):
+        kind = "torch_dist"
+    else:
+        return
+    raise ConfigError(f"{ckpt} is a Megatron-LM checkpoint (--ckpt-format {kind}), which megallama does not read; "
+                      f"export its weights to an HF folder and convert that with tools/convert_checkpoint.py "
+                      f"hf-to-megallama (or fine-tune from it with finetune_llama.py --pretrained-checkpoint)")
 
 
 def tracker_gap(load: str, ckpt: str) -> Optional[str]:

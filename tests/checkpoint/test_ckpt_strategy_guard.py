@@ -108,6 +108,25 @@ def test_dense_base_still_starts_lora_and_moe_runs(runs):
 
 
 # ------------------------------------------------------------------ (7), (8) what --load may name
+@pytest.mark.parametrize("kind", ["torch", "torch_dist"])
+def test_a_megatron_checkpoint_given_to_load_is_named(tmp_path, capsys, kind):
+    """Megatron names its iterations as we do; its layouts read as an "incomplete save" to "restore" before."""
+    run = tmp_path / "megatron"
+    it = run / "iter_0000010"
+    if kind == "torch":
+        (it / "mp_rank_00").mkdir(parents=True)
+        torch.save({"iteration": 10}, str(it / "mp_rank_00" / "model_optim_rng.pt"))
+    else:
+        it.mkdir(parents=True)
+        torch.save({"iteration": 10}, str(it / "common.pt"))
+        (it / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+        (it / "__0_0.distcp").write_bytes(b"x" * 100)
+    (run / "latest_checkpointed_iteration.txt").write_text("10")
+    for load in (run, it):
+        line = _one_error(BASE + ["--load", str(load)], tmp_path, capsys, run)
+        assert f"is a Megatron-LM checkpoint (--ckpt-format {kind})" in line and "hf-to-megallama" in line, line
+
+
 def test_hf_folder_given_to_load_is_refused(tmp_path, capsys):
     hf = tmp_path / "hf"
     hf.mkdir()
