@@ -53,7 +53,7 @@ def settings_from_args(args: dict) -> Optional[dict]:
     (a converted checkpoint)."""
     if any(args.get(k) is None for k in ("lr", "min_lr", "train_iters")):
         return None
-    decay = max(1, args.get("lr_decay_iters") or args["train_iters"])
+    decay = max(1, args.get("lr_decay_iters") or _run_span(args))  # Megatron's default: all the run's samples
     warmup, fraction = args.get("lr_warmup_iters"), args.get("lr_warmup_fraction")
     if warmup is None:  # Megatron's --lr-warmup-fraction is a fraction of the decay iterations
         warmup = fraction * decay if fraction is not None else default_warmup_iters(args["train_iters"])
@@ -64,8 +64,9 @@ def settings_from_args(args: dict) -> Optional[dict]:
                 warmup_iters=warmup, decay_iters=decay, decay_style=args.get("lr_decay_style", "cosine"),
                 wsd_decay_iters=args.get("lr_wsd_decay_iters"),
                 wsd_decay_style=args.get("lr_wsd_decay_style") or "exponential",
-                start_wd=args.get("start_weight_decay") if varied else None,
-                end_wd=args.get("end_weight_decay") if varied else None,
+                # constant: --weight-decay, recorded (Megatron's start = end = weight_decay) so a resume compares it
+                start_wd=args.get("start_weight_decay") if varied else args.get("weight_decay"),
+                end_wd=args.get("end_weight_decay") if varied else args.get("weight_decay"),
                 wd_incr_iters=_run_span(args) if varied else None, wd_incr_style=style,
                 decoupled_lr=decoupled, decoupled_min_lr=_decoupled_min_lr(args) if decoupled is not None else None)
 
@@ -76,9 +77,10 @@ def _decoupled_min_lr(args: dict) -> float:
 
 
 def _run_span(args: dict) -> float:
-    """The run's length in the schedule's unit: iterations, or under --rampup-batch-size (whose iterations are not
-    global batches) the samples in global batches, as Megatron's sample-based weight-decay increment."""
-    if args.get("rampup_batch_size"):
+    """The run's length in the schedule's unit: iterations, or with --train-samples (Megatron's sample-based
+    schedule, which does not round down to whole iterations; under --rampup-batch-size iterations are not global
+    batches) the samples in global batches."""
+    if args.get("train_samples"):
         return args["train_samples"] / args["global_batch_size"]
     return args["train_iters"]
 
@@ -115,7 +117,8 @@ class OptimizerParamScheduler:
                  decay_style: str = "cosine", init_lr: float = 0.0, wsd_decay_iters: Optional[int] = None,
                  wsd_decay_style: str = "exponential", start_wd: Optional[float] = None,
                  end_wd: Optional[float] = None, wd_incr_iters: Optional[int] = None, wd_incr_style: str = "constant",
-                 decoupled_lr: Optional[float] = None, decoupled_min_lr: Optional[float] = None):
+                 decoupled_lr: Optional[float] = None, decoupled_min_lr: Optional[float] = None,
+                 global_batch_size: int = 1):
         if decay_style not in DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {decay_style} is not one of {', '.join(DECAY_STYLES)}")
         if wsd_decay_style not in WSD_DECAY_STYLES:
@@ -133,6 +136,8 @@ class OptimizerParamScheduler:
         self.decoupled_min_lr = min_lr if decoupled_min_lr is None and decoupled_lr is not None else decoupled_min_lr
         self.last_decoupled_lr = None  # what step() gave those groups last (the log line's "decoupled learning rate")
         self.skipped_iters = 0  # iterations whose update was skipped: they do not advance the schedule
+        self.global_batch_size = global_batch_size  # inverse-square-root's floor of one sample (not a setting)
+        self._checkpoint_wd = None  # a constant weight decay taken from the checkpoint (--use-checkpoint-...)
         if decay_style != "constant" and warmup_iters > self.decay_iters:  # Megatron asserts warmup < decay
             raise ConfigError(f"the LR warmup ({warmup_iters:g} iterations) is longer than the decay "
                               f"({self.decay_iters:g}, --lr-decay-iters or --train-iters); shorten --lr-warmup-iters "
@@ -146,21 +151,24 @@ class OptimizerParamScheduler:
 
     @classmethod
     def from_args(cls, optimizer, args) -> "OptimizerParamScheduler":
-        return cls(optimizer, **settings_from_args(vars(args)))
+        return cls(optimizer, **settings_from_args(vars(args)), global_batch_size=args.global_batch_size)
 
-    def get_lr(self, iteration: int, decoupled: bool = False) -> float:
-        """LR of the ``iteration``-th *applied* update (0-based); ``decoupled``: of the embedding/output groups (the
+    def get_lr(self, iteration: float, decoupled: bool = False, increment: float = 1.0) -> float:
+        """LR of the update after ``iteration`` *applied* global batches (0-based; fractional under a batch ramp,
+        where the update is ``increment`` of a global batch); ``decoupled``: of the embedding/output groups (the
         same shape between --decoupled-lr and --decoupled-min-lr, as Megatron's per-group max_lr/min_lr)."""
         max_lr, min_lr = (self.decoupled_lr, self.decoupled_min_lr) if decoupled else (self.max_lr, self.min_lr)
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
-            # capped: a warmup of whole samples may end inside an iteration (Megatron's --lr-warmup-samples)
-            return self.init_lr + (max_lr - self.init_lr) * min(1.0, (iteration + 1) / self.warmup_iters)
+            # the update's own samples count (one update ahead of Megatron's); capped: a warmup of whole samples
+            # may end inside an iteration (Megatron's --lr-warmup-samples)
+            return self.init_lr + (max_lr - self.init_lr) * min(1.0, (iteration + increment) / self.warmup_iters)
         if self.decay_style == "constant":
             return max_lr
-        if iteration >= self.decay_iters:
+        if iteration > self.decay_iters:  # Megatron's: at the decay's end exactly, each style's own value
             return min_lr
-        if self.decay_style == "inverse-square-root":
-            lr = max_lr * math.sqrt(max(self.warmup_iters, 1)) / math.sqrt(max(iteration, 1))
+        if self.decay_style == "inverse-square-root":  # Megatron's, in samples: at least one of each
+            g = self.global_batch_size
+            lr = max_lr * math.sqrt(max(self.warmup_iters * g, 1)) / math.sqrt(max(iteration * g, 1))
             return max(min_lr, lr)
         progress = (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
@@ -174,22 +182,25 @@ class OptimizerParamScheduler:
             coeff = _wsd_coeff(self.wsd_decay_style, (iteration - anneal_start) / self.wsd_decay_iters)
         return min_lr + coeff * (max_lr - min_lr)
 
-    def get_wd(self, iteration: int) -> Optional[float]:
-        """Weight decay of the ``iteration``-th applied update; None: constant (the optimizer's own)."""
+    def get_wd(self, iteration: float) -> Optional[float]:
+        """Weight decay of the update after ``iteration`` applied global batches; None: constant (the optimizer's
+        own --weight-decay, unless the checkpoint's was taken)."""
         if self.wd_incr_style == "constant":
-            return None
+            return self._checkpoint_wd
         if iteration >= self.wd_incr_iters:
             return self.end_wd
         r = iteration / self.wd_incr_iters
         coeff = r if self.wd_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - r)) + 1.0)
         return self.start_wd + coeff * (self.end_wd - self.start_wd)
 
-    def step(self, iteration: int) -> float:
-        """Set and return the LR of iteration ``iteration`` (0-based), counting only the applied updates; set the
+    def step(self, iteration: float, increment: float = 1.0) -> float:
+        """Set and return the LR of iteration ``iteration`` (0-based; under a batch ramp, the global batches
+        consumed before it, the update being ``increment`` of one), counting only the applied updates; set the
         weight decay of the decaying groups when it is scheduled."""
         applied = iteration - self.skipped_iters
-        lr, wd = self.get_lr(applied), self.get_wd(applied)
-        self.last_decoupled_lr = self.get_lr(applied, decoupled=True) if self.decoupled_lr is not None else None
+        lr, wd = self.get_lr(applied, increment=increment), self.get_wd(applied)
+        self.last_decoupled_lr = self.get_lr(applied, decoupled=True, increment=increment) \
+            if self.decoupled_lr is not None else None
         for group in self.optimizer.param_groups:  # (a resume that keeps a schedule without them: the main LR)
             own = self.last_decoupled_lr if group.get("is_decoupled_lr") and self.decoupled_lr is not None else lr
             group["lr"] = own * group.get("lr_mult", 1.0)
@@ -230,10 +241,14 @@ class OptimizerParamScheduler:
             return
         saved = {**_DEFAULTS, **saved}
         now = self.settings()
+        if saved["wd_incr_style"] == "constant" and saved["start_wd"] is None:  # saved before it was recorded
+            saved["start_wd"], saved["end_wd"] = now["start_wd"], now["end_wd"]
         diff = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
         if diff and not use_checkpoint:
-            what = ", ".join(f"{_LABELS[k]} {a} in the checkpoint, {b} now" for k, (a, b) in
-                             ((k, _shown(*ab)) for k, ab in diff.items()))
+            constant = saved["wd_incr_style"] == now["wd_incr_style"] == "constant"
+            labels = dict(_LABELS, start_wd="--weight-decay") if constant else _LABELS
+            what = ", ".join(f"{labels[k]} {a} in the checkpoint, {b} now" for k, (a, b) in
+                             ((k, _shown(*ab)) for k, ab in diff.items() if not (constant and k == "end_wd")))
             raise ConfigError(f"resuming would change the LR schedule ({what}); pass --override-opt-param-scheduler "
                               "to use this run's values or --use-checkpoint-opt-param-scheduler to keep the "
                               "checkpoint's")
@@ -243,6 +258,8 @@ class OptimizerParamScheduler:
                               f"{saved['decoupled_lr']:g} --decoupled-min-lr {saved['decoupled_min_lr']:g}")
         for k, (a, _) in diff.items():
             setattr(self, k, a)
+        if self.wd_incr_style == "constant" and "start_wd" in diff:  # the checkpoint's constant weight decay
+            self._checkpoint_wd = self.start_wd
 
 
 def _wsd_coeff(style: str, r: float) -> float:

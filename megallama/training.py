@@ -177,9 +177,10 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
         mprof.begin(iteration)
         gbs = ramp.global_batch(consumed) if ramp else args.global_batch_size
         num_microbatches = gbs // per_microbatch
-        # the schedule's position: under a ramp, the samples consumed after this update (Megatron's count) in
-        # global batches, minus one; at a constant batch that is the iteration
-        lr = scheduler.step((consumed + gbs) / args.global_batch_size - 1 if ramp else iteration)
+        # the schedule's position: the samples consumed before this update (Megatron's count) in global batches,
+        # and the update's own share of one (its warmup counts it); at a constant batch, the iteration and 1
+        lr = scheduler.step(consumed / args.global_batch_size if ramp else iteration,
+                            gbs / args.global_batch_size if ramp else 1.0)
         optimizer.zero_grad()
         for m in model_chunks:
             if hasattr(m, "zero_grad_buffer"):

@@ -44,15 +44,18 @@ def test_batches_grow_and_read_the_sample_stream_in_order(capsys):
 
 def test_lr_follows_the_samples_consumed(monkeypatch):
     """Warmup of 32 samples and linear decay to 60: the LR of each update is the schedule at the samples consumed
-    after it (Megatron's count), in global batches of 16 (so a batch of 4 warms up a quarter as much as one of 16);
-    --lr-*-iters, which count iterations a ramp resizes, are refused."""
+    before it (Megatron's count), in global batches of 16, its warmup counting the update's own samples (so a batch
+    of 4 warms up a quarter as much as one of 16); --lr-*-iters, which count iterations a ramp resizes, are
+    refused."""
     from megallama.lr_scheduler import OptimizerParamScheduler
     seen = []
     real = OptimizerParamScheduler.step
-    monkeypatch.setattr(OptimizerParamScheduler, "step", lambda self, i: seen.append(real(self, i)) or seen[-1])
+    monkeypatch.setattr(OptimizerParamScheduler, "step",
+                        lambda self, i, inc=1.0: seen.append(real(self, i, inc)) or seen[-1])
     _run(RAMP + ["--lr-warmup-samples", "32", "--lr-decay-style", "linear"])
     ref = OptimizerParamScheduler(None, 1e-2, 1e-3, 2.0, 60 / 16, "linear")
-    assert seen == pytest.approx([ref.get_lr(c / 16 - 1) for c in (4, 8, 16, 28, 44, 60)])
+    before, batches = (0, 4, 8, 16, 28, 44), (4, 4, 8, 12, 16, 16)
+    assert seen == pytest.approx([ref.get_lr(c / 16, increment=b / 16) for c, b in zip(before, batches)])
     assert seen[0] == pytest.approx(1e-2 * 4 / 32)
     with pytest.raises(ConfigError, match="--lr-decay-iters counts iterations"):
         parse_args(RAMP + ["--lr-decay-iters", "6"], world_size=1)

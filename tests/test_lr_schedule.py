@@ -50,7 +50,8 @@ def test_inverse_square_root_and_warmup_init_and_fraction():
               init_lr=0.2)
     assert lr[:4] == pytest.approx([0.4, 0.6, 0.8, 1.0])  # warmup from --lr-warmup-init
     assert lr[4] == pytest.approx(1.0) and lr[8] == pytest.approx(math.sqrt(0.5))
-    assert lr[9] == pytest.approx(max(0.3, 2 / 3)) and lr[10:] == [0.3, 0.3]  # min after the decay iterations
+    assert lr[9] == pytest.approx(max(0.3, 2 / 3)) and lr[10] == pytest.approx(max(0.3, math.sqrt(0.4)))
+    assert lr[11] == 0.3  # min after the decay iterations (Megatron's: at their end, still the formula's)
     s = _sched(["--train-iters", "50", "--lr-decay-iters", "40", "--lr-warmup-fraction", "0.25"])
     assert (s.warmup_iters, s.decay_iters) == (10, 40)  # Megatron: a fraction of the decay iterations
     s = _sched(["--train-iters", "50", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "5",
@@ -76,7 +77,8 @@ def test_wsd_anneal_or_warmup_longer_than_the_schedule_is_refused():
         _sched(["--train-iters", "50", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "48"])
     with pytest.raises(ConfigError, match=re.escape("the LR warmup (5 iterations) is longer than the decay (1, ")):
         _sched(["--train-iters", "6", "--lr-warmup-iters", "5", "--lr-decay-iters", "1"])
-    assert _sched(["--train-iters", "6", "--lr-warmup-iters", "6"]).get_lr(6) == pytest.approx(3e-4)  # equal: warmup, then --min-lr
+    equal = _sched(["--train-iters", "6", "--lr-warmup-iters", "6"])  # warmup, the peak at its end, then --min-lr
+    assert (equal.get_lr(5), equal.get_lr(6), equal.get_lr(7)) == (3e-3, 3e-3, pytest.approx(3e-4))
     assert _sched(["--train-iters", "3", "--lr-warmup-iters", "5", "--lr-decay-style", "constant"]).get_lr(9) == 3e-3
 
 
