@@ -30,7 +30,8 @@ REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "max_position_em
 # dest -> Megatron's default, for the flags given a value only when the line leaves them out
 TRAINING = {"adam_beta2": 0.999, "weight_decay": 0.01, "lr_decay_style": "linear", "min_lr": 0.0,
             "initial_loss_scale": 2.0 ** 32, "make_vocab_size_divisible_by": 128, "eval_iters": 100,
-            "log_interval": 100, "norm_epsilon": 1e-5, "init_method_std": 0.02, "rope_theta": 10000.0}
+            "log_interval": 100, "norm_epsilon": 1e-5, "init_method_std": 0.02, "rope_theta": 10000.0,
+            "moe_aux_loss_coeff": 0.0}
 WARMUP = ("lr_warmup_iters", "lr_warmup_fraction", "lr_warmup_samples")
 
 

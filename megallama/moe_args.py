@@ -136,6 +136,9 @@ def moe_config_fields(p: dict) -> dict:
     if cf is not None and cf < 0:  # Megatron: a negative factor is no capacity
         cf = None
     if legacy is not None:
+        if legacy <= 0:
+            raise ConfigError(f"--moe-capacity-factor must be positive, got {legacy}; leave it out for no token "
+                              "dropping")
         cf, policy = legacy, policy or "position"
     if policy is not None and cf is None:
         raise ConfigError(f"--moe-token-drop-policy {policy} needs --moe-expert-capacity-factor (without a capacity "

@@ -192,6 +192,7 @@ def test_a_megatron_line_takes_megatrons_defaults_for_what_it_leaves_out(capsys)
             a.eval_iters, a.log_interval, a.split, a.initial_loss_scale, a.make_vocab_size_divisible_by) == \
         (0.999, 0.01, "linear", 0.0, 0, 1000, 100, 100, "969,30,1", 2.0 ** 32, 128)
     assert capsys.readouterr().err == ""  # a Llama said in full: nothing to warn about
+    assert _args(line + ["--num-experts", "4"]).moe_aux_loss_coeff == 0.0  # Megatron's (megallama's: 0.01)
     a = _args(line + ["--group-query-attention", "--adam-beta2", "0.95", "--split", "98,2,0", "--lr-warmup-iters",
                       "2"])
     assert (a.model_config.num_query_groups, a.adam_beta2, a.split, a.lr_warmup_iters) == (1, 0.95, "98,2,0", 2)

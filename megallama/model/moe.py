@@ -80,9 +80,12 @@ class MoEConfig:
         if not 1 <= self.topk <= self.num_experts:
             raise ConfigError(f"--moe-router-topk {self.topk} must be between 1 and --num-experts "
                               f"{self.num_experts}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ConfigError(f"--moe-expert-capacity-factor must be positive (negative: no dropping), got "
-                              f"{self.capacity_factor}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:  # (a negative Megatron one is None here)
+            raise ConfigError(f"--moe-expert-capacity-factor must be positive (or negative for no capacity, as "
+                              f"Megatron's), got {self.capacity_factor}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            raise ConfigError(f"--moe-ffn-hidden-size must be positive, got {self.ffn_hidden_size}; leave it out for "
+                              "experts of the dense FFN size")
         choices = {"score_function": SCORE_FUNCTIONS, "router_dtype": tuple(ROUTER_DTYPES),
                    "load_balancing_type": LOAD_BALANCING_TYPES, "drop_policy": ("probs", "position")}
         flags = {"score_function": "--moe-router-score-function", "router_dtype": "--moe-router-dtype",

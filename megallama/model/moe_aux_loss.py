@@ -136,19 +136,25 @@ def aux_losses(moe, layer_number: int, logits, scores, top_i, batch: int, sequen
     E, k, kind = moe.num_experts, moe.topk, moe.load_balancing_type
     per_seq = kind == "seq_aux_loss"
     groups = batch if per_seq else 1  # statistics per sequence, or one set for the micro-batch
-    ids = top_i.view(groups, -1) + E * torch.arange(groups, device=top_i.device)[:, None]
+    # Megatron counts a plain top-k of the scores for the loss, not the group-limited or bias-shifted routing; the
+    # log line's loads stay the routed ones
+    plain = torch.topk(scores.detach(), k, dim=-1).indices if moe.num_groups or moe.enable_expert_bias else top_i
+    ids = plain.view(groups, -1) + E * torch.arange(groups, device=top_i.device)[:, None]
     counts = expert_counts(ids, groups * E).to(scores.dtype).view(groups, E)
     psum = scores.view(groups, -1, E).sum(1)
     lse2 = torch.logsumexp(logits, dim=-1).square().sum()
     # tokens per statistics group, as a device fill: a host-to-device copy would synchronise the GPU in every layer
     n = torch.full((1,), logits.shape[0] // groups, dtype=scores.dtype, device=logits.device)
-    stats = torch.cat([counts.reshape(-1), psum.detach().reshape(-1), n, lse2.detach().to(scores.dtype)[None]])
+    routed = [] if plain is top_i else [expert_counts(top_i.reshape(-1), E).to(scores.dtype)]
+    stats = torch.cat([counts.reshape(-1), psum.detach().reshape(-1), n, lse2.detach().to(scores.dtype)[None]]
+                      + routed)
     group = token_split_group(sequence_parallel)
     if group is not None:
         dist.all_reduce(stats, group=group)
     m = groups * E
     counts_mb, psum_mb, n_mb, lse2_mb = stats[:m].view(groups, E), stats[m:2 * m].view(groups, E), stats[2 * m], \
         stats[2 * m + 1]
+    loads = stats[2 * m + 2:] if routed else counts_mb.sum(0)
     c, zc, cp = moe.aux_loss_coeff, moe.z_loss_coeff, ps.get_context_parallel_world_size()
     if kind == "none":  # no load-balancing term, whatever the coefficient (the z-loss stays)
         c = 0.0
@@ -171,5 +177,5 @@ def aux_losses(moe, layer_number: int, logits, scores, top_i, batch: int, sequen
     tokens_mb = n_mb * groups
     zl = cp * zc * lse2 / tokens_mb
     if torch.is_grad_enabled():
-        get_moe_stats().record(layer_number, counts_mb.sum(0), logged, zc * lse2_mb / tokens_mb)
+        get_moe_stats().record(layer_number, loads, logged, zc * lse2_mb / tokens_mb)
     return aux + zl

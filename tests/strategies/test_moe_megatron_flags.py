@@ -171,6 +171,29 @@ def test_seq_aux_loss_gradient_is_the_mean_of_per_sequence_losses():
     assert math.isclose(get_moe_stats().report()["aux_loss"], float(ref.detach()), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("kw", [dict(num_groups=4, group_topk=1),
+                                dict(score_function="sigmoid", enable_expert_bias=True)])
+def test_aux_loss_counts_a_plain_top_k_of_the_scores(kw):
+    """Megatron's compute_routing_scores_for_aux_loss: the load-balancing counts come from a top-k of the aux
+    scores, not from the group-limited or bias-shifted routing (which they used to: 0.997 against 1.043)."""
+    from megallama.model.moe_aux_loss import GlobalTokenTracker, aux_losses
+    torch.manual_seed(0)
+    T, E, k = 64, 8, 2
+    logits = torch.randn(T, E)
+    moe = MoEConfig(num_experts=E, topk=k, aux_loss_coeff=1.0, **kw).validate()
+    bias = torch.linspace(-1, 1, E) if moe.enable_expert_bias else None
+    scores, _, top_i = topk_routing(logits, k, True, moe.score_function, None, bias, moe.num_groups, moe.group_topk)
+    get_moe_stats().reset()
+    with torch.enable_grad():
+        ours = aux_losses(moe, 0, logits, scores, top_i, 1, False, GlobalTokenTracker())
+    logged = get_moe_stats().report()["tokens_per_expert"][0]
+    counts = torch.zeros(T, E).scatter(1, torch.topk(scores, k, dim=1).indices, 1).sum(0)
+    want = E / (k * T * T) * (scores.sum(0) * counts).sum()
+    routed = torch.zeros(T, E).scatter(1, top_i, 1).sum(0)
+    assert not torch.equal(counts, routed)  # the routing itself differs here
+    assert ours.item() == pytest.approx(want.item(), rel=1e-6)
+    assert logged == routed.int().tolist()  # the log line's loads are the routed tokens
+
 def test_load_balancing_type_none_adds_no_load_balancing_loss():
     """``none`` in a MoEConfig (or a TrainingStrategy) built in Python, whose aux_loss_coeff keeps its default: the
     router gets the z-loss's gradient only (it got the aux loss's too)."""
@@ -251,6 +274,9 @@ def test_flags_map_onto_the_moe_config():
     (["--moe-shared-expert-intermediate-size", "0"], "--moe-shared-expert-intermediate-size must be positive"),
     (["--moe-router-topk-scaling-factor", "0"], "--moe-router-topk-scaling-factor must be positive"),
     (["--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor must be positive"),
+    (["--moe-capacity-factor", "-1"], "--moe-capacity-factor must be positive, got -1.0"),  # named the other flag
+    (["--moe-ffn-hidden-size", "-8"], "--moe-ffn-hidden-size must be positive"),  # was a traceback
+    (["--moe-ffn-hidden-size", "0"], "--moe-ffn-hidden-size must be positive"),  # was the dense FFN size, silently
 ])
 def test_bad_combinations_are_one_line_errors(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")) as e:
