@@ -14,11 +14,15 @@ from megallama.mpu import parallel_state as ps
 
 
 def global_mean_loss(losses: List[dict], device) -> float:
-    """Average of the microbatch losses, on every rank (last pipeline stage holds them, dp ranks average)."""
+    """Mean of the microbatch losses, on every rank (last pipeline stage holds them, dp ranks average), weighted by
+    their ``num tokens`` when they give it: Megatron's sum of losses over sum of tokens, across microbatches,
+    ranks and (in evaluation) the --eval-iters batches."""
     val = torch.zeros(2, device=device, dtype=torch.float64)
     if losses:
-        val[0] = torch.stack([d["lm loss"].double() for d in losses]).sum()
-        val[1] = len(losses)
+        weights = [d["num tokens"].double() if "num tokens" in d else torch.ones((), dtype=torch.float64,
+                                                                                 device=device) for d in losses]
+        val[0] = torch.stack([d["lm loss"].double() * w for d, w in zip(losses, weights)]).sum()
+        val[1] = torch.stack(weights).sum()
     if dist.is_initialized():
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(val, group=ps.get_pipeline_model_parallel_group())

@@ -66,10 +66,12 @@ def make_forward_step(args, device):
         def loss_func(loss_sum):
             if "num_loss_tokens" in batch:  # SFT: normalise by the global batch's token count (see sft_dataset)
                 scale = args.num_microbatches * ps.get_data_parallel_world_size(with_context_parallel=True)
-                loss = loss_sum * scale / batch["num_loss_tokens"].to(loss_sum).clamp_min(1.0)
-            else:
-                loss = cp_mean_loss(loss_sum, mask)  # the whole sequence's mean, as this cp rank's share
-            return loss, {"lm loss": loss.detach()}
+                tokens = batch["num_loss_tokens"].to(loss_sum).clamp_min(1.0)
+                loss, weight = loss_sum * scale / tokens, tokens / scale
+            else:  # the whole sequence's mean, as this cp rank's share
+                loss, weight = cp_mean_loss(loss_sum, mask, with_count=True)
+            # the weight makes the logged means token-weighted, as Megatron's (sum of losses / sum of tokens)
+            return loss, {"lm loss": loss.detach(), "num tokens": weight.detach()}
         return output, loss_func
     return forward_step
 

@@ -76,15 +76,17 @@ def get_batch_on_this_cp_rank(batch: Dict[str, object]) -> Dict[str, object]:
 
 
 # ---------------------------------------------------------------- loss normalisation
-def cp_mean_loss(loss_sum: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def cp_mean_loss(loss_sum: torch.Tensor, loss_mask: torch.Tensor, with_count: bool = False):
     """Masked-mean loss of the whole sequence as this cp rank's share, for gradients averaged over dp x cp:
     ``loss_sum * cp / (mask tokens over the cp group)``. Summed over cp ranks / cp it is the true mean; the
-    value is that mean's cp-rank share times cp (average it over dp x cp to log it). cp = 1: loss_sum / tokens."""
+    value is that mean's cp-rank share times cp (average it over dp x cp to log it). cp = 1: loss_sum / tokens.
+    ``with_count``: also that token count (the weight of this mean in a token-weighted one)."""
     count = loss_mask.detach().sum().to(torch.float32).reshape(1)
     cp = ps.get_context_parallel_world_size()
     if cp > 1:
         dist.all_reduce(count, group=ps.get_context_parallel_group())
-    return loss_sum * cp / count.clamp_min(1.0).to(loss_sum.dtype)[0]
+    loss = loss_sum * cp / count.clamp_min(1.0).to(loss_sum.dtype)[0]
+    return (loss, count[0]) if with_count else loss
 
 
 # ---------------------------------------------------------------- the ring (p2p)
