@@ -70,3 +70,25 @@ def test_benchmark_runs_on_cpu_and_labels_the_column(capsys):
     out = capsys.readouterr().out
     assert "| tok/s/CPU |" in out and "tok/s/GPU" not in out and "failed" not in out, out
     assert main(["--model", "tiny_llama3_50m", "--compare-hf", "--megallama-args", "--device cpu"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_benchmark_mfu_is_the_workers_model_and_hf_refuses_another_shape(capsys, tmp_path):
+    """--megallama-args that reshape the model: MFU counts the FLOPs of the model the worker ran (it counted
+    --model's, 580x too high for a 1-layer 64-wide run), and the HF ratio, which would compare two models, is
+    refused."""
+    import json
+    main = _tool("benchmark")
+    shape = "--num-layers 1 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --num-query-groups 2"
+    out = tmp_path / "r.json"
+    assert main(["--model", "tiny_llama3_50m", "--batch-sizes", "1", "--seq-length", "64", "--steps", "2",
+                 "--megallama-args", shape, "--save-results", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    from megallama.logging import device_peak_flops
+    want = row["tokens_per_s_per_gpu"] * row["flops_per_token"] / device_peak_flops(torch.device("cuda"))
+    assert row["mfu_vs_peak"] == pytest.approx(want)
+    capsys.readouterr()
+    assert main(["--model", "tiny_llama3_50m", "--batch-sizes", "1", "--seq-length", "64", "--steps", "2",
+                 "--compare-hf", "--megallama-args", shape]) == 2
+    assert "the HF baselines are built from --model" in capsys.readouterr().err

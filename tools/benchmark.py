@@ -122,6 +122,12 @@ def main(argv=None):
             cmd = [sys.executable, "benchmarks/megallama_step.py"]
         res = [dict(_run(cmd + common + shlex.split(v), a.worker_log), impl="megallama" + (f" [{v}]" if v else ""),
                     device=_device(v)) for v in (a.megallama_args or [""])]
+        other = [r["impl"] for r in res if abs(r.get("flops_per_token", fpt) - fpt) > 1e-9 * fpt]
+        if a.compare_hf and other:  # the HF baseline is --model's shape; its ratio would compare two models
+            print(f"error: {other[0]} trains another shape than --model {a.model} (--megallama-args change it), "
+                  f"and the HF baselines are built from --model; drop --compare-hf/--liger or the shape flags",
+                  file=sys.stderr)
+            return 2
         if a.compare_hf:
             hf = [sys.executable, "benchmarks/hf_step.py", "--config-json", json.dumps(cfg.to_dict()),
                   "--micro-batch-size", str(mbs), "--seq-length", str(a.seq_length), "--steps", str(a.steps)]
@@ -137,8 +143,9 @@ def main(argv=None):
             tps = r["tokens_per_s"] / (a.gpus if r["impl"].startswith("megallama") else 1)
             r["tokens_per_s_per_gpu"] = tps
             on_gpu = r.setdefault("device", "cuda") != "cpu"
-            r["mfu_vs_peak"] = tps * fpt / peak if peak and on_gpu else None
-            r["mfu_vs_matmul"] = tps * fpt / mm if mm and on_gpu else None
+            flops = r.get("flops_per_token", fpt)  # the model the worker ran (--megallama-args may reshape it)
+            r["mfu_vs_peak"] = tps * flops / peak if peak and on_gpu else None
+            r["mfu_vs_matmul"] = tps * flops / mm if mm and on_gpu else None
             if base and on_gpu:
                 r["speedup_vs_hf_compile"] = tps / base["tokens_per_s"]
                 r["memory_vs_hf_compile"] = r["peak_mem_gib"] / base["peak_mem_gib"]
