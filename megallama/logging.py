@@ -38,8 +38,10 @@ import torch.distributed as dist
 from megallama.errors import ConfigError
 from megallama.initialize import is_last_rank
 
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                "A10": 125.0, "4090": 165.0}
+# dense bf16 tensor-core peaks (datasheets list twice these "with sparsity"); the first name a device's contains
+# wins, so the PCIe and NVL H100s (fewer SMs and lower clocks than the SXM card) come before "H100"
+_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+                "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:

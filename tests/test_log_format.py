@@ -1,8 +1,9 @@
 """The training log as Megatron's training_log prints it: "loss scale" on every line (1.0 without fp16), a
 --log-interval beyond the run still gives the last step's line, and the memory report is Megatron's report_memory
-line (CUDA; none on CPU)."""
+line (CUDA; none on CPU); the dense peak its MFU divides by."""
 import re
 
+import pytest
 import torch
 
 from test_tensorboard import _run
@@ -53,3 +54,12 @@ def test_a_dense_run_after_moe_work_in_the_same_process_logs_no_moe(tmp_path, ca
     _run(tmp_path / "tb", ["--eval-interval", "0"])
     lines = _log_lines(capsys.readouterr().out)
     assert lines and not any("moe" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("name,tflops", [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                                         ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0)])
+def test_peak_flops_tell_the_h100_variants_apart(monkeypatch, name, tflops):
+    """The PCIe card's dense bf16 peak is 756 TFLOP/s: read as the SXM's 989 its MFU came out 24 % low."""
+    from megallama.logging import device_peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda")) == tflops * 1e12
