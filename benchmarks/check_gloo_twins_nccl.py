@@ -1,5 +1,6 @@
-"""A check, not a benchmark (run on one GPU): two ranks of an NCCL world sharing cuda:0 (lazy NCCL init: no NCCL collective runs), so that the gloo twins are
-built as on a real NCCL world: distinct gloo groups with the data-parallel members, usable for host collectives."""
+"""A check, not a benchmark (one GPU): two ranks of an NCCL world share cuda:0 (lazy NCCL init, so no NCCL
+collective runs), and the gloo twins are built as on a real NCCL world: distinct gloo groups with the data-parallel
+members, usable for host collectives."""
 import os
 import sys
 
