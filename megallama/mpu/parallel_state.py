@@ -173,7 +173,7 @@ def get_expert_tensor_parallel_group(check_initialized: bool = True):
 
 
 def get_expert_tensor_and_model_parallel_group(check_initialized: bool = True):
-    """expert tp x ep: the ranks one MoE layer's tokens are dispatched over."""
+    """expert tp x ep (Megatron-core's tp_ep group: the ranks that hold one copy of every expert)."""
     return _group("etp_ep")
 
 
