@@ -198,7 +198,9 @@ class HFTokenizer(_Tokenizer):
         # Not saved by to_str(), so an exported tokenizer.json is unchanged.
         self.tok.encode_special_tokens = True
         # A saved truncation/padding (often left in Hub files) would cut documents and write pads into the data;
-        # transformers' AutoTokenizer, which Megatron reads it through, applies neither unless asked.
+        # transformers' AutoTokenizer, which Megatron reads it through, applies neither unless asked. (to_str() does
+        # save these two: an export rebuilt from this object has neither, as megallama tokenized; a copied one keeps
+        # the file's.)
         self.tok.no_truncation()
         self.tok.no_padding()
         # the embedding must hold the largest id: a hand-edited file may leave gaps (Megatron counts tokens instead)
