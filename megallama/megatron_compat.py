@@ -64,7 +64,8 @@ _REFUSED = {"use_torch_fsdp2": "megallama shards parameters, gradients and optim
                                                    "cp ranks; pass 1",
             "rerun_mode": "megallama skips an iteration whose loss or gradient is not finite (--max-skipped-iters "
                           "in a row stop the run) instead of rerunning it; pass --rerun-mode disabled"}
-_ACCEPTED = {"optimizer": ("adam", "sgd"), "rerun_mode": ("disabled",), "num_distributed_optimizer_instances": (1,)}  # the values of these megallama has
+_ACCEPTED = {"optimizer": ("adam", "sgd"), "rerun_mode": ("disabled",),  # the values of these megallama has
+             "num_distributed_optimizer_instances": (1,)}
 _SAMPLE_FLAGS = (("train_samples", "train_iters"), ("lr_decay_samples", "lr_decay_iters"),
                  ("lr_warmup_samples", "lr_warmup_iters"), ("lr_wsd_decay_samples", "lr_wsd_decay_iters"))
 

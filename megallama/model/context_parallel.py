@@ -35,6 +35,7 @@ from megallama.errors import ConfigError
 from megallama.model.block_attention import block_attention_backward, block_attention_forward, merge_blocks
 from megallama.mpu import context_parallel as cpc
 from megallama.mpu import parallel_state as ps
+from megallama.mpu.grid_validation import hierarchical_cp_sizes_fit
 
 COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
 _COMM_TYPE = "p2p"  # the a2a+p2p sub-groups live with the grid's groups (mpu.context_parallel)
@@ -63,7 +64,7 @@ def set_context_parallel_comm_type(comm_type, hierarchical_sizes=None) -> None:
     if comm_type == "a2a+p2p":
         cp = ps.get_context_parallel_world_size()
         sizes = hierarchical_sizes
-        if sizes is None or len(sizes) != 2 or min(sizes) < 2 or math.prod(sizes) != cp:
+        if not hierarchical_cp_sizes_fit(sizes, cp):
             raise ConfigError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B (a2a size, "
                               f"p2p size), both >= 2, with A x B = --context-parallel-size {cp}; got {sizes}")
         cpc.new_hierarchical_groups(sizes[0])

@@ -45,6 +45,11 @@ def validate_grid(world_size: int, tensor_model_parallel_size: int = 1, pipeline
     return dp
 
 
+def hierarchical_cp_sizes_fit(sizes, context_parallel_size: int) -> bool:
+    """[a2a size, p2p size] of the a2a+p2p context-parallel layout: both >= 2, their product the cp size."""
+    return sizes is not None and len(sizes) == 2 and min(sizes) >= 2 and sizes[0] * sizes[1] == context_parallel_size
+
+
 # Megatron-core's initialize_model_parallel keywords megallama has no other value for: name -> (default, why)
 _MEGATRON_FIXED = {
     "pipeline_model_parallel_comm_backend": (None, "pipeline sends use the world's backend"),
@@ -67,8 +72,7 @@ def check_megatron_init_kwargs(tensor_model_parallel_size: int, context_parallel
     kwargs = dict(kwargs)
     minutes = kwargs.pop("distributed_timeout_minutes", None)
     hierarchical = kwargs.pop("hierarchical_context_parallel_sizes", None)
-    if hierarchical is not None and (len(hierarchical) != 2 or min(hierarchical) < 2
-                                     or hierarchical[0] * hierarchical[1] != context_parallel_size):
+    if hierarchical is not None and not hierarchical_cp_sizes_fit(hierarchical, context_parallel_size):
         raise ConfigError(f"hierarchical_context_parallel_sizes {list(hierarchical)} must be [a2a size, p2p size], "
                           f"both >= 2, with a product of context_parallel_size {context_parallel_size}")
     etp = kwargs.pop("expert_tensor_parallel_size", None)
@@ -79,7 +83,7 @@ def check_megatron_init_kwargs(tensor_model_parallel_size: int, context_parallel
         if name not in _MEGATRON_FIXED:
             raise TypeError(f"initialize_model_parallel() got an unexpected keyword argument {name!r}")
         default, why = _MEGATRON_FIXED[name]
-        if value not in (default, [], ()) and not (name == "high_priority_stream_groups" and not value):
+        if value not in (default, [], ()):  # an empty list of groups asks for nothing either
             raise ConfigError(f"initialize_model_parallel({name}={value!r}) is not supported: {why}; pass "
                               f"{default!r} or leave it out")
     return minutes, hierarchical
