@@ -7,8 +7,7 @@ weights are loaded) and before DDP/optimizer wrapping: it turns the chosen decod
 strategy does not train. Working on built chunks means it composes with any pipeline split.
 
 Trainable parameters per strategy: standard/moe everything; lora the adapters only (a pipeline stage without decoder
-layers holds none and trains nothing itself); hybrid the adapters plus the MoE routers and experts.
-"""
+layers holds none and trains nothing itself); hybrid the adapters plus the MoE routers and experts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

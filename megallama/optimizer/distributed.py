@@ -17,8 +17,7 @@ the rest of backward; ``finish_grad_sync`` launches what is left and waits. Aver
 collective on NCCL (``ReduceOp.AVG``), as a pre-scaling by 1/dp on gloo; in the grad dtype (fp32 by default).
 ``grad_reduce_in_fp32=False`` (``--grad-reduce-in-bf16``) is Megatron's: the buffer (and stage 2/3 staging) takes the
 bf16 params' dtype, so microbatch sums and every collective are bf16, and the optimizer upcasts its shard. Not bf16
-copies of an fp32 buffer per collective: this halves gradient memory (2 bytes a parameter) where copies would add
-up to half of it in flight, needs no cast kernels, and gives Megatron's numerics under its flag.
+copies of an fp32 buffer per collective: this halves gradient memory and gives Megatron's numerics under its flag.
 
 Sums over other groups (sequence-parallel norm weights over tp, the tied embedding over the embedding group) go
 through ``all_reduce_param_grads(params, group)`` *after* ``finish_grad_sync``: it works at every stage, whereas
