@@ -158,6 +158,10 @@ def check_pipeline_split(args) -> None:
         raise ConfigError(f"--wgrad-deferral-limit {args.wgrad_deferral_limit} limits "
                           "--defer-embedding-wgrad-compute, which megallama does not have; drop it")
     if pp == 1:
+        for name in ("first", "last"):
+            if getattr(args, f"decoder_{name}_pipeline_num_layers", None) is not None:
+                raise ConfigError(f"--decoder-{name}-pipeline-num-layers needs --pipeline-model-parallel-size > 1; "
+                                  "drop it or raise the pipeline size")
         return
     # a stage without decoder layers holds no LoRA adapters (strategies.apply_strategy): it trains nothing itself
     args.pipeline_layer_counts = _layer_counts(args)
@@ -165,7 +169,7 @@ def check_pipeline_split(args) -> None:
 
 def _layer_counts(args) -> list:
     """Decoder layers per model part: the layout's, Megatron's split with virtual stages or the embedding / loss
-    counted as layers (``megatron_split``), else megallama's cost-balanced split (ends pinned if asked)."""
+    counted as layers or the first/last rank pinned (``megatron_split``), else megallama's cost-balanced split."""
     pp, layers = args.pipeline_model_parallel_size, args.model_config.num_layers
     if getattr(args, "pipeline_model_parallel_layout", None) is not None:
         parts_of(args.pipeline_layer_counts, layers, pp)

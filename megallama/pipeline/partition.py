@@ -6,10 +6,10 @@ interleaved schedule). Part 0 also runs the embedding and the last part the outp
 layers; a MoE layer costs more than a dense one (its top-k expert MLPs), so sparse layers spread out. We minimise
 the most expensive part (every part keeps at least one layer); among the optimal splits the spare layers go to
 the later parts, since early stages hold more activations in flight under 1F1B.
-``first_stage_num_layers`` / ``last_stage_num_layers`` pin the ends (Megatron's
-``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``); the rest is balanced. With
-virtual stages, and with ``--account-for-embedding/loss-in-pipeline-split``, the split is Megatron-core's own
-(``megatron_split``), so a Megatron launch line builds the same stages here.
+``first_stage_num_layers`` / ``last_stage_num_layers`` (Megatron's ``--decoder-first/last-pipeline-num-layers``),
+virtual stages and ``--account-for-embedding/loss-in-pipeline-split`` take Megatron-core's own split
+(``megatron_split``: the other ranks share the rest evenly, or the flags are refused), so a Megatron launch line
+builds the same stages here.
 """
 from __future__ import annotations
 
@@ -117,36 +117,19 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
         fix = " (or raise --num-layers-per-virtual-pipeline-stage)" if num_chunks > 1 else " or raise --num-layers"
         raise ConfigError(f"cannot split {num_layers} layers over {what}: every part needs at least one layer; "
                           f"lower --pipeline-model-parallel-size{fix}")
-    pinned = {}
-    for name, val, k in (("first", first_stage_num_layers, 0), ("last", last_stage_num_layers, P - 1)):
-        if val is None:
-            continue
-        if num_chunks > 1:  # Megatron's rule: the pin is the whole rank's layers, spread over its chunks
-            return parts_of(megatron_split(num_layers, num_stages, num_chunks, first=first_stage_num_layers,
-                                           last=last_stage_num_layers), num_layers, num_stages)
-        if P == 1:
-            raise ConfigError(f"--decoder-{name}-pipeline-num-layers needs --pipeline-model-parallel-size > 1")
-        if val < 1:
-            raise ConfigError(f"--decoder-{name}-pipeline-num-layers must be >= 1, got {val}")
-        pinned[k] = val
-    free = [k for k in range(P) if k not in pinned]
-    rest = num_layers - sum(pinned.values())
-    if rest < len(free) or (not free and rest):
-        raise ConfigError(f"pinned first/last stage layers {sorted(pinned.values())} leave {rest} layers for "
-                          f"{len(free)} other stages (need at least one each, and all {num_layers} used); "
-                          "change --decoder-first/last-pipeline-num-layers")
+    if first_stage_num_layers is not None or last_stage_num_layers is not None:
+        # Megatron's rule: the pins are whole ranks' layers, the other ranks share the rest evenly
+        return parts_of(megatron_split(num_layers, num_stages, num_chunks, first=first_stage_num_layers,
+                                       last=last_stage_num_layers), num_layers, num_stages)
     c = costs or StageCosts()
     if c.layers is not None and len(c.layers) != num_layers:
         raise ConfigError(f"{len(c.layers)} layer costs for {num_layers} layers")
-    counts = dict(pinned)
-    if free:
-        first = pinned.get(0, 0)
-        extra = [(c.embedding if k == 0 else 0.0) + (c.head if k == P - 1 else 0.0) for k in free]
-        costs = [c.layer_cost(i) for i in range(first, first + rest)]
-        if len(set(costs)) == 1:  # equal layers: the front parts give up the spare ones evenly
-            counts.update(zip(free, _balanced_counts(rest, len(free), extra, costs[0])))
-        else:
-            counts.update(zip(free, _split(costs, extra)))
+    extra = [(c.embedding if k == 0 else 0.0) + (c.head if k == P - 1 else 0.0) for k in range(P)]
+    costs = [c.layer_cost(i) for i in range(num_layers)]
+    if len(set(costs)) == 1:  # equal layers: the front parts give up the spare ones evenly
+        counts = _balanced_counts(num_layers, P, extra, costs[0])
+    else:
+        counts = _split(costs, extra)
     parts, start = [], 0
     for k in range(P):
         parts.append(list(range(start, start + counts[k])))
@@ -201,6 +184,8 @@ def megatron_split(num_layers: int, num_stages: int, num_chunks: int = 1, *, fir
         flag = f"--decoder-{name}-pipeline-num-layers {n}"
         if p == 1:
             raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1")
+        if n < 1 and v == 1:
+            raise ConfigError(f"{flag} must be >= 1")
         if n < 1 or n % v:
             raise ConfigError(f"{flag} must be a positive multiple of the {v} virtual stages per rank (Megatron "
                               "spreads the first/last rank's layers evenly over its virtual stages); change it or "
@@ -208,8 +193,9 @@ def megatron_split(num_layers: int, num_stages: int, num_chunks: int = 1, *, fir
     middle, rest = p - len(pins), num_layers - sum(pins.values())
     if (middle == 0 and rest) or (middle and (rest < middle * v or rest % (middle * v))):
         raise ConfigError(f"pinned first/last stage layers {sorted(pins.values())} leave {rest} layers for "
-                          f"{middle} other stages x {v} virtual stages, which must split evenly (at least one layer "
-                          "each, all layers used); change --decoder-first/last-pipeline-num-layers")
+                          f"{middle} other stages" + (f" x {v} virtual stages" if v > 1 else "") + ", which must split "
+                          "evenly (at least one layer each, all layers used; Megatron's rule); change "
+                          "--decoder-first/last-pipeline-num-layers or give --pipeline-model-parallel-layout")
     per_rank = [pins["first"] if r == 0 and "first" in pins else pins["last"] if r == p - 1 and "last" in pins
                 else rest // middle for r in range(p)]
     return [per_rank[k % p] // v for k in range(P)]

@@ -101,6 +101,10 @@ def test_accepted_flags():
     (2, ["--decoder-first-pipeline-num-layers", "6"], "leave 0 layers for 1 other stages"),
     (3, ["--decoder-first-pipeline-num-layers", "3", "--decoder-last-pipeline-num-layers", "3"], "leave 0 layers"),
     (2, ["--decoder-first-pipeline-num-layers", "0"], "must be >= 1"),
+    # were split by cost ([2, 2, 1] for 6 layers, first 1): Megatron asserts the rest divides over the other ranks
+    (3, ["--decoder-first-pipeline-num-layers", "1"], "leave 5 layers for 2 other stages, which must split evenly"),
+    # was silently ignored at pp 1
+    (1, ["--decoder-last-pipeline-num-layers", "2"], "needs --pipeline-model-parallel-size > 1"),
     # was silently dropped, then refused: Megatron takes the pins with --num-virtual-stages-per-pipeline-rank only
     (3, ["--num-layers-per-virtual-pipeline-stage", "1", "--decoder-first-pipeline-num-layers", "1"],
      "pass the chunks per rank as --num-virtual-stages-per-pipeline-rank"),

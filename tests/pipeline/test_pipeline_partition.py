@@ -67,6 +67,10 @@ def test_moe_layers_cost_more_and_the_split_follows():
 def test_first_and_last_stage_overrides():
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5)) == [5, 9, 9, 9]
     assert sizes(partition_layers(32, 4, first_stage_num_layers=5, last_stage_num_layers=3)) == [5, 12, 12, 3]
+    # Megatron's even split of the rest, the head's stage included (the cost balance gave [8, 9, 9, 6], [1, 4, 4, 1])
+    assert sizes(partition_layers(32, 4, costs=costs_from_config(get_model_config("llama3_8b")),
+                                  first_stage_num_layers=8)) == [8, 8, 8, 8]
+    assert sizes(partition_layers(10, 4, first_stage_num_layers=1)) == [1, 3, 3, 3]
     # with virtual stages, Megatron's rule: the pin is the first rank's layers, spread evenly over its chunks
     assert sizes(partition_layers(32, 4, 2, first_stage_num_layers=2)) == [1, 5, 5, 5, 1, 5, 5, 5]
     with pytest.raises(ConfigError, match="positive multiple of the 2 virtual stages"):
