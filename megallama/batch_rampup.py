@@ -46,7 +46,9 @@ class BatchSizeRampup:
         while consumed <= self.ramp_samples and consumed <= train_samples:
             consumed += self.global_batch(consumed)
             iters += 1
-        return iters + max(0, train_samples - consumed) // self.global_batch_size
+        # floor division as Megatron's: a ramp batch that overshot --train-samples is taken back (20 samples, batches
+        # 4, 4, 8, 12: three iterations, 16 samples, not four and 28)
+        return iters + (train_samples - consumed) // self.global_batch_size
 
 
 def setup_rampup(args):
@@ -58,9 +60,6 @@ def setup_rampup(args):
     if getattr(args, "train_samples", None) is None:
         raise ConfigError("--rampup-batch-size needs sample-based training: give --train-samples instead of "
                           "--train-iters (as Megatron does)")
-    if getattr(args, "chat_template", False) or getattr(args, "calculate_per_token_loss", False):
-        raise ConfigError("--rampup-batch-size does not combine with per-token loss normalisation (chat data, "
-                          "--calculate-per-token-loss); drop one")
     for iters, samples in (("lr_decay_iters", "lr_decay_samples"), ("lr_warmup_iters", "lr_warmup_samples"),
                            ("lr_wsd_decay_iters", "lr_wsd_decay_samples")):
         if getattr(args, iters, None) is not None and getattr(args, samples, None) is None:  # given as iterations

@@ -65,7 +65,7 @@ def make_forward_step(args, device):
 
         def loss_func(loss_sum):
             if "num_loss_tokens" in batch:  # SFT: normalise by the global batch's token count (see sft_dataset)
-                scale = args.num_microbatches * ps.get_data_parallel_world_size(with_context_parallel=True)
+                scale = batch["num_microbatches"] * ps.get_data_parallel_world_size(with_context_parallel=True)
                 tokens = batch["num_loss_tokens"].to(loss_sum).clamp_min(1.0)
                 loss, weight = loss_sum * scale / tokens, tokens / scale
             else:  # the whole sequence's mean, as this cp rank's share
@@ -189,6 +189,8 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
                 m.zero_grad_buffer()
         # MoE aux losses get the gradient scale the schedule gives the LM loss (1/microbatches, x fp16 scale)
         set_aux_loss_scale((float(optimizer.get_loss_scale()) if args.fp16 else 1.0) / num_microbatches)
+        if hasattr(data_iter, "num_microbatches"):  # SFT token counts span this iteration's batches only
+            data_iter.num_microbatches = num_microbatches
         timers.start("forward-backward")
         losses = forward_backward(forward_step, data_iter, model_chunks, num_microbatches, local_seq,
                                   args.micro_batch_size, forward_only=False,

@@ -165,10 +165,12 @@ class GlobalTokenCountIterator:
     ``sum(loss * mask) * num_microbatches * dp * cp / num_loss_tokens`` averages (over micro-batches, then dp x cp
     ranks) to the exact per-token mean of the global batch, however unevenly answers fall into micro-batches.
     Context-parallel ranks read the same samples (each keeps its share of the sequence later), so they are left
-    out of the sum: counted over dp x cp, every sample would count cp times."""
+    out of the sum: counted over dp x cp, every sample would count cp times. Under ``--rampup-batch-size`` the loop
+    sets ``num_microbatches`` before each iteration (the buffer is empty then), and each batch carries the count
+    its loss is scaled by, so an iteration's count never takes in the next one's samples."""
 
     def __init__(self, iterator, num_microbatches: int):
-        self.iterator, self.m, self.buffer = iterator, num_microbatches, deque()
+        self.iterator, self.num_microbatches, self.buffer = iterator, num_microbatches, deque()
 
     def __iter__(self):
         return self
@@ -176,7 +178,7 @@ class GlobalTokenCountIterator:
     def __next__(self):
         if not self.buffer:
             from megallama.mpu import parallel_state as ps
-            batches = [next(self.iterator) for _ in range(self.m)]
+            batches = [next(self.iterator) for _ in range(self.num_microbatches)]
             n = torch.stack([b["loss_mask"].sum() for b in batches]).sum().double().reshape(1)
             if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
                 dev = ps.default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -184,7 +186,7 @@ class GlobalTokenCountIterator:
                 dist.all_reduce(n, group=ps.get_data_parallel_group())
                 n = n.cpu()
             for b in batches:
-                b["num_loss_tokens"] = n[0].clone()
+                b["num_loss_tokens"], b["num_microbatches"] = n[0].clone(), self.num_microbatches
             self.buffer.extend(batches)
         return self.buffer.popleft()
 

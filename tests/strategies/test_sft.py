@@ -150,6 +150,22 @@ def test_sft_loss_under_parallel_layouts_matches_single_process(world, extra):
             assert abs(losses[step] - ref[step]) <= 1e-5 * abs(ref[step]), (rank, step, losses[step], ref[step])
 
 
+def test_sft_loss_while_the_batch_ramps_up_is_each_iterations_own():
+    """Under --rampup-batch-size an iteration of 2 micro-batches was normalised by the answer tokens of the final
+    batch's 4 (two of them the next iteration's) and scaled by 4: 10.38 logged where its own mean was 9.08."""
+    base = [a for a in SFT_TINY]
+    for flag in ("--global-batch-size", "--train-iters", "--lr-warmup-iters"):
+        i = base.index(flag)
+        del base[i:i + 2]
+    base += ["--lr-decay-style", "constant"]
+    ramp = run_distributed(_sft_losses, 1, base + ["--global-batch-size", "8", "--rampup-batch-size", "4", "4", "8",
+                                                   "--train-samples", "8"])[0]
+    ref = run_distributed(_sft_losses, 1, base + ["--global-batch-size", "4", "--train-iters", "2"])[0]
+    assert sorted(ramp) == sorted(ref) == [1, 2]
+    for step in ref:
+        assert abs(ramp[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, ramp, ref)
+
+
 def test_bad_chat_data_is_one_line_error(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}))
