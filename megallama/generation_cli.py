@@ -245,6 +245,13 @@ def _describe(prompt) -> str:
     return f"a {type(prompt).__name__}"
 
 
+def model_eos_ids(saved: dict) -> list:
+    """The eos ids of the HF config an imported model came with (Llama 3.x Instruct lists several): HF's generate
+    stops at each of them, so ours does too."""
+    eos = (saved.get("hf_token_ids") or {}).get("eos_token_id")
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos]) if isinstance(t, int)]
+
+
 def encode_prompts(loaded: LoadedModel, prompts, chat: bool = False, prompt_prefix: str = "auto",
                    chat_template: str = "auto"):
     """(token ids per prompt, stop ids): ``generate_text``'s prompts as the model reads them."""
@@ -255,7 +262,7 @@ def encode_prompts(loaded: LoadedModel, prompts, chat: bool = False, prompt_pref
     if not prompts:
         raise ConfigError("no prompts given; pass a list of prompts (a str is one prompt)")
     tok = loaded.tokenizer
-    stop = [tok.eos_id]
+    stop = [tok.eos_id] + model_eos_ids(loaded.common["args"])
     if chat:
         dialogs = [_dialog(p, i) for i, p in enumerate(prompts)]  # all checked before the template is built
         template = chat_template_of(loaded, chat_template)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from megallama.arg_parser import OneLineErrorParser  # noqa: E402
-from megallama.checkpointing.hf_config import (hf_config_to_model_config, model_config_to_hf_config,  # noqa: E402,F401
+from megallama.checkpointing.hf_config import (hf_config_to_model_config, hf_shapes, model_config_to_hf_config,  # noqa: E402,F401
                                                read_hf_config)
 from megallama.config import ModelConfig  # noqa: E402
 from megallama.errors import ConfigError  # noqa: E402
@@ -57,6 +57,19 @@ def check_names(names, cfg: ModelConfig, source: str) -> None:
     unknown = sorted(n for n in names - need if not (n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq")))
     if unknown:
         raise ConfigError(f"{source} has tensors megallama's Llama does not (first: {unknown[0]}); not convertible")
+
+
+def check_shapes(hf_dir: str, where: Dict[str, str], cfg: ModelConfig) -> None:
+    """Every tensor has the shape config.json implies (safetensors headers), checked before anything is written."""
+    need = hf_shapes(cfg)
+    paths = {os.path.join(hf_dir, file) for file in where.values()}
+    for path in sorted(p for p in paths if os.path.isfile(p)):  # a missing shard is reported when it is read
+        with _safe_open(path) as f:
+            for name in sorted(f.keys(), key=_natural):
+                got = list(f.get_slice(name).get_shape())
+                if name in need and tuple(got) != need[name]:
+                    raise ConfigError(f"{path}: {name} has shape {got}, but config.json implies {list(need[name])}; "
+                                      "the weights do not match their config.json (fix or re-download it)")
 
 
 def refuse_existing(output: str) -> None:
@@ -120,6 +133,7 @@ def hf_to_megallama(hf_dir: str, output: str, model_name: Optional[str] = None,
     cfg = hf_config_to_model_config(hf, model_name or os.path.basename(os.path.normpath(hf_dir)))
     where = _hf_weight_files(hf_dir)
     check_names(where, cfg, hf_dir)
+    check_shapes(hf_dir, where, cfg)
     keep = [n for n in sorted(where, key=_natural)
             if not n.endswith("rotary_emb.inv_freq") and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
 

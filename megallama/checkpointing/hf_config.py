@@ -69,6 +69,20 @@ def hf_config_to_model_config(hf: dict, name: Optional[str] = None) -> ModelConf
                        init_method_std=float(hf.get("initializer_range", 0.02)), family=family).validate()
 
 
+def hf_shapes(cfg: ModelConfig) -> dict:
+    """The shape of each HF tensor the config implies (what transformers' from_pretrained checks)."""
+    h, f, q, kv = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_query_groups * cfg.head_dim
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
+           "model.norm.weight": (h,)}
+    per_layer = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f),
+                 "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    for i in range(cfg.num_layers):
+        out.update({f"model.layers.{i}.{part}.weight": shape for part, shape in per_layer.items()})
+    return out
+
+
 def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype, extra: Optional[dict] = None) -> dict:
     """An HF config.json both transformers 4.x (rope_theta/rope_scaling) and 5.x (rope_parameters) read."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}

@@ -90,13 +90,25 @@ def args_to_dict(args) -> dict:
     for k, v in vars(args).items():
         if k == "model_config":
             out[k] = v.to_dict()
-        elif isinstance(v, (int, float, str, bool, type(None))):
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
-            out[k] = list(v)
-        elif isinstance(v, dict) and all(isinstance(x, (int, float, str, bool)) for x in v.values()):
-            out[k] = dict(v)  # hf_token_ids
+        elif _plain(v):  # scalars, lists of them, and dicts of both (hf_token_ids: eos_token_id may be a list)
+            out[k] = _plain_copy(v)
     return out
+
+
+def _plain(v, depth: int = 0) -> bool:
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return True
+    if depth > 1:
+        return False
+    if isinstance(v, (list, tuple)):
+        return all(isinstance(x, (int, float, str, bool)) for x in v)
+    return isinstance(v, dict) and all(isinstance(x, str) and _plain(y, depth + 1) for x, y in v.items())
+
+
+def _plain_copy(v):
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    return {x: _plain_copy(y) for x, y in v.items()} if isinstance(v, dict) else v
 
 
 _made_save_dirs: dict = {}  # --save path -> the directories check_writable created for it (deepest last)

@@ -24,17 +24,10 @@ CFG = ModelConfig(name="tiny", num_layers=1, hidden_size=64, ffn_hidden_size=128
 
 
 def _tensors(cfg=CFG):
+    from megallama.checkpointing.hf_config import hf_shapes
     g = torch.Generator().manual_seed(0)
-    h, f, kv = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_query_groups * cfg.head_dim
-    out = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)})
-    return {k: torch.randn(*s, generator=g) * 0.02 for k, s in out.items()}
+    shapes = {k: v for k, v in hf_shapes(cfg).items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    return {k: torch.randn(*s, generator=g) * 0.02 for k, s in sorted(shapes.items())}
 
 
 def hf_folder(path, sharded=False):
@@ -166,3 +159,33 @@ def test_export_and_resume_say_when_the_tracked_iteration_is_missing(tmp_path, c
     # training's --load keeps its rule (the newest present) and says the same
     assert pretrain_llama.main(base + ["--train-iters", "2", "--load", ck, "--save", str(tmp_path / "ck2")]) == 0
     assert said in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ (7) session-23 audit: shapes, eos lists
+def test_weights_that_do_not_match_config_json_are_refused_before_writing(tmp_path, capsys):
+    import json
+    hf = hf_folder(tmp_path / "hf")
+    with open(os.path.join(hf, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 96  # the weights hold 128
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    out = str(tmp_path / "out")
+    # was: exit 0, and a checkpoint that failed only when training or generate.py loaded it
+    assert conv.main(["hf-to-megallama", "--hf-dir", hf, "--output", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.layers.0.mlp.down_proj.weight has shape [64, 128], but config.json implies [64, 96]" in err, err
+    assert "\n" not in err and not os.path.exists(out)
+
+
+def test_a_list_of_eos_ids_survives_training_and_stops_generation():
+    """Llama 3.x Instruct configs list several eos ids: a dict holding a list was dropped from the saved
+    arguments (the export then wrote eos 2 alone), and generation stopped at the tokenizer's eos only."""
+    import argparse
+    from megallama.checkpointing.save_load import args_to_dict
+    from megallama.generation_cli import model_eos_ids
+    ids = {"bos_token_id": 1, "eos_token_id": [2, 3]}
+    saved = args_to_dict(argparse.Namespace(hf_token_ids=ids, bad={"x": object()}, nested={"a": {"b": [1]}}))
+    assert saved == {"hf_token_ids": ids}
+    assert model_eos_ids(saved) == [2, 3] and model_eos_ids({"hf_token_ids": {"eos_token_id": 2}}) == [2]
+    assert model_eos_ids({}) == []
