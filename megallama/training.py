@@ -252,13 +252,15 @@ def _pretrain(args, datasets, progress: RunProgress) -> dict:
             # tokens of the interval's steps (each gbs x seq; under a ramp the batches differ)
             tps = (consumed - consumed_at_log) * args.seq_length / (dt * steps_done)
             consumed_at_log = consumed
-            mean_loss = interval_loss / interval_steps if interval_steps else loss
+            mean_loss = interval_loss / interval_steps if interval_steps else None  # all skipped: none, as Megatron
             interval_loss, interval_steps = 0.0, 0
             vals = {"consumed samples": consumed, "elapsed time per iteration (ms)": dt * 1e3, "learning rate": lr,
                     "decoupled learning rate": scheduler.last_decoupled_lr,  # Megatron's, with --decoupled-lr
                     "global batch size": gbs, "lm loss": mean_loss,
                     "loss scale": float(optimizer.get_loss_scale()),  # Megatron's: always (1.0 without fp16)
-                    "grad norm": float(grad_norm) if grad_norm is not None else None, "num zeros": num_zeros,
+                    # a skipped update has neither (Megatron's optimizer returns None for both)
+                    "grad norm": float(grad_norm) if grad_norm is not None and ok else None,
+                    "num zeros": num_zeros if ok else None,
                     "params norm": params_norm,
                     "tokens per second": tps,
                     "MFU": tps * flops_tok / (peak * world) if peak else None,

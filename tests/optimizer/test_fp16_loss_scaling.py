@@ -4,6 +4,7 @@ settings Megatron asserts (as one ConfigError each), a skipped step that changes
 ``skipped_for_loss_scale`` mark the training loop needs to tell the scale's search from a diverging run.
 One process; the all-rank overflow decision is test_fp16_overflow_global.py."""
 import random
+import re
 
 import pytest
 import torch
@@ -176,15 +177,21 @@ def _pretrain_argv(tmp_path, *extra):
             "--mock-data", "--device", "cpu", "--no-progress-bar", "--log-interval", "5", *extra]
 
 
-def test_megatrons_initial_scale_backs_off_without_stopping_the_run(tmp_path):
+def test_megatrons_initial_scale_backs_off_without_stopping_the_run(tmp_path, capsys):
     """From Megatron's 2^32 the scale needs ~14 overflow skips here to come down: they are the search, not a
     divergence, so --max-skipped-iters (10) must not stop the run (it did, at iteration 10). A 512-token vocabulary
     (14 skips still) keeps the CPU's slow fp16 head small."""
     from megallama.arguments import parse_args
     from megallama.training import pretrain
     out = pretrain(parse_args(_pretrain_argv(tmp_path, "--fp16", "--initial-loss-scale", str(2 ** 32),
-                                             "--train-iters", "20", "--vocab-size", "512"), world_size=1))
+                                             "--train-iters", "20", "--vocab-size", "512",
+                                             "--log-num-zeros-in-grad"), world_size=1))
     assert sorted(out["losses"]) == list(range(1, 21))
+    # as Megatron's log: an interval of skips has no loss, a skipped update no grad norm or zeros (were printed)
+    lines = {int(m.group(1)): ln for ln in capsys.readouterr().out.splitlines()
+             if (m := re.search(r"\] iteration +(\d+)/", ln))}
+    assert all(f not in lines[5] for f in ("lm loss", "grad norm", "num zeros")) and "skipped iterations:   5" in lines[5]
+    assert all(f in lines[20] for f in ("lm loss", "grad norm", "num zeros")), lines[20]
 
 
 def test_bf16_checkpoint_resumed_in_fp16_says_the_scale_starts_afresh(tmp_path, capsys):
