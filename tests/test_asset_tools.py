@@ -87,6 +87,10 @@ def test_make_chat_sample_refuses_existing_and_regenerates_the_asset_byte_for_by
     assert make_chat_sample.main(["--output", str(out)]) == 0
     assert make_chat_sample.main(["--output", str(out), "--overwrite"]) == 0
     assert _sha(out) == before and len(gzip.open(out).read().splitlines()) == 2000
+    with pytest.raises(SystemExit) as e:  # was: "wrote 0 conversations", an empty file finetuning refuses
+        make_chat_sample.main(["--output", str(tmp_path / "none.jsonl.gz"), "--num", "0"])
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "none.jsonl.gz")
+    _one_error(capsys, "--num must be >= 1, got 0")
 
 
 def test_make_corpus_refuses_existing_before_any_work(tmp_path, capsys, monkeypatch):

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    if args.num < 1:
+        p.error(f"--num must be >= 1, got {args.num} (finetune_llama.py refuses an empty sample)")
     try:
         check_output(args.output, args.overwrite)
     except ConfigError as e:
