@@ -22,10 +22,12 @@ from megallama.errors import ConfigError
 # setting -> how the message names it (the flag, and where its default comes from)
 _LABELS = {"max_lr": "--lr", "min_lr": "--min-lr (default --lr/10)", "init_lr": "--lr-warmup-init",
            "warmup_iters": "--lr-warmup-iters (default 10% of --train-iters, at most 2000)",
-           "decay_iters": "--lr-decay-iters (default --train-iters)", "decay_style": "--lr-decay-style",
+           "decay_iters": "--lr-decay-iters (default --train-iters, or --train-samples in global batches)",
+           "decay_style": "--lr-decay-style",
            "wsd_decay_iters": "--lr-wsd-decay-iters", "wsd_decay_style": "--lr-wsd-decay-style",
            "start_wd": "--start-weight-decay (default --weight-decay)",
-           "end_wd": "--end-weight-decay (default --weight-decay)", "wd_incr_iters": "--train-iters",
+           "end_wd": "--end-weight-decay (default --weight-decay)",
+           "wd_incr_iters": "--train-iters (or --train-samples in global batches)",
            "wd_incr_style": "--weight-decay-incr-style", "decoupled_lr": "--decoupled-lr",
            "decoupled_min_lr": "--decoupled-min-lr (default --min-lr)"}
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")

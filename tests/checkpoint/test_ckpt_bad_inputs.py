@@ -102,7 +102,8 @@ def _case(name, tmp, ck, monkeypatch):
         return ["--load", ck, "--finetune", "--save", ck], "drop --finetune"
     if name == "resume_with_another_lr_schedule":  # decay follows --train-iters: 4 when saved
         return ["--load", ck, "--save", ck, "--train-iters", "8"], \
-            "--lr-decay-iters (default --train-iters) 4 in the checkpoint, 8 now); pass --override-opt-param-scheduler"
+            "--lr-decay-iters (default --train-iters, or --train-samples in global batches) 4 in the checkpoint, " \
+            "8 now); pass --override-opt-param-scheduler"
     if name == "both_lr_schedule_flags":
         return ["--load", ck, "--override-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"], "at most one"
     if name == "gpus_without_launcher":  # one process, --gpus 2: would train on one silently
