@@ -73,11 +73,13 @@ def throughput_score(tp: int, pp: int, dp: int, zero: int, recompute: str, micro
 
 def vocab_config(cfg: ModelConfig, tp: int, tokenizer_vocab: Optional[int], multiple: int = 1) -> ModelConfig:
     """The model as the run builds it at this tp: with ``tokenizer_vocab`` the embedding follows the tokenizer,
-    padded to a multiple of tp x ``multiple`` (--make-vocab-size-divisible-by): build_data resizes the model by it."""
-    if not tokenizer_vocab or tokenizer_vocab == cfg.vocab_size:
+    padded to a multiple of tp x ``multiple`` (--make-vocab-size-divisible-by): build_data resizes the model by it.
+    Padded even when the model's own vocabulary is the tokenizer's, as Megatron pads every tokenizer's."""
+    if not tokenizer_vocab:
         return cfg
     step = tp * max(1, multiple)
-    return cfg.replace(vocab_size=-(-tokenizer_vocab // step) * step)
+    padded = -(-tokenizer_vocab // step) * step
+    return cfg if padded == cfg.vocab_size else cfg.replace(vocab_size=padded)
 
 
 def _expert_sizes(cfg: ModelConfig, strategy: str, dp_cp: int) -> List[int]:

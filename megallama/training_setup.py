@@ -60,7 +60,7 @@ def build_data(args):
     cfg = args.model_config
     if tokenizer is None:
         pass
-    elif args.vocab_size is None and cfg.vocab_size != tokenizer.vocab_size:  # padded to tp x the divisor
+    elif args.vocab_size is None:  # the tokenizer's, padded to tp x the divisor
         from megallama.autoconfig import vocab_config
         args.model_config = cfg = vocab_config(cfg, args.tensor_model_parallel_size, tokenizer.vocab_size,
                                                getattr(args, "make_vocab_size_divisible_by", None) or 1)

@@ -114,6 +114,15 @@ def test_rope_scaling_vocab_padding_and_load_balancing_none(tmp_path):
                       "1"])
     build_data(a)
     assert a.model_config.vocab_size == 9000  # the bundled 8192 padded to a multiple of 3000
+    a = _args(TINY + ["--make-vocab-size-divisible-by", "3000", "--data-cache-dir", str(tmp_path), "--train-iters",
+                      "1"])
+    a.model_config = a.model_config.replace(vocab_size=8192)  # a model whose own vocabulary is the tokenizer's
+    build_data(a)
+    assert a.model_config.vocab_size == 9000  # padded as Megatron pads every tokenizer's (was left at 8192)
+    from megallama.autoconfig import vocab_config
+    from megallama.config import get_model_config
+    assert vocab_config(get_model_config("llama3_8b"), 8, 128256, 128).vocab_size == 129024  # Megatron's at tp 8
+    assert vocab_config(get_model_config("llama3_8b"), 8, 128256).vocab_size == 128256
     a = _args(TINY + ["--strategy", "moe", "--moe-router-load-balancing-type", "none"])
     assert a.moe_aux_loss_coeff == 0.0
 
