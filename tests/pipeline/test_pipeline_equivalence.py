@@ -99,9 +99,10 @@ FOUR = [Case("1f1b", 4, layers=8, microbatches=6, tied=True), Case("gpipe", 4, l
         # ZB-H1's last B and last W both reduce (the grads B gives, then the queued weight grads)
         Case("zb-h1", 2, tied=True, zero_stage=0, overlap=True), Case("zb-h1", 2, zero_stage=1, overlap=True),
         Case("zb-h1", 2, tied=True, zero_stage=3, overlap=True),
-        # uneven stages at pp 4 ([1, 3, 3, 1]: both ends accounted for; [3, ...]; [..., 3]; 7 layers, [1, 2, 2, 2])
+        # uneven stages at pp 4 ([1, 3, 3, 1]: both ends accounted for; [3, 2, 2, 2]; [2, 2, 2, 3]; 7 layers,
+        # [1, 2, 2, 2]); Megatron's rule: the rest splits evenly over the other ranks
         Case("1f1b", 4, layers=8, microbatches=6, tied=True, first=1, last=1),
-        Case("zb-h1", 4, layers=8, microbatches=6, first=3), Case("chimera", 4, layers=8, microbatches=6, tied=True,
+        Case("zb-h1", 4, layers=9, microbatches=6, first=3), Case("chimera", 4, layers=9, microbatches=6, tied=True,
                                                                    last=3),
         Case("gpipe", 4, layers=7, microbatches=6, first=1)]
 
