@@ -43,12 +43,7 @@ TOKENIZER_DIR = "tokenizer"  # inside the checkpoint (iter_0000000/tokenizer), r
 
 def check_names(names, cfg: ModelConfig, source: str) -> None:
     """Every tensor the model needs is there, nothing unknown is (a tied lm_head copy is tolerated)."""
-    need = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if not cfg.tie_word_embeddings
-                                                                else set())
-    for i in range(cfg.num_layers):
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            need.add(f"model.layers.{i}.{part}.weight")
+    need = set(hf_shapes(cfg)) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     names = set(names)
     missing = sorted(need - names)
     if missing:

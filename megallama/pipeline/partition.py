@@ -130,11 +130,7 @@ def partition_layers(num_layers: int, num_stages: int, num_chunks: int = 1, *, c
         counts = _balanced_counts(num_layers, P, extra, costs[0])
     else:
         counts = _split(costs, extra)
-    parts, start = [], 0
-    for k in range(P):
-        parts.append(list(range(start, start + counts[k])))
-        start += counts[k]
-    return parts
+    return parts_of(counts, num_layers, num_stages)
 
 
 def parts_of(counts, num_layers: int, num_stages: int) -> List[List[int]]:
